@@ -1,0 +1,56 @@
+"""The ``autotune`` command. Thin: one small module per subcommand.
+
+Subcommand modules import torch and friends inside their functions, so ``autotune --help``
+stays fast. Exit codes: 0 success, 1 failure while running, 2 bad input (usage, invalid
+plan, missing file); bad input prints one line and no traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from autotune.errors import UserError
+
+app = typer.Typer(
+    name="autotune",
+    help="Find the fastest correct way to train a model on this hardware, then train it that way.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    # Each module adds its command(s) to `app`; order here is the order in --help.
+    from autotune.cli import data, profile, run, show  # noqa: F401
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        print(f"autotune: error: {e}", file=sys.stderr)
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        print("autotune: aborted", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("autotune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return e.exit_code
+        raise
+    return 0
+
+
+def entry() -> None:  # console script
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""`autotune data` (being written)."""
+
+from autotune.cli import app  # noqa: F401

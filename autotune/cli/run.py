@@ -1,0 +1,3 @@
+"""`autotune run` (being written)."""
+
+from autotune.cli import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""`autotune show` (being written)."""
+
+from autotune.cli import app  # noqa: F401

@@ -1,0 +1,1 @@
+"""Training optimizations, one module each (installed as ``autotune.strategies``)."""
