@@ -1,3 +1,73 @@
-"""`autotune show` (being written)."""
+"""`autotune show PLAN`: print a plan readably."""
 
-from autotune.cli import app  # noqa: F401
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from autotune.cli import app
+
+
+@app.command("show")
+def show_command(
+    plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file (JSON).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the validated plan as JSON.")] = False,
+) -> None:
+    """Validate PLAN and print it: workload, strategies, launch, measured figures."""
+    from autotune import plan as planmod
+
+    plan = planmod.load(plan_path)
+    if json_out:
+        typer.echo(json.dumps(plan.to_dict(), indent=2))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    overrides = ", ".join(f"{k}={v}" for k, v in plan.workload.overrides.items())
+    console.print(f"[bold]plan[/bold] {plan_path}  (schema v{plan.schema_version})")
+    console.print(f"workload  {plan.workload.name}" + (f" ({overrides})" if overrides else ""))
+    hw = plan.hardware
+    console.print(f"hardware  {hw.fingerprint or 'any'}" + (f"  {_fmt_summary(hw.summary)}" if hw.summary else ""))
+    launch = plan.launch
+    console.print(f"launch    {launch.nnodes} node(s) x {launch.nproc_per_node} process(es), device {launch.device}")
+    t = plan.train
+    console.print(f"train     micro-batch {t.micro_batch_size}, {t.steps} steps, lr {t.lr:g}, seed {t.seed}, data {t.data}")
+    strategies = Table("strategy", "knobs", title="strategies (in plan order)")
+    for s in plan.strategies:
+        strategies.add_row(s.name, ", ".join(f"{k}={v}" for k, v in s.knobs.items()) or "(defaults)")
+    if not plan.strategies:
+        strategies.add_row("(none)", "plain baseline")
+    console.print(strategies)
+    if plan.measured or plan.baseline:
+        figures = Table("", "tokens/s", "step s", "MFU", "peak mem GiB", "loss start→end", "status", title="figures")
+        for label, f in (("measured", plan.measured), ("baseline", plan.baseline)):
+            if f is None:
+                continue
+            figures.add_row(
+                label,
+                _num(f.tokens_per_s, "{:,.0f}"),
+                _num(f.step_time_s, "{:.4f}"),
+                _num(f.mfu, "{:.1%}") + (f" ({f.mfu_peak_source})" if f.mfu_peak_source else ""),
+                _num(f.peak_memory_bytes and f.peak_memory_bytes / 2**30, "{:.2f}"),
+                f"{_num(f.loss_start, '{:.3f}')}→{_num(f.loss_end, '{:.3f}')}",
+                f.status,
+            )
+        console.print(figures)
+    p = plan.provenance
+    console.print(f"made by   autotune {p.autotune_version}, torch {p.torch_version}, {p.created_at}"
+                  + (f", study {p.study} trial {p.trial}" if p.study else ""))
+    if p.command:
+        console.print(f"command   {p.command}")
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def _fmt_summary(summary: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in summary.items())

@@ -1,0 +1,230 @@
+"""Plan files: a versioned JSON document saying how to train a workload on a machine.
+
+A plan is data. It is validated completely on load (unknown keys, wrong types, unknown
+strategies, knobs and workloads are errors that name the field) and saved atomically.
+
+Format, version 1::
+
+    {
+      "schema_version": 1,
+      "workload":   {"name": "phase8-small", "overrides": {}},
+      "hardware":   {"fingerprint": "…", "summary": {…}},
+      "strategies": [{"name": "precision", "knobs": {"dtype": "bf16"}}, …],
+      "launch":     {"nproc_per_node": 1, "nnodes": 1, …},
+      "train":      {"micro_batch_size": 32, "steps": 1000, "lr": 0.0006, …},
+      "measured":   {"tokens_per_s": …, "step_time_s": …, "mfu": …, "peak_memory_bytes": …,
+                     "loss_start": …, "loss_end": …, "status": "ok"} | null,
+      "baseline":   {… the plain run measured in the same search …} | null,
+      "provenance": {"autotune_version": …, "torch_version": …, "study": …, "trial": …,
+                     "created_at": …, "command": …}
+    }
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from autotune import __version__, catalog, schema
+from autotune.errors import SchemaError, UserError
+
+SCHEMA_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+
+@dataclass(kw_only=True, slots=True)
+class WorkloadSpec:
+    name: str
+    """A preset (tiny, phase8-small, gpt2-124m, gpt-1b) or ``package.module:factory``."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Preset config fields to change (e.g. {"n_layers": 4})."""
+
+
+@dataclass(kw_only=True, slots=True)
+class HardwareSpec:
+    fingerprint: str | None = None
+    """Fingerprint of the machine the plan was made on (autotune profile); None: any."""
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Readable summary of that machine (GPU name and count, CPU)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class StrategySpec:
+    name: str
+    """A strategy of the catalog."""
+    knobs: dict[str, Any] = field(default_factory=dict)
+    """Its settings; missing ones take the strategy's defaults."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LaunchSpec:
+    nproc_per_node: int = 1
+    """Processes per node (one per GPU)."""
+    nnodes: int = 1
+    """Nodes (machines) in the run."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where to train: auto picks CUDA when present."""
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise ValueError("nproc_per_node and nnodes must be at least 1")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainSpec:
+    micro_batch_size: int
+    """Samples per micro-batch per process."""
+    steps: int = 1000
+    """Optimizer steps of a full run; also the horizon of the cosine schedule."""
+    lr: float = 6e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, on matrices only (not norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    seed: int = 0
+    """Seeds the initialisation and the data order."""
+    data: str = "default"
+    """"default" (corpus built from text on this machine) or a directory from `autotune data prepare`."""
+    random_tokens: bool = False
+    """Train on random tokens (throughput-only runs; the loss means nothing)."""
+    eval_interval: int = 100
+    """Steps between validation-loss evaluations; 0 turns them off."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
+    checkpoint_interval: int = 100
+    """Steps between checkpoints; 0 turns them off."""
+    log_interval: int = 10
+    """Steps between log flushes (each flush waits for the device once)."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "steps", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("warmup_steps", "eval_interval", "eval_batches", "checkpoint_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+
+
+@dataclass(kw_only=True, slots=True)
+class Figures:
+    status: Literal["ok", "oom", "nan", "timeout", "crash", "unsupported", "pruned"]
+    """How the measured run ended."""
+    tokens_per_s: float | None = None
+    """Tokens of the global batch trained on per second, after warm-up."""
+    step_time_s: float | None = None
+    """Median optimizer-step time."""
+    mfu: float | None = None
+    """Model FLOPs utilisation against the peak named in mfu_peak_source."""
+    mfu_peak_source: str | None = None
+    """Where the peak FLOP/s came from: "measured" (profile) or "datasheet"."""
+    peak_memory_bytes: int | None = None
+    """Peak allocated device memory per process."""
+    loss_start: float | None = None
+    """Training loss at the first step."""
+    loss_end: float | None = None
+    """Training loss at the last step."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Provenance:
+    autotune_version: str = __version__
+    torch_version: str = ""
+    study: str | None = None
+    """Optuna study the plan came from, if any."""
+    trial: int | None = None
+    """Trial number in that study."""
+    created_at: str = ""
+    """UTC time of writing, ISO 8601."""
+    command: str | None = None
+    """The command that made the plan."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Plan:
+    schema_version: int
+    workload: WorkloadSpec
+    train: TrainSpec
+    strategies: list[StrategySpec] = field(default_factory=list)
+    hardware: HardwareSpec = field(default_factory=HardwareSpec)
+    launch: LaunchSpec = field(default_factory=LaunchSpec)
+    measured: Figures | None = None
+    baseline: Figures | None = None
+    provenance: Provenance = field(default_factory=Provenance)
+
+    def strategy_configs(self) -> dict[str, Any]:
+        """Strategy name -> typed config, validated against the catalog."""
+        out: dict[str, Any] = {}
+        for i, spec in enumerate(self.strategies):
+            where = f"strategies[{i}]"
+            try:
+                strategy = catalog.get(spec.name)
+            except UserError as e:
+                raise SchemaError(f"{where}.name", str(e)) from None
+            if spec.name in out:
+                raise SchemaError(f"{where}.name", f"strategy {spec.name} listed twice")
+            out[spec.name] = strategy.parse(spec.knobs, f"{where}.knobs")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return schema.to_dict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        schema.write_json_atomic(path, self.to_dict())
+
+
+def from_dict(data: Any) -> Plan:
+    """Validate a parsed plan completely: schema, version, strategies and knobs."""
+    if isinstance(data, dict) and "schema_version" in data:
+        version = data["schema_version"]
+        if version not in SUPPORTED_VERSIONS:
+            raise SchemaError("schema_version", f"unsupported version {version!r} (this autotune reads {SUPPORTED_VERSIONS})")
+    plan = schema.from_dict(Plan, data)
+    plan.strategy_configs()
+    return plan
+
+
+def load(path: str | os.PathLike) -> Plan:
+    """Load and validate a plan file; every problem is a one-line UserError."""
+    data = schema.read_json(path, "plan")
+    try:
+        return from_dict(data)
+    except SchemaError as e:
+        raise UserError(f"plan {path}: {e}") from None
+
+
+def new(
+    workload: str,
+    *,
+    train: TrainSpec,
+    strategies: dict[str, dict[str, Any]] | None = None,
+    overrides: dict[str, Any] | None = None,
+    command: str | None = None,
+) -> Plan:
+    import torch
+
+    plan = Plan(
+        schema_version=SCHEMA_VERSION,
+        workload=WorkloadSpec(name=workload, overrides=dict(overrides or {})),
+        train=train,
+        strategies=[StrategySpec(name=n, knobs=dict(k)) for n, k in (strategies or {}).items()],
+        provenance=Provenance(torch_version=torch.__version__, created_at=utc_now(), command=command),
+    )
+    plan.strategy_configs()
+    return plan
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,112 @@
+"""The strategy contract: what every module in ``strategies/`` declares.
+
+A strategy is a typed config (a dataclass whose fields are its knobs), a declaration of what
+it needs and how it relates to other strategies, and a plain ``apply(ctx, cfg)`` function in
+the style of torchtitan's ``apply_ac`` / ``apply_compile``. The graph reads the declarations,
+the executor calls ``apply`` through one ordering function, so the planner and the executor
+cannot disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from autotune import schema
+from autotune.errors import UserError
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Knob:
+    """One searchable setting of a strategy: a field of its config with a search range."""
+
+    name: str
+    """Field name in the strategy's config dataclass."""
+    choices: tuple[Any, ...] = ()
+    """Categorical values; empty for a numeric range."""
+    low: float | None = None
+    """Lower bound of a numeric range (inclusive)."""
+    high: float | None = None
+    """Upper bound of a numeric range (inclusive)."""
+    log: bool = False
+    """Sample the numeric range on a log scale."""
+    integer: bool = False
+    """The numeric range holds integers."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Needs:
+    """What a strategy needs from the hardware and the workload."""
+
+    cuda: bool = False
+    """Needs an NVIDIA GPU."""
+    min_compute_capability: tuple[int, int] | None = None
+    """Lowest CUDA compute capability, e.g. (8, 0) for bf16 tensor cores."""
+    bf16: bool = False
+    """Needs native bf16 on the accelerator (or any CPU)."""
+    fp8: bool = False
+    """Needs fp8 tensor cores (compute capability 8.9+)."""
+    min_devices: int = 1
+    """Fewest processes/devices the strategy makes sense with."""
+    tpu: bool = False
+    """Needs a TPU through torch_xla."""
+    structure: frozenset[str] = frozenset()
+    """Workload structure it relies on (see autotune.workloads)."""
+    modules: tuple[str, ...] = ()
+    """Python packages that must import (e.g. "deepspeed")."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Strategy:
+    """The declaration of one optimization. Instances live in ``strategies/<name>.py``."""
+
+    name: str
+    """Unique name, as written in plans."""
+    summary: str
+    """One line for listings."""
+    exact: bool
+    """True if the model learns the same function up to precision; False if it changes what
+    is learned (INT8/FP8, MoE, sparse attention): then it is opt-in and loss-checked."""
+    config: type
+    """Dataclass of the knobs; its defaults are the strategy's default settings."""
+    apply: Callable[[TrainContext, Any], None] | None
+    """Applies the strategy to the training context; None while not yet implemented."""
+    needs: Needs = Needs()
+    """Hardware and workload requirements."""
+    requires: frozenset[str] = frozenset()
+    """Strategies that must be on too."""
+    conflicts: frozenset[str] = frozenset()
+    """Strategies that cannot be on together with this one."""
+    after: frozenset[str] = frozenset()
+    """Strategies that, when on, must be applied before this one."""
+    knobs: tuple[Knob, ...] = ()
+    """Search ranges of the config's fields."""
+    issue: str = ""
+    """For a strategy not yet implemented: where its implementation is tracked."""
+
+    @property
+    def implemented(self) -> bool:
+        return self.apply is not None
+
+    def parse(self, knobs: dict[str, Any], where: str = "") -> Any:
+        """Typed config from a plan's knob dict; unknown or ill-typed knobs name the field."""
+        return schema.from_dict(self.config, knobs, where or f"{self.name}.knobs")
+
+    def dump(self, cfg: Any) -> dict[str, Any]:
+        return schema.to_dict(cfg)
+
+    def default(self) -> Any:
+        return self.config()
+
+
+def check_knob_fields(strategy: Strategy) -> None:
+    """Every knob names a config field (a catalog-load check)."""
+    fields = {f.name for f in dataclasses.fields(strategy.config)}
+    for knob in strategy.knobs:
+        if knob.name not in fields:
+            raise UserError(f"strategy {strategy.name}: knob {knob.name!r} is not a field of {strategy.config.__name__}")

@@ -1,0 +1,484 @@
+"""The executor: one training loop for trials and full runs alike.
+
+``Trainer`` builds everything a plan describes (workload, strategies through the one
+ordering function, AdamW, the loader) and runs optimizer steps. ``run`` adds what a full run
+needs: a JSONL log, validation, atomic checkpoints, resume and a progress bar.
+
+The hot path waits for the device once per ``log_interval`` steps: losses stay on the device
+until a flush, the learning rate is a Python float, the loader prefetches on a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autotune import data as datamod
+from autotune.apply import apply_strategies
+from autotune.context import TrainContext
+from autotune.errors import UserError
+from autotune.plan import Plan, TrainSpec
+from autotune.schema import write_bytes_atomic
+from autotune.workloads import flops_per_token, load_workload
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("the plan asks for CUDA, but no CUDA device is available")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def lr_at(step: int, spec: TrainSpec) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``spec.steps``."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    span = max(1, spec.steps - spec.warmup_steps)
+    progress = min(1.0, (step - spec.warmup_steps) / span)
+    floor = spec.lr * spec.min_lr_ratio
+    return floor + 0.5 * (spec.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device, options: dict[str, Any]) -> torch.optim.Optimizer:
+    # Decay matrices only (nanoGPT): norms, biases and other vectors are left alone.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kwargs.update(options)
+    return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None, profile_path: str | None) -> tuple[float | None, str | None]:
+    """Peak matmul FLOP/s for MFU: measured (from a profile of this machine) or datasheet."""
+    from autotune import hardware
+
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if device.type == "cuda" and name == "fp32" and torch.backends.cuda.matmul.allow_tf32:
+        name = "tf32"
+    return hardware.peak_flops_here(name, device=device, profile_path=profile_path)
+
+
+def tokens_per_step(plan: Plan) -> int:
+    """Tokens of the global batch per optimizer step, computed from the plan alone."""
+    configs = plan.strategy_configs()
+    accum = configs["grad_accum"].steps if "grad_accum" in configs else 1
+    seq_len = load_workload(plan.workload.name, plan.workload.overrides).seq_len
+    return plan.train.micro_batch_size * seq_len * accum * plan.launch.nproc_per_node * plan.launch.nnodes
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class Trainer:
+    """Everything one process needs to train the plan: model, strategies, optimizer, data."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        *,
+        device: torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        data_dir: str | None = None,
+        profile_path: str | None = None,
+    ) -> None:
+        self.plan = plan
+        self.spec = plan.train
+        self.device = device or pick_device(plan.launch.device)
+        workload = load_workload(plan.workload.name, plan.workload.overrides)
+        configs = plan.strategy_configs()
+
+        seed_everything(self.spec.seed)
+        # PyTorch's own defaults, so the plain baseline is plain whatever ran before.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        model = workload.build_model().to(self.device)
+        self.ctx = TrainContext(workload=workload, device=self.device, model=model, rank=rank, world_size=world_size)
+        apply_strategies(self.ctx, configs)
+
+        self.optimizer = make_optimizer(self.ctx.model, self.spec, self.device, self.ctx.optimizer_options)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.ctx.grad_scaler)
+        self.params = [p for p in self.ctx.model.parameters() if p.requires_grad]
+        self.batches = self._make_batches(data_dir)
+        self.tokens_per_step = self.spec.micro_batch_size * workload.seq_len * self.ctx.grad_accum * world_size
+        self.flops_per_token = flops_per_token(self.ctx.model, workload)
+        self.peak_flops, self.peak_source = peak_flops(self.device, self.ctx.autocast_dtype, profile_path)
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._data_dir = data_dir
+
+    def _make_batches(self, data_dir: str | None) -> Any:
+        spec, wl, ctx = self.spec, self.ctx.workload, self.ctx
+        common = dict(
+            batch_size=spec.micro_batch_size,
+            seq_len=wl.seq_len,
+            seed=spec.seed,
+            device=self.device,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            **ctx.loader_options,
+        )
+        if spec.random_tokens:
+            return datamod.RandomBatches(wl.vocab_size, **common)
+        train = datamod.read_tokens(self.data_dir(data_dir) / "train.bin")
+        if train.vocab_size > wl.vocab_size:
+            raise UserError(f"data vocab {train.vocab_size} exceeds the model's vocab {wl.vocab_size}")
+        return datamod.Batches(train.tokens, **common)
+
+    def data_dir(self, override: str | None = None) -> Path:
+        source = override or self.spec.data
+        if source == "default":
+            return datamod.default_dataset(self.ctx.workload.vocab_size)
+        path = Path(source)
+        if not (path / "train.bin").exists():
+            raise UserError(f"data {path}: no train.bin there (make one with `autotune data prepare`)")
+        return path
+
+    # -- the hot path -------------------------------------------------------------------
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step (all micro-batches). Returns the mean loss, still on the device."""
+        ctx, opt = self.ctx, self.optimizer
+        lr = lr_at(step, self.spec)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        total = None
+        for micro in range(ctx.grad_accum):
+            x, y = self.batches.get(step, micro)
+            with ctx.autocast():
+                loss = ctx.forward(x, y) / ctx.grad_accum
+            self.scaler.scale(loss).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if self.spec.grad_clip > 0:
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.params, self.spec.grad_clip, foreach=True)
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if self._val is None:
+            val = datamod.read_tokens(self.data_dir(self._data_dir) / "val.bin")
+            self._val = datamod.val_batches(
+                val.tokens,
+                batch_size=self.spec.micro_batch_size,
+                seq_len=self.ctx.workload.seq_len,
+                n_batches=self.spec.eval_batches,
+                device=self.device,
+            )
+        self.ctx.model.eval()
+        losses = []
+        for x, y in self._val:
+            with self.ctx.autocast():
+                losses.append(self.ctx.forward(x, y).float())
+        self.ctx.model.train()
+        return torch.stack(losses).mean().item()
+
+    # -- checkpoint state ---------------------------------------------------------------
+
+    def state_dict(self, step: int) -> dict[str, Any]:
+        rng = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,  # the next step to run; the data order is a function of it
+            "model": self.ctx.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        self.ctx.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(_numpy_state_from(rng["numpy"]))
+        random.setstate(_python_state_from(rng["python"]))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        return int(state["step"])
+
+    def close(self) -> None:
+        close = getattr(self.batches, "close", None)
+        if close is not None:
+            close()
+
+
+# -- RNG state in weights_only-loadable form ----------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _numpy_state_from(s: dict[str, Any]) -> tuple:
+    return (s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"])
+
+
+def _python_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _python_state_from(s: list[Any]) -> tuple:
+    return (s[0], tuple(s[1]), s[2])
+
+
+# -- a full run -----------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class RunSummary:
+    steps_done: int
+    """Optimizer steps completed in total (the resumed-from ones included)."""
+    tokens_per_s: float | None
+    """Tokens trained per second over this invocation, warm-up steps excluded."""
+    mfu: float | None
+    """Model FLOPs utilisation at that rate."""
+    mfu_peak_source: str | None
+    """Where the peak came from ("measured" or "datasheet"), None when unknown."""
+    peak_memory_bytes: int
+    """Peak device memory (CPU: peak resident set)."""
+    loss_start: float | None
+    """First logged training loss of this invocation."""
+    loss_end: float | None
+    """Last logged training loss."""
+    val_loss: float | None
+    """Last validation loss."""
+    stopped: str
+    """Why the loop ended: "steps", "time"."""
+    losses: list[float] = field(default_factory=list)
+    """Every training loss of this invocation, in step order."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunOptions:
+    steps: int | None = None
+    """Optimizer steps to reach; None: the plan's train.steps."""
+    minutes: float | None = None
+    """Stop after this much wall time (checked at each log flush)."""
+    out_dir: Path | None = None
+    """Where the log and checkpoints go; None: no files."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in out_dir."""
+    data_dir: str | None = None
+    """Override the plan's data source."""
+    profile_path: str | None = None
+    """Hardware profile for measured MFU."""
+    timing_warmup: int | None = None
+    """Steps left out of tokens/s (compilation); None: one log interval."""
+    on_flush: Callable[[dict[str, Any]], None] | None = None
+    """Called after every log flush with the newest log record (progress display)."""
+
+
+def run(plan: Plan, options: RunOptions) -> RunSummary:
+    """Train ``plan`` to ``options.steps`` with logging, evaluation and checkpoints."""
+    out = options.out_dir
+    total_steps = options.steps or plan.train.steps
+    ckpt_dir = out / "checkpoints" if out else None
+    start = 0
+    trainer = Trainer(plan, data_dir=options.data_dir, profile_path=options.profile_path)
+    try:
+        if options.resume:
+            if ckpt_dir is None:
+                raise UserError("--resume needs --out DIR, where the checkpoints are")
+            start = _resume(trainer, ckpt_dir, out / "log.jsonl")
+        elif out is not None and (out / "log.jsonl").exists():
+            raise UserError(f"{out} already holds a run: use --resume, or another --out")
+        return _loop(trainer, start, total_steps, options, ckpt_dir)
+    finally:
+        trainer.close()
+
+
+def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, ckpt_dir: Path | None) -> RunSummary:
+    spec = trainer.spec
+    log = _Log(options.out_dir / "log.jsonl") if options.out_dir else None
+    warmup = options.timing_warmup if options.timing_warmup is not None else spec.log_interval
+    began = time.perf_counter()
+    timed_tokens, timed_s = 0, 0.0
+    losses: list[float] = []
+    val_loss = None
+    pending: list[torch.Tensor] = []
+    last_flush, last_flush_step = began, start
+    stopped = "steps"
+    step = start
+    try:
+        while step < total_steps:
+            pending.append(trainer.train_step(step))
+            step += 1
+            at_end = step == total_steps
+            if len(pending) < spec.log_interval and not at_end and not _due(step, spec.eval_interval) and not _due(step, spec.checkpoint_interval):
+                continue
+            # Flush: the one wait for the device per interval.
+            values = torch.stack(pending).float().tolist()
+            pending.clear()
+            now = time.perf_counter()
+            n = step - last_flush_step
+            tok_s = n * trainer.tokens_per_step / (now - last_flush)
+            if last_flush_step - start >= warmup:
+                timed_tokens += n * trainer.tokens_per_step
+                timed_s += now - last_flush
+            last_flush, last_flush_step = now, step
+            if not all(math.isfinite(v) for v in values):
+                raise NonFiniteLoss(f"loss became non-finite at step {step - n + next(i for i, v in enumerate(values) if not math.isfinite(v))}")
+            losses.extend(values)
+            mem = peak_memory_bytes(trainer.device)
+            mfu = _mfu(trainer, tok_s)
+            records = [
+                {"step": step - n + i, "loss": v, "lr": lr_at(step - n + i, spec), "tokens_per_s": tok_s, "mfu": mfu, "peak_memory_bytes": mem}
+                for i, v in enumerate(values)
+            ]
+            if _due(step, spec.eval_interval) or (at_end and spec.eval_interval and not spec.random_tokens):
+                if not spec.random_tokens:
+                    val_loss = trainer.evaluate()
+                    records[-1]["val_loss"] = val_loss
+                last_flush = time.perf_counter()  # evaluation is not training time
+            if log:
+                log.write(records)
+            if ckpt_dir is not None and (_due(step, spec.checkpoint_interval) or at_end):
+                save_checkpoint(trainer, step, ckpt_dir)
+                last_flush = time.perf_counter()
+            if options.on_flush:
+                options.on_flush(records[-1] | {"total_steps": total_steps})
+            if options.minutes is not None and now - began > options.minutes * 60:
+                stopped = "time"
+                if ckpt_dir is not None and not _due(step, spec.checkpoint_interval):
+                    save_checkpoint(trainer, step, ckpt_dir)
+                break
+    finally:
+        if log:
+            log.close()
+    tokens_per_s = timed_tokens / timed_s if timed_s > 0 else None
+    return RunSummary(
+        steps_done=step,
+        tokens_per_s=tokens_per_s,
+        mfu=_mfu(trainer, tokens_per_s),
+        mfu_peak_source=trainer.peak_source,
+        peak_memory_bytes=peak_memory_bytes(trainer.device),
+        loss_start=losses[0] if losses else None,
+        loss_end=losses[-1] if losses else None,
+        val_loss=val_loss,
+        stopped=stopped,
+        losses=losses,
+    )
+
+
+def _due(step: int, interval: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
+def _mfu(trainer: Trainer, tokens_per_s: float | None) -> float | None:
+    if tokens_per_s is None or not trainer.peak_flops:
+        return None
+    return trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * trainer.ctx.world_size)
+
+
+class _Log:
+    """Append-only JSONL, flushed at every write so a killed run keeps what it logged."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = path.open("a")
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        self._f.write("".join(json.dumps(r) + "\n" for r in records))
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+KEEP_CHECKPOINTS = 2
+
+
+def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
+    """Atomically write ``step_XXXXXXXX.pt``; keep the newest KEEP_CHECKPOINTS."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(trainer.state_dict(step), buf)
+    path = ckpt_dir / f"step_{step:08d}.pt"
+    write_bytes_atomic(path, buf.getvalue())
+    for old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _checkpoints(ckpt_dir: Path) -> list[Path]:
+    return sorted(ckpt_dir.glob("step_*.pt")) if ckpt_dir.exists() else []
+
+
+def _resume(trainer: Trainer, ckpt_dir: Path, log_path: Path) -> int:
+    """Load the newest checkpoint that loads; drop log lines past it. Returns its step."""
+    for path in reversed(_checkpoints(ckpt_dir)):
+        try:
+            state = torch.load(path, map_location=trainer.device, weights_only=True)
+        except Exception:  # a damaged file: fall back to the one before
+            continue
+        step = trainer.load_state_dict(state)
+        _truncate_log(log_path, step)
+        return step
+    raise UserError(f"no checkpoint to resume from in {ckpt_dir}")
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    if not log_path.exists():
+        return
+    kept = []
+    for line in _lines(log_path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # the half-written last line of a killed run
+            continue
+        if record["step"] < step:
+            kept.append(line)
+    write_bytes_atomic(log_path, "".join(kept).encode())
+
+
+def _lines(path: Path) -> Iterator[str]:
+    with path.open() as f:
+        for line in f:
+            if line.strip():
+                yield line if line.endswith("\n") else line + "\n"
+
+
+def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _lines(Path(path))]
+

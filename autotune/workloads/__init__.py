@@ -1,0 +1,120 @@
+"""What to train: the built-in GPT presets and the protocol for a user's own model.
+
+A workload is a model factory plus what the trainer and the strategies need to know about
+it. A user brings one as ``--workload package.module:factory``, where ``factory()`` returns
+a :class:`Workload`. The model's ``forward(idx, targets)`` takes (B, T) int64 token ids and
+returns the scalar mean loss. Structure that strategies may rely on is declared in
+``structure``; a strategy whose needs are not declared is left out, with the reason shown:
+
+- ``"blocks"``: ``model.blocks`` is an ``nn.ModuleList`` of identical transformer blocks
+  (activation checkpointing, per-block compile, FSDP, pipeline stages);
+- ``"attention"`` / ``"mlp"``: each block has ``.attn`` / ``.mlp`` submodules;
+- ``"embed"`` / ``"head"``: ``model.embed`` (``nn.Embedding``) and ``model.head``
+  (``nn.Linear`` to the vocabulary), e.g. for vocab padding;
+- ``"gpt"``: the model is :class:`autotune.workloads.gpt.GPT` itself (config rewriting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from autotune.errors import UserError
+
+GPT_STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "gpt"})
+
+
+@dataclass(kw_only=True, slots=True)
+class Workload:
+    name: str
+    """Preset name or ``module:factory`` import path; goes into plans."""
+    build_model: Callable[[], Any]
+    """Makes a freshly initialised ``nn.Module`` on the CPU (the trainer moves it)."""
+    vocab_size: int
+    """Token ids in the data are below this."""
+    seq_len: int
+    """Tokens per sample."""
+    structure: frozenset[str] = frozenset()
+    """What strategies may rely on (see the module docstring)."""
+    config: Any = None
+    """The model config when there is one (GPTConfig for presets), for the cost model."""
+
+
+# Presets. Arithmetic: N_matmul = 12 L d^2 (+ V d for the tied head).
+PRESETS: dict[str, dict[str, int]] = {
+    # CPU default: trains in seconds on 2 cores. ~0.8M block params.
+    "tiny": dict(vocab_size=2048, seq_len=128, d_model=128, n_layers=4, n_heads=4),
+    # The roadmap's "Phase 8 Small": 8 x 12 x 512^2 = 25M block params + 25.7M head.
+    "phase8-small": dict(vocab_size=50257, seq_len=1024, d_model=512, n_layers=8, n_heads=8),
+    # GPT-2 small: 85M block params + 38.6M head = 124M.
+    "gpt2-124m": dict(vocab_size=50257, seq_len=1024, d_model=768, n_layers=12, n_heads=12),
+    # ~1.0B: 18 x 12 x 2048^2 = 906M block params + 103M head.
+    "gpt-1b": dict(vocab_size=50257, seq_len=2048, d_model=2048, n_layers=18, n_heads=16),
+}
+
+
+def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
+    from autotune.workloads.gpt import GPT, GPTConfig
+
+    params = dict(PRESETS[name])
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise UserError(f"workload.overrides.{key}: unknown setting for {name} (expected one of: {', '.join(sorted(known))})")
+        params[key] = value
+    try:
+        cfg = GPTConfig(**params)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"workload {name}: {e}") from None
+    return Workload(
+        name=name,
+        build_model=lambda: GPT(dataclasses.replace(cfg)),
+        vocab_size=cfg.vocab_size,
+        seq_len=cfg.seq_len,
+        structure=GPT_STRUCTURE,
+        config=cfg,
+    )
+
+
+def load_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
+    """A preset by name, or ``package.module:factory`` returning a :class:`Workload`."""
+    if name in PRESETS:
+        return gpt_workload(name, overrides)
+    if ":" not in name:
+        raise UserError(f"unknown workload {name!r}: expected one of {', '.join(PRESETS)} or package.module:factory")
+    if overrides:
+        raise UserError(f"workload.overrides: only the built-in presets take overrides, not {name}")
+    module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path:  # like `python -m`: modules beside the user resolve
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UserError(f"workload {name}: cannot import {module_name} ({e})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"workload {name}: {module_name} has no callable {attr!r}")
+    workload = factory()
+    if not isinstance(workload, Workload):
+        raise UserError(f"workload {name}: {attr}() must return autotune.workloads.Workload, got {type(workload).__name__}")
+    return dataclasses.replace(workload, name=name)
+
+
+def flops_per_token(model: Any, workload: Workload) -> int:
+    """Training FLOPs per token: the model's own count if it has one (PaLM appendix B for
+    the GPT), else 6 x parameters that are not embedding tables."""
+    if hasattr(model, "flops_per_token"):
+        return int(model.flops_per_token())
+    import torch
+
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in embeds)
+    return 6 * n
+
+
+__all__ = ["Workload", "PRESETS", "load_workload", "gpt_workload", "flops_per_token"]

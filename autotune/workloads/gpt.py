@@ -1,0 +1,135 @@
+"""A GPT in the nanoGPT mould: pre-norm blocks, causal SDPA attention, GELU MLP, tied head.
+
+The model exposes its structure for strategies: ``model.blocks`` (the list of transformer
+blocks), each block's ``attn`` and ``mlp``, ``model.embed`` (token embedding) and
+``model.head`` (output projection, tied to the embedding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(kw_only=True, slots=True)
+class GPTConfig:
+    vocab_size: int
+    """Tokens the model can emit. May be padded up (a strategy) beyond the tokenizer's vocab."""
+    seq_len: int
+    """Context length: positions in the learned position embedding."""
+    d_model: int
+    """Width of the residual stream."""
+    n_layers: int
+    """Number of transformer blocks."""
+    n_heads: int
+    """Attention heads; d_model must divide by it."""
+    d_ff: int = 0
+    """MLP hidden width; 0 means 4 * d_model."""
+    dropout: float = 0.0
+    """Dropout on attention output and MLP output (0 for speed benchmarks)."""
+    tie_embeddings: bool = True
+    """Share the token-embedding matrix with the output head."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} must divide by n_heads {self.n_heads}")
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model, bias=False)
+        self.attn = CausalSelfAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.d_model, bias=False)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(cfg.d_model, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers).
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layers) if name.endswith("proj.weight") else 0.02
+            nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """``idx``, ``targets``: (B, T) token ids. Returns the mean cross-entropy if targets
+        are given, else the logits (B, T, vocab)."""
+        T = idx.shape[1]
+        pos = torch.arange(T, device=idx.device)
+        x = self.embed(idx) + self.pos(pos)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def matmul_params(self) -> int:
+        """Weights that take part in a matmul per token: blocks plus the output head (the
+        embedding lookup and position table are not matmuls)."""
+        blocks = sum(p.numel() for b in self.blocks for p in b.parameters() if p.dim() == 2)
+        return blocks + self.head.weight.numel()
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, PaLM appendix B: 6 N + 12 L d T (forward + backward)."""
+        c = self.cfg
+        return 6 * self.matmul_params() + 12 * c.n_layers * c.d_model * c.seq_len

@@ -1,0 +1,35 @@
+"""Gradient accumulation: several micro-batches per optimizer step. The global batch grows
+by the factor at the same activation memory; the mean loss over the global batch is the
+same function, so the strategy is exact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autotune.context import TrainContext
+from autotune.strategy import Knob, Strategy
+
+
+@dataclass(kw_only=True, slots=True)
+class GradAccumConfig:
+    steps: int = 2
+    """Micro-batches per optimizer step."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+def apply_grad_accum(ctx: TrainContext, cfg: GradAccumConfig) -> None:
+    ctx.grad_accum = cfg.steps
+    ctx.notes.append(f"gradient accumulation x{cfg.steps}")
+
+
+STRATEGY = Strategy(
+    name="grad_accum",
+    summary="gradient accumulation over several micro-batches",
+    exact=True,
+    config=GradAccumConfig,
+    apply=apply_grad_accum,
+    knobs=(Knob(name="steps", low=1, high=16, log=True, integer=True),),
+)

@@ -1,0 +1,45 @@
+"""Numeric precision of training: fp32, bf16 autocast, fp16 autocast with a gradient scaler,
+and TF32 matmuls. Weights and optimizer state stay fp32 (mixed precision), so the maths is
+the plain model's up to rounding: an exact strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from autotune.context import TrainContext
+from autotune.strategy import Knob, Strategy
+
+
+@dataclass(kw_only=True, slots=True)
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Autocast dtype of matmuls and activations; fp16 adds a dynamic loss scaler."""
+    tf32: bool = True
+    """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and newer)."""
+
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def apply_precision(ctx: TrainContext, cfg: PrecisionConfig) -> None:
+    if cfg.dtype == "fp16" and ctx.device.type != "cuda":
+        raise RuntimeError("precision fp16 needs CUDA: use bf16 or fp32 on this device")
+    ctx.autocast_dtype = _DTYPES[cfg.dtype]
+    ctx.grad_scaler = cfg.dtype == "fp16"
+    # Process-wide switches; the plain baseline leaves TF32 off (PyTorch's own default).
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    ctx.notes.append(f"precision {cfg.dtype}, tf32 {'on' if cfg.tf32 else 'off'}")
+
+
+STRATEGY = Strategy(
+    name="precision",
+    summary="mixed precision (bf16 / fp16 + loss scaling) and TF32 matmuls",
+    exact=True,
+    config=PrecisionConfig,
+    apply=apply_precision,
+    knobs=(Knob(name="dtype", choices=("fp32", "bf16", "fp16")), Knob(name="tf32", choices=(True, False))),
+)
