@@ -1,3 +1,48 @@
-"""`autotune data` (being written)."""
+"""`autotune data`: tokenize text into memory-mapped token files, or build the default corpus."""
 
-from autotune.cli import app  # noqa: F401
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from autotune.cli import app
+
+data_app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.add_typer(data_app, name="data", help="Tokenize text into train/val token files for training.")
+
+
+@data_app.command("prepare")
+def prepare_cmd(
+    text: Annotated[list[Path], typer.Option("--text", help="UTF-8 text file; repeat for several.")],
+    out: Annotated[Path, typer.Option("--out", help="Dataset directory to write.")],
+    vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary size (token ids are below it).")],
+    tokenizer: Annotated[
+        Optional[Path], typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")
+    ] = None,
+) -> None:
+    """Tokenize text files into OUT/train.bin, val.bin, tokenizer.json and meta.json."""
+    from autotune.data import prepare
+
+    start = time.perf_counter()
+    meta = prepare(text, out, vocab, tokenizer_file=tokenizer)
+    seconds = time.perf_counter() - start
+    typer.echo(
+        f"{out}: train {meta.train_tokens:,} tokens, val {meta.val_tokens:,} tokens, "
+        f"vocab {meta.vocab_size} (tokenizer has {meta.tokenizer_vocab_size}), {seconds:.1f} s"
+    )
+
+
+@data_app.command("default")
+def default_cmd(
+    vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary size (token ids are below it).")],
+) -> None:
+    """Build (once) the default corpus from the Python standard library; print its directory.
+
+    It is cached under $AUTOTUNE_CACHE/data (default ~/.cache/autotune/data).
+    """
+    from autotune.data import default_dataset
+
+    typer.echo(default_dataset(vocab))

@@ -1,0 +1,659 @@
+"""Training data: text tokenized once into flat, memory-mapped token files, and the loader.
+
+The nanoGPT / llm.c convention: a dataset is a directory holding ``train.bin`` and
+``val.bin`` (every token id of the text, one after another), the ``tokenizer.json`` that
+made them (Hugging Face ``tokenizers``) and a small ``meta.json`` (:class:`DataMeta`).
+
+Token file format, version 1. A fixed 256-byte header, little-endian, then the ids::
+
+    offset  size  field
+         0     8  magic b"ATTOKENS"
+         8     4  format version, uint32 (= 1)
+        12     4  dtype code, uint32: 2 = uint16 ids (vocab size < 65536), 4 = uint32 ids
+        16     8  token count, uint64
+        24     4  vocab size, uint32 (every id is below it)
+        28   228  reserved, zero
+       256     -  token count ids of the dtype's width
+
+Texts are separated by the tokenizer's ``<|endoftext|>`` token when it has one. With no data
+given, :func:`default_dataset` builds a corpus from the Python standard library's sources,
+so a fresh install can plan and train with nothing downloaded.
+
+The loader (:class:`Batches`) draws each batch's offsets from
+``np.random.default_rng([seed, step, micro, rank])``: the data a step sees depends on
+nothing else, so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from autotune.errors import SchemaError, UserError
+from autotune.schema import from_dict, read_json, to_dict, write_bytes_atomic, write_json_atomic
+
+MAGIC = b"ATTOKENS"
+FORMAT_VERSION = 1
+HEADER_BYTES = 256
+_HEADER = struct.Struct("<8sIIQI")  # magic, version, dtype code, token count, vocab size
+_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+EOT = "<|endoftext|>"
+"""Special token appended after each text; id 0 in tokenizers trained here."""
+_MIN_TRAINED_VOCAB = 257  # the 256 byte tokens and EOT
+_DOC_CHARS = 1 << 14
+"""Texts are cut into documents of about this many characters (train/val split unit)."""
+_DOC_BREAK = re.compile(r"\n(?=\S)")
+"""A line start before a non-space: a pre-token boundary, so cutting there changes no ids."""
+_VAL_FRACTION = 0.02
+"""Default share of the tokens held out for validation loss."""
+_ENCODE_BATCH = 1024
+"""Documents per encode_batch call: parallel, without holding every Encoding at once."""
+
+_CORPUS_BUILD = 1
+"""Bump when the default corpus's rules (file choice, split, tokenizer) change."""
+_CORPUS_MAX_BYTES = 16_000_000
+"""Cap on the default corpus: about 5 s to build at vocab 4096 on 2 cores."""
+_CORPUS_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "encodings"})
+"""Directories left out of the default corpus: tests, third-party code, codec tables."""
+
+
+# --- token files --------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenFile:
+    tokens: np.ndarray
+    """The token ids, memory-mapped read-only (uint16 or uint32)."""
+    vocab_size: int
+    """Every id is below this."""
+
+
+def _dtype_code(vocab_size: int) -> int:
+    return 2 if vocab_size < 65536 else 4
+
+
+def write_tokens(path: str | os.PathLike, ids: Sequence[int] | np.ndarray, vocab_size: int) -> None:
+    """Write ``ids`` as a token file, atomically (temporary file, fsync, rename)."""
+    if not 0 < vocab_size < 2**32:
+        raise ValueError(f"vocab_size {vocab_size} out of range")
+    code = _dtype_code(vocab_size)
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
+        raise ValueError(f"ids must be a flat integer array, got {ids.dtype} of shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, code, ids.size, vocab_size).ljust(HEADER_BYTES, b"\0")
+    body = np.ascontiguousarray(ids, dtype=_DTYPES[code])
+    _write_atomic(Path(path), [header, memoryview(body).cast("B")])
+
+
+def _write_atomic(path: Path, parts: list[bytes | memoryview]) -> None:
+    """Like schema.write_bytes_atomic, but streams several buffers (no copy of big arrays)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_tokens(path: str | os.PathLike) -> TokenFile:
+    """Memory-map a token file after checking its header. A bad file is a UserError."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with p.open("rb") as f:
+            header = f.read(HEADER_BYTES)
+    except FileNotFoundError:
+        raise UserError(f"token file {p}: no such file") from None
+    except OSError as e:
+        raise UserError(f"token file {p}: cannot read ({e.strerror})") from None
+    dtype, count, vocab_size = _parse_header(header, size, p)
+    if count == 0:  # an empty file cannot be mapped
+        return TokenFile(tokens=np.empty(0, dtype), vocab_size=vocab_size)
+    tokens = np.memmap(p, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+    return TokenFile(tokens=tokens, vocab_size=vocab_size)
+
+
+def _parse_header(header: bytes, size: int, p: Path) -> tuple[np.dtype, int, int]:
+    def bad(problem: str) -> UserError:
+        return UserError(f"token file {p}: {problem}")
+
+    if not header.startswith(MAGIC) and not MAGIC.startswith(header):
+        raise bad(f"not an autotune token file (magic {header[:8]!r}, expected {MAGIC!r})")
+    if len(header) < HEADER_BYTES:
+        raise bad(f"truncated header ({size} bytes, expected at least {HEADER_BYTES})")
+    _, version, code, count, vocab_size = _HEADER.unpack_from(header)
+    if version != FORMAT_VERSION:
+        raise bad(f"format version {version} is not supported (expected {FORMAT_VERSION})")
+    if code not in _DTYPES or vocab_size == 0 or code != _dtype_code(vocab_size):
+        raise bad(f"dtype code {code} does not fit vocab size {vocab_size}")
+    if any(header[_HEADER.size :]):
+        raise bad("reserved header bytes are not zero")
+    expected = HEADER_BYTES + count * code
+    if size != expected:
+        what = "truncated" if size < expected else "trailing bytes"
+        raise bad(f"{what}: header says {count} tokens ({expected} bytes), file has {size} bytes")
+    return _DTYPES[code], count, vocab_size
+
+
+# --- datasets: prepare, default corpus, open ----------------------------------------------
+
+
+@dataclass(kw_only=True, slots=True)
+class DataMeta:
+    """``meta.json`` of a dataset directory."""
+
+    format_version: int
+    """Version of the token file format of train.bin and val.bin."""
+    vocab_size: int
+    """Token ids are below this: the vocabulary the model needs."""
+    tokenizer_vocab_size: int
+    """Tokens the tokenizer has; at most vocab_size (training may find fewer merges)."""
+    train_tokens: int
+    """Tokens in train.bin."""
+    val_tokens: int
+    """Tokens in val.bin."""
+    source: str
+    """Where the text came from, for people."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Dataset:
+    path: Path
+    """The dataset directory."""
+    meta: DataMeta
+    """Its meta.json."""
+    train: TokenFile
+    """train.bin, memory-mapped."""
+    val: TokenFile
+    """val.bin, memory-mapped."""
+
+
+def open_dataset(path: str | os.PathLike) -> Dataset:
+    """Open a dataset directory made by :func:`prepare` or :func:`default_dataset`."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"dataset {p}: no such directory")
+    meta = from_dict(DataMeta, read_json(p / "meta.json", "dataset meta"), str(p / "meta.json"))
+    if meta.format_version != FORMAT_VERSION:
+        raise SchemaError(str(p / "meta.json"), f"format version {meta.format_version} is not supported")
+    return Dataset(path=p, meta=meta, train=read_tokens(p / "train.bin"), val=read_tokens(p / "val.bin"))
+
+
+def prepare(
+    texts: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    vocab_size: int,
+    tokenizer_file: str | os.PathLike | None = None,
+    val_fraction: float = _VAL_FRACTION,
+) -> DataMeta:
+    """Tokenize UTF-8 text files into a dataset directory; returns its meta.
+
+    Trains a byte-level BPE tokenizer of ``vocab_size`` on the texts, or uses
+    ``tokenizer_file`` (a ``tokenizer.json``) whose vocabulary must fit in ``vocab_size``.
+    About ``val_fraction`` of the tokens, whole documents picked by a fixed seed, go to
+    val.bin. Bad input is a UserError raised before anything is written.
+    """
+    if not 0 < val_fraction < 0.5:
+        raise UserError(f"val fraction {val_fraction} must lie in (0, 0.5)")
+    given: Tokenizer | None = None  # loaded before the (long) reading, to fail early
+    if tokenizer_file is None:
+        _check_trainable_vocab(vocab_size)
+    else:
+        given = _load_tokenizer(Path(tokenizer_file), vocab_size)
+    contents = [_read_text(Path(t)) for t in texts]
+    if not any(contents):
+        raise UserError("no text to tokenize")
+    docs, ends = _documents(contents)
+    tokenizer = given if given is not None else _train_tokenizer(docs, vocab_size)
+    source = ", ".join(str(t) for t in texts)
+    return _write_dataset(Path(out_dir), docs, ends, tokenizer, vocab_size, val_fraction, source)
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"text file {p}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"text file {p}: is a directory (give the files)") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"text file {p}: not UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise UserError(f"text file {p}: cannot read ({e.strerror})") from None
+
+
+def _documents(texts: Sequence[str]) -> tuple[list[str], list[bool]]:
+    """Cut texts into documents of about _DOC_CHARS at line starts.
+
+    Returns the documents and, for each, whether it ends its text (EOT goes after it).
+    """
+    docs: list[str] = []
+    ends: list[bool] = []
+    for text in texts:
+        start = 0
+        while start < len(text):
+            cut = _DOC_BREAK.search(text, start + _DOC_CHARS)
+            end = cut.end() if cut else len(text)
+            docs.append(text[start:end])
+            ends.append(end == len(text))
+            start = end
+    return docs, ends
+
+
+def _check_trainable_vocab(vocab_size: int) -> None:
+    if vocab_size < _MIN_TRAINED_VOCAB:
+        raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs {_MIN_TRAINED_VOCAB}")
+    if vocab_size >= 2**32:
+        raise UserError(f"vocab size {vocab_size} does not fit a token file (below 2**32)")
+
+
+def _train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE (GPT-2 style), deterministic for the same documents."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(docs, trainer, length=len(docs))
+    return tokenizer
+
+
+def _load_tokenizer(p: Path, vocab_size: int) -> Tokenizer:
+    if not p.is_file():
+        raise UserError(f"tokenizer {p}: no such file")
+    try:
+        tokenizer = Tokenizer.from_file(str(p))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise UserError(f"tokenizer {p}: not a tokenizers JSON file ({str(e).splitlines()[0]})") from None
+    have = tokenizer.get_vocab_size(with_added_tokens=True)
+    if have > vocab_size:
+        raise UserError(f"tokenizer {p} has {have} tokens, more than the requested vocab size {vocab_size}")
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def _encode(tokenizer: Tokenizer, docs: list[str], ends: list[bool]) -> list[np.ndarray]:
+    """Token ids of each document, EOT appended where a text ends (if the tokenizer has EOT)."""
+    eot = tokenizer.token_to_id(EOT)
+    out: list[np.ndarray] = []
+    for i in range(0, len(docs), _ENCODE_BATCH):
+        batch = tokenizer.encode_batch(docs[i : i + _ENCODE_BATCH], add_special_tokens=False)
+        for enc, end in zip(batch, ends[i : i + _ENCODE_BATCH]):
+            ids = enc.ids + [eot] if end and eot is not None else enc.ids
+            out.append(np.array(ids, dtype=np.uint32))
+    return out
+
+
+def _val_mask(sizes: np.ndarray, fraction: float) -> np.ndarray:
+    """Which documents form the validation split: a seeded random pick, about ``fraction``
+    of the tokens, never all of them."""
+    if len(sizes) < 2:
+        raise UserError(f"too little text to split into train and val (need over {_DOC_CHARS} characters)")
+    order = np.random.default_rng(0).permutation(len(sizes))
+    reached = np.cumsum(sizes[order]) >= fraction * sizes.sum()
+    n_val = min(int(np.argmax(reached)) + 1, len(sizes) - 1)
+    mask = np.zeros(len(sizes), dtype=bool)
+    mask[order[:n_val]] = True
+    return mask
+
+
+def _write_dataset(
+    out: Path,
+    docs: list[str],
+    ends: list[bool],
+    tokenizer: Tokenizer,
+    vocab_size: int,
+    val_fraction: float,
+    source: str,
+) -> DataMeta:
+    ids = _encode(tokenizer, docs, ends)
+    is_val = _val_mask(np.array([len(d) for d in ids]), val_fraction)
+    train = np.concatenate([d for d, v in zip(ids, is_val) if not v])
+    val = np.concatenate([d for d, v in zip(ids, is_val) if v])
+    meta = DataMeta(
+        format_version=FORMAT_VERSION,
+        vocab_size=vocab_size,
+        tokenizer_vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        train_tokens=len(train),
+        val_tokens=len(val),
+        source=source,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(out / "tokenizer.json", tokenizer.to_str().encode())
+    write_tokens(out / "train.bin", train, vocab_size)
+    write_tokens(out / "val.bin", val, vocab_size)
+    write_json_atomic(out / "meta.json", to_dict(meta))  # last: marks the dataset complete
+    return meta
+
+
+def default_dataset(vocab_size: int, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The default corpus (Python standard library sources) at ``vocab_size``; its directory.
+
+    Built once per machine and vocab size under ``cache_dir`` (default
+    ``$AUTOTUNE_CACHE/data``, else ``~/.cache/autotune/data``); later calls only check that
+    it is there. Safe when several processes call it at once: one builds (into a temporary
+    directory, renamed into place when complete), the others wait and use the result.
+    """
+    _check_trainable_vocab(vocab_size)
+    stdlib, files = _stdlib_files()
+    root = Path(cache_dir) if cache_dir is not None else _cache_root()
+    final = root / f"stdlib-v{vocab_size}-{_corpus_key(vocab_size, files)}"
+    if (final / "meta.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f".{final.name}.lock"):
+        if not (final / "meta.json").is_file():
+            _build_default(stdlib, files, vocab_size, final)
+    return final
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("AUTOTUNE_CACHE") or "~/.cache/autotune").expanduser() / "data"
+
+
+def _stdlib_files() -> tuple[Path, list[tuple[str, int]]]:
+    """The standard library's .py files (relative path, size), sorted, up to the size cap."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    found: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(stdlib):
+        dirnames[:] = [d for d in dirnames if d not in _CORPUS_SKIP]  # prune: don't walk them
+        for name in filenames:
+            p = Path(dirpath, name)
+            if name.endswith(".py") and p.is_file():
+                found.append((p.relative_to(stdlib).as_posix(), p.stat().st_size))
+    files: list[tuple[str, int]] = []
+    total = 0
+    for rel, size in sorted(found):
+        if total + size > _CORPUS_MAX_BYTES:
+            break
+        files.append((rel, size))
+        total += size
+    if not files:
+        raise UserError(f"no Python sources under {stdlib} to build the default corpus from; give --text")
+    return stdlib, files
+
+
+def _corpus_key(vocab_size: int, files: list[tuple[str, int]]) -> str:
+    spec = {"format": FORMAT_VERSION, "build": _CORPUS_BUILD, "vocab": vocab_size, "files": files}
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    import fcntl  # POSIX only, like the rest of the training stack
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _build_default(stdlib: Path, files: list[tuple[str, int]], vocab_size: int, final: Path) -> None:
+    texts = [(stdlib / rel).read_text(encoding="utf-8", errors="replace") for rel, _ in files]
+    docs, ends = _documents(texts)
+    tokenizer = _train_tokenizer(docs, vocab_size)
+    megabytes = sum(size for _, size in files) / 1e6
+    version = ".".join(map(str, sys.version_info[:3]))
+    source = f"Python {version} standard library, {len(files)} files ({megabytes:.1f} MB) under {stdlib}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        _write_dataset(tmp, docs, ends, tokenizer, vocab_size, _VAL_FRACTION, source)
+        os.rename(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (final / "meta.json").is_file():  # not a lost race (no working lock): a real error
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)
+
+
+# --- loading batches ----------------------------------------------------------------------
+
+
+class BatchSource(Protocol):
+    """What the training loop reads batches from."""
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): int64 (batch_size, seq_len) on the device, y = x shifted by one token."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _to_device(windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) small ints on the host -> x, y int64 (B, T) on the device, converted there."""
+    w = windows.to(device, non_blocking=True)
+    x = w[:, :-1].to(torch.int64, memory_format=torch.contiguous_format)
+    y = w[:, 1:].to(torch.int64, memory_format=torch.contiguous_format)
+    return x, y
+
+
+def _check_shape(n_tokens: int, batch_size: int, seq_len: int) -> None:
+    if batch_size < 1 or seq_len < 1:
+        raise ValueError(f"batch_size {batch_size} and seq_len {seq_len} must be positive")
+    if n_tokens < seq_len + 1:
+        raise UserError(f"{n_tokens} tokens of data are too few for sequences of {seq_len} (+1 target)")
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+
+
+def _check_step(step: int, micro: int) -> None:
+    if step < 0 or micro < 0:
+        raise ValueError(f"step {step} and micro {micro} must not be negative")
+
+
+class Batches:
+    """Random windows of a token array, a pure function of (seed, step, micro, rank).
+
+    ``get(step, micro)`` returns x, y of shape (batch_size, seq_len), int64 on ``device``.
+    A background thread gathers the next ``prefetch`` (step, micro) batches into pinned
+    int32 host buffers, in the order ``for step: for micro in range(micro_batches)``; the
+    caller only pays the non-blocking copy and the int64 conversion on the device. Asking
+    for any other batch works too (computed there and then). Each rank draws its own
+    batches (``rank`` enters the seed; ``world_size`` only checks it). Not for concurrent
+    callers. Close it (or use ``with``) to stop the thread.
+    """
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        device: torch.device | str,
+        rank: int = 0,
+        world_size: int = 1,
+        micro_batches: int = 1,
+        pin_memory: bool | None = None,
+        prefetch: int = 2,
+    ) -> None:
+        _check_shape(len(tokens), batch_size, seq_len)
+        _check_rank(rank, world_size)
+        if micro_batches < 1 or prefetch < 0:
+            raise ValueError(f"micro_batches {micro_batches} must be >= 1 and prefetch {prefetch} >= 0")
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.rank = rank
+        self.micro_batches = micro_batches
+        self.device = torch.device(device)
+        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.prefetch = prefetch
+        self._tokens = tokens
+        self._windows = sliding_window_view(tokens, seq_len + 1)  # (N - T, T+1), a view
+        self._pending: dict[tuple[int, int], Future[torch.Tensor]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="autotune-batches") if prefetch else None
+        self._closed = False
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._closed:
+            raise RuntimeError("Batches.get after close()")
+        _check_step(step, micro)
+        key = (step, micro)
+        future = self._pending.pop(key, None)
+        windows = future.result() if future is not None else self._host_windows(key)
+        batch = _to_device(windows, self.device)  # launch the copy before waking the thread
+        self._prefetch_after(key)
+        return batch
+
+    def offsets(self, step: int, micro: int = 0) -> np.ndarray:
+        """Start of each row of batch (step, micro) in the token array."""
+        rng = np.random.default_rng([self.seed, step, micro, self.rank])
+        return rng.integers(0, len(self._tokens) - self.seq_len, size=self.batch_size)
+
+    def _host_windows(self, key: tuple[int, int]) -> torch.Tensor:
+        """Batch ``key`` as (B, T+1) int32 on the host, pinned if asked: one vectorized gather."""
+        out = torch.empty((self.batch_size, self.seq_len + 1), dtype=torch.int32, pin_memory=self.pin_memory)
+        out.numpy()[...] = self._windows[self.offsets(*key)]
+        return out
+
+    def _next_keys(self, key: tuple[int, int]) -> Iterator[tuple[int, int]]:
+        step, micro = key
+        while True:
+            step, micro = (step, micro + 1) if micro + 1 < self.micro_batches else (step + 1, 0)
+            yield step, micro
+
+    def _prefetch_after(self, key: tuple[int, int]) -> None:
+        if self._pool is None:
+            return
+        wanted = list(itertools.islice(self._next_keys(key), self.prefetch))
+        for stale in [k for k in self._pending if k not in wanted]:
+            self._pending.pop(stale).cancel()  # one already running just finishes unread
+        for k in wanted:
+            if k not in self._pending:
+                self._pending[k] = self._pool.submit(self._host_windows, k)
+
+    def close(self) -> None:
+        """Stop the prefetch thread and drop prefetched batches. Idempotent."""
+        self._closed = True
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class RandomBatches:
+    """Uniformly random tokens made on the device: for throughput-only runs, opt-in.
+
+    Same ``get`` as :class:`Batches`; the tokens are a pure function of
+    (seed, step, micro, rank). The loss on them says nothing about learning.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        device: torch.device | str,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        _check_shape(seq_len + 1, batch_size, seq_len)
+        _check_rank(rank, world_size)
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.seed = seed
+        self.rank = rank
+        self.device = torch.device(device)
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_step(step, micro)
+        seed = np.random.SeedSequence([self.seed, step, micro, self.rank]).generate_state(1, np.uint64)[0]
+        generator = torch.Generator(device=self.device).manual_seed(int(seed))
+        shape = (self.batch_size, self.seq_len + 1)
+        w = torch.randint(0, self.vocab_size, shape, generator=generator, device=self.device)
+        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+
+    def close(self) -> None:
+        """Nothing to release; here so both sources are used alike."""
+
+    def __enter__(self) -> RandomBatches:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def val_batches(
+    tokens: np.ndarray, *, batch_size: int, seq_len: int, n_batches: int, device: torch.device | str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed list of (x, y) batches for validation loss: windows spread evenly over
+    ``tokens`` (the val file), the same on every rank and every call."""
+    _check_shape(len(tokens), batch_size, seq_len)
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n_batches * batch_size).round().astype(np.int64)
+    windows = sliding_window_view(tokens, seq_len + 1)[starts].astype(np.int32)
+    host = torch.from_numpy(windows).view(n_batches, batch_size, seq_len + 1)
+    return [_to_device(w, torch.device(device)) for w in host]
+
+
+def val_loss(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean of ``model(x, y)`` (the workload's scalar mean loss) over ``batches``, in eval
+    mode without gradients; the model's training mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            losses = torch.stack([model(x, y).float() for x, y in batches])
+    finally:
+        model.train(was_training)
+    return losses.mean().item()
