@@ -68,13 +68,27 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype | None, profile_path: str | None) -> tuple[float | None, str | None]:
-    """Peak matmul FLOP/s for MFU: measured (from a profile of this machine) or datasheet."""
+    """Peak matmul FLOP/s of one device for MFU, and its source: "measured" from a profile of
+    this machine (``profile_path``, else the one `autotune profile` saved by default), else
+    "datasheet" for a known GPU, else (None, None)."""
     from autotune import hardware
 
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}.get(dtype, "fp32")
     if device.type == "cuda" and name == "fp32" and torch.backends.cuda.matmul.allow_tf32:
         name = "tf32"
-    return hardware.peak_flops_here(name, device=device, profile_path=profile_path)
+    path = Path(profile_path) if profile_path else hardware.default_profile_path()
+    if path.exists():
+        profile = hardware.HardwareProfile.load(path)
+        if profile.fingerprint != hardware.current_fingerprint():
+            if profile_path:
+                raise UserError(f"profile {path} was made on another machine (fingerprint {profile.fingerprint})")
+        elif profile.measured is not None and name in profile.measured.matmul:
+            return profile.peak_flops(name)
+    if device.type == "cuda":
+        rate = hardware.datasheet_flops(torch.cuda.get_device_name(device), name)
+        if rate is not None:
+            return rate, "datasheet"
+    return None, None
 
 
 def tokens_per_step(plan: Plan) -> int:
@@ -144,7 +158,7 @@ class Trainer:
         train = datamod.read_tokens(self.data_dir(data_dir) / "train.bin")
         if train.vocab_size > wl.vocab_size:
             raise UserError(f"data vocab {train.vocab_size} exceeds the model's vocab {wl.vocab_size}")
-        return datamod.Batches(train.tokens, **common)
+        return datamod.Batches(train.tokens, micro_batches=ctx.grad_accum, **common)
 
     def data_dir(self, override: str | None = None) -> Path:
         source = override or self.spec.data
