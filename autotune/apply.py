@@ -10,12 +10,38 @@ from autotune.errors import UserError
 
 # The order of application, one rule a line. A strategy missing from a plan is skipped.
 ORDER = (
-    # precision first: it sets autocast and TF32, which everything traced later must see.
+    # TPU first: it decides the device every later strategy places things on.
+    "tpu",
+    # precision next: it sets autocast and TF32, which everything traced later must see.
     "precision",
-    # accumulation only sets the loop's micro-batch count; no model change.
-    "grad_accum",
-    # compile last among model transforms: it traces whatever the earlier ones built.
+    # vocab padding replaces the embedding and head before any wrapper holds a reference.
+    "vocab_padding",
+    # module swaps that change the model's maths come before anything that shards or wraps:
+    # experts replace MLPs, sparse attention replaces the attention pattern,
+    "moe",
+    "sparse_attention",
+    # the attention backend is chosen on the final attention modules,
+    "attention",
+    # low-precision training swaps nn.Linear (torchtitan converts float8 before TP/FSDP),
+    "int8",
+    "fp8",
+    # fused Triton kernels replace norms and the loss on the final module tree.
+    "triton_kernels",
+    # tensor parallel shards the swapped linears; pipeline parallel splits the blocks.
+    "tensor_parallel",
+    "pipeline_parallel",
+    # activation checkpointing wraps each (sharded) block,
+    "activation_checkpoint",
+    # compile per block after AC wrapping and before FSDP (torchtitan's order),
     "compile",
+    # data-parallel wrappers last: they hold the final parameters.
+    "ddp",
+    "fsdp2",
+    "zero",
+    # loop, optimizer and loader settings touch no module; their place does not matter.
+    "grad_accum",
+    "optimizer",
+    "dataloader",
 )
 
 

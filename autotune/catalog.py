@@ -1,22 +1,27 @@
-"""The strategy catalog: every optimization autotune knows, read from ``strategies/``."""
+"""The strategy catalog: every module in ``strategies/`` that defines ``STRATEGY``."""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from functools import cache
 
 from autotune.errors import UserError
 from autotune.strategy import Strategy, check_knob_fields
 
-# One module per strategy in autotune.strategies; each defines STRATEGY.
-MODULES = ("precision", "grad_accum", "compile")
-
 
 @cache
 def catalog() -> dict[str, Strategy]:
+    import autotune.strategies as package
+
     out: dict[str, Strategy] = {}
-    for module in MODULES:
-        strategy: Strategy = importlib.import_module(f"autotune.strategies.{module}").STRATEGY
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        strategy = getattr(module, "STRATEGY", None)
+        if strategy is None:
+            continue
         if strategy.name in out:
             raise RuntimeError(f"strategy {strategy.name} declared twice")
         check_knob_fields(strategy)

@@ -110,3 +110,78 @@ def check_knob_fields(strategy: Strategy) -> None:
     for knob in strategy.knobs:
         if knob.name not in fields:
             raise UserError(f"strategy {strategy.name}: knob {knob.name!r} is not a field of {strategy.config.__name__}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Facts:
+    """What the needs of a strategy are checked against: the machine and the workload."""
+
+    cuda_devices: int = 0
+    """GPUs that CUDA can use."""
+    compute_capability: tuple[int, int] | None = None
+    """Lowest compute capability among them."""
+    gpu_name: str | None = None
+    """Name of the first GPU, for messages."""
+    tpu_devices: int = 0
+    """TPU devices through torch_xla."""
+    processes: int = 1
+    """Processes the run may use (GPUs, or CPU processes when asked for)."""
+    modules: frozenset[str] = frozenset()
+    """Optional packages that import here (deepspeed, torch_xla, triton, flash_attn_interface, torchao)."""
+    structure: frozenset[str] = frozenset()
+    """Structure the workload declares."""
+
+    @classmethod
+    def of(cls, profile: Any | None, workload: Any, *, processes: int | None = None) -> Facts:
+        """Facts from a HardwareProfile (None: a machine with no accelerator) and a Workload."""
+        gpus = list(profile.gpus) if profile is not None else []
+        caps = [tuple(int(x) for x in g.capability.split(".")) for g in gpus]
+        tpu = profile.tpu.count if profile is not None and profile.tpu.present else 0
+        return cls(
+            cuda_devices=len(gpus),
+            compute_capability=min(caps) if caps else None,
+            gpu_name=gpus[0].name if gpus else None,
+            tpu_devices=tpu,
+            processes=processes if processes is not None else max(1, len(gpus), tpu),
+            modules=frozenset(m for m in OPTIONAL_MODULES if _importable(m)),
+            structure=frozenset(workload.structure),
+        )
+
+
+OPTIONAL_MODULES = ("deepspeed", "torch_xla", "triton", "flash_attn_interface", "torchao")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def unmet_needs(strategy: Strategy, facts: Facts) -> list[str]:
+    """Why ``strategy`` cannot run here: one short reason per unmet need (empty: it can)."""
+    needs, why = strategy.needs, []
+    if needs.cuda and facts.cuda_devices == 0:
+        why.append("needs CUDA, none found")
+    if needs.min_compute_capability and facts.compute_capability is not None:
+        if facts.compute_capability < needs.min_compute_capability:
+            want = ".".join(map(str, needs.min_compute_capability))
+            have = ".".join(map(str, facts.compute_capability))
+            why.append(f"needs compute capability {want}+, {facts.gpu_name} has {have}")
+    if needs.bf16 and facts.cuda_devices and (facts.compute_capability or (0, 0)) < (8, 0):
+        why.append(f"needs bf16 tensor cores, {facts.gpu_name} has none")
+    if needs.fp8 and (facts.compute_capability or (0, 0)) < (8, 9):
+        why.append("needs fp8 tensor cores (compute capability 8.9+)" + (f", {facts.gpu_name} has none" if facts.gpu_name else ", no GPU found"))
+    if needs.tpu and facts.tpu_devices == 0:
+        why.append("needs a TPU through torch_xla, none found")
+    if facts.processes < needs.min_devices:
+        why.append(f"needs {needs.min_devices}+ processes, this run has {facts.processes}")
+    missing = sorted(needs.structure - facts.structure)
+    if missing:
+        why.append(f"needs the workload to declare {', '.join(missing)}")
+    for module in needs.modules:
+        if module not in facts.modules:
+            why.append(f"needs the {module} package, which does not import here")
+    return why

@@ -24,7 +24,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its command(s) to `app`; order here is the order in --help.
-    from autotune.cli import data, profile, run, show  # noqa: F401
+    from autotune.cli import data, profile, run, show, strategies  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

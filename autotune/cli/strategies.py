@@ -1,0 +1,3 @@
+"""`autotune strategies` (being written)."""
+
+from autotune.cli import app  # noqa: F401
