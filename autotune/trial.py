@@ -1,0 +1,234 @@
+"""Trials: one short real training run of a plan, in its own process.
+
+``run_trial`` starts ``python -m autotune.trial PLAN RESULT`` (torchrun when the plan uses
+several processes) in a new process session, under a wall-clock limit. The child builds the
+executor's own ``Trainer`` (what the planner measures is what ``autotune run`` does), warms
+up (compilation included), times a fixed number of steps with device events and writes one
+JSON result. An out-of-memory error, a NaN, a hang, a crash or a kill costs one trial: the
+parent reads the status from the result file, or from how the child ended, and the whole
+process group of a hung child is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from autotune import schema
+from autotune.errors import UserError
+from autotune.plan import Figures, Plan
+
+Status = Literal["ok", "oom", "nan", "timeout", "crash", "unsupported"]
+
+
+@dataclass(kw_only=True, slots=True)
+class TrialBudget:
+    warmup_steps: int = 5
+    """Steps run before timing (the first one compiles)."""
+    timed_steps: int = 20
+    """Steps timed with device events."""
+    timeout_s: float = 300.0
+    """Wall-clock limit of the whole child, start-up and compilation included."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrialResult:
+    figures: Figures
+    """Status and measured figures (DESIGN.md "Trial")."""
+    error: str | None = None
+    """The error text when the trial failed."""
+    wall_s: float = 0.0
+    """Wall time of the child, start-up included."""
+
+
+# -- the parent side -----------------------------------------------------------------------
+
+
+def compile_cache_env() -> dict[str, str]:
+    """One persistent inductor cache for every trial, so a repeated shape compiles once."""
+    root = Path(os.environ.get("AUTOTUNE_CACHE", Path.home() / ".cache" / "autotune"))
+    return {"TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))}
+
+
+def trial_command(plan: Plan, plan_path: Path, result_path: Path, budget: TrialBudget) -> list[str]:
+    args = ["-m", "autotune.trial", str(plan_path), str(result_path),
+            "--warmup", str(budget.warmup_steps), "--steps", str(budget.timed_steps)]
+    nproc = plan.launch.nproc_per_node
+    if nproc * plan.launch.nnodes == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def run_trial(plan: Plan, budget: TrialBudget, *, workdir: Path | None = None, env: dict[str, str] | None = None) -> TrialResult:
+    """Run ``plan`` as one isolated trial; never raises for what happens inside the child."""
+    with tempfile.TemporaryDirectory(prefix="autotune-trial-", dir=workdir) as tmp:
+        plan_path, result_path = Path(tmp) / "plan.json", Path(tmp) / "result.json"
+        plan.save(plan_path)
+        child_env = {**os.environ, **compile_cache_env(), **(env or {})}
+        child_env.setdefault("NCCL_NVLS_ENABLE", "0")
+        child_env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        start = time.monotonic()
+        proc = subprocess.Popen(
+            trial_command(plan, plan_path, result_path, budget),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=child_env,
+            start_new_session=True,  # its own process group: a timeout kills all of it
+        )
+        try:
+            _, stderr = proc.communicate(timeout=budget.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            return TrialResult(figures=Figures(status="timeout"), error=f"no result within {budget.timeout_s:.0f} s", wall_s=time.monotonic() - start)
+        wall = time.monotonic() - start
+        if result_path.exists():
+            result = schema.from_dict(TrialResult, json.loads(result_path.read_text()))
+            result.wall_s = wall
+            return result
+        return TrialResult(figures=Figures(status="crash"), error=_how_it_ended(proc.returncode, stderr), wall_s=wall)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
+def _how_it_ended(returncode: int, stderr: bytes) -> str:
+    tail = stderr.decode(errors="replace").strip().splitlines()[-5:]
+    if returncode < 0:
+        how = f"killed by {signal.Signals(-returncode).name}"
+    else:
+        how = f"exited with status {returncode} and no result"
+    return how + (": " + " | ".join(tail) if tail else "")
+
+
+# -- the child side -------------------------------------------------------------------------
+
+
+def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
+    """Build the executor's Trainer for ``plan``, warm up, time steps; classify failures."""
+    import torch
+
+    from autotune.train import NonFiniteLoss, Trainer, peak_memory_bytes
+
+    trainer = None
+    try:
+        trainer = Trainer(plan)
+        device = trainer.device
+        losses = [trainer.train_step(step) for step in range(budget.warmup_steps)]
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, timed = [], []
+        for step in range(budget.warmup_steps, budget.warmup_steps + budget.timed_steps):
+            with _StepTimer(device) as t:
+                timed.append(trainer.train_step(step))
+            times.append(t)
+        _sync(device)
+        step_times = [t.seconds() for t in times]
+        values = torch.stack(losses + timed).float().tolist()
+        if not all(v == v and abs(v) != float("inf") for v in values):
+            raise NonFiniteLoss("loss became non-finite during the trial")
+        step_time = statistics.median(step_times)
+        tokens_per_s = trainer.tokens_per_step * len(step_times) / sum(step_times)
+        mfu = trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * trainer.ctx.world_size) if trainer.peak_flops else None
+        return TrialResult(figures=Figures(
+            status="ok",
+            tokens_per_s=tokens_per_s,
+            step_time_s=step_time,
+            mfu=mfu,
+            mfu_peak_source=trainer.peak_source,
+            peak_memory_bytes=peak_memory_bytes(device),
+            loss_start=values[0],
+            loss_end=values[-1],
+        ))
+    except NonFiniteLoss as e:
+        return TrialResult(figures=Figures(status="nan"), error=str(e))
+    except torch.OutOfMemoryError as e:
+        return TrialResult(figures=Figures(status="oom"), error=_first_line(e))
+    except (UserError, NotImplementedError) as e:
+        return TrialResult(figures=Figures(status="unsupported"), error=_first_line(e))
+    except Exception as e:  # anything else is a crash of this trial, reported with its origin
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        return TrialResult(figures=Figures(status="crash"), error=f"{type(e).__name__}: {_first_line(e)} ({Path(frame.filename).name}:{frame.lineno})")
+    finally:
+        if trainer is not None:
+            trainer.close()
+
+
+class _StepTimer:
+    """Times one step: CUDA events on a GPU (no sync per step), the host clock on a CPU."""
+
+    def __init__(self, device: Any) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self) -> _StepTimer:
+        if self.cuda:
+            import torch
+
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.start.elapsed_time(self.end) / 1e3 if self.cuda else self.t1 - self.t0
+
+
+def _sync(device: Any) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from autotune import plan as planmod
+
+    ap = argparse.ArgumentParser(prog="python -m autotune.trial", description="Run one trial of a plan; write its result as JSON.")
+    ap.add_argument("plan", type=Path)
+    ap.add_argument("result", type=Path)
+    ap.add_argument("--warmup", type=int, default=TrialBudget.warmup_steps)
+    ap.add_argument("--steps", type=int, default=TrialBudget.timed_steps)
+    args = ap.parse_args(argv)
+    budget = TrialBudget(warmup_steps=args.warmup, timed_steps=args.steps)
+    try:
+        plan = planmod.load(args.plan)
+    except UserError as e:
+        result = TrialResult(figures=Figures(status="unsupported"), error=str(e))
+    else:
+        result = measure(plan, budget)
+    if int(os.environ.get("RANK", "0")) == 0:
+        schema.write_json_atomic(args.result, schema.to_dict(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

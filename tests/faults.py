@@ -1,0 +1,39 @@
+"""A workload that fails on purpose, chosen by micro-batch size, for fault-isolation tests.
+
+Each failure is the real thing in a real child process: the OOM is torch's own exception
+type, the NaN comes out of the loss, the hang never returns, the kill is SIGKILL.
+"""
+
+import os
+import signal
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autotune.workloads import Workload
+
+OOM, NAN, HANG, SIGKILL = 3, 5, 6, 7  # micro-batch sizes that trigger each fault
+
+
+class Faulty(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(2048, 32)
+        self.out = nn.Linear(32, 2048)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        batch = idx.shape[0]
+        if batch == OOM:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (simulated)")
+        if batch == HANG:
+            time.sleep(3600)
+        if batch == SIGKILL:
+            os.kill(os.getpid(), signal.SIGKILL)
+        loss = F.cross_entropy(self.out(self.embed(idx)).flatten(0, 1), targets.flatten())
+        return loss * float("nan") if batch == NAN else loss
+
+
+def build() -> Workload:
+    return Workload(name="tests.faults:build", build_model=Faulty, vocab_size=2048, seq_len=32)
