@@ -7,12 +7,16 @@ set the autocast dtype, the accumulation count, optimizer options), and the loop
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from autotune import schema
+from autotune.errors import UserError
+from autotune.strategy import Facts, Strategy, unmet_needs
 from autotune.workloads import Workload
 
 
@@ -46,6 +50,30 @@ class TrainContext:
     def __post_init__(self) -> None:
         if self.forward is None:
             self.forward = self.model
+
+    def facts(self) -> Facts:
+        """This process's device and workload, as a strategy's needs are checked against."""
+        facts = Facts.of(None, self.workload, processes=self.world_size)
+        if self.device.type != "cuda":
+            return facts
+        return dataclasses.replace(
+            facts,
+            cuda_devices=torch.cuda.device_count(),
+            compute_capability=torch.cuda.get_device_capability(self.device),
+            gpu_name=torch.cuda.get_device_name(self.device),
+        )
+
+    def check_needs(self, strategy: Strategy, cfg: Any, workaround: str) -> None:
+        """Refuse setting ``cfg`` of ``strategy`` with a one-line UserError when this device
+        or workload lacks what the setting needs; ``workaround`` says what to do instead.
+
+        A config whose settings need more than ``strategy.needs`` (fp16 needs CUDA) says so
+        in a ``needs()`` method returning the needs of those settings, its strategy's included.
+        """
+        needs = cfg.needs() if hasattr(cfg, "needs") else strategy.needs
+        why = unmet_needs(dataclasses.replace(strategy, needs=needs), self.facts())
+        if why:
+            raise UserError(f"strategy {strategy.name} {schema.to_dict(cfg)} cannot run here: {'; '.join(why)} ({workaround})")
 
     def autocast(self) -> Any:
         if self.autocast_dtype is None:

@@ -151,14 +151,13 @@ class Trainer:
             device=self.device,
             rank=ctx.rank,
             world_size=ctx.world_size,
-            **ctx.loader_options,
         )
-        if spec.random_tokens:
+        if spec.random_tokens:  # made on the device: no host loader to set up
             return datamod.RandomBatches(wl.vocab_size, **common)
         train = datamod.read_tokens(self.data_dir(data_dir) / "train.bin")
         if train.vocab_size > wl.vocab_size:
             raise UserError(f"data vocab {train.vocab_size} exceeds the model's vocab {wl.vocab_size}")
-        return datamod.Batches(train.tokens, micro_batches=ctx.grad_accum, **common)
+        return datamod.Batches(train.tokens, micro_batches=ctx.grad_accum, **common, **ctx.loader_options)
 
     def data_dir(self, override: str | None = None) -> Path:
         source = override or self.spec.data

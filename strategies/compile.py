@@ -1,5 +1,7 @@
 """torch.compile: the whole model, or block by block (faster to compile, same kernels inside
-a block). Modes: default, max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs)."""
+a block). Modes: default, max-autotune-no-cudagraphs, reduce-overhead (CUDA graphs).
+Inductor fuses and reorders the same operations, so the maths is the plain model's up to
+the order of floating-point reductions: an exact strategy."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Literal
 import torch
 
 from autotune.context import TrainContext
-from autotune.strategy import Knob, Strategy
+from autotune.strategy import Knob, Needs, Strategy
 
 
 @dataclass(kw_only=True, slots=True)
@@ -21,14 +23,22 @@ class CompileConfig:
     fullgraph: bool = False
     """Fail rather than fall back to eager at a graph break (for checking a model)."""
 
+    def needs(self) -> Needs:
+        """CUDA graphs need CUDA; compiling block by block needs the list of blocks."""
+        return Needs(
+            cuda=self.mode == "reduce-overhead",
+            structure=frozenset({"blocks"}) if self.scope == "blocks" else frozenset(),
+        )
+
 
 def apply_compile(ctx: TrainContext, cfg: CompileConfig) -> None:
+    ctx.check_needs(STRATEGY, cfg, "use mode default, or scope model for a model without blocks")
     if cfg.scope == "blocks":
-        # Per-block: compile each block in place, so wrappers applied later (FSDP) and
-        # activation checkpointing applied earlier both see the compiled blocks.
-        blocks = ctx.model.blocks
-        for i, block in enumerate(blocks):
-            blocks[i] = torch.compile(block, mode=cfg.mode, fullgraph=cfg.fullgraph)
+        # Per-block: compile each block in place (Module.compile keeps the state-dict keys),
+        # so wrappers applied later (FSDP) and activation checkpointing applied earlier both
+        # see the compiled blocks.
+        for block in ctx.model.blocks:
+            block.compile(mode=cfg.mode, fullgraph=cfg.fullgraph)
     else:
         ctx.forward = torch.compile(ctx.forward, mode=cfg.mode, fullgraph=cfg.fullgraph)
     ctx.notes.append(f"compile {cfg.scope} mode={cfg.mode}")

@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from autotune.context import TrainContext
-from autotune.strategy import Knob, Strategy
+from autotune.strategy import Knob, Needs, Strategy
 
 
 @dataclass(kw_only=True, slots=True)
@@ -20,13 +20,17 @@ class PrecisionConfig:
     tf32: bool = True
     """Let fp32 matmuls and convolutions use TF32 tensor cores (Ampere and newer)."""
 
+    def needs(self) -> Needs:
+        """fp16 autocast with loss scaling is a CUDA feature; bf16 on a GPU needs bf16 tensor
+        cores (any CPU runs bf16 autocast)."""
+        return {"fp32": Needs(), "bf16": Needs(bf16=True), "fp16": Needs(cuda=True)}[self.dtype]
+
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def apply_precision(ctx: TrainContext, cfg: PrecisionConfig) -> None:
-    if cfg.dtype == "fp16" and ctx.device.type != "cuda":
-        raise RuntimeError("precision fp16 needs CUDA: use bf16 or fp32 on this device")
+    ctx.check_needs(STRATEGY, cfg, "use bf16 or fp32 on this device")
     ctx.autocast_dtype = _DTYPES[cfg.dtype]
     ctx.grad_scaler = cfg.dtype == "fp16"
     # Process-wide switches; the plain baseline leaves TF32 off (PyTorch's own default).

@@ -2,12 +2,15 @@
 
 The model exposes its structure for strategies: ``model.blocks`` (the list of transformer
 blocks), each block's ``attn`` and ``mlp``, ``model.embed`` (token embedding) and
-``model.head`` (output projection, tied to the embedding).
+``model.head`` (output projection, tied to the embedding). Two hooks serve strategies:
+``attn.attend`` is the attention kernel (the attention strategy swaps it), and the head may
+be wider than the vocabulary (vocab padding): logits past ``cfg.vocab_size`` are dropped.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +21,8 @@ from torch import nn
 @dataclass(kw_only=True, slots=True)
 class GPTConfig:
     vocab_size: int
-    """Tokens the model can emit. May be padded up (a strategy) beyond the tokenizer's vocab."""
+    """Tokens the model can emit; data ids are below it. Vocab padding widens the embedding
+    and head beyond it, never this."""
     seq_len: int
     """Context length: positions in the learned position embedding."""
     d_model: int
@@ -45,6 +49,15 @@ class GPTConfig:
         return self.d_model // self.n_heads
 
 
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+"""Causal attention kernel: (q, k, v, dropout_p) -> y, all (B, nh, T, hs)."""
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """PyTorch's SDPA, backend chosen by PyTorch: the default kernel."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -52,15 +65,14 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
+        self.attend: Attend = sdpa_causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = self.attend(q, k, v, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.proj(y)
 
@@ -118,16 +130,18 @@ class GPT(nn.Module):
         x = self.embed(idx) + self.pos(pos)  # (B, T, C)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.norm(x))  # (B, T, V)
+        # (B, T, V); a padded head's extra columns are dropped (a no-op view when unpadded)
+        logits = self.head(self.norm(x))[..., : self.cfg.vocab_size]
         if targets is None:
             return logits
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
     def matmul_params(self) -> int:
         """Weights that take part in a matmul per token: blocks plus the output head (the
-        embedding lookup and position table are not matmuls)."""
+        embedding lookup and position table are not matmuls; padded head rows do no work
+        of the model)."""
         blocks = sum(p.numel() for b in self.blocks for p in b.parameters() if p.dim() == 2)
-        return blocks + self.head.weight.numel()
+        return blocks + self.cfg.vocab_size * self.cfg.d_model
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, PaLM appendix B: 6 N + 12 L d T (forward + backward)."""

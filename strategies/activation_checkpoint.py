@@ -1,0 +1,52 @@
+"""Activation checkpointing: keep only each checkpointed block's input in the forward pass and
+recompute its activations in the backward, trading about one extra block forward for the
+memory of its activations (torchtitan's ``apply_ac``). "full" checkpoints every block,
+"selective" every n-th. The recomputation runs the same kernels on the same inputs, with the
+RNG state restored for dropout, so the gradients are the plain model's: an exact strategy.
+
+Blocks are wrapped with PyTorch's ``checkpoint_wrapper`` (non-reentrant
+``torch.utils.checkpoint``), whose state-dict hooks strip the wrapper's prefix: checkpoints
+keep the plain model's keys and load either way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+from autotune.context import TrainContext
+from autotune.strategy import Knob, Needs, Strategy
+
+
+@dataclass(kw_only=True, slots=True)
+class ActivationCheckpointConfig:
+    mode: Literal["full", "selective"] = "full"
+    """full: checkpoint every block; selective: every ``every``-th block only."""
+    every: int = 2
+    """In selective mode, checkpoint blocks 0, every, 2 * every, ...; full ignores it."""
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every must be at least 1, got {self.every}")
+
+
+def apply_activation_checkpoint(ctx: TrainContext, cfg: ActivationCheckpointConfig) -> None:
+    ctx.check_needs(STRATEGY, cfg, "declare the model's blocks in Workload.structure")
+    blocks = ctx.model.blocks
+    stride = 1 if cfg.mode == "full" else cfg.every
+    for i in range(0, len(blocks), stride):
+        blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    ctx.notes.append(f"activation checkpointing ({cfg.mode}): {len(range(0, len(blocks), stride))} of {len(blocks)} blocks")
+
+
+STRATEGY = Strategy(
+    name="activation_checkpoint",
+    summary="recompute block activations in the backward pass (all blocks or every n-th)",
+    exact=True,
+    config=ActivationCheckpointConfig,
+    apply=apply_activation_checkpoint,
+    needs=Needs(structure=frozenset({"blocks"})),
+    knobs=(Knob(name="mode", choices=("full", "selective")), Knob(name="every", low=2, high=6, integer=True)),
+)

@@ -1,0 +1,110 @@
+"""The attention kernel of the GPT's blocks.
+
+- "naive": QK^T, causal mask, softmax, @V, with the (T, T) score matrix in memory: the
+  roadmap's unoptimized starting point.
+- "math", "efficient", "flash", "cudnn": PyTorch's SDPA pinned to one backend (its C++ math
+  reference, memory-efficient, FlashAttention-2, cuDNN). The backend is entered with
+  ``sdpa_kernel`` inside each attention call, which torch.compile traces (torch 2.5+), so
+  the choice is per model, not process-wide.
+- "fa3": FlashAttention-3 (Hopper) from the ``flash_attn_interface`` package.
+
+Every backend computes softmax(QK^T / sqrt(d) + causal mask) V exactly, differing only in
+the order of floating-point operations (flash kernels never form the score matrix): an exact
+strategy. flash, cudnn and fa3 run in bf16/fp16 only (precision, applied earlier, sets that).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from autotune.context import TrainContext
+from autotune.errors import UserError
+from autotune.strategy import Knob, Needs, Strategy
+
+_STRUCTURE = frozenset({"attention", "gpt"})
+_SDPA_BACKENDS = {
+    "math": SDPBackend.MATH,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
+_HALF_ONLY = frozenset({"flash", "cudnn", "fa3"})
+"""Backends whose kernels take bf16/fp16 inputs only."""
+
+
+@dataclass(kw_only=True, slots=True)
+class AttentionConfig:
+    backend: Literal["naive", "math", "efficient", "flash", "cudnn", "fa3"] = "flash"
+    """Attention kernel (see the module docstring)."""
+
+    def needs(self) -> Needs:
+        """CUDA kernels need CUDA; flash and cuDNN attention need Ampere (8.0+), FA3 Hopper."""
+        cuda = self.backend in ("efficient", "flash", "cudnn", "fa3")
+        capability = {"flash": (8, 0), "cudnn": (8, 0), "fa3": (9, 0)}.get(self.backend)
+        modules = ("flash_attn_interface",) if self.backend == "fa3" else ()
+        return Needs(cuda=cuda, min_compute_capability=capability, modules=modules, structure=_STRUCTURE)
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Causal attention written out; q, k, v and the result are (B, nh, T, hs)."""
+    T = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+    if dropout_p:
+        weights = F.dropout(weights, dropout_p)
+    return weights @ v
+
+
+def sdpa_with(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """SDPA restricted to ``backend``: an unsupported input raises instead of falling back."""
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
+
+def fa3_with(flash_attn_func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """FlashAttention-3, which takes (B, T, nh, hs): transposed views in and out."""
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+    out = out[0] if isinstance(out, tuple) else out  # some releases also return the LSE
+    return out.transpose(1, 2)
+
+
+def _kernel(cfg: AttentionConfig, dropout: float) -> Callable:
+    if cfg.backend == "naive":
+        return naive_attention
+    if cfg.backend == "fa3":
+        if dropout:
+            raise UserError("attention fa3 has no dropout: set the model's dropout to 0 or use flash")
+        from flash_attn_interface import flash_attn_func
+
+        return functools.partial(fa3_with, flash_attn_func)
+    return functools.partial(sdpa_with, _SDPA_BACKENDS[cfg.backend])
+
+
+def apply_attention(ctx: TrainContext, cfg: AttentionConfig) -> None:
+    ctx.check_needs(STRATEGY, cfg, "backends math and naive run anywhere")
+    if cfg.backend in _HALF_ONLY and ctx.autocast_dtype not in (torch.bfloat16, torch.float16):
+        raise UserError(f"attention {cfg.backend} runs in bf16 or fp16 only: add precision with dtype bf16, or use efficient")
+    kernel = _kernel(cfg, ctx.model.cfg.dropout)
+    for block in ctx.model.blocks:
+        block.attn.attend = kernel
+    ctx.notes.append(f"attention {cfg.backend}")
+
+
+STRATEGY = Strategy(
+    name="attention",
+    summary="attention kernel: naive, SDPA math / efficient / flash / cuDNN, FlashAttention-3",
+    exact=True,
+    config=AttentionConfig,
+    apply=apply_attention,
+    needs=Needs(structure=_STRUCTURE),
+    knobs=(Knob(name="backend", choices=("naive", "math", "efficient", "flash", "cudnn", "fa3")),),
+)

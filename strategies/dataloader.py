@@ -1,0 +1,45 @@
+"""Loader settings: pinned host buffers and how many batches a background thread gathers
+ahead (the keyword arguments of ``autotune.data.Batches``). Each batch is a pure function of
+(seed, step, micro-batch, rank), so the data and the losses are bit-for-bit those of the plain
+run: an exact strategy. Random-token runs make their batches on the device and read nothing
+of this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from autotune.context import TrainContext
+from autotune.strategy import Knob, Needs, Strategy
+
+
+@dataclass(kw_only=True, slots=True)
+class DataloaderConfig:
+    pin_memory: bool = True
+    """Gather batches into page-locked host memory, so the copy to the GPU runs asynchronously."""
+    prefetch: int = 2
+    """Batches gathered ahead on the loader thread; 0 gathers each one when it is asked for."""
+
+    def __post_init__(self) -> None:
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch must not be negative, got {self.prefetch}")
+
+    def needs(self) -> Needs:
+        """Pinned memory exists only beside an accelerator."""
+        return Needs(cuda=self.pin_memory)
+
+
+def apply_dataloader(ctx: TrainContext, cfg: DataloaderConfig) -> None:
+    ctx.check_needs(STRATEGY, cfg, "set pin_memory false on this device")
+    ctx.loader_options.update(pin_memory=cfg.pin_memory, prefetch=cfg.prefetch)
+    ctx.notes.append(f"loader: pin_memory {cfg.pin_memory}, prefetch {cfg.prefetch}")
+
+
+STRATEGY = Strategy(
+    name="dataloader",
+    summary="loader settings: pinned host memory, prefetch depth",
+    exact=True,
+    config=DataloaderConfig,
+    apply=apply_dataloader,
+    knobs=(Knob(name="pin_memory", choices=(True, False)), Knob(name="prefetch", low=0, high=8, integer=True)),
+)

@@ -1,0 +1,42 @@
+"""The AdamW implementation: "fused" (one kernel for all parameters, on CUDA and, since torch
+2.4, on the CPU), "foreach" (a few multi-tensor kernels per step) or "forloop" (a loop of
+per-parameter kernels: the slow reference). All three compute the same AdamW update; they
+differ only in the order of floating-point operations: an exact strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from autotune.context import TrainContext
+from autotune.strategy import Knob, Strategy
+
+# AdamW keyword arguments of each implementation: both set, since fused and foreach together
+# are an error and the executor's default is fused on CUDA, foreach elsewhere.
+_KWARGS = {
+    "fused": {"fused": True, "foreach": False},
+    "foreach": {"fused": False, "foreach": True},
+    "forloop": {"fused": False, "foreach": False},
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimizerConfig:
+    implementation: Literal["fused", "foreach", "forloop"] = "fused"
+    """How torch.optim.AdamW runs its update."""
+
+
+def apply_optimizer(ctx: TrainContext, cfg: OptimizerConfig) -> None:
+    ctx.optimizer_options.update(_KWARGS[cfg.implementation])
+    ctx.notes.append(f"AdamW {cfg.implementation}")
+
+
+STRATEGY = Strategy(
+    name="optimizer",
+    summary="AdamW implementation: fused, foreach or for-loop",
+    exact=True,
+    config=OptimizerConfig,
+    apply=apply_optimizer,
+    knobs=(Knob(name="implementation", choices=("fused", "foreach", "forloop")),),
+)

@@ -1,0 +1,226 @@
+"""Every single-device strategy through the shared suite (tests/strategy_suite.py).
+
+Tolerances are relative, on each of the 20 losses against the plain run; each says why. CPU
+figures were measured on the tiny model (2 blocks, d128, T64, batch 8): the tolerance leaves
+about 10x headroom over what was measured. CUDA cases (marked gpu) leave room for atomics in
+the attention backward, which make two CUDA runs of the same program differ in the last bits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+from autotune.context import TrainContext
+from autotune.errors import UserError
+from autotune.strategies.attention import naive_attention, sdpa_with
+from autotune.strategy import Facts
+from autotune.train import Trainer
+from autotune.workloads import GPT_STRUCTURE, load_workload
+from autotune.workloads.gpt import sdpa_causal
+from tests.strategy_suite import MICRO_BATCH, STEPS, TINY, Case, StrategySuite, make_plan, pytest_generate_tests, train_losses
+
+__all__ = ["pytest_generate_tests"]  # the suite's hook: one test item per case
+
+BF16 = {"precision": {"dtype": "bf16"}}
+FP32_NO_TF32 = {"precision": {"dtype": "fp32", "tf32": False}}
+# Kernels that differ only in the order of fp32 reductions: ~1e-7 measured on the CPU.
+FP32_REORDERED = 1e-6
+# The same fp32 program on CUDA: atomics in the attention backward change the last bits.
+CUDA_FP32 = 1e-5
+# Two bf16 runs whose kernels round differently (8-bit mantissa): ~1e-3 expected.
+BF16_VS_BF16 = 1e-2
+
+
+class TestPrecision(StrategySuite):
+    name = "precision"
+    cpu_cases = (
+        Case(knobs={"dtype": "fp32", "tf32": False}, rtol=0.0),  # the plain run's maths exactly
+        Case(knobs={"dtype": "bf16"}, rtol=1e-3),  # bf16 matmul inputs: 2e-5 measured
+    )
+    cuda_cases = (
+        Case(knobs={"dtype": "bf16", "tf32": False}, rtol=2e-2),  # bf16 against fp32 on CUDA
+        Case(knobs={"dtype": "fp32", "tf32": True}, rtol=1e-2),  # TF32 keeps 10 mantissa bits
+        # fp16 keeps 10 mantissa bits; the scaler (initial scale 2^16) skips no step on this model.
+        Case(knobs={"dtype": "fp16", "tf32": False}, rtol=2e-2),
+    )
+    cpu_refused = ({"dtype": "fp16"},)
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+        assert trainer.ctx.autocast_dtype == dtype
+        assert trainer.scaler.is_enabled() == (cfg.dtype == "fp16")
+        assert torch.backends.cuda.matmul.allow_tf32 == cfg.tf32
+
+
+class TestGradAccum(StrategySuite):
+    name = "grad_accum"
+    # Compared with one batch of 2 x 8 samples holding the same samples: the mean loss over
+    # them and its gradient are the same sums, added in another order.
+    cpu_cases = (Case(knobs={"steps": 2}, rtol=FP32_REORDERED),)
+
+    def plain_losses(self, case: Case, device: str) -> list[float]:
+        k = case.knobs["steps"]
+        accumulating = Trainer(make_plan({self.name: case.knobs}, device))
+        plain = Trainer(make_plan({}, device, micro_batch_size=MICRO_BATCH * k))
+        plain.batches.close()
+        plain.batches = JoinedBatches(accumulating.batches, k)
+        try:
+            return train_losses(plain, STEPS)
+        finally:
+            plain.close()
+            accumulating.close()
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        assert trainer.ctx.grad_accum == cfg.steps == trainer.batches.micro_batches
+        assert trainer.tokens_per_step == MICRO_BATCH * TINY["seq_len"] * cfg.steps
+
+
+class JoinedBatches:
+    """The k micro-batches of a step of ``source``, as one batch."""
+
+    def __init__(self, source: Any, k: int) -> None:
+        self.source, self.k = source, k
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*(self.source.get(step, m) for m in range(self.k)))
+        return torch.cat(xs), torch.cat(ys)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+class TestCompile(StrategySuite):
+    name = "compile"
+    # One compile on the CPU (C++ codegen is slow): per block, whole graph, over the math SDPA
+    # backend, so the same test shows that dynamo traces the attention strategy's sdpa_kernel.
+    # Inductor fuses and reorders fp32 reductions.
+    cpu_cases = (
+        Case(knobs={"scope": "blocks", "fullgraph": True}, base={"attention": {"backend": "math"}}, rtol=1e-5),
+    )
+    cuda_cases = (
+        Case(knobs={"mode": "default"}, base=FP32_NO_TF32, rtol=1e-4),
+        Case(knobs={"mode": "reduce-overhead"}, base=FP32_NO_TF32, rtol=1e-4),
+        Case(knobs={"mode": "default", "fullgraph": True}, base={**BF16, "attention": {"backend": "flash"}}, rtol=BF16_VS_BF16),
+    )
+    cpu_refused = ({"mode": "reduce-overhead"},)
+    check_resume = False  # three more compiles; the executor's resume is tested uncompiled
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        if cfg.scope == "blocks":
+            assert all(block._compiled_call_impl is not None for block in trainer.ctx.model.blocks)
+        else:
+            assert isinstance(trainer.ctx.forward, torch._dynamo.eval_frame.OptimizedModule)
+
+
+class TestActivationCheckpoint(StrategySuite):
+    name = "activation_checkpoint"
+    # Recomputation runs the same kernels on the same inputs: the same numbers.
+    cpu_cases = (
+        Case(knobs={"mode": "full"}, rtol=0.0),
+        Case(knobs={"mode": "selective", "every": 2}, rtol=0.0),
+    )
+    cuda_cases = (Case(knobs={"mode": "full"}, base=FP32_NO_TF32, rtol=CUDA_FP32),)
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        stride = 1 if cfg.mode == "full" else cfg.every
+        wrapped = [isinstance(b, CheckpointWrapper) for b in trainer.ctx.model.blocks]
+        assert wrapped == [i % stride == 0 for i in range(len(wrapped))]
+
+
+class TestDataloader(StrategySuite):
+    name = "dataloader"
+    # Batches are a function of (seed, step, micro): the same data, the same numbers.
+    cpu_cases = (
+        Case(knobs={"pin_memory": False, "prefetch": 0}, rtol=0.0),
+        Case(knobs={"pin_memory": False, "prefetch": 5}, rtol=0.0),
+    )
+    cuda_cases = (Case(knobs={"pin_memory": True, "prefetch": 4}, rtol=CUDA_FP32),)
+    cpu_refused = ({"pin_memory": True},)
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        assert (trainer.batches.pin_memory, trainer.batches.prefetch) == (cfg.pin_memory, cfg.prefetch)
+
+
+class TestAttention(StrategySuite):
+    name = "attention"
+    cpu_cases = (
+        Case(knobs={"backend": "math"}, rtol=FP32_REORDERED),
+        Case(knobs={"backend": "naive"}, rtol=FP32_REORDERED),
+    )
+    cuda_cases = (
+        Case(knobs={"backend": "naive"}, base=FP32_NO_TF32, rtol=CUDA_FP32),
+        Case(knobs={"backend": "math"}, base=FP32_NO_TF32, rtol=CUDA_FP32),
+        Case(knobs={"backend": "efficient"}, base=FP32_NO_TF32, rtol=CUDA_FP32),
+        Case(knobs={"backend": "efficient"}, base=BF16, rtol=BF16_VS_BF16),
+        Case(knobs={"backend": "flash"}, base=BF16, rtol=BF16_VS_BF16),
+        Case(knobs={"backend": "cudnn"}, base=BF16, rtol=BF16_VS_BF16),
+        Case(knobs={"backend": "fa3"}, base=BF16, rtol=BF16_VS_BF16),  # Hopper, flash_attn_interface
+    )
+    cpu_refused = ({"backend": "efficient"}, {"backend": "flash"}, {"backend": "cudnn"}, {"backend": "fa3"})
+
+    def test_half_only_backends_refuse_fp32(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        hopper = Facts(cuda_devices=1, compute_capability=(9, 0), gpu_name="H100", modules=frozenset({"flash_attn_interface"}), structure=GPT_STRUCTURE)
+        monkeypatch.setattr(TrainContext, "facts", lambda self: hopper)
+        wl = load_workload("tiny", TINY)
+        for backend in ("flash", "cudnn", "fa3"):
+            ctx = TrainContext(workload=wl, device=torch.device("cpu"), model=wl.build_model())
+            with pytest.raises(UserError, match=f"attention {backend} runs in bf16 or fp16 only"):
+                self.strategy.apply(ctx, self.strategy.parse({"backend": backend}))
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        kernels = {block.attn.attend for block in trainer.ctx.model.blocks}
+        assert len(kernels) == 1 and sdpa_causal not in kernels
+        (kernel,) = kernels
+        if cfg.backend == "naive":
+            assert kernel is naive_attention
+        elif cfg.backend != "fa3":
+            assert isinstance(kernel, functools.partial) and kernel.func is sdpa_with
+            assert kernel.args[0].name.lower().startswith(cfg.backend[:4])
+
+
+class TestOptimizer(StrategySuite):
+    name = "optimizer"
+    cpu_cases = (
+        Case(knobs={"implementation": "foreach"}, rtol=0.0),  # the executor's CPU default
+        Case(knobs={"implementation": "forloop"}, rtol=FP32_REORDERED),
+        Case(knobs={"implementation": "fused"}, rtol=FP32_REORDERED),  # CPU fused AdamW (torch 2.4+)
+    )
+    cuda_cases = (
+        Case(knobs={"implementation": "fused"}, rtol=CUDA_FP32),  # the executor's CUDA default
+        Case(knobs={"implementation": "foreach"}, rtol=CUDA_FP32),
+        Case(knobs={"implementation": "forloop"}, rtol=CUDA_FP32),
+    )
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        defaults = trainer.optimizer.defaults
+        assert (bool(defaults["fused"]), bool(defaults["foreach"])) == (cfg.implementation == "fused", cfg.implementation == "foreach")
+
+
+class TestVocabPadding(StrategySuite):
+    name = "vocab_padding"
+    # The tiny vocab (2048) is already a multiple of 128: 2100 (data ids stay below 2048)
+    # pads to 2112 or 2176. The padded logits are dropped before the loss; only the wider
+    # matmul may sum in another order.
+    cpu_cases = (
+        Case(knobs={"multiple": 64}, overrides={"vocab_size": 2100}, rtol=FP32_REORDERED),
+        Case(knobs={"multiple": 128}, overrides={"vocab_size": 2100}, rtol=FP32_REORDERED),
+    )
+    cuda_cases = (
+        Case(knobs={"multiple": 64}, base=FP32_NO_TF32, overrides={"vocab_size": 2100}, rtol=CUDA_FP32),
+        Case(knobs={"multiple": 64}, base=BF16, overrides={"vocab_size": 2100}, rtol=BF16_VS_BF16),
+    )
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        model = trainer.ctx.model
+        vocab = model.cfg.vocab_size
+        assert model.head.weight is model.embed.weight  # still tied
+        assert model.head.weight.shape[0] % cfg.multiple == 0 and 0 < model.head.weight.shape[0] - vocab < cfg.multiple
+        assert torch.all(model.embed.weight[vocab:] == 0)  # padded rows: never used, never updated
+        idx = torch.zeros(1, 4, dtype=torch.int64, device=trainer.device)
+        with torch.no_grad():
+            assert model(idx).shape == (1, 4, vocab)
