@@ -15,6 +15,7 @@ Format, version 1::
       "measured":   {"tokens_per_s": …, "step_time_s": …, "mfu": …, "peak_memory_bytes": …,
                      "loss_start": …, "loss_end": …, "status": "ok"} | null,
       "baseline":   {… the plain run measured in the same search …} | null,
+      "loss_check": {"steps": …, "loss_end": …, "reference_loss_end": …, "passed": …} | null,
       "provenance": {"autotune_version": …, "torch_version": …, "study": …, "trial": …,
                      "created_at": …, "command": …}
     }
@@ -139,6 +140,26 @@ class Figures:
 
 
 @dataclass(kw_only=True, slots=True)
+class LossCheck:
+    """The plan's loss against a plain run (no strategies) on the same batches."""
+
+    steps: int
+    """Optimizer steps both runs trained."""
+    loss_start: float
+    """The plan's first training loss."""
+    loss_end: float
+    """The plan's last training loss."""
+    reference_loss_start: float
+    """The plain run's first training loss."""
+    reference_loss_end: float
+    """The plain run's last training loss."""
+    tolerance: float
+    """Largest relative difference of the last losses that passes."""
+    passed: bool
+    """|loss_end / reference_loss_end - 1| <= tolerance."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Provenance:
     autotune_version: str = __version__
     torch_version: str = ""
@@ -162,6 +183,7 @@ class Plan:
     launch: LaunchSpec = field(default_factory=LaunchSpec)
     measured: Figures | None = None
     baseline: Figures | None = None
+    loss_check: LossCheck | None = None
     provenance: Provenance = field(default_factory=Provenance)
 
     def strategy_configs(self) -> dict[str, Any]:

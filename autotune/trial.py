@@ -36,7 +36,7 @@ class TrialBudget:
     warmup_steps: int = 5
     """Steps run before timing (the first one compiles)."""
     timed_steps: int = 20
-    """Steps timed with device events."""
+    """Steps timed with device events (micro-batch steps: divided by the accumulation)."""
     timeout_s: float = 300.0
     """Wall-clock limit of the whole child, start-up and compilation included."""
 
@@ -49,6 +49,11 @@ class TrialResult:
     """The error text when the trial failed."""
     wall_s: float = 0.0
     """Wall time of the child, start-up included."""
+
+
+def optimizer_steps(budget: TrialBudget, grad_accum: int) -> tuple[int, int]:
+    """Warm-up and timed optimizer steps of a trial with ``grad_accum`` micro-batches a step."""
+    return max(1, budget.warmup_steps // grad_accum), max(3, budget.timed_steps // grad_accum)
 
 
 # -- the parent side -----------------------------------------------------------------------
@@ -128,12 +133,15 @@ def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
     try:
         trainer = Trainer(plan)
         device = trainer.device
-        losses = [trainer.train_step(step) for step in range(budget.warmup_steps)]
+        # Budgets count micro-batch steps, so a trial with accumulation trains as many tokens
+        # as one without; the first micro-batch compiles, so one warm-up step is enough then.
+        warmup, steps = optimizer_steps(budget, trainer.ctx.grad_accum)
+        losses = [trainer.train_step(step) for step in range(warmup)]
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, timed = [], []
-        for step in range(budget.warmup_steps, budget.warmup_steps + budget.timed_steps):
+        for step in range(warmup, warmup + steps):
             with _StepTimer(device) as t:
                 timed.append(trainer.train_step(step))
             times.append(t)
@@ -142,8 +150,9 @@ def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
         values = torch.stack(losses + timed).float().tolist()
         if not all(v == v and abs(v) != float("inf") for v in values):
             raise NonFiniteLoss("loss became non-finite during the trial")
+        # The median step: robust to a stray slow step (a page fault, a noisy neighbour).
         step_time = statistics.median(step_times)
-        tokens_per_s = trainer.tokens_per_step * len(step_times) / sum(step_times)
+        tokens_per_s = trainer.tokens_per_step / step_time
         mfu = trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * trainer.ctx.world_size) if trainer.peak_flops else None
         return TrialResult(figures=Figures(
             status="ok",

@@ -24,11 +24,16 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its command(s) to `app`; order here is the order in --help.
-    from autotune.cli import data, profile, run, show, strategies  # noqa: F401
+    from autotune.cli import data, plan, profile, run, show, strategies  # noqa: F401
+
+
+ARGS: list[str] = []
+"""The arguments of the running command, for recording in plans."""
 
 
 def main(argv: list[str] | None = None) -> int:
     _register()
+    ARGS[:] = sys.argv[1:] if argv is None else argv
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:

@@ -1,0 +1,67 @@
+"""`autotune plan`: search the strategies' settings by short real trials; write the winner."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from autotune.cli import ARGS, app
+from autotune.errors import UserError
+
+
+@app.command("plan")
+def plan_command(
+    workload: Annotated[str, typer.Option(help="Preset (tiny, phase8-small, gpt2-124m, gpt-1b) or package.module:factory.")] = "tiny",
+    trials: Annotated[Optional[int], typer.Option(help="Finished trials the study should hold (resumed ones count).")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds after which no new trial starts.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
+    study: Annotated[Optional[str], typer.Option(help="Study name (default: workload and hardware fingerprint).")] = None,
+    sampler: Annotated[str, typer.Option(help="tpe (multivariate, seeded), random or qmc.")] = "tpe",
+    seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
+    allow_approximate: Annotated[bool, typer.Option(help="Also search strategies that change what is learned.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Plan file to write (default plans/<study>.plan.json).")] = None,
+    profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine (measured rates).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    trial_steps: Annotated[int, typer.Option(help="Timed steps per trial.")] = 20,
+    warmup_steps: Annotated[int, typer.Option(help="Warm-up steps per trial (compilation happens here).")] = 5,
+    trial_timeout: Annotated[float, typer.Option(help="Seconds before a trial is killed.")] = 300.0,
+    report: Annotated[Optional[Path], typer.Option(help="Write Optuna's plots (HTML) to this directory.")] = None,
+) -> None:
+    """Search, confirm the best trial with a longer run, and write it as a plan."""
+    import optuna
+
+    from autotune import planner
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from autotune.trial import TrialBudget
+
+    if trials is None and time_budget is None:
+        raise UserError("give --trials N and/or --time-budget SECONDS")
+    if (trials is not None and trials < 1) or (time_budget is not None and time_budget <= 0):
+        raise UserError("--trials and --time-budget must be positive")
+    if device not in ("auto", "cuda", "cpu"):
+        raise UserError(f"--device {device}: expected auto, cuda or cpu")
+    if min(trial_steps, trial_timeout) <= 0 or warmup_steps < 1:
+        raise UserError("--trial-steps, --warmup-steps and --trial-timeout must be positive")
+    settings = planner.PlanSettings(
+        workload=workload, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
+        sampler=sampler, seed=seed, allow_approximate=allow_approximate, out=out, profile=profile, device=device,
+        budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
+        command=shlex.join(["autotune", *ARGS]),
+    )
+    from rich.console import Console
+
+    from autotune.cli.plan_view import TrialTable, print_summary
+
+    console = Console()
+    table = TrialTable(console)
+    plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print)
+    print_summary(console, plan, summary, space, settings.out or Path("plans") / f"{plan.provenance.study}.plan.json")
+    if report is not None:
+        from autotune.report import write_report
+
+        for path in write_report(plan.provenance.study, settings.storage or "sqlite:///plans/studies.db", report):
+            console.print(f"report: {path}")

@@ -1,0 +1,161 @@
+"""An analytic cost model: peak memory and step time of a plan, before it is launched.
+
+The planner prunes a trial predicted not to fit in device memory without launching it, and
+reports the model's error against the trials that ran. Step time is FLOPs over the profile's
+measured matmul rate at an achievable fraction, plus the memory-bound optimizer step.
+
+Memory per process (bytes), for a GPT of P parameters, L layers, width h, vocab V, micro-batch
+b and sequence s (t = b * s tokens):
+
+    weights 4P + AdamW states 8P + gradients 4P                   (fp32 master copy)
+    + activations  L * t * h * act_bytes(precision, compiled) * stored_fraction(checkpointing)
+      (+ L * b * heads * s^2 * bytes for attention backends that store the score matrix)
+    + logits       t * V_padded * logit_bytes(precision, compiled)
+
+The per-token coefficients are counted from what autograd saves in this GPT (see
+``Coefficients``) and checked against measured peaks on an H200 (bench/results/).
+FLOPs follow PaLM appendix B: 6 N + 12 L h s per token, plus one more forward of every
+checkpointed block; ``tests/test_costmodel.py`` checks them against FlopCounterMode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from autotune.workloads import Workload
+
+# Attention backends that keep the (b, heads, s, s) score matrix for the backward pass.
+_STORES_SCORES = {"naive", "math"}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Coefficients:
+    """Bytes per token (per unit of width or vocab) that one step keeps alive."""
+
+    act_eager_fp32: float = 64.0
+    """Per layer per token per unit width, fp32 eager: 16 fp32 tensors of width h saved."""
+    act_eager_mixed: float = 40.0
+    """bf16/fp16 autocast eager: fp32 residual and norm inputs (4+4+4+4... ) plus bf16 matmul inputs."""
+    act_compiled_fp32: float = 44.0
+    """fp32 compiled: inductor recomputes pointwise ops instead of saving them."""
+    act_compiled_mixed: float = 26.0
+    """bf16/fp16 compiled."""
+    logits_eager_fp32: float = 12.0
+    """Per token per vocab entry, fp32 eager: logits, log-softmax, and their gradient."""
+    logits_eager_mixed: float = 14.0
+    """Autocast eager: bf16 logits, their fp32 upcast, log-softmax and gradient."""
+    logits_compiled_fp32: float = 8.0
+    """Compiled fp32: the loss is fused; logits and their gradient remain."""
+    logits_compiled_mixed: float = 4.0
+    """Compiled bf16: bf16 logits and bf16 gradient."""
+    matmul_efficiency: float = 0.55
+    """Fraction of the measured matmul rate a training step reaches on its matmuls."""
+    eager_efficiency: float = 0.4
+    """The same without compile (unfused pointwise work between matmuls)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Estimate:
+    peak_memory_bytes: float
+    """Predicted peak device memory per process."""
+    step_time_s: float | None
+    """Predicted optimizer-step time; None without a measured or datasheet matmul rate."""
+    flops_per_step: float
+    """Training FLOPs per optimizer step per process (recomputation included)."""
+    breakdown: dict[str, float] = field(default_factory=dict)
+    """Memory by part: weights, optimizer, gradients, activations, logits, scores."""
+
+
+def _setting(configs: dict[str, Any], name: str, attr: str, default: Any) -> Any:
+    cfg = configs.get(name)
+    return getattr(cfg, attr, default) if cfg is not None else default
+
+
+def checkpointed_blocks(configs: dict[str, Any], n_layers: int) -> int:
+    """Blocks whose activations are recomputed in the backward pass."""
+    cfg = configs.get("activation_checkpoint")
+    if cfg is None:
+        return 0
+    if getattr(cfg, "mode", "full") == "full":
+        return n_layers
+    every = max(1, getattr(cfg, "every", 1))
+    return len(range(0, n_layers, every))
+
+
+def padded_vocab(vocab: int, configs: dict[str, Any]) -> int:
+    multiple = _setting(configs, "vocab_padding", "multiple", 1)
+    return -(-vocab // multiple) * multiple
+
+
+def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]) -> float:
+    """Training FLOPs of one optimizer step in one process (PaLM: 6N + 12 L h s per token,
+    and 2N_block + 4 h s per token again for every recomputed block)."""
+    c = workload.config
+    V = padded_vocab(c.vocab_size, configs)
+    accum = _setting(configs, "grad_accum", "steps", 1)
+    tokens = micro_batch * c.seq_len * accum
+    block_params = c.n_layers * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff)
+    attention = 12 * c.n_layers * c.d_model * c.seq_len
+    total = 6 * (block_params + V * c.d_model) + attention
+    k = checkpointed_blocks(configs, c.n_layers)
+    per_block_forward = 2 * block_params / c.n_layers + 4 * c.d_model * c.seq_len
+    return float(tokens * (total + k * per_block_forward))
+
+
+def estimate(
+    workload: Workload,
+    micro_batch: int,
+    configs: dict[str, Any],
+    *,
+    matmul_flops: float | None = None,
+    memory_bandwidth: float | None = None,
+    coefficients: Coefficients = Coefficients(),
+) -> Estimate:
+    """Predict the cost of training ``workload`` at ``micro_batch`` with strategy ``configs``
+    (name -> typed config, as from ``Plan.strategy_configs``). GPT-shaped workloads only."""
+    c = workload.config
+    if c is None:
+        raise ValueError(f"the cost model needs a GPT-shaped workload config; {workload.name} has none")
+    k = coefficients
+    dtype = _setting(configs, "precision", "dtype", "fp32")
+    mixed = dtype != "fp32"
+    compiled = "compile" in configs
+    backend = _setting(configs, "attention", "backend", "sdpa")
+    V = padded_vocab(c.vocab_size, configs)
+    h, L, s, tokens = c.d_model, c.n_layers, c.seq_len, micro_batch * c.seq_len
+
+    params = L * (4 * h * h + 2 * h * c.d_ff + 2 * h) + V * h + s * h + h
+    act_coef = {
+        (False, False): k.act_eager_fp32, (False, True): k.act_eager_mixed,
+        (True, False): k.act_compiled_fp32, (True, True): k.act_compiled_mixed,
+    }[(compiled, mixed)]
+    logit_coef = {
+        (False, False): k.logits_eager_fp32, (False, True): k.logits_eager_mixed,
+        (True, False): k.logits_compiled_fp32, (True, True): k.logits_compiled_mixed,
+    }[(compiled, mixed)]
+    ckpt = checkpointed_blocks(configs, L)
+    # A checkpointed block keeps only its fp32 input; one block is live again while recomputed.
+    stored_layers = (L - ckpt) + ckpt * (4.0 / act_coef) + (1 if ckpt else 0)
+    activations = stored_layers * tokens * h * act_coef
+    scores = 0.0
+    if backend in _STORES_SCORES:
+        score_bytes = 4 if not mixed or backend == "naive" else 2
+        scores = (L - ckpt + (1 if ckpt else 0)) * micro_batch * c.n_heads * s * s * score_bytes * 2
+    breakdown = {
+        "weights": 4.0 * params,
+        "optimizer": 8.0 * params,
+        "gradients": 4.0 * params,
+        "activations": activations,
+        "logits": tokens * V * logit_coef,
+        "scores": scores,
+    }
+    flops = flops_per_step(workload, micro_batch, configs)
+    step_time = None
+    if matmul_flops:
+        efficiency = k.matmul_efficiency if compiled else k.eager_efficiency
+        step_time = flops / (matmul_flops * efficiency)
+        if memory_bandwidth:
+            # AdamW reads and writes weights, gradients and two moments: ~32 bytes per parameter.
+            step_time += 32.0 * params / memory_bandwidth
+    return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, breakdown=breakdown)

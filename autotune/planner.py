@@ -1,0 +1,244 @@
+"""`autotune plan`, the driver: profile + workload → graph → search → confirmation → plan file."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from autotune import catalog, search
+from autotune import plan as planmod
+from autotune.errors import UserError
+from autotune.graph import StrategyGraph
+from autotune.plan import Figures, LaunchSpec, LossCheck, Plan, TrainSpec
+from autotune.strategy import Facts
+from autotune.trial import TrialBudget, optimizer_steps, run_trial
+from autotune.workloads import Workload, load_workload
+
+# Usable on a CPU but not worth a trial there: inductor's C++ build of even the tiny model
+# takes minutes on 2 cores (measured 245 s for one trial), longer than the whole search.
+CPU_LEFT_OUT = {"compile": "left out of CPU searches: its C++ code generation takes minutes, longer than a trial"}
+EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning
+APPROXIMATE_LOSS_TOLERANCE = 0.05  # an approximate plan may learn a little differently
+
+
+@dataclass(kw_only=True, slots=True)
+class PlanSettings:
+    workload: str
+    """Preset or package.module:factory."""
+    trials: int | None = None
+    """Stop when the study holds this many finished trials (resumed ones count)."""
+    time_budget: float | None = None
+    """Stop starting trials after this many seconds."""
+    storage: str | None = None
+    """Optuna storage URL; None: sqlite file plans/studies.db."""
+    study_name: str | None = None
+    """None: named from the workload and the hardware fingerprint."""
+    sampler: str = "tpe"
+    """tpe (multivariate, seeded), random or qmc."""
+    seed: int = 0
+    """Seeds the sampler (the data order and the initialisation come from train.seed)."""
+    allow_approximate: bool = False
+    """Also search strategies that change what is learned."""
+    out: Path | None = None
+    """Plan file; None: plans/<study>.plan.json."""
+    profile: Path | None = None
+    """Hardware profile of this machine; None: detect quickly (no measurements)."""
+    device: str = "auto"
+    """auto, cuda or cpu."""
+    budget: TrialBudget = dataclasses.field(default_factory=TrialBudget)
+    """Steps and time limit of each trial."""
+    confirm_factor: int = 3
+    """The confirmation run times this many times the trial's steps."""
+    command: str | None = None
+    """The command line, recorded in the plan."""
+
+
+def _profile(settings: PlanSettings) -> Any:
+    from autotune import hardware
+
+    if settings.profile is None:
+        return hardware.detect(quick=True)
+    profile = hardware.HardwareProfile.load(settings.profile)
+    if profile.fingerprint != hardware.current_fingerprint():
+        raise UserError(f"profile {settings.profile} was made on another machine (fingerprint {profile.fingerprint}); run `autotune profile` here")
+    return profile
+
+
+def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tuple[search.SearchSpace, StrategyGraph]:
+    use_cuda = settings.device != "cpu" and bool(profile.gpus)
+    if settings.device == "cuda" and not use_cuda:
+        raise UserError("--device cuda: no CUDA GPU found on this machine")
+    facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=1)
+    graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
+    left_out = {} if use_cuda else dict(CPU_LEFT_OUT)
+    strategies = [catalog.get(n) for n in graph.usable() if n not in left_out]
+    device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
+    rate = bandwidth = None
+    if use_cuda:
+        rate = _rate(profile, "bf16")
+        measured = profile.measured
+        bandwidth = measured.copy.median if measured is not None and measured.copy is not None else None
+    largest = 128 if use_cuda else 64
+    train = TrainSpec(micro_batch_size=1, seed=0)
+    launch = LaunchSpec(device="cuda" if use_cuda else "cpu")
+    space = search.SearchSpace(
+        workload=workload,
+        strategies=strategies,
+        graph=graph,
+        micro_batches=search.micro_batch_choices(largest),
+        baseline_micro_batch=1,
+        train=train,
+        launch=launch,
+        device_memory=device_memory,
+        matmul_flops=rate,
+        memory_bandwidth=bandwidth,
+        left_out=left_out,
+    )
+    space.baseline_micro_batch = _baseline_micro_batch(space)
+    return space, graph
+
+
+def _cpu_only(profile: Any) -> Any:
+    return dataclasses.replace(profile, gpus=[], links=[])
+
+
+def _rate(profile: Any, dtype: str) -> float | None:
+    try:
+        return profile.peak_flops(dtype)[0]
+    except UserError:
+        return None
+
+
+def _baseline_micro_batch(space: search.SearchSpace) -> int:
+    """The largest of 16, 8, 4, 2, 1 that the plain run is predicted to fit."""
+    for b in (16, 8, 4, 2, 1):
+        if b not in space.micro_batches:
+            continue
+        estimate = search.predict(space, search._plan(space, b, []))
+        if estimate is None or space.device_memory is None or estimate.peak_memory_bytes < search.MEMORY_HEADROOM * space.device_memory:
+            return b
+    return 1
+
+
+def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
+    """What a careful engineer tries first, as enqueued trials: on a GPU bf16 + flash SDPA +
+    compile + padded vocab + fused AdamW at micro-batch 32; on a CPU a large micro-batch."""
+    usable = {s.name for s in space.strategies}
+    params: dict[str, Any] = {s.name: False for s in space.strategies}
+    if space.launch.device == "cuda":
+        wanted = {
+            "precision": {"precision.dtype": "bf16", "precision.tf32": True},
+            "attention": {"attention.backend": "flash"},
+            "compile": {"compile.mode": "default", "compile.scope": "model"},
+            "vocab_padding": {"vocab_padding.multiple": 64},
+            "optimizer": {"optimizer.impl": "fused"},
+        }
+        for name, knobs in wanted.items():
+            if name in usable:
+                params[name] = True
+                params.update(_with_defaults(name, knobs))
+        params["micro_batch_size"] = 32 if 32 in space.micro_batches else max(space.micro_batches)
+    else:
+        params["micro_batch_size"] = max(space.micro_batches)
+    return [params]
+
+
+def _with_defaults(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
+    """Fill every knob of ``name`` (the enqueued trial must fix them all), given ones first."""
+    strategy = catalog.get(name)
+    default = strategy.dump(strategy.default())
+    out = {f"{name}.{k.name}": default[k.name] for k in strategy.knobs}
+    out.update({k: v for k, v in knobs.items() if k in out})
+    return out
+
+
+def study_name(workload: str, fingerprint: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{workload}-{fingerprint}")
+
+
+def confirm(plan: Plan, settings: PlanSettings) -> tuple[Figures, LossCheck | None]:
+    """Run the best plan again, longer, and a plain run on the same batches for the loss."""
+    budget = dataclasses.replace(
+        settings.budget,
+        timed_steps=settings.budget.timed_steps * settings.confirm_factor,
+        timeout_s=settings.budget.timeout_s * settings.confirm_factor,
+    )
+    measured = run_trial(plan, budget).figures
+    if measured.status != "ok":
+        return measured, None
+    # The plain reference keeps the accumulation: it is part of the recipe (the global batch),
+    # so both runs see the same batches in the same steps.
+    plain = dataclasses.replace(plan, strategies=[s for s in plan.strategies if s.name == "grad_accum"])
+    reference = run_trial(plain, budget).figures
+    if reference.status != "ok":
+        return measured, None
+    exact = all(catalog.get(s.name).exact for s in plan.strategies)
+    tolerance = EXACT_LOSS_TOLERANCE if exact else APPROXIMATE_LOSS_TOLERANCE
+    diff = abs(measured.loss_end / reference.loss_end - 1.0)
+    check = LossCheck(
+        steps=sum(optimizer_steps(budget, _accum(plan))),
+        loss_start=measured.loss_start,
+        loss_end=measured.loss_end,
+        reference_loss_start=reference.loss_start,
+        reference_loss_end=reference.loss_end,
+        tolerance=tolerance,
+        passed=diff <= tolerance,
+    )
+    return measured, check
+
+
+def _accum(plan: Plan) -> int:
+    configs = plan.strategy_configs()
+    return configs["grad_accum"].steps if "grad_accum" in configs else 1
+
+
+def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log: Callable[[str], None] = print) -> tuple[Plan, search.Summary, search.SearchSpace]:
+    workload = load_workload(settings.workload)
+    profile = _profile(settings)
+    space, graph = build_space(settings, profile, workload)
+    if workload.config is not None and not space.train.random_tokens:
+        from autotune import data
+
+        data.default_dataset(workload.vocab_size)  # build once here, not in every trial
+    name = settings.study_name or study_name(settings.workload, profile.fingerprint)
+    storage = settings.storage or "sqlite:///plans/studies.db"
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    study = search.open_study(name, storage, settings.sampler, settings.seed)
+    search.ensure_first_trials(study, space, expert_priors(space))
+    objective = search.Objective(space=space, budget=settings.budget, on_result=on_result)
+    search.optimize(study, objective, trials=settings.trials, time_budget=settings.time_budget)
+    summary = search.summarize(study)
+    if summary.best is None:
+        raise RuntimeError(f"no trial of study {name} succeeded: {summary.counts}")
+    best = search.plan_of(summary.best)
+    log(f"confirming trial {summary.best.number} ({summary.best.value:,.0f} tokens/s) with a longer run")
+    measured, loss_check = confirm(best, settings)
+    baseline = search.figures_of(summary.baseline) if summary.baseline else None
+    plan = dataclasses.replace(
+        best,
+        hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),
+        measured=measured,
+        baseline=baseline,
+        loss_check=loss_check,
+        provenance=planmod.Provenance(
+            torch_version=_torch_version(),
+            study=name,
+            trial=summary.best.number,
+            created_at=planmod.utc_now(),
+            command=settings.command,
+        ),
+    )
+    out = settings.out or Path("plans") / f"{name}.plan.json"
+    plan.save(out)
+    return plan, summary, space
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__

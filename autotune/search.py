@@ -1,0 +1,271 @@
+"""The search: an Optuna study over the knobs of the strategies that are legal here.
+
+The objective is define-by-run: a strategy's knobs exist only in trials where the strategy
+is on. Every trial is checked on the CPU first (the graph's legality, then the cost model's
+memory prediction) and only then run for real, in its own process (``autotune.trial``). The
+study lives in Optuna storage (SQLite by default) with heartbeats, so a planner killed
+mid-search resumes with the same command and the trial it was running is marked failed.
+The first trial is always the plain baseline, so every plan carries a speed-up measured in
+the same search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from autotune import costmodel
+from autotune import plan as planmod
+from autotune.errors import UserError
+from autotune.graph import StrategyGraph
+from autotune.plan import Figures, LaunchSpec, Plan, StrategySpec, TrainSpec
+from autotune.strategy import Knob, Strategy
+from autotune.trial import TrialBudget, TrialResult, run_trial
+from autotune.workloads import Workload
+
+MICRO_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+MEMORY_HEADROOM = 0.92  # prune a trial predicted to use more than this share of the device
+BASELINE = "baseline"
+
+
+@dataclass(kw_only=True, slots=True)
+class SearchSpace:
+    """What a trial may choose: strategies with their knobs, and the micro-batch size."""
+
+    workload: Workload
+    """The workload being planned."""
+    strategies: list[Strategy]
+    """Usable strategies (graph-filtered), in catalog order."""
+    graph: StrategyGraph
+    """Legality of combinations."""
+    micro_batches: tuple[int, ...]
+    """Micro-batch sizes to try."""
+    baseline_micro_batch: int
+    """Micro-batch of the plain baseline trial."""
+    train: TrainSpec
+    """Everything else about training, shared by all trials."""
+    launch: LaunchSpec
+    """Processes and device of every trial."""
+    device_memory: float | None
+    """Bytes of memory of one device; None: no memory pruning (CPU)."""
+    matmul_flops: float | None = None
+    """Peak matmul rate for the cost model's step time."""
+    memory_bandwidth: float | None = None
+    """Device memory bandwidth for the cost model."""
+    left_out: dict[str, str] = field(default_factory=dict)
+    """Usable strategies the planner does not search here, with the reason."""
+
+
+def _suggest_knob(trial: optuna.Trial, name: str, knob: Knob, excluded: dict[Any, str]) -> Any:
+    key = f"{name}.{knob.name}"
+    if knob.choices:
+        return trial.suggest_categorical(key, [c for c in knob.choices if c not in excluded])
+    if knob.integer:
+        return trial.suggest_int(key, int(knob.low), int(knob.high), log=knob.log)
+    return trial.suggest_float(key, float(knob.low), float(knob.high), log=knob.log)
+
+
+def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
+    """Build a trial's plan from its parameters (the same code replays a FixedTrial)."""
+    micro_batch = trial.suggest_categorical("micro_batch_size", list(space.micro_batches))
+    strategies = []
+    for strategy in space.strategies:
+        if not trial.suggest_categorical(f"{strategy.name}", [True, False]):
+            continue
+        excluded = space.graph.excluded_choices(strategy.name)
+        knobs = {knob.name: _suggest_knob(trial, strategy.name, knob, excluded.get(knob.name, {})) for knob in strategy.knobs}
+        strategies.append(StrategySpec(name=strategy.name, knobs=knobs))
+    return _plan(space, micro_batch, strategies)
+
+
+def _plan(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec]) -> Plan:
+    return Plan(
+        schema_version=planmod.SCHEMA_VERSION,
+        workload=planmod.WorkloadSpec(name=space.workload.name),
+        train=dataclasses.replace(space.train, micro_batch_size=micro_batch),
+        strategies=strategies,
+        launch=space.launch,
+    )
+
+
+def baseline_params(space: SearchSpace) -> dict[str, Any]:
+    """The plain run: no strategy on, the default micro-batch."""
+    return {"micro_batch_size": space.baseline_micro_batch} | {s.name: False for s in space.strategies}
+
+
+def predict(space: SearchSpace, plan: Plan) -> costmodel.Estimate | None:
+    if space.workload.config is None:
+        return None
+    return costmodel.estimate(
+        space.workload, plan.train.micro_batch_size, plan.strategy_configs(),
+        matmul_flops=space.matmul_flops, memory_bandwidth=space.memory_bandwidth,
+    )
+
+
+class TrialFailed(Exception):
+    """A trial ran and failed (nan, timeout, crash): Optuna records it as FAIL."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Objective:
+    """Optuna objective: plan → checks → one isolated trial → tokens/s (maximised)."""
+
+    space: SearchSpace
+    budget: TrialBudget
+    on_result: Callable[[optuna.Trial, Plan, TrialResult | None, str], None] | None = None
+    """Called after each trial (for the live table)."""
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        plan = suggest_plan(trial, self.space)
+        trial.set_user_attr("plan", plan.to_dict())
+        names = [s.name for s in plan.strategies]
+        try:
+            self.space.graph.check(names)
+        except UserError as e:
+            self._prune(trial, plan, f"illegal: {e}")
+        estimate = predict(self.space, plan)
+        if estimate is not None:
+            trial.set_user_attr("predicted_peak_memory_bytes", estimate.peak_memory_bytes)
+            if estimate.step_time_s is not None:
+                trial.set_user_attr("predicted_step_time_s", estimate.step_time_s)
+            limit = self.space.device_memory
+            if limit and estimate.peak_memory_bytes > MEMORY_HEADROOM * limit:
+                self._prune(trial, plan, f"predicted {estimate.peak_memory_bytes / 2**30:.1f} GiB > {MEMORY_HEADROOM * limit / 2**30:.1f} GiB")
+        result = run_trial(plan, self.budget)
+        f = result.figures
+        trial.set_user_attr("status", f.status)
+        trial.set_user_attr("figures", dataclasses.asdict(f))
+        if result.error:
+            trial.set_user_attr("error", result.error)
+        if self.on_result:
+            self.on_result(trial, plan, result, f.status)
+        if f.status == "ok":
+            return float(f.tokens_per_s)
+        if f.status in ("oom", "unsupported"):
+            raise optuna.TrialPruned(f"{f.status}: {result.error}")
+        raise TrialFailed(f"{f.status}: {result.error}")
+
+    def _prune(self, trial: optuna.Trial, plan: Plan, reason: str) -> None:
+        trial.set_user_attr("status", "pruned")
+        trial.set_user_attr("error", reason)
+        if self.on_result:
+            self.on_result(trial, plan, None, "pruned")
+        raise optuna.TrialPruned(reason)
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        # Heartbeats let a resumed search mark the trial a killed planner was running as FAIL.
+        return optuna.storages.RDBStorage(url, heartbeat_interval=5, grace_period=15)
+    return optuna.storages.get_storage(url)
+
+
+SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
+    "tpe": lambda seed: optuna.samplers.TPESampler(multivariate=True, group=True, seed=seed, n_startup_trials=4),
+    "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    "qmc": lambda seed: optuna.samplers.QMCSampler(seed=seed),
+}
+
+
+def open_study(name: str, storage: str, sampler: str, seed: int) -> optuna.Study:
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+    return optuna.create_study(
+        study_name=name,
+        storage=make_storage(storage),
+        sampler=SAMPLERS[sampler](seed),
+        direction="maximize",
+        load_if_exists=True,
+    )
+
+
+def ensure_first_trials(study: optuna.Study, space: SearchSpace, priors: list[dict[str, Any]]) -> None:
+    """Enqueue the baseline (always trial 0) and expert priors into a new study."""
+    if study.trials:
+        return
+    study.enqueue_trial(baseline_params(space), user_attrs={"role": BASELINE})
+    for params in priors:
+        study.enqueue_trial(params, user_attrs={"role": "prior"})
+
+
+def optimize(study: optuna.Study, objective: Objective, *, trials: int | None, time_budget: float | None) -> None:
+    """Run until the study holds ``trials`` finished trials or ``time_budget`` seconds pass."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    callbacks = []
+    if trials is not None:
+        done = len(study.get_trials(deepcopy=False, states=states))
+        if done >= trials:
+            return
+        callbacks.append(optuna.study.MaxTrialsCallback(trials, states=states))
+    study.optimize(
+        objective,
+        n_trials=None if trials is None else trials * 4,  # pruned-before-launch trials are cheap
+        timeout=time_budget,
+        callbacks=callbacks,
+        catch=(TrialFailed,),
+        gc_after_trial=False,
+    )
+
+
+def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("role") == BASELINE:
+            return t
+    return None
+
+
+def figures_of(trial: optuna.trial.FrozenTrial) -> Figures | None:
+    data = trial.user_attrs.get("figures")
+    return Figures(**data) if data else None
+
+
+def plan_of(trial: optuna.trial.FrozenTrial) -> Plan:
+    return planmod.from_dict(trial.user_attrs["plan"])
+
+
+def cost_model_errors(study: optuna.Study) -> list[float]:
+    """Relative error of predicted peak memory against measured, over trials that ran."""
+    errors = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        predicted = t.user_attrs.get("predicted_peak_memory_bytes")
+        measured = (t.user_attrs.get("figures") or {}).get("peak_memory_bytes")
+        if predicted and measured:
+            errors.append(predicted / measured - 1.0)
+    return errors
+
+
+def micro_batch_choices(largest: int) -> tuple[int, ...]:
+    return tuple(b for b in MICRO_BATCHES if b <= largest)
+
+
+@dataclass(kw_only=True, slots=True)
+class Summary:
+    """What the study found, for the report and the plan."""
+
+    best: optuna.trial.FrozenTrial | None
+    baseline: optuna.trial.FrozenTrial | None
+    complete: list[optuna.trial.FrozenTrial] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    memory_errors: list[float] = field(default_factory=list)
+
+    def speedup(self) -> float | None:
+        if not (self.best and self.baseline and self.baseline.value):
+            return None
+        return self.best.value / self.baseline.value
+
+
+def summarize(study: optuna.Study) -> Summary:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        status = t.user_attrs.get("status", t.state.name.lower())
+        counts[status] = counts.get(status, 0) + 1
+    best = None
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if complete:
+        best = max(complete, key=lambda t: t.value)
+    return Summary(best=best, baseline=baseline_trial(study), complete=complete, counts=counts, memory_errors=cost_model_errors(study))
+
