@@ -14,7 +14,7 @@ b and sequence s (t = b * s tokens):
 
 The per-token coefficients are counted from what autograd saves in this GPT (see
 ``Coefficients``) and checked against measured peaks on an H200 (bench/results/).
-FLOPs follow PaLM appendix B: 6 N + 12 L h s per token, plus one more forward of every
+FLOPs follow PaLM appendix B: 6 N + 12 L h s per token, plus the replayed forward of every
 checkpointed block; ``tests/test_costmodel.py`` checks them against FlopCounterMode.
 """
 
@@ -90,7 +90,7 @@ def padded_vocab(vocab: int, configs: dict[str, Any]) -> int:
 
 def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]) -> float:
     """Training FLOPs of one optimizer step in one process (PaLM: 6N + 12 L h s per token,
-    and 2N_block + 4 h s per token again for every recomputed block)."""
+    plus the replayed forward of every recomputed block)."""
     c = workload.config
     V = padded_vocab(c.vocab_size, configs)
     accum = _setting(configs, "grad_accum", "steps", 1)
@@ -99,8 +99,10 @@ def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]
     attention = 12 * c.n_layers * c.d_model * c.seq_len
     total = 6 * (block_params + V * c.d_model) + attention
     k = checkpointed_blocks(configs, c.n_layers)
-    per_block_forward = 2 * block_params / c.n_layers + 4 * c.d_model * c.seq_len
-    return float(tokens * (total + k * per_block_forward))
+    # Recomputation replays a block's forward but stops early once every saved tensor is back
+    # (torch.utils.checkpoint's early stop): the MLP's output projection is not replayed.
+    recompute = 2 * block_params / c.n_layers + 4 * c.d_model * c.seq_len - 2 * c.d_model * c.d_ff
+    return float(tokens * (total + k * recompute))
 
 
 def estimate(
