@@ -126,7 +126,7 @@ def _baseline_micro_batch(space: search.SearchSpace) -> int:
 
 def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     """What a careful engineer tries first, as enqueued trials: on a GPU bf16 + flash SDPA +
-    compile + padded vocab + fused AdamW at micro-batch 32; on a CPU a large micro-batch."""
+    compile + padded vocab + fused AdamW at micro-batch 48; on a CPU a large micro-batch."""
     usable = {s.name for s in space.strategies}
     params: dict[str, Any] = {s.name: False for s in space.strategies}
     if space.launch.device == "cuda":
@@ -141,7 +141,7 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
             if name in usable:
                 params[name] = True
                 params.update(_with_defaults(name, knobs))
-        params["micro_batch_size"] = 32 if 32 in space.micro_batches else max(space.micro_batches)
+        params["micro_batch_size"] = 48 if 48 in space.micro_batches else max(space.micro_batches)
     else:
         params["micro_batch_size"] = max(space.micro_batches)
     return [params]
