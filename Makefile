@@ -16,10 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The main job on the embedded default: train the tiny GPT on the corpus built from this
-# machine's Python sources, with the bundled plan.
+# The main job on the embedded default: plan the tiny GPT on this machine (8 short real
+# trials, a study in plans/studies.db that a second `make run` resumes), then train with the
+# plan on the corpus built from this machine's Python sources.
 run: setup
-	$(VENV)/bin/autotune run profiles/default/tiny.plan.json --out runs/$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/autotune plan --workload tiny --trials 8 --out plans/tiny.plan.json
+	$(VENV)/bin/autotune run plans/tiny.plan.json --steps 200 --out runs/$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q

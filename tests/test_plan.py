@@ -96,3 +96,10 @@ def test_show_prints_plan(run_cli):
     assert code == 0 and "tiny" in out
     code, out, _ = run_cli("show", DEFAULT_PLAN, "--json")
     assert code == 0 and json.loads(out)["workload"]["name"] == "tiny"
+
+
+@pytest.mark.parametrize("args", [["run", "--bogus"], ["run", "--steps", "x", str(DEFAULT_PLAN)], ["show"], ["profile", "--nope"]])
+def test_usage_errors_are_one_line_exit_2(run_cli, args):
+    code, _, err = run_cli(*args)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("autotune: error:")

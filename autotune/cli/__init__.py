@@ -47,13 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("autotune: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            return e.exit_code
-        raise
+    except Exception as e:
+        # Usage errors (unknown option, bad value) from click, which typer may vendor as
+        # typer._click: recognised by their interface and shown as one line, exit 2.
+        message, code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
+        if not (callable(message) and isinstance(code, int)):
+            raise
+        if type(e).__name__ == "NoArgsIsHelpError":
+            e.show()  # `autotune` alone: the help
+        else:
+            print(f"autotune: error: {message()}", file=sys.stderr)
+        return code
     return 0
 
 

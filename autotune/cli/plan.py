@@ -35,7 +35,7 @@ def plan_command(
 
     from autotune import planner
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the trial table says it all
     from autotune.trial import TrialBudget
 
     if trials is None and time_budget is None:
