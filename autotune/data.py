@@ -49,7 +49,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from autotune.errors import SchemaError, UserError
-from autotune.schema import from_dict, read_json, to_dict, write_bytes_atomic, write_json_atomic
+from autotune.schema import from_dict, fsync_dir, read_json, to_dict, write_bytes_atomic, write_json_atomic
 
 MAGIC = b"ATTOKENS"
 FORMAT_VERSION = 1
@@ -104,32 +104,7 @@ def write_tokens(path: str | os.PathLike, ids: Sequence[int] | np.ndarray, vocab
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, code, ids.size, vocab_size).ljust(HEADER_BYTES, b"\0")
     body = np.ascontiguousarray(ids, dtype=_DTYPES[code])
-    _write_atomic(Path(path), [header, memoryview(body).cast("B")])
-
-
-def _write_atomic(path: Path, parts: list[bytes | memoryview]) -> None:
-    """Like schema.write_bytes_atomic, but streams several buffers (no copy of big arrays)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_bytes_atomic(path, [header, memoryview(body).cast("B")])
 
 
 def read_tokens(path: str | os.PathLike) -> TokenFile:
@@ -450,7 +425,7 @@ def _build_default(stdlib: Path, files: list[tuple[str, int]], vocab_size: int, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 # --- loading batches ----------------------------------------------------------------------

@@ -149,20 +149,28 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
-def write_bytes_atomic(path: str | os.PathLike, payload: bytes) -> None:
+def write_bytes_atomic(path: str | os.PathLike, payload: bytes | list[bytes | memoryview]) -> None:
+    """Write ``payload`` (one buffer, or several streamed in turn so big arrays are not
+    copied) so that readers see the old file or the new one, never a partial one."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            for part in [payload] if isinstance(payload, bytes) else payload:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(p.parent, os.O_RDONLY)
+    fsync_dir(p.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in ``path`` durable."""
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
