@@ -12,6 +12,7 @@ the same search.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,7 +128,8 @@ class Objective:
             self.space.graph.check(names)
         except UserError as e:
             self._prune(trial, plan, f"illegal: {e}")
-        estimate = predict(self.space, plan)
+        # Device memory only: on a CPU the measured peak is the whole process's resident set.
+        estimate = predict(self.space, plan) if self.space.device_memory else None
         if estimate is not None:
             trial.set_user_attr("predicted_peak_memory_bytes", estimate.peak_memory_bytes)
             if estimate.step_time_s is not None:
@@ -158,6 +160,7 @@ class Objective:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if url.startswith(("sqlite", "postgresql", "mysql")):
         # Heartbeats let a resumed search mark the trial a killed planner was running as FAIL.
         return optuna.storages.RDBStorage(url, heartbeat_interval=5, grace_period=15)
