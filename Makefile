@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 # plan on the corpus built from this machine's Python sources.
 run: setup
 	$(VENV)/bin/autotune plan --workload tiny --trials 8 --out plans/tiny.plan.json
-	$(VENV)/bin/autotune run plans/tiny.plan.json --steps 200 --out runs/$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/autotune run plans/tiny.plan.json --tokens 2000000 --out runs/$$(date +%Y%m%d-%H%M%S)
 
 test: setup
 	$(PY) -m pytest -q
