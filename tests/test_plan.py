@@ -6,7 +6,7 @@ import pytest
 
 from autotune import plan as planmod
 from autotune.errors import UserError
-from tests.conftest import DEFAULT_PLAN
+from tests.conftest import DEFAULT_PLAN, ROOT
 
 
 def default_dict():
@@ -103,3 +103,11 @@ def test_usage_errors_are_one_line_exit_2(run_cli, args):
     code, _, err = run_cli(*args)
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("autotune: error:")
+
+
+def test_committed_plans_keep_loading():
+    # Plans are a public format: every committed one (old versions too) must keep loading.
+    paths = sorted((ROOT / "profiles").rglob("*.plan.json")) + sorted((ROOT / "bench").rglob("*.plan.json"))
+    assert len(paths) >= 2
+    for path in paths:
+        planmod.load(path)
