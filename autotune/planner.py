@@ -160,26 +160,32 @@ def study_name(workload: str, fingerprint: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{workload}-{fingerprint}")
 
 
-def confirm(plan: Plan, settings: PlanSettings) -> tuple[Figures, LossCheck | None]:
-    """Run the best plan again, longer, and a plain run on the same batches for the loss."""
+def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings) -> tuple[Figures, Figures | None, LossCheck | None]:
+    """Run the best plan and the baseline again, longer and back to back (so the speed-up is
+    measured under the same conditions), and a plain run on the plan's batches for the loss."""
     budget = dataclasses.replace(
         settings.budget,
         timed_steps=settings.budget.timed_steps * settings.confirm_factor,
         timeout_s=settings.budget.timeout_s * settings.confirm_factor,
     )
     measured = run_trial(plan, budget).figures
+    base = run_trial(baseline, budget).figures if baseline is not None else None
+    return measured, base, _loss_check(plan, measured, budget)
+
+
+def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget) -> LossCheck | None:
     if measured.status != "ok":
-        return measured, None
+        return None
     # The plain reference keeps the accumulation: it is part of the recipe (the global batch),
     # so both runs see the same batches in the same steps.
     plain = dataclasses.replace(plan, strategies=[s for s in plan.strategies if s.name == "grad_accum"])
     reference = run_trial(plain, budget).figures
     if reference.status != "ok":
-        return measured, None
+        return None
     exact = all(catalog.get(s.name).exact for s in plan.strategies)
     tolerance = EXACT_LOSS_TOLERANCE if exact else APPROXIMATE_LOSS_TOLERANCE
     diff = abs(measured.loss_end / reference.loss_end - 1.0)
-    check = LossCheck(
+    return LossCheck(
         steps=sum(optimizer_steps(budget, _accum(plan))),
         loss_start=measured.loss_start,
         loss_end=measured.loss_end,
@@ -188,7 +194,6 @@ def confirm(plan: Plan, settings: PlanSettings) -> tuple[Figures, LossCheck | No
         tolerance=tolerance,
         passed=diff <= tolerance,
     )
-    return measured, check
 
 
 def _accum(plan: Plan) -> int:
@@ -216,9 +221,9 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
     if summary.best is None:
         raise RuntimeError(f"no trial of study {name} succeeded: {summary.counts}")
     best = search.plan_of(summary.best)
-    log(f"confirming trial {summary.best.number} ({summary.best.value:,.0f} tokens/s) with a longer run")
-    measured, loss_check = confirm(best, settings)
-    baseline = search.figures_of(summary.baseline) if summary.baseline else None
+    log(f"confirming trial {summary.best.number} ({summary.best.value:,.0f} tokens/s) and the baseline with longer runs")
+    baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
+    measured, baseline, loss_check = confirm(best, baseline_plan, settings)
     plan = dataclasses.replace(
         best,
         hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),
