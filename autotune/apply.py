@@ -45,11 +45,17 @@ ORDER = (
 )
 
 
+DISTRIBUTING = ("tensor_parallel", "pipeline_parallel", "ddp", "fsdp2", "zero")
+"""Strategies that split the work over processes; a run of several processes needs one, or
+each process would train a model of its own."""
+
+
 def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
     """Apply ``chosen`` (strategy name -> typed config) to ``ctx`` in ORDER."""
     unordered = set(chosen) - set(ORDER)
     if unordered:
         raise UserError(f"strategy {sorted(unordered)[0]} has no place in the order of application")
+    check_processes(ctx.world_size, chosen)
     for name in ORDER:
         if name not in chosen:
             continue
@@ -57,3 +63,9 @@ def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
         if strategy.apply is None:
             raise UserError(f"strategy {name} is not implemented yet ({strategy.issue})")
         strategy.apply(ctx, chosen[name])
+
+
+def check_processes(world_size: int, chosen: Any) -> None:
+    """A run of several processes must split its work with one of DISTRIBUTING."""
+    if world_size > 1 and not set(chosen) & set(DISTRIBUTING):
+        raise UserError(f"a run of {world_size} processes needs one of the strategies {', '.join(DISTRIBUTING)} (or launch.nproc_per_node 1)")

@@ -7,7 +7,10 @@ set the autocast dtype, the accumulation count, optimizer options), and the loop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +47,16 @@ class TrainContext:
     """This process's rank in the data-parallel group."""
     world_size: int = 1
     """Processes that share the global batch."""
+    compile_options: dict[str, Any] | None = None
+    """torch.compile's keyword arguments when the whole forward was compiled: a wrapper
+    applied later (DDP) compiles around itself with them instead."""
+    grad_sync: Callable[[bool], AbstractContextManager[Any]] | None = None
+    """Context of one micro-batch's forward and backward, given whether it is the step's
+    last: a data-parallel wrapper reduces gradients on the last one only (DDP's no_sync).
+    None: always reduce."""
+    sharded_state: bool = False
+    """Model and optimizer state are sharded over the ranks (FSDP2): checkpoints are written
+    and read by every rank through torch.distributed.checkpoint."""
     notes: list[str] = field(default_factory=list)
     """What the strategies did, for the run log."""
 
@@ -74,6 +87,10 @@ class TrainContext:
         why = unmet_needs(dataclasses.replace(strategy, needs=needs), self.facts())
         if why:
             raise UserError(f"strategy {strategy.name} {schema.to_dict(cfg)} cannot run here: {'; '.join(why)} ({workaround})")
+
+    def sync_context(self, last_micro: bool) -> AbstractContextManager[Any]:
+        """Enter around each micro-batch's forward and backward (see ``grad_sync``)."""
+        return contextlib.nullcontext() if self.grad_sync is None else self.grad_sync(last_micro)
 
     def autocast(self) -> Any:
         if self.autocast_dtype is None:

@@ -6,15 +6,22 @@ needs: a JSONL log, validation, atomic checkpoints, resume and a progress bar.
 
 The hot path waits for the device once per ``log_interval`` steps: losses stay on the device
 until a flush, the learning rate is a Python float, the loader prefetches on a thread.
+
+Started by torchrun (``autotune run`` does that for a plan of several processes), each
+process joins the process group (``autotune.distributed``) and trains on its own batches; the
+logged losses are the mean over the ranks, reduced once per flush; rank 0 alone writes the
+log and, unless the state is sharded, the checkpoints.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import random
 import resource
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,11 +32,13 @@ import numpy as np
 import torch
 
 from autotune import data as datamod
+from autotune import distributed
 from autotune.apply import apply_strategies
 from autotune.context import TrainContext
+from autotune.distributed import pick_device
 from autotune.errors import UserError
 from autotune.plan import Plan, TrainSpec
-from autotune.schema import write_bytes_atomic
+from autotune.schema import fsync_dir, write_bytes_atomic
 from autotune.workloads import flops_per_token, load_workload
 
 CHECKPOINT_FORMAT = 1
@@ -39,12 +48,7 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def pick_device(requested: str = "auto") -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("the plan asks for CUDA, but no CUDA device is available")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+__all__ = ["pick_device"]  # re-exported for the benchmarks
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
@@ -106,21 +110,41 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class Trainer:
-    """Everything one process needs to train the plan: model, strategies, optimizer, data."""
+    """Everything one process needs to train the plan: model, strategies, optimizer, data.
+
+    Under torchrun it joins the process group first (and leaves it in :meth:`close` if it
+    initialised it); alone it is rank 0 of 1.
+    """
 
     def __init__(
         self,
         plan: Plan,
         *,
         device: torch.device | None = None,
-        rank: int = 0,
-        world_size: int = 1,
         data_dir: str | None = None,
         profile_path: str | None = None,
     ) -> None:
         self.plan = plan
         self.spec = plan.train
-        self.device = device or pick_device(plan.launch.device)
+        self.group = distributed.join(plan.launch.device, plan.launch.nproc_per_node * plan.launch.nnodes)
+        try:
+            self._build(device or self.group.device, data_dir, profile_path)
+        except BaseException:
+            distributed.leave(self.group, clean=False)
+            raise
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.group.world_size
+
+    def _build(self, device: torch.device, data_dir: str | None, profile_path: str | None) -> None:
+        plan = self.plan
+        self.device = device
+        rank, world_size = self.group.rank, self.group.world_size
         workload = load_workload(plan.workload.name, plan.workload.overrides)
         configs = plan.strategy_configs()
 
@@ -179,9 +203,10 @@ class Trainer:
         total = None
         for micro in range(ctx.grad_accum):
             x, y = self.batches.get(step, micro)
-            with ctx.autocast():
-                loss = ctx.forward(x, y) / ctx.grad_accum
-            self.scaler.scale(loss).backward()
+            with ctx.sync_context(micro == ctx.grad_accum - 1):
+                with ctx.autocast():
+                    loss = ctx.forward(x, y) / ctx.grad_accum
+                self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if self.spec.grad_clip > 0:
             self.scaler.unscale_(opt)
@@ -213,23 +238,45 @@ class Trainer:
     # -- checkpoint state ---------------------------------------------------------------
 
     def state_dict(self, step: int) -> dict[str, Any]:
+        """The whole state of a process whose model is whole (one process, or DDP replicas)."""
+        return {**self.extra_state(step), "model": self.ctx.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        _check_format(state)
+        self.ctx.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return self.load_extra_state(state)
+
+    def sharded_state_dict(self) -> dict[str, Any]:
+        """Model and optimizer state as this rank's shards (DTensors) under the plain
+        model's parameter names, for torch.distributed.checkpoint; also the template that
+        a load fills in place."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.ctx.model, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def extra_state(self, step: int) -> dict[str, Any]:
+        """Everything but the model and optimizer: the step, the loss scaler, the RNGs (the
+        same on every rank: each seeds alike and draws alike)."""
         rng = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "format": CHECKPOINT_FORMAT,
             "step": step,  # the next step to run; the data order is a function of it
-            "model": self.ctx.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> int:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise UserError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
-        self.ctx.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_extra_state(self, state: dict[str, Any]) -> int:
+        """Restore what :meth:`extra_state` saved; returns the step to continue from."""
+        _check_format(state)
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -239,10 +286,18 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         return int(state["step"])
 
-    def close(self) -> None:
+    def close(self, *, clean: bool = True) -> None:
+        """Stop the loader; leave the process group if this trainer joined it (waiting for
+        the other ranks only after a ``clean`` run: after a failure they may never come)."""
         close = getattr(self.batches, "close", None)
         if close is not None:
             close()
+        distributed.leave(self.group, clean=clean)
+
+
+def _check_format(state: dict[str, Any]) -> None:
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
 
 
 # -- RNG state in weights_only-loadable form ----------------------------------------------
@@ -324,23 +379,31 @@ def run(plan: Plan, options: RunOptions) -> RunSummary:
     out = options.out_dir
     total_steps = options.steps or plan.train.steps
     ckpt_dir = out / "checkpoints" if out else None
-    start = 0
+    # Before the Trainer: every rank checks before rank 0 can start a log there.
+    check_out_dir(out, options.resume)
     trainer = Trainer(plan, data_dir=options.data_dir, profile_path=options.profile_path)
+    clean = False
     try:
-        if options.resume:
-            if ckpt_dir is None:
-                raise UserError("--resume needs --out DIR, where the checkpoints are")
-            start = _resume(trainer, ckpt_dir, out / "log.jsonl")
-        elif out is not None and (out / "log.jsonl").exists():
-            raise UserError(f"{out} already holds a run: use --resume, or another --out")
-        return _loop(trainer, start, total_steps, options, ckpt_dir)
+        start = _resume(trainer, ckpt_dir, out / "log.jsonl") if ckpt_dir is not None and options.resume else 0
+        summary = _loop(trainer, start, total_steps, options, ckpt_dir)
+        clean = True
+        return summary
     finally:
-        trainer.close()
+        trainer.close(clean=clean)
+
+
+def check_out_dir(out: Path | None, resume: bool) -> None:
+    """Refuse to resume without a run directory, or to start a run over another one."""
+    if resume and out is None:
+        raise UserError("--resume needs --out DIR, where the checkpoints are")
+    if not resume and out is not None and (out / "log.jsonl").exists():
+        raise UserError(f"{out} already holds a run: use --resume, or another --out")
 
 
 def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, ckpt_dir: Path | None) -> RunSummary:
     spec = trainer.spec
-    log = _Log(options.out_dir / "log.jsonl") if options.out_dir else None
+    main = trainer.rank == 0
+    log = _Log(options.out_dir / "log.jsonl") if options.out_dir and main else None
     warmup = options.timing_warmup if options.timing_warmup is not None else spec.log_interval
     began = time.perf_counter()
     timed_tokens, timed_s = 0, 0.0
@@ -357,8 +420,11 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
             at_end = step == total_steps
             if len(pending) < spec.log_interval and not at_end and not _due(step, spec.eval_interval) and not _due(step, spec.checkpoint_interval):
                 continue
-            # Flush: the one wait for the device per interval.
-            values = torch.stack(pending).float().tolist()
+            # Flush: the one wait for the device per interval (and the one all-reduce: the
+            # losses' mean over the ranks, and whether any rank ran out of time).
+            out_of_time = options.minutes is not None and time.perf_counter() - began > options.minutes * 60
+            mean, out_of_time = distributed.reduce_flush(torch.stack(pending), out_of_time, trainer.world_size)
+            values = mean.float().tolist()
             pending.clear()
             now = time.perf_counter()
             n = step - last_flush_step
@@ -386,9 +452,9 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
             if ckpt_dir is not None and (_due(step, spec.checkpoint_interval) or at_end):
                 save_checkpoint(trainer, step, ckpt_dir)
                 last_flush = time.perf_counter()
-            if options.on_flush:
+            if options.on_flush and main:
                 options.on_flush(records[-1] | {"total_steps": total_steps})
-            if options.minutes is not None and now - began > options.minutes * 60:
+            if out_of_time:
                 stopped = "time"
                 if ckpt_dir is not None and not _due(step, spec.checkpoint_interval):
                     save_checkpoint(trainer, step, ckpt_dir)
@@ -442,33 +508,96 @@ KEEP_CHECKPOINTS = 2
 
 
 def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
-    """Atomically write ``step_XXXXXXXX.pt``; keep the newest KEEP_CHECKPOINTS."""
-    import io
+    """Atomically write the checkpoint of ``step``; keep the newest KEEP_CHECKPOINTS.
 
-    buf = io.BytesIO()
-    torch.save(trainer.state_dict(step), buf)
-    path = ckpt_dir / f"step_{step:08d}.pt"
-    write_bytes_atomic(path, buf.getvalue())
-    for old in _checkpoints(ckpt_dir)[:-KEEP_CHECKPOINTS]:
-        old.unlink(missing_ok=True)
+    A whole model (one process, or DDP's identical replicas) goes into ``step_XXXXXXXX.pt``,
+    written by rank 0 (temporary file, fsync, rename). Sharded state (FSDP2) goes into a
+    directory ``step_XXXXXXXX/`` that every rank writes through torch.distributed.checkpoint.
+    Every rank calls this, and returns once the checkpoint is complete.
+    """
+    if trainer.ctx.sharded_state:
+        path = _save_sharded(trainer, step, ckpt_dir)
+    else:
+        path = ckpt_dir / f"step_{step:08d}.pt"
+        if trainer.rank == 0:
+            buf = io.BytesIO()
+            torch.save(trainer.state_dict(step), buf)
+            write_bytes_atomic(path, buf.getvalue())
+            for old in _checkpoints(ckpt_dir, sharded=False)[:-KEEP_CHECKPOINTS]:
+                old.unlink(missing_ok=True)
+    if trainer.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank looks for the checkpoint before rank 0 has put it in place
     return path
 
 
-def _checkpoints(ckpt_dir: Path) -> list[Path]:
-    return sorted(ckpt_dir.glob("step_*.pt")) if ckpt_dir.exists() else []
+def _save_sharded(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
+    """torch.distributed.checkpoint of the model and optimizer shards into a temporary
+    directory, then rank 0 adds ``meta.pt`` (step, scaler, RNG) and renames it into place:
+    a ``step_XXXXXXXX/`` directory is complete or absent."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f".step_{step:08d}.tmp"
+    main = trainer.rank == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+        tmp.mkdir(parents=True)
+    dist.barrier()  # no rank writes into tmp before it is fresh
+    # Returns on every rank once all shards and the coordinator's .metadata are written.
+    dcp.save(trainer.sharded_state_dict(), checkpoint_id=tmp)
+    if main:
+        buf = io.BytesIO()
+        torch.save(trainer.extra_state(step), buf)
+        write_bytes_atomic(tmp / "meta.pt", buf.getvalue())
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(ckpt_dir)
+        for old in _checkpoints(ckpt_dir, sharded=True)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _checkpoints(ckpt_dir: Path, *, sharded: bool) -> list[Path]:
+    """Complete checkpoints of one kind in ``ckpt_dir``, oldest first."""
+    if not ckpt_dir.exists():
+        return []
+    if sharded:
+        return sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir() and (p / "meta.pt").is_file())
+    return sorted(ckpt_dir.glob("step_*.pt"))
 
 
 def _resume(trainer: Trainer, ckpt_dir: Path, log_path: Path) -> int:
     """Load the newest checkpoint that loads; drop log lines past it. Returns its step."""
-    for path in reversed(_checkpoints(ckpt_dir)):
+    sharded = trainer.ctx.sharded_state
+    for path in reversed(_checkpoints(ckpt_dir, sharded=sharded)):
         try:
-            state = torch.load(path, map_location=trainer.device, weights_only=True)
-        except Exception:  # a damaged file: fall back to the one before
+            if sharded:
+                step = _load_sharded(trainer, path)
+            else:
+                state = torch.load(path, map_location=trainer.device, weights_only=True)
+        except Exception:  # a damaged checkpoint: fall back to the one before
             continue
-        step = trainer.load_state_dict(state)
-        _truncate_log(log_path, step)
+        if not sharded:
+            step = trainer.load_state_dict(state)
+        if trainer.rank == 0:
+            _truncate_log(log_path, step)
         return step
-    raise UserError(f"no checkpoint to resume from in {ckpt_dir}")
+    kind = "sharded (step_*/ directories)" if sharded else "whole-model (step_*.pt)"
+    raise UserError(f"no {kind} checkpoint to resume from in {ckpt_dir}")
+
+
+def _load_sharded(trainer: Trainer, path: Path) -> int:
+    """Every rank reads its shards of ``path`` (resharded if the layout changed) in place."""
+    import torch.distributed.checkpoint as dcp
+
+    meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    _check_format(meta)
+    state = trainer.sharded_state_dict()
+    dcp.load(state, checkpoint_id=path)
+    trainer.load_sharded_state_dict(state)
+    return trainer.load_extra_state(meta)
 
 
 def _truncate_log(log_path: Path, step: int) -> None:

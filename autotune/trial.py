@@ -66,12 +66,13 @@ def compile_cache_env() -> dict[str, str]:
 
 
 def trial_command(plan: Plan, plan_path: Path, result_path: Path, budget: TrialBudget) -> list[str]:
-    args = ["-m", "autotune.trial", str(plan_path), str(result_path),
-            "--warmup", str(budget.warmup_steps), "--steps", str(budget.timed_steps)]
+    from autotune.distributed import torchrun_command
+
+    args = [str(plan_path), str(result_path), "--warmup", str(budget.warmup_steps), "--steps", str(budget.timed_steps)]
     nproc = plan.launch.nproc_per_node
     if nproc * plan.launch.nnodes == 1:
-        return [sys.executable, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+        return [sys.executable, "-m", "autotune.trial", *args]
+    return torchrun_command(nproc, "autotune.trial", args)
 
 
 def run_trial(plan: Plan, budget: TrialBudget, *, workdir: Path | None = None, env: dict[str, str] | None = None) -> TrialResult:
@@ -79,9 +80,9 @@ def run_trial(plan: Plan, budget: TrialBudget, *, workdir: Path | None = None, e
     with tempfile.TemporaryDirectory(prefix="autotune-trial-", dir=workdir) as tmp:
         plan_path, result_path = Path(tmp) / "plan.json", Path(tmp) / "result.json"
         plan.save(plan_path)
-        child_env = {**os.environ, **compile_cache_env(), **(env or {})}
-        child_env.setdefault("NCCL_NVLS_ENABLE", "0")
-        child_env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        from autotune.distributed import child_env as multiprocess_env
+
+        child_env = multiprocess_env({**os.environ, **compile_cache_env(), **(env or {})})
         start = time.monotonic()
         proc = subprocess.Popen(
             trial_command(plan, plan_path, result_path, budget),
@@ -96,11 +97,24 @@ def run_trial(plan: Plan, budget: TrialBudget, *, workdir: Path | None = None, e
             _kill_group(proc)
             return TrialResult(figures=Figures(status="timeout"), error=f"no result within {budget.timeout_s:.0f} s", wall_s=time.monotonic() - start)
         wall = time.monotonic() - start
-        if result_path.exists():
-            result = schema.from_dict(TrialResult, json.loads(result_path.read_text()))
-            result.wall_s = wall
-            return result
+        results = _results(result_path)
+        if results:
+            results[0].wall_s = wall
+            return results[0]
         return TrialResult(figures=Figures(status="crash"), error=_how_it_ended(proc.returncode, stderr), wall_s=wall)
+
+
+def _results(result_path: Path) -> list[TrialResult]:
+    """Rank 0's result if it is ok, else every written failure, the first written first.
+
+    Ranks other than 0 write a failure beside rank 0's file; when one rank fails, the others
+    fail after it (a peer closed the connection) or are ended by torchrun, so the first
+    failure written is the cause."""
+    paths = [p for p in [result_path, *result_path.parent.glob(f"{result_path.name}.rank*")] if p.exists()]
+    results = {p: schema.from_dict(TrialResult, json.loads(p.read_text())) for p in paths}
+    if result_path in results and results[result_path].figures.status == "ok":
+        return [results[result_path]]
+    return [results[p] for p in sorted(results, key=lambda p: (p.stat().st_mtime_ns, p == result_path))]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -127,9 +141,10 @@ def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
     """Build the executor's Trainer for ``plan``, warm up, time steps; classify failures."""
     import torch
 
+    from autotune.distributed import reduce_flush
     from autotune.train import NonFiniteLoss, Trainer, peak_memory_bytes
 
-    trainer = None
+    trainer, clean = None, False
     try:
         trainer = Trainer(plan)
         device = trainer.device
@@ -147,13 +162,15 @@ def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
             times.append(t)
         _sync(device)
         step_times = [t.seconds() for t in times]
-        values = torch.stack(losses + timed).float().tolist()
+        # The losses' mean over the ranks (one all-reduce; all of them when alone).
+        values = reduce_flush(torch.stack(losses + timed), False, trainer.world_size)[0].float().tolist()
         if not all(v == v and abs(v) != float("inf") for v in values):
             raise NonFiniteLoss("loss became non-finite during the trial")
         # The median step: robust to a stray slow step (a page fault, a noisy neighbour).
         step_time = statistics.median(step_times)
         tokens_per_s = trainer.tokens_per_step / step_time
         mfu = trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * trainer.ctx.world_size) if trainer.peak_flops else None
+        clean = True
         return TrialResult(figures=Figures(
             status="ok",
             tokens_per_s=tokens_per_s,
@@ -175,7 +192,7 @@ def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
         return TrialResult(figures=Figures(status="crash"), error=f"{type(e).__name__}: {_first_line(e)} ({Path(frame.filename).name}:{frame.lineno})")
     finally:
         if trainer is not None:
-            trainer.close()
+            trainer.close(clean=clean)
 
 
 class _StepTimer:
@@ -234,9 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         result = TrialResult(figures=Figures(status="unsupported"), error=str(e))
     else:
         result = measure(plan, budget)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         schema.write_json_atomic(args.result, schema.to_dict(result))
-    return 0
+    elif result.figures.status != "ok":
+        result.error = f"rank {rank}: {result.error}"
+        schema.write_json_atomic(args.result.with_name(f"{args.result.name}.rank{rank}"), schema.to_dict(result))
+    # A failed rank of several exits with an error, so that torchrun ends the others at once.
+    return 1 if result.figures.status != "ok" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 if __name__ == "__main__":

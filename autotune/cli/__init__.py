@@ -7,6 +7,7 @@ plan, missing file); bad input prints one line and no traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -35,9 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     _register()
     ARGS[:] = sys.argv[1:] if argv is None else argv
     try:
-        app(args=argv, standalone_mode=False)
+        # Outside standalone mode click returns a typer.Exit's code instead of raising it.
+        code = app(args=argv, standalone_mode=False)
     except UserError as e:
-        print(f"autotune: error: {e}", file=sys.stderr)
+        print(f"autotune: error{_rank()}: {e}", file=sys.stderr)
         return 2
     except typer.Exit as e:
         return e.exit_code
@@ -58,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"autotune: error: {message()}", file=sys.stderr)
         return code
-    return 0
+    return code if isinstance(code, int) else 0
+
+
+def _rank() -> str:
+    """" (rank R of N)" in a process of a multi-process run, else nothing."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
 
 
 def entry() -> None:  # console script

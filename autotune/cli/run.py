@@ -1,4 +1,8 @@
-"""`autotune run PLAN`: train with a plan."""
+"""`autotune run PLAN`: train with a plan.
+
+A plan of several processes (``launch.nproc_per_node > 1``) starts them here: this command
+runs itself again under torchrun, once per process, and waits. Rank 0 prints and writes.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ def run_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Train with PLAN: log every step, evaluate, checkpoint, resume."""
+    from autotune import distributed
     from autotune import plan as planmod
     from autotune import train
 
@@ -37,10 +42,14 @@ def run_command(
     if profile is not None and not profile.exists():
         raise UserError(f"profile {profile}: no such file")
     plan = planmod.load(plan_path)
+    if plan.launch.nproc_per_node * plan.launch.nnodes > 1 and distributed.env_world_size() == 1:
+        _launch(plan, out, resume)
+        return
+    main_rank = distributed.env_rank() == 0
     if tokens is not None:
         steps = math.ceil(tokens / train.tokens_per_step(plan))
     total = steps or plan.train.steps
-    with _progress(total, enabled=not json_out) as on_flush:
+    with _progress(total, enabled=not json_out and main_rank) as on_flush:
         summary = train.run(
             plan,
             train.RunOptions(
@@ -53,6 +62,8 @@ def run_command(
                 on_flush=on_flush,
             ),
         )
+    if not main_rank:
+        return
     from autotune.schema import to_dict, write_json_atomic
 
     full = to_dict(summary)
@@ -63,6 +74,34 @@ def run_command(
         typer.echo(json.dumps(result, indent=2))
     else:
         _print_summary(result)
+
+
+def _launch(plan, out: Path | None, resume: bool) -> None:
+    """Run this very command in ``launch.nproc_per_node`` processes under torchrun."""
+    import subprocess
+
+    import torch
+
+    from autotune import distributed, train
+    from autotune.apply import check_processes
+    from autotune.cli import ARGS
+
+    if plan.launch.nnodes > 1:
+        raise UserError(
+            f"the plan runs on {plan.launch.nnodes} nodes: start `python -m torch.distributed.run --nnodes ... -m autotune run` "
+            "on each node (several nodes are not launched from here yet)"
+        )
+    # Bad input is one line, before any process starts.
+    nproc = plan.launch.nproc_per_node
+    check_processes(nproc, plan.strategy_configs())
+    train.check_out_dir(out, resume)
+    gpus = torch.cuda.device_count()
+    if plan.launch.device != "cpu" and gpus and nproc > gpus:
+        raise UserError(f"the plan runs {nproc} processes on CUDA, one per GPU, but this machine has {gpus} GPUs")
+    code = subprocess.run(distributed.torchrun_command(nproc, "autotune", list(ARGS)), env=distributed.child_env()).returncode
+    if code != 0:
+        typer.echo(f"autotune: error: the run of {nproc} processes failed (torchrun exit status {code}); the failing rank's error is above", err=True)
+        raise typer.Exit(1)
 
 
 def _progress(total: int, enabled: bool):

@@ -1,0 +1,140 @@
+"""Process groups of multi-process runs: how they are started, joined, reduced over, left.
+
+torchrun starts the processes (``autotune run`` and the trial runner call it for a plan with
+``launch.nproc_per_node > 1``) and sets RANK, WORLD_SIZE and LOCAL_RANK in each. The
+executor joins the default process group from those: NCCL on CUDA, one GPU per local rank;
+gloo on the CPU. Every collective has a timeout, so a rank that hangs ends the group with an
+error instead of holding the others forever; a rank that crashes ends it at once (torchrun
+stops the other ranks when one exits with an error).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from autotune.errors import UserError
+
+TIMEOUT_ENV = "AUTOTUNE_DIST_TIMEOUT_S"
+"""Environment variable overriding the collective timeout (seconds)."""
+DEFAULT_TIMEOUT_S = 600.0
+"""Longest wait of one collective: room for one rank compiling while the others wait."""
+
+CHILD_ENV = {
+    # NVLink SHARP (NVLS) and symmetric-memory multicast are left off: they need fabric
+    # support that not every NVLink machine has, and fail at init where it is missing.
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+}
+"""Set in every multi-process child unless the caller set them already."""
+
+
+def env_world_size() -> int:
+    """Processes in the run this process was started in (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for the processes of a multi-process run: ``base`` plus CHILD_ENV."""
+    env = dict(os.environ if base is None else base)
+    for key, value in CHILD_ENV.items():
+        env.setdefault(key, value)
+    return env
+
+
+def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
+    """``python -m torch.distributed.run`` starting ``nproc`` processes of ``python -m module args``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args]
+
+
+@dataclass(kw_only=True, slots=True)
+class Group:
+    """This process's place in the run."""
+
+    rank: int
+    """Rank in the default process group (0 when alone)."""
+    world_size: int
+    """Processes in the run."""
+    device: torch.device
+    """Where this rank trains."""
+    owned: bool
+    """This Group initialised the process group, so :func:`leave` destroys it."""
+
+
+def timeout() -> datetime.timedelta:
+    return datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+
+
+def join(requested: str, expected_world: int) -> Group:
+    """Join the run this process belongs to, on ``requested`` ("auto", "cuda", "cpu").
+
+    Alone (no torchrun, no process group) this is rank 0 of 1. Under torchrun the default
+    process group is initialised here unless it already is (then it is used as it is and
+    left to its owner). ``expected_world`` is the plan's process count; a mismatch is a
+    UserError naming how to start the plan.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else env_world_size()
+    if world != expected_world:
+        if world == 1:
+            raise UserError(f"the plan runs {expected_world} processes; start it with `autotune run`, which launches them with torchrun")
+        raise UserError(f"the plan runs {expected_world} process{'es' if expected_world > 1 else ''}, but this run has {world}")
+    device = pick_device(requested, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None)
+    if world == 1:
+        return Group(rank=0, world_size=1, device=device, owned=False)
+    if dist.is_initialized():
+        return Group(rank=dist.get_rank(), world_size=world, device=device, owned=False)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timeout(), device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=timeout())
+    # Everyone has arrived: what a rank checks before joining (e.g. that the run directory
+    # is free) is not yet changed by another rank.
+    dist.barrier()
+    return Group(rank=dist.get_rank(), world_size=world, device=device, owned=True)
+
+
+def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The device of a plan's ``launch.device``: CUDA when asked or present (the GPU of
+    ``local_rank`` in a multi-process run, else the current one), else the CPU."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("the plan asks for CUDA, but no CUDA device is available")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    if local_rank is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}")
+    return torch.device("cuda", local_rank)
+
+
+def leave(group: Group, *, clean: bool) -> None:
+    """Destroy the process group if ``group`` owns it. After a clean run every rank waits for
+    the others first (FSDP2 on gloo can abort at exit otherwise); after a failure it does
+    not wait: the other ranks may never arrive, and torchrun ends them."""
+    if not group.owned or not dist.is_initialized():
+        return
+    group.owned = False
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def reduce_flush(losses: torch.Tensor, stop: bool, world_size: int) -> tuple[torch.Tensor, bool]:
+    """The mean of ``losses`` over the ranks and whether any rank asks to ``stop``, in one
+    all-reduce (the executor's only collective of its own, once per log flush)."""
+    if world_size == 1:
+        return losses, stop
+    payload = torch.cat([losses.float(), torch.tensor([float(stop)], device=losses.device)])
+    dist.all_reduce(payload, op=dist.ReduceOp.SUM)
+    return payload[:-1] / world_size, bool(payload[-1].item() > 0)
