@@ -40,7 +40,9 @@ def apply_compile(ctx: TrainContext, cfg: CompileConfig) -> None:
         for block in ctx.model.blocks:
             block.compile(mode=cfg.mode, fullgraph=cfg.fullgraph)
     else:
-        ctx.forward = torch.compile(ctx.forward, mode=cfg.mode, fullgraph=cfg.fullgraph)
+        # Recorded so that a wrapper applied later (DDP) compiles around itself instead.
+        ctx.compile_options = {"mode": cfg.mode, "fullgraph": cfg.fullgraph}
+        ctx.forward = torch.compile(ctx.forward, **ctx.compile_options)
     ctx.notes.append(f"compile {cfg.scope} mode={cfg.mode}")
 
 

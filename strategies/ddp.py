@@ -3,15 +3,31 @@ by all-reduce in buckets that overlap the backward pass. Every replica takes the
 the mean gradient of the global batch, so the maths is the single-process model's up to the
 order of the floating-point sum: an exact strategy.
 
-Declared, not implemented yet (issue 6). It needs two or more processes; over NCCL on GPUs
-or gloo on the CPU. It excludes the other data-parallel wrappers (FSDP2, ZeRO): each of them
-owns the gradients and their reduction.
+It needs two or more processes; over NCCL on GPUs or gloo on the CPU. It excludes the other
+data-parallel wrappers (FSDP2, ZeRO): each of them owns the gradients and their reduction.
+
+DDP wraps ``ctx.model`` (whose state dict, with the plain model's keys, is what checkpoints
+save) and becomes ``ctx.forward``. With gradient accumulation the gradients are all-reduced
+on the last micro-batch of a step only (``no_sync`` on the others), except under
+``static_graph``, where PyTorch's no_sync is broken (see ``apply_ddp``). With compile on the whole
+model, the DDP module is what gets compiled, ``torch.compile(DDP(model))``: dynamo then sees
+DDP and its DDPOptimizer cuts the graph at the gradient-bucket boundaries, so each bucket's
+all-reduce overlaps the rest of the backward (torch/_dynamo/backends/distributed.py; the
+``optimize_ddp`` setting in torch/_dynamo/config.py). DDP around the compiled module would
+see one backward graph whose gradients are all ready at its end: no overlap. Compiling block
+by block needs nothing here (torchtitan's ``apply_compile`` per block, then ``apply_ddp``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from autotune.context import TrainContext
+from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
 
 WRAP_AFTER = frozenset(
@@ -47,12 +63,34 @@ class DdpConfig:
             raise ValueError(f"bucket_cap_mb must be at least 1, got {self.bucket_cap_mb}")
 
 
+def apply_ddp(ctx: TrainContext, cfg: DdpConfig) -> None:
+    ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes: launch.nproc_per_node")
+    if ctx.forward is not ctx.model and ctx.compile_options is None:
+        raise UserError("ddp wraps the model itself, but another strategy already wrapped its forward")
+    ddp = DistributedDataParallel(
+        ctx.model,
+        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        bucket_cap_mb=cfg.bucket_cap_mb,
+        gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+        static_graph=cfg.static_graph,
+    )
+    # Whole-model compile: compile DDP(model), not DDP(compiled model) (see the docstring).
+    ctx.forward = ddp if ctx.compile_options is None else torch.compile(ddp, **ctx.compile_options)
+    if not cfg.static_graph:
+        # Under accumulation, all-reduce the gradients on a step's last micro-batch only.
+        # Not with static_graph: no_sync there fails its first backward, and once past that
+        # stops reducing at all (pytorch/pytorch#143580, fix pending in #187732); reducing
+        # every micro-batch is correct, it costs a reduction per micro-batch.
+        ctx.grad_sync = lambda last: contextlib.nullcontext() if last else ddp.no_sync()
+    ctx.notes.append(f"ddp over {ctx.world_size} processes, buckets {cfg.bucket_cap_mb} MiB")
+
+
 STRATEGY = Strategy(
     name="ddp",
     summary="data parallel: a replica per process, bucketed gradient all-reduce (torch DDP)",
     exact=True,
     config=DdpConfig,
-    apply=None,
+    apply=apply_ddp,
     needs=Needs(min_devices=2),
     conflicts=frozenset({"fsdp2", "zero"}),
     after=WRAP_AFTER,
@@ -61,5 +99,4 @@ STRATEGY = Strategy(
         Knob(name="gradient_as_bucket_view", choices=(True, False)),
         Knob(name="static_graph", choices=(True, False)),
     ),
-    issue="issue 6 (multi-process strategies)",
 )

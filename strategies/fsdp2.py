@@ -4,9 +4,16 @@ all-gathered just before use and gradients reduce-scattered after. Every process
 step of the global batch's mean gradient, with parameters gathered in ``param_dtype`` (mixed
 precision, like autocast) and gradients reduced in fp32: an exact strategy.
 
-Declared, not implemented yet (issue 6). It shards block by block (torchtitan's
-``apply_fsdp``), so the workload must declare its blocks; it needs two or more processes and
-excludes the other data-parallel wrappers (DDP, ZeRO).
+It shards block by block, then the root (embedding, position table, final norm, tied head),
+as torchtitan's ``apply_fsdp`` does, so the workload must declare its blocks; it needs two or
+more processes and excludes the other data-parallel wrappers (DDP, ZeRO). ``fully_shard``
+changes ``ctx.model`` in place (its parameters become DTensor shards under the same names), so
+the model is still what the loop calls. Checkpoints hold the shards: every rank writes and
+reads its own through torch.distributed.checkpoint (``ctx.sharded_state``).
+
+Compile composes block by block (compile scope blocks: each block compiled, then sharded,
+torchtitan's order); a whole-model compile around the sharded model is refused. Gradients are
+reduce-scattered after every micro-batch, also under accumulation (least memory).
 """
 
 from __future__ import annotations
@@ -15,6 +22,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
+from autotune.context import TrainContext
+from autotune.errors import UserError
 from autotune.strategies.ddp import WRAP_AFTER
 from autotune.strategy import Knob, Needs, Strategy
 
@@ -35,12 +46,37 @@ class Fsdp2Config:
         return dataclasses.replace(_NEEDS, bf16=self.param_dtype == "bf16")
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
+    ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and declare the model's blocks")
+    if ctx.forward is not ctx.model:
+        raise UserError("fsdp2 shards the model block by block; compile it block by block too (compile scope blocks), not as a whole")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=_DTYPES[cfg.param_dtype], reduce_dtype=torch.float32)
+    blocks = ctx.model.blocks
+    for i, block in enumerate(blocks):
+        # The backward starts with the last block: resharding it after the forward would
+        # only gather it again at once (torchtitan's default policy).
+        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    # The root keeps its parameters gathered between forward and backward (FSDP2 does so for
+    # the root whatever is asked: the head is the first thing the backward needs).
+    fully_shard(ctx.model, mesh=mesh, mp_policy=policy)
+    ctx.sharded_state = True
+    ctx.notes.append(f"fsdp2 over {ctx.world_size} processes, {cfg.param_dtype} gathers, reshard after forward {cfg.reshard_after_forward}")
+
+
 STRATEGY = Strategy(
     name="fsdp2",
     summary="fully sharded data parallel per block (FSDP2 fully_shard), bf16 or fp32 gathers",
     exact=True,
     config=Fsdp2Config,
-    apply=None,
+    apply=apply_fsdp2,
     needs=_NEEDS,
     conflicts=frozenset({"ddp", "zero"}),
     after=WRAP_AFTER,
@@ -48,5 +84,4 @@ STRATEGY = Strategy(
         Knob(name="reshard_after_forward", choices=(True, False)),
         Knob(name="param_dtype", choices=("bf16", "fp32")),
     ),
-    issue="issue 6 (multi-process strategies)",
 )

@@ -89,9 +89,10 @@ def test_approximate_strategies_are_exactly_the_ones_that_change_what_is_learned
 
 def test_declared_but_unimplemented_strategies_say_where_they_will_be() -> None:
     for name in MULTI_PROCESS:
+        assert catalog()[name].needs.min_devices == 2
+    for name in ("zero", "tensor_parallel", "pipeline_parallel"):
         assert catalog()[name].apply is None
         assert catalog()[name].issue == "issue 6 (multi-process strategies)"
-        assert catalog()[name].needs.min_devices == 2
     for name in ("int8", "fp8", "moe", "sparse_attention", "triton_kernels", "tpu"):
         assert catalog()[name].apply is None
         assert catalog()[name].issue.startswith("roadmap item ")
@@ -129,7 +130,8 @@ def test_every_exclusion_on_this_machine_has_a_reason() -> None:
 
 def test_cpu_exclusions_and_their_reasons() -> None:
     excluded = StrategyGraph(CPU).excluded()
-    assert excluded["ddp"] == "not implemented yet: issue 6 (multi-process strategies); needs 2+ processes, this run has 1"
+    assert excluded["ddp"] == "needs 2+ processes, this run has 1"
+    assert excluded["tensor_parallel"] == "not implemented yet: issue 6 (multi-process strategies); needs 2+ processes, this run has 1"
     assert APPROXIMATE in excluded["moe"]
     assert "needs CUDA, none found" in excluded["fp8"]
     assert {"precision", "compile", "grad_accum"}.isdisjoint(excluded)
@@ -142,12 +144,13 @@ def test_approximate_strategies_only_when_allowed() -> None:
     assert APPROXIMATE_ONES <= set(allowed.usable())
 
 
-def test_h200s_meet_the_needs_of_fp8_and_ddp_which_stay_excluded_as_not_implemented() -> None:
+def test_h200s_meet_the_needs_of_fp8_and_tp_which_stay_excluded_as_not_implemented() -> None:
     graph = StrategyGraph(H200X2, allow_approximate=True)
     for name in ("fp8", "ddp", "fsdp2", "zero", "tensor_parallel", "pipeline_parallel", "int8", "triton_kernels"):
         assert unmet_needs(graph.strategies[name], H200X2) == [], name
     assert graph.excluded()["fp8"] == "not implemented yet: roadmap item FP8 training, no issue filed yet"
-    assert graph.excluded()["ddp"] == "not implemented yet: issue 6 (multi-process strategies)"
+    assert graph.excluded()["tensor_parallel"] == "not implemented yet: issue 6 (multi-process strategies)"
+    assert {"ddp", "fsdp2"} <= set(graph.usable())
     assert graph.excluded_choices("precision") == {}
     assert graph.excluded_choices("attention") == {"backend": {"fa3": "needs the flash_attn_interface package, which does not import here"}}
 
@@ -155,8 +158,7 @@ def test_h200s_meet_the_needs_of_fp8_and_ddp_which_stay_excluded_as_not_implemen
 def test_a_fake_h200_profile_reads_as_two_gpus() -> None:
     facts = Facts.of(gpu_profile("NVIDIA H200", "9.0", 2), load_workload("tiny"))
     assert (facts.cuda_devices, facts.compute_capability, facts.processes) == (2, (9, 0), 2)
-    reason = StrategyGraph(facts).excluded()["ddp"]
-    assert reason == "not implemented yet: issue 6 (multi-process strategies)"
+    assert {"ddp", "fsdp2"} <= set(StrategyGraph(facts).usable())
 
 
 def test_a_turing_gpu_excludes_what_needs_fp8_or_bf16_with_the_capability_reason() -> None:
@@ -241,7 +243,7 @@ def test_legal_sets_pass(everything: StrategyGraph) -> None:
 
 
 def test_an_excluded_member_is_rejected_with_its_reason() -> None:
-    with pytest.raises(UserError, match=r"strategy ddp cannot be used here: not implemented yet: issue 6"):
+    with pytest.raises(UserError, match=r"strategy ddp cannot be used here: needs 2\+ processes, this run has 1"):
         StrategyGraph(CPU).check(["precision", "ddp"])
 
 
@@ -385,7 +387,8 @@ def test_cli_with_a_profile_and_a_workload_without_structure(run_cli, tmp_path: 
     code, out, _ = run_cli("strategies", "--profile", path, "--workload", "examples.custom_workload:build", "--explain")
     assert code == 0
     assert "activation_checkpoint: needs the workload to declare blocks" in out.splitlines()
-    assert "ddp: not implemented yet: issue 6 (multi-process strategies)" in out.splitlines()
+    assert "fsdp2: needs the workload to declare blocks" in out.splitlines()
+    assert "ddp" not in {line.split(":")[0] for line in out.splitlines()}  # usable: 2 GPUs, no structure needed
     assert "2 x NVIDIA H200, 2 processes" in out
 
 
