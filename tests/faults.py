@@ -14,7 +14,7 @@ from torch import nn
 
 from autotune.workloads import Workload
 
-OOM, NAN, HANG, SIGKILL = 3, 5, 6, 7  # micro-batch sizes that trigger each fault
+OOM, NAN, HANG, SIGKILL, RANK1_RAISES, RANK1_HANGS = 3, 5, 6, 7, 9, 10  # micro-batch sizes that trigger each fault
 
 
 class Faulty(nn.Module):
@@ -31,6 +31,10 @@ class Faulty(nn.Module):
             time.sleep(3600)
         if batch == SIGKILL:
             os.kill(os.getpid(), signal.SIGKILL)
+        if batch in (RANK1_RAISES, RANK1_HANGS) and os.environ.get("RANK") == "1":
+            if batch == RANK1_HANGS:
+                time.sleep(3600)
+            raise RuntimeError("simulated failure on rank 1")
         loss = F.cross_entropy(self.out(self.embed(idx)).flatten(0, 1), targets.flatten())
         return loss * float("nan") if batch == NAN else loss
 

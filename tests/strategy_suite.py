@@ -138,6 +138,9 @@ class StrategySuite:
     """Knob settings that need what a machine without a GPU lacks."""
     check_resume: ClassVar[bool] = True
     """Check resume under the first CPU case (it builds three trainers)."""
+    processes: ClassVar[int] = 1
+    """Processes the strategy's CPU cases run with; a multi-process strategy's suite
+    (tests/test_distributed.py) trains them under torchrun, overriding the training tests."""
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
         """Assert that ``cfg`` took visible effect on the trainer's model, loop or loader."""
@@ -181,7 +184,7 @@ class StrategySuite:
     # -- needs -------------------------------------------------------------------------
 
     def test_cpu_refuses_what_it_lacks(self) -> None:
-        cpu = Facts.of(None, load_workload("tiny", TINY))
+        cpu = Facts.of(None, load_workload("tiny", TINY), processes=self.processes)
         for knobs in [c.knobs for c in self.cpu_cases] + list(self.cpu_refused):
             lacks = unmet_needs(setting_strategy(self.strategy, self.strategy.parse(knobs)), cpu)
             assert bool(lacks) == (knobs in self.cpu_refused), (knobs, lacks)

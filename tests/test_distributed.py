@@ -1,0 +1,237 @@
+"""Multi-process strategies (DDP, FSDP2) on the CPU: gloo, 2 real processes under torchrun.
+
+Each strategy subclasses the shared suite (tests/strategy_suite.py), whose training tests
+read what one launch of tests/dist_worker.py trained: torchrun starts cost seconds on 2
+cores, so they are few. That launch runs every case; then come one
+``autotune run`` of a 2-process plan, a rank that crashes, a rank that hangs, and a trial
+whose rank 1 fails.
+
+Equality with one process. Rank r trains on its own batches (rank enters the loader's seed),
+so the single-process run that must match trains, per step, on every rank's micro-batches
+in turn with gradient accumulation: rank 0's, then rank 1's. Both then step on the same mean
+gradient. Tolerances, relative, on each of the 10 losses:
+
+- DDP: accumulation computes g0/2 + g1/2; DDP divides each rank's gradient by 2 and
+  all-reduces the sum: the same two fp32 additions (a + b == b + a), halving is exact, and
+  the logged mean (l0 + l1)/2 is l0/2 + l1/2 exactly. Measured difference 0; stated 1e-6
+  (the suite's "fp32 reordered" bound) so that another BLAS blocking still passes.
+- DDP with 2 micro-batches per rank against 4 accumulated: (g00/2 + g01/2)/2 + ... against
+  ((g00/4 + g01/4) + g10/4) + g11/4, sums in another order: 7e-8 measured, 1e-5 stated.
+- FSDP2 with fp32 parameters: the same reduce-scatter sum of halved gradients; only the
+  global norm for clipping is summed shard by shard (another order): 0 measured, 1e-5 stated.
+- FSDP2 with bf16 parameters against the fp32 run: bf16 matmul inputs (8 mantissa bits):
+  8e-5 measured, 1e-3 stated (as the precision strategy's bf16 case).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from autotune import data as datamod
+from autotune import plan as planmod
+from autotune import train
+from autotune.distributed import torchrun_command
+from autotune.train import Trainer
+from autotune.trial import TrialBudget, run_trial
+from autotune.workloads import load_workload
+from tests import dist_worker, faults
+from tests.conftest import DEFAULT_PLAN, ROOT
+from tests.strategy_suite import MICRO_BATCH, TINY, Case, StrategySuite, make_plan, pytest_generate_tests, tiny_corpus, train_losses
+
+__all__ = ["pytest_generate_tests"]  # the suite's hook: one test item per case
+
+pytestmark = pytest.mark.slow
+
+WORKER_TIMEOUT_S = 240
+"""The worker trains 9 short runs in 2 processes: about 10 s on 2 cores."""
+FAIL_WITHIN_S = 60
+"""A run whose rank fails must have ended within this (start-up included)."""
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory where the one worker launch left its runs."""
+    out = tmp_path_factory.mktemp("dist")
+    cmd = torchrun_command(2, "tests.dist_worker", [str(out)])
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def losses(run_dir: Path) -> list[float]:
+    log = train.read_log(run_dir / "log.jsonl")
+    assert [r["step"] for r in log] == list(range(dist_worker.STEPS))
+    return [r["loss"] for r in log]
+
+
+class RankBatches:
+    """Every rank's micro-batches of a step, one after another, for one process."""
+
+    def __init__(self, micro_per_rank: int, ranks: int = 2) -> None:
+        tokens = datamod.read_tokens(tiny_corpus() / "train.bin").tokens
+        self.k = micro_per_rank
+        self.sources = [
+            datamod.Batches(tokens, batch_size=MICRO_BATCH, seq_len=TINY["seq_len"], seed=0, device="cpu", rank=r, world_size=ranks, prefetch=0)
+            for r in range(ranks)
+        ]
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sources[micro // self.k].get(step, micro % self.k)
+
+    def close(self) -> None:
+        for s in self.sources:
+            s.close()
+
+
+def one_process_losses(case: Case) -> list[float]:
+    """One process training on both ranks' batches, accumulating over all of them."""
+    k = case.base.get("grad_accum", {}).get("steps", 1)
+    base = {name: knobs for name, knobs in case.base.items() if name != "grad_accum"}
+    trainer = Trainer(make_plan({**base, "grad_accum": {"steps": 2 * k}}, "cpu", case.overrides))
+    trainer.batches.close()
+    trainer.batches = RankBatches(k)
+    try:
+        return train_losses(trainer, dist_worker.STEPS)
+    finally:
+        trainer.close()
+
+
+class DistributedSuite(StrategySuite):
+    """The shared suite for a strategy of 2 processes: the declaration, config and needs
+    tests as they are; the training tests read what the one worker launch trained."""
+
+    processes = 2
+
+    def test_cpu_case(self, case: Case, worker: Path) -> None:  # type: ignore[override]
+        i = self.cpu_cases.index(case)
+        got = losses(dist_worker.run_dir(worker, self.name, i))
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(one_process_losses(case)), rtol=case.rtol, atol=0.0)
+
+    def test_resume_is_exact(self, worker: Path) -> None:  # type: ignore[override]
+        # Run to step 5 (checkpoint), then a new run resumed from it to step 10: bit for bit.
+        resumed = dist_worker.run_dir(worker, self.name, 0, resumed=True)
+        assert losses(resumed) == losses(dist_worker.run_dir(worker, self.name, 0))
+
+
+class TestDdp(DistributedSuite):
+    name = "ddp"
+    cpu_cases = dist_worker.CASES["ddp"]
+
+
+class TestFsdp2(DistributedSuite):
+    name = "fsdp2"
+    cpu_cases = dist_worker.CASES["fsdp2"]
+
+
+def test_ddp_checkpoint_is_the_plain_model_written_once(worker: Path) -> None:
+    ckpts = dist_worker.run_dir(worker, "ddp", 0) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005.pt", "step_00000010.pt"]
+    state = torch.load(ckpts / "step_00000010.pt", weights_only=True)
+    plain = load_workload("tiny", TINY).build_model().state_dict()
+    assert state["model"].keys() == plain.keys() and state["step"] == 10
+
+
+def test_fsdp2_checkpoint_holds_every_shard_under_plain_names(worker: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    ckpts = dist_worker.run_dir(worker, "fsdp2", 0) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005", "step_00000010"]  # no temporary left
+    step = ckpts / "step_00000010"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"} <= {p.name for p in step.iterdir()}
+    saved = dcp.FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    plain = load_workload("tiny", TINY).build_model().state_dict()
+    assert {k.removeprefix("model.") for k in saved if k.startswith("model.")} == set(plain)
+    assert saved["model.embed.weight"].size == plain["embed.weight"].shape  # the whole tensor, from two shards
+    assert torch.load(step / "meta.pt", weights_only=True)["step"] == 10
+
+
+def test_strategies_compose_and_refuse_inside_the_group(worker: Path) -> None:
+    checks = json.loads((worker / "checks.json").read_text())
+    assert checks["compiled_ddp"]  # compile + ddp: torch.compile(DDP(model)), DDP holding ctx.model
+    assert checks["ddp_no_sync"] == ["_GeneratorContextManager", "nullcontext"]  # no_sync but on the last micro-batch
+    assert "compile scope blocks" in checks["fsdp2_whole_compile"]
+    assert "needs one of the strategies" in checks["no_parallel_strategy"]
+    assert checks["fsdp2_sharded"] and checks["fsdp2_param_type"] == "DTensor"
+    assert checks["fsdp2_tokens_per_step"] == 2 * MICRO_BATCH * TINY["seq_len"]  # the global batch
+
+
+# -- the command line and failures ------------------------------------------------------------
+
+
+def two_process_plan(tmp_path: Path, strategies: dict, *, workload: str | None = None, micro_batch: int = MICRO_BATCH, **train_overrides) -> Path:
+    data = json.loads(DEFAULT_PLAN.read_text())
+    if workload is None:
+        data["workload"]["overrides"] = dict(TINY)
+    else:
+        data["workload"] = {"name": workload, "overrides": {}}
+    data["train"].update({"micro_batch_size": micro_batch, "eval_interval": 0, "checkpoint_interval": 0, **train_overrides})
+    data["launch"]["nproc_per_node"] = 2
+    data["strategies"] = [{"name": n, "knobs": k} for n, k in strategies.items()]
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def autotune_run(plan_path: Path, out: Path, *args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    cmd = [sys.executable, "-m", "autotune", "run", str(plan_path), "--out", str(out), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_autotune_run_starts_the_processes_itself(tmp_path: Path) -> None:
+    plan = two_process_plan(tmp_path, {"fsdp2": {"param_dtype": "fp32"}}, eval_interval=4, checkpoint_interval=4, log_interval=2)
+    out = tmp_path / "run"
+    proc = autotune_run(plan, out, "--steps", "4", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads(proc.stdout)  # rank 0 alone printed
+    assert summary["steps_done"] == 4 and summary["val_loss"] is not None
+    assert [r["step"] for r in train.read_log(out / "log.jsonl")] == [0, 1, 2, 3]  # one log, not two
+    assert json.loads((out / "summary.json").read_text())["losses"] == [r["loss"] for r in train.read_log(out / "log.jsonl")]
+    assert (out / "checkpoints" / "step_00000004" / "meta.pt").is_file()
+
+
+def test_a_rank_that_crashes_ends_the_run(tmp_path: Path) -> None:
+    plan = two_process_plan(tmp_path, {"ddp": {}}, workload="tests.faults:build", micro_batch=faults.RANK1_RAISES)
+    began = time.monotonic()
+    proc = autotune_run(plan, tmp_path / "run", timeout=FAIL_WITHIN_S)
+    assert proc.returncode == 1
+    assert "RuntimeError: simulated failure on rank 1" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "autotune: error: the run of 2 processes failed (torchrun exit status 1); the failing rank's error is above"
+    )
+    assert time.monotonic() - began < FAIL_WITHIN_S
+
+
+def test_a_rank_that_hangs_ends_the_run_at_the_collective_timeout(tmp_path: Path) -> None:
+    # Rank 1 sleeps in its forward; rank 0 waits in DDP's all-reduce until the timeout.
+    plan = two_process_plan(tmp_path, {"ddp": {}}, workload="tests.faults:build", micro_batch=faults.RANK1_HANGS)
+    began = time.monotonic()
+    proc = autotune_run(plan, tmp_path / "run", timeout=FAIL_WITHIN_S, env={"AUTOTUNE_DIST_TIMEOUT_S": "5"})
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "Timed out waiting 5000ms" in proc.stderr  # gloo's words, on rank 0
+    assert time.monotonic() - began < FAIL_WITHIN_S
+
+
+def test_a_trial_whose_rank_fails_reports_that_rank(tmp_path: Path) -> None:
+    plan = planmod.load(two_process_plan(tmp_path, {"ddp": {}}, workload="tests.faults:build", micro_batch=faults.RANK1_RAISES))
+    result = run_trial(plan, TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=FAIL_WITHIN_S))
+    assert result.figures.status == "crash"
+    assert result.error.startswith("rank 1: RuntimeError: simulated failure on rank 1"), result.error
+
+
+def test_a_two_process_plan_without_a_parallel_strategy_is_refused_before_launch(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli("run", two_process_plan(tmp_path, {}), "--out", tmp_path / "run")
+    assert code == 2
+    assert err.strip() == (
+        "autotune: error: a run of 2 processes needs one of the strategies tensor_parallel, pipeline_parallel, ddp, fsdp2, zero "
+        "(or launch.nproc_per_node 1)"
+    )
+    assert not (tmp_path / "run").exists()
