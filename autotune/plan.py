@@ -200,6 +200,11 @@ class Plan:
             out[spec.name] = strategy.parse(spec.knobs, f"{where}.knobs")
         return out
 
+    def grad_accum(self) -> int:
+        """Micro-batches per optimizer step (1 without the grad_accum strategy)."""
+        configs = self.strategy_configs()
+        return configs["grad_accum"].steps if "grad_accum" in configs else 1
+
     def to_dict(self) -> dict[str, Any]:
         return schema.to_dict(self)
 

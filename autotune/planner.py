@@ -118,7 +118,7 @@ def _baseline_micro_batch(space: search.SearchSpace) -> int:
     for b in (16, 8, 4, 2, 1):
         if b not in space.micro_batches:
             continue
-        estimate = search.predict(space, search._plan(space, b, []))
+        estimate = search.predict(space, search.plan_for(space, b, []))
         if estimate is None or space.device_memory is None or estimate.peak_memory_bytes < search.MEMORY_HEADROOM * space.device_memory:
             return b
     return 1
@@ -186,7 +186,7 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget) -> LossCheck
     tolerance = EXACT_LOSS_TOLERANCE if exact else APPROXIMATE_LOSS_TOLERANCE
     diff = abs(measured.loss_end / reference.loss_end - 1.0)
     return LossCheck(
-        steps=sum(optimizer_steps(budget, _accum(plan))),
+        steps=sum(optimizer_steps(budget, plan.grad_accum())),
         loss_start=measured.loss_start,
         loss_end=measured.loss_end,
         reference_loss_start=reference.loss_start,
@@ -194,11 +194,6 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget) -> LossCheck
         tolerance=tolerance,
         passed=diff <= tolerance,
     )
-
-
-def _accum(plan: Plan) -> int:
-    configs = plan.strategy_configs()
-    return configs["grad_accum"].steps if "grad_accum" in configs else 1
 
 
 def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log: Callable[[str], None] = print) -> tuple[Plan, search.Summary, search.SearchSpace]:

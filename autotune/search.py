@@ -80,10 +80,11 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
         excluded = space.graph.excluded_choices(strategy.name)
         knobs = {knob.name: _suggest_knob(trial, strategy.name, knob, excluded.get(knob.name, {})) for knob in strategy.knobs}
         strategies.append(StrategySpec(name=strategy.name, knobs=knobs))
-    return _plan(space, micro_batch, strategies)
+    return plan_for(space, micro_batch, strategies)
 
 
-def _plan(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec]) -> Plan:
+def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec]) -> Plan:
+    """The plan of one trial: the space's shared settings with this micro-batch and these strategies."""
     return Plan(
         schema_version=planmod.SCHEMA_VERSION,
         workload=planmod.WorkloadSpec(name=space.workload.name),

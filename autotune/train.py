@@ -97,8 +97,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None, profile_path: st
 
 def tokens_per_step(plan: Plan) -> int:
     """Tokens of the global batch per optimizer step, computed from the plan alone."""
-    configs = plan.strategy_configs()
-    accum = configs["grad_accum"].steps if "grad_accum" in configs else 1
+    accum = plan.grad_accum()
     seq_len = load_workload(plan.workload.name, plan.workload.overrides).seq_len
     return plan.train.micro_batch_size * seq_len * accum * plan.launch.nproc_per_node * plan.launch.nnodes
 
