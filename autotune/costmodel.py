@@ -85,6 +85,15 @@ def checkpointed_blocks(configs: dict[str, Any], n_layers: int) -> int:
     return len(range(0, n_layers, every))
 
 
+def matmul_dtype(configs: dict[str, Any]) -> str:
+    """The matmul rate a plan's steps run at: bf16 under bf16/fp16 autocast, tf32 when fp32
+    matmuls may use it, else fp32 (PyTorch's default, the plain baseline's)."""
+    dtype = _setting(configs, "precision", "dtype", "fp32")
+    if dtype != "fp32":
+        return "bf16"
+    return "tf32" if _setting(configs, "precision", "tf32", False) else "fp32"
+
+
 def padded_vocab(vocab: int, configs: dict[str, Any]) -> int:
     multiple = _setting(configs, "vocab_padding", "multiple", 1)
     return -(-vocab // multiple) * multiple

@@ -205,6 +205,12 @@ class Plan:
         configs = self.strategy_configs()
         return configs["grad_accum"].steps if "grad_accum" in configs else 1
 
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all processes: micro-batch x accumulation x the
+        data-parallel processes (every process, until tensor or pipeline parallel split them)."""
+        processes = self.launch.nproc_per_node * self.launch.nnodes
+        return self.train.micro_batch_size * self.grad_accum() * processes
+
     def to_dict(self) -> dict[str, Any]:
         return schema.to_dict(self)
 

@@ -37,6 +37,8 @@ class PlanSettings:
     """Optuna storage URL; None: sqlite file plans/studies.db."""
     study_name: str | None = None
     """None: named from the workload and the hardware fingerprint."""
+    global_batch: int | None = None
+    """Samples per optimizer step, kept fixed; None: the workload's recipe; 0: searched too."""
     sampler: str = "tpe"
     """tpe (multivariate, seeded), random or qmc."""
     seed: int = 0
@@ -75,11 +77,17 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=1)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
     left_out = {} if use_cuda else dict(CPU_LEFT_OUT)
-    strategies = [catalog.get(n) for n in graph.usable() if n not in left_out]
+    global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
+    if global_batch is not None and global_batch < 1:
+        raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
+    # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
+    derived = {"grad_accum"} if global_batch is not None else set()
+    strategies = [catalog.get(n) for n in graph.usable() if n not in left_out and n not in derived]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
-    rate = bandwidth = None
+    rates: dict[str, float] = {}
+    bandwidth = None
     if use_cuda:
-        rate = _rate(profile, "bf16")
+        rates = {dtype: rate for dtype in ("fp32", "tf32", "bf16") if (rate := _rate(profile, dtype)) is not None}
         measured = profile.measured
         bandwidth = measured.copy.median if measured is not None and measured.copy is not None else None
     largest = 128 if use_cuda else 64
@@ -89,14 +97,15 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
         workload=workload,
         strategies=strategies,
         graph=graph,
-        micro_batches=search.micro_batch_choices(largest),
+        micro_batches=search.micro_batch_choices(largest, global_batch),
         baseline_micro_batch=1,
         train=train,
         launch=launch,
         device_memory=device_memory,
-        matmul_flops=rate,
+        matmul_flops=rates,
         memory_bandwidth=bandwidth,
         left_out=left_out,
+        global_batch=global_batch,
     )
     space.baseline_micro_batch = _baseline_micro_batch(space)
     return space, graph
@@ -114,37 +123,47 @@ def _rate(profile: Any, dtype: str) -> float | None:
 
 
 def _baseline_micro_batch(space: search.SearchSpace) -> int:
-    """The largest of 16, 8, 4, 2, 1 that the plain run is predicted to fit."""
+    """The largest of 16, 8, 4, 2, 1 that the plain run is predicted to fit (else the
+    smallest micro-batch there is)."""
     for b in (16, 8, 4, 2, 1):
         if b not in space.micro_batches:
             continue
         estimate = search.predict(space, search.plan_for(space, b, []))
         if estimate is None or space.device_memory is None or estimate.peak_memory_bytes < search.MEMORY_HEADROOM * space.device_memory:
             return b
-    return 1
+    return min(space.micro_batches)
 
 
 def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
-    """What a careful engineer tries first, as enqueued trials: on a GPU bf16 + flash SDPA +
-    compile + padded vocab + fused AdamW at micro-batch 48; on a CPU a large micro-batch."""
+    """What a careful engineer tries first, enqueued as the trials after the baseline (an
+    Optuna warm start; TPE then searches around whichever measures best).
+
+    On a GPU: bf16 + flash SDPA + compile + padded vocab + fused AdamW at micro-batch 48 (the
+    hand-tuned phase8-small setting), the same at micro-batch 96, and the same with CUDA
+    graphs (compile mode reduce-overhead). On a CPU: the largest micro-batch."""
     usable = {s.name for s in space.strategies}
     params: dict[str, Any] = {s.name: False for s in space.strategies}
-    if space.launch.device == "cuda":
-        wanted = {
-            "precision": {"precision.dtype": "bf16", "precision.tf32": True},
-            "attention": {"attention.backend": "flash"},
-            "compile": {"compile.mode": "default", "compile.scope": "model"},
-            "vocab_padding": {"vocab_padding.multiple": 64},
-            "optimizer": {"optimizer.impl": "fused"},
-        }
-        for name, knobs in wanted.items():
-            if name in usable:
-                params[name] = True
-                params.update(_with_defaults(name, knobs))
-        params["micro_batch_size"] = 48 if 48 in space.micro_batches else max(space.micro_batches)
-    else:
-        params["micro_batch_size"] = max(space.micro_batches)
-    return [params]
+    if space.launch.device != "cuda":
+        return [params | {"micro_batch_size": max(space.micro_batches)}]
+    wanted = {
+        "precision": {"precision.dtype": "bf16", "precision.tf32": True},
+        "attention": {"attention.backend": "flash"},
+        "compile": {"compile.mode": "default", "compile.scope": "model"},
+        "vocab_padding": {"vocab_padding.multiple": 64},
+        "optimizer": {"optimizer.implementation": "fused"},
+    }
+    for name, knobs in wanted.items():
+        if name in usable:
+            params[name] = True
+            params.update(_with_defaults(name, knobs))
+    first = max([b for b in space.micro_batches if b <= 48] or space.micro_batches)
+    priors = [params | {"micro_batch_size": first}]
+    larger = [b for b in space.micro_batches if first < b <= 2 * first]
+    if larger:
+        priors.append(params | {"micro_batch_size": max(larger)})
+    if "compile" in usable:
+        priors.append(params | {"micro_batch_size": first, "compile.mode": "reduce-overhead"})
+    return priors
 
 
 def _with_defaults(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
@@ -152,8 +171,10 @@ def _with_defaults(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
     strategy = catalog.get(name)
     default = strategy.dump(strategy.default())
     out = {f"{name}.{k.name}": default[k.name] for k in strategy.knobs}
-    out.update({k: v for k, v in knobs.items() if k in out})
-    return out
+    unknown = set(knobs) - set(out)
+    if unknown:
+        raise ValueError(f"{name} has no knob {sorted(unknown)[0]}")
+    return out | knobs
 
 
 def study_name(workload: str, fingerprint: str) -> str:

@@ -29,7 +29,16 @@ from autotune.trial import TrialBudget, TrialResult, run_trial
 from autotune.workloads import Workload
 
 MICRO_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+MAX_ACCUM = 64  # more micro-batches a step than this only ever loses: each trial times 3+ steps
 MEMORY_HEADROOM = 0.92  # prune a trial predicted to use more than this share of the device
+SLOW_PRUNE = 0.5
+"""Prune without launching a trial whose predicted tokens/s is below this share of the best
+measured so far. The step-time model is coarse (no memory-bound terms but the optimizer),
+hence the wide margin: it removes fp32 eager runs once a compiled bf16 trial has run, not
+close calls."""
+AUTOTUNE_TIME_FACTOR = 3.0
+"""Compile modes that benchmark kernels (max-autotune) get this many times the trial's
+time limit: their first compilation of a shape takes minutes, later ones hit the cache."""
 BASELINE = "baseline"
 
 
@@ -53,12 +62,16 @@ class SearchSpace:
     """Processes and device of every trial."""
     device_memory: float | None
     """Bytes of memory of one device; None: no memory pruning (CPU)."""
-    matmul_flops: float | None = None
-    """Peak matmul rate for the cost model's step time."""
+    matmul_flops: dict[str, float] = field(default_factory=dict)
+    """Measured (else datasheet) matmul rate per dtype (fp32, tf32, bf16) for the cost
+    model's step time; empty: no step-time prediction."""
     memory_bandwidth: float | None = None
     """Device memory bandwidth for the cost model."""
     left_out: dict[str, str] = field(default_factory=dict)
     """Usable strategies the planner does not search here, with the reason."""
+    global_batch: int | None = None
+    """Samples per optimizer step, fixed: a trial chooses the micro-batch and its accumulation
+    follows (the grad_accum strategy is then derived, not searched). None: both are searched."""
 
 
 def _suggest_knob(trial: optuna.Trial, name: str, knob: Knob, excluded: dict[Any, str]) -> Any:
@@ -84,7 +97,14 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
 
 
 def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec]) -> Plan:
-    """The plan of one trial: the space's shared settings with this micro-batch and these strategies."""
+    """The plan of one trial: the space's shared settings with this micro-batch and these
+    strategies; under a fixed global batch, with the accumulation that completes it."""
+    if space.global_batch is not None:
+        processes = space.launch.nproc_per_node * space.launch.nnodes
+        accum = accumulation(space.global_batch, micro_batch, processes)
+        strategies = [s for s in strategies if s.name != "grad_accum"]
+        if accum > 1:
+            strategies.append(StrategySpec(name="grad_accum", knobs={"steps": accum}))
     return Plan(
         schema_version=planmod.SCHEMA_VERSION,
         workload=planmod.WorkloadSpec(name=space.workload.name),
@@ -102,10 +122,19 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
 def predict(space: SearchSpace, plan: Plan) -> costmodel.Estimate | None:
     if space.workload.config is None:
         return None
+    configs = plan.strategy_configs()
     return costmodel.estimate(
-        space.workload, plan.train.micro_batch_size, plan.strategy_configs(),
-        matmul_flops=space.matmul_flops, memory_bandwidth=space.memory_bandwidth,
+        space.workload, plan.train.micro_batch_size, configs,
+        matmul_flops=space.matmul_flops.get(costmodel.matmul_dtype(configs)), memory_bandwidth=space.memory_bandwidth,
     )
+
+
+def trial_budget(budget: TrialBudget, plan: Plan) -> TrialBudget:
+    """The trial's budget, with a longer limit for compile modes that benchmark kernels."""
+    cfg = plan.strategy_configs().get("compile")
+    if cfg is not None and cfg.mode.startswith("max-autotune"):
+        return dataclasses.replace(budget, timeout_s=budget.timeout_s * AUTOTUNE_TIME_FACTOR)
+    return budget
 
 
 class TrialFailed(Exception):
@@ -133,12 +162,16 @@ class Objective:
         estimate = predict(self.space, plan) if self.space.device_memory else None
         if estimate is not None:
             trial.set_user_attr("predicted_peak_memory_bytes", estimate.peak_memory_bytes)
-            if estimate.step_time_s is not None:
-                trial.set_user_attr("predicted_step_time_s", estimate.step_time_s)
             limit = self.space.device_memory
             if limit and estimate.peak_memory_bytes > MEMORY_HEADROOM * limit:
                 self._prune(trial, plan, f"predicted {estimate.peak_memory_bytes / 2**30:.1f} GiB > {MEMORY_HEADROOM * limit / 2**30:.1f} GiB")
-        result = run_trial(plan, self.budget)
+            if estimate.step_time_s is not None:
+                trial.set_user_attr("predicted_step_time_s", estimate.step_time_s)
+                predicted = tokens_per_step(self.space, plan) / estimate.step_time_s
+                best = _best_value(trial.study)
+                if best is not None and trial.user_attrs.get("role") is None and predicted < SLOW_PRUNE * best:
+                    self._prune(trial, plan, f"predicted {predicted:,.0f} tokens/s < {SLOW_PRUNE:.0%} of the best so far ({best:,.0f})")
+        result = run_trial(plan, trial_budget(self.budget, plan))
         f = result.figures
         trial.set_user_attr("status", f.status)
         trial.set_user_attr("figures", dataclasses.asdict(f))
@@ -160,11 +193,26 @@ class Objective:
         raise optuna.TrialPruned(reason)
 
 
+def tokens_per_step(space: SearchSpace, plan: Plan) -> int:
+    return plan.global_batch() * space.workload.seq_len
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return max((t.value for t in complete), default=None)
+
+
+HEARTBEAT_S = 2
+GRACE_S = 8
+"""A trial whose heartbeat is this old belongs to a dead planner: the next trial started on
+the study (by any planner) marks it failed."""
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if url.startswith(("sqlite", "postgresql", "mysql")):
         # Heartbeats let a resumed search mark the trial a killed planner was running as FAIL.
-        return optuna.storages.RDBStorage(url, heartbeat_interval=5, grace_period=15)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
     return optuna.storages.get_storage(url)
 
 
@@ -231,19 +279,37 @@ def plan_of(trial: optuna.trial.FrozenTrial) -> Plan:
     return planmod.from_dict(trial.user_attrs["plan"])
 
 
-def cost_model_errors(study: optuna.Study) -> list[float]:
-    """Relative error of predicted peak memory against measured, over trials that ran."""
+def cost_model_errors(study: optuna.Study, predicted_key: str = "predicted_peak_memory_bytes", measured_key: str = "peak_memory_bytes") -> list[float]:
+    """Relative error (predicted / measured - 1) of a cost-model prediction, over the trials
+    that ran: peak memory by default, step time with the ``*step_time_s`` keys."""
     errors = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        predicted = t.user_attrs.get("predicted_peak_memory_bytes")
-        measured = (t.user_attrs.get("figures") or {}).get("peak_memory_bytes")
+        predicted = t.user_attrs.get(predicted_key)
+        measured = (t.user_attrs.get("figures") or {}).get(measured_key)
         if predicted and measured:
             errors.append(predicted / measured - 1.0)
     return errors
 
 
-def micro_batch_choices(largest: int) -> tuple[int, ...]:
-    return tuple(b for b in MICRO_BATCHES if b <= largest)
+def accumulation(global_batch: int, micro_batch: int, processes: int) -> int:
+    """Micro-batches per optimizer step that make ``global_batch`` from ``micro_batch`` on
+    each of ``processes`` data-parallel processes."""
+    per_step = micro_batch * processes
+    if global_batch % per_step:
+        raise UserError(f"global batch {global_batch} is not a multiple of micro-batch {micro_batch} x {processes} processes")
+    return global_batch // per_step
+
+
+def micro_batch_choices(largest: int, global_batch: int | None = None, processes: int = 1) -> tuple[int, ...]:
+    """Micro-batches up to ``largest``; under a fixed global batch, those that divide it
+    with at most MAX_ACCUM micro-batches a step."""
+    choices = tuple(b for b in MICRO_BATCHES if b <= largest)
+    if global_batch is None:
+        return choices
+    fits = tuple(b for b in choices if global_batch % (b * processes) == 0 and global_batch // (b * processes) <= MAX_ACCUM)
+    if not fits:
+        raise UserError(f"global batch {global_batch}: no micro-batch of {', '.join(map(str, choices))} divides it over {processes} processes with at most {MAX_ACCUM} micro-batches a step")
+    return fits
 
 
 @dataclass(kw_only=True, slots=True)
@@ -255,6 +321,9 @@ class Summary:
     complete: list[optuna.trial.FrozenTrial] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     memory_errors: list[float] = field(default_factory=list)
+    """Predicted / measured peak memory - 1, per trial that ran."""
+    time_errors: list[float] = field(default_factory=list)
+    """Predicted / measured step time - 1, per trial that ran."""
 
     def speedup(self) -> float | None:
         if not (self.best and self.baseline and self.baseline.value):
@@ -271,5 +340,7 @@ def summarize(study: optuna.Study) -> Summary:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if complete:
         best = max(complete, key=lambda t: t.value)
-    return Summary(best=best, baseline=baseline_trial(study), complete=complete, counts=counts, memory_errors=cost_model_errors(study))
+    return Summary(best=best, baseline=baseline_trial(study), complete=complete, counts=counts, memory_errors=cost_model_errors(study),
+        time_errors=cost_model_errors(study, "predicted_step_time_s", "step_time_s"),
+    )
 

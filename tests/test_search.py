@@ -12,6 +12,7 @@ import pytest
 
 from autotune import costmodel, search
 from autotune import plan as planmod
+from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import LaunchSpec, TrainSpec
 from autotune.strategy import Facts
@@ -100,6 +101,7 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     (name,) = optuna.get_all_study_names(url)
     before = {t.number: t.value for t in optuna.load_study(study_name=name, storage=url).trials if t.state.name == "COMPLETE"}
     assert not out.exists()
+    time.sleep(search.GRACE_S)  # until the killed trial's heartbeat is stale
 
     again = subprocess.run(_plan_cmd(db, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
@@ -141,3 +143,79 @@ def test_costmodel_flops_match_flop_counter():
         trainer.close()
         predicted = costmodel.flops_per_step(trainer.ctx.workload, 2, plan.strategy_configs())
         assert counter.get_total_flops() == predicted, strategies
+
+
+def _phase8_space(**kw) -> search.SearchSpace:
+    workload = load_workload("phase8-small")
+    kw.setdefault("strategies", [])
+    return search.SearchSpace(
+        workload=workload, graph=StrategyGraph(Facts.of(None, workload)),
+        micro_batches=search.micro_batch_choices(128, workload.global_batch), baseline_micro_batch=16,
+        train=TrainSpec(micro_batch_size=1), launch=LaunchSpec(device="cpu"), device_memory=141e9,
+        global_batch=workload.global_batch, **kw,
+    )
+
+
+def test_fixed_global_batch_derives_the_accumulation():
+    space = _phase8_space()
+    assert space.global_batch == 192
+    # 128 does not divide 192; 1 and 2 would need more than MAX_ACCUM micro-batches a step.
+    assert space.micro_batches == (4, 8, 12, 16, 24, 32, 48, 64, 96)
+    for mb in space.micro_batches:
+        plan = search.plan_for(space, mb, [planmod.StrategySpec(name="grad_accum", knobs={"steps": 7})])
+        assert plan.global_batch() == 192 and plan.grad_accum() == 192 // mb
+        assert [s.name for s in plan.strategies] == ["grad_accum"]
+    with pytest.raises(UserError, match="not a multiple of micro-batch 64 x 2 processes"):
+        search.accumulation(192, 64, 2)
+    with pytest.raises(UserError, match="global batch 469: no micro-batch"):
+        search.micro_batch_choices(128, 469)  # 7 x 67: only 1 divides it, 469 times
+
+
+def test_slow_trials_are_pruned_by_the_cost_model(tmp_path):
+    # After a measured 10M tokens/s, a plain fp32 run predicted far slower is never launched.
+    space = _phase8_space(matmul_flops={"fp32": 50e12, "tf32": 300e12, "bf16": 600e12})
+    study = search.open_study("slow", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
+    dist = optuna.distributions.CategoricalDistribution(list(space.micro_batches))
+    study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 48}, distributions={"micro_batch_size": dist}, value=1e7))
+    study.enqueue_trial({"micro_batch_size": 16})
+    search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=2, time_budget=None)
+    trial = study.trials[1]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert "tokens/s < 50% of the best so far (10,000,000)" in trial.user_attrs["error"]
+    assert trial.user_attrs["predicted_step_time_s"] > 0
+
+
+def test_autotuning_compile_modes_get_a_longer_limit():
+    space = _phase8_space()
+    budget = TrialBudget(timeout_s=100)
+    tuned = search.plan_for(space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "max-autotune-no-cudagraphs"})])
+    plain = search.plan_for(space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "default"})])
+    assert search.trial_budget(budget, tuned).timeout_s == 100 * search.AUTOTUNE_TIME_FACTOR
+    assert search.trial_budget(budget, plain).timeout_s == 100
+
+
+def test_matmul_rate_follows_the_precision():
+    assert costmodel.matmul_dtype({}) == "fp32"
+    plan = search.plan_for(_phase8_space(), 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "fp32", "tf32": True})])
+    assert costmodel.matmul_dtype(plan.strategy_configs()) == "tf32"
+    plan = search.plan_for(_phase8_space(), 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "bf16"})])
+    assert costmodel.matmul_dtype(plan.strategy_configs()) == "bf16"
+
+
+def test_expert_priors_on_a_gpu_are_complete_trials():
+    # Every enqueued prior must fix every knob of the strategies it turns on (define-by-run).
+    from autotune import catalog, planner
+
+    from autotune.hardware import HardwareProfile
+
+    space = _phase8_space(strategies=[catalog.get(n) for n in ("precision", "attention", "compile", "vocab_padding", "optimizer")])
+    h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
+    space.graph = StrategyGraph(Facts.of(h200, space.workload))
+    space.launch = LaunchSpec(device="cuda")
+    priors = planner.expert_priors(space)
+    assert [p["micro_batch_size"] for p in priors] == [48, 96, 48]
+    assert priors[2]["compile.mode"] == "reduce-overhead"
+    for params in priors:
+        plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
+        assert {s.name for s in plan.strategies} == {"precision", "attention", "compile", "vocab_padding", "optimizer", "grad_accum"}
+        assert plan.global_batch() == 192

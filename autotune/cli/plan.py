@@ -19,6 +19,7 @@ def plan_command(
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds after which no new trial starts.")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
     study: Annotated[Optional[str], typer.Option(help="Study name (default: workload and hardware fingerprint).")] = None,
+    global_batch: Annotated[Optional[int], typer.Option(help="Samples per optimizer step, kept fixed (default: the workload's recipe; 0: search it too).")] = None,
     sampler: Annotated[str, typer.Option(help="tpe (multivariate, seeded), random or qmc.")] = "tpe",
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     allow_approximate: Annotated[bool, typer.Option(help="Also search strategies that change what is learned.")] = False,
@@ -48,7 +49,7 @@ def plan_command(
         raise UserError("--trial-steps, --warmup-steps and --trial-timeout must be positive")
     settings = planner.PlanSettings(
         workload=workload, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
-        sampler=sampler, seed=seed, allow_approximate=allow_approximate, out=out, profile=profile, device=device,
+        global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, out=out, profile=profile, device=device,
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
         command=shlex.join(["autotune", *ARGS]),
     )

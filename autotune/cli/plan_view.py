@@ -23,7 +23,7 @@ class TrialTable:
 
     def row(self, trial: Any, plan: Any, result: Any, status: str) -> None:
         if not self.header_done:
-            self.console.print(f"{'trial':>5} {'status':<11} {'tokens/s':>12} {'best':>12} {'mem GiB':>8} {'pred GiB':>8} {'mb':>4}  strategies")
+            self.console.print(f"{'trial':>5} {'status':<11} {'tokens/s':>12} {'best':>12} {'mem GiB':>8} {'pred GiB':>8} {'batch':>8}  strategies")
             self.header_done = True
         f = result.figures if result is not None else None
         tps = f.tokens_per_s if f is not None and f.status == "ok" else None
@@ -36,9 +36,17 @@ class TrialTable:
         self.console.print(
             f"{trial.number:>5} {status:<11} {tps or 0:>12,.0f} {self.best or 0:>12,.0f} "
             f"{_gib(f.peak_memory_bytes if f else None):>8} {_gib(trial.user_attrs.get('predicted_peak_memory_bytes')):>8} "
-            f"{plan.train.micro_batch_size:>4}  {strategies}{why}",
+            f"{f'{plan.train.micro_batch_size}x{plan.grad_accum()}':>8}  {strategies}{why}",
             highlight=False,
         )
+
+
+def error_distribution(errors: list[float]) -> str:
+    """Median, 90th percentile and worst of |predicted / measured - 1|, and the signed range."""
+    absolute = sorted(abs(e) for e in errors)
+    p90 = absolute[min(len(absolute) - 1, round(0.9 * (len(absolute) - 1)))]
+    return (f"median |error| {absolute[len(absolute) // 2]:.1%}, p90 {p90:.1%}, max {absolute[-1]:.1%} "
+            f"(signed {min(errors):+.1%} .. {max(errors):+.1%})")
 
 
 def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: Path) -> None:
@@ -53,15 +61,16 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"trials: {counts}")
-    if summary.memory_errors:
-        errs = sorted(abs(e) for e in summary.memory_errors)
-        console.print(f"cost model, peak memory vs measured over {len(errs)} trials: median |error| {errs[len(errs) // 2]:.1%}, max {errs[-1]:.1%}")
+    for what, errors in (("peak memory", summary.memory_errors), ("step time", summary.time_errors)):
+        if errors:
+            console.print(f"cost model, {what} vs measured over {len(errors)} trials: {error_distribution(errors)}", highlight=False)
     excluded = space.graph.excluded() | space.left_out
     if excluded:
         console.print("excluded strategies:")
         for name, reason in sorted(excluded.items()):
             console.print(f"  {name}: {reason}", highlight=False)
     m, b = plan.measured, plan.baseline
+    console.print(f"global batch {plan.global_batch()} samples a step: micro-batch {plan.train.micro_batch_size} x {plan.grad_accum()} accumulated x {plan.launch.nproc_per_node * plan.launch.nnodes} processes", highlight=False)
     line = f"plan written: {path}  measured {m.tokens_per_s or 0:,.0f} tokens/s ({m.status})"
     if b is not None and b.tokens_per_s and m.tokens_per_s:
         line += f", baseline {b.tokens_per_s:,.0f} tokens/s: {m.tokens_per_s / b.tokens_per_s:.2f}x"

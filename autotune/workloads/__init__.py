@@ -43,6 +43,10 @@ class Workload:
     """What strategies may rely on (see the module docstring)."""
     config: Any = None
     """The model config when there is one (GPTConfig for presets), for the cost model."""
+    global_batch: int | None = None
+    """Samples per optimizer step over all processes that the recipe trains with. The planner
+    keeps it fixed and searches only how to split it (micro-batch x accumulation x data
+    parallel), so every plan learns what the recipe learns; None lets the search choose."""
 
 
 # Presets. Arithmetic: N_matmul = 12 L d^2 (+ V d for the tied head).
@@ -56,6 +60,12 @@ PRESETS: dict[str, dict[str, int]] = {
     # ~1.0B: 18 x 12 x 2048^2 = 906M block params + 103M head.
     "gpt-1b": dict(vocab_size=50257, seq_len=2048, d_model=2048, n_layers=18, n_heads=16),
 }
+
+# The recipes' global batch (samples per optimizer step). GPT-2 small trains on 0.5M tokens
+# a step (nanoGPT: 480 x 1024); gpt-1b the same tokens at seq 2048. phase8-small takes 192 x
+# 1024 = 196k tokens, a batch its 50M parameters train well with, and 192 is a multiple of
+# every micro-batch up to 96 (12, 24, 48 and 64 included). tiny: 64 x 128 = 8k tokens.
+GLOBAL_BATCH: dict[str, int] = {"tiny": 64, "phase8-small": 192, "gpt2-124m": 480, "gpt-1b": 256}
 
 
 def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
@@ -78,6 +88,7 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
         seq_len=cfg.seq_len,
         structure=GPT_STRUCTURE,
         config=cfg,
+        global_batch=GLOBAL_BATCH[name],
     )
 
 
