@@ -12,6 +12,7 @@ the same search.
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ SLOW_PRUNE = 0.5
 measured so far. The step-time model is coarse (no memory-bound terms but the optimizer),
 hence the wide margin: it removes fp32 eager runs once a compiled bf16 trial has run, not
 close calls."""
+MIN_TRIAL_S = 10.0
+"""The shortest limit a trial is started with when the time budget is nearly spent."""
 AUTOTUNE_TIME_FACTOR = 3.0
 """Compile modes that benchmark kernels (max-autotune) get this many times the trial's
 time limit: their first compilation of a shape takes minutes, later ones hit the cache."""
@@ -149,6 +152,9 @@ class Objective:
     budget: TrialBudget
     on_result: Callable[[optuna.Trial, Plan, TrialResult | None, str], None] | None = None
     """Called after each trial (for the live table)."""
+    deadline: float | None = None
+    """time.monotonic() at which the search's time budget ends: a trial gets at most the time
+    left (and is recorded as a timeout if it needs more), so the budget bounds the search."""
 
     def __call__(self, trial: optuna.Trial) -> float:
         plan = suggest_plan(trial, self.space)
@@ -171,7 +177,11 @@ class Objective:
                 best = _best_value(trial.study)
                 if best is not None and trial.user_attrs.get("role") is None and predicted < SLOW_PRUNE * best:
                     self._prune(trial, plan, f"predicted {predicted:,.0f} tokens/s < {SLOW_PRUNE:.0%} of the best so far ({best:,.0f})")
-        result = run_trial(plan, trial_budget(self.budget, plan))
+        budget = trial_budget(self.budget, plan)
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
+        result = run_trial(plan, budget)
         f = result.figures
         trial.set_user_attr("status", f.status)
         trial.set_user_attr("figures", dataclasses.asdict(f))
@@ -253,6 +263,8 @@ def optimize(study: optuna.Study, objective: Objective, *, trials: int | None, t
         if done >= trials:
             return
         callbacks.append(optuna.study.MaxTrialsCallback(trials, states=states))
+    if time_budget is not None:
+        objective = dataclasses.replace(objective, deadline=time.monotonic() + time_budget)
     study.optimize(
         objective,
         n_trials=None if trials is None else trials * 4,  # pruned-before-launch trials are cheap
