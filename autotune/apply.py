@@ -56,6 +56,7 @@ def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
     if unordered:
         raise UserError(f"strategy {sorted(unordered)[0]} has no place in the order of application")
     check_processes(ctx.world_size, chosen)
+    check_settings(chosen)
     for name in ORDER:
         if name not in chosen:
             continue
@@ -69,3 +70,14 @@ def check_processes(world_size: int, chosen: Any) -> None:
     """A run of several processes must split its work with one of DISTRIBUTING."""
     if world_size > 1 and not set(chosen) & set(DISTRIBUTING):
         raise UserError(f"a run of {world_size} processes needs one of the strategies {', '.join(DISTRIBUTING)} (or launch.nproc_per_node 1)")
+
+
+def check_settings(chosen: dict[str, Any]) -> None:
+    """Refuse settings of two strategies that cannot run together, with a one-line UserError
+    naming the rule: each strategy may declare ``check_with(chosen)`` for the settings
+    its own knobs exclude in the others (compile's CUDA graphs exclude accumulation). Whole
+    strategies that conflict are graph edges instead."""
+    for name in chosen:
+        check = catalog.get(name).check_with
+        if check is not None:
+            check(chosen)

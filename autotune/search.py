@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 
 from autotune import costmodel
+from autotune.apply import check_settings
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
@@ -29,7 +30,7 @@ from autotune.strategy import Knob, Strategy
 from autotune.trial import TrialBudget, TrialResult, run_trial
 from autotune.workloads import Workload
 
-MICRO_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+MICRO_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MAX_ACCUM = 64  # more micro-batches a step than this only ever loses: each trial times 3+ steps
 MEMORY_HEADROOM = 0.92  # prune a trial predicted to use more than this share of the device
 SLOW_PRUNE = 0.5
@@ -162,6 +163,7 @@ class Objective:
         names = [s.name for s in plan.strategies]
         try:
             self.space.graph.check(names)
+            check_settings(plan.strategy_configs())
         except UserError as e:
             self._prune(trial, plan, f"illegal: {e}")
         # Device memory only: on a CPU the measured peak is the whole process's resident set.

@@ -88,6 +88,10 @@ class Strategy:
     """Search ranges of the config's fields."""
     issue: str = ""
     """For a strategy not yet implemented: where its implementation is tracked."""
+    check_with: Callable[[dict[str, Any]], None] | None = None
+    """Refuses (UserError naming the rule) settings of other strategies that this one's
+    settings cannot run with, given every chosen strategy's typed config by name. Whole
+    strategies that conflict are ``conflicts`` instead."""
 
     @property
     def implemented(self) -> bool:

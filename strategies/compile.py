@@ -6,11 +6,12 @@ the order of floating-point reductions: an exact strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from autotune.context import TrainContext
+from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
 
 
@@ -43,7 +44,34 @@ def apply_compile(ctx: TrainContext, cfg: CompileConfig) -> None:
         # Recorded so that a wrapper applied later (DDP) compiles around itself instead.
         ctx.compile_options = {"mode": cfg.mode, "fullgraph": cfg.fullgraph}
         ctx.forward = torch.compile(ctx.forward, **ctx.compile_options)
+    if cfg.mode == "reduce-overhead":
+        ctx.forward = _CudaGraphStep(ctx.forward)
     ctx.notes.append(f"compile {cfg.scope} mode={cfg.mode}")
+
+
+class _CudaGraphStep:
+    """Calls the forward as one step of CUDA graph trees: marks the step's start (so the
+    previous micro-batch's buffers may be reused) and clones the loss out of the graph's
+    memory, which the next replay overwrites while the loop still holds the loss."""
+
+    def __init__(self, forward: Any) -> None:
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.forward(*args, **kwargs).clone()
+
+
+def check_compile_with(chosen: dict[str, Any]) -> None:
+    """Settings of other strategies that compile's settings cannot run with."""
+    cfg = chosen.get("compile")
+    accum = getattr(chosen.get("grad_accum"), "steps", 1)
+    if cfg is not None and cfg.mode == "reduce-overhead" and accum > 1:
+        raise UserError(
+            "compile mode reduce-overhead cannot run with gradient accumulation: CUDA graph trees hand a "
+            "backward graph's output buffer to .grad and overwrite it at the next micro-batch, silently "
+            "(pytorch/pytorch#169545); use mode default or max-autotune-no-cudagraphs"
+        )
 
 
 STRATEGY = Strategy(
@@ -52,6 +80,7 @@ STRATEGY = Strategy(
     exact=True,
     config=CompileConfig,
     apply=apply_compile,
+    check_with=check_compile_with,
     knobs=(
         Knob(name="mode", choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead")),
         Knob(name="scope", choices=("model", "blocks")),
