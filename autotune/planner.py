@@ -138,8 +138,8 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     """What a careful engineer tries first, enqueued as the trials after the baseline (an
     Optuna warm start; TPE then searches around whichever measures best).
 
-    On a GPU: bf16 + flash SDPA + compile + padded vocab + fused AdamW at micro-batch 48 (the
-    hand-tuned phase8-small setting) and the same at micro-batch 96 (CUDA graphs are left to
+    On a GPU: bf16 + cuDNN (else flash) SDPA + compile + padded vocab + fused AdamW at
+    micro-batch 48 (the hand-tuned phase8-small setting, with flash) and the same at micro-batch 96 (CUDA graphs are left to
     the search: they cannot run with accumulation, see strategies/compile.py). On a CPU: bf16 autocast (1.15x on tiny with
     AVX512-BF16, measured on the dev machine), and the largest micro-batch."""
     usable = {s.name for s in space.strategies}
@@ -150,9 +150,13 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
             bf16 = params | {"precision": True} | _with_defaults("precision", {"precision.dtype": "bf16", "precision.tf32": False})
             priors.insert(0, bf16 | {"micro_batch_size": space.baseline_micro_batch})
         return priors
+    # cuDNN's attention measured 1.049x flash's on phase8-small at micro-batch 96 on an H200
+    # (bench/results/ab/attention_ab_h200.jsonl); flash where cuDNN's is excluded.
+    excluded = space.graph.excluded_choices("attention").get("backend", {})
+    backend = next((b for b in ("cudnn", "flash") if b not in excluded), "flash")
     wanted = {
         "precision": {"precision.dtype": "bf16", "precision.tf32": True},
-        "attention": {"attention.backend": "flash"},
+        "attention": {"attention.backend": backend},
         "compile": {"compile.mode": "default", "compile.scope": "model"},
         "vocab_padding": {"vocab_padding.multiple": 64},
         "optimizer": {"optimizer.implementation": "fused"},
