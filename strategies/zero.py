@@ -43,8 +43,8 @@ parallelism nor ``torch.distributed.pipelining`` (DeepSpeed's own pipeline engin
 stage 1 at most). It is applied last: the engine is built from the accumulation count.
 
 On the CPU, DeepSpeed's CPU accelerator builds a C++ shared-memory op at its first start
-(about 25 s on 2 cores, cached afterwards in ~/.cache/torch_extensions), and optimizer offload
-builds DeepSpeedCPUAdam the same way (about 40 s).
+(about 20 s on 2 cores, cached afterwards in ~/.cache/torch_extensions), and optimizer offload
+builds DeepSpeedCPUAdam the same way (about 30 s).
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ __all__ = ["pytest_generate_tests"]  # the suite's hook: one test item per case
 pytestmark = pytest.mark.slow
 
 WORKER_TIMEOUT_S = 420
-"""The worker trains 16 short runs in 2 processes: about 25 s on 2 cores, plus about 65 s on a
+"""The worker trains 16 short runs in 2 processes: about 30 s on 2 cores, plus about 50 s on a
 machine where DeepSpeed has not yet built its CPU ops (~/.cache/torch_extensions)."""
 FAIL_WITHIN_S = 60
 """A run whose rank fails must have ended within this (start-up included)."""
