@@ -37,11 +37,12 @@ ORDER = (
     # data-parallel wrappers last: they hold the final parameters.
     "ddp",
     "fsdp2",
-    "zero",
-    # loop, optimizer and loader settings touch no module; their place does not matter.
+    # loop, optimizer and loader settings touch no module; their place does not matter,
     "grad_accum",
     "optimizer",
     "dataloader",
+    # but for zero's: DeepSpeed's engine is built from the accumulation count, so it comes last.
+    "zero",
 )
 
 

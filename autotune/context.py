@@ -2,7 +2,9 @@
 
 Strategies never reach into the training loop; they change this context (wrap the model,
 set the autocast dtype, the accumulation count, optimizer options), and the loop in
-``autotune.train`` reads it. Fields default to the plain baseline.
+``autotune.train`` reads it. Fields default to the plain baseline. A strategy whose engine
+owns backward and the optimizer step (DeepSpeed's ZeRO; a pipeline schedule) hands the loop
+its step instead (``train_step``), and may save its state itself (``save_state``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -21,6 +24,12 @@ from autotune import schema
 from autotune.errors import UserError
 from autotune.strategy import Facts, Strategy, unmet_needs
 from autotune.workloads import Workload
+
+if TYPE_CHECKING:
+    from autotune.plan import TrainSpec
+
+MicroBatch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+"""The current step's micro-batch ``i`` as (inputs, targets), on the device."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,6 +66,23 @@ class TrainContext:
     sharded_state: bool = False
     """Model and optimizer state are sharded over the ranks (FSDP2): checkpoints are written
     and read by every rank through torch.distributed.checkpoint."""
+    spec: TrainSpec | None = None
+    """The plan's training settings (micro-batch, AdamW, clipping), for a strategy that
+    builds the optimizer and step itself; the Trainer sets it."""
+    train_step: Callable[[MicroBatch, float], torch.Tensor] | None = None
+    """A strategy that owns forward, backward and the optimizer step: the loop calls it once
+    per step with the step's micro-batches and learning rate, instead of its own micro-batch
+    loop, clipping and AdamW step; it returns the step's mean loss (the mean over the
+    micro-batches, still on the device). None: the loop's own step."""
+    optimizer: Any = None
+    """The optimizer, when the strategy owning the step built it (its param groups are what
+    the schedule's learning rate is set on). None: the Trainer builds AdamW."""
+    save_state: Callable[[Path], None] | None = None
+    """Write the model and optimizer state into a checkpoint directory, called by every rank
+    and returning once it is all written, instead of torch.distributed.checkpoint
+    (``sharded_state`` must be on); ``load_state`` reads it back. None: DCP."""
+    load_state: Callable[[Path], None] | None = None
+    """Read back what ``save_state`` wrote (every rank)."""
     notes: list[str] = field(default_factory=list)
     """What the strategies did, for the run log."""
 

@@ -152,10 +152,10 @@ class Trainer:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         model = workload.build_model().to(self.device)
-        self.ctx = TrainContext(workload=workload, device=self.device, model=model, rank=rank, world_size=world_size)
+        self.ctx = TrainContext(workload=workload, device=self.device, model=model, rank=rank, world_size=world_size, spec=self.spec)
         apply_strategies(self.ctx, configs)
 
-        self.optimizer = make_optimizer(self.ctx.model, self.spec, self.device, self.ctx.optimizer_options)
+        self.optimizer = self.ctx.optimizer if self.ctx.optimizer is not None else make_optimizer(self.ctx.model, self.spec, self.device, self.ctx.optimizer_options)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.ctx.grad_scaler)
         self.params = [p for p in self.ctx.model.parameters() if p.requires_grad]
         self.batches = self._make_batches(data_dir)
@@ -197,6 +197,8 @@ class Trainer:
         """One optimizer step (all micro-batches). Returns the mean loss, still on the device."""
         ctx, opt = self.ctx, self.optimizer
         lr = lr_at(step, self.spec)
+        if ctx.train_step is not None:  # a strategy's engine owns the step (see TrainContext)
+            return ctx.train_step(lambda micro: self.batches.get(step, micro), lr)
         for group in opt.param_groups:
             group["lr"] = lr
         total = None
@@ -511,7 +513,8 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
 
     A whole model (one process, or DDP's identical replicas) goes into ``step_XXXXXXXX.pt``,
     written by rank 0 (temporary file, fsync, rename). Sharded state (FSDP2) goes into a
-    directory ``step_XXXXXXXX/`` that every rank writes through torch.distributed.checkpoint.
+    directory ``step_XXXXXXXX/`` that every rank writes through torch.distributed.checkpoint,
+    or through the strategy's own engine (``ctx.save_state``: DeepSpeed).
     Every rank calls this, and returns once the checkpoint is complete.
     """
     if trainer.ctx.sharded_state:
@@ -545,7 +548,10 @@ def _save_sharded(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()  # no rank writes into tmp before it is fresh
     # Returns on every rank once all shards and the coordinator's .metadata are written.
-    dcp.save(trainer.sharded_state_dict(), checkpoint_id=tmp)
+    if trainer.ctx.save_state is not None:
+        trainer.ctx.save_state(tmp)
+    else:
+        dcp.save(trainer.sharded_state_dict(), checkpoint_id=tmp)
     if main:
         buf = io.BytesIO()
         torch.save(trainer.extra_state(step), buf)
@@ -593,9 +599,12 @@ def _load_sharded(trainer: Trainer, path: Path) -> int:
 
     meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
     _check_format(meta)
-    state = trainer.sharded_state_dict()
-    dcp.load(state, checkpoint_id=path)
-    trainer.load_sharded_state_dict(state)
+    if trainer.ctx.load_state is not None:
+        trainer.ctx.load_state(path)
+    else:
+        state = trainer.sharded_state_dict()
+        dcp.load(state, checkpoint_id=path)
+        trainer.load_sharded_state_dict(state)
     return trainer.load_extra_state(meta)
 
 

@@ -1,21 +1,73 @@
-"""ZeRO through DeepSpeed: optimizer state (stage 1), gradients too (stage 2) or parameters
-too (stage 3) sharded across processes, optionally offloaded to the CPU. Each process still
-takes the step of the global batch's mean gradient: an exact strategy.
+"""ZeRO through DeepSpeed's own engine: optimizer state (stage 1), gradients too (stage 2) or
+parameters too (stage 3) sharded across processes, the optimizer state and step optionally
+offloaded to the CPU (ZeRO-Offload), and the parameters too under stage 3 (ZeRO-Infinity's
+CPU tier). Each process still takes the step of the global batch's mean gradient, clipped by
+its global norm, with the plan's AdamW: an exact strategy.
 
-Declared, not implemented yet (issue 6). It needs the deepspeed package, CUDA and two or more
-processes. DeepSpeed's engine owns the model, the gradients and the optimizer step, so it
-excludes the torch data-parallel wrappers (DDP, FSDP2) and combines with neither torch's
-DTensor tensor parallelism nor ``torch.distributed.pipelining`` (DeepSpeed's own pipeline
-engine takes stage 1 at most).
+What runs where. ``apply_zero`` generates DeepSpeed's JSON config from the plan
+(:func:`ds_config`: micro-batch, accumulation, clipping, the ZeRO section, AdamW with the
+plan's betas and weight decay) and builds the engine with ``deepspeed.initialize`` inside the
+process group that ``autotune.distributed.join`` made (DeepSpeed wraps it: NCCL on CUDA, gloo
+on DeepSpeed's CPU accelerator, chosen with ``DS_ACCELERATOR=cpu`` for a CPU run only). The
+config is kept in ``ctx.notes`` and written into every checkpoint as ``deepspeed_config.json``.
+The engine owns backward and the optimizer step, so it hands the loop its step
+(``ctx.train_step``): per micro-batch the forward under the loop's autocast,
+``engine.backward(loss)`` (which divides by the accumulation count) and ``engine.step()``
+(which reduces, clips, steps and zeroes the gradients at the accumulation boundary only); the
+schedule's learning rate is set on the engine's optimizer's param groups before each step.
+
+Precision. DeepSpeed keeps fp32 weights and the forward runs under the loop's
+``torch.autocast`` exactly as the plain run's does, so bf16 here is the plain bf16 run's maths.
+DeepSpeed's own ``bf16`` mode was not taken: it casts the whole model to bf16 (norms, softmax
+and the loss included, not only matmul inputs), and its ``torch_autocast`` mode reduces
+gradients in bf16, both further from the baseline than rounding of the matmul inputs. The
+price: gradients are reduced and stage-3 parameters gathered in fp32, twice bf16's bytes.
+fp16 is refused: it needs a loss scaler, and DeepSpeed's own dynamic scaler is another
+scaler than the plain run's GradScaler.
+
+The optimizer. AdamW groups as the executor's (weight decay on matrices only) go to
+DeepSpeed as ``model_parameters``; the config's optimizer is ``AdamW`` with ``torch_adam``
+(torch.optim.AdamW, foreach: no extension to build) or, under optimizer offload,
+DeepSpeedCPUAdam (the C++ CPU Adam that ZeRO-Offload is made for, built on first use). So the
+``optimizer`` strategy (which picks torch's implementation) conflicts.
+
+Checkpoints are DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` (every rank writes
+its partition) in the executor's ``step_XXXXXXXX/`` directories (``ctx.sharded_state`` with
+``ctx.save_state``), beside ``meta.pt`` with the step and RNG state; DeepSpeed's
+``zero_to_fp32.py``, copied there, makes one fp32 state dict of them.
+
+It needs the deepspeed package and two or more processes (CUDA or the CPU). DeepSpeed's
+engine owns the model, the gradients and the optimizer step, so it excludes the torch
+data-parallel wrappers (DDP, FSDP2) and combines with neither torch's DTensor tensor
+parallelism nor ``torch.distributed.pipelining`` (DeepSpeed's own pipeline engine takes
+stage 1 at most). It is applied last: the engine is built from the accumulation count.
+
+On the CPU, DeepSpeed's CPU accelerator builds a C++ shared-memory op at its first start
+(about 20 s on 2 cores, cached afterwards in ~/.cache/torch_extensions), and optimizer offload
+builds DeepSpeedCPUAdam the same way (about 30 s).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+import os
+import sys
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
+import torch
+import torch.distributed as dist
+
+from autotune.context import MicroBatch, TrainContext
+from autotune.errors import UserError
 from autotune.strategies.ddp import WRAP_AFTER
 from autotune.strategy import Knob, Needs, Strategy
+
+TAG = "deepspeed"
+"""Sub-directory of a checkpoint directory that DeepSpeed's files go into."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -29,22 +81,122 @@ class ZeroConfig:
 
     def __post_init__(self) -> None:
         if self.offload_params and self.stage != 3:
-            raise ValueError(f"offload_params needs stage 3, got stage {self.stage}")
+            raise ValueError(f"offload_params needs stage 3 (only stage 3 shards parameters), got stage {self.stage}")
+
+
+def ds_config(cfg: ZeroConfig, spec: Any, grad_accum: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config for ``cfg`` under the plan's TrainSpec ``spec``."""
+    zero: dict[str, Any] = {"stage": cfg.stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    adamw: dict[str, Any] = {"lr": spec.lr, "betas": [spec.beta1, spec.beta2], "eps": 1e-8, "weight_decay": spec.weight_decay}
+    if not cfg.offload_optimizer:
+        adamw.update(torch_adam=True, foreach=True)
+    return {
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": spec.grad_clip,
+        # fp32 weights, gradients and reductions; autocast is the loop's (see the docstring).
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        "optimizer": {"type": "AdamW", "params": adamw},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
+    ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and install deepspeed")
+    if ctx.grad_scaler:
+        raise UserError("zero with precision fp16 is not supported: DeepSpeed would scale the loss with its own scaler, not the plain run's; use bf16")
+    if ctx.forward is not ctx.model:
+        raise UserError("zero hands the model itself to DeepSpeed's engine; compile it block by block (compile scope blocks), not as a whole")
+    if ctx.spec is None:
+        raise UserError("zero builds DeepSpeed's engine from the plan's training settings, which this context lacks")
+    deepspeed = _import_deepspeed(ctx.device)
+    model, spec = ctx.model, ctx.spec
+    # The executor's AdamW groups (make_optimizer): weight decay on matrices only.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    config = ds_config(cfg, spec, ctx.grad_accum)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints; stdout is autotune's
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config, dist_init_required=False)
+    ctx.forward = engine
+    ctx.optimizer = optimizer
+    ctx.train_step = _step(engine, ctx)
+    ctx.sharded_state = True
+    ctx.save_state = lambda path: _save(engine, config, path)
+    ctx.load_state = lambda path: _load(engine, path)
+    ctx.notes.append(f"zero stage {cfg.stage} over {ctx.world_size} processes through DeepSpeed {deepspeed.__version__}, config {json.dumps(config)}")
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    """deepspeed, its accelerator matching ``device`` and its log on stderr at warnings."""
+    if device.type == "cpu":
+        # This process only: DeepSpeed picks CUDA wherever it finds it, also for a CPU run.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with contextlib.redirect_stdout(sys.stderr):  # its logger's handler takes sys.stdout
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        from deepspeed.utils import logger
+
+        name = get_accelerator().device_name()
+    logger.setLevel(logging.WARNING)
+    if name != device.type:
+        raise UserError(f"DeepSpeed's accelerator is {name}, but the plan trains on {device.type} (set DS_ACCELERATOR={device.type})")
+    return deepspeed
+
+
+def _step(engine: Any, ctx: TrainContext) -> Any:
+    """The loop's step through ``engine``: see ``TrainContext.train_step``."""
+
+    def step(batch: MicroBatch, lr: float) -> torch.Tensor:
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        total = None
+        for micro in range(ctx.grad_accum):
+            x, y = batch(micro)
+            with ctx.autocast():
+                loss = engine(x, y)
+            engine.backward(loss)  # divides by the accumulation count itself
+            engine.step()  # reduces, clips and steps at the accumulation boundary only
+            part = loss.detach() / ctx.grad_accum
+            total = part if total is None else total + part
+        return total
+
+    return step
+
+
+def _save(engine: Any, config: dict[str, Any], path: Path) -> None:
+    engine.save_checkpoint(str(path), tag=TAG, save_latest=False)
+    if dist.get_rank() == 0:
+        (path / "deepspeed_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    dist.barrier()  # every rank's partition is written
+
+
+def _load(engine: Any, path: Path) -> None:
+    loaded, _ = engine.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"{path}: no DeepSpeed checkpoint there")
 
 
 STRATEGY = Strategy(
     name="zero",
-    summary="ZeRO stage 1/2/3 sharding through DeepSpeed, optional CPU offload",
+    summary="ZeRO stage 1/2/3 sharding through DeepSpeed's engine, optional CPU offload",
     exact=True,
     config=ZeroConfig,
-    apply=None,
-    needs=Needs(cuda=True, min_devices=2, modules=("deepspeed",)),
-    conflicts=frozenset({"ddp", "fsdp2", "tensor_parallel", "pipeline_parallel"}),
-    after=WRAP_AFTER - {"tensor_parallel", "pipeline_parallel"},
+    apply=apply_zero,
+    needs=Needs(min_devices=2, modules=("deepspeed",)),
+    conflicts=frozenset({"ddp", "fsdp2", "tensor_parallel", "pipeline_parallel", "optimizer"}),
+    # Last of all: DeepSpeed's engine is built from the accumulation count.
+    after=(WRAP_AFTER - {"tensor_parallel", "pipeline_parallel"}) | {"grad_accum"},
     knobs=(
         Knob(name="stage", choices=(1, 2, 3)),
         Knob(name="offload_optimizer", choices=(True, False)),
         Knob(name="offload_params", choices=(True, False)),
     ),
-    issue="issue 6 (multi-process strategies)",
 )

@@ -138,6 +138,9 @@ class StrategySuite:
     """Knob settings that need what a machine without a GPU lacks."""
     check_resume: ClassVar[bool] = True
     """Check resume under the first CPU case (it builds three trainers)."""
+    knob_company: ClassVar[dict[str, Any]] = {}
+    """Other knobs each knob's values are parsed with, for a value that is valid only in their
+    company (zero's offload_params needs stage 3)."""
     processes: ClassVar[int] = 1
     """Processes the strategy's CPU cases run with; a multi-process strategy's suite
     (tests/test_distributed.py) trains them under torchrun, overriding the training tests."""
@@ -167,7 +170,7 @@ class StrategySuite:
             assert knob.choices or knob.low <= knob.high, knob
             for value in values:
                 value = int(value) if knob.integer else value
-                assert getattr(s.parse({knob.name: value}), knob.name) == value
+                assert getattr(s.parse({**self.knob_company, knob.name: value}), knob.name) == value
 
     def test_config_round_trips(self) -> None:
         s = self.strategy

@@ -90,7 +90,7 @@ def test_approximate_strategies_are_exactly_the_ones_that_change_what_is_learned
 def test_declared_but_unimplemented_strategies_say_where_they_will_be() -> None:
     for name in MULTI_PROCESS:
         assert catalog()[name].needs.min_devices == 2
-    for name in ("zero", "tensor_parallel", "pipeline_parallel"):
+    for name in ("tensor_parallel", "pipeline_parallel"):
         assert catalog()[name].apply is None
         assert catalog()[name].issue == "issue 6 (multi-process strategies)"
     for name in ("int8", "fp8", "moe", "sparse_attention", "triton_kernels", "tpu"):

@@ -121,10 +121,14 @@ def flops_per_token(model: Any, workload: Workload) -> int:
     the GPT), else 6 x parameters that are not embedding tables."""
     if hasattr(model, "flops_per_token"):
         return int(model.flops_per_token())
+    import math
+
     import torch
 
+    from autotune.workloads.gpt import param_shape
+
     embeds = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    n = sum(p.numel() for p in model.parameters() if id(p) not in embeds)
+    n = sum(math.prod(param_shape(p)) for p in model.parameters() if id(p) not in embeds)
     return 6 * n
 
 

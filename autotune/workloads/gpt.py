@@ -146,10 +146,17 @@ class GPT(nn.Module):
         """Weights that take part in a matmul per token: blocks plus the output head (the
         embedding lookup and position table are not matmuls; padded head rows do no work
         of the model)."""
-        blocks = sum(p.numel() for b in self.blocks for p in b.parameters() if p.dim() == 2)
+        shapes = [param_shape(p) for b in self.blocks for p in b.parameters()]
+        blocks = sum(math.prod(shape) for shape in shapes if len(shape) == 2)
         return blocks + self.cfg.vocab_size * self.cfg.d_model
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token, PaLM appendix B: 6 N + 12 L d T (forward + backward)."""
         c = self.cfg
         return 6 * self.matmul_params() + 12 * c.n_layers * c.d_model * c.seq_len
+
+
+def param_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also after ZeRO stage 3 partitioned it away (DeepSpeed leaves an
+    empty tensor in the module and keeps the shape in ``ds_shape``)."""
+    return getattr(p, "ds_shape", p.shape)
