@@ -67,6 +67,8 @@ def mesh_shape(world: int, chosen: Mapping[str, Any], *, workload: Any = None, m
         raise UserError(f"tp {tp} × pp {pp} = {tp * pp} does not divide {world} processes")
     dp = world // (tp * pp)
     wrappers = [name for name in DATA_PARALLEL if name in chosen]
+    if dp > 1 and pp > 1:
+        raise UserError(f"pp {pp} × tp {tp} leaves {dp} data-parallel groups of {world} processes: pipeline_parallel takes the whole run (degree {world // tp})")
     if dp > 1 and (tp > 1 or pp > 1) and not wrappers:
         raise UserError(
             f"tp {tp} × pp {pp} leaves {dp} data-parallel groups of {world} processes: add ddp or fsdp2, or make tp × pp = {world}"
@@ -82,8 +84,10 @@ def mesh_shape(world: int, chosen: Mapping[str, Any], *, workload: Any = None, m
             raise UserError(f"tensor_parallel degree {tp} does not divide the MLP width {width}")
         if pp > 1 and layers is not None and layers < pp:
             raise UserError(f"pipeline_parallel degree {pp} exceeds the {layers} blocks (a stage needs one at least)")
+    micro = int(_knob(chosen.get("pipeline_parallel"), "microbatches", 4))
+    if pp > 1 and micro < pp:
+        raise UserError(f"pipeline_parallel microbatches {micro} is fewer than its {pp} stages (the pipeline never fills)")
     if pp > 1 and micro_batch_size is not None:
-        micro = int(_knob(chosen.get("pipeline_parallel"), "microbatches", 4))
         if micro_batch_size % micro:
             raise UserError(f"pipeline_parallel microbatches {micro} does not divide the micro-batch size {micro_batch_size}")
     return dp, tp, pp
