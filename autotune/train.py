@@ -285,13 +285,23 @@ class Trainer:
         a load fills in place."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model, optimizer = get_state_dict(self.ctx.model, self.optimizer)
+        model, optimizer = get_state_dict(self.ctx.model, self.optimizer, options=self._state_dict_options())
         return {"model": model, "optimizer": optimizer}
 
     def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(
+            self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=self._state_dict_options()
+        )
+
+    def _state_dict_options(self) -> Any:
+        """Pipeline stages hold different parameters: their optimizer param groups are keyed
+        by parameter name (flattened, as torchtitan saves them), not by a group index that
+        every stage would write with other contents."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=self.ctx.dims.pp > 1)
 
     def extra_state(self, step: int) -> dict[str, Any]:
         """Everything but the model and optimizer: the step, the loss scaler, the RNGs (the
