@@ -1,4 +1,4 @@
-"""Multi-process strategies (DDP, FSDP2) on the CPU: gloo, 2 real processes under torchrun.
+"""Multi-process strategies (DDP, FSDP2, tensor and pipeline parallel) on the CPU: gloo, 2 real processes under torchrun.
 
 Each strategy subclasses the shared suite (tests/strategy_suite.py), whose training tests
 read what one launch of tests/dist_worker.py trained: torchrun starts cost seconds on 2
@@ -21,6 +21,18 @@ gradient. Tolerances, relative, on each of the 10 losses:
   global norm for clipping is summed shard by shard (another order): 0 measured, 1e-5 stated.
 - FSDP2 with bf16 parameters against the fp32 run: bf16 matmul inputs (8 mantissa bits):
   8e-5 measured, 1e-3 stated (as the precision strategy's bf16 case).
+
+Tensor and pipeline parallel of degree 2 over the 2 processes leave one data-parallel group
+(dp 1): both ranks load dp rank 0's batches, so the run that must match is the plain single
+process (``dp1_losses``), its accumulation as in the case.
+
+- TP, with and without sequence parallel: each matmul's inner sum is split in two halves
+  summed by all-reduce or reduce-scatter (another order), the clipping norm summed over
+  plain and DTensor gradients apart: 6.6e-8 measured, 1e-5 stated.
+- PP 1F1B, 4 pieces per micro-batch: the loss is the sum of 4 piece means divided by 4
+  instead of one mean over the micro-batch, gradients summed likewise: 1.3e-7 measured,
+  1e-5 stated. GPipe, 2 pieces, 2 accumulated micro-batches: 6.6e-8 measured, 1e-5 stated.
+- Resume from the DCP checkpoint at step 5, TP and PP: bit for bit (as the others).
 """
 
 from __future__ import annotations
