@@ -87,9 +87,8 @@ def mesh_shape(world: int, chosen: Mapping[str, Any], *, workload: Any = None, m
     micro = int(_knob(chosen.get("pipeline_parallel"), "microbatches", 4))
     if pp > 1 and micro < pp:
         raise UserError(f"pipeline_parallel microbatches {micro} is fewer than its {pp} stages (the pipeline never fills)")
-    if pp > 1 and micro_batch_size is not None:
-        if micro_batch_size % micro:
-            raise UserError(f"pipeline_parallel microbatches {micro} does not divide the micro-batch size {micro_batch_size}")
+    if pp > 1 and micro_batch_size is not None and micro_batch_size % micro:
+        raise UserError(f"pipeline_parallel microbatches {micro} does not divide the micro-batch size {micro_batch_size}")
     return dp, tp, pp
 
 

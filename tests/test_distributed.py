@@ -62,7 +62,7 @@ __all__ = ["pytest_generate_tests"]  # the suite's hook: one test item per case
 pytestmark = pytest.mark.slow
 
 WORKER_TIMEOUT_S = 300
-"""The worker trains 9 short runs in 2 processes: about 10 s on 2 cores."""
+"""The worker trains 19 short runs in 2 processes: about 35 s on 2 cores."""
 FAIL_WITHIN_S = 60
 """A run whose rank fails must have ended within this (start-up included)."""
 
