@@ -7,6 +7,7 @@ from typing import Any
 from autotune import catalog
 from autotune.context import TrainContext
 from autotune.errors import UserError
+from autotune.mesh import mesh_shape
 
 # The order of application, one rule a line. A strategy missing from a plan is skipped.
 ORDER = (
@@ -56,7 +57,7 @@ def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
     unordered = set(chosen) - set(ORDER)
     if unordered:
         raise UserError(f"strategy {sorted(unordered)[0]} has no place in the order of application")
-    check_processes(ctx.world_size, chosen)
+    check_processes(ctx.processes, chosen, workload=ctx.workload)
     check_settings(chosen)
     for name in ORDER:
         if name not in chosen:
@@ -67,10 +68,13 @@ def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
         strategy.apply(ctx, chosen[name])
 
 
-def check_processes(world_size: int, chosen: Any) -> None:
-    """A run of several processes must split its work with one of DISTRIBUTING."""
+def check_processes(world_size: int, chosen: Any, *, workload: Any = None, micro_batch_size: int | None = None) -> None:
+    """A run of several processes must split its work with one of DISTRIBUTING, over a mesh
+    whose dp × tp × pp factorisation holds (``autotune.mesh.mesh_shape``, which names the
+    broken rule); ``workload`` and ``micro_batch_size`` add the model's and the batch's checks."""
     if world_size > 1 and not set(chosen) & set(DISTRIBUTING):
         raise UserError(f"a run of {world_size} processes needs one of the strategies {', '.join(DISTRIBUTING)} (or launch.nproc_per_node 1)")
+    mesh_shape(world_size, chosen, workload=workload, micro_batch_size=micro_batch_size)
 
 
 def check_settings(chosen: dict[str, Any]) -> None:

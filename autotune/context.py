@@ -22,6 +22,7 @@ from torch import nn
 
 from autotune import schema
 from autotune.errors import UserError
+from autotune.mesh import ParallelDims
 from autotune.strategy import Facts, Strategy, unmet_needs
 from autotune.workloads import Workload
 
@@ -53,9 +54,14 @@ class TrainContext:
     loader_options: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the batch loader (prefetch, pin_memory...)."""
     rank: int = 0
-    """This process's rank in the data-parallel group."""
+    """This process's rank in the data-parallel dimension (what the loader shards by)."""
     world_size: int = 1
-    """Processes that share the global batch."""
+    """Data-parallel size: groups that train on different parts of the global batch."""
+    dims: ParallelDims = field(default_factory=ParallelDims)
+    """The run's dp × tp × pp factorisation (autotune.mesh); dims.dp is ``world_size``."""
+    mesh: Any = None
+    """The DeviceMesh of ``dims`` (None for one process); ``autotune.mesh.sub_mesh(mesh,
+    "dp")`` is the data-parallel sub-mesh that ddp / fsdp2 take next to tensor parallel."""
     compile_options: dict[str, Any] | None = None
     """torch.compile's keyword arguments when the whole forward was compiled: a wrapper
     applied later (DDP) compiles around itself with them instead."""
@@ -63,6 +69,16 @@ class TrainContext:
     """Context of one micro-batch's forward and backward, given whether it is the step's
     last: a data-parallel wrapper reduces gradients on the last one only (DDP's no_sync).
     None: always reduce."""
+    forward_backward: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor] | None = None
+    """A strategy that owns a micro-batch's forward and backward sets this (pipeline
+    parallel: the schedule runs them stage by stage; DeepSpeed's engine would too). Called
+    with (inputs, targets, whether it is the step's last micro-batch), it runs the forward
+    and backward with the loss divided by ``grad_accum`` and returns that loss, detached,
+    the same on every rank. None: the loop's own autocast forward and scaled backward."""
+    clip_grads: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None
+    """Clips the gradients of the given parameters to a global norm and returns the norm,
+    where the norm spans more than this process's parameters and DTensors (pipeline stages);
+    None: ``autotune.distributed.clip_grad_norm_``."""
     sharded_state: bool = False
     """Model and optimizer state are sharded over the ranks (FSDP2): checkpoints are written
     and read by every rank through torch.distributed.checkpoint."""
@@ -90,9 +106,14 @@ class TrainContext:
         if self.forward is None:
             self.forward = self.model
 
+    @property
+    def processes(self) -> int:
+        """Processes in the run: dp × tp × pp."""
+        return self.world_size * self.dims.tp * self.dims.pp
+
     def facts(self) -> Facts:
         """This process's device and workload, as a strategy's needs are checked against."""
-        facts = Facts.of(None, self.workload, processes=self.world_size)
+        facts = Facts.of(None, self.workload, processes=self.processes)
         if self.device.type != "cuda":
             return facts
         return dataclasses.replace(

@@ -14,6 +14,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -138,3 +139,47 @@ def reduce_flush(losses: torch.Tensor, stop: bool, world_size: int) -> tuple[tor
     payload = torch.cat([losses.float(), torch.tensor([float(stop)], device=losses.device)])
     dist.all_reduce(payload, op=dist.ReduceOp.SUM)
     return payload[:-1] / world_size, bool(payload[-1].item() > 0)
+
+
+def grad_norm(params: list[torch.Tensor], group: Any = None, skip: frozenset[int] = frozenset()) -> torch.Tensor:
+    """The global L2 norm of the gradients of ``params``, a plain fp32 scalar on every rank.
+
+    Gradients may be plain tensors and DTensors of several meshes at once (tensor parallel
+    leaves the embedding and head whole): DTensors are summed per mesh by DTensor itself
+    (a shard counts once, a replica once), plain tensors locally. ``group``: a process group
+    over which the squared norms of different parameters are summed too (pipeline stages,
+    as torchtitan's ``clip_grad_norm_`` does); ``skip``: ids of parameters left out of the
+    sum (a copy of a tied weight counted on another stage).
+    """
+    from torch.distributed.tensor import DTensor
+
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    plain: list[torch.Tensor] = []
+    for p in params:
+        if p.grad is None or id(p) in skip:
+            continue
+        if isinstance(p.grad, DTensor):
+            by_mesh.setdefault(p.grad.device_mesh, []).append(p.grad)
+        else:
+            plain.append(p.grad)
+    device = next((p.device for p in params), torch.device("cpu"))
+    norms = [torch.nn.utils.get_total_norm(plain, foreach=True)] if plain else []
+    norms += [torch.nn.utils.get_total_norm(grads, foreach=True).full_tensor() for grads in by_mesh.values()]
+    if len(norms) == 1 and group is None:
+        return norms[0]  # torch's clip_grad_norm_ exactly
+    total = torch.stack([n.float() ** 2 for n in norms]).sum() if norms else torch.zeros((), device=device)
+    if group is not None:
+        dist.all_reduce(total, group=group)
+    return total.sqrt()
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, group: Any = None, skip: frozenset[int] = frozenset()) -> torch.Tensor:
+    """Scale the gradients of ``params`` so that their global norm (:func:`grad_norm`) is at
+    most ``max_norm``; returns the norm before clipping. One process, plain tensors: the
+    very maths of ``torch.nn.utils.clip_grad_norm_``."""
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    norm = grad_norm(params, group, skip)
+    with implicit_replication():  # the plain scalar scales DTensor gradients too
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm, foreach=True)
+    return norm

@@ -37,6 +37,7 @@ from autotune.apply import apply_strategies
 from autotune.context import TrainContext
 from autotune.distributed import pick_device
 from autotune.errors import UserError
+from autotune.mesh import ParallelDims, build_mesh, mesh_shape
 from autotune.plan import Plan, TrainSpec
 from autotune.schema import fsync_dir, write_bytes_atomic
 from autotune.workloads import flops_per_token, load_workload
@@ -66,9 +67,23 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    # One group per mesh as well: a foreach kernel takes plain tensors or DTensors of one
+    # mesh, and tensor parallel leaves the embedding and head plain beside DTensor blocks.
+    groups = [{**g, "params": ps} for g in groups for ps in _by_mesh(g["params"])]
     kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
     kwargs.update(options)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
+
+
+def _by_mesh(params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
+    """``params`` split by DTensor mesh (plain tensors first), order kept within each; one
+    list (possibly empty) when all are alike, as before tensor parallel."""
+    from torch.distributed.tensor import DTensor
+
+    lists: dict[Any, list[torch.nn.Parameter]] = {None: []}
+    for p in params:
+        lists.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    return [ps for key, ps in lists.items() if ps or (key is None and len(lists) == 1)]
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype | None, profile_path: str | None) -> tuple[float | None, str | None]:
@@ -99,7 +114,8 @@ def tokens_per_step(plan: Plan) -> int:
     """Tokens of the global batch per optimizer step, computed from the plan alone."""
     accum = plan.grad_accum()
     seq_len = load_workload(plan.workload.name, plan.workload.overrides).seq_len
-    return plan.train.micro_batch_size * seq_len * accum * plan.launch.nproc_per_node * plan.launch.nnodes
+    dp, _, _ = mesh_shape(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs())
+    return plan.train.micro_batch_size * seq_len * accum * dp
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -151,15 +167,28 @@ class Trainer:
         # PyTorch's own defaults, so the plain baseline is plain whatever ran before.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+        # The mesh is checked before a tensor is made; the loader shards by the dp rank.
+        dp, tp, pp = mesh_shape(world_size, configs, workload=workload, micro_batch_size=self.spec.micro_batch_size)
+        dims = ParallelDims(dp=dp, tp=tp, pp=pp)
         model = workload.build_model().to(self.device)
-        self.ctx = TrainContext(workload=workload, device=self.device, model=model, rank=rank, world_size=world_size, spec=self.spec)
+        self.ctx = TrainContext(
+            workload=workload,
+            device=self.device,
+            model=model,
+            rank=dims.coords(rank)[1],
+            world_size=dp,
+            dims=dims,
+            mesh=build_mesh(self.device.type, dims),
+            spec=self.spec,
+        )
         apply_strategies(self.ctx, configs)
 
         self.optimizer = self.ctx.optimizer if self.ctx.optimizer is not None else make_optimizer(self.ctx.model, self.spec, self.device, self.ctx.optimizer_options)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.ctx.grad_scaler)
         self.params = [p for p in self.ctx.model.parameters() if p.requires_grad]
         self.batches = self._make_batches(data_dir)
-        self.tokens_per_step = self.spec.micro_batch_size * workload.seq_len * self.ctx.grad_accum * world_size
+        # The global batch: dp groups of micro-batches (tp ranks and pp stages share theirs).
+        self.tokens_per_step = self.spec.micro_batch_size * workload.seq_len * self.ctx.grad_accum * dp
         self.flops_per_token = flops_per_token(self.ctx.model, workload)
         self.peak_flops, self.peak_source = peak_flops(self.device, self.ctx.autocast_dtype, profile_path)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -204,14 +233,19 @@ class Trainer:
         total = None
         for micro in range(ctx.grad_accum):
             x, y = self.batches.get(step, micro)
-            with ctx.sync_context(micro == ctx.grad_accum - 1):
-                with ctx.autocast():
-                    loss = ctx.forward(x, y) / ctx.grad_accum
-                self.scaler.scale(loss).backward()
+            last = micro == ctx.grad_accum - 1
+            if ctx.forward_backward is not None:  # a strategy owns forward and backward
+                loss = ctx.forward_backward(x, y, last)
+            else:
+                with ctx.sync_context(last):
+                    with ctx.autocast():
+                        loss = ctx.forward(x, y) / ctx.grad_accum
+                    self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         if self.spec.grad_clip > 0:
             self.scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(self.params, self.spec.grad_clip, foreach=True)
+            clip = ctx.clip_grads or distributed.clip_grad_norm_
+            clip(self.params, self.spec.grad_clip)
         self.scaler.step(opt)
         self.scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -254,13 +288,23 @@ class Trainer:
         a load fills in place."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model, optimizer = get_state_dict(self.ctx.model, self.optimizer)
+        model, optimizer = get_state_dict(self.ctx.model, self.optimizer, options=self._state_dict_options())
         return {"model": model, "optimizer": optimizer}
 
     def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(
+            self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=self._state_dict_options()
+        )
+
+    def _state_dict_options(self) -> Any:
+        """Pipeline stages hold different parameters: their optimizer param groups are keyed
+        by parameter name (flattened, as torchtitan saves them), not by a group index that
+        every stage would write with other contents."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(flatten_optimizer_state_dict=self.ctx.dims.pp > 1)
 
     def extra_state(self, step: int) -> dict[str, Any]:
         """Everything but the model and optimizer: the step, the loss scaler, the RNGs (the
@@ -485,7 +529,7 @@ def _due(step: int, interval: int) -> bool:
 def _mfu(trainer: Trainer, tokens_per_s: float | None) -> float | None:
     if tokens_per_s is None or not trainer.peak_flops:
         return None
-    return trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * trainer.ctx.world_size)
+    return trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * trainer.world_size)
 
 
 class _Log:

@@ -41,6 +41,8 @@ def apply_compile(ctx: TrainContext, cfg: CompileConfig) -> None:
         for block in ctx.model.blocks:
             block.compile(mode=cfg.mode, fullgraph=cfg.fullgraph)
     else:
+        if ctx.forward_backward is not None:
+            raise UserError("the forward of this run belongs to a strategy (pipeline_parallel): compile it block by block (compile scope blocks)")
         # Recorded so that a wrapper applied later (DDP) compiles around itself instead.
         ctx.compile_options = {"mode": cfg.mode, "fullgraph": cfg.fullgraph}
         ctx.forward = torch.compile(ctx.forward, **ctx.compile_options)

@@ -51,6 +51,15 @@ CASES: dict[str, tuple[Case, ...]] = {
         # ZeRO-Offload's DeepSpeedCPUAdam and parameters kept on the host: 7e-8 measured.
         Case(knobs={"stage": 3, "offload_optimizer": True, "offload_params": True}, rtol=1e-5),
     ),
+    # tp 2 and pp 2 over 2 processes: dp 1, one process's batches (see test_distributed.py).
+    "tensor_parallel": (
+        Case(knobs={}, rtol=1e-5),  # sequence parallel: 1.3e-7 measured
+        Case(knobs={"sequence_parallel": False}, rtol=1e-5),  # 1.3e-7 measured
+    ),
+    "pipeline_parallel": (
+        Case(knobs={"microbatches": 4}, rtol=1e-5),  # 1f1b: 1.3e-7 measured
+        Case(knobs={"schedule": "gpipe", "microbatches": 2}, base={"grad_accum": {"steps": 2}}, rtol=1e-5),
+    ),
 }
 """Each multi-process strategy's suite cases (2 processes, the suite's tiny model and
 micro-batch 8 per rank), each with the tolerance of its losses against one process."""
@@ -99,6 +108,22 @@ def checks() -> dict[str, Any]:
     out["zero_tokens_per_step"] = t.tokens_per_step
     out["zero_note"] = t.ctx.notes[-1]
     t.close()
+    t = Trainer(plan_of({"tensor_parallel": {}}))
+    out["tp_dims"] = [t.ctx.rank, t.ctx.world_size, t.ctx.dims.tp, t.ctx.dims.pp]
+    out["tp_tokens_per_step"] = t.tokens_per_step
+    out["tp_qkv_local_shape"] = list(t.ctx.model.blocks[0].attn.qkv.weight.to_local().shape)
+    t.close()
+    t = Trainer(plan_of({"pipeline_parallel": {}}))
+    # The modules each stage holds, by the plain model's names.
+    names = sorted({".".join(k.split(".")[: 2 if k.startswith("blocks") else 1]) for k in t.ctx.model.state_dict()})
+    stages: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, names)
+    out["pp_stage_modules"] = stages
+    t.close()
+    try:
+        Trainer(plan_of({"pipeline_parallel": {}, "compile": {}}))
+    except UserError as e:
+        out["pp_whole_compile"] = str(e)
     return out
 
 

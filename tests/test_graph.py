@@ -87,12 +87,9 @@ def test_approximate_strategies_are_exactly_the_ones_that_change_what_is_learned
     assert {name for name, s in catalog().items() if not s.exact} == APPROXIMATE_ONES
 
 
-def test_declared_but_unimplemented_strategies_say_where_they_will_be() -> None:
+def test_multi_process_strategies_need_two_processes_and_the_rest_say_where_they_will_be() -> None:
     for name in MULTI_PROCESS:
         assert catalog()[name].needs.min_devices == 2
-    for name in ("tensor_parallel", "pipeline_parallel"):
-        assert catalog()[name].apply is None
-        assert catalog()[name].issue == "issue 6 (multi-process strategies)"
     for name in ("int8", "fp8", "moe", "sparse_attention", "triton_kernels", "tpu"):
         assert catalog()[name].apply is None
         assert catalog()[name].issue.startswith("roadmap item ")
@@ -103,7 +100,7 @@ def test_conflicts_are_symmetric_in_the_graph() -> None:
     for name in graph.strategies:
         for other in graph.related(name, "conflicts"):
             assert name in graph.related(other, "conflicts")
-    assert graph.related("fsdp2", "conflicts") == ["tpu", "ddp", "zero"]
+    assert graph.related("fsdp2", "conflicts") == ["tpu", "pipeline_parallel", "ddp", "zero"]
     assert "tpu" in graph.related("compile", "conflicts")  # declared by tpu only
 
 
@@ -131,7 +128,8 @@ def test_every_exclusion_on_this_machine_has_a_reason() -> None:
 def test_cpu_exclusions_and_their_reasons() -> None:
     excluded = StrategyGraph(CPU).excluded()
     assert excluded["ddp"] == "needs 2+ processes, this run has 1"
-    assert excluded["tensor_parallel"] == "not implemented yet: issue 6 (multi-process strategies); needs 2+ processes, this run has 1"
+    assert excluded["tensor_parallel"] == "needs 2+ processes, this run has 1"
+    assert excluded["zero"].startswith("needs 2+ processes, this run has 1")
     assert APPROXIMATE in excluded["moe"]
     assert "needs CUDA, none found" in excluded["fp8"]
     assert {"precision", "compile", "grad_accum"}.isdisjoint(excluded)
@@ -149,7 +147,7 @@ def test_h200s_meet_the_needs_of_fp8_and_tp_which_stay_excluded_as_not_implement
     for name in ("fp8", "ddp", "fsdp2", "zero", "tensor_parallel", "pipeline_parallel", "int8", "triton_kernels"):
         assert unmet_needs(graph.strategies[name], H200X2) == [], name
     assert graph.excluded()["fp8"] == "not implemented yet: roadmap item FP8 training, no issue filed yet"
-    assert graph.excluded()["tensor_parallel"] == "not implemented yet: issue 6 (multi-process strategies)"
+    assert {"tensor_parallel", "pipeline_parallel"} <= set(graph.usable())
     assert {"ddp", "fsdp2"} <= set(graph.usable())
     assert graph.excluded_choices("precision") == {}
     assert graph.excluded_choices("attention") == {"backend": {"fa3": "needs the flash_attn_interface package, which does not import here"}}
@@ -189,7 +187,7 @@ def test_a_workload_without_structure_leaves_out_what_needs_it() -> None:
     facts = dataclasses.replace(H200X2, structure=frozenset())
     excluded = StrategyGraph(facts).excluded()
     assert excluded["activation_checkpoint"] == "needs the workload to declare blocks"
-    assert "needs the workload to declare attention, blocks, mlp" in excluded["tensor_parallel"]
+    assert "needs the workload to declare attention, blocks, gpt, mlp" in excluded["tensor_parallel"]
 
 
 def test_requiring_an_excluded_strategy_excludes_transitively() -> None:
@@ -224,6 +222,9 @@ def everything() -> StrategyGraph:
         (["zero", "ddp"], "ddp conflicts with zero"),
         (["fsdp2", "zero", "precision"], "fsdp2 conflicts with zero"),
         (["zero", "pipeline_parallel"], "pipeline_parallel conflicts with zero"),
+        (["ddp", "tensor_parallel"], "tensor_parallel conflicts with ddp"),
+        (["fsdp2", "pipeline_parallel"], "pipeline_parallel conflicts with fsdp2"),
+        (["tensor_parallel", "pipeline_parallel"], "tensor_parallel conflicts with pipeline_parallel"),
         (["int8", "fp8"], "int8 conflicts with fp8"),
         (["attention", "sparse_attention"], "sparse_attention conflicts with attention"),
         (["tpu"], "strategy tpu cannot be used here: needs a TPU through torch_xla, none found"),
@@ -237,7 +238,7 @@ def test_illegal_sets_are_rejected_with_their_reason(everything: StrategyGraph, 
 
 
 def test_legal_sets_pass(everything: StrategyGraph) -> None:
-    for names in ([], ["precision", "compile"], ["fsdp2", "tensor_parallel", "pipeline_parallel", "fp8", "compile"]):
+    for names in ([], ["precision", "compile"], ["fsdp2", "tensor_parallel", "fp8", "compile"], ["pipeline_parallel", "compile"]):
         everything.check(names)
         assert everything.is_legal(names)
 
@@ -363,7 +364,7 @@ def test_cli_json_lists_every_roadmap_optimization(run_cli) -> None:
         assert row["usable"] == (row["reason"] is None)
     precision = {k["name"]: k for k in rows["precision"]["knobs"]}
     assert precision["dtype"]["choices"] == ["fp32", "bf16", "fp16"] and precision["tf32"]["choices"] == [True, False]
-    assert rows["ddp"]["conflicts"] == ["tpu", "fsdp2", "zero"]
+    assert rows["ddp"]["conflicts"] == ["tpu", "tensor_parallel", "pipeline_parallel", "fsdp2", "zero"]
     assert rows["zero"]["needs"]["modules"] == ["deepspeed"] and rows["zero"]["needs"]["min_devices"] == 2
     assert rows["grad_accum"]["knobs"] == [{"name": "steps", "low": 1, "high": 16, "log": True, "integer": True}]
 

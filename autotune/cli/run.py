@@ -85,6 +85,7 @@ def _launch(plan, out: Path | None, resume: bool) -> None:
     from autotune import distributed, train
     from autotune.apply import check_processes
     from autotune.cli import ARGS
+    from autotune.workloads import load_workload
 
     if plan.launch.nnodes > 1:
         raise UserError(
@@ -93,7 +94,8 @@ def _launch(plan, out: Path | None, resume: bool) -> None:
         )
     # Bad input is one line, before any process starts.
     nproc = plan.launch.nproc_per_node
-    check_processes(nproc, plan.strategy_configs())
+    workload = load_workload(plan.workload.name, plan.workload.overrides)
+    check_processes(nproc, plan.strategy_configs(), workload=workload, micro_batch_size=plan.train.micro_batch_size)
     train.check_out_dir(out, resume)
     gpus = torch.cuda.device_count()
     if plan.launch.device != "cpu" and gpus and nproc > gpus:

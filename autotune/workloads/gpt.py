@@ -59,21 +59,27 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: fl
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with one fused qkv projection.
+
+    The fused weight's rows are head-major (Megatron's layout): head h's q, k and v rows are
+    adjacent. A column split of the weight (tensor parallel) then gives every rank whole
+    heads, so the forward reads the head count from the width it gets (``-1`` in the view).
+    """
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.attend: Attend = sdpa_causal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        B, T, _ = x.shape
+        # (B, T, 3 nh hs) -> 3 x (B, nh, T, hs); nh is n_heads / tensor-parallel degree
+        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         y = self.attend(q, k, v, self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh hs)
         return self.proj(y)
 
 
@@ -131,9 +137,13 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.head(self.norm(x))  # (B, T, V), or (B, T, V_padded) with vocab padding
-        V = self.cfg.vocab_size
         if targets is None:
-            return logits[..., :V]
+            return logits[..., : self.cfg.vocab_size]
+        return self.loss(logits, targets)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``logits`` (B, T, V or V_padded) against ``targets`` (B, T)."""
+        V = self.cfg.vocab_size
         if logits.shape[-1] != V:
             # Padded columns leave the softmax as exp(-inf) = 0: the loss and gradients are the
             # unpadded model's. Masking keeps the aligned row width; slicing to V instead was
