@@ -53,9 +53,19 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def torchrun_command(nproc: int, module: str, args: list[str]) -> list[str]:
-    """``python -m torch.distributed.run`` starting ``nproc`` processes of ``python -m module args``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", module, *args]
+def torchrun_command(nproc: int, module: str, args: list[str], launch: Any = None) -> list[str]:
+    """``python -m torch.distributed.run`` starting ``nproc`` processes of ``python -m module
+    args`` on this node: standalone for one node, else joining the rendezvous of ``launch``
+    (a plan's LaunchSpec): c10d at rdzv_endpoint, or, with a node_rank, the static one whose
+    store node 0 serves at that endpoint (ranks then follow the node ranks)."""
+    if launch is None or launch.nnodes == 1:
+        where = ["--standalone"]
+    elif launch.node_rank is None:  # c10d: ranks in the order the nodes arrive
+        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={launch.rdzv_id}"]
+    else:  # static: node r holds ranks r*nproc.., node 0 serves the store at the endpoint
+        host, _, port = launch.rdzv_endpoint.rpartition(":")
+        where = [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}", f"--master-addr={host}", f"--master-port={port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}", "-m", module, *args]
 
 
 @dataclass(kw_only=True, slots=True)

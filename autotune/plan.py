@@ -67,10 +67,23 @@ class LaunchSpec:
     """Nodes (machines) in the run."""
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where to train: auto picks CUDA when present."""
+    rdzv_endpoint: str | None = None
+    """host:port of torchrun's c10d rendezvous, reachable from every node (one of them runs
+    it); needed when nnodes > 1."""
+    rdzv_id: str = "autotune"
+    """Rendezvous id: the nodes of one run share it (another run needs another id)."""
+    node_rank: int | None = None
+    """This node's rank, 0..nnodes-1 (`autotune run --node-rank` sets it per node): a static
+    rendezvous whose store node 0 serves at rdzv_endpoint. None: the c10d rendezvous at
+    rdzv_endpoint ranks the nodes as they arrive."""
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1 or self.nnodes < 1:
             raise ValueError("nproc_per_node and nnodes must be at least 1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"a run of {self.nnodes} nodes needs rdzv_endpoint (host:port of the rendezvous)")
+        if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not in 0..{self.nnodes - 1}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -207,9 +220,11 @@ class Plan:
 
     def global_batch(self) -> int:
         """Samples per optimizer step over all processes: micro-batch x accumulation x the
-        data-parallel processes (every process, until tensor or pipeline parallel split them)."""
-        processes = self.launch.nproc_per_node * self.launch.nnodes
-        return self.train.micro_batch_size * self.grad_accum() * processes
+        data-parallel processes (dp of the mesh: tensor- and pipeline-parallel ranks share a batch)."""
+        from autotune.mesh import mesh_shape
+
+        dp, _, _ = mesh_shape(self.launch.nproc_per_node * self.launch.nnodes, self.strategy_configs())
+        return self.train.micro_batch_size * self.grad_accum() * dp
 
     def to_dict(self) -> dict[str, Any]:
         return schema.to_dict(self)

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from autotune import catalog, search
+from autotune.apply import DISTRIBUTING
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
-from autotune.plan import Figures, LaunchSpec, LossCheck, Plan, TrainSpec
+from autotune.plan import Figures, LaunchSpec, LossCheck, Plan, StrategySpec, TrainSpec
 from autotune.strategy import Facts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial
 from autotune.workloads import Workload, load_workload
@@ -51,6 +52,8 @@ class PlanSettings:
     """Hardware profile of this machine; None: detect quickly (no measurements)."""
     device: str = "auto"
     """auto, cuda or cpu."""
+    cpu_procs: int | None = None
+    """Search runs of up to this many CPU processes (gloo) too; implies device cpu."""
     budget: TrialBudget = dataclasses.field(default_factory=TrialBudget)
     """Steps and time limit of each trial."""
     confirm_factor: int = 3
@@ -71,10 +74,13 @@ def _profile(settings: PlanSettings) -> Any:
 
 
 def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tuple[search.SearchSpace, StrategyGraph]:
-    use_cuda = settings.device != "cpu" and bool(profile.gpus)
+    if settings.cpu_procs is not None and (settings.cpu_procs < 1 or settings.device == "cuda"):
+        raise UserError(f"--cpu-procs {settings.cpu_procs}: expected a positive number of CPU processes (and not --device cuda)")
+    use_cuda = settings.device != "cpu" and settings.cpu_procs is None and bool(profile.gpus)
     if settings.device == "cuda" and not use_cuda:
         raise UserError("--device cuda: no CUDA GPU found on this machine")
-    facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=1)
+    most = len(profile.gpus) if use_cuda else settings.cpu_procs or 1
+    facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=most)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
     left_out = {} if use_cuda else dict(CPU_LEFT_OUT)
     global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
@@ -107,8 +113,23 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
         left_out=left_out,
         global_batch=global_batch,
     )
+    usable = {s.name for s in strategies}
+    for n in _process_counts(most):
+        found = search.layouts(n, usable, graph, workload) if n > 1 else []
+        if n == 1 or found:
+            space.processes += (n,) if n > 1 else ()
+            if found:
+                space.layouts[n] = found
     space.baseline_micro_batch = _baseline_micro_batch(space)
     return space, graph
+
+
+def _process_counts(most: int) -> list[int]:
+    """1, the powers of two below ``most``, and ``most``."""
+    counts = [1]
+    while counts[-1] * 2 < most:
+        counts.append(counts[-1] * 2)
+    return counts + ([most] if most > 1 else [])
 
 
 def _cpu_only(profile: Any) -> Any:
@@ -143,13 +164,13 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     the search: they cannot run with accumulation, see strategies/compile.py). On a CPU: bf16 autocast (1.15x on tiny with
     AVX512-BF16, measured on the dev machine), and the largest micro-batch."""
     usable = {s.name for s in space.strategies}
-    params: dict[str, Any] = {s.name: False for s in space.strategies}
+    params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in DISTRIBUTING}
     if space.launch.device != "cuda":
         priors = [params | {"micro_batch_size": max(space.micro_batches)}]
         if "precision" in usable:
             bf16 = params | {"precision": True} | _with_defaults("precision", {"precision.dtype": "bf16", "precision.tf32": False})
             priors.insert(0, bf16 | {"micro_batch_size": space.baseline_micro_batch})
-        return priors
+        return _with_processes(space, priors)
     # cuDNN's attention measured 1.049x flash's on phase8-small at micro-batch 96 on an H200
     # (bench/results/ab/attention_ab_h200.jsonl); flash where cuDNN's is excluded.
     excluded = space.graph.excluded_choices("attention").get("backend", {})
@@ -170,7 +191,24 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     larger = [b for b in space.micro_batches if first < b <= 2 * first]
     if larger:
         priors.append(params | {"micro_batch_size": max(larger)})
-    return priors
+    return _with_processes(space, priors)
+
+
+def _with_processes(space: search.SearchSpace, priors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Priors of one process pinned to one process; where several are possible, the first
+    prior again over all of them with DDP (the layout that pays first at these sizes)."""
+    if len(space.processes) == 1:
+        return priors
+    out = [p | {"processes": 1} for p in priors]
+    most = max(space.processes)
+    if "ddp" in space.layouts.get(most, []):
+        first = dict(priors[0])
+        first.pop("grad_accum", None)
+        fits = [b for b in space.micro_batches if space.global_batch is None or space.global_batch % (b * most) == 0]
+        if fits:
+            mb = max(b for b in fits if b <= first["micro_batch_size"]) if any(b <= first["micro_batch_size"] for b in fits) else min(fits)
+            out.insert(1, first | {"processes": most, f"layout.{most}": "ddp", "micro_batch_size": mb} | _with_defaults("ddp", {}))
+    return out
 
 
 def _with_defaults(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
@@ -204,10 +242,19 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings) -> tuple[
 def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget) -> LossCheck | None:
     if measured.status != "ok":
         return None
-    # The plain reference keeps the accumulation: it is part of the recipe (the global batch),
-    # so both runs see the same batches in the same steps.
-    plain = dataclasses.replace(plan, strategies=[s for s in plan.strategies if s.name == "grad_accum"])
-    reference = run_trial(plain, budget).figures
+    # The plain reference keeps the global batch (part of the recipe): one process
+    # accumulating what the plan's data-parallel processes train on. With one dp group it sees
+    # the same batches in the same steps; with several, as many other batches of the corpus.
+    dp = plan.global_batch() // (plan.train.micro_batch_size * plan.grad_accum())
+    accum = plan.grad_accum() * dp
+    plain = dataclasses.replace(
+        plan,
+        strategies=[StrategySpec(name="grad_accum", knobs={"steps": accum})] if accum > 1 else [],
+        launch=dataclasses.replace(plan.launch, nproc_per_node=1, nnodes=1),
+    )
+    # Budgets count each process's micro-batches: the reference runs dp times as many, so
+    # that both take the same optimizer steps.
+    reference = run_trial(plain, dataclasses.replace(budget, warmup_steps=budget.warmup_steps * dp, timed_steps=budget.timed_steps * dp)).figures
     if reference.status != "ok":
         return None
     exact = all(catalog.get(s.name).exact for s in plan.strategies)

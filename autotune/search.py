@@ -21,7 +21,8 @@ from typing import Any
 import optuna
 
 from autotune import costmodel
-from autotune.apply import check_settings
+from autotune.apply import DISTRIBUTING, check_settings
+from autotune.mesh import mesh_shape
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
@@ -73,6 +74,11 @@ class SearchSpace:
     """Device memory bandwidth for the cost model."""
     left_out: dict[str, str] = field(default_factory=dict)
     """Usable strategies the planner does not search here, with the reason."""
+    processes: tuple[int, ...] = (1,)
+    """Process counts a trial may use (GPUs of this machine, or --cpu-procs); above one, the
+    trial also picks a layout of the mesh (:func:`layouts`)."""
+    layouts: dict[int, list[str]] = field(default_factory=dict)
+    """Legal layouts per process count > 1, as :func:`layout_name` spells them."""
     global_batch: int | None = None
     """Samples per optimizer step, fixed: a trial chooses the micro-batch and its accumulation
     follows (the grad_accum strategy is then derived, not searched). None: both are searched."""
@@ -88,24 +94,86 @@ def _suggest_knob(trial: optuna.Trial, name: str, knob: Knob, excluded: dict[Any
 
 
 def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
-    """Build a trial's plan from its parameters (the same code replays a FixedTrial)."""
+    """Build a trial's plan from its parameters (the same code replays a FixedTrial).
+
+    Define-by-run: the process count first (when several are possible), then, for several
+    processes, one of the legal layouts of the mesh for that count, whose strategies' knobs
+    follow (their degrees are the layout's); then each single-device strategy on or off, and
+    the knobs of those on."""
     micro_batch = trial.suggest_categorical("micro_batch_size", list(space.micro_batches))
+    processes = trial.suggest_categorical("processes", list(space.processes)) if len(space.processes) > 1 else space.processes[0]
     strategies = []
+    parallel: dict[str, int] = {}
+    if processes > 1:
+        parallel = parse_layout(trial.suggest_categorical(f"layout.{processes}", space.layouts[processes]))
     for strategy in space.strategies:
-        if not trial.suggest_categorical(f"{strategy.name}", [True, False]):
+        if strategy.name in DISTRIBUTING:
+            if strategy.name not in parallel:
+                continue
+        elif not trial.suggest_categorical(f"{strategy.name}", [True, False]):
             continue
         excluded = space.graph.excluded_choices(strategy.name)
-        knobs = {knob.name: _suggest_knob(trial, strategy.name, knob, excluded.get(knob.name, {})) for knob in strategy.knobs}
+        knobs = {}
+        for knob in strategy.knobs:
+            if knob.name == "degree" and strategy.name in parallel:
+                knobs["degree"] = parallel[strategy.name]
+            else:
+                knobs[knob.name] = _suggest_knob(trial, strategy.name, knob, excluded.get(knob.name, {}))
         strategies.append(StrategySpec(name=strategy.name, knobs=knobs))
-    return plan_for(space, micro_batch, strategies)
+    return plan_for(space, micro_batch, strategies, processes)
 
 
-def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec]) -> Plan:
-    """The plan of one trial: the space's shared settings with this micro-batch and these
-    strategies; under a fixed global batch, with the accumulation that completes it."""
+def layout_name(parallel: dict[str, int]) -> str:
+    """A layout as a categorical value: "ddp", "tensor_parallel:2", "fsdp2+tensor_parallel:2"."""
+    return "+".join(name if degree == 0 else f"{name}:{degree}" for name, degree in parallel.items())
+
+
+def parse_layout(name: str) -> dict[str, int]:
+    """The strategies of a layout name, each with its degree (0: a data-parallel wrapper)."""
+    out = {}
+    for part in name.split("+"):
+        strategy, _, degree = part.partition(":")
+        out[strategy] = int(degree or 0)
+    return out
+
+
+def layouts(processes: int, usable: set[str], graph: StrategyGraph, workload: Workload) -> list[str]:
+    """Every legal way to lay ``processes`` out as dp x tp x pp with the usable strategies:
+    tp and pp degrees that divide it, and, where data-parallel groups remain, one of the
+    data-parallel wrappers. Checked by the graph (conflicts) and ``mesh_shape`` (the rules of
+    the mesh and of the model's shape), so every layout a trial picks can run."""
+    from autotune.mesh import DATA_PARALLEL, mesh_shape
+
+    degrees = [1] + [d for d in (2, 4, 8) if processes % d == 0]
+    out = []
+    for tp in degrees if "tensor_parallel" in usable else [1]:
+        for pp in degrees if "pipeline_parallel" in usable else [1]:
+            if processes % (tp * pp):
+                continue
+            model = {name: d for name, d in (("tensor_parallel", tp), ("pipeline_parallel", pp)) if d > 1}
+            wrappers = [w for w in DATA_PARALLEL if w in usable] if processes > tp * pp else [None]
+            for wrapper in wrappers:
+                parallel = ({wrapper: 0} if wrapper else {}) | model
+                chosen = {name: {"degree": d} if d else {} for name, d in parallel.items()}
+                try:
+                    graph.check(list(parallel))
+                    mesh_shape(processes, chosen, workload=workload)
+                except UserError:
+                    continue
+                out.append(layout_name(parallel))
+    return out
+
+
+def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec], processes: int = 1) -> Plan:
+    """The plan of one trial: the space's shared settings with this micro-batch, these
+    strategies and processes; under a fixed global batch, with the accumulation that
+    completes it over the data-parallel processes."""
+    launch = dataclasses.replace(space.launch, nproc_per_node=processes)
     if space.global_batch is not None:
-        processes = space.launch.nproc_per_node * space.launch.nnodes
-        accum = accumulation(space.global_batch, micro_batch, processes)
+        from autotune.mesh import mesh_shape
+
+        dp, _, _ = mesh_shape(processes, {s.name: s.knobs for s in strategies})
+        accum = accumulation(space.global_batch, micro_batch, dp)
         strategies = [s for s in strategies if s.name != "grad_accum"]
         if accum > 1:
             strategies.append(StrategySpec(name="grad_accum", knobs={"steps": accum}))
@@ -114,13 +182,14 @@ def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec
         workload=planmod.WorkloadSpec(name=space.workload.name),
         train=dataclasses.replace(space.train, micro_batch_size=micro_batch),
         strategies=strategies,
-        launch=space.launch,
+        launch=launch,
     )
 
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
-    """The plain run: no strategy on, the default micro-batch."""
-    return {"micro_batch_size": space.baseline_micro_batch} | {s.name: False for s in space.strategies}
+    """The plain run: one process, no strategy on, the default micro-batch."""
+    params = {"micro_batch_size": space.baseline_micro_batch} | {s.name: False for s in space.strategies if s.name not in DISTRIBUTING}
+    return params | ({"processes": 1} if len(space.processes) > 1 else {})
 
 
 def predict(space: SearchSpace, plan: Plan) -> costmodel.Estimate | None:
@@ -158,12 +227,19 @@ class Objective:
     left (and is recorded as a timeout if it needs more), so the budget bounds the search."""
 
     def __call__(self, trial: optuna.Trial) -> float:
-        plan = suggest_plan(trial, self.space)
+        try:
+            plan = suggest_plan(trial, self.space)
+        except UserError as e:  # the micro-batch does not split the global batch over dp
+            trial.set_user_attr("status", "pruned")
+            trial.set_user_attr("error", f"illegal: {e}")
+            raise optuna.TrialPruned(f"illegal: {e}") from None
         trial.set_user_attr("plan", plan.to_dict())
         names = [s.name for s in plan.strategies]
         try:
             self.space.graph.check(names)
             check_settings(plan.strategy_configs())
+            mesh_shape(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs(),
+                       workload=self.space.workload, micro_batch_size=plan.train.micro_batch_size)
         except UserError as e:
             self._prune(trial, plan, f"illegal: {e}")
         # Device memory only: on a CPU the measured peak is the whole process's resident set.

@@ -72,7 +72,7 @@ def trial_command(plan: Plan, plan_path: Path, result_path: Path, budget: TrialB
     nproc = plan.launch.nproc_per_node
     if nproc * plan.launch.nnodes == 1:
         return [sys.executable, "-m", "autotune.trial", *args]
-    return torchrun_command(nproc, "autotune.trial", args)
+    return torchrun_command(nproc, "autotune.trial", args, plan.launch)
 
 
 def run_trial(plan: Plan, budget: TrialBudget, *, workdir: Path | None = None, env: dict[str, str] | None = None) -> TrialResult:

@@ -353,3 +353,34 @@ def test_a_two_process_plan_without_a_parallel_strategy_is_refused_before_launch
         "(or launch.nproc_per_node 1)"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_two_nodes_meet_at_the_plans_rendezvous(tmp_path: Path) -> None:
+    # Two "nodes" of one process each on this machine: each runs the same command, torchrun
+    # joins the c10d rendezvous named in the plan's launch, and they train as one DDP run.
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = two_process_plan(tmp_path, {"ddp": {}})
+    data = json.loads(path.read_text())
+    data["launch"].update(nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id="two-nodes")
+    path.write_text(json.dumps(data))
+    cmds = [[sys.executable, "-m", "autotune", "run", str(path), "--out", str(tmp_path / f"node{r}"), "--steps", "3", "--node-rank", str(r)] for r in (0, 1)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ) for cmd in cmds]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert [r["step"] for r in train.read_log(tmp_path / "node0" / "log.jsonl")] == [0, 1, 2]
+    assert not (tmp_path / "node1" / "log.jsonl").exists()  # global rank 0 alone writes
+
+
+def test_a_plan_of_several_nodes_needs_a_rendezvous(run_cli, tmp_path: Path) -> None:
+    path = two_process_plan(tmp_path, {"ddp": {}})
+    data = json.loads(path.read_text())
+    data["launch"].update(nproc_per_node=1, nnodes=2)
+    path.write_text(json.dumps(data))
+    code, _, err = run_cli("run", str(path))
+    assert code == 2
+    assert "rdzv_endpoint" in err and len(err.strip().splitlines()) == 1

@@ -73,8 +73,10 @@ def test_illegal_and_oversized_trials_are_pruned_before_launch(tmp_path):
 
 
 def _plan_cmd(db, out):
+    # Up to 2 CPU processes: the priors include DDP over both (trial 2), so the study holds a
+    # 2-process trial whatever TPE then picks.
     return [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "5", "--storage", f"sqlite:///{db}",
-            "--out", str(out), "--trial-steps", "6", "--warmup-steps", "2", "--device", "cpu"]
+            "--out", str(out), "--trial-steps", "6", "--warmup-steps", "2", "--cpu-procs", "2"]
 
 
 @pytest.mark.slow
@@ -118,10 +120,12 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     assert plan.loss_check is not None and plan.loss_check.passed
     assert plan.provenance.study == name
 
-    from autotune import train
-
-    summary = train.run(plan, train.RunOptions(steps=3))
-    assert summary.steps_done == 3
+    two = [t for t in study.trials if t.state.name == "COMPLETE" and t.params.get("processes") == 2]
+    assert two and search.plan_of(two[0]).launch.nproc_per_node == 2
+    # autotune run executes the plan as written (under torchrun when it has 2 processes).
+    run = subprocess.run([sys.executable, "-m", "autotune", "run", str(out), "--steps", "3", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout)["steps_done"] == 3
 
 
 def test_costmodel_flops_match_flop_counter():
@@ -218,3 +222,26 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
         plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
         assert {s.name for s in plan.strategies} == {"precision", "attention", "compile", "vocab_padding", "optimizer", "grad_accum"}
         assert plan.global_batch() == 192
+
+
+def test_two_cpu_processes_bring_every_legal_layout_of_the_mesh():
+    from autotune import hardware, planner
+
+    settings = planner.PlanSettings(workload="tiny", cpu_procs=2)
+    space, _ = planner.build_space(settings, hardware.detect(quick=True), load_workload("tiny"))
+    assert space.processes == (1, 2)
+    assert sorted(space.layouts[2]) == ["ddp", "fsdp2", "pipeline_parallel:2", "tensor_parallel:2", "zero"]
+    for layout in space.layouts[2]:
+        params = {"micro_batch_size": 16, "processes": 2, "layout.2": layout} | {s.name: False for s in space.strategies}
+        for name in search.parse_layout(layout):
+            params |= planner._with_defaults(name, {})
+        plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
+        assert plan.launch.nproc_per_node == 2 and plan.global_batch() == 64
+        dp = 1 if ":" in layout else 2  # tp or pp over both processes leaves one batch
+        assert plan.grad_accum() == 64 // (16 * dp), layout
+    baseline = search.suggest_plan(optuna.trial.FixedTrial(search.baseline_params(space)), space)
+    assert baseline.launch.nproc_per_node == 1 and [s.name for s in baseline.strategies] == ["grad_accum"]
+    priors = planner.expert_priors(space)
+    assert [p["processes"] for p in priors] == [1, 2, 1] and priors[1]["layout.2"] == "ddp"
+    with pytest.raises(UserError, match="--cpu-procs 0"):
+        planner.build_space(planner.PlanSettings(workload="tiny", cpu_procs=0), hardware.detect(quick=True), load_workload("tiny"))

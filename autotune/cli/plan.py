@@ -26,6 +26,7 @@ def plan_command(
     out: Annotated[Optional[Path], typer.Option(help="Plan file to write (default plans/<study>.plan.json).")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine (measured rates).")] = None,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    cpu_procs: Annotated[Optional[int], typer.Option(help="Also search runs of up to N CPU processes (gloo, torchrun); implies --device cpu.")] = None,
     trial_steps: Annotated[int, typer.Option(help="Timed steps per trial.")] = 20,
     warmup_steps: Annotated[int, typer.Option(help="Warm-up steps per trial (compilation happens here).")] = 5,
     trial_timeout: Annotated[float, typer.Option(help="Seconds before a trial is killed.")] = 300.0,
@@ -49,7 +50,7 @@ def plan_command(
         raise UserError("--trial-steps, --warmup-steps and --trial-timeout must be positive")
     settings = planner.PlanSettings(
         workload=workload, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
-        global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, out=out, profile=profile, device=device,
+        global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
         command=shlex.join(["autotune", *ARGS]),
     )

@@ -28,6 +28,7 @@ def run_command(
     data: Annotated[Optional[str], typer.Option(help="Data directory (from `autotune data prepare`); overrides the plan.")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine, for measured MFU.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank in a plan of several nodes (default: the rendezvous assigns it).")] = None,
 ) -> None:
     """Train with PLAN: log every step, evaluate, checkpoint, resume."""
     from autotune import distributed
@@ -42,6 +43,10 @@ def run_command(
     if profile is not None and not profile.exists():
         raise UserError(f"profile {profile}: no such file")
     plan = planmod.load(plan_path)
+    if node_rank is not None:
+        if not 0 <= node_rank < plan.launch.nnodes:
+            raise UserError(f"--node-rank {node_rank}: the plan has {plan.launch.nnodes} node(s), ranks 0..{plan.launch.nnodes - 1}")
+        plan.launch.node_rank = node_rank
     if plan.launch.nproc_per_node * plan.launch.nnodes > 1 and distributed.env_world_size() == 1:
         _launch(plan, out, resume)
         return
@@ -87,20 +92,16 @@ def _launch(plan, out: Path | None, resume: bool) -> None:
     from autotune.cli import ARGS
     from autotune.workloads import load_workload
 
-    if plan.launch.nnodes > 1:
-        raise UserError(
-            f"the plan runs on {plan.launch.nnodes} nodes: start `python -m torch.distributed.run --nnodes ... -m autotune run` "
-            "on each node (several nodes are not launched from here yet)"
-        )
     # Bad input is one line, before any process starts.
     nproc = plan.launch.nproc_per_node
     workload = load_workload(plan.workload.name, plan.workload.overrides)
-    check_processes(nproc, plan.strategy_configs(), workload=workload, micro_batch_size=plan.train.micro_batch_size)
+    check_processes(nproc * plan.launch.nnodes, plan.strategy_configs(), workload=workload, micro_batch_size=plan.train.micro_batch_size)
     train.check_out_dir(out, resume)
     gpus = torch.cuda.device_count()
     if plan.launch.device != "cpu" and gpus and nproc > gpus:
         raise UserError(f"the plan runs {nproc} processes on CUDA, one per GPU, but this machine has {gpus} GPUs")
-    code = subprocess.run(distributed.torchrun_command(nproc, "autotune", list(ARGS)), env=distributed.child_env()).returncode
+    # On each node of a multi-node plan the same command joins the plan's rendezvous.
+    code = subprocess.run(distributed.torchrun_command(nproc, "autotune", list(ARGS), plan.launch), env=distributed.child_env()).returncode
     if code != 0:
         typer.echo(f"autotune: error: the run of {nproc} processes failed (torchrun exit status {code}); the failing rank's error is above", err=True)
         raise typer.Exit(1)
