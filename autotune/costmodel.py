@@ -124,9 +124,18 @@ def estimate(
     matmul_flops: float | None = None,
     memory_bandwidth: float | None = None,
     coefficients: Coefficients = Coefficients(),
+    processes: int = 1,
 ) -> Estimate:
     """Predict the cost of training ``workload`` at ``micro_batch`` with strategy ``configs``
-    (name -> typed config, as from ``Plan.strategy_configs``). GPT-shaped workloads only."""
+    (name -> typed config, as from ``Plan.strategy_configs``) on each of ``processes``
+    processes. GPT-shaped workloads only.
+
+    Several processes split the state as their mesh does (:func:`shard_state`, not yet
+    checked against measured multi-GPU peaks: no two-GPU machine was lent since these
+    strategies exist): tensor parallel divides each block's parameters and (with sequence
+    parallel) activations by tp, pipeline parallel keeps L/pp blocks a stage and the
+    micro-batches in flight, FSDP2 and ZeRO shard states over dp, offload moves them to the
+    host. Step time divides the FLOPs by tp x pp and ignores communication."""
     c = workload.config
     if c is None:
         raise ValueError(f"the cost model needs a GPT-shaped workload config; {workload.name} has none")
@@ -142,7 +151,13 @@ def estimate(
     V = padded_vocab(c.vocab_size, configs)
     h, L, s, tokens = c.d_model, c.n_layers, c.seq_len, micro_batch * c.seq_len
 
-    params = L * (4 * h * h + 2 * h * c.d_ff + 2 * h) + V * h + s * h + h
+    from autotune.mesh import mesh_shape
+
+    dp, tp, pp = mesh_shape(processes, configs)
+    block_params = L * (4 * h * h + 2 * h * c.d_ff + 2 * h)
+    # Embedding, position table and final norm stay whole (under TP too); with PP the first
+    # and the last stage both hold the tied embedding/head.
+    params = block_params / (tp * pp) + V * h + s * h + h
     act_coef = {
         (False, False): k.act_eager_fp32, (False, True): k.act_eager_mixed,
         (True, False): k.act_compiled_fp32, (True, True): k.act_compiled_mixed,
@@ -155,20 +170,24 @@ def estimate(
     # A checkpointed block keeps only its fp32 input; one block is live again while recomputed.
     stored_layers = (L - ckpt) + ckpt * (4.0 / act_coef) + (1 if ckpt else 0)
     activations = stored_layers * tokens * h * act_coef
+    if tp > 1:  # sequence parallel splits the norms' and residuals' share too
+        activations *= 1 / tp if _setting(configs, "tensor_parallel", "sequence_parallel", True) else 0.5 + 0.5 / tp
+    if pp > 1:  # a stage's blocks; 1F1B keeps at most pp pieces of the micro-batch in flight
+        pieces = _setting(configs, "pipeline_parallel", "microbatches", 4)
+        in_flight = 1.0 if _setting(configs, "pipeline_parallel", "schedule", "1f1b") == "gpipe" else min(pp, pieces) / pieces
+        activations *= in_flight / pp
     scores = 0.0
     if backend in _STORES_SCORES:
         # fp32: the softmax output; autocast: bf16 scores and the fp32 softmax (measured).
         score_bytes = 6 if mixed else 4
-        scores = (L - ckpt + (1 if ckpt else 0)) * micro_batch * c.n_heads * s * s * score_bytes
+        scores = (L - ckpt + (1 if ckpt else 0)) * micro_batch * c.n_heads * s * s * score_bytes / (tp * pp)
     breakdown = {
-        "weights": 4.0 * params,
-        "optimizer": 8.0 * params,
-        "gradients": 4.0 * params,
+        **shard_state(params, dp, configs),
         "activations": activations,
         "logits": tokens * V * logit_coef,
         "scores": scores,
     }
-    flops = flops_per_step(workload, micro_batch, configs)
+    flops = flops_per_step(workload, micro_batch, configs) / (tp * pp)
     step_time = None
     if matmul_flops:
         efficiency = k.matmul_efficiency if compiled else k.eager_efficiency
@@ -177,3 +196,24 @@ def estimate(
             # AdamW reads and writes weights, gradients and two moments: ~32 bytes per parameter.
             step_time += 32.0 * params / memory_bandwidth
     return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, breakdown=breakdown)
+
+
+def shard_state(params: float, dp: int, configs: dict[str, Any]) -> dict[str, float]:
+    """Device bytes of fp32 weights, gradients and AdamW's two moments for ``params``
+    parameters on one of ``dp`` data-parallel processes: ZeRO-1 shards the moments, ZeRO-2
+    also the gradients, ZeRO-3 and FSDP2 also the weights (plus, for FSDP2, one block
+    gathered at a time, ignored here); offload keeps the moments (and, ZeRO-3, the weights)
+    on the host."""
+    weights, optimizer, gradients = 4.0 * params, 8.0 * params, 4.0 * params
+    stage = 3 if "fsdp2" in configs else _setting(configs, "zero", "stage", 0)
+    if stage >= 1:
+        optimizer /= dp
+    if stage >= 2:
+        gradients /= dp
+    if stage >= 3:
+        weights /= dp
+    if _setting(configs, "zero", "offload_optimizer", False):
+        optimizer = 0.0
+    if _setting(configs, "zero", "offload_params", False):
+        weights = 0.0
+    return {"weights": weights, "optimizer": optimizer, "gradients": gradients}

@@ -199,6 +199,7 @@ def predict(space: SearchSpace, plan: Plan) -> costmodel.Estimate | None:
     return costmodel.estimate(
         space.workload, plan.train.micro_batch_size, configs,
         matmul_flops=space.matmul_flops.get(costmodel.matmul_dtype(configs)), memory_bandwidth=space.memory_bandwidth,
+        processes=plan.launch.nproc_per_node * plan.launch.nnodes,
     )
 
 
