@@ -369,9 +369,12 @@ def test_two_nodes_meet_at_the_plans_rendezvous(tmp_path: Path) -> None:
     data["launch"].update(nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id="two-nodes")
     path.write_text(json.dumps(data))
     cmds = [[sys.executable, "-m", "autotune", "run", str(path), "--out", str(tmp_path / f"node{r}"), "--steps", "3", "--node-rank", str(r)] for r in (0, 1)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ) for cmd in cmds]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    # Output to files, not pipes: waiting on one node while the other fills its pipe deadlocks.
+    logs = [tmp_path / f"node{r}.err" for r in (0, 1)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=os.environ) for cmd, log in zip(cmds, logs, strict=True)]
+    for p in procs:
+        p.wait(timeout=120)
+    assert [p.returncode for p in procs] == [0, 0], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
     assert [r["step"] for r in train.read_log(tmp_path / "node0" / "log.jsonl")] == [0, 1, 2]
     assert not (tmp_path / "node1" / "log.jsonl").exists()  # global rank 0 alone writes
 
