@@ -190,6 +190,13 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, group: Any = No
     from torch.distributed.tensor.experimental import implicit_replication
 
     norm = grad_norm(params, group, skip)
+    # One foreach call per mesh: a foreach op over DTensors of two meshes (FSDP2 + TP keeps
+    # the blocks on the 2D mesh and the embedding on the dp mesh) is refused by DTensor.
+    by_mesh: dict[Any, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
     with implicit_replication():  # the plain scalar scales DTensor gradients too
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm, foreach=True)
+        for group_params in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group_params, max_norm, norm, foreach=True)
     return norm

@@ -154,7 +154,8 @@ def layouts(processes: int, usable: set[str], graph: StrategyGraph, workload: Wo
             wrappers = [w for w in DATA_PARALLEL if w in usable] if processes > tp * pp else [None]
             for wrapper in wrappers:
                 parallel = ({wrapper: 0} if wrapper else {}) | model
-                chosen = {name: {"degree": d} if d else {} for name, d in parallel.items()}
+                # A pipeline needs as many pieces of a micro-batch as stages; the trial picks them.
+                chosen = {name: ({"degree": d, "microbatches": d} if name == "pipeline_parallel" else {"degree": d}) if d else {} for name, d in parallel.items()}
                 try:
                     graph.check(list(parallel))
                     mesh_shape(processes, chosen, workload=workload)

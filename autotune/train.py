@@ -42,7 +42,10 @@ from autotune.plan import Plan, TrainSpec
 from autotune.schema import fsync_dir, write_bytes_atomic
 from autotune.workloads import flops_per_token, load_workload
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+"""2: the GPT's fused qkv rows are head-major (each head's q, k, v together, so tensor
+parallel splits whole heads); a format-1 checkpoint holds them q-block, k-block, v-block and
+would load without error into a different model, so it is refused."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -342,7 +345,7 @@ class Trainer:
 
 def _check_format(state: dict[str, Any]) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        raise UserError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT} (written by another autotune version; its model layout differs)")
 
 
 # -- RNG state in weights_only-loadable form ----------------------------------------------

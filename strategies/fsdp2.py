@@ -26,6 +26,7 @@ import torch
 
 from autotune.context import TrainContext
 from autotune.errors import UserError
+from autotune.mesh import sub_mesh
 from autotune.strategies.ddp import WRAP_AFTER
 from autotune.strategy import Knob, Needs, Strategy
 
@@ -56,7 +57,9 @@ def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    # Over the dp dim of the run's mesh: beside tensor parallel that is the 2D layout (FSDP
+    # across pairs, TP within one, torchtitan's); alone, the whole run.
+    mesh = sub_mesh(ctx.mesh, "dp") or init_device_mesh(ctx.device.type, (ctx.world_size,), mesh_dim_names=("dp",))
     policy = MixedPrecisionPolicy(param_dtype=_DTYPES[cfg.param_dtype], reduce_dtype=torch.float32)
     blocks = ctx.model.blocks
     for i, block in enumerate(blocks):

@@ -387,3 +387,26 @@ def test_a_plan_of_several_nodes_needs_a_rendezvous(run_cli, tmp_path: Path) -> 
     code, _, err = run_cli("run", str(path))
     assert code == 2
     assert "rdzv_endpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_four_processes_fsdp2_and_tensor_parallel_in_2d(tmp_path: Path) -> None:
+    # dp 2 x tp 2 on 4 CPU processes (FSDP2 over the dp dim of the mesh, TP within a pair):
+    # the two dp groups train on dp ranks 0 and 1's batches, so the run that must match is one
+    # process accumulating both (as for DDP above). The same fp32 sums in another order:
+    # 1e-5 stated, as for FSDP2 and TP alone.
+    path = two_process_plan(tmp_path, {"fsdp2": {"param_dtype": "fp32"}, "tensor_parallel": {"degree": 2}}, log_interval=1)
+    data = json.loads(path.read_text())
+    data["launch"]["nproc_per_node"] = 4
+    path.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    proc = autotune_run(path, out, "--steps", str(dist_worker.STEPS), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = [r["loss"] for r in train.read_log(out / "log.jsonl")]
+    trainer = Trainer(make_plan({"grad_accum": {"steps": 2}}, "cpu", None))
+    trainer.batches.close()
+    trainer.batches = RankBatches(1)
+    try:
+        expected = train_losses(trainer, dist_worker.STEPS)
+    finally:
+        trainer.close()
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0.0)
