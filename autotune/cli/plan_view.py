@@ -23,7 +23,7 @@ class TrialTable:
 
     def row(self, trial: Any, plan: Any, result: Any, status: str) -> None:
         if not self.header_done:
-            self.console.print(f"{'trial':>5} {'status':<11} {'tokens/s':>12} {'best':>12} {'mem GiB':>8} {'pred GiB':>8} {'batch':>8}  strategies")
+            self.console.print(f"{'trial':>5} {'status':<11} {'tokens/s':>12} {'best':>12} {'mem GiB':>8} {'pred GiB':>8} {'batch':>10}  strategies")
             self.header_done = True
         f = result.figures if result is not None else None
         tps = f.tokens_per_s if f is not None and f.status == "ok" else None
@@ -36,9 +36,15 @@ class TrialTable:
         self.console.print(
             f"{trial.number:>5} {status:<11} {tps or 0:>12,.0f} {self.best or 0:>12,.0f} "
             f"{_gib(f.peak_memory_bytes if f else None):>8} {_gib(trial.user_attrs.get('predicted_peak_memory_bytes')):>8} "
-            f"{f'{plan.train.micro_batch_size}x{plan.grad_accum()}':>8}  {strategies}{why}",
+            f"{_batch(plan):>10}  {strategies}{why}",
             highlight=False,
         )
+
+
+def _batch(plan: Any) -> str:
+    """micro-batch x accumulation, and x processes when there are several."""
+    procs = plan.launch.nproc_per_node * plan.launch.nnodes
+    return f"{plan.train.micro_batch_size}x{plan.grad_accum()}" + (f"x{procs}p" if procs > 1 else "")
 
 
 def error_distribution(errors: list[float]) -> str:
