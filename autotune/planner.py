@@ -222,8 +222,11 @@ def _with_defaults(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
     return out | knobs
 
 
-def study_name(workload: str, fingerprint: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{workload}-{fingerprint}")
+def study_name(workload: str, fingerprint: str, global_batch: int | None = None) -> str:
+    """``workload-fingerprint``; a global batch other than the recipe's (``global_batch``, 0
+    for a searched one) is another recipe, so another study: ``workload-gbN-fingerprint``."""
+    recipe = "" if global_batch is None else f"-gb{global_batch or 'free'}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{workload}{recipe}-{fingerprint}")
 
 
 def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings) -> tuple[Figures, Figures | None, LossCheck | None]:
@@ -279,7 +282,8 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
         from autotune import data
 
         data.default_dataset(workload.vocab_size)  # build once here, not in every trial
-    name = settings.study_name or study_name(settings.workload, profile.fingerprint)
+    recipe = None if settings.global_batch == workload.global_batch else settings.global_batch
+    name = settings.study_name or study_name(settings.workload, profile.fingerprint, recipe)
     storage = settings.storage or "sqlite:///plans/studies.db"
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)

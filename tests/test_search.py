@@ -245,3 +245,11 @@ def test_two_cpu_processes_bring_every_legal_layout_of_the_mesh():
     assert [p["processes"] for p in priors] == [1, 2, 1] and priors[1]["layout.2"] == "ddp"
     with pytest.raises(UserError, match="--cpu-procs 0"):
         planner.build_space(planner.PlanSettings(workload="tiny", cpu_procs=0), hardware.detect(quick=True), load_workload("tiny"))
+
+
+def test_another_global_batch_is_another_study():
+    from autotune.planner import study_name
+
+    assert study_name("phase8-small", "7403d3bde085") == "phase8-small-7403d3bde085"
+    assert study_name("phase8-small", "7403d3bde085", 96) == "phase8-small-gb96-7403d3bde085"
+    assert study_name("tests.faults:build", "abc", 0) == "tests.faults_build-gbfree-abc"
