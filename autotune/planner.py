@@ -114,12 +114,11 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
         global_batch=global_batch,
     )
     usable = {s.name for s in strategies}
-    for n in _process_counts(most):
-        found = search.layouts(n, usable, graph, workload) if n > 1 else []
-        if n == 1 or found:
-            space.processes += (n,) if n > 1 else ()
-            if found:
-                space.layouts[n] = found
+    for n in _process_counts(most)[1:]:
+        found = search.layouts(n, usable, graph, workload)
+        if found:
+            space.processes += (n,)
+            space.layouts[n] = found
     space.baseline_micro_batch = _baseline_micro_batch(space)
     return space, graph
 
@@ -161,8 +160,9 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
 
     On a GPU: bf16 + cuDNN (else flash) SDPA + compile + padded vocab + fused AdamW at
     micro-batch 48 (the hand-tuned phase8-small setting, with flash) and the same at micro-batch 96 (CUDA graphs are left to
-    the search: they cannot run with accumulation, see strategies/compile.py). On a CPU: bf16 autocast (1.15x on tiny with
-    AVX512-BF16, measured on the dev machine), and the largest micro-batch."""
+    the search: they cannot run with accumulation, see strategies/compile.py). On a CPU: bf16 autocast (1.24x the fp32
+    baseline on tiny on the 2-core dev machine, trial 1 against trial 0 in
+    bench/results/cpu-procs/plan-2procs.log), and the largest micro-batch."""
     usable = {s.name for s in space.strategies}
     params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in DISTRIBUTING}
     if space.launch.device != "cuda":
@@ -202,11 +202,10 @@ def _with_processes(space: search.SearchSpace, priors: list[dict[str, Any]]) -> 
     out = [p | {"processes": 1} for p in priors]
     most = max(space.processes)
     if "ddp" in space.layouts.get(most, []):
-        first = dict(priors[0])
-        first.pop("grad_accum", None)
+        first = priors[0]
         fits = [b for b in space.micro_batches if space.global_batch is None or space.global_batch % (b * most) == 0]
         if fits:
-            mb = max(b for b in fits if b <= first["micro_batch_size"]) if any(b <= first["micro_batch_size"] for b in fits) else min(fits)
+            mb = max([b for b in fits if b <= first["micro_batch_size"]] or [min(fits)])
             out.insert(1, first | {"processes": most, f"layout.{most}": "ddp", "micro_batch_size": mb} | _with_defaults("ddp", {}))
     return out
 

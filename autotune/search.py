@@ -21,8 +21,8 @@ from typing import Any
 import optuna
 
 from autotune import costmodel
-from autotune.apply import DISTRIBUTING, check_settings
-from autotune.mesh import mesh_shape
+from autotune.apply import DISTRIBUTING, check_processes, check_settings
+from autotune.mesh import DATA_PARALLEL, mesh_shape
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
@@ -142,8 +142,6 @@ def layouts(processes: int, usable: set[str], graph: StrategyGraph, workload: Wo
     tp and pp degrees that divide it, and, where data-parallel groups remain, one of the
     data-parallel wrappers. Checked by the graph (conflicts) and ``mesh_shape`` (the rules of
     the mesh and of the model's shape), so every layout a trial picks can run."""
-    from autotune.mesh import DATA_PARALLEL, mesh_shape
-
     degrees = [1] + [d for d in (2, 4, 8) if processes % d == 0]
     out = []
     for tp in degrees if "tensor_parallel" in usable else [1]:
@@ -171,8 +169,6 @@ def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec
     completes it over the data-parallel processes."""
     launch = dataclasses.replace(space.launch, nproc_per_node=processes)
     if space.global_batch is not None:
-        from autotune.mesh import mesh_shape
-
         dp, _, _ = mesh_shape(processes, {s.name: s.knobs for s in strategies})
         accum = accumulation(space.global_batch, micro_batch, dp)
         strategies = [s for s in strategies if s.name != "grad_accum"]
@@ -240,8 +236,8 @@ class Objective:
         try:
             self.space.graph.check(names)
             check_settings(plan.strategy_configs())
-            mesh_shape(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs(),
-                       workload=self.space.workload, micro_batch_size=plan.train.micro_batch_size)
+            check_processes(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs(),
+                            workload=self.space.workload, micro_batch_size=plan.train.micro_batch_size)
         except UserError as e:
             self._prune(trial, plan, f"illegal: {e}")
         # Device memory only: on a CPU the measured peak is the whole process's resident set.
@@ -392,15 +388,16 @@ def accumulation(global_batch: int, micro_batch: int, processes: int) -> int:
     return global_batch // per_step
 
 
-def micro_batch_choices(largest: int, global_batch: int | None = None, processes: int = 1) -> tuple[int, ...]:
+def micro_batch_choices(largest: int, global_batch: int | None = None) -> tuple[int, ...]:
     """Micro-batches up to ``largest``; under a fixed global batch, those that divide it
-    with at most MAX_ACCUM micro-batches a step."""
+    with at most MAX_ACCUM micro-batches a step (in one process: a trial over several
+    processes whose micro-batch does not split it is pruned before launch)."""
     choices = tuple(b for b in MICRO_BATCHES if b <= largest)
     if global_batch is None:
         return choices
-    fits = tuple(b for b in choices if global_batch % (b * processes) == 0 and global_batch // (b * processes) <= MAX_ACCUM)
+    fits = tuple(b for b in choices if global_batch % b == 0 and global_batch // b <= MAX_ACCUM)
     if not fits:
-        raise UserError(f"global batch {global_batch}: no micro-batch of {', '.join(map(str, choices))} divides it over {processes} processes with at most {MAX_ACCUM} micro-batches a step")
+        raise UserError(f"global batch {global_batch}: no micro-batch of {', '.join(map(str, choices))} divides it with at most {MAX_ACCUM} micro-batches a step")
     return fits
 
 

@@ -70,23 +70,11 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    # One group per mesh as well: a foreach kernel takes plain tensors or DTensors of one
-    # mesh, and tensor parallel leaves the embedding and head plain beside DTensor blocks.
-    groups = [{**g, "params": ps} for g in groups for ps in _by_mesh(g["params"])]
+    # One group per mesh as well, for the foreach and fused kernels (distributed.by_mesh).
+    groups = [{**g, "params": ps} for g in groups for ps in list(distributed.by_mesh(g["params"]).values()) or [[]]]
     kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
     kwargs.update(options)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
-
-
-def _by_mesh(params: list[torch.nn.Parameter]) -> list[list[torch.nn.Parameter]]:
-    """``params`` split by DTensor mesh (plain tensors first), order kept within each; one
-    list (possibly empty) when all are alike, as before tensor parallel."""
-    from torch.distributed.tensor import DTensor
-
-    lists: dict[Any, list[torch.nn.Parameter]] = {None: []}
-    for p in params:
-        lists.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
-    return [ps for key, ps in lists.items() if ps or (key is None and len(lists) == 1)]
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype | None, profile_path: str | None) -> tuple[float | None, str | None]:
@@ -115,10 +103,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype | None, profile_path: st
 
 def tokens_per_step(plan: Plan) -> int:
     """Tokens of the global batch per optimizer step, computed from the plan alone."""
-    accum = plan.grad_accum()
-    seq_len = load_workload(plan.workload.name, plan.workload.overrides).seq_len
-    dp, _, _ = mesh_shape(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs())
-    return plan.train.micro_batch_size * seq_len * accum * dp
+    return plan.global_batch() * load_workload(plan.workload.name, plan.workload.overrides).seq_len
 
 
 def peak_memory_bytes(device: torch.device) -> int:
