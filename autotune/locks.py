@@ -1,0 +1,64 @@
+"""Advisory locks on files: one run per ``--out`` directory, one planner measuring per device.
+
+``flock`` locks belong to an open file description, so the kernel drops them when the holder
+exits, however it exits (SIGKILL included): a stale lock never blocks anyone. The holder's pid
+is written into the file, so a refusal can name who holds it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+
+from autotune.errors import UserError
+
+
+class HeldLock:
+    """An exclusive lock held until :meth:`release` (or the process exits)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def holder(path: Path) -> str:
+    """The pid written by the lock's holder, or "?" when it cannot be read."""
+    try:
+        return path.read_text().strip() or "?"
+    except OSError:
+        return "?"
+
+
+def acquire(path: str | os.PathLike, what: str) -> HeldLock:
+    """Take the exclusive lock ``path`` without waiting; a lock held by another process is a
+    one-line UserError: ``{what} is in use by another autotune process (pid N; lock PATH)``.
+
+    ``inheritable`` is off: a child process (torchrun, a trial) does not keep the lock alive
+    after its parent is gone."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise UserError(f"{what} is in use by another autotune process (pid {holder(p)}; lock {p})") from None
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return HeldLock(p, fd)
