@@ -437,7 +437,7 @@ class RunSummary:
     val_loss: float | None
     """Last validation loss."""
     stopped: str
-    """Why the loop ended: "steps", "time", "SIGINT", "SIGTERM", or "finished" (the run had
+    """Why the loop ended: "steps", "time", "stop_at", "SIGINT", "SIGTERM", or "finished" (the run had
     reached its steps before this invocation: nothing was trained or written)."""
     checkpoint: str | None = None
     """The newest checkpoint this invocation wrote."""
@@ -451,6 +451,9 @@ class RunOptions:
     """Optimizer steps to reach, and the length of the lr schedule; None: the plan's train.steps."""
     minutes: float | None = None
     """Stop after this much wall time (checked at each log flush)."""
+    stop_at: int | None = None
+    """Stop once this step is done, with a checkpoint, leaving the schedule ``steps`` long (a
+    run cut short on purpose, to be resumed)."""
     out_dir: Path | None = None
     """Where the log and checkpoints go; None: no files."""
     resume: bool = False
@@ -659,11 +662,12 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
     last_flush, last_flush_step = began, start
     stopped = "steps"
     step = start
+    end = min(total_steps, options.stop_at or total_steps)
     try:
-        while step < total_steps:
+        while step < end:
             pending.append(trainer.train_step(step))
             step += 1
-            at_end = step == total_steps
+            at_end = step == end
             signum = 0 if at_end else stop.agreed()
             if (
                 not signum and len(pending) < spec.log_interval and not at_end
@@ -710,6 +714,8 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
     finally:
         if log:
             log.close()
+    if step < total_steps and stopped == "steps":
+        stopped = "stop_at"
     tokens_per_s = timed_tokens / timed_s if timed_s > 0 else None
     return RunSummary(
         steps_done=step,
