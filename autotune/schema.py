@@ -156,6 +156,7 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes | list[bytes | me
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             for part in [payload] if isinstance(payload, bytes) else payload:
                 f.write(part)
@@ -166,6 +167,12 @@ def write_bytes_atomic(path: str | os.PathLike, payload: bytes | list[bytes | me
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(p.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

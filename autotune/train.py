@@ -11,10 +11,18 @@ Started by torchrun (``autotune run`` does that for a plan of several processes)
 process joins the process group (``autotune.distributed``) and trains on its own batches; the
 logged losses are the mean over the ranks, reduced once per flush; rank 0 alone writes the
 log and, unless the state is sharded, the checkpoints.
+
+A run survives: SIGINT/SIGTERM set a flag that every rank checks after each step (agreed
+over a gloo all-reduce, so all stop at one step), then the step's checkpoint and the summary
+are written; the run directory is locked while a run holds it; checkpoints carry a sha256
+(a sidecar beside a ``.pt``, a manifest inside a sharded directory), so a damaged one is
+named and passed over; a resume checks that plan and checkpoint describe the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -22,6 +30,10 @@ import os
 import random
 import resource
 import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +44,7 @@ import numpy as np
 import torch
 
 from autotune import data as datamod
-from autotune import distributed
+from autotune import distributed, locks
 from autotune.apply import apply_strategies
 from autotune.context import TrainContext
 from autotune.distributed import pick_device
@@ -56,10 +68,11 @@ __all__ = ["pick_device"]  # re-exported for the benchmarks
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
-    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``spec.steps``."""
+    """Linear warm-up to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at the last step
+    (``spec.steps - 1``): the final step trains at the floor."""
     if step < spec.warmup_steps:
         return spec.lr * (step + 1) / spec.warmup_steps
-    span = max(1, spec.steps - spec.warmup_steps)
+    span = max(1, spec.steps - 1 - spec.warmup_steps)
     progress = min(1.0, (step - spec.warmup_steps) / span)
     floor = spec.lr * spec.min_lr_ratio
     return floor + 0.5 * (spec.lr - floor) * (1.0 + math.cos(math.pi * progress))
@@ -77,15 +90,27 @@ def make_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype | None, profile_path: str | None) -> tuple[float | None, str | None]:
-    """Peak matmul FLOP/s of one device for MFU, and its source: "measured" from a profile of
-    this machine (``profile_path``, else the one `autotune profile` saved by default), else
-    "datasheet" for a known GPU, else (None, None)."""
+MFU_REFERENCE = "bf16"
+"""MFU is always against the device's bf16 dense matmul rate, whatever the run computes in:
+one yardstick, so an fp32 baseline and a bf16 plan compare (against each dtype's own peak an
+fp32 run 9x slower showed the higher MFU)."""
+
+
+def peak_flops(device: torch.device, profile_path: str | None) -> tuple[float | None, str | None]:
+    """The reference peak (MFU_REFERENCE) of one device for MFU, and what it is, e.g.
+    "bf16 measured 667 TFLOP/s": measured in a profile of this machine (``profile_path``, else
+    the one `autotune profile` saved by default), else the datasheet's for a known GPU, else
+    (None, None)."""
+    rate, source = _reference_peak(device, profile_path)
+    if rate is None:
+        return None, None
+    return rate, f"{MFU_REFERENCE} {source} {rate / 1e12:.3g} TFLOP/s"
+
+
+def _reference_peak(device: torch.device, profile_path: str | None) -> tuple[float | None, str | None]:
     from autotune import hardware
 
-    name = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "bf16"}.get(dtype, "fp32")
-    if device.type == "cuda" and name == "fp32" and torch.backends.cuda.matmul.allow_tf32:
-        name = "tf32"
+    name = MFU_REFERENCE
     path = Path(profile_path) if profile_path else hardware.default_profile_path()
     if path.exists():
         profile = hardware.HardwareProfile.load(path)
@@ -178,7 +203,7 @@ class Trainer:
         # The global batch: dp groups of micro-batches (tp ranks and pp stages share theirs).
         self.tokens_per_step = self.spec.micro_batch_size * workload.seq_len * self.ctx.grad_accum * dp
         self.flops_per_token = flops_per_token(self.ctx.model, workload)
-        self.peak_flops, self.peak_source = peak_flops(self.device, self.ctx.autocast_dtype, profile_path)
+        self.peak_flops, self.peak_source = peak_flops(self.device, profile_path)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._data_dir = data_dir
 
@@ -198,6 +223,27 @@ class Trainer:
         if train.vocab_size > wl.vocab_size:
             raise UserError(f"data vocab {train.vocab_size} exceeds the model's vocab {wl.vocab_size}")
         return datamod.Batches(train.tokens, micro_batches=ctx.grad_accum, **common, **ctx.loader_options)
+
+    def mfu(self, tokens_per_s: float | None) -> float | None:
+        """Model FLOPs utilisation at ``tokens_per_s`` (the global batch's rate): against the
+        reference peak (``peak_source``) of every process's device, since each holds one."""
+        if tokens_per_s is None or not self.peak_flops:
+            return None
+        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+
+    def identity(self) -> dict[str, Any]:
+        """What defines this run, stored in its checkpoints: a resume under another plan
+        would silently train something else (or fail deep inside a load)."""
+        t, plan = self.spec, self.plan
+        return {
+            "workload": plan.workload.name,
+            "overrides": dict(plan.workload.overrides),
+            "strategies": [[s.name, dict(s.knobs)] for s in plan.strategies],
+            "processes": self.world_size,
+            "micro_batch_size": t.micro_batch_size,
+            **{k: getattr(t, k) for k in ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "steps", "warmup_steps", "min_lr_ratio", "seed", "random_tokens")},
+            "data": self._data_dir or t.data,
+        }
 
     def data_dir(self, override: str | None = None) -> Path:
         source = override or self.spec.data
@@ -305,6 +351,7 @@ class Trainer:
             "step": step,  # the next step to run; the data order is a function of it
             "scaler": self.scaler.state_dict(),
             "rng": rng,
+            "run": self.identity(),
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> int:
@@ -362,6 +409,14 @@ def _python_state_from(s: list[Any]) -> tuple:
 
 # -- a full run -----------------------------------------------------------------------------
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals that stop a run after its current step, with a checkpoint and the summary (Slurm
+sends SIGTERM, a terminal SIGINT); the command then exits 128 + the signal's number."""
+
+LAUNCHER_ENV = "AUTOTUNE_RUN_LAUNCHER"
+"""Set to its pid by the `autotune run` that starts a run's processes under torchrun: it
+holds the run directory's lock for them (a lock it holds is free to rank 0)."""
+
 
 @dataclass(kw_only=True, slots=True)
 class RunSummary:
@@ -370,9 +425,9 @@ class RunSummary:
     tokens_per_s: float | None
     """Tokens trained per second over this invocation, warm-up steps excluded."""
     mfu: float | None
-    """Model FLOPs utilisation at that rate."""
+    """Model FLOPs utilisation at that rate, against the peak named in mfu_peak_source."""
     mfu_peak_source: str | None
-    """Where the peak came from ("measured" or "datasheet"), None when unknown."""
+    """The one reference peak MFU is against, e.g. "bf16 measured 667 TFLOP/s"; None: unknown."""
     peak_memory_bytes: int
     """Peak device memory (CPU: peak resident set)."""
     loss_start: float | None
@@ -382,7 +437,10 @@ class RunSummary:
     val_loss: float | None
     """Last validation loss."""
     stopped: str
-    """Why the loop ended: "steps", "time"."""
+    """Why the loop ended: "steps", "time", "stop_at", "SIGINT", "SIGTERM", or "finished" (the run had
+    reached its steps before this invocation: nothing was trained or written)."""
+    checkpoint: str | None = None
+    """The newest checkpoint this invocation wrote."""
     losses: list[float] = field(default_factory=list)
     """Every training loss of this invocation, in step order."""
 
@@ -390,13 +448,16 @@ class RunSummary:
 @dataclass(kw_only=True, slots=True)
 class RunOptions:
     steps: int | None = None
-    """Optimizer steps to reach; None: the plan's train.steps."""
+    """Optimizer steps to reach, and the length of the lr schedule; None: the plan's train.steps."""
     minutes: float | None = None
     """Stop after this much wall time (checked at each log flush)."""
+    stop_at: int | None = None
+    """Stop once this step is done, with a checkpoint, leaving the schedule ``steps`` long (a
+    run cut short on purpose, to be resumed)."""
     out_dir: Path | None = None
     """Where the log and checkpoints go; None: no files."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in out_dir."""
+    """Continue from the newest complete checkpoint in out_dir (from step 0 when there is none)."""
     data_dir: str | None = None
     """Override the plan's data source."""
     profile_path: str | None = None
@@ -407,33 +468,187 @@ class RunOptions:
     """Called after every log flush with the newest log record (progress display)."""
 
 
+def notify(message: str) -> None:
+    """One line on stderr from rank 0 (every rank reaches the same conclusion)."""
+    if distributed.env_rank() == 0:
+        print(f"autotune: {message}", file=sys.stderr, flush=True)
+
+
+def with_steps(plan: Plan, steps: int) -> Plan:
+    """``plan`` training ``steps`` steps: the cosine schedule's length follows --steps/--tokens."""
+    if steps == plan.train.steps:
+        return plan
+    return dataclasses.replace(plan, train=dataclasses.replace(plan.train, steps=steps))
+
+
 def run(plan: Plan, options: RunOptions) -> RunSummary:
     """Train ``plan`` to ``options.steps`` with logging, evaluation and checkpoints."""
     out = options.out_dir
     total_steps = options.steps or plan.train.steps
+    plan = with_steps(plan, total_steps)
     ckpt_dir = out / "checkpoints" if out else None
-    # Before the Trainer: every rank checks before rank 0 can start a log there.
-    check_out_dir(out, options.resume)
+    with _Stop() as stop:  # from the start: a signal while building still stops cleanly
+        lock = lock_out_dir(out)
+        try:
+            # Before the Trainer: every rank checks before rank 0 can start a log there.
+            check_out_dir(out, options.resume)
+            done = finished_step(out, total_steps) if options.resume else None
+            if done is not None:
+                notify(f"the run in {out} already reached step {done}: nothing to do")
+                return _nothing_done(done)
+            if out is not None and distributed.env_rank() == 0:
+                clean_stale_files(out)
+            return _train(plan, options, total_steps, ckpt_dir, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+
+def _train(plan: Plan, options: RunOptions, total_steps: int, ckpt_dir: Path | None, stop: _Stop) -> RunSummary:
     trainer = Trainer(plan, data_dir=options.data_dir, profile_path=options.profile_path)
     clean = False
     try:
-        start = _resume(trainer, ckpt_dir, out / "log.jsonl") if ckpt_dir is not None and options.resume else 0
-        summary = _loop(trainer, start, total_steps, options, ckpt_dir)
+        check_val_data(trainer)
+        stop.control = _control_group(trainer)
+        start = 0
+        if ckpt_dir is not None and options.resume:
+            start = _resume(trainer, ckpt_dir, stop.control)
+        if start >= total_steps:
+            notify(f"the run in {options.out_dir} already reached step {start}: nothing to do")
+            summary = _nothing_done(start)
+        else:
+            if options.out_dir is not None and options.resume and trainer.rank == 0:
+                _truncate_log(options.out_dir / "log.jsonl", start)
+            summary = _loop(trainer, start, total_steps, options, ckpt_dir, stop)
         clean = True
         return summary
     finally:
         trainer.close(clean=clean)
 
 
+def _nothing_done(step: int) -> RunSummary:
+    return RunSummary(
+        steps_done=step, tokens_per_s=None, mfu=None, mfu_peak_source=None, peak_memory_bytes=0,
+        loss_start=None, loss_end=None, val_loss=None, stopped="finished",
+    )
+
+
+def lock_out_dir(out: Path | None) -> locks.HeldLock | None:
+    """Hold ``out/.lock`` for this run (rank 0, or the single process; a launching `autotune
+    run` already holds it for its ranks), so that two runs never share a run directory."""
+    if out is None or distributed.env_rank() != 0:
+        return None
+    path = out / ".lock"
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher and path.exists() and locks.holder(path) == launcher:
+        return None
+    try:
+        return locks.acquire(path, f"run directory {out}")
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror})") from None
+
+
 def check_out_dir(out: Path | None, resume: bool) -> None:
-    """Refuse to resume without a run directory, or to start a run over another one."""
+    """Refuse to resume without a run directory, to start a run over another one, or to
+    start where nothing can be written (before training, not at the first checkpoint)."""
     if resume and out is None:
         raise UserError("--resume needs --out DIR, where the checkpoints are")
-    if not resume and out is not None and (out / "log.jsonl").exists():
-        raise UserError(f"{out} already holds a run: use --resume, or another --out")
+    if out is None:
+        return
+    if not resume and (out / "log.jsonl").exists():
+        raise UserError(f"{out} already holds a run: continue it with --resume, or use another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror})") from None
 
 
-def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, ckpt_dir: Path | None) -> RunSummary:
+def finished_step(out: Path | None, total_steps: int) -> int | None:
+    """The step a finished run in ``out`` reached (its summary says it trained to the end and
+    that is at least ``total_steps``), else None."""
+    path = out / "summary.json" if out else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    done = summary.get("steps_done") if isinstance(summary, dict) else None
+    if summary.get("stopped") == "steps" and isinstance(done, int) and done >= total_steps:
+        return done
+    return None
+
+
+def clean_stale_files(out: Path) -> None:
+    """Remove what a run killed while writing left behind (temporary files, a checksum whose
+    checkpoint never landed). Only under the run directory's lock: nobody else writes there."""
+    ckpt_dir = out / "checkpoints"
+    stale = [*out.glob(".*.tmp"), *ckpt_dir.glob(".step_*.tmp"), *ckpt_dir.glob(".step_*.pt.*.tmp")]
+    stale += [p for p in ckpt_dir.glob("step_*.pt.sha256") if not p.with_suffix("").exists()]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def check_val_data(trainer: Trainer) -> None:
+    """A run that evaluates needs val.bin: found now, not at the first evaluation."""
+    spec = trainer.spec
+    if spec.eval_interval > 0 and not spec.random_tokens:
+        path = trainer.data_dir(trainer._data_dir) / "val.bin"
+        if not path.is_file():
+            raise UserError(f"data {path.parent}: no val.bin there, and the plan evaluates (train.eval_interval {spec.eval_interval}; set it to 0, or make one with `autotune data prepare`)")
+
+
+class _Stop:
+    """SIGINT/SIGTERM while training: remember the signal; the loop finishes its step, then
+    stops. With several processes the ranks agree on the step: after each one, an all-reduce
+    (max) of the signal number on a CPU gloo group (no device sync), so a rank signalled a
+    moment later stops at the same step as the others."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.control: Any = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Stop:
+        if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._set)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+    def agreed(self) -> int:
+        """The signal this step stops for (0: none), the same on every rank."""
+        if self.control is None:
+            return self.signum
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        return int(flag.item())
+
+
+def _control_group(trainer: Trainer) -> Any:
+    """A gloo group over all ranks for the executor's own CPU-side agreements (stop signals,
+    which checkpoint to resume from); None when alone."""
+    if trainer.world_size == 1:
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
+
+
+def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, ckpt_dir: Path | None, stop: _Stop) -> RunSummary:
     spec = trainer.spec
     main = trainer.rank == 0
     log = _Log(options.out_dir / "log.jsonl") if options.out_dir and main else None
@@ -442,16 +657,22 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
     timed_tokens, timed_s = 0, 0.0
     losses: list[float] = []
     val_loss = None
+    checkpoint = None
     pending: list[torch.Tensor] = []
     last_flush, last_flush_step = began, start
     stopped = "steps"
     step = start
+    end = min(total_steps, options.stop_at or total_steps)
     try:
-        while step < total_steps:
+        while step < end:
             pending.append(trainer.train_step(step))
             step += 1
-            at_end = step == total_steps
-            if len(pending) < spec.log_interval and not at_end and not _due(step, spec.eval_interval) and not _due(step, spec.checkpoint_interval):
+            at_end = step == end
+            signum = 0 if at_end else stop.agreed()
+            if (
+                not signum and len(pending) < spec.log_interval and not at_end
+                and not _due(step, spec.eval_interval) and not _due(step, spec.checkpoint_interval)
+            ):
                 continue
             # Flush: the one wait for the device per interval (and the one all-reduce: the
             # losses' mean over the ranks, and whether any rank ran out of time).
@@ -470,7 +691,7 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
                 raise NonFiniteLoss(f"loss became non-finite at step {step - n + next(i for i, v in enumerate(values) if not math.isfinite(v))}")
             losses.extend(values)
             mem = peak_memory_bytes(trainer.device)
-            mfu = _mfu(trainer, tok_s)
+            mfu = trainer.mfu(tok_s)
             records = [
                 {"step": step - n + i, "loss": v, "lr": lr_at(step - n + i, spec), "tokens_per_s": tok_s, "mfu": mfu, "peak_memory_bytes": mem}
                 for i, v in enumerate(values)
@@ -482,42 +703,37 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
                 last_flush = time.perf_counter()  # evaluation is not training time
             if log:
                 log.write(records)
-            if ckpt_dir is not None and (_due(step, spec.checkpoint_interval) or at_end):
-                save_checkpoint(trainer, step, ckpt_dir)
+            if ckpt_dir is not None and (_due(step, spec.checkpoint_interval) or at_end or out_of_time or signum):
+                checkpoint = str(save_checkpoint(trainer, step, ckpt_dir))
                 last_flush = time.perf_counter()
             if options.on_flush and main:
                 options.on_flush(records[-1] | {"total_steps": total_steps})
-            if out_of_time:
-                stopped = "time"
-                if ckpt_dir is not None and not _due(step, spec.checkpoint_interval):
-                    save_checkpoint(trainer, step, ckpt_dir)
+            if signum or out_of_time:
+                stopped = signal.Signals(signum).name if signum else "time"
                 break
     finally:
         if log:
             log.close()
+    if step < total_steps and stopped == "steps":
+        stopped = "stop_at"
     tokens_per_s = timed_tokens / timed_s if timed_s > 0 else None
     return RunSummary(
         steps_done=step,
         tokens_per_s=tokens_per_s,
-        mfu=_mfu(trainer, tokens_per_s),
+        mfu=trainer.mfu(tokens_per_s),
         mfu_peak_source=trainer.peak_source,
         peak_memory_bytes=peak_memory_bytes(trainer.device),
         loss_start=losses[0] if losses else None,
         loss_end=losses[-1] if losses else None,
         val_loss=val_loss,
         stopped=stopped,
+        checkpoint=checkpoint,
         losses=losses,
     )
 
 
 def _due(step: int, interval: int) -> bool:
     return interval > 0 and step % interval == 0
-
-
-def _mfu(trainer: Trainer, tokens_per_s: float | None) -> float | None:
-    if tokens_per_s is None or not trainer.peak_flops:
-        return None
-    return trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * trainer.world_size)
 
 
 class _Log:
@@ -538,15 +754,19 @@ class _Log:
 # -- checkpoints ----------------------------------------------------------------------------
 
 KEEP_CHECKPOINTS = 2
+MANIFEST = "manifest.sha256.json"
+"""In a sharded checkpoint directory: every other file's sha256, by path relative to it."""
 
 
 def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
     """Atomically write the checkpoint of ``step``; keep the newest KEEP_CHECKPOINTS.
 
     A whole model (one process, or DDP's identical replicas) goes into ``step_XXXXXXXX.pt``,
-    written by rank 0 (temporary file, fsync, rename). Sharded state (FSDP2) goes into a
-    directory ``step_XXXXXXXX/`` that every rank writes through torch.distributed.checkpoint,
-    or through the strategy's own engine (``ctx.save_state``: DeepSpeed).
+    written by rank 0 (temporary file, fsync, rename), its sha256 beside it in
+    ``step_XXXXXXXX.pt.sha256`` (sha256sum's format), written first: a ``.pt`` in place
+    always has its checksum. Sharded state (FSDP2) goes into a directory ``step_XXXXXXXX/``
+    that every rank writes through torch.distributed.checkpoint, or through the strategy's
+    own engine (``ctx.save_state``: DeepSpeed), with a MANIFEST of its files' sha256.
     Every rank calls this, and returns once the checkpoint is complete.
     """
     if trainer.ctx.sharded_state:
@@ -556,9 +776,12 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
         if trainer.rank == 0:
             buf = io.BytesIO()
             torch.save(trainer.state_dict(step), buf)
-            write_bytes_atomic(path, buf.getvalue())
+            payload = buf.getvalue()
+            write_bytes_atomic(_sidecar(path), f"{hashlib.sha256(payload).hexdigest()}  {path.name}\n".encode())
+            write_bytes_atomic(path, payload)
             for old in _checkpoints(ckpt_dir, sharded=False)[:-KEEP_CHECKPOINTS]:
                 old.unlink(missing_ok=True)
+                _sidecar(old).unlink(missing_ok=True)
     if trainer.world_size > 1:
         import torch.distributed as dist
 
@@ -566,10 +789,44 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
     return path
 
 
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def checksum_problem(path: Path) -> str | None:
+    """Why ``path`` is not the checkpoint that was written (None: every checksum matches)."""
+    if path.is_dir():
+        try:
+            expected = json.loads((path / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+            return "no readable checksum manifest"
+        actual = _digests(path)
+        for name, digest in expected.items():
+            if name not in actual:
+                return f"{name} is missing"
+            if actual[name] != digest:
+                return f"checksum mismatch in {name}"
+        return None
+    try:
+        expected = _sidecar(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return "no checksum file"
+    return None if _sha256(path) == expected else "checksum mismatch"
+
+
 def _save_sharded(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
     """torch.distributed.checkpoint of the model and optimizer shards into a temporary
-    directory, then rank 0 adds ``meta.pt`` (step, scaler, RNG) and renames it into place:
-    a ``step_XXXXXXXX/`` directory is complete or absent."""
+    directory, then rank 0 adds ``meta.pt`` (step, scaler, RNG) and the checksum manifest and
+    renames it into place: a ``step_XXXXXXXX/`` directory is complete or absent."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -588,6 +845,7 @@ def _save_sharded(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
         buf = io.BytesIO()
         torch.save(trainer.extra_state(step), buf)
         write_bytes_atomic(tmp / "meta.pt", buf.getvalue())
+        write_bytes_atomic(tmp / MANIFEST, (json.dumps(_digests(tmp), indent=1) + "\n").encode())
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)
         fsync_dir(ckpt_dir)
@@ -605,24 +863,53 @@ def _checkpoints(ckpt_dir: Path, *, sharded: bool) -> list[Path]:
     return sorted(ckpt_dir.glob("step_*.pt"))
 
 
-def _resume(trainer: Trainer, ckpt_dir: Path, log_path: Path) -> int:
-    """Load the newest checkpoint that loads; drop log lines past it. Returns its step."""
-    sharded = trainer.ctx.sharded_state
-    for path in reversed(_checkpoints(ckpt_dir, sharded=sharded)):
-        try:
-            if sharded:
-                step = _load_sharded(trainer, path)
-            else:
-                state = torch.load(path, map_location=trainer.device, weights_only=True)
-        except Exception:  # a damaged checkpoint: fall back to the one before
-            continue
-        if not sharded:
-            step = trainer.load_state_dict(state)
-        if trainer.rank == 0:
-            _truncate_log(log_path, step)
-        return step
-    kind = "sharded (step_*/ directories)" if sharded else "whole-model (step_*.pt)"
-    raise UserError(f"no {kind} checkpoint to resume from in {ckpt_dir}")
+def _pick_checkpoint(trainer: Trainer, ckpt_dir: Path, control: Any) -> Path | None:
+    """The newest checkpoint whose checksums match, chosen by rank 0 (one reader of the
+    files) and sent to the others; each one passed over is named on stderr."""
+    chosen = None
+    if trainer.rank == 0:
+        passed: list[tuple[Path, str]] = []
+        for path in reversed(_checkpoints(ckpt_dir, sharded=trainer.ctx.sharded_state)):
+            problem = checksum_problem(path)
+            if problem is None:
+                chosen = path
+                break
+            passed.append((path, problem))
+        for path, problem in passed:
+            then = f"resuming from {chosen.name}" if chosen else "no older complete checkpoint"
+            notify(f"checkpoint {path} is corrupt ({problem}): {then}")
+    if control is not None:
+        import torch.distributed as dist
+
+        box = [str(chosen) if chosen else None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        chosen = Path(box[0]) if box[0] else None
+    return chosen
+
+
+def _resume(trainer: Trainer, ckpt_dir: Path, control: Any) -> int:
+    """Load the newest complete checkpoint (one made by this very run: plan and checkpoint
+    must agree); returns its step, 0 when there is none yet."""
+    path = _pick_checkpoint(trainer, ckpt_dir, control)
+    if path is None:
+        notify(f"no complete checkpoint in {ckpt_dir}: starting from step 0")
+        return 0
+    if trainer.ctx.sharded_state:
+        return _load_sharded(trainer, path)
+    state = torch.load(path, map_location=trainer.device, weights_only=True)
+    check_same_run(state, trainer, path)
+    return trainer.load_state_dict(state)
+
+
+def check_same_run(state: dict[str, Any], trainer: Trainer, path: Path) -> None:
+    """Refuse a checkpoint made under another plan, naming every difference in one line."""
+    _check_format(state)
+    saved, current = state.get("run"), trainer.identity()
+    if not isinstance(saved, dict):
+        return  # made before checkpoints recorded their run: nothing to compare
+    diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (plan)" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise UserError(f"checkpoint {path} is of another run: {'; '.join(diffs)} (resume with the plan and --steps it was made with, or use another --out)")
 
 
 def _load_sharded(trainer: Trainer, path: Path) -> int:
@@ -630,7 +917,7 @@ def _load_sharded(trainer: Trainer, path: Path) -> int:
     import torch.distributed.checkpoint as dcp
 
     meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-    _check_format(meta)
+    check_same_run(meta, trainer, path)
     if trainer.ctx.load_state is not None:
         trainer.ctx.load_state(path)
     else:

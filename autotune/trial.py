@@ -169,7 +169,7 @@ def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
         # The median step: robust to a stray slow step (a page fault, a noisy neighbour).
         step_time = statistics.median(step_times)
         tokens_per_s = trainer.tokens_per_step / step_time
-        mfu = trainer.flops_per_token * tokens_per_s / (trainer.peak_flops * trainer.ctx.world_size) if trainer.peak_flops else None
+        mfu = trainer.mfu(tokens_per_s)
         clean = True
         return TrialResult(figures=Figures(
             status="ok",

@@ -137,7 +137,7 @@ def main(out: Path) -> None:
                 train.run(plan, RunOptions(steps=STEPS, out_dir=run_dir(out, name, i)))
                 if i == 0:
                     resumed = run_dir(out, name, i, resumed=True)
-                    train.run(plan, RunOptions(steps=CUT, out_dir=resumed))
+                    train.run(plan, RunOptions(steps=STEPS, stop_at=CUT, out_dir=resumed))
                     train.run(plan, RunOptions(steps=STEPS, out_dir=resumed, resume=True))
         found = checks()
         if dist.get_rank() == 0:

@@ -182,7 +182,7 @@ class TestPipelineParallel(DistributedSuite):
 
 def test_ddp_checkpoint_is_the_plain_model_written_once(worker: Path) -> None:
     ckpts = dist_worker.run_dir(worker, "ddp", 0) / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005.pt", "step_00000010.pt"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005.pt", "step_00000005.pt.sha256", "step_00000010.pt", "step_00000010.pt.sha256"]
     state = torch.load(ckpts / "step_00000010.pt", weights_only=True)
     plain = load_workload("tiny", TINY).build_model().state_dict()
     assert state["model"].keys() == plain.keys() and state["step"] == 10

@@ -45,7 +45,7 @@ def test_run_trains_logs_and_checkpoints(tmp_path):
     assert [r["step"] for r in log] == list(range(40))
     assert {"step", "loss", "tokens_per_s", "mfu", "peak_memory_bytes", "lr"} <= set(log[0])
     assert sum("val_loss" in r for r in log) == 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020.pt", "step_00000040.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020.pt", "step_00000020.pt.sha256", "step_00000040.pt", "step_00000040.pt.sha256"]
 
 
 def test_existing_run_dir_needs_resume(tmp_path):

@@ -6,8 +6,11 @@ runs itself again under torchrun, once per process, and waits. Rank 0 prints and
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,17 +23,18 @@ from autotune.errors import UserError
 @app.command("run")
 def run_command(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file (JSON).")],
-    steps: Annotated[Optional[int], typer.Option(help="Train to this many optimizer steps (default: the plan's train.steps).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Train to this many optimizer steps, the lr schedule's length too (default: the plan's train.steps).")] = None,
     tokens: Annotated[Optional[int], typer.Option(help="Train on about this many tokens instead.")] = None,
     minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Directory for log.jsonl, checkpoints/ and summary.json.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in --out.")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Directory for log.jsonl, checkpoints/ and summary.json (default: runs/<UTC time>/).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest complete checkpoint in --out (from step 0 when there is none).")] = False,
     data: Annotated[Optional[str], typer.Option(help="Data directory (from `autotune data prepare`); overrides the plan.")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine, for measured MFU.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     node_rank: Annotated[Optional[int], typer.Option(help="This node's rank in a plan of several nodes (default: the rendezvous assigns it).")] = None,
 ) -> None:
-    """Train with PLAN: log every step, evaluate, checkpoint, resume."""
+    """Train with PLAN: log every step, evaluate, checkpoint, resume. SIGINT/SIGTERM stop it
+    after the current step with a checkpoint and the summary (exit 130/143)."""
     from autotune import distributed
     from autotune import plan as planmod
     from autotune import train
@@ -47,42 +51,74 @@ def run_command(
         if not 0 <= node_rank < plan.launch.nnodes:
             raise UserError(f"--node-rank {node_rank}: the plan has {plan.launch.nnodes} node(s), ranks 0..{plan.launch.nnodes - 1}")
         plan.launch.node_rank = node_rank
-    if plan.launch.nproc_per_node * plan.launch.nnodes > 1 and distributed.env_world_size() == 1:
-        _launch(plan, out, resume)
-        return
-    main_rank = distributed.env_rank() == 0
     if tokens is not None:
         steps = math.ceil(tokens / train.tokens_per_step(plan))
     total = steps or plan.train.steps
-    with _progress(total, enabled=not json_out and main_rank) as on_flush:
-        summary = train.run(
-            plan,
-            train.RunOptions(
-                steps=steps,
-                minutes=minutes,
-                out_dir=out,
-                resume=resume,
-                data_dir=data,
-                profile_path=str(profile) if profile else None,
-                on_flush=on_flush,
-            ),
-        )
-    if not main_rank:
+    extra_args: list[str] = []
+    if out is None and not resume and distributed.env_world_size() == 1:
+        # A run keeps what it trained: with no --out, a fresh directory under runs/.
+        out = Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        extra_args = ["--out", str(out)]
+        typer.echo(f"autotune: writing the run to {out}/", err=True)
+    if plan.launch.nproc_per_node * plan.launch.nnodes > 1 and distributed.env_world_size() == 1:
+        _launch(plan, out, resume, total, extra_args)
         return
-    from autotune.schema import to_dict, write_json_atomic
+    main_rank = distributed.env_rank() == 0
+    try:
+        with _progress(total, enabled=not json_out and main_rank) as on_flush:
+            summary = train.run(
+                plan,
+                train.RunOptions(
+                    steps=steps,
+                    minutes=minutes,
+                    out_dir=out,
+                    resume=resume,
+                    data_dir=data,
+                    profile_path=str(profile) if profile else None,
+                    on_flush=on_flush,
+                ),
+            )
+    except OSError as e:  # a full or read-only disk while running: one line, exit 1
+        typer.echo(f"autotune: error: cannot write {e.filename or out} ({e.strerror or e})", err=True)
+        raise typer.Exit(1) from None
+    code = _exit_code(summary.stopped)
+    if summary.stopped == "finished":
+        return  # nothing trained: the summary and log stay as they are
+    if main_rank:
+        from autotune.schema import to_dict, write_json_atomic
 
-    full = to_dict(summary)
-    result = {k: v for k, v in full.items() if k != "losses"}
-    if out is not None:
-        write_json_atomic(out / "summary.json", full)
-    if json_out:
-        typer.echo(json.dumps(result, indent=2))
-    else:
-        _print_summary(result)
+        full = to_dict(summary)
+        result = {k: v for k, v in full.items() if k != "losses"}
+        if out is not None:
+            write_json_atomic(out / "summary.json", full)
+        if json_out:
+            typer.echo(json.dumps(result, indent=2))
+        else:
+            _print_summary(result)
+        if code and os.environ.get(train.LAUNCHER_ENV) is None:  # a launcher says it itself
+            typer.echo(_stopped_line(summary.stopped, summary.steps_done, summary.checkpoint, out), err=True)
+    if code:
+        raise typer.Exit(code)
 
 
-def _launch(plan, out: Path | None, resume: bool) -> None:
-    """Run this very command in ``launch.nproc_per_node`` processes under torchrun."""
+def _exit_code(stopped: str) -> int:
+    """128 + the signal's number for a run stopped by a signal (the shell's convention), else 0."""
+    return 128 + signal.Signals[stopped].value if stopped.startswith("SIG") else 0
+
+
+def _stopped_line(stopped: str, steps_done: int | None, checkpoint: str | None, out: Path | None) -> str:
+    where = f"at step {steps_done}" if steps_done is not None else "before its first step"
+    saved = f"checkpoint {checkpoint}, summary {out / 'summary.json'}; continue with --resume" if checkpoint and out else "no checkpoint (no checkpoints in this run)"
+    return f"autotune: stopped by {stopped} {where}: {saved}"
+
+
+def _launch(plan, out: Path | None, resume: bool, total: int, extra_args: list[str]) -> None:
+    """Run this very command in ``launch.nproc_per_node`` processes under torchrun.
+
+    This process holds the run directory's lock for them, and forwards SIGINT/SIGTERM to
+    torchrun (which gives them to the ranks, and SIGKILLs them after 30 s; the ranks stop
+    at their next step), then waits for it. torchrun gets its own session, so a terminal's
+    Ctrl-C reaches it once, through here, and dies with this process (PR_SET_PDEATHSIG)."""
     import subprocess
 
     import torch
@@ -96,15 +132,79 @@ def _launch(plan, out: Path | None, resume: bool) -> None:
     nproc = plan.launch.nproc_per_node
     workload = load_workload(plan.workload.name, plan.workload.overrides)
     check_processes(nproc * plan.launch.nnodes, plan.strategy_configs(), workload=workload, micro_batch_size=plan.train.micro_batch_size)
-    train.check_out_dir(out, resume)
     gpus = torch.cuda.device_count()
     if plan.launch.device != "cpu" and gpus and nproc > gpus:
         raise UserError(f"the plan runs {nproc} processes on CUDA, one per GPU, but this machine has {gpus} GPUs")
-    # On each node of a multi-node plan the same command joins the plan's rendezvous.
-    code = subprocess.run(distributed.torchrun_command(nproc, "autotune", list(ARGS), plan.launch), env=distributed.child_env()).returncode
+    with _Forward() as forward:
+        lock = train.lock_out_dir(out)
+        try:
+            train.check_out_dir(out, resume)
+            done = train.finished_step(out, total) if resume else None
+            if done is not None:
+                train.notify(f"the run in {out} already reached step {done}: nothing to do")
+                return
+            env = distributed.child_env() | {train.LAUNCHER_ENV: str(os.getpid())}
+            # On each node of a multi-node plan the same command joins the plan's rendezvous.
+            cmd = distributed.torchrun_command(nproc, "autotune", list(ARGS) + extra_args, plan.launch)
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            code = forward.wait(proc)
+        finally:
+            if lock is not None:
+                lock.release()
+    if forward.signum:
+        summary = _read_summary(out)
+        stopped = signal.Signals(forward.signum).name
+        typer.echo(_stopped_line(stopped, summary.get("steps_done"), summary.get("checkpoint"), out), err=True)
+        raise typer.Exit(128 + forward.signum)
     if code != 0:
         typer.echo(f"autotune: error: the run of {nproc} processes failed (torchrun exit status {code}); the failing rank's error is above", err=True)
         raise typer.Exit(1)
+
+
+class _Forward:
+    """While a child runs: SIGINT/SIGTERM to this process go to the child, and are remembered."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._proc = None
+        self._old: dict = {}
+
+    def __enter__(self) -> _Forward:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signum)
+
+    def wait(self, proc) -> int:
+        self._proc = proc
+        if self.signum:  # arrived while it was starting
+            proc.send_signal(self.signum)
+        return proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when this process dies (even by SIGKILL)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _read_summary(out: Path | None) -> dict:
+    try:
+        return json.loads((out / "summary.json").read_text()) if out else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _progress(total: int, enabled: bool):

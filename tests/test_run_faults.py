@@ -1,0 +1,220 @@
+"""Runs that survive: signals, the --out lock, corrupt checkpoints, resume rules, with real
+processes, real signals and real files (no mocks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+
+from autotune import plan as planmod
+from autotune import train
+from autotune.train import RunOptions
+from tests.conftest import DEFAULT_PLAN, ROOT
+from tests.strategy_suite import TINY
+
+
+def write_plan(tmp_path: Path, *, nproc: int = 1, strategies: dict | None = None, name: str = "plan.json", **train_overrides) -> Path:
+    data = json.loads(DEFAULT_PLAN.read_text())
+    if nproc > 1:
+        data["workload"]["overrides"] = dict(TINY)
+    data["train"].update({"eval_interval": 0, "checkpoint_interval": 10, "log_interval": 1, **train_overrides})
+    data["launch"]["nproc_per_node"] = nproc
+    data["strategies"] = [{"name": n, "knobs": k} for n, k in (strategies or {}).items()]
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def start(plan: Path, out: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "autotune", "run", str(plan), "--out", str(out), "--json", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s"
+        time.sleep(0.01)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in train.read_log(out / "log.jsonl")]
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step_and_resumes_exactly(tmp_path: Path) -> None:
+    steps = 80  # the stop comes a step or two after step 10 (signal to torchrun to ranks)
+    plan = write_plan(tmp_path, nproc=2, strategies={"ddp": {}})
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    proc = start(plan, stopped, "--steps", str(steps))
+    wait_for(stopped / "checkpoints" / "step_00000010.pt", proc)
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) >= 4  # autotune run, torchrun, 2 ranks
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)  # within torchrun's 30 s grace, start to end
+    assert proc.returncode == 143, err[-3000:]
+    for pid in tree:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"pid {pid} left behind"
+    summary = json.loads((stopped / "summary.json").read_text())
+    at = summary["steps_done"]
+    assert summary["stopped"] == "SIGTERM" and 10 <= at < steps
+    assert summary["checkpoint"] == str(stopped / "checkpoints" / f"step_{at:08d}.pt")
+    assert (stopped / "checkpoints" / f"step_{at:08d}.pt.sha256").is_file()
+    assert [r["step"] for r in train.read_log(stopped / "log.jsonl")] == list(range(at))
+    assert err.strip().splitlines()[-1] == (
+        f"autotune: stopped by SIGTERM at step {at}: checkpoint {summary['checkpoint']}, summary {stopped / 'summary.json'}; continue with --resume"
+    )
+
+    ref = start(plan, straight, "--steps", str(steps))
+    resumed = start(plan, stopped, "--steps", str(steps), "--resume")
+    for p in (ref, resumed):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert [r["step"] for r in train.read_log(stopped / "log.jsonl")] == list(range(steps))
+    assert losses(stopped) == losses(straight)  # bit for bit, as an uninterrupted run
+
+
+def test_sigint_to_a_single_process_run_checkpoints_the_step_and_exits_130(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, checkpoint_interval=0)  # only the stop writes a checkpoint
+    out = tmp_path / "run"
+    proc = start(plan, out, "--steps", "100000")
+    wait_for(out / "log.jsonl", proc)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    at = summary["steps_done"]
+    assert summary["stopped"] == "SIGINT" and len(summary["losses"]) == at
+    assert (out / "checkpoints" / f"step_{at:08d}.pt").is_file()
+    assert err.strip().splitlines()[-1].startswith(f"autotune: stopped by SIGINT at step {at}: checkpoint ")
+
+
+def test_a_second_run_on_a_locked_out_is_refused_and_leaves_the_first_alone(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, checkpoint_interval=0)
+    out = tmp_path / "run"
+    first = start(plan, out, "--steps", "100000")
+    wait_for(out / "log.jsonl", first)
+    second = start(plan, out, "--steps", "100000", "--resume")  # a resume would truncate the log
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 2
+    assert err.strip() == f"autotune: error: run directory {out} is in use by another autotune process (pid {first.pid}; lock {out / '.lock'})"
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 143, err[-3000:]
+    at = json.loads((out / "summary.json").read_text())["steps_done"]
+    assert [r["step"] for r in train.read_log(out / "log.jsonl")] == list(range(at))  # every step once, none lost
+
+
+def flip_tensor_bytes(path: Path, n: int = 64) -> None:
+    """Flip ``n`` bytes in the middle of the largest tensor stored in a torch.save archive."""
+    with zipfile.ZipFile(path) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with path.open("r+b") as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        at = info.header_offset + 30 + name_len + extra_len + info.file_size // 2
+        f.seek(at)
+        data = bytearray(f.read(n))
+        f.seek(at)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def small_plan(tmp_path: Path, **train_overrides) -> planmod.Plan:
+    return planmod.load(write_plan(tmp_path, log_interval=5, **train_overrides))
+
+
+def test_a_bit_flipped_checkpoint_is_named_and_the_older_one_is_used(tmp_path: Path, capsys) -> None:
+    plan, out = small_plan(tmp_path), tmp_path / "run"
+    train.run(plan, RunOptions(steps=20, out_dir=out))
+    newest = out / "checkpoints" / "step_00000020.pt"
+    flip_tensor_bytes(newest)
+    capsys.readouterr()
+    summary = train.run(plan, RunOptions(steps=20, out_dir=out, resume=True))
+    err = capsys.readouterr().err
+    assert f"autotune: checkpoint {newest} is corrupt (checksum mismatch): resuming from step_00000010.pt" in err.splitlines()
+    assert summary.steps_done == 20 and len(summary.losses) == 10  # steps 10..19 again
+    assert all(v == v and abs(v) < 100 for v in summary.losses)
+    assert [r["step"] for r in train.read_log(out / "log.jsonl")] == list(range(20))
+
+
+def test_resume_refuses_another_plan_naming_every_difference(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train.run(small_plan(tmp_path), RunOptions(steps=10, out_dir=out))
+    other = small_plan(tmp_path, lr=0.001, micro_batch_size=8)
+    with pytest.raises(train.UserError) as e:
+        train.run(other, RunOptions(steps=10, out_dir=out, resume=True, timing_warmup=0))
+    assert str(e.value) == (
+        f"checkpoint {out / 'checkpoints' / 'step_00000010.pt'} is of another run: lr 0.002 (checkpoint) vs 0.001 (plan); "
+        "micro_batch_size 16 (checkpoint) vs 8 (plan) (resume with the plan and --steps it was made with, or use another --out)"
+    )
+
+
+def test_resume_without_a_checkpoint_starts_from_step_0_and_says_so(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    train.run(small_plan(tmp_path, checkpoint_interval=0), RunOptions(steps=3, out_dir=out))
+    for p in (out / "checkpoints").iterdir():  # as a run that failed before its first checkpoint
+        p.unlink()
+    stale = [out / "checkpoints" / ".step_00000005.pt.abc.tmp", out / "checkpoints" / "step_00000005.pt.sha256"]
+    for p in stale:
+        p.write_text("left by a killed run")
+    (out / "checkpoints" / ".step_00000005.tmp").mkdir()
+    capsys.readouterr()
+    summary = train.run(small_plan(tmp_path, checkpoint_interval=0), RunOptions(steps=3, out_dir=out, resume=True))
+    assert f"autotune: no complete checkpoint in {out / 'checkpoints'}: starting from step 0" in capsys.readouterr().err
+    assert summary.steps_done == 3 and len(summary.losses) == 3
+    assert [r["step"] for r in train.read_log(out / "log.jsonl")] == [0, 1, 2]  # truncated, then written again
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003.pt", "step_00000003.pt.sha256"]  # no stale file left
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, run_cli) -> None:
+    plan, out = write_plan(tmp_path, log_interval=5), tmp_path / "run"
+    assert run_cli("run", plan, "--out", out, "--steps", "10", "--json")[0] == 0
+    before = {p: p.read_bytes() for p in (out / "summary.json", out / "log.jsonl")}
+    code, _, err = run_cli("run", plan, "--out", out, "--steps", "10", "--resume")
+    assert code == 0 and err.strip() == f"autotune: the run in {out} already reached step 10: nothing to do"
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_steps_set_the_schedule_and_files_get_the_umask_mode(tmp_path: Path, run_cli, monkeypatch) -> None:
+    # Plan steps 200, --steps 40: the last step trains at lr * min_lr_ratio, as a 40-step run.
+    plan = write_plan(tmp_path, log_interval=5, checkpoint_interval=20)
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        code, _, err = run_cli("run", plan, "--steps", "40", "--json")
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    (out,) = (tmp_path / "runs").iterdir()  # no --out: runs/<UTC time>/
+    assert err.splitlines()[0] == f"autotune: writing the run to {Path('runs') / out.name}/"
+    log = train.read_log(out / "log.jsonl")
+    spec = planmod.load(plan).train
+    assert log[-1]["step"] == 39 and log[-1]["lr"] == pytest.approx(spec.lr * spec.min_lr_ratio)
+    for path in (out / "summary.json", out / "checkpoints" / "step_00000040.pt", out / "checkpoints" / "step_00000040.pt.sha256"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_missing_val_bin_is_refused_before_training(tmp_path: Path, run_cli) -> None:
+    from autotune import data as datamod
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    plan = write_plan(tmp_path, eval_interval=10)
+    default = Path(datamod.default_dataset(train.load_workload("tiny", {}).vocab_size))
+    for name in os.listdir(default):
+        if name != "val.bin":
+            os.symlink(default / name, data_dir / name)
+    code, _, err = run_cli("run", plan, "--out", tmp_path / "run", "--steps", "20", "--data", data_dir)
+    assert code == 2
+    assert err.strip().startswith(f"autotune: error: data {data_dir}: no val.bin there, and the plan evaluates")
+    assert not (tmp_path / "run" / "log.jsonl").exists()
