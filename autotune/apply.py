@@ -68,6 +68,28 @@ def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
         strategy.apply(ctx, chosen[name])
 
 
+def check_plan(plan: Any, *, trusted: bool = True) -> Any:
+    """Check a whole plan before anything starts; returns its Workload. ``autotune run`` and
+    ``autotune show`` call it alike, so show passes no plan that run rejects.
+
+    Loading the plan already checked its schema, every train setting and each strategy's
+    knobs (their configs' legal bounds). Here: the workload (imported only when ``trusted``),
+    the strategies' combination (graph conflicts and requires), each one's ``check_with``,
+    and the mesh over the plan's processes with the model and the micro-batch. What the
+    hardware needs stays checked where strategies are applied (``TrainContext``), so a CUDA
+    plan is still readable on a CPU machine."""
+    from autotune.graph import check_combination
+    from autotune.workloads import load_workload
+
+    workload = load_workload(plan.workload.name, plan.workload.overrides, trusted=trusted)
+    configs = plan.strategy_configs()
+    check_combination(configs)
+    check_settings(configs)
+    world = plan.launch.nproc_per_node * plan.launch.nnodes
+    check_processes(world, configs, workload=workload, micro_batch_size=plan.train.micro_batch_size)
+    return workload
+
+
 def check_processes(world_size: int, chosen: Any, *, workload: Any = None, micro_batch_size: int | None = None) -> None:
     """A run of several processes must split its work with one of DISTRIBUTING, over a mesh
     whose dp × tp × pp factorisation holds (``autotune.mesh.mesh_shape``, which names the

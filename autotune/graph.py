@@ -14,6 +14,7 @@ with it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -98,6 +99,37 @@ def _check_requirements(graph: nx.MultiDiGraph) -> None:
             if conflicts.has_edge(a, b):
                 chain = ", ".join(sorted(needed - {name}))
                 raise CatalogError(f"strategy {name} can never be used: it requires {chain}, and {a} conflicts with {b}")
+
+
+def _check_relations(chosen: Sequence[str], requires: nx.DiGraph, conflicts: nx.DiGraph) -> None:
+    for a, b in itertools.combinations(chosen, 2):
+        if conflicts.has_edge(a, b):
+            raise UserError(f"{a} conflicts with {b}")
+    for name in chosen:
+        for required in sorted(requires.successors(name)):
+            if required not in chosen:
+                raise UserError(f"{name} requires {required}, which is not chosen")
+
+
+@functools.cache
+def _catalog_relations() -> tuple[nx.DiGraph, nx.DiGraph]:
+    graph = validate_catalog(catalog(), ORDER)
+    return _edges(graph, "requires"), _edges(graph, "conflicts")
+
+
+def check_combination(names: Iterable[str]) -> None:
+    """Raise UserError if the catalog's strategies ``names`` cannot run together on any
+    machine: an unknown or unimplemented one, a conflict, or a requirement left out. What
+    the hardware needs is judged where the strategies are applied (a plan made for CUDA
+    stays readable on a CPU machine)."""
+    strategies = catalog()
+    chosen = [name for name in ORDER if name in set(names)]
+    for name in sorted(set(names) - set(strategies)):
+        raise UserError(f"unknown strategy {name!r} (known: {', '.join(sorted(strategies))})")
+    for name in chosen:
+        if not strategies[name].implemented:
+            raise UserError(f"strategy {name} is not implemented yet ({strategies[name].issue})")
+    _check_relations(chosen, *_catalog_relations())
 
 
 class StrategyGraph:
@@ -189,13 +221,7 @@ class StrategyGraph:
         for name in chosen:
             if name in self._excluded:
                 raise UserError(f"strategy {name} cannot be used here: {self._excluded[name]}")
-        for a, b in itertools.combinations(chosen, 2):
-            if self._conflicts.has_edge(a, b):
-                raise UserError(f"{a} conflicts with {b}")
-        for name in chosen:
-            for required in sorted(self._requires.successors(name)):
-                if required not in chosen:
-                    raise UserError(f"{name} requires {required}, which is not chosen")
+        _check_relations(chosen, self._requires, self._conflicts)
 
     def is_legal(self, names: Iterable[str]) -> bool:
         """Whether ``names`` pass :meth:`check`."""

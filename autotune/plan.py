@@ -24,6 +24,7 @@ Format, version 1::
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -86,6 +87,21 @@ class LaunchSpec:
             raise ValueError(f"node_rank {self.node_rank} is not in 0..{self.nnodes - 1}")
 
 
+MAX_MICRO_BATCH = 65536
+"""Samples per micro-batch no device holds more of (a larger one is a typo, not a plan)."""
+MAX_STEPS = 10**9
+"""Optimizer steps beyond any run's horizon."""
+_TRAIN_FLOATS = (
+    # name, low, high, low open, high open: the legal interval of each float setting.
+    ("lr", 0.0, 1.0, True, False),
+    ("min_lr_ratio", 0.0, 1.0, False, False),
+    ("weight_decay", 0.0, 10.0, False, False),
+    ("beta1", 0.0, 1.0, False, True),
+    ("beta2", 0.0, 1.0, False, True),
+    ("grad_clip", 0.0, 1e6, False, False),
+)
+
+
 @dataclass(kw_only=True, slots=True)
 class TrainSpec:
     micro_batch_size: int
@@ -128,8 +144,19 @@ class TrainSpec:
         for name in ("warmup_steps", "eval_interval", "eval_batches", "checkpoint_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
-        if self.lr <= 0:
-            raise ValueError("lr must be positive")
+        if self.eval_interval > 0 and self.eval_batches < 1:
+            raise ValueError("eval_batches must be at least 1 when eval_interval is on")
+        # Bounds a plan can mean: beyond them the run hangs, overflows or trains nothing.
+        if self.micro_batch_size > MAX_MICRO_BATCH:
+            raise ValueError(f"micro_batch_size must be at most {MAX_MICRO_BATCH}, got {self.micro_batch_size}")
+        if self.steps > MAX_STEPS:
+            raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in 0..2**32-1, got {self.seed}")
+        for name, low, high, low_open, high_open in _TRAIN_FLOATS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
+                raise ValueError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -251,6 +278,24 @@ def load(path: str | os.PathLike) -> Plan:
         return from_dict(data)
     except SchemaError as e:
         raise UserError(f"plan {path}: {e}") from None
+
+
+def other_machine(plan: Plan) -> str | None:
+    """A one-line warning if ``plan`` was made on another machine than this one (None: same
+    machine, or a plan for any machine). Figures measured elsewhere may not hold here."""
+    if plan.hardware.fingerprint is None:
+        return None
+    from autotune import hardware
+
+    machine = hardware._identify([])  # detection without measuring: what the fingerprint is made of
+    here = hardware._fingerprint(machine)
+    if here == plan.hardware.fingerprint:
+        return None
+    made_on = ", ".join(f"{k}: {v}" for k, v in plan.hardware.summary.items() if k != "fingerprint") or "no summary"
+    gpus = f"{len(machine.gpus)} x {machine.gpus[0].name}" if machine.gpus else "none"
+    this = f"gpus: {gpus}, cpu: {machine.cpu.model} ({machine.cpu.physical_cores or machine.cpu.logical_cores} cores)"
+    return (f"the plan was made on another machine ({plan.hardware.fingerprint}: {made_on}) than this one ({here}: {this}); "
+            "its figures may not hold here")
 
 
 def new(

@@ -65,7 +65,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SchemaError(where, f"expected a number, got {_describe(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            raise SchemaError(where, f"number out of range ({len(str(value))} digits)") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SchemaError(where, f"expected an integer, got {_describe(value)}")
@@ -133,15 +136,21 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     """Parse a JSON file, turning a missing file or bad JSON into a one-line UserError."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{what} {p}: no such file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {p}: not a text file (not UTF-8)") from None
     except OSError as e:
         raise UserError(f"{what} {p}: cannot read ({e.strerror})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{what} {p}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise UserError(f"{what} {p}: JSON nested too deeply") from None
+    except ValueError as e:  # Python's limit on the digits of an integer
+        raise UserError(f"{what} {p}: invalid JSON: {e}".splitlines()[0]) from None
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

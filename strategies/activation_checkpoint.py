@@ -28,8 +28,8 @@ class ActivationCheckpointConfig:
     """In selective mode, checkpoint blocks 0, every, 2 * every, ...; full ignores it."""
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"every must be at least 1, got {self.every}")
+        if not 1 <= self.every <= 64:
+            raise ValueError(f"every must be from 1 to 64, got {self.every}")
 
 
 def apply_activation_checkpoint(ctx: TrainContext, cfg: ActivationCheckpointConfig) -> None:

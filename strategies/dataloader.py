@@ -21,8 +21,9 @@ class DataloaderConfig:
     """Batches gathered ahead on the loader thread; 0 gathers each one when it is asked for."""
 
     def __post_init__(self) -> None:
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch must not be negative, got {self.prefetch}")
+        # Each prefetched batch is held in memory: a huge queue exhausts the host.
+        if not 0 <= self.prefetch <= 64:
+            raise ValueError(f"prefetch must be from 0 to 64, got {self.prefetch}")
 
     def needs(self) -> Needs:
         """Pinned memory exists only beside an accelerator."""

@@ -59,8 +59,8 @@ class DdpConfig:
     skip searching for unused ones and reorder buckets after the first step."""
 
     def __post_init__(self) -> None:
-        if self.bucket_cap_mb < 1:
-            raise ValueError(f"bucket_cap_mb must be at least 1, got {self.bucket_cap_mb}")
+        if not 1 <= self.bucket_cap_mb <= 4096:
+            raise ValueError(f"bucket_cap_mb must be from 1 to 4096, got {self.bucket_cap_mb}")
 
 
 def apply_ddp(ctx: TrainContext, cfg: DdpConfig) -> None:

@@ -16,8 +16,9 @@ class GradAccumConfig:
     """Micro-batches per optimizer step."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        # The planner derives up to search.MAX_ACCUM (64); more only ever loses, and 1000 hangs a step.
+        if not 1 <= self.steps <= 128:
+            raise ValueError(f"steps must be from 1 to 128, got {self.steps}")
 
 
 def apply_grad_accum(ctx: TrainContext, cfg: GradAccumConfig) -> None:

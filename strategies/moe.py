@@ -30,10 +30,12 @@ class MoeConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}")
-        if self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}")
-        if self.every_n_layers < 1:
-            raise ValueError(f"every_n_layers must be at least 1, got {self.every_n_layers}")
+        if not 1 <= self.num_experts <= 256:
+            raise ValueError(f"num_experts must be from 1 to 256, got {self.num_experts}")
+        if not 0 < self.capacity_factor <= 16:  # NaN fails this too
+            raise ValueError(f"capacity_factor must be in (0, 16], got {self.capacity_factor}")
+        if not 1 <= self.every_n_layers <= 64:
+            raise ValueError(f"every_n_layers must be from 1 to 64, got {self.every_n_layers}")
 
 
 STRATEGY = Strategy(

@@ -60,8 +60,8 @@ class PipelineParallelConfig:
     def __post_init__(self) -> None:
         if self.degree < 2:
             raise ValueError(f"degree must be at least 2, got {self.degree}")
-        if self.microbatches < 1:
-            raise ValueError(f"microbatches must be at least 1, got {self.microbatches}")
+        if not 1 <= self.microbatches <= 256:
+            raise ValueError(f"microbatches must be from 1 to 256, got {self.microbatches}")
 
 
 class GPTStage(nn.Module):

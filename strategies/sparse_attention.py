@@ -26,8 +26,8 @@ class SparseAttentionConfig:
     def __post_init__(self) -> None:
         if self.window < 1:
             raise ValueError(f"window must be at least 1, got {self.window}")
-        if self.global_tokens < 0:
-            raise ValueError(f"global_tokens must not be negative, got {self.global_tokens}")
+        if not 0 <= self.global_tokens <= 4096:
+            raise ValueError(f"global_tokens must be from 0 to 4096, got {self.global_tokens}")
 
 
 STRATEGY = Strategy(

@@ -26,8 +26,9 @@ class VocabPaddingConfig:
     """Embedding and head rows are rounded up to a multiple of this."""
 
     def __post_init__(self) -> None:
-        if self.multiple < 1:
-            raise ValueError(f"multiple must be at least 1, got {self.multiple}")
+        # Padding pays only in the tile sizes of matmul kernels: powers of two.
+        if self.multiple not in (8, 16, 32, 64, 128, 256, 512, 1024):
+            raise ValueError(f"multiple must be a power of two from 8 to 1024, got {self.multiple}")
 
 
 def _padded(weight: nn.Parameter, rows: int) -> nn.Parameter:

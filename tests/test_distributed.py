@@ -319,7 +319,7 @@ def test_autotune_run_starts_the_processes_itself(tmp_path: Path) -> None:
 def test_a_rank_that_crashes_ends_the_run(tmp_path: Path) -> None:
     plan = two_process_plan(tmp_path, {"ddp": {}}, workload="tests.faults:build", micro_batch=faults.RANK1_RAISES)
     began = time.monotonic()
-    proc = autotune_run(plan, tmp_path / "run", timeout=FAIL_WITHIN_S)
+    proc = autotune_run(plan, tmp_path / "run", "--trust-workload", timeout=FAIL_WITHIN_S)
     assert proc.returncode == 1
     assert "RuntimeError: simulated failure on rank 1" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -332,7 +332,7 @@ def test_a_rank_that_hangs_ends_the_run_at_the_collective_timeout(tmp_path: Path
     # Rank 1 sleeps in its forward; rank 0 waits in DDP's all-reduce until the timeout.
     plan = two_process_plan(tmp_path, {"ddp": {}}, workload="tests.faults:build", micro_batch=faults.RANK1_HANGS)
     began = time.monotonic()
-    proc = autotune_run(plan, tmp_path / "run", timeout=FAIL_WITHIN_S, env={"AUTOTUNE_DIST_TIMEOUT_S": "5"})
+    proc = autotune_run(plan, tmp_path / "run", "--trust-workload", timeout=FAIL_WITHIN_S, env={"AUTOTUNE_DIST_TIMEOUT_S": "5"})
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "Timed out waiting 5000ms" in proc.stderr  # gloo's words, on rank 0
     assert time.monotonic() - began < FAIL_WITHIN_S

@@ -32,6 +32,7 @@ def run_command(
     profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine, for measured MFU.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     node_rank: Annotated[Optional[int], typer.Option(help="This node's rank in a plan of several nodes (default: the rendezvous assigns it).")] = None,
+    trust_workload: Annotated[bool, typer.Option(help="Import the plan's workload module even if it is not a built-in preset (runs its code).")] = False,
 ) -> None:
     """Train with PLAN: log every step, evaluate, checkpoint, resume. SIGINT/SIGTERM stop it
     after the current step with a checkpoint and the summary (exit 130/143)."""
@@ -51,6 +52,11 @@ def run_command(
         if not 0 <= node_rank < plan.launch.nnodes:
             raise UserError(f"--node-rank {node_rank}: the plan has {plan.launch.nnodes} node(s), ranks 0..{plan.launch.nnodes - 1}")
         plan.launch.node_rank = node_rank
+    from autotune.apply import check_plan
+
+    check_plan(plan, trusted=trust_workload)  # the whole plan, before anything starts or is written
+    if distributed.env_world_size() == 1 and (warning := planmod.other_machine(plan)):
+        typer.echo(f"autotune: warning: {warning}", err=True)
     if tokens is not None:
         steps = math.ceil(tokens / train.tokens_per_step(plan))
     total = steps or plan.train.steps

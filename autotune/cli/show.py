@@ -15,11 +15,14 @@ from autotune.cli import app
 def show_command(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file (JSON).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the validated plan as JSON.")] = False,
+    trust_workload: Annotated[bool, typer.Option(help="Import the plan's workload module even if it is not a built-in preset (runs its code).")] = False,
 ) -> None:
-    """Validate PLAN and print it: workload, strategies, launch, measured figures."""
+    """Validate PLAN as `autotune run` does and print it: workload, strategies, launch, measured figures."""
     from autotune import plan as planmod
+    from autotune.apply import check_plan
 
     plan = planmod.load(plan_path)
+    check_plan(plan, trusted=trust_workload)  # the same checks as run: show passes no plan that run rejects
     if json_out:
         typer.echo(json.dumps(plan.to_dict(), indent=2))
         return

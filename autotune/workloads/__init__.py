@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,15 +93,34 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
     )
 
 
-def load_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
-    """A preset by name, or ``package.module:factory`` returning a :class:`Workload`."""
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def import_module_name(name: str) -> str | None:
+    """The module a workload name would import: None for a preset; a UserError for a name
+    that is neither a preset nor ``package.module:factory``."""
     if name in PRESETS:
-        return gpt_workload(name, overrides)
-    if ":" not in name:
+        return None
+    if not isinstance(name, str) or not _IMPORT_PATH.fullmatch(name):
         raise UserError(f"unknown workload {name!r}: expected one of {', '.join(PRESETS)} or package.module:factory")
+    return name.partition(":")[0]
+
+
+def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted: bool = True) -> Workload:
+    """A preset by name, or ``package.module:factory`` returning a :class:`Workload`.
+
+    Importing a module runs its code, so a workload named by a file (a plan someone sent)
+    is imported only when ``trusted``: the CLI passes False unless the user named the
+    module on the command line or said ``--trust-workload``. Library callers choose."""
+    module_name = import_module_name(name)
+    if module_name is None:
+        return gpt_workload(name, overrides)
+    if not trusted:
+        raise UserError(f"workload {name}: not a built-in preset, and running it would import module {module_name}; "
+                        "pass --trust-workload if you trust that code")
     if overrides:
         raise UserError(f"workload.overrides: only the built-in presets take overrides, not {name}")
-    module_name, _, attr = name.partition(":")
+    attr = name.partition(":")[2]
     if os.getcwd() not in sys.path:  # like `python -m`: modules beside the user resolve
         sys.path.insert(0, os.getcwd())
     try:
