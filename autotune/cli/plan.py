@@ -16,7 +16,7 @@ from autotune.errors import UserError
 def plan_command(
     workload: Annotated[str, typer.Option(help="Preset (tiny, phase8-small, gpt2-124m, gpt-1b) or package.module:factory.")] = "tiny",
     trials: Annotated[Optional[int], typer.Option(help="Finished trials the study should hold (resumed ones count).")] = None,
-    time_budget: Annotated[Optional[float], typer.Option(help="Seconds after which no new trial starts.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds for the whole command, confirmation included (within max(15 s, 10%)).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
     study: Annotated[Optional[str], typer.Option(help="Study name (default: workload and hardware fingerprint).")] = None,
     global_batch: Annotated[Optional[int], typer.Option(help="Samples per optimizer step, kept fixed (default: the workload's recipe; 0: search it too).")] = None,
@@ -56,11 +56,11 @@ def plan_command(
     )
     from rich.console import Console
 
-    from autotune.cli.plan_view import TrialTable, print_summary
+    from autotune.cli.plan_view import Progress, TrialTable, print_summary
 
     console = Console()
     table = TrialTable(console)
-    plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print)
+    plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print, status=Progress(console))
     print_summary(console, plan, summary, space, settings.out or Path("plans") / f"{plan.provenance.study}.plan.json")
     if report is not None:
         from autotune.report import write_report
