@@ -69,6 +69,29 @@ class PlanSettings:
     """The command line, recorded in the plan."""
 
 
+class NoTrialSucceeded(RuntimeError):
+    """Every trial of the study failed or was pruned: there is nothing to confirm."""
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any trial, a file that could not be written at the end: its folder (or
+    the nearest one that exists, where the rest would be created) must be writable."""
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a directory, expected a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {folder}")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """The same for a directory of outputs (--report)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: exists and is not a directory")
+    check_writable(path / "x", what)
+
+
 def _profile(settings: PlanSettings) -> Any:
     from autotune import hardware
 
@@ -517,6 +540,11 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
     """Search, confirm and write the plan; ``settings.time_budget`` bounds all of it (within
     :func:`budget_margin`), the confirmation's time reserved from the trials' measured walls."""
     clock = Clock(deadline=None if settings.time_budget is None else time.monotonic() + settings.time_budget)
+    storage = settings.storage or "sqlite:///plans/studies.db"
+    if settings.out is not None:
+        check_writable(settings.out, "--out")
+    if storage.startswith("sqlite:///"):
+        check_writable(Path(storage.removeprefix("sqlite:///")), "--storage")
     workload = load_workload(settings.workload)
     profile = _profile(settings)
     space, graph = build_space(settings, profile, workload)
@@ -526,7 +554,8 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
         data.default_dataset(workload.vocab_size)  # build once here, not in every trial
     recipe = None if settings.global_batch == workload.global_batch else settings.global_batch
     name = settings.study_name or study_name(settings.workload, profile.fingerprint, recipe)
-    storage = settings.storage or "sqlite:///plans/studies.db"
+    out = settings.out or Path("plans") / f"{name}.plan.json"
+    check_writable(out, "plan file")
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     study = search.open_study(name, storage, settings.sampler, settings.seed)
@@ -543,7 +572,8 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
     status(None)
     summary = search.summarize(study)
     if summary.best is None:
-        raise RuntimeError(f"no trial of study {name} succeeded: {summary.counts}")
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
+        raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `autotune trials --study {name}` shows why")
     best = search.plan_of(summary.best)
     baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
     log(f"confirming trial {summary.best.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
@@ -564,7 +594,6 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
             command=settings.command,
         ),
     )
-    out = settings.out or Path("plans") / f"{name}.plan.json"
     plan.save(out)
     return plan, summary, space
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -46,8 +47,14 @@ def plan_command(
         raise UserError("--trials and --time-budget must be positive")
     if device not in ("auto", "cuda", "cpu"):
         raise UserError(f"--device {device}: expected auto, cuda or cpu")
-    if min(trial_steps, trial_timeout) <= 0 or warmup_steps < 1:
-        raise UserError("--trial-steps, --warmup-steps and --trial-timeout must be positive")
+    if trial_steps < 1 or warmup_steps < 1:
+        raise UserError("--trial-steps and --warmup-steps must be positive")
+    from autotune.search import MIN_TRIAL_S
+
+    if not trial_timeout >= MIN_TRIAL_S:  # also NaN; a trial starts python and torch first
+        raise UserError(f"--trial-timeout {trial_timeout:g}: expected at least {MIN_TRIAL_S:g} seconds")
+    if report is not None:
+        planner.check_writable_dir(report, "--report")
     settings = planner.PlanSettings(
         workload=workload, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
         global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
@@ -60,7 +67,11 @@ def plan_command(
 
     console = Console()
     table = TrialTable(console)
-    plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print, status=Progress(console))
+    try:
+        plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print, status=Progress(console))
+    except planner.NoTrialSucceeded as e:
+        print(f"autotune: error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
     print_summary(console, plan, summary, space, settings.out or Path("plans") / f"{plan.provenance.study}.plan.json")
     if report is not None:
         from autotune.report import write_report

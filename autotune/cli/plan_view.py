@@ -33,7 +33,7 @@ class TrialTable:
         strategies = ", ".join(s.name + ("(" + ",".join(f"{v}" for v in s.knobs.values()) + ")" if s.knobs else "") for s in plan.strategies) or "plain"
         why = ""
         if status != "ok":
-            why = "  ← " + str(trial.user_attrs.get("error", ""))[:90]
+            why = "  ← " + str(trial.user_attrs.get("error", ""))
         self.console.print(
             f"{trial.number:>5} {status:<11} {tps or 0:>12,.0f} {self.best or 0:>12,.0f} "
             f"{_gib(f.peak_memory_bytes if f else None):>8} {_gib(trial.user_attrs.get('predicted_peak_memory_bytes')):>8} "
