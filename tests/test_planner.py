@@ -73,3 +73,19 @@ def test_bad_planner_input_is_one_line_before_any_trial(run_cli, tmp_path, args)
     code, out, err = run_cli("plan", "--trials", "1", "--storage", f"sqlite:///{tmp_path}/s.db", *args)
     assert code == 2 and err.startswith("autotune: error:") and err.count("\n") == 1, err
     assert not (tmp_path / "s.db").exists()
+
+
+from tests.strategy_suite import Case, StrategySuite, pytest_generate_tests  # noqa: E402,F401
+
+
+class TestCpuThreads(StrategySuite):
+    name = "cpu_threads"
+    # One thread sums each matmul in one order (the plain run's here: OMP_NUM_THREADS=1);
+    # two split the reductions, a rounding difference only.
+    cpu_cases = (Case(knobs={"threads": 1}, rtol=0.0), Case(knobs={"threads": 2}, rtol=1e-4))
+
+    def check_applied(self, trainer, cfg):
+        import torch
+
+        assert torch.get_num_threads() == cfg.threads
+        torch.set_num_threads(1)  # process-wide: leave the test process as it was
