@@ -38,7 +38,6 @@ def plan_command(
 
     from autotune import planner
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the trial table says it all
     from autotune.trial import TrialBudget
 
     if trials is None and time_budget is None:
@@ -61,6 +60,7 @@ def plan_command(
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
         command=shlex.join(["autotune", *ARGS]),
     )
+    _warnings_to_log(storage)
     from rich.console import Console
 
     from autotune.cli.plan_view import Progress, TrialTable, print_summary
@@ -78,3 +78,23 @@ def plan_command(
 
         for path in write_report(plan.provenance.study, settings.storage or "sqlite:///plans/studies.db", report):
             console.print(f"report: {path}")
+
+
+def _warnings_to_log(storage: str | None) -> None:
+    """Library warnings (Optuna's ExperimentalWarning, torch's UserWarnings) and Optuna's log
+    go to plan.log beside the study (created at the first message), not the screen."""
+    import logging
+
+    import optuna
+
+    url = storage or "sqlite:///plans/studies.db"
+    folder = Path(url.removeprefix("sqlite:///")).parent if url.startswith("sqlite:///") else Path("plans")
+    handler = logging.FileHandler(folder / "plan.log", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.captureWarnings(True)
+    for name in ("py.warnings", "optuna"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+    optuna.logging.disable_default_handler()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
