@@ -33,9 +33,7 @@ def plan_command(
     trial_timeout: Annotated[float, typer.Option(help="Seconds before a trial is killed.")] = 300.0,
     report: Annotated[Optional[Path], typer.Option(help="Write Optuna's plots (HTML) to this directory.")] = None,
 ) -> None:
-    """Search, confirm the best trial with a longer run, and write it as a plan."""
-    import optuna
-
+    """Search, confirm the best trial against the baseline (interleaved), and write it as a plan."""
     from autotune import planner
 
     from autotune.trial import TrialBudget
