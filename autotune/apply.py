@@ -42,6 +42,7 @@ ORDER = (
     "grad_accum",
     "optimizer",
     "dataloader",
+    "cpu_threads",
     # but for zero's: DeepSpeed's engine is built from the accumulation count, so it comes last.
     "zero",
 )

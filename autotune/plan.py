@@ -16,6 +16,7 @@ Format, version 1::
                      "loss_start": …, "loss_end": …, "status": "ok"} | null,
       "baseline":   {… the plain run measured in the same search …} | null,
       "loss_check": {"steps": …, "loss_end": …, "reference_loss_end": …, "passed": …} | null,
+      "comparison": {"rounds": …, "speedup": …, "noise": …, "beats_baseline": …, "verdict": …} | null,
       "provenance": {"autotune_version": …, "torch_version": …, "study": …, "trial": …,
                      "created_at": …, "command": …}
     }
@@ -177,6 +178,10 @@ class Figures:
     """Training loss at the first step."""
     loss_end: float | None = None
     """Training loss at the last step."""
+    samples: list[float] | None = None
+    """Tokens/s of each confirmation run (tokens_per_s is their median); None: one run."""
+    spread: float | None = None
+    """Relative half-range of the samples, (max - min) / 2 / median; None: one run."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -197,6 +202,23 @@ class LossCheck:
     """Largest relative difference of the last losses that passes."""
     passed: bool
     """|loss_end / reference_loss_end - 1| <= tolerance."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Comparison:
+    """The plan against the baseline, run interleaved (plan, baseline, plan, ...) so that both
+    see the same conditions; the figures are the medians of ``measured`` and ``baseline``."""
+
+    rounds: int
+    """Rounds of one plan run and one baseline run."""
+    speedup: float
+    """Median plan tokens/s over median baseline tokens/s."""
+    noise: float
+    """Relative noise of that ratio: the plan's spread plus the baseline's."""
+    beats_baseline: bool
+    """speedup - 1 > noise, and the plan is not the baseline itself."""
+    verdict: str
+    """One line saying so, as the summary prints it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -224,6 +246,7 @@ class Plan:
     measured: Figures | None = None
     baseline: Figures | None = None
     loss_check: LossCheck | None = None
+    comparison: Comparison | None = None
     provenance: Provenance = field(default_factory=Provenance)
 
     def strategy_configs(self) -> dict[str, Any]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,7 @@ from autotune.apply import DISTRIBUTING
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
-from autotune.plan import Figures, LaunchSpec, LossCheck, Plan, StrategySpec, TrainSpec
+from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, Plan, StrategySpec, TrainSpec
 from autotune.strategy import Facts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial
 from autotune.workloads import Workload, load_workload
@@ -22,6 +25,8 @@ from autotune.workloads import Workload, load_workload
 # Usable on a CPU but not worth a trial there: inductor's C++ build of even the tiny model
 # takes minutes on 2 cores (measured 245 s for one trial), longer than the whole search.
 CPU_LEFT_OUT = {"compile": "left out of CPU searches: its C++ code generation takes minutes, longer than a trial"}
+# On a GPU the thread count of the host process does not decide the speed: CPU runs only.
+GPU_LEFT_OUT = {"cpu_threads": "searched on CPU runs only"}
 EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning
 APPROXIMATE_LOSS_TOLERANCE = 0.05  # an approximate plan may learn a little differently
 
@@ -56,16 +61,50 @@ class PlanSettings:
     """Search runs of up to this many CPU processes (gloo) too; implies device cpu."""
     budget: TrialBudget = dataclasses.field(default_factory=TrialBudget)
     """Steps and time limit of each trial."""
-    confirm_factor: int = 3
-    """The confirmation run times this many times the trial's steps."""
+    confirm_factor: int = 1
+    """Each confirmation run times this many times the trial's steps."""
+    confirm_rounds: int = 3
+    """Rounds of the interleaved confirmation (plan, baseline, plan, ...); at least 3."""
     command: str | None = None
     """The command line, recorded in the plan."""
+
+
+class NoTrialSucceeded(RuntimeError):
+    """Every trial of the study failed or was pruned: there is nothing to confirm."""
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before any trial, a file that could not be written at the end: its folder (or
+    the nearest one that exists, where the rest would be created) must be writable."""
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a directory, expected a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {folder}")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """The same for a directory of outputs (--report)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: exists and is not a directory")
+    check_writable(path / "x", what)
 
 
 def _profile(settings: PlanSettings) -> Any:
     from autotune import hardware
 
     if settings.profile is None:
+        # The profile `autotune profile` saved, with its measured rates, if it is this machine's.
+        saved = hardware.default_profile_path()
+        if saved.is_file():
+            try:
+                profile = hardware.HardwareProfile.load(saved)
+            except UserError:
+                profile = None  # unreadable or from an older autotune: detect instead
+            if profile is not None and profile.fingerprint == hardware.current_fingerprint():
+                return profile
         return hardware.detect(quick=True)
     profile = hardware.HardwareProfile.load(settings.profile)
     if profile.fingerprint != hardware.current_fingerprint():
@@ -79,16 +118,21 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     use_cuda = settings.device != "cpu" and settings.cpu_procs is None and bool(profile.gpus)
     if settings.device == "cuda" and not use_cuda:
         raise UserError("--device cuda: no CUDA GPU found on this machine")
-    most = len(profile.gpus) if use_cuda else settings.cpu_procs or 1
+    cores = usable_cores()
+    if not use_cuda and settings.cpu_procs is not None and settings.cpu_procs > cores:
+        raise UserError(f"--cpu-procs {settings.cpu_procs}: this machine has {cores} usable cores; give at most {cores}")
+    most = len(profile.gpus) if use_cuda else settings.cpu_procs or default_cpu_processes(cores)
     facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=most)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
-    left_out = {} if use_cuda else dict(CPU_LEFT_OUT)
+    left_out = dict(GPU_LEFT_OUT) if use_cuda else dict(CPU_LEFT_OUT)
+    if not use_cuda and not cpu_has_bf16():
+        left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
     global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
     if global_batch is not None and global_batch < 1:
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
     # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
     derived = {"grad_accum"} if global_batch is not None else set()
-    strategies = [catalog.get(n) for n in graph.usable() if n not in left_out and n not in derived]
+    strategies = [_narrowed(catalog.get(n), cores) for n in graph.usable() if n not in left_out and n not in derived]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
     rates: dict[str, float] = {}
     bandwidth = None
@@ -121,6 +165,39 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
             space.layouts[n] = found
     space.baseline_micro_batch = _baseline_micro_batch(space)
     return space, graph
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_cpu_processes(cores: int) -> int:
+    """CPU processes searched without --cpu-procs: several only where each keeps two cores
+    (gloo's all-reduce and the loader need one beside the matmuls), at most 8."""
+    return min(8, cores // 2) if cores >= 4 else 1
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU runs bf16 matmuls natively (AMX or AVX512-BF16): elsewhere oneDNN
+    emulates them, slower than fp32."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def _narrowed(strategy: Any, cores: int) -> Any:
+    """cpu_threads' range narrowed to this machine's cores (the catalog's is any machine's)."""
+    if strategy.name != "cpu_threads":
+        return strategy
+    from autotune.strategy import Knob
+
+    return dataclasses.replace(strategy, knobs=(Knob(name="threads", low=1, high=cores, integer=True),))
 
 
 def _process_counts(most: int) -> list[int]:
@@ -166,6 +243,8 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     usable = {s.name for s in space.strategies}
     params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in DISTRIBUTING}
     if space.launch.device != "cuda":
+        if "cpu_threads" in usable:  # every core to the one process (a child may start with fewer)
+            params |= {"cpu_threads": True, "cpu_threads.threads": usable_cores()}
         priors = [params | {"micro_batch_size": max(space.micro_batches)}]
         if "precision" in usable:
             bf16 = params | {"precision": True} | _with_defaults("precision", {"precision.dtype": "bf16", "precision.tf32": False})
@@ -206,7 +285,10 @@ def _with_processes(space: search.SearchSpace, priors: list[dict[str, Any]]) -> 
         fits = [b for b in space.micro_batches if space.global_batch is None or space.global_batch % (b * most) == 0]
         if fits:
             mb = max([b for b in fits if b <= first["micro_batch_size"]] or [min(fits)])
-            out.insert(1, first | {"processes": most, f"layout.{most}": "ddp", "micro_batch_size": mb} | _with_defaults("ddp", {}))
+            ddp = first | {"processes": most, f"layout.{most}": "ddp", "micro_batch_size": mb} | _with_defaults("ddp", {})
+            if "cpu_threads.threads" in ddp:  # the cores shared out between the processes
+                ddp["cpu_threads.threads"] = max(1, usable_cores() // most)
+            out.insert(1, ddp)
     return out
 
 
@@ -228,22 +310,202 @@ def study_name(workload: str, fingerprint: str, global_batch: int | None = None)
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{workload}{recipe}-{fingerprint}")
 
 
-def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings) -> tuple[Figures, Figures | None, LossCheck | None]:
-    """Run the best plan and the baseline again, longer and back to back (so the speed-up is
-    measured under the same conditions), and a plain run on the plan's batches for the loss."""
+MIN_ROUNDS = 3
+"""Fewest rounds of the interleaved confirmation: a median and a spread need three samples."""
+MIN_NOISE = 0.02
+"""A speed-up is claimed only beyond the measured spread and never below this share: two runs
+of one configuration, back to back on the 2-core CPU, differ by about that much."""
+BUDGET_MARGIN_S = 15.0
+"""``--time-budget`` bounds the whole command within max(this, 10% of the budget): the
+confirmation's time is reserved from measured trial walls, which vary from run to run."""
+
+
+def budget_margin(time_budget: float) -> float:
+    return max(BUDGET_MARGIN_S, 0.1 * time_budget)
+
+
+@dataclass(kw_only=True, slots=True)
+class Clock:
+    """The command's time budget as a deadline on time.monotonic(); None: no budget."""
+
+    deadline: float | None = None
+    """When the budget ends."""
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+
+Status = Callable[[str | None], None]
+"""Says what runs now (a live status line), None when nothing does."""
+
+
+def _quiet(_: str | None) -> None:
+    pass
+
+
+def trial_wall(trial: Any) -> float | None:
+    """Wall seconds of a trial that ran (None: pruned before launch, or still running)."""
+    if "figures" not in trial.user_attrs or trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def confirmation_seconds(study: Any, settings: PlanSettings) -> float:
+    """The time the confirmation is predicted to take, from the walls of the trials that ran:
+    rounds x (the slowest ok trial + the baseline) + the loss check (as long as the slowest
+    ok trial, once per data-parallel process, at most the process count)."""
+    import optuna
+
+    complete = [w for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if (w := trial_wall(t))]
+    base = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == search.BASELINE), None)
+    base_wall = (trial_wall(base) if base is not None else None) or max(complete, default=0.0)
+    plan_wall = max(complete, default=base_wall)
+    scale = _length_scale(settings)
+    processes = max(1, settings.cpu_procs or 1)
+    return scale * (_rounds(settings) * (plan_wall + base_wall) + processes * plan_wall)
+
+
+def _rounds(settings: PlanSettings) -> int:
+    return max(MIN_ROUNDS, settings.confirm_rounds)
+
+
+def _length_scale(settings: PlanSettings) -> float:
+    """How much longer a confirmation run is than a trial (start-up counted as steps: an
+    overestimate, so the reserve errs on the safe side)."""
+    b = settings.budget
+    return (b.warmup_steps + settings.confirm_factor * b.timed_steps) / (b.warmup_steps + b.timed_steps)
+
+
+def _finished(study: Any) -> int:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def run_search(study: Any, objective: search.Objective, settings: PlanSettings, clock: Clock) -> None:
+    """The search, stopped in time for the confirmation: under a time budget, one trial at a
+    time while the time left, less the confirmation's predicted time, still holds a typical
+    trial (each trial's own limit is the time left, so none runs into the reserve)."""
+    if clock.deadline is None:
+        search.optimize(study, objective, trials=settings.trials, time_budget=None)
+        return
+    while True:
+        done = _finished(study)
+        if settings.trials is not None and done >= settings.trials:
+            return
+        walls = [w for t in study.get_trials(deepcopy=False) if (w := trial_wall(t))]
+        typical = statistics.median(walls) if walls else 0.0
+        left = clock.left() - confirmation_seconds(study, settings)
+        if left < max(search.MIN_TRIAL_S, typical):
+            return
+        search.optimize(study, objective, trials=done + 1, time_budget=left)
+        if _finished(study) == done:
+            return
+
+
+def same_run(a: Plan, b: Plan) -> bool:
+    """Whether two plans train the same way (what a trial's plan holds)."""
+    def key(p: Plan) -> Any:
+        return (p.to_dict()["strategies"], p.to_dict()["train"], p.to_dict()["launch"], p.to_dict()["workload"])
+    return key(a) == key(b)
+
+
+@dataclass(kw_only=True, slots=True)
+class Confirmed:
+    """What the confirmation measured."""
+
+    measured: Figures
+    """The plan: the median run, with every run's tokens/s and their spread."""
+    baseline: Figures | None
+    """The baseline, the same way."""
+    comparison: Comparison | None
+    """The ratio of the medians against the noise; None when either side failed."""
+    loss_check: LossCheck | None
+    """The plan's loss against a plain run on its batches."""
+
+
+def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock: Clock | None = None,
+            status: Status = _quiet, log: Callable[[str], None] = print, seconds: float | None = None) -> Confirmed:
+    """Run the plan and the baseline interleaved (plan, baseline, plan, baseline, ...), so that
+    both see the same load, at least MIN_ROUNDS rounds; then a plain run on the plan's batches
+    for the loss. ``seconds``: the predicted time at full length; when the clock has less
+    left, each run times fewer steps (never fewer rounds)."""
+    clock = clock or Clock()
+    rounds = _rounds(settings)
+    same = baseline is None or same_run(plan, baseline)
     budget = dataclasses.replace(
         settings.budget,
         timed_steps=settings.budget.timed_steps * settings.confirm_factor,
         timeout_s=settings.budget.timeout_s * settings.confirm_factor,
     )
-    measured = run_trial(plan, budget).figures
-    base = run_trial(baseline, budget).figures if baseline is not None else None
-    return measured, base, _loss_check(plan, measured, budget)
+    left = clock.left()
+    if seconds and left < seconds:
+        budget = dataclasses.replace(budget, timed_steps=max(3, int(budget.timed_steps * max(left, 0.0) / seconds)))
+    plan_runs: list[Figures] = []
+    base_runs: list[Figures] = []
+    for k in range(1, rounds + 1):
+        status(f"confirmation round {k} of {rounds}: the plan")
+        plan_runs.append(run_trial(plan, _limited(budget, clock)).figures)
+        if not same:
+            status(f"confirmation round {k} of {rounds}: the baseline")
+            base_runs.append(run_trial(baseline, _limited(budget, clock)).figures)
+        log(f"confirmation round {k} of {rounds}: plan {_tps(plan_runs[-1])}" + ("" if same else f", baseline {_tps(base_runs[-1])}"))
+    measured = median_figures(plan_runs)
+    base = None if baseline is None else measured if same else median_figures(base_runs)
+    status("loss check: a plain run on the plan's batches")
+    loss_check = _loss_check(plan, measured, _limited(budget, clock))
+    status(None)
+    return Confirmed(measured=measured, baseline=base, comparison=compare(measured, base, rounds, same), loss_check=loss_check)
+
+
+def _tps(f: Figures) -> str:
+    return f"{f.tokens_per_s:,.0f} tokens/s" if f.status == "ok" and f.tokens_per_s else f.status
+
+
+def _limited(budget: TrialBudget, clock: Clock) -> TrialBudget:
+    """A run's limit: the trial's, and no later than the budget's end plus its margin."""
+    if clock.deadline is None:
+        return budget
+    return dataclasses.replace(budget, timeout_s=max(search.MIN_TRIAL_S, min(budget.timeout_s, clock.left() + search.MIN_TRIAL_S)))
+
+
+def median_figures(runs: list[Figures]) -> Figures:
+    """The run of median tokens/s (the lower of the two middle ones for an even count, so its
+    other figures belong to it), with every ok run's tokens/s and their relative half-range.
+    With no ok run: the first failure."""
+    ok = sorted((f for f in runs if f.status == "ok" and f.tokens_per_s), key=lambda f: f.tokens_per_s)
+    if not ok:
+        return runs[0]
+    median = ok[(len(ok) - 1) // 2]
+    samples = [f.tokens_per_s for f in runs if f.status == "ok" and f.tokens_per_s]
+    spread = (max(samples) - min(samples)) / 2 / median.tokens_per_s
+    return dataclasses.replace(median, samples=samples, spread=spread)
+
+
+def compare(measured: Figures, baseline: Figures | None, rounds: int, same: bool) -> Comparison | None:
+    """The speed-up as the ratio of medians, and whether it stands out of the noise (the two
+    spreads added, at least MIN_NOISE). The plan that is the baseline itself never beats it."""
+    if baseline is None or measured.status != "ok" or baseline.status != "ok" or not baseline.tokens_per_s:
+        return None
+    speedup = measured.tokens_per_s / baseline.tokens_per_s
+    noise = max(MIN_NOISE, (measured.spread or 0.0) + (baseline.spread or 0.0))
+    beats = not same and speedup - 1.0 > noise
+    medians = f"plan {measured.tokens_per_s:,.0f}, baseline {baseline.tokens_per_s:,.0f} tokens/s, medians of {rounds} interleaved rounds"
+    if beats:
+        verdict = f"{speedup:.2f}x the baseline (±{noise:.1%}): {medians}"
+    else:
+        verdict = f"no configuration beat the baseline beyond noise (±{noise:.1%})" + (": the best trial is the baseline itself" if same else f": {medians}")
+    return Comparison(rounds=rounds, speedup=speedup, noise=noise, beats_baseline=beats, verdict=verdict)
 
 
 def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget) -> LossCheck | None:
     if measured.status != "ok":
         return None
+    if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(s.name == "grad_accum" for s in plan.strategies):
+        # The plain run on the plan's batches is the plan itself: nothing to run again.
+        return LossCheck(steps=sum(optimizer_steps(budget, plan.grad_accum())), loss_start=measured.loss_start, loss_end=measured.loss_end,
+                         reference_loss_start=measured.loss_start, reference_loss_end=measured.loss_end, tolerance=EXACT_LOSS_TOLERANCE, passed=True)
     # The plain reference keeps the global batch (part of the recipe): one process
     # accumulating what the plan's data-parallel processes train on. With one dp group it sees
     # the same batches in the same steps; with several, as many other batches of the corpus.
@@ -273,7 +535,16 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget) -> LossCheck
     )
 
 
-def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log: Callable[[str], None] = print) -> tuple[Plan, search.Summary, search.SearchSpace]:
+def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log: Callable[[str], None] = print,
+              status: Status = _quiet) -> tuple[Plan, search.Summary, search.SearchSpace]:
+    """Search, confirm and write the plan; ``settings.time_budget`` bounds all of it (within
+    :func:`budget_margin`), the confirmation's time reserved from the trials' measured walls."""
+    clock = Clock(deadline=None if settings.time_budget is None else time.monotonic() + settings.time_budget)
+    storage = settings.storage or "sqlite:///plans/studies.db"
+    if settings.out is not None:
+        check_writable(settings.out, "--out")
+    if storage.startswith("sqlite:///"):
+        check_writable(Path(storage.removeprefix("sqlite:///")), "--storage")
     workload = load_workload(settings.workload)
     profile = _profile(settings)
     space, graph = build_space(settings, profile, workload)
@@ -283,26 +554,38 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
         data.default_dataset(workload.vocab_size)  # build once here, not in every trial
     recipe = None if settings.global_batch == workload.global_batch else settings.global_batch
     name = settings.study_name or study_name(settings.workload, profile.fingerprint, recipe)
-    storage = settings.storage or "sqlite:///plans/studies.db"
+    out = settings.out or Path("plans") / f"{name}.plan.json"
+    check_writable(out, "plan file")
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     study = search.open_study(name, storage, settings.sampler, settings.seed)
     search.ensure_first_trials(study, space, expert_priors(space))
-    objective = search.Objective(space=space, budget=settings.budget, on_result=on_result)
-    search.optimize(study, objective, trials=settings.trials, time_budget=settings.time_budget)
+
+    def ended(*args: Any) -> None:
+        if on_result is not None:
+            on_result(*args)
+        status("search: a trial is running")
+
+    objective = search.Objective(space=space, budget=settings.budget, on_result=ended)
+    status("search: a trial is running")
+    run_search(study, objective, settings, clock)
+    status(None)
     summary = search.summarize(study)
     if summary.best is None:
-        raise RuntimeError(f"no trial of study {name} succeeded: {summary.counts}")
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
+        raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `autotune trials --study {name}` shows why")
     best = search.plan_of(summary.best)
-    log(f"confirming trial {summary.best.number} ({summary.best.value:,.0f} tokens/s) and the baseline with longer runs")
     baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
-    measured, baseline, loss_check = confirm(best, baseline_plan, settings)
+    log(f"confirming trial {summary.best.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
+        f"{_rounds(settings)} interleaved rounds")
+    done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=confirmation_seconds(study, settings))
     plan = dataclasses.replace(
         best,
         hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),
-        measured=measured,
-        baseline=baseline,
-        loss_check=loss_check,
+        measured=done.measured,
+        baseline=done.baseline,
+        loss_check=done.loss_check,
+        comparison=done.comparison,
         provenance=planmod.Provenance(
             torch_version=_torch_version(),
             study=name,
@@ -311,7 +594,6 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
             command=settings.command,
         ),
     )
-    out = settings.out or Path("plans") / f"{name}.plan.json"
     plan.save(out)
     return plan, summary, space
 

@@ -1,14 +1,68 @@
-"""`autotune plan --report DIR`: Optuna's own plots of a study, as HTML files."""
+"""A study after the fact: its trials as rows (`autotune trials`) and Optuna's plots as HTML
+files that work offline (`autotune report`, `autotune plan --report DIR`)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
 from autotune.errors import UserError
 
+DEFAULT_STORAGE = "sqlite:///plans/studies.db"
+
+
+def load_study(storage: str | None, study: str | None) -> Any:
+    """The study named ``study`` in ``storage`` (None: the only one there); every problem
+    (no such file, a bad URL, an unknown or ambiguous name) is a one-line UserError."""
+    import optuna
+
+    url = storage or DEFAULT_STORAGE
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no study storage at {url} (give --storage URL)")  # opening would create it
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        names = optuna.get_all_study_names(storage=url)
+    except Exception as e:  # SQLAlchemy's and Optuna's errors for a bad URL are many and long
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--storage {url}: {first[:200]}") from None
+    if study is None:
+        if len(names) != 1:
+            raise UserError(f"{url} holds {len(names)} studies; name one with --study ({', '.join(sorted(names)) or 'none'})")
+        study = names[0]
+    elif study not in names:
+        raise UserError(f"no study {study!r} in {url} (it holds: {', '.join(sorted(names)) or 'none'})")
+    return optuna.load_study(study_name=study, storage=url)
+
+
+def trial_rows(study: Any) -> list[dict[str, Any]]:
+    """One row per trial: number, role, status, tokens/s, peak memory, micro-batch,
+    accumulation and processes, strategies with their knobs, and the whole error line."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        plan = t.user_attrs.get("plan") or {}
+        figures = t.user_attrs.get("figures") or {}
+        strategies = plan.get("strategies", [])
+        accum = next((s["knobs"].get("steps", 1) for s in strategies if s["name"] == "grad_accum"), 1)
+        launch = plan.get("launch", {})
+        rows.append({
+            "number": t.number,
+            "role": t.user_attrs.get("role", "search"),
+            "status": t.user_attrs.get("status", t.state.name.lower()),
+            "tokens_per_s": t.value if t.state.name == "COMPLETE" else None,
+            "peak_memory_bytes": figures.get("peak_memory_bytes"),
+            "micro_batch_size": plan.get("train", {}).get("micro_batch_size"),
+            "grad_accum": accum,
+            "processes": launch.get("nproc_per_node", 1) * launch.get("nnodes", 1),
+            "strategies": {s["name"]: s.get("knobs", {}) for s in strategies},
+            "error": t.user_attrs.get("error"),
+        })
+    return rows
+
 
 def write_report(study_name: str, storage: str, out_dir: Path) -> list[Path]:
-    """History, parameter importances, and tokens/s against peak memory."""
+    """History, parameter importances, and tokens/s against peak memory, each an HTML file
+    with plotly inlined (training clusters are often offline: no CDN)."""
     import optuna
     import optuna.visualization as vis
 
@@ -16,13 +70,15 @@ def write_report(study_name: str, storage: str, out_dir: Path) -> list[Path]:
         import plotly.graph_objects as go
     except ImportError:
         raise UserError("--report needs plotly: pip install plotly") from None
-    study = optuna.load_study(study_name=study_name, storage=storage)
+    study = load_study(storage, study_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {"history": vis.plot_optimization_history(study, target_name="tokens/s")}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if len(complete) >= 2:
         try:
-            figures["importances"] = vis.plot_param_importances(study, target_name="tokens/s")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                figures["importances"] = vis.plot_param_importances(study, target_name="tokens/s")
         except (RuntimeError, ValueError):  # too few distinct values to rank parameters
             pass
     points = [(t.user_attrs["figures"]["peak_memory_bytes"] / 2**30, t.value, t.number) for t in complete
@@ -34,6 +90,9 @@ def write_report(study_name: str, storage: str, out_dir: Path) -> list[Path]:
     paths = []
     for name, fig in figures.items():
         path = out_dir / f"{name}.html"
-        fig.write_html(str(path), include_plotlyjs="cdn")
+        try:
+            fig.write_html(str(path), include_plotlyjs=True)
+        except OSError as e:
+            raise UserError(f"--out {out_dir}: cannot write {path.name}: {e.strerror}") from None
         paths.append(path)
     return paths

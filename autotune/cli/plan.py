@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,7 +17,7 @@ from autotune.errors import UserError
 def plan_command(
     workload: Annotated[str, typer.Option(help="Preset (tiny, phase8-small, gpt2-124m, gpt-1b) or package.module:factory.")] = "tiny",
     trials: Annotated[Optional[int], typer.Option(help="Finished trials the study should hold (resumed ones count).")] = None,
-    time_budget: Annotated[Optional[float], typer.Option(help="Seconds after which no new trial starts.")] = None,
+    time_budget: Annotated[Optional[float], typer.Option(help="Seconds for the whole command, confirmation included (within max(15 s, 10%)).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
     study: Annotated[Optional[str], typer.Option(help="Study name (default: workload and hardware fingerprint).")] = None,
     global_batch: Annotated[Optional[int], typer.Option(help="Samples per optimizer step, kept fixed (default: the workload's recipe; 0: search it too).")] = None,
@@ -32,12 +33,9 @@ def plan_command(
     trial_timeout: Annotated[float, typer.Option(help="Seconds before a trial is killed.")] = 300.0,
     report: Annotated[Optional[Path], typer.Option(help="Write Optuna's plots (HTML) to this directory.")] = None,
 ) -> None:
-    """Search, confirm the best trial with a longer run, and write it as a plan."""
-    import optuna
-
+    """Search, confirm the best trial against the baseline (interleaved), and write it as a plan."""
     from autotune import planner
 
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # the trial table says it all
     from autotune.trial import TrialBudget
 
     if trials is None and time_budget is None:
@@ -46,24 +44,55 @@ def plan_command(
         raise UserError("--trials and --time-budget must be positive")
     if device not in ("auto", "cuda", "cpu"):
         raise UserError(f"--device {device}: expected auto, cuda or cpu")
-    if min(trial_steps, trial_timeout) <= 0 or warmup_steps < 1:
-        raise UserError("--trial-steps, --warmup-steps and --trial-timeout must be positive")
+    if trial_steps < 1 or warmup_steps < 1:
+        raise UserError("--trial-steps and --warmup-steps must be positive")
+    from autotune.search import MIN_TRIAL_S
+
+    if not trial_timeout >= MIN_TRIAL_S:  # also NaN; a trial starts python and torch first
+        raise UserError(f"--trial-timeout {trial_timeout:g}: expected at least {MIN_TRIAL_S:g} seconds")
+    if report is not None:
+        planner.check_writable_dir(report, "--report")
     settings = planner.PlanSettings(
         workload=workload, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
         global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
         command=shlex.join(["autotune", *ARGS]),
     )
+    _warnings_to_log(storage)
     from rich.console import Console
 
-    from autotune.cli.plan_view import TrialTable, print_summary
+    from autotune.cli.plan_view import Progress, TrialTable, print_summary
 
     console = Console()
     table = TrialTable(console)
-    plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print)
+    try:
+        plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print, status=Progress(console))
+    except planner.NoTrialSucceeded as e:
+        print(f"autotune: error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
     print_summary(console, plan, summary, space, settings.out or Path("plans") / f"{plan.provenance.study}.plan.json")
     if report is not None:
         from autotune.report import write_report
 
         for path in write_report(plan.provenance.study, settings.storage or "sqlite:///plans/studies.db", report):
             console.print(f"report: {path}")
+
+
+def _warnings_to_log(storage: str | None) -> None:
+    """Library warnings (Optuna's ExperimentalWarning, torch's UserWarnings) and Optuna's log
+    go to plan.log beside the study (created at the first message), not the screen."""
+    import logging
+
+    import optuna
+
+    url = storage or "sqlite:///plans/studies.db"
+    folder = Path(url.removeprefix("sqlite:///")).parent if url.startswith("sqlite:///") else Path("plans")
+    handler = logging.FileHandler(folder / "plan.log", delay=True)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.captureWarnings(True)
+    for name in ("py.warnings", "optuna"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.propagate = False
+    optuna.logging.disable_default_handler()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)

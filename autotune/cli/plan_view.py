@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +33,40 @@ class TrialTable:
         strategies = ", ".join(s.name + ("(" + ",".join(f"{v}" for v in s.knobs.values()) + ")" if s.knobs else "") for s in plan.strategies) or "plain"
         why = ""
         if status != "ok":
-            why = "  ← " + str(trial.user_attrs.get("error", ""))[:90]
+            why = "  ← " + str(trial.user_attrs.get("error", ""))
         self.console.print(
             f"{trial.number:>5} {status:<11} {tps or 0:>12,.0f} {self.best or 0:>12,.0f} "
             f"{_gib(f.peak_memory_bytes if f else None):>8} {_gib(trial.user_attrs.get('predicted_peak_memory_bytes')):>8} "
             f"{_batch(plan):>10}  {strategies}{why}",
             highlight=False,
         )
+
+
+class Progress:
+    """What runs now, as one live status line with its elapsed seconds ("search: a trial is
+    running for 12 s", "confirmation round 2 of 3: the baseline for 5 s"). Only on a terminal:
+    a log (CI) gets the table's rows and one line per confirmation round, nothing that refreshes."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.text: str | None = None
+        self.since = time.monotonic()
+        self.live = console.status(self) if console.is_terminal else None
+        self.started = False
+
+    def __call__(self, text: str | None) -> None:
+        self.text, self.since = text, time.monotonic()
+        if self.live is None:
+            return
+        if text is None and self.started:
+            self.live.stop()
+            self.started = False
+        elif text is not None and not self.started:
+            self.live.start()
+            self.started = True
+
+    def __rich__(self) -> str:  # rendered at each refresh, so the seconds count up
+        return f"{self.text or ''} for {time.monotonic() - self.since:.0f} s"
 
 
 def _batch(plan: Any) -> str:
@@ -56,14 +84,15 @@ def error_distribution(errors: list[float]) -> str:
 
 
 def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: Path) -> None:
-    import optuna
-
+    """The search's top trials (one short run each, so no speed-up there: the baseline trial
+    may have been measured hours earlier in a resumed study), then the confirmation, whose
+    interleaved medians are the plan's figures and the only speed-up printed."""
     top = sorted(summary.complete, key=lambda t: -t.value)[:5]
-    table = Table("trial", "tokens/s", "× baseline", "strategies", title="top trials")
-    base = summary.baseline.value if summary.baseline is not None and summary.baseline.state == optuna.trial.TrialState.COMPLETE else None
+    table = Table("trial", "tokens/s", "strategies", title="top trials of the search (one short run each)")
     for t in top:
         names = ", ".join(s["name"] for s in t.user_attrs["plan"]["strategies"]) or "plain"
-        table.add_row(str(t.number), f"{t.value:,.0f}", f"{t.value / base:.2f}" if base else "-", names)
+        role = " (baseline)" if summary.baseline is not None and t.number == summary.baseline.number else ""
+        table.add_row(f"{t.number}{role}", f"{t.value:,.0f}", names)
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"trials: {counts}")
@@ -77,9 +106,18 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
             console.print(f"  {name}: {reason}", highlight=False)
     m, b = plan.measured, plan.baseline
     console.print(f"global batch {plan.global_batch()} samples a step: micro-batch {plan.train.micro_batch_size} x {plan.grad_accum()} accumulated x {plan.launch.nproc_per_node * plan.launch.nnodes} processes", highlight=False)
+    for what, f in (("plan", m), ("baseline", b)):
+        if f is not None and f.samples:
+            console.print(f"confirmation, {what}: median {f.tokens_per_s:,.0f} tokens/s ±{f.spread:.1%} (half-range of "
+                          + ", ".join(f"{x:,.0f}" for x in f.samples) + ")", highlight=False)
+    c = plan.comparison
+    if c is not None:
+        console.print(c.verdict, highlight=False)
     line = f"plan written: {path}  measured {m.tokens_per_s or 0:,.0f} tokens/s ({m.status})"
-    if b is not None and b.tokens_per_s and m.tokens_per_s:
-        line += f", baseline {b.tokens_per_s:,.0f} tokens/s: {m.tokens_per_s / b.tokens_per_s:.2f}x"
+    if c is not None and c.beats_baseline:
+        line += f": {c.speedup:.2f}x its baseline (±{c.noise:.1%})"
+    elif c is not None:
+        line += ": no faster than its baseline"
     console.print(line, highlight=False)
     if plan.loss_check is not None:
         c = plan.loss_check

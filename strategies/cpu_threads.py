@@ -1,0 +1,43 @@
+"""Intra-op threads of a CPU run (``torch.set_num_threads``): on a CPU the matmuls of one
+process are as fast as the threads they get, and the default (one per physical core) is not
+always the best (a process that shares its cores with others, or with the data loader, may
+do better with fewer). The maths is the plain run's up to the order of summation inside a
+matmul: an exact strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from autotune.context import TrainContext
+from autotune.strategy import Knob, Strategy
+
+MAX_THREADS = 256
+"""The catalog's range; the planner narrows it to the cores of the machine it searches on."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CpuThreadsConfig:
+    threads: int = 1
+    """Intra-op threads of each process."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must be in 1..{MAX_THREADS}, got {self.threads}")
+
+
+def apply_cpu_threads(ctx: TrainContext, cfg: CpuThreadsConfig) -> None:
+    # Process-wide, like precision's TF32 switch; set before anything is traced or timed.
+    torch.set_num_threads(cfg.threads)
+    ctx.notes.append(f"cpu threads {cfg.threads}")
+
+
+STRATEGY = Strategy(
+    name="cpu_threads",
+    summary="intra-op threads of each CPU process (torch.set_num_threads)",
+    exact=True,
+    config=CpuThreadsConfig,
+    apply=apply_cpu_threads,
+    knobs=(Knob(name="threads", low=1, high=MAX_THREADS, integer=True),),
+)

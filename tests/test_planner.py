@@ -1,0 +1,91 @@
+"""The planner driver: the interleaved confirmation, the time budget, its outputs; the
+trials and report commands on a small real study."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from autotune import plan as planmod
+from autotune import planner
+from autotune.plan import Figures
+from tests.conftest import ROOT
+
+BUDGET = 45.0
+
+
+@pytest.fixture(scope="module")
+def baseline_only(tmp_path_factory):
+    """One real `autotune plan` of tiny whose only trial is the baseline (--trials 1), under a
+    time budget: the best trial is the baseline itself."""
+    tmp = tmp_path_factory.mktemp("plan")
+    db, out = tmp / "s.db", tmp / "p.json"
+    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "1", "--time-budget", str(BUDGET),
+           "--trial-steps", "4", "--warmup-steps", "1", "--storage", f"sqlite:///{db}", "--out", str(out)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, time.monotonic() - start, db, out
+
+
+def test_a_plan_within_noise_says_so_and_claims_no_speedup(baseline_only):
+    proc, wall, _, out = baseline_only
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = planmod.load(out)
+    c = plan.comparison
+    assert c is not None and not c.beats_baseline and c.rounds >= 3
+    assert c.verdict.startswith("no configuration beat the baseline beyond noise (±")
+    assert len(plan.measured.samples) == 3 and plan.measured.spread is not None
+    assert "no configuration beat the baseline beyond noise" in proc.stdout
+    assert "x its baseline" not in proc.stdout and "no faster than its baseline" in proc.stdout
+    assert proc.stdout.count("confirmation round") == 3
+    assert wall <= BUDGET + planner.budget_margin(BUDGET)
+
+
+def test_trials_and_report_read_the_study(baseline_only, tmp_path, run_cli):
+    _, _, db, _ = baseline_only
+    code, out, err = run_cli("trials", "--storage", f"sqlite:///{db}", "--json")
+    assert code == 0, err
+    row = json.loads(out)["trials"][0]
+    assert (row["number"], row["role"], row["status"]) == (0, "baseline", "ok") and row["tokens_per_s"] > 0
+    code, out, err = run_cli("report", "--storage", f"sqlite:///{db}", "--out", tmp_path / "r")
+    assert code == 0, err
+    html = (tmp_path / "r" / "history.html").read_text()
+    assert '<script src="https://' not in html and len(html) > 1_000_000  # plotly inlined: opens offline
+    code, _, err = run_cli("trials", "--storage", f"sqlite:///{tmp_path}/none.db")
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "none.db").exists()
+
+
+def test_interleaved_figures_are_medians_with_their_spread():
+    runs = [Figures(status="ok", tokens_per_s=v) for v in (100.0, 104.0, 96.0)] + [Figures(status="timeout")]
+    m = planner.median_figures(runs)
+    assert (m.tokens_per_s, m.samples, m.spread) == (100.0, [100.0, 104.0, 96.0], 0.04)
+    base = Figures(status="ok", tokens_per_s=80.0, samples=[80.0], spread=0.01)
+    assert planner.compare(m, base, 3, same=False).beats_baseline  # 1.25x against ±5%
+    assert not planner.compare(m, m, 3, same=True).beats_baseline
+
+
+@pytest.mark.parametrize("args", [["--cpu-procs", "64"], ["--trial-timeout", "1"], ["--out", "{tmp}/file/p.json"], ["--report", "{tmp}/file"]])
+def test_bad_planner_input_is_one_line_before_any_trial(run_cli, tmp_path, args):
+    (tmp_path / "file").write_text("not a folder")
+    args = [a.format(tmp=tmp_path) for a in args]
+    code, out, err = run_cli("plan", "--trials", "1", "--storage", f"sqlite:///{tmp_path}/s.db", *args)
+    assert code == 2 and err.startswith("autotune: error:") and err.count("\n") == 1, err
+    assert not (tmp_path / "s.db").exists()
+
+
+from tests.strategy_suite import Case, StrategySuite, pytest_generate_tests  # noqa: E402,F401
+
+
+class TestCpuThreads(StrategySuite):
+    name = "cpu_threads"
+    # One thread sums each matmul in one order (the plain run's here: OMP_NUM_THREADS=1);
+    # two split the reductions, a rounding difference only.
+    cpu_cases = (Case(knobs={"threads": 1}, rtol=0.0), Case(knobs={"threads": 2}, rtol=1e-4))
+
+    def check_applied(self, trainer, cfg):
+        import torch
+
+        assert torch.get_num_threads() == cfg.threads
+        torch.set_num_threads(1)  # process-wide: leave the test process as it was
