@@ -93,9 +93,14 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
 
 
 def load_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
-    """A preset by name, or ``package.module:factory`` returning a :class:`Workload`."""
+    """A preset by name, ``hf:<model_type>`` (autotune.workloads.hf), or
+    ``package.module:factory`` returning a :class:`Workload`."""
     if name in PRESETS:
         return gpt_workload(name, overrides)
+    if name.startswith("hf:"):  # a Hugging Face family: data, no user code imported
+        from autotune.workloads.hf import hf_workload
+
+        return hf_workload(name, overrides)
     if ":" not in name:
         raise UserError(f"unknown workload {name!r}: expected one of {', '.join(PRESETS)} or package.module:factory")
     if overrides:
