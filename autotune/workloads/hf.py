@@ -302,6 +302,12 @@ class HFAdapter:
             # mean_resizing draws the new rows from the old ones' distribution: no point for
             # rows that are never looked up and whose logits the loss masks out.
             self.hf.resize_token_embeddings(rows, mean_resizing=False)
+            # resize may swap a parameter's data in place, which leaves autograd's cached
+            # shape behind: fresh parameters (the tie kept) start clean.
+            embed, head = self.embedding(), self.head()
+            tied = head.weight is embed.weight
+            embed.weight = nn.Parameter(embed.weight.detach())
+            head.weight = embed.weight if tied else nn.Parameter(head.weight.detach())
         return rows
 
     # Parallelism.
