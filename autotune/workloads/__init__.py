@@ -99,20 +99,25 @@ _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 def import_module_name(name: str) -> str | None:
     """The module a workload name would import: None for a preset; a UserError for a name
     that is neither a preset nor ``package.module:factory``."""
-    if name in PRESETS:
-        return None
+    if name in PRESETS or (isinstance(name, str) and name.startswith("hf:")):
+        return None  # a preset, or a Hugging Face family: data, no user code imported
     if not isinstance(name, str) or not _IMPORT_PATH.fullmatch(name):
         raise UserError(f"unknown workload {name!r}: expected one of {', '.join(PRESETS)} or package.module:factory")
     return name.partition(":")[0]
 
 
 def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted: bool = True) -> Workload:
-    """A preset by name, or ``package.module:factory`` returning a :class:`Workload`.
+    """A preset by name, ``hf:<model_type>`` (autotune.workloads.hf), or ``package.module:factory``
+    returning a :class:`Workload`.
 
     Importing a module runs its code, so a workload named by a file (a plan someone sent)
     is imported only when ``trusted``: the CLI passes False unless the user named the
     module on the command line or said ``--trust-workload``. Library callers choose."""
     module_name = import_module_name(name)
+    if name.startswith("hf:"):
+        from autotune.workloads.hf import hf_workload
+
+        return hf_workload(name, overrides)
     if module_name is None:
         return gpt_workload(name, overrides)
     if not trusted:

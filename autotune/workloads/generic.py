@@ -1,0 +1,100 @@
+"""The adapter of any ``nn.Module``: its repeated blocks, found without a declaration.
+
+The blocks are the largest ``nn.ModuleList`` whose entries are all of one class (ties: the
+first found in module order); that is enough for activation checkpointing, per-block compile
+and FSDP2. Everything else (attention, embedding and head, TP, PP, vocab) needs knowledge of
+the model this adapter does not have: it raises :class:`NotSupported` with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from autotune.workloads.adapter import Attend, ModelShape, NotSupported
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(FQN, list) of the largest ModuleList of one class with at least two entries, or None."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        if best is None or len(module) > len(best[1]):
+            best = (name, module)
+    return best
+
+
+class GenericAdapter:
+    """A model known only as an ``nn.Module`` with ``forward(idx, targets) -> loss``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._found = find_blocks(model)
+
+    def why_not(self) -> str:
+        """Why the blocks-only structure is all there is (for --explain)."""
+        if self._found is None:
+            return "no nn.ModuleList of two or more blocks of one class was found"
+        return f"blocks found at {self._found[0] or '(root)'}; attention, mlp, embedding, head, TP and PP need a model adapter"
+
+    def supports(self) -> frozenset[str]:
+        return frozenset({"blocks"}) if self._found is not None else frozenset()
+
+    def blocks(self) -> nn.ModuleList:
+        if self._found is None:
+            raise NotSupported(f"{type(self.model).__name__}: {self.why_not()}")
+        return self._found[1]
+
+    def _unknown(self, what: str) -> NotSupported:
+        return NotSupported(f"{type(self.model).__name__}: the generic adapter does not know its {what}")
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        raise self._unknown("attention")
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        raise self._unknown("MLP")
+
+    def attention_implementations(self) -> tuple[str, ...]:
+        return ()
+
+    def set_attention(self, implementation: str | None = None, kernel: Attend | None = None) -> None:
+        raise self._unknown("attention")
+
+    def embedding(self) -> nn.Embedding:
+        raise self._unknown("embedding")
+
+    def head(self) -> nn.Module:
+        raise self._unknown("output head")
+
+    def pad_vocab(self, multiple: int) -> int:
+        raise self._unknown("vocabulary")
+
+    def tp_plan(self) -> dict[str, Any]:
+        raise self._unknown("tensor-parallel plan")
+
+    def pipeline_stage(self, start: int, stop: int, *, first: bool, last: bool) -> nn.Module:
+        raise self._unknown("pipeline stages")
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, targets)
+
+    def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise self._unknown("logits")
+
+    def shape(self) -> ModelShape:
+        raise self._unknown("shape")
+
+    def flops_per_token(self) -> int:
+        """6 x the parameters that are not embedding tables (no attention term: the
+        sequence length is not known here)."""
+        import math
+
+        from autotune.workloads.gpt import param_shape
+
+        embeds = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
+        return 6 * sum(math.prod(param_shape(p)) for p in self.model.parameters() if id(p) not in embeds)

@@ -1,0 +1,504 @@
+"""Hugging Face causal LMs as workloads: ``--workload hf:<model_type>``.
+
+A plan writes such a workload as data, the whole config inline::
+
+    "workload": {"name": "hf:llama", "overrides": {"hidden_size": 512, "num_hidden_layers": 8, ...,
+                                                   "seq_len": 1024, "attn_implementation": "sdpa"}}
+
+``overrides`` holds the model config's own fields (given to ``AutoConfig.for_model``) and three
+of ours: ``seq_len`` (tokens per sample; default the config's ``max_position_embeddings`` up
+to 1024), ``attn_implementation`` (eager, sdpa, flex_attention, flash_attention_2 where
+installed; default sdpa) and ``weights`` (a ``.safetensors`` file or a folder of them, loaded
+after building; nothing is ever downloaded). :func:`overrides_from_config` turns a local
+``config.json`` (or a folder holding one) into those overrides. A factory returning a
+``PreTrainedModel`` becomes a workload through :func:`workload_from_model`.
+
+The model is wrapped in :class:`HFCausalLM`: ``forward(idx, targets) -> loss`` as our trainer
+calls it, ``blocks`` the decoder's own layer list (so checkpointing, per-block compile and
+FSDP2 work on it), and :meth:`HFCausalLM.adapter` the :class:`HFAdapter` strategies ask.
+
+Targets are not shifted twice: our loader gives ``y`` = ids shifted by one already, and HF's
+own loss would shift ``labels`` again, so the loss is computed here from the logits and ``y``.
+
+``transformers`` is imported only by this module, which only ``hf:`` workloads load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from autotune.errors import UserError
+from autotune.workloads import Workload
+from autotune.workloads.adapter import (
+    STRUCTURE,
+    Attend,
+    ModelShape,
+    NotSupported,
+    block_matmul_params,
+    masked_cross_entropy,
+    padded_width,
+)
+from autotune.workloads.generic import find_blocks
+
+PREFIX = "hf:"
+OURS = ("seq_len", "attn_implementation", "weights")
+"""Override keys that are ours, not the model config's."""
+DEFAULT_SEQ_LEN = 1024
+"""Tokens per sample when the plan does not say, capped by the model's positions."""
+_DROPPED = frozenset({"model_type", "transformers_version", "architectures", "_name_or_path"})
+"""config.json keys that describe the file, not the model."""
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("hf: workloads need transformers: pip install 'autotune[hf]'") from None
+    return transformers
+
+
+def attn_implementations() -> tuple[str, ...]:
+    """Attention implementations usable here; flash_attention_2 only where flash_attn is installed."""
+    names = ("sdpa", "eager", "flex_attention")
+    return names + ("flash_attention_2",) if importlib.util.find_spec("flash_attn") else names
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class HFSettings:
+    """What an ``hf:`` workload is, parsed from its name and overrides."""
+
+    model_type: str
+    """transformers' name of the family (llama, gpt2, qwen2, mistral, ...)."""
+    config: dict[str, Any]
+    """Fields of the model config that differ from the family's defaults."""
+    seq_len: int | None = None
+    """Tokens per sample; None: the config's positions, up to DEFAULT_SEQ_LEN."""
+    attn_implementation: str = "sdpa"
+    """HF's attention implementation."""
+    weights: str | None = None
+    """A .safetensors file or a folder of them; None: freshly initialised."""
+
+
+def parse(name: str, overrides: dict[str, Any] | None) -> HFSettings:
+    model_type = name.removeprefix(PREFIX)
+    if not model_type:
+        raise UserError(f"workload {name!r}: expected hf:<model_type>, e.g. hf:llama")
+    fields = dict(overrides or {})
+    ours = {key: fields.pop(key) for key in OURS if key in fields}
+    return HFSettings(model_type=model_type, config=fields, **ours)
+
+
+def overrides_from_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(model_type, overrides) from a local config.json, or a folder holding one (then its
+    safetensors, if any, become the ``weights``)."""
+    p = Path(path)
+    folder = p if p.is_dir() else None
+    file = p / "config.json" if folder else p
+    if folder and not file.is_file():
+        raise UserError(f"{p}: the folder holds no config.json")
+    try:
+        data = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{file}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{file}: not a JSON model config ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise UserError(f"{file}: a model config must be a JSON object with a model_type")
+    overrides = {k: v for k, v in data.items() if k not in _DROPPED}
+    if folder and any(folder.glob("*.safetensors")):
+        overrides["weights"] = str(folder.resolve())
+    return data["model_type"], overrides
+
+
+def build_config(settings: HFSettings) -> Any:
+    """The transformers config, every field checked against the family's."""
+    transformers = _transformers()
+    try:
+        default = transformers.AutoConfig.for_model(settings.model_type)
+    except (ValueError, KeyError):
+        raise UserError(f"hf:{settings.model_type}: transformers {transformers.__version__} knows no model type {settings.model_type!r}") from None
+    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    unknown = sorted(set(settings.config) - known)
+    if unknown:
+        raise UserError(f"workload.overrides.{unknown[0]}: not a field of the {settings.model_type} config (nor one of {', '.join(OURS)})")
+    try:
+        return transformers.AutoConfig.for_model(settings.model_type, **settings.config)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"hf:{settings.model_type}: bad config ({e})") from None
+
+
+def build_hf_model(settings: HFSettings, config: Any) -> nn.Module:
+    """A freshly initialised (or weight-loaded) PreTrainedModel on the CPU."""
+    transformers = _transformers()
+    if settings.attn_implementation not in attn_implementations():
+        raise UserError(f"attn_implementation {settings.attn_implementation!r}: expected one of {', '.join(attn_implementations())}")
+    try:
+        model = transformers.AutoModelForCausalLM.from_config(dataclasses_copy(config), attn_implementation=settings.attn_implementation)
+    except (ValueError, ImportError) as e:
+        raise UserError(f"hf:{settings.model_type}: {str(e).splitlines()[0]}") from None
+    if settings.weights:
+        load_weights(model, settings.weights)
+    return model
+
+
+def dataclasses_copy(config: Any) -> Any:
+    """A private copy: each model gets its own config (resizing writes vocab_size into it)."""
+    return type(config).from_dict(config.to_dict())
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+    if not files or not all(f.is_file() for f in files):
+        raise UserError(f"weights {path}: no .safetensors file there")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if model.get_output_embeddings() is not None and _tied(model) else set()
+    missing = sorted(set(result.missing_keys) - tied)
+    if missing or result.unexpected_keys:
+        raise UserError(f"weights {path}: do not match the config (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+
+
+def _tied(model: nn.Module) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def decoder_layers_fqn(model: nn.Module) -> str:
+    """FQN of the decoder layers: the ModuleList of the classes named in ``_no_split_modules``
+    (the units HF itself never splits), else the largest ModuleList of one class."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    for fqn, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and all(type(m).__name__ in names for m in module):
+            return fqn
+    found = find_blocks(model)
+    if found is None:
+        raise UserError(f"{type(model).__name__}: no decoder layers found (no ModuleList of {sorted(names) or 'one class'})")
+    return found[0]
+
+
+class HFCausalLM(nn.Module):
+    """A PreTrainedModel as our trainer calls a model: ``forward(idx, targets) -> loss``."""
+
+    def __init__(self, hf: nn.Module, *, vocab_size: int | None = None) -> None:
+        super().__init__()
+        self.hf = hf
+        self.vocab_size = vocab_size or hf.config.vocab_size
+        """The true vocabulary: logits past it are padding."""
+        self._blocks_fqn = "hf." + decoder_layers_fqn(hf)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder's own layer list (not a copy, and not registered twice)."""
+        return self.get_submodule(self._blocks_fqn)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """``idx``, ``targets``: (B, T) ids, targets already shifted. Mean loss, or the
+        (unpadded) logits without targets."""
+        logits = self.hf(input_ids=idx, use_cache=False).logits  # (B, T, V padded)
+        if targets is None:
+            return logits[..., : self.vocab_size]
+        return masked_cross_entropy(logits, targets, self.vocab_size)
+
+    def adapter(self) -> HFAdapter:
+        return HFAdapter(self)
+
+    def flops_per_token(self) -> int:
+        return self.adapter().flops_per_token()
+
+
+_TP_STYLES = ("colwise", "rowwise", "colwise_gather_output", "sequence_parallel")
+
+
+def _tp_style(style: str) -> Any:
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    return {
+        "colwise": ColwiseParallel,
+        "rowwise": RowwiseParallel,
+        "colwise_gather_output": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "sequence_parallel": SequenceParallel,
+    }[style]()
+
+
+class HFAdapter:
+    """The :class:`ModelAdapter` of an :class:`HFCausalLM`."""
+
+    def __init__(self, model: HFCausalLM) -> None:
+        self.model = model
+        self.hf = model.hf
+
+    # Structure.
+
+    def supports(self) -> frozenset[str]:
+        out = set(STRUCTURE)
+        if self._tp_plan_raw() is None:
+            out.discard("tp")
+        if self._llama_layout() is None:
+            out.discard("pp")
+        return frozenset(out)
+
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        for name in ("self_attn", "attn", "attention"):
+            if isinstance(getattr(block, name, None), nn.Module):
+                return getattr(block, name)
+        raise NotSupported(f"{type(block).__name__}: no self_attn/attn submodule")
+
+    def mlp(self, block: nn.Module) -> nn.Module:
+        for name in ("mlp", "feed_forward"):
+            if isinstance(getattr(block, name, None), nn.Module):
+                return getattr(block, name)
+        raise NotSupported(f"{type(block).__name__}: no mlp submodule")
+
+    # Attention.
+
+    def attention_implementations(self) -> tuple[str, ...]:
+        return attn_implementations()
+
+    def set_attention(self, implementation: str | None = None, kernel: Attend | None = None) -> None:
+        """HF selects attention by name for the whole model (the layers share one config).
+        A kernel of ours goes in as the implementation "autotune", which calls each attention
+        module's own ``_autotune_attend``."""
+        if kernel is not None:
+            _register_bridge()
+            for block in self.blocks():
+                self.attention(block)._autotune_attend = kernel
+            implementation = "autotune"
+        elif implementation not in attn_implementations():
+            raise NotSupported(f"attn_implementation {implementation!r}: expected one of {', '.join(attn_implementations())}")
+        self.hf.set_attn_implementation(implementation)
+
+    # Vocabulary.
+
+    def embedding(self) -> nn.Embedding:
+        return self.hf.get_input_embeddings()
+
+    def head(self) -> nn.Module:
+        head = self.hf.get_output_embeddings()
+        if head is None:
+            raise NotSupported(f"{type(self.hf).__name__} has no output embeddings")
+        return head
+
+    def pad_vocab(self, multiple: int) -> int:
+        rows = padded_width(self.model.vocab_size, multiple)
+        if rows != self.embedding().num_embeddings:
+            # mean_resizing draws the new rows from the old ones' distribution: no point for
+            # rows that are never looked up and whose logits the loss masks out.
+            self.hf.resize_token_embeddings(rows, mean_resizing=False)
+            # resize may swap a parameter's data in place, which leaves autograd's cached
+            # shape behind: fresh parameters (the tie kept) start clean.
+            embed, head = self.embedding(), self.head()
+            tied = head.weight is embed.weight
+            embed.weight = nn.Parameter(embed.weight.detach())
+            head.weight = embed.weight if tied else nn.Parameter(head.weight.detach())
+        return rows
+
+    # Parallelism.
+
+    def _tp_plan_raw(self) -> dict[str, str] | None:
+        plan = getattr(self.hf, "_tp_plan", None) or None
+        if plan is None:
+            base = getattr(self.hf.config, "base_model_tp_plan", None)
+            prefix = getattr(self.hf, "base_model_prefix", "")
+            plan = {f"{prefix}.{k}" if prefix else k: v for k, v in base.items()} if base else None
+        return plan
+
+    def tp_plan(self) -> dict[str, Any]:
+        """The model's own plan (``base_model_tp_plan``, and its head's), as torch styles
+        under this wrapper's FQNs."""
+        raw = self._tp_plan_raw()
+        if raw is None:
+            raise NotSupported(f"{type(self.hf).__name__} has no tensor-parallel plan (base_model_tp_plan)")
+        odd = sorted({s for s in raw.values() if s not in _TP_STYLES})
+        if odd:
+            raise NotSupported(f"{type(self.hf).__name__}: tensor-parallel style {odd[0]!r} is not one of {', '.join(_TP_STYLES)}")
+        return {f"hf.{fqn}": _tp_style(style) for fqn, style in raw.items()}
+
+    def _llama_layout(self) -> nn.Module | None:
+        """The base model when it is laid out as Llama's (embed_tokens, rotary_emb, layers,
+        norm): the layout pipeline stages are written for."""
+        base = getattr(self.hf, getattr(self.hf, "base_model_prefix", ""), None)
+        if all(isinstance(getattr(base, n, None), nn.Module) for n in ("embed_tokens", "rotary_emb", "layers", "norm")):
+            return base
+        return None
+
+    def pipeline_stage(self, start: int, stop: int, *, first: bool, last: bool) -> nn.Module:
+        if self._llama_layout() is None:
+            raise NotSupported(f"{type(self.hf).__name__}: pipeline stages are written for the Llama layout (embed_tokens, rotary_emb, layers, norm)")
+        return HFStage(self.model, start, stop, first=first, last=last)
+
+    # Loss and shape.
+
+    def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, targets)
+
+    def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return masked_cross_entropy(logits, targets, self.model.vocab_size)
+
+    def shape(self, seq_len: int | None = None) -> ModelShape:
+        c = self.hf.config
+        d, heads = c.hidden_size, c.num_attention_heads
+        d_ff = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
+        return ModelShape(
+            d_model=d,
+            n_layers=len(self.blocks()),
+            n_heads=heads,
+            n_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or d // heads,
+            d_ff=d_ff,
+            vocab_size=self.model.vocab_size,
+            seq_len=seq_len or getattr(self.model, "seq_len", None) or default_seq_len(c),
+            matmul_params=block_matmul_params(self.blocks()) + self.model.vocab_size * d,
+        )
+
+    def flops_per_token(self) -> int:
+        return self.shape().flops_per_token()
+
+
+def default_seq_len(config: Any) -> int:
+    positions = getattr(config, "max_position_embeddings", None)
+    return min(positions, DEFAULT_SEQ_LEN) if positions else DEFAULT_SEQ_LEN
+
+
+class HFStage(nn.Module):
+    """Layers ``[start, stop)`` of a Llama-layout model, with the embedding if first and the
+    final norm and head if last, under the whole model's parameter names (placeholders keep
+    the other layers' indices), so a stage's state dict is a slice of the model's."""
+
+    def __init__(self, model: HFCausalLM, start: int, stop: int, *, first: bool, last: bool) -> None:
+        super().__init__()
+        hf = model.hf
+        prefix = hf.base_model_prefix
+        base = getattr(hf, prefix)
+        self.first, self.last, self.span, self.config = first, last, (start, stop), hf.config
+        shell = nn.Module()
+        inner = nn.Module()
+        setattr(shell, prefix, inner)
+        if first:
+            inner.embed_tokens = base.embed_tokens
+        inner.rotary_emb = base.rotary_emb
+        inner.layers = nn.ModuleList(layer if start <= i < stop else nn.Identity() for i, layer in enumerate(base.layers))
+        if last:
+            inner.norm = base.norm
+            shell.lm_head = hf.get_output_embeddings()
+        self.hf, self._prefix = shell, prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """First stage: ids (B, T); others: the stream (B, T, C). Last: logits (B, T, V)."""
+        from transformers.masking_utils import create_causal_mask
+
+        base = getattr(self.hf, self._prefix)
+        if self.first:
+            x = base.embed_tokens(x)
+        position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
+        rope = base.rotary_emb(x, position_ids=position_ids)
+        for i in range(*self.span):
+            x = base.layers[i](x, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
+        return self.hf.lm_head(base.norm(x)) if self.last else x
+
+
+_BRIDGE_REGISTERED = False
+
+
+def _register_bridge() -> None:
+    """Register the implementation "autotune": HF's attention call in, our Attend out."""
+    global _BRIDGE_REGISTERED
+    if _BRIDGE_REGISTERED:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("autotune", _bridge)
+    _BRIDGE_REGISTERED = True
+
+
+def _bridge(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: float | None = None, dropout: float = 0.0, **_: Any) -> tuple[torch.Tensor, None]:
+    """q (B, nh, T, hs), k and v (B, nkv, T, hs) -> ((B, T, nh, hs), no weights). Our kernels
+    are causal over the whole sequence with scale 1/sqrt(hs): anything else is refused."""
+    hs = query.shape[-1]
+    if scaling is not None and abs(scaling - hs**-0.5) > 1e-12:
+        raise NotSupported(f"attention scale {scaling} is not 1/sqrt({hs}): our kernels cannot run this model's attention")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped kv heads: each serves `groups` query heads
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    y = module._autotune_attend(query, key, value, dropout)
+    return y.transpose(1, 2), None
+
+
+def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
+    """The workload ``hf:<model_type>`` with ``overrides`` (see the module docstring). The
+    model is built once on the meta device here, so a bad config fails before anything runs."""
+    settings = parse(name, overrides)
+    config = build_config(settings)
+    with torch.device("meta"):
+        probe = HFCausalLM(build_hf_model(dataclasses.replace(settings, weights=None), config))
+    positions = getattr(config, "max_position_embeddings", None)
+    seq_len = settings.seq_len or default_seq_len(config)
+    if not isinstance(seq_len, int) or seq_len < 1 or (positions and seq_len > positions):
+        raise UserError(f"workload.overrides.seq_len: {seq_len!r} must be a whole number from 1 to the model's {positions} positions")
+    if settings.weights:
+        p = Path(settings.weights)
+        if not p.exists():
+            raise UserError(f"weights {settings.weights}: no such file or folder")
+
+    def build() -> nn.Module:
+        model = HFCausalLM(build_hf_model(settings, config))
+        model.seq_len = seq_len
+        return model
+
+    return Workload(
+        name=name,
+        build_model=build,
+        vocab_size=config.vocab_size,
+        seq_len=seq_len,
+        structure=HFAdapter(probe).supports(),
+    )
+
+
+def workload_from_model(factory: Callable[[], nn.Module], *, seq_len: int, name: str = "hf") -> Workload:
+    """A workload from ``factory() -> PreTrainedModel`` (for ``--workload module:factory``)."""
+    probe = factory()
+    if not hasattr(probe, "get_input_embeddings") or not hasattr(probe, "config"):
+        raise UserError(f"workload {name}: the factory must return a transformers PreTrainedModel, got {type(probe).__name__}")
+
+    def build() -> nn.Module:
+        model = HFCausalLM(factory())
+        model.seq_len = seq_len
+        return model
+
+    return Workload(
+        name=name,
+        build_model=build,
+        vocab_size=probe.config.vocab_size,
+        seq_len=seq_len,
+        structure=HFAdapter(HFCausalLM(probe)).supports(),
+    )
+
+
+__all__ = [
+    "HFSettings",
+    "HFCausalLM",
+    "HFAdapter",
+    "HFStage",
+    "hf_workload",
+    "workload_from_model",
+    "overrides_from_config",
+    "decoder_layers_fqn",
+]
