@@ -66,8 +66,10 @@ def test_illegal_and_oversized_trials_are_pruned_before_launch(tmp_path):
     )
     study = search.open_study("prune", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
     search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=1, time_budget=None)
-    (trial,) = study.trials
-    assert trial.state == optuna.trial.TrialState.PRUNED
+    # Pruned before launch, they do not count towards --trials, yet the search stops.
+    assert len(study.trials) == search.PRELAUNCH_PRUNES * 2
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.PRUNED}
+    trial = study.trials[0]
     assert trial.user_attrs["error"].startswith("predicted")
     assert trial.user_attrs["predicted_peak_memory_bytes"] > 8 * 2**30
 
