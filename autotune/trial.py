@@ -106,7 +106,7 @@ def measuring(device: str) -> Iterator[None]:
         lock, count = _held[key]
         _held[key] = (lock, count + 1)
     else:
-        _held[key] = (locks.acquire(key, f"the {device} device (trials measure one at a time)"), 1)
+        _held[key] = (locks.acquire(key, f"measuring on this machine's {device}"), 1)
     try:
         yield
     finally:
