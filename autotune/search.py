@@ -48,6 +48,16 @@ AUTOTUNE_TIME_FACTOR = 3.0
 """Compile modes that benchmark kernels (max-autotune) get this many times the trial's
 time limit: their first compilation of a shape takes minutes, later ones hit the cache."""
 BASELINE = "baseline"
+REFINE = "refine"
+REFINE_ONLY: dict[str, dict[str, tuple[Any, ...]]] = {"compile": {"mode": ("max-autotune", "max-autotune-no-cudagraphs")}}
+"""Choices never sampled by the main search: benchmarking kernels makes a trial's compile
+take minutes (on one H200, both such trials of a 300 s search crashed or timed out), so
+:func:`refine` tries them on the best configurations only, when the time left allows."""
+REFINE_COMPILE_FACTOR = 4.0
+"""A max-autotune trial is predicted to take this many times the wall time of the same
+configuration's trial in default mode (its first compile benchmarks every kernel)."""
+REFINE_BEST = 2
+"""Refine at most this many of the best compiled configurations."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -116,6 +126,8 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
         elif not trial.suggest_categorical(f"{strategy.name}", [True, False]):
             continue
         excluded = space.graph.excluded_choices(strategy.name)
+        for knob_name, choices in REFINE_ONLY.get(strategy.name, {}).items():
+            excluded[knob_name] = {**excluded.get(knob_name, {}), **dict.fromkeys(choices, "refinement only")}
         knobs = {}
         for knob in strategy.knobs:
             if knob.name == "degree" and strategy.name in parallel:
@@ -490,6 +502,87 @@ def optimize(study: optuna.Study, objective: Objective, *, trials: int | None, t
             catch=(TrialFailed,),
             gc_after_trial=False,
         )
+
+
+def refine_candidates(study: optuna.Study, best: int = REFINE_BEST) -> list[optuna.trial.FrozenTrial]:
+    """The best ``best`` completed trials that compile in a mode the refinement can change."""
+    complete = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: -t.value)
+    out = []
+    for t in complete:
+        if t.user_attrs.get("role") == REFINE or "plan" not in t.user_attrs:
+            continue
+        compile_spec = [s for s in plan_of(t).strategies if s.name == "compile"]
+        if compile_spec and compile_spec[0].knobs.get("mode", "default") not in REFINE_ONLY["compile"]["mode"]:
+            out.append(t)
+        if len(out) == best:
+            break
+    return out
+
+
+def predicted_refine_s(trial: optuna.trial.FrozenTrial, factor: float = REFINE_COMPILE_FACTOR) -> float | None:
+    """Predicted wall time of ``trial``'s configuration in a max-autotune mode: its own
+    measured wall time (start-up and compile included) times ``factor``; None: not recorded."""
+    wall = trial.user_attrs.get("wall_s")
+    return float(wall) * factor if wall else None
+
+
+def should_refine(predicted_s: float | None, time_left_s: float | None) -> bool:
+    """Launch a refinement only when its predicted time fits in what is left (no deadline:
+    always; no prediction: never, a guess could spend the whole budget)."""
+    if predicted_s is None:
+        return False
+    return time_left_s is None or time_left_s > predicted_s
+
+
+def refine(study: optuna.Study, objective: Objective, deadline: float | None = None) -> list[optuna.trial.FrozenTrial]:
+    """Re-run the best compiled configurations in the max-autotune modes, each only when its
+    predicted compile time fits before ``deadline`` (time.monotonic()). Each run is recorded
+    as a trial with role "refine", the parameters of the trial it refines (the sampler sees
+    the same point again) and its own plan, so :func:`summarize` picks it if it is faster.
+    Nothing on a CPU, where compile is not searched."""
+    added = []
+    done = {(t.user_attrs.get("refines"), t.user_attrs.get("refine_mode")) for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == REFINE}
+    with trialmod.measuring(objective.space.launch.device):
+        for source in refine_candidates(study):
+            for mode in REFINE_ONLY["compile"]["mode"]:
+                if (source.number, mode) in done or mode not in _compile_modes():
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if not should_refine(predicted_refine_s(source), left):
+                    continue
+                added.append(_run_refinement(study, objective, source, mode, left))
+    return added
+
+
+def _compile_modes() -> tuple[Any, ...]:
+    from autotune import catalog
+
+    return next(k.choices for k in catalog.get("compile").knobs if k.name == "mode")
+
+
+def _run_refinement(study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, mode: str, left: float | None) -> optuna.trial.FrozenTrial:
+    plan = plan_of(source)
+    plan = dataclasses.replace(plan, strategies=[
+        dataclasses.replace(s, knobs={**s.knobs, "mode": mode}) if s.name == "compile" else s for s in plan.strategies])
+    budget = trial_budget(objective.budget, plan)
+    if left is not None:
+        budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
+    number = len(study.trials)
+    log_path = Path(objective.log_dir) / f"refine-{number}.log" if objective.log_dir is not None else None
+    result = run_trial(plan, budget, log_path=log_path)
+    f = result.figures
+    attrs = {"role": REFINE, "refines": source.number, "refine_mode": mode, "plan": plan.to_dict(), "status": f.status,
+             "figures": dataclasses.asdict(f), "wall_s": result.wall_s, "launched": True}
+    attrs |= {"log": str(log_path)} if log_path else {}
+    attrs |= {"error": result.error} if result.error else {}
+    ok = f.status == "ok"
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+        value=float(f.tokens_per_s) if ok else None, params=source.params, distributions=source.distributions, user_attrs=attrs))
+    frozen = study.trials[-1]
+    if objective.on_result:
+        objective.on_result(frozen, plan, result, f.status)
+    return frozen
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:

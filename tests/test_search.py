@@ -320,3 +320,29 @@ def test_trial_logs_live_beside_a_sqlite_study(tmp_path, monkeypatch):
     assert search.trial_log_dir(f"sqlite:///{tmp_path}/plans/studies.db", "tiny-abc") == tmp_path / "plans" / "trials" / "tiny-abc"
     monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "cache"))
     assert search.trial_log_dir("postgresql://host/db", "a:b") == tmp_path / "cache" / "trials" / "a_b"
+
+
+def test_max_autotune_is_refinement_only_and_launched_when_its_predicted_time_fits(tmp_path):
+    from autotune import catalog
+
+    space = _phase8_space(strategies=[catalog.get("compile")])
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"micro_batch_size": 48, "compile": True})
+    trial = study.ask()
+    plan = search.suggest_plan(trial, space)
+    assert trial.distributions["compile.mode"].choices == ("default",)  # never max-autotune (reduce-overhead: no CUDA)
+    assert [s.name for s in plan.strategies] == ["compile", "grad_accum"]
+
+    # The decision: predicted = the configuration's measured wall time x the factor.
+    assert search.should_refine(100.0, 101.0) and not search.should_refine(100.0, 99.0)
+    assert search.should_refine(100.0, None) and not search.should_refine(None, 1e9)
+    dist = optuna.distributions.CategoricalDistribution([48])
+    compiled = plan.to_dict()
+    for value, wall, data in ((2e6, 30.0, compiled), (3e6, 40.0, search.plan_for(space, 48, []).to_dict())):
+        study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 48}, distributions={"micro_batch_size": dist}, value=value,
+                                                  user_attrs={"plan": data, "wall_s": wall}))
+    (candidate,) = search.refine_candidates(study)  # the faster one does not compile
+    assert candidate.value == 2e6 and search.predicted_refine_s(candidate) == 30.0 * search.REFINE_COMPILE_FACTOR
+    objective = search.Objective(space=space, budget=TrialBudget())
+    assert search.refine(study, objective, deadline=time.monotonic() + 60) == []  # 120 s predicted > 60 s left
+    assert not [t for t in study.trials if t.user_attrs.get("role") == search.REFINE]
