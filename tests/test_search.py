@@ -258,7 +258,7 @@ def test_another_global_batch_is_another_study():
 
 
 def test_a_clearly_slower_trial_is_pruned_while_it_runs(tmp_path):
-    # A completed trial at 1e9 tokens/s: the slow one is stopped after 3 timed steps of 50,
+    # A completed trial at 1e9 tokens/s: the slow one is stopped after 3 timed steps of 10,
     # while the baseline, just as slow, is never pruned.
     space = fault_space()
     space.micro_batches = (2, faults.SLOW)
@@ -267,13 +267,13 @@ def test_a_clearly_slower_trial_is_pruned_while_it_runs(tmp_path):
     study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 2}, distributions={"micro_batch_size": dist}, value=1e9))
     study.enqueue_trial({"micro_batch_size": faults.SLOW})
     study.enqueue_trial({"micro_batch_size": faults.SLOW}, user_attrs={"role": search.BASELINE})
-    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=30, timeout_s=60))
+    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=10, timeout_s=60))
     search.optimize(study, objective, trials=2, time_budget=None)
     pruned, baseline = study.trials[1], study.trials[2]
     assert pruned.state.name == "PRUNED" and pruned.user_attrs["status"] == "pruned"
     assert "below the best so far (1,000,000,000)" in pruned.user_attrs["error"]
-    assert 3 <= len(pruned.intermediate_values) < 30 and pruned.user_attrs["wall_s"] < 25
-    assert baseline.state.name == "COMPLETE" and len(baseline.intermediate_values) == 30
+    assert 3 <= len(pruned.intermediate_values) < 10
+    assert baseline.state.name == "COMPLETE" and len(baseline.intermediate_values) == 10
 
 
 def test_a_study_refuses_figures_measured_under_other_settings(tmp_path):
