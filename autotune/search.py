@@ -12,10 +12,12 @@ the same search.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -28,6 +30,7 @@ from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import Figures, LaunchSpec, Plan, StrategySpec, TrainSpec
 from autotune.strategy import Knob, Strategy
+from autotune import trial as trialmod
 from autotune.trial import TrialBudget, TrialResult, run_trial
 from autotune.workloads import Workload
 
@@ -45,6 +48,16 @@ AUTOTUNE_TIME_FACTOR = 3.0
 """Compile modes that benchmark kernels (max-autotune) get this many times the trial's
 time limit: their first compilation of a shape takes minutes, later ones hit the cache."""
 BASELINE = "baseline"
+REFINE = "refine"
+REFINE_ONLY: dict[str, dict[str, tuple[Any, ...]]] = {"compile": {"mode": ("max-autotune", "max-autotune-no-cudagraphs")}}
+"""Choices never sampled by the main search: benchmarking kernels makes a trial's compile
+take minutes (on one H200, both such trials of a 300 s search crashed or timed out), so
+:func:`refine` tries them on the best configurations only, when the time left allows."""
+REFINE_COMPILE_FACTOR = 4.0
+"""A max-autotune trial is predicted to take this many times the wall time of the same
+configuration's trial in default mode (its first compile benchmarks every kernel)."""
+REFINE_BEST = 2
+"""Refine at most this many of the best compiled configurations."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -113,6 +126,8 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
         elif not trial.suggest_categorical(f"{strategy.name}", [True, False]):
             continue
         excluded = space.graph.excluded_choices(strategy.name)
+        for knob_name, choices in REFINE_ONLY.get(strategy.name, {}).items():
+            excluded[knob_name] = {**excluded.get(knob_name, {}), **dict.fromkeys(choices, "refinement only")}
         knobs = {}
         for knob in strategy.knobs:
             if knob.name == "degree" and strategy.name in parallel:
@@ -223,8 +238,13 @@ class Objective:
     deadline: float | None = None
     """time.monotonic() at which the search's time budget ends: a trial gets at most the time
     left (and is recorded as a timeout if it needs more), so the budget bounds the search."""
+    log_dir: Path | None = None
+    """Each trial's stdout and stderr are kept in ``<log_dir>/<number>.log`` (user attr "log");
+    None: not kept (see :func:`trial_log_dir`)."""
 
     def __call__(self, trial: optuna.Trial) -> float:
+        # A retried trial inherits the interrupted one's attributes: it is not launched yet.
+        trial.set_user_attr("launched", False)
         try:
             plan = suggest_plan(trial, self.space)
         except UserError as e:  # the micro-batch does not split the global batch over dp
@@ -257,17 +277,26 @@ class Objective:
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
-        result = run_trial(plan, budget)
+        log_path = None
+        if self.log_dir is not None:
+            log_path = Path(self.log_dir) / f"{trial.number}.log"
+            trial.set_user_attr("log", str(log_path))
+        trial.set_user_attr("launched", True)
+        reporter = _Reporter(trial)
+        result = run_trial(plan, budget, log_path=log_path, on_progress=reporter)
+        if result.figures.status == "pruned":
+            result.error = reporter.reason or result.error
         f = result.figures
         trial.set_user_attr("status", f.status)
         trial.set_user_attr("figures", dataclasses.asdict(f))
+        trial.set_user_attr("wall_s", result.wall_s)
         if result.error:
             trial.set_user_attr("error", result.error)
         if self.on_result:
             self.on_result(trial, plan, result, f.status)
         if f.status == "ok":
             return float(f.tokens_per_s)
-        if f.status in ("oom", "unsupported"):
+        if f.status in ("oom", "unsupported", "pruned"):
             raise optuna.TrialPruned(f"{f.status}: {result.error}")
         raise TrialFailed(f"{f.status}: {result.error}")
 
@@ -277,6 +306,41 @@ class Objective:
         if self.on_result:
             self.on_result(trial, plan, None, "pruned")
         raise optuna.TrialPruned(reason)
+
+
+class _Reporter:
+    """The trial's ``on_progress``: reports each timed step's tokens/s to Optuna and asks the
+    study's pruner whether to stop."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial, self.values, self.reason = trial, [], None
+
+    def __call__(self, step: int, tokens_per_s: float) -> bool:
+        self.values.append(tokens_per_s)
+        self.trial.report(tokens_per_s, step)
+        if not self.trial.should_prune():
+            return False
+        best = _best_value(self.trial.study)
+        self.reason = f"{statistics.median(self.values):,.0f} tokens/s over {step} timed steps, below the best so far ({best:,.0f})"
+        return True
+
+
+class ThroughputPruner(optuna.pruners.BasePruner):
+    """Prunes a running trial whose median tokens/s over at least ``min_steps`` timed steps
+    is below ``fraction`` of the best completed trial. The baseline and the priors (trials
+    with a "role") always run to the end: every plan needs its baseline, and priors are
+    the study's reference points. The median, not the last step, so one slow step (a page
+    fault, the first step after warm-up) does not prune."""
+
+    def __init__(self, fraction: float = 0.5, min_steps: int = 3) -> None:
+        self.fraction, self.min_steps = fraction, min_steps
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        values = trial.intermediate_values
+        if trial.user_attrs.get("role") is not None or len(values) < self.min_steps:
+            return False
+        best = _best_value(study)
+        return best is not None and statistics.median(values.values()) < self.fraction * best
 
 
 def tokens_per_step(space: SearchSpace, plan: Plan) -> int:
@@ -294,12 +358,43 @@ GRACE_S = 8
 the study (by any planner) marks it failed."""
 
 
+MAX_RETRY = 2
+"""An interrupted trial is run again this many times at most (a trial that itself brings
+its planner down must not be retried forever)."""
+CONNECT_TIMEOUT_S = 10
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """The study's database, with heartbeats: a trial whose planner died (heartbeat older
+    than GRACE_S) is marked FAIL by the next planner on the study, and run again with the
+    same parameters (RetryHeartbeatStaleTrialCallback). A URL that cannot be used is one line."""
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    if url.startswith(("sqlite", "postgresql", "mysql")):
-        # Heartbeats let a resumed search mark the trial a killed planner was running as FAIL.
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
-    return optuna.storages.get_storage(url)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith(("postgresql", "mysql")):  # a server that does not answer: fail in seconds
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+        )
+    except Exception as e:  # SQLAlchemy's URL, dialect, driver and connection errors
+        raise UserError(f"storage URL {url}: cannot connect: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def trial_log_dir(storage_url: str, study_name: str) -> Path:
+    """Where a study's trial logs are kept: ``trials/<study>`` beside a SQLite database,
+    else under the cache (``$AUTOTUNE_CACHE`` or ~/.cache/autotune)."""
+    safe = study_name.replace("/", "_").replace(":", "_")
+    prefix = "sqlite:///"
+    if storage_url.startswith(prefix) and storage_url[len(prefix):] not in ("", ":memory:"):
+        return Path(storage_url[len(prefix):]).expanduser().parent / "trials" / safe
+    return trialmod.cache_root() / "trials" / safe
 
 
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
@@ -309,16 +404,53 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
 }
 
 
-def open_study(name: str, storage: str, sampler: str, seed: int) -> optuna.Study:
+def open_study(name: str, storage: str, sampler: str, seed: int, *, identity: dict[str, str] | None = None,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """Create or load the study. ``identity`` (:func:`study_identity`) is what its figures are
+    measured under: recorded by the first planner, and a later one under other settings is
+    refused, since its figures would not compare with the study's."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=name,
         storage=make_storage(storage),
         sampler=SAMPLERS[sampler](seed),
+        pruner=pruner if pruner is not None else ThroughputPruner(),
         direction="maximize",
         load_if_exists=True,
     )
+    if identity is not None:
+        check_identity(study, identity)
+    return study
+
+
+def study_identity(budget: TrialBudget, global_batch: int | None) -> dict[str, str]:
+    """What a study's figures depend on besides the plan: the trial budget, the versions and
+    the global batch."""
+    import torch
+
+    import autotune
+
+    return {
+        "warmup_steps": str(budget.warmup_steps),
+        "timed_steps": str(budget.timed_steps),
+        "torch": torch.__version__,
+        "autotune": autotune.__version__,
+        "global_batch": "searched" if global_batch is None else str(global_batch),
+    }
+
+
+def check_identity(study: optuna.Study, identity: dict[str, str]) -> None:
+    """Record ``identity`` on a study that has none; refuse one that differs, naming each
+    difference."""
+    recorded = study.user_attrs.get("identity")
+    if recorded is None:
+        study.set_user_attr("identity", dict(identity))
+        return
+    differ = [f"{k} {recorded.get(k, 'unset')} (now {identity.get(k, 'unset')})"
+              for k in sorted(set(recorded) | set(identity)) if recorded.get(k) != identity.get(k)]
+    if differ:
+        raise UserError(f"study {study.study_name} was measured under {', '.join(differ)}: use another --study, or the same settings")
 
 
 def ensure_first_trials(study: optuna.Study, space: SearchSpace, priors: list[dict[str, Any]]) -> None:
@@ -330,32 +462,142 @@ def ensure_first_trials(study: optuna.Study, space: SearchSpace, priors: list[di
         study.enqueue_trial(params, user_attrs={"role": "prior"})
 
 
+PRELAUNCH_PRUNES = 4
+"""Trials pruned before launch (illegal, too large, predicted slow) cost milliseconds and do
+not count towards ``trials``; a search stops after this many of them per trial asked for
+(plus this many), so a space where nearly everything is pruned cannot loop forever."""
+
+
+class _CountTrials:
+    """Stops the study after ``trials`` new launched trials (ok, failed or pruned while
+    running) finished in this process, or too many pruned before launch. Trials of a dead
+    planner, failed by heartbeat and retried, finish elsewhere and are not counted."""
+
+    def __init__(self, trials: int) -> None:
+        self.trials, self.launched, self.prelaunch = trials, 0, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.user_attrs.get("launched"):
+            self.launched += 1
+        else:
+            self.prelaunch += 1
+        if self.launched >= self.trials or self.prelaunch >= PRELAUNCH_PRUNES * (self.trials + 1):
+            study.stop()
+
+
 def optimize(study: optuna.Study, objective: Objective, *, trials: int | None, time_budget: float | None) -> None:
-    """Run until the study holds ``trials`` finished trials or ``time_budget`` seconds pass."""
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    callbacks = []
-    if trials is not None:
-        done = len(study.get_trials(deepcopy=False, states=states))
-        if done >= trials:
-            return
-        callbacks.append(optuna.study.MaxTrialsCallback(trials, states=states))
+    """Run ``trials`` new trials (as Optuna's n_trials, but counting only launched ones) or
+    until ``time_budget`` seconds pass, holding the device lock throughout (another planner
+    measuring on this device is a one-line UserError before any trial starts)."""
+    callbacks = [_CountTrials(trials)] if trials is not None else []
+    if trials is not None and trials < 1:
+        return
     if time_budget is not None:
         objective = dataclasses.replace(objective, deadline=time.monotonic() + time_budget)
-    study.optimize(
-        objective,
-        n_trials=None if trials is None else trials * 4,  # pruned-before-launch trials are cheap
-        timeout=time_budget,
-        callbacks=callbacks,
-        catch=(TrialFailed,),
-        gc_after_trial=False,
-    )
+    with trialmod.measuring(objective.space.launch.device):
+        study.optimize(
+            objective,
+            timeout=time_budget,
+            callbacks=callbacks,
+            catch=(TrialFailed,),
+            gc_after_trial=False,
+        )
+
+
+def refine_candidates(study: optuna.Study, best: int = REFINE_BEST) -> list[optuna.trial.FrozenTrial]:
+    """The best ``best`` completed trials that compile in a mode the refinement can change."""
+    complete = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: -t.value)
+    out = []
+    for t in complete:
+        if t.user_attrs.get("role") == REFINE or "plan" not in t.user_attrs:
+            continue
+        compile_spec = [s for s in plan_of(t).strategies if s.name == "compile"]
+        if compile_spec and compile_spec[0].knobs.get("mode", "default") not in REFINE_ONLY["compile"]["mode"]:
+            out.append(t)
+        if len(out) == best:
+            break
+    return out
+
+
+def predicted_refine_s(trial: optuna.trial.FrozenTrial, factor: float = REFINE_COMPILE_FACTOR) -> float | None:
+    """Predicted wall time of ``trial``'s configuration in a max-autotune mode: its own
+    measured wall time (start-up and compile included) times ``factor``; None: not recorded."""
+    wall = trial.user_attrs.get("wall_s")
+    return float(wall) * factor if wall else None
+
+
+def should_refine(predicted_s: float | None, time_left_s: float | None) -> bool:
+    """Launch a refinement only when its predicted time fits in what is left (no deadline:
+    always; no prediction: never, a guess could spend the whole budget)."""
+    if predicted_s is None:
+        return False
+    return time_left_s is None or time_left_s > predicted_s
+
+
+def refine(study: optuna.Study, objective: Objective, deadline: float | None = None) -> list[optuna.trial.FrozenTrial]:
+    """Re-run the best compiled configurations in the max-autotune modes, each only when its
+    predicted compile time fits before ``deadline`` (time.monotonic()). Each run is recorded
+    as a trial with role "refine", the parameters of the trial it refines (the sampler sees
+    the same point again) and its own plan, so :func:`summarize` picks it if it is faster.
+    Nothing on a CPU, where compile is not searched."""
+    added = []
+    done = {(t.user_attrs.get("refines"), t.user_attrs.get("refine_mode")) for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == REFINE}
+    with trialmod.measuring(objective.space.launch.device):
+        for source in refine_candidates(study):
+            for mode in REFINE_ONLY["compile"]["mode"]:
+                if (source.number, mode) in done or mode not in _compile_modes():
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if not should_refine(predicted_refine_s(source), left):
+                    continue
+                added.append(_run_refinement(study, objective, source, mode, left))
+    return added
+
+
+def _compile_modes() -> tuple[Any, ...]:
+    from autotune import catalog
+
+    return next(k.choices for k in catalog.get("compile").knobs if k.name == "mode")
+
+
+def _run_refinement(study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, mode: str, left: float | None) -> optuna.trial.FrozenTrial:
+    plan = plan_of(source)
+    plan = dataclasses.replace(plan, strategies=[
+        dataclasses.replace(s, knobs={**s.knobs, "mode": mode}) if s.name == "compile" else s for s in plan.strategies])
+    budget = trial_budget(objective.budget, plan)
+    if left is not None:
+        budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
+    number = len(study.trials)
+    log_path = Path(objective.log_dir) / f"refine-{number}.log" if objective.log_dir is not None else None
+    result = run_trial(plan, budget, log_path=log_path)
+    f = result.figures
+    attrs = {"role": REFINE, "refines": source.number, "refine_mode": mode, "plan": plan.to_dict(), "status": f.status,
+             "figures": dataclasses.asdict(f), "wall_s": result.wall_s, "launched": True}
+    attrs |= {"log": str(log_path)} if log_path else {}
+    attrs |= {"error": result.error} if result.error else {}
+    ok = f.status == "ok"
+    study.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+        value=float(f.tokens_per_s) if ok else None, params=source.params, distributions=source.distributions, user_attrs=attrs))
+    frozen = study.trials[-1]
+    if objective.on_result:
+        objective.on_result(frozen, plan, result, f.status)
+    return frozen
 
 
 def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    for t in study.get_trials(deepcopy=False):
-        if t.user_attrs.get("role") == BASELINE:
-            return t
-    return None
+    """The completed baseline trial, else the last one (an interrupted baseline is retried
+    as a new trial with the same role)."""
+    found = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == BASELINE]
+    complete = [t for t in found if t.state == optuna.trial.TrialState.COMPLETE]
+    if complete:
+        return complete[0]
+    return found[-1] if found else None
+
+
+def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial whose planner died while it ran (failed by heartbeat, before any status)."""
+    return trial.state == optuna.trial.TrialState.FAIL and "status" not in trial.user_attrs
 
 
 def figures_of(trial: optuna.trial.FrozenTrial) -> Figures | None:
@@ -423,7 +665,7 @@ class Summary:
 def summarize(study: optuna.Study) -> Summary:
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
-        status = t.user_attrs.get("status", t.state.name.lower())
+        status = "interrupted" if interrupted(t) else t.user_attrs.get("status", t.state.name.lower())
         counts[status] = counts.get(status, 0) + 1
     best = None
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))

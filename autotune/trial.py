@@ -11,20 +11,25 @@ process group of a hung child is killed.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from autotune import schema
+from autotune import locks, schema
 from autotune.errors import UserError
 from autotune.plan import Figures, Plan
 
@@ -59,49 +64,194 @@ def optimizer_steps(budget: TrialBudget, grad_accum: int) -> tuple[int, int]:
 # -- the parent side -----------------------------------------------------------------------
 
 
+def cache_root() -> Path:
+    """$AUTOTUNE_CACHE, else ~/.cache/autotune: compile cache, locks, trial logs."""
+    return Path(os.environ.get("AUTOTUNE_CACHE") or Path.home() / ".cache" / "autotune").expanduser()
+
+
 def compile_cache_env() -> dict[str, str]:
     """One persistent inductor cache for every trial, so a repeated shape compiles once."""
-    root = Path(os.environ.get("AUTOTUNE_CACHE", Path.home() / ".cache" / "autotune"))
-    return {"TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))}
+    return {"TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))}
 
 
 def trial_command(plan: Plan, plan_path: Path, result_path: Path, budget: TrialBudget) -> list[str]:
     from autotune.distributed import torchrun_command
 
-    args = [str(plan_path), str(result_path), "--warmup", str(budget.warmup_steps), "--steps", str(budget.timed_steps)]
+    args = [str(plan_path), str(result_path), "--warmup", str(budget.warmup_steps), "--steps", str(budget.timed_steps),
+            "--progress", str(progress_path(result_path))]
     nproc = plan.launch.nproc_per_node
     if nproc * plan.launch.nnodes == 1:
         return [sys.executable, "-m", "autotune.trial", *args]
     return torchrun_command(nproc, "autotune.trial", args, plan.launch)
 
 
-def run_trial(plan: Plan, budget: TrialBudget, *, workdir: Path | None = None, env: dict[str, str] | None = None) -> TrialResult:
-    """Run ``plan`` as one isolated trial; never raises for what happens inside the child."""
-    with tempfile.TemporaryDirectory(prefix="autotune-trial-", dir=workdir) as tmp:
+# -- one measuring process per device -------------------------------------------------------
+
+_held: dict[str, tuple[locks.HeldLock, int]] = {}
+"""Device lock path -> (the lock, how many holders in this process): re-entrant."""
+
+
+def device_lock_path(device: str) -> Path:
+    return cache_root() / "locks" / f"measure-{device}.lock"
+
+
+@contextlib.contextmanager
+def measuring(device: str) -> Iterator[None]:
+    """Hold this machine's lock for measuring on ``device`` ("cpu", "cuda"): a trial beside
+    another process's trial measures the contention, not the plan. Re-entrant within a
+    process, so a planner that holds it for its whole search passes it to its own trials; in
+    another process it is a one-line UserError naming the holder's pid."""
+    key = str(device_lock_path(device))
+    if key in _held:
+        lock, count = _held[key]
+        _held[key] = (lock, count + 1)
+    else:
+        _held[key] = (locks.acquire(key, f"measuring on this machine's {device}"), 1)
+    try:
+        yield
+    finally:
+        lock, count = _held[key]
+        if count == 1:
+            del _held[key]
+            lock.release()
+        else:
+            _held[key] = (lock, count - 1)
+
+
+# -- a trial dies with its planner ----------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn only calls it
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (PR_SET_PDEATHSIG): a planner
+    killed mid-trial, even by SIGKILL, takes its trial with it, so the next trial is not
+    measured beside an orphan. Runs in the trial's child before exec, and again in each rank
+    (whose parent is torchrun), so the chain planner -> torchrun -> ranks dies together."""
+    parent = os.getppid()
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl: nobody will send the signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _KillOnSignal:
+    """While a trial runs in the main thread, SIGTERM kills the trial's process group before
+    the planner ends as it would have (SIGINT raises KeyboardInterrupt, handled by the
+    caller's ``finally``)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.previous: Any = None
+
+    def __enter__(self) -> _KillOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        _kill_group(self.proc)
+        signal.signal(signal.SIGTERM, self.previous)
+        if callable(self.previous):
+            self.previous(signum, frame)
+        else:  # SIG_DFL: end as SIGTERM would have
+            os.kill(os.getpid(), signum)
+
+
+POLL_S = 0.25
+"""How often the parent reads the child's progress while it waits."""
+
+
+def run_trial(
+    plan: Plan,
+    budget: TrialBudget,
+    *,
+    workdir: Path | None = None,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    on_progress: Callable[[int, float], bool] | None = None,
+) -> TrialResult:
+    """Run ``plan`` as one isolated trial; never raises for what happens inside the child.
+
+    The child's stdout and stderr go to ``log_path`` (kept; None: a temporary file). While it
+    runs, ``on_progress(step, tokens_per_s)`` is called for each timed step the child reports;
+    True stops the trial (status "pruned"). Takes the device lock (:func:`measuring`)."""
+    with measuring(plan.launch.device), tempfile.TemporaryDirectory(prefix="autotune-trial-", dir=workdir) as tmp:
         plan_path, result_path = Path(tmp) / "plan.json", Path(tmp) / "result.json"
         plan.save(plan_path)
+        log_path = Path(log_path) if log_path is not None else Path(tmp) / "trial.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         from autotune.distributed import child_env as multiprocess_env
 
         child_env = multiprocess_env({**os.environ, **compile_cache_env(), **(env or {})})
         start = time.monotonic()
-        proc = subprocess.Popen(
-            trial_command(plan, plan_path, result_path, budget),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=child_env,
-            start_new_session=True,  # its own process group: a timeout kills all of it
-        )
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                trial_command(plan, plan_path, result_path, budget),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                start_new_session=True,  # its own process group: a timeout kills all of it
+                preexec_fn=die_with_parent,
+            )
         try:
-            _, stderr = proc.communicate(timeout=budget.timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            return TrialResult(figures=Figures(status="timeout"), error=f"no result within {budget.timeout_s:.0f} s", wall_s=time.monotonic() - start)
+            with _KillOnSignal(proc):
+                ended = _wait(proc, start + budget.timeout_s, progress_path(result_path), on_progress)
+        finally:
+            if proc.returncode is None:  # interrupted (KeyboardInterrupt, an error): no orphan
+                _kill_group(proc)
         wall = time.monotonic() - start
+        if ended == "timeout":
+            return TrialResult(figures=Figures(status="timeout"), error=f"no result within {budget.timeout_s:.0f} s", wall_s=wall)
+        if ended == "pruned":
+            return TrialResult(figures=Figures(status="pruned"), error="stopped by the pruner", wall_s=wall)
         results = _results(result_path)
         if results:
             results[0].wall_s = wall
             return results[0]
-        return TrialResult(figures=Figures(status="crash"), error=_how_it_ended(proc.returncode, stderr), wall_s=wall)
+        return TrialResult(figures=Figures(status="crash"), error=_how_it_ended(proc.returncode, log_path), wall_s=wall)
+
+
+def progress_path(result_path: Path) -> Path:
+    """Where the child appends one JSON line per timed step: {"step": n, "tokens_per_s": x}."""
+    return result_path.with_name(result_path.name + ".progress")
+
+
+def _wait(proc: subprocess.Popen, deadline: float, progress: Path, on_progress: Callable[[int, float], bool] | None) -> str:
+    """Wait for the child: "exited", "timeout" (group killed) or "pruned" (group killed)."""
+    seen = 0
+    while True:
+        try:
+            proc.wait(timeout=max(0.0, min(POLL_S, deadline - time.monotonic())))
+            return "exited"
+        except subprocess.TimeoutExpired:
+            pass
+        if on_progress is not None:
+            reports, seen = read_progress(progress, seen)
+            if any(on_progress(step, tokens_per_s) for step, tokens_per_s in reports):
+                _kill_group(proc)
+                return "pruned"
+        if time.monotonic() >= deadline:
+            _kill_group(proc)
+            return "timeout"
+
+
+def read_progress(path: Path, offset: int = 0) -> tuple[list[tuple[int, float]], int]:
+    """Complete progress lines after byte ``offset``, and the offset after them."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    complete = data[: data.rfind(b"\n") + 1]
+    reports = [(int(r["step"]), float(r["tokens_per_s"])) for r in map(json.loads, complete.splitlines())]
+    return reports, offset + len(complete)
 
 
 def _results(result_path: Path) -> list[TrialResult]:
@@ -122,23 +272,45 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.communicate()
+    proc.wait()
 
 
-def _how_it_ended(returncode: int, stderr: bytes) -> str:
-    tail = stderr.decode(errors="replace").strip().splitlines()[-5:]
+_ERROR_LINE = re.compile(r"^\s*(?:[\w.]+(?:Error|Exception|Interrupt|Exit|Failure)\b|error:|fatal)", re.IGNORECASE)
+
+
+def error_line(log_text: str) -> str | None:
+    """The last line of a log that names an error (``RuntimeError: ...``), whole; else its
+    last line; None for an empty log."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if _ERROR_LINE.match(line):
+            return line
+    return lines[-1] if lines else None
+
+
+def _how_it_ended(returncode: int, log_path: Path) -> str:
     if returncode < 0:
         how = f"killed by {signal.Signals(-returncode).name}"
     else:
         how = f"exited with status {returncode} and no result"
-    return how + (": " + " | ".join(tail) if tail else "")
+    line = error_line(_tail(log_path))
+    return how + (f": {line}" if line else "") + f" (log {log_path})"
+
+
+def _tail(path: Path, size: int = 64 * 1024) -> str:
+    with open(path, "rb") as f:
+        f.seek(max(0, path.stat().st_size - size))
+        return f.read().decode(errors="replace")
 
 
 # -- the child side -------------------------------------------------------------------------
 
 
-def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
-    """Build the executor's Trainer for ``plan``, warm up, time steps; classify failures."""
+def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) -> TrialResult:
+    """Build the executor's Trainer for ``plan``, warm up, time steps; classify failures.
+
+    With ``progress``, each timed step's tokens/s is appended to it as it is known (a JSON
+    line), so the parent can prune a clearly slower trial before it ends."""
     import torch
 
     from autotune.distributed import reduce_flush
@@ -156,10 +328,13 @@ def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         times, timed = [], []
+        reporter = _Progress(progress, trainer.tokens_per_step) if progress is not None else None
         for step in range(warmup, warmup + steps):
             with _StepTimer(device) as t:
                 timed.append(trainer.train_step(step))
             times.append(t)
+            if reporter is not None:
+                reporter.report(times)
         _sync(device)
         step_times = [t.seconds() for t in times]
         # The losses' mean over the ranks (one all-reduce; all of them when alone).
@@ -195,6 +370,24 @@ def measure(plan: Plan, budget: TrialBudget) -> TrialResult:
             trainer.close(clean=clean)
 
 
+class _Progress:
+    """Appends a line per finished timed step; on a GPU only steps whose end event has
+    completed (``query``, no synchronisation), so reporting does not change the timing."""
+
+    def __init__(self, path: Path, tokens_per_step: int) -> None:
+        self.path, self.tokens_per_step, self.done = path, tokens_per_step, 0
+
+    def report(self, times: list[_StepTimer]) -> None:
+        lines = []
+        while self.done < len(times) and times[self.done].finished():
+            seconds = times[self.done].seconds()
+            self.done += 1
+            lines.append(json.dumps({"step": self.done, "tokens_per_s": self.tokens_per_step / seconds if seconds > 0 else 0.0}))
+        if lines:
+            with open(self.path, "a") as f:
+                f.write("".join(line + "\n" for line in lines))
+
+
 class _StepTimer:
     """Times one step: CUDA events on a GPU (no sync per step), the host clock on a CPU."""
 
@@ -216,6 +409,9 @@ class _StepTimer:
             self.end.record()
         else:
             self.t1 = time.perf_counter()
+
+    def finished(self) -> bool:
+        return self.end.query() if self.cuda else True
 
     def seconds(self) -> float:
         return self.start.elapsed_time(self.end) / 1e3 if self.cuda else self.t1 - self.t0
@@ -243,14 +439,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("result", type=Path)
     ap.add_argument("--warmup", type=int, default=TrialBudget.warmup_steps)
     ap.add_argument("--steps", type=int, default=TrialBudget.timed_steps)
+    ap.add_argument("--progress", type=Path, default=None, help="append each timed step's tokens/s here (rank 0)")
     args = ap.parse_args(argv)
+    die_with_parent()  # a rank under torchrun: dies with torchrun, which dies with the planner
     budget = TrialBudget(warmup_steps=args.warmup, timed_steps=args.steps)
     try:
         plan = planmod.load(args.plan)
     except UserError as e:
         result = TrialResult(figures=Figures(status="unsupported"), error=str(e))
     else:
-        result = measure(plan, budget)
+        rank = int(os.environ.get("RANK", "0"))
+        result = measure(plan, budget, progress=args.progress if rank == 0 else None)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         schema.write_json_atomic(args.result, schema.to_dict(result))

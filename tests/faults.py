@@ -15,6 +15,10 @@ from torch import nn
 from autotune.workloads import Workload
 
 OOM, NAN, HANG, SIGKILL, RANK1_RAISES, RANK1_HANGS = 3, 5, 6, 7, 9, 10  # micro-batch sizes that trigger each fault
+HANG_ONCE = 11
+"""Hangs the first time (creating the file named by $AUTOTUNE_TEST_HANG_ONCE), runs after."""
+SLOW = 12
+"""Every step sleeps 0.3 s: a trial far slower than the others, for the pruner."""
 
 
 class Faulty(nn.Module):
@@ -29,6 +33,13 @@ class Faulty(nn.Module):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (simulated)")
         if batch == HANG:
             time.sleep(3600)
+        if batch == HANG_ONCE:
+            marker = os.environ["AUTOTUNE_TEST_HANG_ONCE"]
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                time.sleep(3600)
+        if batch == SLOW:
+            time.sleep(0.3)
         if batch == SIGKILL:
             os.kill(os.getpid(), signal.SIGKILL)
         if batch in (RANK1_RAISES, RANK1_HANGS) and os.environ.get("RANK") == "1":

@@ -66,8 +66,10 @@ def test_illegal_and_oversized_trials_are_pruned_before_launch(tmp_path):
     )
     study = search.open_study("prune", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
     search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=1, time_budget=None)
-    (trial,) = study.trials
-    assert trial.state == optuna.trial.TrialState.PRUNED
+    # Pruned before launch, they do not count towards --trials, yet the search stops.
+    assert len(study.trials) == search.PRELAUNCH_PRUNES * 2
+    assert {t.state for t in study.trials} == {optuna.trial.TrialState.PRUNED}
+    trial = study.trials[0]
     assert trial.user_attrs["error"].startswith("predicted")
     assert trial.user_attrs["predicted_peak_memory_bytes"] > 8 * 2**30
 
@@ -253,3 +255,94 @@ def test_another_global_batch_is_another_study():
     assert study_name("phase8-small", "7403d3bde085") == "phase8-small-7403d3bde085"
     assert study_name("phase8-small", "7403d3bde085", 96) == "phase8-small-gb96-7403d3bde085"
     assert study_name("tests.faults:build", "abc", 0) == "tests.faults_build-gbfree-abc"
+
+
+def test_a_clearly_slower_trial_is_pruned_while_it_runs(tmp_path):
+    # A completed trial at 1e9 tokens/s: the slow one is stopped after 3 timed steps of 10,
+    # while the baseline, just as slow, is never pruned.
+    space = fault_space()
+    space.micro_batches = (2, faults.SLOW)
+    study = search.open_study("pruner", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
+    dist = optuna.distributions.CategoricalDistribution(list(space.micro_batches))
+    study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 2}, distributions={"micro_batch_size": dist}, value=1e9))
+    study.enqueue_trial({"micro_batch_size": faults.SLOW})
+    study.enqueue_trial({"micro_batch_size": faults.SLOW}, user_attrs={"role": search.BASELINE})
+    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=10, timeout_s=60))
+    search.optimize(study, objective, trials=2, time_budget=None)
+    pruned, baseline = study.trials[1], study.trials[2]
+    assert pruned.state.name == "PRUNED" and pruned.user_attrs["status"] == "pruned"
+    assert "below the best so far (1,000,000,000)" in pruned.user_attrs["error"]
+    assert 3 <= len(pruned.intermediate_values) < 10
+    assert baseline.state.name == "COMPLETE" and len(baseline.intermediate_values) == 10
+
+
+def test_a_study_refuses_figures_measured_under_other_settings(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    identity = search.study_identity(TrialBudget(warmup_steps=5, timed_steps=20), 192)
+    assert set(identity) == {"warmup_steps", "timed_steps", "torch", "autotune", "global_batch"}
+    search.open_study("same", url, "tpe", 0, identity=identity)
+    search.open_study("same", url, "tpe", 0, identity=identity)  # the same settings: reopened
+    other = identity | {"timed_steps": "6", "torch": "9.9"}
+    with pytest.raises(UserError) as e:
+        search.open_study("same", url, "tpe", 0, identity=other)
+    message = str(e.value)
+    assert "\n" not in message and "use another --study" in message
+    assert "timed_steps 20 (now 6)" in message and f"torch {identity['torch']} (now 9.9)" in message
+    assert "warmup_steps" not in message
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("not a url", "cannot connect"),
+    ("nosuchdialect://x/y", "cannot connect"),
+    ("sqlite:////nonexistent-folder/deeper/s.db", "cannot connect"),
+    ("postgresql://localhost:1/x", "cannot connect"),
+])
+def test_bad_storage_urls_are_one_line(url, needle):
+    with pytest.raises(UserError) as e:
+        search.make_storage(url)
+    assert str(e.value).startswith(f"storage URL {url}: {needle}") and "\n" not in str(e.value)
+
+
+def test_read_only_sqlite_folder_is_one_line(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        with pytest.raises(UserError, match="cannot connect"):
+            search.make_storage(f"sqlite:///{folder}/s.db")
+    finally:
+        folder.chmod(0o700)
+
+
+def test_trial_logs_live_beside_a_sqlite_study(tmp_path, monkeypatch):
+    assert search.trial_log_dir(f"sqlite:///{tmp_path}/plans/studies.db", "tiny-abc") == tmp_path / "plans" / "trials" / "tiny-abc"
+    monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "cache"))
+    assert search.trial_log_dir("postgresql://host/db", "a:b") == tmp_path / "cache" / "trials" / "a_b"
+
+
+def test_max_autotune_is_refinement_only_and_launched_when_its_predicted_time_fits(tmp_path):
+    from autotune import catalog
+
+    space = _phase8_space(strategies=[catalog.get("compile")])
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial({"micro_batch_size": 48, "compile": True})
+    trial = study.ask()
+    plan = search.suggest_plan(trial, space)
+    assert trial.distributions["compile.mode"].choices == ("default",)  # never max-autotune (reduce-overhead: no CUDA)
+    assert [s.name for s in plan.strategies] == ["compile", "grad_accum"]
+
+    # The decision: predicted = the configuration's measured wall time x the factor.
+    assert search.should_refine(100.0, 101.0) and not search.should_refine(100.0, 99.0)
+    assert search.should_refine(100.0, None) and not search.should_refine(None, 1e9)
+    dist = optuna.distributions.CategoricalDistribution([48])
+    compiled = plan.to_dict()
+    for value, wall, data in ((2e6, 30.0, compiled), (3e6, 40.0, search.plan_for(space, 48, []).to_dict())):
+        study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 48}, distributions={"micro_batch_size": dist}, value=value,
+                                                  user_attrs={"plan": data, "wall_s": wall}))
+    (candidate,) = search.refine_candidates(study)  # the faster one does not compile
+    assert candidate.value == 2e6 and search.predicted_refine_s(candidate) == 30.0 * search.REFINE_COMPILE_FACTOR
+    objective = search.Objective(space=space, budget=TrialBudget())
+    assert search.refine(study, objective, deadline=time.monotonic() + 60) == []  # 120 s predicted > 60 s left
+    assert not [t for t in study.trials if t.user_attrs.get("role") == search.REFINE]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from autotune import plan as planmod
-from autotune.trial import TrialBudget, run_trial
+from autotune.trial import TrialBudget, error_line, run_trial
 from tests import faults
 from tests.conftest import DEFAULT_PLAN
 
@@ -55,3 +55,27 @@ def test_unsupported_plan_is_reported_not_raised():
     result = run_trial(planmod.from_dict(data), BUDGET)
     assert result.figures.status in ("unsupported", "crash")
     assert "CUDA" in result.error
+
+
+def test_output_is_kept_in_the_log_and_the_error_line_is_whole(tmp_path):
+    log = tmp_path / "trials" / "7.log"
+    result = run_trial(plan_for(faults.SIGKILL), BUDGET, log_path=log)
+    assert result.figures.status == "crash" and str(log) in result.error
+    assert log.exists()
+    long = "RuntimeError: " + "x" * 300
+    assert error_line(f"Traceback (most recent call last):\n  File 'a.py'\n{long}\nnoise after\n") == long
+    assert error_line("just a line\n") == "just a line" and error_line("") is None
+
+
+def test_progress_stops_a_trial_when_asked(tmp_path):
+    seen = []
+
+    def on_progress(step, tokens_per_s):
+        seen.append((step, tokens_per_s))
+        return step >= 2
+
+    slow = TrialBudget(warmup_steps=1, timed_steps=50, timeout_s=60)
+    result = run_trial(plan_for(faults.SLOW), slow, on_progress=on_progress)
+    assert result.figures.status == "pruned"
+    assert [s for s, _ in seen][:2] == [1, 2] and all(t > 0 for _, t in seen)
+    assert result.wall_s < 30  # 50 steps of 0.3 s were not waited for

@@ -1,0 +1,48 @@
+"""A small planner over tests.faults, for tests that kill it: ``python -m tests.search_driver
+DB TRIALS MICRO_BATCH...`` opens study "faults" in sqlite DB, enqueues the baseline and a trial
+per MICRO_BATCH, and runs TRIALS new trials, keeping their logs beside the database."""
+
+import sys
+
+import optuna
+
+from autotune import search
+from autotune.errors import UserError
+from autotune.graph import StrategyGraph
+from autotune.plan import LaunchSpec, TrainSpec
+from autotune.strategy import Facts
+from autotune.trial import TrialBudget
+from autotune.workloads import load_workload
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+BUDGET = TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=60)
+
+
+def fault_space(micro_batches: tuple[int, ...]) -> search.SearchSpace:
+    workload = load_workload("tests.faults:build")
+    return search.SearchSpace(
+        workload=workload, strategies=[], graph=StrategyGraph(Facts.of(None, workload)),
+        micro_batches=(2, *micro_batches), baseline_micro_batch=2, train=TrainSpec(micro_batch_size=1),
+        launch=LaunchSpec(device="cpu"), device_memory=None,
+    )
+
+
+def main(db: str, trials: str, *micro_batches: str) -> int:
+    url = f"sqlite:///{db}"
+    space = fault_space(tuple(map(int, micro_batches)))
+    try:
+        study = search.open_study("faults", url, "tpe", 0, identity=search.study_identity(BUDGET, None))
+        if not study.trials:
+            search.ensure_first_trials(study, space, [])
+            for mb in micro_batches:
+                study.enqueue_trial({"micro_batch_size": int(mb)})
+        objective = search.Objective(space=space, budget=BUDGET, log_dir=search.trial_log_dir(url, "faults"))
+        search.optimize(study, objective, trials=int(trials), time_budget=None)
+    except UserError as e:
+        print(f"autotune: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
