@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune import catalog, search
+from autotune import trial as trialmod
 from autotune.apply import DISTRIBUTING
 from autotune import plan as planmod
 from autotune.errors import UserError
@@ -383,6 +384,11 @@ def _finished(study: Any) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def _launched(study: Any) -> int:
+    """Finished trials that ran a child (not pruned before launch)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished() and t.user_attrs.get("launched"))
+
+
 def run_search(study: Any, objective: search.Objective, settings: PlanSettings, clock: Clock) -> None:
     """The search, stopped in time for the confirmation: under a time budget, one trial at a
     time while the time left, less the confirmation's predicted time, still holds a typical
@@ -390,8 +396,10 @@ def run_search(study: Any, objective: search.Objective, settings: PlanSettings, 
     if clock.deadline is None:
         search.optimize(study, objective, trials=settings.trials, time_budget=None)
         return
+    # --trials N is N new launched trials (search.optimize's count), also one at a time here.
+    started = _launched(study)
     while True:
-        done = _finished(study)
+        done = _launched(study) - started
         if settings.trials is not None and done >= settings.trials:
             return
         walls = [w for t in study.get_trials(deepcopy=False) if (w := trial_wall(t))]
@@ -399,8 +407,9 @@ def run_search(study: Any, objective: search.Objective, settings: PlanSettings, 
         left = clock.left() - confirmation_seconds(study, settings)
         if left < max(search.MIN_TRIAL_S, typical):
             return
-        search.optimize(study, objective, trials=done + 1, time_budget=left)
-        if _finished(study) == done:
+        finished = _finished(study)
+        search.optimize(study, objective, trials=1, time_budget=left)
+        if _finished(study) == finished:
             return
 
 
@@ -558,17 +567,29 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
     check_writable(out, "plan file")
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    study = search.open_study(name, storage, settings.sampler, settings.seed)
+    identity = search.study_identity(settings.budget, space.global_batch)
+    study = search.open_study(name, storage, settings.sampler, settings.seed, identity=identity)
     search.ensure_first_trials(study, space, expert_priors(space))
+    with trialmod.measuring(space.launch.device):  # this machine's device, for the whole command
+        return _search_and_confirm(settings, study, space, name, storage, out, profile, clock, on_result, status, log)
+
+
+def _search_and_confirm(settings: PlanSettings, study: Any, space: search.SearchSpace, name: str, storage: str, out: Path,
+                        profile: Any, clock: Clock, on_result: Callable | None, status: Status, log: Callable[[str], None]) -> tuple[Plan, search.Summary, search.SearchSpace]:
 
     def ended(*args: Any) -> None:
         if on_result is not None:
             on_result(*args)
         status("search: a trial is running")
 
-    objective = search.Objective(space=space, budget=settings.budget, on_result=ended)
+    objective = search.Objective(space=space, budget=settings.budget, on_result=ended, log_dir=search.trial_log_dir(storage, name))
     status("search: a trial is running")
     run_search(study, objective, settings, clock)
+    # max-autotune on the best compiled configurations, only where its compile time fits
+    # before the confirmation's reserve (never on a CPU: compile is not searched there).
+    reserve = confirmation_seconds(study, settings)
+    status("refinement: max-autotune")
+    search.refine(study, objective, None if clock.deadline is None else clock.deadline - reserve)
     status(None)
     summary = search.summarize(study)
     if summary.best is None:
