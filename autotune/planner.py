@@ -37,7 +37,7 @@ class PlanSettings:
     workload: str
     """Preset or package.module:factory."""
     trials: int | None = None
-    """Stop when the study holds this many finished trials (resumed ones count)."""
+    """Run this many new launched trials (as Optuna's n_trials; pruned-before-launch ones do not count)."""
     time_budget: float | None = None
     """Stop starting trials after this many seconds."""
     storage: str | None = None
