@@ -247,7 +247,8 @@ class Objective:
         trial.set_user_attr("launched", False)
         try:
             plan = suggest_plan(trial, self.space)
-        except UserError as e:  # the micro-batch does not split the global batch over dp
+            plan.strategy_configs()  # knobs that cannot go together (zero offload_params below stage 3)
+        except UserError as e:  # the micro-batch does not split the global batch over dp, or such knobs
             trial.set_user_attr("status", "pruned")
             trial.set_user_attr("error", f"illegal: {e}")
             raise optuna.TrialPruned(f"illegal: {e}") from None
