@@ -65,6 +65,7 @@ def main() -> int:
     variants = [variant(base, v) for v in args.variant]
     budget = TrialBudget(warmup_steps=5, timed_steps=args.steps, timeout_s=args.timeout)
     runs: dict[str, list[float]] = {name: [] for name, _ in variants}
+    losses: dict[str, list[float]] = {name: [] for name, _ in variants}
     for r in range(args.rounds):
         for name, data in variants:
             result = run_trial(planmod.from_dict(data), budget)
@@ -72,13 +73,17 @@ def main() -> int:
             print(f"round {r} {name:<16} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} tokens/s  {result.wall_s:5.1f} s  {result.error or ''}", flush=True)
             if f.status == "ok":
                 runs[name].append(f.tokens_per_s)
+                losses[name].append(f.loss_end)
     reference = statistics.median(runs[variants[0][0]]) if runs[variants[0][0]] else None
     records = []
     for name, data in variants:
         median = statistics.median(runs[name]) if runs[name] else None
         ratio = median / reference if median and reference else None
         print(f"{name:<16} {median or 0:>12,.0f} tokens/s  x{ratio or 0:.3f}")
-        records.append({"variant": name, "tokens_per_s": median, "runs": runs[name], "ratio": ratio, "strategies": data["strategies"],
+        spread = (max(runs[name]) - min(runs[name])) / 2 / median if median else None
+        # Every variant trains on the same batches from the same seed: the last loss is at equal steps.
+        records.append({"variant": name, "workload": data["workload"], "tokens_per_s": median, "runs": runs[name], "spread": spread, "ratio": ratio,
+                        "loss_end": losses[name], "strategies": data["strategies"],
                         "micro_batch": data["train"]["micro_batch_size"], "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                         "torch": torch.__version__, "command": " ".join(sys.argv)})
     if args.out:

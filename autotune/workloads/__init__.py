@@ -56,6 +56,8 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(vocab_size=2048, seq_len=128, d_model=128, n_layers=4, n_heads=4),
     # The roadmap's "Phase 8 Small": 8 x 12 x 512^2 = 25M block params + 25.7M head.
     "phase8-small": dict(vocab_size=50257, seq_len=1024, d_model=512, n_layers=8, n_heads=8),
+    # phase8-small at seq 8192: where attention, not the matmuls, dominates (sparse attention).
+    "phase8-long": dict(vocab_size=50257, seq_len=8192, d_model=512, n_layers=8, n_heads=8),
     # GPT-2 small: 85M block params + 38.6M head = 124M.
     "gpt2-124m": dict(vocab_size=50257, seq_len=1024, d_model=768, n_layers=12, n_heads=12),
     # ~1.0B: 18 x 12 x 2048^2 = 906M block params + 103M head.
@@ -65,8 +67,9 @@ PRESETS: dict[str, dict[str, int]] = {
 # The recipes' global batch (samples per optimizer step). GPT-2 small trains on 0.5M tokens
 # a step (nanoGPT: 480 x 1024); gpt-1b the same tokens at seq 2048. phase8-small takes 192 x
 # 1024 = 196k tokens, a batch its 50M parameters train well with, and 192 is a multiple of
-# every micro-batch up to 96 (12, 24, 48 and 64 included). tiny: 64 x 128 = 8k tokens.
-GLOBAL_BATCH: dict[str, int] = {"tiny": 64, "phase8-small": 192, "gpt2-124m": 480, "gpt-1b": 256}
+# every micro-batch up to 96 (12, 24, 48 and 64 included); phase8-long the same tokens at seq
+# 8192 (24 x 8192). tiny: 64 x 128 = 8k tokens.
+GLOBAL_BATCH: dict[str, int] = {"tiny": 64, "phase8-small": 192, "phase8-long": 24, "gpt2-124m": 480, "gpt-1b": 256}
 
 
 def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
