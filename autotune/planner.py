@@ -29,7 +29,9 @@ CPU_LEFT_OUT = {"compile": "left out of CPU searches: its C++ code generation ta
 # On a GPU the thread count of the host process does not decide the speed: CPU runs only.
 GPU_LEFT_OUT = {"cpu_threads": "searched on CPU runs only"}
 EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning
-APPROXIMATE_LOSS_TOLERANCE = 0.05  # an approximate plan may learn a little differently
+QUALITY_TOLERANCE = 0.01
+"""The quality guard's default (--quality-tolerance): an approximate plan's loss may be this much
+(relative) above the exact reference's on the same batches at equal steps; lower is always fine."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -52,6 +54,9 @@ class PlanSettings:
     """Seeds the sampler (the data order and the initialisation come from train.seed)."""
     allow_approximate: bool = False
     """Also search strategies that change what is learned."""
+    quality_tolerance: float = QUALITY_TOLERANCE
+    """The quality guard: how much higher (relative) an approximate plan's loss may end than
+    the exact reference's, on the same batches at equal steps."""
     out: Path | None = None
     """Plan file; None: plans/<study>.plan.json."""
     profile: Path | None = None
@@ -467,7 +472,7 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
     measured = median_figures(plan_runs)
     base = None if baseline is None else measured if same else median_figures(base_runs)
     status("loss check: a plain run on the plan's batches")
-    loss_check = _loss_check(plan, measured, _limited(budget, clock))
+    loss_check = _loss_check(plan, measured, _limited(budget, clock), settings.quality_tolerance)
     status(None)
     return Confirmed(measured=measured, baseline=base, comparison=compare(measured, base, rounds, same), loss_check=loss_check)
 
@@ -512,7 +517,7 @@ def compare(measured: Figures, baseline: Figures | None, rounds: int, same: bool
     return Comparison(rounds=rounds, speedup=speedup, noise=noise, beats_baseline=beats, verdict=verdict)
 
 
-def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget) -> LossCheck | None:
+def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tolerance: float = QUALITY_TOLERANCE) -> LossCheck | None:
     if measured.status != "ok":
         return None
     if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(s.name == "grad_accum" for s in plan.strategies):
@@ -534,9 +539,12 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget) -> LossCheck
     reference = run_trial(plain, dataclasses.replace(budget, warmup_steps=budget.warmup_steps * dp, timed_steps=budget.timed_steps * dp)).figures
     if reference.status != "ok":
         return None
-    exact = all(catalog.get(s.name).exact for s in plan.strategies)
-    tolerance = EXACT_LOSS_TOLERANCE if exact else APPROXIMATE_LOSS_TOLERANCE
-    diff = abs(measured.loss_end / reference.loss_end - 1.0)
+    if is_exact(plan):
+        # An exact plan matches the plain run both ways, up to rounding.
+        tolerance, diff = EXACT_LOSS_TOLERANCE, abs(measured.loss_end / reference.loss_end - 1.0)
+    else:
+        # The quality guard: an approximate plan may learn better, never worse beyond the tolerance.
+        tolerance, diff = quality_tolerance, measured.loss_end / reference.loss_end - 1.0
     return LossCheck(
         steps=sum(optimizer_steps(budget, plan.grad_accum())),
         loss_start=measured.loss_start,
@@ -604,6 +612,19 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     log(f"confirming trial {summary.best.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
         f"{_rounds(settings)} interleaved rounds")
     done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=confirmation_seconds(study, settings))
+    chosen = summary.best
+    exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
+    if not is_exact(best) and not (done.loss_check and done.loss_check.passed) and exact:
+        # The quality guard: an approximate plan that learns worse than the plain model on the
+        # same batches is recorded (study and log) and never becomes the plan.
+        check = done.loss_check
+        why = (f"loss {check.loss_end:.4f} against the exact {check.reference_loss_end:.4f}, beyond {check.tolerance:.0%}"
+               if check else "no loss check ran")
+        study.set_user_attr(f"quality_guard_failed_{chosen.number}", why)
+        chosen = max(exact, key=lambda t: t.value)
+        best = search.plan_of(chosen)
+        log(f"quality guard: trial {summary.best.number} failed ({why}); confirming the best exact trial {chosen.number} instead")
+        done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=confirmation_seconds(study, settings))
     plan = dataclasses.replace(
         best,
         hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),
@@ -614,13 +635,18 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
         provenance=planmod.Provenance(
             torch_version=_torch_version(),
             study=name,
-            trial=summary.best.number,
+            trial=chosen.number,
             created_at=planmod.utc_now(),
             command=settings.command,
         ),
     )
     plan.save(out)
     return plan, summary, space
+
+
+def is_exact(plan: Plan) -> bool:
+    """Every strategy of ``plan`` learns what the plain model learns (none is approximate)."""
+    return all(catalog.get(s.name).exact for s in plan.strategies)
 
 
 def _torch_version() -> str:

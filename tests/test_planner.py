@@ -66,7 +66,7 @@ def test_interleaved_figures_are_medians_with_their_spread():
     assert not planner.compare(m, m, 3, same=True).beats_baseline
 
 
-@pytest.mark.parametrize("args", [["--cpu-procs", "64"], ["--trial-timeout", "1"], ["--out", "{tmp}/file/p.json"], ["--report", "{tmp}/file"]])
+@pytest.mark.parametrize("args", [["--cpu-procs", "64"], ["--trial-timeout", "1"], ["--out", "{tmp}/file/p.json"], ["--report", "{tmp}/file"], ["--quality-tolerance", "0"], ["--quality-tolerance", "-0.1"]])
 def test_bad_planner_input_is_one_line_before_any_trial(run_cli, tmp_path, args):
     (tmp_path / "file").write_text("not a folder")
     args = [a.format(tmp=tmp_path) for a in args]
