@@ -165,3 +165,14 @@ def test_bad_config() -> None:
         MoeConfig(aux_loss_coef=2.0)
     with pytest.raises(ValueError, match="aux_loss_coef"):
         MoeConfig(aux_loss_coef=float("nan"))
+
+
+def test_traces_as_one_graph() -> None:
+    # The compile strategy comes after moe: no graph break in routing, slotting or the aux trick.
+    moe = layer(num_experts=4, top_k=2)
+    x = torch.randn(2, 5, D)
+    expected = moe(x)
+    y = torch.compile(moe, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert moe.router.weight.grad is not None and moe.w_fc.grad is not None
