@@ -108,15 +108,18 @@ class SparseKernel:
             self.block_masks[key] = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
         return self.block_masks[key]
 
+    def dense_mask(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        key = (seq_len, device)
+        if key not in self.dense_masks:
+            self.dense_masks[key] = dense_mask(seq_len, self.window, self.global_tokens, device)
+        return self.dense_masks[key]
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         if dropout_p:
             raise UserError(f"sparse_attention has no attention dropout (the model asks for {dropout_p}): set the model's dropout to 0")
         T, device = q.shape[-2], q.device
         if device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            key = (T, device)
-            if key not in self.dense_masks:
-                self.dense_masks[key] = dense_mask(T, self.window, self.global_tokens, device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_masks[key])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask(T, device))
         attend = flex_attention
         if device.type == "cuda":
             if self.compiled is None:
@@ -133,6 +136,8 @@ def apply_sparse_attention(ctx: TrainContext, cfg: SparseAttentionConfig) -> Non
         raise UserError(f"sparse_attention window {cfg.window} is longer than the sequence (seq_len {seq_len}): use a window of at most {seq_len}")
     kernel = SparseKernel(window=cfg.window, global_tokens=cfg.global_tokens)
     kernel.block_mask(seq_len, ctx.device)  # built once, outside any compiled region
+    if ctx.device.type == "cpu":
+        kernel.dense_mask(seq_len, ctx.device)
     adapter.set_attention(kernel=kernel)
     kept = unmasked_fraction(seq_len, cfg.window, cfg.global_tokens)
     ctx.notes.append(f"sparse attention: window {cfg.window}, {cfg.global_tokens} global tokens, {kept:.0%} of causal tiles kept")

@@ -141,11 +141,17 @@ def test_declaration() -> None:
 class TestSparseAttention(StrategySuite):
     name = "sparse_attention"
     cpu_cases = (
-        # The whole sequence in the window: dense causal attention, the masked SDPA kernel
-        # reducing in another order than is_causal (~1e-7 expected).
+        # The whole sequence in the window: dense causal attention through the masked SDPA
+        # kernel (0 measured: the same losses as is_causal).
         Case(knobs={"window": T, "global_tokens": 0}, rtol=1e-6),
-        # A window of 16 of 64 tokens: a different model; how far its losses drift in 20 steps.
-        Case(knobs={"window": 16, "global_tokens": 4}, rtol=5e-2),
+        # A window of 16 of 64 tokens: a different model; its losses drift 8e-4 in 20 steps.
+        Case(knobs={"window": 16, "global_tokens": 4}, rtol=1e-2),
+    )
+    # Compiled flex_attention on CUDA (not run on the CPU-only machine this was written on):
+    # fp32 with atomics in the attention backward, and the same drift as on the CPU.
+    cuda_cases = (
+        Case(knobs={"window": T, "global_tokens": 0}, rtol=1e-5),
+        Case(knobs={"window": 16, "global_tokens": 4}, rtol=1e-2),
     )
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
