@@ -219,6 +219,9 @@ STRATEGY = Strategy(
     config=MoeConfig,
     apply=apply_moe,
     needs=Needs(structure=frozenset({"mlp", "blocks"})),
+    # Tensor parallel's plan shards the dense MLP's linears, which converted blocks no longer
+    # have (expert parallelism is not built yet).
+    conflicts=frozenset({"tensor_parallel"}),
     knobs=(
         Knob(name="num_experts", choices=(4, 8, 16, 32)),
         Knob(name="top_k", choices=(1, 2)),

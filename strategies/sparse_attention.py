@@ -136,6 +136,8 @@ def apply_sparse_attention(ctx: TrainContext, cfg: SparseAttentionConfig) -> Non
         raise UserError(f"sparse_attention window {cfg.window} is longer than the sequence (seq_len {seq_len}): use a window of at most {seq_len}")
     kernel = SparseKernel(window=cfg.window, global_tokens=cfg.global_tokens)
     kernel.block_mask(seq_len, ctx.device)  # built once, outside any compiled region
+    if ctx.device.type == "cuda":
+        kernel.compiled = torch.compile(flex_attention)  # made here, not while a caller's compile traces
     if ctx.device.type == "cpu":
         kernel.dense_mask(seq_len, ctx.device)
     adapter.set_attention(kernel=kernel)

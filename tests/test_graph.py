@@ -90,7 +90,7 @@ def test_approximate_strategies_are_exactly_the_ones_that_change_what_is_learned
 def test_multi_process_strategies_need_two_processes_and_the_rest_say_where_they_will_be() -> None:
     for name in MULTI_PROCESS:
         assert catalog()[name].needs.min_devices == 2
-    for name in ("int8", "fp8", "moe", "triton_kernels", "tpu"):
+    for name in ("int8", "fp8", "triton_kernels", "tpu"):
         assert catalog()[name].apply is None
         assert catalog()[name].issue.startswith("roadmap item ")
 
