@@ -173,7 +173,8 @@ class MoeMLP(nn.Module):
         h = F.gelu(torch.bmm(buf[:-1].view(E, C, d), self.w_fc), approximate="tanh")  # (E, C, d_ff)
         out = torch.bmm(h, self.w_proj).view(E * C, d)  # (E C, d)
         out = torch.cat([out, out.new_zeros(1, d)])  # the spare row gives dropped choices zero
-        gate = (weights.t().reshape(-1) * keep)[:, None]  # (k N, 1), choice-major as slot
+        # (k N, 1), choice-major as slot; in the experts' dtype, so bf16 autocast stays bf16
+        gate = (weights.t().reshape(-1) * keep)[:, None].to(out.dtype)
         picked = out[slot] * gate
         return picked.new_zeros(N, d).index_add(0, token, picked), probs, experts
 
