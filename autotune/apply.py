@@ -59,7 +59,7 @@ def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
     if unordered:
         raise UserError(f"strategy {sorted(unordered)[0]} has no place in the order of application")
     check_processes(ctx.processes, chosen, workload=ctx.workload)
-    check_settings(chosen)
+    check_settings(chosen, workload=ctx.workload)
     for name in ORDER:
         if name not in chosen:
             continue
@@ -85,7 +85,7 @@ def check_plan(plan: Any, *, trusted: bool = True) -> Any:
     workload = load_workload(plan.workload.name, plan.workload.overrides, trusted=trusted)
     configs = plan.strategy_configs()
     check_combination(configs)
-    check_settings(configs)
+    check_settings(configs, workload=workload)
     world = plan.launch.nproc_per_node * plan.launch.nnodes
     check_processes(world, configs, workload=workload, micro_batch_size=plan.train.micro_batch_size)
     return workload
@@ -100,12 +100,15 @@ def check_processes(world_size: int, chosen: Any, *, workload: Any = None, micro
     mesh_shape(world_size, chosen, workload=workload, micro_batch_size=micro_batch_size)
 
 
-def check_settings(chosen: dict[str, Any]) -> None:
+def check_settings(chosen: dict[str, Any], *, workload: Any = None) -> None:
     """Refuse settings of two strategies that cannot run together, with a one-line UserError
     naming the rule: each strategy may declare ``check_with(chosen)`` for the settings
     its own knobs exclude in the others (compile's CUDA graphs exclude accumulation). Whole
-    strategies that conflict are graph edges instead."""
+    strategies that conflict are graph edges instead. With ``workload``, each strategy's
+    ``check_workload`` refuses settings the model cannot take (a window above seq_len)."""
     for name in chosen:
-        check = catalog.get(name).check_with
-        if check is not None:
-            check(chosen)
+        strategy = catalog.get(name)
+        if strategy.check_with is not None:
+            strategy.check_with(chosen)
+        if workload is not None and strategy.check_workload is not None:
+            strategy.check_workload(chosen[name], workload)

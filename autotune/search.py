@@ -256,7 +256,7 @@ class Objective:
         names = [s.name for s in plan.strategies]
         try:
             self.space.graph.check(names)
-            check_settings(plan.strategy_configs())
+            check_settings(plan.strategy_configs(), workload=self.space.workload)
             check_processes(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs(),
                             workload=self.space.workload, micro_batch_size=plan.train.micro_batch_size)
         except UserError as e:

@@ -92,6 +92,9 @@ class Strategy:
     """Refuses (UserError naming the rule) settings of other strategies that this one's
     settings cannot run with, given every chosen strategy's typed config by name. Whole
     strategies that conflict are ``conflicts`` instead."""
+    check_workload: Callable[[Any, Any], None] | None = None
+    """Refuses (UserError) this strategy's settings that the workload cannot take, given its
+    typed config and the Workload (a sliding window longer than the sequence)."""
 
     @property
     def implemented(self) -> bool:

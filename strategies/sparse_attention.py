@@ -128,12 +128,21 @@ class SparseKernel:
         return attend(q, k, v, block_mask=self.block_mask(T, device))
 
 
+def _check_window(window: int, seq_len: int) -> None:
+    if window > seq_len:
+        raise UserError(f"sparse_attention window {window} is longer than the sequence (seq_len {seq_len}): use a window of at most {seq_len}")
+
+
+def check_workload(cfg: SparseAttentionConfig, workload: Any) -> None:
+    """Before anything starts (run, show, a trial before launch): the window fits the sequence."""
+    _check_window(cfg.window, workload.seq_len)
+
+
 def apply_sparse_attention(ctx: TrainContext, cfg: SparseAttentionConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "declare the model's attention in Workload.structure")
     adapter = adapter_for(ctx.model)
     seq_len = adapter.shape().seq_len
-    if cfg.window > seq_len:
-        raise UserError(f"sparse_attention window {cfg.window} is longer than the sequence (seq_len {seq_len}): use a window of at most {seq_len}")
+    _check_window(cfg.window, seq_len)
     kernel = SparseKernel(window=cfg.window, global_tokens=cfg.global_tokens)
     kernel.block_mask(seq_len, ctx.device)  # built once, outside any compiled region
     if ctx.device.type == "cuda":
@@ -151,6 +160,7 @@ STRATEGY = Strategy(
     exact=False,
     config=SparseAttentionConfig,
     apply=apply_sparse_attention,
+    check_workload=check_workload,
     needs=Needs(structure=frozenset({"attention"})),
     conflicts=frozenset({"attention"}),
     knobs=(

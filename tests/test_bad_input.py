@@ -69,6 +69,11 @@ BAD = [
     ("pp_tp", _plan(strategies=_strategies(tensor_parallel={}, pipeline_parallel={})), "conflicts with"),
     ("ddp_fsdp2", _plan(strategies=_strategies(ddp={}, fsdp2={}), **{"launch.nproc_per_node": 2}), "ddp conflicts with fsdp2"),
     ("processes_alone", _plan(**{"launch.nproc_per_node": 2}), "needs one of the strategies"),
+    # Approximate strategies (issue 13): their settings are checked like any other's.
+    ("moe_top_k", _plan(strategies=_strategies(moe={"num_experts": 4, "top_k": 5})), "top_k must be between 1 and num_experts (4)"),
+    ("moe_tp", _plan(strategies=_strategies(moe={}, tensor_parallel={})), "conflicts with"),
+    ("sparse_window_over_seq", _plan(strategies=_strategies(sparse_attention={"window": 4096})), "window 4096 is longer than the sequence (seq_len 128)"),
+    ("sparse_and_attention", _plan(strategies=_strategies(sparse_attention={}, attention={})), "conflicts with"),
     ("compile_cudagraphs_accum", _plan(strategies=_strategies(compile={"mode": "reduce-overhead"}, grad_accum={"steps": 2})), "cannot run with gradient accumulation"),
 ]
 
