@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-
 from autotune.context import TrainContext
 from autotune.strategy import Knob, Needs, Strategy
+from autotune.workloads.adapter import adapter_for
 
 
 @dataclass(kw_only=True, slots=True)
@@ -31,25 +29,11 @@ class VocabPaddingConfig:
             raise ValueError(f"multiple must be a power of two from 8 to 1024, got {self.multiple}")
 
 
-def _padded(weight: nn.Parameter, rows: int) -> nn.Parameter:
-    """``weight`` (V, d) grown to (rows, d): the same first V rows, zeros after."""
-    out = torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    out[: weight.shape[0]] = weight.detach()
-    return nn.Parameter(out, requires_grad=weight.requires_grad)
-
-
 def apply_vocab_padding(ctx: TrainContext, cfg: VocabPaddingConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "the model must be the built-in GPT")
-    model = ctx.model
-    vocab = model.cfg.vocab_size
-    rows = -(-vocab // cfg.multiple) * cfg.multiple
-    if rows != model.embed.num_embeddings:
-        tied = model.head.weight is model.embed.weight
-        model.embed.weight = _padded(model.embed.weight, rows)
-        model.embed.num_embeddings = rows
-        model.head.weight = model.embed.weight if tied else _padded(model.head.weight, rows)
-        model.head.out_features = rows
-    ctx.notes.append(f"vocab padded {vocab} -> {rows} rows (multiple of {cfg.multiple})")
+    adapter = adapter_for(ctx.model)
+    rows = adapter.pad_vocab(cfg.multiple)
+    ctx.notes.append(f"vocab padded {adapter.shape().vocab_size} -> {rows} rows (multiple of {cfg.multiple})")
 
 
 STRATEGY = Strategy(
