@@ -19,9 +19,12 @@ Texts are separated by the tokenizer's ``<|endoftext|>`` token when it has one. 
 given, :func:`default_dataset` builds a corpus from the Python standard library's sources,
 so a fresh install can plan and train with nothing downloaded.
 
-The loader (:class:`Batches`) draws each batch's offsets from
-``np.random.default_rng([seed, step, micro, rank])``: the data a step sees depends on
-nothing else, so a resumed run sees exactly the batches an uninterrupted run would.
+The loader (:class:`Batches`) draws the offsets of a step's whole global batch from
+``np.random.default_rng([seed, step])`` and gives each (rank, micro-batch) its slice: the
+samples a step trains on depend on nothing else, neither on how the global batch is split
+into processes and accumulated micro-batches nor on when the run started, so a resumed run
+sees exactly the batches an uninterrupted run would, and any two plans of one recipe (seed
+and global batch) train on the same samples in the same steps.
 """
 
 from __future__ import annotations
@@ -467,14 +470,19 @@ def _check_step(step: int, micro: int) -> None:
 
 
 class Batches:
-    """Random windows of a token array, a pure function of (seed, step, micro, rank).
+    """Random windows of a token array: a step's global batch is a pure function of
+    (seed, step); (rank, micro) picks its slice.
+
+    The global batch of a step has ``batch_size * micro_batches * world_size`` rows; rank r's
+    micro-batch m is rows ``(r * micro_batches + m) * batch_size`` onwards. So the samples a
+    step sees are the same however that product is split (the plain reference of a plan
+    trains on the plan's very batches).
 
     ``get(step, micro)`` returns x, y of shape (batch_size, seq_len), int64 on ``device``.
     A background thread gathers the next ``prefetch`` (step, micro) batches into pinned
     int32 host buffers, in the order ``for step: for micro in range(micro_batches)``; the
     caller only pays the non-blocking copy and the int64 conversion on the device. Asking
-    for any other batch works too (computed there and then). Each rank draws its own
-    batches (``rank`` enters the seed; ``world_size`` only checks it). Not for concurrent
+    for any other batch of the step works too (computed there and then). Not for concurrent
     callers. Close it (or use ``with``) to stop the thread.
     """
 
@@ -500,6 +508,7 @@ class Batches:
         self.seq_len = seq_len
         self.seed = seed
         self.rank = rank
+        self.world_size = world_size
         self.micro_batches = micro_batches
         self.device = torch.device(device)
         self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
@@ -522,9 +531,14 @@ class Batches:
         return batch
 
     def offsets(self, step: int, micro: int = 0) -> np.ndarray:
-        """Start of each row of batch (step, micro) in the token array."""
-        rng = np.random.default_rng([self.seed, step, micro, self.rank])
-        return rng.integers(0, len(self._tokens) - self.seq_len, size=self.batch_size)
+        """Start of each row of batch (step, micro) in the token array: this rank's slice of
+        the step's global batch."""
+        if micro >= self.micro_batches:
+            raise ValueError(f"micro {micro} is out of range: a step has {self.micro_batches} micro-batches")
+        rows = self.batch_size * self.micro_batches * self.world_size
+        starts = np.random.default_rng([self.seed, step]).integers(0, len(self._tokens) - self.seq_len, size=rows)
+        first = (self.rank * self.micro_batches + micro) * self.batch_size
+        return starts[first : first + self.batch_size]
 
     def _host_windows(self, key: tuple[int, int]) -> torch.Tensor:
         """Batch ``key`` as (B, T+1) int32 on the host, pinned if asked: one vectorized gather."""

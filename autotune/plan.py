@@ -178,6 +178,9 @@ class Figures:
     """Training loss at the first step."""
     loss_end: float | None = None
     """Training loss at the last step."""
+    losses: list[float] | None = None
+    """Training loss of every optimizer step, warm-up included (None: not recorded), so that
+    two runs of one recipe compare at equal steps whatever their lengths."""
     samples: list[float] | None = None
     """Tokens/s of each confirmation run (tokens_per_s is their median); None: one run."""
     spread: float | None = None
@@ -189,19 +192,20 @@ class LossCheck:
     """The plan's loss against a plain run (no strategies) on the same batches."""
 
     steps: int
-    """Optimizer steps both runs trained."""
+    """Optimizer steps compared: both runs trained at least these, on the same batches."""
     loss_start: float
     """The plan's first training loss."""
     loss_end: float
-    """The plan's last training loss."""
+    """The plan's training loss at step ``steps``."""
     reference_loss_start: float
     """The plain run's first training loss."""
     reference_loss_end: float
-    """The plain run's last training loss."""
+    """The plain run's training loss at step ``steps``."""
     tolerance: float
-    """Largest relative difference of the last losses that passes."""
+    """Largest relative difference of the losses at step ``steps`` that passes."""
     passed: bool
-    """|loss_end / reference_loss_end - 1| <= tolerance."""
+    """|loss_end / reference_loss_end - 1| <= tolerance (exact plans); loss_end /
+    reference_loss_end - 1 <= tolerance (approximate ones: learning better always passes)."""
 
 
 @dataclass(kw_only=True, slots=True)

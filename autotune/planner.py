@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import statistics
@@ -360,10 +361,11 @@ def trial_wall(trial: Any) -> float | None:
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
-def confirmation_seconds(study: Any, settings: PlanSettings) -> float:
+def confirmation_seconds(study: Any, settings: PlanSettings, *, plain_run: bool = False) -> float:
     """The time the confirmation is predicted to take, from the walls of the trials that ran:
-    rounds x (the slowest ok trial + the baseline) + the loss check (as long as the slowest
-    ok trial, once per data-parallel process, at most the process count)."""
+    rounds x (the slowest ok trial + the baseline). The baseline's rounds are the loss
+    reference too; ``plain_run`` (random tokens: batches differ with the split) adds a plain
+    run on the plan's batches, as long as the slowest ok trial once per data-parallel process."""
     import optuna
 
     complete = [w for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if (w := trial_wall(t))]
@@ -372,7 +374,7 @@ def confirmation_seconds(study: Any, settings: PlanSettings) -> float:
     plan_wall = max(complete, default=base_wall)
     scale = _length_scale(settings)
     processes = max(1, settings.cpu_procs or 1)
-    return scale * (_rounds(settings) * (plan_wall + base_wall) + processes * plan_wall)
+    return scale * (_rounds(settings) * (plan_wall + base_wall) + (processes * plan_wall if plain_run else 0.0))
 
 
 def _rounds(settings: PlanSettings) -> int:
@@ -413,7 +415,7 @@ def run_search(study: Any, objective: search.Objective, settings: PlanSettings, 
             return
         walls = [w for t in study.get_trials(deepcopy=False) if (w := trial_wall(t))]
         typical = statistics.median(walls) if walls else 0.0
-        left = clock.left() - confirmation_seconds(study, settings)
+        left = clock.left() - confirmation_seconds(study, settings, plain_run=objective.space.train.random_tokens)
         if left < max(search.MIN_TRIAL_S, typical):
             return
         finished = _finished(study)
@@ -444,11 +446,19 @@ class Confirmed:
 
 
 def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock: Clock | None = None,
-            status: Status = _quiet, log: Callable[[str], None] = print, seconds: float | None = None) -> Confirmed:
+            status: Status = _quiet, log: Callable[[str], None] = print, seconds: float | None = None,
+            baseline_step_s: float | None = None) -> Confirmed:
     """Run the plan and the baseline interleaved (plan, baseline, plan, baseline, ...), so that
-    both see the same load, at least MIN_ROUNDS rounds; then a plain run on the plan's batches
-    for the loss. ``seconds``: the predicted time at full length; when the clock has less
-    left, each run times fewer steps (never fewer rounds)."""
+    both see the same load, at least MIN_ROUNDS rounds. ``seconds``: the predicted time at
+    full length; when the clock has less left, each run times fewer steps (never fewer
+    rounds).
+
+    The baseline times about as long as the plan does (:func:`baseline_budget`; its step time
+    from ``baseline_step_s``, the search's figure, then from its own rounds), not as many
+    steps: a baseline ten times slower would otherwise take most of the budget to say what
+    one of its steps says. The baseline is the plain model on the plan's batches (the loader
+    does not depend on how the global batch is split), so its rounds are the loss reference
+    too; only where they cannot be (random tokens) does a plain run follow."""
     clock = clock or Clock()
     rounds = _rounds(settings)
     same = baseline is None or same_run(plan, baseline)
@@ -459,22 +469,55 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
     )
     left = clock.left()
     if seconds and left < seconds:
-        budget = dataclasses.replace(budget, timed_steps=max(3, int(budget.timed_steps * max(left, 0.0) / seconds)))
+        budget = dataclasses.replace(budget, timed_steps=max(1, int(budget.timed_steps * max(left, 0.0) / seconds)))
     plan_runs: list[Figures] = []
     base_runs: list[Figures] = []
     for k in range(1, rounds + 1):
         status(f"confirmation round {k} of {rounds}: the plan")
         plan_runs.append(run_trial(plan, _limited(budget, clock)).figures)
         if not same:
+            assert baseline is not None
             status(f"confirmation round {k} of {rounds}: the baseline")
-            base_runs.append(run_trial(baseline, _limited(budget, clock)).figures)
+            base_budget = baseline_budget(budget, plan, baseline, plan_runs[-1], baseline_step_s)
+            base_runs.append(run_trial(baseline, _limited(base_budget, clock)).figures)
+            if base_runs[-1].status == "ok":
+                baseline_step_s = base_runs[-1].step_time_s
         log(f"confirmation round {k} of {rounds}: plan {_tps(plan_runs[-1])}" + ("" if same else f", baseline {_tps(base_runs[-1])}"))
     measured = median_figures(plan_runs)
     base = None if baseline is None else measured if same else median_figures(base_runs)
-    status("loss check: a plain run on the plan's batches")
-    loss_check = _loss_check(plan, measured, _limited(budget, clock), settings.quality_tolerance)
+    reference = base if baseline is not None and not same and is_reference(plan, baseline) else None
+    if reference is None:
+        status("loss check: a plain run on the plan's batches")
+    loss_check = _loss_check(plan, measured, _limited(budget, clock), settings.quality_tolerance, reference=reference)
     status(None)
     return Confirmed(measured=measured, baseline=base, comparison=compare(measured, base, rounds, same), loss_check=loss_check)
+
+
+def baseline_budget(budget: TrialBudget, plan: Plan, baseline: Plan, plan_run: Figures, baseline_step_s: float | None) -> TrialBudget:
+    """The baseline's run in a confirmation round: the plan's warm-up, then as many timed
+    optimizer steps as take about the plan's timed time (at least one, at most the plan's
+    count). Without a step time of the baseline yet, the plan's count."""
+    plan_timed = optimizer_steps(budget, plan.grad_accum())[1]
+    steps = plan_timed
+    if plan_run.status == "ok" and plan_run.step_time_s and baseline_step_s:
+        steps = min(plan_timed, max(1, math.ceil(plan_timed * plan_run.step_time_s / baseline_step_s)))
+    accum = baseline.grad_accum()
+    warmup = optimizer_steps(budget, plan.grad_accum())[0]
+    return dataclasses.replace(budget, warmup_steps=warmup * accum, timed_steps=steps * accum)
+
+
+def is_reference(plan: Plan, baseline: Plan) -> bool:
+    """Whether ``baseline`` trains the plain model on ``plan``'s very batches: one process with
+    no strategy but accumulation, the same workload, train settings (but the micro-batch) and
+    global batch, on real text (random tokens are drawn per micro-batch)."""
+    return (
+        not plan.train.random_tokens
+        and baseline.launch.nproc_per_node * baseline.launch.nnodes == 1
+        and all(s.name == "grad_accum" for s in baseline.strategies)
+        and baseline.workload == plan.workload
+        and dataclasses.replace(baseline.train, micro_batch_size=plan.train.micro_batch_size) == plan.train
+        and baseline.global_batch() == plan.global_batch()
+    )
 
 
 def _tps(f: Figures) -> str:
@@ -517,42 +560,52 @@ def compare(measured: Figures, baseline: Figures | None, rounds: int, same: bool
     return Comparison(rounds=rounds, speedup=speedup, noise=noise, beats_baseline=beats, verdict=verdict)
 
 
-def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tolerance: float = QUALITY_TOLERANCE) -> LossCheck | None:
+def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tolerance: float = QUALITY_TOLERANCE, *,
+                reference: Figures | None = None) -> LossCheck | None:
+    """The plan's loss against the plain model's on the same batches, at the last step both
+    trained. ``reference``: the plain run's figures when they are at hand (the baseline's
+    rounds); else one is run (on the plan's micro-batches, accumulating what its data-parallel
+    processes train on)."""
     if measured.status != "ok":
         return None
     if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(s.name == "grad_accum" for s in plan.strategies):
         # The plain run on the plan's batches is the plan itself: nothing to run again.
-        return LossCheck(steps=sum(optimizer_steps(budget, plan.grad_accum())), loss_start=measured.loss_start, loss_end=measured.loss_end,
-                         reference_loss_start=measured.loss_start, reference_loss_end=measured.loss_end, tolerance=EXACT_LOSS_TOLERANCE, passed=True)
-    # The plain reference keeps the global batch (part of the recipe): one process
-    # accumulating what the plan's data-parallel processes train on. With one dp group it sees
-    # the same batches in the same steps; with several, as many other batches of the corpus.
-    dp = plan.global_batch() // (plan.train.micro_batch_size * plan.grad_accum())
-    accum = plan.grad_accum() * dp
-    plain = dataclasses.replace(
-        plan,
-        strategies=[StrategySpec(name="grad_accum", knobs={"steps": accum})] if accum > 1 else [],
-        launch=dataclasses.replace(plan.launch, nproc_per_node=1, nnodes=1),
-    )
-    # Budgets count each process's micro-batches: the reference runs dp times as many, so
-    # that both take the same optimizer steps.
-    reference = run_trial(plain, dataclasses.replace(budget, warmup_steps=budget.warmup_steps * dp, timed_steps=budget.timed_steps * dp)).figures
+        return _compared(measured, measured, EXACT_LOSS_TOLERANCE, exact=True)
+    if reference is None:
+        dp = plan.global_batch() // (plan.train.micro_batch_size * plan.grad_accum())
+        accum = plan.grad_accum() * dp
+        plain = dataclasses.replace(
+            plan,
+            strategies=[StrategySpec(name="grad_accum", knobs={"steps": accum})] if accum > 1 else [],
+            launch=dataclasses.replace(plan.launch, nproc_per_node=1, nnodes=1),
+        )
+        # Budgets count each process's micro-batches: the reference runs dp times as many, so
+        # that both take the same optimizer steps.
+        reference = run_trial(plain, dataclasses.replace(budget, warmup_steps=budget.warmup_steps * dp, timed_steps=budget.timed_steps * dp)).figures
     if reference.status != "ok":
         return None
     if is_exact(plan):
         # An exact plan matches the plain run both ways, up to rounding.
-        tolerance, diff = EXACT_LOSS_TOLERANCE, abs(measured.loss_end / reference.loss_end - 1.0)
-    else:
-        # The quality guard: an approximate plan may learn better, never worse beyond the tolerance.
-        tolerance, diff = quality_tolerance, measured.loss_end / reference.loss_end - 1.0
+        return _compared(measured, reference, EXACT_LOSS_TOLERANCE, exact=True)
+    # The quality guard: an approximate plan may learn better, never worse beyond the tolerance.
+    return _compared(measured, reference, quality_tolerance, exact=False)
+
+
+def _compared(run: Figures, reference: Figures, tolerance: float, *, exact: bool) -> LossCheck:
+    """``run`` against ``reference`` at the last step both recorded (their last losses when
+    either has no per-step list)."""
+    ours, theirs = run.losses or [run.loss_end], reference.losses or [reference.loss_end]
+    steps = min(len(ours), len(theirs))
+    loss_end, reference_end = ours[steps - 1], theirs[steps - 1]
+    diff = loss_end / reference_end - 1.0
     return LossCheck(
-        steps=sum(optimizer_steps(budget, plan.grad_accum())),
-        loss_start=measured.loss_start,
-        loss_end=measured.loss_end,
+        steps=steps,
+        loss_start=run.loss_start,
+        loss_end=loss_end,
         reference_loss_start=reference.loss_start,
-        reference_loss_end=reference.loss_end,
+        reference_loss_end=reference_end,
         tolerance=tolerance,
-        passed=diff <= tolerance,
+        passed=(abs(diff) if exact else diff) <= tolerance,
     )
 
 
@@ -599,7 +652,8 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     run_search(study, objective, settings, clock)
     # max-autotune on the best compiled configurations, only where its compile time fits
     # before the confirmation's reserve (never on a CPU: compile is not searched there).
-    reserve = confirmation_seconds(study, settings)
+    plain_run = space.train.random_tokens
+    reserve = confirmation_seconds(study, settings, plain_run=plain_run)
     status("refinement: max-autotune")
     search.refine(study, objective, None if clock.deadline is None else clock.deadline - reserve)
     status(None)
@@ -611,7 +665,10 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
     log(f"confirming trial {summary.best.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
         f"{_rounds(settings)} interleaved rounds")
-    done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=confirmation_seconds(study, settings))
+    base_figures = search.figures_of(summary.baseline) if summary.baseline else None
+    base_step = base_figures.step_time_s if base_figures is not None and base_figures.status == "ok" else None
+    done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log,
+                   seconds=confirmation_seconds(study, settings, plain_run=plain_run), baseline_step_s=base_step)
     chosen = summary.best
     exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
     if not is_exact(best) and not (done.loss_check and done.loss_check.passed) and exact:
@@ -624,7 +681,8 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
         chosen = max(exact, key=lambda t: t.value)
         best = search.plan_of(chosen)
         log(f"quality guard: trial {summary.best.number} failed ({why}); confirming the best exact trial {chosen.number} instead")
-        done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=confirmation_seconds(study, settings))
+        done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log,
+                       seconds=confirmation_seconds(study, settings, plain_run=plain_run), baseline_step_s=base_step)
     plan = dataclasses.replace(
         best,
         hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),

@@ -1,6 +1,6 @@
 """Loader settings: pinned host buffers and how many batches a background thread gathers
 ahead (the keyword arguments of ``autotune.data.Batches``). Each batch is a pure function of
-(seed, step, micro-batch, rank), so the data and the losses are bit-for-bit those of the plain
+(seed, step) and the batch's place in the step, so the data and the losses are bit-for-bit those of the plain
 run: an exact strategy. Random-token runs make their batches on the device and read nothing
 of this.
 """

@@ -153,15 +153,32 @@ def test_batches_shapes_and_targets_are_shifted_inputs(tokens: np.ndarray) -> No
 
 
 def test_batches_are_a_function_of_seed_step_micro_rank(tokens: np.ndarray) -> None:
-    with _batches(tokens, prefetch=0) as a, _batches(tokens, prefetch=0) as b:
+    with _batches(tokens, prefetch=0, micro_batches=2) as a, _batches(tokens, prefetch=0, micro_batches=2) as b:
         torch.testing.assert_close(a.get(5, 1), b.get(5, 1))
-    with _batches(tokens, prefetch=0) as b:
+    with _batches(tokens, prefetch=0, micro_batches=2) as b:
         base = b.get(5, 1)[0]
         for other in (b.get(6, 1)[0], b.get(5, 0)[0]):
             assert not torch.equal(base, other)
+        with pytest.raises(ValueError, match="out of range"):
+            b.get(5, 2)
     for kw in ({"seed": 8}, {"rank": 1, "world_size": 2}):
-        with _batches(tokens, prefetch=0, **kw) as c:
+        with _batches(tokens, prefetch=0, micro_batches=2, **kw) as c:
             assert not torch.equal(base, c.get(5, 1)[0])
+
+
+@pytest.mark.parametrize("split", [(16, 1, 1), (8, 2, 1), (4, 2, 2), (2, 2, 4), (1, 16, 1)])
+def test_a_steps_samples_do_not_depend_on_how_the_global_batch_is_split(tokens: np.ndarray, split: tuple[int, int, int]) -> None:
+    # micro-batch x accumulation x processes = 16 rows a step: the same 16 samples in every
+    # split, each rank's micro-batches in order, so the plain reference sees the plan's batches.
+    batch_size, micro_batches, world = split
+    with _batches(tokens, batch_size=16, prefetch=0) as whole:
+        expected = [whole.get(step, 0)[0] for step in range(3)]
+    for step in range(3):
+        rows = []
+        for rank in range(world):
+            with _batches(tokens, batch_size=batch_size, micro_batches=micro_batches, rank=rank, world_size=world, prefetch=0) as b:
+                rows += [b.get(step, m)[0] for m in range(micro_batches)]
+        torch.testing.assert_close(torch.cat(rows), expected[step])
 
 
 def test_prefetched_and_synchronous_batches_are_identical(tokens: np.ndarray) -> None:

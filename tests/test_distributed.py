@@ -99,7 +99,8 @@ class RankBatches:
         tokens = datamod.read_tokens(tiny_corpus() / "train.bin").tokens
         self.k = micro_per_rank
         self.sources = [
-            datamod.Batches(tokens, batch_size=MICRO_BATCH, seq_len=TINY["seq_len"], seed=0, device="cpu", rank=r, world_size=ranks, prefetch=0)
+            datamod.Batches(tokens, batch_size=MICRO_BATCH, seq_len=TINY["seq_len"], seed=0, device="cpu", rank=r, world_size=ranks,
+                             micro_batches=micro_per_rank, prefetch=0)
             for r in range(ranks)
         ]
 

@@ -1,6 +1,7 @@
 """The planner driver: the interleaved confirmation, the time budget, its outputs; the
 trials and report commands on a small real study."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from autotune import plan as planmod
 from autotune import planner
 from autotune.plan import Figures
+from autotune.trial import TrialBudget
 from tests.conftest import ROOT
 
 BUDGET = 45.0
@@ -64,6 +66,39 @@ def test_interleaved_figures_are_medians_with_their_spread():
     base = Figures(status="ok", tokens_per_s=80.0, samples=[80.0], spread=0.01)
     assert planner.compare(m, base, 3, same=False).beats_baseline  # 1.25x against ±5%
     assert not planner.compare(m, m, 3, same=True).beats_baseline
+
+
+def _plan(micro_batch: int, accum: int, **train) -> planmod.Plan:
+    plan = planmod.load(ROOT / "profiles" / "default" / "tiny.plan.json")
+    strategies = [planmod.StrategySpec(name="grad_accum", knobs={"steps": accum})] if accum > 1 else []
+    return planmod.Plan(**{**{f: getattr(plan, f) for f in ("schema_version", "workload", "launch", "hardware")},
+                           "train": dataclasses.replace(plan.train, micro_batch_size=micro_batch, **train), "strategies": strategies})
+
+
+def test_the_baseline_times_about_as_long_as_the_plan_and_is_its_loss_reference():
+    budget = TrialBudget(warmup_steps=5, timed_steps=20)
+    plan, baseline = _plan(8, 2), _plan(2, 8)
+    fast = Figures(status="ok", step_time_s=1.0)
+    # The plan times 10 steps of 1 s; a baseline step takes 4 s: 3 of them (ceil 2.5), after the plan's warm-up.
+    b = planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=4.0)
+    assert (b.warmup_steps, b.timed_steps) == (2 * 8, 3 * 8)
+    assert planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=0.5).timed_steps == 10 * 8  # never more than the plan's
+    assert planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=None).timed_steps == 10 * 8
+    assert planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=100.0).timed_steps == 1 * 8
+    assert planner.is_reference(plan, baseline)
+    assert not planner.is_reference(_plan(8, 2, random_tokens=True), _plan(2, 8, random_tokens=True))  # drawn per micro-batch
+    assert not planner.is_reference(plan, _plan(2, 4))  # another global batch
+    assert not planner.is_reference(plan, _plan(2, 8, lr=1e-2))
+
+
+def test_losses_compare_at_the_last_step_both_trained():
+    run = Figures(status="ok", loss_start=10.0, loss_end=8.0, losses=[10.0, 9.5, 9.0, 8.0])
+    reference = Figures(status="ok", loss_start=10.0, loss_end=9.6, losses=[10.0, 9.6])
+    check = planner._compared(run, reference, 0.02, exact=True)
+    assert (check.steps, check.loss_end, check.reference_loss_end, check.passed) == (2, 9.5, 9.6, True)
+    worse = Figures(status="ok", loss_start=10.0, loss_end=9.9, losses=[10.0, 9.9])
+    assert not planner._compared(worse, reference, 0.02, exact=False).passed  # 3% worse
+    assert planner._compared(Figures(status="ok", loss_start=10.0, loss_end=9.0, losses=[10.0, 9.0]), reference, 0.02, exact=False).passed  # better
 
 
 @pytest.mark.parametrize("args", [["--cpu-procs", "64"], ["--trial-timeout", "1"], ["--out", "{tmp}/file/p.json"], ["--report", "{tmp}/file"], ["--quality-tolerance", "0"], ["--quality-tolerance", "-0.1"]])

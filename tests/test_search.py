@@ -10,7 +10,7 @@ import time
 import optuna
 import pytest
 
-from autotune import costmodel, search
+from autotune import costmodel, planner, search
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
@@ -124,6 +124,9 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     if plan.comparison.beats_baseline:
         assert plan.measured.tokens_per_s > plan.baseline.tokens_per_s
     assert plan.loss_check is not None and plan.loss_check.passed
+    if planner.is_reference(plan, search.plan_of(study.trials[0])) and not all(s.name == "grad_accum" for s in plan.strategies):
+        # The baseline's rounds trained the plain model on the plan's batches: they are the reference.
+        assert plan.loss_check.reference_loss_end == plan.baseline.losses[plan.loss_check.steps - 1]
     assert plan.provenance.study == name
 
     two = [t for t in study.trials if t.state.name == "COMPLETE" and t.params.get("processes") == 2]

@@ -147,7 +147,7 @@ class TestActivationCheckpoint(StrategySuite):
 
 class TestDataloader(StrategySuite):
     name = "dataloader"
-    # Batches are a function of (seed, step, micro): the same data, the same numbers.
+    # Batches are a function of (seed, step) and their place in it: the same data, the same numbers.
     cpu_cases = (
         Case(knobs={"pin_memory": False, "prefetch": 0}, rtol=0.0),
         Case(knobs={"pin_memory": False, "prefetch": 5}, rtol=0.0),
