@@ -119,6 +119,18 @@ def overrides_from_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]
     return data["model_type"], overrides
 
 
+def from_command_line(workload: str, config: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(workload name, overrides) for ``--workload W --workload-config PATH``: ``W`` is ``hf``
+    (the model type is the config's) or ``hf:<model_type>``, which must be the config's."""
+    if workload != "hf" and not workload.startswith(PREFIX):
+        raise UserError(f"--workload-config is for hf: workloads (--workload hf or hf:<model_type>), not {workload!r}")
+    model_type, overrides = overrides_from_config(config)
+    named = workload.removeprefix(PREFIX) if workload != "hf" else ""
+    if named and named != model_type:
+        raise UserError(f"--workload {workload}: {config} is a {model_type!r} config; give --workload hf:{model_type} (or hf)")
+    return PREFIX + model_type, overrides
+
+
 def build_config(settings: HFSettings) -> Any:
     """The transformers config, every field checked against the family's."""
     transformers = _transformers()
@@ -469,6 +481,7 @@ def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
         vocab_size=config.vocab_size,
         seq_len=seq_len,
         structure=HFAdapter(probe).supports(),
+        overrides=dict(overrides or {}),
     )
 
 
