@@ -117,9 +117,16 @@ def test_bad_hf_configs_are_one_line_exit_2_and_nothing_written(run_cli, tmp_pat
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def test_hf_without_a_type_or_config_is_one_line(run_cli):
-    code, _, err = run_cli("strategies", "--workload", "hf")
-    assert code == 2 and "--workload-config" in err and len(err.strip().splitlines()) == 1, err
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workload", "hf"], "--workload-config"),  # neither a type nor a config
+        (["--processes", "0"], "--processes 0"),
+    ],
+)
+def test_bad_strategies_options_are_one_line(run_cli, args, message):
+    code, _, err = run_cli("strategies", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def _hf_plan(tmp_path, name: str, overrides: dict, strategies: list, nproc: int):

@@ -10,7 +10,8 @@ of ours: ``seq_len`` (tokens per sample; default the config's ``max_position_emb
 to 1024), ``attn_implementation`` (eager, sdpa, flex_attention, flash_attention_2 where
 installed; default sdpa) and ``weights`` (a ``.safetensors`` file or a folder of them, loaded
 after building; nothing is ever downloaded). :func:`overrides_from_config` turns a local
-``config.json`` (or a folder holding one) into those overrides. A factory returning a
+``config.json`` (or a folder holding one) into those overrides, and :func:`from_command_line`
+does it for ``--workload hf[:<type>] --workload-config PATH``. A factory returning a
 ``PreTrainedModel`` becomes a workload through :func:`workload_from_model`.
 
 The model is wrapped in :class:`HFCausalLM`: ``forward(idx, targets) -> loss`` as our trainer
