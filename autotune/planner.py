@@ -38,7 +38,9 @@ QUALITY_TOLERANCE = 0.01
 @dataclass(kw_only=True, slots=True)
 class PlanSettings:
     workload: str
-    """Preset or package.module:factory."""
+    """Preset, hf:<model_type> or package.module:factory."""
+    workload_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The workload's settings (an hf: model's config); they go into every trial's plan."""
     trials: int | None = None
     """Run this many new launched trials (as Optuna's n_trials; pruned-before-launch ones do not count)."""
     time_budget: float | None = None
@@ -619,7 +621,7 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
         check_writable(settings.out, "--out")
     if storage.startswith("sqlite:///"):
         check_writable(Path(storage.removeprefix("sqlite:///")), "--storage")
-    workload = load_workload(settings.workload)
+    workload = load_workload(settings.workload, settings.workload_overrides)
     profile = _profile(settings)
     space, graph = build_space(settings, profile, workload)
     if workload.config is not None and not space.train.random_tokens:

@@ -191,7 +191,7 @@ def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec
             strategies.append(StrategySpec(name="grad_accum", knobs={"steps": accum}))
     return Plan(
         schema_version=planmod.SCHEMA_VERSION,
-        workload=planmod.WorkloadSpec(name=space.workload.name),
+        workload=planmod.WorkloadSpec(name=space.workload.name, overrides=dict(space.workload.overrides)),
         train=dataclasses.replace(space.train, micro_batch_size=micro_batch),
         strategies=strategies,
         launch=launch,

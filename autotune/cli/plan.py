@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -15,7 +15,8 @@ from autotune.errors import UserError
 
 @app.command("plan")
 def plan_command(
-    workload: Annotated[str, typer.Option(help="Preset (tiny, phase8-small, gpt2-124m, gpt-1b) or package.module:factory.")] = "tiny",
+    workload: Annotated[str, typer.Option(help="Preset (tiny, phase8-small, gpt2-124m, gpt-1b), hf:<model_type> or package.module:factory.")] = "tiny",
+    workload_config: Annotated[Optional[Path], typer.Option(help="Hugging Face model config: a config.json, or a local folder holding one (and its safetensors); with --workload hf or hf:<model_type>.")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Finished trials the study should hold (resumed ones count).")] = None,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds for the whole command, confirmation included (within max(15 s, 10%)).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
@@ -55,8 +56,13 @@ def plan_command(
         raise UserError(f"--trial-timeout {trial_timeout:g}: expected at least {MIN_TRIAL_S:g} seconds")
     if report is not None:
         planner.check_writable_dir(report, "--report")
+    overrides: dict[str, Any] = {}
+    if workload_config is not None:
+        from autotune.workloads.hf import from_command_line
+
+        workload, overrides = from_command_line(workload, workload_config)
     settings = planner.PlanSettings(
-        workload=workload, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
+        workload=workload, workload_overrides=overrides, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
         global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, quality_tolerance=quality_tolerance, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
         command=shlex.join(["autotune", *ARGS]),

@@ -29,7 +29,13 @@ def strategies_command(
     profile: Annotated[
         Path | None, typer.Option("--profile", help="A saved hardware profile. Default: detect this machine (quick).")
     ] = None,
-    workload: Annotated[str, typer.Option("--workload", help="Preset name or package.module:factory.")] = "tiny",
+    workload: Annotated[str, typer.Option("--workload", help="Preset name, hf:<model_type> or package.module:factory.")] = "tiny",
+    workload_config: Annotated[
+        Path | None, typer.Option("--workload-config", help="Hugging Face model config: a config.json or a local folder holding one.")
+    ] = None,
+    processes: Annotated[
+        int | None, typer.Option("--processes", help="Count runs of this many processes (default: one per GPU, else one).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every strategy as JSON instead of a table.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Say why each strategy or setting is left out.")] = False,
     graph_file: Annotated[
@@ -45,9 +51,16 @@ def strategies_command(
     from autotune.strategy import Facts
     from autotune.workloads import load_workload
 
-    wl = load_workload(workload)
+    if processes is not None and processes < 1:
+        raise UserError(f"--processes {processes}: expected a positive number of processes")
+    overrides: dict[str, Any] = {}
+    if workload_config is not None:
+        from autotune.workloads.hf import from_command_line
+
+        workload, overrides = from_command_line(workload, workload_config)
+    wl = load_workload(workload, overrides)
     prof = hardware.HardwareProfile.load(profile) if profile is not None else hardware.detect(quick=True)
-    graph = StrategyGraph(Facts.of(prof, wl), allow_approximate=allow_approximate)
+    graph = StrategyGraph(Facts.of(prof, wl, processes=processes), allow_approximate=allow_approximate)
     if graph_file is not None:
         _write_graph(graph, graph_file)
     if as_json:

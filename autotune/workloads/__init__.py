@@ -48,6 +48,9 @@ class Workload:
     """Samples per optimizer step over all processes that the recipe trains with. The planner
     keeps it fixed and searches only how to split it (micro-batch x accumulation x data
     parallel), so every plan learns what the recipe learns; None lets the search choose."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The settings it was built from beside its name (a plan's ``workload.overrides``): a plan
+    made from it records them, so trials and runs rebuild the same model."""
 
 
 # Presets. Arithmetic: N_matmul = 12 L d^2 (+ V d for the tied head).
@@ -93,6 +96,7 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
         structure=GPT_STRUCTURE,
         config=cfg,
         global_batch=GLOBAL_BATCH[name],
+        overrides=dict(overrides or {}),
     )
 
 
@@ -116,6 +120,8 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
     Importing a module runs its code, so a workload named by a file (a plan someone sent)
     is imported only when ``trusted``: the CLI passes False unless the user named the
     module on the command line or said ``--trust-workload``. Library callers choose."""
+    if name == "hf":
+        raise UserError("workload hf: name the model type (hf:llama) or give its config (--workload-config PATH)")
     module_name = import_module_name(name)
     if name.startswith("hf:"):
         from autotune.workloads.hf import hf_workload

@@ -10,7 +10,8 @@ of ours: ``seq_len`` (tokens per sample; default the config's ``max_position_emb
 to 1024), ``attn_implementation`` (eager, sdpa, flex_attention, flash_attention_2 where
 installed; default sdpa) and ``weights`` (a ``.safetensors`` file or a folder of them, loaded
 after building; nothing is ever downloaded). :func:`overrides_from_config` turns a local
-``config.json`` (or a folder holding one) into those overrides. A factory returning a
+``config.json`` (or a folder holding one) into those overrides, and :func:`from_command_line`
+does it for ``--workload hf[:<type>] --workload-config PATH``. A factory returning a
 ``PreTrainedModel`` becomes a workload through :func:`workload_from_model`.
 
 The model is wrapped in :class:`HFCausalLM`: ``forward(idx, targets) -> loss`` as our trainer
@@ -117,6 +118,18 @@ def overrides_from_config(path: str | os.PathLike) -> tuple[str, dict[str, Any]]
     if folder and any(folder.glob("*.safetensors")):
         overrides["weights"] = str(folder.resolve())
     return data["model_type"], overrides
+
+
+def from_command_line(workload: str, config: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """(workload name, overrides) for ``--workload W --workload-config PATH``: ``W`` is ``hf``
+    (the model type is the config's) or ``hf:<model_type>``, which must be the config's."""
+    if workload != "hf" and not workload.startswith(PREFIX):
+        raise UserError(f"--workload-config is for hf: workloads (--workload hf or hf:<model_type>), not {workload!r}")
+    model_type, overrides = overrides_from_config(config)
+    named = workload.removeprefix(PREFIX) if workload != "hf" else ""
+    if named and named != model_type:
+        raise UserError(f"--workload {workload}: {config} is a {model_type!r} config; give --workload hf:{model_type} (or hf)")
+    return PREFIX + model_type, overrides
 
 
 def build_config(settings: HFSettings) -> Any:
@@ -469,6 +482,7 @@ def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
         vocab_size=config.vocab_size,
         seq_len=seq_len,
         structure=HFAdapter(probe).supports(),
+        overrides=dict(overrides or {}),
     )
 
 

@@ -1,0 +1,172 @@
+"""Hugging Face models from the command line (``--workload hf[:<type>] --workload-config PATH``)
+and their bad input, through the real CLI, configs written locally, on the CPU."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from tests.conftest import ROOT  # noqa: E402
+
+LLAMA = dict(
+    model_type="llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+    intermediate_size=128, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, seq_len=16,
+    vocab_size=512,  # the default corpus' byte-level BPE needs 257+; llama's own default is 32000
+)
+CPU = ROOT / "profiles" / "cpu-dev.json"
+ADAPTER = pytest.mark.xfail(reason="needs the adapter branch (the 'gpt' structure token leaves the strategies)", strict=False)
+PROCESS_NEEDS = ("fsdp2", "tensor_parallel", "pipeline_parallel")
+"""Supported by the model, usable given 2+ processes."""
+
+
+@pytest.fixture
+def llama_json(tmp_path):
+    path = tmp_path / "llama.json"
+    path.write_text(json.dumps(LLAMA))
+    return path
+
+
+def listing(run_cli, *args) -> dict[str, dict]:
+    """`autotune strategies --json` on the committed CPU machine's profile (no accelerator)."""
+    code, out, err = run_cli("strategies", "--profile", CPU, *args, "--json")
+    assert code == 0, err
+    return {s["name"]: s for s in json.loads(out)}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["activation_checkpoint", "compile", "fsdp2"]
+    + [pytest.param(n, marks=ADAPTER) for n in ("attention", "vocab_padding", "tensor_parallel", "pipeline_parallel")],
+)
+def test_strategies_lists_what_the_issue_says_for_hf_llama(run_cli, llama_json, name):
+    """Usable with 2 processes; with one, those needing processes say only that, as for the GPT."""
+    two = listing(run_cli, "--workload", "hf:llama", "--workload-config", llama_json, "--processes", "2")
+    assert two[name]["usable"], two[name]["reason"]
+    if name in PROCESS_NEEDS:
+        one = listing(run_cli, "--workload", "hf:llama", "--workload-config", llama_json)
+        gpt = listing(run_cli, "--workload", "tiny")
+        assert one[name]["reason"] == gpt[name]["reason"] == "needs 2+ processes, this run has 1"
+
+
+def test_strategies_explain_takes_the_type_from_the_config(run_cli, llama_json):
+    code, out, err = run_cli("strategies", "--workload", "hf", "--workload-config", llama_json, "--processes", "2", "--explain")
+    assert code == 0, err
+    assert "workload hf:llama" in out.replace("\n", " ")
+    left_out = {line.partition(": ")[0] for line in out.splitlines()}  # "name: reason" per strategy left out
+    assert "ddp" not in left_out and not left_out & {"activation_checkpoint", "compile", "fsdp2"}
+    assert "tpu" in left_out  # the lines are there: this machine has no TPU
+
+
+@pytest.fixture(scope="module")
+def llama_plan(tmp_path_factory):
+    """One real `autotune plan --workload hf --workload-config` whose only trial is the baseline."""
+    tmp = tmp_path_factory.mktemp("hfplan")
+    (tmp / "llama").mkdir()
+    (tmp / "llama" / "config.json").write_text(json.dumps({**LLAMA, "architectures": ["LlamaForCausalLM"]}))
+    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "hf", "--workload-config", str(tmp / "llama"),
+           "--trials", "1", "--time-budget", "60", "--trial-steps", "4", "--warmup-steps", "1",
+           "--storage", f"sqlite:///{tmp}/s.db", "--out", str(tmp / "plan.json")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, tmp / "plan.json"
+
+
+def test_a_plan_carries_the_config_and_its_trials_build_that_model(llama_plan, run_cli):
+    proc, out = llama_plan
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(out.read_text())
+    expected = {k: v for k, v in LLAMA.items() if k != "model_type"}
+    assert plan["workload"] == {"name": "hf:llama", "overrides": expected}
+    # The trials and the confirmation were child processes that rebuilt the model from the plan's
+    # overrides: a first loss of ln(512) is this config's vocabulary (llama's default gives ln 32000).
+    assert plan["measured"]["loss_start"] == pytest.approx(math.log(512), abs=0.15)
+    code, shown, err = run_cli("show", out)
+    assert code == 0 and "hf:llama" in shown and "hidden_size=64" in shown, err
+
+
+def _mkdir(p):
+    p.mkdir()
+
+
+BAD_CONFIGS = [
+    pytest.param(lambda p: p.write_text("{not json"), "hf:llama", "not a JSON model config", id="does-not-parse"),
+    pytest.param(lambda p: p.write_text('{"model_type": "nosuchfamily"}'), "hf", "knows no model type 'nosuchfamily'", id="unknown-type"),
+    pytest.param(_mkdir, "hf:llama", "holds no config.json", id="folder-without-config"),
+    pytest.param(lambda p: p.write_text(json.dumps(LLAMA)), "hf:gpt2", "is a 'llama' config", id="type-disagrees"),
+    pytest.param(lambda p: p.write_text(json.dumps(LLAMA)), "tiny", "is for hf: workloads", id="not-an-hf-workload"),
+    pytest.param(lambda p: p.write_text(json.dumps({**LLAMA, "hiden_size": 8})), "hf", "workload.overrides.hiden_size", id="unknown-field"),
+    pytest.param(lambda p: None, "hf:llama", "no such file", id="missing-file"),
+]
+
+
+@pytest.mark.parametrize("setup, workload, message", BAD_CONFIGS)
+@pytest.mark.parametrize("command", ["plan", "strategies"])
+def test_bad_hf_configs_are_one_line_exit_2_and_nothing_written(run_cli, tmp_path, command, setup, workload, message):
+    cfg = tmp_path / "cfg"
+    setup(cfg)
+    before = sorted(tmp_path.rglob("*"))
+    args = {
+        "plan": ["plan", "--trials", "1", "--storage", f"sqlite:///{tmp_path}/s.db", "--out", tmp_path / "p.json"],
+        "strategies": ["strategies", "--graph", tmp_path / "g.dot"],
+    }[command]
+    code, out, err = run_cli(*args, "--workload", workload, "--workload-config", cfg)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--workload", "hf"], "--workload-config"),  # neither a type nor a config
+        (["--processes", "0"], "--processes 0"),
+    ],
+)
+def test_bad_strategies_options_are_one_line(run_cli, args, message):
+    code, _, err = run_cli("strategies", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def _hf_plan(tmp_path, name: str, overrides: dict, strategies: list, nproc: int):
+    data = json.loads((ROOT / "profiles" / "default" / "tiny.plan.json").read_text())
+    data["workload"] = {"name": name, "overrides": overrides}
+    data["strategies"] = strategies
+    data["launch"]["nproc_per_node"] = nproc
+    data["train"].update(micro_batch_size=4, steps=2, random_tokens=True, eval_interval=0, checkpoint_interval=0)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+GPT2 = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, n_positions=64, vocab_size=512, seq_len=16)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, message",
+    [
+        ("hf:nosuchfamily", {}, "knows no model type"),
+        ("hf:llama", {"hiden_size": 64}, "workload.overrides.hiden_size"),
+        ("hf:llama", {**{k: v for k, v in LLAMA.items() if k != "model_type"}, "seq_len": 65}, "workload.overrides.seq_len"),
+        ("hf:", {}, "expected hf:<model_type>"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "show"])
+def test_bad_hf_plans_are_one_line_exit_2(run_cli, tmp_path, command, name, overrides, message):
+    path = _hf_plan(tmp_path, name, overrides, [], 1)
+    args = ["run", path, "--out", tmp_path / "run"] if command == "run" else ["show", path]
+    code, _, err = run_cli(*args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.xfail(reason="the plan check before launch (autotune.apply.check_plan) does not yet check the strategies' "
+                          "structure needs against the workload; the ranks refuse it, after the launch", strict=False)
+@pytest.mark.parametrize("command", ["run", "show"])
+def test_tp_on_a_model_without_a_tp_plan_is_one_line_exit_2_before_launch(run_cli, tmp_path, command):
+    path = _hf_plan(tmp_path, "hf:gpt2", GPT2, [{"name": "tensor_parallel", "knobs": {"degree": 2}}], 2)
+    args = ["run", path, "--out", tmp_path / "run"] if command == "run" else ["show", path]
+    code, _, err = run_cli(*args)
+    assert code == 2 and "tensor_parallel" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
