@@ -105,9 +105,15 @@ def check_settings(chosen: dict[str, Any], *, workload: Any = None) -> None:
     naming the rule: each strategy may declare ``check_with(chosen)`` for the settings
     its own knobs exclude in the others (compile's CUDA graphs exclude accumulation). Whole
     strategies that conflict are graph edges instead. With ``workload``, each strategy's
-    ``check_workload`` refuses settings the model cannot take (a window above seq_len)."""
+    ``check_workload`` refuses settings the model cannot take (a window above seq_len), and
+    a strategy that needs structure the model's adapter lacks (TP on a model with no TP plan)
+    is refused before anything is launched."""
     for name in chosen:
         strategy = catalog.get(name)
+        missing = sorted(strategy.needs.structure - frozenset(workload.structure)) if workload is not None else []
+        if missing:
+            raise UserError(f"strategy {name} needs the workload to support {', '.join(missing)}; {workload.name} does not "
+                            "(`autotune strategies --workload ... --explain` lists what it supports)")
         if strategy.check_with is not None:
             strategy.check_with(chosen)
         if workload is not None and strategy.check_workload is not None:

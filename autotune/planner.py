@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import os
 import re
@@ -316,10 +318,13 @@ def _with_defaults(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
     return out | knobs
 
 
-def study_name(workload: str, fingerprint: str, global_batch: int | None = None) -> str:
+def study_name(workload: str, fingerprint: str, global_batch: int | None = None, overrides: dict[str, Any] | None = None) -> str:
     """``workload-fingerprint``; a global batch other than the recipe's (``global_batch``, 0
-    for a searched one) is another recipe, so another study: ``workload-gbN-fingerprint``."""
+    for a searched one) is another recipe, so another study: ``workload-gbN-fingerprint``;
+    the workload's settings (an hf: config) another model: ``workload-cHASH-fingerprint``."""
     recipe = "" if global_batch is None else f"-gb{global_batch or 'free'}"
+    if overrides:
+        recipe += "-c" + hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{workload}{recipe}-{fingerprint}")
 
 
@@ -624,12 +629,12 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
     workload = load_workload(settings.workload, settings.workload_overrides)
     profile = _profile(settings)
     space, graph = build_space(settings, profile, workload)
-    if workload.config is not None and not space.train.random_tokens:
+    if not space.train.random_tokens:
         from autotune import data
 
         data.default_dataset(workload.vocab_size)  # build once here, not in every trial
     recipe = None if settings.global_batch == workload.global_batch else settings.global_batch
-    name = settings.study_name or study_name(settings.workload, profile.fingerprint, recipe)
+    name = settings.study_name or study_name(settings.workload, profile.fingerprint, recipe, settings.workload_overrides)
     out = settings.out or Path("plans") / f"{name}.plan.json"
     check_writable(out, "plan file")
     if storage.startswith("sqlite:///"):

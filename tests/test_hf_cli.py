@@ -161,8 +161,6 @@ def test_bad_hf_plans_are_one_line_exit_2(run_cli, tmp_path, command, name, over
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(reason="the plan check before launch (autotune.apply.check_plan) does not yet check the strategies' "
-                          "structure needs against the workload; the ranks refuse it, after the launch", strict=False)
 @pytest.mark.parametrize("command", ["run", "show"])
 def test_tp_on_a_model_without_a_tp_plan_is_one_line_exit_2_before_launch(run_cli, tmp_path, command):
     path = _hf_plan(tmp_path, "hf:gpt2", GPT2, [{"name": "tensor_parallel", "knobs": {"degree": 2}}], 2)

@@ -124,3 +124,11 @@ class TestCpuThreads(StrategySuite):
 
         assert torch.get_num_threads() == cfg.threads
         torch.set_num_threads(1)  # process-wide: leave the test process as it was
+
+
+def test_another_model_config_is_another_study():
+    plain = planner.study_name("hf:llama", "abc")
+    one = planner.study_name("hf:llama", "abc", overrides={"hidden_size": 64, "num_hidden_layers": 2})
+    same = planner.study_name("hf:llama", "abc", overrides={"num_hidden_layers": 2, "hidden_size": 64})
+    other = planner.study_name("hf:llama", "abc", overrides={"hidden_size": 128, "num_hidden_layers": 2})
+    assert plain == "hf_llama-abc" and one == same and len({plain, one, other}) == 3
