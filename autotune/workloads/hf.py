@@ -246,7 +246,11 @@ class HFAdapter:
 
     def supports(self) -> frozenset[str]:
         out = set(STRUCTURE)
-        if self._tp_plan_raw() is None:
+        if self.hf.get_output_embeddings() is None:
+            out -= {"head", "vocab"}
+        try:
+            self._tp_styles()
+        except NotSupported:
             out.discard("tp")
         if self._llama_layout() is None:
             out.discard("pp")
@@ -285,6 +289,11 @@ class HFAdapter:
             raise NotSupported(f"attn_implementation {implementation!r}: expected one of {', '.join(attn_implementations())}")
         self.hf.set_attn_implementation(implementation)
 
+    def attention_dropout(self) -> float:
+        """The config's attention dropout (Llama's ``attention_dropout``, GPT-2's ``attn_pdrop``)."""
+        c = self.hf.config
+        return float(getattr(c, "attention_dropout", None) or getattr(c, "attn_pdrop", None) or 0.0)
+
     # Vocabulary.
 
     def embedding(self) -> nn.Embedding:
@@ -320,16 +329,29 @@ class HFAdapter:
             plan = {f"{prefix}.{k}" if prefix else k: v for k, v in base.items()} if base else None
         return plan
 
-    def tp_plan(self) -> dict[str, Any]:
-        """The model's own plan (``base_model_tp_plan``, and its head's), as torch styles
-        under this wrapper's FQNs."""
+    def _tp_styles(self) -> dict[str, str]:
+        """The model's own plan as HF writes it (FQN -> style name), what of it we apply."""
         raw = self._tp_plan_raw()
         if raw is None:
             raise NotSupported(f"{type(self.hf).__name__} has no tensor-parallel plan (base_model_tp_plan)")
-        odd = sorted({s for s in raw.values() if s not in _TP_STYLES})
+        # A head tied to the embedding stays whole, and so does the embedding (HF's plan splits
+        # both by vocabulary then): sharding one would give it a parameter of its own and
+        # silently untie them. Whole on every rank, as the built-in GPT's.
+        tied = (self.embedding(), self.hf.get_output_embeddings()) if _tied(self.hf) else ()
+        whole = {n for n, m in self.hf.named_modules() if any(m is t for t in tied)}
+        styles = {fqn: style for fqn, style in raw.items() if fqn not in whole}
+        odd = sorted({s for s in styles.values() if s not in _TP_STYLES})
         if odd:
             raise NotSupported(f"{type(self.hf).__name__}: tensor-parallel style {odd[0]!r} is not one of {', '.join(_TP_STYLES)}")
-        return {f"hf.{fqn}": _tp_style(style) for fqn, style in raw.items()}
+        return styles
+
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, Any]:
+        """The model's own plan (``base_model_tp_plan``, and its head's), as torch styles
+        under this wrapper's FQNs. HF's plans name no norms, so no sequence parallelism."""
+        styles = self._tp_styles()
+        if sequence_parallel:
+            raise NotSupported(f"{type(self.hf).__name__}: its tensor-parallel plan names no norms to split along the sequence (use sequence_parallel false)")
+        return {f"hf.{fqn}": _tp_style(style) for fqn, style in styles.items()}
 
     def _llama_layout(self) -> nn.Module | None:
         """The base model when it is laid out as Llama's (embed_tokens, rotary_emb, layers,
@@ -399,6 +421,18 @@ class HFStage(nn.Module):
             inner.norm = base.norm
             shell.lm_head = hf.get_output_embeddings()
         self.hf, self._prefix = shell, prefix
+        self._flops = HFAdapter(model).flops_per_token()
+
+    def flops_per_token(self) -> int:
+        """The whole model's (MFU counts every stage's work)."""
+        return self._flops
+
+    def adapter(self) -> Any:
+        """The stage's own: its layer list (placeholders included), for the strategies
+        applied after the cut (checkpointing, per-block compile)."""
+        from autotune.workloads.generic import StageAdapter
+
+        return StageAdapter(self, getattr(self.hf, self._prefix).layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """First stage: ids (B, T); others: the stream (B, T, C). Last: logits (B, T, V)."""
