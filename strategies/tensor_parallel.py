@@ -10,14 +10,14 @@ the built-in GPT's blocks' ``attn.qkv``/``attn.proj`` and ``mlp.fc``/``mlp.proj`
 fused qkv rows are head-major, so a column split gives each rank whole heads and the attention
 reads its local head count from the width), with the norms for sequence parallel; a Hugging
 Face model's own ``base_model_tp_plan`` (no norms named there: no sequence parallel), its
-head split by vocabulary columns and gathered. A model without a plan is refused before launch
-(``check_workload``). ``degree`` must divide the query and kv heads and the MLP width (the
-adapter's shape, checked at apply; for the GPT also by ``autotune.mesh.mesh_shape`` before
-launch), the process count and, with sequence parallel, the sequence length. Dropout, when
-on, draws its masks per rank.
+untied head split by vocabulary columns and gathered. A model without a plan, or sequence
+parallel on a plan without norms, is refused before launch (``check_workload``). ``degree``
+must divide the query and kv heads and the MLP width (the adapter's shape, checked at apply;
+for the GPT also by ``autotune.mesh.mesh_shape`` before launch), the process count and, with
+sequence parallel, the sequence length. Dropout, when on, draws its masks per rank.
 
-The embedding, the position table, the final norm and the (tied, possibly vocab-padded) head
-stay whole on every rank of the tp group: each computes them alike on the same batch, so their
+The GPT's embedding, position table, final norm and (tied, possibly vocab-padded) head stay
+whole on every rank of the tp group: each computes them alike on the same batch, so their
 gradients agree without a reduction. That is the simplest correct choice: it keeps the tied
 head and the vocab-padding mask as they are; torchtitan's vocab-parallel head with
 ``loss_parallel`` (which splits the largest matmul of a small model) is left for later.
@@ -79,9 +79,13 @@ def apply_tensor_parallel(ctx: TrainContext, cfg: TensorParallelConfig) -> None:
 
 
 def check_workload(cfg: TensorParallelConfig, workload: Any) -> None:
-    """The workload's adapter must have a tensor-parallel plan (``tp``)."""
-    if "tp" not in declared(workload.structure):
+    """The workload's adapter must have a tensor-parallel plan (``tp``), with the norms for
+    sequence parallel (``sp``) if asked."""
+    structure = declared(workload.structure)
+    if "tp" not in structure:
         raise UserError(f"tensor_parallel: workload {workload.name} has no tensor-parallel plan (its model adapter does not support tp)")
+    if cfg.sequence_parallel and "sp" not in structure:
+        raise UserError(f"tensor_parallel: workload {workload.name}'s tensor-parallel plan names no norms to split along the sequence (use sequence_parallel false)")
 
 
 STRATEGY = Strategy(

@@ -4,7 +4,7 @@
 
 One launch trains the tiny Llama (``LLAMA``) under each case of ``CASES`` in turn, in one
 process group, each a real ``autotune.train.run`` of a 2-process plan writing its log under
-``OUT/<strategy>/``. ``OUT/checks.json`` (rank 0) holds what can only be seen from inside
+``OUT/<case>/``. ``OUT/checks.json`` (rank 0) holds what can only be seen from inside
 (how the strategy changed the model). The test compares the logs with one-process runs.
 """
 
@@ -32,13 +32,15 @@ LLAMA = dict(
     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
     vocab_size=2048, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, seq_len=TINY["seq_len"],
 )
-CASES: dict[str, dict[str, Any]] = {
-    "fsdp2": {"param_dtype": "fp32"},
+CASES: dict[str, dict[str, dict[str, Any]]] = {
+    "fsdp2": {"fsdp2": {"param_dtype": "fp32"}},
     # The model's own HF plan names no norms: no sequence parallel (HFAdapter.tp_plan).
-    "tensor_parallel": {"sequence_parallel": False},
-    "pipeline_parallel": {"microbatches": 2, "schedule": "1f1b"},
+    "tensor_parallel": {"tensor_parallel": {"sequence_parallel": False}},
+    "pipeline_parallel": {"pipeline_parallel": {"microbatches": 2, "schedule": "1f1b"}},
+    # Checkpointing after the cut finds the stage's layers through the stage's own adapter.
+    "pipeline_parallel+activation_checkpoint": {"pipeline_parallel": {"microbatches": 2, "schedule": "gpipe"}, "activation_checkpoint": {}},
 }
-"""Each strategy's knobs, one run each (tolerances in tests/test_hf_distributed.py)."""
+"""The strategies of each run, by case name (tolerances in tests/test_hf_distributed.py)."""
 
 
 def llama_plan(strategies: dict[str, dict[str, Any]], nproc: int) -> planmod.Plan:
@@ -54,16 +56,18 @@ def llama_plan(strategies: dict[str, dict[str, Any]], nproc: int) -> planmod.Pla
 def checks() -> dict[str, Any]:
     """How each strategy changed the Llama, seen from inside the group."""
     out: dict[str, Any] = {}
-    t = train.Trainer(llama_plan({"tensor_parallel": CASES["tensor_parallel"]}, 2))
+    t = train.Trainer(llama_plan(CASES["tensor_parallel"], 2))
     layer = t.ctx.model.hf.model.layers[0]
     out["tp_local_shapes"] = {n: list(p.to_local().shape) for n, p in layer.named_parameters() if n.endswith("proj.weight")}
     t.close()
-    t = train.Trainer(llama_plan({"pipeline_parallel": CASES["pipeline_parallel"]}, 2))
+    t = train.Trainer(llama_plan(CASES["pipeline_parallel+activation_checkpoint"], 2))
     names: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(t.ctx.model.state_dict()))
     out["pp_stage_keys"] = names
+    wrapped = [type(m._checkpoint_wrapped_module).__name__ for m in t.ctx.model.modules() if type(m).__name__ == "CheckpointWrapper"]
+    out["pp_checkpointed"] = wrapped.count("LlamaDecoderLayer")
     t.close()
-    t = train.Trainer(llama_plan({"fsdp2": CASES["fsdp2"]}, 2))
+    t = train.Trainer(llama_plan(CASES["fsdp2"], 2))
     out["fsdp2_param_type"] = type(next(t.ctx.model.parameters())).__name__
     t.close()
     return out
@@ -73,8 +77,8 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     try:
-        for name, knobs in CASES.items():
-            train.run(llama_plan({name: knobs}, 2), RunOptions(steps=STEPS, out_dir=out / name))
+        for name, strategies in CASES.items():
+            train.run(llama_plan(strategies, 2), RunOptions(steps=STEPS, out_dir=out / name))
         found = checks()
         if dist.get_rank() == 0:
             (out / "checks.json").write_text(json.dumps(found))

@@ -181,9 +181,9 @@ def test_hf_adapters_support_exactly_what_they_serve():
     from autotune.workloads.adapter import STRUCTURE
 
     llama, model = tiny_hf("llama")
-    assert llama.structure == STRUCTURE
+    assert llama.structure == STRUCTURE - {"sp"}  # HF's plans name no norms
     gpt2, gpt2_model = tiny_hf("gpt2", attn_pdrop=0.25)
-    assert gpt2.structure == STRUCTURE - {"tp", "pp"}
+    assert gpt2.structure == STRUCTURE - {"tp", "sp", "pp"}
     with pytest.raises(NotSupported, match="no tensor-parallel plan"):
         adapter_for(gpt2_model).tp_plan()
     with pytest.raises(NotSupported, match="Llama layout"):
@@ -191,6 +191,17 @@ def test_hf_adapters_support_exactly_what_they_serve():
     assert adapter_for(gpt2_model).attention_dropout() == 0.25 and adapter_for(model).attention_dropout() == 0.0
     with pytest.raises(NotSupported, match="sequence_parallel false"):
         adapter_for(model).tp_plan(sequence_parallel=True)
+    # ... and so the plans are refused before launch, TP on GPT-2 and sequence parallel on Llama.
+    from autotune import catalog
+    from autotune.apply import check_settings
+    from autotune.errors import UserError
+
+    tp = catalog.get("tensor_parallel")
+    with pytest.raises(UserError, match="has no tensor-parallel plan"):
+        check_settings({"tensor_parallel": tp.parse({"sequence_parallel": False})}, workload=gpt2)
+    with pytest.raises(UserError, match="use sequence_parallel false"):
+        check_settings({"tensor_parallel": tp.parse({"sequence_parallel": True})}, workload=llama)
+    check_settings({"tensor_parallel": tp.parse({"sequence_parallel": False}), "pipeline_parallel": catalog.get("pipeline_parallel").parse({})}, workload=llama)
 
 
 def test_hf_tp_plan_keeps_a_tied_head_whole():

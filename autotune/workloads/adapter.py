@@ -11,8 +11,8 @@ adapters implement the protocol:
 
 What a workload supports is what its adapter can do (:meth:`ModelAdapter.supports`), in the
 structure tokens strategies already declare: ``blocks``, ``attention``, ``mlp``, ``embed``,
-``head``, plus ``tp`` (a tensor-parallel plan), ``pp`` (pipeline stages) and ``vocab`` (vocab
-padding). An adapter raises :class:`NotSupported` for what it cannot do, naming the reason, so
+``head``, plus ``tp`` (a tensor-parallel plan), ``sp`` (that plan also splits the norms along
+the sequence), ``pp`` (pipeline stages) and ``vocab`` (vocab padding). An adapter raises :class:`NotSupported` for what it cannot do, naming the reason, so
 ``strategies --explain`` can show it. A pipeline stage made by :meth:`ModelAdapter.pipeline_stage`
 has an adapter of its own (its block list), so strategies applied after the cut still find the
 blocks.
@@ -35,7 +35,7 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tenso
 """Causal attention kernel: (q, k, v, dropout_p) -> y, all (B, nh, T, hs); k and v already
 have as many heads as q (an adapter repeats grouped kv heads before calling it)."""
 
-STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "pp"})
+STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "sp", "pp"})
 """Every token :meth:`ModelAdapter.supports` may return."""
 
 

@@ -245,7 +245,7 @@ class HFAdapter:
     # Structure.
 
     def supports(self) -> frozenset[str]:
-        out = set(STRUCTURE)
+        out = set(STRUCTURE) - {"sp"}  # HF's plans name no norms (tp_plan)
         if self.hf.get_output_embeddings() is None:
             out -= {"head", "vocab"}
         try:
