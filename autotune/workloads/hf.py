@@ -254,6 +254,11 @@ class HFAdapter:
             out.discard("tp")
         if self._llama_layout() is None:
             out.discard("pp")
+        for token, find in (("attention", self.attention), ("mlp", self.mlp)):
+            try:
+                find(self.blocks()[0])
+            except NotSupported:
+                out.discard(token)
         return frozenset(out)
 
     def blocks(self) -> nn.ModuleList:
