@@ -9,12 +9,13 @@ What it needs. The model adapter's tensor-parallel plan (``tp_plan``: module FQN
 the built-in GPT's blocks' ``attn.qkv``/``attn.proj`` and ``mlp.fc``/``mlp.proj`` linears (its
 fused qkv rows are head-major, so a column split gives each rank whole heads and the attention
 reads its local head count from the width), with the norms for sequence parallel; a Hugging
-Face model's own ``base_model_tp_plan`` (no norms named there: no sequence parallel), its
-untied head split by vocabulary columns and gathered. A model without a plan, or sequence
-parallel on a plan without norms, is refused before launch (``check_workload``). ``degree``
-must divide the query and kv heads and the MLP width (the adapter's shape, checked at apply;
-for the GPT also by ``autotune.mesh.mesh_shape`` before launch), the process count and, with
-sequence parallel, the sequence length. Dropout, when on, draws its masks per rank.
+Face model's own ``base_model_tp_plan``, its untied head split by vocabulary columns and
+gathered, and for sequence parallel the Llama layout's norms (HF's plans name none). A model
+without a plan, or sequence parallel where the adapter knows no norms, is refused before
+launch (``check_workload``). ``degree`` must divide the query and kv heads and the MLP width
+(the adapter's shape, checked at apply; for the GPT also by ``autotune.mesh.mesh_shape``
+before launch), the process count and, with sequence parallel, the sequence length. Dropout,
+when on, draws its masks per rank.
 
 The GPT's embedding, position table, final norm and (tied, possibly vocab-padded) head stay
 whole on every rank of the tp group: each computes them alike on the same batch, so their

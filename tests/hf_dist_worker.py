@@ -34,8 +34,9 @@ LLAMA = dict(
 )
 CASES: dict[str, dict[str, dict[str, Any]]] = {
     "fsdp2": {"fsdp2": {"param_dtype": "fp32"}},
-    # The model's own HF plan names no norms: no sequence parallel (HFAdapter.tp_plan).
     "tensor_parallel": {"tensor_parallel": {"sequence_parallel": False}},
+    # The model's own plan with the Llama layout's norms on slices of the sequence (HFAdapter.tp_plan).
+    "tensor_parallel+sequence_parallel": {"tensor_parallel": {"sequence_parallel": True}},
     "pipeline_parallel": {"pipeline_parallel": {"microbatches": 2, "schedule": "1f1b"}},
     # Checkpointing after the cut finds the stage's layers through the stage's own adapter.
     "pipeline_parallel+activation_checkpoint": {"pipeline_parallel": {"microbatches": 2, "schedule": "gpipe"}, "activation_checkpoint": {}},
@@ -59,6 +60,14 @@ def checks() -> dict[str, Any]:
     t = train.Trainer(llama_plan(CASES["tensor_parallel"], 2))
     layer = t.ctx.model.hf.model.layers[0]
     out["tp_local_shapes"] = {n: list(p.to_local().shape) for n, p in layer.named_parameters() if n.endswith("proj.weight")}
+    t.close()
+    t = train.Trainer(llama_plan(CASES["tensor_parallel+sequence_parallel"], 2))
+    layer = t.ctx.model.hf.model.layers[0]
+    seen: list[list[int]] = []
+    handle = layer.post_attention_layernorm.register_forward_hook(lambda m, args, y: seen.append(list(args[0].to_local().shape)))
+    t.train_step(0)
+    handle.remove()
+    out["sp_norm_input_shape"] = seen[0]  # (B, T/tp, C): this rank's slice of the sequence
     t.close()
     t = train.Trainer(llama_plan(CASES["pipeline_parallel+activation_checkpoint"], 2))
     names: list[Any] = [None] * dist.get_world_size()

@@ -178,10 +178,12 @@ def tiny_hf(family: str, **extra):
 
 
 def test_hf_adapters_support_exactly_what_they_serve():
+    import dataclasses
+
     from autotune.workloads.adapter import STRUCTURE
 
     llama, model = tiny_hf("llama")
-    assert llama.structure == STRUCTURE - {"sp"}  # HF's plans name no norms
+    assert llama.structure == STRUCTURE
     gpt2, gpt2_model = tiny_hf("gpt2", attn_pdrop=0.25)
     assert gpt2.structure == STRUCTURE - {"tp", "sp", "pp"}
     with pytest.raises(NotSupported, match="no tensor-parallel plan"):
@@ -189,9 +191,13 @@ def test_hf_adapters_support_exactly_what_they_serve():
     with pytest.raises(NotSupported, match="Llama layout"):
         adapter_for(gpt2_model).pipeline_stage(0, 1, first=True, last=False)
     assert adapter_for(gpt2_model).attention_dropout() == 0.25 and adapter_for(model).attention_dropout() == 0.0
-    with pytest.raises(NotSupported, match="sequence_parallel false"):
-        adapter_for(model).tp_plan(sequence_parallel=True)
-    # ... and so the plans are refused before launch, TP on GPT-2 and sequence parallel on Llama.
+    sp = adapter_for(model).tp_plan(sequence_parallel=True)
+    assert {k for k, v in sp.items() if type(v).__name__ == "SequenceParallel"} == {
+        "hf.model.layers.*.input_layernorm",
+        "hf.model.layers.*.post_attention_layernorm",
+    }
+    assert sp["hf.model.layers.*.mlp.down_proj"].output_layouts[0].is_shard(1)  # reduce-scatter
+    # ... and a plan asking for TP on GPT-2 is refused before launch.
     from autotune import catalog
     from autotune.apply import check_settings
     from autotune.errors import UserError
@@ -200,8 +206,8 @@ def test_hf_adapters_support_exactly_what_they_serve():
     with pytest.raises(UserError, match="has no tensor-parallel plan"):
         check_settings({"tensor_parallel": tp.parse({"sequence_parallel": False})}, workload=gpt2)
     with pytest.raises(UserError, match="use sequence_parallel false"):
-        check_settings({"tensor_parallel": tp.parse({"sequence_parallel": True})}, workload=llama)
-    check_settings({"tensor_parallel": tp.parse({"sequence_parallel": False}), "pipeline_parallel": catalog.get("pipeline_parallel").parse({})}, workload=llama)
+        check_settings({"tensor_parallel": tp.parse({"sequence_parallel": True})}, workload=dataclasses.replace(llama, structure=llama.structure - {"sp"}))
+    check_settings({"tensor_parallel": tp.parse({}), "pipeline_parallel": catalog.get("pipeline_parallel").parse({})}, workload=llama)
 
 
 def test_hf_tp_plan_keeps_a_tied_head_whole():

@@ -245,13 +245,15 @@ class HFAdapter:
     # Structure.
 
     def supports(self) -> frozenset[str]:
-        out = set(STRUCTURE) - {"sp"}  # HF's plans name no norms (tp_plan)
+        out = set(STRUCTURE)
         if self.hf.get_output_embeddings() is None:
             out -= {"head", "vocab"}
         try:
             self._tp_styles()
         except NotSupported:
-            out.discard("tp")
+            out -= {"tp", "sp"}
+        if self._sp_base() is None:
+            out.discard("sp")
         if self._llama_layout() is None:
             out.discard("pp")
         for token, find in (("attention", self.attention), ("mlp", self.mlp)):
@@ -352,11 +354,61 @@ class HFAdapter:
 
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, Any]:
         """The model's own plan (``base_model_tp_plan``, and its head's), as torch styles
-        under this wrapper's FQNs. HF's plans name no norms, so no sequence parallelism."""
+        under this wrapper's FQNs. HF's plans name no norms: sequence parallel adds the Llama
+        layout's (:meth:`_sequence_parallel`)."""
         styles = self._tp_styles()
+        plan = {f"hf.{fqn}": _tp_style(style) for fqn, style in styles.items()}
         if sequence_parallel:
-            raise NotSupported(f"{type(self.hf).__name__}: its tensor-parallel plan names no norms to split along the sequence (use sequence_parallel false)")
-        return {f"hf.{fqn}": _tp_style(style) for fqn, style in styles.items()}
+            base = self._sp_base()
+            if base is None:
+                raise NotSupported(
+                    f"{type(self.hf).__name__}: sequence parallel needs the Llama layout's layers (input_layernorm, self_attn, "
+                    "post_attention_layernorm, mlp) (use sequence_parallel false)"
+                )
+            plan = self._sequence_parallel(plan, styles, base)
+        return plan
+
+    _SP_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    """A Llama-layout layer's parts, in order: norm, attention, norm, MLP."""
+
+    def _sp_base(self) -> str | None:
+        """FQN (under this wrapper) of the base model when sequence parallel can be laid over
+        the model's plan: the Llama layout, every layer made of :attr:`_SP_PARTS`."""
+        base = self._llama_layout()
+        if base is None or not all(all(isinstance(getattr(layer, n, None), nn.Module) for n in self._SP_PARTS) for layer in base.layers):
+            return None
+        return f"hf.{self.hf.base_model_prefix}"
+
+    def _sequence_parallel(self, plan: dict[str, Any], styles: dict[str, str], base: str) -> dict[str, Any]:
+        """``plan`` with the norms between the parallel regions working on this rank's slice of
+        the sequence (B, T/tp, C), as the built-in GPT's: the layers' row-wise linears
+        reduce-scatter, attention and MLP gather the whole sequence first."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+        layers = f"{base}.layers"
+        out = {
+            fqn: RowwiseParallel(output_layouts=Shard(1)) if styles[fqn.removeprefix("hf.")] == "rowwise" and fqn.startswith(layers) else style
+            for fqn, style in plan.items()
+        }
+
+        def gather() -> PrepareModuleInput:
+            return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+
+        out.update({
+            f"{layers}.*.input_layernorm": SequenceParallel(),
+            # The layer calls its attention with hidden_states=..., its MLP positionally.
+            f"{layers}.*.self_attn": PrepareModuleInput(
+                input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()}, use_local_output=True
+            ),
+            f"{layers}.*.post_attention_layernorm": SequenceParallel(),
+            f"{layers}.*.mlp": gather(),
+            # The whole embedding output enters the first layer as this rank's slice; the last
+            # layer's slices are gathered for the final norm and head.
+            f"{layers}.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True),
+            f"{base}.norm": gather(),
+        })
+        return out
 
     def _llama_layout(self) -> nn.Module | None:
         """The base model when it is laid out as Llama's (embed_tokens, rotary_emb, layers,
