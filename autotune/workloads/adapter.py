@@ -12,10 +12,10 @@ adapters implement the protocol:
 What a workload supports is what its adapter can do (:meth:`ModelAdapter.supports`), in the
 structure tokens strategies already declare: ``blocks``, ``attention``, ``mlp``, ``embed``,
 ``head``, plus ``tp`` (a tensor-parallel plan), ``sp`` (that plan also splits the norms along
-the sequence), ``pp`` (pipeline stages) and ``vocab`` (vocab padding). An adapter raises :class:`NotSupported` for what it cannot do, naming the reason, so
-``strategies --explain`` can show it. A pipeline stage made by :meth:`ModelAdapter.pipeline_stage`
-has an adapter of its own (its block list), so strategies applied after the cut still find the
-blocks.
+the sequence), ``pp`` (pipeline stages) and ``vocab`` (vocab padding). An adapter raises
+:class:`NotSupported` for what it cannot do, naming the reason, so ``strategies --explain`` can
+show it. A pipeline stage made by :meth:`ModelAdapter.pipeline_stage` has an adapter of its
+own (its block list), so strategies applied after the cut still find the blocks.
 
 This module imports only torch (no transformers, no torch.distributed at import time).
 """
