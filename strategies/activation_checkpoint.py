@@ -18,6 +18,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 
 from autotune.context import TrainContext
 from autotune.strategy import Knob, Needs, Strategy
+from autotune.workloads.adapter import adapter_for
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,7 +35,7 @@ class ActivationCheckpointConfig:
 
 def apply_activation_checkpoint(ctx: TrainContext, cfg: ActivationCheckpointConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "declare the model's blocks in Workload.structure")
-    blocks = ctx.model.blocks
+    blocks = adapter_for(ctx.model).blocks()
     stride = 1 if cfg.mode == "full" else cfg.every
     for i in range(0, len(blocks), stride):
         blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)

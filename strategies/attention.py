@@ -1,4 +1,5 @@
-"""The attention kernel of the GPT's blocks.
+"""The attention kernel of a model's blocks, set through its adapter (``set_attention``): the
+built-in GPT's ``attn.attend`` hook, or a Hugging Face model's attention interface.
 
 - "naive": QK^T, causal mask, softmax, @V, with the (T, T) score matrix in memory: the
   roadmap's unoptimized starting point.
@@ -28,8 +29,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
+from autotune.workloads.adapter import NotSupported, adapter_for
 
-_STRUCTURE = frozenset({"attention", "gpt"})
+_STRUCTURE = frozenset({"attention"})
 _SDPA_BACKENDS = {
     "math": SDPBackend.MATH,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -93,9 +95,11 @@ def apply_attention(ctx: TrainContext, cfg: AttentionConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "backends math and naive run anywhere")
     if cfg.backend in _HALF_ONLY and ctx.autocast_dtype not in (torch.bfloat16, torch.float16):
         raise UserError(f"attention {cfg.backend} runs in bf16 or fp16 only: add precision with dtype bf16, or use efficient")
-    kernel = _kernel(cfg, ctx.model.cfg.dropout)
-    for block in ctx.model.blocks:
-        block.attn.attend = kernel
+    adapter = adapter_for(ctx.model)
+    try:
+        adapter.set_attention(kernel=_kernel(cfg, adapter.attention_dropout()))
+    except NotSupported as e:
+        raise UserError(f"strategy attention cannot set this model's attention kernel: {e}") from None
     ctx.notes.append(f"attention {cfg.backend}")
 
 

@@ -13,6 +13,7 @@ import torch
 from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
+from autotune.workloads.adapter import adapter_for
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,7 +39,7 @@ def apply_compile(ctx: TrainContext, cfg: CompileConfig) -> None:
         # Per-block: compile each block in place (Module.compile keeps the state-dict keys),
         # so wrappers applied later (FSDP) and activation checkpointing applied earlier both
         # see the compiled blocks.
-        for block in ctx.model.blocks:
+        for block in adapter_for(ctx.model).blocks():
             block.compile(mode=cfg.mode, fullgraph=cfg.fullgraph)
     else:
         if ctx.forward_backward is not None:

@@ -29,6 +29,7 @@ from autotune.errors import UserError
 from autotune.mesh import sub_mesh
 from autotune.strategies.ddp import WRAP_AFTER
 from autotune.strategy import Knob, Needs, Strategy
+from autotune.workloads.adapter import adapter_for
 
 _NEEDS = Needs(min_devices=2, structure=frozenset({"blocks"}))
 
@@ -61,7 +62,7 @@ def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
     # across pairs, TP within one, torchtitan's); alone, the whole run.
     mesh = sub_mesh(ctx.mesh, "dp") or init_device_mesh(ctx.device.type, (ctx.world_size,), mesh_dim_names=("dp",))
     policy = MixedPrecisionPolicy(param_dtype=_DTYPES[cfg.param_dtype], reduce_dtype=torch.float32)
-    blocks = ctx.model.blocks
+    blocks = adapter_for(ctx.model).blocks()
     for i, block in enumerate(blocks):
         # The backward starts with the last block: resharding it after the forward would
         # only gather it again at once (torchtitan's default policy).

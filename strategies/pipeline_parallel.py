@@ -6,10 +6,12 @@ optimizer step, each piece's mean loss divided by the number of pieces (and by t
 accumulation count), so the update is the plain model's on the same batch up to the order of
 the sums: an exact strategy.
 
-What it needs. The built-in GPT (its embedding, position table, blocks, final norm and head);
-at most one stage per block; ``microbatches`` must divide the micro-batch size
-(``autotune.mesh.mesh_shape`` checks both before launch). Every rank of the pipeline reads the
-same batch (the dp rank's): the first stage feeds the inputs, the last the targets.
+What it needs. The model adapter's pipeline stages (``pipeline_stage``: the built-in GPT, and
+Hugging Face models laid out as Llama's; others are refused before launch, ``check_workload``),
+cut by ``pipeline_split``; at most one stage per block; ``microbatches`` must divide the
+micro-batch size (``autotune.mesh.mesh_shape`` checks both before launch). Every rank of the
+pipeline reads the same batch (the dp rank's): the first stage feeds the inputs, the last the
+targets, and the loss is the adapter's of the last stage's logits (``logits_loss``).
 
 How it runs. The stage module keeps the plain model's parameter names (blocks outside the
 stage are parameter-free placeholders, so ``blocks.5`` stays ``blocks.5``), and it is what
@@ -42,7 +44,7 @@ from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.mesh import sub_mesh
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.gpt import GPT
+from autotune.workloads.adapter import ModelAdapter, NotSupported, adapter_for, declared, pipeline_split
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,58 +66,29 @@ class PipelineParallelConfig:
             raise ValueError(f"microbatches must be from 1 to 256, got {self.microbatches}")
 
 
-class GPTStage(nn.Module):
-    """Blocks ``[start, stop)`` of a GPT, with its embedding if first and its head if last,
-    under the plain model's parameter names."""
-
-    def __init__(self, model: GPT, start: int, stop: int, *, first: bool, last: bool) -> None:
-        super().__init__()
-        self.cfg = model.cfg
-        self.first, self.last, self.span = first, last, (start, stop)
-        if first:
-            self.embed, self.pos = model.embed, model.pos
-        # Placeholders keep the indices (and names) of this stage's blocks.
-        self.blocks = nn.ModuleList(block if start <= i < stop else nn.Identity() for i, block in enumerate(model.blocks))
-        if last:
-            self.norm, self.head = model.norm, model.head
-        self._flops = model.flops_per_token()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """First stage: token ids (B, T); others: the residual stream (B, T, C). Last stage
-        returns the logits (B, T, V), the others the residual stream."""
-        if self.first:
-            x = self.embed(x) + self.pos(torch.arange(x.shape[1], device=x.device))
-        for i in range(*self.span):
-            x = self.blocks[i](x)
-        return self.head(self.norm(x)) if self.last else x
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return GPT.loss(self, logits, targets)  # type: ignore[arg-type]  # reads self.cfg only
-
-    def flops_per_token(self) -> int:
-        """The whole model's (MFU counts every stage's work)."""
-        return self._flops
-
-
 class PipelineRunner:
     """The schedule of this rank's stage: one micro-batch's forward and backward for the
     loop (``forward_backward``), the loss of a batch for evaluation (``__call__``)."""
 
-    def __init__(self, ctx: TrainContext, stage: GPTStage, pieces: int, group: Any, tied: nn.Parameter | None) -> None:
-        self.ctx, self.stage, self.pieces, self.group, self.tied = ctx, stage, pieces, group, tied
+    def __init__(
+        self, ctx: TrainContext, adapter: ModelAdapter, stage: nn.Module, *, first: bool, last: bool, pieces: int, group: Any, tied: nn.Parameter | None
+    ) -> None:
+        self.ctx, self.adapter, self.stage, self.pieces, self.group, self.tied = ctx, adapter, stage, pieces, group, tied
+        self.first, self.last = first, last
+        """Whether this rank's stage takes the token ids / gives the logits."""
         self.schedule: Any = None
         """The torch schedule, built on this runner's ``loss_fn``."""
         self.divisor = pieces * ctx.grad_accum
         """What each piece's mean loss is divided by (gradients are summed over pieces)."""
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.stage.loss(logits, targets) / self.divisor
+        return self.adapter.logits_loss(logits, targets) / self.divisor
 
     def _run(self, x: torch.Tensor, y: torch.Tensor, step: Any) -> torch.Tensor:
         losses: list[torch.Tensor] = []
         with self.ctx.autocast():
-            step(*((x,) if self.stage.first else ()), target=y if self.stage.last else None, losses=losses)
-        loss = torch.stack(losses).sum().detach().float() if self.stage.last else torch.zeros((), device=x.device)
+            step(*((x,) if self.first else ()), target=y if self.last else None, losses=losses)
+        loss = torch.stack(losses).sum().detach().float() if self.last else torch.zeros((), device=x.device)
         dist.all_reduce(loss, group=self.group)  # the last stage's loss on every rank
         return loss
 
@@ -132,8 +105,10 @@ class PipelineRunner:
         return self._run(x, y, self.schedule.eval)
 
     def _sum_tied_grads(self) -> None:
-        stage, tied = self.stage, self.tied
-        own = stage.embed.weight if stage.first else stage.head.weight if stage.last else None
+        tied = self.tied
+        # The first stage's embedding and the last stage's head are this rank's copy of the
+        # tied weight; the stages in between hold none and add zeros.
+        own = tied if self.first or self.last else None
         grad = own.grad if own is not None and own.grad is not None else torch.zeros_like(tied)
         dist.all_reduce(grad, group=self.group)
         if own is not None:
@@ -141,12 +116,12 @@ class PipelineRunner:
 
     def clip_grads(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         # The last stage's copy of a tied head is counted on the first stage.
-        skip = frozenset({id(self.stage.head.weight)}) if self.tied is not None and self.stage.last else frozenset()
+        skip = frozenset({id(self.tied)}) if self.tied is not None and self.last else frozenset()
         return distributed.clip_grad_norm_(params, max_norm, self.group, skip)
 
 
 def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> None:
-    ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes; the model must be the built-in GPT")
+    ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes; the model's adapter must cut it into stages")
     mesh = sub_mesh(ctx.mesh, "pp")
     if mesh is None or mesh.size() != cfg.degree:
         raise UserError(f"pipeline_parallel degree {cfg.degree} has no pp dim of that size in this run's mesh ({ctx.dims})")
@@ -156,15 +131,19 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
         raise UserError("pipeline_parallel cuts the model itself, but another strategy already wrapped its forward")
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-    model: GPT = ctx.model
-    layers, index = len(model.blocks), mesh.get_local_rank()
-    start, stop = index * layers // cfg.degree, (index + 1) * layers // cfg.degree
-    tied = model.head.weight if model.head.weight is model.embed.weight else None
-    stage = GPTStage(model, start, stop, first=index == 0, last=index == cfg.degree - 1)
+    adapter, index = adapter_for(ctx.model), mesh.get_local_rank()
+    first, last = index == 0, index == cfg.degree - 1
+    try:
+        start, stop = pipeline_split(len(adapter.blocks()), cfg.degree)[index]
+        head, embed = adapter.head(), adapter.embedding()
+        stage = adapter.pipeline_stage(start, stop, first=first, last=last)
+    except NotSupported as e:
+        raise UserError(f"strategy pipeline_parallel cannot cut this model: {e}") from None
+    tied = head.weight if head.weight is embed.weight else None
     group = mesh.get_group()
     pipe = PipelineStage(stage, index, cfg.degree, ctx.device, group=group)
     kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[cfg.schedule]
-    runner = PipelineRunner(ctx, stage, cfg.microbatches, group, tied)
+    runner = PipelineRunner(ctx, adapter, stage, first=first, last=last, pieces=cfg.microbatches, group=group, tied=tied)
     # Gradients are summed over the pieces (scale_grads off): the loss divides instead,
     # which also holds across accumulated micro-batches.
     runner.schedule = kind(pipe, n_microbatches=cfg.microbatches, loss_fn=runner.loss_fn, scale_grads=False)
@@ -176,13 +155,20 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
     ctx.notes.append(f"pipeline stage {index} of {cfg.degree} (blocks {start}..{stop - 1}), {cfg.schedule}, {cfg.microbatches} pieces per micro-batch")
 
 
+def check_workload(cfg: PipelineParallelConfig, workload: Any) -> None:
+    """The workload's adapter must cut the model into stages (``pp``)."""
+    if "pp" not in declared(workload.structure):
+        raise UserError(f"pipeline_parallel: workload {workload.name} cannot be cut into pipeline stages (its model adapter does not support pp)")
+
+
 STRATEGY = Strategy(
     name="pipeline_parallel",
     summary="cut the blocks into stages over processes, micro-batches on a GPipe or 1F1B schedule",
     exact=True,
     config=PipelineParallelConfig,
     apply=apply_pipeline_parallel,
-    needs=Needs(min_devices=2, structure=frozenset({"blocks", "embed", "head", "gpt"})),
+    needs=Needs(min_devices=2, structure=frozenset({"blocks", "embed", "head"})),
+    check_workload=check_workload,
     # Data parallel next to the pipeline would wrap each stage (torchtitan's FSDP + PP), and
     # TP inside the stages needs 4+ processes to test: not done yet (see the docstring).
     conflicts=frozenset({"ddp", "fsdp2", "tensor_parallel"}),

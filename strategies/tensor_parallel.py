@@ -5,14 +5,20 @@ parallelism, a reduce-scatter out of it and an all-gather into the next, the nor
 a slice of the sequence in between (torchtitan's ``apply_tp``). The same matmuls are summed
 in another order: an exact strategy.
 
-What it needs. The blocks' ``attn.qkv``/``attn.proj`` and ``mlp.fc``/``mlp.proj`` linears
-(the built-in GPT: its fused qkv rows are head-major, so a column split gives each rank whole
-heads and the attention reads its local head count from the width); ``degree`` must divide the
-heads, the MLP width, the process count (``autotune.mesh.mesh_shape`` checks it before launch)
-and, with sequence parallel, the sequence length. Dropout, when on, draws its masks per rank.
+What it needs. The model adapter's tensor-parallel plan (``tp_plan``: module FQN -> style):
+the built-in GPT's blocks' ``attn.qkv``/``attn.proj`` and ``mlp.fc``/``mlp.proj`` linears (its
+fused qkv rows are head-major, so a column split gives each rank whole heads and the attention
+reads its local head count from the width), with the norms for sequence parallel; a Hugging
+Face model's own ``base_model_tp_plan``, its untied head split by vocabulary columns and
+gathered, and for sequence parallel the Llama layout's norms (HF's plans name none). A model
+without a plan, or sequence parallel where the adapter knows no norms, is refused before
+launch (``check_workload``). ``degree`` must divide the query and kv heads and the MLP width
+(the adapter's shape, checked at apply; for the GPT also by ``autotune.mesh.mesh_shape``
+before launch), the process count and, with sequence parallel, the sequence length. Dropout,
+when on, draws its masks per rank.
 
-The embedding, the position table, the final norm and the (tied, possibly vocab-padded) head
-stay whole on every rank of the tp group: each computes them alike on the same batch, so their
+The GPT's embedding, position table, final norm and (tied, possibly vocab-padded) head stay
+whole on every rank of the tp group: each computes them alike on the same batch, so their
 gradients agree without a reduction. That is the simplest correct choice: it keeps the tied
 head and the vocab-padding mask as they are; torchtitan's vocab-parallel head with
 ``loss_parallel`` (which splits the largest matmul of a small model) is left for later.
@@ -27,11 +33,13 @@ parameters (torchtitan refuses DDP with TP too).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.mesh import sub_mesh
 from autotune.strategy import Knob, Needs, Strategy
+from autotune.workloads.adapter import NotSupported, adapter_for, declared
 
 
 @dataclass(kw_only=True, slots=True)
@@ -55,37 +63,30 @@ def apply_tensor_parallel(ctx: TrainContext, cfg: TensorParallelConfig) -> None:
     seq_len = ctx.workload.seq_len
     if cfg.sequence_parallel and seq_len % cfg.degree:
         raise UserError(f"tensor_parallel degree {cfg.degree} does not divide the sequence length {seq_len} (sequence_parallel)")
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
-    model = ctx.model
-    if cfg.sequence_parallel:
-        # Between the parallel regions the residual stream is this rank's slice of the
-        # sequence (B, T/tp, C): the norms run on it; attention and MLP gather the whole.
-        gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
-        plan = {
-            "norm1": SequenceParallel(),
-            "attn": gather,
-            "attn.qkv": ColwiseParallel(),
-            "attn.proj": RowwiseParallel(output_layouts=Shard(1)),  # reduce-scatter
-            "norm2": SequenceParallel(),
-            "mlp": gather,
-            "mlp.fc": ColwiseParallel(),
-            "mlp.proj": RowwiseParallel(output_layouts=Shard(1)),
-        }
-    else:
-        plan = {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(), "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()}
-    for block in model.blocks:
-        parallelize_module(block, mesh, plan)
-    if cfg.sequence_parallel:
-        # The whole embedding output enters the first block as this rank's slice (no
-        # communication); the last block's slices are gathered for the whole final norm and head.
-        parallelize_module(
-            model.blocks[0], mesh, PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True)
-        )
-        parallelize_module(model.norm, mesh, PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+    adapter = adapter_for(ctx.model)
+    try:
+        shape = adapter.shape()
+        plan = adapter.tp_plan(sequence_parallel=cfg.sequence_parallel)
+    except NotSupported as e:
+        raise UserError(f"strategy tensor_parallel cannot split this model: {e}") from None
+    for what, n in (("query heads", shape.n_heads), ("kv heads", shape.n_kv_heads), ("MLP width", shape.d_ff)):
+        if n % cfg.degree:
+            raise UserError(f"tensor_parallel degree {cfg.degree} does not divide the model's {n} {what}")
+    parallelize_module(ctx.model, mesh, plan)
     ctx.sharded_state = True
     ctx.notes.append(f"tensor parallel over {cfg.degree} processes, sequence parallel {cfg.sequence_parallel}")
+
+
+def check_workload(cfg: TensorParallelConfig, workload: Any) -> None:
+    """The workload's adapter must have a tensor-parallel plan (``tp``), with the norms for
+    sequence parallel (``sp``) if asked."""
+    structure = declared(workload.structure)
+    if "tp" not in structure:
+        raise UserError(f"tensor_parallel: workload {workload.name} has no tensor-parallel plan (its model adapter does not support tp)")
+    if cfg.sequence_parallel and "sp" not in structure:
+        raise UserError(f"tensor_parallel: workload {workload.name}'s tensor-parallel plan names no norms to split along the sequence (use sequence_parallel false)")
 
 
 STRATEGY = Strategy(
@@ -94,7 +95,8 @@ STRATEGY = Strategy(
     exact=True,
     config=TensorParallelConfig,
     apply=apply_tensor_parallel,
-    needs=Needs(min_devices=2, structure=frozenset({"blocks", "attention", "mlp", "gpt"})),
+    needs=Needs(min_devices=2, structure=frozenset({"blocks", "attention", "mlp"})),
+    check_workload=check_workload,
     # DDP all-reduces plain gradients; the blocks' DTensor gradients need fsdp2 for data
     # parallel next to TP (torchtitan refuses DDP with TP too).
     conflicts=frozenset({"ddp"}),

@@ -4,18 +4,24 @@ tile-friendly shapes.
 
 The padded parameter keeps the original rows' exact values; the new rows are zeros. They are
 never used: token ids stay below the true vocabulary, so no padded embedding row is looked up,
-and the GPT drops the padded logits before the cross-entropy, so they get no gradient either.
-The loss is the plain model's up to the order of floating-point reductions in the wider
-matmul: an exact strategy. A tied head stays tied to the embedding.
+and the model's loss masks the padded logits out of the cross-entropy, so they get no
+gradient either. The loss is the plain model's up to the order of floating-point reductions
+in the wider matmul: an exact strategy. A tied head stays tied to the embedding.
+
+The padding itself is the model adapter's (``pad_vocab``: the built-in GPT's parameters,
+Hugging Face's ``resize_token_embeddings``); a model whose adapter cannot pad is refused
+before launch (``check_workload``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from autotune.context import TrainContext
+from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import adapter_for
+from autotune.workloads.adapter import NotSupported, adapter_for, declared
 
 
 @dataclass(kw_only=True, slots=True)
@@ -30,10 +36,19 @@ class VocabPaddingConfig:
 
 
 def apply_vocab_padding(ctx: TrainContext, cfg: VocabPaddingConfig) -> None:
-    ctx.check_needs(STRATEGY, cfg, "the model must be the built-in GPT")
+    ctx.check_needs(STRATEGY, cfg, "the model's adapter must know its embedding and head (the built-in GPT, hf: models)")
     adapter = adapter_for(ctx.model)
-    rows = adapter.pad_vocab(cfg.multiple)
+    try:
+        rows = adapter.pad_vocab(cfg.multiple)
+    except NotSupported as e:
+        raise UserError(f"strategy vocab_padding cannot pad this model: {e}") from None
     ctx.notes.append(f"vocab padded {adapter.shape().vocab_size} -> {rows} rows (multiple of {cfg.multiple})")
+
+
+def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
+    """The workload's adapter must pad the vocabulary (``vocab``), not only name embed and head."""
+    if "vocab" not in declared(workload.structure):
+        raise UserError(f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)")
 
 
 STRATEGY = Strategy(
@@ -42,6 +57,7 @@ STRATEGY = Strategy(
     exact=True,
     config=VocabPaddingConfig,
     apply=apply_vocab_padding,
-    needs=Needs(structure=frozenset({"embed", "head", "gpt"})),
+    needs=Needs(structure=frozenset({"embed", "head"})),
+    check_workload=check_workload,
     knobs=(Knob(name="multiple", choices=(64, 128)),),
 )

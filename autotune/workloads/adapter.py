@@ -11,9 +11,11 @@ adapters implement the protocol:
 
 What a workload supports is what its adapter can do (:meth:`ModelAdapter.supports`), in the
 structure tokens strategies already declare: ``blocks``, ``attention``, ``mlp``, ``embed``,
-``head``, plus ``tp`` (a tensor-parallel plan), ``pp`` (pipeline stages) and ``vocab`` (vocab
-padding). An adapter raises :class:`NotSupported` for what it cannot do, naming the reason, so
-``strategies --explain`` can show it.
+``head``, plus ``tp`` (a tensor-parallel plan), ``sp`` (that plan also splits the norms along
+the sequence), ``pp`` (pipeline stages) and ``vocab`` (vocab padding). An adapter raises
+:class:`NotSupported` for what it cannot do, naming the reason, so ``strategies --explain`` can
+show it. A pipeline stage made by :meth:`ModelAdapter.pipeline_stage` has an adapter of its
+own (its block list), so strategies applied after the cut still find the blocks.
 
 This module imports only torch (no transformers, no torch.distributed at import time).
 """
@@ -33,7 +35,7 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tenso
 """Causal attention kernel: (q, k, v, dropout_p) -> y, all (B, nh, T, hs); k and v already
 have as many heads as q (an adapter repeats grouped kv heads before calling it)."""
 
-STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "pp"})
+STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "sp", "pp"})
 """Every token :meth:`ModelAdapter.supports` may return."""
 
 
@@ -113,6 +115,11 @@ class ModelAdapter(Protocol):
         ``kernel`` (an :data:`Attend`, e.g. the attention strategy's backends)."""
         ...
 
+    def attention_dropout(self) -> float:
+        """Dropout probability the attention applies to its weights in training (what a
+        kernel is called with as ``dropout_p``); 0 when off."""
+        ...
+
     def embedding(self) -> nn.Embedding:
         """The token embedding."""
         ...
@@ -126,10 +133,12 @@ class ModelAdapter(Protocol):
         The padded logits stay out of :meth:`loss` and of the logits the model returns."""
         ...
 
-    def tp_plan(self) -> dict[str, Any]:
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, Any]:
         """Tensor-parallel plan: module FQN (relative to :attr:`model`, ``*`` matching any
         one name) -> a ``torch.distributed.tensor.parallel`` style (Colwise/Rowwise/
-        SequenceParallel), for ``parallelize_module(model, mesh, plan)``."""
+        SequenceParallel), for ``parallelize_module(model, mesh, plan)``. With
+        ``sequence_parallel`` the norms between the parallel regions also work on a slice of
+        the sequence (NotSupported where the adapter does not know them)."""
         ...
 
     def pipeline_stage(self, start: int, stop: int, *, first: bool, last: bool) -> nn.Module:
@@ -153,6 +162,16 @@ class ModelAdapter(Protocol):
     def flops_per_token(self) -> int:
         """Training FLOPs per token (:meth:`ModelShape.flops_per_token`)."""
         ...
+
+
+def declared(structure: frozenset[str]) -> frozenset[str]:
+    """What a workload's declared ``structure`` lets strategies ask of its adapter.
+
+    The built-in GPT's workloads still declare the legacy token ``"gpt"``
+    (``autotune.workloads.GPT_STRUCTURE``, which triton_kernels still reads) rather than
+    :meth:`GPTAdapter.supports`; it stands for everything the GPT's adapter serves. Other
+    workloads' structure is their adapter's ``supports()`` already (hf:) or declared by hand."""
+    return structure | STRUCTURE if "gpt" in structure else frozenset(structure)
 
 
 def pipeline_split(n_blocks: int, stages: int) -> list[tuple[int, int]]:
@@ -216,6 +235,9 @@ class GPTAdapter:
         for block in self.blocks():
             block.attn.attend = kernel or sdpa_causal
 
+    def attention_dropout(self) -> float:
+        return self.model.cfg.dropout
+
     def embedding(self) -> nn.Embedding:
         return self.model.embed
 
@@ -233,17 +255,39 @@ class GPTAdapter:
             head.out_features = rows
         return rows
 
-    def tp_plan(self) -> dict[str, Any]:
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, Any]:
         # Megatron's split: the fused qkv and the MLP's first linear by columns (whole heads:
         # the qkv rows are head-major), the projections back by rows.
-        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
 
         col, row = ColwiseParallel, RowwiseParallel
+        if not sequence_parallel:
+            return {
+                "blocks.*.attn.qkv": col(),
+                "blocks.*.attn.proj": row(),
+                "blocks.*.mlp.fc": col(),
+                "blocks.*.mlp.proj": row(),
+            }
+
+        def gather() -> PrepareModuleInput:
+            return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+
+        # Between the parallel regions the residual stream is this rank's slice of the
+        # sequence (B, T/tp, C): the norms run on it; attention and MLP gather the whole.
         return {
+            "blocks.*.norm1": SequenceParallel(),
+            "blocks.*.attn": gather(),
             "blocks.*.attn.qkv": col(),
-            "blocks.*.attn.proj": row(),
+            "blocks.*.attn.proj": row(output_layouts=Shard(1)),  # reduce-scatter
+            "blocks.*.norm2": SequenceParallel(),
+            "blocks.*.mlp": gather(),
             "blocks.*.mlp.fc": col(),
-            "blocks.*.mlp.proj": row(),
+            "blocks.*.mlp.proj": row(output_layouts=Shard(1)),
+            # The whole embedding output enters the first block as this rank's slice (no
+            # communication); the last block's slices are gathered for the final norm and head.
+            "blocks.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True),
+            "norm": gather(),
         }
 
     def pipeline_stage(self, start: int, stop: int, *, first: bool, last: bool) -> nn.Module:
@@ -285,6 +329,18 @@ class GPTStage(nn.Module):
         self.blocks = nn.ModuleList(block if start <= i < stop else nn.Identity() for i, block in enumerate(model.blocks))
         if last:
             self.norm, self.head = model.norm, model.head
+        self._flops = model.flops_per_token()
+
+    def flops_per_token(self) -> int:
+        """The whole model's (MFU counts every stage's work)."""
+        return self._flops
+
+    def adapter(self) -> ModelAdapter:
+        """The stage's own: its block list (placeholders included), for the strategies
+        applied after the cut (checkpointing, per-block compile)."""
+        from autotune.workloads.generic import StageAdapter
+
+        return StageAdapter(self, self.blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
@@ -323,6 +379,7 @@ __all__ = [
     "GPTAdapter",
     "GPTStage",
     "adapter_for",
+    "declared",
     "pipeline_split",
     "masked_cross_entropy",
     "block_matmul_params",

@@ -4,6 +4,7 @@ The blocks are the largest ``nn.ModuleList`` whose entries are all of one class 
 first found in module order); that is enough for activation checkpointing, per-block compile
 and FSDP2. Everything else (attention, embedding and head, TP, PP, vocab) needs knowledge of
 the model this adapter does not have: it raises :class:`NotSupported` with the reason.
+:class:`StageAdapter` is the same for a pipeline stage, whose block list is known.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class GenericAdapter:
     def set_attention(self, implementation: str | None = None, kernel: Attend | None = None) -> None:
         raise self._unknown("attention")
 
+    def attention_dropout(self) -> float:
+        raise self._unknown("attention")
+
     def embedding(self) -> nn.Embedding:
         raise self._unknown("embedding")
 
@@ -74,7 +78,7 @@ class GenericAdapter:
     def pad_vocab(self, multiple: int) -> int:
         raise self._unknown("vocabulary")
 
-    def tp_plan(self) -> dict[str, Any]:
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, Any]:
         raise self._unknown("tensor-parallel plan")
 
     def pipeline_stage(self, start: int, stop: int, *, first: bool, last: bool) -> nn.Module:
@@ -98,3 +102,15 @@ class GenericAdapter:
 
         embeds = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Embedding)}
         return 6 * sum(math.prod(param_shape(p)) for p in self.model.parameters() if id(p) not in embeds)
+
+
+class StageAdapter(GenericAdapter):
+    """A pipeline stage's (``ModelAdapter.pipeline_stage``): its own block list, placeholders
+    of the other stages' blocks included (so indices stay the whole model's), and its FLOPs."""
+
+    def __init__(self, stage: nn.Module, blocks: nn.ModuleList) -> None:
+        self.model = stage
+        self._found = ("blocks", blocks)
+
+    def flops_per_token(self) -> int:
+        return self.model.flops_per_token()

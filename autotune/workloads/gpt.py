@@ -1,21 +1,23 @@
 """A GPT in the nanoGPT mould: pre-norm blocks, causal SDPA attention, GELU MLP, tied head.
 
-The model exposes its structure for strategies: ``model.blocks`` (the list of transformer
-blocks), each block's ``attn`` and ``mlp``, ``model.embed`` (token embedding) and
-``model.head`` (output projection, tied to the embedding). Two hooks serve strategies:
-``attn.attend`` is the attention kernel (the attention strategy swaps it), and the head may
-be wider than the vocabulary (vocab padding): logits past ``cfg.vocab_size`` are masked out of the loss.
+Its structure: ``model.blocks`` (the list of transformer blocks), each block's ``attn`` and
+``mlp``, ``model.embed`` (token embedding) and ``model.head`` (output projection, tied to the
+embedding). Strategies never read these themselves: they ask the model's adapter
+(``autotune.workloads.adapter.GPTAdapter``), which knows them. Two hooks serve it:
+``attn.attend`` is the attention kernel (``set_attention`` swaps it), and the head may be wider
+than the vocabulary (``pad_vocab``): logits past ``cfg.vocab_size`` are masked out of the loss.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from autotune.workloads.adapter import Attend
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,10 +58,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
-"""Causal attention kernel: (q, k, v, dropout_p) -> y, all (B, nh, T, hs)."""
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:

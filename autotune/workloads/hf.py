@@ -259,10 +259,21 @@ class HFAdapter:
 
     def supports(self) -> frozenset[str]:
         out = set(STRUCTURE)
-        if self._tp_plan_raw() is None:
-            out.discard("tp")
+        if self.hf.get_output_embeddings() is None:
+            out -= {"head", "vocab"}
+        try:
+            self._tp_styles()
+        except NotSupported:
+            out -= {"tp", "sp"}
+        if self._sp_base() is None:
+            out.discard("sp")
         if self._llama_layout() is None:
             out.discard("pp")
+        for token, find in (("attention", self.attention), ("mlp", self.mlp)):
+            try:
+                find(self.blocks()[0])
+            except NotSupported:
+                out.discard(token)
         return frozenset(out)
 
     def blocks(self) -> nn.ModuleList:
@@ -297,6 +308,11 @@ class HFAdapter:
         elif implementation not in attn_implementations():
             raise NotSupported(f"attn_implementation {implementation!r}: expected one of {', '.join(attn_implementations())}")
         self.hf.set_attn_implementation(implementation)
+
+    def attention_dropout(self) -> float:
+        """The config's attention dropout (Llama's ``attention_dropout``, GPT-2's ``attn_pdrop``)."""
+        c = self.hf.config
+        return float(getattr(c, "attention_dropout", None) or getattr(c, "attn_pdrop", None) or 0.0)
 
     # Vocabulary.
 
@@ -333,16 +349,79 @@ class HFAdapter:
             plan = {f"{prefix}.{k}" if prefix else k: v for k, v in base.items()} if base else None
         return plan
 
-    def tp_plan(self) -> dict[str, Any]:
-        """The model's own plan (``base_model_tp_plan``, and its head's), as torch styles
-        under this wrapper's FQNs."""
+    def _tp_styles(self) -> dict[str, str]:
+        """The model's own plan as HF writes it (FQN -> style name), what of it we apply."""
         raw = self._tp_plan_raw()
         if raw is None:
             raise NotSupported(f"{type(self.hf).__name__} has no tensor-parallel plan (base_model_tp_plan)")
-        odd = sorted({s for s in raw.values() if s not in _TP_STYLES})
+        # A head tied to the embedding stays whole, and so does the embedding (HF's plan splits
+        # both by vocabulary then): sharding one would give it a parameter of its own and
+        # silently untie them. Whole on every rank, as the built-in GPT's.
+        tied = (self.embedding(), self.hf.get_output_embeddings()) if _tied(self.hf) else ()
+        whole = {n for n, m in self.hf.named_modules() if any(m is t for t in tied)}
+        styles = {fqn: style for fqn, style in raw.items() if fqn not in whole}
+        odd = sorted({s for s in styles.values() if s not in _TP_STYLES})
         if odd:
             raise NotSupported(f"{type(self.hf).__name__}: tensor-parallel style {odd[0]!r} is not one of {', '.join(_TP_STYLES)}")
-        return {f"hf.{fqn}": _tp_style(style) for fqn, style in raw.items()}
+        return styles
+
+    def tp_plan(self, sequence_parallel: bool = False) -> dict[str, Any]:
+        """The model's own plan (``base_model_tp_plan``, and its head's), as torch styles
+        under this wrapper's FQNs. HF's plans name no norms: sequence parallel adds the Llama
+        layout's (:meth:`_sequence_parallel`)."""
+        styles = self._tp_styles()
+        plan = {f"hf.{fqn}": _tp_style(style) for fqn, style in styles.items()}
+        if sequence_parallel:
+            base = self._sp_base()
+            if base is None:
+                raise NotSupported(
+                    f"{type(self.hf).__name__}: sequence parallel needs the Llama layout's layers (input_layernorm, self_attn, "
+                    "post_attention_layernorm, mlp) (use sequence_parallel false)"
+                )
+            plan = self._sequence_parallel(plan, styles, base)
+        return plan
+
+    _SP_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+    """A Llama-layout layer's parts, in order: norm, attention, norm, MLP."""
+
+    def _sp_base(self) -> str | None:
+        """FQN (under this wrapper) of the base model when sequence parallel can be laid over
+        the model's plan: the Llama layout, every layer made of :attr:`_SP_PARTS`."""
+        base = self._llama_layout()
+        if base is None or not all(all(isinstance(getattr(layer, n, None), nn.Module) for n in self._SP_PARTS) for layer in base.layers):
+            return None
+        return f"hf.{self.hf.base_model_prefix}"
+
+    def _sequence_parallel(self, plan: dict[str, Any], styles: dict[str, str], base: str) -> dict[str, Any]:
+        """``plan`` with the norms between the parallel regions working on this rank's slice of
+        the sequence (B, T/tp, C), as the built-in GPT's: the layers' row-wise linears
+        reduce-scatter, attention and MLP gather the whole sequence first."""
+        from torch.distributed.tensor import Replicate, Shard
+        from torch.distributed.tensor.parallel import PrepareModuleInput, RowwiseParallel, SequenceParallel
+
+        layers = f"{base}.layers"
+        out = {
+            fqn: RowwiseParallel(output_layouts=Shard(1)) if styles[fqn.removeprefix("hf.")] == "rowwise" and fqn.startswith(layers) else style
+            for fqn, style in plan.items()
+        }
+
+        def gather() -> PrepareModuleInput:
+            return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+
+        out.update({
+            f"{layers}.*.input_layernorm": SequenceParallel(),
+            # The layer calls its attention with hidden_states=..., its MLP positionally.
+            f"{layers}.*.self_attn": PrepareModuleInput(
+                input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()}, use_local_output=True
+            ),
+            f"{layers}.*.post_attention_layernorm": SequenceParallel(),
+            f"{layers}.*.mlp": gather(),
+            # The whole embedding output enters the first layer as this rank's slice; the last
+            # layer's slices are gathered for the final norm and head.
+            f"{layers}.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True),
+            f"{base}.norm": gather(),
+        })
+        return out
 
     def _llama_layout(self) -> nn.Module | None:
         """The base model when it is laid out as Llama's (embed_tokens, rotary_emb, layers,
@@ -412,6 +491,18 @@ class HFStage(nn.Module):
             inner.norm = base.norm
             shell.lm_head = hf.get_output_embeddings()
         self.hf, self._prefix = shell, prefix
+        self._flops = HFAdapter(model).flops_per_token()
+
+    def flops_per_token(self) -> int:
+        """The whole model's (MFU counts every stage's work)."""
+        return self._flops
+
+    def adapter(self) -> Any:
+        """The stage's own: its layer list (placeholders included), for the strategies
+        applied after the cut (checkpointing, per-block compile)."""
+        from autotune.workloads.generic import StageAdapter
+
+        return StageAdapter(self, getattr(self.hf, self._prefix).layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """First stage: ids (B, T); others: the stream (B, T, C). Last: logits (B, T, V)."""
