@@ -18,7 +18,6 @@ LLAMA = dict(
     vocab_size=512,  # the default corpus' byte-level BPE needs 257+; llama's own default is 32000
 )
 CPU = ROOT / "profiles" / "cpu-dev.json"
-ADAPTER = pytest.mark.xfail(reason="needs the adapter branch (the 'gpt' structure token leaves the strategies)", strict=False)
 PROCESS_NEEDS = ("fsdp2", "tensor_parallel", "pipeline_parallel")
 """Supported by the model, usable given 2+ processes."""
 
@@ -39,8 +38,7 @@ def listing(run_cli, *args) -> dict[str, dict]:
 
 @pytest.mark.parametrize(
     "name",
-    ["activation_checkpoint", "compile", "fsdp2"]
-    + [pytest.param(n, marks=ADAPTER) for n in ("attention", "vocab_padding", "tensor_parallel", "pipeline_parallel")],
+    ["activation_checkpoint", "compile", "fsdp2", "attention", "vocab_padding", "tensor_parallel", "pipeline_parallel"],
 )
 def test_strategies_lists_what_the_issue_says_for_hf_llama(run_cli, llama_json, name):
     """Usable with 2 processes; with one, those needing processes say only that, as for the GPT."""
@@ -57,7 +55,7 @@ def test_strategies_explain_takes_the_type_from_the_config(run_cli, llama_json):
     assert code == 0, err
     assert "workload hf:llama" in out.replace("\n", " ")
     left_out = {line.partition(": ")[0] for line in out.splitlines()}  # "name: reason" per strategy left out
-    assert "ddp" not in left_out and not left_out & {"activation_checkpoint", "compile", "fsdp2"}
+    assert "ddp" not in left_out and not left_out & {"activation_checkpoint", "compile", "fsdp2", "attention", "vocab_padding", "tensor_parallel", "pipeline_parallel"}
     assert "tpu" in left_out  # the lines are there: this machine has no TPU
 
 
