@@ -4,11 +4,12 @@ The planner prunes a trial predicted not to fit in device memory without launchi
 reports the model's error against the trials that ran. Step time is FLOPs over the profile's
 measured matmul rate at an achievable fraction, plus the memory-bound optimizer step.
 
-Memory per process (bytes), for a GPT of P parameters, L layers, width h, vocab V, micro-batch
-b and sequence s (t = b * s tokens):
+Memory per process (bytes), for a model of P parameters, L layers, width h, vocab V, micro-batch
+b and sequence s (t = b * s tokens), all read from the model adapter's ``ModelShape``:
 
     weights 4P + AdamW states 8P + gradients 4P                   (fp32 master copy)
     + activations  L * t * h * act_bytes(precision, compiled) * stored_fraction(checkpointing)
+      * widths / 16 (the tensors a block saves, 16 of width h for the GPT; see layer_widths)
       (+ L * b * heads * s^2 * bytes for attention backends that store the score matrix)
     + logits       t * V_padded * logit_bytes(precision, compiled)
 
@@ -23,9 +24,12 @@ checkpointed block; ``tests/test_costmodel.py`` checks them against FlopCounterM
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.workloads import Workload
+
+if TYPE_CHECKING:
+    from autotune.workloads.adapter import ModelShape
 
 # Attention backends that keep the (b, heads, s, s) score matrix for the backward pass.
 _STORES_SCORES = {"naive", "math"}
@@ -99,21 +103,45 @@ def padded_vocab(vocab: int, configs: dict[str, Any]) -> int:
     return -(-vocab // multiple) * multiple
 
 
+def shape_of(workload: Workload) -> ModelShape:
+    """The workload's :class:`ModelShape` (its adapter's, computed once when it was loaded);
+    a ValueError for a workload whose shape is not known."""
+    if workload.shape is None:
+        raise ValueError(f"the cost model needs the model's shape; workload {workload.name} has none")
+    return workload.shape
+
+
+def _block_matmuls(shape: ModelShape) -> int:
+    """Matmul weights of all blocks: the model's minus the output head's."""
+    return shape.matmul_params - shape.vocab_size * shape.d_model
+
+
 def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]) -> float:
-    """Training FLOPs of one optimizer step in one process (PaLM: 6N + 12 L h s per token,
-    plus the replayed forward of every recomputed block)."""
-    c = workload.config
+    """Training FLOPs of one optimizer step in one process (PaLM: 6N + 12 L (nh hs) s per
+    token, plus the replayed forward of every recomputed block)."""
+    c = shape_of(workload)
     V = padded_vocab(c.vocab_size, configs)
     accum = _setting(configs, "grad_accum", "steps", 1)
     tokens = micro_batch * c.seq_len * accum
-    block_params = c.n_layers * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff)
-    attention = 12 * c.n_layers * c.d_model * c.seq_len
+    block_params = _block_matmuls(c)
+    attention = 12 * c.n_layers * c.attn_dim * c.seq_len
     total = 6 * (block_params + V * c.d_model) + attention
     k = checkpointed_blocks(configs, c.n_layers)
     # Recomputation replays a block's forward but stops early once every saved tensor is back
     # (torch.utils.checkpoint's early stop): the MLP's output projection is not replayed.
-    recompute = 2 * block_params / c.n_layers + 4 * c.d_model * c.seq_len - 2 * c.d_model * c.d_ff
+    recompute = 2 * block_params / c.n_layers + 4 * c.attn_dim * c.seq_len - 2 * c.d_model * c.d_ff
     return float(tokens * (total + k * recompute))
+
+
+def layer_widths(shape: ModelShape) -> float:
+    """Width-h tensors one block saves per token for its backward, counted as the GPT's: 16
+    (``Coefficients.act_eager_fp32`` / 4 bytes) of which the MLP's hidden ones are 2 x d_ff
+    (a gated MLP's 4 x d_ff: gate, up, act(gate), product), q/k/v 3 (grouped kv heads fewer),
+    and 5 the norms, the residual and attention's output. 16 for the GPT at d_ff = 4h."""
+    h = shape.d_model
+    hidden = 2 * (shape.mlp_matrices - 1) * shape.d_ff
+    qkv = shape.attn_dim + 2 * shape.n_kv_heads * shape.head_dim
+    return (5 * h + hidden + qkv) / h
 
 
 def estimate(
@@ -128,7 +156,8 @@ def estimate(
 ) -> Estimate:
     """Predict the cost of training ``workload`` at ``micro_batch`` with strategy ``configs``
     (name -> typed config, as from ``Plan.strategy_configs``) on each of ``processes``
-    processes. GPT-shaped workloads only.
+    processes. Any workload whose :class:`ModelShape` is known (``workload.shape``: the
+    built-in GPT's and Hugging Face models').
 
     Several processes split the state as their mesh does (:func:`shard_state`, not yet
     checked against measured multi-GPU peaks: no two-GPU machine was lent since these
@@ -136,9 +165,7 @@ def estimate(
     parallel) activations by tp, pipeline parallel keeps L/pp blocks a stage and the
     micro-batches in flight, FSDP2 and ZeRO shard states over dp, offload moves them to the
     host. Step time divides the FLOPs by tp x pp and ignores communication."""
-    c = workload.config
-    if c is None:
-        raise ValueError(f"the cost model needs a GPT-shaped workload config; {workload.name} has none")
+    c = shape_of(workload)
     k = coefficients
     dtype = _setting(configs, "precision", "dtype", "fp32")
     mixed = dtype != "fp32"
@@ -154,10 +181,10 @@ def estimate(
     from autotune.mesh import mesh_shape
 
     dp, tp, pp = mesh_shape(processes, configs)
-    block_params = L * (4 * h * h + 2 * h * c.d_ff + 2 * h)
-    # Embedding, position table and final norm stay whole (under TP too); with PP the first
-    # and the last stage both hold the tied embedding/head.
-    params = block_params / (tp * pp) + V * h + s * h + h
+    block_params = c.block_params or _block_matmuls(c)
+    # Embedding (and an untied head), position table and final norm stay whole (under TP
+    # too); with PP the first and the last stage both hold the tied embedding/head.
+    params = block_params / (tp * pp) + c.vocab_tables * V * h + c.other_params
     act_coef = {
         (False, False): k.act_eager_fp32, (False, True): k.act_eager_mixed,
         (True, False): k.act_compiled_fp32, (True, True): k.act_compiled_mixed,
@@ -168,8 +195,9 @@ def estimate(
     }[(loss_compiled, mixed)]
     ckpt = checkpointed_blocks(configs, L)
     # A checkpointed block keeps only its fp32 input; one block is live again while recomputed.
-    stored_layers = (L - ckpt) + ckpt * (4.0 / act_coef) + (1 if ckpt else 0)
-    activations = stored_layers * tokens * h * act_coef
+    stored_layers = (L - ckpt) + ckpt * (4.0 / act_coef) * 16 / layer_widths(c) + (1 if ckpt else 0)
+    # act_coef is per width-h tensor group of the GPT (16 of them); other shapes save other widths.
+    activations = stored_layers * tokens * h * act_coef * layer_widths(c) / 16
     if tp > 1:  # sequence parallel splits the norms' and residuals' share too
         activations *= 1 / tp if _setting(configs, "tensor_parallel", "sequence_parallel", True) else 0.5 + 0.5 / tp
     if pp > 1:  # a stage's blocks; 1F1B keeps at most pp pieces of the micro-batch in flight

@@ -147,6 +147,9 @@ class MoeMLP(nn.Module):
         """Fraction of the last forward's choices over capacity (0-d tensor)."""
         self.last_aux_loss = torch.zeros(())
         """The last forward's load-balancing loss, before its coefficient (0-d tensor)."""
+        self.active_share = cfg.top_k / E
+        """Share of the stacked expert weights one token passes through (top_k / num_experts):
+        FLOPs count it (``adapter.block_matmul_params``), memory counts every expert."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
