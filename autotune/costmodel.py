@@ -24,8 +24,10 @@ checkpointed block; ``tests/test_costmodel.py`` checks them against FlopCounterM
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from autotune.errors import UserError
 from autotune.workloads import Workload
 
 if TYPE_CHECKING:
@@ -159,9 +161,10 @@ def estimate(
     processes. Any workload whose :class:`ModelShape` is known (``workload.shape``: the
     built-in GPT's and Hugging Face models').
 
-    Several processes split the state as their mesh does (:func:`shard_state`, not yet
-    checked against measured multi-GPU peaks: no two-GPU machine was lent since these
-    strategies exist): tensor parallel divides each block's parameters and (with sequence
+    Each chosen strategy's cost term then changes what the core counted, in apply order
+    (:class:`CostTerms`, :func:`strategy_terms`). Several processes split the state as their
+    mesh does (not yet checked against measured multi-GPU peaks: no two-GPU machine was lent
+    since these strategies exist): tensor parallel divides each block's parameters and (with sequence
     parallel) activations by tp, pipeline parallel keeps L/pp blocks a stage and the
     micro-batches in flight, FSDP2 and ZeRO shard states over dp, offload moves them to the
     host. Step time divides the FLOPs by tp x pp and ignores communication."""
@@ -184,7 +187,6 @@ def estimate(
     block_params = c.block_params or _block_matmuls(c)
     # Embedding (and an untied head), position table and final norm stay whole (under TP
     # too); with PP the first and the last stage both hold the tied embedding/head.
-    params = block_params / (tp * pp) + c.vocab_tables * V * h + c.other_params
     act_coef = {
         (False, False): k.act_eager_fp32, (False, True): k.act_eager_mixed,
         (True, False): k.act_compiled_fp32, (True, True): k.act_compiled_mixed,
@@ -198,24 +200,29 @@ def estimate(
     stored_layers = (L - ckpt) + ckpt * (4.0 / act_coef) * 16 / layer_widths(c) + (1 if ckpt else 0)
     # act_coef is per width-h tensor group of the GPT (16 of them); other shapes save other widths.
     activations = stored_layers * tokens * h * act_coef * layer_widths(c) / 16
-    if tp > 1:  # sequence parallel splits the norms' and residuals' share too
-        activations *= 1 / tp if _setting(configs, "tensor_parallel", "sequence_parallel", True) else 0.5 + 0.5 / tp
-    if pp > 1:  # a stage's blocks; 1F1B keeps at most pp pieces of the micro-batch in flight
-        pieces = _setting(configs, "pipeline_parallel", "microbatches", 4)
-        in_flight = 1.0 if _setting(configs, "pipeline_parallel", "schedule", "1f1b") == "gpipe" else min(pp, pieces) / pieces
-        activations *= in_flight / pp
     scores = 0.0
     if backend in _STORES_SCORES:
         # fp32: the softmax output; autocast: bf16 scores and the fp32 softmax (measured).
         score_bytes = 6 if mixed else 4
-        scores = (L - ckpt + (1 if ckpt else 0)) * micro_batch * c.n_heads * s * s * score_bytes / (tp * pp)
+        scores = (L - ckpt + (1 if ckpt else 0)) * micro_batch * c.n_heads * s * s * score_bytes
+    terms = CostTerms(
+        shape=c, dp=dp, tp=tp, pp=pp, tokens_per_step=tokens * _setting(configs, "grad_accum", "steps", 1),
+        block_params=block_params, other_params=c.vocab_tables * V * h + c.other_params,
+        activations=activations, scores=scores, flops=flops_per_step(workload, micro_batch, configs),
+    )
+    for name, term in strategy_terms(configs):
+        term(configs[name], terms)
+    # The blocks' share of one process: tensor parallel splits each, pipeline stages hold L/pp.
+    params = terms.block_params / terms.model_shards + terms.other_params
     breakdown = {
-        **shard_state(params, dp, configs),
-        "activations": activations,
+        "weights": 0.0 if terms.weights_on_host else 4.0 * params / terms.weight_shards,
+        "optimizer": 0.0 if terms.optimizer_on_host else 8.0 * params / terms.optimizer_shards,
+        "gradients": 4.0 * params / terms.gradient_shards,
+        "activations": terms.activations,
         "logits": tokens * V * logit_coef,
-        "scores": scores,
+        "scores": terms.scores / terms.model_shards,
     }
-    flops = flops_per_step(workload, micro_batch, configs) / (tp * pp)
+    flops = terms.flops / terms.model_shards
     step_time = None
     if matmul_flops:
         efficiency = k.matmul_efficiency if compiled else k.eager_efficiency
@@ -226,22 +233,114 @@ def estimate(
     return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, breakdown=breakdown)
 
 
-def shard_state(params: float, dp: int, configs: dict[str, Any]) -> dict[str, float]:
-    """Device bytes of fp32 weights, gradients and AdamW's two moments for ``params``
-    parameters on one of ``dp`` data-parallel processes: ZeRO-1 shards the moments, ZeRO-2
-    also the gradients, ZeRO-3 and FSDP2 also the weights (plus, for FSDP2, one block
-    gathered at a time, ignored here); offload keeps the moments (and, ZeRO-3, the weights)
-    on the host."""
-    weights, optimizer, gradients = 4.0 * params, 8.0 * params, 4.0 * params
-    stage = 3 if "fsdp2" in configs else _setting(configs, "zero", "stage", 0)
+@dataclass(kw_only=True, slots=True)
+class CostTerms:
+    """One process's share of a training step as the core counts it from the model's shape,
+    precision, compile, attention backend and checkpointing; each chosen strategy's declared
+    term (``Strategy.cost``, see :func:`strategy_terms`) then changes it in place."""
+
+    shape: ModelShape
+    """The model's shape before any strategy (the workload's)."""
+    dp: int
+    """Data-parallel groups of the mesh."""
+    tp: int
+    """Tensor-parallel degree."""
+    pp: int
+    """Pipeline stages."""
+    tokens_per_step: int
+    """Tokens one process trains on per optimizer step (micro-batch x seq x accumulation)."""
+    block_params: float
+    """Parameters of all blocks of the whole model (a term adding experts adds here)."""
+    other_params: float
+    """Parameters every process holds whole: embedding, head, position table, final norm."""
+    activations: float
+    """Bytes of saved activations in this process."""
+    scores: float
+    """Bytes of stored attention scores, before :attr:`model_shards` divides them."""
+    flops: float
+    """Training FLOPs per optimizer step of the whole model, before :attr:`model_shards`."""
+    model_shards: int = 1
+    """Ways the blocks (their parameters, scores and FLOPs) are split: tp x pp."""
+    weight_shards: float = 1.0
+    """Data-parallel processes sharing one copy of the weights (ZeRO-3, FSDP2)."""
+    gradient_shards: float = 1.0
+    """... of the gradients (ZeRO-2 and up, FSDP2)."""
+    optimizer_shards: float = 1.0
+    """... of AdamW's moments (ZeRO-1 and up, FSDP2)."""
+    weights_on_host: bool = False
+    """The weights live in host memory (ZeRO-3 offload)."""
+    optimizer_on_host: bool = False
+    """AdamW's moments live in host memory (ZeRO offload)."""
+
+
+CostTerm = Callable[[Any, CostTerms], None]
+"""A strategy's cost term: (its typed config, the terms) -> None, changing the terms."""
+
+
+def strategy_terms(configs: dict[str, Any]) -> list[tuple[str, CostTerm]]:
+    """The cost terms of the chosen strategies, in apply order: each strategy's own
+    (``Strategy.cost``), else the one this module still keeps for it (:data:`BUILTIN_TERMS`)."""
+    from autotune import catalog
+    from autotune.apply import ORDER
+
+    out = []
+    for name in sorted(configs, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        try:
+            term = catalog.get(name).cost
+        except UserError:  # a name the catalog does not know has no term
+            term = None
+        term = term or BUILTIN_TERMS.get(name)
+        if term is not None:
+            out.append((name, term))
+    return out
+
+
+def tensor_parallel_cost(cfg: Any, terms: CostTerms) -> None:
+    """Each block split tp ways; sequence parallel also splits the norms' and residuals'
+    activations (without it they stay whole: half the activations)."""
+    terms.model_shards *= terms.tp
+    if terms.tp > 1:
+        terms.activations *= 1 / terms.tp if getattr(cfg, "sequence_parallel", True) else 0.5 + 0.5 / terms.tp
+
+
+def pipeline_parallel_cost(cfg: Any, terms: CostTerms) -> None:
+    """A stage's L/pp blocks; 1F1B keeps at most pp pieces of the micro-batch in flight,
+    GPipe all of them."""
+    terms.model_shards *= terms.pp
+    if terms.pp > 1:
+        pieces = getattr(cfg, "microbatches", 4)
+        in_flight = 1.0 if getattr(cfg, "schedule", "1f1b") == "gpipe" else min(terms.pp, pieces) / pieces
+        terms.activations *= in_flight / terms.pp
+
+
+def zero_cost(cfg: Any, terms: CostTerms) -> None:
+    """ZeRO-1 shards the moments over dp, ZeRO-2 also the gradients, ZeRO-3 also the
+    weights; offload keeps the moments (and, ZeRO-3, the weights) on the host."""
+    stage = getattr(cfg, "stage", 0)
+    _shard(terms, stage)
+    terms.optimizer_on_host |= bool(getattr(cfg, "offload_optimizer", False))
+    terms.weights_on_host |= bool(getattr(cfg, "offload_params", False))
+
+
+def fsdp2_cost(cfg: Any, terms: CostTerms) -> None:
+    """Weights, gradients and moments sharded over dp (one block gathered at a time, ignored)."""
+    _shard(terms, 3)
+
+
+def _shard(terms: CostTerms, stage: int) -> None:
     if stage >= 1:
-        optimizer /= dp
+        terms.optimizer_shards = terms.dp
     if stage >= 2:
-        gradients /= dp
+        terms.gradient_shards = terms.dp
     if stage >= 3:
-        weights /= dp
-    if _setting(configs, "zero", "offload_optimizer", False):
-        optimizer = 0.0
-    if _setting(configs, "zero", "offload_params", False):
-        weights = 0.0
-    return {"weights": weights, "optimizer": optimizer, "gradients": gradients}
+        terms.weight_shards = terms.dp
+
+
+BUILTIN_TERMS: dict[str, CostTerm] = {
+    "tensor_parallel": tensor_parallel_cost,
+    "pipeline_parallel": pipeline_parallel_cost,
+    "zero": zero_cost,
+    "fsdp2": fsdp2_cost,
+}
+"""Terms kept here for strategies whose module does not declare one yet (``Strategy.cost``
+wins): each moves to its strategy's module as ``cost=...`` unchanged."""

@@ -162,3 +162,15 @@ def test_moe_experts_count_their_active_share_of_flops_and_all_of_memory():
     assert moe.matmul_params == dense.matmul_params - 2 * d * d_ff + 2 * 2 * d * d_ff + d * 4
     assert moe.block_params == dense.block_params - 2 * d * d_ff + 4 * 2 * d * d_ff + d * 4
     assert moe.block_params == sum(params_of(b) for b in model.blocks)
+    # The strategy's declared cost term predicts that model from the dense shape alone.
+    configs = {"moe": catalog.get("moe").parse({"num_experts": 4, "top_k": 2, "every_n_layers": 2})}
+    estimate = costmodel.estimate(workload, 2, configs)
+    assert estimate.breakdown["weights"] == 4 * params_of(model)
+    assert estimate.flops_per_step == adapter_for(model).flops_per_token() * 2 * 64
+
+
+def test_chosen_strategies_cost_terms_run_in_apply_order():
+    configs = {n: catalog.get(n).parse(k) for n, k in {"zero": {"stage": 2}, "moe": {}, "precision": {"dtype": "bf16"}}.items()}
+    names = [name for name, _ in costmodel.strategy_terms(configs)]
+    assert names == ["moe", "zero"]  # precision declares none: it picks the core's coefficients
+    assert catalog.get("moe").cost is not None and costmodel.strategy_terms(configs)[1][1] is costmodel.zero_cost
