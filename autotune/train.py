@@ -131,7 +131,9 @@ def global_tokens_per_step(micro_batch: int, seq_len: int, grad_accum: int, dp: 
     return micro_batch * seq_len * grad_accum * dp
 
 
-def model_flops_utilization(flops_per_token: float, tokens_per_s: float | None, peak_flops: float | None, processes: int) -> float | None:
+def model_flops_utilization(
+    flops_per_token: float, tokens_per_s: float | None, peak_flops: float | None, processes: int
+) -> float | None:
     """MFU, the one definition (trials and runs both report it): the model's training FLOPs
     at ``tokens_per_s`` (the global batch's rate) over the reference peak of every one of
     ``processes`` devices, since each holds one (PaLM appendix B). Under tensor or pipeline

@@ -108,7 +108,8 @@ def test_costmodel_of_hf_gpt2_is_the_gpt_of_its_shape():
     pytest.importorskip("transformers")
     hf = load_workload("hf:gpt2", HF_GPT2)
     gpt = load_workload("tiny", {"vocab_size": 250, "seq_len": 16, "d_model": 64, "n_layers": 2, "n_heads": 4})
-    for configs in ({}, {"precision": {"dtype": "bf16"}, "attention": {"backend": "naive"}}, {"activation_checkpoint": {"mode": "full"}}):
+    cases = ({}, {"precision": {"dtype": "bf16"}, "attention": {"backend": "naive"}}, {"activation_checkpoint": {"mode": "full"}})
+    for configs in cases:
         configs = {n: catalog.get(n).parse(k) for n, k in configs.items()}
         a, b = costmodel.estimate(hf, 4, configs), costmodel.estimate(gpt, 4, configs)
         for part in ("activations", "logits", "scores"):

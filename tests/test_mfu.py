@@ -50,7 +50,8 @@ def made_up_profile(path: Path) -> None:
     profile = hardware.detect(quick=True)
     rate = hardware.Stat(median=PEAK, min=PEAK, max=PEAK, repeats=1, unit="flop/s")
     profile.measured = hardware.Measurements(
-        device="cpu", matmul_n=1, matmul={"bf16": rate}, copy_bytes=0, copy=None, h2d_bytes=None, h2d=None, allreduce=[], seconds=0.0,
+        device="cpu", matmul_n=1, matmul={"bf16": rate}, copy_bytes=0, copy=None,
+        h2d_bytes=None, h2d=None, allreduce=[], seconds=0.0,
     )
     profile.save(path)
 
@@ -64,7 +65,8 @@ def test_trial_and_run_report_one_mfu_under_tensor_parallel(tmp_path: Path) -> N
     from autotune.distributed import torchrun_command
 
     cmd = torchrun_command(2, "tests.test_mfu", [str(out)])
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache)})
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}  # trials and runs read the default profile
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads((out / "mfu.json").read_text())
     trial, run = got["trial"], got["run"]
