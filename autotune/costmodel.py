@@ -4,11 +4,12 @@ The planner prunes a trial predicted not to fit in device memory without launchi
 reports the model's error against the trials that ran. Step time is FLOPs over the profile's
 measured matmul rate at an achievable fraction, plus the memory-bound optimizer step.
 
-Memory per process (bytes), for a GPT of P parameters, L layers, width h, vocab V, micro-batch
-b and sequence s (t = b * s tokens):
+Memory per process (bytes), for a model of P parameters, L layers, width h, vocab V, micro-batch
+b and sequence s (t = b * s tokens), all read from the model adapter's ``ModelShape``:
 
     weights 4P + AdamW states 8P + gradients 4P                   (fp32 master copy)
     + activations  L * t * h * act_bytes(precision, compiled) * stored_fraction(checkpointing)
+      * widths / 16 (the tensors a block saves, 16 of width h for the GPT; see layer_widths)
       (+ L * b * heads * s^2 * bytes for attention backends that store the score matrix)
     + logits       t * V_padded * logit_bytes(precision, compiled)
 
@@ -23,9 +24,14 @@ checkpointed block; ``tests/test_costmodel.py`` checks them against FlopCounterM
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from autotune.errors import UserError
 from autotune.workloads import Workload
+
+if TYPE_CHECKING:
+    from autotune.workloads.adapter import ModelShape
 
 # Attention backends that keep the (b, heads, s, s) score matrix for the backward pass.
 _STORES_SCORES = {"naive", "math"}
@@ -99,21 +105,45 @@ def padded_vocab(vocab: int, configs: dict[str, Any]) -> int:
     return -(-vocab // multiple) * multiple
 
 
+def shape_of(workload: Workload) -> ModelShape:
+    """The workload's :class:`ModelShape` (its adapter's, computed once when it was loaded);
+    a ValueError for a workload whose shape is not known."""
+    if workload.shape is None:
+        raise ValueError(f"the cost model needs the model's shape; workload {workload.name} has none")
+    return workload.shape
+
+
+def _block_matmuls(shape: ModelShape) -> int:
+    """Matmul weights of all blocks: the model's minus the output head's."""
+    return shape.matmul_params - shape.vocab_size * shape.d_model
+
+
 def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]) -> float:
-    """Training FLOPs of one optimizer step in one process (PaLM: 6N + 12 L h s per token,
-    plus the replayed forward of every recomputed block)."""
-    c = workload.config
+    """Training FLOPs of one optimizer step in one process (PaLM: 6N + 12 L (nh hs) s per
+    token, plus the replayed forward of every recomputed block)."""
+    c = shape_of(workload)
     V = padded_vocab(c.vocab_size, configs)
     accum = _setting(configs, "grad_accum", "steps", 1)
     tokens = micro_batch * c.seq_len * accum
-    block_params = c.n_layers * (4 * c.d_model * c.d_model + 2 * c.d_model * c.d_ff)
-    attention = 12 * c.n_layers * c.d_model * c.seq_len
+    block_params = _block_matmuls(c)
+    attention = 12 * c.n_layers * c.attn_dim * c.seq_len
     total = 6 * (block_params + V * c.d_model) + attention
     k = checkpointed_blocks(configs, c.n_layers)
     # Recomputation replays a block's forward but stops early once every saved tensor is back
     # (torch.utils.checkpoint's early stop): the MLP's output projection is not replayed.
-    recompute = 2 * block_params / c.n_layers + 4 * c.d_model * c.seq_len - 2 * c.d_model * c.d_ff
+    recompute = 2 * block_params / c.n_layers + 4 * c.attn_dim * c.seq_len - 2 * c.d_model * c.d_ff
     return float(tokens * (total + k * recompute))
+
+
+def layer_widths(shape: ModelShape) -> float:
+    """Width-h tensors one block saves per token for its backward, counted as the GPT's: 16
+    (``Coefficients.act_eager_fp32`` / 4 bytes) of which the MLP's hidden ones are 2 x d_ff
+    (a gated MLP's 4 x d_ff: gate, up, act(gate), product), q/k/v 3 (grouped kv heads fewer),
+    and 5 the norms, the residual and attention's output. 16 for the GPT at d_ff = 4h."""
+    h = shape.d_model
+    hidden = 2 * (shape.mlp_matrices - 1) * shape.d_ff
+    qkv = shape.attn_dim + 2 * shape.n_kv_heads * shape.head_dim
+    return (5 * h + hidden + qkv) / h
 
 
 def estimate(
@@ -128,17 +158,17 @@ def estimate(
 ) -> Estimate:
     """Predict the cost of training ``workload`` at ``micro_batch`` with strategy ``configs``
     (name -> typed config, as from ``Plan.strategy_configs``) on each of ``processes``
-    processes. GPT-shaped workloads only.
+    processes. Any workload whose :class:`ModelShape` is known (``workload.shape``: the
+    built-in GPT's and Hugging Face models').
 
-    Several processes split the state as their mesh does (:func:`shard_state`, not yet
-    checked against measured multi-GPU peaks: no two-GPU machine was lent since these
-    strategies exist): tensor parallel divides each block's parameters and (with sequence
+    Each chosen strategy's cost term then changes what the core counted, in apply order
+    (:class:`CostTerms`, :func:`strategy_terms`). Several processes split the state as their
+    mesh does (not yet checked against measured multi-GPU peaks: no two-GPU machine was lent
+    since these strategies exist): tensor parallel divides each block's parameters and (with sequence
     parallel) activations by tp, pipeline parallel keeps L/pp blocks a stage and the
     micro-batches in flight, FSDP2 and ZeRO shard states over dp, offload moves them to the
     host. Step time divides the FLOPs by tp x pp and ignores communication."""
-    c = workload.config
-    if c is None:
-        raise ValueError(f"the cost model needs a GPT-shaped workload config; {workload.name} has none")
+    c = shape_of(workload)
     k = coefficients
     dtype = _setting(configs, "precision", "dtype", "fp32")
     mixed = dtype != "fp32"
@@ -154,10 +184,9 @@ def estimate(
     from autotune.mesh import mesh_shape
 
     dp, tp, pp = mesh_shape(processes, configs)
-    block_params = L * (4 * h * h + 2 * h * c.d_ff + 2 * h)
-    # Embedding, position table and final norm stay whole (under TP too); with PP the first
-    # and the last stage both hold the tied embedding/head.
-    params = block_params / (tp * pp) + V * h + s * h + h
+    block_params = c.block_params or _block_matmuls(c)
+    # Embedding (and an untied head), position table and final norm stay whole (under TP
+    # too); with PP the first and the last stage both hold the tied embedding/head.
     act_coef = {
         (False, False): k.act_eager_fp32, (False, True): k.act_eager_mixed,
         (True, False): k.act_compiled_fp32, (True, True): k.act_compiled_mixed,
@@ -168,26 +197,32 @@ def estimate(
     }[(loss_compiled, mixed)]
     ckpt = checkpointed_blocks(configs, L)
     # A checkpointed block keeps only its fp32 input; one block is live again while recomputed.
-    stored_layers = (L - ckpt) + ckpt * (4.0 / act_coef) + (1 if ckpt else 0)
-    activations = stored_layers * tokens * h * act_coef
-    if tp > 1:  # sequence parallel splits the norms' and residuals' share too
-        activations *= 1 / tp if _setting(configs, "tensor_parallel", "sequence_parallel", True) else 0.5 + 0.5 / tp
-    if pp > 1:  # a stage's blocks; 1F1B keeps at most pp pieces of the micro-batch in flight
-        pieces = _setting(configs, "pipeline_parallel", "microbatches", 4)
-        in_flight = 1.0 if _setting(configs, "pipeline_parallel", "schedule", "1f1b") == "gpipe" else min(pp, pieces) / pieces
-        activations *= in_flight / pp
+    stored_layers = (L - ckpt) + ckpt * (4.0 / act_coef) * 16 / layer_widths(c) + (1 if ckpt else 0)
+    # act_coef is per width-h tensor group of the GPT (16 of them); other shapes save other widths.
+    activations = stored_layers * tokens * h * act_coef * layer_widths(c) / 16
     scores = 0.0
     if backend in _STORES_SCORES:
         # fp32: the softmax output; autocast: bf16 scores and the fp32 softmax (measured).
         score_bytes = 6 if mixed else 4
-        scores = (L - ckpt + (1 if ckpt else 0)) * micro_batch * c.n_heads * s * s * score_bytes / (tp * pp)
+        scores = (L - ckpt + (1 if ckpt else 0)) * micro_batch * c.n_heads * s * s * score_bytes
+    terms = CostTerms(
+        shape=c, dp=dp, tp=tp, pp=pp, tokens_per_step=tokens * _setting(configs, "grad_accum", "steps", 1),
+        block_params=block_params, other_params=c.vocab_tables * V * h + c.other_params,
+        activations=activations, scores=scores, flops=flops_per_step(workload, micro_batch, configs),
+    )
+    for name, term in strategy_terms(configs):
+        term(configs[name], terms)
+    # The blocks' share of one process: tensor parallel splits each, pipeline stages hold L/pp.
+    params = terms.block_params / terms.model_shards + terms.other_params
     breakdown = {
-        **shard_state(params, dp, configs),
-        "activations": activations,
+        "weights": 0.0 if terms.weights_on_host else 4.0 * params / terms.weight_shards,
+        "optimizer": 0.0 if terms.optimizer_on_host else 8.0 * params / terms.optimizer_shards,
+        "gradients": 4.0 * params / terms.gradient_shards,
+        "activations": terms.activations,
         "logits": tokens * V * logit_coef,
-        "scores": scores,
+        "scores": terms.scores / terms.model_shards,
     }
-    flops = flops_per_step(workload, micro_batch, configs) / (tp * pp)
+    flops = terms.flops / terms.model_shards
     step_time = None
     if matmul_flops:
         efficiency = k.matmul_efficiency if compiled else k.eager_efficiency
@@ -198,22 +233,114 @@ def estimate(
     return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, breakdown=breakdown)
 
 
-def shard_state(params: float, dp: int, configs: dict[str, Any]) -> dict[str, float]:
-    """Device bytes of fp32 weights, gradients and AdamW's two moments for ``params``
-    parameters on one of ``dp`` data-parallel processes: ZeRO-1 shards the moments, ZeRO-2
-    also the gradients, ZeRO-3 and FSDP2 also the weights (plus, for FSDP2, one block
-    gathered at a time, ignored here); offload keeps the moments (and, ZeRO-3, the weights)
-    on the host."""
-    weights, optimizer, gradients = 4.0 * params, 8.0 * params, 4.0 * params
-    stage = 3 if "fsdp2" in configs else _setting(configs, "zero", "stage", 0)
+@dataclass(kw_only=True, slots=True)
+class CostTerms:
+    """One process's share of a training step as the core counts it from the model's shape,
+    precision, compile, attention backend and checkpointing; each chosen strategy's declared
+    term (``Strategy.cost``, see :func:`strategy_terms`) then changes it in place."""
+
+    shape: ModelShape
+    """The model's shape before any strategy (the workload's)."""
+    dp: int
+    """Data-parallel groups of the mesh."""
+    tp: int
+    """Tensor-parallel degree."""
+    pp: int
+    """Pipeline stages."""
+    tokens_per_step: int
+    """Tokens one process trains on per optimizer step (micro-batch x seq x accumulation)."""
+    block_params: float
+    """Parameters of all blocks of the whole model (a term adding experts adds here)."""
+    other_params: float
+    """Parameters every process holds whole: embedding, head, position table, final norm."""
+    activations: float
+    """Bytes of saved activations in this process."""
+    scores: float
+    """Bytes of stored attention scores, before :attr:`model_shards` divides them."""
+    flops: float
+    """Training FLOPs per optimizer step of the whole model, before :attr:`model_shards`."""
+    model_shards: int = 1
+    """Ways the blocks (their parameters, scores and FLOPs) are split: tp x pp."""
+    weight_shards: float = 1.0
+    """Data-parallel processes sharing one copy of the weights (ZeRO-3, FSDP2)."""
+    gradient_shards: float = 1.0
+    """... of the gradients (ZeRO-2 and up, FSDP2)."""
+    optimizer_shards: float = 1.0
+    """... of AdamW's moments (ZeRO-1 and up, FSDP2)."""
+    weights_on_host: bool = False
+    """The weights live in host memory (ZeRO-3 offload)."""
+    optimizer_on_host: bool = False
+    """AdamW's moments live in host memory (ZeRO offload)."""
+
+
+CostTerm = Callable[[Any, CostTerms], None]
+"""A strategy's cost term: (its typed config, the terms) -> None, changing the terms."""
+
+
+def strategy_terms(configs: dict[str, Any]) -> list[tuple[str, CostTerm]]:
+    """The cost terms of the chosen strategies, in apply order: each strategy's own
+    (``Strategy.cost``), else the one this module still keeps for it (:data:`BUILTIN_TERMS`)."""
+    from autotune import catalog
+    from autotune.apply import ORDER
+
+    out = []
+    for name in sorted(configs, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+        try:
+            term = catalog.get(name).cost
+        except UserError:  # a name the catalog does not know has no term
+            term = None
+        term = term or BUILTIN_TERMS.get(name)
+        if term is not None:
+            out.append((name, term))
+    return out
+
+
+def tensor_parallel_cost(cfg: Any, terms: CostTerms) -> None:
+    """Each block split tp ways; sequence parallel also splits the norms' and residuals'
+    activations (without it they stay whole: half the activations)."""
+    terms.model_shards *= terms.tp
+    if terms.tp > 1:
+        terms.activations *= 1 / terms.tp if getattr(cfg, "sequence_parallel", True) else 0.5 + 0.5 / terms.tp
+
+
+def pipeline_parallel_cost(cfg: Any, terms: CostTerms) -> None:
+    """A stage's L/pp blocks; 1F1B keeps at most pp pieces of the micro-batch in flight,
+    GPipe all of them."""
+    terms.model_shards *= terms.pp
+    if terms.pp > 1:
+        pieces = getattr(cfg, "microbatches", 4)
+        in_flight = 1.0 if getattr(cfg, "schedule", "1f1b") == "gpipe" else min(terms.pp, pieces) / pieces
+        terms.activations *= in_flight / terms.pp
+
+
+def zero_cost(cfg: Any, terms: CostTerms) -> None:
+    """ZeRO-1 shards the moments over dp, ZeRO-2 also the gradients, ZeRO-3 also the
+    weights; offload keeps the moments (and, ZeRO-3, the weights) on the host."""
+    stage = getattr(cfg, "stage", 0)
+    _shard(terms, stage)
+    terms.optimizer_on_host |= bool(getattr(cfg, "offload_optimizer", False))
+    terms.weights_on_host |= bool(getattr(cfg, "offload_params", False))
+
+
+def fsdp2_cost(cfg: Any, terms: CostTerms) -> None:
+    """Weights, gradients and moments sharded over dp (one block gathered at a time, ignored)."""
+    _shard(terms, 3)
+
+
+def _shard(terms: CostTerms, stage: int) -> None:
     if stage >= 1:
-        optimizer /= dp
+        terms.optimizer_shards = terms.dp
     if stage >= 2:
-        gradients /= dp
+        terms.gradient_shards = terms.dp
     if stage >= 3:
-        weights /= dp
-    if _setting(configs, "zero", "offload_optimizer", False):
-        optimizer = 0.0
-    if _setting(configs, "zero", "offload_params", False):
-        weights = 0.0
-    return {"weights": weights, "optimizer": optimizer, "gradients": gradients}
+        terms.weight_shards = terms.dp
+
+
+BUILTIN_TERMS: dict[str, CostTerm] = {
+    "tensor_parallel": tensor_parallel_cost,
+    "pipeline_parallel": pipeline_parallel_cost,
+    "zero": zero_cost,
+    "fsdp2": fsdp2_cost,
+}
+"""Terms kept here for strategies whose module does not declare one yet (``Strategy.cost``
+wins): each moves to its strategy's module as ``cost=...`` unchanged."""

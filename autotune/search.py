@@ -205,7 +205,8 @@ def baseline_params(space: SearchSpace) -> dict[str, Any]:
 
 
 def predict(space: SearchSpace, plan: Plan) -> costmodel.Estimate | None:
-    if space.workload.config is None:
+    """The cost model's estimate of ``plan``; None for a workload whose shape is not known."""
+    if space.workload.shape is None:
         return None
     configs = plan.strategy_configs()
     return costmodel.estimate(

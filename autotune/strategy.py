@@ -95,6 +95,10 @@ class Strategy:
     check_workload: Callable[[Any, Any], None] | None = None
     """Refuses (UserError) this strategy's settings that the workload cannot take, given its
     typed config and the Workload (a sliding window longer than the sequence)."""
+    cost: Callable[[Any, Any], None] | None = None
+    """The strategy's cost-model term: (its typed config, ``costmodel.CostTerms``) -> None,
+    changing the memory and FLOPs the core counted (experts added, state sharded); None: it
+    changes nothing the cost model counts, or ``costmodel.BUILTIN_TERMS`` still holds its term."""
 
     @property
     def implemented(self) -> bool:

@@ -79,12 +79,9 @@ def lr_at(step: int, spec: TrainSpec) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device, options: dict[str, Any]) -> torch.optim.Optimizer:
-    # Decay matrices only (nanoGPT): norms, biases and other vectors are left alone.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    # One group per mesh as well, for the foreach and fused kernels (distributed.by_mesh).
-    groups = [{**g, "params": ps} for g in groups for ps in list(distributed.by_mesh(g["params"]).values()) or [[]]]
+    from autotune.strategies.optimizer import adamw_groups
+
+    groups = adamw_groups(model, spec.weight_decay)  # decay on matrices only, one group per mesh
     kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
     kwargs.update(options)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
@@ -126,9 +123,32 @@ def _reference_peak(device: torch.device, profile_path: str | None) -> tuple[flo
     return None, None
 
 
+def global_tokens_per_step(micro_batch: int, seq_len: int, grad_accum: int, dp: int) -> int:
+    """Tokens of the global batch per optimizer step, the one definition (trials, runs and
+    ``--tokens`` all count with it): micro-batch x sequence x accumulation x data-parallel
+    groups. Tensor-parallel ranks and pipeline stages share their group's batch, so they do
+    not multiply it (nanoGPT's "12 batch * 1024 block * 5 accum * 8 GPUs")."""
+    return micro_batch * seq_len * grad_accum * dp
+
+
+def model_flops_utilization(
+    flops_per_token: float, tokens_per_s: float | None, peak_flops: float | None, processes: int
+) -> float | None:
+    """MFU, the one definition (trials and runs both report it): the model's training FLOPs
+    at ``tokens_per_s`` (the global batch's rate) over the reference peak of every one of
+    ``processes`` devices, since each holds one (PaLM appendix B). Under tensor or pipeline
+    parallel the denominator is still every process, not the data-parallel groups: dividing
+    by dp would credit tp x pp devices' work to one. None without a rate or a peak."""
+    if tokens_per_s is None or not peak_flops:
+        return None
+    return flops_per_token * tokens_per_s / (peak_flops * processes)
+
+
 def tokens_per_step(plan: Plan) -> int:
     """Tokens of the global batch per optimizer step, computed from the plan alone."""
-    return plan.global_batch() * load_workload(plan.workload.name, plan.workload.overrides).seq_len
+    dp, _, _ = mesh_shape(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs())
+    seq_len = load_workload(plan.workload.name, plan.workload.overrides).seq_len
+    return global_tokens_per_step(plan.train.micro_batch_size, seq_len, plan.grad_accum(), dp)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -201,7 +221,7 @@ class Trainer:
         self.params = [p for p in self.ctx.model.parameters() if p.requires_grad]
         self.batches = self._make_batches(data_dir)
         # The global batch: dp groups of micro-batches (tp ranks and pp stages share theirs).
-        self.tokens_per_step = self.spec.micro_batch_size * workload.seq_len * self.ctx.grad_accum * dp
+        self.tokens_per_step = global_tokens_per_step(self.spec.micro_batch_size, workload.seq_len, self.ctx.grad_accum, dp)
         self.flops_per_token = flops_per_token(self.ctx.model, workload)
         self.peak_flops, self.peak_source = peak_flops(self.device, profile_path)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -227,9 +247,7 @@ class Trainer:
     def mfu(self, tokens_per_s: float | None) -> float | None:
         """Model FLOPs utilisation at ``tokens_per_s`` (the global batch's rate): against the
         reference peak (``peak_source``) of every process's device, since each holds one."""
-        if tokens_per_s is None or not self.peak_flops:
-            return None
-        return self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
+        return model_flops_utilization(self.flops_per_token, tokens_per_s, self.peak_flops, self.world_size)
 
     def identity(self) -> dict[str, Any]:
         """What defines this run, stored in its checkpoints: a resume under another plan

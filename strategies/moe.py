@@ -147,6 +147,9 @@ class MoeMLP(nn.Module):
         """Fraction of the last forward's choices over capacity (0-d tensor)."""
         self.last_aux_loss = torch.zeros(())
         """The last forward's load-balancing loss, before its coefficient (0-d tensor)."""
+        self.active_share = cfg.top_k / E
+        """Share of the stacked expert weights one token passes through (top_k / num_experts):
+        FLOPs count it (``adapter.block_matmul_params``), memory counts every expert."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -213,6 +216,19 @@ def _gpt_shaped(mlp: nn.Module) -> bool:
     )
 
 
+def moe_cost(cfg: MoeConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): each converted block holds E copies of
+    its MLP's matrices and a d x E router, and a token runs through top_k of them and the
+    router. Memory counts every expert, FLOPs the active ones (6 per weight and token, PaLM);
+    the capacity buffers' activations are not counted."""
+    shape = terms.shape
+    converted = len(range(0, shape.n_layers, cfg.every_n_layers))
+    mlp = shape.mlp_matrices * shape.d_model * shape.d_ff
+    router = shape.d_model * cfg.num_experts
+    terms.block_params += converted * ((cfg.num_experts - 1) * mlp + router)
+    terms.flops += 6 * terms.tokens_per_step * converted * ((cfg.top_k - 1) * mlp + router)
+
+
 STRATEGY = Strategy(
     name="moe",
     summary="mixture of experts: routed expert MLPs in every n-th block (approximate)",
@@ -229,4 +245,5 @@ STRATEGY = Strategy(
         Knob(name="capacity_factor", low=1.0, high=2.0),
         Knob(name="every_n_layers", low=1, high=4, integer=True),
     ),
+    cost=moe_cost,
 )

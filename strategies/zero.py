@@ -64,6 +64,7 @@ import torch.distributed as dist
 from autotune.context import MicroBatch, TrainContext
 from autotune.errors import UserError
 from autotune.strategies.ddp import WRAP_AFTER
+from autotune.strategies.optimizer import adamw_groups
 from autotune.strategy import Knob, Needs, Strategy
 
 TAG = "deepspeed"
@@ -118,10 +119,8 @@ def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
         raise UserError("zero builds DeepSpeed's engine from the plan's training settings, which this context lacks")
     deepspeed = _import_deepspeed(ctx.device)
     model, spec = ctx.model, ctx.spec
-    # The executor's AdamW groups (make_optimizer): weight decay on matrices only.
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    # The executor's AdamW groups: weight decay on matrices only.
+    groups = adamw_groups(model, spec.weight_decay)
     config = ds_config(cfg, spec, ctx.grad_accum)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints; stdout is autotune's
         engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config, dist_init_required=False)

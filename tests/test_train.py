@@ -135,3 +135,18 @@ def test_sigkill_then_resume_reproduces_the_loss_sequence(tmp_path):
     b = [r["loss"] for r in train.read_log(killed / "log.jsonl")]
     assert [r["step"] for r in train.read_log(killed / "log.jsonl")] == list(range(steps))
     assert a == b  # bit-for-bit: same batches, same RNG, same optimizer state
+
+
+def test_adamw_groups_are_the_one_definition_of_decay():
+    # The executor's AdamW and ZeRO's engine take their groups from strategies/optimizer.py:
+    # decay on the matrices only, and one group per DTensor mesh (plain tensors: one).
+    from autotune.strategies.optimizer import adamw_groups
+    from autotune.workloads import load_workload
+
+    model = load_workload("tiny", {"n_layers": 2}).build_model()
+    decay, rest = adamw_groups(model, 0.1)
+    assert (decay["weight_decay"], rest["weight_decay"]) == (0.1, 0.0)
+    assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
+    assert {id(p) for p in rest["params"]} == {id(p) for p in model.parameters() if p.dim() < 2}
+    opt = train.make_optimizer(model, planmod.TrainSpec(micro_batch_size=1, weight_decay=0.1), torch.device("cpu"), {})
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in g["params"]] for g in (decay, rest)]

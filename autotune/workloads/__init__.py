@@ -23,9 +23,12 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UserError
+
+if TYPE_CHECKING:
+    from autotune.workloads.adapter import ModelShape
 
 GPT_STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "gpt"})
 
@@ -51,6 +54,9 @@ class Workload:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The settings it was built from beside its name (a plan's ``workload.overrides``): a plan
     made from it records them, so trials and runs rebuild the same model."""
+    shape: ModelShape | None = None
+    """The model's shape (its adapter's :meth:`shape`), computed once from a model built on
+    the meta device, for the cost model: None where it is not known (no cost predictions)."""
 
 
 # Presets. Arithmetic: N_matmul = 12 L d^2 (+ V d for the tied head).
@@ -91,6 +97,7 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
     return Workload(
         name=name,
         build_model=lambda: GPT(dataclasses.replace(cfg)),
+        shape=gpt_shape(cfg),
         vocab_size=cfg.vocab_size,
         seq_len=cfg.seq_len,
         structure=GPT_STRUCTURE,
@@ -98,6 +105,17 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
         global_batch=GLOBAL_BATCH[name],
         overrides=dict(overrides or {}),
     )
+
+
+def gpt_shape(cfg: Any) -> ModelShape:
+    """The shape of the GPT of ``cfg``, from one built on the meta device (no memory, no init)."""
+    import torch
+
+    from autotune.workloads.adapter import GPTAdapter
+    from autotune.workloads.gpt import GPT
+
+    with torch.device("meta"):
+        return GPTAdapter(GPT(dataclasses.replace(cfg))).shape()
 
 
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
@@ -152,7 +170,12 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
 
 def flops_per_token(model: Any, workload: Workload) -> int:
     """Training FLOPs per token: the model's own count if it has one (PaLM appendix B for
-    the GPT), else 6 x parameters that are not embedding tables."""
+    the GPT, counted by its adapter), else 6 x parameters that are not embedding tables."""
+    from autotune.workloads.adapter import GPTAdapter
+    from autotune.workloads.gpt import GPT
+
+    if isinstance(model, GPT):  # through the adapter: routed experts count their active share
+        return GPTAdapter(model).flops_per_token()
     if hasattr(model, "flops_per_token"):
         return int(model.flops_per_token())
     import math

@@ -66,7 +66,19 @@ class ModelShape:
     """Tokens per sample the workload trains on."""
     matmul_params: int
     """Weights taking part in a matmul per token: the blocks' matrices plus the output head
-    (vocab_size x d_model); embedding lookups are not matmuls."""
+    (vocab_size x d_model); embedding lookups are not matmuls. Routed experts count with the
+    share a token passes through (top_k / num_experts, see :func:`block_matmul_params`)."""
+    block_params: int = 0
+    """Every parameter of the blocks (matrices, norm scales, biases, all experts): what the
+    weights, gradients and optimizer states are counted over. 0: not known (the cost model then
+    takes the blocks' matrices)."""
+    other_params: int = 0
+    """Parameters outside the blocks and the vocabulary tables: position table, final norm."""
+    vocab_tables: int = 1
+    """Vocabulary-by-width tables held: 1 when the head shares the embedding's weight, else 2."""
+    mlp_matrices: int = 2
+    """Matrices of one block's MLP: 2 for fc/proj (GPT), 3 for a gated MLP (gate, up, down:
+    SwiGLU); a gated MLP keeps twice the hidden activations (gate, up, act(gate), product)."""
 
     @property
     def attn_dim(self) -> int:
@@ -193,11 +205,40 @@ def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size
 
 
 def block_matmul_params(blocks: nn.ModuleList) -> int:
-    """Parameters of the blocks that are matrices (norm scales and biases do no matmul)."""
+    """Parameters of the blocks that take part in a matmul per token: the matrices (norm
+    scales and biases do no matmul), and of stacked expert weights (E, d_in, d_out) in a module
+    declaring ``active_share`` (strategies/moe.py: top_k / num_experts) that share, since a
+    token passes through top_k of the E experts."""
     from autotune.workloads.gpt import param_shape
 
-    shapes = [param_shape(p) for b in blocks for p in b.parameters()]
-    return sum(math.prod(s) for s in shapes if len(s) == 2)
+    total = 0.0
+    for block in blocks:
+        for module in block.modules():
+            share = getattr(module, "active_share", None)
+            for p in module.parameters(recurse=False):
+                shape = param_shape(p)
+                if len(shape) == 2:
+                    total += math.prod(shape)
+                elif len(shape) == 3 and share is not None:
+                    total += math.prod(shape) * share
+    return round(total)
+
+
+def params_of(module: nn.Module) -> int:
+    """Parameters of ``module``, each shared one once (ZeRO-3's partitioned ones at full size)."""
+    from autotune.workloads.gpt import param_shape
+
+    unique = {id(p): p for p in module.parameters()}
+    return sum(math.prod(param_shape(p)) for p in unique.values())
+
+
+def mlp_matrices(adapter: ModelAdapter) -> int:
+    """Matrices of the first block's MLP (2: fc/proj; 3: gated); 2 when the adapter has none."""
+    try:
+        mlp = adapter.mlp(adapter.blocks()[0])
+    except (NotSupported, IndexError, AttributeError):
+        return 2
+    return sum(1 for p in mlp.parameters() if p.dim() == 2) or 2
 
 
 def padded_width(vocab_size: int, multiple: int) -> int:
@@ -310,7 +351,11 @@ class GPTAdapter:
             d_ff=c.d_ff,
             vocab_size=c.vocab_size,
             seq_len=c.seq_len,
-            matmul_params=self.model.matmul_params(),
+            matmul_params=block_matmul_params(self.blocks()) + c.vocab_size * c.d_model,
+            block_params=sum(params_of(b) for b in self.blocks()),
+            other_params=params_of(self.model.pos) + params_of(self.model.norm),
+            vocab_tables=1 if self.model.head.weight is self.model.embed.weight else 2,
+            mlp_matrices=2,
         )
 
     def flops_per_token(self) -> int:
@@ -329,7 +374,7 @@ class GPTStage(nn.Module):
         self.blocks = nn.ModuleList(block if start <= i < stop else nn.Identity() for i, block in enumerate(model.blocks))
         if last:
             self.norm, self.head = model.norm, model.head
-        self._flops = model.flops_per_token()
+        self._flops = GPTAdapter(model).flops_per_token()
 
     def flops_per_token(self) -> int:
         """The whole model's (MFU counts every stage's work)."""
@@ -383,4 +428,6 @@ __all__ = [
     "pipeline_split",
     "masked_cross_entropy",
     "block_matmul_params",
+    "params_of",
+    "mlp_matrices",
 ]

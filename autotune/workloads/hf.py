@@ -46,7 +46,9 @@ from autotune.workloads.adapter import (
     NotSupported,
     block_matmul_params,
     masked_cross_entropy,
+    mlp_matrices,
     padded_width,
+    params_of,
 )
 from autotune.workloads.generic import find_blocks
 
@@ -448,6 +450,10 @@ class HFAdapter:
         c = self.hf.config
         d, heads = c.hidden_size, c.num_attention_heads
         d_ff = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
+        blocks = sum(params_of(b) for b in self.blocks())
+        embed, head = self.hf.get_input_embeddings(), self.hf.get_output_embeddings()
+        tables = 1 if head is None or head.weight is embed.weight else 2
+        vocab = params_of(embed) + (params_of(head) if tables == 2 else 0)
         return ModelShape(
             d_model=d,
             n_layers=len(self.blocks()),
@@ -458,6 +464,10 @@ class HFAdapter:
             vocab_size=self.model.vocab_size,
             seq_len=seq_len or getattr(self.model, "seq_len", None) or default_seq_len(c),
             matmul_params=block_matmul_params(self.blocks()) + self.model.vocab_size * d,
+            block_params=blocks,
+            other_params=params_of(self.model) - blocks - vocab,
+            vocab_tables=tables,
+            mlp_matrices=mlp_matrices(self),
         )
 
     def flops_per_token(self) -> int:
@@ -574,6 +584,7 @@ def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
         seq_len=seq_len,
         structure=HFAdapter(probe).supports(),
         overrides=dict(overrides or {}),
+        shape=HFAdapter(probe).shape(seq_len),
     )
 
 
@@ -594,6 +605,7 @@ def workload_from_model(factory: Callable[[], nn.Module], *, seq_len: int, name:
         vocab_size=probe.config.vocab_size,
         seq_len=seq_len,
         structure=HFAdapter(HFCausalLM(probe)).supports(),
+        shape=HFAdapter(HFCausalLM(probe)).shape(seq_len),
     )
 
 
