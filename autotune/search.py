@@ -23,8 +23,8 @@ from typing import Any
 import optuna
 
 from autotune import costmodel
-from autotune.apply import DISTRIBUTING, check_processes, check_settings
-from autotune.mesh import DATA_PARALLEL, mesh_shape
+from autotune.apply import check_processes, check_settings
+from autotune.mesh import data_parallel, mesh_shape
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
@@ -120,7 +120,7 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
     if processes > 1:
         parallel = parse_layout(trial.suggest_categorical(f"layout.{processes}", space.layouts[processes]))
     for strategy in space.strategies:
-        if strategy.name in DISTRIBUTING:
+        if strategy.mesh_dim is not None:
             if strategy.name not in parallel:
                 continue
         elif not trial.suggest_categorical(f"{strategy.name}", [True, False]):
@@ -130,8 +130,8 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
             excluded[knob_name] = {**excluded.get(knob_name, {}), **dict.fromkeys(choices, "refinement only")}
         knobs = {}
         for knob in strategy.knobs:
-            if knob.name == "degree" and strategy.name in parallel:
-                knobs["degree"] = parallel[strategy.name]
+            if strategy.name in parallel and knob.name == strategy.degree_knobs[0]:
+                knobs[knob.name] = parallel[strategy.name]
             else:
                 knobs[knob.name] = _suggest_knob(trial, strategy.name, knob, excluded.get(knob.name, {}))
         strategies.append(StrategySpec(name=strategy.name, knobs=knobs))
@@ -154,24 +154,33 @@ def parse_layout(name: str) -> dict[str, int]:
 
 def layouts(processes: int, usable: set[str], graph: StrategyGraph, workload: Workload) -> list[str]:
     """Every legal way to lay ``processes`` out as dp x tp x pp with the usable strategies:
-    tp and pp degrees that divide it, and, where data-parallel groups remain, one of the
-    data-parallel wrappers. Checked by the graph (conflicts) and ``mesh_shape`` (the rules of
-    the mesh and of the model's shape), so every layout a trial picks can run."""
-    degrees = [1] + [d for d in (2, 4, 8) if processes % d == 0]
+    tp and pp degrees that divide it (of the strategies declaring those mesh dims), and, where
+    data-parallel groups remain, one of the data-parallel wrappers. Checked by the graph
+    (conflicts) and ``mesh_shape`` (the rules of the mesh and of the model's shape), so every
+    layout a trial picks can run."""
+    strategies = graph.strategies
+    degrees = [d for d in (2, 4, 8) if processes % d == 0]
+
+    def splits(dim: str) -> list[tuple[str, int]]:
+        """(strategy, degree) options of a tp or pp dim, ("", 1) for none."""
+        names = sorted(n for n in usable if n in strategies and strategies[n].mesh_dim == dim)
+        return [("", 1)] + [(name, d) for d in degrees for name in names]
+
     out = []
-    for tp in degrees if "tensor_parallel" in usable else [1]:
-        for pp in degrees if "pipeline_parallel" in usable else [1]:
+    for tp_name, tp in splits("tp"):
+        for pp_name, pp in splits("pp"):
             if processes % (tp * pp):
                 continue
-            model = {name: d for name, d in (("tensor_parallel", tp), ("pipeline_parallel", pp)) if d > 1}
-            wrappers = [w for w in DATA_PARALLEL if w in usable] if processes > tp * pp else [None]
+            model = {name: d for name, d in ((tp_name, tp), (pp_name, pp)) if name}
+            wrappers = [w for w in data_parallel(strategies) if w in usable] if processes > tp * pp else [None]
             for wrapper in wrappers:
                 parallel = ({wrapper: 0} if wrapper else {}) | model
-                # A pipeline needs as many pieces of a micro-batch as stages; the trial picks them.
-                chosen = {name: ({"degree": d, "microbatches": d} if name == "pipeline_parallel" else {"degree": d}) if d else {} for name, d in parallel.items()}
+                # Each sets its degree knobs to the degree (a pipeline then has as many pieces
+                # of a micro-batch as stages, the fewest that fill it; the trial picks them).
+                chosen = {name: dict.fromkeys(strategies[name].degree_knobs, d) if d else {} for name, d in parallel.items()}
                 try:
                     graph.check(list(parallel))
-                    mesh_shape(processes, chosen, workload=workload)
+                    mesh_shape(processes, chosen, workload=workload, strategies=strategies)
                 except UserError:
                     continue
                 out.append(layout_name(parallel))
@@ -186,9 +195,9 @@ def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec
     if space.global_batch is not None:
         dp, _, _ = mesh_shape(processes, {s.name: s.knobs for s in strategies})
         accum = accumulation(space.global_batch, micro_batch, dp)
-        strategies = [s for s in strategies if s.name != "grad_accum"]
+        strategies = [s for s in strategies if s.name != planmod.ACCUMULATION]
         if accum > 1:
-            strategies.append(StrategySpec(name="grad_accum", knobs={"steps": accum}))
+            strategies.append(StrategySpec(name=planmod.ACCUMULATION, knobs={"steps": accum}))
     return Plan(
         schema_version=planmod.SCHEMA_VERSION,
         workload=planmod.WorkloadSpec(name=space.workload.name, overrides=dict(space.workload.overrides)),
@@ -200,7 +209,7 @@ def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
     """The plain run: one process, no strategy on, the default micro-batch."""
-    params = {"micro_batch_size": space.baseline_micro_batch} | {s.name: False for s in space.strategies if s.name not in DISTRIBUTING}
+    params = {"micro_batch_size": space.baseline_micro_batch} | {s.name: False for s in space.strategies if s.mesh_dim is None}
     return params | ({"processes": 1} if len(space.processes) > 1 else {})
 
 
