@@ -48,6 +48,10 @@ class Knob:
     """Sample the numeric range on a log scale."""
     integer: bool = False
     """The numeric range holds integers."""
+    refine_only: tuple[Any, ...] = ()
+    """Choices the main search never samples, too slow to try blind (compile's
+    max-autotune-no-cudagraphs benchmarks every kernel for minutes): ``autotune.search.refine``
+    tries them on the best trials only, each trial under a longer limit."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -148,6 +152,10 @@ def check_knob_fields(strategy: Strategy) -> None:
     for knob in strategy.knobs:
         if knob.name not in fields:
             raise UserError(f"strategy {strategy.name}: knob {knob.name!r} is not a field of {strategy.config.__name__}")
+    for knob in strategy.knobs:
+        for value in knob.refine_only:
+            if value not in knob.choices:
+                raise UserError(f"strategy {strategy.name}: refine-only {value!r} is not a choice of knob {knob.name}")
     if strategy.mesh_dim in ("tp", "pp"):
         for name in strategy.degree_knobs or ("",):
             if name not in fields:

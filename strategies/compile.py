@@ -90,7 +90,7 @@ STRATEGY = Strategy(
     changes=frozenset({"blocks"}),
     check_with=check_compile_with,
     knobs=(
-        Knob(name="mode", choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead")),
+        Knob(name="mode", choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"), refine_only=("max-autotune-no-cudagraphs",)),
         Knob(name="scope", choices=("model", "blocks")),
     ),
 )

@@ -135,3 +135,23 @@ def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
     with pytest.raises(UserError, match="degree knob 'degree' is not a field of NoKnobs"):
         check_knob_fields(made_up("split", mesh_dim="pp"))
     check_knob_fields(made_up("wrap", mesh_dim="dp"))  # dp takes the processes left over
+
+
+# ---------------------------------------------------------------------- search
+
+
+def test_refine_only_choices_are_declared_on_the_knob_and_must_be_choices() -> None:
+    from autotune.strategy import Knob, check_knob_fields
+
+    declared = {(s.name, k.name): k.refine_only for s in catalog().values() for k in s.knobs if k.refine_only}
+    assert declared == {("compile", "mode"): ("max-autotune-no-cudagraphs",)}
+
+    @dataclass(kw_only=True, slots=True)
+    class Modes:
+        """A config with one categorical knob."""
+
+        mode: str = "fast"
+        """The mode."""
+
+    with pytest.raises(UserError, match="refine-only 'slow' is not a choice of knob mode"):
+        check_knob_fields(made_up("m", config=Modes, knobs=(Knob(name="mode", choices=("fast",), refine_only=("slow",)),)))
