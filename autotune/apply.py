@@ -48,9 +48,19 @@ ORDER = (
 )
 
 
-DISTRIBUTING = ("tensor_parallel", "pipeline_parallel", "ddp", "fsdp2", "zero")
-"""Strategies that split the work over processes; a run of several processes needs one, or
-each process would train a model of its own."""
+def distributing() -> tuple[str, ...]:
+    """Strategies that split the work over processes (each declares its ``mesh_dim``), in
+    ORDER; a run of several processes needs one, or each process would train a model of its own."""
+    strategies = catalog.catalog()
+    return tuple(name for name in ORDER if name in strategies and strategies[name].mesh_dim is not None)
+
+
+def __getattr__(name: str) -> Any:
+    # DISTRIBUTING, read from the catalog when first asked for (the strategies import this
+    # package's modules, so the catalog cannot be read while this module loads).
+    if name == "DISTRIBUTING":
+        return distributing()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
@@ -92,11 +102,12 @@ def check_plan(plan: Any, *, trusted: bool = True) -> Any:
 
 
 def check_processes(world_size: int, chosen: Any, *, workload: Any = None, micro_batch_size: int | None = None) -> None:
-    """A run of several processes must split its work with one of DISTRIBUTING, over a mesh
+    """A run of several processes must split its work with one of :func:`distributing`, over a mesh
     whose dp × tp × pp factorisation holds (``autotune.mesh.mesh_shape``, which names the
     broken rule); ``workload`` and ``micro_batch_size`` add the model's and the batch's checks."""
-    if world_size > 1 and not set(chosen) & set(DISTRIBUTING):
-        raise UserError(f"a run of {world_size} processes needs one of the strategies {', '.join(DISTRIBUTING)} (or launch.nproc_per_node 1)")
+    split = distributing()
+    if world_size > 1 and not set(chosen) & set(split):
+        raise UserError(f"a run of {world_size} processes needs one of the strategies {', '.join(split)} (or launch.nproc_per_node 1)")
     mesh_shape(world_size, chosen, workload=workload, micro_batch_size=micro_batch_size)
 
 

@@ -4,11 +4,12 @@ order they are applied, and why a strategy was left out.
 A networkx ``MultiDiGraph`` over the catalog: one node per strategy (attributes ``exact``,
 ``implemented``, ``usable``, ``reason``), one edge ``u -> v`` keyed by its relation for each
 declaration "u requires v", "u conflicts with v" (stored both ways: conflicts are
-symmetric whichever side declares them) and "u is applied after v". The declarations are
+symmetric whichever side declares them), and "u is applied after v". The declarations are
 checked when the graph is built (:func:`validate_catalog`); the machine and the workload
 (:class:`autotune.strategy.Facts`) then decide what is usable. The order of application is
-``autotune.apply.ORDER``, the one source the executor follows; the ``after`` edges must agree
-with it.
+``autotune.apply.ORDER``, the one source the executor follows; the ``after`` edges are derived
+from it (:func:`after_edges`): u is applied after v when ORDER puts v first and u reads a
+part of the model that v changes (``Strategy.reads`` / ``Strategy.changes``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import networkx as nx
 from autotune.apply import ORDER
 from autotune.catalog import catalog
 from autotune.errors import UserError
-from autotune.strategy import Facts, Strategy, unmet_needs
+from autotune.strategy import PARTS, Facts, Strategy, unmet_needs
 
 RELATIONS = ("requires", "conflicts", "after")
+DECLARED = ("requires", "conflicts")
+"""The relations each strategy declares by name; "after" is derived from ORDER."""
 APPROXIMATE = "approximate: changes what is learned; pass --allow-approximate"
 
 
@@ -38,22 +41,38 @@ def validate_catalog(strategies: Mapping[str, Strategy], order: Sequence[str]) -
     """The relation graph of ``strategies``, checked against itself and against ``order``.
 
     Raises CatalogError for a relation naming an unknown strategy or the strategy itself, a
-    cycle of ``after``, a strategy without a place in ``order`` or one that ``order`` applies
-    before a strategy it is declared after, and a strategy whose requirements (followed
-    transitively) include two that conflict, itself among them.
+    part (``reads`` / ``changes``) that is not one of ``autotune.strategy.PARTS``, a strategy
+    without a place in ``order``, and a strategy whose requirements (followed transitively)
+    include two that conflict, itself among them. The ``after`` edges come from ``order``.
     """
     graph = _relations(strategies)
-    _check_after(graph, order)
+    _check_order(graph, order)
+    graph.add_edges_from((later, earlier, "after") for later, earlier in after_edges(strategies, order))
     _check_requirements(graph)
     return graph
+
+
+def after_edges(strategies: Mapping[str, Strategy], order: Sequence[str]) -> list[tuple[str, str]]:
+    """(later, earlier) for each pair that ``order`` applies earlier-first and whose order
+    matters: the later one reads a part that the earlier one changes. Sorted."""
+    ordered = [name for name in order if name in strategies]
+    return sorted(
+        (later, earlier)
+        for i, later in enumerate(ordered)
+        for earlier in ordered[:i]
+        if strategies[later].reads & strategies[earlier].changes
+    )
 
 
 def _relations(strategies: Mapping[str, Strategy]) -> nx.MultiDiGraph:
     graph = nx.MultiDiGraph()
     for name, strategy in strategies.items():
         graph.add_node(name, exact=strategy.exact, implemented=strategy.implemented)
+        for what in ("reads", "changes"):
+            for part in sorted(getattr(strategy, what) - PARTS):
+                raise CatalogError(f"strategy {name}: {what} unknown part {part!r} (known: {', '.join(sorted(PARTS))})")
     for name, strategy in strategies.items():
-        for relation in RELATIONS:
+        for relation in DECLARED:
             for other in sorted(getattr(strategy, relation)):
                 if other == name:
                     raise CatalogError(f"strategy {name}: {relation} itself")
@@ -73,22 +92,10 @@ def _edges(graph: nx.MultiDiGraph, relation: str) -> nx.DiGraph:
     return out
 
 
-def _check_after(graph: nx.MultiDiGraph, order: Sequence[str]) -> None:
-    after = _edges(graph, "after")
-    try:
-        cycle = nx.find_cycle(after)
-    except nx.NetworkXNoCycle:
-        pass
-    else:
-        names = [u for u, _ in cycle] + [cycle[0][0]]
-        raise CatalogError(f"the after relations form a cycle: {' after '.join(names)}")
-    position = {name: i for i, name in enumerate(order)}
-    missing = sorted(set(graph) - set(position))
+def _check_order(graph: nx.MultiDiGraph, order: Sequence[str]) -> None:
+    missing = sorted(set(graph) - set(order))
     if missing:
         raise CatalogError(f"strategy {missing[0]} has no place in the order of application (autotune.apply.ORDER)")
-    for later, earlier in sorted(after.edges):
-        if position[later] < position[earlier]:
-            raise CatalogError(f"strategy {later} is declared after {earlier}, but autotune.apply.ORDER applies it first")
 
 
 def _check_requirements(graph: nx.MultiDiGraph) -> None:

@@ -1,7 +1,9 @@
 """The device mesh of a multi-process run: its processes factor as dp × tp × pp.
 
-tp is ``tensor_parallel.degree`` and pp is ``pipeline_parallel.degree`` (1 when the strategy
-is off); the processes left over form the data-parallel dimension, dp = world / (tp · pp).
+Each strategy declares the dim it splits (``Strategy.mesh_dim``): tp and pp are the degrees
+of the chosen strategies of those dims (``tensor_parallel.degree``, ``pipeline_parallel.degree``;
+1 when none is on); the processes left over form the data-parallel dimension, dp = world /
+(tp · pp), shared by the chosen dp strategy (ddp, fsdp2, zero).
 :func:`mesh_shape` checks a plan's degrees on the CPU, before anything is launched (the
 executor's ``apply_strategies``, ``autotune run`` before torchrun, and the planner call it),
 and names the rule a bad plan breaks in one line. :func:`build_mesh` then makes the torch
@@ -19,12 +21,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UserError
 
-DATA_PARALLEL = ("ddp", "fsdp2", "zero")
-"""Strategies that share the batch over the dp dimension."""
+if TYPE_CHECKING:
+    from autotune.strategy import Strategy
+
+
+def _catalog(strategies: Mapping[str, Strategy] | None) -> Mapping[str, Strategy]:
+    from autotune.catalog import catalog
+
+    return catalog() if strategies is None else strategies
+
+
+def data_parallel(strategies: Mapping[str, Strategy] | None = None) -> tuple[str, ...]:
+    """Strategies that share the batch over the dp dimension (``mesh_dim`` "dp"), by name."""
+    return tuple(name for name, s in sorted(_catalog(strategies).items()) if s.mesh_dim == "dp")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -47,31 +60,60 @@ class ParallelDims:
         return rank // (self.dp * self.tp), rank // self.tp % self.dp, rank % self.tp
 
 
-def _knob(cfg: Any, name: str, default: int) -> Any:
+def setting(cfg: Any, name: str, default: Any) -> Any:
     """A knob of a typed config or of a plain knob dict (as the planner may hold)."""
     if cfg is None:
         return default
     return cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
 
 
-def mesh_shape(world: int, chosen: Mapping[str, Any], *, workload: Any = None, micro_batch_size: int | None = None) -> tuple[int, int, int]:
+def _conflict(a: Strategy, b: Strategy) -> bool:
+    return a.name in b.conflicts or b.name in a.conflicts
+
+
+def _splitter(dim: str, chosen: Mapping[str, Any], strategies: Mapping[str, Strategy]) -> tuple[str, int]:
+    """The chosen strategy splitting ``dim`` (tp or pp) and its degree; ("", 1) for none."""
+    names = [name for name, s in sorted(strategies.items()) if s.mesh_dim == dim and name in chosen]
+    if len(names) > 1:
+        raise UserError(f"{names[0]} and {names[1]} both split the {dim} dimension of the mesh: choose one")
+    if not names:
+        return "", 1
+    strategy = strategies[names[0]]
+    knob = strategy.degree_knobs[0]
+    return names[0], int(setting(chosen[names[0]], knob, getattr(strategy.default(), knob)))
+
+
+def mesh_shape(
+    world: int,
+    chosen: Mapping[str, Any],
+    *,
+    workload: Any = None,
+    micro_batch_size: int | None = None,
+    strategies: Mapping[str, Strategy] | None = None,
+) -> tuple[int, int, int]:
     """(dp, tp, pp) of ``world`` processes running the strategies ``chosen`` (name -> typed
     config or knob dict). Raises a one-line UserError naming the broken rule.
 
     ``workload`` (a Workload, or a model config with n_heads / d_ff / n_layers) adds the checks
-    against the model's shape; ``micro_batch_size`` the pipeline's micro-batch split.
+    against the model's shape; ``micro_batch_size`` the chosen strategies' own mesh checks
+    (``Strategy.check_mesh``: the pipeline's micro-batch split). ``strategies`` defaults to the
+    catalog: who splits which dim is each strategy's ``mesh_dim``.
     """
-    tp = int(_knob(chosen.get("tensor_parallel"), "degree", 2)) if "tensor_parallel" in chosen else 1
-    pp = int(_knob(chosen.get("pipeline_parallel"), "degree", 2)) if "pipeline_parallel" in chosen else 1
+    strategies = _catalog(strategies)
+    tp_name, tp = _splitter("tp", chosen, strategies)
+    pp_name, pp = _splitter("pp", chosen, strategies)
     if world % (tp * pp):
         raise UserError(f"tp {tp} × pp {pp} = {tp * pp} does not divide {world} processes")
     dp = world // (tp * pp)
-    wrappers = [name for name in DATA_PARALLEL if name in chosen]
+    wrappers = [name for name in data_parallel(strategies) if name in chosen]
     if dp > 1 and pp > 1:
-        raise UserError(f"pp {pp} × tp {tp} leaves {dp} data-parallel groups of {world} processes: pipeline_parallel takes the whole run (degree {world // tp})")
+        raise UserError(f"pp {pp} × tp {tp} leaves {dp} data-parallel groups of {world} processes: {pp_name} takes the whole run (degree {world // tp})")
     if dp > 1 and (tp > 1 or pp > 1) and not wrappers:
+        # The dp strategies that conflict with none chosen (fsdp2 next to tensor parallel).
+        others = [strategies[name] for name in (tp_name, pp_name) if name]
+        fits = [name for name in data_parallel(strategies) if not any(_conflict(strategies[name], o) for o in others)] or list(data_parallel(strategies))
         raise UserError(
-            f"tp {tp} × pp {pp} leaves {dp} data-parallel groups of {world} processes: add ddp or fsdp2, or make tp × pp = {world}"
+            f"tp {tp} × pp {pp} leaves {dp} data-parallel groups of {world} processes: add {' or '.join(fits)}, or make tp × pp = {world}"
         )
     if wrappers and dp == 1 and world > 1:
         raise UserError(f"{wrappers[0]} has a data-parallel group of 1 process: tp {tp} × pp {pp} takes all {world} processes")
@@ -79,16 +121,15 @@ def mesh_shape(world: int, chosen: Mapping[str, Any], *, workload: Any = None, m
     if config is not None:
         heads, width, layers = (getattr(config, k, None) for k in ("n_heads", "d_ff", "n_layers"))
         if tp > 1 and heads is not None and heads % tp:
-            raise UserError(f"tensor_parallel degree {tp} does not divide the {heads} heads")
+            raise UserError(f"{tp_name} degree {tp} does not divide the {heads} heads")
         if tp > 1 and width is not None and width % tp:
-            raise UserError(f"tensor_parallel degree {tp} does not divide the MLP width {width}")
+            raise UserError(f"{tp_name} degree {tp} does not divide the MLP width {width}")
         if pp > 1 and layers is not None and layers < pp:
-            raise UserError(f"pipeline_parallel degree {pp} exceeds the {layers} blocks (a stage needs one at least)")
-    micro = int(_knob(chosen.get("pipeline_parallel"), "microbatches", 4))
-    if pp > 1 and micro < pp:
-        raise UserError(f"pipeline_parallel microbatches {micro} is fewer than its {pp} stages (the pipeline never fills)")
-    if pp > 1 and micro_batch_size is not None and micro_batch_size % micro:
-        raise UserError(f"pipeline_parallel microbatches {micro} does not divide the micro-batch size {micro_batch_size}")
+            raise UserError(f"{pp_name} degree {pp} exceeds the {layers} blocks (a stage needs one at least)")
+    dims = ParallelDims(dp=dp, tp=tp, pp=pp)
+    for name, strategy in sorted(strategies.items()):
+        if name in chosen and strategy.check_mesh is not None:
+            strategy.check_mesh(chosen[name], dims, micro_batch_size)
     return dp, tp, pp
 
 

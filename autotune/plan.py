@@ -35,6 +35,10 @@ from autotune.errors import SchemaError, UserError
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+ACCUMULATION = "grad_accum"
+"""The strategy whose ``steps`` knob is the accumulation count. Named here, once, rather than
+declared: it is the global batch's split (micro-batch x accumulation x dp), which a plan's
+arithmetic and a search under a fixed global batch derive, not a strategy's own effect."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -270,7 +274,7 @@ class Plan:
     def grad_accum(self) -> int:
         """Micro-batches per optimizer step (1 without the grad_accum strategy)."""
         configs = self.strategy_configs()
-        return configs["grad_accum"].steps if "grad_accum" in configs else 1
+        return configs[ACCUMULATION].steps if ACCUMULATION in configs else 1
 
     def global_batch(self) -> int:
         """Samples per optimizer step over all processes: micro-batch x accumulation x the

@@ -23,8 +23,8 @@ from typing import Any
 import optuna
 
 from autotune import costmodel
-from autotune.apply import DISTRIBUTING, check_processes, check_settings
-from autotune.mesh import DATA_PARALLEL, mesh_shape
+from autotune.apply import check_processes, check_settings
+from autotune.mesh import data_parallel, mesh_shape
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
@@ -45,14 +45,15 @@ close calls."""
 MIN_TRIAL_S = 10.0
 """The shortest limit a trial is started with when the time budget is nearly spent."""
 AUTOTUNE_TIME_FACTOR = 3.0
-"""Compile modes that benchmark kernels (max-autotune) get this many times the trial's
-time limit: their first compilation of a shape takes minutes, later ones hit the cache."""
+"""A trial with a refine-only choice (``Knob.refine_only``: compile modes that benchmark
+kernels, max-autotune) gets this many times the trial's time limit: their first compilation
+of a shape takes minutes, later ones hit the cache."""
 BASELINE = "baseline"
 REFINE = "refine"
-REFINE_ONLY: dict[str, dict[str, tuple[Any, ...]]] = {"compile": {"mode": ("max-autotune", "max-autotune-no-cudagraphs")}}
-"""Choices never sampled by the main search: benchmarking kernels makes a trial's compile
-take minutes (on one H200, both such trials of a 300 s search crashed or timed out), so
-:func:`refine` tries them on the best configurations only, when the time left allows."""
+# Choices never sampled by the main search are each knob's ``refine_only`` (the compile
+# modes that benchmark kernels: a trial's compile takes minutes; on one H200, both such
+# trials of a 300 s search crashed or timed out), so :func:`refine` tries them on the best
+# configurations only, when the time left allows.
 REFINE_COMPILE_FACTOR = 4.0
 """A max-autotune trial is predicted to take this many times the wall time of the same
 configuration's trial in default mode (its first compile benchmarks every kernel)."""
@@ -120,18 +121,19 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
     if processes > 1:
         parallel = parse_layout(trial.suggest_categorical(f"layout.{processes}", space.layouts[processes]))
     for strategy in space.strategies:
-        if strategy.name in DISTRIBUTING:
+        if strategy.mesh_dim is not None:
             if strategy.name not in parallel:
                 continue
         elif not trial.suggest_categorical(f"{strategy.name}", [True, False]):
             continue
         excluded = space.graph.excluded_choices(strategy.name)
-        for knob_name, choices in REFINE_ONLY.get(strategy.name, {}).items():
-            excluded[knob_name] = {**excluded.get(knob_name, {}), **dict.fromkeys(choices, "refinement only")}
+        for knob in strategy.knobs:
+            if knob.refine_only:
+                excluded[knob.name] = {**excluded.get(knob.name, {}), **dict.fromkeys(knob.refine_only, "refinement only")}
         knobs = {}
         for knob in strategy.knobs:
-            if knob.name == "degree" and strategy.name in parallel:
-                knobs["degree"] = parallel[strategy.name]
+            if strategy.name in parallel and knob.name == strategy.degree_knobs[0]:
+                knobs[knob.name] = parallel[strategy.name]
             else:
                 knobs[knob.name] = _suggest_knob(trial, strategy.name, knob, excluded.get(knob.name, {}))
         strategies.append(StrategySpec(name=strategy.name, knobs=knobs))
@@ -154,24 +156,33 @@ def parse_layout(name: str) -> dict[str, int]:
 
 def layouts(processes: int, usable: set[str], graph: StrategyGraph, workload: Workload) -> list[str]:
     """Every legal way to lay ``processes`` out as dp x tp x pp with the usable strategies:
-    tp and pp degrees that divide it, and, where data-parallel groups remain, one of the
-    data-parallel wrappers. Checked by the graph (conflicts) and ``mesh_shape`` (the rules of
-    the mesh and of the model's shape), so every layout a trial picks can run."""
-    degrees = [1] + [d for d in (2, 4, 8) if processes % d == 0]
+    tp and pp degrees that divide it (of the strategies declaring those mesh dims), and, where
+    data-parallel groups remain, one of the data-parallel wrappers. Checked by the graph
+    (conflicts) and ``mesh_shape`` (the rules of the mesh and of the model's shape), so every
+    layout a trial picks can run."""
+    strategies = graph.strategies
+    degrees = [d for d in (2, 4, 8) if processes % d == 0]
+
+    def splits(dim: str) -> list[tuple[str, int]]:
+        """(strategy, degree) options of a tp or pp dim, ("", 1) for none."""
+        names = sorted(n for n in usable if n in strategies and strategies[n].mesh_dim == dim)
+        return [("", 1)] + [(name, d) for d in degrees for name in names]
+
     out = []
-    for tp in degrees if "tensor_parallel" in usable else [1]:
-        for pp in degrees if "pipeline_parallel" in usable else [1]:
+    for tp_name, tp in splits("tp"):
+        for pp_name, pp in splits("pp"):
             if processes % (tp * pp):
                 continue
-            model = {name: d for name, d in (("tensor_parallel", tp), ("pipeline_parallel", pp)) if d > 1}
-            wrappers = [w for w in DATA_PARALLEL if w in usable] if processes > tp * pp else [None]
+            model = {name: d for name, d in ((tp_name, tp), (pp_name, pp)) if name}
+            wrappers = [w for w in data_parallel(strategies) if w in usable] if processes > tp * pp else [None]
             for wrapper in wrappers:
                 parallel = ({wrapper: 0} if wrapper else {}) | model
-                # A pipeline needs as many pieces of a micro-batch as stages; the trial picks them.
-                chosen = {name: ({"degree": d, "microbatches": d} if name == "pipeline_parallel" else {"degree": d}) if d else {} for name, d in parallel.items()}
+                # Each sets its degree knobs to the degree (a pipeline then has as many pieces
+                # of a micro-batch as stages, the fewest that fill it; the trial picks them).
+                chosen = {name: dict.fromkeys(strategies[name].degree_knobs, d) if d else {} for name, d in parallel.items()}
                 try:
                     graph.check(list(parallel))
-                    mesh_shape(processes, chosen, workload=workload)
+                    mesh_shape(processes, chosen, workload=workload, strategies=strategies)
                 except UserError:
                     continue
                 out.append(layout_name(parallel))
@@ -186,9 +197,9 @@ def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec
     if space.global_batch is not None:
         dp, _, _ = mesh_shape(processes, {s.name: s.knobs for s in strategies})
         accum = accumulation(space.global_batch, micro_batch, dp)
-        strategies = [s for s in strategies if s.name != "grad_accum"]
+        strategies = [s for s in strategies if s.name != planmod.ACCUMULATION]
         if accum > 1:
-            strategies.append(StrategySpec(name="grad_accum", knobs={"steps": accum}))
+            strategies.append(StrategySpec(name=planmod.ACCUMULATION, knobs={"steps": accum}))
     return Plan(
         schema_version=planmod.SCHEMA_VERSION,
         workload=planmod.WorkloadSpec(name=space.workload.name, overrides=dict(space.workload.overrides)),
@@ -200,7 +211,7 @@ def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
     """The plain run: one process, no strategy on, the default micro-batch."""
-    params = {"micro_batch_size": space.baseline_micro_batch} | {s.name: False for s in space.strategies if s.name not in DISTRIBUTING}
+    params = {"micro_batch_size": space.baseline_micro_batch} | {s.name: False for s in space.strategies if s.mesh_dim is None}
     return params | ({"processes": 1} if len(space.processes) > 1 else {})
 
 
@@ -217,9 +228,9 @@ def predict(space: SearchSpace, plan: Plan) -> costmodel.Estimate | None:
 
 
 def trial_budget(budget: TrialBudget, plan: Plan) -> TrialBudget:
-    """The trial's budget, with a longer limit for compile modes that benchmark kernels."""
-    cfg = plan.strategy_configs().get("compile")
-    if cfg is not None and cfg.mode.startswith("max-autotune"):
+    """The trial's budget, with a longer limit for a refine-only choice (compile modes that
+    benchmark kernels)."""
+    if any(_refine_only_values(name, cfg) for name, cfg in plan.strategy_configs().items()):
         return dataclasses.replace(budget, timeout_s=budget.timeout_s * AUTOTUNE_TIME_FACTOR)
     return budget
 
@@ -506,15 +517,35 @@ def optimize(study: optuna.Study, objective: Objective, *, trials: int | None, t
         )
 
 
+def _refine_only_values(name: str, cfg: Any) -> list[tuple[Knob, Any]]:
+    """(knob, value) of strategy ``name``'s refine-only knobs whose value in ``cfg`` is refine-only."""
+    from autotune import catalog
+
+    return [(k, getattr(cfg, k.name)) for k in catalog.get(name).knobs if k.refine_only and getattr(cfg, k.name) in k.refine_only]
+
+
+def _refinements(plan: Plan) -> list[tuple[str, str, Any]]:
+    """(strategy, knob, value) for each refine-only choice the refinement can set in ``plan``:
+    the strategy is on and the knob holds a choice the main search samples."""
+    from autotune import catalog
+
+    out = []
+    for name, cfg in plan.strategy_configs().items():
+        for knob in catalog.get(name).knobs:
+            if knob.refine_only and getattr(cfg, knob.name) not in knob.refine_only:
+                out += [(name, knob.name, value) for value in knob.refine_only]
+    return out
+
+
 def refine_candidates(study: optuna.Study, best: int = REFINE_BEST) -> list[optuna.trial.FrozenTrial]:
-    """The best ``best`` completed trials that compile in a mode the refinement can change."""
+    """The best ``best`` completed trials with a setting the refinement can change (compile in
+    a mode that the main search samples)."""
     complete = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: -t.value)
     out = []
     for t in complete:
         if t.user_attrs.get("role") == REFINE or "plan" not in t.user_attrs:
             continue
-        compile_spec = [s for s in plan_of(t).strategies if s.name == "compile"]
-        if compile_spec and compile_spec[0].knobs.get("mode", "default") not in REFINE_ONLY["compile"]["mode"]:
+        if _refinements(plan_of(t)):
             out.append(t)
         if len(out) == best:
             break
@@ -537,35 +568,33 @@ def should_refine(predicted_s: float | None, time_left_s: float | None) -> bool:
 
 
 def refine(study: optuna.Study, objective: Objective, deadline: float | None = None) -> list[optuna.trial.FrozenTrial]:
-    """Re-run the best compiled configurations in the max-autotune modes, each only when its
-    predicted compile time fits before ``deadline`` (time.monotonic()). Each run is recorded
-    as a trial with role "refine", the parameters of the trial it refines (the sampler sees
-    the same point again) and its own plan, so :func:`summarize` picks it if it is faster.
-    Nothing on a CPU, where compile is not searched."""
+    """Re-run the best configurations with each refine-only choice (``Knob.refine_only``: the
+    max-autotune compile modes), each only when its predicted compile time fits before
+    ``deadline`` (time.monotonic()). Each run is recorded as a trial with role "refine", the
+    parameters of the trial it refines (the sampler sees the same point again), the choice as
+    "refine_mode" and its own plan, so :func:`summarize` picks it if it is faster. Nothing on
+    a CPU, where compile is not searched."""
     added = []
     done = {(t.user_attrs.get("refines"), t.user_attrs.get("refine_mode")) for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == REFINE}
     with trialmod.measuring(objective.space.launch.device):
         for source in refine_candidates(study):
-            for mode in REFINE_ONLY["compile"]["mode"]:
-                if (source.number, mode) in done or mode not in _compile_modes():
+            for name, knob, value in _refinements(plan_of(source)):
+                if (source.number, value) in done:
                     continue
                 left = None if deadline is None else deadline - time.monotonic()
                 if not should_refine(predicted_refine_s(source), left):
                     continue
-                added.append(_run_refinement(study, objective, source, mode, left))
+                added.append(_run_refinement(study, objective, source, (name, knob, value), left))
     return added
 
 
-def _compile_modes() -> tuple[Any, ...]:
-    from autotune import catalog
-
-    return next(k.choices for k in catalog.get("compile").knobs if k.name == "mode")
-
-
-def _run_refinement(study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, mode: str, left: float | None) -> optuna.trial.FrozenTrial:
+def _run_refinement(
+    study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, choice: tuple[str, str, Any], left: float | None
+) -> optuna.trial.FrozenTrial:
+    name, knob, mode = choice
     plan = plan_of(source)
     plan = dataclasses.replace(plan, strategies=[
-        dataclasses.replace(s, knobs={**s.knobs, "mode": mode}) if s.name == "compile" else s for s in plan.strategies])
+        dataclasses.replace(s, knobs={**s.knobs, knob: mode}) if s.name == name else s for s in plan.strategies])
     budget = trial_budget(objective.budget, plan)
     if left is not None:
         budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))

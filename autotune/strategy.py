@@ -12,13 +12,24 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from autotune import schema
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
+    from autotune.mesh import ParallelDims
+
+MeshDim = Literal["dp", "tp", "pp"]
+"""A dimension of the device mesh (autotune.mesh): data, tensor or pipeline parallel."""
+
+Part = Literal["embedding", "head", "mlp", "linears", "norms", "loss", "attention", "blocks", "placement", "stages", "accumulation"]
+"""What a strategy may change or need final: a part of the model (the embedding, the head, each
+block's MLP, the linears, the norms, the loss, the attention, the blocks themselves), where its
+parameters live (``placement``: sharded over processes; ``stages``: cut into pipeline stages),
+or the loop's ``accumulation`` (micro-batches per step)."""
+PARTS: frozenset[str] = frozenset(get_args(Part))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -37,6 +48,10 @@ class Knob:
     """Sample the numeric range on a log scale."""
     integer: bool = False
     """The numeric range holds integers."""
+    refine_only: tuple[Any, ...] = ()
+    """Choices the main search never samples, too slow to try blind (compile's
+    max-autotune-no-cudagraphs benchmarks every kernel for minutes): ``autotune.search.refine``
+    tries them on the best trials only, each trial under a longer limit."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -82,8 +97,27 @@ class Strategy:
     """Strategies that must be on too."""
     conflicts: frozenset[str] = frozenset()
     """Strategies that cannot be on together with this one."""
-    after: frozenset[str] = frozenset()
-    """Strategies that, when on, must be applied before this one."""
+    changes: frozenset[Part] = frozenset()
+    """Parts this strategy replaces, wraps or re-places (vocab padding: embedding and head)."""
+    reads: frozenset[Part] = frozenset()
+    """Parts this strategy needs in their final form: it is applied after every strategy that
+    changes one of them, and which comes first is ``autotune.apply.ORDER``'s (the graph's
+    "after" edges are derived from these two declarations and that order)."""
+    takes_model: bool = False
+    """Takes the model module itself (to cut it into stages, shard it, hand it to an engine),
+    not its forward: a whole-model compile cannot run with it, whichever ORDER applies first
+    (compile's ``check_with`` reads this)."""
+    mesh_dim: MeshDim | None = None
+    """The mesh dimension this strategy splits the run over (None: it runs in every process
+    alike). A run of several processes needs one such strategy; tp and pp take their size
+    from the config, dp takes the processes left over (autotune.mesh.mesh_shape)."""
+    degree_knobs: tuple[str, ...] = ("degree",)
+    """For a tp or pp strategy: the config field holding its degree, then any field a search
+    layout must set to the degree too for the layout to be legal (a pipeline's microbatches)."""
+    check_mesh: Callable[[Any, ParallelDims, int | None], None] | None = None
+    """Refuses (UserError) this strategy's settings that the mesh cannot take, given its config
+    (typed, or a knob dict as the planner holds), the mesh's dims and the micro-batch size
+    (None: not known yet)."""
     knobs: tuple[Knob, ...] = ()
     """Search ranges of the config's fields."""
     issue: str = ""
@@ -116,11 +150,20 @@ class Strategy:
 
 
 def check_knob_fields(strategy: Strategy) -> None:
-    """Every knob names a config field (a catalog-load check)."""
+    """Every knob names a config field, and a tp or pp strategy's degree knobs too (a
+    catalog-load check)."""
     fields = {f.name for f in dataclasses.fields(strategy.config)}
     for knob in strategy.knobs:
         if knob.name not in fields:
             raise UserError(f"strategy {strategy.name}: knob {knob.name!r} is not a field of {strategy.config.__name__}")
+    for knob in strategy.knobs:
+        for value in knob.refine_only:
+            if value not in knob.choices:
+                raise UserError(f"strategy {strategy.name}: refine-only {value!r} is not a choice of knob {knob.name}")
+    if strategy.mesh_dim in ("tp", "pp"):
+        for name in strategy.degree_knobs or ("",):
+            if name not in fields:
+                raise UserError(f"strategy {strategy.name}: degree knob {name!r} is not a field of {strategy.config.__name__}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

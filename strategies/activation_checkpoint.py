@@ -48,6 +48,7 @@ STRATEGY = Strategy(
     exact=True,
     config=ActivationCheckpointConfig,
     apply=apply_activation_checkpoint,
+    changes=frozenset({"blocks"}),
     needs=Needs(structure=frozenset({"blocks"})),
     knobs=(Knob(name="mode", choices=("full", "selective")), Knob(name="every", low=2, high=6, integer=True)),
 )

@@ -109,6 +109,7 @@ STRATEGY = Strategy(
     exact=True,
     config=AttentionConfig,
     apply=apply_attention,
+    changes=frozenset({"attention"}),
     needs=Needs(structure=_STRUCTURE),
     knobs=(Knob(name="backend", choices=("naive", "math", "efficient", "flash", "cudnn", "fa3")),),
 )

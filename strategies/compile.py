@@ -42,8 +42,6 @@ def apply_compile(ctx: TrainContext, cfg: CompileConfig) -> None:
         for block in adapter_for(ctx.model).blocks():
             block.compile(mode=cfg.mode, fullgraph=cfg.fullgraph)
     else:
-        if ctx.forward_backward is not None:
-            raise UserError("the forward of this run belongs to a strategy (pipeline_parallel): compile it block by block (compile scope blocks)")
         # Recorded so that a wrapper applied later (DDP) compiles around itself instead.
         ctx.compile_options = {"mode": cfg.mode, "fullgraph": cfg.fullgraph}
         ctx.forward = torch.compile(ctx.forward, **ctx.compile_options)
@@ -66,9 +64,15 @@ class _CudaGraphStep:
 
 
 def check_compile_with(chosen: dict[str, Any]) -> None:
-    """Settings of other strategies that compile's settings cannot run with."""
+    """Settings of other strategies that compile's settings cannot run with: a whole-model
+    compile and a strategy that takes the model itself (``Strategy.takes_model``)."""
+    from autotune import catalog
+
     cfg = chosen.get("compile")
     accum = getattr(chosen.get("grad_accum"), "steps", 1)
+    for name in chosen:
+        if cfg is not None and cfg.scope == "model" and name != "compile" and catalog.get(name).takes_model:
+            raise UserError(f"{name} takes the model itself, not its forward: compile it block by block (compile scope blocks), not as a whole")
     if cfg is not None and cfg.mode == "reduce-overhead" and accum > 1:
         raise UserError(
             "compile mode reduce-overhead cannot run with gradient accumulation: CUDA graph trees hand a "
@@ -83,9 +87,10 @@ STRATEGY = Strategy(
     exact=True,
     config=CompileConfig,
     apply=apply_compile,
+    changes=frozenset({"blocks"}),
     check_with=check_compile_with,
     knobs=(
-        Knob(name="mode", choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead")),
+        Knob(name="mode", choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"), refine_only=("max-autotune-no-cudagraphs",)),
         Knob(name="scope", choices=("model", "blocks")),
     ),
 )

@@ -28,24 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from autotune.context import TrainContext
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import Knob, Needs, Part, Strategy
 
-WRAP_AFTER = frozenset(
-    {
-        # Data-parallel wrappers hold the final parameters and modules, so everything that
-        # replaces parameters or wraps blocks comes first (torchtitan: compile, then FSDP).
-        "vocab_padding",
-        "moe",
-        "int8",
-        "fp8",
-        "triton_kernels",
-        "tensor_parallel",
-        "pipeline_parallel",
-        "activation_checkpoint",
-        "compile",
-    }
-)
-"""Strategies every data-parallel wrapper (ddp, fsdp2, zero) is applied after."""
+WRAPPER_READS: frozenset[Part] = frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "placement", "stages"})
+"""What a data-parallel wrapper (ddp, fsdp2) needs final: it holds the final parameters and
+modules, so everything that replaces parameters, shards them or wraps blocks comes first
+(torchtitan: compile, then FSDP)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -91,9 +79,10 @@ STRATEGY = Strategy(
     exact=True,
     config=DdpConfig,
     apply=apply_ddp,
+    mesh_dim="dp",
+    reads=WRAPPER_READS,
     needs=Needs(min_devices=2),
     conflicts=frozenset({"fsdp2", "zero"}),
-    after=WRAP_AFTER,
     knobs=(
         Knob(name="bucket_cap_mb", low=5, high=200, log=True, integer=True),
         Knob(name="gradient_as_bucket_view", choices=(True, False)),

@@ -41,10 +41,11 @@ STRATEGY = Strategy(
     exact=False,
     config=Fp8Config,
     apply=None,
+    # It swaps the final linears: after what replaces them (the head, the MLPs).
+    changes=frozenset({"linears"}),
+    reads=frozenset({"head", "mlp"}),
     needs=_NEEDS,
     conflicts=frozenset({"int8"}),
-    # It swaps the final linears: after those that replace them (head, experts).
-    after=frozenset({"vocab_padding", "moe"}),
     knobs=(Knob(name="recipe", choices=("tensorwise", "rowwise")), Knob(name="layers", choices=("blocks", "blocks_and_head"))),
     issue="roadmap item FP8 training, no issue filed yet",
 )

@@ -25,9 +25,8 @@ from typing import Literal
 import torch
 
 from autotune.context import TrainContext
-from autotune.errors import UserError
 from autotune.mesh import sub_mesh
-from autotune.strategies.ddp import WRAP_AFTER
+from autotune.strategies.ddp import WRAPPER_READS
 from autotune.strategy import Knob, Needs, Strategy
 from autotune.workloads.adapter import adapter_for
 
@@ -53,8 +52,6 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
     ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and declare the model's blocks")
-    if ctx.forward is not ctx.model:
-        raise UserError("fsdp2 shards the model block by block; compile it block by block too (compile scope blocks), not as a whole")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -81,9 +78,11 @@ STRATEGY = Strategy(
     exact=True,
     config=Fsdp2Config,
     apply=apply_fsdp2,
+    mesh_dim="dp",
+    takes_model=True,
+    reads=WRAPPER_READS,
     needs=_NEEDS,
     conflicts=frozenset({"ddp", "zero"}),
-    after=WRAP_AFTER,
     knobs=(
         Knob(name="reshard_after_forward", choices=(True, False)),
         Knob(name="param_dtype", choices=("bf16", "fp32")),

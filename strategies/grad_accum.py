@@ -32,5 +32,6 @@ STRATEGY = Strategy(
     exact=True,
     config=GradAccumConfig,
     apply=apply_grad_accum,
+    changes=frozenset({"accumulation"}),
     knobs=(Knob(name="steps", low=1, high=16, log=True, integer=True),),
 )

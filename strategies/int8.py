@@ -39,10 +39,11 @@ STRATEGY = Strategy(
     exact=False,
     config=Int8Config,
     apply=None,
+    # It swaps the final linears: after what replaces them (the head, the MLPs).
+    changes=frozenset({"linears"}),
+    reads=frozenset({"head", "mlp"}),
     needs=_NEEDS,
     conflicts=frozenset({"fp8"}),
-    # It swaps the final linears: after those that replace them (head, experts).
-    after=frozenset({"vocab_padding", "moe"}),
     knobs=(Knob(name="layers", choices=("blocks", "blocks_and_head")), Knob(name="backward", choices=(True, False))),
     issue="roadmap item INT8 training, no issue filed yet",
 )

@@ -235,6 +235,7 @@ STRATEGY = Strategy(
     exact=False,
     config=MoeConfig,
     apply=apply_moe,
+    changes=frozenset({"mlp"}),
     needs=Needs(structure=frozenset({"mlp", "blocks"})),
     # Tensor parallel's plan shards the dense MLP's linears, which converted blocks no longer
     # have (expert parallelism is not built yet).

@@ -42,7 +42,7 @@ from torch import nn
 from autotune import distributed
 from autotune.context import TrainContext
 from autotune.errors import UserError
-from autotune.mesh import sub_mesh
+from autotune.mesh import ParallelDims, setting, sub_mesh
 from autotune.strategy import Knob, Needs, Strategy
 from autotune.workloads.adapter import ModelAdapter, NotSupported, adapter_for, declared, pipeline_split
 
@@ -127,8 +127,6 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
         raise UserError(f"pipeline_parallel degree {cfg.degree} has no pp dim of that size in this run's mesh ({ctx.dims})")
     if ctx.grad_scaler:
         raise UserError("pipeline_parallel does not scale the loss for fp16: use precision bf16")
-    if ctx.forward is not ctx.model:
-        raise UserError("pipeline_parallel cuts the model itself, but another strategy already wrapped its forward")
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     adapter, index = adapter_for(ctx.model), mesh.get_local_rank()
@@ -161,19 +159,35 @@ def check_workload(cfg: PipelineParallelConfig, workload: Any) -> None:
         raise UserError(f"pipeline_parallel: workload {workload.name} cannot be cut into pipeline stages (its model adapter does not support pp)")
 
 
+def check_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> None:
+    """Each micro-batch is cut into ``microbatches`` pieces: at least one per stage (or the
+    pipeline never fills), and as many as divide the micro-batch."""
+    micro = int(setting(cfg, "microbatches", PipelineParallelConfig().microbatches))
+    if dims.pp > 1 and micro < dims.pp:
+        raise UserError(f"pipeline_parallel microbatches {micro} is fewer than its {dims.pp} stages (the pipeline never fills)")
+    if dims.pp > 1 and micro_batch_size is not None and micro_batch_size % micro:
+        raise UserError(f"pipeline_parallel microbatches {micro} does not divide the micro-batch size {micro_batch_size}")
+
+
 STRATEGY = Strategy(
     name="pipeline_parallel",
     summary="cut the blocks into stages over processes, micro-batches on a GPipe or 1F1B schedule",
     exact=True,
     config=PipelineParallelConfig,
     apply=apply_pipeline_parallel,
+    mesh_dim="pp",
+    takes_model=True,
+    # A search layout sets microbatches to the degree: the fewest pieces that fill the stages.
+    degree_knobs=("degree", "microbatches"),
+    check_mesh=check_mesh,
+    # The first and last stages hold the embedding and head: vocab padding replaces them first.
+    changes=frozenset({"stages"}),
+    reads=frozenset({"embedding", "head"}),
     needs=Needs(min_devices=2, structure=frozenset({"blocks", "embed", "head"})),
     check_workload=check_workload,
     # Data parallel next to the pipeline would wrap each stage (torchtitan's FSDP + PP), and
     # TP inside the stages needs 4+ processes to test: not done yet (see the docstring).
     conflicts=frozenset({"ddp", "fsdp2", "tensor_parallel"}),
-    # The first and last stages hold the embedding and head: vocab padding replaces them first.
-    after=frozenset({"vocab_padding"}),
     knobs=(
         Knob(name="degree", choices=(2, 4, 8)),
         Knob(name="schedule", choices=("gpipe", "1f1b")),

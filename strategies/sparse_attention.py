@@ -160,6 +160,7 @@ STRATEGY = Strategy(
     exact=False,
     config=SparseAttentionConfig,
     apply=apply_sparse_attention,
+    changes=frozenset({"attention"}),
     check_workload=check_workload,
     needs=Needs(structure=frozenset({"attention"})),
     conflicts=frozenset({"attention"}),

@@ -95,13 +95,15 @@ STRATEGY = Strategy(
     exact=True,
     config=TensorParallelConfig,
     apply=apply_tensor_parallel,
+    mesh_dim="tp",
+    # It shards the final linears: swaps that replace them come first (torchtitan converts
+    # float8 before TP), and the final norms are what sequence parallel splits.
+    changes=frozenset({"placement"}),
+    reads=frozenset({"embedding", "head", "mlp", "linears", "norms"}),
     needs=Needs(min_devices=2, structure=frozenset({"blocks", "attention", "mlp"})),
     check_workload=check_workload,
     # DDP all-reduces plain gradients; the blocks' DTensor gradients need fsdp2 for data
     # parallel next to TP (torchtitan refuses DDP with TP too).
     conflicts=frozenset({"ddp"}),
-    # It shards the final linears: swaps that replace them come first (torchtitan converts
-    # float8 before TP), and the fused norms of triton_kernels are what sequence parallel splits.
-    after=frozenset({"vocab_padding", "moe", "int8", "fp8", "triton_kernels"}),
     knobs=(Knob(name="degree", choices=(2, 4, 8)), Knob(name="sequence_parallel", choices=(True, False))),
 )

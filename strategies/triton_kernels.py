@@ -40,9 +40,10 @@ STRATEGY = Strategy(
     exact=True,
     config=TritonKernelsConfig,
     apply=None,
+    # The fused loss reads the head's final weight: after what replaces it (vocab padding).
+    changes=frozenset({"norms", "loss"}),
+    reads=frozenset({"head"}),
     needs=_NEEDS,
-    # The fused loss reads the head's final weight: after vocab padding replaces it.
-    after=frozenset({"vocab_padding"}),
     knobs=(Knob(name="layernorm", choices=(True, False)), Knob(name="cross_entropy", choices=(True, False))),
     issue="roadmap item custom Triton kernels, no issue filed yet",
 )

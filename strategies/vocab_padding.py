@@ -57,6 +57,7 @@ STRATEGY = Strategy(
     exact=True,
     config=VocabPaddingConfig,
     apply=apply_vocab_padding,
+    changes=frozenset({"embedding", "head"}),
     needs=Needs(structure=frozenset({"embed", "head"})),
     check_workload=check_workload,
     knobs=(Knob(name="multiple", choices=(64, 128)),),

@@ -63,7 +63,6 @@ import torch.distributed as dist
 
 from autotune.context import MicroBatch, TrainContext
 from autotune.errors import UserError
-from autotune.strategies.ddp import WRAP_AFTER
 from autotune.strategies.optimizer import adamw_groups
 from autotune.strategy import Knob, Needs, Strategy
 
@@ -191,8 +190,11 @@ STRATEGY = Strategy(
     apply=apply_zero,
     needs=Needs(min_devices=2, modules=("deepspeed",)),
     conflicts=frozenset({"ddp", "fsdp2", "tensor_parallel", "pipeline_parallel", "optimizer"}),
-    # Last of all: DeepSpeed's engine is built from the accumulation count.
-    after=(WRAP_AFTER - {"tensor_parallel", "pipeline_parallel"}) | {"grad_accum"},
+    mesh_dim="dp",
+    takes_model=True,
+    # Last of all: DeepSpeed's engine holds the final modules (no TP or PP shards: those
+    # conflict) and is built from the accumulation count.
+    reads=frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "accumulation"}),
     knobs=(
         Knob(name="stage", choices=(1, 2, 3)),
         Knob(name="offload_optimizer", choices=(True, False)),

@@ -40,7 +40,7 @@ def test_mesh_shapes(world: int, chosen: dict, shape: tuple[int, int, int]) -> N
     [
         (2, {"tensor_parallel": {"degree": 2}, "pipeline_parallel": {}}, {}, "tp 2 × pp 2 = 4 does not divide 2 processes"),
         (6, {"tensor_parallel": {"degree": 4}}, {}, "tp 4 × pp 1 = 4 does not divide 6 processes"),
-        (8, {"tensor_parallel": {"degree": 4}}, {}, "tp 4 × pp 1 leaves 2 data-parallel groups of 8 processes: add ddp or fsdp2"),
+        (8, {"tensor_parallel": {"degree": 4}}, {}, "tp 4 × pp 1 leaves 2 data-parallel groups of 8 processes: add fsdp2, or make tp × pp = 8"),
         (2, {"tensor_parallel": {}, "fsdp2": {}}, {}, "fsdp2 has a data-parallel group of 1 process: tp 2 × pp 1 takes all 2 processes"),
         (4, {"pipeline_parallel": {}, "ddp": {}}, {}, r"pipeline_parallel takes the whole run \(degree 4\)"),
         (4, {"tensor_parallel": {"degree": 4}}, {"workload": load_workload("tiny", {"n_heads": 2, "d_model": 128})}, "does not divide the 2 heads"),

@@ -1,0 +1,157 @@
+"""Strategies declare their own effects: the order's "after" edges come from ORDER and the
+parts each strategy reads and changes, the mesh's dims from each strategy's ``mesh_dim``, so a
+new strategy is its module and its test, with no edit to the core's lists of names."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from autotune import apply
+from autotune.apply import ORDER
+from autotune.catalog import catalog
+from autotune.errors import UserError
+from autotune.graph import StrategyGraph, after_edges
+from autotune.mesh import ParallelDims, data_parallel, mesh_shape, setting
+from autotune.strategy import PARTS, Facts, Strategy
+from autotune.workloads import GPT_STRUCTURE
+
+CPU = Facts(structure=GPT_STRUCTURE)
+
+BEFORE = {
+    # The after edges as the strategies named them before they declared parts (ddp's
+    # WRAP_AFTER, zero's arithmetic on it, the sets of fp8/int8/tp/pp/triton_kernels).
+    "fp8": {"vocab_padding", "moe"},
+    "int8": {"vocab_padding", "moe"},
+    "triton_kernels": {"vocab_padding"},
+    "pipeline_parallel": {"vocab_padding"},
+    "tensor_parallel": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels"},
+    "ddp": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels", "tensor_parallel", "pipeline_parallel", "activation_checkpoint", "compile"},
+    "fsdp2": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels", "tensor_parallel", "pipeline_parallel", "activation_checkpoint", "compile"},
+    "zero": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels", "activation_checkpoint", "compile", "grad_accum"},
+}  # fmt: skip
+
+
+def _noop(ctx: Any, cfg: Any) -> None:
+    """Stands in for an apply function."""
+
+
+@dataclass(kw_only=True, slots=True)
+class NoKnobs:
+    """A config without settings."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SplitConfig:
+    """A made-up expert-parallel split."""
+
+    degree: int = 2
+    """Processes the experts are spread over."""
+
+
+def made_up(name: str, **fields: Any) -> Strategy:
+    fields.setdefault("config", NoKnobs)
+    return Strategy(name=name, summary=name, exact=True, apply=_noop, **fields)
+
+
+# ---------------------------------------------------------------------- order
+
+
+def test_the_graphs_after_edges_are_what_order_implies() -> None:
+    graph = StrategyGraph(CPU)
+    edges = sorted((u, v) for u, v, key in graph.graph.edges(keys=True) if key == "after")
+    strategies = catalog()
+    implied = sorted(
+        (later, earlier)
+        for later in strategies
+        for earlier in strategies
+        if ORDER.index(earlier) < ORDER.index(later) and strategies[later].reads & strategies[earlier].changes
+    )
+    assert edges == implied == after_edges(strategies, ORDER)
+
+
+def test_the_derived_edges_are_the_ones_the_strategies_used_to_name() -> None:
+    graph = StrategyGraph(CPU)
+    derived = {name: set(graph.related(name, "after")) for name in graph.strategies if graph.related(name, "after")}
+    assert derived == BEFORE
+
+
+def test_every_declared_part_is_known() -> None:
+    for strategy in catalog().values():
+        assert strategy.reads <= PARTS and strategy.changes <= PARTS, strategy.name
+
+
+@pytest.mark.parametrize(("order", "edges"), [("ab", [("b", "a")]), ("ba", [])])
+def test_which_comes_first_is_orders_alone(order: str, edges: list[tuple[str, str]]) -> None:
+    # a swaps the MLPs, b needs them final: b is after a when ORDER applies a first; applied
+    # the other way round, b does not read what a changes, so their order does not matter.
+    strategies = {"a": made_up("a", changes=frozenset({"mlp"})), "b": made_up("b", reads=frozenset({"mlp"}))}
+    assert after_edges(strategies, tuple(order)) == edges
+    graph = StrategyGraph(CPU, strategies=strategies, order=tuple(order))
+    assert graph.related("b", "after") == [e[1] for e in edges]
+
+
+# ---------------------------------------------------------------------- mesh
+
+
+def test_mesh_roles_come_from_the_declarations() -> None:
+    dims = {name: s.mesh_dim for name, s in catalog().items() if s.mesh_dim}
+    assert dims == {"ddp": "dp", "fsdp2": "dp", "zero": "dp", "tensor_parallel": "tp", "pipeline_parallel": "pp"}
+    assert data_parallel() == ("ddp", "fsdp2", "zero")
+    assert apply.DISTRIBUTING == apply.distributing() == ("tensor_parallel", "pipeline_parallel", "ddp", "fsdp2", "zero")
+
+
+def test_a_made_up_strategy_with_a_mesh_dim_needs_no_core_edit() -> None:
+    # A made-up tp splitter ("expert parallel" standing in) and dp wrapper, registered beside
+    # the real catalog: mesh_shape sizes and checks the mesh from their declarations.
+    def check(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> None:
+        if micro_batch_size is not None and micro_batch_size % setting(cfg, "degree", 2):
+            raise UserError("split degree does not divide the micro-batch")
+
+    split = made_up("split", config=SplitConfig, mesh_dim="tp", check_mesh=check)
+    replicas = made_up("replicas", mesh_dim="dp", conflicts=frozenset({"split"}))
+    strategies = {**catalog(), "split": split, "replicas": replicas}
+    assert mesh_shape(8, {"split": {"degree": 4}, "fsdp2": {}}, strategies=strategies) == (2, 4, 1)
+    assert mesh_shape(2, {"split": SplitConfig(degree=2)}, strategies=strategies, micro_batch_size=4) == (1, 2, 1)
+    assert mesh_shape(4, {"replicas": {}}, strategies=strategies) == (4, 1, 1)
+    assert "replicas" in data_parallel(strategies)
+    with pytest.raises(UserError, match="split degree does not divide the micro-batch"):
+        mesh_shape(2, {"split": {}}, strategies=strategies, micro_batch_size=3)
+    with pytest.raises(UserError, match="split and tensor_parallel both split the tp dimension"):
+        mesh_shape(4, {"split": {}, "tensor_parallel": {}}, strategies=strategies)
+    # The advice names the dp strategies that fit: not the one that conflicts with the split.
+    with pytest.raises(UserError, match=r"leaves 2 data-parallel groups of 4 processes: add ddp or fsdp2 or zero, or make"):
+        mesh_shape(4, {"split": {}}, strategies=strategies)
+    with pytest.raises(UserError, match="split degree 2 does not divide the 3 heads"):
+        mesh_shape(2, {"split": {}}, strategies=strategies, workload=dataclasses.make_dataclass("C", [("n_heads", int)])(3))
+
+
+def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
+    from autotune.strategy import check_knob_fields
+
+    with pytest.raises(UserError, match="degree knob 'degree' is not a field of NoKnobs"):
+        check_knob_fields(made_up("split", mesh_dim="pp"))
+    check_knob_fields(made_up("wrap", mesh_dim="dp"))  # dp takes the processes left over
+
+
+# ---------------------------------------------------------------------- search
+
+
+def test_refine_only_choices_are_declared_on_the_knob_and_must_be_choices() -> None:
+    from autotune.strategy import Knob, check_knob_fields
+
+    declared = {(s.name, k.name): k.refine_only for s in catalog().values() for k in s.knobs if k.refine_only}
+    assert declared == {("compile", "mode"): ("max-autotune-no-cudagraphs",)}
+
+    @dataclass(kw_only=True, slots=True)
+    class Modes:
+        """A config with one categorical knob."""
+
+        mode: str = "fast"
+        """The mode."""
+
+    with pytest.raises(UserError, match="refine-only 'slow' is not a choice of knob mode"):
+        check_knob_fields(made_up("m", config=Modes, knobs=(Knob(name="mode", choices=("fast",), refine_only=("slow",)),)))
