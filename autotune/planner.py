@@ -28,7 +28,12 @@ from autotune.workloads import Workload, load_workload
 
 # Usable on a CPU but not worth a trial there: inductor's C++ build of even the tiny model
 # takes minutes on 2 cores (measured 245 s for one trial), longer than the whole search.
-CPU_LEFT_OUT = {"compile": "left out of CPU searches: its C++ code generation takes minutes, longer than a trial"}
+CPU_LEFT_OUT = {
+    "compile": "left out of CPU searches: its C++ code generation takes minutes, longer than a trial",
+    # fp8 is emulated on a CPU; torchao's int8 training is made for GPU int8 tensor cores.
+    "fp8": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up",
+    "int8": "left out of CPU searches: torchao's int8 training is made for GPU int8 tensor cores",
+}
 # On a GPU the thread count of the host process does not decide the speed: CPU runs only.
 GPU_LEFT_OUT = {"cpu_threads": "searched on CPU runs only"}
 EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning

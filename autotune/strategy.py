@@ -65,7 +65,7 @@ class Needs:
     bf16: bool = False
     """Needs native bf16 on the accelerator (or any CPU)."""
     fp8: bool = False
-    """Needs fp8 tensor cores (compute capability 8.9+)."""
+    """Needs fp8 tensor cores (compute capability 8.9+) on a GPU; a CPU runs float8 matmuls in software."""
     min_devices: int = 1
     """Fewest processes/devices the strategy makes sense with."""
     tpu: bool = False
@@ -226,8 +226,9 @@ def unmet_needs(strategy: Strategy, facts: Facts) -> list[str]:
             why.append(f"needs compute capability {want}+, {facts.gpu_name} has {have}")
     if needs.bf16 and facts.cuda_devices and (facts.compute_capability or (0, 0)) < (8, 0):
         why.append(f"needs bf16 tensor cores, {facts.gpu_name} has none")
-    if needs.fp8 and (facts.compute_capability or (0, 0)) < (8, 9):
-        why.append("needs fp8 tensor cores (compute capability 8.9+)" + (f", {facts.gpu_name} has none" if facts.gpu_name else ", no GPU found"))
+    if needs.fp8 and facts.cuda_devices and (facts.compute_capability or (0, 0)) < (8, 9):
+        # A CPU runs float8 matmuls in software (tests); a GPU needs the fp8 units.
+        why.append(f"needs fp8 tensor cores (compute capability 8.9+), {facts.gpu_name} has none")
     if needs.tpu and facts.tpu_devices == 0:
         why.append("needs a TPU through torch_xla, none found")
     if facts.processes < needs.min_devices:

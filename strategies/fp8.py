@@ -1,23 +1,39 @@
 """FP8 training: the linears of the blocks run their matmuls in float8 (e4m3 forward, e5m2
 gradients) with dynamic scales, weights kept in full precision for the optimizer (torchao's
-float8 training, as torchtitan converts models). 8-bit rounding of activations, weights and
+float8 training, converted as torchtitan does). 8-bit rounding of activations, weights and
 gradients changes what is learned: an approximate strategy, searched only when allowed and
 then loss-checked against the exact baseline.
 
-Declared, not implemented yet (roadmap item "FP8 training", no issue filed). It needs fp8
-tensor cores (compute capability 8.9+: Ada, Hopper), CUDA and the torchao package, and
-excludes int8 (one low-precision format per linear).
+What it does: ``torchao.float8.convert_to_float8_training`` swaps each ``nn.Linear`` of the
+blocks (found through the model adapter; the output head too with ``layers
+blocks_and_head``) for a ``Float8Linear`` whose matmuls cast input, weight and gradient to
+float8 with the recipe's scales (``tensorwise``: one per tensor; ``rowwise``: one per row,
+torchao's recipe names). Linears whose dimensions are not multiples of 16 stay as they are:
+float8 matmuls (``torch._scaled_mm``) need them. It pays on fp8 tensor cores (compute
+capability 8.9+: Ada, Hopper) and under ``compile``, which fuses the casts. Off a GPU it runs
+torchao's emulation (the same float8 rounding, matmuls in high precision): for tests, never a
+speed-up, so the planner leaves it out of CPU searches.
+Excludes int8 (one low-precision format per linear). Applied before tensor parallel and
+FSDP2 wrap the converted linears (apply.ORDER), as torchtitan does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from torch import nn
+
+from autotune.context import TrainContext
+from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
+from autotune.workloads.adapter import NotSupported, adapter_for
 
-_NEEDS = Needs(cuda=True, fp8=True, modules=("torchao",), structure=frozenset({"blocks"}))
+_NEEDS = Needs(fp8=True, modules=("torchao",), structure=frozenset({"blocks"}))
+
+ALIGNMENT = 16
+"""Float8 matmuls need both dimensions of a weight to be multiples of this."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -35,17 +51,65 @@ class Fp8Config:
         return dataclasses.replace(_NEEDS, structure=_NEEDS.structure | extra)
 
 
+def convertible(module: nn.Module, _fqn: str = "") -> bool:
+    """A linear that float8 matmuls can take (both dimensions multiples of ALIGNMENT)."""
+    return isinstance(module, nn.Linear) and module.in_features % ALIGNMENT == 0 and module.out_features % ALIGNMENT == 0
+
+
+def targets(model: nn.Module, layers: str) -> list[nn.Module]:
+    """The modules whose linears a low-precision strategy converts: the blocks, and the
+    output head with ``layers == "blocks_and_head"`` (through the model adapter)."""
+    adapter = adapter_for(model)
+    try:
+        out = list(adapter.blocks())
+        if layers == "blocks_and_head":
+            out.append(adapter.head())
+    except NotSupported as e:
+        raise UserError(f"the model's adapter cannot give its {'blocks and head' if layers == 'blocks_and_head' else 'blocks'}: {e}") from None
+    return out
+
+
+def count_linears(modules: list[nn.Module], kind: type) -> int:
+    return sum(isinstance(m, kind) for top in modules for m in ([top] if isinstance(top, kind) else top.modules()))
+
+
+def apply_fp8(ctx: TrainContext, cfg: Fp8Config) -> None:
+    ctx.check_needs(STRATEGY, cfg, "train in bf16 instead (precision), or on an Ada/Hopper GPU")
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
+
+    # Off a GPU, torchao's emulation: the same float8 rounding of every input, weight and
+    # gradient, the matmul in high precision (torch's CPU float8 matmul is minutes a step).
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(cfg.recipe), emulate=ctx.device.type != "cuda")
+    for module in targets(ctx.model, cfg.layers):
+        if not isinstance(module, nn.Linear):
+            convert_to_float8_training(module, config=config, module_filter_fn=convertible)
+        elif convertible(module):  # the head itself: convert_to_float8_training swaps children only
+            _replace(ctx.model, module, Float8Linear.from_float(module, config=config))
+    converted = count_linears(targets(ctx.model, cfg.layers), Float8Linear)
+    if not converted:
+        raise UserError("fp8: no linear of the blocks has both dimensions a multiple of 16; nothing would train in float8")
+    ctx.notes.append(f"fp8 ({cfg.recipe} scales): {converted} linears of the {cfg.layers.replace('_', ' ')} train in float8")
+
+
+def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is a child in ``root``."""
+    for parent in root.modules():
+        for name, child in list(parent.named_children()):
+            if child is old:
+                setattr(parent, name, new)
+
+
 STRATEGY = Strategy(
     name="fp8",
     summary="float8 matmuls with tensor- or row-wise scales in the linears (approximate)",
     exact=False,
     config=Fp8Config,
-    apply=None,
+    apply=apply_fp8,
     # It swaps the final linears: after what replaces them (the head, the MLPs).
     changes=frozenset({"linears"}),
     reads=frozenset({"head", "mlp"}),
     needs=_NEEDS,
     conflicts=frozenset({"int8"}),
     knobs=(Knob(name="recipe", choices=("tensorwise", "rowwise")), Knob(name="layers", choices=("blocks", "blocks_and_head"))),
-    issue="roadmap item FP8 training, no issue filed yet",
 )

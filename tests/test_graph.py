@@ -91,7 +91,7 @@ def test_approximate_strategies_are_exactly_the_ones_that_change_what_is_learned
 def test_multi_process_strategies_need_two_processes_and_the_rest_say_where_they_will_be() -> None:
     for name in MULTI_PROCESS:
         assert catalog()[name].needs.min_devices == 2
-    for name in ("int8", "fp8", "triton_kernels", "tpu"):
+    for name in ("triton_kernels", "tpu"):
         assert catalog()[name].apply is None
         assert catalog()[name].issue.startswith("roadmap item ")
 
@@ -109,8 +109,11 @@ def test_node_attributes() -> None:
     graph = StrategyGraph(CPU)
     assert graph.graph.nodes["precision"] == {"exact": True, "implemented": True, "usable": True, "reason": ""}
     fp8 = graph.graph.nodes["fp8"]
-    assert (fp8["exact"], fp8["implemented"], fp8["usable"]) == (False, False, False)
-    assert fp8["reason"].startswith("not implemented yet: roadmap item FP8 training")
+    assert (fp8["exact"], fp8["implemented"], fp8["usable"]) == (False, True, False)
+    assert fp8["reason"].startswith(APPROXIMATE)
+    kernels = graph.graph.nodes["triton_kernels"]
+    assert (kernels["implemented"], kernels["usable"]) == (False, False)
+    assert kernels["reason"].startswith("not implemented yet: roadmap item custom Triton kernels")
 
 
 # ---------------------------------------------------------------------- exclusions
@@ -132,7 +135,7 @@ def test_cpu_exclusions_and_their_reasons() -> None:
     assert excluded["tensor_parallel"] == "needs 2+ processes, this run has 1"
     assert excluded["zero"].startswith("needs 2+ processes, this run has 1")
     assert APPROXIMATE in excluded["moe"]
-    assert "needs CUDA, none found" in excluded["fp8"]
+    assert APPROXIMATE in excluded["fp8"] and "needs CUDA" not in excluded["fp8"]  # a CPU emulates float8
     assert {"precision", "compile", "grad_accum"}.isdisjoint(excluded)
 
 
@@ -143,11 +146,14 @@ def test_approximate_strategies_only_when_allowed() -> None:
     assert APPROXIMATE_ONES <= set(allowed.usable())
 
 
-def test_h200s_meet_the_needs_of_fp8_and_tp_which_stay_excluded_as_not_implemented() -> None:
+def test_h200s_meet_the_needs_of_fp8_and_tp() -> None:
     graph = StrategyGraph(H200X2, allow_approximate=True)
     for name in ("fp8", "ddp", "fsdp2", "zero", "tensor_parallel", "pipeline_parallel", "int8", "triton_kernels"):
         assert unmet_needs(graph.strategies[name], H200X2) == [], name
-    assert graph.excluded()["fp8"] == "not implemented yet: roadmap item FP8 training, no issue filed yet"
+    assert {"fp8", "int8"} <= set(graph.usable())
+    assert graph.excluded()["triton_kernels"] == "not implemented yet: roadmap item custom Triton kernels, no issue filed yet"
+    t4 = StrategyGraph(T4, allow_approximate=True).excluded()
+    assert t4["fp8"] == "needs fp8 tensor cores (compute capability 8.9+), Tesla T4 has none"
     assert {"tensor_parallel", "pipeline_parallel"} <= set(graph.usable())
     assert {"ddp", "fsdp2"} <= set(graph.usable())
     assert graph.excluded_choices("precision") == {}
