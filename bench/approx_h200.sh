@@ -17,3 +17,9 @@ python3 bench/trial_ab.py $R/phase8-small.plan.json --rounds 3 --steps 10 --time
   --variant dense= \
   --variant moe_e8_k2=moe.num_experts=8,moe.top_k=2,moe.capacity_factor=1.25,moe.every_n_layers=2 \
   --out "$OUT/moe_phase8-small_h200.jsonl"
+# FP8 (torchao float8, tensorwise scales) in the blocks' linears at gpt-1b (d 2048), vs bf16; a
+# throughput A/B at 8 x 4 samples a step (the recipe's 256 would take minutes a round).
+python3 bench/trial_ab.py $R/gpt-1b.plan.json --rounds 3 --steps 8 --timeout 300 \
+  --variant bf16= \
+  --variant fp8_tensorwise=fp8.recipe=tensorwise \
+  --out "$OUT/fp8_gpt-1b_h200.jsonl"
