@@ -10,13 +10,14 @@ a comment saying why. The suite checks that the strategy
 - enforces what it declares it needs: settings that a machine without a GPU cannot run have
   unmet needs there and are refused with a UserError when applied on the CPU, and a workload
   without the structure a setting needs is refused the same way;
-- trains the tiny GPT through the real Trainer with a visible effect (``check_applied``),
-  its 20 losses equal to the plain run's within the case's tolerance (rounding for an exact
-  strategy; for an approximate one, how far it may drift);
+- trains the suite's model (``StrategySuite.model``: the tiny GPT, or :data:`LLAMA`, a tiny
+  Hugging Face Llama) through the real Trainer with a visible effect (``check_applied``), its
+  20 losses equal to the plain run's of the same model within the case's tolerance (rounding
+  for an exact strategy; for an approximate one, how far it may drift);
 - checkpoints and resumes bit for bit, with the plain model's state-dict keys.
 
 ``tests/test_strategies.py`` imports ``pytest_generate_tests`` from here, which gives each case
-its own test item.
+its own test item; ``tests/test_hf_strategies.py`` runs the same classes on :data:`LLAMA`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from autotune.errors import SchemaError, UserError
 from autotune.strategy import Facts, Strategy, unmet_needs
 from autotune.train import Trainer
 from autotune.workloads import Workload, load_workload
+from autotune.workloads.adapter import adapter_for
 from tests.conftest import DEFAULT_PLAN
 
 STEPS = 20
@@ -47,6 +49,39 @@ STEPS = 20
 TINY = {"n_layers": 2, "seq_len": 64}
 """The tiny preset made smaller still: 2 blocks of d128, 64 tokens."""
 MICRO_BATCH = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class SuiteModel:
+    """A workload the suite trains, small enough for 20 CPU steps in about a second."""
+
+    name: str
+    """The workload's name (``tiny``, ``hf:llama``)."""
+    overrides: dict[str, Any]
+    """Its settings; a case's ``overrides`` go over them."""
+    tied: bool
+    """Whether its head shares the embedding's weight."""
+    attend: str
+    """The attribute of an attention module that holds the kernel ``set_attention(kernel=...)`` put in."""
+
+    def workload(self, overrides: dict[str, Any] | None = None) -> Workload:
+        return load_workload(self.name, {**self.overrides, **(overrides or {})})
+
+
+GPT = SuiteModel(name="tiny", overrides=TINY, tied=True, attend="attend")
+"""The built-in GPT: 2 blocks of d128, 64 tokens, vocab 2048."""
+LLAMA = SuiteModel(
+    name="hf:llama",
+    # As tests/test_hf.py's CONFIGS (GQA: 4 query heads share 2 kv heads, SwiGLU, RoPE, an
+    # untied head), with the tiny GPT's vocab and sequence: the same corpus feeds both.
+    overrides=dict(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
+        vocab_size=2048, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, seq_len=TINY["seq_len"],
+    ),
+    tied=False,
+    attend="_autotune_attend",
+)
+"""A tiny Hugging Face Llama (transformers' LlamaForCausalLM): 2 layers of d64, 64 tokens, vocab 2048."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,7 +95,7 @@ class Case:
     base: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Other strategies on in both runs (e.g. precision bf16 under flash attention)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Workload settings of both runs, over TINY (e.g. a vocabulary that needs padding)."""
+    """Workload settings of both runs, over the suite model's (e.g. a vocabulary that needs padding)."""
 
     @property
     def id(self) -> str:
@@ -68,10 +103,12 @@ class Case:
         return "+".join([knobs, *self.base])
 
 
-def make_plan(strategies: dict[str, dict[str, Any]], device: str, overrides: dict[str, Any] | None = None, **train: Any) -> planmod.Plan:
-    """The bundled tiny plan, made smaller, with ``strategies`` on, training on ``device``."""
+def make_plan(
+    strategies: dict[str, dict[str, Any]], device: str, overrides: dict[str, Any] | None = None, model: SuiteModel = GPT, **train: Any
+) -> planmod.Plan:
+    """The bundled tiny plan, for ``model`` (made smaller), with ``strategies`` on, training on ``device``."""
     data = json.loads(DEFAULT_PLAN.read_text())
-    data["workload"]["overrides"] = {**TINY, **(overrides or {})}
+    data["workload"] = {"name": model.name, "overrides": {**model.overrides, **(overrides or {})}}
     data["train"].update({"micro_batch_size": MICRO_BATCH, "eval_interval": 0, "checkpoint_interval": 0, **train})
     data["train"]["data"] = str(tiny_corpus())  # also for a wider vocab: ids stay below 2048
     data["launch"]["device"] = device
@@ -100,11 +137,11 @@ def run_plan(plan: planmod.Plan) -> tuple[list[float], Trainer]:
 _plain: dict[str, list[float]] = {}
 
 
-def plain_losses(case: Case, device: str) -> list[float]:
-    """Losses of the plain run of ``case`` (only its base on), computed once per session."""
-    key = json.dumps([case.base, case.overrides, device], sort_keys=True)
+def plain_losses(case: Case, device: str, model: SuiteModel = GPT) -> list[float]:
+    """Losses of the plain run of ``case`` (only its base on) on ``model``, computed once per session."""
+    key = json.dumps([model.name, case.base, case.overrides, device], sort_keys=True)
     if key not in _plain:
-        _plain[key] = run_plan(make_plan(case.base, device, case.overrides))[0]
+        _plain[key] = run_plan(make_plan(case.base, device, case.overrides, model))[0]
     return _plain[key]
 
 
@@ -113,9 +150,9 @@ def setting_strategy(strategy: Strategy, cfg: Any) -> Strategy:
     return dataclasses.replace(strategy, needs=cfg.needs()) if hasattr(cfg, "needs") else strategy
 
 
-def bare_workload() -> Workload:
-    """The tiny GPT, declaring no structure (as a user's model may)."""
-    return dataclasses.replace(load_workload("tiny", TINY), name="bare", structure=frozenset())
+def bare_workload(model: SuiteModel = GPT) -> Workload:
+    """``model``'s workload (the tiny GPT), declaring no structure (as a user's model may)."""
+    return dataclasses.replace(model.workload(), name="bare", structure=frozenset())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -130,6 +167,8 @@ class StrategySuite:
 
     name: ClassVar[str]
     """The strategy under test."""
+    model: ClassVar[SuiteModel] = GPT
+    """The workload every case trains."""
     cpu_cases: ClassVar[tuple[Case, ...]]
     """Settings trained on the CPU and compared with the plain CPU run."""
     cuda_cases: ClassVar[tuple[Case, ...]] = ()
@@ -151,7 +190,11 @@ class StrategySuite:
 
     def plain_losses(self, case: Case, device: str) -> list[float]:
         """The run this case is compared with; strategies that change the batch override it."""
-        return plain_losses(case, device)
+        return plain_losses(case, device, self.model)
+
+    def adapter(self, trainer: Trainer) -> Any:
+        """The adapter of the trainer's model, for ``check_applied``."""
+        return adapter_for(trainer.ctx.model)
 
     @property
     def strategy(self) -> Strategy:
@@ -187,16 +230,16 @@ class StrategySuite:
     # -- needs -------------------------------------------------------------------------
 
     def test_cpu_refuses_what_it_lacks(self) -> None:
-        cpu = Facts.of(None, load_workload("tiny", TINY), processes=self.processes)
+        cpu = Facts.of(None, self.model.workload(), processes=self.processes)
         for knobs in [c.knobs for c in self.cpu_cases] + list(self.cpu_refused):
             lacks = unmet_needs(setting_strategy(self.strategy, self.strategy.parse(knobs)), cpu)
             assert bool(lacks) == (knobs in self.cpu_refused), (knobs, lacks)
         for knobs in self.cpu_refused:
             with pytest.raises(UserError, match=f"strategy {self.name} .*cannot run here: needs"):
-                Trainer(make_plan({self.name: knobs}, "cpu"))
+                Trainer(make_plan({self.name: knobs}, "cpu", model=self.model))
 
     def test_refuses_a_workload_without_its_structure(self) -> None:
-        bare = bare_workload()
+        bare = bare_workload(self.model)
         for knobs in [c.knobs for c in self.cpu_cases]:
             cfg = self.strategy.parse(knobs)
             if not setting_strategy(self.strategy, cfg).needs.structure:
@@ -209,7 +252,7 @@ class StrategySuite:
     # -- training ----------------------------------------------------------------------
 
     def run_case(self, case: Case, device: str) -> None:
-        losses, trainer = run_plan(make_plan({**case.base, self.name: case.knobs}, device, case.overrides))
+        losses, trainer = run_plan(make_plan({**case.base, self.name: case.knobs}, device, case.overrides, self.model))
         self.check_applied(trainer, self.strategy.parse(case.knobs))
         expected = self.plain_losses(case, device)
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=case.rtol, atol=0.0)
@@ -232,7 +275,7 @@ class StrategySuite:
         if not self.check_resume:
             pytest.skip("resume is covered by another strategy's suite (rebuilding costs too much)")
         case = self.cpu_cases[0]
-        plan = make_plan({**case.base, self.name: case.knobs}, "cpu", case.overrides)
+        plan = make_plan({**case.base, self.name: case.knobs}, "cpu", case.overrides, self.model)
         trainers: list[Trainer] = []
         try:
             # One after another: each Trainer seeds the process-wide RNG when it is built.
@@ -243,7 +286,7 @@ class StrategySuite:
             buf = io.BytesIO()
             torch.save(trainers[-1].state_dict(3), buf)  # as save_checkpoint does, then _resume
             state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-            plain_keys = load_workload("tiny", {**TINY, **case.overrides}).build_model().state_dict().keys()
+            plain_keys = self.model.workload(case.overrides).build_model().state_dict().keys()
             assert state["model"].keys() == plain_keys
             trainers.append(Trainer(plan))
             start = trainers[-1].load_state_dict(state)

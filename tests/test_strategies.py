@@ -21,9 +21,9 @@ from autotune.errors import UserError
 from autotune.strategies.attention import naive_attention, sdpa_with
 from autotune.strategy import Facts
 from autotune.train import Trainer
-from autotune.workloads import GPT_STRUCTURE, load_workload
 from autotune.workloads.gpt import sdpa_causal
-from tests.strategy_suite import MICRO_BATCH, STEPS, TINY, Case, StrategySuite, make_plan, pytest_generate_tests, train_losses
+from autotune.workloads.adapter import GPTAdapter
+from tests.strategy_suite import MICRO_BATCH, STEPS, Case, StrategySuite, SuiteModel, make_plan, pytest_generate_tests, train_losses
 
 __all__ = ["pytest_generate_tests"]  # the suite's hook: one test item per case
 
@@ -35,6 +35,13 @@ FP32_REORDERED = 1e-6
 CUDA_FP32 = 1e-5
 # Two bf16 runs whose kernels round differently (8-bit mantissa): ~1e-3 expected.
 BF16_VS_BF16 = 1e-2
+
+
+def attention_kernel(adapter: Any, model: SuiteModel) -> Any:
+    """The one kernel a strategy set in every block's attention (not the model's own)."""
+    kernels = [getattr(adapter.attention(block), model.attend, None) for block in adapter.blocks()]
+    assert kernels[0] is not None and kernels[0] is not sdpa_causal and all(k is kernels[0] for k in kernels), kernels
+    return kernels[0]
 
 
 class TestPrecision(StrategySuite):
@@ -66,8 +73,8 @@ class TestGradAccum(StrategySuite):
 
     def plain_losses(self, case: Case, device: str) -> list[float]:
         k = case.knobs["steps"]
-        accumulating = Trainer(make_plan({self.name: case.knobs}, device))
-        plain = Trainer(make_plan({}, device, micro_batch_size=MICRO_BATCH * k))
+        accumulating = Trainer(make_plan({self.name: case.knobs}, device, model=self.model))
+        plain = Trainer(make_plan({}, device, model=self.model, micro_batch_size=MICRO_BATCH * k))
         plain.batches.close()
         plain.batches = JoinedBatches(accumulating.batches, k)
         try:
@@ -78,7 +85,7 @@ class TestGradAccum(StrategySuite):
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
         assert trainer.ctx.grad_accum == cfg.steps == trainer.batches.micro_batches
-        assert trainer.tokens_per_step == MICRO_BATCH * TINY["seq_len"] * cfg.steps
+        assert trainer.tokens_per_step == MICRO_BATCH * self.model.overrides["seq_len"] * cfg.steps
 
 
 class JoinedBatches:
@@ -114,7 +121,7 @@ class TestCompile(StrategySuite):
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
         if cfg.scope == "blocks":
-            assert all(block._compiled_call_impl is not None for block in trainer.ctx.model.blocks)
+            assert all(block._compiled_call_impl is not None for block in self.adapter(trainer).blocks())
         else:
             forward = trainer.ctx.forward
             if cfg.mode == "reduce-overhead":  # a step of CUDA graph trees around the compiled forward
@@ -141,7 +148,7 @@ class TestActivationCheckpoint(StrategySuite):
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
         stride = 1 if cfg.mode == "full" else cfg.every
-        wrapped = [isinstance(b, CheckpointWrapper) for b in trainer.ctx.model.blocks]
+        wrapped = [isinstance(b, CheckpointWrapper) for b in self.adapter(trainer).blocks()]
         assert wrapped == [i % stride == 0 for i in range(len(wrapped))]
 
 
@@ -177,18 +184,16 @@ class TestAttention(StrategySuite):
     cpu_refused = ({"backend": "efficient"}, {"backend": "flash"}, {"backend": "cudnn"}, {"backend": "fa3"})
 
     def test_half_only_backends_refuse_fp32(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        hopper = Facts(cuda_devices=1, compute_capability=(9, 0), gpu_name="H100", modules=frozenset({"flash_attn_interface"}), structure=GPT_STRUCTURE)
+        wl = self.model.workload()
+        hopper = Facts(cuda_devices=1, compute_capability=(9, 0), gpu_name="H100", modules=frozenset({"flash_attn_interface"}), structure=wl.structure)
         monkeypatch.setattr(TrainContext, "facts", lambda self: hopper)
-        wl = load_workload("tiny", TINY)
         for backend in ("flash", "cudnn", "fa3"):
             ctx = TrainContext(workload=wl, device=torch.device("cpu"), model=wl.build_model())
             with pytest.raises(UserError, match=f"attention {backend} runs in bf16 or fp16 only"):
                 self.strategy.apply(ctx, self.strategy.parse({"backend": backend}))
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
-        kernels = {block.attn.attend for block in trainer.ctx.model.blocks}
-        assert len(kernels) == 1 and sdpa_causal not in kernels
-        (kernel,) = kernels
+        kernel = attention_kernel(self.adapter(trainer), self.model)
         if cfg.backend == "naive":
             assert kernel is naive_attention
         elif cfg.backend != "fa3":
@@ -229,11 +234,13 @@ class TestVocabPadding(StrategySuite):
     )
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
-        model = trainer.ctx.model
-        vocab = model.cfg.vocab_size
-        assert model.head.weight is model.embed.weight  # still tied
-        assert model.head.weight.shape[0] % cfg.multiple == 0 and 0 < model.head.weight.shape[0] - vocab < cfg.multiple
-        assert torch.all(model.embed.weight[vocab:] == 0)  # padded rows: never used, never updated
+        adapter = self.adapter(trainer)
+        vocab, head, embed = adapter.shape().vocab_size, adapter.head(), adapter.embedding()
+        assert (head.weight is embed.weight) == self.model.tied  # tied as before, or not
+        for rows in (head.weight.shape[0], embed.num_embeddings):
+            assert rows % cfg.multiple == 0 and 0 < rows - vocab < cfg.multiple
+        if isinstance(adapter, GPTAdapter):  # HF's resize draws its new rows at random instead
+            assert torch.all(embed.weight[vocab:] == 0)  # padded rows: never used, never updated
         idx = torch.zeros(1, 4, dtype=torch.int64, device=trainer.device)
         with torch.no_grad():
-            assert model(idx).shape == (1, 4, vocab)
+            assert trainer.ctx.model(idx).shape == (1, 4, vocab)  # the padded logits dropped
