@@ -759,7 +759,11 @@ def _cudnn_version(v: int | None) -> str | None:
 def _torchao_version(notes: list[str]) -> str | None:
     if importlib.util.find_spec("torchao") is None:
         return None
-    return _ask(notes, "torchao", lambda: str(importlib.import_module("torchao").__version__))
+    # Its distribution's metadata, not an import: importing torchao loads its CUDA extensions
+    # and prints their failures and torch's deprecation lines on every command.
+    from importlib import metadata
+
+    return _ask(notes, "torchao", lambda: metadata.version("torchao"))
 
 
 def _attention_inputs(layout: str) -> tuple[Any, Any, Any]:

@@ -86,37 +86,12 @@ class Windows:
         return seq[:, :-1], seq[:, 1:]
 
 
-class StepTimer:
-    """CUDA events around a step (no sync); the host clock on a CPU (as autotune.trial)."""
-
-    def __init__(self, cuda: bool) -> None:
-        import torch
-
-        self.cuda = cuda
-        if cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def __enter__(self) -> StepTimer:
-        if self.cuda:
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cuda:
-            self.end.record()
-        else:
-            self.t1 = time.perf_counter()
-
-    def seconds(self) -> float:
-        return self.start.elapsed_time(self.end) / 1e3 if self.cuda else self.t1 - self.t0
-
-
 def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[str, Any]:
     """One micro-batch size: build, compile, warm up, time; a record (status ok or oom)."""
     import torch
     import torch.nn.functional as F
+
+    from autotune.trial import _StepTimer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -159,7 +134,7 @@ def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[
             torch.cuda.reset_peak_memory_stats(device)
         timers = []
         for _ in range(steps):
-            with StepTimer(cuda) as t:
+            with _StepTimer(device) as t:  # the very timer of autotune's trials
                 losses.append(step())
             timers.append(t)
         if cuda:
