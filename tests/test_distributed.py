@@ -6,9 +6,10 @@ cores, so they are few. That launch runs every case; then come one
 ``autotune run`` of a 2-process plan, a rank that crashes, a rank that hangs, and a trial
 whose rank 1 fails.
 
-Equality with one process. Rank r trains on its own batches (rank enters the loader's seed),
-so the single-process run that must match trains, per step, on every rank's micro-batches
-in turn with gradient accumulation: rank 0's, then rank 1's. Both then step on the same mean
+Equality with one process. Rank r trains on its slice of the step's global batch (the loader
+draws it whole from (seed, step)), so the single-process run that must match, accumulating as
+many micro-batches as all ranks hold, trains per step on every rank's micro-batches in turn:
+rank 0's, then rank 1's. Both then step on the same mean
 gradient. Tolerances, relative, on each of the 10 losses:
 
 - DDP: accumulation computes g0/2 + g1/2; DDP divides each rank's gradient by 2 and
@@ -54,7 +55,6 @@ from typing import Any, ClassVar
 import pytest
 import torch
 
-from autotune import data as datamod
 from autotune import plan as planmod
 from autotune import train
 from autotune.distributed import torchrun_command
@@ -63,7 +63,7 @@ from autotune.trial import TrialBudget, run_trial
 from autotune.workloads import flops_per_token, load_workload
 from tests import dist_worker, faults
 from tests.conftest import DEFAULT_PLAN, ROOT
-from tests.strategy_suite import MICRO_BATCH, TINY, Case, StrategySuite, make_plan, pytest_generate_tests, tiny_corpus, train_losses
+from tests.strategy_suite import MICRO_BATCH, TINY, Case, StrategySuite, make_plan, pytest_generate_tests, train_losses
 
 __all__ = ["pytest_generate_tests"]  # the suite's hook: one test item per case
 
@@ -92,26 +92,6 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in log]
 
 
-class RankBatches:
-    """Every rank's micro-batches of a step, one after another, for one process."""
-
-    def __init__(self, micro_per_rank: int, ranks: int = 2) -> None:
-        tokens = datamod.read_tokens(tiny_corpus() / "train.bin").tokens
-        self.k = micro_per_rank
-        self.sources = [
-            datamod.Batches(tokens, batch_size=MICRO_BATCH, seq_len=TINY["seq_len"], seed=0, device="cpu", rank=r, world_size=ranks,
-                             micro_batches=micro_per_rank, prefetch=0)
-            for r in range(ranks)
-        ]
-
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sources[micro // self.k].get(step, micro % self.k)
-
-    def close(self) -> None:
-        for s in self.sources:
-            s.close()
-
-
 def dp1_losses(case: Case) -> list[float]:
     """One process training the plain model on the batches of dp rank 0 of 1 (tensor and
     pipeline parallel over the 2 processes leave one data-parallel group)."""
@@ -123,12 +103,12 @@ def dp1_losses(case: Case) -> list[float]:
 
 
 def one_process_losses(case: Case) -> list[float]:
-    """One process training on both ranks' batches, accumulating over all of them."""
+    """One process training on both ranks' batches, accumulating over all of them: the loader
+    draws a step's global batch whole, so its 2k micro-batches are the 2 ranks' k each, in rank
+    order (tests/test_data.py checks that split independence)."""
     k = case.base.get("grad_accum", {}).get("steps", 1)
     base = {name: knobs for name, knobs in case.base.items() if name != "grad_accum"}
     trainer = Trainer(make_plan({**base, "grad_accum": {"steps": 2 * k}}, "cpu", case.overrides))
-    trainer.batches.close()
-    trainer.batches = RankBatches(k)
     try:
         return train_losses(trainer, dist_worker.STEPS)
     finally:
@@ -403,9 +383,7 @@ def test_four_processes_fsdp2_and_tensor_parallel_in_2d(tmp_path: Path) -> None:
     proc = autotune_run(path, out, "--steps", str(dist_worker.STEPS), timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = [r["loss"] for r in train.read_log(out / "log.jsonl")]
-    trainer = Trainer(make_plan({"grad_accum": {"steps": 2}}, "cpu", None))
-    trainer.batches.close()
-    trainer.batches = RankBatches(1)
+    trainer = Trainer(make_plan({"grad_accum": {"steps": 2}}, "cpu", None))  # both dp groups' batches
     try:
         expected = train_losses(trainer, dist_worker.STEPS)
     finally:

@@ -4,8 +4,8 @@ against one process, as tests/test_distributed.py does for the built-in GPT.
 
 Equality with one process, relative, on each of the 6 losses:
 
-- FSDP2 with fp32 parameters: each rank trains on its own batches (rank enters the loader's
-  seed), so one process accumulates both ranks' micro-batches (``RankBatches``); the same
+- FSDP2 with fp32 parameters: each rank trains on its slice of the step's global batch, so one
+  process accumulating two micro-batches sees both ranks' samples; the same
   reduce-scatter sum of halved gradients, the clipping norm summed shard by shard: 6.3e-8
   measured, 1e-5 stated, as for the GPT.
 - TP (the Llama's ``base_model_tp_plan``: q/k/v, gate/up by columns, o/down by rows, the head
@@ -39,7 +39,6 @@ from autotune.train import Trainer  # noqa: E402
 from tests import hf_dist_worker as worker_mod  # noqa: E402
 from tests.conftest import ROOT  # noqa: E402
 from tests.strategy_suite import train_losses  # noqa: E402
-from tests.test_distributed import RankBatches  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -70,10 +69,7 @@ def one_process_losses(ranks: int) -> list[float]:
     """One process training the plain Llama: on dp rank 0's batches (``ranks`` 1), or on
     both ranks' batches in turn, accumulated (``ranks`` 2)."""
     strategies = {"grad_accum": {"steps": ranks}} if ranks > 1 else {}
-    trainer = Trainer(worker_mod.llama_plan(strategies, 1))
-    if ranks > 1:
-        trainer.batches.close()
-        trainer.batches = RankBatches(1, ranks)
+    trainer = Trainer(worker_mod.llama_plan(strategies, 1))  # the loader's split independence
     try:
         return train_losses(trainer, worker_mod.STEPS)
     finally:

@@ -67,39 +67,21 @@ class TestPrecision(StrategySuite):
 
 class TestGradAccum(StrategySuite):
     name = "grad_accum"
-    # Compared with one batch of 2 x 8 samples holding the same samples: the mean loss over
-    # them and its gradient are the same sums, added in another order.
+    # Compared with one batch of 2 x 8 samples, which the loader makes of the same samples (it
+    # draws a step's global batch whole): the mean loss over them and its gradient are the same
+    # sums, added in another order.
     cpu_cases = (Case(knobs={"steps": 2}, rtol=FP32_REORDERED),)
 
     def plain_losses(self, case: Case, device: str) -> list[float]:
-        k = case.knobs["steps"]
-        accumulating = Trainer(make_plan({self.name: case.knobs}, device, model=self.model))
-        plain = Trainer(make_plan({}, device, model=self.model, micro_batch_size=MICRO_BATCH * k))
-        plain.batches.close()
-        plain.batches = JoinedBatches(accumulating.batches, k)
+        plain = Trainer(make_plan({}, device, model=self.model, micro_batch_size=MICRO_BATCH * case.knobs["steps"]))
         try:
             return train_losses(plain, STEPS)
         finally:
             plain.close()
-            accumulating.close()
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
         assert trainer.ctx.grad_accum == cfg.steps == trainer.batches.micro_batches
         assert trainer.tokens_per_step == MICRO_BATCH * self.model.overrides["seq_len"] * cfg.steps
-
-
-class JoinedBatches:
-    """The k micro-batches of a step of ``source``, as one batch."""
-
-    def __init__(self, source: Any, k: int) -> None:
-        self.source, self.k = source, k
-
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(self.source.get(step, m) for m in range(self.k)))
-        return torch.cat(xs), torch.cat(ys)
-
-    def close(self) -> None:
-        self.source.close()
 
 
 class TestCompile(StrategySuite):
