@@ -2,7 +2,7 @@
 
 What a careful engineer writes without autotune: the same model built with transformers
 (``AutoModelForCausalLM.from_config``, attention "sdpa"), fp32 weights under bf16 autocast
-(fp32 on a CPU), ``torch.compile(model)``, fused AdamW (the plan's lr, betas, weight decay on
+(fp32 on a CPU), ``torch.compile`` of the model and its loss together (no KV cache), fused AdamW (the plan's lr, betas, weight decay on
 matrices only, gradient clipping at the plan's norm), the plan's global batch split into
 micro-batches with gradient accumulation, and the plan's data: windows of the same default
 corpus (held on the device, sampled there), or random tokens where the plan trains on them.
@@ -104,16 +104,23 @@ def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[
     vocab = model.config.vocab_size
     opt = optimizer(model, train, device)
     data = Windows(train, vocab, seq_len, device)
-    compiled = torch.compile(model, dynamic=False) if args.compile else model
     dtype = torch.bfloat16 if cuda else None  # bf16 autocast on the GPU; fp32 on a CPU (as its plans)
+
+    def loss_of(x: Any, y: Any) -> Any:
+        # The loss inside the compiled graph (as nanoGPT's forward computes it), so inductor
+        # fuses the cross-entropy over the (B, T, V) logits instead of materialising them in
+        # fp32 three times; no KV cache in training.
+        logits = model(input_ids=x, use_cache=False).logits  # (B, T, V); y is x shifted already
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    compiled = torch.compile(loss_of, dynamic=False) if args.compile else loss_of
 
     def step() -> Any:
         total = torch.zeros((), device=device)
         for _ in range(accum):
             x, y = data.get(micro)
             with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-                logits = compiled(input_ids=x).logits  # (B, T, V); y is x shifted already
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = compiled(x, y)
             (loss / accum).backward()
             total += loss.detach() / accum
         if train["grad_clip"] > 0:
