@@ -1,0 +1,192 @@
+"""A plan in other launchers' terms (``autotune export``): torchrun's command line, DeepSpeed's
+``ds_config.json``, an Accelerate config YAML and a Slurm batch script.
+
+Each export says what the plan says and refuses, with one line, what its target cannot express
+(a DeepSpeed config of a plan without ``zero``, Accelerate for tensor or pipeline parallel). The
+torchrun, Accelerate and Slurm exports launch ``autotune run PLAN`` itself: under a launcher's
+processes it trains as rank of that run, so the strategies are the plan's, applied by the same
+executor. The DeepSpeed config and the Accelerate YAML also carry the plan's settings for users
+who port them into their own scripts.
+
+Pure Python: an export imports neither torch nor the executor.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from autotune.errors import UserError
+from autotune.plan import Plan
+
+TARGETS = ("torchrun", "deepspeed", "accelerate", "slurm")
+"""The launchers a plan exports to."""
+
+
+def export(plan: Plan, plan_path: Path, target: str) -> str:
+    """The text of ``plan`` (read from ``plan_path``) for ``target``; UserError when the target
+    cannot express the plan."""
+    exporters: dict[str, Callable[[Plan, Path], str]] = {
+        "torchrun": torchrun,
+        "deepspeed": deepspeed,
+        "accelerate": accelerate,
+        "slurm": slurm,
+    }
+    if target not in exporters:
+        raise UserError(f"unknown export target {target!r} (known: {', '.join(TARGETS)})")
+    return exporters[target](plan, plan_path)
+
+
+def _run_args(plan: Plan, plan_path: Path) -> list[str]:
+    """``autotune run`` of the plan as each rank runs it: the launcher's processes find their
+    rank in the environment, and the run keeps its log and checkpoints in a named directory."""
+    return ["-m", "autotune", "run", str(plan_path), "--out", f"runs/{plan_path.name.removesuffix('.json').removesuffix('.plan')}"]
+
+
+def torchrun_args(plan: Plan, plan_path: Path, *, endpoint: str | None = None) -> list[str]:
+    """torchrun's arguments for ``plan``: standalone on one node; on several, a c10d
+    rendezvous at the plan's endpoint (``endpoint`` replaces it, e.g. a shell variable in a
+    batch script), which ranks the nodes as they arrive: the same command on every node."""
+    launch = plan.launch
+    if launch.nnodes == 1:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint or launch.rdzv_endpoint}", f"--rdzv-id={launch.rdzv_id}"]
+    return ["torchrun", *where, f"--nproc-per-node={launch.nproc_per_node}", *_run_args(plan, plan_path)]
+
+
+def torchrun(plan: Plan, plan_path: Path) -> str:
+    """The command line, one per node (the same on each: the rendezvous ranks the nodes)."""
+    return shlex.join(torchrun_args(plan, plan_path)) + "\n"
+
+
+def _knobs(plan: Plan) -> dict[str, Any]:
+    """The plan's strategies' settings, defaults filled in (the strategies' own configs)."""
+    return dict(plan.strategy_configs())
+
+
+def deepspeed(plan: Plan, plan_path: Path) -> str:
+    """DeepSpeed's JSON config of a ZeRO plan: the one ``autotune run`` hands to
+    ``deepspeed.initialize`` (DeepSpeed derives the global batch from it and its world size)."""
+    configs = _knobs(plan)
+    if "zero" not in configs:
+        raise UserError(f"plan {plan_path} has no zero strategy: a DeepSpeed config would describe another run (export --to torchrun)")
+    from autotune.strategies.zero import ds_config
+
+    return json.dumps(ds_config(configs["zero"], plan.train, plan.grad_accum()), indent=2) + "\n"
+
+
+# Accelerate's names (accelerate.utils.DistributedType / PrecisionType).
+_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def accelerate(plan: Plan, plan_path: Path) -> str:
+    """An Accelerate config YAML (``accelerate launch --config_file FILE -m autotune run PLAN``):
+    processes and machines, mixed precision (fp8 through torchao), compile as its dynamo
+    settings, and FSDP2 or DeepSpeed ZeRO as its plugins."""
+    configs = _knobs(plan)
+    for name in ("tensor_parallel", "pipeline_parallel"):
+        if name in configs:
+            raise UserError(f"plan {plan_path} uses {name}, which an Accelerate config cannot express; export --to torchrun")
+    launch = plan.launch
+    processes = launch.nproc_per_node * launch.nnodes
+    cpu = launch.device == "cpu"
+    precision = configs.get("precision")
+    mixed = _PRECISION[precision.dtype] if precision is not None else "no"
+    config: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "debug": False,
+        "num_processes": processes,
+        "num_machines": launch.nnodes,
+        "machine_rank": 0,
+        "use_cpu": cpu,
+        "mixed_precision": mixed,
+        "downcast_bf16": "no",
+        "rdzv_backend": "static" if launch.nnodes == 1 else "c10d",
+        "same_network": True,
+        "main_training_function": "main",
+        "enable_cpu_affinity": False,
+    }
+    if launch.nnodes > 1:
+        host, _, port = (launch.rdzv_endpoint or "").rpartition(":")
+        config.update(main_process_ip=host, main_process_port=int(port))
+    if "fp8" in configs:
+        config["mixed_precision"] = "fp8"
+        config["fp8_config"] = {"backend": "AO"}
+    if "compile" in configs:
+        compile_cfg = configs["compile"]
+        config["dynamo_config"] = {
+            "dynamo_backend": "INDUCTOR",
+            "dynamo_mode": compile_cfg.mode,
+            "dynamo_use_fullgraph": compile_cfg.fullgraph,
+            "dynamo_use_dynamic": False,
+        }
+    if "fsdp2" in configs:
+        fsdp = configs["fsdp2"]
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": fsdp.reshard_after_forward,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_activation_checkpointing": "activation_checkpoint" in configs,
+            "fsdp_offload_params": False,
+            "fsdp_cpu_ram_efficient_loading": False,
+        }
+    elif "zero" in configs:
+        zero = configs["zero"]
+        config["distributed_type"] = "DEEPSPEED"
+        config["deepspeed_config"] = {
+            "zero_stage": zero.stage,
+            "offload_optimizer_device": "cpu" if zero.offload_optimizer else "none",
+            "offload_param_device": "cpu" if zero.offload_params else "none",
+            "gradient_accumulation_steps": plan.grad_accum(),
+            "gradient_clipping": plan.train.grad_clip,
+            "zero3_init_flag": False,
+        }
+    elif processes > 1:
+        config["distributed_type"] = "MULTI_CPU" if cpu else "MULTI_GPU"
+    else:
+        config["distributed_type"] = "NO"
+    import yaml
+
+    header = f"# autotune export --to accelerate {plan_path}\n# accelerate launch --config_file THIS_FILE {shlex.join(_run_args(plan, plan_path))}\n"
+    return header + yaml.safe_dump(config, sort_keys=False)
+
+
+def slurm(plan: Plan, plan_path: Path) -> str:
+    """An sbatch script: one task a node, each running torchrun with the plan's processes, the
+    rendezvous on the job's first node."""
+    launch = plan.launch
+    cpu = launch.device == "cpu"
+    lines = [
+        "#!/bin/bash",
+        f"# autotune export --to slurm {plan_path}: {launch.nnodes} node(s) x {launch.nproc_per_node} process(es)",
+        f"#SBATCH --job-name=autotune-{plan_path.name.removesuffix('.json').removesuffix('.plan')}",
+        f"#SBATCH --nodes={launch.nnodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --cpus-per-task={8 * launch.nproc_per_node}" if not cpu else "#SBATCH --exclusive",
+    ]
+    if not cpu:
+        lines.append(f"#SBATCH --gpus-per-node={launch.nproc_per_node}")
+    lines += [
+        "#SBATCH --output=%x-%j.out",
+        "set -euo pipefail",
+        "# Never let NCCL use NVLink multicast on shared machines; remove where it is yours.",
+        "export NCCL_NVLS_ENABLE=0",
+    ]
+    if launch.nnodes > 1:
+        port = (launch.rdzv_endpoint or ":29500").rpartition(":")[2] or "29500"
+        lines += [
+            'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            f'endpoint="$head:{port}"',
+        ]
+        args = torchrun_args(plan, plan_path, endpoint="ENDPOINT")
+        command = shlex.join(args).replace("ENDPOINT", '"$endpoint"')
+    else:
+        command = shlex.join(torchrun_args(plan, plan_path))
+    lines.append(f"srun {command}")
+    return "\n".join(lines) + "\n"

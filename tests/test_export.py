@@ -1,0 +1,127 @@
+"""`autotune export`: each target loads into the tool it is for (DeepSpeed's and Accelerate's
+own config classes, bash for the batch script), the torchrun command trains, and what a target
+cannot express is refused with one line and nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEFAULT_PLAN, ROOT
+
+PYTHON = sys.executable
+
+
+def autotune(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "autotune", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout)
+
+
+def plan_file(tmp_path: Path, name: str, strategies: list[dict], *, nproc: int = 2, device: str = "cpu", **launch) -> Path:
+    data = json.loads(DEFAULT_PLAN.read_text())
+    data["strategies"] = strategies
+    data["launch"].update(nproc_per_node=nproc, device=device, **launch)
+    data["train"].update(micro_batch_size=4, eval_interval=0, checkpoint_interval=0)
+    path = tmp_path / f"{name}.plan.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+ZERO = [{"name": "precision", "knobs": {"dtype": "bf16"}}, {"name": "grad_accum", "knobs": {"steps": 2}},
+        {"name": "zero", "knobs": {"stage": 2, "offload_optimizer": True}}]
+FSDP = [{"name": "precision", "knobs": {"dtype": "bf16"}}, {"name": "activation_checkpoint", "knobs": {}},
+        {"name": "compile", "knobs": {"mode": "default", "scope": "blocks"}}, {"name": "fsdp2", "knobs": {"reshard_after_forward": False}}]
+
+
+def test_the_deepspeed_export_is_the_config_deepspeed_loads(tmp_path):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    out = tmp_path / "ds_config.json"
+    r = autotune("export", str(plan_file(tmp_path, "zero", ZERO)), "--to", "deepspeed", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    config = DeepSpeedConfig(str(out))  # DeepSpeed's own parser and checks (world size 1 here)
+    assert config.train_micro_batch_size_per_gpu == 4
+    assert config.gradient_accumulation_steps == 2
+    assert config.zero_optimization_stage == 2
+    assert config.zero_config.offload_optimizer.device == "cpu"
+    assert config.gradient_clipping == 1.0
+
+
+def test_the_accelerate_export_loads_into_accelerates_config_class(tmp_path):
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType, PrecisionType
+
+    fsdp, zero = tmp_path / "fsdp.yaml", tmp_path / "zero.yaml"
+    assert autotune("export", str(plan_file(tmp_path, "fsdp", FSDP)), "--to", "accelerate", "--out", str(fsdp)).returncode == 0
+    assert autotune("export", str(plan_file(tmp_path, "zero", ZERO)), "--to", "accelerate", "--out", str(zero)).returncode == 0
+    a = ClusterConfig.from_yaml_file(str(fsdp))
+    assert (a.distributed_type, a.mixed_precision, a.num_processes, a.use_cpu) == (DistributedType.FSDP, PrecisionType.BF16, 2, True)
+    assert a.fsdp_config["fsdp_version"] == 2 and a.fsdp_config["fsdp_reshard_after_forward"] is False
+    assert a.fsdp_config["fsdp_activation_checkpointing"] is True
+    assert a.dynamo_config["dynamo_backend"] == "INDUCTOR"
+    b = ClusterConfig.from_yaml_file(str(zero))
+    assert b.distributed_type == DistributedType.DEEPSPEED
+    assert b.deepspeed_config["zero_stage"] == 2 and b.deepspeed_config["offload_optimizer_device"] == "cpu"
+    assert b.deepspeed_config["gradient_accumulation_steps"] == 2
+
+
+def test_the_slurm_export_is_a_batch_script_for_every_node(tmp_path):
+    plan = plan_file(tmp_path, "two-nodes", [{"name": "ddp", "knobs": {}}], nproc=4, device="cuda", nnodes=2, rdzv_endpoint="node0:29400")
+    out = tmp_path / "job.sbatch"
+    r = autotune("export", str(plan), "--to", "slurm", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
+    assert os.access(out, os.X_OK)
+    directives = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in text.splitlines() if line.startswith("#SBATCH"))
+    assert directives["nodes"] == "2" and directives["gpus-per-node"] == "4" and directives["ntasks-per-node"] == "1"
+    srun = shlex.split(next(line for line in text.splitlines() if line.startswith("srun ")))
+    assert srun[1] == "torchrun" and "--nnodes=2" in srun and "--nproc-per-node=4" in srun and "--rdzv-backend=c10d" in srun
+    assert "--rdzv-endpoint=$endpoint" in srun
+    assert srun[-4:-1] == ["run", str(plan), "--out"]
+
+
+def test_the_torchrun_export_trains_the_plan(tmp_path):
+    """The exported command line itself, run as printed (plus a step count): 2 gloo processes."""
+    plan = plan_file(tmp_path, "ddp", [{"name": "ddp", "knobs": {}}])
+    r = autotune("export", str(plan), "--to", "torchrun")
+    assert r.returncode == 0, r.stderr
+    argv = shlex.split(r.stdout)
+    assert argv[:3] == ["torchrun", "--standalone", "--nproc-per-node=2"]
+    run = subprocess.run([PYTHON, "-m", "torch.distributed.run", *argv[1:], "--steps", "2"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    assert summary["steps_done"] == 2
+
+
+@pytest.mark.parametrize(
+    "strategies, target, needle",
+    [
+        ([{"name": "ddp", "knobs": {}}], "deepspeed", "has no zero strategy"),
+        ([{"name": "tensor_parallel", "knobs": {"degree": 2}}], "accelerate", "tensor_parallel"),
+        ([{"name": "ddp", "knobs": {}}], "horovod", "unknown export target"),
+    ],
+)
+def test_what_a_target_cannot_express_is_one_line_and_nothing_written(tmp_path, strategies, target, needle):
+    out = tmp_path / "export.out"
+    r = autotune("export", str(plan_file(tmp_path, "p", strategies)), "--to", target, "--out", str(out))
+    assert r.returncode == 2
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+def test_a_plan_of_an_unknown_schema_version_is_not_exported(tmp_path):
+    path = plan_file(tmp_path, "future", [])
+    data = json.loads(path.read_text())
+    data["schema_version"] = 99
+    path.write_text(json.dumps(data))
+    r = autotune("export", str(path), "--to", "torchrun")
+    assert r.returncode == 2 and "schema" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
