@@ -33,13 +33,15 @@ parameters (torchtitan refuses DDP with TP too).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.mesh import sub_mesh
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import NotSupported, adapter_for, declared
+from autotune.workloads.structure import NotSupported, declared
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)
@@ -64,6 +66,8 @@ def apply_tensor_parallel(ctx: TrainContext, cfg: TensorParallelConfig) -> None:
     if cfg.sequence_parallel and seq_len % cfg.degree:
         raise UserError(f"tensor_parallel degree {cfg.degree} does not divide the sequence length {seq_len} (sequence_parallel)")
     from torch.distributed.tensor.parallel import parallelize_module
+
+    from autotune.workloads.adapter import adapter_for
 
     adapter = adapter_for(ctx.model)
     try:
