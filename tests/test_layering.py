@@ -20,18 +20,24 @@ PENDING = frozenset({"moe", "zero", "pipeline_parallel", "sparse_attention"})
 """Strategy modules that other branches make torch-free (issue 12 item 4); until those are
 merged, a check they fail is an expected failure, naming them."""
 
-# Blocks the import of torch, then imports each strategy module on its own: those that
-# need torch at import fail, and are named.
-_CULPRITS = """
-import importlib, json, pkgutil, sys
+_BLOCK = """
+import importlib, json, pkgutil, sys, time
 
 class NoTorch:
+    # Any import of torch from here on fails, naming itself.
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
             raise ModuleNotFoundError(f"blocked: {name}")
         return None
+"""
 
+# With torch blocked, imports the data and declaration layers, then each strategy module on
+# its own: those that need torch at import fail, and are named.
+_CULPRITS = _BLOCK + """
 sys.meta_path.insert(0, NoTorch())
+for name in ("autotune.plan", "autotune.schema", "autotune.catalog", "autotune.graph", "autotune.apply", "autotune.mesh",
+             "autotune.workloads", "autotune.workloads.structure", "autotune.workloads.gpt_config", "autotune.cli.show"):
+    importlib.import_module(name)
 import autotune.strategies as package
 culprits = []
 for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
@@ -47,17 +53,24 @@ print(json.dumps(culprits))
 """
 
 # Loads and validates every committed plan, then runs `autotune show` on one, in-process.
-_SHOW = """
-import json, sys, time
+# With "after-catalog", the catalog is read first (whatever its modules import) and torch is
+# blocked after it: what the plans' checks and show import on their own.
+_SHOW = _BLOCK + """
+if sys.argv[1] == "after-catalog":
+    from autotune.catalog import catalog
+    catalog()
+    for name in [m for m in sys.modules if m == "torch" or m.startswith("torch.")]:
+        del sys.modules[name]  # an import of torch from here on asks the finders again
+    sys.meta_path.insert(0, NoTorch())
 start = time.perf_counter()
 import autotune.plan as planmod
-for path in sys.argv[2:]:
+for path in sys.argv[3:]:
     plan = planmod.load(path)
     plan.strategy_configs()
     plan.global_batch()
 loaded = time.perf_counter()
 from autotune.cli import main
-code = main(["show", sys.argv[1]])
+code = main(["show", sys.argv[2]])
 shown = time.perf_counter()
 print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "autotune")),
                   "load_s": loaded - start, "show_s": shown - loaded}))
@@ -80,14 +93,26 @@ def test_strategy_modules_import_without_torch():
     _expect_pending(json.loads(_run(_CULPRITS)))
 
 
-def test_plans_validate_and_show_without_torch():
+def _show(mode: str) -> dict:
     assert PLANS and str(SHOWN) in PLANS
-    out = _run(_SHOW, str(SHOWN), *PLANS)
+    out = _run(_SHOW, mode, str(SHOWN), *PLANS)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["code"] == 0
     assert "phase8-small" in out and "vocab_padding" in out  # the plan was printed
-    print(f"{len(PLANS)} plans loaded and validated in {result['load_s']:.3f} s; show in {result['show_s']:.3f} s")
+    print(f"{mode}: {len(PLANS)} plans loaded and validated in {result['load_s']:.3f} s; show in {result['show_s']:.3f} s")
+    return result
+
+
+def test_plans_validate_and_show_without_torch():
+    result = _show("fresh")
     loaded = [m for m in EXECUTOR if m in result["modules"]]
     if loaded:
         _expect_pending(json.loads(_run(_CULPRITS)))
     assert not loaded, f"validating plans and `autotune show` imported {loaded}"
+
+
+def test_past_the_catalog_plans_and_show_import_no_torch():
+    """Whatever the catalog's modules import, checking plans and showing one import nothing of
+    torch themselves (a lazy import on that path would hit the block), nor the executor."""
+    result = _show("after-catalog")
+    assert not {"autotune.train", "autotune.trial"} & set(result["modules"])
