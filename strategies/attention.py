@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Literal
 
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.structure import NotSupported
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +103,7 @@ def _kernel(cfg: AttentionConfig, dropout: float) -> Callable:
 def apply_attention(ctx: TrainContext, cfg: AttentionConfig) -> None:
     import torch
 
-    from autotune.workloads.adapter import adapter_for
+    from autotune.workloads.adapter import NotSupported, adapter_for
 
     ctx.check_needs(STRATEGY, cfg, "backends math and naive run anywhere")
     if cfg.backend in _HALF_ONLY and ctx.autocast_dtype not in (torch.bfloat16, torch.float16):

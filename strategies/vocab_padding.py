@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.structure import NotSupported, declared
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -39,7 +38,7 @@ class VocabPaddingConfig:
 
 def apply_vocab_padding(ctx: TrainContext, cfg: VocabPaddingConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "the model's adapter must know its embedding and head (the built-in GPT, hf: models)")
-    from autotune.workloads.adapter import adapter_for
+    from autotune.workloads.adapter import NotSupported, adapter_for
 
     adapter = adapter_for(ctx.model)
     try:
@@ -51,6 +50,8 @@ def apply_vocab_padding(ctx: TrainContext, cfg: VocabPaddingConfig) -> None:
 
 def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
     """The workload's adapter must pad the vocabulary (``vocab``), not only name embed and head."""
+    from autotune.workloads.structure import declared
+
     if "vocab" not in declared(workload.structure):
         raise UserError(f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)")
 
