@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autotune import catalog
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.mesh import mesh_shape
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 # The order of application, one rule a line. A strategy missing from a plan is skipped.
 ORDER = (
@@ -86,13 +88,15 @@ def check_plan(plan: Any, *, trusted: bool = True) -> Any:
     Loading the plan already checked its schema, every train setting and each strategy's
     knobs (their configs' legal bounds). Here: the workload (imported only when ``trusted``),
     the strategies' combination (graph conflicts and requires), each one's ``check_with``,
-    and the mesh over the plan's processes with the model and the micro-batch. What the
+    and the mesh over the plan's processes with the model and the micro-batch (the Workload
+    returned has no ``shape``: nothing here needs the built model). What the
     hardware needs stays checked where strategies are applied (``TrainContext``), so a CUDA
     plan is still readable on a CPU machine."""
     from autotune.graph import check_combination
     from autotune.workloads import load_workload
 
-    workload = load_workload(plan.workload.name, plan.workload.overrides, trusted=trusted)
+    # No model shape: a preset's checks read its config, and need no torch (autotune show).
+    workload = load_workload(plan.workload.name, plan.workload.overrides, trusted=trusted, with_shape=False)
     configs = plan.strategy_configs()
     check_combination(configs)
     check_settings(configs, workload=workload)

@@ -12,13 +12,12 @@ keep the plain model's keys and load either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
-
-from autotune.context import TrainContext
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import adapter_for
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,6 +33,10 @@ class ActivationCheckpointConfig:
 
 
 def apply_activation_checkpoint(ctx: TrainContext, cfg: ActivationCheckpointConfig) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    from autotune.workloads.adapter import adapter_for
+
     ctx.check_needs(STRATEGY, cfg, "declare the model's blocks in Workload.structure")
     blocks = adapter_for(ctx.model).blocks()
     stride = 1 if cfg.mode == "full" else cfg.every

@@ -20,24 +20,25 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import NotSupported, adapter_for
+
+if TYPE_CHECKING:
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from autotune.context import TrainContext
 
 _STRUCTURE = frozenset({"attention"})
 _SDPA_BACKENDS = {
-    "math": SDPBackend.MATH,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": "MATH",
+    "efficient": "EFFICIENT_ATTENTION",
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
 }
+"""Backend knob -> the name of its ``torch.nn.attention.SDPBackend`` member."""
 _HALF_ONLY = frozenset({"flash", "cudnn", "fa3"})
 """Backends whose kernels take bf16/fp16 inputs only."""
 
@@ -57,6 +58,9 @@ class AttentionConfig:
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """Causal attention written out; q, k, v and the result are (B, nh, T, hs)."""
+    import torch
+    import torch.nn.functional as F
+
     T = q.shape[-2]
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
@@ -68,6 +72,9 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p
 
 def sdpa_with(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
     """SDPA restricted to ``backend``: an unsupported input raises instead of falling back."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
     with sdpa_kernel(backend):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
@@ -88,10 +95,16 @@ def _kernel(cfg: AttentionConfig, dropout: float) -> Callable:
         from flash_attn_interface import flash_attn_func
 
         return functools.partial(fa3_with, flash_attn_func)
-    return functools.partial(sdpa_with, _SDPA_BACKENDS[cfg.backend])
+    from torch.nn.attention import SDPBackend
+
+    return functools.partial(sdpa_with, getattr(SDPBackend, _SDPA_BACKENDS[cfg.backend]))
 
 
 def apply_attention(ctx: TrainContext, cfg: AttentionConfig) -> None:
+    import torch
+
+    from autotune.workloads.adapter import NotSupported, adapter_for
+
     ctx.check_needs(STRATEGY, cfg, "backends math and naive run anywhere")
     if cfg.backend in _HALF_ONLY and ctx.autocast_dtype not in (torch.bfloat16, torch.float16):
         raise UserError(f"attention {cfg.backend} runs in bf16 or fp16 only: add precision with dtype bf16, or use efficient")

@@ -6,14 +6,13 @@ the order of floating-point reductions: an exact strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import adapter_for
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,6 +33,10 @@ class CompileConfig:
 
 
 def apply_compile(ctx: TrainContext, cfg: CompileConfig) -> None:
+    import torch
+
+    from autotune.workloads.adapter import adapter_for
+
     ctx.check_needs(STRATEGY, cfg, "use mode default, or scope model for a model without blocks")
     if cfg.scope == "blocks":
         # Per-block: compile each block in place (Module.compile keeps the state-dict keys),
@@ -59,6 +62,8 @@ class _CudaGraphStep:
         self.forward = forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
         torch.compiler.cudagraph_mark_step_begin()
         return self.forward(*args, **kwargs).clone()
 

@@ -7,11 +7,12 @@ matmul: an exact strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from autotune.context import TrainContext
 from autotune.strategy import Knob, Strategy
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 MAX_THREADS = 256
 """The catalog's range; the planner narrows it to the cores of the machine it searches on."""
@@ -28,6 +29,8 @@ class CpuThreadsConfig:
 
 
 def apply_cpu_threads(ctx: TrainContext, cfg: CpuThreadsConfig) -> None:
+    import torch
+
     # Process-wide, like precision's TF32 switch; set before anything is traced or timed.
     torch.set_num_threads(cfg.threads)
     ctx.notes.append(f"cpu threads {cfg.threads}")

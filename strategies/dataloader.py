@@ -8,9 +8,12 @@ of this.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from autotune.context import TrainContext
 from autotune.strategy import Knob, Needs, Strategy
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)

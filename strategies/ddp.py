@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from torch.nn.parallel import DistributedDataParallel
-
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Part, Strategy
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 WRAPPER_READS: frozenset[Part] = frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "placement", "stages"})
 """What a data-parallel wrapper (ddp, fsdp2) needs final: it holds the final parameters and
@@ -52,6 +52,9 @@ class DdpConfig:
 
 
 def apply_ddp(ctx: TrainContext, cfg: DdpConfig) -> None:
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
     ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes: launch.nproc_per_node")
     if ctx.forward is not ctx.model and ctx.compile_options is None:
         raise UserError("ddp wraps the model itself, but another strategy already wrapped its forward")

@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch import nn
-
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import NotSupported, adapter_for
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autotune.context import TrainContext
 
 _NEEDS = Needs(fp8=True, modules=("torchao",), structure=frozenset({"blocks"}))
 
@@ -53,12 +54,16 @@ class Fp8Config:
 
 def convertible(module: nn.Module, _fqn: str = "") -> bool:
     """A linear that float8 matmuls can take (both dimensions multiples of ALIGNMENT)."""
+    from torch import nn
+
     return isinstance(module, nn.Linear) and module.in_features % ALIGNMENT == 0 and module.out_features % ALIGNMENT == 0
 
 
 def targets(model: nn.Module, layers: str) -> list[nn.Module]:
     """The modules whose linears a low-precision strategy converts: the blocks, and the
     output head with ``layers == "blocks_and_head"`` (through the model adapter)."""
+    from autotune.workloads.adapter import NotSupported, adapter_for
+
     adapter = adapter_for(model)
     try:
         out = list(adapter.blocks())
@@ -75,6 +80,7 @@ def count_linears(modules: list[nn.Module], kind: type) -> int:
 
 def apply_fp8(ctx: TrainContext, cfg: Fp8Config) -> None:
     ctx.check_needs(STRATEGY, cfg, "train in bf16 instead (precision), or on an Ada/Hopper GPU")
+    from torch import nn
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     from torchao.float8.float8_linear import Float8Linear
 

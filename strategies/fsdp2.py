@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from autotune.context import TrainContext
 from autotune.mesh import sub_mesh
 from autotune.strategies.ddp import WRAPPER_READS
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import adapter_for
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 _NEEDS = Needs(min_devices=2, structure=frozenset({"blocks"}))
+_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+"""param_dtype -> the name of its torch dtype."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -47,18 +48,18 @@ class Fsdp2Config:
         return dataclasses.replace(_NEEDS, bf16=self.param_dtype == "bf16")
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
     ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and declare the model's blocks")
+    import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from autotune.workloads.adapter import adapter_for
 
     # Over the dp dim of the run's mesh: beside tensor parallel that is the 2D layout (FSDP
     # across pairs, TP within one, torchtitan's); alone, the whole run.
     mesh = sub_mesh(ctx.mesh, "dp") or init_device_mesh(ctx.device.type, (ctx.world_size,), mesh_dim_names=("dp",))
-    policy = MixedPrecisionPolicy(param_dtype=_DTYPES[cfg.param_dtype], reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, _DTYPES[cfg.param_dtype]), reduce_dtype=torch.float32)
     blocks = adapter_for(ctx.model).blocks()
     for i, block in enumerate(blocks):
         # The backward starts with the last block: resharding it after the forward would

@@ -5,9 +5,12 @@ same function, so the strategy is exact."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from autotune.context import TrainContext
 from autotune.strategy import Knob, Strategy
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategies.fp8 import convertible, count_linears, targets
 from autotune.strategy import Knob, Needs, Strategy
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 _NEEDS = Needs(modules=("torchao",), structure=frozenset({"blocks"}))
 

@@ -7,12 +7,14 @@ differ only in the order of floating-point operations: an exact strategy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from torch import nn
-
-from autotune.context import TrainContext
 from autotune.strategy import Knob, Strategy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autotune.context import TrainContext
 
 # AdamW keyword arguments of each implementation: both set, since fused and foreach together
 # are an error and the executor's default is fused on CUDA, foreach elsewhere.

@@ -5,12 +5,12 @@ the plain model's up to rounding: an exact strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from autotune.context import TrainContext
 from autotune.strategy import Knob, Needs, Strategy
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)
@@ -26,12 +26,16 @@ class PrecisionConfig:
         return {"fp32": Needs(), "bf16": Needs(bf16=True), "fp16": Needs(cuda=True)}[self.dtype]
 
 
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+"""dtype -> the name of its torch autocast dtype (None: no autocast)."""
 
 
 def apply_precision(ctx: TrainContext, cfg: PrecisionConfig) -> None:
+    import torch
+
     ctx.check_needs(STRATEGY, cfg, "use bf16 or fp32 on this device")
-    ctx.autocast_dtype = _DTYPES[cfg.dtype]
+    dtype = _DTYPES[cfg.dtype]
+    ctx.autocast_dtype = None if dtype is None else getattr(torch, dtype)
     ctx.grad_scaler = cfg.dtype == "fp16"
     # Process-wide switches; the plain baseline leaves TF32 off (PyTorch's own default).
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32

@@ -33,13 +33,14 @@ parameters (torchtitan refuses DDP with TP too).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.mesh import sub_mesh
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import NotSupported, adapter_for, declared
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,6 +66,8 @@ def apply_tensor_parallel(ctx: TrainContext, cfg: TensorParallelConfig) -> None:
         raise UserError(f"tensor_parallel degree {cfg.degree} does not divide the sequence length {seq_len} (sequence_parallel)")
     from torch.distributed.tensor.parallel import parallelize_module
 
+    from autotune.workloads.adapter import NotSupported, adapter_for
+
     adapter = adapter_for(ctx.model)
     try:
         shape = adapter.shape()
@@ -82,6 +85,8 @@ def apply_tensor_parallel(ctx: TrainContext, cfg: TensorParallelConfig) -> None:
 def check_workload(cfg: TensorParallelConfig, workload: Any) -> None:
     """The workload's adapter must have a tensor-parallel plan (``tp``), with the norms for
     sequence parallel (``sp``) if asked."""
+    from autotune.workloads.structure import declared
+
     structure = declared(workload.structure)
     if "tp" not in structure:
         raise UserError(f"tensor_parallel: workload {workload.name} has no tensor-parallel plan (its model adapter does not support tp)")

@@ -16,12 +16,13 @@ before launch (``check_workload``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import NotSupported, adapter_for, declared
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,6 +38,8 @@ class VocabPaddingConfig:
 
 def apply_vocab_padding(ctx: TrainContext, cfg: VocabPaddingConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "the model's adapter must know its embedding and head (the built-in GPT, hf: models)")
+    from autotune.workloads.adapter import NotSupported, adapter_for
+
     adapter = adapter_for(ctx.model)
     try:
         rows = adapter.pad_vocab(cfg.multiple)
@@ -47,6 +50,8 @@ def apply_vocab_padding(ctx: TrainContext, cfg: VocabPaddingConfig) -> None:
 
 def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
     """The workload's adapter must pad the vocabulary (``vocab``), not only name embed and head."""
+    from autotune.workloads.structure import declared
+
     if "vocab" not in declared(workload.structure):
         raise UserError(f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)")
 

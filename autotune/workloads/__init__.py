@@ -81,8 +81,10 @@ PRESETS: dict[str, dict[str, int]] = {
 GLOBAL_BATCH: dict[str, int] = {"tiny": 64, "phase8-small": 192, "phase8-long": 24, "gpt2-124m": 480, "gpt-1b": 256}
 
 
-def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
-    from autotune.workloads.gpt import GPT, GPTConfig
+def gpt_workload(name: str, overrides: dict[str, Any] | None = None, *, with_shape: bool = True) -> Workload:
+    """A GPT preset with ``overrides``; ``with_shape`` False leaves ``shape`` None (it builds
+    the model on torch's meta device), for checks that read only the config, without torch."""
+    from autotune.workloads.gpt_config import GPTConfig
 
     params = dict(PRESETS[name])
     known = {f.name for f in dataclasses.fields(GPTConfig)}
@@ -96,8 +98,8 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
         raise UserError(f"workload {name}: {e}") from None
     return Workload(
         name=name,
-        build_model=lambda: GPT(dataclasses.replace(cfg)),
-        shape=gpt_shape(cfg),
+        build_model=lambda: _build_gpt(cfg),
+        shape=gpt_shape(cfg) if with_shape else None,
         vocab_size=cfg.vocab_size,
         seq_len=cfg.seq_len,
         structure=GPT_STRUCTURE,
@@ -105,6 +107,12 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
         global_batch=GLOBAL_BATCH[name],
         overrides=dict(overrides or {}),
     )
+
+
+def _build_gpt(cfg: Any) -> Any:
+    from autotune.workloads.gpt import GPT
+
+    return GPT(dataclasses.replace(cfg))
 
 
 def gpt_shape(cfg: Any) -> ModelShape:
@@ -131,13 +139,14 @@ def import_module_name(name: str) -> str | None:
     return name.partition(":")[0]
 
 
-def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted: bool = True) -> Workload:
+def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted: bool = True, with_shape: bool = True) -> Workload:
     """A preset by name, ``hf:<model_type>`` (autotune.workloads.hf), or ``package.module:factory``
     returning a :class:`Workload`.
 
     Importing a module runs its code, so a workload named by a file (a plan someone sent)
     is imported only when ``trusted``: the CLI passes False unless the user named the
-    module on the command line or said ``--trust-workload``. Library callers choose."""
+    module on the command line or said ``--trust-workload``. Library callers choose. With
+    ``with_shape`` False a preset's ``shape`` stays None: checking it imports no torch."""
     if name == "hf":
         raise UserError("workload hf: name the model type (hf:llama) or give its config (--workload-config PATH)")
     module_name = import_module_name(name)
@@ -146,7 +155,7 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
 
         return hf_workload(name, overrides)
     if module_name is None:
-        return gpt_workload(name, overrides)
+        return gpt_workload(name, overrides, with_shape=with_shape)
     if not trusted:
         raise UserError(f"workload {name}: not a built-in preset, and running it would import module {module_name}; "
                         "pass --trust-workload if you trust that code")

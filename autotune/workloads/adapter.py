@@ -31,16 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autotune.workloads.structure import STRUCTURE, NotSupported, declared, pipeline_split
+
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 """Causal attention kernel: (q, k, v, dropout_p) -> y, all (B, nh, T, hs); k and v already
 have as many heads as q (an adapter repeats grouped kv heads before calling it)."""
-
-STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "sp", "pp"})
-"""Every token :meth:`ModelAdapter.supports` may return."""
-
-
-class NotSupported(Exception):
-    """The adapter cannot do what was asked; the message says why (shown by --explain)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -174,23 +169,6 @@ class ModelAdapter(Protocol):
     def flops_per_token(self) -> int:
         """Training FLOPs per token (:meth:`ModelShape.flops_per_token`)."""
         ...
-
-
-def declared(structure: frozenset[str]) -> frozenset[str]:
-    """What a workload's declared ``structure`` lets strategies ask of its adapter.
-
-    The built-in GPT's workloads still declare the legacy token ``"gpt"``
-    (``autotune.workloads.GPT_STRUCTURE``, which triton_kernels still reads) rather than
-    :meth:`GPTAdapter.supports`; it stands for everything the GPT's adapter serves. Other
-    workloads' structure is their adapter's ``supports()`` already (hf:) or declared by hand."""
-    return structure | STRUCTURE if "gpt" in structure else frozenset(structure)
-
-
-def pipeline_split(n_blocks: int, stages: int) -> list[tuple[int, int]]:
-    """Block ranges ``[start, stop)`` of ``stages`` pipeline stages, as even as they come."""
-    if not 1 <= stages <= n_blocks:
-        raise NotSupported(f"{stages} pipeline stages need at least as many blocks, the model has {n_blocks}")
-    return [(i * n_blocks // stages, (i + 1) * n_blocks // stages) for i in range(stages)]
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
