@@ -28,9 +28,11 @@ How a converted MLP computes (:class:`MoeMLP`), for N tokens, E experts, k choic
   ``aux_loss_coef``. It reaches the gradients without changing the loss the trainer reports:
   :class:`AuxLossScaler` (Megatron's ``MoEAuxLossAutoScaler``) returns the layer's output
   unchanged and, in the backward, also backpropagates a gradient of 1 into the scaled aux
-  loss. The trainer divides its loss by the accumulation steps and this gradient is not
-  divided: under gradient accumulation of s steps the aux term weighs s times more. The last
-  (unscaled) value is ``MoeMLP.last_aux_loss``.
+  loss. The trainer divides its loss by the accumulation steps, so the aux loss is scaled as
+  the main one (Megatron's ``set_loss_scale``): times ``MoeMLP.aux_loss_scale()``, which
+  :func:`apply_moe` sets to ``1 / ctx.grad_accum``, read at every forward (grad_accum is
+  applied after moe). Then s micro-batches of a step weigh as one batch of their rows. The
+  last (unscaled) value is ``MoeMLP.last_aux_loss``.
 
 Only MLPs shaped as the built-in GPT's convert (``fc``: d -> d_ff, GELU, ``proj``: d_ff -> d,
 no biases), found through the model adapter; others are refused with a UserError. The
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,7 +86,7 @@ class MoeConfig:
 
 class AuxLossScaler(torch.autograd.Function):
     """Identity on ``output`` in the forward; the backward also sends a gradient of 1 into
-    ``aux_loss`` (already times its coefficient), so the aux loss trains the router without
+    ``aux_loss`` (already times its coefficient and loss scale), so the aux loss trains the router without
     being added to the loss anyone reads (Megatron's ``MoEAuxLossAutoScaler``)."""
 
     @staticmethod
@@ -147,6 +150,9 @@ class MoeMLP(nn.Module):
         """Fraction of the last forward's choices over capacity (0-d tensor)."""
         self.last_aux_loss = torch.zeros(())
         """The last forward's load-balancing loss, before its coefficient (0-d tensor)."""
+        self.aux_loss_scale: Callable[[], float] | None = None
+        """The factor the trainer's loss is divided by, as a function read at every forward
+        (``1 / grad_accum``; :func:`apply_moe` sets it); None: 1."""
         self.active_share = cfg.top_k / E
         """Share of the stacked expert weights one token passes through (top_k / num_experts):
         FLOPs count it (``adapter.block_matmul_params``), memory counts every expert."""
@@ -158,7 +164,8 @@ class MoeMLP(nn.Module):
         aux = load_balancing_loss(probs, experts, self.num_experts)
         self.last_aux_loss = aux.detach()
         if self.aux_loss_coef > 0 and torch.is_grad_enabled():
-            y = AuxLossScaler.apply(y, aux * self.aux_loss_coef)
+            scale = 1.0 if self.aux_loss_scale is None else self.aux_loss_scale()
+            y = AuxLossScaler.apply(y, aux * (self.aux_loss_coef * scale))
         return self.drop(y.reshape(shape))
 
     def mix(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,11 +205,24 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
         name = next((n for n, child in block.named_children() if child is mlp), None)
         if name is None:
             raise UserError(f"strategy moe cannot replace block {i}'s MLP: it is not a direct child of the block")
-        setattr(block, name, MoeMLP(mlp, cfg))
+        layer = MoeMLP(mlp, cfg)
+        layer.aux_loss_scale = _loss_scale(ctx)
+        setattr(block, name, layer)
     ctx.notes.append(
         f"moe: MLPs of {len(converted)} of {len(blocks)} blocks -> {cfg.num_experts} experts, top {cfg.top_k}, "
         f"capacity factor {cfg.capacity_factor} (choices over it skip the MLP), aux loss coef {cfg.aux_loss_coef}"
     )
+
+
+def _loss_scale(ctx: TrainContext) -> Callable[[], float]:
+    """The aux loss's scale as the loop scales the main loss, read when called: grad_accum is
+    set after moe is applied. (A closure, not an object holding ctx: copying the model copies
+    it by reference.)"""
+
+    def scale() -> float:
+        return 1.0 / ctx.grad_accum
+
+    return scale
 
 
 def _gpt_shaped(mlp: nn.Module) -> bool:

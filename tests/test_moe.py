@@ -176,3 +176,51 @@ def test_traces_as_one_graph() -> None:
     torch.testing.assert_close(y, expected)
     y.sum().backward()
     assert moe.router.weight.grad is not None and moe.w_fc.grad is not None
+
+
+def test_aux_loss_gradient_is_divided_under_gradient_accumulation() -> None:
+    # The Trainer's own step over 4 micro-batches: the router's gradient is the mean of each
+    # micro-batch's own gradient (main loss plus coef x aux loss), not 4 times the aux part.
+    s = 4
+    trainer = Trainer(make_plan({"moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 2.0}, "grad_accum": {"steps": s}}, "cpu", micro_batch_size=2))
+    try:
+        model = trainer.ctx.model
+        reference = copy.deepcopy(model)
+        for m in reference.modules():
+            if isinstance(m, MoeMLP):
+                m.aux_loss_scale = None  # one micro-batch per step: scale 1
+        router = model.blocks[0].mlp.router.weight
+        seen: list[torch.Tensor] = []
+        router.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.detach().clone()))
+        micro = [trainer.batches.get(0, i) for i in range(s)]
+        trainer.train_step(0)
+    finally:
+        trainer.close()
+    assert len(seen) == s
+    expected = sum(_router_grad(reference, x, y) for x, y in micro) / s
+    torch.testing.assert_close(seen[-1], expected, rtol=0, atol=1e-6)
+    unscaled = copy.deepcopy(reference)  # the old bug: the aux part weighs s times more
+    for m in unscaled.modules():
+        if isinstance(m, MoeMLP):
+            m.aux_loss_scale = lambda: float(s)
+    assert not torch.allclose(seen[-1], sum(_router_grad(unscaled, x, y) for x, y in micro) / s, atol=1e-6)
+
+
+def _router_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    model(x, y).backward()
+    return model.blocks[0].mlp.router.weight.grad.clone()
+
+
+def test_accumulated_micro_batches_of_the_same_rows_are_one_batch() -> None:
+    # s micro-batches of rows x, each loss / s, give the gradient of one batch of s copies of x.
+    s = 3
+    moe = layer(num_experts=4, top_k=2, capacity_factor=16, aux_loss_coef=0.1)
+    one = copy.deepcopy(moe)
+    moe.aux_loss_scale = lambda: 1.0 / s
+    x = torch.randn(2, 5, D)
+    for _ in range(s):
+        (moe(x).square().mean() / s).backward()
+    one(x.repeat(s, 1, 1)).square().mean().backward()
+    torch.testing.assert_close(moe.router.weight.grad, one.router.weight.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(moe.w_fc.grad, one.w_fc.grad, rtol=0, atol=1e-6)
