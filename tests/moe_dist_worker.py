@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from autotune.errors import UserError
 from autotune.strategies.moe import MoeMLP
 from autotune.train import Trainer
 from tests.strategy_suite import make_plan
@@ -66,7 +67,12 @@ def main(out: Path) -> None:
             out.mkdir(parents=True, exist_ok=True)
             torch.save(state, out / "ep.pt")
             first = layers(trainer.ctx.model)[0]
-            checks = {"w_fc": list(first.w_fc.shape), "routers_alike": routers_alike, "notes": trainer.ctx.notes}
+            try:
+                first.load_state_dict(first.state_dict())
+                refused = ""
+            except UserError as e:
+                refused = str(e)
+            checks = {"w_fc": list(first.w_fc.shape), "routers_alike": routers_alike, "notes": trainer.ctx.notes, "load_refused": refused}
             (out / "checks.json").write_text(json.dumps(checks))
     finally:
         trainer.close()

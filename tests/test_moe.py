@@ -224,3 +224,37 @@ def test_accumulated_micro_batches_of_the_same_rows_are_one_batch() -> None:
     one(x.repeat(s, 1, 1)).square().mean().backward()
     torch.testing.assert_close(moe.router.weight.grad, one.router.weight.grad, rtol=0, atol=1e-6)
     torch.testing.assert_close(moe.w_fc.grad, one.w_fc.grad, rtol=0, atol=1e-6)
+
+
+def test_expert_memory_per_process_divides_by_ep() -> None:
+    from autotune import costmodel
+
+    workload = load_workload("tiny", TINY)
+    configs = {n: catalog.get(n).parse(k) for n, k in {"moe": {"num_experts": 4, "every_n_layers": 2}, "ddp": {}}.items()}
+    ep2 = {**configs, "moe": catalog.get("moe").parse({"num_experts": 4, "every_n_layers": 2, "ep": 2})}
+    whole = costmodel.estimate(workload, 2, configs, processes=2)
+    split = costmodel.estimate(workload, 2, ep2, processes=2)
+    d, d_ff = workload.config.d_model, workload.config.d_ff
+    # 1 converted block of 2: 2 of its 4 experts (fc and proj, d x d_ff each) on each process, fp32
+    assert whole.breakdown["weights"] - split.breakdown["weights"] == 4 * 2 * (2 * d * d_ff)
+    assert split.flops_per_step == whole.flops_per_step
+
+
+def test_ep_bounds_and_one_process_is_refused() -> None:
+    with pytest.raises(ValueError, match="ep must be from 1 to 256 and divide num_experts"):
+        MoeConfig(num_experts=6, ep=4)
+    with pytest.raises(ValueError, match="ep must"):
+        MoeConfig(ep=0)
+    workload = load_workload("tiny", TINY)
+    ctx = TrainContext(workload=workload, device=torch.device("cpu"), model=workload.build_model())
+    with pytest.raises(UserError, match="moe ep 2 needs a multiple of 2 data-parallel processes"):
+        apply_moe(ctx, MoeConfig(num_experts=4, ep=2))
+
+
+def test_the_strategy_module_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, autotune.strategies.moe as m; m.STRATEGY; m.MoeConfig(ep=2); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -53,6 +53,7 @@ def test_expert_parallel_on_2_gloo_processes_matches_one_process(ep_run: Path) -
     checks = json.loads((ep_run / "checks.json").read_text())
     assert checks["w_fc"][0] == 2 and checks["routers_alike"]  # 2 of 4 experts per rank
     assert any("expert parallel over 2 processes (2 experts each)" in n for n in checks["notes"])
+    assert "cannot load a checkpoint yet" in checks["load_refused"]
 
 
 def test_expert_groups_are_consecutive_dp_ranks() -> None:
