@@ -129,6 +129,21 @@ def moe_cost(cfg: MoeConfig, terms: Any) -> None:
     terms.flops += 6 * terms.tokens_per_step * converted * ((cfg.top_k - 1) * mlp + router)
 
 
+def check_moe_with(chosen: dict[str, Any]) -> None:
+    """The aux loss is scaled as the loop scales the loss (1 / grad_accum), not by fp16's
+    dynamic loss scale nor by a pipeline's pieces per micro-batch: refuse those with it on
+    rather than weigh it wrong."""
+    cfg = chosen.get("moe")
+    if cfg is None or cfg.aux_loss_coef == 0:
+        return
+    from autotune.errors import UserError
+
+    if getattr(chosen.get("precision"), "dtype", None) == "fp16":
+        raise UserError("moe's aux loss is not multiplied by fp16's loss scale: use precision bf16, or moe aux_loss_coef 0")
+    if "pipeline_parallel" in chosen:
+        raise UserError("moe's aux loss is not divided by pipeline_parallel's pieces per micro-batch: use moe aux_loss_coef 0 with it")
+
+
 _IMPL = frozenset({"AuxLossScaler", "AllToAll", "ExpertGroup", "MoeMLP", "route", "slots", "load_balancing_loss"})
 
 
@@ -159,4 +174,5 @@ STRATEGY = Strategy(
         Knob(name="every_n_layers", low=1, high=4, integer=True),
     ),
     cost=moe_cost,
+    check_with=check_moe_with,
 )

@@ -258,3 +258,15 @@ def test_the_strategy_module_imports_without_torch() -> None:
     code = "import sys, autotune.strategies.moe as m; m.STRATEGY; m.MoeConfig(ep=2); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_aux_loss_refuses_the_loss_scales_it_does_not_follow() -> None:
+    from autotune.apply import check_settings
+
+    parse = lambda name, knobs: catalog.get(name).parse(knobs)  # noqa: E731
+    with pytest.raises(UserError, match="fp16's loss scale"):
+        check_settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {})})
+    with pytest.raises(UserError, match="pipeline_parallel's pieces"):
+        check_settings({"pipeline_parallel": parse("pipeline_parallel", {}), "moe": parse("moe", {})})
+    check_settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {"aux_loss_coef": 0.0})})
+    check_settings({"precision": parse("precision", {"dtype": "bf16"}), "moe": parse("moe", {})})
