@@ -31,8 +31,10 @@ How a converted MLP computes (:class:`MoeMLP`), for N tokens, E experts, k choic
   loss. The trainer divides its loss by the accumulation steps, so the aux loss is scaled as
   the main one (Megatron's ``set_loss_scale``): times ``MoeMLP.aux_loss_scale()``, which
   :func:`apply_moe` sets to ``1 / ctx.grad_accum``, read at every forward (grad_accum is
-  applied after moe). Then s micro-batches of a step weigh as one batch of their rows. The
-  last (unscaled) value is ``MoeMLP.last_aux_loss``.
+  applied after moe). Then s micro-batches of a step weigh as one batch of their rows. It
+  follows neither fp16's dynamic loss scale nor a pipeline's pieces per micro-batch: those
+  are refused with the aux loss on (``check_moe_with``). The last (unscaled) value is
+  ``MoeMLP.last_aux_loss``.
 
 Expert parallelism (``ep`` > 1, Lepikhin et al. 2020, GShard): the experts are split over ep
 processes of the data-parallel dimension, E / ep each (ep is a sub-dimension of dp:
@@ -46,9 +48,11 @@ capacity buffers go to the expert's process by ``torch.distributed.all_to_all_si
 zeros: ep times the bytes of a token-exact exchange, and no sizes to exchange first), and the
 outputs come back the same way. The aux loss takes f over the group's tokens. ddp averages
 the dense parameters over every dp rank and ignores the experts, whose gradients are summed
-over their replicas and divided by dp (a hook per expert weight); the gradient norm for
-clipping sums every expert's. Needs ddp (fsdp2 and zero would reduce the experts over all
-of dp), no tp or pp. Checkpoints under ep hold rank 0's experts only (not handled yet).
+over their replicas and divided by dp (a hook per expert weight, so the replicas' all-reduce
+runs every micro-batch, not the last one only); the gradient norm for clipping sums every
+expert's. Needs ddp (fsdp2 and zero would reduce the experts over all of dp), no tp or pp.
+Not handled yet: checkpoints under ep hold rank 0's experts only (the writer saves rank 0's
+model), so loading one is refused; compile of the layers under ep is untested.
 
 The module level imports no torch (the catalog loads it for plan validation); the layer and
 its autograd functions live in ``strategies/_moe_impl.py``, imported by :func:`apply_moe`,
