@@ -270,3 +270,6 @@ def test_aux_loss_refuses_the_loss_scales_it_does_not_follow() -> None:
         check_settings({"pipeline_parallel": parse("pipeline_parallel", {}), "moe": parse("moe", {})})
     check_settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {"aux_loss_coef": 0.0})})
     check_settings({"precision": parse("precision", {"dtype": "bf16"}), "moe": parse("moe", {})})
+    with pytest.raises(UserError, match="compile scope blocks"):
+        check_settings({"compile": parse("compile", {"scope": "model"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
+    check_settings({"compile": parse("compile", {"scope": "blocks"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
