@@ -12,6 +12,11 @@ DeviceMesh in every process, laid out as torchtitan's ``ParallelDims`` does: dim
 node, NVLink) and pipeline stages, which exchange the least, are farthest apart. Only dims of
 size > 1 are made (torchtitan does the same); ``mesh[name]`` is a dim's sub-mesh.
 
+Expert parallelism (``ep``, moe's ``ep`` knob) is a sub-dimension of dp, not a dim of its own:
+the ep processes of one group are consecutive dp ranks, each with its own batch, splitting
+each MoE layer's experts between them (:func:`expert_groups`); ep divides dp, and the dp
+wrapper must be ddp (fsdp2 and zero would reduce the experts over every dp rank).
+
 The data loader shards by the dp rank and size, never the global rank: the tp ranks of one
 dp group train on the same batch, and so do the stages of one pipeline (the first reads its
 inputs, the last its targets).
@@ -50,6 +55,8 @@ class ParallelDims:
     """Tensor-parallel degree: processes that split each block's heads and MLP width."""
     pp: int = 1
     """Pipeline stages."""
+    ep: int = 1
+    """Expert-parallel degree, inside dp: consecutive dp ranks that split the experts."""
 
     @property
     def world(self) -> int:
@@ -58,6 +65,26 @@ class ParallelDims:
     def coords(self, rank: int) -> tuple[int, int, int]:
         """(pp, dp, tp) coordinates of global ``rank`` (tp fastest, as the mesh is laid out)."""
         return rank // (self.dp * self.tp), rank // self.tp % self.dp, rank % self.tp
+
+
+def expert_groups(dp: int, ep: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(ep groups, replica groups) of ``dp`` data-parallel ranks: ep groups are consecutive
+    ranks (group g: g·ep .. g·ep + ep - 1, which share their tokens with each other's experts);
+    a replica group holds the ranks of one ep index, which hold the same experts."""
+    if ep < 1 or dp % ep:
+        raise UserError(f"ep {ep} does not divide the {dp} data-parallel processes")
+    return [list(range(g * ep, (g + 1) * ep)) for g in range(dp // ep)], [list(range(i, dp, ep)) for i in range(ep)]
+
+
+def _expert_degree(chosen: Mapping[str, Any], strategies: Mapping[str, Strategy]) -> tuple[str, int]:
+    """The chosen strategy with an ``ep`` setting (moe) and its value; ("", 1) for none."""
+    import dataclasses
+
+    for name in sorted(chosen):
+        strategy = strategies.get(name)
+        if strategy is not None and "ep" in {f.name for f in dataclasses.fields(strategy.config)}:
+            return name, int(setting(chosen[name], "ep", getattr(strategy.default(), "ep")))
+    return "", 1
 
 
 def setting(cfg: Any, name: str, default: Any) -> Any:
@@ -117,6 +144,12 @@ def mesh_shape(
         )
     if wrappers and dp == 1 and world > 1:
         raise UserError(f"{wrappers[0]} has a data-parallel group of 1 process: tp {tp} × pp {pp} takes all {world} processes")
+    ep_name, ep = _expert_degree(chosen, strategies)
+    if ep > 1:
+        if dp % ep or tp > 1 or pp > 1:
+            raise UserError(f"{ep_name} ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp: this run has dp {dp}, tp {tp}, pp {pp}")
+        if wrappers != ["ddp"]:
+            raise UserError(f"{ep_name} ep {ep} needs ddp for its data-parallel processes (fsdp2 and zero would reduce the experts over all of them)")
     config = getattr(workload, "config", workload)
     if config is not None:
         heads, width, layers = (getattr(config, k, None) for k in ("n_heads", "d_ff", "n_layers"))
@@ -126,7 +159,7 @@ def mesh_shape(
             raise UserError(f"{tp_name} degree {tp} does not divide the MLP width {width}")
         if pp > 1 and layers is not None and layers < pp:
             raise UserError(f"{pp_name} degree {pp} exceeds the {layers} blocks (a stage needs one at least)")
-    dims = ParallelDims(dp=dp, tp=tp, pp=pp)
+    dims = ParallelDims(dp=dp, tp=tp, pp=pp, ep=ep)
     for name, strategy in sorted(strategies.items()):
         if name in chosen and strategy.check_mesh is not None:
             strategy.check_mesh(chosen[name], dims, micro_batch_size)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from autotune.context import TrainContext
     from autotune.mesh import ParallelDims
 
-MeshDim = Literal["dp", "tp", "pp"]
+MeshDim = Literal["dp", "tp", "pp", "ep"]
 """A dimension of the device mesh (autotune.mesh): data, tensor or pipeline parallel."""
 
 Part = Literal["embedding", "head", "mlp", "linears", "norms", "loss", "attention", "blocks", "placement", "stages", "accumulation"]

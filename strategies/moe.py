@@ -28,9 +28,36 @@ How a converted MLP computes (:class:`MoeMLP`), for N tokens, E experts, k choic
   ``aux_loss_coef``. It reaches the gradients without changing the loss the trainer reports:
   :class:`AuxLossScaler` (Megatron's ``MoEAuxLossAutoScaler``) returns the layer's output
   unchanged and, in the backward, also backpropagates a gradient of 1 into the scaled aux
-  loss. The trainer divides its loss by the accumulation steps and this gradient is not
-  divided: under gradient accumulation of s steps the aux term weighs s times more. The last
-  (unscaled) value is ``MoeMLP.last_aux_loss``.
+  loss. The trainer divides its loss by the accumulation steps, so the aux loss is scaled as
+  the main one (Megatron's ``set_loss_scale``): times ``MoeMLP.aux_loss_scale()``, which
+  :func:`apply_moe` sets to ``1 / ctx.grad_accum``, read at every forward (grad_accum is
+  applied after moe). Then s micro-batches of a step weigh as one batch of their rows. It
+  follows neither fp16's dynamic loss scale nor a pipeline's pieces per micro-batch: those
+  are refused with the aux loss on (``check_moe_with``). The last (unscaled) value is
+  ``MoeMLP.last_aux_loss``.
+
+Expert parallelism (``ep`` > 1, Lepikhin et al. 2020, GShard): the experts are split over ep
+processes of the data-parallel dimension, E / ep each (ep is a sub-dimension of dp:
+``autotune.mesh.expert_groups``, consecutive dp ranks form one group; dp / ep groups hold
+replicas of the same experts). Each process routes its own tokens; the slots are those one
+process holding the group's tokens would give (rank order, then token order, first choices
+first; the capacity counts the group's tokens, ``N * ep``; one all-reduce of the (ep, k, E)
+choice counts), so ep over p processes computes what one process does on their batches. The
+capacity buffers go to the expert's process by ``torch.distributed.all_to_all_single``
+(gloo on the CPU, NCCL on GPUs), each (E C, d) whole (the rows of other ranks' choices are
+zeros: ep times the bytes of a token-exact exchange, and no sizes to exchange first), and the
+outputs come back the same way. The aux loss takes f over the group's tokens. ddp averages
+the dense parameters over every dp rank and ignores the experts, whose gradients are summed
+over their replicas and divided by dp (a hook per expert weight, so the replicas' all-reduce
+runs every micro-batch, not the last one only); the gradient norm for clipping sums every
+expert's. Needs ddp (fsdp2 and zero would reduce the experts over all of dp), no tp or pp.
+Not handled yet: checkpoints under ep hold rank 0's experts only (the writer saves rank 0's
+model), so loading one is refused; a whole-model compile under ep (refused; compile scope
+blocks runs).
+
+The module level imports no torch (the catalog loads it for plan validation); the layer and
+its autograd functions live in ``strategies/_moe_impl.py``, imported by :func:`apply_moe`,
+and are re-exported here on first use.
 
 Only MLPs shaped as the built-in GPT's convert (``fc``: d -> d_ff, GELU, ``proj``: d_ff -> d,
 no biases), found through the model adapter; others are refused with a UserError. The
@@ -41,16 +68,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from autotune.context import TrainContext
-from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import NotSupported, adapter_for
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)
@@ -67,6 +90,9 @@ class MoeConfig:
     aux_loss_coef: float = 0.01
     """Weight of Switch's load-balancing loss in the gradients (0: none); the reported loss
     never includes it."""
+    ep: int = 1
+    """Expert-parallel degree: data-parallel processes that split each layer's experts
+    between them (1: every process holds all); divides num_experts and the dp size."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.top_k <= self.num_experts:
@@ -79,30 +105,8 @@ class MoeConfig:
             raise ValueError(f"every_n_layers must be from 1 to 64, got {self.every_n_layers}")
         if not 0 <= self.aux_loss_coef <= 1:  # NaN fails this too
             raise ValueError(f"aux_loss_coef must be in [0, 1], got {self.aux_loss_coef}")
-
-
-class AuxLossScaler(torch.autograd.Function):
-    """Identity on ``output`` in the forward; the backward also sends a gradient of 1 into
-    ``aux_loss`` (already times its coefficient), so the aux loss trains the router without
-    being added to the loss anyone reads (Megatron's ``MoEAuxLossAutoScaler``)."""
-
-    @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(aux_loss)
-        return output.view_as(output)
-
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        (aux_loss,) = ctx.saved_tensors
-        return grad_output, torch.ones_like(aux_loss)
-
-
-def route(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router logits (N, E) -> (probs (N, E) fp32, weights (N, k), experts (N, k)): softmax
-    over the experts, then the k most probable, best first, weighted by their probability."""
-    probs = logits.float().softmax(dim=-1)
-    weights, experts = probs.topk(top_k, dim=-1)
-    return probs, weights, experts
+        if not 1 <= self.ep <= 256 or self.num_experts % self.ep:
+            raise ValueError(f"ep must be from 1 to 256 and divide num_experts ({self.num_experts}), got {self.ep}")
 
 
 def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -110,123 +114,59 @@ def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) 
     return math.ceil(capacity_factor * tokens * top_k / num_experts)
 
 
-def slots(experts: torch.Tensor, num_experts: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Choices ``experts`` (N, k) -> (slot, keep), both (k N,) in choice-major order (all first
-    choices, then all second ones): ``slot`` is the row of the (E C + 1, d) buffer a choice
-    goes to (``expert * C + position``, or the spare last row E C if over capacity)."""
-    flat = experts.t().reshape(-1)  # (k N,): first choices take the slots first
-    position = (F.one_hot(flat, num_experts).cumsum(0) - 1).gather(1, flat[:, None]).squeeze(1)
-    keep = position < cap
-    return torch.where(keep, flat * cap + position, num_experts * cap), keep
-
-
-def load_balancing_loss(probs: torch.Tensor, experts: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch's ``E * sum_e f_e * P_e``: f_e the fraction of the choices (N, k) picking e
-    (before capacity), P_e the mean of e's probability over the N tokens; 1 when balanced."""
-    f = F.one_hot(experts.reshape(-1), num_experts).float().mean(0)
-    return num_experts * (f * probs.mean(0)).sum()
-
-
-class MoeMLP(nn.Module):
-    """Routed experts in place of one MLP (fc, GELU, proj); see the module's docstring."""
-
-    def __init__(self, mlp: nn.Module, cfg: MoeConfig) -> None:
-        super().__init__()
-        fc, proj = mlp.fc, mlp.proj
-        E = cfg.num_experts
-        self.num_experts, self.top_k, self.capacity_factor = E, cfg.top_k, cfg.capacity_factor
-        self.aux_loss_coef = cfg.aux_loss_coef
-        d = fc.in_features
-        self.router = nn.Linear(d, E, bias=False, device=fc.weight.device, dtype=fc.weight.dtype)
-        nn.init.normal_(self.router.weight, mean=0.0, std=0.02)
-        with torch.no_grad():  # every expert a copy of the MLP: (E, d, d_ff), (E, d_ff, d)
-            self.w_fc = nn.Parameter(fc.weight.t().expand(E, -1, -1).clone())
-            self.w_proj = nn.Parameter(proj.weight.t().expand(E, -1, -1).clone())
-        self.drop = getattr(mlp, "drop", None) or nn.Identity()
-        self.last_dropped = torch.zeros(())
-        """Fraction of the last forward's choices over capacity (0-d tensor)."""
-        self.last_aux_loss = torch.zeros(())
-        """The last forward's load-balancing loss, before its coefficient (0-d tensor)."""
-        self.active_share = cfg.top_k / E
-        """Share of the stacked expert weights one token passes through (top_k / num_experts):
-        FLOPs count it (``adapter.block_matmul_params``), memory counts every expert."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (N, d)
-        y, probs, experts = self.mix(x, self.router(x))
-        aux = load_balancing_loss(probs, experts, self.num_experts)
-        self.last_aux_loss = aux.detach()
-        if self.aux_loss_coef > 0 and torch.is_grad_enabled():
-            y = AuxLossScaler.apply(y, aux * self.aux_loss_coef)
-        return self.drop(y.reshape(shape))
-
-    def mix(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Tokens ``x`` (N, d) and router logits (N, E) -> (the experts' weighted sum (N, d),
-        probs (N, E), experts (N, k))."""
-        N, d = x.shape
-        E, k = self.num_experts, self.top_k
-        probs, weights, experts = route(logits, k)
-        C = capacity(N, E, k, self.capacity_factor)
-        slot, keep = slots(experts, E, C)
-        token = torch.arange(N, device=x.device).repeat(k)  # (k N,) choice -> its token
-        self.last_dropped = 1.0 - keep.float().mean().detach()
-        # Scatter: kept choices have slots of their own; dropped ones add zeros to the spare row.
-        buf = x.new_zeros(E * C + 1, d).index_add(0, slot, x[token] * keep[:, None].to(x.dtype))
-        h = F.gelu(torch.bmm(buf[:-1].view(E, C, d), self.w_fc), approximate="tanh")  # (E, C, d_ff)
-        out = torch.bmm(h, self.w_proj).view(E * C, d)  # (E C, d)
-        out = torch.cat([out, out.new_zeros(1, d)])  # the spare row gives dropped choices zero
-        # (k N, 1), choice-major as slot; in the experts' dtype, so bf16 autocast stays bf16
-        gate = (weights.t().reshape(-1) * keep)[:, None].to(out.dtype)
-        picked = out[slot] * gate
-        return picked.new_zeros(N, d).index_add(0, token, picked), probs, experts
-
-
 def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
-    ctx.check_needs(STRATEGY, cfg, "declare the model's blocks and MLPs in Workload.structure")
-    adapter = adapter_for(ctx.model)
-    blocks = adapter.blocks()
-    converted = range(0, len(blocks), cfg.every_n_layers)
-    for i in converted:
-        block = blocks[i]
-        try:
-            mlp = adapter.mlp(block)
-        except NotSupported as e:
-            raise UserError(f"strategy moe cannot find block {i}'s MLP: {e}") from None
-        if not _gpt_shaped(mlp):
-            raise UserError(f"strategy moe converts MLPs of fc, GELU, proj without biases (the built-in GPT's); block {i}'s is {type(mlp).__name__}")
-        name = next((n for n, child in block.named_children() if child is mlp), None)
-        if name is None:
-            raise UserError(f"strategy moe cannot replace block {i}'s MLP: it is not a direct child of the block")
-        setattr(block, name, MoeMLP(mlp, cfg))
-    ctx.notes.append(
-        f"moe: MLPs of {len(converted)} of {len(blocks)} blocks -> {cfg.num_experts} experts, top {cfg.top_k}, "
-        f"capacity factor {cfg.capacity_factor} (choices over it skip the MLP), aux loss coef {cfg.aux_loss_coef}"
-    )
+    from autotune.strategies import _moe_impl
 
-
-def _gpt_shaped(mlp: nn.Module) -> bool:
-    fc, proj = getattr(mlp, "fc", None), getattr(mlp, "proj", None)
-    return (
-        isinstance(fc, nn.Linear)
-        and isinstance(proj, nn.Linear)
-        and fc.bias is None
-        and proj.bias is None
-        and (fc.out_features, proj.out_features) == (proj.in_features, fc.in_features)
-    )
+    _moe_impl.apply_moe(ctx, cfg)
 
 
 def moe_cost(cfg: MoeConfig, terms: Any) -> None:
     """The cost model's term (``costmodel.CostTerms``): each converted block holds E copies of
     its MLP's matrices and a d x E router, and a token runs through top_k of them and the
-    router. Memory counts every expert, FLOPs the active ones (6 per weight and token, PaLM);
-    the capacity buffers' activations are not counted."""
+    router. Memory counts every expert a process holds (E / ep of them), FLOPs the active ones
+    (6 per weight and token, PaLM); the capacity buffers' activations and the all-to-all are
+    not counted."""
     shape = terms.shape
     converted = len(range(0, shape.n_layers, cfg.every_n_layers))
     mlp = shape.mlp_matrices * shape.d_model * shape.d_ff
     router = shape.d_model * cfg.num_experts
-    terms.block_params += converted * ((cfg.num_experts - 1) * mlp + router)
+    terms.block_params += converted * ((cfg.num_experts // cfg.ep - 1) * mlp + router)
     terms.flops += 6 * terms.tokens_per_step * converted * ((cfg.top_k - 1) * mlp + router)
+
+
+def check_moe_with(chosen: dict[str, Any]) -> None:
+    """The aux loss is scaled as the loop scales the loss (1 / grad_accum), not by fp16's
+    dynamic loss scale nor by a pipeline's pieces per micro-batch: refuse those with it on
+    rather than weigh it wrong. And ep > 1 with a whole-model compile."""
+    cfg = chosen.get("moe")
+    if cfg is None:
+        return
+    from autotune.errors import UserError
+
+    if cfg.ep > 1 and getattr(chosen.get("compile"), "scope", None) == "model":
+        # Compiled block by block, ep 2 trains (the collectives break the block's graph);
+        # compiling DDP(model) whole did not finish 3 steps within a 500 s limit on 2 CPU
+        # processes (a hang or a very slow compile: not diagnosed).
+        raise UserError("moe with ep > 1 runs with compile scope blocks, not a whole-model compile (not yet working)")
+    if cfg.aux_loss_coef == 0:
+        return
+
+    if getattr(chosen.get("precision"), "dtype", None) == "fp16":
+        raise UserError("moe's aux loss is not multiplied by fp16's loss scale: use precision bf16, or moe aux_loss_coef 0")
+    if "pipeline_parallel" in chosen:
+        raise UserError("moe's aux loss is not divided by pipeline_parallel's pieces per micro-batch: use moe aux_loss_coef 0 with it")
+
+
+_IMPL = frozenset({"AuxLossScaler", "AllToAll", "ExpertGroup", "MoeMLP", "route", "slots", "load_balancing_loss"})
+
+
+def __getattr__(name: str) -> Any:
+    # The torch half, imported when first asked for (tests import MoeMLP from here).
+    if name in _IMPL:
+        from autotune.strategies import _moe_impl
+
+        return getattr(_moe_impl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 STRATEGY = Strategy(
@@ -238,7 +178,7 @@ STRATEGY = Strategy(
     changes=frozenset({"mlp"}),
     needs=Needs(structure=frozenset({"mlp", "blocks"})),
     # Tensor parallel's plan shards the dense MLP's linears, which converted blocks no longer
-    # have (expert parallelism is not built yet).
+    # have (expert parallelism is the ep knob, over data-parallel processes).
     conflicts=frozenset({"tensor_parallel"}),
     knobs=(
         Knob(name="num_experts", choices=(4, 8, 16, 32)),
@@ -247,4 +187,5 @@ STRATEGY = Strategy(
         Knob(name="every_n_layers", low=1, high=4, integer=True),
     ),
     cost=moe_cost,
+    check_with=check_moe_with,
 )

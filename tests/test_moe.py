@@ -176,3 +176,100 @@ def test_traces_as_one_graph() -> None:
     torch.testing.assert_close(y, expected)
     y.sum().backward()
     assert moe.router.weight.grad is not None and moe.w_fc.grad is not None
+
+
+def test_aux_loss_gradient_is_divided_under_gradient_accumulation() -> None:
+    # The Trainer's own step over 4 micro-batches: the router's gradient is the mean of each
+    # micro-batch's own gradient (main loss plus coef x aux loss), not 4 times the aux part.
+    s = 4
+    trainer = Trainer(make_plan({"moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 2.0}, "grad_accum": {"steps": s}}, "cpu", micro_batch_size=2))
+    try:
+        model = trainer.ctx.model
+        reference = copy.deepcopy(model)
+        for m in reference.modules():
+            if isinstance(m, MoeMLP):
+                m.aux_loss_scale = None  # one micro-batch per step: scale 1
+        router = model.blocks[0].mlp.router.weight
+        seen: list[torch.Tensor] = []
+        router.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.detach().clone()))
+        micro = [trainer.batches.get(0, i) for i in range(s)]
+        trainer.train_step(0)
+    finally:
+        trainer.close()
+    assert len(seen) == s
+    expected = sum(_router_grad(reference, x, y) for x, y in micro) / s
+    torch.testing.assert_close(seen[-1], expected, rtol=0, atol=1e-6)
+    unscaled = copy.deepcopy(reference)  # the old bug: the aux part weighs s times more
+    for m in unscaled.modules():
+        if isinstance(m, MoeMLP):
+            m.aux_loss_scale = lambda: float(s)
+    assert not torch.allclose(seen[-1], sum(_router_grad(unscaled, x, y) for x, y in micro) / s, atol=1e-6)
+
+
+def _router_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    model(x, y).backward()
+    return model.blocks[0].mlp.router.weight.grad.clone()
+
+
+def test_accumulated_micro_batches_of_the_same_rows_are_one_batch() -> None:
+    # s micro-batches of rows x, each loss / s, give the gradient of one batch of s copies of x.
+    s = 3
+    moe = layer(num_experts=4, top_k=2, capacity_factor=16, aux_loss_coef=0.1)
+    one = copy.deepcopy(moe)
+    moe.aux_loss_scale = lambda: 1.0 / s
+    x = torch.randn(2, 5, D)
+    for _ in range(s):
+        (moe(x).square().mean() / s).backward()
+    one(x.repeat(s, 1, 1)).square().mean().backward()
+    torch.testing.assert_close(moe.router.weight.grad, one.router.weight.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(moe.w_fc.grad, one.w_fc.grad, rtol=0, atol=1e-6)
+
+
+def test_expert_memory_per_process_divides_by_ep() -> None:
+    from autotune import costmodel
+
+    workload = load_workload("tiny", TINY)
+    configs = {n: catalog.get(n).parse(k) for n, k in {"moe": {"num_experts": 4, "every_n_layers": 2}, "ddp": {}}.items()}
+    ep2 = {**configs, "moe": catalog.get("moe").parse({"num_experts": 4, "every_n_layers": 2, "ep": 2})}
+    whole = costmodel.estimate(workload, 2, configs, processes=2)
+    split = costmodel.estimate(workload, 2, ep2, processes=2)
+    d, d_ff = workload.config.d_model, workload.config.d_ff
+    # 1 converted block of 2: 2 of its 4 experts (fc and proj, d x d_ff each) on each process, fp32
+    assert whole.breakdown["weights"] - split.breakdown["weights"] == 4 * 2 * (2 * d * d_ff)
+    assert split.flops_per_step == whole.flops_per_step
+
+
+def test_ep_bounds_and_one_process_is_refused() -> None:
+    with pytest.raises(ValueError, match="ep must be from 1 to 256 and divide num_experts"):
+        MoeConfig(num_experts=6, ep=4)
+    with pytest.raises(ValueError, match="ep must"):
+        MoeConfig(ep=0)
+    workload = load_workload("tiny", TINY)
+    ctx = TrainContext(workload=workload, device=torch.device("cpu"), model=workload.build_model())
+    with pytest.raises(UserError, match="moe ep 2 needs a multiple of 2 data-parallel processes"):
+        apply_moe(ctx, MoeConfig(num_experts=4, ep=2))
+
+
+def test_the_strategy_module_imports_without_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, autotune.strategies.moe as m; m.STRATEGY; m.MoeConfig(ep=2); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_aux_loss_refuses_the_loss_scales_it_does_not_follow() -> None:
+    from autotune.apply import check_settings
+
+    parse = lambda name, knobs: catalog.get(name).parse(knobs)  # noqa: E731
+    with pytest.raises(UserError, match="fp16's loss scale"):
+        check_settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {})})
+    with pytest.raises(UserError, match="pipeline_parallel's pieces"):
+        check_settings({"pipeline_parallel": parse("pipeline_parallel", {}), "moe": parse("moe", {})})
+    check_settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {"aux_loss_coef": 0.0})})
+    check_settings({"precision": parse("precision", {"dtype": "bf16"}), "moe": parse("moe", {})})
+    with pytest.raises(UserError, match="compile scope blocks"):
+        check_settings({"compile": parse("compile", {"scope": "model"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
+    check_settings({"compile": parse("compile", {"scope": "blocks"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
