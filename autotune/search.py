@@ -11,11 +11,15 @@ the same search.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -295,6 +299,7 @@ class Objective:
             log_path = Path(self.log_dir) / f"{trial.number}.log"
             trial.set_user_attr("log", str(log_path))
         trial.set_user_attr("launched", True)
+        trial.set_user_attr("planner", PLANNER_ID)
         reporter = _Reporter(trial)
         result = run_trial(plan, budget, log_path=log_path, on_progress=reporter)
         if result.figures.status == "pruned":
@@ -467,12 +472,67 @@ def check_identity(study: optuna.Study, identity: dict[str, str]) -> None:
 
 
 def ensure_first_trials(study: optuna.Study, space: SearchSpace, priors: list[dict[str, Any]]) -> None:
-    """Enqueue the baseline (always trial 0) and expert priors into a new study."""
-    if study.trials:
+    """Enqueue the baseline (always trial 0) and expert priors into a new study, once: planners
+    that start together on one shared study (machines on a PostgreSQL or MySQL server, or
+    processes on one SQLite file) take a lock in the database first, so only one enqueues."""
+    with _study_lock(study):
+        if study.get_trials(deepcopy=False):
+            return
+        study.enqueue_trial(baseline_params(space), user_attrs={"role": BASELINE})
+        for params in priors:
+            study.enqueue_trial(params, user_attrs={"role": "prior"})
+
+
+PLANNER_ID = f"{socket.gethostname()}:{os.getpid()}"
+"""Who ran a trial (host:pid), recorded on it: the machines sharing a study tell their trials apart."""
+
+
+@contextlib.contextmanager
+def _study_lock(study: optuna.Study) -> Iterator[None]:
+    """A lock held in the study's database server for the block, on its own connection (the
+    storage's other connections go on): PostgreSQL's advisory lock, MySQL's GET_LOCK. Nothing
+    on SQLite, whose planners share one machine and so its device lock (trial.measuring), or
+    in memory."""
+    storage = getattr(study._storage, "_backend", study._storage)  # optuna's cache wraps the RDB storage
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.dialect.name not in ("postgresql", "mysql"):
+        yield
         return
-    study.enqueue_trial(baseline_params(space), user_attrs={"role": BASELINE})
-    for params in priors:
-        study.enqueue_trial(params, user_attrs={"role": "prior"})
+    import sqlalchemy
+
+    key = zlib.crc32(f"autotune:{study.study_name}".encode())
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        else:
+            conn.execute(sqlalchemy.text("SELECT GET_LOCK(:k, 60)"), {"k": f"autotune-{key}"})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"autotune-{key}"})
+
+
+def wait_for_others(study: optuna.Study, limit_s: float, *, poll_s: float = 2.0, log: Callable[[str], None] | None = None) -> None:
+    """Wait, at most ``limit_s``, for the trials other planners on this study still run, so
+    that every planner of a shared search summarizes the same trials (and writes the same
+    plan). A trial whose planner died is failed by its stale heartbeat on the way."""
+    deadline = time.monotonic() + max(0.0, limit_s)
+    said = False
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        running = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+        if not running or time.monotonic() >= deadline:
+            return
+        if log is not None and not said:
+            log(f"waiting for {len(running)} trial(s) other planners on study {study.study_name} are running")
+            said = True
+        time.sleep(poll_s)
 
 
 PRELAUNCH_PRUNES = 4

@@ -89,13 +89,20 @@ def plan_command(
 
 def _warnings_to_log(storage: str | None) -> None:
     """Library warnings (Optuna's ExperimentalWarning, torch's UserWarnings) and Optuna's log
-    go to plan.log beside the study (created at the first message), not the screen."""
+    go to plan.log beside the study (created at the first message; under the cache for a
+    database server), not the screen."""
     import logging
 
     import optuna
 
     url = storage or "sqlite:///plans/studies.db"
-    folder = Path(url.removeprefix("sqlite:///")).parent if url.startswith("sqlite:///") else Path("plans")
+    if url.startswith("sqlite:///"):
+        folder = Path(url.removeprefix("sqlite:///")).parent
+    else:  # a database server: the log stays on this machine, under its cache
+        from autotune.trial import cache_root
+
+        folder = cache_root()
+        folder.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(folder / "plan.log", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.captureWarnings(True)
