@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from autotune.context import TrainContext
-from autotune.strategy import Knob, Strategy
+from autotune.strategy import Knob, Prior, PriorFacts, Strategy
 
 MAX_THREADS = 256
 """The catalog's range; the planner narrows it to the cores of the machine it searches on."""
@@ -33,6 +33,11 @@ def apply_cpu_threads(ctx: TrainContext, cfg: CpuThreadsConfig) -> None:
     ctx.notes.append(f"cpu threads {cfg.threads}")
 
 
+def cpu_threads_prior(facts: PriorFacts) -> Prior | None:
+    """Every core shared out between the processes (a child may start with fewer threads)."""
+    return Prior(knobs={"threads": max(1, facts.cores // facts.processes)}) if facts.device == "cpu" else None
+
+
 STRATEGY = Strategy(
     name="cpu_threads",
     summary="intra-op threads of each CPU process (torch.set_num_threads)",
@@ -40,4 +45,7 @@ STRATEGY = Strategy(
     config=CpuThreadsConfig,
     apply=apply_cpu_threads,
     knobs=(Knob(name="threads", low=1, high=MAX_THREADS, integer=True),),
+    # On a GPU the thread count of the host process does not decide the speed: CPU runs only.
+    left_out={"cuda": "searched on CPU runs only"},
+    prior=cpu_threads_prior,
 )

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from autotune.context import TrainContext
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Part, Strategy
+from autotune.strategy import Knob, Needs, Part, Prior, PriorFacts, Strategy
 
 WRAPPER_READS: frozenset[Part] = frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "placement", "stages"})
 """What a data-parallel wrapper (ddp, fsdp2) needs final: it holds the final parameters and
@@ -73,6 +73,11 @@ def apply_ddp(ctx: TrainContext, cfg: DdpConfig) -> None:
     ctx.notes.append(f"ddp over {ctx.world_size} processes, buckets {cfg.bucket_cap_mb} MiB")
 
 
+def ddp_prior(facts: PriorFacts) -> Prior:
+    """The layout that pays first over several processes at these sizes, at its defaults."""
+    return Prior()
+
+
 STRATEGY = Strategy(
     name="ddp",
     summary="data parallel: a replica per process, bucketed gradient all-reduce (torch DDP)",
@@ -88,4 +93,5 @@ STRATEGY = Strategy(
         Knob(name="gradient_as_bucket_view", choices=(True, False)),
         Knob(name="static_graph", choices=(True, False)),
     ),
+    prior=ddp_prior,
 )

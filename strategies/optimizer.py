@@ -12,7 +12,7 @@ from typing import Any, Literal
 from torch import nn
 
 from autotune.context import TrainContext
-from autotune.strategy import Knob, Strategy
+from autotune.strategy import Knob, Prior, PriorFacts, Strategy
 
 # AdamW keyword arguments of each implementation: both set, since fused and foreach together
 # are an error and the executor's default is fused on CUDA, foreach elsewhere.
@@ -48,6 +48,11 @@ def apply_optimizer(ctx: TrainContext, cfg: OptimizerConfig) -> None:
     ctx.notes.append(f"AdamW {cfg.implementation}")
 
 
+def optimizer_prior(facts: PriorFacts) -> Prior | None:
+    """On a GPU the fused AdamW (one kernel for every parameter)."""
+    return Prior(knobs={"implementation": "fused"}) if facts.device == "cuda" else None
+
+
 STRATEGY = Strategy(
     name="optimizer",
     summary="AdamW implementation: fused, foreach or for-loop",
@@ -55,4 +60,5 @@ STRATEGY = Strategy(
     config=OptimizerConfig,
     apply=apply_optimizer,
     knobs=(Knob(name="implementation", choices=("fused", "foreach", "forloop")),),
+    prior=optimizer_prior,
 )

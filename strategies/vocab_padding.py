@@ -20,7 +20,7 @@ from typing import Any
 
 from autotune.context import TrainContext
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 from autotune.workloads.adapter import NotSupported, adapter_for, declared
 
 
@@ -51,6 +51,11 @@ def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
         raise UserError(f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)")
 
 
+def vocab_padding_prior(facts: PriorFacts) -> Prior | None:
+    """On a GPU rows to a multiple of 64 (tensor-core tiles)."""
+    return Prior(knobs={"multiple": 64}) if facts.device == "cuda" else None
+
+
 STRATEGY = Strategy(
     name="vocab_padding",
     summary="pad the embedding and head rows to a multiple of 64/128 (padded logits dropped)",
@@ -61,4 +66,5 @@ STRATEGY = Strategy(
     needs=Needs(structure=frozenset({"embed", "head"})),
     check_workload=check_workload,
     knobs=(Knob(name="multiple", choices=(64, 128)),),
+    prior=vocab_padding_prior,
 )
