@@ -161,7 +161,7 @@ class Strategy:
     cost: Callable[[Any, Any], None] | None = None
     """The strategy's cost-model term: (its typed config, ``costmodel.CostTerms``) -> None,
     changing the memory and FLOPs the core counted (experts added, state sharded); None: it
-    changes nothing the cost model counts, or ``costmodel.BUILTIN_TERMS`` still holds its term."""
+    changes nothing the cost model counts."""
     left_out: dict[Device, str] = dataclasses.field(default_factory=dict, hash=False)
     """Searches on these devices leave the strategy out, for the reason given: it runs there but
     never pays a trial (compile's C++ build on a CPU takes longer than the trial)."""

@@ -191,3 +191,12 @@ def test_the_expert_priors_are_declared_by_each_strategy() -> None:
     assert _priors("cuda", excluded={"backend": {"cudnn": "needs sm80"}})["attention"] == ({"backend": "flash"}, False)
     # The data-parallel layout of the prior over several processes is the dp strategy with a prior.
     assert [n for n in apply.distributing() if catalog()[n].mesh_dim == "dp" and catalog()[n].prior] == ["ddp"]
+
+
+def test_the_cost_terms_are_declared_by_their_strategies() -> None:
+    from autotune import costmodel
+
+    declared = {name for name, s in catalog().items() if s.cost is not None}
+    assert declared == {"moe", "tensor_parallel", "pipeline_parallel", "zero", "fsdp2"}
+    assert not hasattr(costmodel, "BUILTIN_TERMS")
+    assert costmodel.fsdp2_cost is catalog()["fsdp2"].cost  # the old names still resolve
