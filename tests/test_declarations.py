@@ -200,3 +200,21 @@ def test_the_cost_terms_are_declared_by_their_strategies() -> None:
     assert declared == {"moe", "tensor_parallel", "pipeline_parallel", "zero", "fsdp2"}
     assert not hasattr(costmodel, "BUILTIN_TERMS")
     assert costmodel.fsdp2_cost is catalog()["fsdp2"].cost  # the old names still resolve
+
+
+def test_the_gpts_structure_is_what_its_adapter_serves() -> None:
+    # No "gpt" token: the built-in GPT's workloads declare the adapter's tokens, and the fused
+    # head + cross-entropy asks for the head and the adapter's loss.
+    from autotune.strategy import unmet_needs
+    from autotune.workloads.adapter import STRUCTURE, GPTAdapter
+    from autotune.workloads.gpt import GPT, GPTConfig
+
+    assert GPT_STRUCTURE == STRUCTURE == GPTAdapter(GPT(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=1, n_heads=2))).supports()
+    kernels = catalog()["triton_kernels"]
+    fused = kernels.config().needs()
+    assert fused.structure == {"head", "loss"} and kernels.config(cross_entropy=False).needs().structure == frozenset()
+    on_a_gpu = dataclasses.replace(CPU, cuda_devices=1, compute_capability=(9, 0), modules=frozenset({"triton"}))
+    assert unmet_needs(dataclasses.replace(kernels, needs=fused), on_a_gpu) == []
+    assert unmet_needs(dataclasses.replace(kernels, needs=fused), dataclasses.replace(on_a_gpu, structure=frozenset({"blocks", "head"}))) == [
+        "needs the workload to declare loss"
+    ]

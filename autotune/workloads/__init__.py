@@ -11,7 +11,14 @@ returns the scalar mean loss. Structure that strategies may rely on is declared 
 - ``"attention"`` / ``"mlp"``: each block has ``.attn`` / ``.mlp`` submodules;
 - ``"embed"`` / ``"head"``: ``model.embed`` (``nn.Embedding``) and ``model.head``
   (``nn.Linear`` to the vocabulary), e.g. for vocab padding;
-- ``"gpt"``: the model is :class:`autotune.workloads.gpt.GPT` itself (config rewriting).
+- ``"vocab"``: its vocabulary can be padded (vocab padding);
+- ``"tp"`` / ``"sp"`` / ``"pp"``: its adapter has a tensor-parallel plan, one that splits the norms
+  along the sequence too, and can cut it into pipeline stages;
+- ``"loss"``: its adapter computes the loss from the head's output itself, so a fused head +
+  cross-entropy may replace both.
+
+The tokens are what the model's adapter serves (``autotune.workloads.adapter.STRUCTURE``): the
+built-in GPT's workloads declare all of them, an hf: model's its adapter's ``supports()``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from autotune.errors import UserError
 if TYPE_CHECKING:
     from autotune.workloads.adapter import ModelShape
 
-GPT_STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "gpt"})
+GPT_STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "sp", "pp", "loss"})
+"""What the built-in GPT's adapter serves (``GPTAdapter.supports``), spelled out: this module loads without torch."""
 
 
 @dataclass(kw_only=True, slots=True)
