@@ -65,6 +65,8 @@ class Workload:
     shape: ModelShape | None = None
     """The model's shape (its adapter's :meth:`shape`), computed once from a model built on
     the meta device, for the cost model: None where it is not known (no cost predictions)."""
+    no_shape: str = ""
+    """Why ``shape`` is None (``autotune strategies --explain`` says it), where it was looked for."""
 
 
 # Presets. Arithmetic: N_matmul = 12 L d^2 (+ V d for the tied head).
@@ -173,7 +175,29 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
     workload = factory()
     if not isinstance(workload, Workload):
         raise UserError(f"workload {name}: {attr}() must return autotune.workloads.Workload, got {type(workload).__name__}")
-    return dataclasses.replace(workload, name=name)
+    workload = dataclasses.replace(workload, name=name)
+    return workload if workload.shape is not None else with_shape(workload)
+
+
+def with_shape(workload: Workload) -> Workload:
+    """``workload`` with the shape its model's adapter reads off a model built on the meta
+    device (no memory, no init), or with the reason there is none in ``no_shape``."""
+    import torch
+
+    from autotune.workloads.adapter import NotSupported, adapter_for
+    from autotune.workloads.generic import GenericAdapter
+
+    try:
+        with torch.device("meta"):
+            model = workload.build_model()
+    except Exception as e:  # a user's model that cannot be built without memory
+        return dataclasses.replace(workload, no_shape=f"its model cannot be built on the meta device ({type(e).__name__}: {e})")
+    adapter = adapter_for(model)
+    try:  # the generic adapter knows the model alone, not the sequence it is trained on
+        shape = adapter.shape(workload.seq_len) if isinstance(adapter, GenericAdapter) else adapter.shape()
+    except NotSupported as e:
+        return dataclasses.replace(workload, no_shape=str(e))
+    return dataclasses.replace(workload, shape=shape)
 
 
 def flops_per_token(model: Any, workload: Workload) -> int:
