@@ -307,16 +307,19 @@ def _with_processes(space: search.SearchSpace, priors: list[dict[str, Any]]) -> 
     most = max(space.processes)
     device = "cuda" if space.launch.device == "cuda" else "cpu"
     layouts = space.layouts.get(most, [])
-    dp = [(n, p) for n in apply.distributing() if n in layouts and catalog.get(n).mesh_dim == "dp" and (p := _prior(space, n, device, most))]
-    if dp:
-        name, prior = dp[0]
+    dp = [n for n in apply.distributing() if n in layouts and catalog.get(n).mesh_dim == "dp"]
+    layout = next(((n, p) for n in dp if (p := _prior(space, n, device, most)) is not None), None)
+    if layout is not None:
+        name, prior = layout
         first = priors[0]
         fits = [b for b in space.micro_batches if space.global_batch is None or space.global_batch % (b * most) == 0]
         if fits:
             mb = max([b for b in fits if b <= first["micro_batch_size"]] or [min(fits)])
-            spread = first | {"processes": most, f"layout.{most}": name, "micro_batch_size": mb} | _with_defaults(name, _prefixed(name, prior))
-            for strategy in space.strategies:  # the cores shared out between the processes
-                if first.get(strategy.name) is True and (again := _prior(space, strategy.name, device, most)) is not None:
+            spread = first | {"processes": most, f"layout.{most}": name, "micro_batch_size": mb}
+            spread |= _with_defaults(name, _prefixed(name, prior))
+            for strategy in space.strategies:  # each set for that many processes (the cores shared out)
+                again = _prior(space, strategy.name, device, most) if first.get(strategy.name) is True else None
+                if again is not None:
                     spread |= _prefixed(strategy.name, again)
             out.insert(1, spread)
     return out

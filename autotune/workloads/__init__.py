@@ -191,7 +191,8 @@ def with_shape(workload: Workload) -> Workload:
         with torch.device("meta"):
             model = workload.build_model()
     except Exception as e:  # a user's model that cannot be built without memory
-        return dataclasses.replace(workload, no_shape=f"its model cannot be built on the meta device ({type(e).__name__}: {e})")
+        why = f"its model cannot be built on the meta device ({type(e).__name__}: {e})"
+        return dataclasses.replace(workload, no_shape=why)
     adapter = adapter_for(model)
     try:  # the generic adapter knows the model alone, not the sequence it is trained on
         shape = adapter.shape(workload.seq_len) if isinstance(adapter, GenericAdapter) else adapter.shape()

@@ -111,14 +111,18 @@ class GenericAdapter:
             raise NotSupported(f"{name}: no nn.Embedding of the vocabulary outside the blocks")
         embed = max(tables, key=lambda m: m.num_embeddings)
         vocab, d = embed.num_embeddings, embed.embedding_dim
-        heads = [m for m in self.model.modules() if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (d, vocab) and id(m.weight) not in inside]
+        heads = [
+            m for m in self.model.modules()
+            if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (d, vocab) and id(m.weight) not in inside
+        ]  # fmt: skip
         if not heads:
-            raise NotSupported(f"{name}: no output head (an nn.Linear from {d} to the {vocab} tokens) outside the blocks")
+            raise NotSupported(f"{name}: no output head (an nn.Linear from {d} to the {vocab} tokens) outside its blocks")
         head = heads[-1]
         widths = [w for m in blocks[0].modules() if isinstance(m, nn.Linear) for w in (m.in_features, m.out_features)]
         tied = head.weight is embed.weight
         held = {id(embed.weight), id(head.weight)} | inside
         block_params = params_of(blocks)
+        others = {id(p): p for p in self.model.parameters() if id(p) not in held}
         return ModelShape(
             d_model=d,
             n_layers=len(blocks),
@@ -130,7 +134,7 @@ class GenericAdapter:
             seq_len=seq_len,
             matmul_params=block_matmul_params(blocks) + vocab * d,
             block_params=block_params,
-            other_params=sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values() if id(p) not in held),
+            other_params=sum(p.numel() for p in others.values()),
             vocab_tables=1 if tied else 2,
             mlp_matrices=2,
         )
