@@ -272,14 +272,22 @@ class CostTerms:
     optimizer_on_host: bool = False
     """AdamW's moments live in host memory (ZeRO offload)."""
 
+    def shard(self, stage: int) -> None:
+        """Shard over dp as ZeRO's ``stage`` does: 1 the moments, 2 also the gradients, 3 also the weights."""
+        if stage >= 1:
+            self.optimizer_shards = self.dp
+        if stage >= 2:
+            self.gradient_shards = self.dp
+        if stage >= 3:
+            self.weight_shards = self.dp
+
 
 CostTerm = Callable[[Any, CostTerms], None]
 """A strategy's cost term: (its typed config, the terms) -> None, changing the terms."""
 
 
 def strategy_terms(configs: dict[str, Any]) -> list[tuple[str, CostTerm]]:
-    """The cost terms of the chosen strategies, in apply order: each strategy's own
-    (``Strategy.cost``), else the one this module still keeps for it (:data:`BUILTIN_TERMS`)."""
+    """The cost terms of the chosen strategies (each declares its ``Strategy.cost``), in apply order."""
     from autotune import catalog
     from autotune.apply import ORDER
 
@@ -289,58 +297,19 @@ def strategy_terms(configs: dict[str, Any]) -> list[tuple[str, CostTerm]]:
             term = catalog.get(name).cost
         except UserError:  # a name the catalog does not know has no term
             term = None
-        term = term or BUILTIN_TERMS.get(name)
         if term is not None:
             out.append((name, term))
     return out
 
 
-def tensor_parallel_cost(cfg: Any, terms: CostTerms) -> None:
-    """Each block split tp ways; sequence parallel also splits the norms' and residuals'
-    activations (without it they stay whole: half the activations)."""
-    terms.model_shards *= terms.tp
-    if terms.tp > 1:
-        terms.activations *= 1 / terms.tp if getattr(cfg, "sequence_parallel", True) else 0.5 + 0.5 / terms.tp
+def __getattr__(name: str) -> Any:
+    # The terms this module kept before their strategies declared them (``Strategy.cost``),
+    # under their old names.
+    if name in _MOVED_TERMS:
+        from autotune import catalog
+
+        return catalog.get(_MOVED_TERMS[name]).cost
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def pipeline_parallel_cost(cfg: Any, terms: CostTerms) -> None:
-    """A stage's L/pp blocks; 1F1B keeps at most pp pieces of the micro-batch in flight,
-    GPipe all of them."""
-    terms.model_shards *= terms.pp
-    if terms.pp > 1:
-        pieces = getattr(cfg, "microbatches", 4)
-        in_flight = 1.0 if getattr(cfg, "schedule", "1f1b") == "gpipe" else min(terms.pp, pieces) / pieces
-        terms.activations *= in_flight / terms.pp
-
-
-def zero_cost(cfg: Any, terms: CostTerms) -> None:
-    """ZeRO-1 shards the moments over dp, ZeRO-2 also the gradients, ZeRO-3 also the
-    weights; offload keeps the moments (and, ZeRO-3, the weights) on the host."""
-    stage = getattr(cfg, "stage", 0)
-    _shard(terms, stage)
-    terms.optimizer_on_host |= bool(getattr(cfg, "offload_optimizer", False))
-    terms.weights_on_host |= bool(getattr(cfg, "offload_params", False))
-
-
-def fsdp2_cost(cfg: Any, terms: CostTerms) -> None:
-    """Weights, gradients and moments sharded over dp (one block gathered at a time, ignored)."""
-    _shard(terms, 3)
-
-
-def _shard(terms: CostTerms, stage: int) -> None:
-    if stage >= 1:
-        terms.optimizer_shards = terms.dp
-    if stage >= 2:
-        terms.gradient_shards = terms.dp
-    if stage >= 3:
-        terms.weight_shards = terms.dp
-
-
-BUILTIN_TERMS: dict[str, CostTerm] = {
-    "tensor_parallel": tensor_parallel_cost,
-    "pipeline_parallel": pipeline_parallel_cost,
-    "zero": zero_cost,
-    "fsdp2": fsdp2_cost,
-}
-"""Terms kept here for strategies whose module does not declare one yet (``Strategy.cost``
-wins): each moves to its strategy's module as ``cost=...`` unchanged."""
+_MOVED_TERMS = {f"{n}_cost": n for n in ("tensor_parallel", "pipeline_parallel", "zero", "fsdp2")}

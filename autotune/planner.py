@@ -17,25 +17,15 @@ from typing import Any
 
 from autotune import catalog, search
 from autotune import trial as trialmod
-from autotune.apply import DISTRIBUTING
+from autotune import apply
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, Plan, StrategySpec, TrainSpec
-from autotune.strategy import Facts
+from autotune.strategy import Facts, Prior, PriorFacts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial
 from autotune.workloads import Workload, load_workload
 
-# Usable on a CPU but not worth a trial there: inductor's C++ build of even the tiny model
-# takes minutes on 2 cores (measured 245 s for one trial), longer than the whole search.
-CPU_LEFT_OUT = {
-    "compile": "left out of CPU searches: its C++ code generation takes minutes, longer than a trial",
-    # fp8 is emulated on a CPU; torchao's int8 training is made for GPU int8 tensor cores.
-    "fp8": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up",
-    "int8": "left out of CPU searches: torchao's int8 training is made for GPU int8 tensor cores",
-}
-# On a GPU the thread count of the host process does not decide the speed: CPU runs only.
-GPU_LEFT_OUT = {"cpu_threads": "searched on CPU runs only"}
 EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning
 QUALITY_TOLERANCE = 0.01
 """The quality guard's default (--quality-tolerance): an approximate plan's loss may be this much
@@ -140,7 +130,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     most = len(profile.gpus) if use_cuda else settings.cpu_procs or default_cpu_processes(cores)
     facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=most)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
-    left_out = dict(GPU_LEFT_OUT) if use_cuda else dict(CPU_LEFT_OUT)
+    left_out = left_out_of("cuda" if use_cuda else "cpu")
     if not use_cuda and not cpu_has_bf16():
         left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
     global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
@@ -247,68 +237,91 @@ def _baseline_micro_batch(space: search.SearchSpace) -> int:
     return min(space.micro_batches)
 
 
+def left_out_of(device: str) -> dict[str, str]:
+    """Strategies a search on ``device`` leaves out (each declares its ``left_out``), with the reason."""
+    return {name: s.left_out[device] for name, s in catalog.catalog().items() if device in s.left_out}
+
+
 def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     """What a careful engineer tries first, enqueued as the trials after the baseline (an
     Optuna warm start; TPE then searches around whichever measures best).
 
-    On a GPU: bf16 + cuDNN (else flash) SDPA + compile + padded vocab + fused AdamW at
-    micro-batch 48 (the hand-tuned phase8-small setting, with flash) and the same at micro-batch 96 (CUDA graphs are left to
-    the search: they cannot run with accumulation, see strategies/compile.py). On a CPU: bf16 autocast (1.24x the fp32
-    baseline on tiny on the 2-core dev machine, trial 1 against trial 0 in
-    bench/results/cpu-procs/plan-2procs.log), and the largest micro-batch."""
-    usable = {s.name for s in space.strategies}
-    params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in DISTRIBUTING}
-    if space.launch.device != "cuda":
-        if "cpu_threads" in usable:  # every core to the one process (a child may start with fewer)
-            params |= {"cpu_threads": True, "cpu_threads.threads": usable_cores()}
+    Each strategy declares how the prior turns it on (``Strategy.prior``; the reasons, measured,
+    are with it). On a GPU the one trial of them all goes at micro-batch 48 (the hand-tuned
+    phase8-small setting) and again at micro-batch 96 (CUDA graphs are left to the search: they
+    cannot run with accumulation, see strategies/compile.py); on a CPU at the largest
+    micro-batch, after a trial of its own for each that asks for one (bf16 autocast) at the
+    baseline's micro-batch."""
+    device = "cuda" if space.launch.device == "cuda" else "cpu"
+    distributing = apply.distributing()
+    params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in distributing}
+    own: list[dict[str, Any]] = []
+    for strategy in space.strategies:
+        if strategy.name in distributing:
+            continue
+        prior = _prior(space, strategy.name, device, 1)
+        if prior is None:
+            continue
+        knobs = {strategy.name: True} | _with_defaults(strategy.name, _prefixed(strategy.name, prior))
+        if prior.own_trial:
+            own.append(knobs)
+        else:
+            params |= knobs
+    if device != "cuda":
         priors = [params | {"micro_batch_size": max(space.micro_batches)}]
-        if "precision" in usable:
-            bf16 = params | {"precision": True} | _with_defaults("precision", {"precision.dtype": "bf16", "precision.tf32": False})
-            priors.insert(0, bf16 | {"micro_batch_size": space.baseline_micro_batch})
-        return _with_processes(space, priors)
-    # cuDNN's attention measured 1.049x flash's on phase8-small at micro-batch 96 on an H200
-    # (bench/results/ab/attention_ab_h200.jsonl); flash where cuDNN's is excluded.
-    excluded = space.graph.excluded_choices("attention").get("backend", {})
-    backend = next((b for b in ("cudnn", "flash") if b not in excluded), "flash")
-    wanted = {
-        "precision": {"precision.dtype": "bf16", "precision.tf32": True},
-        "attention": {"attention.backend": backend},
-        "compile": {"compile.mode": "default", "compile.scope": "model"},
-        "vocab_padding": {"vocab_padding.multiple": 64},
-        "optimizer": {"optimizer.implementation": "fused"},
-    }
-    for name, knobs in wanted.items():
-        if name in usable:
-            params[name] = True
-            params.update(_with_defaults(name, knobs))
-    # The larger micro-batch first: on one H200 micro-batch 96 beat 48 on phase8-small
-    # (1,165,629 against 1,156,287 tokens/s, bench/results/plan-phase8-small) and on gpt2-124m
-    # (539,382 against 531,441, bench/results/plan-gpt2-124m), and under a tight time budget the
-    # first prior may be the only compiled trial.
-    first = max([b for b in space.micro_batches if b <= 48] or space.micro_batches)
-    priors = [params | {"micro_batch_size": first}]
-    larger = [b for b in space.micro_batches if first < b <= 2 * first]
-    if larger:
-        priors.insert(0, params | {"micro_batch_size": max(larger)})
+    else:
+        # The larger micro-batch first: on one H200 micro-batch 96 beat 48 on phase8-small
+        # (1,165,629 against 1,156,287 tokens/s, bench/results/plan-phase8-small) and on gpt2-124m
+        # (539,382 against 531,441, bench/results/plan-gpt2-124m), and under a tight time budget the
+        # first prior may be the only compiled trial.
+        first = max([b for b in space.micro_batches if b <= 48] or space.micro_batches)
+        priors = [params | {"micro_batch_size": first}]
+        larger = [b for b in space.micro_batches if first < b <= 2 * first]
+        if larger:
+            priors.insert(0, params | {"micro_batch_size": max(larger)})
+    for knobs in reversed(own):
+        priors.insert(0, params | knobs | {"micro_batch_size": space.baseline_micro_batch})
     return _with_processes(space, priors)
+
+
+def _prior(space: search.SearchSpace, name: str, device: str, processes: int) -> Prior | None:
+    """``name``'s declared prior here, over ``processes`` processes (None: the prior leaves it off)."""
+    strategy = catalog.get(name)
+    if strategy.prior is None:
+        return None
+    excluded = space.graph.excluded_choices(name) if name in space.graph.strategies else {}
+    return strategy.prior(PriorFacts(device=device, cores=usable_cores(), processes=processes, excluded=excluded))
+
+
+def _prefixed(name: str, prior: Prior) -> dict[str, Any]:
+    return {f"{name}.{k}": v for k, v in prior.knobs.items()}
 
 
 def _with_processes(space: search.SearchSpace, priors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Priors of one process pinned to one process; where several are possible, the first
-    prior again over all of them with DDP (the layout that pays first at these sizes)."""
+    prior again over all of them with the first data-parallel layout that declares a prior
+    (DDP: the layout that pays first at these sizes), each strategy's prior set for that many."""
     if len(space.processes) == 1:
         return priors
     out = [p | {"processes": 1} for p in priors]
     most = max(space.processes)
-    if "ddp" in space.layouts.get(most, []):
+    device = "cuda" if space.launch.device == "cuda" else "cpu"
+    layouts = space.layouts.get(most, [])
+    dp = [n for n in apply.distributing() if n in layouts and catalog.get(n).mesh_dim == "dp"]
+    layout = next(((n, p) for n in dp if (p := _prior(space, n, device, most)) is not None), None)
+    if layout is not None:
+        name, prior = layout
         first = priors[0]
         fits = [b for b in space.micro_batches if space.global_batch is None or space.global_batch % (b * most) == 0]
         if fits:
             mb = max([b for b in fits if b <= first["micro_batch_size"]] or [min(fits)])
-            ddp = first | {"processes": most, f"layout.{most}": "ddp", "micro_batch_size": mb} | _with_defaults("ddp", {})
-            if "cpu_threads.threads" in ddp:  # the cores shared out between the processes
-                ddp["cpu_threads.threads"] = max(1, usable_cores() // most)
-            out.insert(1, ddp)
+            spread = first | {"processes": most, f"layout.{most}": name, "micro_batch_size": mb}
+            spread |= _with_defaults(name, _prefixed(name, prior))
+            for strategy in space.strategies:  # each set for that many processes (the cores shared out)
+                again = _prior(space, strategy.name, device, most) if first.get(strategy.name) is True else None
+                if again is not None:
+                    spread |= _prefixed(strategy.name, again)
+            out.insert(1, spread)
     return out
 
 

@@ -31,6 +31,9 @@ parameters live (``placement``: sharded over processes; ``stages``: cut into pip
 or the loop's ``accumulation`` (micro-batches per step)."""
 PARTS: frozenset[str] = frozenset(get_args(Part))
 
+Device = Literal["cpu", "cuda"]
+"""Where a search runs: on the CPU's cores or on CUDA GPUs."""
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Knob:
@@ -52,6 +55,32 @@ class Knob:
     """Choices the main search never samples, too slow to try blind (compile's
     max-autotune-no-cudagraphs benchmarks every kernel for minutes): ``autotune.search.refine``
     tries them on the best trials only, each trial under a longer limit."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PriorFacts:
+    """What a strategy's expert prior is chosen from (``Strategy.prior``)."""
+
+    device: Device
+    """Where the search runs."""
+    cores: int
+    """Usable cores of this machine."""
+    processes: int
+    """Processes the prior's trial runs over."""
+    excluded: dict[str, dict[Any, str]] = dataclasses.field(default_factory=dict)
+    """Choices of the strategy's categorical knobs that cannot run here: knob -> {value: reason}
+    (``StrategyGraph.excluded_choices``)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Prior:
+    """How the expert prior (``autotune.planner.expert_priors``) turns a strategy on."""
+
+    knobs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Settings of its knobs by field name; the knobs not named take their defaults."""
+    own_trial: bool = False
+    """A trial of its own (with the other priors' settings, at the baseline micro-batch), enqueued
+    before the trial of all the others, instead of a part of that trial."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -132,7 +161,14 @@ class Strategy:
     cost: Callable[[Any, Any], None] | None = None
     """The strategy's cost-model term: (its typed config, ``costmodel.CostTerms``) -> None,
     changing the memory and FLOPs the core counted (experts added, state sharded); None: it
-    changes nothing the cost model counts, or ``costmodel.BUILTIN_TERMS`` still holds its term."""
+    changes nothing the cost model counts."""
+    left_out: dict[Device, str] = dataclasses.field(default_factory=dict, hash=False)
+    """Searches on these devices leave the strategy out, for the reason given: it runs there but
+    never pays a trial (compile's C++ build on a CPU takes longer than the trial)."""
+    prior: Callable[[PriorFacts], Prior | None] | None = None
+    """How the expert prior, the first trials after the baseline, turns the strategy on here
+    (None from it, or no function: the prior leaves it off). A data-parallel strategy (``mesh_dim``
+    "dp") with a prior is the layout the prior over several processes takes."""
 
     @property
     def implemented(self) -> bool:

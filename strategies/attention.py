@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     import torch
@@ -116,6 +116,15 @@ def apply_attention(ctx: TrainContext, cfg: AttentionConfig) -> None:
     ctx.notes.append(f"attention {cfg.backend}")
 
 
+def attention_prior(facts: PriorFacts) -> Prior | None:
+    """On a GPU, cuDNN's SDPA: it measured 1.049x flash's on phase8-small at micro-batch 96 on an
+    H200 (bench/results/ab/attention_ab_h200.jsonl); flash where cuDNN's is excluded."""
+    if facts.device != "cuda":
+        return None
+    excluded = facts.excluded.get("backend", {})
+    return Prior(knobs={"backend": next((b for b in ("cudnn", "flash") if b not in excluded), "flash")})
+
+
 STRATEGY = Strategy(
     name="attention",
     summary="attention kernel: naive, SDPA math / efficient / flash / cuDNN, FlashAttention-3",
@@ -125,4 +134,5 @@ STRATEGY = Strategy(
     changes=frozenset({"attention"}),
     needs=Needs(structure=_STRUCTURE),
     knobs=(Knob(name="backend", choices=("naive", "math", "efficient", "flash", "cudnn", "fa3")),),
+    prior=attention_prior,
 )

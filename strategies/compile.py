@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -86,6 +86,12 @@ def check_compile_with(chosen: dict[str, Any]) -> None:
         )
 
 
+def compile_prior(facts: PriorFacts) -> Prior | None:
+    """On a GPU the whole model in inductor's default mode (autotuning takes minutes: refine
+    only; CUDA graphs cannot run with accumulation: left to the search)."""
+    return Prior(knobs={"mode": "default", "scope": "model"}) if facts.device == "cuda" else None
+
+
 STRATEGY = Strategy(
     name="compile",
     summary="torch.compile (inductor), whole model or per block, optional CUDA graphs",
@@ -98,4 +104,6 @@ STRATEGY = Strategy(
         Knob(name="mode", choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"), refine_only=("max-autotune-no-cudagraphs",)),
         Knob(name="scope", choices=("model", "blocks")),
     ),
+    left_out={"cpu": "left out of CPU searches: its C++ code generation takes minutes, longer than a trial"},
+    prior=compile_prior,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autotune.strategy import Knob, Strategy
+from autotune.strategy import Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -36,6 +36,11 @@ def apply_cpu_threads(ctx: TrainContext, cfg: CpuThreadsConfig) -> None:
     ctx.notes.append(f"cpu threads {cfg.threads}")
 
 
+def cpu_threads_prior(facts: PriorFacts) -> Prior | None:
+    """Every core shared out between the processes (a child may start with fewer threads)."""
+    return Prior(knobs={"threads": max(1, facts.cores // facts.processes)}) if facts.device == "cpu" else None
+
+
 STRATEGY = Strategy(
     name="cpu_threads",
     summary="intra-op threads of each CPU process (torch.set_num_threads)",
@@ -43,4 +48,7 @@ STRATEGY = Strategy(
     config=CpuThreadsConfig,
     apply=apply_cpu_threads,
     knobs=(Knob(name="threads", low=1, high=MAX_THREADS, integer=True),),
+    # On a GPU the thread count of the host process does not decide the speed: CPU runs only.
+    left_out={"cuda": "searched on CPU runs only"},
+    prior=cpu_threads_prior,
 )

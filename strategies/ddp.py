@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Part, Strategy
+from autotune.strategy import Knob, Needs, Part, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -76,6 +76,11 @@ def apply_ddp(ctx: TrainContext, cfg: DdpConfig) -> None:
     ctx.notes.append(f"ddp over {ctx.world_size} processes, buckets {cfg.bucket_cap_mb} MiB")
 
 
+def ddp_prior(facts: PriorFacts) -> Prior:
+    """The layout that pays first over several processes at these sizes, at its defaults."""
+    return Prior()
+
+
 STRATEGY = Strategy(
     name="ddp",
     summary="data parallel: a replica per process, bucketed gradient all-reduce (torch DDP)",
@@ -91,4 +96,5 @@ STRATEGY = Strategy(
         Knob(name="gradient_as_bucket_view", choices=(True, False)),
         Knob(name="static_graph", choices=(True, False)),
     ),
+    prior=ddp_prior,
 )

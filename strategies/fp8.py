@@ -118,4 +118,6 @@ STRATEGY = Strategy(
     needs=_NEEDS,
     conflicts=frozenset({"int8"}),
     knobs=(Knob(name="recipe", choices=("tensorwise", "rowwise")), Knob(name="layers", choices=("blocks", "blocks_and_head"))),
+    # Emulated on a CPU: no float8 units there.
+    left_out={"cpu": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up"},
 )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.mesh import sub_mesh
 from autotune.strategies.ddp import WRAPPER_READS
@@ -73,6 +73,12 @@ def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
     ctx.notes.append(f"fsdp2 over {ctx.world_size} processes, {cfg.param_dtype} gathers, reshard after forward {cfg.reshard_after_forward}")
 
 
+def fsdp2_cost(cfg: Fsdp2Config, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): weights, gradients and moments sharded
+    over dp (one block gathered at a time, ignored)."""
+    terms.shard(3)
+
+
 STRATEGY = Strategy(
     name="fsdp2",
     summary="fully sharded data parallel per block (FSDP2 fully_shard), bf16 or fp32 gathers",
@@ -84,6 +90,7 @@ STRATEGY = Strategy(
     reads=WRAPPER_READS,
     needs=_NEEDS,
     conflicts=frozenset({"ddp", "zero"}),
+    cost=fsdp2_cost,
     knobs=(
         Knob(name="reshard_after_forward", choices=(True, False)),
         Knob(name="param_dtype", choices=("bf16", "fp32")),

@@ -75,4 +75,5 @@ STRATEGY = Strategy(
     needs=_NEEDS,
     conflicts=frozenset({"fp8"}),
     knobs=(Knob(name="layers", choices=("blocks", "blocks_and_head")), Knob(name="backward", choices=(True, False))),
+    left_out={"cpu": "left out of CPU searches: torchao's int8 training is made for GPU int8 tensor cores"},
 )

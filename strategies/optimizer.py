@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from autotune.strategy import Knob, Strategy
+from autotune.strategy import Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,6 +50,11 @@ def apply_optimizer(ctx: TrainContext, cfg: OptimizerConfig) -> None:
     ctx.notes.append(f"AdamW {cfg.implementation}")
 
 
+def optimizer_prior(facts: PriorFacts) -> Prior | None:
+    """On a GPU the fused AdamW (one kernel for every parameter)."""
+    return Prior(knobs={"implementation": "fused"}) if facts.device == "cuda" else None
+
+
 STRATEGY = Strategy(
     name="optimizer",
     summary="AdamW implementation: fused, foreach or for-loop",
@@ -57,4 +62,5 @@ STRATEGY = Strategy(
     config=OptimizerConfig,
     apply=apply_optimizer,
     knobs=(Knob(name="implementation", choices=("fused", "foreach", "forloop")),),
+    prior=optimizer_prior,
 )

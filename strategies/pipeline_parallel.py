@@ -169,6 +169,16 @@ def check_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> No
         raise UserError(f"pipeline_parallel microbatches {micro} does not divide the micro-batch size {micro_batch_size}")
 
 
+def pipeline_parallel_cost(cfg: Any, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): a stage's L/pp blocks; 1F1B keeps at
+    most pp pieces of the micro-batch in flight, GPipe all of them."""
+    terms.model_shards *= terms.pp
+    if terms.pp > 1:
+        pieces = getattr(cfg, "microbatches", 4)
+        in_flight = 1.0 if getattr(cfg, "schedule", "1f1b") == "gpipe" else min(terms.pp, pieces) / pieces
+        terms.activations *= in_flight / terms.pp
+
+
 STRATEGY = Strategy(
     name="pipeline_parallel",
     summary="cut the blocks into stages over processes, micro-batches on a GPipe or 1F1B schedule",
@@ -188,6 +198,7 @@ STRATEGY = Strategy(
     # Data parallel next to the pipeline would wrap each stage (torchtitan's FSDP + PP), and
     # TP inside the stages needs 4+ processes to test: not done yet (see the docstring).
     conflicts=frozenset({"ddp", "fsdp2", "tensor_parallel"}),
+    cost=pipeline_parallel_cost,
     knobs=(
         Knob(name="degree", choices=(2, 4, 8)),
         Knob(name="schedule", choices=("gpipe", "1f1b")),

@@ -94,6 +94,15 @@ def check_workload(cfg: TensorParallelConfig, workload: Any) -> None:
         raise UserError(f"tensor_parallel: workload {workload.name}'s tensor-parallel plan names no norms to split along the sequence (use sequence_parallel false)")
 
 
+def tensor_parallel_cost(cfg: Any, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): each block split tp ways; sequence
+    parallel also splits the norms' and residuals' activations (without it they stay whole:
+    half the activations)."""
+    terms.model_shards *= terms.tp
+    if terms.tp > 1:
+        terms.activations *= 1 / terms.tp if getattr(cfg, "sequence_parallel", True) else 0.5 + 0.5 / terms.tp
+
+
 STRATEGY = Strategy(
     name="tensor_parallel",
     summary="split heads and MLP width of each block over processes (Megatron TP, sequence parallel)",
@@ -110,5 +119,6 @@ STRATEGY = Strategy(
     # DDP all-reduces plain gradients; the blocks' DTensor gradients need fsdp2 for data
     # parallel next to TP (torchtitan refuses DDP with TP too).
     conflicts=frozenset({"ddp"}),
+    cost=tensor_parallel_cost,
     knobs=(Knob(name="degree", choices=(2, 4, 8)), Knob(name="sequence_parallel", choices=(True, False))),
 )

@@ -4,8 +4,9 @@ chunks so the (tokens x vocab) logits are never held whole. The same maths in an
 of floating-point operations: an exact strategy.
 
 Declared, not implemented yet (roadmap item "custom Triton kernels", no issue filed). It
-needs CUDA and the triton package; the fused loss replaces the GPT's own head and loss, so
-that kernel needs the built-in GPT.
+needs CUDA and the triton package; the fused loss replaces the model's head and the loss its
+adapter computes from the head's output, so that kernel needs a workload whose adapter serves
+both ("head" and "loss": the built-in GPT, an hf: model with an output head).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class TritonKernelsConfig:
             raise ValueError("at least one of layernorm and cross_entropy must be on")
 
     def needs(self) -> Needs:
-        """The fused loss replaces the GPT's head and loss."""
-        return dataclasses.replace(_NEEDS, structure=frozenset({"head", "gpt"}) if self.cross_entropy else frozenset())
+        """The fused loss replaces the head and the adapter's loss."""
+        return dataclasses.replace(_NEEDS, structure=frozenset({"head", "loss"}) if self.cross_entropy else frozenset())
 
 
 STRATEGY = Strategy(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -56,6 +56,11 @@ def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
         raise UserError(f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)")
 
 
+def vocab_padding_prior(facts: PriorFacts) -> Prior | None:
+    """On a GPU rows to a multiple of 64 (tensor-core tiles)."""
+    return Prior(knobs={"multiple": 64}) if facts.device == "cuda" else None
+
+
 STRATEGY = Strategy(
     name="vocab_padding",
     summary="pad the embedding and head rows to a multiple of 64/128 (padded logits dropped)",
@@ -66,4 +71,5 @@ STRATEGY = Strategy(
     needs=Needs(structure=frozenset({"embed", "head"})),
     check_workload=check_workload,
     knobs=(Knob(name="multiple", choices=(64, 128)),),
+    prior=vocab_padding_prior,
 )

@@ -182,6 +182,15 @@ def _load(engine: Any, path: Path) -> None:
         raise UserError(f"{path}: no DeepSpeed checkpoint there")
 
 
+def zero_cost(cfg: Any, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): ZeRO-1 shards the moments over dp,
+    ZeRO-2 also the gradients, ZeRO-3 also the weights; offload keeps the moments (and, ZeRO-3,
+    the weights) on the host."""
+    terms.shard(getattr(cfg, "stage", 0))
+    terms.optimizer_on_host |= bool(getattr(cfg, "offload_optimizer", False))
+    terms.weights_on_host |= bool(getattr(cfg, "offload_params", False))
+
+
 STRATEGY = Strategy(
     name="zero",
     summary="ZeRO stage 1/2/3 sharding through DeepSpeed's engine, optional CPU offload",
@@ -195,6 +204,7 @@ STRATEGY = Strategy(
     # Last of all: DeepSpeed's engine holds the final modules (no TP or PP shards: those
     # conflict) and is built from the accumulation count.
     reads=frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "accumulation"}),
+    cost=zero_cost,
     knobs=(
         Knob(name="stage", choices=(1, 2, 3)),
         Knob(name="offload_optimizer", choices=(True, False)),

@@ -155,3 +155,66 @@ def test_refine_only_choices_are_declared_on_the_knob_and_must_be_choices() -> N
 
     with pytest.raises(UserError, match="refine-only 'slow' is not a choice of knob mode"):
         check_knob_fields(made_up("m", config=Modes, knobs=(Knob(name="mode", choices=("fast",), refine_only=("slow",)),)))
+
+
+def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
+    from autotune.planner import left_out_of
+
+    assert left_out_of("cpu") == {
+        "compile": "left out of CPU searches: its C++ code generation takes minutes, longer than a trial",
+        "fp8": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up",
+        "int8": "left out of CPU searches: torchao's int8 training is made for GPU int8 tensor cores",
+    }
+    assert left_out_of("cuda") == {"cpu_threads": "searched on CPU runs only"}
+
+
+def _priors(device: str, processes: int = 1, excluded: dict[str, dict[Any, str]] | None = None) -> dict[str, Any]:
+    from autotune.strategy import PriorFacts
+
+    facts = PriorFacts(device=device, cores=8, processes=processes, excluded=excluded or {})  # type: ignore[arg-type]
+    found = {name: s.prior(facts) for name, s in catalog().items() if s.prior is not None}
+    return {name: (p.knobs, p.own_trial) for name, p in found.items() if p is not None}
+
+
+def test_the_expert_priors_are_declared_by_each_strategy() -> None:
+    assert _priors("cpu") == {"precision": ({"dtype": "bf16", "tf32": False}, True), "cpu_threads": ({"threads": 8}, False), "ddp": ({}, False)}
+    assert _priors("cpu", processes=4)["cpu_threads"] == ({"threads": 2}, False)
+    assert _priors("cuda") == {
+        "precision": ({"dtype": "bf16", "tf32": True}, False),
+        "attention": ({"backend": "cudnn"}, False),
+        "compile": ({"mode": "default", "scope": "model"}, False),
+        "vocab_padding": ({"multiple": 64}, False),
+        "optimizer": ({"implementation": "fused"}, False),
+        "ddp": ({}, False),
+    }
+    # Flash where the graph excludes cuDNN's attention here.
+    assert _priors("cuda", excluded={"backend": {"cudnn": "needs sm80"}})["attention"] == ({"backend": "flash"}, False)
+    # The data-parallel layout of the prior over several processes is the dp strategy with a prior.
+    assert [n for n in apply.distributing() if catalog()[n].mesh_dim == "dp" and catalog()[n].prior] == ["ddp"]
+
+
+def test_the_cost_terms_are_declared_by_their_strategies() -> None:
+    from autotune import costmodel
+
+    declared = {name for name, s in catalog().items() if s.cost is not None}
+    assert declared == {"moe", "tensor_parallel", "pipeline_parallel", "zero", "fsdp2"}
+    assert not hasattr(costmodel, "BUILTIN_TERMS")
+    assert costmodel.fsdp2_cost is catalog()["fsdp2"].cost  # the old names still resolve
+
+
+def test_the_gpts_structure_is_what_its_adapter_serves() -> None:
+    # No "gpt" token: the built-in GPT's workloads declare the adapter's tokens, and the fused
+    # head + cross-entropy asks for the head and the adapter's loss.
+    from autotune.strategy import unmet_needs
+    from autotune.workloads.adapter import STRUCTURE, GPTAdapter
+    from autotune.workloads.gpt import GPT, GPTConfig
+
+    assert GPT_STRUCTURE == STRUCTURE == GPTAdapter(GPT(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=1, n_heads=2))).supports()
+    kernels = catalog()["triton_kernels"]
+    fused = kernels.config().needs()
+    assert fused.structure == {"head", "loss"} and kernels.config(cross_entropy=False).needs().structure == frozenset()
+    on_a_gpu = dataclasses.replace(CPU, cuda_devices=1, compute_capability=(9, 0), modules=frozenset({"triton"}))
+    assert unmet_needs(dataclasses.replace(kernels, needs=fused), on_a_gpu) == []
+    assert unmet_needs(dataclasses.replace(kernels, needs=fused), dataclasses.replace(on_a_gpu, structure=frozenset({"blocks", "head"}))) == [
+        "needs the workload to declare loss"
+    ]

@@ -69,6 +69,8 @@ def strategies_command(
     _print_table(graph, wl.name)
     if explain:
         print("\n".join(explanations(graph)))
+        if wl.shape is None and wl.no_shape:
+            print(f"cost model: no memory or time predictions for workload {wl.name}: {wl.no_shape}")
 
 
 def explanations(graph: StrategyGraph) -> list[str]:

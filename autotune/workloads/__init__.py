@@ -11,7 +11,14 @@ returns the scalar mean loss. Structure that strategies may rely on is declared 
 - ``"attention"`` / ``"mlp"``: each block has ``.attn`` / ``.mlp`` submodules;
 - ``"embed"`` / ``"head"``: ``model.embed`` (``nn.Embedding``) and ``model.head``
   (``nn.Linear`` to the vocabulary), e.g. for vocab padding;
-- ``"gpt"``: the model is :class:`autotune.workloads.gpt.GPT` itself (config rewriting).
+- ``"vocab"``: its vocabulary can be padded (vocab padding);
+- ``"tp"`` / ``"sp"`` / ``"pp"``: its adapter has a tensor-parallel plan, one that splits the norms
+  along the sequence too, and can cut it into pipeline stages;
+- ``"loss"``: its adapter computes the loss from the head's output itself, so a fused head +
+  cross-entropy may replace both.
+
+The tokens are what the model's adapter serves (``autotune.workloads.adapter.STRUCTURE``): the
+built-in GPT's workloads declare all of them, an hf: model's its adapter's ``supports()``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from autotune.errors import UserError
 if TYPE_CHECKING:
     from autotune.workloads.adapter import ModelShape
 
-GPT_STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "gpt"})
+GPT_STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "sp", "pp", "loss"})
+"""What the built-in GPT's adapter serves (``GPTAdapter.supports``), spelled out: this module loads without torch."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,6 +65,8 @@ class Workload:
     shape: ModelShape | None = None
     """The model's shape (its adapter's :meth:`shape`), computed once from a model built on
     the meta device, for the cost model: None where it is not known (no cost predictions)."""
+    no_shape: str = ""
+    """Why ``shape`` is None (``autotune strategies --explain`` says it), where it was looked for."""
 
 
 # Presets. Arithmetic: N_matmul = 12 L d^2 (+ V d for the tied head).
@@ -174,7 +184,30 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
     workload = factory()
     if not isinstance(workload, Workload):
         raise UserError(f"workload {name}: {attr}() must return autotune.workloads.Workload, got {type(workload).__name__}")
-    return dataclasses.replace(workload, name=name)
+    workload = dataclasses.replace(workload, name=name)
+    return workload if workload.shape is not None or not with_shape else shaped(workload)
+
+
+def shaped(workload: Workload) -> Workload:
+    """``workload`` with the shape its model's adapter reads off a model built on the meta
+    device (no memory, no init), or with the reason there is none in ``no_shape``."""
+    import torch
+
+    from autotune.workloads.adapter import NotSupported, adapter_for
+    from autotune.workloads.generic import GenericAdapter
+
+    try:
+        with torch.device("meta"):
+            model = workload.build_model()
+    except Exception as e:  # a user's model that cannot be built without memory
+        why = f"its model cannot be built on the meta device ({type(e).__name__}: {e})"
+        return dataclasses.replace(workload, no_shape=why)
+    adapter = adapter_for(model)
+    try:  # the generic adapter knows the model alone, not the sequence it is trained on
+        shape = adapter.shape(workload.seq_len) if isinstance(adapter, GenericAdapter) else adapter.shape()
+    except NotSupported as e:
+        return dataclasses.replace(workload, no_shape=str(e))
+    return dataclasses.replace(workload, shape=shape)
 
 
 def flops_per_token(model: Any, workload: Workload) -> int:

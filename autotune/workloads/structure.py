@@ -7,8 +7,8 @@ so a strategy's ``check_workload`` and ``autotune show`` read them without loadi
 
 from __future__ import annotations
 
-STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "sp", "pp"})
-"""Every token :meth:`ModelAdapter.supports` may return."""
+STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "sp", "pp", "loss"})
+"""Every token :meth:`ModelAdapter.supports` may return (see ``autotune.workloads``)."""
 
 
 class NotSupported(Exception):
@@ -18,11 +18,10 @@ class NotSupported(Exception):
 def declared(structure: frozenset[str]) -> frozenset[str]:
     """What a workload's declared ``structure`` lets strategies ask of its adapter.
 
-    The built-in GPT's workloads still declare the legacy token ``"gpt"``
-    (``autotune.workloads.GPT_STRUCTURE``, which triton_kernels still reads) rather than
-    :meth:`GPTAdapter.supports`; it stands for everything the GPT's adapter serves. Other
-    workloads' structure is their adapter's ``supports()`` already (hf:) or declared by hand."""
-    return structure | STRUCTURE if "gpt" in structure else frozenset(structure)
+    The tokens themselves: the built-in GPT's workloads declare everything its adapter serves
+    (``autotune.workloads.GPT_STRUCTURE``), an hf: model's are its adapter's ``supports()``, a
+    user's workload declares its own by hand."""
+    return frozenset(structure)
 
 
 def pipeline_split(n_blocks: int, stages: int) -> list[tuple[int, int]]:
