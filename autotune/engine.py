@@ -157,7 +157,9 @@ class LoopEngine(StepEngine):
 
         state = self.sharded_state_dict()
         dcp.load(state, checkpoint_id=path)  # resharded if the layout changed
-        set_state_dict(self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=self._options())
+        set_state_dict(
+            self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=self._options()
+        )
 
     def _options(self) -> Any:
         from torch.distributed.checkpoint.state_dict import StateDictOptions

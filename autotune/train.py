@@ -3,8 +3,8 @@
 ``Trainer`` builds everything a plan describes (workload, strategies through the one
 ordering function, the step engine with its optimizer, the loader) and runs optimizer steps
 through the engine alone (``autotune.engine``: the default loop, a pipeline schedule or
-DeepSpeed's). ``run`` adds what a full run
-needs: a JSONL log, validation, atomic checkpoints, resume and a progress bar.
+DeepSpeed's). ``run`` adds what a full run needs: a JSONL log, validation, atomic
+checkpoints, resume and a progress bar.
 
 The hot path waits for the device once per ``log_interval`` steps: losses stay on the device
 until a flush, the learning rate is a Python float, the loader prefetches on a thread.
@@ -49,8 +49,8 @@ from autotune import data as datamod
 from autotune import distributed, locks
 from autotune.apply import apply_strategies
 from autotune.context import TrainContext
-from autotune.engine import LoopEngine, StepEngine, make_optimizer
 from autotune.distributed import pick_device
+from autotune.engine import LoopEngine, StepEngine, make_optimizer
 from autotune.errors import UserError
 from autotune.mesh import ParallelDims, build_mesh, mesh_shape
 from autotune.plan import Plan, TrainSpec
@@ -727,9 +727,9 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
     A whole model (one process, or DDP's identical replicas) goes into ``step_XXXXXXXX.pt``,
     written by rank 0 (temporary file, fsync, rename), its sha256 beside it in
     ``step_XXXXXXXX.pt.sha256`` (sha256sum's format), written first: a ``.pt`` in place
-    always has its checksum. Sharded state (FSDP2) goes into a directory ``step_XXXXXXXX/``
-    that every rank writes through the step engine (``StepEngine.save``: torch.distributed.checkpoint,
-    or DeepSpeed's own), with a MANIFEST of its files' sha256.
+    always has its checksum. Sharded state (FSDP2, tp, pp, ZeRO) goes into a directory
+    ``step_XXXXXXXX/`` that every rank writes through the step engine (``StepEngine.save``:
+    torch.distributed.checkpoint, or DeepSpeed's own), with a MANIFEST of its files' sha256.
     Every rank calls this, and returns once the checkpoint is complete.
     """
     if trainer.ctx.sharded_state:
