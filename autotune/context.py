@@ -1,10 +1,10 @@
 """The state that strategies transform before training starts.
 
 Strategies never reach into the training loop; they change this context (wrap the model,
-set the autocast dtype, the accumulation count, optimizer options), and the loop in
-``autotune.train`` reads it. Fields default to the plain baseline. A strategy whose engine
-owns backward and the optimizer step (DeepSpeed's ZeRO; a pipeline schedule) hands the loop
-its step instead (``train_step``), and may save its state itself (``save_state``).
+set the autocast dtype, the accumulation count, optimizer options), and the step engine that
+``autotune.train`` trains through (``autotune.engine``) reads it. Fields default to the plain
+baseline. A strategy that owns backward and the optimizer step (DeepSpeed's ZeRO; a pipeline
+schedule) sets ``engine``, the builder of its own step engine.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +26,7 @@ from autotune.strategy import Facts, Strategy, unmet_needs
 from autotune.workloads import Workload
 
 if TYPE_CHECKING:
+    from autotune.engine import StepEngine
     from autotune.plan import TrainSpec
 
 MicroBatch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -69,36 +69,21 @@ class TrainContext:
     """Context of one micro-batch's forward and backward, given whether it is the step's
     last: a data-parallel wrapper reduces gradients on the last one only (DDP's no_sync).
     None: always reduce."""
-    forward_backward: Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor] | None = None
-    """A strategy that owns a micro-batch's forward and backward sets this (pipeline
-    parallel: the schedule runs them stage by stage; DeepSpeed's engine would too). Called
-    with (inputs, targets, whether it is the step's last micro-batch), it runs the forward
-    and backward with the loss divided by ``grad_accum`` and returns that loss, detached,
-    the same on every rank. None: the loop's own autocast forward and scaled backward."""
     clip_grads: Callable[[list[torch.Tensor], float], torch.Tensor] | None = None
-    """Clips the gradients of the given parameters to a global norm and returns the norm,
-    where the norm spans more than this process's parameters and DTensors (pipeline stages);
-    None: ``autotune.distributed.clip_grad_norm_``."""
+    """Clips the gradients of the given parameters to a global norm and returns the norm, for
+    the default loop (``engine.LoopEngine``), where the norm spans parameters spread over
+    other groups (expert parallel: each rank holds other experts); None:
+    ``autotune.distributed.clip_grad_norm_``."""
     sharded_state: bool = False
-    """Model and optimizer state are sharded over the ranks (FSDP2): checkpoints are written
-    and read by every rank through torch.distributed.checkpoint."""
+    """Model and optimizer state are sharded over the ranks (FSDP2, tp, pp, ZeRO): checkpoints
+    are written and read by every rank, through the step engine's ``save`` / ``load``."""
     spec: TrainSpec | None = None
-    """The plan's training settings (micro-batch, AdamW, clipping), for a strategy that
-    builds the optimizer and step itself; the Trainer sets it."""
-    train_step: Callable[[MicroBatch, float], torch.Tensor] | None = None
-    """A strategy that owns forward, backward and the optimizer step: the loop calls it once
-    per step with the step's micro-batches and learning rate, instead of its own micro-batch
-    loop, clipping and AdamW step; it returns the step's mean loss (the mean over the
-    micro-batches, still on the device). None: the loop's own step."""
-    optimizer: Any = None
-    """The optimizer, when the strategy owning the step built it (its param groups are what
-    the schedule's learning rate is set on). None: the Trainer builds AdamW."""
-    save_state: Callable[[Path], None] | None = None
-    """Write the model and optimizer state into a checkpoint directory, called by every rank
-    and returning once it is all written, instead of torch.distributed.checkpoint
-    (``sharded_state`` must be on); ``load_state`` reads it back. None: DCP."""
-    load_state: Callable[[Path], None] | None = None
-    """Read back what ``save_state`` wrote (every rank)."""
+    """The plan's training settings (micro-batch, AdamW, clipping), which the step engine is
+    built from; the Trainer sets it."""
+    engine: Callable[[TrainContext], StepEngine] | None = None
+    """A strategy that owns forward, backward and the optimizer step (a pipeline schedule,
+    DeepSpeed) sets the builder of its step engine, which the Trainer calls once every strategy
+    is applied; None: the default loop (``autotune.engine.LoopEngine``)."""
     notes: list[str] = field(default_factory=list)
     """What the strategies did, for the run log."""
 

@@ -1,8 +1,10 @@
 """The executor: one training loop for trials and full runs alike.
 
 ``Trainer`` builds everything a plan describes (workload, strategies through the one
-ordering function, AdamW, the loader) and runs optimizer steps. ``run`` adds what a full run
-needs: a JSONL log, validation, atomic checkpoints, resume and a progress bar.
+ordering function, the step engine with its optimizer, the loader) and runs optimizer steps
+through the engine alone (``autotune.engine``: the default loop, a pipeline schedule or
+DeepSpeed's). ``run`` adds what a full run needs: a JSONL log, validation, atomic
+checkpoints, resume and a progress bar.
 
 The hot path waits for the device once per ``log_interval`` steps: losses stay on the device
 until a flush, the learning rate is a Python float, the loader prefetches on a thread.
@@ -48,6 +50,7 @@ from autotune import distributed, locks
 from autotune.apply import apply_strategies
 from autotune.context import TrainContext
 from autotune.distributed import pick_device
+from autotune.engine import LoopEngine, StepEngine, make_optimizer
 from autotune.errors import UserError
 from autotune.mesh import ParallelDims, build_mesh, mesh_shape
 from autotune.plan import Plan, TrainSpec
@@ -64,7 +67,7 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-__all__ = ["pick_device"]  # re-exported for the benchmarks
+__all__ = ["make_optimizer", "pick_device"]  # re-exported for the benchmarks and tests
 
 
 def lr_at(step: int, spec: TrainSpec) -> float:
@@ -76,15 +79,6 @@ def lr_at(step: int, spec: TrainSpec) -> float:
     progress = min(1.0, (step - spec.warmup_steps) / span)
     floor = spec.lr * spec.min_lr_ratio
     return floor + 0.5 * (spec.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device, options: dict[str, Any]) -> torch.optim.Optimizer:
-    from autotune.strategies.optimizer import adamw_groups
-
-    groups = adamw_groups(model, spec.weight_decay)  # decay on matrices only, one group per mesh
-    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    kwargs.update(options)
-    return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
 
 
 MFU_REFERENCE = "bf16"
@@ -216,9 +210,10 @@ class Trainer:
         )
         apply_strategies(self.ctx, configs)
 
-        self.optimizer = self.ctx.optimizer if self.ctx.optimizer is not None else make_optimizer(self.ctx.model, self.spec, self.device, self.ctx.optimizer_options)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.ctx.grad_scaler)
-        self.params = [p for p in self.ctx.model.parameters() if p.requires_grad]
+        # The step engine, once every strategy is applied: the one that owns the step, or the default loop.
+        self.engine: StepEngine = (self.ctx.engine or LoopEngine)(self.ctx)
+        self.optimizer = self.engine.optimizer
+        self.scaler = self.engine.scaler
         self.batches = self._make_batches(data_dir)
         # The global batch: dp groups of micro-batches (tp ranks and pp stages share theirs).
         self.tokens_per_step = global_tokens_per_step(self.spec.micro_batch_size, workload.seq_len, self.ctx.grad_accum, dp)
@@ -276,32 +271,7 @@ class Trainer:
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step (all micro-batches). Returns the mean loss, still on the device."""
-        ctx, opt = self.ctx, self.optimizer
-        lr = lr_at(step, self.spec)
-        if ctx.train_step is not None:  # a strategy's engine owns the step (see TrainContext)
-            return ctx.train_step(lambda micro: self.batches.get(step, micro), lr)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        total = None
-        for micro in range(ctx.grad_accum):
-            x, y = self.batches.get(step, micro)
-            last = micro == ctx.grad_accum - 1
-            if ctx.forward_backward is not None:  # a strategy owns forward and backward
-                loss = ctx.forward_backward(x, y, last)
-            else:
-                with ctx.sync_context(last):
-                    with ctx.autocast():
-                        loss = ctx.forward(x, y) / ctx.grad_accum
-                    self.scaler.scale(loss).backward()
-            total = loss.detach() if total is None else total + loss.detach()
-        if self.spec.grad_clip > 0:
-            self.scaler.unscale_(opt)
-            clip = ctx.clip_grads or distributed.clip_grad_norm_
-            clip(self.params, self.spec.grad_clip)
-        self.scaler.step(opt)
-        self.scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return total
+        return self.engine.train_step(lambda micro: self.batches.get(step, micro), lr_at(step, self.spec))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -326,37 +296,12 @@ class Trainer:
 
     def state_dict(self, step: int) -> dict[str, Any]:
         """The whole state of a process whose model is whole (one process, or DDP replicas)."""
-        return {**self.extra_state(step), "model": self.ctx.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {**self.extra_state(step), **self.engine.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
         _check_format(state)
-        self.ctx.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.engine.load_state_dict(state)
         return self.load_extra_state(state)
-
-    def sharded_state_dict(self) -> dict[str, Any]:
-        """Model and optimizer state as this rank's shards (DTensors) under the plain
-        model's parameter names, for torch.distributed.checkpoint; also the template that
-        a load fills in place."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model, optimizer = get_state_dict(self.ctx.model, self.optimizer, options=self._state_dict_options())
-        return {"model": model, "optimizer": optimizer}
-
-    def load_sharded_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        set_state_dict(
-            self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=self._state_dict_options()
-        )
-
-    def _state_dict_options(self) -> Any:
-        """Pipeline stages hold different parameters: their optimizer param groups are keyed
-        by parameter name (flattened, as torchtitan saves them), not by a group index that
-        every stage would write with other contents."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(flatten_optimizer_state_dict=self.ctx.dims.pp > 1)
 
     def extra_state(self, step: int) -> dict[str, Any]:
         """Everything but the model and optimizer: the step, the loss scaler, the RNGs (the
@@ -782,9 +727,9 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
     A whole model (one process, or DDP's identical replicas) goes into ``step_XXXXXXXX.pt``,
     written by rank 0 (temporary file, fsync, rename), its sha256 beside it in
     ``step_XXXXXXXX.pt.sha256`` (sha256sum's format), written first: a ``.pt`` in place
-    always has its checksum. Sharded state (FSDP2) goes into a directory ``step_XXXXXXXX/``
-    that every rank writes through torch.distributed.checkpoint, or through the strategy's
-    own engine (``ctx.save_state``: DeepSpeed), with a MANIFEST of its files' sha256.
+    always has its checksum. Sharded state (FSDP2, tp, pp, ZeRO) goes into a directory
+    ``step_XXXXXXXX/`` that every rank writes through the step engine (``StepEngine.save``:
+    torch.distributed.checkpoint, or DeepSpeed's own), with a MANIFEST of its files' sha256.
     Every rank calls this, and returns once the checkpoint is complete.
     """
     if trainer.ctx.sharded_state:
@@ -842,11 +787,10 @@ def checksum_problem(path: Path) -> str | None:
 
 
 def _save_sharded(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
-    """torch.distributed.checkpoint of the model and optimizer shards into a temporary
-    directory, then rank 0 adds ``meta.pt`` (step, scaler, RNG) and the checksum manifest and
+    """The step engine's save of the model and optimizer shards (torch.distributed.checkpoint,
+    or DeepSpeed's own) into a temporary directory, then rank 0 adds ``meta.pt`` (step, scaler, RNG) and the checksum manifest and
     renames it into place: a ``step_XXXXXXXX/`` directory is complete or absent."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
     final, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f".step_{step:08d}.tmp"
     main = trainer.rank == 0
@@ -854,11 +798,7 @@ def _save_sharded(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
         tmp.mkdir(parents=True)
     dist.barrier()  # no rank writes into tmp before it is fresh
-    # Returns on every rank once all shards and the coordinator's .metadata are written.
-    if trainer.ctx.save_state is not None:
-        trainer.ctx.save_state(tmp)
-    else:
-        dcp.save(trainer.sharded_state_dict(), checkpoint_id=tmp)
+    trainer.engine.save(tmp)  # returns on every rank once all is written
     if main:
         buf = io.BytesIO()
         torch.save(trainer.extra_state(step), buf)
@@ -931,17 +871,10 @@ def check_same_run(state: dict[str, Any], trainer: Trainer, path: Path) -> None:
 
 
 def _load_sharded(trainer: Trainer, path: Path) -> int:
-    """Every rank reads its shards of ``path`` (resharded if the layout changed) in place."""
-    import torch.distributed.checkpoint as dcp
-
+    """Every rank reads its shards of ``path`` in place, through the step engine."""
     meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
     check_same_run(meta, trainer, path)
-    if trainer.ctx.load_state is not None:
-        trainer.ctx.load_state(path)
-    else:
-        state = trainer.sharded_state_dict()
-        dcp.load(state, checkpoint_id=path)
-        trainer.load_sharded_state_dict(state)
+    trainer.engine.load(path)
     return trainer.load_extra_state(meta)
 
 

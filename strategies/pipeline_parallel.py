@@ -17,12 +17,14 @@ How it runs. The stage module keeps the plain model's parameter names (blocks ou
 stage are parameter-free placeholders, so ``blocks.5`` stays ``blocks.5``), and it is what
 the optimizer steps and what torch.distributed.checkpoint saves: every stage writes its own
 parameters (``ctx.sharded_state``). The schedule owns each micro-batch's forward and
-backward (``ctx.forward_backward``); the loss it returns is the last stage's, summed over the
-pipeline group so that every rank logs the same. A tied head (the GPT's default) lives on the
+backward (the strategy's step engine, ``ctx.engine``: ``_pipeline_impl.PipelineEngine``); the
+loss it returns is the last stage's, summed over the pipeline group so that every rank logs
+the same. A tied head (the GPT's default) lives on the
 last stage as a copy of the first stage's embedding: after the backward their gradients are
 summed over the pipeline group (Megatron's embedding all-reduce; the stages in between add
 zeros), so both copies take the same step, and the gradient norm for clipping counts the copy
-once, summed over the stages as torchtitan's ``clip_grad_norm_`` does (``ctx.clip_grads``).
+once, summed over the stages as torchtitan's ``clip_grad_norm_`` does
+(``PipelineEngine.clip_grads``).
 
 Not combined (yet). Data parallel next to the pipeline (ddp, fsdp2: the stage would have to
 wrap the data-parallel module, as torchtitan does), tensor parallel inside the stages (3D:
@@ -33,18 +35,14 @@ stage, not the loop's forward: compile scope blocks works), and fp16's loss scal
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.distributed as dist
-from torch import nn
-
-from autotune import distributed
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.mesh import ParallelDims, setting, sub_mesh
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import ModelAdapter, NotSupported, adapter_for, declared, pipeline_split
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)
@@ -66,60 +64,6 @@ class PipelineParallelConfig:
             raise ValueError(f"microbatches must be from 1 to 256, got {self.microbatches}")
 
 
-class PipelineRunner:
-    """The schedule of this rank's stage: one micro-batch's forward and backward for the
-    loop (``forward_backward``), the loss of a batch for evaluation (``__call__``)."""
-
-    def __init__(
-        self, ctx: TrainContext, adapter: ModelAdapter, stage: nn.Module, *, first: bool, last: bool, pieces: int, group: Any, tied: nn.Parameter | None
-    ) -> None:
-        self.ctx, self.adapter, self.stage, self.pieces, self.group, self.tied = ctx, adapter, stage, pieces, group, tied
-        self.first, self.last = first, last
-        """Whether this rank's stage takes the token ids / gives the logits."""
-        self.schedule: Any = None
-        """The torch schedule, built on this runner's ``loss_fn``."""
-        self.divisor = pieces * ctx.grad_accum
-        """What each piece's mean loss is divided by (gradients are summed over pieces)."""
-
-    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.adapter.logits_loss(logits, targets) / self.divisor
-
-    def _run(self, x: torch.Tensor, y: torch.Tensor, step: Any) -> torch.Tensor:
-        losses: list[torch.Tensor] = []
-        with self.ctx.autocast():
-            step(*((x,) if self.first else ()), target=y if self.last else None, losses=losses)
-        loss = torch.stack(losses).sum().detach().float() if self.last else torch.zeros((), device=x.device)
-        dist.all_reduce(loss, group=self.group)  # the last stage's loss on every rank
-        return loss
-
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last_micro: bool) -> torch.Tensor:
-        self.divisor = self.pieces * self.ctx.grad_accum
-        loss = self._run(x, y, self.schedule.step)
-        if last_micro and self.tied is not None:
-            self._sum_tied_grads()
-        return loss
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Mean loss of the batch (x, y), forward only."""
-        self.divisor = self.pieces
-        return self._run(x, y, self.schedule.eval)
-
-    def _sum_tied_grads(self) -> None:
-        tied = self.tied
-        # The first stage's embedding and the last stage's head are this rank's copy of the
-        # tied weight; the stages in between hold none and add zeros.
-        own = tied if self.first or self.last else None
-        grad = own.grad if own is not None and own.grad is not None else torch.zeros_like(tied)
-        dist.all_reduce(grad, group=self.group)
-        if own is not None:
-            own.grad = grad
-
-    def clip_grads(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        # The last stage's copy of a tied head is counted on the first stage.
-        skip = frozenset({id(self.tied)}) if self.tied is not None and self.last else frozenset()
-        return distributed.clip_grad_norm_(params, max_norm, self.group, skip)
-
-
 def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes; the model's adapter must cut it into stages")
     mesh = sub_mesh(ctx.mesh, "pp")
@@ -128,6 +72,9 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
     if ctx.grad_scaler:
         raise UserError("pipeline_parallel does not scale the loss for fp16: use precision bf16")
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    from autotune.strategies._pipeline_impl import PipelineEngine, PipelineRunner
+    from autotune.workloads.adapter import NotSupported, adapter_for, pipeline_split
 
     adapter, index = adapter_for(ctx.model), mesh.get_local_rank()
     first, last = index == 0, index == cfg.degree - 1
@@ -147,14 +94,15 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
     runner.schedule = kind(pipe, n_microbatches=cfg.microbatches, loss_fn=runner.loss_fn, scale_grads=False)
     ctx.model = stage
     ctx.forward = runner  # evaluation: the batch's loss through the schedule
-    ctx.forward_backward = runner.forward_backward
-    ctx.clip_grads = runner.clip_grads
+    ctx.engine = lambda ctx: PipelineEngine(ctx, runner)  # training: the schedule's step
     ctx.sharded_state = True
     ctx.notes.append(f"pipeline stage {index} of {cfg.degree} (blocks {start}..{stop - 1}), {cfg.schedule}, {cfg.microbatches} pieces per micro-batch")
 
 
 def check_workload(cfg: PipelineParallelConfig, workload: Any) -> None:
     """The workload's adapter must cut the model into stages (``pp``)."""
+    from autotune.workloads.adapter import declared
+
     if "pp" not in declared(workload.structure):
         raise UserError(f"pipeline_parallel: workload {workload.name} cannot be cut into pipeline stages (its model adapter does not support pp)")
 

@@ -10,8 +10,9 @@ plan's betas and weight decay) and builds the engine with ``deepspeed.initialize
 process group that ``autotune.distributed.join`` made (DeepSpeed wraps it: NCCL on CUDA, gloo
 on DeepSpeed's CPU accelerator, chosen with ``DS_ACCELERATOR=cpu`` for a CPU run only). The
 config is kept in ``ctx.notes`` and written into every checkpoint as ``deepspeed_config.json``.
-The engine owns backward and the optimizer step, so it hands the loop its step
-(``ctx.train_step``): per micro-batch the forward under the loop's autocast,
+The engine owns backward and the optimizer step, so the strategy hands the executor its own
+step engine (``ctx.engine``: ``_zero_impl.DeepSpeedStep``): per micro-batch the forward under
+the loop's autocast,
 ``engine.backward(loss)`` (which divides by the accumulation count) and ``engine.step()``
 (which reduces, clips, steps and zeroes the gradients at the accumulation boundary only); the
 schedule's learning rate is set on the engine's optimizer's param groups before each step.
@@ -32,15 +33,16 @@ DeepSpeedCPUAdam (the C++ CPU Adam that ZeRO-Offload is made for, built on first
 ``optimizer`` strategy (which picks torch's implementation) conflicts.
 
 Checkpoints are DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` (every rank writes
-its partition) in the executor's ``step_XXXXXXXX/`` directories (``ctx.sharded_state`` with
-``ctx.save_state``), beside ``meta.pt`` with the step and RNG state; DeepSpeed's
+its partition) in the executor's ``step_XXXXXXXX/`` directories (``ctx.sharded_state``, through
+the step engine's ``save``), beside ``meta.pt`` with the step and RNG state; DeepSpeed's
 ``zero_to_fp32.py``, copied there, makes one fp32 state dict of them.
 
 It needs the deepspeed package and two or more processes (CUDA or the CPU). DeepSpeed's
 engine owns the model, the gradients and the optimizer step, so it excludes the torch
 data-parallel wrappers (DDP, FSDP2) and combines with neither torch's DTensor tensor
 parallelism nor ``torch.distributed.pipelining`` (DeepSpeed's own pipeline engine takes
-stage 1 at most). It is applied last: the engine is built from the accumulation count.
+stage 1 at most); a whole-model compile is refused by compile's ``check_with`` (zero
+``takes_model``). It is applied last: the engine is built from the accumulation count.
 
 On the CPU, DeepSpeed's CPU accelerator builds a C++ shared-memory op at its first start
 (about 20 s on 2 cores, cached afterwards in ~/.cache/torch_extensions), and optimizer offload
@@ -55,16 +57,15 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.distributed as dist
-
-from autotune.context import MicroBatch, TrainContext
 from autotune.errors import UserError
-from autotune.strategies.optimizer import adamw_groups
 from autotune.strategy import Knob, Needs, Strategy
+
+if TYPE_CHECKING:
+    import torch
+
+    from autotune.context import TrainContext
 
 TAG = "deepspeed"
 """Sub-directory of a checkpoint directory that DeepSpeed's files go into."""
@@ -112,10 +113,11 @@ def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and install deepspeed")
     if ctx.grad_scaler:
         raise UserError("zero with precision fp16 is not supported: DeepSpeed would scale the loss with its own scaler, not the plain run's; use bf16")
-    if ctx.forward is not ctx.model:
-        raise UserError("zero hands the model itself to DeepSpeed's engine; compile it block by block (compile scope blocks), not as a whole")
     if ctx.spec is None:
         raise UserError("zero builds DeepSpeed's engine from the plan's training settings, which this context lacks")
+    from autotune.strategies._zero_impl import DeepSpeedStep
+    from autotune.strategies.optimizer import adamw_groups
+
     deepspeed = _import_deepspeed(ctx.device)
     model, spec = ctx.model, ctx.spec
     # The executor's AdamW groups: weight decay on matrices only.
@@ -124,11 +126,8 @@ def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints; stdout is autotune's
         engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config, dist_init_required=False)
     ctx.forward = engine
-    ctx.optimizer = optimizer
-    ctx.train_step = _step(engine, ctx)
+    ctx.engine = lambda ctx: DeepSpeedStep(ctx, engine, optimizer, config, tag=TAG)
     ctx.sharded_state = True
-    ctx.save_state = lambda path: _save(engine, config, path)
-    ctx.load_state = lambda path: _load(engine, path)
     ctx.notes.append(f"zero stage {cfg.stage} over {ctx.world_size} processes through DeepSpeed {deepspeed.__version__}, config {json.dumps(config)}")
 
 
@@ -147,39 +146,6 @@ def _import_deepspeed(device: torch.device) -> Any:
     if name != device.type:
         raise UserError(f"DeepSpeed's accelerator is {name}, but the plan trains on {device.type} (set DS_ACCELERATOR={device.type})")
     return deepspeed
-
-
-def _step(engine: Any, ctx: TrainContext) -> Any:
-    """The loop's step through ``engine``: see ``TrainContext.train_step``."""
-
-    def step(batch: MicroBatch, lr: float) -> torch.Tensor:
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        total = None
-        for micro in range(ctx.grad_accum):
-            x, y = batch(micro)
-            with ctx.autocast():
-                loss = engine(x, y)
-            engine.backward(loss)  # divides by the accumulation count itself
-            engine.step()  # reduces, clips and steps at the accumulation boundary only
-            part = loss.detach() / ctx.grad_accum
-            total = part if total is None else total + part
-        return total
-
-    return step
-
-
-def _save(engine: Any, config: dict[str, Any], path: Path) -> None:
-    engine.save_checkpoint(str(path), tag=TAG, save_latest=False)
-    if dist.get_rank() == 0:
-        (path / "deepspeed_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    dist.barrier()  # every rank's partition is written
-
-
-def _load(engine: Any, path: Path) -> None:
-    loaded, _ = engine.load_checkpoint(str(path), tag=TAG, load_lr_scheduler_states=False)
-    if loaded is None:
-        raise UserError(f"{path}: no DeepSpeed checkpoint there")
 
 
 def zero_cost(cfg: Any, terms: Any) -> None:

@@ -216,8 +216,10 @@ def test_zero_checkpoint_is_deepspeeds_own_and_converts_to_the_plain_model(worke
 
 
 def test_zero_refuses_what_it_cannot_do_before_deepspeed_starts() -> None:
+    from autotune.apply import check_settings
     from autotune.context import TrainContext
     from autotune.errors import SchemaError, UserError
+    from autotune.strategies.compile import CompileConfig
     from autotune.strategies.zero import STRATEGY, ZeroConfig
 
     with pytest.raises(SchemaError, match="offload_params needs stage 3"):
@@ -229,8 +231,9 @@ def test_zero_refuses_what_it_cannot_do_before_deepspeed_starts() -> None:
 
     with pytest.raises(UserError, match="zero with precision fp16 is not supported"):
         STRATEGY.apply(ctx(grad_scaler=True), ZeroConfig())
-    with pytest.raises(UserError, match="compile scope blocks"):
-        STRATEGY.apply(ctx(forward=torch.nn.Identity()), ZeroConfig())
+    # A whole-model compile: refused by the declarations (zero takes the model), before any apply.
+    with pytest.raises(UserError, match="zero takes the model itself.*compile scope blocks"):
+        check_settings({"compile": CompileConfig(), "zero": ZeroConfig()})
     with pytest.raises(UserError, match="needs 2\\+ processes, this run has 1"):
         STRATEGY.apply(TrainContext(workload=workload, device=torch.device("cpu"), model=workload.build_model()), ZeroConfig())
 
