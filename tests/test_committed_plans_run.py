@@ -1,0 +1,33 @@
+"""Every committed plan that this machine can run (the CPU ones) still trains under
+`autotune run`, two steps, as its own processes; the GPU plans load and pass the plan check
+here (tests/test_bad_input.py, tests/test_layering.py) and run on the GPU machine
+(bench/README.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+CPU_PLANS = sorted(
+    p for p in ROOT.glob("**/*.plan.json")
+    if ".venv" not in p.parts and json.loads(p.read_text())["launch"]["device"] == "cpu"
+)
+
+
+def test_the_cpu_plans_are_found():
+    assert {p.name for p in CPU_PLANS} >= {"tiny.plan.json", "tiny-2procs.plan.json", "tiny-4procs.plan.json"}
+
+
+@pytest.mark.parametrize("path", CPU_PLANS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_committed_cpu_plan_trains(path, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "autotune", "run", str(path), "--steps", "2", "--out", str(out), "--json"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps_done"] == 2
