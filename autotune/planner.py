@@ -148,7 +148,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
     # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
     derived = {"grad_accum"} if global_batch is not None else set()
-    strategies = [_narrowed(catalog.get(n), cores) for n in graph.usable() if n not in left_out and n not in derived]
+    strategies = [_narrowed(catalog.get(n), cores, workload) for n in graph.usable() if n not in left_out and n not in derived]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
     rates: dict[str, float] = {}
     bandwidth = None
@@ -207,8 +207,13 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def _narrowed(strategy: Any, cores: int) -> Any:
-    """cpu_threads' range narrowed to this machine's cores (the catalog's is any machine's)."""
+def _narrowed(strategy: Any, cores: int, workload: Workload) -> Any:
+    """cpu_threads' range narrowed to this machine's cores (the catalog's is any machine's),
+    sparse_attention's windows to those shorter than the workload's sequence."""
+    if strategy.name == "sparse_attention":
+        from autotune.strategies.sparse_attention import knobs_for
+
+        return dataclasses.replace(strategy, knobs=knobs_for(workload.seq_len))
     if strategy.name != "cpu_threads":
         return strategy
     from autotune.strategy import Knob
