@@ -69,7 +69,7 @@ def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(tm
     the figures, and the plan written is the best exact trial."""
     settings = planner.PlanSettings(
         workload="tiny", workload_overrides=OVERRIDES, trials=2, storage=f"sqlite:///{tmp_path}/s.db", study_name="guard",
-        global_batch=16, allow_approximate=True, quality_tolerance=1e-9, guard_steps=12, out=tmp_path / "p.json",
+        global_batch=8, allow_approximate=True, quality_tolerance=1e-9, guard_steps=10, out=tmp_path / "p.json",
         device="cpu", budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=120.0),
     )
     workload = load_workload("tiny", OVERRIDES)
@@ -78,7 +78,7 @@ def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(tm
     # The two trials, enqueued rather than searched: the baseline and the sparse candidate.
     study.enqueue_trial(search.baseline_params(space), user_attrs={"role": search.BASELINE})
     off = {s.name: False for s in space.strategies if s.mesh_dim is None}
-    study.enqueue_trial(off | {"micro_batch_size": 16, "sparse_attention": True, "sparse_attention.window": 32, "sparse_attention.global_tokens": 0})
+    study.enqueue_trial(off | {"micro_batch_size": 8, "sparse_attention": True, "sparse_attention.window": 32, "sparse_attention.global_tokens": 0})
     lines: list[str] = []
     plan, summary, _ = planner.make_plan(settings, log=lines.append)
 
@@ -88,8 +88,23 @@ def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(tm
     study = search.open_study("guard", settings.storage, "tpe", 0)
     failed = study.user_attrs[f"quality_guard_failed_{summary.best.number}"]
     guard = failed["quality_guard"]
-    assert guard["steps"] == 1 + 12 and guard["reference_trial"] == 0 and not guard["passed"]
+    assert guard["steps"] == 1 + 10 and guard["reference_trial"] == 0 and not guard["passed"]
     assert guard["candidate"]["tail_mean"] > guard["exact"]["tail_mean"] and guard["exact"]["time_to_loss_s"] > 0
     assert failed["figures"]["status"] == "ok" and failed["figures"]["tokens_per_s"] > 0 and failed["why"].startswith("loss ")
     assert any(line.startswith(f"quality guard: trial {summary.best.number} failed (loss ") and "confirming the best exact trial 0 instead" in line
                for line in lines), lines
+
+
+def test_a_plan_keeps_its_guard_and_old_plans_load_without_one(tmp_path):
+    from tests.conftest import ROOT
+
+    old = planmod.load(ROOT / "profiles" / "default" / "tiny.plan.json")
+    assert old.quality_guard is None and "quality_guard" not in (ROOT / "profiles" / "default" / "tiny.plan.json").read_text()
+    run = Figures(status="ok", losses=[8.0] + [7.0] * 10, step_times=[0.5] * 10)
+    guarded = planmod.Plan(**{**{f: getattr(old, f) for f in ("schema_version", "workload", "train", "launch")},
+                              "strategies": [planmod.StrategySpec(name="sparse_attention", knobs={"window": 32})],
+                              "quality_guard": planner.guard_of(run, run, 0, 0.01)})
+    guarded.save(tmp_path / "p.json")
+    loaded = planmod.load(tmp_path / "p.json")
+    assert loaded.quality_guard == guarded.quality_guard and loaded.quality_guard.passed
+    assert loaded.quality_guard.time_to_loss_ratio == 1.0 and loaded.quality_guard.candidate.time_to_loss_s == 0.5
