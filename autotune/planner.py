@@ -811,41 +811,37 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
         raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `autotune trials --study {name}` shows why")
     best = search.plan_of(summary.best)
     baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
-    log(f"confirming trial {summary.best.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
-        f"{_rounds(settings)} interleaved rounds")
     base_figures = search.figures_of(summary.baseline) if summary.baseline else None
     base_step = base_figures.step_time_s if base_figures is not None and base_figures.status == "ok" else None
-    done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log,
-                   seconds=confirmation_seconds(study, settings, plain_run=plain_run), baseline_step_s=base_step)
-    chosen = summary.best
-    guard = None
+    chosen, guard = summary.best, None
     if not is_exact(best):
-        # The quality guard: an approximate plan that learns worse than the best exact
-        # configuration on the same batches is recorded (study and log) and never becomes the plan.
+        # The quality guard, before the confirmation: an approximate plan that learns worse than
+        # the best exact configuration on the same batches is recorded (study and log) and never
+        # becomes the plan (nor is it confirmed).
         exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
         if not exact:
             raise NoTrialSucceeded(f"no exact trial of study {name} succeeded: the quality guard has nothing to compare trial {chosen.number} with")
-        # The decision is the guard's long runs against the best exact trial; the confirmation's
-        # short loss check against the plain model stays in the plan as a figure.
         reference = max(exact, key=lambda t: t.value)
-        check = done.loss_check
+        log(f"quality guard: trial {chosen.number} against the best exact trial {reference.number}, {settings.guard_steps} steps each")
         guard, why = quality_guard(best, search.plan_of(reference), reference.number, settings, clock=clock, status=status)
         if guard is not None and guard.passed:
-            log(f"quality guard: trial {chosen.number} passed against the exact trial {reference.number}: {_guard_line(guard)}")
+            log(f"quality guard: trial {chosen.number} passed: {_guard_line(guard)}")
         else:
             if guard is not None:
                 why = f"{_guard_line(guard)}, beyond {guard.tolerance:.2%}"
             study.set_user_attr(f"quality_guard_failed_{chosen.number}", {
                 "why": why,
-                "figures": dataclasses.asdict(done.measured),
-                "loss_check": None if check is None else dataclasses.asdict(check),
+                "figures": dataclasses.asdict(search.figures_of(chosen)),
                 "quality_guard": None if guard is None else dataclasses.asdict(guard),
             })
+            log(f"quality guard: trial {chosen.number} failed ({why}); confirming the best exact trial {reference.number} instead")
             chosen, guard = reference, None
             best = search.plan_of(chosen)
-            log(f"quality guard: trial {summary.best.number} failed ({why}); confirming the best exact trial {chosen.number} instead")
-            done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log,
-                           seconds=confirmation_seconds(study, settings, plain_run=plain_run), baseline_step_s=base_step)
+    log(f"confirming trial {chosen.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
+        f"{_rounds(settings)} interleaved rounds")
+    # The guard has run: what is left of the reserve is the confirmation's.
+    seconds = confirmation_seconds(study, settings, plain_run=plain_run) - guard_seconds(study, settings)
+    done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=seconds, baseline_step_s=base_step)
     plan = dataclasses.replace(
         best,
         hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),

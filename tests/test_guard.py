@@ -93,6 +93,8 @@ def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(tm
     assert failed["figures"]["status"] == "ok" and failed["figures"]["tokens_per_s"] > 0 and failed["why"].startswith("loss ")
     assert any(line.startswith(f"quality guard: trial {summary.best.number} failed (loss ") and "confirming the best exact trial 0 instead" in line
                for line in lines), lines
+    # The candidate is never confirmed: only the exact trial is.
+    assert [line.split(" against")[0] for line in lines if line.startswith("confirming trial")] == ["confirming trial 0"]
 
 
 def test_a_plan_keeps_its_guard_and_old_plans_load_without_one(tmp_path):
