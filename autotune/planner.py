@@ -679,6 +679,36 @@ def _compared(run: Figures, reference: Figures, tolerance: float, *, exact: bool
     )
 
 
+def guarded_choice(study: Any, summary: search.Summary, settings: PlanSettings, name: str, *, clock: Clock | None = None,
+                   status: Status = _quiet, log: Callable[[str], None] = print) -> tuple[Any, QualityGuard | None]:
+    """The trial to confirm, and its quality guard: ``summary.best`` when it is exact or passes
+    the guard against the best exact trial; else that exact trial, the failure recorded in the
+    study (``quality_guard_failed_<trial>``: the reason, the trial's figures, the guard) and the
+    log, so that an approximate plan that learns worse never becomes the plan (nor is confirmed)."""
+    chosen = summary.best
+    if is_exact(search.plan_of(chosen)):
+        return chosen, None
+    exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
+    if not exact:
+        raise NoTrialSucceeded(f"no exact trial of study {name} succeeded: the quality guard has nothing to compare trial {chosen.number} with")
+    reference = max(exact, key=lambda t: t.value)
+    log(f"quality guard: trial {chosen.number} against the best exact trial {reference.number}, {settings.guard_steps} steps each")
+    guard, why = quality_guard(search.plan_of(chosen), search.plan_of(reference), reference.number, settings, clock=clock, status=status)
+    if guard is not None and guard.passed:
+        log(f"quality guard: trial {chosen.number} passed: {_guard_line(guard)}")
+        return chosen, guard
+    if guard is not None:
+        why = f"{_guard_line(guard)}, beyond {guard.tolerance:.2%}"
+    figures = search.figures_of(chosen)
+    study.set_user_attr(f"quality_guard_failed_{chosen.number}", {
+        "why": why,
+        "figures": None if figures is None else dataclasses.asdict(figures),
+        "quality_guard": None if guard is None else dataclasses.asdict(guard),
+    })
+    log(f"quality guard: trial {chosen.number} failed ({why}); confirming the best exact trial {reference.number} instead")
+    return reference, None
+
+
 def quality_guard(candidate: Plan, exact: Plan, reference_trial: int, settings: PlanSettings, *, clock: Clock | None = None,
                   status: Status = _quiet) -> tuple[QualityGuard | None, str | None]:
     """Run ``candidate`` (approximate) and ``exact`` for ``settings.guard_steps`` timed optimizer
@@ -809,34 +839,11 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     if summary.best is None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
         raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `autotune trials --study {name}` shows why")
-    best = search.plan_of(summary.best)
     baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
     base_figures = search.figures_of(summary.baseline) if summary.baseline else None
     base_step = base_figures.step_time_s if base_figures is not None and base_figures.status == "ok" else None
-    chosen, guard = summary.best, None
-    if not is_exact(best):
-        # The quality guard, before the confirmation: an approximate plan that learns worse than
-        # the best exact configuration on the same batches is recorded (study and log) and never
-        # becomes the plan (nor is it confirmed).
-        exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
-        if not exact:
-            raise NoTrialSucceeded(f"no exact trial of study {name} succeeded: the quality guard has nothing to compare trial {chosen.number} with")
-        reference = max(exact, key=lambda t: t.value)
-        log(f"quality guard: trial {chosen.number} against the best exact trial {reference.number}, {settings.guard_steps} steps each")
-        guard, why = quality_guard(best, search.plan_of(reference), reference.number, settings, clock=clock, status=status)
-        if guard is not None and guard.passed:
-            log(f"quality guard: trial {chosen.number} passed: {_guard_line(guard)}")
-        else:
-            if guard is not None:
-                why = f"{_guard_line(guard)}, beyond {guard.tolerance:.2%}"
-            study.set_user_attr(f"quality_guard_failed_{chosen.number}", {
-                "why": why,
-                "figures": dataclasses.asdict(search.figures_of(chosen)),
-                "quality_guard": None if guard is None else dataclasses.asdict(guard),
-            })
-            log(f"quality guard: trial {chosen.number} failed ({why}); confirming the best exact trial {reference.number} instead")
-            chosen, guard = reference, None
-            best = search.plan_of(chosen)
+    chosen, guard = guarded_choice(study, summary, settings, name, clock=clock, status=status, log=log)
+    best = search.plan_of(chosen)
     log(f"confirming trial {chosen.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
         f"{_rounds(settings)} interleaved rounds")
     # The guard has run: what is left of the reserve is the confirmation's.

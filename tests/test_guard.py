@@ -4,6 +4,8 @@ the result and the time-to-loss, and a candidate that fails never becomes the pl
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from autotune import hardware, planner, search
@@ -63,38 +65,42 @@ def test_bad_guard_input_is_one_line(run_cli, tmp_path, args):
     assert not (tmp_path / "s.db").exists()
 
 
-def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(tmp_path):
-    """Sparse attention with a window of 32 of 128 tokens against the plain model, under a
-    tolerance no approximation meets: the guard runs both, the study records the failure with
-    the figures, and the plan written is the best exact trial."""
+@pytest.fixture(scope="module")
+def two_trials(tmp_path_factory):
+    """A real study of the halved tiny GPT with two trials, enqueued rather than searched: the
+    baseline and sparse attention with a window of 32 of 128 tokens. Which is faster on a
+    loaded 2-core CPU is a coin toss (there the sparse kernel is a masked SDPA), so the tests
+    hand the sparse one to the guard as the best."""
+    tmp = tmp_path_factory.mktemp("guard")
     settings = planner.PlanSettings(
-        workload="tiny", workload_overrides=OVERRIDES, trials=2, storage=f"sqlite:///{tmp_path}/s.db", study_name="guard",
-        global_batch=8, allow_approximate=True, quality_tolerance=1e-9, guard_steps=10, out=tmp_path / "p.json",
-        device="cpu", budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=120.0),
+        workload="tiny", workload_overrides=OVERRIDES, trials=2, storage=f"sqlite:///{tmp}/s.db", study_name="guard",
+        global_batch=8, allow_approximate=True, guard_steps=10, device="cpu", budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=120.0),
     )
-    workload = load_workload("tiny", OVERRIDES)
-    space, _ = planner.build_space(settings, hardware.detect(quick=True), workload)
+    space, _ = planner.build_space(settings, hardware.detect(quick=True), load_workload("tiny", OVERRIDES))
     study = search.open_study("guard", settings.storage, "tpe", 0, identity=search.study_identity(settings.budget, space.global_batch))
-    # The two trials, enqueued rather than searched: the baseline and the sparse candidate.
     study.enqueue_trial(search.baseline_params(space), user_attrs={"role": search.BASELINE})
     off = {s.name: False for s in space.strategies if s.mesh_dim is None}
     study.enqueue_trial(off | {"micro_batch_size": 8, "sparse_attention": True, "sparse_attention.window": 32, "sparse_attention.global_tokens": 0})
-    lines: list[str] = []
-    plan, summary, _ = planner.make_plan(settings, log=lines.append)
+    search.optimize(study, search.Objective(space=space, budget=settings.budget), trials=2, time_budget=None)
+    summary = search.summarize(study)
+    (sparse,) = [t for t in summary.complete if not planner.is_exact(search.plan_of(t))]
+    return settings, study, dataclasses.replace(summary, best=sparse)
 
-    assert not planner.is_exact(search.plan_of(summary.best))  # the fastest trial is the sparse one
-    assert planner.is_exact(plan) and plan.quality_guard is None and plan.provenance.trial == 0
-    assert planmod.load(tmp_path / "p.json").strategies == plan.strategies
-    study = search.open_study("guard", settings.storage, "tpe", 0)
+
+def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(two_trials):
+    """Under a tolerance no approximation meets (the window's loss measured 0.08% above the
+    plain model's at every point of the curve): the guard runs both, the study records the
+    failure with the figures, and the exact trial is chosen instead."""
+    settings, study, summary = two_trials
+    lines: list[str] = []
+    chosen, guard = planner.guarded_choice(study, summary, dataclasses.replace(settings, quality_tolerance=1e-9), "guard", log=lines.append)
+    assert chosen.number == 0 and planner.is_exact(search.plan_of(chosen)) and guard is None
     failed = study.user_attrs[f"quality_guard_failed_{summary.best.number}"]
-    guard = failed["quality_guard"]
-    assert guard["steps"] == 1 + 10 and guard["reference_trial"] == 0 and not guard["passed"]
-    assert guard["candidate"]["tail_mean"] > guard["exact"]["tail_mean"] and guard["exact"]["time_to_loss_s"] > 0
+    g = failed["quality_guard"]
+    assert g["steps"] == 1 + 10 and g["reference_trial"] == 0 and not g["passed"] and g["tolerance"] == 1e-9
+    assert g["candidate"]["tail_mean"] > g["exact"]["tail_mean"] and g["exact"]["time_to_loss_s"] > 0
     assert failed["figures"]["status"] == "ok" and failed["figures"]["tokens_per_s"] > 0 and failed["why"].startswith("loss ")
-    assert any(line.startswith(f"quality guard: trial {summary.best.number} failed (loss ") and "confirming the best exact trial 0 instead" in line
-               for line in lines), lines
-    # The candidate is never confirmed: only the exact trial is.
-    assert [line.split(" against")[0] for line in lines if line.startswith("confirming trial")] == ["confirming trial 0"]
+    assert lines[-1].startswith(f"quality guard: trial {summary.best.number} failed (loss ") and lines[-1].endswith("confirming the best exact trial 0 instead")
 
 
 def test_a_plan_keeps_its_guard_and_old_plans_load_without_one(tmp_path):
@@ -110,3 +116,16 @@ def test_a_plan_keeps_its_guard_and_old_plans_load_without_one(tmp_path):
     loaded = planmod.load(tmp_path / "p.json")
     assert loaded.quality_guard == guarded.quality_guard and loaded.quality_guard.passed
     assert loaded.quality_guard.time_to_loss_ratio == 1.0 and loaded.quality_guard.candidate.time_to_loss_s == 0.5
+
+
+def test_a_candidate_within_the_tolerance_is_chosen_with_its_guard(two_trials, tmp_path):
+    settings, study, summary = two_trials
+    lines: list[str] = []
+    chosen, g = planner.guarded_choice(study, summary, dataclasses.replace(settings, quality_tolerance=0.5), "guard", log=lines.append)
+    assert chosen.number == summary.best.number and g is not None and g.passed and g.reference_trial == 0 and g.steps == 1 + 10
+    assert g.exact.time_to_loss_s is not None and 0 < g.exact.time_to_loss_s <= g.exact.wall_s
+    assert g.time_to_loss_ratio is None or g.time_to_loss_ratio > 0
+    assert lines[-1].startswith(f"quality guard: trial {summary.best.number} passed: loss ")
+    plan = dataclasses.replace(search.plan_of(chosen), quality_guard=g)
+    plan.save(tmp_path / "p.json")
+    assert planmod.load(tmp_path / "p.json").quality_guard == g
