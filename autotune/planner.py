@@ -698,7 +698,7 @@ def guarded_choice(study: Any, summary: search.Summary, settings: PlanSettings, 
         log(f"quality guard: trial {chosen.number} passed: {_guard_line(guard)}")
         return chosen, guard
     if guard is not None:
-        why = f"{_guard_line(guard)}, beyond {guard.tolerance:.2%}"
+        why = f"{_guard_line(guard)}, beyond the tolerance {guard.tolerance:g}"
     figures = search.figures_of(chosen)
     study.set_user_attr(f"quality_guard_failed_{chosen.number}", {
         "why": why,
