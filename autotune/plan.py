@@ -17,6 +17,7 @@ Format, version 1::
       "baseline":   {… the plain run measured in the same search …} | null,
       "loss_check": {"steps": …, "loss_end": …, "reference_loss_end": …, "passed": …} | null,
       "comparison": {"rounds": …, "speedup": …, "noise": …, "beats_baseline": …, "verdict": …} | null,
+      "quality_guard": {"reference_trial": …, "steps": …, "candidate": {…}, "exact": {…}, "passed": …, …} | null,
       "provenance": {"autotune_version": …, "torch_version": …, "study": …, "trial": …,
                      "created_at": …, "command": …}
     }
@@ -189,6 +190,9 @@ class Figures:
     """Tokens/s of each confirmation run (tokens_per_s is their median); None: one run."""
     spread: float | None = None
     """Relative half-range of the samples, (max - min) / 2 / median; None: one run."""
+    step_times: list[float] | None = None
+    """Wall seconds of each timed optimizer step, in order (the last ``len(step_times)`` of
+    ``losses``: the warm-up's steps are not timed); None: not recorded."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -210,6 +214,50 @@ class LossCheck:
     passed: bool
     """|loss_end / reference_loss_end - 1| <= tolerance (exact plans); loss_end /
     reference_loss_end - 1 <= tolerance (approximate ones: learning better always passes)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LossCurve:
+    """One run of the quality guard: its training loss, summarised, and its time-to-loss."""
+
+    start: float
+    """Loss at the first step."""
+    end: float
+    """Loss at the last step compared."""
+    tail_mean: float
+    """Mean loss over the last 10% of the steps compared (at least one step)."""
+    at_fractions: list[float]
+    """Smoothed loss (trailing mean over the tail's length) at 25%, 50% and 75% of the steps."""
+    wall_s: float
+    """Wall seconds of the timed steps compared (the warm-up, compilation included, is not)."""
+    time_to_loss_s: float | None
+    """Wall seconds from the first timed step until the smoothed loss first reached the guard's
+    ``target_loss``; None: it never did."""
+
+
+@dataclass(kw_only=True, slots=True)
+class QualityGuard:
+    """An approximate plan against the study's best exact configuration, both trained for the
+    same optimizer steps on the same real-text batches (the loader does not depend on how the
+    global batch is split)."""
+
+    reference_trial: int
+    """The study's trial whose exact configuration was run beside the plan."""
+    steps: int
+    """Optimizer steps both trained and compared (warm-up included)."""
+    candidate: LossCurve
+    """The approximate plan's run."""
+    exact: LossCurve
+    """The exact configuration's run."""
+    target_loss: float
+    """The exact run's final smoothed loss (its ``tail_mean``): what time-to-loss is the time to."""
+    tolerance: float
+    """--quality-tolerance: how much higher (relative) the candidate's tail mean may be."""
+    passed: bool
+    """candidate.tail_mean / exact.tail_mean - 1 <= tolerance (learning better always passes)."""
+    time_to_loss_ratio: float | None
+    """exact.time_to_loss_s / candidate.time_to_loss_s: above 1 the plan reaches the exact run's
+    loss sooner; None when it never does."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -255,6 +303,7 @@ class Plan:
     baseline: Figures | None = None
     loss_check: LossCheck | None = None
     comparison: Comparison | None = None
+    quality_guard: QualityGuard | None = None
     provenance: Provenance = field(default_factory=Provenance)
 
     def strategy_configs(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from autotune import apply
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
-from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, Plan, StrategySpec, TrainSpec
+from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, LossCurve, Plan, QualityGuard, StrategySpec, TrainSpec
 from autotune.strategy import Facts, Prior, PriorFacts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial
 from autotune.workloads import Workload, load_workload
@@ -30,6 +30,18 @@ EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not
 QUALITY_TOLERANCE = 0.01
 """The quality guard's default (--quality-tolerance): an approximate plan's loss may be this much
 (relative) above the exact reference's on the same batches at equal steps; lower is always fine."""
+GUARD_STEPS = 200
+"""The quality guard's default length (--guard-steps): optimizer steps of an approximate plan
+and of the study's best exact configuration, each, on the same real-text batches."""
+GUARD_STEPS_RANGE = (10, 100_000)
+"""--guard-steps' legal range: at least ten steps so the last 10% is a step."""
+GUARD_WARMUP = 1
+"""Untimed optimizer steps before a guard run's timed ones (the first micro-batch compiles)."""
+GUARD_TAIL = 0.1
+"""The guard compares the mean loss over this last fraction of the steps, and smooths the
+curves over as many steps (time-to-loss)."""
+GUARD_FRACTIONS = (0.25, 0.5, 0.75)
+"""Where a guard run's curve summary gives its smoothed loss (LossCurve.at_fractions)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -57,6 +69,9 @@ class PlanSettings:
     quality_tolerance: float = QUALITY_TOLERANCE
     """The quality guard: how much higher (relative) an approximate plan's loss may end than
     the exact reference's, on the same batches at equal steps."""
+    guard_steps: int = GUARD_STEPS
+    """The quality guard's optimizer steps, run for an approximate best trial and the study's
+    best exact one each (within GUARD_STEPS_RANGE)."""
     out: Path | None = None
     """Plan file; None: plans/<study>.plan.json."""
     profile: Path | None = None
@@ -138,7 +153,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
     # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
     derived = {"grad_accum"} if global_batch is not None else set()
-    strategies = [_narrowed(catalog.get(n), cores) for n in graph.usable() if n not in left_out and n not in derived]
+    strategies = [_narrowed(catalog.get(n), cores, workload) for n in graph.usable() if n not in left_out and n not in derived]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
     rates: dict[str, float] = {}
     bandwidth = None
@@ -197,8 +212,13 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def _narrowed(strategy: Any, cores: int) -> Any:
-    """cpu_threads' range narrowed to this machine's cores (the catalog's is any machine's)."""
+def _narrowed(strategy: Any, cores: int, workload: Workload) -> Any:
+    """cpu_threads' range narrowed to this machine's cores (the catalog's is any machine's),
+    sparse_attention's windows to those shorter than the workload's sequence."""
+    if strategy.name == "sparse_attention":
+        from autotune.strategies.sparse_attention import knobs_for
+
+        return dataclasses.replace(strategy, knobs=knobs_for(workload.seq_len))
     if strategy.name != "cpu_threads":
         return strategy
     from autotune.strategy import Knob
@@ -414,7 +434,27 @@ def confirmation_seconds(study: Any, settings: PlanSettings, *, plain_run: bool 
     plan_wall = max(complete, default=base_wall)
     scale = _length_scale(settings)
     processes = max(1, settings.cpu_procs or 1)
-    return scale * (_rounds(settings) * (plan_wall + base_wall) + (processes * plan_wall if plain_run else 0.0))
+    return scale * (_rounds(settings) * (plan_wall + base_wall) + (processes * plan_wall if plain_run else 0.0)) + guard_seconds(study, settings)
+
+
+def guard_seconds(study: Any, settings: PlanSettings) -> float:
+    """The quality guard's predicted time, only while the best trial is approximate: its run and
+    the best exact trial's, each the trial's wall (start-up, warm-up) and ``guard_steps`` of
+    its measured optimizer-step time."""
+    import optuna
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.value is not None]
+    if not complete:
+        return 0.0
+    best = max(complete, key=lambda t: t.value)
+    if is_exact(search.plan_of(best)):
+        return 0.0
+    exact = [t for t in complete if is_exact(search.plan_of(t))]
+    total = 0.0
+    for t in [best, *([max(exact, key=lambda t: t.value)] if exact else [])]:
+        f = search.figures_of(t)
+        total += (trial_wall(t) or 0.0) + settings.guard_steps * ((f.step_time_s if f is not None else None) or 0.0)
+    return total
 
 
 def _rounds(settings: PlanSettings) -> int:
@@ -652,6 +692,112 @@ def _compared(run: Figures, reference: Figures, tolerance: float, *, exact: bool
     )
 
 
+def guarded_choice(study: Any, summary: search.Summary, settings: PlanSettings, name: str, *, clock: Clock | None = None,
+                   status: Status = _quiet, log: Callable[[str], None] = print) -> tuple[Any, QualityGuard | None]:
+    """The trial to confirm, and its quality guard: ``summary.best`` when it is exact or passes
+    the guard against the best exact trial; else that exact trial, the failure recorded in the
+    study (``quality_guard_failed_<trial>``: the reason, the trial's figures, the guard) and the
+    log, so that an approximate plan that learns worse never becomes the plan (nor is confirmed)."""
+    chosen = summary.best
+    if is_exact(search.plan_of(chosen)):
+        return chosen, None
+    exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
+    if not exact:
+        raise NoTrialSucceeded(f"no exact trial of study {name} succeeded: the quality guard has nothing to compare trial {chosen.number} with")
+    reference = max(exact, key=lambda t: t.value)
+    log(f"quality guard: trial {chosen.number} against the best exact trial {reference.number}, {settings.guard_steps} steps each")
+    guard, why = quality_guard(search.plan_of(chosen), search.plan_of(reference), reference.number, settings, clock=clock, status=status)
+    if guard is not None and guard.passed:
+        log(f"quality guard: trial {chosen.number} passed: {_guard_line(guard)}")
+        return chosen, guard
+    if guard is not None:
+        why = f"{_guard_line(guard)}, beyond the tolerance {guard.tolerance:g}"
+    figures = search.figures_of(chosen)
+    study.set_user_attr(f"quality_guard_failed_{chosen.number}", {
+        "why": why,
+        "figures": None if figures is None else dataclasses.asdict(figures),
+        "quality_guard": None if guard is None else dataclasses.asdict(guard),
+    })
+    log(f"quality guard: trial {chosen.number} failed ({why}); confirming the best exact trial {reference.number} instead")
+    return reference, None
+
+
+def quality_guard(candidate: Plan, exact: Plan, reference_trial: int, settings: PlanSettings, *, clock: Clock | None = None,
+                  status: Status = _quiet) -> tuple[QualityGuard | None, str | None]:
+    """Run ``candidate`` (approximate) and ``exact`` for ``settings.guard_steps`` timed optimizer
+    steps each after GUARD_WARMUP, on the same batches, and compare their curves
+    (:func:`guard_of`). None and the reason when either run did not end ok."""
+    clock = clock or Clock()
+    runs = []
+    for what, plan in (("the plan", candidate), (f"the exact trial {reference_trial}", exact)):
+        status(f"quality guard: {what}, {settings.guard_steps} steps")
+        result = run_trial(plan, _limited(guard_budget(settings, plan), clock))
+        if result.figures.status != "ok":
+            status(None)
+            return None, f"the guard's run of {what} ended {result.figures.status}" + (f": {result.error}" if result.error else "")
+        runs.append(result.figures)
+    status(None)
+    return guard_of(runs[0], runs[1], reference_trial, settings.quality_tolerance), None
+
+
+def guard_budget(settings: PlanSettings, plan: Plan) -> TrialBudget:
+    """A guard run: GUARD_WARMUP then ``guard_steps`` optimizer steps (budgets count micro-batches),
+    its time limit the trial's, scaled by how many more micro-batches it trains."""
+    accum, b = plan.grad_accum(), settings.budget
+    micro = (GUARD_WARMUP + settings.guard_steps) * accum
+    return TrialBudget(warmup_steps=GUARD_WARMUP * accum, timed_steps=settings.guard_steps * accum,
+                       timeout_s=b.timeout_s * max(1.0, micro / (b.warmup_steps + b.timed_steps)))
+
+
+def guard_of(candidate: Figures, exact: Figures, reference_trial: int, tolerance: float) -> QualityGuard:
+    """The two guard runs compared over the steps both trained: the means of their last
+    GUARD_TAIL of losses, and the time each took to bring its smoothed loss (trailing mean over
+    as many steps) down to the exact run's final one."""
+    ours, theirs = candidate.losses or [candidate.loss_end], exact.losses or [exact.loss_end]
+    steps = min(len(ours), len(theirs))
+    window = max(1, round(GUARD_TAIL * steps))
+    target = statistics.fmean(theirs[steps - window:steps])
+    a, b = loss_curve(candidate, steps, window, target), loss_curve(exact, steps, window, target)
+    return QualityGuard(
+        reference_trial=reference_trial,
+        steps=steps,
+        candidate=a,
+        exact=b,
+        target_loss=target,
+        tolerance=tolerance,
+        passed=a.tail_mean / b.tail_mean - 1.0 <= tolerance,
+        time_to_loss_ratio=b.time_to_loss_s / a.time_to_loss_s if a.time_to_loss_s and b.time_to_loss_s is not None else None,
+    )
+
+
+def loss_curve(run: Figures, steps: int, window: int, target: float) -> LossCurve:
+    """``run``'s first ``steps`` losses summarised; time-to-loss counts its timed steps only
+    (its ``step_times``, the last of its losses)."""
+    losses = (run.losses or [run.loss_end])[:steps]
+    times = run.step_times or []
+    warmup = len(run.losses or [run.loss_end]) - len(times)
+    smoothed = [statistics.fmean(losses[max(0, i + 1 - window):i + 1]) for i in range(steps)]
+    elapsed, reached = 0.0, None
+    for i in range(warmup, steps):
+        elapsed += times[i - warmup]
+        if smoothed[i] <= target:
+            reached = elapsed
+            break
+    return LossCurve(
+        start=losses[0],
+        end=losses[-1],
+        tail_mean=smoothed[-1],
+        at_fractions=[smoothed[min(steps - 1, int(f * steps))] for f in GUARD_FRACTIONS],
+        wall_s=sum(times[:max(0, steps - warmup)]),
+        time_to_loss_s=reached,
+    )
+
+
+def _guard_line(g: QualityGuard) -> str:
+    ratio = f"{g.time_to_loss_ratio:.2f}x the exact run's speed to its loss" if g.time_to_loss_ratio else "never reached the exact run's loss"
+    return f"loss {g.candidate.tail_mean:.4f} against the exact {g.exact.tail_mean:.4f} over the last 10% of {g.steps} steps, {ratio}"
+
+
 def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log: Callable[[str], None] = print,
               status: Status = _quiet) -> tuple[Plan, search.Summary, search.SearchSpace]:
     """Search, confirm and write the plan; ``settings.time_budget`` bounds all of it (within
@@ -690,6 +836,8 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
             on_result(*args)
         status("search: a trial is running")
 
+    if settings.allow_approximate and space.train.random_tokens:
+        raise UserError("--allow-approximate: the quality guard compares losses on real text, and random tokens teach nothing to compare")
     objective = search.Objective(space=space, budget=settings.budget, on_result=ended, log_dir=search.trial_log_dir(storage, name))
     status("search: a trial is running")
     run_search(study, objective, settings, clock)
@@ -709,28 +857,16 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     if summary.best is None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
         raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `autotune trials --study {name}` shows why")
-    best = search.plan_of(summary.best)
     baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
-    log(f"confirming trial {summary.best.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
-        f"{_rounds(settings)} interleaved rounds")
     base_figures = search.figures_of(summary.baseline) if summary.baseline else None
     base_step = base_figures.step_time_s if base_figures is not None and base_figures.status == "ok" else None
-    done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log,
-                   seconds=confirmation_seconds(study, settings, plain_run=plain_run), baseline_step_s=base_step)
-    chosen = summary.best
-    exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
-    if not is_exact(best) and not (done.loss_check and done.loss_check.passed) and exact:
-        # The quality guard: an approximate plan that learns worse than the plain model on the
-        # same batches is recorded (study and log) and never becomes the plan.
-        check = done.loss_check
-        why = (f"loss {check.loss_end:.4f} against the exact {check.reference_loss_end:.4f}, beyond {check.tolerance:.0%}"
-               if check else "no loss check ran")
-        study.set_user_attr(f"quality_guard_failed_{chosen.number}", why)
-        chosen = max(exact, key=lambda t: t.value)
-        best = search.plan_of(chosen)
-        log(f"quality guard: trial {summary.best.number} failed ({why}); confirming the best exact trial {chosen.number} instead")
-        done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log,
-                       seconds=confirmation_seconds(study, settings, plain_run=plain_run), baseline_step_s=base_step)
+    chosen, guard = guarded_choice(study, summary, settings, name, clock=clock, status=status, log=log)
+    best = search.plan_of(chosen)
+    log(f"confirming trial {chosen.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
+        f"{_rounds(settings)} interleaved rounds")
+    # The guard has run: what is left of the reserve is the confirmation's.
+    seconds = confirmation_seconds(study, settings, plain_run=plain_run) - guard_seconds(study, settings)
+    done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=seconds, baseline_step_s=base_step)
     plan = dataclasses.replace(
         best,
         hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),
@@ -738,6 +874,7 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
         baseline=done.baseline,
         loss_check=done.loss_check,
         comparison=done.comparison,
+        quality_guard=guard,
         provenance=planmod.Provenance(
             torch_version=_torch_version(),
             study=name,

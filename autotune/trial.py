@@ -360,6 +360,7 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
             loss_start=values[0],
             loss_end=values[-1],
             losses=values,
+            step_times=step_times,
         ))
     except NonFiniteLoss as e:
         return TrialResult(figures=Figures(status="nan"), error=str(e))

@@ -21,20 +21,30 @@ the cost model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-
-from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
-from autotune.workloads.adapter import adapter_for
+
+if TYPE_CHECKING:
+    from autotune.context import TrainContext
 
 BLOCK = 128
 """FlexAttention's default tile: the block mask keeps or drops (q, kv) tiles of this size."""
+WINDOWS = (32, 1024)
+"""The window knob's searched range (log scale), narrowed below the sequence length by
+:func:`knobs_for`: a window as long as the sequence is dense attention."""
+_IMPL = ("keeps", "dense_mask", "SparseKernel")
+"""Names of the torch side (``_sparse_attention_impl``), importable from here too."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _IMPL:
+        from autotune.strategies import _sparse_attention_impl
+
+        return getattr(_sparse_attention_impl, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -49,17 +59,6 @@ class SparseAttentionConfig:
             raise ValueError(f"window must be at least 1, got {self.window}")
         if not 0 <= self.global_tokens <= 4096:
             raise ValueError(f"global_tokens must be from 0 to 4096, got {self.global_tokens}")
-
-
-def keeps(q: torch.Tensor, kv: torch.Tensor, window: int, global_tokens: int) -> torch.Tensor:
-    """Whether query position ``q`` attends to key position ``kv`` (broadcasting tensors)."""
-    return (q >= kv) & ((q - kv < window) | (kv < global_tokens))
-
-
-def dense_mask(seq_len: int, window: int, global_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The (T, T) boolean mask of :func:`keeps`, True where attention is kept."""
-    i = torch.arange(seq_len, device=device)
-    return keeps(i[:, None], i[None, :], window, global_tokens)
 
 
 def unmasked_fraction(seq_len: int, window: int, global_tokens: int, block: int = BLOCK) -> float:
@@ -79,55 +78,6 @@ def unmasked_fraction(seq_len: int, window: int, global_tokens: int, block: int 
     return kept / (n * (n + 1) // 2)
 
 
-@dataclass(kw_only=True, slots=True)
-class SparseKernel:
-    """The :data:`~autotune.workloads.adapter.Attend` kernel of one setting, with its block
-    masks (and dense masks, for the CPU backward) cached per (seq_len, device)."""
-
-    window: int
-    """See :class:`SparseAttentionConfig`."""
-    global_tokens: int
-    """See :class:`SparseAttentionConfig`."""
-    block_masks: dict[tuple[int, torch.device], BlockMask] = field(default_factory=dict)
-    """Block masks built so far."""
-    dense_masks: dict[tuple[int, torch.device], torch.Tensor] = field(default_factory=dict)
-    """Dense masks built so far (CPU with gradients only)."""
-    compiled: Any = None
-    """torch.compile(flex_attention), made on the first CUDA call."""
-
-    def block_mask(self, seq_len: int, device: torch.device) -> BlockMask:
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())  # the key q.device gives
-        key = (seq_len, device)
-        if key not in self.block_masks:
-            window, global_tokens = self.window, self.global_tokens
-
-            def mask_mod(b: Any, h: Any, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-                return keeps(q, kv, window, global_tokens)
-
-            self.block_masks[key] = create_block_mask(mask_mod, None, None, seq_len, seq_len, device=device)
-        return self.block_masks[key]
-
-    def dense_mask(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        key = (seq_len, device)
-        if key not in self.dense_masks:
-            self.dense_masks[key] = dense_mask(seq_len, self.window, self.global_tokens, device)
-        return self.dense_masks[key]
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        if dropout_p:
-            raise UserError(f"sparse_attention has no attention dropout (the model asks for {dropout_p}): set the model's dropout to 0")
-        T, device = q.shape[-2], q.device
-        if device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask(T, device))
-        attend = flex_attention
-        if device.type == "cuda":
-            if self.compiled is None:
-                self.compiled = torch.compile(flex_attention)
-            attend = self.compiled
-        return attend(q, k, v, block_mask=self.block_mask(T, device))
-
-
 def _check_window(window: int, seq_len: int) -> None:
     if window > seq_len:
         raise UserError(f"sparse_attention window {window} is longer than the sequence (seq_len {seq_len}): use a window of at most {seq_len}")
@@ -138,7 +88,28 @@ def check_workload(cfg: SparseAttentionConfig, workload: Any) -> None:
     _check_window(cfg.window, workload.seq_len)
 
 
+def knobs_for(seq_len: int) -> tuple[Knob, ...]:
+    """The knobs searched on sequences of ``seq_len`` tokens: windows shorter than the
+    sequence only (one as long is dense attention, a longer one is refused)."""
+    high = min(WINDOWS[1], seq_len - 1)
+    if high < 1:
+        return STRATEGY.knobs  # a one-token sequence: nothing to narrow to
+    return (Knob(name="window", low=min(WINDOWS[0], high), high=high, log=True, integer=True), STRATEGY.knobs[1])
+
+
+def sparse_attention_cost(cfg: SparseAttentionConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): FlexAttention computes only the tiles
+    the block mask keeps, so the attention FLOPs (PaLM's 12 L (nh hs) s per token) scale by
+    :func:`unmasked_fraction` (the recomputed forward of checkpointed blocks is counted dense)."""
+    shape = terms.shape
+    attention = 12 * shape.n_layers * shape.attn_dim * shape.seq_len * terms.tokens_per_step
+    terms.flops -= attention * (1.0 - unmasked_fraction(shape.seq_len, cfg.window, cfg.global_tokens))
+
+
 def apply_sparse_attention(ctx: TrainContext, cfg: SparseAttentionConfig) -> None:
+    from autotune.strategies._sparse_attention_impl import SparseKernel
+    from autotune.workloads.adapter import adapter_for
+
     ctx.check_needs(STRATEGY, cfg, "declare the model's attention in Workload.structure")
     adapter = adapter_for(ctx.model)
     seq_len = adapter.shape().seq_len
@@ -146,7 +117,7 @@ def apply_sparse_attention(ctx: TrainContext, cfg: SparseAttentionConfig) -> Non
     kernel = SparseKernel(window=cfg.window, global_tokens=cfg.global_tokens)
     kernel.block_mask(seq_len, ctx.device)  # built once, outside any compiled region
     if ctx.device.type == "cuda":
-        kernel.compiled = torch.compile(flex_attention)  # made here, not while a caller's compile traces
+        kernel.compile()  # made here, not while a caller's compile traces
     if ctx.device.type == "cpu":
         kernel.dense_mask(seq_len, ctx.device)
     adapter.set_attention(kernel=kernel)
@@ -165,7 +136,8 @@ STRATEGY = Strategy(
     needs=Needs(structure=frozenset({"attention"})),
     conflicts=frozenset({"attention"}),
     knobs=(
-        Knob(name="window", low=32, high=1024, log=True, integer=True),
+        Knob(name="window", low=WINDOWS[0], high=WINDOWS[1], log=True, integer=True),
         Knob(name="global_tokens", low=0, high=64, integer=True),
     ),
+    cost=sparse_attention_cost,
 )

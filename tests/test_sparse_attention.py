@@ -158,3 +158,29 @@ class TestSparseAttention(StrategySuite):
         for block in trainer.ctx.model.blocks:
             assert isinstance(block.attn.attend, SparseKernel)
             assert (block.attn.attend.window, block.attn.attend.global_tokens) == (cfg.window, cfg.global_tokens)
+
+
+def test_the_cost_model_counts_only_the_kept_tiles_of_attention() -> None:
+    from autotune import catalog, costmodel
+
+    workload = load_workload("tiny", {"seq_len": 1024})
+    c = costmodel.shape_of(workload)
+    attention = 12 * c.n_layers * c.attn_dim * c.seq_len * 2 * c.seq_len  # micro-batch 2
+    dense = costmodel.estimate(workload, 2, {}).flops_per_step
+    for window, global_tokens in [(128, 0), (1, 1), (1024, 0)]:
+        configs = {"sparse_attention": catalog.get("sparse_attention").parse({"window": window, "global_tokens": global_tokens})}
+        kept = unmasked_fraction(1024, window, global_tokens)
+        assert costmodel.estimate(workload, 2, configs).flops_per_step == pytest.approx(dense - attention * (1 - kept), rel=1e-12)
+    assert STRATEGY.cost is not None
+
+
+def test_the_search_tries_only_windows_shorter_than_the_sequence() -> None:
+    from autotune import hardware, planner
+    from autotune.strategies.sparse_attention import knobs_for
+
+    settings = planner.PlanSettings(workload="tiny", allow_approximate=True, device="cpu")
+    space, _ = planner.build_space(settings, hardware.detect(quick=True), load_workload("tiny"))
+    (strategy,) = [s for s in space.strategies if s.name == "sparse_attention"]
+    assert (strategy.knobs[0].low, strategy.knobs[0].high) == (32, 127)  # the preset's 128 tokens: windows 32..127
+    assert (knobs_for(8192)[0].low, knobs_for(8192)[0].high) == (32, 1024)  # the catalog's range
+    assert knobs_for(16)[0].high == 15 and knobs_for(1) == STRATEGY.knobs

@@ -26,6 +26,7 @@ def plan_command(
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
     allow_approximate: Annotated[bool, typer.Option(help="Also search strategies that change what is learned.")] = False,
     quality_tolerance: Annotated[float, typer.Option(help="Approximate plans' loss may end at most this much (relative) above the exact one's.")] = 0.01,
+    guard_steps: Annotated[int, typer.Option(help="Optimizer steps of the quality guard's runs (an approximate best trial and the best exact one, each).")] = 200,
     out: Annotated[Optional[Path], typer.Option(help="Plan file to write (default plans/<study>.plan.json).")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine (measured rates).")] = None,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
@@ -46,6 +47,9 @@ def plan_command(
         raise UserError("--trials and --time-budget must be positive")
     if not 0 < quality_tolerance < 1:  # NaN fails this too
         raise UserError(f"--quality-tolerance {quality_tolerance:g}: expected a fraction above 0 and below 1 (0.01 is 1%)")
+    low, high = planner.GUARD_STEPS_RANGE
+    if not low <= guard_steps <= high:
+        raise UserError(f"--guard-steps {guard_steps}: expected {low} to {high:,} optimizer steps")
     if device not in ("auto", "cuda", "cpu"):
         raise UserError(f"--device {device}: expected auto, cuda or cpu")
     if trial_steps < 1 or warmup_steps < 1:
@@ -63,7 +67,7 @@ def plan_command(
         workload, overrides = from_command_line(workload, workload_config)
     settings = planner.PlanSettings(
         workload=workload, workload_overrides=overrides, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
-        global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, quality_tolerance=quality_tolerance, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
+        global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, quality_tolerance=quality_tolerance, guard_steps=guard_steps, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
         command=shlex.join(["autotune", *ARGS]),
     )
