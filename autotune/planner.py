@@ -213,17 +213,14 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def _narrowed(strategy: Any, cores: int, workload: Workload) -> Any:
-    """cpu_threads' range narrowed to this machine's cores (the catalog's is any machine's),
-    sparse_attention's windows to those shorter than the workload's sequence."""
-    if strategy.name == "sparse_attention":
-        from autotune.strategies.sparse_attention import knobs_for
-
-        return dataclasses.replace(strategy, knobs=knobs_for(workload.seq_len))
-    if strategy.name != "cpu_threads":
+    """``strategy`` with the knobs it declares for a search on this machine and workload
+    (``Strategy.search_knobs``: cpu_threads' range to these cores, sparse_attention's windows
+    below this sequence)."""
+    if strategy.search_knobs is None:
         return strategy
-    from autotune.strategy import Knob
+    from autotune.strategy import SearchFacts
 
-    return dataclasses.replace(strategy, knobs=(Knob(name="threads", low=1, high=cores, integer=True),))
+    return dataclasses.replace(strategy, knobs=strategy.search_knobs(SearchFacts(cores=cores, seq_len=workload.seq_len)))
 
 
 def _process_counts(most: int) -> list[int]:

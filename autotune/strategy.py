@@ -73,6 +73,16 @@ class PriorFacts:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class SearchFacts:
+    """What a strategy's searched knobs are narrowed by (``Strategy.search_knobs``)."""
+
+    cores: int
+    """Usable cores of this machine."""
+    seq_len: int
+    """The workload's sequence length."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Prior:
     """How the expert prior (``autotune.planner.expert_priors``) turns a strategy on."""
 
@@ -169,6 +179,10 @@ class Strategy:
     """How the expert prior, the first trials after the baseline, turns the strategy on here
     (None from it, or no function: the prior leaves it off). A data-parallel strategy (``mesh_dim``
     "dp") with a prior is the layout the prior over several processes takes."""
+    search_knobs: Callable[[SearchFacts], tuple[Knob, ...]] | None = None
+    """The knobs a search here samples, narrowed from ``knobs`` (any machine's, any workload's)
+    to this machine and workload: threads up to its cores, windows below its sequence; None:
+    ``knobs`` as declared."""
 
     @property
     def implemented(self) -> bool:

@@ -51,4 +51,6 @@ STRATEGY = Strategy(
     # On a GPU the thread count of the host process does not decide the speed: CPU runs only.
     left_out={"cuda": "searched on CPU runs only"},
     prior=cpu_threads_prior,
+    # The catalog's range is any machine's; a search samples this one's cores.
+    search_knobs=lambda facts: (Knob(name="threads", low=1, high=facts.cores, integer=True),),
 )

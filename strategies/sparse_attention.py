@@ -140,4 +140,6 @@ STRATEGY = Strategy(
         Knob(name="global_tokens", low=0, high=64, integer=True),
     ),
     cost=sparse_attention_cost,
+    # A window as long as the sequence is dense attention: a search samples shorter ones.
+    search_knobs=lambda facts: knobs_for(facts.seq_len),
 )

@@ -197,7 +197,7 @@ def test_the_cost_terms_are_declared_by_their_strategies() -> None:
     from autotune import costmodel
 
     declared = {name for name, s in catalog().items() if s.cost is not None}
-    assert declared == {"moe", "tensor_parallel", "pipeline_parallel", "zero", "fsdp2"}
+    assert declared == {"moe", "tensor_parallel", "pipeline_parallel", "zero", "fsdp2", "sparse_attention"}
     assert not hasattr(costmodel, "BUILTIN_TERMS")
     assert costmodel.fsdp2_cost is catalog()["fsdp2"].cost  # the old names still resolve
 

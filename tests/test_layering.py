@@ -16,9 +16,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PLANS = sorted(str(p) for p in ROOT.glob("**/*.plan.json") if ".venv" not in p.parts)
 SHOWN = ROOT / "profiles" / "h200-phase8-small.plan.json"
 EXECUTOR = ("torch", "torch.distributed", "autotune.train", "autotune.trial", "autotune.context")
-PENDING = frozenset({"moe", "zero", "pipeline_parallel", "sparse_attention"})
-"""Strategy modules that other branches make torch-free (issue 12 item 4); until those are
-merged, a check they fail is an expected failure, naming them."""
 
 _BLOCK = """
 import importlib, json, pkgutil, sys, time
@@ -83,14 +80,12 @@ def _run(script: str, *args: str) -> str:
     return done.stdout
 
 
-def _expect_pending(culprits: list[str]) -> None:
-    assert set(culprits) <= PENDING, f"strategy modules import torch at module level: {sorted(set(culprits) - PENDING)}"
-    if culprits:
-        pytest.xfail(f"strategy modules of other branches still import torch: {', '.join(culprits)}")
+def _torch_free(culprits: list[str]) -> None:
+    assert not culprits, f"strategy modules import torch at module level: {sorted(culprits)}"
 
 
 def test_strategy_modules_import_without_torch():
-    _expect_pending(json.loads(_run(_CULPRITS)))
+    _torch_free(json.loads(_run(_CULPRITS)))
 
 
 def _show(mode: str) -> dict:
@@ -107,7 +102,7 @@ def test_plans_validate_and_show_without_torch():
     result = _show("fresh")
     loaded = [m for m in EXECUTOR if m in result["modules"]]
     if loaded:
-        _expect_pending(json.loads(_run(_CULPRITS)))
+        _torch_free(json.loads(_run(_CULPRITS)))  # names the module, where one is the cause
     assert not loaded, f"validating plans and `autotune show` imported {loaded}"
 
 
