@@ -731,9 +731,12 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
         log(f"quality guard: trial {summary.best.number} failed ({why}); confirming the best exact trial {chosen.number} instead")
         done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log,
                        seconds=confirmation_seconds(study, settings, plain_run=plain_run), baseline_step_s=base_step)
+    from autotune.data import plan_data_identity
+
     plan = dataclasses.replace(
         best,
         hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),
+        data_identity=plan_data_identity(best),  # what the figures were measured on
         measured=done.measured,
         baseline=done.baseline,
         loss_check=done.loss_check,
