@@ -73,7 +73,8 @@ _ENCODE_BATCH = 1024
 """Documents per encode_batch call: parallel, without holding every Encoding at once."""
 
 _CORPUS_BUILD = 2
-"""Bump when the default corpus's rules (file choice, split, tokenizer, meta) change; 2: meta records recipe and identity."""
+"""Bump when the default corpus's rules (file choice, split, tokenizer, meta) change.
+2: meta.json records the recipe and the identity."""
 _CORPUS_MAX_BYTES = 16_000_000
 """Cap on the default corpus: about 5 s to build at vocab 4096 on 2 cores."""
 _CORPUS_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "encodings"})
@@ -427,7 +428,8 @@ def _build_default(stdlib: Path, files: list[tuple[str, int]], vocab_size: int, 
     source = f"Python {version} standard library, {len(files)} files ({megabytes:.1f} MB) under {stdlib}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        _write_dataset(tmp, docs, ends, tokenizer, vocab_size, _VAL_FRACTION, source, f"default corpus build {_CORPUS_BUILD}")
+        recipe = f"default corpus build {_CORPUS_BUILD}"
+        _write_dataset(tmp, docs, ends, tokenizer, vocab_size, _VAL_FRACTION, source, recipe)
         os.rename(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -347,7 +347,8 @@ def other_machine(plan: Plan) -> str | None:
         return None
     diffs = hardware.summary_differences(plan.hardware.summary, here)
     what = "; ".join(diffs) if diffs else "same GPUs, links, CUDA major and CPU; the driver or CPU details differ"
-    return f"the plan was made on another machine (fingerprint {plan.hardware.fingerprint}, here {here['fingerprint']}): {what}"
+    fingerprints = f"fingerprint {plan.hardware.fingerprint}, here {here['fingerprint']}"
+    return f"the plan was made on another machine ({fingerprints}): {what}"
 
 
 def other_data(plan: Plan, identity: str | None) -> str | None:

@@ -143,6 +143,7 @@ def _adapt(plan, plan_path: Path, time_budget: float):
     planner.check_writable(out, "adapted plan")
     origin = planmod.Adaptation(plan=str(plan_path), how="validated", hardware=plan.hardware,
                                 measured=plan.measured, data_identity=plan.data_identity)
+    command = " ".join(["autotune", *ARGS])
     why_not = _illegal_here(plan)
     if why_not is None:
         budget = trial.TrialBudget(warmup_steps=2, timed_steps=5, timeout_s=time_budget)
@@ -159,17 +160,18 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             comparison=None,
             data_identity=plan_data_identity(plan),
             adapted_from=origin,
-            provenance=dataclasses.replace(plan.provenance, created_at=planmod.utc_now(), command=" ".join(["autotune", *ARGS])),
+            provenance=dataclasses.replace(plan.provenance, created_at=planmod.utc_now(), command=command),
         )
     else:
-        typer.echo(f"autotune: the plan cannot run here as it is ({why_not}): re-planning within {time_budget:g} s", err=True)
+        why = f"the plan cannot run here as it is ({why_not})"
+        typer.echo(f"autotune: {why}: re-planning within {time_budget:g} s", err=True)
         settings = planner.PlanSettings(
             workload=plan.workload.name,
             workload_overrides=dict(plan.workload.overrides),
             time_budget=time_budget,
             global_batch=plan.global_batch(),
             out=out,
-            command=" ".join(["autotune", *ARGS]),
+            command=command,
             # TODO(warm-start merge): warm_start=[str(plan_path)], so the plan's strategies are the first prior.
         )
         made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
@@ -185,8 +187,10 @@ def adapted_from_line(plan) -> str:
         return f"{figures.tokens_per_s:,.0f} tok/s" if figures and figures.tokens_per_s else "not measured"
 
     origin = plan.adapted_from
-    there = origin.hardware.summary.get("gpus", origin.hardware.fingerprint) if origin else "?"
-    return f"{origin.how if origin else 'plan'}: {rate(plan.measured)} here, {rate(origin.measured if origin else None)} on {there}"
+    if origin is None:
+        return f"{rate(plan.measured)} here"
+    there = origin.hardware.summary.get("gpus", origin.hardware.fingerprint)
+    return f"{origin.how}: {rate(plan.measured)} here, {rate(origin.measured)} on {there}"
 
 
 def _illegal_here(plan) -> str | None:
@@ -207,7 +211,8 @@ def _illegal_here(plan) -> str | None:
         return f"it runs {launch.nproc_per_node} processes, one per GPU, on {torch.cuda.device_count()} GPUs"
     workload = load_workload(plan.workload.name, plan.workload.overrides)
     try:
-        check_processes(launch.nproc_per_node, plan.strategy_configs(), workload=workload, micro_batch_size=plan.train.micro_batch_size)
+        check_processes(launch.nproc_per_node, plan.strategy_configs(), workload=workload,
+                        micro_batch_size=plan.train.micro_batch_size)
     except UserError as e:
         return str(e)
     return None
