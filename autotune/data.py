@@ -72,8 +72,9 @@ _VAL_FRACTION = 0.02
 _ENCODE_BATCH = 1024
 """Documents per encode_batch call: parallel, without holding every Encoding at once."""
 
-_CORPUS_BUILD = 1
-"""Bump when the default corpus's rules (file choice, split, tokenizer) change."""
+_CORPUS_BUILD = 2
+"""Bump when the default corpus's rules (file choice, split, tokenizer, meta) change.
+2: meta.json records the recipe and the identity."""
 _CORPUS_MAX_BYTES = 16_000_000
 """Cap on the default corpus: about 5 s to build at vocab 4096 on 2 cores."""
 _CORPUS_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "encodings"})
@@ -169,6 +170,11 @@ class DataMeta:
     """Tokens in val.bin."""
     source: str
     """Where the text came from, for people."""
+    recipe: str = "prepared"
+    """How the tokens were made: "prepared" (`autotune data prepare`) or "default corpus build N"."""
+    identity: str | None = None
+    """"sha256:<hex>" of the token files, the tokenizer and the recipe (:func:`data_identity`);
+    None in datasets made before it was recorded (computed and cached on first use)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -325,6 +331,7 @@ def _write_dataset(
     vocab_size: int,
     val_fraction: float,
     source: str,
+    recipe: str = "prepared",
 ) -> DataMeta:
     ids = _encode(tokenizer, docs, ends)
     is_val = _val_mask(np.array([len(d) for d in ids]), val_fraction)
@@ -337,11 +344,13 @@ def _write_dataset(
         train_tokens=len(train),
         val_tokens=len(val),
         source=source,
+        recipe=recipe,
     )
     out.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(out / "tokenizer.json", tokenizer.to_str().encode())
     write_tokens(out / "train.bin", train, vocab_size)
     write_tokens(out / "val.bin", val, vocab_size)
+    meta.identity = _compute_identity(out, meta)
     write_json_atomic(out / "meta.json", to_dict(meta))  # last: marks the dataset complete
     return meta
 
@@ -419,7 +428,8 @@ def _build_default(stdlib: Path, files: list[tuple[str, int]], vocab_size: int, 
     source = f"Python {version} standard library, {len(files)} files ({megabytes:.1f} MB) under {stdlib}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        _write_dataset(tmp, docs, ends, tokenizer, vocab_size, _VAL_FRACTION, source)
+        recipe = f"default corpus build {_CORPUS_BUILD}"
+        _write_dataset(tmp, docs, ends, tokenizer, vocab_size, _VAL_FRACTION, source, recipe)
         os.rename(tmp, final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -429,6 +439,66 @@ def _build_default(stdlib: Path, files: list[tuple[str, int]], vocab_size: int, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(final.parent)
+
+
+# --- identity: what a plan's figures were measured on ------------------------------------
+
+_IDENTITY_FILES = ("train.bin", "val.bin", "tokenizer.json")
+"""The files whose bytes the identity covers (a missing one counts as empty)."""
+
+
+def data_identity(path: str | os.PathLike) -> str:
+    """"sha256:<hex>" of the dataset in ``path``: its token files' and tokenizer's bytes and
+    its recipe (format, vocab, how it was made; not ``source``, which names local paths).
+
+    Read from meta.json when recorded there; else computed (a hash of the files, about a
+    second per 100 MB) and cached in meta.json, best effort (a read-only directory is fine)."""
+    p = Path(path)
+    meta_path = p / "meta.json"
+    meta = from_dict(DataMeta, read_json(meta_path, "dataset meta"), str(meta_path))
+    if meta.identity is not None:
+        return meta.identity
+    meta.identity = _compute_identity(p, meta)
+    try:
+        write_json_atomic(meta_path, to_dict(meta))
+    except OSError:
+        pass  # not ours to write: computed again next time
+    return meta.identity
+
+
+def _compute_identity(path: Path, meta: DataMeta) -> str:
+    outer = hashlib.sha256()
+    for name in _IDENTITY_FILES:
+        inner = hashlib.sha256()
+        if (path / name).is_file():
+            with (path / name).open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    inner.update(chunk)
+        outer.update(f"{name}:{inner.hexdigest()}\n".encode())
+    recipe = {"format_version": meta.format_version, "vocab_size": meta.vocab_size, "recipe": meta.recipe}
+    outer.update(json.dumps(recipe, sort_keys=True).encode())
+    return f"sha256:{outer.hexdigest()}"
+
+
+def source_identity(source: str, vocab_size: int) -> str:
+    """The identity of a plan's ``train.data`` (``"default"`` or a dataset directory) at the
+    workload's ``vocab_size``; "default" is built first if it is not there yet."""
+    if source == "default":
+        return data_identity(default_dataset(vocab_size))
+    if not (Path(source) / "meta.json").is_file():
+        raise UserError(f"data {source}: no meta.json there (make one with `autotune data prepare`)")
+    return data_identity(source)
+
+
+def plan_data_identity(plan: Any, override: str | None = None) -> str | None:
+    """The identity of the data ``plan`` trains on (``override``: a --data directory instead);
+    None for random tokens."""
+    if plan.train.random_tokens:
+        return None
+    from autotune.workloads import load_workload
+
+    vocab = load_workload(plan.workload.name, plan.workload.overrides, with_shape=False).vocab_size
+    return source_identity(override or plan.train.data, vocab)
 
 
 # --- loading batches ----------------------------------------------------------------------

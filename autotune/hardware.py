@@ -299,10 +299,49 @@ class HardwareProfile:
 
     def summary(self) -> dict[str, str]:
         """A few words on the machine, for embedding in plans."""
-        gpus = f"{len(self.gpus)} x {self.gpus[0].name}" if self.gpus else "none"
-        tpu = f"{self.tpu.count} x {self.tpu.kind}" if self.tpu.present else "none"
-        cores = self.cpu.physical_cores or self.cpu.logical_cores
-        return {"fingerprint": self.fingerprint, "gpus": gpus, "tpu": tpu, "cpu": f"{self.cpu.model} ({cores} cores)"}
+        return _summary(self.fingerprint, self)
+
+
+def _summary(fingerprint: str, m: HardwareProfile | _Machine) -> dict[str, str]:
+    gpus = f"{len(m.gpus)} x {m.gpus[0].name}" if m.gpus else "none"
+    tpu = f"{m.tpu.count} x {m.tpu.kind}" if m.tpu.present else "none"
+    cores = m.cpu.physical_cores or m.cpu.logical_cores
+    cuda = m.cuda_driver_version.split(".")[0] if m.cuda_driver_version else "none"
+    return {"fingerprint": fingerprint, "gpus": gpus, "links": links_summary(m.links), "cuda_major": cuda,
+            "tpu": tpu, "cpu": f"{m.cpu.model} ({cores} cores)"}
+
+
+def current_summary() -> dict[str, str]:
+    """:meth:`HardwareProfile.summary` of this machine now, detected without measuring."""
+    machine = _identify([])
+    return _summary(_fingerprint(machine), machine)
+
+
+def links_summary(links: Sequence[GpuLink]) -> str:
+    """The GPU pairs' links in a few words, e.g. "6 nvswitch x18 (4.0)"; "none" for one GPU."""
+    if not links:
+        return "none"
+    kinds: dict[str, int] = {}
+    for link in links:
+        words = link.kind + (f" x{link.nvlink_count}" if link.nvlink_count else "")
+        words += f" ({link.nvlink_generation})" if link.nvlink_generation else ""
+        kinds[words] = kinds.get(words, 0) + 1
+    return ", ".join(f"{n} {words}" for words, n in sorted(kinds.items()))
+
+
+SUMMARY_FIELDS = {"gpus": "GPUs", "links": "links", "cuda_major": "CUDA major", "tpu": "TPU", "cpu": "CPU"}
+"""The fields of :meth:`HardwareProfile.summary` that tell machines apart, and their names."""
+
+
+def summary_differences(made_on: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """Each field where two machines' summaries differ, as "GPUs 1 x NVIDIA H200 here none".
+
+    A field either summary lacks (plans written before it was recorded) is not compared."""
+    return [
+        f"{name} {made_on[key]} here {here[key]}"
+        for key, name in SUMMARY_FIELDS.items()
+        if key in made_on and key in here and str(made_on[key]) != str(here[key])
+    ]
 
 
 # Dense (no sparsity) rates per device from the vendors' datasheets, first match wins. The SXM

@@ -19,7 +19,9 @@ Format, version 1::
       "comparison": {"rounds": …, "speedup": …, "noise": …, "beats_baseline": …, "verdict": …} | null,
       "quality_guard": {"reference_trial": …, "steps": …, "candidate": {…}, "exact": {…}, "passed": …, …} | null,
       "provenance": {"autotune_version": …, "torch_version": …, "study": …, "trial": …,
-                     "created_at": …, "command": …}
+                     "created_at": …, "command": …},
+      "data_identity": "sha256:…" | null,        (optional)
+      "adapted_from": {"plan": …, "how": …, "hardware": …, "measured": …} | null   (optional)
     }
 """
 
@@ -292,6 +294,22 @@ class Provenance:
 
 
 @dataclass(kw_only=True, slots=True)
+class Adaptation:
+    """Where an adapted plan (``autotune run --adapt``) came from, and what it measured there."""
+
+    plan: str
+    """Path of the original plan."""
+    how: Literal["validated", "replanned"]
+    """validated: the original plan, measured again here; replanned: a new search here."""
+    hardware: HardwareSpec
+    """The machine the original plan was made on."""
+    measured: Figures | None = None
+    """The original plan's figures, measured on that machine (the new ones are ``measured``)."""
+    data_identity: str | None = None
+    """The original plan's data identity."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Plan:
     schema_version: int
     workload: WorkloadSpec
@@ -305,6 +323,11 @@ class Plan:
     comparison: Comparison | None = None
     quality_guard: QualityGuard | None = None
     provenance: Provenance = field(default_factory=Provenance)
+    data_identity: str | None = None
+    """"sha256:<hex>" of the data the figures were measured on (``autotune.data.data_identity``:
+    token files, tokenizer, recipe); None: not recorded (random tokens, or an older plan)."""
+    adapted_from: Adaptation | None = None
+    """Set in a plan written by ``autotune run --adapt``: the original plan and its figures."""
 
     def strategy_configs(self) -> dict[str, Any]:
         """Strategy name -> typed config, validated against the catalog."""
@@ -361,21 +384,29 @@ def load(path: str | os.PathLike) -> Plan:
 
 
 def other_machine(plan: Plan) -> str | None:
-    """A one-line warning if ``plan`` was made on another machine than this one (None: same
-    machine, or a plan for any machine). Figures measured elsewhere may not hold here."""
+    """One line naming how this machine differs from the one ``plan`` was made on (None: the
+    same fingerprint, or a plan for any machine): `autotune run` refuses such a plan unless
+    ``--adapt``, because its figures and its legality were established there."""
     if plan.hardware.fingerprint is None:
         return None
     from autotune import hardware
 
-    machine = hardware._identify([])  # detection without measuring: what the fingerprint is made of
-    here = hardware._fingerprint(machine)
-    if here == plan.hardware.fingerprint:
+    here = hardware.current_summary()
+    if here["fingerprint"] == plan.hardware.fingerprint:
         return None
-    made_on = ", ".join(f"{k}: {v}" for k, v in plan.hardware.summary.items() if k != "fingerprint") or "no summary"
-    gpus = f"{len(machine.gpus)} x {machine.gpus[0].name}" if machine.gpus else "none"
-    this = f"gpus: {gpus}, cpu: {machine.cpu.model} ({machine.cpu.physical_cores or machine.cpu.logical_cores} cores)"
-    return (f"the plan was made on another machine ({plan.hardware.fingerprint}: {made_on}) than this one ({here}: {this}); "
-            "its figures may not hold here")
+    diffs = hardware.summary_differences(plan.hardware.summary, here)
+    what = "; ".join(diffs) if diffs else "same GPUs, links, CUDA major and CPU; the driver or CPU details differ"
+    fingerprints = f"fingerprint {plan.hardware.fingerprint}, here {here['fingerprint']}"
+    return f"the plan was made on another machine ({fingerprints}): {what}"
+
+
+def other_data(plan: Plan, identity: str | None) -> str | None:
+    """One line if ``plan`` was measured on other data than ``identity`` (None: the same, or
+    either is unknown): its figures and losses do not compare with this run's."""
+    if plan.data_identity is None or identity is None or identity == plan.data_identity:
+        return None
+    return (f"the plan was measured on other data ({plan.data_identity[:19]}…) than this run's ({identity[:19]}…): "
+            "a different text, its losses and figures do not compare")
 
 
 def new(

@@ -864,9 +864,12 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     # The guard has run: what is left of the reserve is the confirmation's.
     seconds = confirmation_seconds(study, settings, plain_run=plain_run) - guard_seconds(study, settings)
     done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=seconds, baseline_step_s=base_step)
+    from autotune.data import plan_data_identity
+
     plan = dataclasses.replace(
         best,
         hardware=planmod.HardwareSpec(fingerprint=profile.fingerprint, summary=profile.summary()),
+        data_identity=plan_data_identity(best),  # what the figures were measured on
         measured=done.measured,
         baseline=done.baseline,
         loss_check=done.loss_check,

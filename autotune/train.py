@@ -406,6 +406,8 @@ class RunSummary:
     """The newest checkpoint this invocation wrote."""
     losses: list[float] = field(default_factory=list)
     """Every training loss of this invocation, in step order."""
+    data_identity: str | None = None
+    """"sha256:<hex>" of the data trained on (``autotune.data.data_identity``); None: random tokens."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -692,6 +694,7 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
         stopped=stopped,
         checkpoint=checkpoint,
         losses=losses,
+        data_identity=None if trainer.spec.random_tokens else datamod.data_identity(trainer.data_dir(trainer._data_dir)),
     )
 
 

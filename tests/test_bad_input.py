@@ -122,13 +122,14 @@ def test_a_local_module_is_not_imported_without_consent(tmp_path, run_cli, monke
     assert (tmp_path / "imported").exists() and (tmp_path / "built").exists()
 
 
-def test_a_plan_from_another_machine_warns_and_runs(tmp_path, run_cli):
+def test_a_plan_from_another_machine_is_refused(tmp_path, run_cli):
+    # Without --adapt (tests/test_travel.py runs it with), one line naming the difference.
     data = _plan(hardware={"fingerprint": "0123456789ab", "summary": {"gpus": "8 x Imaginary GPU"}})
     data["train"].update(eval_interval=0, checkpoint_interval=0)
-    code, _, err = run_cli("run", _write(tmp_path, data), "--steps", "1", "--json")
-    assert code == 0, err
-    (warning,) = [line for line in err.splitlines() if line.startswith("autotune: warning:")]
-    assert "0123456789ab" in warning and "Imaginary GPU" in warning and "this one" in warning
+    code, _, err = run_cli("run", _write(tmp_path, data), "--steps", "1", "--json", "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "0123456789ab" in err and "Imaginary GPU" in err and "--adapt" in err
+    assert not (tmp_path / "out").exists()
 
 
 # Settings another knob's value is legal only with (the search samples them together).

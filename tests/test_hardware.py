@@ -48,7 +48,7 @@ def test_detect_without_gpu_gives_a_valid_profile(quick: HardwareProfile, tmp_pa
     assert not quick.tpu.present
     assert quick.software.torch == torch.__version__
     assert quick.summary() == {
-        "fingerprint": quick.fingerprint, "gpus": "none", "tpu": "none",
+        "fingerprint": quick.fingerprint, "gpus": "none", "links": "none", "cuda_major": "none", "tpu": "none",
         "cpu": f"{quick.cpu.model} ({quick.cpu.physical_cores or quick.cpu.logical_cores} cores)",
     }  # fmt: skip
     assert HardwareProfile.load(_saved(quick, tmp_path)) == quick

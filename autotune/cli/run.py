@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from autotune.cli import app
+from autotune.cli import ARGS, app
 from autotune.errors import UserError
 
 
@@ -33,6 +33,8 @@ def run_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     node_rank: Annotated[Optional[int], typer.Option(help="This node's rank in a plan of several nodes (default: the rendezvous assigns it).")] = None,
     trust_workload: Annotated[bool, typer.Option(help="Import the plan's workload module even if it is not a built-in preset (runs its code).")] = False,
+    adapt: Annotated[bool, typer.Option(help="A plan made on other hardware: measure it here (or re-plan if it cannot run here), write NAME.adapted.plan.json beside it, and run that.")] = False,
+    time_budget: Annotated[float, typer.Option(help="With --adapt: seconds for the validation trial or the re-plan.")] = 120.0,
 ) -> None:
     """Train with PLAN: log every step, evaluate, checkpoint, resume. SIGINT/SIGTERM stop it
     after the current step with a checkpoint and the summary (exit 130/143)."""
@@ -55,8 +57,21 @@ def run_command(
     from autotune.apply import check_plan
 
     check_plan(plan, trusted=trust_workload)  # the whole plan, before anything starts or is written
-    if distributed.env_world_size() == 1 and (warning := planmod.other_machine(plan)):
-        typer.echo(f"autotune: warning: {warning}", err=True)
+    if time_budget <= 0:
+        raise UserError("--time-budget must be positive")
+    args = list(ARGS)
+    if distributed.env_world_size() == 1 and (difference := planmod.other_machine(plan)):
+        if not adapt:
+            raise UserError(f"{difference}; give --adapt to measure it here (or re-plan) first")
+        typer.echo(f"autotune: {difference}; adapting it", err=True)
+        plan, adapted_path = _adapt(plan, plan_path, time_budget)
+        # The ranks of a multi-process run load the adapted plan, and adapt nothing again.
+        args = [str(adapted_path) if Path(a) == plan_path else a for a in args if a != "--adapt"]
+    if distributed.env_world_size() == 1 and plan.data_identity is not None:
+        from autotune.data import plan_data_identity
+
+        if warning := planmod.other_data(plan, plan_data_identity(plan, data)):
+            typer.echo(f"autotune: warning: {warning}", err=True)
     if tokens is not None:
         steps = math.ceil(tokens / train.tokens_per_step(plan))
     total = steps or plan.train.steps
@@ -67,7 +82,7 @@ def run_command(
         extra_args = ["--out", str(out)]
         typer.echo(f"autotune: writing the run to {out}/", err=True)
     if plan.launch.nproc_per_node * plan.launch.nnodes > 1 and distributed.env_world_size() == 1:
-        _launch(plan, out, resume, total, extra_args)
+        _launch(plan, out, resume, total, args + extra_args)
         return
     main_rank = distributed.env_rank() == 0
     try:
@@ -107,6 +122,102 @@ def run_command(
         raise typer.Exit(code)
 
 
+def adapted_path(plan_path: Path) -> Path:
+    """Where ``--adapt`` writes: NAME.adapted.plan.json beside NAME.plan.json (or NAME.json)."""
+    name = plan_path.name
+    stem = name.removesuffix(".plan.json") if name.endswith(".plan.json") else plan_path.stem
+    return plan_path.with_name(f"{stem}.adapted.plan.json")
+
+
+def _adapt(plan, plan_path: Path, time_budget: float):
+    """The plan made elsewhere, for this machine: measured here as it is (a short validation
+    trial) when it can run here, else re-planned; written beside it with both machines'
+    figures (``adapted_from``). Returns the adapted plan and its path."""
+    import dataclasses
+
+    from autotune import hardware, planner, trial
+    from autotune import plan as planmod
+    from autotune.data import plan_data_identity
+
+    out = adapted_path(plan_path)
+    planner.check_writable(out, "adapted plan")
+    origin = planmod.Adaptation(plan=str(plan_path), how="validated", hardware=plan.hardware,
+                                measured=plan.measured, data_identity=plan.data_identity)
+    command = " ".join(["autotune", *ARGS])
+    why_not = _illegal_here(plan)
+    if why_not is None:
+        budget = trial.TrialBudget(warmup_steps=2, timed_steps=5, timeout_s=time_budget)
+        result = trial.run_trial(plan, budget)
+        if result.figures.status != "ok":
+            why_not = f"its validation trial here ended {result.figures.status}"
+    if why_not is None:
+        here = hardware.current_summary()
+        adapted = dataclasses.replace(
+            plan,
+            hardware=planmod.HardwareSpec(fingerprint=here["fingerprint"], summary=here),
+            measured=result.figures,
+            baseline=None,  # measured there: the comparison with it does not hold here
+            comparison=None,
+            data_identity=plan_data_identity(plan),
+            adapted_from=origin,
+            provenance=dataclasses.replace(plan.provenance, created_at=planmod.utc_now(), command=command),
+        )
+    else:
+        why = f"the plan cannot run here as it is ({why_not})"
+        typer.echo(f"autotune: {why}: re-planning within {time_budget:g} s", err=True)
+        settings = planner.PlanSettings(
+            workload=plan.workload.name,
+            workload_overrides=dict(plan.workload.overrides),
+            time_budget=time_budget,
+            global_batch=plan.global_batch(),
+            out=out,
+            command=command,
+            # TODO(warm-start merge): warm_start=[str(plan_path)], so the plan's strategies are the first prior.
+        )
+        made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
+        adapted = dataclasses.replace(made, adapted_from=dataclasses.replace(origin, how="replanned"))
+    adapted.save(out)
+    typer.echo(f"autotune: wrote {out} ({adapted_from_line(adapted)})", err=True)
+    return adapted, out
+
+
+def adapted_from_line(plan) -> str:
+    """Both figures of an adapted plan in a few words: here, and on the original machine."""
+    def rate(figures) -> str:
+        return f"{figures.tokens_per_s:,.0f} tok/s" if figures and figures.tokens_per_s else "not measured"
+
+    origin = plan.adapted_from
+    if origin is None:
+        return f"{rate(plan.measured)} here"
+    there = origin.hardware.summary.get("gpus", origin.hardware.fingerprint)
+    return f"{origin.how}: {rate(plan.measured)} here, {rate(origin.measured)} on {there}"
+
+
+def _illegal_here(plan) -> str | None:
+    """Why ``plan`` cannot run on this machine as it is (None: it can): its device, its
+    process count, its nodes."""
+    import torch
+
+    from autotune.apply import check_processes
+    from autotune.workloads import load_workload
+
+    launch = plan.launch
+    if launch.nnodes > 1:
+        return f"it spans {launch.nnodes} nodes"
+    if launch.device == "cuda" and not torch.cuda.is_available():
+        return "it runs on CUDA and this machine has no CUDA GPU"
+    on_cuda = launch.device == "cuda" or (launch.device == "auto" and torch.cuda.is_available())
+    if on_cuda and launch.nproc_per_node > torch.cuda.device_count():
+        return f"it runs {launch.nproc_per_node} processes, one per GPU, on {torch.cuda.device_count()} GPUs"
+    workload = load_workload(plan.workload.name, plan.workload.overrides)
+    try:
+        check_processes(launch.nproc_per_node, plan.strategy_configs(), workload=workload,
+                        micro_batch_size=plan.train.micro_batch_size)
+    except UserError as e:
+        return str(e)
+    return None
+
+
 def _exit_code(stopped: str) -> int:
     """128 + the signal's number for a run stopped by a signal (the shell's convention), else 0."""
     return 128 + signal.Signals[stopped].value if stopped.startswith("SIG") else 0
@@ -118,7 +229,7 @@ def _stopped_line(stopped: str, steps_done: int | None, checkpoint: str | None, 
     return f"autotune: stopped by {stopped} {where}: {saved}"
 
 
-def _launch(plan, out: Path | None, resume: bool, total: int, extra_args: list[str]) -> None:
+def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -> None:
     """Run this very command in ``launch.nproc_per_node`` processes under torchrun.
 
     This process holds the run directory's lock for them, and forwards SIGINT/SIGTERM to
@@ -131,7 +242,6 @@ def _launch(plan, out: Path | None, resume: bool, total: int, extra_args: list[s
 
     from autotune import distributed, train
     from autotune.apply import check_processes
-    from autotune.cli import ARGS
     from autotune.workloads import load_workload
 
     # Bad input is one line, before any process starts.
@@ -151,7 +261,7 @@ def _launch(plan, out: Path | None, resume: bool, total: int, extra_args: list[s
                 return
             env = distributed.child_env() | {train.LAUNCHER_ENV: str(os.getpid())}
             # On each node of a multi-node plan the same command joins the plan's rendezvous.
-            cmd = distributed.torchrun_command(nproc, "autotune", list(ARGS) + extra_args, plan.launch)
+            cmd = distributed.torchrun_command(nproc, "autotune", args, plan.launch)
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
             code = forward.wait(proc)
         finally:
