@@ -174,6 +174,7 @@ def compare(sources: list[str], *, prices: list[Price], tokens: int = DEFAULT_TO
     if not sources:
         raise UserError("give at least one PLAN (or STORAGE_URL#STUDY)")
     entries = [_study_entry(s) if is_study(s) else _plan_entry(s, planmod.load(s)) for s in sources]
+    _machines_of_studies(entries)
     warnings = []
     problem = _incomparable(entries)
     if problem:
@@ -187,16 +188,22 @@ def compare(sources: list[str], *, prices: list[Price], tokens: int = DEFAULT_TO
 
 def _incomparable(entries: list[Entry]) -> str | None:
     """What makes the entries incomparable: different workloads or data; None: nothing."""
-    for attr, what in (("workload", "workloads"), ("data", "data")):
-        values = {getattr(e, attr) for e in entries}
-        if len(values) > 1:
-            named = "; ".join(f"{e.source}: {getattr(e, attr)}" for e in entries)
-            return f"the plans are of different {what} ({named})"
-    identities = {e.data_identity for e in entries if e.data_identity is not None}
-    if len(identities) > 1:  # compared where plans record one (older plans do not)
-        named = "; ".join(f"{e.source}: {e.data_identity}" for e in entries if e.data_identity is not None)
-        return f"the plans were trained on different data ({named})"
+    for attr, what in (("workload", "workloads"), ("data", "data"), ("data_identity", "data")):
+        groups: dict[str, list[str]] = {}
+        for e in entries:
+            if getattr(e, attr) is not None:  # a data identity is compared where plans record one
+                groups.setdefault(getattr(e, attr), []).append(e.source)
+        if len(groups) > 1:
+            return f"the plans are of different {what} ({_groups(groups)})"
     return None
+
+
+def _groups(groups: dict[str, list[str]]) -> str:
+    """"phase8-small: a.plan.json and 2 more; tiny: b.plan.json", each value cut to 60 characters."""
+    def one(value: str, sources: list[str]) -> str:
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return f"{value}: {sources[0]}" + (f" and {len(sources) - 1} more" if len(sources) > 1 else "")
+    return "; ".join(one(v, s) for v, s in groups.items())
 
 
 def _workload(plan: Plan) -> str:
@@ -270,6 +277,23 @@ def _study_entry(source: str) -> Entry:
     values = sorted(r[0] for r in runs)
     entry.trials = TrialSpread(count=len(values), min=values[0], median=statistics.median(values), max=values[-1])
     return entry
+
+
+def _machines_of_studies(entries: list[Entry]) -> None:
+    """A trial's plan records no machine; a study is named ``<workload>-<fingerprint>``, so a
+    study takes the machine of a plan given with the same fingerprint (the fingerprint is a hash
+    of the GPU model and count, links, driver and CPU)."""
+    for e in entries:
+        if e.kind != "study" or e.fingerprint is not None:
+            continue
+        tail = e.source.rpartition(STUDY_SEPARATOR)[2].rpartition("-")[2]
+        if len(tail) == 12 and all(ch in "0123456789abcdef" for ch in tail):
+            e.fingerprint = tail
+            e.machine = "not recorded in the study"
+        same = next((p for p in entries if p.kind == "plan" and p.fingerprint == e.fingerprint and e.fingerprint), None)
+        if same is not None:
+            e.gpu_name, e.gpu_count, e.cpu_only, e.links = same.gpu_name, same.gpu_count, same.cpu_only, same.links
+            e.machine = same.machine
 
 
 def _price(e: Entry, prices: list[Price], tokens: int) -> None:
@@ -367,20 +391,20 @@ def to_html(c: Comparison) -> str:
     import plotly.io as pio
 
     names = [f"#{i} {_short(e.source)}" for i, e in enumerate(c.entries, 1)]
-    ticks = [f"#{i} " + "/<br>".join(Path(_short(e.source)).parts[-2:]) for i, e in enumerate(c.entries, 1)]
+    ticks = [f"#{i}" for i in range(1, len(c.entries) + 1)]  # the table heads name them in full
     tps = [e.tokens_per_s or 0 for e in c.entries]
     plus = [(e.trials.max - e.tokens_per_s) if e.trials else (e.spread or 0) * (e.tokens_per_s or 0) for e in c.entries]
     minus = [(e.tokens_per_s - e.trials.min) if e.trials else (e.spread or 0) * (e.tokens_per_s or 0) for e in c.entries]
-    speed = go.Figure(go.Bar(x=ticks, y=tps, error_y=dict(type="data", array=plus, arrayminus=minus, symmetric=False),
+    speed = go.Figure(go.Bar(x=ticks, y=tps, hovertext=names, error_y=dict(type="data", array=plus, arrayminus=minus, symmetric=False),
                              text=[f"{v:,.0f}" for v in tps], textposition="outside"))
-    speed.update_layout(title="tokens/s (error bars: spread; a study: its trials' min..max)",
-                        yaxis_title="tokens/s", height=380, width=580, margin=dict(t=60, b=40))
+    speed.update_layout(title="tokens/s",
+                        yaxis_title="tokens/s", height=380, width=560, margin=dict(t=60, b=40))
     parts = [pio.to_html(speed, include_plotlyjs=True, full_html=False)]
     priced = [(n, e.usd_per_billion) for n, e in zip(ticks, c.entries) if e.usd_per_billion is not None]
     if priced:
         cost = go.Figure(go.Bar(x=[n for n, _ in priced], y=[v for _, v in priced], marker_color="#d62728",
                                 text=[f"${v:,.2f}" for _, v in priced], textposition="outside"))
-        cost.update_layout(title="$ per billion tokens", yaxis_title="USD", height=380, width=580, margin=dict(t=60, b=40))
+        cost.update_layout(title="$ per billion tokens", yaxis_title="USD", height=380, width=560, margin=dict(t=60, b=40))
         parts.append(pio.to_html(cost, include_plotlyjs=False, full_html=False))
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = []
@@ -396,7 +420,8 @@ def to_html(c: Comparison) -> str:
         ".diff{font-weight:bold;background:#fff3c4} .warn{color:#a00}</style></head><body>"
         f"<h2>autotune compare</h2>{warn}<div style='display:flex;flex-wrap:wrap'>{''.join(parts)}</div>"
         f"<table><tr><th></th>{head}</tr>{''.join(body)}</table>"
-        "<p>* a setting that differs between the plans.</p></body></html>\n"
+        "<p>* a setting that differs between the plans. Error bars: a plan's confirmation spread (half-range), "
+        "a study's trials from min to max. Prices: --cost-per-gpu-hour.</p></body></html>\n"
     )
 
 

@@ -125,6 +125,12 @@ def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli):
     assert entry["trials"] == {"count": 4, "min": 100.0, "median": 250.0, "max": 400.0}
     code, out, _ = run_cli("compare", PLAN_A, f"{url}#s1")
     assert code == 0 and "median 250" in out and "(4 trials)" in out
+    # A study named <workload>-<fingerprint> takes the machine of a plan of that fingerprint (its price too).
+    named = optuna.copy_study(from_study_name="s1", from_storage=url, to_storage=url, to_study_name="w-7403d3bde085")
+    assert named is None
+    c = cmp.compare([str(PLAN_A), f"{url}#w-7403d3bde085"], prices=cmp.parse_prices(["h200=1"]))
+    assert (c.entries[1].gpu_name, c.entries[1].fingerprint) == ("NVIDIA H200", "7403d3bde085")
+    assert c.entries[1].usd_per_billion == pytest.approx(1e9 / 400.0 / 3600)
     code, _, err = run_cli("compare", PLAN_A, f"{url}#nope")
     assert code == 2 and "no study 'nope'" in err
 
