@@ -169,7 +169,8 @@ def is_study(source: str) -> bool:
     return bool(sep and name and "://" in url)
 
 
-def compare(sources: list[str], *, prices: list[Price], tokens: int = DEFAULT_TOKENS, force: bool = False) -> Comparison:
+def compare(sources: list[str], *, prices: list[Price], tokens: int = DEFAULT_TOKENS,
+            force: bool = False) -> Comparison:
     """Load every source, refuse incomparable ones (unless ``force``), and work out the figures."""
     if not sources:
         raise UserError("give at least one PLAN (or STORAGE_URL#STUDY)")
@@ -366,12 +367,13 @@ def table_rows(c: Comparison) -> list[tuple[str, list[str]]]:
     ]
     if any(e.trials for e in es):
         rows.append(("trials tokens/s", [
-            f"min {t.min:,.0f} / median {t.median:,.0f} / max {t.max:,.0f} ({t.count} trials)" if (t := e.trials) else "-"
-            for e in es]))
+            f"min {t.min:,.0f} / median {t.median:,.0f} / max {t.max:,.0f} ({t.count} trials)" if (t := e.trials)
+            else "-" for e in es]))
     rows.append((f"time for {c.tokens:.3g} tokens", [fmt_duration(e.hours) for e in es]))
     if c.prices:
         rows.append(("$ per 1e9 tokens", [
-            f"${e.usd_per_billion:,.2f} ({e.price_label})" if e.usd_per_billion is not None else "- (no price)" for e in es]))
+            f"${e.usd_per_billion:,.2f} ({e.price_label})" if e.usd_per_billion is not None else "- (no price)"
+            for e in es]))
     return rows
 
 
@@ -393,18 +395,17 @@ def to_html(c: Comparison) -> str:
     names = [f"#{i} {_short(e.source)}" for i, e in enumerate(c.entries, 1)]
     ticks = [f"#{i}" for i in range(1, len(c.entries) + 1)]  # the table heads name them in full
     tps = [e.tokens_per_s or 0 for e in c.entries]
-    plus = [(e.trials.max - e.tokens_per_s) if e.trials else (e.spread or 0) * (e.tokens_per_s or 0) for e in c.entries]
-    minus = [(e.tokens_per_s - e.trials.min) if e.trials else (e.spread or 0) * (e.tokens_per_s or 0) for e in c.entries]
-    speed = go.Figure(go.Bar(x=ticks, y=tps, hovertext=names, error_y=dict(type="data", array=plus, arrayminus=minus, symmetric=False),
-                             text=[f"{v:,.0f}" for v in tps], textposition="outside"))
-    speed.update_layout(title="tokens/s",
-                        yaxis_title="tokens/s", height=380, width=560, margin=dict(t=60, b=40))
+    plus, minus = zip(*(_error_bar(e) for e in c.entries))
+    speed = go.Figure(go.Bar(x=ticks, y=tps, hovertext=names, text=[f"{v:,.0f}" for v in tps], textposition="outside",
+                             error_y=dict(type="data", array=list(plus), arrayminus=list(minus), symmetric=False)))
+    speed.update_layout(title="tokens/s", yaxis_title="tokens/s", height=380, width=560, margin=dict(t=60, b=40))
     parts = [pio.to_html(speed, include_plotlyjs=True, full_html=False)]
     priced = [(n, e.usd_per_billion) for n, e in zip(ticks, c.entries) if e.usd_per_billion is not None]
     if priced:
         cost = go.Figure(go.Bar(x=[n for n, _ in priced], y=[v for _, v in priced], marker_color="#d62728",
                                 text=[f"${v:,.2f}" for _, v in priced], textposition="outside"))
-        cost.update_layout(title="$ per billion tokens", yaxis_title="USD", height=380, width=560, margin=dict(t=60, b=40))
+        cost.update_layout(title="$ per billion tokens", yaxis_title="USD", height=380, width=560,
+                           margin=dict(t=60, b=40))
         parts.append(pio.to_html(cost, include_plotlyjs=False, full_html=False))
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = []
@@ -423,6 +424,14 @@ def to_html(c: Comparison) -> str:
         "<p>* a setting that differs between the plans. Error bars: a plan's confirmation spread (half-range), "
         "a study's trials from min to max. Prices: --cost-per-gpu-hour.</p></body></html>\n"
     )
+
+
+def _error_bar(e: Entry) -> tuple[float, float]:
+    """(above, below) tokens/s: a study's trials from min to max, else the confirmation's half-range."""
+    if e.trials and e.tokens_per_s:
+        return e.trials.max - e.tokens_per_s, e.tokens_per_s - e.trials.min
+    half = (e.spread or 0) * (e.tokens_per_s or 0)
+    return half, half
 
 
 def _short(source: str) -> str:

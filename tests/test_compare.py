@@ -198,3 +198,17 @@ def test_parse_prices_and_tokens():
     with pytest.raises(UserError):
         cmp.parse_prices(["h200=nan"])
     assert cmp.fmt_duration(2.5) == "2 h 30 min" and cmp.fmt_duration(0.25) == "15 min" and cmp.fmt_duration(None) == "-"
+
+
+def test_a_page_that_cannot_be_written_is_one_line_and_nothing_printed(tmp_path, run_cli):
+    (tmp_path / "dir.html").mkdir()
+    code, out, err = run_cli("compare", PLAN_A, "--html", tmp_path / "dir.html")
+    assert code == 2 and "--html" in err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+def test_compare_imports_no_torch(python):
+    """Comparing reads plans as data: the modules import neither torch nor the executor."""
+    code = ("import sys, autotune.compare, autotune.cli.compare; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in ('autotune.train', 'autotune.trial')))")
+    out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"

@@ -22,19 +22,23 @@ def compare_command(
 ) -> None:
     """Compare plans side by side: machine, strategies (differences marked *), tokens/s, MFU, memory, loss check, time and $ per 1e9 tokens."""
     from autotune import compare as cmp
+    from autotune.errors import UserError
     from autotune.schema import write_bytes_atomic
 
     prices = cmp.parse_prices(cost_per_gpu_hour or [])
     c = cmp.compare(sources, prices=prices, tokens=cmp.parse_tokens(tokens), force=force)
-    page = cmp.to_html(c) if html is not None else None  # everything is built before anything is written
+    if html is not None:  # written first: a page that cannot be written is one line, nothing printed
+        try:
+            write_bytes_atomic(html, cmp.to_html(c).encode())
+        except OSError as e:
+            raise UserError(f"--html {html}: {e.strerror or e}") from None
     for line in c.warnings:
         typer.echo(f"autotune: warning: {line}", err=True)
     if json_out:
         typer.echo(json.dumps(c.to_dict(), indent=2))
     else:
         _print_table(c)
-    if page is not None:
-        write_bytes_atomic(html, page.encode())
+    if html is not None:
         typer.echo(f"html: {html}", err=json_out)
 
 
