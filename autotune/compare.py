@@ -253,10 +253,19 @@ def _study_entry(source: str) -> Entry:
     """A study's column: its best completed trial's plan, and the spread of all its trials."""
     import optuna
 
-    from autotune.report import load_study
+    from autotune.search import make_storage  # a server that does not answer: one line within seconds
 
     url, _, name = source.rpartition(STUDY_SEPARATOR)
-    study = load_study(url, name)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"study {source}: no storage at {url}")  # opening would create it
+    storage = make_storage(url)
+    try:
+        names = sorted(s.study_name for s in storage.get_all_studies())
+    except Exception as e:  # SQLAlchemy's errors of a database that is not Optuna's, or went away
+        raise UserError(f"study {source}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:200]}") from None
+    if name not in names:
+        raise UserError(f"no study {name!r} in {url} (it holds: {', '.join(names) or 'none'})")
+    study = optuna.load_study(study_name=name, storage=storage)
     runs = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         tps = (t.user_attrs.get("figures") or {}).get("tokens_per_s")

@@ -106,7 +106,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, run_cli, arg
     assert out == "" and not html.exists()
 
 
-def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli):
+def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli, capsys):
     import optuna
 
     url = f"sqlite:///{tmp_path / 'studies.db'}"
@@ -128,11 +128,15 @@ def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli):
     # A study named <workload>-<fingerprint> takes the machine of a plan of that fingerprint (its price too).
     named = optuna.copy_study(from_study_name="s1", from_storage=url, to_storage=url, to_study_name="w-7403d3bde085")
     assert named is None
+    capsys.readouterr()  # Optuna's log line of the copy
     c = cmp.compare([str(PLAN_A), f"{url}#w-7403d3bde085"], prices=cmp.parse_prices(["h200=1"]))
     assert (c.entries[1].gpu_name, c.entries[1].fingerprint) == ("NVIDIA H200", "7403d3bde085")
     assert c.entries[1].usd_per_billion == pytest.approx(1e9 / 400.0 / 3600)
-    code, _, err = run_cli("compare", PLAN_A, f"{url}#nope")
-    assert code == 2 and "no study 'nope'" in err
+    for source, words in ((f"{url}#nope", "no study 'nope'"), (f"sqlite:///{tmp_path / 'none.db'}#s1", "no storage"),
+                          ("postgresql://nobody@127.0.0.1:9/autotune#s1", "cannot connect")):
+        code, _, err = run_cli("compare", PLAN_A, source)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "none.db").exists()
 
 
 def _png_colours(path) -> int:
