@@ -25,7 +25,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its command(s) to `app`; order here is the order in --help.
-    from autotune.cli import data, export, plan, profile, report, run, show, strategies, trials  # noqa: F401
+    from autotune.cli import compare, data, export, plan, profile, report, run, show, strategies, trials  # noqa: F401
 
 
 ARGS: list[str] = []
