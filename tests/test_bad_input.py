@@ -155,5 +155,5 @@ def test_committed_plans_pass_the_plan_check(path):
     from autotune.apply import check_plan
 
     plan = planmod.load(path)
-    assert plan.workload.name in PRESETS
+    assert plan.workload.name in PRESETS or plan.workload.name.startswith("hf:")  # data: no code to import
     check_plan(plan, trusted=False)
