@@ -380,6 +380,9 @@ MAX_RETRY = 2
 """An interrupted trial is run again this many times at most (a trial that itself brings
 its planner down must not be retried forever)."""
 CONNECT_TIMEOUT_S = 10
+"""Seconds a database server may take to answer a connection."""
+SCHEMA_RACE_RETRIES = 3
+"""Tries again when another machine was creating Optuna's tables in the same new database."""
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -391,13 +394,20 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     engine_kwargs: dict[str, Any] = {}
     if url.startswith(("postgresql", "mysql")):  # a server that does not answer: fail in seconds
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
-    try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-        )
-    except Exception as e:  # SQLAlchemy's URL, dialect, driver and connection errors
-        raise UserError(f"storage URL {url}: cannot connect: {_first_line(e)}") from None
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+        except Exception as e:  # SQLAlchemy's URL, dialect, driver and connection errors
+            # Machines that open a new database together race to create Optuna's tables: the
+            # loser's CREATE fails on what the winner made; a moment later the tables are there.
+            if attempt < SCHEMA_RACE_RETRIES and any(m in str(e) for m in ("duplicate key", "already exists")):
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise UserError(f"storage URL {url}: cannot connect: {_first_line(e)}") from None
+    raise AssertionError("unreachable")
 
 
 def _first_line(e: BaseException) -> str:
