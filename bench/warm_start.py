@@ -63,8 +63,23 @@ def reached(result: dict, target: float) -> dict:
     """The first trial (count of trials run, wall) whose best so far is at least ``target``."""
     for k, row in enumerate(result["trials"], 1):
         if row["best_so_far"] is not None and row["best_so_far"] >= target:
-            return {"trials": k, "wall_s": row["wall_s"]}
-    return {"trials": None, "wall_s": None}
+            return {"trials_to_target": k, "wall_to_target_s": row["wall_s"]}
+    return {"trials_to_target": None, "wall_to_target_s": None}
+
+
+def summarize(results: list[dict], **context: object) -> dict:
+    """Trials and wall of each search to :data:`TARGET` of the best of both."""
+    target = TARGET * max(r["best"] or 0.0 for r in results)
+    return {"summary": True, "target": f"{TARGET:.0%} of the best of both searches", "target_tokens_per_s": target,
+            **{r["search"]: reached(r, target) | {"best": r["best"], "search_wall_s": r["wall_s"]} for r in results}, **context}
+
+
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 def main() -> None:
@@ -86,12 +101,9 @@ def main() -> None:
                                     warm_start=args.warm_start)
     folder = Path(tempfile.mkdtemp(prefix="warm-start-"))
     results = [run_search(settings, f"sqlite:///{folder}/{mode}.db", f"bench-{mode}", mode == "warm") for mode in ("cold", "warm")]
-    target = TARGET * max(r["best"] or 0.0 for r in results)
-    summary = {"summary": True, "target": f"{TARGET:.0%} of the best of both searches", "target_tokens_per_s": target,
-               **{r["search"]: reached(r, target) | {"best": r["best"], "wall_s": r["wall_s"]} for r in results},
-               "workload": args.workload, "cpu_procs": args.cpu_procs, "trials": args.trials, "seed": args.seed,
-               "cpu": platform.processor() or platform.machine(), "cores": planner.usable_cores(),
-               "torch": torch.__version__, "optuna": optuna.__version__, "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    summary = summarize(results, workload=args.workload, cpu_procs=args.cpu_procs, trials=args.trials, seed=args.seed, cpu=_cpu_model(),
+                        cores=planner.usable_cores(), torch=torch.__version__, optuna=optuna.__version__,
+                        date=time.strftime("%Y-%m-%d", time.gmtime()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w") as f:
         for line in [*results, summary]:
