@@ -589,8 +589,10 @@ def plan_params(space: SearchSpace, plan: Plan, log: Callable[[str], None] | Non
     if len(space.processes) > 1:
         params["processes"] = processes
     parallel: dict[str, int] = {}
+    mesh = [s for s in space.strategies if s.mesh_dim is not None and s.name in given]
+    if processes == 1 and mesh:
+        say(f"{', '.join(s.name for s in mesh)} left off (one process)")
     if processes > 1:
-        mesh = [s for s in space.strategies if s.mesh_dim is not None and s.name in given]
         ordered = [s for s in mesh if s.mesh_dim == "dp"] + [s for s in mesh if s.mesh_dim == "tp"] + [s for s in mesh if s.mesh_dim == "pp"]
         parallel = {s.name: int(given[s.name].get(s.degree_knobs[0], 0)) if s.mesh_dim != "dp" else 0 for s in ordered}
         layout = layout_name(parallel)

@@ -129,3 +129,20 @@ def test_cli_missing_plan_file_is_exit_2_and_nothing_written(run_cli, tmp_path, 
     code, _, err = run_cli("plan", "--workload", "tiny", "--trials", "1", "--cpu-procs", "2", "--warm-start", "missing.plan.json")
     assert code == 2 and "no such plan file" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_study_that_does_not_exist_is_exit_2_and_nothing_written(run_cli, tmp_path, monkeypatch):
+    shutil.copy(STUDY_2PROCS, tmp_path / "other.db")
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("plan", "--workload", "tiny", "--trials", "1", "--cpu-procs", "2", "--warm-start", "sqlite:///other.db#nope")
+    assert code == 2 and "no study nope" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+
+
+def test_one_process_here_leaves_the_layout_off(tmp_path):
+    """Without --cpu-procs on 2 cores the search is one process: DDP (not searched with one process) is left off, saying so."""
+    one, _ = planner.build_space(planner.PlanSettings(workload="tiny", cpu_procs=1), hardware.detect(quick=True), load_workload("tiny"))
+    lines: list[str] = []
+    params = search.plan_params(one, planmod.load(PLAN_2PROCS), log=lines.append)
+    assert "processes" not in params and params["precision"] is True
+    assert "2 processes, 1 here" in lines and "ddp not searched here, left off" in lines
