@@ -88,6 +88,10 @@ class PlanSettings:
     """Rounds of the interleaved confirmation (plan, baseline, plan, ...); at least 3."""
     command: str | None = None
     """The command line, recorded in the plan."""
+    warm_start: list[str] = dataclasses.field(default_factory=list)
+    """Plan files or storage URLs (``URL#STUDY``; the best 3 completed trials) whose
+    configurations, translated to this search and legal here, are the first trials after the
+    baseline, before the expert priors (:func:`autotune.search.warm_starts`)."""
 
 
 class NoTrialSucceeded(RuntimeError):
@@ -808,6 +812,9 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
     workload = load_workload(settings.workload, settings.workload_overrides)
     profile = _profile(settings)
     space, graph = build_space(settings, profile, workload)
+    # Read before the study is opened: a source that cannot be read writes nothing. Enqueued
+    # only into a new study (ensure_first_trials).
+    warm = search.warm_starts(space, settings.warm_start, log)
     if not space.train.random_tokens:
         from autotune import data
 
@@ -820,7 +827,7 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     identity = search.study_identity(settings.budget, space.global_batch)
     study = search.open_study(name, storage, settings.sampler, settings.seed, identity=identity)
-    search.ensure_first_trials(study, space, expert_priors(space))
+    search.ensure_first_trials(study, space, expert_priors(space), warm)
     with trialmod.measuring(space.launch.device):  # this machine's device, for the whole command
         return _search_and_confirm(settings, study, space, name, storage, out, profile, clock, on_result, status, log)
 

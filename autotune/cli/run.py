@@ -172,7 +172,7 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             global_batch=plan.global_batch(),
             out=out,
             command=command,
-            # TODO(warm-start merge): warm_start=[str(plan_path)], so the plan's strategies are the first prior.
+            warm_start=[str(plan_path)],  # the plan, translated to what is legal here, is the first trial after the baseline
         )
         made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
         adapted = dataclasses.replace(made, adapted_from=dataclasses.replace(origin, how="replanned"))
