@@ -22,22 +22,12 @@ from typing import Any
 from autotune.errors import UserError
 from autotune.plan import Plan
 
-TARGETS = ("torchrun", "deepspeed", "accelerate", "slurm")
-"""The launchers a plan exports to."""
-
-
 def export(plan: Plan, plan_path: Path, target: str) -> str:
     """The text of ``plan`` (read from ``plan_path``) for ``target``; UserError when the target
     cannot express the plan."""
-    exporters: dict[str, Callable[[Plan, Path], str]] = {
-        "torchrun": torchrun,
-        "deepspeed": deepspeed,
-        "accelerate": accelerate,
-        "slurm": slurm,
-    }
-    if target not in exporters:
-        raise UserError(f"unknown export target {target!r} (known: {', '.join(TARGETS)})")
-    return exporters[target](plan, plan_path)
+    if target not in EXPORTERS:
+        raise UserError(f"unknown export target {target!r} (known: {', '.join(EXPORTERS)})")
+    return EXPORTERS[target](plan, plan_path)
 
 
 def _run_args(plan: Plan, plan_path: Path) -> list[str]:
@@ -63,15 +53,10 @@ def torchrun(plan: Plan, plan_path: Path) -> str:
     return shlex.join(torchrun_args(plan, plan_path)) + "\n"
 
 
-def _knobs(plan: Plan) -> dict[str, Any]:
-    """The plan's strategies' settings, defaults filled in (the strategies' own configs)."""
-    return dict(plan.strategy_configs())
-
-
 def deepspeed(plan: Plan, plan_path: Path) -> str:
     """DeepSpeed's JSON config of a ZeRO plan: the one ``autotune run`` hands to
     ``deepspeed.initialize`` (DeepSpeed derives the global batch from it and its world size)."""
-    configs = _knobs(plan)
+    configs = plan.strategy_configs()
     if "zero" not in configs:
         raise UserError(f"plan {plan_path} has no zero strategy: a DeepSpeed config would describe another run (export --to torchrun)")
     from autotune.strategies.zero import ds_config
@@ -87,7 +72,7 @@ def accelerate(plan: Plan, plan_path: Path) -> str:
     """An Accelerate config YAML (``accelerate launch --config_file FILE -m autotune run PLAN``):
     processes and machines, mixed precision (fp8 through torchao), compile as its dynamo
     settings, and FSDP2 or DeepSpeed ZeRO as its plugins."""
-    configs = _knobs(plan)
+    configs = plan.strategy_configs()
     for name in ("tensor_parallel", "pipeline_parallel"):
         if name in configs:
             raise UserError(f"plan {plan_path} uses {name}, which an Accelerate config cannot express; export --to torchrun")
@@ -190,3 +175,7 @@ def slurm(plan: Plan, plan_path: Path) -> str:
         command = shlex.join(torchrun_args(plan, plan_path))
     lines.append(f"srun {command}")
     return "\n".join(lines) + "\n"
+
+
+EXPORTERS: dict[str, Callable[[Plan, Path], str]] = {"torchrun": torchrun, "deepspeed": deepspeed, "accelerate": accelerate, "slurm": slurm}
+"""The launchers a plan exports to, and how."""

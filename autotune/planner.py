@@ -855,7 +855,7 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     # Machines sharing the study: the trials still running elsewhere finish first, so that every
     # planner summarizes the same trials and writes the same plan.
     longest = settings.budget.timeout_s * search.AUTOTUNE_TIME_FACTOR  # the longest a trial may run
-    left = longest if clock.deadline is None else min(longest, clock.left() - confirmation_seconds(study, settings, plain_run=plain_run))
+    left = longest if clock.deadline is None else min(longest, clock.left() - reserve)
     search.wait_for_others(study, left, log=log)
     summary = search.summarize(study)
     if summary.best is None:
