@@ -272,11 +272,15 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     phase8-small setting) and again at micro-batch 96 (CUDA graphs are left to the search: they
     cannot run with accumulation, see strategies/compile.py); on a CPU at the largest
     micro-batch, after a trial of its own for each that asks for one (bf16 autocast) at the
-    baseline's micro-batch."""
+    baseline's micro-batch. Approximate strategies with a prior here (searched only with
+    --allow-approximate) come together in one more trial: the first one of all the exact
+    priors plus theirs, enqueued right after it, so that the study measures both on the same
+    settings and the quality guard has its exact reference."""
     device = "cuda" if space.launch.device == "cuda" else "cpu"
     distributing = apply.distributing()
     params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in distributing}
     own: list[dict[str, Any]] = []
+    approximate: dict[str, Any] = {}
     for strategy in space.strategies:
         if strategy.name in distributing:
             continue
@@ -284,7 +288,9 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
         if prior is None:
             continue
         knobs = {strategy.name: True} | _with_defaults(strategy.name, _prefixed(strategy.name, prior))
-        if prior.own_trial:
+        if not strategy.exact:
+            approximate |= knobs
+        elif prior.own_trial:
             own.append(knobs)
         else:
             params |= knobs
@@ -300,9 +306,21 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
         larger = [b for b in space.micro_batches if first < b <= 2 * first]
         if larger:
             priors.insert(0, params | {"micro_batch_size": max(larger)})
+    if approximate:  # right after the exact trial it is measured and guarded against
+        priors.insert(1, _with_approximate(priors[0], approximate))
     for knobs in reversed(own):
         priors.insert(0, params | knobs | {"micro_batch_size": space.baseline_micro_batch})
     return _with_processes(space, priors)
+
+
+def _with_approximate(exact: dict[str, Any], approximate: dict[str, Any]) -> dict[str, Any]:
+    """The exact prior ``exact`` with the approximate strategies' priors on, and off what they
+    exclude (sparse attention replaces the attention backend's kernel)."""
+    turned_on = [k for k, v in approximate.items() if "." not in k and v is True]
+    off = {c for name in turned_on for c in catalog.get(name).conflicts}
+    off |= {s.name for s in catalog.catalog().values() if s.conflicts & set(turned_on)}
+    kept = {k: v for k, v in exact.items() if k.split(".", 1)[0] not in off}
+    return kept | {c: False for c in off if c in exact} | approximate
 
 
 def _prior(space: search.SearchSpace, name: str, device: str, processes: int) -> Prior | None:
@@ -311,7 +329,9 @@ def _prior(space: search.SearchSpace, name: str, device: str, processes: int) ->
     if strategy.prior is None:
         return None
     excluded = space.graph.excluded_choices(name) if name in space.graph.strategies else {}
-    return strategy.prior(PriorFacts(device=device, cores=usable_cores(), processes=processes, excluded=excluded))
+    shape = space.workload.shape
+    return strategy.prior(PriorFacts(device=device, cores=usable_cores(), processes=processes, excluded=excluded,
+                                     d_model=None if shape is None else shape.d_model, seq_len=space.workload.seq_len))
 
 
 def _prefixed(name: str, prior: Prior) -> dict[str, Any]:

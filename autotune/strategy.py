@@ -70,6 +70,10 @@ class PriorFacts:
     excluded: dict[str, dict[Any, str]] = dataclasses.field(default_factory=dict)
     """Choices of the strategy's categorical knobs that cannot run here: knob -> {value: reason}
     (``StrategyGraph.excluded_choices``)."""
+    d_model: int | None = None
+    """Width of the model's residual stream (None: the workload has no shape)."""
+    seq_len: int | None = None
+    """Tokens per sample the workload trains on."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -90,7 +94,10 @@ class Prior:
     """Settings of its knobs by field name; the knobs not named take their defaults."""
     own_trial: bool = False
     """A trial of its own (with the other priors' settings, at the baseline micro-batch), enqueued
-    before the trial of all the others, instead of a part of that trial."""
+    before the trial of all the others, instead of a part of that trial. An approximate
+    strategy's prior (``Strategy.exact`` False) is always apart from the exact ones: it is
+    enqueued as the first exact trial of all the others plus itself, right after that trial,
+    so that the study holds the exact configuration it is judged against (the quality guard)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -3,6 +3,8 @@
 #
 #   OUT=/some/folder [BUDGET=240] bash bench/hf_llama_h200.sh          (repo root)
 #   OUT=/tmp/x DEVICE=cpu bash bench/hf_llama_h200.sh --tiny           (CPU check: tiny config, BUDGET 40)
+#   OUT=/some/folder PLAN=bench/results/hf-llama-125m-h200/llama.plan.json bash bench/hf_llama_h200.sh
+#                                                                       (steps 2-3 only, for that plan)
 #
 # The model is bench/configs/llama-125m.json: hidden 768, 12 layers, 12 heads sharing 4 kv
 # heads (GQA), SwiGLU 2048, RoPE, vocab 32000 (untied head), seq 1024: 124,668,672 parameters
@@ -41,16 +43,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 python3 -c 'import platform, torch, transformers, optuna; print("python", platform.python_version(), "torch", torch.__version__, "transformers", transformers.__version__, "optuna", optuna.__version__)'
 echo "config $config, time budget $budget s, global batch $global_batch, micro-batches $micro_batches, device $device, limit $limit s"
 
-# 1. The plan.
-if [[ "$device" == cpu ]]; then quick=--quick; else quick=; fi  # a CPU plan needs no measured rates
-timeout "$(left)" python3 -m autotune profile $quick --out "$OUT/profile.json" >/dev/null || { say "autotune profile failed"; exit 1; }
-say "profile"
-timeout "$(left)" python3 -m autotune plan --workload hf:llama --workload-config "$config" --time-budget "$budget" \
-    --global-batch "$global_batch" --device "$device" --trial-timeout 90 --warmup-steps "$warmup" --trial-steps "$steps" \
-    --profile "$OUT/profile.json" --storage "sqlite:///$OUT/studies.db" --out "$OUT/llama.plan.json"
-rc=$?
-say "autotune plan: exit $rc (time budget $budget s)"
-[[ $rc == 0 ]] || exit "$rc"
+# 1. The plan (PLAN=FILE: a plan an earlier `autotune plan` wrote, measured again here instead).
+if [[ -n "${PLAN:-}" ]]; then
+    cp "$PLAN" "$OUT/llama.plan.json" || exit 1
+    say "the plan: $PLAN (made by an earlier autotune plan; measured below in this run)"
+else
+    if [[ "$device" == cpu ]]; then quick=--quick; else quick=; fi  # a CPU plan needs no measured rates
+    timeout "$(left)" python3 -m autotune profile $quick --out "$OUT/profile.json" >/dev/null || { say "autotune profile failed"; exit 1; }
+    say "profile"
+    timeout "$(left)" python3 -m autotune plan --workload hf:llama --workload-config "$config" --time-budget "$budget" \
+        --global-batch "$global_batch" --device "$device" --trial-timeout 90 --warmup-steps "$warmup" --trial-steps "$steps" \
+        --profile "$OUT/profile.json" --storage "sqlite:///$OUT/studies.db" --out "$OUT/llama.plan.json"
+    rc=$?
+    say "autotune plan: exit $rc (time budget $budget s)"
+    [[ $rc == 0 ]] || exit "$rc"
+fi
 python3 -m autotune show "$OUT/llama.plan.json" | head -30
 
 # 2. The hand loop's micro-batch sweep, at the plan's global batch.

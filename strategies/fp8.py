@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from torch import nn
@@ -106,6 +106,22 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, name, new)
 
 
+FP8_PRIOR_MIN_D_MODEL = 2048
+"""Narrowest model the fp8 prior turns fp8 on for. Measured on one H200 (torch 2.11, torchao
+0.18, bf16 + compile, tensorwise scales in the blocks' linears): 1.13x bf16 at gpt-1b's d 2048
+(bench/results/approx/fp8_gpt-1b_h200.jsonl), 0.88x at phase8-small's d 512: below a few
+thousand columns the casts and amax reductions cost more than the float8 tensor cores save."""
+
+
+def fp8_prior(facts: PriorFacts) -> Prior | None:
+    """On a GPU with fp8 tensor cores, tensorwise scales in the blocks' linears for a model at
+    least FP8_PRIOR_MIN_D_MODEL wide (rowwise measured 0.97x at d 2048, the head's vocabulary
+    matmul is left in bf16 as torchtitan does by default)."""
+    if facts.device != "cuda" or facts.d_model is None or facts.d_model < FP8_PRIOR_MIN_D_MODEL:
+        return None
+    return Prior(knobs={"recipe": "tensorwise", "layers": "blocks"})
+
+
 STRATEGY = Strategy(
     name="fp8",
     summary="float8 matmuls with tensor- or row-wise scales in the linears (approximate)",
@@ -120,4 +136,5 @@ STRATEGY = Strategy(
     knobs=(Knob(name="recipe", choices=("tensorwise", "rowwise")), Knob(name="layers", choices=("blocks", "blocks_and_head"))),
     # Emulated on a CPU: no float8 units there.
     left_out={"cpu": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up"},
+    prior=fp8_prior,
 )
