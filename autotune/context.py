@@ -86,6 +86,10 @@ class TrainContext:
     is applied; None: the default loop (``autotune.engine.LoopEngine``)."""
     notes: list[str] = field(default_factory=list)
     """What the strategies did, for the run log."""
+    metrics: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+    """Step metrics a strategy reports (moe: ``moe_dropped``): name -> a reader of the last
+    step's value as a 0-d tensor on the device. The Trainer sums them without a sync and
+    averages them where it already waits (a trial's end, a run's log flush)."""
 
     def __post_init__(self) -> None:
         if self.forward is None:

@@ -195,6 +195,9 @@ class Figures:
     step_times: list[float] | None = None
     """Wall seconds of each timed optimizer step, in order (the last ``len(step_times)`` of
     ``losses``: the warm-up's steps are not timed); None: not recorded."""
+    metrics: dict[str, float] | None = None
+    """The strategies' step metrics, means over the timed steps (``moe_dropped``: the fraction
+    of routed choices over an expert's capacity); None: no strategy reports one."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -220,6 +220,8 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.ctx.model, workload)
         self.peak_flops, self.peak_source = peak_flops(self.device, profile_path)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_steps = 0
         self._data_dir = data_dir
 
     def _make_batches(self, data_dir: str | None) -> Any:
@@ -271,7 +273,20 @@ class Trainer:
 
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step (all micro-batches). Returns the mean loss, still on the device."""
-        return self.engine.train_step(lambda micro: self.batches.get(step, micro), lr_at(step, self.spec))
+        loss = self.engine.train_step(lambda micro: self.batches.get(step, micro), lr_at(step, self.spec))
+        if self.ctx.metrics:  # summed on the device: no sync here
+            for name, read in self.ctx.metrics.items():
+                value = read().detach().float()
+                self._metric_sums[name] = self._metric_sums[name] + value if name in self._metric_sums else value
+            self._metric_steps += 1
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        """The strategies' step metrics (``TrainContext.metrics``), each its mean over the steps
+        since the last call, and start again; {} when none is reported or no step ran."""
+        sums, steps = self._metric_sums, self._metric_steps
+        self._metric_sums, self._metric_steps = {}, 0
+        return {name: total.item() / steps for name, total in sums.items()} if steps else {}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -661,6 +676,7 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
                 {"step": step - n + i, "loss": v, "lr": lr_at(step - n + i, spec), "tokens_per_s": tok_s, "mfu": mfu, "peak_memory_bytes": mem}
                 for i, v in enumerate(values)
             ]
+            records[-1].update(trainer.metrics())  # the interval's means (moe_dropped...)
             if _due(step, spec.eval_interval) or (at_end and spec.eval_interval and not spec.random_tokens):
                 if not spec.random_tokens:
                     val_loss = trainer.evaluate()

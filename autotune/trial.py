@@ -331,6 +331,7 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
         _sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        trainer.metrics()  # the warm-up's step metrics are left out
         times, timed = [], []
         reporter = _Progress(progress, trainer.tokens_per_step) if progress is not None else None
         for step in range(warmup, warmup + steps):
@@ -361,6 +362,7 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
             loss_end=values[-1],
             losses=values,
             step_times=step_times,
+            metrics=trainer.metrics() or None,
         ))
     except NonFiniteLoss as e:
         return TrialResult(figures=Figures(status="nan"), error=str(e))

@@ -227,6 +227,10 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
         setattr(block, name, layer)
     if group is not None:
         expert_parallel(ctx, group)
+    layers = [blocks[i] for i in converted]
+    mlps = [getattr(b, n) for b in layers for n, c in b.named_children() if isinstance(c, MoeMLP)]
+    # The fraction of routed choices over capacity in the step's last micro-batch, over the layers.
+    ctx.metrics["moe_dropped"] = lambda: torch.stack([torch.as_tensor(m.last_dropped, dtype=torch.float32) for m in mlps]).mean()
     ctx.notes.append(
         f"moe: MLPs of {len(converted)} of {len(blocks)} blocks -> {cfg.num_experts} experts, top {cfg.top_k}, "
         f"capacity factor {cfg.capacity_factor} (choices over it skip the MLP), aux loss coef {cfg.aux_loss_coef}"

@@ -273,3 +273,45 @@ def test_aux_loss_refuses_the_loss_scales_it_does_not_follow() -> None:
     with pytest.raises(UserError, match="compile scope blocks"):
         check_settings({"compile": parse("compile", {"scope": "model"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
     check_settings({"compile": parse("compile", {"scope": "blocks"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
+
+
+def test_the_dropped_fraction_is_recorded_in_trial_figures_and_the_run_log(tmp_path) -> None:
+    """moe reports ``moe_dropped`` (TrainContext.metrics): a trial's figures hold its mean over
+    the timed steps, the run log its mean over each interval; a dense plan reports none."""
+    import json
+
+    from autotune import train
+    from autotune.train import RunOptions
+    from autotune.trial import TrialBudget, measure
+
+    budget = TrialBudget(warmup_steps=1, timed_steps=3)
+    tight = make_plan({"moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5}}, "cpu")
+    figures = measure(tight, budget).figures
+    assert figures.status == "ok"
+    # Capacity 0.5 holds half the choices at most: at least half are dropped.
+    assert set(figures.metrics) == {"moe_dropped"} and 0.5 <= figures.metrics["moe_dropped"] < 1.0
+    roomy = make_plan({"moe": {"num_experts": 1, "top_k": 1, "capacity_factor": 8.0}}, "cpu")
+    assert measure(roomy, budget).figures.metrics == {"moe_dropped": 0.0}
+    assert measure(make_plan({}, "cpu"), budget).figures.metrics is None
+    train.run(tight, RunOptions(steps=4, out_dir=tmp_path / "run"))
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    flushed = [r for r in records if "moe_dropped" in r]
+    assert flushed and all(0.5 <= r["moe_dropped"] < 1.0 for r in flushed)
+
+
+def test_the_trial_table_prints_the_dropped_fraction() -> None:
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from autotune.cli.plan_view import TrialTable
+    from autotune.plan import Figures
+    from autotune.trial import TrialResult
+
+    out = io.StringIO()
+    table = TrialTable(Console(file=out, width=200))
+    plan = make_plan({"moe": {"num_experts": 4, "top_k": 2}}, "cpu")
+    figures = Figures(status="ok", tokens_per_s=1000.0, metrics={"moe_dropped": 0.0625})
+    table.row(SimpleNamespace(number=3, user_attrs={}), plan, TrialResult(figures=figures), "ok")
+    assert "moe_dropped 0.0625" in out.getvalue()

@@ -32,6 +32,8 @@ class TrialTable:
             self.best = tps
         strategies = ", ".join(s.name + ("(" + ",".join(f"{v}" for v in s.knobs.values()) + ")" if s.knobs else "") for s in plan.strategies) or "plain"
         why = ""
+        if f is not None and f.metrics:  # the strategies' step metrics (moe_dropped...)
+            why = "  " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(f.metrics.items()))
         if status != "ok":
             why = "  ← " + str(trial.user_attrs.get("error", ""))
         self.console.print(
