@@ -168,10 +168,10 @@ def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
     assert left_out_of("cuda") == {"cpu_threads": "searched on CPU runs only"}
 
 
-def _priors(device: str, processes: int = 1, excluded: dict[str, dict[Any, str]] | None = None) -> dict[str, Any]:
+def _priors(device: str, processes: int = 1, excluded: dict[str, dict[Any, str]] | None = None, **shape: int) -> dict[str, Any]:
     from autotune.strategy import PriorFacts
 
-    facts = PriorFacts(device=device, cores=8, processes=processes, excluded=excluded or {})  # type: ignore[arg-type]
+    facts = PriorFacts(device=device, cores=8, processes=processes, excluded=excluded or {}, **shape)  # type: ignore[arg-type]
     found = {name: s.prior(facts) for name, s in catalog().items() if s.prior is not None}
     return {name: (p.knobs, p.own_trial) for name, p in found.items() if p is not None}
 
@@ -189,6 +189,12 @@ def test_the_expert_priors_are_declared_by_each_strategy() -> None:
     }
     # Flash where the graph excludes cuDNN's attention here.
     assert _priors("cuda", excluded={"backend": {"cudnn": "needs sm80"}})["attention"] == ({"backend": "flash"}, False)
+    # The approximate priors, where they were measured to pay on one H200: fp8 from d_model 2048,
+    # sparse attention from seq 4096; none on a CPU, none below those shapes.
+    assert _priors("cuda", d_model=2048)["fp8"] == ({"recipe": "tensorwise", "layers": "blocks"}, False)
+    assert _priors("cuda", seq_len=8192)["sparse_attention"] == ({"window": 1024, "global_tokens": 64}, False)
+    assert not {"fp8", "sparse_attention"} & set(_priors("cuda", d_model=512, seq_len=1024))
+    assert not {"fp8", "sparse_attention"} & set(_priors("cpu", d_model=2048, seq_len=8192))
     # The data-parallel layout of the prior over several processes is the dp strategy with a prior.
     assert [n for n in apply.distributing() if catalog()[n].mesh_dim == "dp" and catalog()[n].prior] == ["ddp"]
 

@@ -353,3 +353,25 @@ def test_max_autotune_is_refinement_only_and_launched_when_its_predicted_time_fi
     objective = search.Objective(space=space, budget=TrialBudget())
     assert search.refine(study, objective, deadline=time.monotonic() + 60) == []  # 120 s predicted > 60 s left
     assert not [t for t in study.trials if t.user_attrs.get("role") == search.REFINE]
+
+
+@pytest.mark.parametrize("workload, approximate, replaces", [("gpt-1b", {"fp8"}, set()), ("phase8-long", {"sparse_attention"}, {"attention"})])
+def test_allow_approximate_puts_the_measured_approximate_prior_second(workload, approximate, replaces):
+    # On the H200 profile: the approximate prior (fp8 at d 2048, sparse attention at seq 8192) is
+    # the first exact prior plus it, enqueued right after it as a complete trial, so that the
+    # quality guard has its exact reference on the same settings (less what it conflicts with:
+    # sparse attention replaces the attention backend); without the flag, none.
+    from autotune import planner
+    from autotune.hardware import HardwareProfile
+
+    h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
+    on = planner.build_space(planner.PlanSettings(workload=workload, allow_approximate=True, global_batch=8), h200, load_workload(workload))[0]
+    priors = planner.expert_priors(on)
+    plans = [search.suggest_plan(optuna.trial.FixedTrial(p), on) for p in priors]
+    names = [{s.name for s in plan.strategies} for plan in plans]
+    assert names[1] == (names[0] - replaces) | approximate and not any(n & approximate for i, n in enumerate(names) if i != 1)
+    assert plans[1].global_batch() == plans[0].global_batch() == 8
+    assert plans[1].launch.device == "cuda"
+    off = planner.build_space(planner.PlanSettings(workload=workload, global_batch=8), h200, load_workload(workload))[0]
+    assert not any({s.name for s in search.suggest_plan(optuna.trial.FixedTrial(p), off).strategies} & {"fp8", "sparse_attention", "moe", "int8"}
+                   for p in planner.expert_priors(off))
