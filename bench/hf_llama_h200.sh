@@ -87,6 +87,9 @@ EOF
     (( $(left) > 5 )) || { say "out of time in round $round"; break; }
     timeout "$(left)" python3 bench/hand_loop.py run "$OUT/llama.plan.json" --micro-batches "$best" --warmup "$warmup" --steps "$steps" \
         --device "$device" --label "round $round" --out "$OUT/ab.jsonl" >/dev/null
+    rc=$?
+    # A hand run killed by the time limit appends nothing: say so, not the plan's line again.
+    if tail -1 "$OUT/ab.jsonl" | grep -q '"loop": "plan"'; then say "round $round hand: no result (exit $rc)"; break; fi
     say "round $round hand: $(tail -1 "$OUT/ab.jsonl" | cut -c1-200)"
 done
 python3 bench/hand_loop.py compare "$OUT/ab.jsonl" --out "$OUT/summary.jsonl"
