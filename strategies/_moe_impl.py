@@ -211,6 +211,7 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
     blocks = adapter.blocks()
     converted = range(0, len(blocks), cfg.every_n_layers)
     group = _expert_group(ctx, cfg.ep) if cfg.ep > 1 else None
+    layers: list[MoeMLP] = []
     for i in converted:
         block = blocks[i]
         try:
@@ -225,12 +226,11 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
         layer = MoeMLP(mlp, cfg, group)
         layer.aux_loss_scale = _loss_scale(ctx)
         setattr(block, name, layer)
+        layers.append(layer)
     if group is not None:
         expert_parallel(ctx, group)
-    layers = [blocks[i] for i in converted]
-    mlps = [getattr(b, n) for b in layers for n, c in b.named_children() if isinstance(c, MoeMLP)]
     # The fraction of routed choices over capacity in the step's last micro-batch, over the layers.
-    ctx.metrics["moe_dropped"] = lambda: torch.stack([torch.as_tensor(m.last_dropped, dtype=torch.float32) for m in mlps]).mean()
+    ctx.metrics["moe_dropped"] = lambda: torch.stack([torch.as_tensor(m.last_dropped, dtype=torch.float32) for m in layers]).mean()
     ctx.notes.append(
         f"moe: MLPs of {len(converted)} of {len(blocks)} blocks -> {cfg.num_experts} experts, top {cfg.top_k}, "
         f"capacity factor {cfg.capacity_factor} (choices over it skip the MLP), aux loss coef {cfg.aux_loss_coef}"
