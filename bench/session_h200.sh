@@ -58,7 +58,7 @@ job() {
                         --warmup-steps 3 --trial-steps 6 --trial-timeout 180 --out "$R/long-exact/phase8-long.plan.json" ;;
         gpt1b-exact) plan gpt1b-exact 500 --workload gpt-1b --global-batch 8 --trials 2 --time-budget 450 \
                          --warmup-steps 2 --trial-steps 5 --trial-timeout 240 --out "$R/gpt1b-exact/gpt-1b.plan.json" ;;
-        warm) mkdir -p "$R/warm" && timeout 500 python3 bench/warm_start.py --workload gpt2-124m --trials 4 \
+        warm) mkdir -p "$R/warm" && timeout 720 python3 bench/warm_start.py --workload gpt2-124m --trials 4 \
                   --warm-start sqlite:///bench/results/plan-phase8-small/studies.db --out "$R/warm/h200.jsonl" ;;
         *) say "unknown job $1"; return 2 ;;
     esac

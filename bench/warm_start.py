@@ -100,14 +100,18 @@ def main() -> None:
                                     budget=TrialBudget(warmup_steps=args.warmup_steps, timed_steps=args.trial_steps),
                                     warm_start=args.warm_start)
     folder = Path(tempfile.mkdtemp(prefix="warm-start-"))
-    results = [run_search(settings, f"sqlite:///{folder}/{mode}.db", f"bench-{mode}", mode == "warm") for mode in ("cold", "warm")]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("")
+    results = []
+    for mode in ("cold", "warm"):  # each search's line written when it ends, so a time limit keeps what finished
+        results.append(run_search(settings, f"sqlite:///{folder}/{mode}.db", f"bench-{mode}", mode == "warm"))
+        with args.out.open("a") as f:
+            f.write(json.dumps(results[-1]) + "\n")
     summary = summarize(results, workload=args.workload, cpu_procs=args.cpu_procs, trials=args.trials, seed=args.seed, cpu=_cpu_model(),
                         cores=planner.usable_cores(), torch=torch.__version__, optuna=optuna.__version__,
                         date=time.strftime("%Y-%m-%d", time.gmtime()))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w") as f:
-        for line in [*results, summary]:
-            f.write(json.dumps(line) + "\n")
+    with args.out.open("a") as f:
+        f.write(json.dumps(summary) + "\n")
     print(json.dumps(summary, indent=1))
 
 
