@@ -5,7 +5,8 @@
 #
 #   setsid nohup bash bench/session_h200.sh /root/h200 llama gpt1b long moe long-exact >/root/h200/session.log 2>&1 </dev/null &
 #
-# Jobs (repo root; wheels installed, PYTHONPATH set):
+# Jobs (repo root; wheels installed into /tmp/site, PYTHONPATH=/tmp/site, the package installed
+# with `python3 -m pip install --no-deps --no-build-isolation -e .`):
 #   llama       issue 12: the committed HF Llama plan against the hand-tuned loop, interleaved (bench/hf_llama_h200.sh)
 #   gpt1b       issue 13: autotune plan --workload gpt-1b --allow-approximate, 15-minute budget
 #   long        issue 13: autotune plan --workload phase8-long --allow-approximate
@@ -28,6 +29,10 @@ say() { echo "== $(date -u +%H:%M:%S) +$(( $(date +%s) - start )) s: $*"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import platform, torch, triton, optuna, torchao, transformers; print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__, "optuna", optuna.__version__, "torchao", torchao.__version__, "transformers", transformers.__version__)'
 git log -1 --format='commit %H' 2>/dev/null || true
+# The package maps autotune.strategies and autotune.kernels onto strategies/ and kernels/, so it
+# must be installed (`python3 -m pip install --no-deps --no-build-isolation -e .`), not only on
+# the path: refuse at once rather than after the first job's wait.
+python3 -c 'import autotune.strategies, autotune.kernels' || { say "autotune is not installed: pip install --no-deps --no-build-isolation -e ."; exit 2; }
 
 profile() {
     [[ -f "$R/profile.json" ]] || python3 -m autotune profile --out "$R/profile.json" >/dev/null

@@ -98,6 +98,15 @@ def test_show_prints_plan(run_cli):
     assert code == 0 and json.loads(out)["workload"]["name"] == "tiny"
 
 
+def test_show_prints_an_approximate_plans_quality_guard(run_cli):
+    # The committed H200 fp8 plan of gpt-1b: its guard's verdict and both runs' figures.
+    code, out, _ = run_cli("show", ROOT / "bench/results/approx-planner/gpt1b/gpt-1b.plan.json")
+    assert code == 0 and "quality guard: passed against exact trial 1, 201 steps" in " ".join(out.split())
+    assert "5.0995" in out and "5.1006" in out
+    code, out, _ = run_cli("show", DEFAULT_PLAN)
+    assert "quality guard" not in out
+
+
 @pytest.mark.parametrize("args", [["run", "--bogus"], ["run", "--steps", "x", str(DEFAULT_PLAN)], ["show"], ["profile", "--nope"]])
 def test_usage_errors_are_one_line_exit_2(run_cli, args):
     code, _, err = run_cli(*args)

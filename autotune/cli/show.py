@@ -61,11 +61,27 @@ def show_command(
                 f.status,
             )
         console.print(figures)
+    if plan.quality_guard is not None:
+        console.print(_guard_table(plan.quality_guard))
     p = plan.provenance
     console.print(f"made by   autotune {p.autotune_version}, torch {p.torch_version}, {p.created_at}"
                   + (f", study {p.study} trial {p.trial}" if p.study else ""))
     if p.command:
         console.print(f"command   {p.command}")
+
+
+def _guard_table(g):
+    """The quality guard of an approximate plan: both runs' loss and time-to-loss."""
+    from rich.table import Table
+
+    verdict = "passed" if g.passed else "failed"
+    ratio = f", time-to-loss {g.time_to_loss_ratio:.2f}x the exact run's" if g.time_to_loss_ratio else ""
+    table = Table("", "loss start", "tail loss", "wall s", "time-to-loss s",
+                  title=f"quality guard: {verdict} against exact trial {g.reference_trial}, {g.steps} steps, "
+                        f"tolerance {g.tolerance:.2%}{ratio}")
+    for label, run in (("plan", g.candidate), ("exact", g.exact)):
+        table.add_row(label, f"{run.start:.4f}", f"{run.tail_mean:.4f}", f"{run.wall_s:.1f}", _num(run.time_to_loss_s, "{:.1f}"))
+    return table
 
 
 def _num(value, fmt: str) -> str:
