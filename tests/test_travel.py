@@ -105,3 +105,38 @@ def test_summary_differences_name_each_field():
     assert hardware.summary_differences(H200.summary(), cpu_only) == ["GPUs 1 x NVIDIA H200 here none", "CUDA major 13 here none"]
     assert hardware.summary_differences({"gpus": "8 x Imaginary GPU"}, cpu_only) == ["GPUs 8 x Imaginary GPU here none"]
     assert hardware.summary_differences(H200.summary(), H200.summary()) == []
+
+
+def test_a_plan_that_cannot_run_here_is_replanned_from_it_and_keeps_its_training(dataset, tmp_path, run_cli, monkeypatch):
+    # Made for one H200 (CUDA): on this CPU machine it cannot run as it is, so --adapt re-plans
+    # within the time budget, the plan's configuration translated to what is legal here as the
+    # first trial after the baseline; the adapted plan is this machine's and trains what the
+    # original trains (its data, steps, schedule), only the way it trains is new.
+    monkeypatch.chdir(tmp_path)  # the re-plan's study goes to plans/studies.db, as `autotune plan`'s does
+    plan = _plan(tmp_path, dataset, **_from_h200(), launch={"nproc_per_node": 1, "nnodes": 1, "device": "cuda"},
+                 strategies=[{"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}}],
+                 workload={"name": "tiny", "overrides": {"n_layers": 2}})
+    data = json.loads(plan.read_text())
+    data["train"].update(lr=0.0017, steps=40)
+    plan.write_text(json.dumps(data))
+    code, _, err = run_cli("run", plan, "--adapt", "--time-budget", "40", "--steps", "2", "--out", tmp_path / "out", "--json")
+    assert code == 0, err
+    assert "(it runs on CUDA and this machine has no CUDA GPU): re-planning within 40 s" in err, err
+    made = planmod.load(tmp_path / "made-there.adapted.plan.json")
+    assert made.adapted_from.how == "replanned" and made.adapted_from.measured.tokens_per_s == 123456.0
+    assert made.launch.device == "cpu" and made.measured.status == "ok" and made.measured.tokens_per_s > 0
+    assert made.hardware.fingerprint == hardware.current_summary()["fingerprint"]
+    assert made.workload == planmod.load(plan).workload and made.global_batch() == 16
+    assert (made.train.data, made.train.lr, made.train.steps) == (str(dataset), 0.0017, 40)
+    assert made.data_identity == datamod.data_identity(dataset)
+    import optuna
+
+    (study,) = optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/plans/studies.db")
+    trials = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{tmp_path}/plans/studies.db").trials
+    # The plan's own configuration comes first after the baseline (whether it runs within 40 s
+    # on this machine is the budget's business, tested with the planner's).
+    assert trials[1].user_attrs["role"] == "warm_start"
+    first = trials[1].system_attrs["fixed_params"]
+    assert (first["precision"], first["precision.dtype"], first["precision.tf32"]) == (True, "bf16", True)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps_done"] == 2 and summary["data_identity"] == made.data_identity

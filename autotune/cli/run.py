@@ -175,7 +175,11 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             warm_start=[str(plan_path)],  # the plan, translated to what is legal here, is the first trial after the baseline
         )
         made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
-        adapted = dataclasses.replace(made, adapted_from=dataclasses.replace(origin, how="replanned"))
+        # The search chose how to train here (strategies, launch, micro-batch); what to train is
+        # the plan's own: its data, steps, schedule and seed.
+        train = dataclasses.replace(plan.train, micro_batch_size=made.train.micro_batch_size)
+        adapted = dataclasses.replace(made, train=train, adapted_from=dataclasses.replace(origin, how="replanned"))
+        adapted = dataclasses.replace(adapted, data_identity=plan_data_identity(adapted))
     adapted.save(out)
     typer.echo(f"autotune: wrote {out} ({adapted_from_line(adapted)})", err=True)
     return adapted, out
