@@ -59,11 +59,11 @@ job() {
         moe) mkdir -p "$R/moe" && timeout 400 python3 bench/moe_guard.py bench/results/approx/phase8-small.plan.json \
                  --variant moe_e8_k2=moe.num_experts=8,moe.top_k=2,moe.capacity_factor=1.25,moe.every_n_layers=2 \
                  --steps 200 --variant-steps 300 --timeout 300 --out "$R/moe/moe_guard_phase8-small_h200.jsonl" ;;
-        long-exact) plan long-exact 360 --workload phase8-long --global-batch 12 --trials 2 --time-budget 300 \
+        long-exact) plan long-exact 300 --workload phase8-long --global-batch 12 --trials 2 --time-budget 240 \
                         --warmup-steps 3 --trial-steps 6 --trial-timeout 180 --out "$R/long-exact/phase8-long.plan.json" ;;
-        gpt1b-exact) plan gpt1b-exact 500 --workload gpt-1b --global-batch 8 --trials 2 --time-budget 450 \
+        gpt1b-exact) plan gpt1b-exact 360 --workload gpt-1b --global-batch 8 --trials 2 --time-budget 300 \
                          --warmup-steps 2 --trial-steps 5 --trial-timeout 240 --out "$R/gpt1b-exact/gpt-1b.plan.json" ;;
-        warm) mkdir -p "$R/warm" && timeout 720 python3 bench/warm_start.py --workload gpt2-124m --trials 4 \
+        warm) mkdir -p "$R/warm" && timeout 660 python3 bench/warm_start.py --workload gpt2-124m --trials 4 \
                   --warm-start sqlite:///bench/results/plan-phase8-small/studies.db --out "$R/warm/h200.jsonl" ;;
         *) say "unknown job $1"; return 2 ;;
     esac

@@ -2,7 +2,8 @@
 
 Runs the same search twice on fresh studies (same seed, sampler and trial count): once cold
 (baseline, expert priors, then TPE), once with ``--warm-start`` sources enqueued after the
-baseline. The search only, as ``autotune plan`` runs it (no confirmation). Each trial's
+baseline, each with a fresh compile cache. The search only, as ``autotune plan`` runs it (no
+confirmation). Each trial's
 tokens/s, the best so far and the wall time since the search started are recorded, one JSON
 line per search, then a summary line.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -104,11 +106,13 @@ def main() -> None:
     args.out.write_text("")
     results = []
     for mode in ("cold", "warm"):  # each search's line written when it ends, so a time limit keeps what finished
+        # Each search compiles from nothing: the warm one must not reuse the cold one's kernels.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder / f"{mode}-inductor")
         results.append(run_search(settings, f"sqlite:///{folder}/{mode}.db", f"bench-{mode}", mode == "warm"))
         with args.out.open("a") as f:
             f.write(json.dumps(results[-1]) + "\n")
     summary = summarize(results, workload=args.workload, cpu_procs=args.cpu_procs, trials=args.trials, seed=args.seed, cpu=_cpu_model(),
-                        cores=planner.usable_cores(), torch=torch.__version__, optuna=optuna.__version__,
+                        cores=planner.usable_cores(), compile_cache="fresh for each search", torch=torch.__version__, optuna=optuna.__version__,
                         date=time.strftime("%Y-%m-%d", time.gmtime()))
     with args.out.open("a") as f:
         f.write(json.dumps(summary) + "\n")
