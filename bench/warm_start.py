@@ -9,8 +9,8 @@ line per search, then a summary line.
 
     python3 bench/warm_start.py --workload tiny --cpu-procs 2 --trials 6 \\
         --warm-start sqlite:///bench/results/cpu-procs/studies-2procs.db --out bench/results/warm-start/cpu.jsonl
-    # on one H200 (not run yet):
-    python3 bench/warm_start.py --workload gpt2-124m --trials 12 \\
+    # on one H200 (bench/README.md has the figures):
+    python3 bench/warm_start.py --workload gpt2-124m --trials 4 \\
         --warm-start sqlite:///bench/results/plan-phase8-small/studies.db --out bench/results/warm-start/h200.jsonl
 """
 
