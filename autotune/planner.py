@@ -92,6 +92,9 @@ class PlanSettings:
     """Plan files or storage URLs (``URL#STUDY``; the best 3 completed trials) whose
     configurations, translated to this search and legal here, are the first trials after the
     baseline, before the expert priors (:func:`autotune.search.warm_starts`)."""
+    started_at: float | None = None
+    """When the command began, on time.monotonic(), what ``time_budget`` counts from; None: when
+    :func:`make_plan` is called."""
 
 
 class NoTrialSucceeded(RuntimeError):
@@ -406,14 +409,6 @@ def finish_margin(time_budget: float) -> float:
     follows them (the plan and its summary written, the interpreter's exit), and the error of
     the confirmation's predicted time (measured within 10 s on one H200)."""
     return min(0.05 * time_budget, 15.0)
-
-
-def process_age() -> float:
-    """Seconds since this process started: the budget counts the interpreter's start and the
-    imports too, what a user's wall clock sees."""
-    import psutil
-
-    return max(0.0, time.time() - psutil.Process().create_time())
 
 
 @dataclass(kw_only=True, slots=True)
@@ -823,7 +818,7 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
               status: Status = _quiet) -> tuple[Plan, search.Summary, search.SearchSpace]:
     """Search, confirm and write the plan; ``settings.time_budget`` bounds all of it (within
     :func:`budget_margin`), the confirmation's time reserved from the trials' measured walls."""
-    clock = Clock(deadline=None if settings.time_budget is None else time.monotonic() - process_age() + settings.time_budget - finish_margin(settings.time_budget))
+    clock = Clock(deadline=None if settings.time_budget is None else (settings.started_at or time.monotonic()) + settings.time_budget - finish_margin(settings.time_budget))
     storage = settings.storage or "sqlite:///plans/studies.db"
     if settings.out is not None:
         check_writable(settings.out, "--out")

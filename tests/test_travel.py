@@ -2,6 +2,7 @@
 on other hardware refused by `autotune run` unless --adapt, which measures it here."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,11 @@ def test_a_plan_that_cannot_run_here_is_replanned_from_it_and_keeps_its_training
     # first trial after the baseline; the adapted plan is this machine's and trains what the
     # original trains (its data, steps, schedule), only the way it trains is new.
     monkeypatch.chdir(tmp_path)  # the re-plan's study goes to plans/studies.db, as `autotune plan`'s does
+    # Called in a process an hour old (as late in a test session, or from a notebook), the
+    # command's budget counts from the call, not from the process's start.
+    import psutil
+
+    monkeypatch.setattr(psutil.Process, "create_time", lambda self: time.time() - 3600)
     plan = _plan(tmp_path, dataset, **_from_h200(), launch={"nproc_per_node": 1, "nnodes": 1, "device": "cuda"},
                  strategies=[{"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}}],
                  workload={"name": "tiny", "overrides": {"n_layers": 2}})

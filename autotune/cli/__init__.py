@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import typer
 
@@ -31,8 +32,21 @@ def _register() -> None:
 ARGS: list[str] = []
 """The arguments of the running command, for recording in plans."""
 
+STARTED: list[float] = [0.0]
+"""When the running command began, on time.monotonic(): a ``--time-budget`` counts from it."""
 
-def main(argv: list[str] | None = None) -> int:
+
+def started() -> float:
+    """When the running command began (time.monotonic()), what its ``--time-budget`` counts from."""
+    return STARTED[0]
+
+
+def main(argv: list[str] | None = None, *, started_at: float | None = None) -> int:
+    """Run one command; ``started_at`` (time.monotonic()) is when it began, now if None: the
+    console script passes its process's start, so that a budget counts the interpreter's start
+    and the imports, what a user's wall clock sees. Called in a long-lived process (tests, a
+    notebook), the command begins at the call."""
+    STARTED[0] = time.monotonic() if started_at is None else started_at
     _register()
     ARGS[:] = sys.argv[1:] if argv is None else argv
     try:
@@ -69,5 +83,8 @@ def _rank() -> str:
     return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
 
 
-def entry() -> None:  # console script
-    sys.exit(main())
+def entry() -> None:  # console script, `python -m autotune`: the process is the command
+    import psutil
+
+    age = max(0.0, time.time() - psutil.Process().create_time())
+    sys.exit(main(started_at=time.monotonic() - age))

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from autotune.cli import ARGS, app
+from autotune.cli import ARGS, app, started
 from autotune.errors import UserError
 
 
@@ -70,7 +70,7 @@ def plan_command(
         workload=workload, workload_overrides=overrides, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
         global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, quality_tolerance=quality_tolerance, guard_steps=guard_steps, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
-        command=shlex.join(["autotune", *ARGS]), warm_start=list(warm_start or []),
+        command=shlex.join(["autotune", *ARGS]), warm_start=list(warm_start or []), started_at=started(),
     )
     _warnings_to_log(storage)
     from rich.console import Console

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from autotune.cli import ARGS, app
+from autotune.cli import ARGS, app, started
 from autotune.errors import UserError
 
 
@@ -173,6 +173,7 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             out=out,
             command=command,
             warm_start=[str(plan_path)],  # the plan, translated to what is legal here, is the first trial after the baseline
+            started_at=started(),
         )
         made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
         # The search chose how to train here (strategies, launch, micro-batch); what to train is
