@@ -44,7 +44,7 @@ def test_each_fault_costs_one_trial_and_the_search_completes(tmp_path):
     search.ensure_first_trials(study, space, [])
     for mb in (faults.OOM, faults.NAN, faults.HANG, faults.SIGKILL, 2):
         study.enqueue_trial({"micro_batch_size": mb})
-    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=20))
+    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=12))
     search.optimize(study, objective, trials=6, time_budget=None)
     by_mb = {t.params["micro_batch_size"]: t for t in study.trials}
     status = {mb: (t.state.name, t.user_attrs["status"]) for mb, t in by_mb.items()}
@@ -76,8 +76,9 @@ def test_illegal_and_oversized_trials_are_pruned_before_launch(tmp_path):
 
 def _plan_cmd(db, out):
     # Up to 2 CPU processes: the priors include DDP over both (trial 2), so the study holds a
-    # 2-process trial whatever TPE then picks.
-    return [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "5", "--storage", f"sqlite:///{db}",
+    # 2-process trial whatever TPE then picks. --trials 3 a run: the baseline and two priors in
+    # the first (killed after two), the killed trial's retry and two more in the second.
+    return [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "3", "--storage", f"sqlite:///{db}",
             "--out", str(out), "--trial-steps", "6", "--warmup-steps", "2", "--cpu-procs", "2"]
 
 
