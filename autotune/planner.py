@@ -818,7 +818,8 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
               status: Status = _quiet) -> tuple[Plan, search.Summary, search.SearchSpace]:
     """Search, confirm and write the plan; ``settings.time_budget`` bounds all of it (within
     :func:`budget_margin`), the confirmation's time reserved from the trials' measured walls."""
-    clock = Clock(deadline=None if settings.time_budget is None else (settings.started_at or time.monotonic()) + settings.time_budget - finish_margin(settings.time_budget))
+    began = time.monotonic() if settings.started_at is None else settings.started_at
+    clock = Clock(deadline=None if settings.time_budget is None else began + settings.time_budget - finish_margin(settings.time_budget))
     storage = settings.storage or "sqlite:///plans/studies.db"
     if settings.out is not None:
         check_writable(settings.out, "--out")
