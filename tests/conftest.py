@@ -1,4 +1,6 @@
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,19 @@ DEFAULT_PLAN = ROOT / "profiles" / "default" / "tiny.plan.json"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 # Keep CPU tests single-threaded per process: CI has 2 cores and tests start children.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+FATAL = re.compile(r"terminate called|what\(\)|Traceback|Error|Exception|Fatal|SIG[A-Z]+\(|Aborted|enforce fail")
+"""A line of a worker's stderr that says why it died (torchrun's own summary comes after)."""
+
+
+def worker_failure(proc: subprocess.CompletedProcess) -> str:
+    """The message for a torchrun command that failed: its stderr's tail, then the lines that
+    say why a rank died, last, where a CI log's tail shows them (torchrun's summary only names
+    the signal)."""
+    lines = proc.stderr.splitlines()
+    fatal = [line for line in lines if FATAL.search(line) and "torch/distributed" not in line][-12:]
+    return "\n".join([proc.stderr[-3000:], f"exit status {proc.returncode}; why the ranks ended:", *fatal])
 
 
 @pytest.fixture

@@ -62,7 +62,7 @@ from autotune.train import Trainer
 from autotune.trial import TrialBudget, run_trial
 from autotune.workloads import flops_per_token, load_workload
 from tests import dist_worker, faults
-from tests.conftest import DEFAULT_PLAN, ROOT
+from tests.conftest import DEFAULT_PLAN, ROOT, worker_failure
 from tests.strategy_suite import MICRO_BATCH, TINY, Case, StrategySuite, make_plan, pytest_generate_tests, train_losses
 
 __all__ = ["pytest_generate_tests"]  # the suite's hook: one test item per case
@@ -82,7 +82,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
     cmd = torchrun_command(2, "tests.dist_worker", [str(out)])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, worker_failure(proc)
     return out
 
 
@@ -292,7 +292,7 @@ def test_autotune_run_starts_the_processes_itself(tmp_path: Path) -> None:
     plan = two_process_plan(tmp_path, {"fsdp2": {"param_dtype": "fp32"}}, eval_interval=4, checkpoint_interval=4, log_interval=2)
     out = tmp_path / "run"
     proc = autotune_run(plan, out, "--steps", "4", "--json", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, worker_failure(proc)
     summary = json.loads(proc.stdout)  # rank 0 alone printed
     assert summary["steps_done"] == 4 and summary["val_loss"] is not None
     assert [r["step"] for r in train.read_log(out / "log.jsonl")] == [0, 1, 2, 3]  # one log, not two
@@ -384,7 +384,7 @@ def test_four_processes_fsdp2_and_tensor_parallel_in_2d(tmp_path: Path) -> None:
     path.write_text(json.dumps(data))
     out = tmp_path / "run"
     proc = autotune_run(path, out, "--steps", str(dist_worker.STEPS), timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, worker_failure(proc)
     got = [r["loss"] for r in train.read_log(out / "log.jsonl")]
     trainer = Trainer(make_plan({"grad_accum": {"steps": 2}}, "cpu", None))  # both dp groups' batches
     try:

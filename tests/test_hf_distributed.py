@@ -37,7 +37,7 @@ from autotune import train  # noqa: E402
 from autotune.distributed import torchrun_command  # noqa: E402
 from autotune.train import Trainer  # noqa: E402
 from tests import hf_dist_worker as worker_mod  # noqa: E402
-from tests.conftest import ROOT  # noqa: E402
+from tests.conftest import ROOT, worker_failure  # noqa: E402
 from tests.strategy_suite import train_losses  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("hfdist")
     cmd = torchrun_command(2, "tests.hf_dist_worker", [str(out)])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, worker_failure(proc)
     return out
 
 

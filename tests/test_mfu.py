@@ -19,7 +19,7 @@ import pytest
 
 from autotune import hardware, train
 from autotune.train import global_tokens_per_step, model_flops_utilization
-from tests.conftest import ROOT
+from tests.conftest import ROOT, worker_failure
 from tests.strategy_suite import MICRO_BATCH, TINY, make_plan
 
 PEAK = 1e12
@@ -67,7 +67,7 @@ def test_trial_and_run_report_one_mfu_under_tensor_parallel(tmp_path: Path) -> N
     cmd = torchrun_command(2, "tests.test_mfu", [str(out)])
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}  # trials and runs read the default profile
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, worker_failure(proc)
     got = json.loads((out / "mfu.json").read_text())
     trial, run = got["trial"], got["run"]
     assert trial["mfu_peak_source"] == run["mfu_peak_source"] == "bf16 measured 1 TFLOP/s"

@@ -21,7 +21,7 @@ from autotune.errors import UserError
 from autotune.mesh import expert_groups, mesh_shape
 from autotune.train import Trainer
 from tests import moe_dist_worker as worker
-from tests.conftest import ROOT
+from tests.conftest import ROOT, worker_failure
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ TIMEOUT_S = 300
 def ep_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("moe_ep")
     proc = subprocess.run(torchrun_command(2, "tests.moe_dist_worker", [str(out)]), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, worker_failure(proc)
     return out
 
 
