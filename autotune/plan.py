@@ -280,6 +280,14 @@ class Comparison:
     """speedup - 1 > noise, and the plan is not the baseline itself."""
     verdict: str
     """One line saying so, as the summary prints it."""
+    load: list[float] | None = None
+    """The machine's 1-minute load average when the confirmation began and when it ended (the
+    planner's own runs included: about one a busy core)."""
+    cores: int | None = None
+    """Cores the planner could use, to read ``load`` against."""
+    too_busy: bool = False
+    """The runs' spread stayed above the planner's limit (``planner.BUSY_SPREAD``) after its
+    extra rounds: the machine was too busy to measure, and no speed-up is claimed."""
 
 
 @dataclass(kw_only=True, slots=True)

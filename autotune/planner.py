@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import math
@@ -10,6 +11,7 @@ import os
 import re
 import statistics
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, LossCurve, Plan, QualityGuard, StrategySpec, TrainSpec
 from autotune.strategy import Facts, Prior, PriorFacts
-from autotune.trial import TrialBudget, optimizer_steps, run_trial
+from autotune.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
 from autotune.workloads import Workload, load_workload
 
 EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning
@@ -42,6 +44,15 @@ GUARD_TAIL = 0.1
 curves over as many steps (time-to-loss)."""
 GUARD_FRACTIONS = (0.25, 0.5, 0.75)
 """Where a guard run's curve summary gives its smoothed loss (LossCurve.at_fractions)."""
+
+
+TRIAL_SECONDS = 5.0
+"""Timed seconds a trial aims for (--trial-seconds, ``TrialBudget.target_s``): a median of
+steps that are each under it, a few steps of a slow fp32 baseline."""
+STARTUP_FLOOR_S = {"cpu": 3.0, "cuda": 8.0}
+"""The least a run's child takes before its first step (Python, torch, the model built; CUDA's
+context on a GPU), as measured on the 2-core dev CPU (3-4 s for tiny) and one H200 (8-15 s):
+what :func:`minimum_budget` counts for each run it cannot predict otherwise."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -80,8 +91,8 @@ class PlanSettings:
     """auto, cuda or cpu."""
     cpu_procs: int | None = None
     """Search runs of up to this many CPU processes (gloo) too; implies device cpu."""
-    budget: TrialBudget = dataclasses.field(default_factory=TrialBudget)
-    """Steps and time limit of each trial."""
+    budget: TrialBudget = dataclasses.field(default_factory=lambda: TrialBudget(target_s=TRIAL_SECONDS))
+    """Steps, timed seconds and time limit of each trial."""
     confirm_factor: int = 1
     """Each confirmation run times this many times the trial's steps."""
     confirm_rounds: int = 3
@@ -437,20 +448,60 @@ def trial_wall(trial: Any) -> float | None:
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
 
 
+CACHED_WARMUP = 0.5
+"""A confirmation run's warm-up against its trial's: the trial compiled its shapes into the
+persistent inductor cache, so the runs after it trace and load instead of compiling. A
+guess until the first round has run; :func:`confirm` then predicts from what it measured."""
+
+
+def phases(trial: Any) -> tuple[float, float, float] | None:
+    """(start-up, warm-up, timed) seconds of a trial that ran, as its child measured them;
+    None for a trial measured before autotune recorded them (its wall stands for all)."""
+    a = trial.user_attrs
+    if not all(isinstance(a.get(k), (int, float)) for k in ("startup_s", "warmup_s", "timed_s")):
+        return None
+    return float(a["startup_s"]), float(a["warmup_s"]), float(a["timed_s"])
+
+
+def run_seconds(trial: Any, *, cached: bool = False, timed_s: float | None = None) -> float:
+    """A run of ``trial``'s configuration, predicted from its own trial: its start-up, its
+    warm-up (``cached``: its compilation in the cache, :data:`CACHED_WARMUP`) and ``timed_s``
+    seconds of timed steps (default its own); the trial's wall where it recorded no phases."""
+    measured = phases(trial)
+    wall = trial_wall(trial) or 0.0
+    if measured is None:
+        return wall
+    startup, warmup, timed = measured
+    # What the wall holds beyond the child's phases: the parent's spawn and the child's exit.
+    rest = max(0.0, wall - startup - warmup - timed)
+    return rest + startup + (CACHED_WARMUP if cached else 1.0) * warmup + (timed if timed_s is None else timed_s)
+
+
 def confirmation_seconds(study: Any, settings: PlanSettings, *, plain_run: bool = False) -> float:
-    """The time the confirmation is predicted to take, from the walls of the trials that ran:
-    rounds x (the slowest ok trial + the baseline). The baseline's rounds are the loss
-    reference too; ``plain_run`` (random tokens: batches differ with the split) adds a plain
-    run on the plan's batches, as long as the slowest ok trial once per data-parallel process."""
+    """The time the confirmation of the study's best trial so far is predicted to take, from
+    that trial's own phases and the baseline's: rounds x (the candidate's run, its compilation
+    cached + the baseline's run, timed about as long as the candidate's). A best trial that is
+    the baseline confirms against itself: one run a round. ``plain_run`` (random tokens:
+    batches differ with the split) adds a plain run on the plan's batches, as long as the
+    candidate's once per data-parallel process."""
     import optuna
 
-    complete = [w for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if (w := trial_wall(t))]
-    base = next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == search.BASELINE), None)
-    base_wall = (trial_wall(base) if base is not None else None) or max(complete, default=0.0)
-    plan_wall = max(complete, default=base_wall)
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if trial_wall(t)]
+    if not complete:
+        return 0.0
+    best = max(complete, key=lambda t: t.value)
+    base = search.baseline_trial(study)
+    base = base if base is not None and base.state == optuna.trial.TrialState.COMPLETE and trial_wall(base) else None
+    compiled = any(spec.name == "compile" for spec in search.plan_of(best).strategies)
+    plan_run = run_seconds(best, cached=compiled)
+    if base is None or base.number == best.number:
+        per_round = plan_run
+    else:
+        timed = phases(best)
+        per_round = plan_run + run_seconds(base, timed_s=None if timed is None else min(timed[2], (phases(base) or timed)[2]))
     scale = _length_scale(settings)
     processes = max(1, settings.cpu_procs or 1)
-    return scale * (_rounds(settings) * (plan_wall + base_wall) + (processes * plan_wall if plain_run else 0.0)) + guard_seconds(study, settings)
+    return scale * (_rounds(settings) * per_round + (processes * plan_run if plain_run else 0.0)) + guard_seconds(study, settings)
 
 
 def guard_seconds(study: Any, settings: PlanSettings) -> float:
@@ -512,8 +563,12 @@ def run_search(study: Any, objective: search.Objective, settings: PlanSettings, 
         if settings.trials is not None and done >= settings.trials:
             return
         # A trial needs about what the ones that ran to the end took (pruned ones stop early).
-        walls = [w for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE and (w := trial_wall(t))]
-        typical = statistics.median(walls) if walls else 0.0
+        # Until a configuration other than the baseline has run, the next one (the expert
+        # prior) is always started when it has MIN_TRIAL_S: a slow baseline says nothing of
+        # how long a compiled bf16 trial takes, and without one the plan is the baseline.
+        complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE and trial_wall(t)]
+        candidates = [t for t in complete if t.user_attrs.get("role") != search.BASELINE]
+        typical = statistics.median(trial_wall(t) for t in complete) if candidates else 0.0
         left = clock.left() - confirmation_seconds(study, settings, plain_run=objective.space.train.random_tokens)
         if left < max(search.MIN_TRIAL_S, typical):
             return
@@ -561,17 +616,25 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
     clock = clock or Clock()
     rounds = _rounds(settings)
     same = baseline is None or same_run(plan, baseline)
+    target = settings.budget.target_s
     budget = dataclasses.replace(
         settings.budget,
         timed_steps=settings.budget.timed_steps * settings.confirm_factor,
         timeout_s=settings.budget.timeout_s * settings.confirm_factor,
+        target_s=None if target is None else target * settings.confirm_factor,
     )
     left = clock.left()
     if seconds and left < seconds:
-        budget = dataclasses.replace(budget, timed_steps=max(1, int(budget.timed_steps * max(left, 0.0) / seconds)))
+        share = max(left, 0.0) / seconds
+        budget = dataclasses.replace(budget, timed_steps=max(1, int(budget.timed_steps * share)),
+                                     target_s=None if budget.target_s is None else budget.target_s * share)
+    load = [_load()]
     plan_runs: list[Figures] = []
     base_runs: list[Figures] = []
-    for k in range(1, rounds + 1):
+    k = 0
+    while True:
+        k += 1
+        began = time.monotonic()
         status(f"confirmation round {k} of {rounds}: the plan")
         plan_runs.append(run_trial(plan, _limited(budget, clock)).figures)
         if not same:
@@ -582,6 +645,16 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
             if base_runs[-1].status == "ok":
                 baseline_step_s = base_runs[-1].step_time_s
         log(f"confirmation round {k} of {rounds}: plan {_tps(plan_runs[-1])}" + ("" if same else f", baseline {_tps(base_runs[-1])}"))
+        if k < rounds:
+            continue
+        # A spread beyond BUSY_SPREAD is a machine busy with something else: measure again
+        # (up to EXTRA_ROUNDS more rounds, while the budget holds one), then say so.
+        spread = _worst_spread(plan_runs, base_runs)
+        if spread <= BUSY_SPREAD or k >= rounds + EXTRA_ROUNDS or clock.left() < time.monotonic() - began:
+            break
+        log(f"confirmation: a spread of ±{spread:.0%} (above ±{BUSY_SPREAD:.0%}): another round")
+        rounds += 1
+    load.append(_load())
     measured = median_figures(plan_runs)
     base = None if baseline is None else measured if same else median_figures(base_runs)
     reference = base if baseline is not None and not same and is_reference(plan, baseline) else None
@@ -589,7 +662,37 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
         status("loss check: a plain run on the plan's batches")
     loss_check = _loss_check(plan, measured, _limited(budget, clock), settings.quality_tolerance, reference=reference)
     status(None)
-    return Confirmed(measured=measured, baseline=base, comparison=compare(measured, base, rounds, same), loss_check=loss_check)
+    comparison = compare(measured, base, rounds, same, busy=_worst_spread(plan_runs, base_runs) > BUSY_SPREAD)
+    if comparison is not None:
+        comparison = dataclasses.replace(comparison, load=[round(x, 2) for x in load if x is not None] or None, cores=usable_cores())
+    return Confirmed(measured=measured, baseline=base, comparison=comparison, loss_check=loss_check)
+
+
+BUSY_SPREAD = 0.25
+"""A confirmation whose plan or baseline runs spread wider than this (half-range over the
+median) measured the machine's other work, not the plan: it runs extra rounds, then says the
+machine was too busy. Two runs of one configuration on an idle 2-core CPU spread up to about
+±12%; on a busy one we saw ±607%."""
+EXTRA_ROUNDS = 2
+"""Rounds a too-wide confirmation runs beyond its own, time allowing."""
+
+
+def _worst_spread(*runs: list[Figures]) -> float:
+    """The larger relative half-range of the ok runs' tokens/s of each list (0 when under two)."""
+    worst = 0.0
+    for group in runs:
+        ok = sorted(f.tokens_per_s for f in group if f.status == "ok" and f.tokens_per_s)
+        if len(ok) >= 2:
+            worst = max(worst, (ok[-1] - ok[0]) / 2 / ok[(len(ok) - 1) // 2])
+    return worst
+
+
+def _load() -> float | None:
+    """The 1-minute load average, where the OS keeps one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def baseline_budget(budget: TrialBudget, plan: Plan, baseline: Plan, plan_run: Figures, baseline_step_s: float | None) -> TrialBudget:
@@ -643,15 +746,20 @@ def median_figures(runs: list[Figures]) -> Figures:
     return dataclasses.replace(median, samples=samples, spread=spread)
 
 
-def compare(measured: Figures, baseline: Figures | None, rounds: int, same: bool) -> Comparison | None:
+def compare(measured: Figures, baseline: Figures | None, rounds: int, same: bool, *, busy: bool = False) -> Comparison | None:
     """The speed-up as the ratio of medians, and whether it stands out of the noise (the two
-    spreads added, at least MIN_NOISE). The plan that is the baseline itself never beats it."""
+    spreads added, at least MIN_NOISE). The plan that is the baseline itself never beats it,
+    nor does any plan measured on a machine too ``busy`` to measure."""
     if baseline is None or measured.status != "ok" or baseline.status != "ok" or not baseline.tokens_per_s:
         return None
     speedup = measured.tokens_per_s / baseline.tokens_per_s
     noise = max(MIN_NOISE, (measured.spread or 0.0) + (baseline.spread or 0.0))
-    beats = not same and speedup - 1.0 > noise
+    beats = not same and not busy and speedup - 1.0 > noise
     medians = f"plan {measured.tokens_per_s:,.0f}, baseline {baseline.tokens_per_s:,.0f} tokens/s, medians of {rounds} interleaved rounds"
+    if busy:
+        verdict = (f"the machine was too busy to measure: the runs spread ±{noise:.0%} (above ±{BUSY_SPREAD:.0%} a side), "
+                   f"so no speed-up is claimed: {medians}")
+        return Comparison(rounds=rounds, speedup=speedup, noise=noise, beats_baseline=False, verdict=verdict, too_busy=True)
     if beats:
         verdict = f"{speedup:.2f}x the baseline (±{noise:.1%}): {medians}"
     else:
@@ -828,6 +936,11 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
     workload = load_workload(settings.workload, settings.workload_overrides)
     profile = _profile(settings)
     space, graph = build_space(settings, profile, workload)
+    if settings.time_budget is not None:
+        least = minimum_budget(space, settings)
+        if settings.time_budget < least:
+            raise UserError(f"--time-budget {settings.time_budget:g}: too small for {settings.workload} here; a baseline trial, one "
+                            f"candidate and {_rounds(settings)} confirmation rounds need at least {math.ceil(least)} s")
     # Read before the study is opened: a source that cannot be read writes nothing. Enqueued
     # only into a new study (ensure_first_trials).
     warm = search.warm_starts(space, settings.warm_start, log)
@@ -848,8 +961,56 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
         return _search_and_confirm(settings, study, space, name, storage, out, profile, clock, on_result, status, log)
 
 
+def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, clock: Clock, reserve: float,
+           log: Callable[[str], None]) -> search.Summary:
+    """The study's summary over figures this run can compare: its own trials and those of
+    planners beside it. A resumed study's best trial from an earlier run (another load) is
+    measured again first when it would be chosen and the budget holds it; without any fresh
+    trial, the earlier figures are all there is, and the log says so."""
+    import optuna
+
+    def is_stale(t: Any) -> bool:
+        return search.stale(t, objective.run, since)
+
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    old = [t for t in complete if is_stale(t)]
+    if old:
+        fresh = [t for t in complete if not is_stale(t)]
+        top = max(old, key=lambda t: t.value)
+        if not fresh or top.value > max(t.value for t in fresh):
+            left = None if clock.deadline is None else clock.left() - reserve
+            if left is None or left >= max(search.MIN_TRIAL_S, trial_wall(top) or 0.0):
+                log(f"trial {top.number} was measured by an earlier planner run (another load): measuring it again")
+                search.measure_again(study, objective, top, left)
+            elif not fresh:
+                log("every completed trial was measured by an earlier planner run, under another load; none could be measured again in the budget")
+                return search.summarize(study)
+    return search.summarize(study, exclude=is_stale)
+
+
+def _baseline_instead(plan: Plan, baseline: Plan, done: Confirmed, summary: search.Summary, chosen: Any) -> tuple[Plan, Confirmed, Any] | None:
+    """The baseline as the plan when the confirmation measured the chosen trial slower than the
+    baseline (or failed it while the baseline ran): a plan is never slower than what it beat.
+    None when the chosen trial held."""
+    base = done.baseline
+    if base is None or base.status != "ok" or same_run(plan, baseline) or summary.baseline is None:
+        return None
+    m = done.measured
+    if m.status == "ok" and done.comparison is not None and done.comparison.speedup >= 1.0:
+        return None
+    how = f"{done.comparison.speedup:.2f}x the baseline ({m.tokens_per_s:,.0f} against {base.tokens_per_s:,.0f} tokens/s)" \
+        if m.status == "ok" and done.comparison is not None else f"ended {m.status}"
+    verdict = f"trial {chosen.number} measured {how} in the confirmation: the baseline is the plan"
+    c = done.comparison
+    comparison = Comparison(rounds=c.rounds if c else MIN_ROUNDS, speedup=1.0, noise=c.noise if c else MIN_NOISE, beats_baseline=False,
+                            verdict=verdict, load=c.load if c else None, cores=c.cores if c else None, too_busy=c.too_busy if c else False)
+    check = _compared(base, base, EXACT_LOSS_TOLERANCE, exact=True)
+    return baseline, Confirmed(measured=base, baseline=base, comparison=comparison, loss_check=check), summary.baseline
+
+
 def _search_and_confirm(settings: PlanSettings, study: Any, space: search.SearchSpace, name: str, storage: str, out: Path,
                         profile: Any, clock: Clock, on_result: Callable | None, status: Status, log: Callable[[str], None]) -> tuple[Plan, search.Summary, search.SearchSpace]:
+    since = datetime.datetime.now()  # Optuna's clock: trials completed before it are an earlier run's
 
     def ended(*args: Any) -> None:
         if on_result is not None:
@@ -858,7 +1019,8 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
 
     if settings.allow_approximate and space.train.random_tokens:
         raise UserError("--allow-approximate: the quality guard compares losses on real text, and random tokens teach nothing to compare")
-    objective = search.Objective(space=space, budget=settings.budget, on_result=ended, log_dir=search.trial_log_dir(storage, name))
+    objective = search.Objective(space=space, budget=settings.budget, on_result=ended, log_dir=search.trial_log_dir(storage, name),
+                                 run=f"{search.PLANNER_ID}:{uuid.uuid4().hex[:8]}")
     status("search: a trial is running")
     run_search(study, objective, settings, clock)
     # max-autotune on the best compiled configurations, only where its compile time fits
@@ -873,7 +1035,7 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     longest = settings.budget.timeout_s * search.AUTOTUNE_TIME_FACTOR  # the longest a trial may run
     left = longest if clock.deadline is None else min(longest, clock.left() - reserve)
     search.wait_for_others(study, left, log=log)
-    summary = search.summarize(study)
+    summary = _fresh(study, objective, since, clock, reserve, log)
     if summary.best is None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
         raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `autotune trials --study {name}` shows why")
@@ -887,6 +1049,11 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     # The guard has run: what is left of the reserve is the confirmation's.
     seconds = confirmation_seconds(study, settings, plain_run=plain_run) - guard_seconds(study, settings)
     done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=seconds, baseline_step_s=base_step)
+    instead = _baseline_instead(best, baseline_plan, done, summary, chosen) if baseline_plan is not None else None
+    if instead is not None:
+        best, done, chosen = instead
+        guard = None
+        log(done.comparison.verdict)
     from autotune.data import plan_data_identity
 
     plan = dataclasses.replace(
@@ -908,6 +1075,29 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     )
     plan.save(out)
     return plan, summary, space
+
+
+def minimum_budget(space: search.SearchSpace, settings: PlanSettings) -> float:
+    """The least ``--time-budget`` that holds the baseline trial, one candidate (the expert
+    prior) and the confirmation of that candidate against the baseline, MIN_ROUNDS rounds of
+    each: a lower bound, from :data:`STARTUP_FLOOR_S` a run and the cost model's step time of
+    the baseline where it has one (on a GPU with a measured or datasheet rate), each run timing
+    at least one optimizer step. With ``--trials 1`` only the baseline and its own rounds."""
+    device = "cuda" if space.launch.device == "cuda" else "cpu"
+    baseline = search.plan_for(space, space.baseline_micro_batch, [])
+    estimate = search.predict(space, baseline)
+    step = estimate.step_time_s if estimate is not None and estimate.step_time_s else 0.0
+    warmup, timed = optimizer_steps(settings.budget, baseline.grad_accum())
+    if settings.budget.target_s is not None and step:
+        timed = steps_for_target(settings.budget.target_s, step, timed)
+    base_run = STARTUP_FLOOR_S[device] + (warmup + timed) * step
+    rounds = _rounds(settings)
+    if settings.trials == 1:
+        need = base_run * (1 + rounds)
+    else:
+        candidate = STARTUP_FLOOR_S[device] + step  # faster than the baseline: at most its one step
+        need = base_run + candidate + rounds * (candidate + base_run)
+    return need + finish_margin(need)
 
 
 def is_exact(plan: Plan) -> bool:

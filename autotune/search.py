@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import socket
 import statistics
@@ -52,6 +53,8 @@ AUTOTUNE_TIME_FACTOR = 3.0
 """A trial with a refine-only choice (``Knob.refine_only``: compile modes that benchmark
 kernels, max-autotune) gets this many times the trial's time limit: their first compilation
 of a shape takes minutes, later ones hit the cache."""
+RUN_ID = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
+"""The default planner run (:attr:`Objective.run`), recorded on each trial it measured."""
 BASELINE = "baseline"
 REFINE = "refine"
 # Choices never sampled by the main search are each knob's ``refine_only`` (the compile
@@ -257,6 +260,8 @@ class Objective:
     log_dir: Path | None = None
     """Each trial's stdout and stderr are kept in ``<log_dir>/<number>.log`` (user attr "log");
     None: not kept (see :func:`trial_log_dir`)."""
+    run: str = RUN_ID
+    """The planner run measuring, recorded on each trial as "run" (:func:`stale`)."""
 
     def __call__(self, trial: optuna.Trial) -> float:
         # A retried trial inherits the interrupted one's attributes: it is not launched yet.
@@ -308,6 +313,10 @@ class Objective:
         trial.set_user_attr("status", f.status)
         trial.set_user_attr("figures", dataclasses.asdict(f))
         trial.set_user_attr("wall_s", result.wall_s)
+        trial.set_user_attr("run", self.run)
+        for phase in ("startup_s", "warmup_s", "timed_s"):  # the per-trial overhead, measured
+            if getattr(result, phase) is not None:
+                trial.set_user_attr(phase, getattr(result, phase))
         if result.error:
             trial.set_user_attr("error", result.error)
         if self.on_result:
@@ -661,6 +670,16 @@ PLANNER_ID = f"{socket.gethostname()}:{os.getpid()}"
 """Who ran a trial (host:pid), recorded on it: the machines sharing a study tell their trials apart."""
 
 
+def stale(trial: optuna.trial.FrozenTrial, run: str, since: datetime.datetime) -> bool:
+    """Whether ``trial`` was measured by another planner run that ended before run ``run``
+    began at ``since`` (a killed planner's, resumed now): its figures saw another load, so
+    they are not compared with this run's unless measured again. Trials of planners running
+    beside this one on a shared study end after ``since``: they are not stale."""
+    if trial.user_attrs.get("run") == run or trial.datetime_complete is None:
+        return False
+    return trial.datetime_complete < since
+
+
 @contextlib.contextmanager
 def _study_lock(study: optuna.Study) -> Iterator[None]:
     """A lock held in the study's database server for the block, on its own connection (the
@@ -822,22 +841,37 @@ def refine(study: optuna.Study, objective: Objective, deadline: float | None = N
     return added
 
 
+REMEASURE = "remeasure"
+
+
+def measure_again(study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, left: float | None) -> optuna.trial.FrozenTrial:
+    """Run ``source``'s plan again as a new trial of this run (role "remeasure"), so that its
+    figures are measured under the same load as the others this run compares."""
+    return _run_refinement(study, objective, source, None, left)
+
+
 def _run_refinement(
-    study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, choice: tuple[str, str, Any], left: float | None
+    study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, choice: tuple[str, str, Any] | None, left: float | None
 ) -> optuna.trial.FrozenTrial:
-    name, knob, mode = choice
+    """``source``'s plan with ``choice`` (strategy, knob, value) set, run as a new trial; None:
+    unchanged (:func:`measure_again`)."""
     plan = plan_of(source)
-    plan = dataclasses.replace(plan, strategies=[
-        dataclasses.replace(s, knobs={**s.knobs, knob: mode}) if s.name == name else s for s in plan.strategies])
+    if choice is not None:
+        name, knob, mode = choice
+        plan = dataclasses.replace(plan, strategies=[
+            dataclasses.replace(s, knobs={**s.knobs, knob: mode}) if s.name == name else s for s in plan.strategies])
     budget = trial_budget(objective.budget, plan)
     if left is not None:
         budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
     number = len(study.trials)
-    log_path = Path(objective.log_dir) / f"refine-{number}.log" if objective.log_dir is not None else None
+    role = REFINE if choice is not None else REMEASURE
+    log_path = Path(objective.log_dir) / f"{role}-{number}.log" if objective.log_dir is not None else None
     result = run_trial(plan, budget, log_path=log_path)
     f = result.figures
-    attrs = {"role": REFINE, "refines": source.number, "refine_mode": mode, "plan": plan.to_dict(), "status": f.status,
-             "figures": dataclasses.asdict(f), "wall_s": result.wall_s, "launched": True}
+    how = {"refines": source.number, "refine_mode": choice[2]} if choice is not None else {"remeasures": source.number}
+    attrs = {"role": role, **how, "plan": plan.to_dict(), "status": f.status,
+             "figures": dataclasses.asdict(f), "wall_s": result.wall_s, "launched": True, "run": objective.run}
+    attrs |= {p: getattr(result, p) for p in ("startup_s", "warmup_s", "timed_s") if getattr(result, p) is not None}
     attrs |= {"log": str(log_path)} if log_path else {}
     attrs |= {"error": result.error} if result.error else {}
     ok = f.status == "ok"
@@ -927,13 +961,16 @@ class Summary:
         return self.best.value / self.baseline.value
 
 
-def summarize(study: optuna.Study) -> Summary:
+def summarize(study: optuna.Study, *, exclude: Callable[[optuna.trial.FrozenTrial], bool] | None = None) -> Summary:
+    """The study's counts, its best completed trial and its baseline; ``exclude``: completed
+    trials whose figures are not compared (measured by an earlier planner run, :func:`stale`)."""
     counts: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
         status = "interrupted" if interrupted(t) else t.user_attrs.get("status", t.state.name.lower())
         counts[status] = counts.get(status, 0) + 1
     best = None
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = [t for t in complete if exclude is None or not exclude(t)]
     if complete:
         best = max(complete, key=lambda t: t.value)
     return Summary(best=best, baseline=baseline_trial(study), complete=complete, counts=counts, memory_errors=cost_model_errors(study),

@@ -45,6 +45,11 @@ class TrialBudget:
     least one optimizer step)."""
     timeout_s: float = 300.0
     """Wall-clock limit of the whole child, start-up and compilation included."""
+    target_s: float | None = None
+    """Seconds of timed steps to aim for: the first timed optimizer step says how many fit
+    (at least one, at most ``timed_steps``' worth), so a slow run (an fp32 baseline of a large
+    model) is measured in a few steps and a fast one in ``timed_steps``. None: always
+    ``timed_steps`` (the quality guard's runs, which compare losses step by step)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -55,14 +60,30 @@ class TrialResult:
     """The error text when the trial failed."""
     wall_s: float = 0.0
     """Wall time of the child, start-up included."""
+    startup_s: float | None = None
+    """Seconds from the child's start to its model built and its strategies applied (Python,
+    torch, the workload, the process group): the per-trial overhead no step pays for."""
+    warmup_s: float | None = None
+    """Seconds of the untimed warm-up steps (compilation happens here)."""
+    timed_s: float | None = None
+    """Seconds of the timed steps (their sum)."""
 
 
 def optimizer_steps(budget: TrialBudget, grad_accum: int) -> tuple[int, int]:
-    """Warm-up and timed optimizer steps of a trial with ``grad_accum`` micro-batches a step.
+    """Warm-up and timed optimizer steps of a trial with ``grad_accum`` micro-batches a step
+    (the most timed ones: ``budget.target_s`` may time fewer, :func:`steps_for_target`).
 
     One timed step is enough when a step holds many micro-batches (it times all of them); the
     spread between runs is what the confirmation's rounds measure."""
     return max(1, budget.warmup_steps // grad_accum), max(1, budget.timed_steps // grad_accum)
+
+
+def steps_for_target(target_s: float | None, first_step_s: float, most: int) -> int:
+    """Timed optimizer steps for a run whose first timed step took ``first_step_s``: as many as
+    fill ``target_s`` (rounded), at least one, at most ``most``."""
+    if target_s is None or first_step_s <= 0:
+        return most
+    return max(1, min(most, round(target_s / first_step_s)))
 
 
 # -- the parent side -----------------------------------------------------------------------
@@ -83,6 +104,8 @@ def trial_command(plan: Plan, plan_path: Path, result_path: Path, budget: TrialB
 
     args = [str(plan_path), str(result_path), "--warmup", str(budget.warmup_steps), "--steps", str(budget.timed_steps),
             "--progress", str(progress_path(result_path))]
+    if budget.target_s is not None:
+        args += ["--seconds", repr(budget.target_s)]
     nproc = plan.launch.nproc_per_node
     if nproc * plan.launch.nnodes == 1:
         return [sys.executable, "-m", "autotune.trial", *args]
@@ -324,20 +347,29 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
     try:
         trainer = Trainer(plan)
         device = trainer.device
+        built = time.monotonic()
         # Budgets count micro-batch steps, so a trial with accumulation trains as many tokens
         # as one without; the first micro-batch compiles, so one warm-up step is enough then.
         warmup, steps = optimizer_steps(budget, trainer.ctx.grad_accum)
         losses = [trainer.train_step(step) for step in range(warmup)]
         _sync(device)
+        warmed = time.monotonic()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.metrics()  # the warm-up's step metrics are left out
         times, timed = [], []
         reporter = _Progress(progress, trainer.tokens_per_step) if progress is not None else None
-        for step in range(warmup, warmup + steps):
+        step = warmup
+        while step < warmup + steps:
             with _StepTimer(device) as t:
                 timed.append(trainer.train_step(step))
             times.append(t)
+            if step == warmup and budget.target_s is not None:
+                # The first timed step says how many fit the target (one sync, after its end
+                # event: its own time is unchanged). Every rank takes the slowest rank's count.
+                _sync(device)
+                steps = steps_for_target(budget.target_s, _slowest(t.seconds(), trainer.world_size, device), steps)
+            step += 1
             if reporter is not None:
                 reporter.report(times)
         _sync(device)
@@ -363,7 +395,7 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
             losses=values,
             step_times=step_times,
             metrics=trainer.metrics() or None,
-        ))
+        ), startup_s=built - _process_start(), warmup_s=warmed - built, timed_s=sum(step_times))
     except NonFiniteLoss as e:
         return TrialResult(figures=Figures(status="nan"), error=str(e))
     except torch.OutOfMemoryError as e:
@@ -376,6 +408,25 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
     finally:
         if trainer is not None:
             trainer.close(clean=clean)
+
+
+def _process_start() -> float:
+    """When this process started, on time.monotonic()'s clock."""
+    import psutil
+
+    return time.monotonic() - (time.time() - psutil.Process().create_time())
+
+
+def _slowest(seconds: float, world_size: int, device: Any) -> float:
+    """The largest of every rank's ``seconds`` (one all-reduce; itself when alone)."""
+    if world_size == 1:
+        return seconds
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
 
 
 class _Progress:
@@ -447,10 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("result", type=Path)
     ap.add_argument("--warmup", type=int, default=TrialBudget.warmup_steps)
     ap.add_argument("--steps", type=int, default=TrialBudget.timed_steps)
+    ap.add_argument("--seconds", type=float, default=None, help="timed seconds to aim for (TrialBudget.target_s)")
     ap.add_argument("--progress", type=Path, default=None, help="append each timed step's tokens/s here (rank 0)")
     args = ap.parse_args(argv)
     die_with_parent()  # a rank under torchrun: dies with torchrun, which dies with the planner
-    budget = TrialBudget(warmup_steps=args.warmup, timed_steps=args.steps)
+    budget = TrialBudget(warmup_steps=args.warmup, timed_steps=args.steps, target_s=args.seconds)
     try:
         plan = planmod.load(args.plan)
     except UserError as e:

@@ -85,6 +85,21 @@ def error_distribution(errors: list[float]) -> str:
             f"(signed {min(errors):+.1%} .. {max(errors):+.1%})")
 
 
+def overhead_line(trials: list[Any]) -> str | None:
+    """The search's per-trial overhead, measured by each trial's child: the median start-up
+    (Python, torch, the model built), warm-up (compilation) and timed seconds, over the trials
+    that recorded them."""
+    import statistics
+
+    rows = [(t.user_attrs["startup_s"], t.user_attrs["warmup_s"], t.user_attrs["timed_s"]) for t in trials
+            if all(k in t.user_attrs for k in ("startup_s", "warmup_s", "timed_s"))]
+    if not rows:
+        return None
+    startup, warmup, timed = (statistics.median(column) for column in zip(*rows))
+    return (f"per trial (median of {len(rows)}): start-up {startup:.1f} s, warm-up and compilation {warmup:.1f} s, "
+            f"timed {timed:.1f} s")
+
+
 def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: Path) -> None:
     """The search's top trials (one short run each, so no speed-up there: the baseline trial
     may have been measured hours earlier in a resumed study), then the confirmation, whose
@@ -98,6 +113,9 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"trials: {counts}")
+    overhead = overhead_line(summary.complete)
+    if overhead:
+        console.print(overhead, highlight=False)
     for what, errors in (("peak memory", summary.memory_errors), ("step time", summary.time_errors)):
         if errors:
             console.print(f"cost model, {what} vs measured over {len(errors)} trials: {error_distribution(errors)}", highlight=False)

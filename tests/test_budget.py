@@ -1,0 +1,182 @@
+"""A time budget that always buys the expert plan, trials sized by time, and measurements a
+loaded machine cannot fool (issue 26): the reserve predicted from the candidate's own phases,
+the minimum budget refused up front, a slow baseline that still lets the prior run, stale
+figures of an earlier planner run measured again, a plan slower than its baseline never
+written, and a confirmation too noisy to trust said so."""
+
+import datetime
+import json
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+
+from autotune import planner, search
+from autotune import plan as planmod
+from autotune.plan import Figures
+from autotune.trial import TrialBudget, run_trial, steps_for_target
+from tests.conftest import DEFAULT_PLAN, ROOT
+
+
+def _compiled():
+    import dataclasses
+
+    plan = planmod.load(DEFAULT_PLAN)
+    return dataclasses.replace(plan, strategies=[*plan.strategies, planmod.StrategySpec(name="compile", knobs={})])
+
+
+def _trial(number, value, *, role=None, wall, startup=None, warmup=None, timed=None, plan=None):
+    """A completed FrozenTrial as the objective records one: its wall (Optuna's start and
+    complete times) and its child's phases."""
+    attrs = {"figures": {"status": "ok"}, "plan": (plan or planmod.load(DEFAULT_PLAN)).to_dict()}
+    if role:
+        attrs["role"] = role
+    if startup is not None:
+        attrs |= {"startup_s": startup, "warmup_s": warmup, "timed_s": timed}
+    start = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    t = optuna.trial.create_trial(value=value, params={}, distributions={}, user_attrs=attrs)
+    t.number = number
+    t.datetime_start, t.datetime_complete = start, start + datetime.timedelta(seconds=wall)
+    return t
+
+
+class _Study:
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self, deepcopy=False, states=None):
+        return [t for t in self.trials if states is None or t.state in states]
+
+
+SETTINGS = planner.PlanSettings(workload="tiny", budget=TrialBudget(warmup_steps=5, timed_steps=20, target_s=5.0))
+
+
+def test_the_first_timed_step_sizes_a_trial_to_its_target_seconds():
+    assert steps_for_target(5.0, 0.1, 20) == 20  # fast: the step count is the most
+    assert steps_for_target(5.0, 1.0, 20) == 5
+    assert steps_for_target(5.0, 3.7, 20) == 1  # a slow fp32 baseline: one step
+    assert steps_for_target(5.0, 60.0, 20) == 1  # never none
+    assert steps_for_target(None, 3.7, 20) == 20  # the quality guard's runs: every step
+
+
+def test_the_reserve_is_the_candidates_own_phases_not_the_slowest_trial():
+    """The Qwen3 case on one H200: an fp32 baseline of 49 s (10 s start-up, 4 s warm-up, 35 s
+    timed) and a compiled bf16 prior of 90 s, 60 of them compiling. The reserve was rounds x
+    (the slowest trial + the baseline) = 3 x 98 s; now each round is the candidate with its
+    compilation cached plus a baseline timed as long as the candidate."""
+    base = _trial(0, 17_495.0, role="baseline", wall=49.0, startup=10.0, warmup=4.0, timed=35.0)
+    alone = planner.confirmation_seconds(_Study([base]), SETTINGS)
+    assert alone == pytest.approx(3 * 49.0)  # the baseline is the best: it confirms against itself, one run a round
+    prior = _trial(1, 209_224.0, role="prior", wall=90.0, startup=15.0, warmup=70.0, timed=5.0, plan=_compiled())
+    seconds = planner.confirmation_seconds(_Study([base, prior]), SETTINGS)
+    plan_run = 15.0 + planner.CACHED_WARMUP * 70.0 + 5.0
+    base_run = 10.0 + 4.0 + 5.0  # timed as long as the candidate, not its own 35 s
+    assert seconds == pytest.approx(3 * (plan_run + base_run))
+    assert seconds < 0.6 * 3 * (90.0 + 49.0)  # the old reserve: 417 s of a 420 s budget
+    # A trial recorded before the phases were: its wall stands for the whole run.
+    old = _trial(1, 209_224.0, role="prior", wall=90.0)
+    assert planner.confirmation_seconds(_Study([base, old]), SETTINGS) == pytest.approx(3 * (90.0 + 49.0 - 35.0 + 35.0))
+
+
+def test_a_budget_too_small_for_the_model_is_refused_before_anything_runs(tmp_path, run_cli):
+    code, out, err = run_cli("plan", "--workload", "tiny", "--trials", "4", "--time-budget", "5", "--device", "cpu",
+                             "--storage", f"sqlite:///{tmp_path}/s.db", "--out", tmp_path / "p.json")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "--time-budget 5: too small" in err and "at least" in err
+    least = int(err.split("at least ")[1].split()[0])
+    assert 5 < least < 60  # a lower bound from the start-up floor, not a guess of the whole search
+    assert not (tmp_path / "s.db").exists() and not (tmp_path / "p.json").exists()
+
+
+def test_a_baseline_that_fills_the_old_reserve_still_lets_the_prior_run(tmp_path):
+    """Under a budget where the old reserve, 3 x (slowest trial + baseline) = 6 baselines, left
+    about no room after a tiny baseline of 7-8 s on 2 idle cores, the expert prior runs: the
+    baseline's own rounds are the reserve until a candidate has run."""
+    budget = 75.0
+    db, out = tmp_path / "s.db", tmp_path / "p.json"
+    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--time-budget", str(budget), "--device", "cpu",
+           "--trial-steps", "8", "--warmup-steps", "4", "--storage", f"sqlite:///{db}", "--out", str(out)]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "AUTOTUNE_CACHE": str(tmp_path / "cache")})
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{db}")
+    ran = [t for t in study.trials if t.user_attrs.get("launched")]
+    roles = [t.user_attrs.get("role") for t in ran]
+    assert roles[:2] == ["baseline", "prior"], roles
+    assert {"startup_s", "warmup_s", "timed_s"} <= set(ran[1].user_attrs)
+    assert "per trial (median of" in proc.stdout
+    assert wall <= budget + planner.budget_margin(budget)
+    plan = planmod.load(out)
+    assert plan.comparison is not None and plan.comparison.cores and plan.comparison.load
+
+
+def test_an_earlier_runs_best_figure_is_measured_again_before_it_is_chosen(tmp_path):
+    """A resumed study: a killed planner's baseline (measured idle, the fastest figure of the
+    study) against this run's trials (measured under load). It is run again in this run, and
+    the choice is among this run's figures only."""
+    space, _ = planner.build_space(planner.PlanSettings(workload="tiny", device="cpu"), planner._profile(planner.PlanSettings(workload="tiny")),
+                                   planner.load_workload("tiny", {}))
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
+    baseline = search.plan_for(space, space.baseline_micro_batch, [])
+    study.add_trial(optuna.trial.create_trial(value=1e9, params={}, distributions={},
+                                              user_attrs={"role": "baseline", "plan": baseline.to_dict(), "run": "earlier", "figures": {}}))
+    time.sleep(0.05)
+    since = datetime.datetime.now()
+    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now")
+    lines = []
+    summary = planner._fresh(study, objective, since, planner.Clock(), 0.0, lines.append)
+    again = [t for t in study.trials if t.user_attrs.get("role") == search.REMEASURE]
+    assert len(again) == 1 and again[0].user_attrs["remeasures"] == 0 and again[0].user_attrs["run"] == "now"
+    assert "measured by an earlier planner run" in lines[0]
+    assert summary.best.number == again[0].number and summary.best.value < 1e9  # the idle figure is not compared
+    assert summary.baseline.number == 0  # still the study's baseline configuration
+
+
+def _plan(micro_batch):
+    plan = planmod.load(DEFAULT_PLAN)
+    import dataclasses
+
+    return dataclasses.replace(plan, train=dataclasses.replace(plan.train, micro_batch_size=micro_batch))
+
+
+def test_a_plan_confirmed_slower_than_its_baseline_is_not_written_the_baseline_is():
+    best, baseline = _plan(16), _plan(2)
+    base = Figures(status="ok", tokens_per_s=23_605.0, samples=[23_605.0, 23_000.0, 24_000.0], spread=0.02, losses=[5.0, 4.9], loss_end=4.9, loss_start=5.0)
+    slow = Figures(status="ok", tokens_per_s=1_163.0, samples=[1_163.0], spread=0.0, losses=[5.0, 4.9], loss_end=4.9, loss_start=5.0)
+    comparison = planner.compare(slow, base, 3, same=False)
+    done = planner.Confirmed(measured=slow, baseline=base, comparison=comparison, loss_check=None)
+    chosen = type("T", (), {"number": 7})()
+    summary = search.Summary(best=chosen, baseline=type("T", (), {"number": 0})())
+    plan, confirmed, trial = planner._baseline_instead(best, baseline, done, summary, chosen)
+    assert plan is baseline and trial.number == 0
+    assert confirmed.measured.tokens_per_s == 23_605.0 and not confirmed.comparison.beats_baseline
+    assert confirmed.comparison.verdict.startswith("trial 7 measured 0.05x the baseline") and "the baseline is the plan" in confirmed.comparison.verdict
+    assert confirmed.loss_check.passed
+    faster = planner.Confirmed(measured=base, baseline=slow, comparison=planner.compare(base, slow, 3, same=False), loss_check=None)
+    assert planner._baseline_instead(best, baseline, faster, summary, chosen) is None
+
+
+def test_a_confirmation_too_noisy_to_trust_claims_nothing():
+    runs = [Figures(status="ok", tokens_per_s=v) for v in (1_163.0, 23_605.0, 12_000.0)]
+    assert planner._worst_spread(runs) > planner.BUSY_SPREAD
+    assert planner._worst_spread([Figures(status="ok", tokens_per_s=v) for v in (100.0, 104.0, 96.0)]) == pytest.approx(0.04)
+    plan, base = planner.median_figures(runs), Figures(status="ok", tokens_per_s=1000.0, spread=0.01)
+    c = planner.compare(plan, base, 5, same=False, busy=True)
+    assert c.too_busy and not c.beats_baseline and c.verdict.startswith("the machine was too busy to measure")
+
+
+def test_a_timed_trial_reports_its_phases(tmp_path):
+    """The child measures its own start-up, warm-up and timed seconds (the search's per-trial
+    overhead), and a target of seconds times fewer steps than the most."""
+    plan = planmod.load(DEFAULT_PLAN)
+    result = run_trial(plan, TrialBudget(warmup_steps=1, timed_steps=50, target_s=0.01), workdir=tmp_path)
+    f = result.figures
+    assert f.status == "ok", result.error
+    assert len(f.step_times) < 50 // plan.grad_accum()
+    assert 0 < result.startup_s < result.wall_s and result.warmup_s > 0
+    assert result.timed_s == pytest.approx(sum(f.step_times))
+    assert json.dumps(result.startup_s)
