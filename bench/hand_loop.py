@@ -34,15 +34,17 @@ from typing import Any
 
 OURS = ("seq_len", "attn_implementation", "weights")
 """Workload override keys that are autotune's, not the model config's."""
+DEFAULT_SEQ_LEN = 1024
+"""autotune.workloads.hf's default training length, where the plan's overrides name none."""
 
 
-def build_model(overrides: dict[str, Any], device: Any) -> Any:
-    """The plan's HF model, as plain transformers builds it."""
+def build_model(overrides: dict[str, Any], device: Any, model_type: str = "llama") -> Any:
+    """The plan's HF model (``hf:<model_type>``), as plain transformers builds it."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {k: v for k, v in overrides.items() if k not in OURS}
-    config = AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
+    config = AutoConfig.for_model(fields.pop("model_type", model_type), **fields)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     return model.to(device=device, dtype=torch.float32)
 
@@ -96,11 +98,11 @@ def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     train, overrides = plan["train"], plan["workload"]["overrides"]
-    seq_len, global_batch = int(overrides["seq_len"]), global_batch_of(plan)
+    seq_len, global_batch = int(overrides.get("seq_len") or DEFAULT_SEQ_LEN), global_batch_of(plan)
     accum = global_batch // micro
     warmup, steps = max(1, args.warmup // accum), max(1, args.steps // accum)
     torch.manual_seed(train["seed"])
-    model = build_model(overrides, device)
+    model = build_model(overrides, device, plan["workload"]["name"].removeprefix("hf:"))
     vocab = model.config.vocab_size
     opt = optimizer(model, train, device)
     data = Windows(train, vocab, seq_len, device)
