@@ -1044,10 +1044,11 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     base_step = base_figures.step_time_s if base_figures is not None and base_figures.status == "ok" else None
     chosen, guard = guarded_choice(study, summary, settings, name, clock=clock, status=status, log=log)
     best = search.plan_of(chosen)
-    log(f"confirming trial {chosen.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
-        f"{_rounds(settings)} interleaved rounds")
     # The guard has run: what is left of the reserve is the confirmation's.
     seconds = confirmation_seconds(study, settings, plain_run=plain_run) - guard_seconds(study, settings)
+    left = "" if clock.deadline is None else f", {max(0.0, clock.left()):.0f} s of the budget left"
+    log(f"confirming trial {chosen.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
+        f"{_rounds(settings)} interleaved rounds, predicted {seconds:.0f} s{left}")
     done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=seconds, baseline_step_s=base_step)
     instead = _baseline_instead(best, baseline_plan, done, summary, chosen) if baseline_plan is not None else None
     if instead is not None:

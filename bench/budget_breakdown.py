@@ -18,8 +18,14 @@ import optuna
 GROUPS = {"ok": "ok", "pruned": "pruned", "oom": "pruned", "unsupported": "pruned"}
 
 
+PHASES = ("startup_s", "warmup_s", "timed_s")
+"""What each trial's child measured of its own wall: start-up (Python, torch, the model built),
+warm-up (compilation) and the timed steps; the rest is the parent's spawn and the child's exit."""
+
+
 def breakdown(study: optuna.Study) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {g: {"trials": 0, "seconds": 0.0} for g in ("ok", "pruned", "failed")}
+    out["phases"] = {p: 0.0 for p in PHASES} | {"trials": 0}
     for t in study.get_trials(deepcopy=False):
         if t.datetime_start is None or t.datetime_complete is None:
             continue
@@ -27,6 +33,10 @@ def breakdown(study: optuna.Study) -> dict[str, dict[str, float]]:
         group = GROUPS.get(status, "failed")
         out[group]["trials"] += 1
         out[group]["seconds"] += (t.datetime_complete - t.datetime_start).total_seconds()
+        if all(p in t.user_attrs for p in PHASES):
+            out["phases"]["trials"] += 1
+            for p in PHASES:
+                out["phases"][p] += t.user_attrs[p]
     return out
 
 
@@ -42,10 +52,14 @@ def main() -> None:
     if args.json:
         print(json.dumps({"study": study.study_name, **rows}))
         return
+    phases = rows.pop("phases")
     total = sum(r["seconds"] for r in rows.values())
     print(f"study {study.study_name}: {total:.0f} s in trials")
     for group, r in rows.items():
         print(f"  {group:<7} {int(r['trials']):>3} trials {r['seconds']:>7.1f} s  ({r['seconds'] / total:.0%})" if total else f"  {group}: 0")
+    if phases["trials"]:
+        print(f"  of the {int(phases['trials'])} trials that recorded their phases: "
+              + ", ".join(f"{p.removesuffix('_s')} {phases[p]:.1f} s" for p in PHASES))
 
 
 if __name__ == "__main__":
