@@ -1,24 +1,41 @@
 """An analytic cost model: peak memory and step time of a plan, before it is launched.
 
-The planner prunes a trial predicted not to fit in device memory without launching it, and
-reports the model's error against the trials that ran. Step time is FLOPs over the profile's
-measured matmul rate at an achievable fraction, plus the memory-bound optimizer step.
+The planner prunes a trial predicted not to fit in device memory without launching it (with a
+margin learned from the study's own trials, ``search.memory_correction``), and reports the
+model's error against the trials that ran (``bench/costmodel_check.py``).
 
-Memory per process (bytes), for a model of P parameters, L layers, width h, vocab V, micro-batch
-b and sequence s (t = b * s tokens), all read from the model adapter's ``ModelShape``:
+Memory per process (bytes), for a model of P parameters, L blocks, width h, vocab V and
+micro-batch b of sequences of s tokens (t = b * s tokens), all read from the model adapter's
+``ModelShape`` (Hugging Face models' included, whatever their family):
 
     weights 4P + AdamW states 8P + gradients 4P                   (fp32 master copy)
-    + activations  L * t * h * act_bytes(precision, compiled) * stored_fraction(checkpointing)
-      * widths / 16 (the tensors a block saves, 16 of width h for the GPT; see layer_widths)
-      (+ L * b * heads * s^2 * bytes for attention backends that store the score matrix)
-    + logits       t * V_padded * logit_bytes(precision, compiled)
+    + activations  t * L * block_bytes: what one block keeps for its backward per token,
+                   counted from what autograd saves in each family's block (the norms, the
+                   bf16 copy autocast makes of a matmul's input for each linear reading it,
+                   the attention kernel's q, k, v (n_kv_heads x head_dim wide), output and
+                   logsumexp, the MLP's hidden tensors: 2 of d_ff for GELU, 4 for SwiGLU);
+                   what inductor's partitioner keeps when compiled; a checkpointed block
+                   keeps its fp32 input only
+      (+ L * b * heads * s^2 * bytes where the kernel stores the scores: the naive and math
+         backends, and SDPA in fp32 on grouped kv heads, which falls back to math)
+    + logits       t * V_padded * 12 eager: the forward keeps the fp32 log-softmax (the loss
+                   upcasts bf16 logits), and where the backward starts its gradient and the
+                   logits' are live with it; ~3 compiled with the model
+    + casts        autocast's bf16 copies of the weights, kept for the backward (eager)
 
-The per-token coefficients are counted from what autograd saves in this GPT (see
-``Coefficients``) and fitted to peaks measured on an H200 (bench/results/single_device_h200.jsonl:
-fp32 eager, bf16 eager with and without checkpointing, naive attention, accumulation and
-bf16 + compile all land within 3% of the measured peak).
-FLOPs follow PaLM appendix B: 6 N + 12 L h s per token, plus the replayed forward of every
-checkpointed block; ``tests/test_costmodel.py`` checks them against FlopCounterMode.
+``tests/test_costmodel.py`` checks the activation and logit terms against the bytes autograd
+saves in tiny models of each Hugging Face family (llama, qwen2, qwen3, mistral, gemma2, gpt2,
+gpt_neox, phi3) on the CPU, FLOPs against FlopCounterMode, and the whole against the peaks and
+step times of 45 trials measured on an H200 (the built-in GPT's and a Hugging Face Llama's).
+
+Step time: the FLOPs (PaLM appendix B: 6 N + 12 L s (n_heads head_dim) per token, N the
+matmul weights with the head, tied or not, plus the replayed forward of every checkpointed
+block) over the profile's measured matmul rate at an efficiency that grows with the width
+(a causal half-precision kernel doing half the attention term), plus the memory-bound passes
+over the profile's copy bandwidth: the pointwise work around each block's matmuls (a multiple
+of the bytes it keeps, smaller compiled), stored scores, the cross-entropy over the b x s x V
+logits (several passes eager, about two compiled), AdamW's pass over the state; and at least
+the host's time to launch each micro-batch's kernels.
 """
 
 from __future__ import annotations
@@ -39,28 +56,51 @@ _STORES_SCORES = {"naive", "math"}
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Coefficients:
-    """Bytes per token (per unit of width or vocab) that one step keeps alive."""
+    """What the counts leave to measurement: fitted to peaks and step times measured on an H200."""
 
-    act_eager_fp32: float = 64.0
-    """Per layer per token per unit width, fp32 eager: 16 fp32 tensors of width h saved."""
-    act_eager_mixed: float = 40.0
-    """bf16/fp16 autocast eager: fp32 residual and norm inputs (4+4+4+4... ) plus bf16 matmul inputs."""
-    act_compiled_fp32: float = 44.0
-    """fp32 compiled: inductor recomputes pointwise ops instead of saving them."""
-    act_compiled_mixed: float = 26.0
-    """bf16/fp16 compiled."""
-    logits_eager_fp32: float = 12.0
-    """Per token per vocab entry, fp32 eager: logits, log-softmax, and their gradient."""
-    logits_eager_mixed: float = 12.0
-    """Autocast eager: bf16 logits, their fp32 upcast, log-softmax and gradient (fit: 11.7)."""
+    compiled_mlp_output: float = 0.5
+    """Share of the MLP's activation output (the down projection's input) a compiled block
+    keeps beside what the partitioner must: inductor kept it in the H200 runs at widths 768
+    (GPT-2 124M, Llama 125M) and 2048 (gpt-1b) and recomputed it at 512 (phase8-small); half
+    puts those peaks within 7%."""
     logits_compiled_fp32: float = 8.0
-    """Compiled fp32: the loss is fused; logits and their gradient remain."""
+    """Bytes per token and vocab entry when the loss is compiled with the model, fp32: the
+    logits and their gradient."""
     logits_compiled_mixed: float = 3.0
-    """Compiled bf16: the bf16 logits and a part of their gradient at a time (fit: 2.9)."""
-    matmul_efficiency: float = 0.55
-    """Fraction of the measured matmul rate a training step reaches on its matmuls."""
-    eager_efficiency: float = 0.4
-    """The same without compile (unfused pointwise work between matmuls)."""
+    """... bf16/fp16: the bf16 logits and a part of their gradient at a time (fit: 2.9)."""
+    matmul_efficiency: float = 0.95
+    """Fraction of the measured matmul rate (8192^3 products) a step's bf16 and tf32 matmuls
+    reach on a wide model; narrower ones reach less (:attr:`matmul_half_width`)."""
+    matmul_half_width: float = 200.0
+    """Width at which they reach half of :attr:`matmul_efficiency`: the efficiency is
+    matmul_efficiency x h / (h + this) (0.68 at h 512, 0.75 at 768, 0.80 at 1024, 0.86 at
+    2048). Fitted with the coefficients below to 45 trials on an H200 (bench/costmodel_check.py)."""
+    fp32_efficiency: float = 1.0
+    """... its plain fp32 matmuls: slow enough that they run at the measured rate."""
+    unaligned_head: float = 0.3
+    """The same for the head's matmuls, eager in bf16 or tf32, when the (padded) vocabulary is
+    not a multiple of 64 (cuBLAS' unaligned kernels; inductor pads them itself)."""
+    pointwise_eager: float = 10.0
+    """Bytes moved by the pointwise work around the matmuls per byte a block keeps, eager (the
+    forward writes each, the backward reads it and writes its gradient)."""
+    pointwise_compiled: float = 3.0
+    """... compiled (fused: what is recomputed is never written)."""
+    loss_passes_eager: float = 60.0
+    """Bytes moved per logit by the eager loss: bf16 logits, their fp32 copy, log-softmax (its
+    max and sum passes too), the nll gradient, log-softmax's backward and the cast back."""
+    loss_passes_compiled: float = 10.0
+    """... compiled with the model: the logits written and read in about two fused passes."""
+    optimizer_bytes: float = 44.0
+    """Bytes per parameter of the optimizer step: AdamW reads weights, gradients, two moments
+    and writes three (28), and clipping reads the gradients and scales them in place."""
+    score_passes: float = 140.0
+    """Bytes moved per element of the (b, heads, s, s) scores by the backends that write them
+    (naive, math): the scores, the mask, the softmax, and their gradients."""
+    launch_eager_s: float = 2.5e-3
+    """Host time to launch one block's forward and backward kernels, eager: a micro-batch
+    takes at least L times this (the GPU waits on the host when its kernels are short)."""
+    launch_compiled_s: float = 0.6e-3
+    """... compiled (fewer, fused kernels)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -72,7 +112,10 @@ class Estimate:
     flops_per_step: float
     """Training FLOPs per optimizer step per process (recomputation included)."""
     breakdown: dict[str, float] = field(default_factory=dict)
-    """Memory by part: weights, optimizer, gradients, activations, logits, scores."""
+    """Memory by part: weights, optimizer, gradients, activations, logits, scores, casts, and
+    recompute (a checkpointed block live again, where more than the logits' part)."""
+    time_breakdown: dict[str, float] = field(default_factory=dict)
+    """Step time by part (seconds): matmuls, pointwise, loss, optimizer."""
 
 
 def _setting(configs: dict[str, Any], name: str, attr: str, default: Any) -> Any:
@@ -122,28 +165,84 @@ def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]
     """Training FLOPs of one optimizer step in one process (PaLM: 6N + 12 L (nh hs) s per
     token, plus the replayed forward of every recomputed block)."""
     c = shape_of(workload)
+    return _step_flops(c, micro_batch * c.seq_len * _setting(configs, "grad_accum", "steps", 1), configs)[0]
+
+
+def _step_flops(c: ModelShape, tokens: int, configs: dict[str, Any]) -> tuple[float, float]:
+    """(all, attention's) training FLOPs of ``tokens`` tokens."""
     V = padded_vocab(c.vocab_size, configs)
-    accum = _setting(configs, "grad_accum", "steps", 1)
-    tokens = micro_batch * c.seq_len * accum
     block_params = _block_matmuls(c)
-    attention = 12 * c.n_layers * c.attn_dim * c.seq_len
-    total = 6 * (block_params + V * c.d_model) + attention
     k = checkpointed_blocks(configs, c.n_layers)
     # Recomputation replays a block's forward but stops early once every saved tensor is back
     # (torch.utils.checkpoint's early stop): the MLP's output projection is not replayed.
-    recompute = 2 * block_params / c.n_layers + 4 * c.attn_dim * c.seq_len - 2 * c.d_model * c.d_ff
-    return float(tokens * (total + k * recompute))
+    recompute = 2 * block_params / c.n_layers - 2 * c.d_model * c.d_ff
+    attention = 4 * c.attn_dim * c.seq_len * (3 * c.n_layers + k)  # 12 L (nh hs) s, and 4 (nh hs) s replayed
+    return float(tokens * (6 * (block_params + V * c.d_model) + k * recompute + attention)), float(tokens * attention)
 
 
-def layer_widths(shape: ModelShape) -> float:
-    """Width-h tensors one block saves per token for its backward, counted as the GPT's: 16
-    (``Coefficients.act_eager_fp32`` / 4 bytes) of which the MLP's hidden ones are 2 x d_ff
-    (a gated MLP's 4 x d_ff: gate, up, act(gate), product), q/k/v 3 (grouped kv heads fewer),
-    and 5 the norms, the residual and attention's output. 16 for the GPT at d_ff = 4h."""
+def attention_backend(shape: ModelShape, configs: dict[str, Any]) -> str:
+    """The attention kernel a plan's steps run: the attention strategy's backend, else SDPA's
+    own choice, "sdpa", except that fp32 SDPA with grouped kv heads runs its math backend (the
+    memory-efficient kernel takes no grouped heads and flash no fp32), which keeps the scores
+    (measured: the HF Llama-125M fp32 baseline's 9.8 GiB above the count,
+    bench/results/hf-llama-125m-h200)."""
+    backend = _setting(configs, "attention", "backend", None)
+    if backend is not None:
+        return backend
+    fp32 = _setting(configs, "precision", "dtype", "fp32") == "fp32"
+    return "math" if fp32 and 0 < shape.n_kv_heads < shape.n_heads else "sdpa"
+
+
+def block_bytes(shape: ModelShape, *, mixed: bool, compiled: bool, repeated_kv: bool = False,
+                coefficients: Coefficients = Coefficients()) -> float:
+    """Bytes one block keeps for its backward per token. Eager, as autograd saves them: the
+    norms' fp32 inputs (and normalised values, for norms written in Python), each matmul
+    input (under autocast a bf16 copy per reading linear: 3 for separate q, k, v), the
+    kernel's q, k, v, output and fp32 logsumexp (the rotated q, k beside a fused qkv output;
+    per-head q/k norms' inputs and values), the MLP's hidden tensors. ``repeated_kv``: the
+    kernel gets k and v repeated to every query head (our attention backends on a GQA model).
+    Compiled, inductor's partitioner recomputes the pointwise work: it keeps the norms'
+    inputs, the kernel's tensors and the MLP's pre-activations."""
+    h, ff, heads = shape.d_model, shape.d_ff, shape.n_heads
+    q = shape.attn_dim
+    kv = q if repeated_kv else shape.n_kv_heads * shape.head_dim
+    out = q or h  # the output projection's input: d_model wide where the heads are not known
+    a = 2 if mixed else 4  # bytes of an activation: bf16 under autocast; norms and residual stay fp32
+    if compiled:
+        mlp = shape.mlp_matrices - 1 + coefficients.compiled_mlp_output
+        kept = 4 * h * shape.norm_inputs + a * (q + 2 * kv + out) + 4 * heads + a * ff * mlp
+        return kept + (a * (q + kv) if shape.qk_norm else 0)
+    linears = a * h * (shape.attn_in_linears + shape.mlp_in_linears) if mixed else 4 * h * 2
+    attention = a * (q + 2 * kv + out) + 4 * heads
+    if shape.rope_copies:
+        attention += a * (q + kv)
+    if shape.qk_norm:  # fp32 copies of q and k, the fp32 rsqrt a head, the normalised values
+        attention += (4 + a) * (q + kv) + 4 * (heads + shape.n_kv_heads)
+    return 4 * h * shape.norm_saved + linears + attention + a * ff * shape.mlp_saved
+
+
+def outside_bytes(shape: ModelShape, *, mixed: bool, compiled: bool) -> float:
+    """Bytes kept per token outside the blocks and the logits: the final norm's input (and
+    normalised value), the head's input, the token ids."""
     h = shape.d_model
-    hidden = 2 * (shape.mlp_matrices - 1) * shape.d_ff
-    qkv = shape.attn_dim + 2 * shape.n_kv_heads * shape.head_dim
-    return (5 * h + hidden + qkv) / h
+    if compiled:
+        return 4 * h + 8
+    norm = 4 * h * shape.norm_saved / max(1, shape.norm_inputs)
+    return norm + (2 if mixed else 4) * h + 8
+
+
+def logit_bytes(shape: ModelShape, *, mixed: bool, loss_compiled: bool, coefficients: Coefficients = Coefficients()) -> tuple[float, float]:
+    """(kept by the forward, live at the peak) bytes per token and vocab entry. Eager, the
+    forward keeps the fp32 log-softmax (4: the loss upcasts bf16 logits; the bf16 logits are
+    freed), and at the start of the backward its gradient and the logits' are live with it
+    (12). Soft-capped logits (Gemma 2) keep tanh's output too. Compiled with the model:
+    fitted (``Coefficients.logits_compiled_*``)."""
+    a = 2 if mixed else 4
+    cap = a if shape.logit_softcap else 0
+    if loss_compiled:
+        kept = coefficients.logits_compiled_mixed if mixed else coefficients.logits_compiled_fp32
+        return kept, kept
+    return 4.0 + cap, 12.0 + cap
 
 
 def estimate(
@@ -177,36 +276,30 @@ def estimate(
     # eager logits cost (measured: 69 GiB at micro-batch 96, where the whole-model compile
     # takes 24 GiB; bench/results/plan-phase8-small, trial 7).
     loss_compiled = compiled and _setting(configs, "compile", "scope", "model") == "model"
-    backend = _setting(configs, "attention", "backend", "sdpa")
+    backend = attention_backend(c, configs)
     V = padded_vocab(c.vocab_size, configs)
     h, L, s, tokens = c.d_model, c.n_layers, c.seq_len, micro_batch * c.seq_len
+    accum = _setting(configs, "grad_accum", "steps", 1)
 
     from autotune.mesh import mesh_shape
 
     dp, tp, pp = mesh_shape(processes, configs)
     block_params = c.block_params or _block_matmuls(c)
-    # Embedding (and an untied head), position table and final norm stay whole (under TP
-    # too); with PP the first and the last stage both hold the tied embedding/head.
-    act_coef = {
-        (False, False): k.act_eager_fp32, (False, True): k.act_eager_mixed,
-        (True, False): k.act_compiled_fp32, (True, True): k.act_compiled_mixed,
-    }[(compiled, mixed)]
-    logit_coef = {
-        (False, False): k.logits_eager_fp32, (False, True): k.logits_eager_mixed,
-        (True, False): k.logits_compiled_fp32, (True, True): k.logits_compiled_mixed,
-    }[(loss_compiled, mixed)]
+    # Our attention backends get k and v repeated to every query head (the adapter repeats
+    # grouped kv heads before calling them), and so does SDPA's math backend: the kernel
+    # keeps them that wide.
+    per_block = block_bytes(c, mixed=mixed, compiled=compiled, repeated_kv="attention" in configs or backend == "math", coefficients=k)
     ckpt = checkpointed_blocks(configs, L)
-    # A checkpointed block keeps only its fp32 input; one block is live again while recomputed.
-    stored_layers = (L - ckpt) + ckpt * (4.0 / act_coef) * 16 / layer_widths(c) + (1 if ckpt else 0)
-    # act_coef is per width-h tensor group of the GPT (16 of them); other shapes save other widths.
-    activations = stored_layers * tokens * h * act_coef * layer_widths(c) / 16
-    scores = 0.0
+    # A checkpointed block keeps only its fp32 input.
+    activations = tokens * ((L - ckpt) * per_block + ckpt * 4 * h)
+    activations += tokens * outside_bytes(c, mixed=mixed, compiled=compiled)
+    block_scores = 0.0
     if backend in _STORES_SCORES:
         # fp32: the softmax output; autocast: bf16 scores and the fp32 softmax (measured).
-        score_bytes = 6 if mixed else 4
-        scores = (L - ckpt + (1 if ckpt else 0)) * micro_batch * c.n_heads * s * s * score_bytes
+        block_scores = micro_batch * c.n_heads * s * s * (6 if mixed else 4)
+    scores = (L - ckpt) * block_scores
     terms = CostTerms(
-        shape=c, dp=dp, tp=tp, pp=pp, tokens_per_step=tokens * _setting(configs, "grad_accum", "steps", 1),
+        shape=c, dp=dp, tp=tp, pp=pp, tokens_per_step=tokens * accum,
         block_params=block_params, other_params=c.vocab_tables * V * h + c.other_params,
         activations=activations, scores=scores, flops=flops_per_step(workload, micro_batch, configs),
     )
@@ -214,23 +307,80 @@ def estimate(
         term(configs[name], terms)
     # The blocks' share of one process: tensor parallel splits each, pipeline stages hold L/pp.
     params = terms.block_params / terms.model_shards + terms.other_params
+    _, logits_peak = logit_bytes(c, mixed=mixed, loss_compiled=loss_compiled, coefficients=k)
+    casts = 0.0
+    if mixed and not compiled:
+        # Autocast's bf16 copy of each weight a matmul reads is kept for the backward.
+        casts = 2.0 * (_block_matmuls(c) * (L - ckpt) / L / terms.model_shards + V * h)
     breakdown = {
         "weights": 0.0 if terms.weights_on_host else 4.0 * params / terms.weight_shards,
         "optimizer": 0.0 if terms.optimizer_on_host else 8.0 * params / terms.optimizer_shards,
         "gradients": 4.0 * params / terms.gradient_shards,
         "activations": terms.activations,
-        "logits": tokens * V * logit_coef,
+        "logits": tokens * V * logits_peak,
         "scores": terms.scores / terms.model_shards,
+        "casts": casts,
     }
+    # The peak is where the backward starts (the logits' gradients live), or where a
+    # checkpointed block is recomputed (the logits freed by then) if its activations are more.
+    recomputed = (tokens * per_block + block_scores) / terms.tp if ckpt else 0.0
+    breakdown["recompute"] = max(0.0, recomputed - breakdown["logits"])
     flops = terms.flops / terms.model_shards
-    step_time = None
+    step_time, times = None, {}
     if matmul_flops:
-        efficiency = k.matmul_efficiency if compiled else k.eager_efficiency
-        step_time = flops / (matmul_flops * efficiency)
-        if memory_bandwidth:
-            # AdamW reads and writes weights, gradients and two moments: ~32 bytes per parameter.
-            step_time += 32.0 * params / memory_bandwidth
-    return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, breakdown=breakdown)
+        times = step_times(c, configs, terms, flops=flops, params=params, per_block=per_block, matmul_flops=matmul_flops,
+                           memory_bandwidth=memory_bandwidth, coefficients=k)
+        step_time = sum(times.values())
+    return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, breakdown=breakdown,
+                    time_breakdown=times)
+
+
+def step_times(c: ModelShape, configs: dict[str, Any], terms: CostTerms, *, flops: float, params: float, per_block: float,
+               matmul_flops: float, memory_bandwidth: float | None, coefficients: Coefficients = Coefficients()) -> dict[str, float]:
+    """Seconds of one optimizer step by part: the matmuls (and attention) at the measured
+    rate's achievable share, then, with a measured bandwidth, the memory-bound passes (the
+    pointwise work around the matmuls, the stored scores, the loss over the logits, AdamW),
+    and the host's launch time where it exceeds the GPU's work of a micro-batch."""
+    k = coefficients
+    mixed = _setting(configs, "precision", "dtype", "fp32") != "fp32"
+    compiled = "compile" in configs
+    loss_compiled = compiled and _setting(configs, "compile", "scope", "model") == "model"
+    V, h, L = padded_vocab(c.vocab_size, configs), c.d_model, c.n_layers
+    tokens = terms.tokens_per_step
+    ckpt = checkpointed_blocks(configs, L)
+    fp32 = matmul_dtype(configs) == "fp32"
+    rate = matmul_flops * (k.fp32_efficiency if fp32 else k.matmul_efficiency * h / (h + k.matmul_half_width))
+    # PaLM's attention term counts the whole s x s square; a causal half-precision kernel
+    # skips the tiles above the diagonal (a strategy's term, sparse attention's, has removed
+    # kept tiles only). In fp32 SDPA runs the memory-efficient kernel without tensor cores: it
+    # was measured as slow as the whole square at the fp32 rate (phase8-long, seq 8192).
+    total, attention = _step_flops(c, tokens, configs)
+    attention = max(0.0, attention - max(0.0, total - terms.flops))
+    backend = attention_backend(c, configs)
+    causal = mixed and backend not in _STORES_SCORES
+    skipped = 0.5 * attention / terms.model_shards if causal else 0.0
+    times = {"matmuls": (flops - skipped) / rate}
+    if not compiled and matmul_dtype(configs) != "fp32" and V % 64:
+        head = 6.0 * tokens * V * h  # forward and backward of the head
+        times["matmuls"] += head / rate * (1.0 / k.unaligned_head - 1.0)
+    if memory_bandwidth:
+        pointwise = k.pointwise_compiled if compiled else k.pointwise_eager
+        # A recomputed block's forward runs twice: about half its pointwise traffic again.
+        kept = (L + 0.5 * ckpt) * per_block + outside_bytes(c, mixed=mixed, compiled=compiled)
+        times["pointwise"] = pointwise * tokens * kept / terms.model_shards / memory_bandwidth
+        if backend in _STORES_SCORES:
+            scores = (L + ckpt) * tokens * c.n_heads * c.seq_len  # b x heads x s^2 per block
+            times["scores"] = k.score_passes * scores / terms.model_shards / memory_bandwidth
+        passes = k.loss_passes_compiled if loss_compiled else k.loss_passes_eager
+        times["loss"] = passes * tokens * V / memory_bandwidth
+        times["optimizer"] = k.optimizer_bytes * params / max(terms.optimizer_shards, 1.0) / memory_bandwidth
+    # The host launches each micro-batch's kernels; the GPU waits where they are short.
+    micro_batches = _setting(configs, "grad_accum", "steps", 1)
+    host = micro_batches * L / max(terms.pp, 1) * (k.launch_compiled_s if compiled else k.launch_eager_s)
+    device = sum(v for name, v in times.items() if name != "optimizer")
+    if host > device:
+        times["launch"] = host - device
+    return times
 
 
 @dataclass(kw_only=True, slots=True)

@@ -187,20 +187,6 @@ def test_fixed_global_batch_derives_the_accumulation():
         search.micro_batch_choices(128, 469)  # 7 x 67: only 1 divides it, 469 times
 
 
-def test_slow_trials_are_pruned_by_the_cost_model(tmp_path):
-    # After a measured 10M tokens/s, a plain fp32 run predicted far slower is never launched.
-    space = _phase8_space(matmul_flops={"fp32": 50e12, "tf32": 300e12, "bf16": 600e12})
-    study = search.open_study("slow", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
-    dist = optuna.distributions.CategoricalDistribution(list(space.micro_batches))
-    study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 48}, distributions={"micro_batch_size": dist}, value=1e7))
-    study.enqueue_trial({"micro_batch_size": 16})
-    search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=2, time_budget=None)
-    trial = study.trials[1]
-    assert trial.state == optuna.trial.TrialState.PRUNED
-    assert "tokens/s < 50% of the best so far (10,000,000)" in trial.user_attrs["error"]
-    assert trial.user_attrs["predicted_step_time_s"] > 0
-
-
 def test_autotuning_compile_modes_get_a_longer_limit():
     space = _phase8_space()
     budget = TrialBudget(timeout_s=100)

@@ -72,8 +72,34 @@ class ModelShape:
     vocab_tables: int = 1
     """Vocabulary-by-width tables held: 1 when the head shares the embedding's weight, else 2."""
     mlp_matrices: int = 2
-    """Matrices of one block's MLP: 2 for fc/proj (GPT), 3 for a gated MLP (gate, up, down:
-    SwiGLU); a gated MLP keeps twice the hidden activations (gate, up, act(gate), product)."""
+    """Matrices of one block's MLP, in units of d_model x d_ff: 2 for fc/proj (GPT), 3 for a
+    gated MLP (gate, up, down: SwiGLU; Phi-3's fused gate_up counts as two)."""
+    # What one block keeps for its backward (the cost model's activations, see
+    # costmodel.block_bytes), read off the block by :func:`saved_layout`. The defaults are the
+    # built-in GPT's: two nn.LayerNorms, a fused qkv, GELU.
+    norm_saved: int = 2
+    """Tensors of width d_model (fp32) the block's norms keep: each norm's input, once where
+    two norms read one (GPT-NeoX's parallel residual), and the normalised value of a norm
+    written in Python (Hugging Face's RMSNorm: 4 for Llama's two, 8 for Gemma 2's four)."""
+    norm_inputs: int = 2
+    """Distinct inputs of the block's norms (what a compiled block keeps of them)."""
+    attn_in_linears: int = 1
+    """Linears reading the attention's input: 3 for separate q, k, v projections, 1 fused.
+    Under autocast each casts that input to bf16 for itself, and each copy is kept."""
+    mlp_in_linears: int = 1
+    """Linears reading the MLP's input: 2 for separate gate and up, else 1."""
+    mlp_saved: int = 2
+    """Tensors of width d_ff the MLP keeps, eager: 2 for a plain MLP with a built-in
+    activation (its input and output), 4 for a gated one (gate, act(gate), up, product), more
+    where the activation is written in Python (GPT-2's gelu_new keeps 4 of its own: 5)."""
+    rope_copies: bool = False
+    """q and k are rotated out of a fused qkv output: the rotated q and k are new tensors, and
+    the kernel's v (a view) keeps the whole fused output alive (Phi-3, GPT-NeoX)."""
+    qk_norm: bool = False
+    """q and k are normalised per head before attention (Qwen3, OLMo 2)."""
+    logit_softcap: bool = False
+    """The logits go through tanh soft-capping before the loss (Gemma 2): one more tensor of
+    the vocabulary's width kept."""
 
     @property
     def attn_dim(self) -> int:
@@ -211,12 +237,95 @@ def params_of(module: nn.Module) -> int:
 
 
 def mlp_matrices(adapter: ModelAdapter) -> int:
-    """Matrices of the first block's MLP (2: fc/proj; 3: gated); 2 when the adapter has none."""
+    """Matrices of the first block's MLP in units of its smallest (2: fc/proj; 3: gated, a
+    fused gate_up counting as two); 2 when the adapter has none."""
     try:
         mlp = adapter.mlp(adapter.blocks()[0])
     except (NotSupported, IndexError, AttributeError):
         return 2
-    return sum(1 for p in mlp.parameters() if p.dim() == 2) or 2
+    sizes = [p.numel() for p in mlp.parameters() if p.dim() == 2]
+    return round(sum(sizes) / min(sizes)) if sizes else 2
+
+
+_NATIVE_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+"""Norms of one fused kernel: they keep their input and statistics, not their normalised value."""
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NATIVE_NORMS) or type(module).__name__.endswith("Norm")
+
+
+def _linears(module: nn.Module) -> list[nn.Module]:
+    """Submodules holding a matrix (nn.Linear, GPT-2's Conv1D, ...), in order."""
+    return [m for m in module.modules() if any(p.dim() == 2 for p in m.parameters(recurse=False))]
+
+
+def activation_saves(module: nn.Module | None) -> int:
+    """Tensors the activation function ``module`` keeps for its backward, counted by running it
+    on a small tensor: 1 for a built-in one (SiLU, GELU), more for one written in Python
+    (GPT-2's gelu_new: 4); 1 when there is none to run (a functional call, a meta module)."""
+    if module is None:
+        return 1
+    kept: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dim():
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(torch.randn(2, 8, requires_grad=True))
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):  # one with meta parameters of its own, or such
+        return 1
+    return max(1, len(kept))
+
+
+def _activation(mlp: nn.Module) -> nn.Module | None:
+    """The MLP's activation module: its first child holding no parameters that is no dropout."""
+    for child in mlp.children():
+        if not any(True for _ in child.parameters()) and not isinstance(child, nn.Dropout):
+            return child
+    return None
+
+
+def saved_layout(adapter: ModelAdapter, config: Any = None) -> dict[str, Any]:
+    """The :class:`ModelShape` fields that say what a block keeps for its backward (all but
+    ``mlp_matrices``, :func:`mlp_matrices`), read off the first block: its norms (outside attention and MLP; native or written in Python),
+    the linears reading the attention's and the MLP's input, the MLP's matrices and its
+    activation (run once: :func:`activation_saves`), per-head q/k norms, and whether q and k
+    are rotated out of a fused qkv. ``config`` (a Hugging Face config) tells a parallel residual
+    (``use_parallel_residual``) and soft-capped logits (``final_logit_softcapping``). Parts the
+    adapter does not know keep the GPT's values."""
+    out: dict[str, Any] = {}
+    try:
+        block = adapter.blocks()[0]
+    except (NotSupported, IndexError, AttributeError):
+        return out
+    parts = {}
+    for name in ("attention", "mlp"):
+        try:
+            parts[name] = getattr(adapter, name)(block)
+        except (NotSupported, AttributeError):
+            pass
+    inner = {id(m) for part in parts.values() for m in part.modules()}
+    norms = [m for m in block.modules() if id(m) not in inner and _is_norm(m)]
+    if norms:
+        shared = 1 if getattr(config, "use_parallel_residual", False) and len(norms) >= 2 else 0
+        python = sum(1 for m in norms if not isinstance(m, _NATIVE_NORMS))
+        out |= {"norm_saved": len(norms) - shared + python, "norm_inputs": len(norms) - shared}
+    attention = parts.get("attention")
+    if attention is not None:
+        readers = max(1, len(_linears(attention)) - 1)  # all but the output projection
+        rotary = any("Rotary" in type(m).__name__ for m in adapter.model.modules())
+        out |= {"attn_in_linears": readers, "qk_norm": any(_is_norm(m) for m in attention.modules()), "rope_copies": rotary and readers == 1}
+    mlp = parts.get("mlp")
+    if mlp is not None:
+        gated = mlp_matrices(adapter) >= 3
+        act = activation_saves(_activation(mlp))
+        out |= {"mlp_in_linears": max(1, len(_linears(mlp)) - 1), "mlp_saved": act + (3 if gated else 1)}
+    out["logit_softcap"] = bool(getattr(config, "final_logit_softcapping", None))
+    return out
 
 
 def padded_width(vocab_size: int, multiple: int) -> int:
@@ -408,4 +517,6 @@ __all__ = [
     "block_matmul_params",
     "params_of",
     "mlp_matrices",
+    "saved_layout",
+    "activation_saves",
 ]

@@ -447,6 +447,8 @@ class HFAdapter:
         return masked_cross_entropy(logits, targets, self.model.vocab_size)
 
     def shape(self, seq_len: int | None = None) -> ModelShape:
+        from autotune.workloads.adapter import saved_layout
+
         c = self.hf.config
         d, heads = c.hidden_size, c.num_attention_heads
         d_ff = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * d
@@ -468,6 +470,7 @@ class HFAdapter:
             other_params=params_of(self.model) - blocks - vocab,
             vocab_tables=tables,
             mlp_matrices=mlp_matrices(self),
+            **saved_layout(self, c),  # what a block keeps for its backward (the cost model's activations)
         )
 
     def flops_per_token(self) -> int:
