@@ -12,8 +12,8 @@ pytest.importorskip("transformers")
 from autotune.errors import UserError  # noqa: E402
 from autotune.strategies.attention import naive_attention  # noqa: E402
 from autotune.workloads import load_workload  # noqa: E402
-from autotune.workloads.adapter import adapter_for, pipeline_split  # noqa: E402
-from autotune.workloads.hf import overrides_from_config  # noqa: E402
+from autotune.workloads.adapter import NotSupported, adapter_for, pipeline_split  # noqa: E402
+from autotune.workloads.hf import DEFAULT_SEQ_LEN, overrides_from_config, unread_fields  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=250, bos_token_id=0, eos_token_id=1, seq_len=16)
@@ -140,10 +140,129 @@ def test_bad_plans_exit_2_with_one_line(run_cli, tmp_path):
     data = json.loads((ROOT / "profiles" / "default" / "tiny.plan.json").read_text())
     for workload, expected in [
         ({"name": "hf:nosuchfamily", "overrides": {}}, "knows no model type"),
-        ({"name": "hf:llama", "overrides": {"hiden_size": 64}}, "workload.overrides.hiden_size"),
+        ({"name": "hf:llama", "overrides": {"hidden_size": "64"}}, "Field 'hidden_size' expected int"),
     ]:
         data["workload"] = workload
         (tmp_path / "plan.json").write_text(json.dumps(data))
         code, _, err = run_cli("run", tmp_path / "plan.json", "--out", tmp_path / "run")
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "run").exists()
+
+
+def _tiny_llama(**extra):
+    return {**CONFIGS["llama"], **extra}
+
+
+@pytest.mark.parametrize("dtype", [{"torch_dtype": "bfloat16"}, {"dtype": "float16"}, {"torch_dtype": "bfloat16", "dtype": "bfloat16"}])
+def test_the_configs_dtype_does_not_choose_how_we_train(dtype):
+    """from_config builds in the config's dtype (transformers 5.17's _from_config): we build in
+    fp32 and the precision strategy decides the compute dtype, as for the GPT."""
+    wl = load_workload("hf:llama", _tiny_llama(**dtype))
+    model = wl.build_model()
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.hf.config.dtype == torch.float32  # the built model's config says what it holds
+
+
+def test_fields_transformers_accepts_are_accepted_and_kept():
+    """Legacy names mapped (rope_theta, rope_scaling into rope_parameters), fields the family does
+    not define kept as attributes (as from_pretrained keeps them), and the plan's dicts left as
+    they were (transformers writes rope_theta into the rope_scaling it is given)."""
+    rope = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+    overrides = _tiny_llama(rope_theta=500000.0, rope_scaling=dict(rope), architectures=["LlamaForCausalLM"], max_position_embeddings=131072,
+                            hiden_size=8, n_ctx=1024)
+    before = json.dumps(overrides, sort_keys=True)
+    wl = load_workload("hf:llama", overrides)
+    config = wl.build_model().hf.config
+    assert config.rope_parameters == {**rope, "rope_theta": 500000.0} and config.hidden_size == 64 and config.hiden_size == 8
+    assert json.dumps(overrides, sort_keys=True) == before and wl.overrides == overrides
+    assert unread_fields("llama", {k: v for k, v in overrides.items() if k != "seq_len"}) == ["hiden_size", "n_ctx"]
+
+
+@pytest.mark.parametrize(
+    "family, fields, message",
+    [
+        ("llama", {"hidden_size": "abc"}, "Field 'hidden_size' expected int, got str"),  # huggingface_hub's strict dataclass
+        ("llama", {"num_hidden_layers": 2.5}, "Field 'num_hidden_layers' expected int, got float"),
+        ("llama", {"num_attention_heads": 5}, "not a multiple of the number of attention heads"),
+        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 32.0}}, "Missing required keys"),
+        ("llama", {"torch_dtype": "bfloat17"}, "bfloat17"),
+        ("llama", {"hidden_act": "nonsense"}, r"cannot build the model from this config \(KeyError: 'nonsense'\)"),
+        ("phi3", {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 512, "pad_token_id": 32000},
+         "Padding_idx must be within num_embeddings"),  # the published pad id in a scaled-down vocabulary
+    ],
+)
+def test_what_transformers_rejects_is_one_line(family, fields, message):
+    overrides = {**_tiny_llama(), **fields} if family == "llama" else fields
+    with pytest.raises(UserError, match=message) as e:
+        load_workload(f"hf:{family}", overrides)
+    assert "\n" not in str(e.value) and str(e.value).startswith(f"hf:{family}: ")
+
+
+def test_the_default_length_is_not_llama_3_2s_131072_positions():
+    wl = load_workload("hf:llama", {k: v for k, v in _tiny_llama(max_position_embeddings=131072).items() if k != "seq_len"})
+    assert wl.seq_len == DEFAULT_SEQ_LEN == 1024 and wl.shape.seq_len == 1024
+    assert load_workload("hf:llama", _tiny_llama(max_position_embeddings=131072, seq_len=4096)).seq_len == 4096
+    assert load_workload("hf:llama", {k: v for k, v in _tiny_llama().items() if k != "seq_len"}).seq_len == 64  # its 64 positions
+    with pytest.raises(UserError, match="seq_len: 65 must be a whole number from 1 to the model's 64 positions"):
+        load_workload("hf:llama", _tiny_llama(seq_len=65))
+
+
+def _mistral(window: int | None, **extra):
+    return {**CONFIGS["llama"], "sliding_window": window, **extra}
+
+
+def test_a_sliding_window_shorter_than_the_sequence_runs_in_sdpa_and_keeps_our_kernels_out():
+    ids = torch.randint(0, 250, (2, 16))
+    losses = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        losses[impl] = load_workload("hf:mistral", _mistral(4, attn_implementation=impl)).build_model()(ids, ids)
+    torch.manual_seed(0)
+    whole = load_workload("hf:mistral", _mistral(None)).build_model()(ids, ids)
+    assert torch.allclose(losses["sdpa"], losses["eager"], atol=1e-5) and not torch.allclose(losses["sdpa"], whole, atol=1e-4)
+    wl = load_workload("hf:mistral", _mistral(4))
+    assert "attention" not in wl.structure and "attention" in load_workload("hf:mistral", _mistral(16)).structure
+    adapter = adapter_for(wl.build_model())
+    assert "sliding window of 4 tokens, shorter than the sequence (16)" in adapter.plain_attention_refusal()
+    with pytest.raises(NotSupported, match="sliding window"):
+        adapter.set_attention(kernel=naive_attention)
+
+
+GEMMA2 = dict(CONFIGS["llama"], head_dim=16, query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+              sliding_window=4, pad_token_id=0)
+
+
+@pytest.mark.parametrize("family, overrides", [("gemma2", GEMMA2), ("mistral", _mistral(4))])
+def test_pipeline_stages_make_each_layers_mask_and_cap_the_logits(family, overrides):
+    """Gemma 2 alternates sliding and full layers and soft-caps its logits; Mistral slides every
+    layer: two stages compute the whole model's loss."""
+    torch.manual_seed(0)
+    wl = load_workload(f"hf:{family}", overrides)
+    model = wl.build_model()
+    adapter = adapter_for(model)
+    x, y = torch.randint(0, 250, (2, 16)), torch.randint(0, 250, (2, 16))
+    first, last = adapter.pipeline_stage(0, 1, first=True, last=False), adapter.pipeline_stage(1, 2, first=False, last=True)
+    assert torch.allclose(adapter.logits_loss(last(first(x)), y), model(x, y), atol=1e-5)
+    # Gemma 2's layers have two norms more than sequence parallel's plan covers, and its logits
+    # are capped after the head: no sp, no fused head + loss; its attention is not ours either.
+    assert ({"sp", "loss", "attention"} & wl.structure == set()) == (family == "gemma2")
+
+
+def test_a_factory_returning_a_pretrained_model_is_a_workload(tmp_path, monkeypatch):
+    (tmp_path / "hf_factory_mod.py").write_text(
+        "import transformers\n"
+        "def build():\n"
+        f"    config = transformers.AutoConfig.for_model('llama', **{_tiny_llama(max_position_embeddings=131072)!r})\n"
+        "    return transformers.LlamaForCausalLM(config).to(dtype=__import__('torch').bfloat16)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    wl = load_workload("hf_factory_mod:build")
+    assert wl.seq_len == DEFAULT_SEQ_LEN and wl.overrides == {} and wl.vocab_size == 250
+    assert wl.structure == load_workload("hf:llama", _tiny_llama()).structure  # the hf: adapter's
+    assert load_workload("hf_factory_mod:build", {"seq_len": 32}).seq_len == 32
+    model = wl.build_model()
+    assert {p.dtype for p in model.parameters()} == {torch.float32} and model.blocks is model.hf.model.layers
+    with pytest.raises(UserError, match="workload.overrides.hidden_size: a factory's workload takes only seq_len"):
+        load_workload("hf_factory_mod:build", {"hidden_size": 8})
+    with pytest.raises(UserError, match="seq_len: 0 must be a whole number"):
+        load_workload("hf_factory_mod:build", {"seq_len": 0})

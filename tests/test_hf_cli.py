@@ -95,7 +95,9 @@ BAD_CONFIGS = [
     pytest.param(_mkdir, "hf:llama", "holds no config.json", id="folder-without-config"),
     pytest.param(lambda p: p.write_text(json.dumps(LLAMA)), "hf:gpt2", "is a 'llama' config", id="type-disagrees"),
     pytest.param(lambda p: p.write_text(json.dumps(LLAMA)), "tiny", "is for hf: workloads", id="not-an-hf-workload"),
-    pytest.param(lambda p: p.write_text(json.dumps({**LLAMA, "hiden_size": 8})), "hf", "workload.overrides.hiden_size", id="unknown-field"),
+    pytest.param(lambda p: p.write_text(json.dumps({**LLAMA, "hidden_size": "64"})), "hf", "Field 'hidden_size' expected int", id="type-mismatch"),
+    pytest.param(lambda p: p.write_text(json.dumps({**LLAMA, "num_attention_heads": 5})), "hf", "not a multiple", id="transformers-refuses"),
+    pytest.param(lambda p: p.write_text(json.dumps({**LLAMA, "max_position_embeddings": 8})), "hf", "seq_len: 16 must be", id="longer-than-positions"),
     pytest.param(lambda p: None, "hf:llama", "no such file", id="missing-file"),
 ]
 
@@ -113,6 +115,47 @@ def test_bad_hf_configs_are_one_line_exit_2_and_nothing_written(run_cli, tmp_pat
     code, out, err = run_cli(*args, "--workload", workload, "--workload-config", cfg)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+LLAMA_3_2 = {**LLAMA, "max_position_embeddings": 131072, "rope_theta": 500000.0, "torch_dtype": "bfloat16", "rope_scaling": {
+    "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+"""Llama 3.2's positions and rope, at LLAMA's sizes, without a seq_len of its own."""
+del LLAMA_3_2["seq_len"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seq-len", "0"], "--seq-len 0: expected a positive number of tokens"),
+        (["--seq-len", "131073"], "seq_len: 131073 must be a whole number from 1 to the model's 131072 positions"),
+    ],
+)
+def test_bad_seq_lens_are_one_line_exit_2_and_nothing_written(run_cli, tmp_path, args, message):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2))
+    before = sorted(tmp_path.rglob("*"))
+    code, _, err = run_cli("plan", "--workload", "hf", "--workload-config", tmp_path / "config.json", *args, "--trials", "1",
+                           "--storage", f"sqlite:///{tmp_path}/s.db", "--out", tmp_path / "p.json")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_seq_len_goes_into_the_overrides_and_the_default_is_not_131072(tmp_path):
+    """What `plan --seq-len` hands the planner: the workload the trials rebuild."""
+    from autotune.workloads import load_workload
+    from autotune.workloads.hf import from_command_line
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2))
+    name, overrides = from_command_line("hf", tmp_path / "config.json")
+    assert load_workload(name, overrides).seq_len == 1024
+    assert load_workload(name, {**overrides, "seq_len": 2048}).seq_len == 2048
+
+
+def test_fields_the_family_does_not_define_are_accepted_and_named(run_cli, tmp_path):
+    """As transformers accepts them (GPT-2's published n_ctx, a typo alike): one note says so."""
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "n_ctx": 1024, "hiden_size": 8}))
+    code, _, err = run_cli("strategies", "--workload", "hf", "--workload-config", tmp_path / "config.json")
+    assert code == 0, err
+    assert "hiden_size, n_ctx: not fields of transformers' llama config, kept as plain attributes" in err
 
 
 @pytest.mark.parametrize(
@@ -145,7 +188,7 @@ GPT2 = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, n_positi
     "name, overrides, message",
     [
         ("hf:nosuchfamily", {}, "knows no model type"),
-        ("hf:llama", {"hiden_size": 64}, "workload.overrides.hiden_size"),
+        ("hf:llama", {"hidden_size": "64"}, "Field 'hidden_size' expected int"),
         ("hf:llama", {**{k: v for k, v in LLAMA.items() if k != "model_type"}, "seq_len": 65}, "workload.overrides.seq_len"),
         ("hf:", {}, "expected hf:<model_type>"),
     ],

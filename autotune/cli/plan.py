@@ -17,6 +17,7 @@ from autotune.errors import UserError
 def plan_command(
     workload: Annotated[str, typer.Option(help="Preset (tiny, phase8-small, gpt2-124m, gpt-1b), hf:<model_type> or package.module:factory.")] = "tiny",
     workload_config: Annotated[Optional[Path], typer.Option(help="Hugging Face model config: a config.json, or a local folder holding one (and its safetensors); with --workload hf or hf:<model_type>.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sample (the workload's seq_len override; default for hf: and factory models: their positions, up to 1024).")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Finished trials the study should hold (resumed ones count).")] = None,
     time_budget: Annotated[Optional[float], typer.Option(help="Seconds for the whole command, confirmation included (within max(15 s, 10%)).")] = None,
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
@@ -66,6 +67,10 @@ def plan_command(
         from autotune.workloads.hf import from_command_line
 
         workload, overrides = from_command_line(workload, workload_config)
+    if seq_len is not None:
+        if seq_len < 1:
+            raise UserError(f"--seq-len {seq_len}: expected a positive number of tokens")
+        overrides["seq_len"] = seq_len
     settings = planner.PlanSettings(
         workload=workload, workload_overrides=overrides, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
         global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, quality_tolerance=quality_tolerance, guard_steps=guard_steps, out=out, profile=profile, device=device, cpu_procs=cpu_procs,

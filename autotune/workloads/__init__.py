@@ -136,6 +136,9 @@ def gpt_shape(cfg: Any) -> ModelShape:
         return GPTAdapter(GPT(dataclasses.replace(cfg))).shape()
 
 
+FACTORY_OVERRIDES = ("seq_len",)
+"""What a ``package.module:factory`` workload takes in ``workload.overrides`` (``--seq-len``)."""
+
 _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
@@ -169,8 +172,10 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
     if not trusted:
         raise UserError(f"workload {name}: not a built-in preset, and running it would import module {module_name}; "
                         "pass --trust-workload if you trust that code")
-    if overrides:
-        raise UserError(f"workload.overrides: only the built-in presets take overrides, not {name}")
+    extra = sorted(set(overrides or {}) - set(FACTORY_OVERRIDES))
+    if extra:
+        raise UserError(f"workload.overrides.{extra[0]}: a factory's workload takes only {', '.join(FACTORY_OVERRIDES)} ({name})")
+    seq_len = (overrides or {}).get("seq_len")
     attr = name.partition(":")[2]
     if os.getcwd() not in sys.path:  # like `python -m`: modules beside the user resolve
         sys.path.insert(0, os.getcwd())
@@ -182,10 +187,27 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
     if not callable(factory):
         raise UserError(f"workload {name}: {module_name} has no callable {attr!r}")
     workload = factory()
-    if not isinstance(workload, Workload):
-        raise UserError(f"workload {name}: {attr}() must return autotune.workloads.Workload, got {type(workload).__name__}")
-    workload = dataclasses.replace(workload, name=name)
+    transformers = sys.modules.get("transformers")  # imported already if it returned a PreTrainedModel
+    if transformers is not None and isinstance(workload, transformers.PreTrainedModel):
+        from autotune.workloads.hf import workload_from_model
+
+        workload = workload_from_model(factory, seq_len=seq_len, name=name, probe=workload)
+    elif not isinstance(workload, Workload):
+        raise UserError(f"workload {name}: {attr}() must return autotune.workloads.Workload or a transformers PreTrainedModel, "
+                        f"got {type(workload).__name__}")
+    elif seq_len is not None:
+        workload = with_seq_len(workload, seq_len)
+    workload = dataclasses.replace(workload, name=name, overrides=dict(overrides or {}))
     return workload if workload.shape is not None or not with_shape else shaped(workload)
+
+
+def with_seq_len(workload: Workload, seq_len: Any) -> Workload:
+    """``workload`` trained on ``seq_len`` tokens per sample (``--seq-len``): the model must
+    take them (one with fewer positions fails in the baseline trial, saying so)."""
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise UserError(f"workload.overrides.seq_len: {seq_len!r} must be a positive whole number")
+    shape = None if workload.shape is None else dataclasses.replace(workload.shape, seq_len=seq_len)
+    return dataclasses.replace(workload, seq_len=seq_len, shape=shape)
 
 
 def shaped(workload: Workload) -> Workload:

@@ -5,14 +5,19 @@ A plan writes such a workload as data, the whole config inline::
     "workload": {"name": "hf:llama", "overrides": {"hidden_size": 512, "num_hidden_layers": 8, ...,
                                                    "seq_len": 1024, "attn_implementation": "sdpa"}}
 
-``overrides`` holds the model config's own fields (given to ``AutoConfig.for_model``) and three
-of ours: ``seq_len`` (tokens per sample; default the config's ``max_position_embeddings`` up
-to 1024), ``attn_implementation`` (eager, sdpa, flex_attention, flash_attention_2 where
-installed; default sdpa) and ``weights`` (a ``.safetensors`` file or a folder of them, loaded
-after building; nothing is ever downloaded). :func:`overrides_from_config` turns a local
-``config.json`` (or a folder holding one) into those overrides, and :func:`from_command_line`
-does it for ``--workload hf[:<type>] --workload-config PATH``. A factory returning a
-``PreTrainedModel`` becomes a workload through :func:`workload_from_model`.
+``overrides`` holds the model config's own fields, given to ``AutoConfig.for_model`` as they
+are: what transformers accepts is accepted (its legacy names such as ``rope_theta`` mapped,
+fields the family does not define kept as attributes, as ``from_pretrained`` keeps them), and
+what it rejects is one line. ``torch_dtype``/``dtype`` is kept but does not choose how we
+train: the model is always built in fp32 (the precision strategy decides the compute dtype).
+Three keys are ours: ``seq_len`` (tokens per sample; default the config's
+``max_position_embeddings`` up to :data:`DEFAULT_SEQ_LEN`), ``attn_implementation`` (eager,
+sdpa, flex_attention, flash_attention_2 where installed; default sdpa) and ``weights`` (a
+``.safetensors`` file or a folder of them, loaded after building; nothing is ever
+downloaded). :func:`overrides_from_config` turns a local ``config.json`` (or a folder holding
+one) into those overrides, and :func:`from_command_line` does it for ``--workload
+hf[:<type>] --workload-config PATH``. A factory returning a ``PreTrainedModel`` becomes a
+workload through :func:`workload_from_model`.
 
 The model is wrapped in :class:`HFCausalLM`: ``forward(idx, targets) -> loss`` as our trainer
 calls it, ``blocks`` the decoder's own layer list (so checkpointing, per-block compile and
@@ -26,10 +31,12 @@ own loss would shift ``labels`` again, so the loss is computed here from the log
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +63,9 @@ PREFIX = "hf:"
 OURS = ("seq_len", "attn_implementation", "weights")
 """Override keys that are ours, not the model config's."""
 DEFAULT_SEQ_LEN = 1024
-"""Tokens per sample when the plan does not say, capped by the model's positions."""
+"""Tokens per sample when neither the plan nor ``--seq-len`` says, capped by the model's
+positions. Not the positions themselves: Llama 3.2 has 131,072, a length to choose on purpose
+(its attention and activations grow with it), not to fall into."""
 _DROPPED = frozenset({"model_type", "transformers_version", "architectures", "_name_or_path"})
 """config.json keys that describe the file, not the model."""
 
@@ -82,7 +91,7 @@ class HFSettings:
     model_type: str
     """transformers' name of the family (llama, gpt2, qwen2, mistral, ...)."""
     config: dict[str, Any]
-    """Fields of the model config that differ from the family's defaults."""
+    """Fields of the model config (a config.json's, as they are), given to ``AutoConfig.for_model``."""
     seq_len: int | None = None
     """Tokens per sample; None: the config's positions, up to DEFAULT_SEQ_LEN."""
     attn_implementation: str = "sdpa"
@@ -131,35 +140,85 @@ def from_command_line(workload: str, config: str | os.PathLike) -> tuple[str, di
     named = workload.removeprefix(PREFIX) if workload != "hf" else ""
     if named and named != model_type:
         raise UserError(f"--workload {workload}: {config} is a {model_type!r} config; give --workload hf:{model_type} (or hf)")
+    try:
+        unread = unread_fields(model_type, {k: v for k, v in overrides.items() if k not in OURS})
+    except (UserError, *_rejections()):
+        unread = []  # loading the workload says what is wrong, in one line
+    if unread:  # accepted, as transformers accepts them; said, since a typo among them trains the default
+        print(f"autotune: note: {config}: {', '.join(unread)}: not fields of transformers' {model_type} config, kept as plain attributes",
+              file=sys.stderr)
     return PREFIX + model_type, overrides
 
 
 def build_config(settings: HFSettings) -> Any:
-    """The transformers config, every field checked against the family's."""
+    """The transformers config: what ``AutoConfig.for_model`` makes of the fields. What
+    transformers rejects (a type mismatch, a failed validation) is a one-line UserError."""
     transformers = _transformers()
     try:
-        default = transformers.AutoConfig.for_model(settings.model_type)
+        transformers.AutoConfig.for_model(settings.model_type)
     except (ValueError, KeyError):
         raise UserError(f"hf:{settings.model_type}: transformers {transformers.__version__} knows no model type {settings.model_type!r}") from None
-    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
-    unknown = sorted(set(settings.config) - known)
-    if unknown:
-        raise UserError(f"workload.overrides.{unknown[0]}: not a field of the {settings.model_type} config (nor one of {', '.join(OURS)})")
     try:
-        return transformers.AutoConfig.for_model(settings.model_type, **settings.config)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"hf:{settings.model_type}: bad config ({e})") from None
+        with _quiet(transformers):  # a copy: transformers writes into the dicts it is given (rope_theta into rope_scaling)
+            return transformers.AutoConfig.for_model(settings.model_type, **copy.deepcopy(settings.config))
+    except _rejections() as e:
+        raise UserError(f"hf:{settings.model_type}: transformers {transformers.__version__} rejects this config ({_one_line(e)})") from None
+
+
+def unread_fields(model_type: str, fields: dict[str, Any]) -> list[str]:
+    """The fields the family's config does not define, which transformers keeps as plain
+    attributes (a typo among them trains the default): GPT-2's published ``n_ctx``, say."""
+    transformers = _transformers()
+    default = transformers.AutoConfig.for_model(model_type)
+    known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
+    with _quiet(transformers):
+        kept = transformers.AutoConfig.for_model(model_type, **copy.deepcopy(fields)).to_dict()
+    return sorted(k for k in fields if k not in known and k not in OURS and k in kept)
+
+
+def _rejections() -> tuple[type[BaseException], ...]:
+    """What transformers raises for a config it rejects: huggingface_hub's strict-dataclass
+    validation (a type mismatch, a failed check), and plain errors of older checks."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    return (StrictDataclassError, TypeError, ValueError, KeyError, AttributeError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text if isinstance(e, ValueError) and text else f"{type(e).__name__}: {text}"
+
+
+class _quiet:
+    """transformers' advice while a config or model is built (token ids outside a scaled-down
+    vocabulary, deprecated names) stays off the screen: a command prints one line or its result."""
+
+    def __init__(self, transformers: Any) -> None:
+        self.logging = transformers.utils.logging
+
+    def __enter__(self) -> None:
+        self.level = self.logging.get_verbosity()
+        self.logging.set_verbosity_error()
+
+    def __exit__(self, *exc: object) -> None:
+        self.logging.set_verbosity(self.level)
 
 
 def build_hf_model(settings: HFSettings, config: Any) -> nn.Module:
-    """A freshly initialised (or weight-loaded) PreTrainedModel on the CPU."""
+    """A freshly initialised (or weight-loaded) PreTrainedModel on the CPU, in fp32 whatever
+    the config's ``torch_dtype`` (``from_config`` would build in it), never remote code."""
     transformers = _transformers()
     if settings.attn_implementation not in attn_implementations():
         raise UserError(f"attn_implementation {settings.attn_implementation!r}: expected one of {', '.join(attn_implementations())}")
     try:
-        model = transformers.AutoModelForCausalLM.from_config(dataclasses_copy(config), attn_implementation=settings.attn_implementation)
-    except (ValueError, ImportError) as e:
+        with _quiet(transformers):
+            model = transformers.AutoModelForCausalLM.from_config(
+                dataclasses_copy(config), attn_implementation=settings.attn_implementation, dtype=torch.float32, trust_remote_code=False
+            )
+    except ImportError as e:
         raise UserError(f"hf:{settings.model_type}: {str(e).splitlines()[0]}") from None
+    except (*_rejections(), AssertionError, RuntimeError, IndexError) as e:  # e.g. a pad_token_id outside the vocabulary
+        raise UserError(f"hf:{settings.model_type}: cannot build the model from this config ({_one_line(e)})") from None
     if settings.weights:
         load_weights(model, settings.weights)
     return model
@@ -276,7 +335,31 @@ class HFAdapter:
                 find(self.blocks()[0])
             except NotSupported:
                 out.discard(token)
+        if "attention" in out and self.plain_attention_refusal() is not None:
+            out.discard("attention")  # our kernels would compute another attention
+        if getattr(self.hf.config, "final_logit_softcapping", None):
+            out.discard("loss")  # the head's output is not the logits: they are soft-capped after it
         return frozenset(out)
+
+    def plain_attention_refusal(self) -> str | None:
+        """Why the model's attention is not what our kernels compute, causal
+        softmax(QK^T / sqrt(hs)) V over the whole sequence (None: it is): logit soft-capping
+        (Gemma 2), another scale (Gemma 2's query_pre_attn_scalar, GPT-2's by layer), a sliding
+        window shorter than the sequence (Mistral, Qwen with use_sliding_window)."""
+        c = self.hf.config
+        if getattr(c, "attn_logit_softcapping", None):
+            return f"it soft-caps its attention logits (attn_logit_softcapping {c.attn_logit_softcapping})"
+        seq_len = getattr(self.model, "seq_len", None) or default_seq_len(c)
+        for i, block in enumerate(self.blocks()):
+            attn = self.attention(block)
+            hs = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or c.hidden_size // c.num_attention_heads
+            scaling = getattr(attn, "scaling", None)
+            if scaling is not None and abs(scaling - hs**-0.5) > 1e-12:
+                return f"layer {i} scales its attention by {scaling:.6g}, not 1/sqrt({hs})"
+            window = getattr(attn, "sliding_window") if hasattr(attn, "sliding_window") else getattr(c, "sliding_window", None)
+            if window is not None and window < seq_len:
+                return f"layer {i} attends within a sliding window of {window} tokens, shorter than the sequence ({seq_len})"
+        return None
 
     def blocks(self) -> nn.ModuleList:
         return self.model.blocks
@@ -302,6 +385,8 @@ class HFAdapter:
         """HF selects attention by name for the whole model (the layers share one config).
         A kernel of ours goes in as the implementation "autotune", which calls each attention
         module's own ``_autotune_attend``."""
+        if kernel is not None and (why := self.plain_attention_refusal()) is not None:
+            raise NotSupported(f"our kernels cannot run this model's attention: {why}")
         if kernel is not None:
             _register_bridge()
             for block in self.blocks():
@@ -390,9 +475,15 @@ class HFAdapter:
         """FQN (under this wrapper) of the base model when sequence parallel can be laid over
         the model's plan: the Llama layout, every layer made of :attr:`_SP_PARTS`."""
         base = self._llama_layout()
-        if base is None or not all(all(isinstance(getattr(layer, n, None), nn.Module) for n in self._SP_PARTS) for layer in base.layers):
+        if base is None or not all(self._sp_layer(layer) for layer in base.layers):
             return None
         return f"hf.{self.hf.base_model_prefix}"
+
+    def _sp_layer(self, layer: nn.Module) -> bool:
+        """The layer has the four parts and no other weights (Gemma 2's two more norms would
+        see slices of the sequence with no plan to sum their gradients)."""
+        parts = all(isinstance(getattr(layer, n, None), nn.Module) for n in self._SP_PARTS)
+        return parts and all(name in self._SP_PARTS or params_of(child) == 0 for name, child in layer.named_children())
 
     def _sequence_parallel(self, plan: dict[str, Any], styles: dict[str, str], base: str) -> dict[str, Any]:
         """``plan`` with the norms between the parallel regions working on this rank's slice of
@@ -429,9 +520,9 @@ class HFAdapter:
         """The base model when it is laid out as Llama's (embed_tokens, rotary_emb, layers,
         norm): the layout pipeline stages are written for."""
         base = getattr(self.hf, getattr(self.hf, "base_model_prefix", ""), None)
-        if all(isinstance(getattr(base, n, None), nn.Module) for n in ("embed_tokens", "rotary_emb", "layers", "norm")):
-            return base
-        return None
+        if not all(isinstance(getattr(base, n, None), nn.Module) for n in ("embed_tokens", "rotary_emb", "layers", "norm")):
+            return None
+        return base if set(layer_types(self.hf.config)) <= set(STAGE_MASKS) else None
 
     def pipeline_stage(self, start: int, stop: int, *, first: bool, last: bool) -> nn.Module:
         if self._llama_layout() is None:
@@ -482,6 +573,21 @@ def default_seq_len(config: Any) -> int:
     return min(positions, DEFAULT_SEQ_LEN) if positions else DEFAULT_SEQ_LEN
 
 
+STAGE_MASKS = ("full_attention", "sliding_attention")
+"""The layer types whose masks a pipeline stage makes (:class:`HFStage`)."""
+
+
+def layer_types(config: Any) -> list[str]:
+    """Each layer's attention type, as the model builds its masks: the config's
+    ``layer_types`` (Gemma 2, Qwen), else sliding wherever the config has a window (Mistral,
+    Phi-3), else full."""
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        sliding = getattr(config, "sliding_window", None) is not None
+        types = ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
+    return list(types)
+
+
 class HFStage(nn.Module):
     """Layers ``[start, stop)`` of a Llama-layout model, with the embedding if first and the
     final norm and head if last, under the whole model's parameter names (placeholders keep
@@ -504,6 +610,7 @@ class HFStage(nn.Module):
             inner.norm = base.norm
             shell.lm_head = hf.get_output_embeddings()
         self.hf, self._prefix = shell, prefix
+        self.layer_types = layer_types(hf.config)
         self._flops = HFAdapter(model).flops_per_token()
 
     def flops_per_token(self) -> int:
@@ -519,17 +626,24 @@ class HFStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """First stage: ids (B, T); others: the stream (B, T, C). Last: logits (B, T, V)."""
-        from transformers.masking_utils import create_causal_mask
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         base = getattr(self.hf, self._prefix)
         if self.first:
-            x = base.embed_tokens(x)
+            x = base.embed_tokens(x)  # Gemma's scale by sqrt(C) is the embedding module's own
         position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
+        kwargs = dict(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
+        # Each layer's mask as the whole model makes it, by its type (:func:`layer_types`).
+        makers = dict(zip(STAGE_MASKS, (create_causal_mask, create_sliding_window_causal_mask)))
+        masks = {kind: makers[kind](**kwargs) for kind in set(self.layer_types[slice(*self.span)])}
         rope = base.rotary_emb(x, position_ids=position_ids)
         for i in range(*self.span):
-            x = base.layers[i](x, attention_mask=mask, position_embeddings=rope, position_ids=position_ids)
-        return self.hf.lm_head(base.norm(x)) if self.last else x
+            x = base.layers[i](x, attention_mask=masks[self.layer_types[i]], position_embeddings=rope, position_ids=position_ids)
+        if not self.last:
+            return x
+        logits = self.hf.lm_head(base.norm(x))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits  # (B, T, V)
 
 
 _BRIDGE_REGISTERED = False
@@ -546,12 +660,16 @@ def _register_bridge() -> None:
     _BRIDGE_REGISTERED = True
 
 
-def _bridge(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: float | None = None, dropout: float = 0.0, **_: Any) -> tuple[torch.Tensor, None]:
+def _bridge(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
+            dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None, **_: Any) -> tuple[torch.Tensor, None]:
     """q (B, nh, T, hs), k and v (B, nkv, T, hs) -> ((B, T, nh, hs), no weights). Our kernels
-    are causal over the whole sequence with scale 1/sqrt(hs): anything else is refused."""
-    hs = query.shape[-1]
+    are causal over the whole sequence with scale 1/sqrt(hs): anything else is refused (the
+    adapter leaves such models' attention out beforehand: :meth:`HFAdapter.plain_attention_refusal`)."""
+    hs, T = query.shape[-1], query.shape[-2]
     if scaling is not None and abs(scaling - hs**-0.5) > 1e-12:
         raise NotSupported(f"attention scale {scaling} is not 1/sqrt({hs}): our kernels cannot run this model's attention")
+    if softcap or (sliding_window is not None and sliding_window < T):
+        raise NotSupported("soft-capped or sliding-window attention: our kernels cannot run this model's attention")
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped kv heads: each serves `groups` query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -566,10 +684,7 @@ def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
     config = build_config(settings)
     with torch.device("meta"):
         probe = HFCausalLM(build_hf_model(dataclasses.replace(settings, weights=None), config))
-    positions = getattr(config, "max_position_embeddings", None)
-    seq_len = settings.seq_len or default_seq_len(config)
-    if not isinstance(seq_len, int) or seq_len < 1 or (positions and seq_len > positions):
-        raise UserError(f"workload.overrides.seq_len: {seq_len!r} must be a whole number from 1 to the model's {positions} positions")
+    seq_len = checked_seq_len(settings.seq_len, config, "workload.overrides.seq_len")
     if settings.weights:
         p = Path(settings.weights)
         if not p.exists():
@@ -580,6 +695,7 @@ def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
         model.seq_len = seq_len
         return model
 
+    probe.seq_len = seq_len
     return Workload(
         name=name,
         build_model=build,
@@ -591,14 +707,36 @@ def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
     )
 
 
-def workload_from_model(factory: Callable[[], nn.Module], *, seq_len: int, name: str = "hf") -> Workload:
-    """A workload from ``factory() -> PreTrainedModel`` (for ``--workload module:factory``)."""
-    probe = factory()
+def checked_seq_len(seq_len: Any, config: Any, what: str) -> int:
+    """``seq_len``, or the default (:func:`default_seq_len`) for None; a length the model's
+    positions do not cover is a UserError naming ``what``."""
+    positions = getattr(config, "max_position_embeddings", None)
+    seq_len = default_seq_len(config) if seq_len is None else seq_len
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1 or (positions and seq_len > positions):
+        raise UserError(f"{what}: {seq_len!r} must be a whole number from 1 to the model's {positions} positions")
+    return seq_len
+
+
+def workload_from_model(factory: Callable[[], nn.Module], *, seq_len: int | None = None, name: str = "hf", probe: nn.Module | None = None) -> Workload:
+    """A workload from ``factory() -> PreTrainedModel`` (``--workload module:factory``): the
+    same adapter, structure and search as ``hf:`` models. ``seq_len``: tokens per sample, None
+    the default (:func:`default_seq_len`); ``probe``: a model the factory already returned,
+    else one is built on the meta device (on the CPU where the factory cannot do that).
+    Floating-point weights are trained in fp32 whatever dtype the factory gave them."""
+    if probe is None:
+        try:
+            with torch.device("meta"):
+                probe = factory()
+        except Exception:  # a factory that loads weights, say: built as it is
+            probe = factory()
     if not hasattr(probe, "get_input_embeddings") or not hasattr(probe, "config"):
         raise UserError(f"workload {name}: the factory must return a transformers PreTrainedModel, got {type(probe).__name__}")
+    seq_len = checked_seq_len(seq_len, probe.config, f"workload {name}: seq_len")
+    wrapped = HFCausalLM(probe)
+    wrapped.seq_len = seq_len
 
     def build() -> nn.Module:
-        model = HFCausalLM(factory())
+        model = HFCausalLM(factory().float())
         model.seq_len = seq_len
         return model
 
@@ -607,8 +745,8 @@ def workload_from_model(factory: Callable[[], nn.Module], *, seq_len: int, name:
         build_model=build,
         vocab_size=probe.config.vocab_size,
         seq_len=seq_len,
-        structure=HFAdapter(HFCausalLM(probe)).supports(),
-        shape=HFAdapter(HFCausalLM(probe)).shape(seq_len),
+        structure=HFAdapter(wrapped).supports(),
+        shape=HFAdapter(wrapped).shape(seq_len),
     )
 
 
