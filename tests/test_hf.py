@@ -266,3 +266,11 @@ def test_a_factory_returning_a_pretrained_model_is_a_workload(tmp_path, monkeypa
         load_workload("hf_factory_mod:build", {"hidden_size": 8})
     with pytest.raises(UserError, match="seq_len: 0 must be a whole number"):
         load_workload("hf_factory_mod:build", {"seq_len": 0})
+
+
+def test_seq_len_is_the_one_override_a_factorys_workload_takes():
+    """`plan --seq-len N` for a factory returning a Workload: its seq_len (and shape's) replaced."""
+    wl = load_workload("examples.custom_workload:build", {"seq_len": 32})
+    assert wl.seq_len == 32 and wl.overrides == {"seq_len": 32} and load_workload("examples.custom_workload:build").seq_len == 64
+    with pytest.raises(UserError, match="workload.overrides.vocab_size: a factory's workload takes only seq_len"):
+        load_workload("examples.custom_workload:build", {"vocab_size": 8})
