@@ -650,7 +650,7 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
         # A spread beyond BUSY_SPREAD is a machine busy with something else: measure again
         # (up to EXTRA_ROUNDS more rounds, while the budget holds one), then say so.
         spread = _worst_spread(plan_runs, base_runs)
-        if spread <= BUSY_SPREAD or k >= rounds + EXTRA_ROUNDS or clock.left() < time.monotonic() - began:
+        if spread <= BUSY_SPREAD or k >= _rounds(settings) + EXTRA_ROUNDS or clock.left() < time.monotonic() - began:
             break
         log(f"confirmation: a spread of ±{spread:.0%} (above ±{BUSY_SPREAD:.0%}): another round")
         rounds += 1

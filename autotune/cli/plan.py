@@ -34,6 +34,7 @@ def plan_command(
     cpu_procs: Annotated[Optional[int], typer.Option(help="Also search runs of up to N CPU processes (gloo, torchrun); implies --device cpu.")] = None,
     trial_steps: Annotated[int, typer.Option(help="Timed steps per trial.")] = 20,
     warmup_steps: Annotated[int, typer.Option(help="Warm-up steps per trial (compilation happens here).")] = 5,
+    trial_seconds: Annotated[float, typer.Option(help="Timed seconds a trial aims for (at least one optimizer step, at most --trial-steps).")] = 5.0,
     trial_timeout: Annotated[float, typer.Option(help="Seconds before a trial is killed.")] = 300.0,
     report: Annotated[Optional[Path], typer.Option(help="Write Optuna's plots (HTML) to this directory.")] = None,
     warm_start: Annotated[Optional[list[str]], typer.Option(help="A plan file, or a storage URL[#STUDY] (its best 3 trials), tried first after the baseline; repeatable.")] = None,
@@ -56,6 +57,8 @@ def plan_command(
         raise UserError(f"--device {device}: expected auto, cuda or cpu")
     if trial_steps < 1 or warmup_steps < 1:
         raise UserError("--trial-steps and --warmup-steps must be positive")
+    if not 0 < trial_seconds < 3600:  # NaN and inf fail this too
+        raise UserError(f"--trial-seconds {trial_seconds:g}: expected seconds above 0 and below 3600")
     from autotune.search import MIN_TRIAL_S
 
     if not trial_timeout >= MIN_TRIAL_S:  # also NaN; a trial starts python and torch first
@@ -74,7 +77,7 @@ def plan_command(
     settings = planner.PlanSettings(
         workload=workload, workload_overrides=overrides, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
         global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, quality_tolerance=quality_tolerance, guard_steps=guard_steps, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
-        budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout),
+        budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout, target_s=trial_seconds),
         command=shlex.join(["autotune", *ARGS]), warm_start=list(warm_start or []), started_at=started(),
     )
     _warnings_to_log(storage)
