@@ -39,7 +39,7 @@ model() {  # model NAME CONFIG SEQ GLOBAL_BATCH: plan, hand loop, cost model, br
         --time-budget 420 --profile "$R/profile.json" --storage "sqlite:///$dir/studies.db" --out "$dir/plan.json"
     say "$1: autotune plan exit $? in $(( $(date +%s) - t0 )) s"
     python3 bench/budget_breakdown.py "$dir/studies.db" || true
-    python3 bench/costmodel_check.py "$dir/studies.db" > "$dir/costmodel.txt" 2>&1; cat "$dir/costmodel.txt"
+    python3 bench/costmodel_check.py check "$dir/studies.db" --profile "$R/profile.json" > "$dir/costmodel.txt" 2>&1; cat "$dir/costmodel.txt"
     [[ -f "$dir/plan.json" ]] || return 1
     # The hand loop at the plan's global batch: two micro-batches (the larger first), none started after 70 s.
     timeout 170 python3 bench/hand_loop.py run "$dir/plan.json" --micro-batches 16,32 --until $(( $(date +%s) + 70 )) \
