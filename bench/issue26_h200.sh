@@ -26,7 +26,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import platform, torch, triton, optuna, transformers; print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__, "optuna", optuna.__version__, "transformers", transformers.__version__)'
 git log -1 --format='commit %H' 2>/dev/null || true
 python3 -c 'import autotune.strategies, autotune.kernels' || { say "autotune is not installed: pip install --no-deps --no-build-isolation -e ."; exit 2; }
-python3 -m autotune profile --out "$R/profile.json" >/dev/null || { say "autotune profile failed"; exit 1; }
+# QUICK=1: detect only (no measured rates: the cost model's step time then uses the datasheet's).
+python3 -m autotune profile ${QUICK:+--quick} --out "$R/profile.json" >/dev/null || { say "autotune profile failed"; exit 1; }
 say "profile"
 
 model() {  # model NAME CONFIG SEQ GLOBAL_BATCH: plan, hand loop, cost model, breakdown
@@ -42,7 +43,7 @@ model() {  # model NAME CONFIG SEQ GLOBAL_BATCH: plan, hand loop, cost model, br
     python3 bench/costmodel_check.py check "$dir/studies.db" --profile "$R/profile.json" > "$dir/costmodel.txt" 2>&1; cat "$dir/costmodel.txt"
     [[ -f "$dir/plan.json" ]] || return 1
     # The hand loop at the plan's global batch: two micro-batches (the larger first), none started after 70 s.
-    timeout 170 python3 bench/hand_loop.py run "$dir/plan.json" --micro-batches 16,32 --until $(( $(date +%s) + 70 )) \
+    timeout 170 python3 bench/hand_loop.py run "$dir/plan.json" --micro-batches ${HAND_MICRO_BATCHES:-16,32} --until $(( $(date +%s) + 70 )) \
         --out "$dir/hand.jsonl"
     say "$1: hand loop exit $?"
     python3 bench/hand_loop.py best "$dir/hand.jsonl" || true
