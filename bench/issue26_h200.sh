@@ -36,8 +36,8 @@ model() {  # model NAME CONFIG SEQ GLOBAL_BATCH: plan, hand loop, cost model, br
     export AUTOTUNE_CACHE="$dir/cache"  # cold: the study pays every compilation
     export TORCHINDUCTOR_CACHE_DIR="$dir/cache/inductor"
     local t0=$(date +%s)
-    timeout 480 python3 -m autotune plan --workload hf --workload-config "$config" --seq-len "$seq" --global-batch "$gb" \
-        --time-budget 420 --profile "$R/profile.json" --storage "sqlite:///$dir/studies.db" --out "$dir/plan.json"
+    timeout $(( ${BUDGET:-420} + 60 )) python3 -m autotune plan --workload hf --workload-config "$config" --seq-len "$seq" --global-batch "$gb" \
+        --time-budget "${BUDGET:-420}" --profile "$R/profile.json" --storage "sqlite:///$dir/studies.db" --out "$dir/plan.json"
     say "$1: autotune plan exit $? in $(( $(date +%s) - t0 )) s"
     python3 bench/budget_breakdown.py "$dir/studies.db" || true
     python3 bench/costmodel_check.py check "$dir/studies.db" --profile "$R/profile.json" > "$dir/costmodel.txt" 2>&1; cat "$dir/costmodel.txt"
