@@ -96,7 +96,7 @@ def test_a_baseline_that_fills_the_old_reserve_still_lets_the_prior_run(tmp_path
     baseline's own rounds are the reserve until a candidate has run."""
     budget = 75.0
     db, out = tmp_path / "s.db", tmp_path / "p.json"
-    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--time-budget", str(budget), "--device", "cpu",
+    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "2", "--time-budget", str(budget), "--device", "cpu",
            "--trial-steps", "8", "--warmup-steps", "4", "--storage", f"sqlite:///{db}", "--out", str(out)]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
