@@ -49,10 +49,14 @@ GUARD_FRACTIONS = (0.25, 0.5, 0.75)
 TRIAL_SECONDS = 5.0
 """Timed seconds a trial aims for (--trial-seconds, ``TrialBudget.target_s``): a median of
 steps that are each under it, a few steps of a slow fp32 baseline."""
-STARTUP_FLOOR_S = {"cpu": 3.0, "cuda": 8.0}
+STARTUP_FLOOR_S = {"cpu": 3.0, "cuda": 15.0}
 """The least a run's child takes before its first step (Python, torch, the model built; CUDA's
-context on a GPU), as measured on the 2-core dev CPU (3-4 s for tiny) and one H200 (8-15 s):
-what :func:`minimum_budget` counts for each run it cannot predict otherwise."""
+context on a GPU): what :func:`minimum_budget` counts for each run it cannot predict otherwise.
+Measured: tiny on the 2-core dev CPU 2.4 s; the presets on one H200 8-15 s; a Qwen3-style HF
+model of 0.33B parameters on one H100, 23.7 s (bench/results/issue26-h100-200s)."""
+COMPILE_FLOOR_S = {"cpu": 0.0, "cuda": 30.0}
+"""The least the expert prior's first compilation adds on a GPU (a CPU search does not compile);
+its confirmation runs pay :data:`CACHED_WARMUP` of it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -1081,9 +1085,10 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
 def minimum_budget(space: search.SearchSpace, settings: PlanSettings) -> float:
     """The least ``--time-budget`` that holds the baseline trial, one candidate (the expert
     prior) and the confirmation of that candidate against the baseline, MIN_ROUNDS rounds of
-    each: a lower bound, from :data:`STARTUP_FLOOR_S` a run and the cost model's step time of
-    the baseline where it has one (on a GPU with a measured or datasheet rate), each run timing
-    at least one optimizer step. With ``--trials 1`` only the baseline and its own rounds."""
+    each: a lower bound, from :data:`STARTUP_FLOOR_S` a run, :data:`COMPILE_FLOOR_S` for the
+    candidate and the cost model's step time of the baseline where it has one (on a GPU with a
+    measured or datasheet rate), each run timing at least one optimizer step. With ``--trials
+    1`` only the baseline and its own rounds."""
     device = "cuda" if space.launch.device == "cuda" else "cpu"
     baseline = search.plan_for(space, space.baseline_micro_batch, [])
     estimate = search.predict(space, baseline)
@@ -1096,8 +1101,11 @@ def minimum_budget(space: search.SearchSpace, settings: PlanSettings) -> float:
     if settings.trials == 1:
         need = base_run * (1 + rounds)
     else:
-        candidate = STARTUP_FLOOR_S[device] + step  # faster than the baseline: at most its one step
-        need = base_run + candidate + rounds * (candidate + base_run)
+        # Faster than the baseline: at most its one step, after its compilation (cached in the
+        # confirmation's runs).
+        candidate = STARTUP_FLOOR_S[device] + COMPILE_FLOOR_S[device] + step
+        again = STARTUP_FLOOR_S[device] + CACHED_WARMUP * COMPILE_FLOOR_S[device] + step
+        need = base_run + candidate + rounds * (again + base_run)
     return need + finish_margin(need)
 
 
