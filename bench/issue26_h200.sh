@@ -12,7 +12,7 @@
 #   qwen3    bench/configs/qwen3-0.33b.json  (Qwen3-0.6B's config.json, 12 layers), seq 1024, global batch 64
 #   llama32  bench/configs/llama-3.2-1b.json (Llama-3.2-1B's config.json as published), seq 1024, global batch 64
 #   mistral  bench/configs/mistral-gqa.json  (Mistral-7B-v0.1's fields, scaled down; GQA 16/4), seq 2048, global batch 32
-#   gpt1b    autotune plan --workload gpt-1b --time-budget 300 (must write a bf16 plan, not the baseline)
+#   gpt1b    autotune plan --workload gpt-1b --global-batch 8 --time-budget 300 (must write a bf16 plan, not the baseline)
 set -uo pipefail
 R=${1:?results folder}; shift
 cd "$(dirname "$0")/.."
@@ -68,7 +68,7 @@ job() {
         qwen3) model qwen3 bench/configs/qwen3-0.33b.json 1024 64 ;;
         llama32) model llama32 bench/configs/llama-3.2-1b.json 1024 64 ;;
         mistral) model mistral bench/configs/mistral-gqa.json 2048 32 ;;
-        gpt1b) mkdir -p "$R/gpt1b"; AUTOTUNE_CACHE="$R/gpt1b/cache" timeout 360 python3 -m autotune plan --workload gpt-1b --time-budget 300 \
+        gpt1b) mkdir -p "$R/gpt1b"; AUTOTUNE_CACHE="$R/gpt1b/cache" timeout 360 python3 -m autotune plan --workload gpt-1b --global-batch 8 --time-budget 300 \
                    --profile "$R/profile.json" --storage "sqlite:///$R/gpt1b/studies.db" --out "$R/gpt1b/plan.json" ;;
         *) say "unknown job $1"; return 2 ;;
     esac
