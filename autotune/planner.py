@@ -973,8 +973,10 @@ def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, cl
     trial, the earlier figures are all there is, and the log says so."""
     import optuna
 
+    earlier = search.stale_runs(study, objective.run, since)
+
     def is_stale(t: Any) -> bool:
-        return search.stale(t, objective.run, since)
+        return search.stale(t, earlier)
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     old = [t for t in complete if is_stale(t)]
@@ -994,14 +996,14 @@ def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, cl
 
 def _baseline_instead(plan: Plan, baseline: Plan, done: Confirmed, summary: search.Summary, chosen: Any) -> tuple[Plan, Confirmed, Any] | None:
     """The baseline as the plan when the confirmation measured the chosen trial slower than the
-    baseline (or failed it while the baseline ran): a plan is never slower than what it beat.
-    None when the chosen trial held."""
+    baseline beyond the noise (or failed it while the baseline ran): a plan is never slower than
+    what it beat. None when the chosen trial held."""
     base = done.baseline
     if base is None or base.status != "ok" or same_run(plan, baseline) or summary.baseline is None:
         return None
     m = done.measured
-    if m.status == "ok" and done.comparison is not None and done.comparison.speedup >= 1.0:
-        return None
+    if m.status == "ok" and done.comparison is not None and done.comparison.speedup >= 1.0 - done.comparison.noise:
+        return None  # not slower beyond the noise: planners sharing a study must not flip on it
     how = f"{done.comparison.speedup:.2f}x the baseline ({m.tokens_per_s:,.0f} against {base.tokens_per_s:,.0f} tokens/s)" \
         if m.status == "ok" and done.comparison is not None else f"ended {m.status}"
     verdict = f"trial {chosen.number} measured {how} in the confirmation: the baseline is the plan"

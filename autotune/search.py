@@ -305,6 +305,7 @@ class Objective:
             trial.set_user_attr("log", str(log_path))
         trial.set_user_attr("launched", True)
         trial.set_user_attr("planner", PLANNER_ID)
+        trial.set_user_attr("run", self.run)  # at launch: a running trial shows its run is alive
         reporter = _Reporter(trial)
         result = run_trial(plan, budget, log_path=log_path, on_progress=reporter)
         if result.figures.status == "pruned":
@@ -313,7 +314,6 @@ class Objective:
         trial.set_user_attr("status", f.status)
         trial.set_user_attr("figures", dataclasses.asdict(f))
         trial.set_user_attr("wall_s", result.wall_s)
-        trial.set_user_attr("run", self.run)
         for phase in ("startup_s", "warmup_s", "timed_s"):  # the per-trial overhead, measured
             if getattr(result, phase) is not None:
                 trial.set_user_attr(phase, getattr(result, phase))
@@ -682,14 +682,27 @@ PLANNER_ID = f"{socket.gethostname()}:{os.getpid()}"
 """Who ran a trial (host:pid), recorded on it: the machines sharing a study tell their trials apart."""
 
 
-def stale(trial: optuna.trial.FrozenTrial, run: str, since: datetime.datetime) -> bool:
-    """Whether ``trial`` was measured by another planner run that ended before run ``run``
-    began at ``since`` (a killed planner's, resumed now): its figures saw another load, so
-    they are not compared with this run's unless measured again. Trials of planners running
-    beside this one on a shared study end after ``since``: they are not stale."""
-    if trial.user_attrs.get("run") == run or trial.datetime_complete is None:
-        return False
-    return trial.datetime_complete < since
+def stale_runs(study: optuna.Study, run: str, since: datetime.datetime) -> set[str]:
+    """The planner runs other than ``run`` that ended before ``run`` began at ``since`` (a
+    killed planner's, resumed now): none of their trials is running or started since. Their
+    figures saw another load, so they are not compared with this run's unless measured again.
+    Planners running beside this one on a shared study start trials after ``since``: not stale."""
+    runs, alive = set(), {run}
+    for t in study.get_trials(deepcopy=False):
+        r = t.user_attrs.get("run")
+        if r is None:
+            continue
+        runs.add(r)
+        if t.state == optuna.trial.TrialState.RUNNING or (t.datetime_start is not None and t.datetime_start >= since):
+            alive.add(r)
+    return runs - alive
+
+
+def stale(trial: optuna.trial.FrozenTrial, earlier: set[str]) -> bool:
+    """Whether completed ``trial`` was measured by one of the ``earlier`` runs
+    (:func:`stale_runs`), or by an autotune that recorded no run (before runs were)."""
+    r = trial.user_attrs.get("run")
+    return r is None or r in earlier
 
 
 @contextlib.contextmanager

@@ -205,3 +205,25 @@ def test_the_minimum_on_a_gpu_counts_start_up_compilation_and_the_baselines_step
         settings = planner.PlanSettings(workload="gpt-1b", time_budget=300, global_batch=global_batch)
         space, _ = planner.build_space(settings, h200, load_workload("gpt-1b"))
         assert (planner.minimum_budget(space, settings) <= 300) is fits
+
+
+def test_a_planner_beside_this_one_is_not_an_earlier_run(tmp_path):
+    """On a shared study, a planner that started before this one but still starts trials is
+    running beside it: its figures are compared, not measured again. A killed one's are not."""
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
+
+    def add(run):
+        study.add_trial(optuna.trial.create_trial(value=1.0, params={}, distributions={}, user_attrs={"run": run}))
+
+    add("killed")
+    add("beside")
+    time.sleep(0.05)
+    since = datetime.datetime.now()
+    time.sleep(0.05)
+    add("beside")  # it went on after this run began
+    add("now")
+    assert search.stale_runs(study, "now", since) == {"killed"}
+    flags = [search.stale(t, {"killed"}) for t in study.trials]
+    assert flags == [True, False, False, False]
+    legacy = optuna.trial.create_trial(value=1.0, params={}, distributions={})
+    assert search.stale(legacy, set())  # measured before runs were recorded
