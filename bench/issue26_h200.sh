@@ -42,8 +42,8 @@ model() {  # model NAME CONFIG SEQ GLOBAL_BATCH: plan, hand loop, cost model, br
     python3 bench/budget_breakdown.py "$dir/studies.db" || true
     python3 bench/costmodel_check.py check "$dir/studies.db" --profile "$R/profile.json" > "$dir/costmodel.txt" 2>&1; cat "$dir/costmodel.txt"
     [[ -f "$dir/plan.json" ]] || return 1
-    # The hand loop at the plan's global batch: two micro-batches (the larger first), none started after 70 s.
-    timeout 170 python3 bench/hand_loop.py run "$dir/plan.json" --micro-batches ${HAND_MICRO_BATCHES:-16,32} --until $(( $(date +%s) + 70 )) \
+    # The hand loop at the plan's global batch: two micro-batches (the larger first), none started after 150 s.
+    timeout 260 python3 bench/hand_loop.py run "$dir/plan.json" --micro-batches ${HAND_MICRO_BATCHES:-16,32} --until $(( $(date +%s) + 150 )) \
         --out "$dir/hand.jsonl"
     say "$1: hand loop exit $?"
     python3 bench/hand_loop.py best "$dir/hand.jsonl" || true
