@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import json
 import os
 import socket
 import statistics
@@ -278,6 +279,8 @@ class Objective:
             trial.set_user_attr("error", f"illegal: {e}")
             raise optuna.TrialPruned(f"illegal: {e}") from None
         trial.set_user_attr("plan", plan.to_dict())
+        if trial.user_attrs.get("role") is None and (twin := measured_before(trial.study, plan, trial.number)) is not None:
+            self._prune(trial, plan, f"the same configuration as trial {twin}, measured once")
         names = [s.name for s in plan.strategies]
         try:
             self.space.graph.check(names)
@@ -298,6 +301,8 @@ class Objective:
         budget = trial_budget(self.budget, plan)
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
+            if (shortest := shortest_like(trial.study, plan)) is not None and shortest[1] > left:
+                self._prune(trial, plan, f"cannot finish: trial {shortest[0]}, which compiles as it does, took {shortest[1]:.0f} s; {left:.0f} s left")
             budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
         log_path = None
         if self.log_dir is not None:
@@ -851,7 +856,7 @@ def refine(study: optuna.Study, objective: Objective, deadline: float | None = N
     ``deadline`` (time.monotonic()). Each run is recorded as a trial with role "refine", the
     parameters of the trial it refines (the sampler sees the same point again), the choice as
     "refine_mode" and its own plan, so :func:`summarize` picks it if it is faster. Nothing on
-    a CPU, where compile is not searched."""
+    a CPU (the planner refines GPU searches only)."""
     added = []
     done = {(t.user_attrs.get("refines"), t.user_attrs.get("refine_mode")) for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == REFINE}
     with trialmod.measuring(objective.space.launch.device):
@@ -931,6 +936,38 @@ def figures_of(trial: optuna.trial.FrozenTrial) -> Figures | None:
 
 def plan_of(trial: optuna.trial.FrozenTrial) -> Plan:
     return planmod.from_dict(trial.user_attrs["plan"])
+
+
+def configuration(plan: dict[str, Any]) -> str:
+    """What a trial measures of ``plan`` (a plan's dict): its model, its strategies with their
+    settings, its training settings and its processes; not where or when it was made."""
+    return json.dumps({k: plan.get(k) for k in ("workload", "strategies", "train", "launch")}, sort_keys=True)
+
+
+def shortest_like(study: optuna.Study, plan: Plan) -> tuple[int, float] | None:
+    """The study's completed trial that compiles as ``plan`` does (or, like it, does not) with
+    the shortest wall time, as (number, seconds); None before one has completed. Compilation
+    decides a trial's time (a Mistral-style model on one H100: 66 s compiled, 21-23 s not; a
+    compiled trial launched with 47 s left timed out, bench/results/issue26-h100-420s), and the
+    shortest is what a trial of ``plan`` needs at the least: a shape compiled before comes from
+    the cache."""
+    compiles = any(s.name == "compile" for s in plan.strategies)
+    like = [(t.number, float(t.user_attrs["wall_s"])) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.user_attrs.get("wall_s") and "plan" in t.user_attrs
+            and any(s["name"] == "compile" for s in t.user_attrs["plan"].get("strategies", ())) == compiles]
+    return min(like, key=lambda x: x[1]) if like else None
+
+
+def measured_before(study: optuna.Study, plan: Plan, number: int) -> int | None:
+    """The first trial before ``number`` launched with ``plan``'s configuration (finished or
+    still running), if any. The sampler may propose a point twice, or two points that make the
+    same plan (knobs of a strategy it turned off, say): running it again would spend a trial's
+    time on figures the study has."""
+    wanted = configuration(plan.to_dict())
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)):
+        if t.number < number and t.user_attrs.get("launched") and configuration(t.user_attrs.get("plan") or {}) == wanted:
+            return t.number
+    return None
 
 
 def cost_model_errors(study: optuna.Study, predicted_key: str = "predicted_peak_memory_bytes", measured_key: str = "peak_memory_bytes") -> list[float]:

@@ -31,9 +31,20 @@ class CpuThreadsConfig:
 def apply_cpu_threads(ctx: TrainContext, cfg: CpuThreadsConfig) -> None:
     import torch
 
+    # Never more threads than the cores this process may run on now (taskset, a cpuset, a
+    # smaller machine than the plan's): OpenMP threads past them wait on each other's cores,
+    # several times slower than fewer threads.
+    threads = min(cfg.threads, usable_cores())
     # Process-wide, like precision's TF32 switch; set before anything is traced or timed.
-    torch.set_num_threads(cfg.threads)
-    ctx.notes.append(f"cpu threads {cfg.threads}")
+    torch.set_num_threads(threads)
+    ctx.notes.append(f"cpu threads {threads}" + (f" (the plan's {cfg.threads}: this process may use only {threads})" if threads < cfg.threads else ""))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity), else the machine's."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_threads_prior(facts: PriorFacts) -> Prior | None:

@@ -5,7 +5,6 @@ figures of an earlier planner run measured again, a plan slower than its baselin
 written, and a confirmation too noisy to trust said so."""
 
 import datetime
-import json
 import subprocess
 import sys
 import time
@@ -179,7 +178,6 @@ def test_a_timed_trial_reports_its_phases(tmp_path):
     assert len(f.step_times) < 50 // plan.grad_accum()
     assert 0 < result.startup_s < result.wall_s and result.warmup_s > 0
     assert result.timed_s == pytest.approx(sum(f.step_times))
-    assert json.dumps(result.startup_s)
 
 
 def test_the_minimum_on_a_gpu_counts_start_up_compilation_and_the_baselines_steps():

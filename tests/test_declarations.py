@@ -161,7 +161,6 @@ def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
     from autotune.planner import left_out_of
 
     assert left_out_of("cpu") == {
-        "compile": "left out of CPU searches: its C++ code generation takes minutes, longer than a trial",
         "fp8": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up",
         "int8": "left out of CPU searches: torchao's int8 training is made for GPU int8 tensor cores",
     }
@@ -177,7 +176,12 @@ def _priors(device: str, processes: int = 1, excluded: dict[str, dict[Any, str]]
 
 
 def test_the_expert_priors_are_declared_by_each_strategy() -> None:
-    assert _priors("cpu") == {"precision": ({"dtype": "bf16", "tf32": False}, True), "cpu_threads": ({"threads": 8}, False), "ddp": ({}, False)}
+    assert _priors("cpu") == {
+        "precision": ({"dtype": "bf16", "tf32": False}, True),
+        "compile": ({"mode": "default", "scope": "model"}, False),
+        "cpu_threads": ({"threads": 8}, False),
+        "ddp": ({}, False),
+    }
     assert _priors("cpu", processes=4)["cpu_threads"] == ({"threads": 2}, False)
     assert _priors("cuda") == {
         "precision": ({"dtype": "bf16", "tf32": True}, False),

@@ -272,6 +272,38 @@ def test_a_clearly_slower_trial_is_pruned_while_it_runs(tmp_path):
     assert baseline.state.name == "COMPLETE" and len(baseline.intermediate_values) == 10
 
 
+def test_a_configuration_the_study_has_measured_is_not_run_again(tmp_path):
+    # The sampler proposing a point twice (issue 27: two of 8 trials had the same parameters):
+    # the second is pruned before launch, naming the first; the baseline and priors always run.
+    space = fault_space()
+    study = search.open_study("twins", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
+    study.enqueue_trial({"micro_batch_size": 2})
+    study.enqueue_trial({"micro_batch_size": 2})
+    study.enqueue_trial({"micro_batch_size": 2}, user_attrs={"role": search.BASELINE})
+    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=30))
+    search.optimize(study, objective, trials=3, time_budget=None)
+    first, twin, baseline = study.trials[:3]
+    assert first.state.name == "COMPLETE" and baseline.state.name == "COMPLETE"
+    assert twin.state.name == "PRUNED" and twin.user_attrs["error"] == "the same configuration as trial 0, measured once"
+    assert "launched" in twin.user_attrs and not twin.user_attrs["launched"]
+
+
+def test_a_trial_that_cannot_finish_in_the_time_left_is_not_launched():
+    # The study's one trial like it took 100 s; 30 s are left: pruned before launch, naming it
+    # (issue 26: a compiled trial launched with 47 s left timed out after its siblings took 66 s).
+    space = fault_space()
+    study = optuna.create_study(direction="maximize")
+    dist = optuna.distributions.CategoricalDistribution(list(space.micro_batches))
+    study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 2}, distributions={"micro_batch_size": dist}, value=1.0,
+                                              user_attrs={"plan": search.plan_for(space, 2, []).to_dict(), "wall_s": 100.0}))
+    assert search.shortest_like(study, search.plan_for(space, faults.OOM, [])) == (0, 100.0)
+    study.enqueue_trial({"micro_batch_size": 2})
+    search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=1, time_budget=30.0)
+    pruned = study.trials[1]
+    assert pruned.state.name == "PRUNED" and not pruned.user_attrs["launched"]
+    assert pruned.user_attrs["error"].startswith("cannot finish: trial 0, which compiles as it does, took 100 s; ")
+
+
 def test_a_study_refuses_figures_measured_under_other_settings(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     identity = search.study_identity(TrialBudget(warmup_steps=5, timed_steps=20), 192)

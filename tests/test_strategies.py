@@ -9,6 +9,9 @@ the attention backward, which make two CUDA runs of the same program differ in t
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -226,3 +229,19 @@ class TestVocabPadding(StrategySuite):
         idx = torch.zeros(1, 4, dtype=torch.int64, device=trainer.device)
         with torch.no_grad():
             assert trainer.ctx.model(idx).shape == (1, 4, vocab)  # the padded logits dropped
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux's CPU affinity")
+def test_cpu_threads_never_exceed_the_cores_this_process_may_use():
+    # A plan measured with 2 threads, run in a process pinned to one core (taskset, a cpuset):
+    # one thread, said in the run's notes (issue 27: a plan's threads under another load).
+    code = (
+        "import os, types, torch\n"
+        "os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+        "from autotune.strategies.cpu_threads import CpuThreadsConfig, apply_cpu_threads\n"
+        "ctx = types.SimpleNamespace(notes=[])\n"
+        "apply_cpu_threads(ctx, CpuThreadsConfig(threads=2))\n"
+        "print(torch.get_num_threads(), ctx.notes[0])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1 cpu threads 1 (the plan's 2: this process may use only 1)"
