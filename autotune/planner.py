@@ -24,7 +24,7 @@ from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, LossCurve, Plan, QualityGuard, StrategySpec, TrainSpec
-from autotune.strategy import Facts, Prior, PriorFacts
+from autotune.strategy import Facts, Prior, PriorFacts, SearchFacts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
 from autotune.workloads import Workload, load_workload
 
@@ -167,7 +167,8 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     most = len(profile.gpus) if use_cuda else settings.cpu_procs or default_cpu_processes(cores)
     facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=most)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
-    left_out = left_out_of("cuda" if use_cuda else "cpu")
+    launch_device = "cuda" if use_cuda else "cpu"
+    left_out = left_out_of(launch_device)
     if not use_cuda and not cpu_has_bf16():
         left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
     global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
@@ -175,7 +176,10 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
     # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
     derived = {"grad_accum"} if global_batch is not None else set()
-    strategies = [_narrowed(catalog.get(n), cores, workload) for n in graph.usable() if n not in left_out and n not in derived]
+    narrowed = {n: _narrowed(catalog.get(n), SearchFacts(cores=cores, seq_len=workload.seq_len, device=launch_device, vocab_size=workload.vocab_size))
+                for n in graph.usable() if n not in left_out and n not in derived}
+    left_out |= {n: s for n, s in narrowed.items() if isinstance(s, str)}
+    strategies = [s for s in narrowed.values() if not isinstance(s, str)]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
     rates: dict[str, float] = {}
     bandwidth = None
@@ -185,7 +189,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
         bandwidth = measured.copy.median if measured is not None and measured.copy is not None else None
     largest = 256 if use_cuda else 64
     train = TrainSpec(micro_batch_size=1, seed=0)
-    launch = LaunchSpec(device="cuda" if use_cuda else "cpu")
+    launch = LaunchSpec(device=launch_device)
     space = search.SearchSpace(
         workload=workload,
         strategies=strategies,
@@ -234,15 +238,14 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
-def _narrowed(strategy: Any, cores: int, workload: Workload) -> Any:
+def _narrowed(strategy: Any, facts: SearchFacts) -> Any:
     """``strategy`` with the knobs it declares for a search on this machine and workload
     (``Strategy.search_knobs``: cpu_threads' range to these cores, sparse_attention's windows
-    below this sequence)."""
+    below this sequence), or the reason the search leaves it out here."""
     if strategy.search_knobs is None:
         return strategy
-    from autotune.strategy import SearchFacts
-
-    return dataclasses.replace(strategy, knobs=strategy.search_knobs(SearchFacts(cores=cores, seq_len=workload.seq_len)))
+    knobs = strategy.search_knobs(facts)
+    return knobs if isinstance(knobs, str) else dataclasses.replace(strategy, knobs=knobs)
 
 
 def _process_counts(most: int) -> list[int]:

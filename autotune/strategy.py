@@ -84,6 +84,10 @@ class SearchFacts:
     """Usable cores of this machine."""
     seq_len: int
     """The workload's sequence length."""
+    device: Device = "cpu"
+    """Where the search runs."""
+    vocab_size: int | None = None
+    """The workload's vocabulary (None: it has no shape)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -181,15 +185,17 @@ class Strategy:
     changes nothing the cost model counts."""
     left_out: dict[Device, str] = dataclasses.field(default_factory=dict, hash=False)
     """Searches on these devices leave the strategy out, for the reason given: it runs there but
-    never pays a trial (compile's C++ build on a CPU takes longer than the trial)."""
+    never pays a trial (fp8 on a CPU is emulated)."""
     prior: Callable[[PriorFacts], Prior | None] | None = None
     """How the expert prior, the first trials after the baseline, turns the strategy on here
     (None from it, or no function: the prior leaves it off). A data-parallel strategy (``mesh_dim``
     "dp") with a prior is the layout the prior over several processes takes."""
-    search_knobs: Callable[[SearchFacts], tuple[Knob, ...]] | None = None
+    search_knobs: Callable[[SearchFacts], tuple[Knob, ...] | str] | None = None
     """The knobs a search here samples, narrowed from ``knobs`` (any machine's, any workload's)
-    to this machine and workload: threads up to its cores, windows below its sequence; None:
-    ``knobs`` as declared."""
+    to this machine and workload: threads up to its cores, windows below its sequence, no TF32
+    on a CPU; or, where no setting would change anything here, the reason the search leaves
+    the strategy out (a vocabulary already a multiple of every padding); None: ``knobs`` as
+    declared."""
 
     @property
     def implemented(self) -> bool:

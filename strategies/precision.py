@@ -50,6 +50,14 @@ def precision_prior(facts: PriorFacts) -> Prior:
     return Prior(knobs={"dtype": "bf16", "tf32": facts.device == "cuda"}, own_trial=facts.device == "cpu")
 
 
+def search_knobs(device: str) -> tuple[Knob, ...]:
+    """A CPU search samples neither fp16 (its loss scaler is CUDA's) nor TF32 (a GPU's tensor
+    cores: on a CPU the switch changes nothing, and a plan would carry it)."""
+    if device == "cuda":
+        return STRATEGY.knobs
+    return (Knob(name="dtype", choices=("fp32", "bf16")), Knob(name="tf32", choices=(False,)))
+
+
 STRATEGY = Strategy(
     name="precision",
     summary="mixed precision (bf16 / fp16 + loss scaling) and TF32 matmuls",
@@ -58,4 +66,5 @@ STRATEGY = Strategy(
     apply=apply_precision,
     knobs=(Knob(name="dtype", choices=("fp32", "bf16", "fp16")), Knob(name="tf32", choices=(True, False))),
     prior=precision_prior,
+    search_knobs=lambda facts: search_knobs(facts.device),
 )

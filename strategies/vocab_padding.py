@@ -61,6 +61,19 @@ def vocab_padding_prior(facts: PriorFacts) -> Prior | None:
     return Prior(knobs={"multiple": 64}) if facts.device == "cuda" else None
 
 
+MULTIPLES = (64, 128)
+"""The row multiples searched."""
+
+
+def search_knobs(vocab_size: int | None) -> tuple[Knob, ...] | str:
+    """The multiples that pad this vocabulary; none where it is a multiple of each already
+    (the tiny GPT's 2,048: a plan would carry a padding that pads nothing)."""
+    pads = tuple(m for m in MULTIPLES if vocab_size is None or vocab_size % m)
+    if not pads:
+        return f"the vocabulary ({vocab_size:,}) is already a multiple of {' and '.join(map(str, MULTIPLES))}: nothing to pad"
+    return (Knob(name="multiple", choices=pads),)
+
+
 STRATEGY = Strategy(
     name="vocab_padding",
     summary="pad the embedding and head rows to a multiple of 64/128 (padded logits dropped)",
@@ -70,6 +83,7 @@ STRATEGY = Strategy(
     changes=frozenset({"embedding", "head"}),
     needs=Needs(structure=frozenset({"embed", "head"})),
     check_workload=check_workload,
-    knobs=(Knob(name="multiple", choices=(64, 128)),),
+    knobs=(Knob(name="multiple", choices=MULTIPLES),),
     prior=vocab_padding_prior,
+    search_knobs=lambda facts: search_knobs(facts.vocab_size),
 )

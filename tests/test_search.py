@@ -44,11 +44,13 @@ def test_each_fault_costs_one_trial_and_the_search_completes(tmp_path):
     # last trial can run at under half the baseline's speed and be pruned (tested elsewhere).
     study = search.open_study("faults", f"sqlite:///{tmp_path}/s.db", "tpe", 0, pruner=optuna.pruners.NopPruner())
     search.ensure_first_trials(study, space, [])
-    for mb in (faults.OOM, faults.NAN, faults.HANG, faults.SIGKILL, 2):
+    # The baseline (micro-batch 2) first, then each fault; the sampler's next proposals are
+    # the study's measured configurations again, pruned before launch.
+    for mb in (faults.OOM, faults.NAN, faults.HANG, faults.SIGKILL):
         study.enqueue_trial({"micro_batch_size": mb})
     objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=12))
-    search.optimize(study, objective, trials=6, time_budget=None)
-    by_mb = {t.params["micro_batch_size"]: t for t in study.trials}
+    search.optimize(study, objective, trials=5, time_budget=None)
+    by_mb = {t.params["micro_batch_size"]: t for t in reversed(study.trials) if t.user_attrs.get("launched")}
     status = {mb: (t.state.name, t.user_attrs["status"]) for mb, t in by_mb.items()}
     assert status[faults.OOM] == ("PRUNED", "oom")
     assert status[faults.NAN] == ("FAIL", "nan")
@@ -220,6 +222,23 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
         plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
         assert {s.name for s in plan.strategies} == {"precision", "attention", "compile", "vocab_padding", "optimizer", "grad_accum"}
         assert plan.global_batch() == 192
+
+
+def test_a_cpu_search_samples_no_setting_that_changes_nothing_there():
+    # Issue 27: the winning CPU plan carried TF32 and a padding of the tiny GPT's 2,048-row
+    # vocabulary, neither of which changes anything there.
+    from autotune import hardware, planner
+
+    space, _ = planner.build_space(planner.PlanSettings(workload="tiny", device="cpu"), hardware.detect(quick=True), load_workload("tiny"))
+    assert space.left_out["vocab_padding"] == "the vocabulary (2,048) is already a multiple of 64 and 128: nothing to pad"
+    assert "vocab_padding" not in {s.name for s in space.strategies}
+    if "precision" in {s.name for s in space.strategies}:  # a CPU with native bf16
+        knobs = {k.name: k.choices for k in next(s for s in space.strategies if s.name == "precision").knobs}
+        assert knobs == {"dtype": ("fp32", "bf16"), "tf32": (False,)}
+    space, _ = planner.build_space(planner.PlanSettings(workload="tiny", device="cpu"), hardware.detect(quick=True),
+                                   load_workload("tiny", {"vocab_size": 2100}))
+    (padding,) = [s for s in space.strategies if s.name == "vocab_padding"]
+    assert padding.knobs[0].choices == (64, 128)
 
 
 def test_two_cpu_processes_bring_every_legal_layout_of_the_mesh():

@@ -59,15 +59,15 @@ def test_translated_to_this_space(space, tmp_path):
     source = json.loads(PLAN_2PROCS.read_text())
     source["train"]["micro_batch_size"] = 12
     source["launch"]["nproc_per_node"] = 4
-    source["strategies"] = [{"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}}, {"name": "compile", "knobs": {}},
+    source["strategies"] = [{"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}}, {"name": "fp8", "knobs": {}},
                             {"name": "ddp", "knobs": {"bucket_cap_mb": 1000}}]
     lines: list[str] = []
     params = search.plan_params(space, planmod.from_dict(source), log=lines.append)
     assert params["micro_batch_size"] in (8, 16) and params["processes"] == 2 and params["layout.2"] == "ddp"
     assert params["ddp.bucket_cap_mb"] == 200  # the end of the searched range
-    assert "compile" not in params
+    assert "fp8" not in params
     text = "\n".join(lines)
-    assert "compile not searched here" in text and "4 processes, 2 here" in text and "micro-batch 12" in text and "ddp.bucket_cap_mb 1000" in text
+    assert "fp8 not searched here" in text and "4 processes, 2 here" in text and "micro-batch 12" in text and "ddp.bucket_cap_mb 1000" in text
 
 
 def test_illegal_configuration_is_dropped_with_a_log_line(space, tmp_path):
