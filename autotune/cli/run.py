@@ -55,8 +55,9 @@ def run_command(
             raise UserError(f"--node-rank {node_rank}: the plan has {plan.launch.nnodes} node(s), ranks 0..{plan.launch.nnodes - 1}")
         plan.launch.node_rank = node_rank
     from autotune.apply import check_plan
+    from autotune.limits import check_machine
 
-    check_plan(plan, trusted=trust_workload)  # the whole plan, before anything starts or is written
+    check_machine(plan, check_plan(plan, trusted=trust_workload))  # the whole plan and its size here, before anything starts or is written
     if time_budget <= 0:
         raise UserError("--time-budget must be positive")
     args = list(ARGS)
