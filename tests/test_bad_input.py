@@ -166,3 +166,22 @@ def test_committed_plans_pass_the_plan_check(path):
     plan = planmod.load(path)
     assert plan.workload.name in PRESETS or plan.workload.name.startswith("hf:")  # data: no code to import
     check_machine(plan, check_plan(plan, trusted=False))
+
+
+# (id, command, words): numbers on the command line that are no amount of time.
+BAD_FLAGS = [
+    ("plan_budget_nan", ["plan", "--time-budget", "nan"], "--time-budget nan: expected a positive, finite number"),
+    ("plan_budget_inf", ["plan", "--time-budget", "inf"], "--time-budget inf: expected a positive, finite number"),
+    ("plan_budget_negative", ["plan", "--time-budget", "-5"], "--time-budget -5: expected a positive, finite number"),
+    ("run_minutes_nan", ["run", DEFAULT_PLAN, "--minutes", "nan"], "--minutes must be positive and finite"),
+    ("run_minutes_inf", ["run", DEFAULT_PLAN, "--minutes", "inf"], "--minutes must be positive and finite"),
+    ("run_adapt_budget_nan", ["run", DEFAULT_PLAN, "--adapt", "--time-budget", "nan"], "--time-budget must be positive and finite"),
+]
+
+
+@pytest.mark.parametrize("command, words", [pytest.param(c, w, id=i) for i, c, w in BAD_FLAGS])
+def test_a_time_that_is_not_finite_and_positive_is_one_line_exit_2(tmp_path, run_cli, command, words):
+    out = tmp_path / "out"
+    code, _, err = run_cli(*command, "--out", out)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("autotune: error: ") and words in err, err
+    assert not out.exists()

@@ -45,8 +45,8 @@ def run_command(
     if steps is not None and tokens is not None:
         raise UserError("give --steps or --tokens, not both")
     for name, value in (("steps", steps), ("tokens", tokens), ("minutes", minutes)):
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive")
+        if value is not None and not 0 < value < math.inf:  # NaN fails this too
+            raise UserError(f"--{name} must be positive and finite")
     if profile is not None and not profile.exists():
         raise UserError(f"profile {profile}: no such file")
     plan = planmod.load(plan_path)
@@ -58,8 +58,8 @@ def run_command(
     from autotune.limits import check_machine
 
     check_machine(plan, check_plan(plan, trusted=trust_workload))  # the whole plan and its size here, before anything starts or is written
-    if time_budget <= 0:
-        raise UserError("--time-budget must be positive")
+    if not 0 < time_budget < math.inf:
+        raise UserError("--time-budget must be positive and finite")
     args = list(ARGS)
     if distributed.env_world_size() == 1 and (difference := planmod.other_machine(plan)):
         if not adapt:
