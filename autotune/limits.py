@@ -38,11 +38,12 @@ class Fit:
     """Memory of the device each process trains on here (host RAM shared by the CPU processes);
     None where the plan trains on a device this machine lacks (its memory is not checked)."""
     where: str
-    """That device, in words."""
+    """That memory, in words ("RAM")."""
 
     def line(self) -> str:
         """One line: the estimate, and what it was checked against."""
-        against = f" of {size(self.memory_bytes)} ({self.where})" if self.memory_bytes is not None else f" ({self.where}: none here to check it against)"
+        against = (f"; this machine has {size(self.memory_bytes)} of {self.where}" if self.memory_bytes is not None
+                   else f" ({self.where}: no GPU here to check it against)")
         return f"{count(self.parameters)} parameters, peak memory about {size(self.peak_memory_bytes)} a process{against}"
 
 
@@ -53,6 +54,8 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
     from autotune import costmodel, distributed
     from autotune.workloads import shaped
 
+    if distributed.env_world_size() > 1:  # a rank of a run: its launching command checked the plan
+        return None
     launch, train = plan.launch, plan.train
     on_cuda, devices, where, memory = _device(launch.device)
     nproc = launch.nproc_per_node
@@ -65,7 +68,7 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
         if nproc > cores * MAX_OVERSUBSCRIPTION:
             raise UserError(f"the plan runs {nproc:,} processes a node on the CPU, but this machine has {cores} core(s) "
                             f"(at most {MAX_OVERSUBSCRIPTION} processes a core)")
-        if nproc > cores and distributed.env_world_size() == 1:  # said once, by the launching command
+        if nproc > cores:
             print(f"autotune: warning: {nproc} processes on {cores} core(s): each runs slower than alone", file=sys.stderr)
     workload = shaped(workload) if workload.shape is None else workload
     if workload.shape is None:
@@ -81,11 +84,11 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
         parts = estimate.breakdown
         state = parts["weights"] + parts["optimizer"] + parts["gradients"]
         evals = f", {size(EVAL_BYTES_PER_TOKEN * eval_tokens)} for {train.eval_batches:,} validation micro-batches" if eval_tokens else ""
-        processes = f" x {nproc} processes" if need != peak else ""
+        shared = f"its {nproc} processes share this machine's {size(memory)} of {where}" if need != peak else f"this machine has {size(memory)} of {where}"
         raise UserError(
-            f"the plan needs about {size(need)} ({size(state)} for the training state of {count(fit.parameters)} parameters in "
-            f"{shape.n_layers:,} layers, {size(parts['activations'] + parts['logits'])} for activations at micro-batch "
-            f"{train.micro_batch_size:,}{evals}{processes}); {where} has {size(memory)}"
+            f"the plan needs about {size(peak)} a process: {size(state)} for the training state ({count(fit.parameters)} parameters "
+            f"in {shape.n_layers:,} layers), {size(parts['activations'] + parts['logits'])} for activations at micro-batch "
+            f"{train.micro_batch_size:,}{evals}; {shared}"
         )
     return fit
 
@@ -98,12 +101,12 @@ def _device(requested: str) -> tuple[bool, int | None, str, int | None]:
 
     cuda_here = torch.cuda.is_available()
     if requested == "cuda" and not cuda_here:
-        return True, None, "a CUDA GPU", None
+        return True, None, "a CUDA plan", None
     if requested == "cpu" or not cuda_here:
-        return False, None, "this machine's RAM", psutil.virtual_memory().total
+        return False, None, "RAM", psutil.virtual_memory().total
     gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
     smallest = min(gpus, key=lambda p: p.total_memory)
-    return True, len(gpus), f"this machine's {smallest.name}", smallest.total_memory
+    return True, len(gpus), f"memory on each {smallest.name}", smallest.total_memory
 
 
 def size(n: float) -> str:

@@ -57,7 +57,7 @@ def run_command(
     from autotune.apply import check_plan
     from autotune.limits import check_machine
 
-    check_machine(plan, check_plan(plan, trusted=trust_workload))  # the whole plan and its size here, before anything starts or is written
+    check_machine(plan, check_plan(plan, trusted=trust_workload))  # the whole plan and its size here, before anything starts
     if not 0 < time_budget < math.inf:
         raise UserError("--time-budget must be positive and finite")
     args = list(ARGS)

@@ -161,10 +161,11 @@ def build_config(settings: HFSettings) -> Any:
     except (ValueError, KeyError):
         raise UserError(f"hf:{settings.model_type}: transformers {transformers.__version__} knows no model type {settings.model_type!r}") from None
     # Checked before transformers builds the config: it validates each layer's type, a second a million.
-    key = getattr(transformers.AutoConfig.for_model(settings.model_type), "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
-    layers = settings.config.get(key)
-    if isinstance(layers, int) and not isinstance(layers, bool) and layers > MAX_LAYERS:
-        raise UserError(f"hf:{settings.model_type}: {key} {layers:,} is more than {MAX_LAYERS:,} layers")
+    own = getattr(transformers.AutoConfig.for_model(settings.model_type), "attribute_map", {}).get("num_hidden_layers")
+    for key in filter(None, (own, "num_hidden_layers")):  # the family's name for it (GPT-2's n_layer) or the common one
+        layers = settings.config.get(key)
+        if isinstance(layers, int) and not isinstance(layers, bool) and layers > MAX_LAYERS:
+            raise UserError(f"hf:{settings.model_type}: {key} {layers:,} is more than {MAX_LAYERS:,} layers")
     try:
         with _quiet(transformers):  # a copy: transformers writes into the dicts it is given (rope_theta into rope_scaling)
             return transformers.AutoConfig.for_model(settings.model_type, **copy.deepcopy(settings.config))
