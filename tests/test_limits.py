@@ -3,6 +3,8 @@ is built, the estimate printed by show, and deep models counted from their first
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -91,3 +93,12 @@ def test_a_deep_hf_model_counted_from_its_first_blocks_is_counted_exactly():
     with torch.device("meta"):
         whole = HFAdapter(HFCausalLM(build_hf_model(settings, build_config(settings)))).shape(scaled.seq_len)
     assert scaled == whole and scaled.n_layers == layers
+
+
+def test_a_run_too_big_ends_in_one_line_before_anything_is_built(tmp_path):
+    # A real `autotune run`: before the check it built blocks until the kernel killed it.
+    plan, out = _plan_file(tmp_path, workload={"name": "tiny", "overrides": {"n_layers": 16_777_216}}), tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "autotune", "run", plan, "--out", out], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "3.3T parameters in 16,777,216 layers" in proc.stderr and "this machine has" in proc.stderr
+    assert not out.exists()
