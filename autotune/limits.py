@@ -49,8 +49,8 @@ class Fit:
 
 def check_machine(plan: Any, workload: Any) -> Fit | None:
     """Refuse ``plan`` (a UserError naming the numbers) if its processes or its memory exceed
-    this machine; warn on stderr where its CPU processes outnumber the cores. ``workload`` is
-    the plan's (``apply.check_plan``'s); None for a user's model whose shape is not known."""
+    this machine. ``workload`` is the plan's (``apply.check_plan``'s). Returns what was
+    counted; None for a user's model whose shape is not known."""
     from autotune import costmodel, distributed
     from autotune.workloads import shaped
 
@@ -68,8 +68,6 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
         if nproc > cores * MAX_OVERSUBSCRIPTION:
             raise UserError(f"the plan runs {nproc:,} processes a node on the CPU, but this machine has {cores} core(s) "
                             f"(at most {MAX_OVERSUBSCRIPTION} processes a core)")
-        if nproc > cores:
-            print(f"autotune: warning: {nproc} processes on {cores} core(s): each runs slower than alone", file=sys.stderr)
     workload = shaped(workload) if workload.shape is None else workload
     if workload.shape is None:
         return None
@@ -91,6 +89,17 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
             f"{train.micro_batch_size:,}{evals}; {shared}"
         )
     return fit
+
+
+def warn_if_oversubscribed(launch: Any) -> None:
+    """One line on stderr where the plan's CPU processes outnumber the cores (the command goes
+    on: :func:`check_machine` refused more than MAX_OVERSUBSCRIPTION a core). Said once the
+    plan is accepted, so that a refusal stays the command's one line."""
+    from autotune.planner import usable_cores
+
+    cores = usable_cores()
+    if not _device(launch.device)[0] and launch.nproc_per_node > cores:
+        print(f"autotune: warning: {launch.nproc_per_node} processes on {cores} core(s): each runs slower than alone", file=sys.stderr)
 
 
 def _device(requested: str) -> tuple[bool, int | None, str, int | None]:

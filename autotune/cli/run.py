@@ -248,6 +248,7 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
 
     from autotune import distributed, train
     from autotune.apply import check_processes
+    from autotune.limits import warn_if_oversubscribed
     from autotune.workloads import load_workload
 
     # Bad input is one line, before any process starts.
@@ -265,6 +266,7 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
             if done is not None:
                 train.notify(f"the run in {out} already reached step {done}: nothing to do")
                 return
+            warn_if_oversubscribed(plan.launch)
             env = distributed.child_env() | {train.LAUNCHER_ENV: str(os.getpid())}
             # On each node of a multi-node plan the same command joins the plan's rendezvous.
             cmd = distributed.torchrun_command(nproc, "autotune", args, plan.launch)
