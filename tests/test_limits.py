@@ -102,3 +102,13 @@ def test_a_run_too_big_ends_in_one_line_before_anything_is_built(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "3.3T parameters in 16,777,216 layers" in proc.stderr and "this machine has" in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family, key", [("gpt2", "n_layer"), ("gpt2", "num_hidden_layers"), ("qwen3", "num_hidden_layers")])
+def test_an_hf_layer_count_beyond_any_model_is_refused_by_either_name(family, key):
+    pytest.importorskip("transformers")
+    from autotune.errors import UserError
+    from autotune.workloads.hf import hf_workload
+
+    with pytest.raises(UserError, match=f"hf:{family}: {key} 1,000,000 is more than 65,536 layers"):
+        hf_workload(f"hf:{family}", {key: 1_000_000})

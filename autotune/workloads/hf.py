@@ -157,11 +157,11 @@ def build_config(settings: HFSettings) -> Any:
     transformers rejects (a type mismatch, a failed validation) is a one-line UserError."""
     transformers = _transformers()
     try:
-        transformers.AutoConfig.for_model(settings.model_type)
+        default = transformers.AutoConfig.for_model(settings.model_type)
     except (ValueError, KeyError):
         raise UserError(f"hf:{settings.model_type}: transformers {transformers.__version__} knows no model type {settings.model_type!r}") from None
-    # Checked before transformers builds the config: it validates each layer's type, a second a million.
-    own = getattr(transformers.AutoConfig.for_model(settings.model_type), "attribute_map", {}).get("num_hidden_layers")
+    # Checked before transformers builds the config: it validates each layer's type (5 s for a million).
+    own = getattr(default, "attribute_map", {}).get("num_hidden_layers")
     for key in filter(None, (own, "num_hidden_layers")):  # the family's name for it (GPT-2's n_layer) or the common one
         layers = settings.config.get(key)
         if isinstance(layers, int) and not isinstance(layers, bool) and layers > MAX_LAYERS:
