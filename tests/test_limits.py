@@ -112,3 +112,30 @@ def test_an_hf_layer_count_beyond_any_model_is_refused_by_either_name(family, ke
 
     with pytest.raises(UserError, match=f"hf:{family}: {key} 1,000,000 is more than 65,536 layers"):
         hf_workload(f"hf:{family}", {key: 1_000_000})
+
+
+def test_a_cuda_plan_is_checked_against_the_gpus_here(monkeypatch):
+    # No GPU on the CPU machine: torch is told of one 8 GiB GPU (what the check reads of it).
+    import types
+
+    import torch
+
+    from autotune import plan as planmod
+    from autotune.errors import UserError
+    from autotune.limits import check_machine
+
+    gpu = types.SimpleNamespace(name="Imaginary GPU", total_memory=8 * 2**30)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: gpu)
+    data = json.loads(DEFAULT_PLAN.read_text()) | {"workload": {"name": "gpt2-124m", "overrides": {}}}
+    data["launch"] = {"nproc_per_node": 1, "device": "cuda"}
+    data["train"]["micro_batch_size"] = 4
+    fits = planmod.from_dict(data)
+    assert "this machine has 8.0 GiB of memory on each Imaginary GPU" in check_machine(fits, gpt_workload("gpt2-124m")).line()
+    data["train"]["micro_batch_size"] = 64
+    with pytest.raises(UserError, match=r"124\.3M parameters in 12 layers.*; this machine has 8\.0 GiB of memory on each Imaginary GPU"):
+        check_machine(planmod.from_dict(data), gpt_workload("gpt2-124m"))
+    data["launch"]["nproc_per_node"], data["strategies"] = 2, [{"name": "ddp", "knobs": {}}]
+    with pytest.raises(UserError, match=r"runs 2 processes a node, one per GPU, but this machine has 1 GPU\(s\)"):
+        check_machine(planmod.from_dict(data), gpt_workload("gpt2-124m"))
