@@ -156,6 +156,12 @@ def shape_of(workload: Workload) -> ModelShape:
     return workload.shape
 
 
+def parameters(shape: ModelShape) -> int:
+    """Parameters of the whole model: its blocks (their matrices where the rest is not known),
+    the vocabulary tables and the rest (position table, final norm)."""
+    return (shape.block_params or _block_matmuls(shape)) + shape.vocab_tables * shape.vocab_size * shape.d_model + shape.other_params
+
+
 def _block_matmuls(shape: ModelShape) -> int:
     """Matmul weights of all blocks: the model's minus the output head's."""
     return shape.matmul_params - shape.vocab_size * shape.d_model

@@ -63,6 +63,9 @@ _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 EOT = "<|endoftext|>"
 """Special token appended after each text; id 0 in tokenizers trained here."""
 _MIN_TRAINED_VOCAB = 257  # the 256 byte tokens and EOT
+MAX_VOCAB = 2**20
+"""Tokens of a vocabulary beyond any model's (published ones have up to 262,144). The tokenizers
+library's trainer aborts the process on one of 2**31 (it allocates for every id first)."""
 _DOC_CHARS = 1 << 14
 """Texts are cut into documents of about this many characters (train/val split unit)."""
 _DOC_BREAK = re.compile(r"\n(?=\S)")
@@ -220,7 +223,9 @@ def prepare(
     if tokenizer_file is None:
         _check_trainable_vocab(vocab_size)
     else:
+        _check_vocab(vocab_size)
         given = _load_tokenizer(Path(tokenizer_file), vocab_size)
+    _check_out_dir(Path(out_dir))
     contents = [_read_text(Path(t)) for t in texts]
     if not any(contents):
         raise UserError("no text to tokenize")
@@ -230,7 +235,21 @@ def prepare(
     return _write_dataset(Path(out_dir), docs, ends, tokenizer, vocab_size, val_fraction, source)
 
 
+def _check_out_dir(out: Path) -> None:
+    """``out`` must be a new folder, an empty one, or a dataset to write again (it holds
+    meta.json) in a folder this process may write: never a run's or anything else's."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise UserError(f"--out {out}: a folder holding other files, not a dataset (no meta.json); give a new or empty folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {existing}")
+
+
 def _read_text(p: Path) -> str:
+    if p.exists() and not p.is_dir() and not p.is_file():  # a device or a pipe: it may never end
+        raise UserError(f"text file {p}: not a regular file")
     try:
         return p.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -264,8 +283,12 @@ def _documents(texts: Sequence[str]) -> tuple[list[str], list[bool]]:
 def _check_trainable_vocab(vocab_size: int) -> None:
     if vocab_size < _MIN_TRAINED_VOCAB:
         raise UserError(f"vocab size {vocab_size} is too small: a byte-level BPE needs {_MIN_TRAINED_VOCAB}")
-    if vocab_size >= 2**32:
-        raise UserError(f"vocab size {vocab_size} does not fit a token file (below 2**32)")
+    _check_vocab(vocab_size)
+
+
+def _check_vocab(vocab_size: int) -> None:
+    if vocab_size > MAX_VOCAB:
+        raise UserError(f"vocab size {vocab_size:,} is more than {MAX_VOCAB:,} tokens")
 
 
 def _train_tokenizer(docs: list[str], vocab_size: int) -> Tokenizer:

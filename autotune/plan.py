@@ -68,6 +68,12 @@ class StrategySpec:
     """Its settings; missing ones take the strategy's defaults."""
 
 
+MAX_PROCESSES_PER_NODE = 1024
+"""Processes on one node no machine runs more of (a GPU each, or a few a CPU core)."""
+MAX_NODES = 65536
+"""Nodes beyond any cluster."""
+
+
 @dataclass(kw_only=True, slots=True)
 class LaunchSpec:
     nproc_per_node: int = 1
@@ -89,6 +95,10 @@ class LaunchSpec:
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1 or self.nnodes < 1:
             raise ValueError("nproc_per_node and nnodes must be at least 1")
+        # Bounds a plan can mean (this machine's cores and GPUs are checked before a run: autotune.limits).
+        if self.nproc_per_node > MAX_PROCESSES_PER_NODE or self.nnodes > MAX_NODES:
+            raise ValueError(f"nproc_per_node must be at most {MAX_PROCESSES_PER_NODE} and nnodes at most {MAX_NODES}, "
+                             f"got {self.nproc_per_node} and {self.nnodes}")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"a run of {self.nnodes} nodes needs rdzv_endpoint (host:port of the rendezvous)")
         if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
@@ -99,6 +109,9 @@ MAX_MICRO_BATCH = 65536
 """Samples per micro-batch no device holds more of (a larger one is a typo, not a plan)."""
 MAX_STEPS = 10**9
 """Optimizer steps beyond any run's horizon."""
+MAX_EVAL_BATCHES = 65536
+"""Validation micro-batches an evaluation no run needs more of (all of them stay in memory for
+the whole run: ``autotune.limits`` counts them against the device's)."""
 _TRAIN_FLOATS = (
     # name, low, high, low open, high open: the legal interval of each float setting.
     ("lr", 0.0, 1.0, True, False),
@@ -159,6 +172,8 @@ class TrainSpec:
             raise ValueError(f"micro_batch_size must be at most {MAX_MICRO_BATCH}, got {self.micro_batch_size}")
         if self.steps > MAX_STEPS:
             raise ValueError(f"steps must be at most {MAX_STEPS}, got {self.steps}")
+        if self.eval_batches > MAX_EVAL_BATCHES:
+            raise ValueError(f"eval_batches must be at most {MAX_EVAL_BATCHES}, got {self.eval_batches}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in 0..2**32-1, got {self.seed}")
         for name, low, high, low_open, high_open in _TRAIN_FLOATS:

@@ -27,6 +27,7 @@ def test_the_cpu_plans_are_found():
 @pytest.mark.parametrize("path", CPU_PLANS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_a_committed_cpu_plan_trains(path, tmp_path):
     from autotune.hardware import current_fingerprint
+    from autotune.planner import usable_cores
 
     out = tmp_path / "run"
     data = json.loads(path.read_text())
@@ -42,5 +43,7 @@ def test_a_committed_cpu_plan_trains(path, tmp_path):
     r = subprocess.run([sys.executable, "-m", "autotune", "run", str(copy), "--steps", "2", "--out", str(out), "--json"],
                        capture_output=True, text=True, cwd=ROOT, timeout=280)
     assert r.returncode == 0, r.stderr[-3000:]
+    if data["launch"]["nproc_per_node"] > usable_cores():  # said, not refused (autotune.limits)
+        assert f"autotune: warning: {data['launch']['nproc_per_node']} processes on {usable_cores()} core(s)" in r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps_done"] == 2

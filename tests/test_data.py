@@ -360,3 +360,50 @@ def test_default_corpus_is_deterministic_cached_and_safe_to_share(
     monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "cache"))
     assert main(["data", "default", "--vocab", "512"]) == 0
     assert capsys.readouterr().out.strip() == str(path)
+
+
+def test_cli_prepare_as_the_readme_writes_it(texts: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `--text a.txt b.txt`: the paths after one --text are all text files.
+    out = tmp_path / "readme"
+    assert main(["data", "prepare", "--text", str(texts[0]), str(texts[1]), "--out", str(out), "--vocab", "512"]) == 0
+    assert f"{texts[0]}, {texts[1]}" == data.open_dataset(out).meta.source
+
+
+def _run_dir(tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "summary.json").write_text("{}")
+    return run
+
+
+# (id, arguments after the text, words): each one line, exit 2 (1 where only writing finds it), nothing written.
+BAD_PREPARE = [
+    ("vocab_huge", lambda t: ["--out", t / "out", "--vocab", "2147483647"], "vocab size 2,147,483,647 is more than 1,048,576 tokens"),
+    ("vocab_huge_given_tokenizer", lambda t: ["--out", t / "out", "--vocab", str(2**31), "--tokenizer", t / "tokenizer.json"],
+     "is more than 1,048,576 tokens"),
+    ("out_a_file", lambda t: ["--out", t / "file.txt", "--vocab", "512"], "is a file, not a folder"),
+    ("out_a_run", lambda t: ["--out", _run_dir(t), "--vocab", "512"], "a folder holding other files, not a dataset"),
+    ("out_unwritable", lambda t: ["--out", "/proc/autotune-test/data", "--vocab", "512"], "/proc"),
+]
+
+
+@pytest.mark.parametrize("args, words", [pytest.param(a, w, id=i) for i, a, w in BAD_PREPARE])
+def test_cli_prepare_refuses_in_one_line(texts: list[Path], dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        args, words) -> None:
+    (tmp_path / "file.txt").write_text("a file, kept as it is\n")
+    (tmp_path / "tokenizer.json").write_bytes((dataset / "tokenizer.json").read_bytes())
+    args = [str(a) for a in args(tmp_path)]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = main(["data", "prepare", "--text", str(texts[0]), *args])
+    err = capsys.readouterr().err
+    # Root may write in any folder (os.access says so): /proc refuses it only when written, exit 1.
+    assert code in ((1, 2) if "/proc" in words else (2,)) and err.count("\n") == 1 and err.startswith("autotune: error: "), err
+    assert words in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "file.txt").read_text() == "a file, kept as it is\n"
+
+
+def test_cli_prepare_refuses_a_device_that_never_ends(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "prepare", "--text", "/dev/zero", "--out", str(tmp_path / "out"), "--vocab", "512"]) == 2
+    assert capsys.readouterr().err == "autotune: error: text file /dev/zero: not a regular file\n"
+    assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -46,8 +47,10 @@ def plan_command(
 
     if trials is None and time_budget is None:
         raise UserError("give --trials N and/or --time-budget SECONDS")
-    if (trials is not None and trials < 1) or (time_budget is not None and time_budget <= 0):
-        raise UserError("--trials and --time-budget must be positive")
+    if trials is not None and trials < 1:
+        raise UserError("--trials must be positive")
+    if time_budget is not None and not 0 < time_budget < math.inf:  # NaN fails this too
+        raise UserError(f"--time-budget {time_budget:g}: expected a positive, finite number of seconds")
     if not 0 < quality_tolerance < 1:  # NaN fails this too
         raise UserError(f"--quality-tolerance {quality_tolerance:g}: expected a fraction above 0 and below 1 (0.01 is 1%)")
     low, high = planner.GUARD_STEPS_RANGE

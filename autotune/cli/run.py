@@ -45,8 +45,8 @@ def run_command(
     if steps is not None and tokens is not None:
         raise UserError("give --steps or --tokens, not both")
     for name, value in (("steps", steps), ("tokens", tokens), ("minutes", minutes)):
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive")
+        if value is not None and not 0 < value < math.inf:  # NaN fails this too
+            raise UserError(f"--{name} must be positive and finite")
     if profile is not None and not profile.exists():
         raise UserError(f"profile {profile}: no such file")
     plan = planmod.load(plan_path)
@@ -55,10 +55,11 @@ def run_command(
             raise UserError(f"--node-rank {node_rank}: the plan has {plan.launch.nnodes} node(s), ranks 0..{plan.launch.nnodes - 1}")
         plan.launch.node_rank = node_rank
     from autotune.apply import check_plan
+    from autotune.limits import check_machine
 
-    check_plan(plan, trusted=trust_workload)  # the whole plan, before anything starts or is written
-    if time_budget <= 0:
-        raise UserError("--time-budget must be positive")
+    check_machine(plan, check_plan(plan, trusted=trust_workload))  # the whole plan and its size here, before anything starts
+    if not 0 < time_budget < math.inf:
+        raise UserError("--time-budget must be positive and finite")
     args = list(ARGS)
     if distributed.env_world_size() == 1 and (difference := planmod.other_machine(plan)):
         if not adapt:
@@ -247,6 +248,7 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
 
     from autotune import distributed, train
     from autotune.apply import check_processes
+    from autotune.limits import warn_if_oversubscribed
     from autotune.workloads import load_workload
 
     # Bad input is one line, before any process starts.
@@ -264,6 +266,7 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
             if done is not None:
                 train.notify(f"the run in {out} already reached step {done}: nothing to do")
                 return
+            warn_if_oversubscribed(plan.launch)
             env = distributed.child_env() | {train.LAUNCHER_ENV: str(os.getpid())}
             # On each node of a multi-node plan the same command joins the plan's rendezvous.
             cmd = distributed.torchrun_command(nproc, "autotune", args, plan.launch)

@@ -20,9 +20,12 @@ def show_command(
     """Validate PLAN as `autotune run` does and print it: workload, strategies, launch, measured figures."""
     from autotune import plan as planmod
     from autotune.apply import check_plan
+    from autotune.limits import check_machine, warn_if_oversubscribed
 
     plan = planmod.load(plan_path)
-    check_plan(plan, trusted=trust_workload)  # the same checks as run: show passes no plan that run rejects
+    # The same checks as run: show passes no plan that run rejects, its size on this machine included.
+    fit = check_machine(plan, check_plan(plan, trusted=trust_workload))
+    warn_if_oversubscribed(plan.launch)
     if json_out:
         typer.echo(json.dumps(plan.to_dict(), indent=2))
         return
@@ -40,6 +43,8 @@ def show_command(
     console.print(f"launch    {launch.nnodes} node(s) x {launch.nproc_per_node} process(es), device {launch.device}")
     t = plan.train
     console.print(f"train     micro-batch {t.micro_batch_size}, {t.steps} steps, lr {t.lr:g}, seed {t.seed}, data {t.data}")
+    if fit is not None:
+        console.print(f"estimate  {fit.line()}")
     strategies = Table("strategy", "knobs", title="strategies (in plan order)")
     for s in plan.strategies:
         strategies.add_row(s.name, ", ".join(f"{k}={v}" for k, v in s.knobs.items()) or "(defaults)")

@@ -125,6 +125,12 @@ def _build_gpt(cfg: Any) -> Any:
     return GPT(dataclasses.replace(cfg))
 
 
+PROBE_LAYERS = 256
+"""Most blocks of a model built on the meta device to read its shape (about a millisecond a
+block): a deeper model is read off its first PROBE_LAYERS blocks, the rest counted like them
+(:func:`with_layers`), so a plan's size is checked before anything of its size is built."""
+
+
 def gpt_shape(cfg: Any) -> ModelShape:
     """The shape of the GPT of ``cfg``, from one built on the meta device (no memory, no init)."""
     import torch
@@ -133,7 +139,22 @@ def gpt_shape(cfg: Any) -> ModelShape:
     from autotune.workloads.gpt import GPT
 
     with torch.device("meta"):
-        return GPTAdapter(GPT(dataclasses.replace(cfg))).shape()
+        shape = GPTAdapter(GPT(dataclasses.replace(cfg, n_layers=min(cfg.n_layers, PROBE_LAYERS)))).shape()
+    return with_layers(shape, cfg.n_layers)
+
+
+def with_layers(shape: ModelShape, n_layers: int) -> ModelShape:
+    """``shape``, read off a model of fewer blocks, for ``n_layers`` blocks like them: the
+    blocks' parameters and matmul weights grow with their count, nothing else does."""
+    if n_layers == shape.n_layers:
+        return shape
+    head = shape.vocab_size * shape.d_model  # the output head's matmul weights, in matmul_params
+
+    def scaled(n: int) -> int:
+        return n * n_layers // shape.n_layers
+
+    return dataclasses.replace(shape, n_layers=n_layers, matmul_params=scaled(shape.matmul_params - head) + head,
+                               block_params=scaled(shape.block_params))
 
 
 FACTORY_OVERRIDES = ("seq_len",)
@@ -212,12 +233,16 @@ def with_seq_len(workload: Workload, seq_len: Any) -> Workload:
 
 def shaped(workload: Workload) -> Workload:
     """``workload`` with the shape its model's adapter reads off a model built on the meta
-    device (no memory, no init), or with the reason there is none in ``no_shape``."""
+    device (no memory, no init; a preset's from its config, :func:`gpt_shape`), or with the
+    reason there is none in ``no_shape``."""
     import torch
 
     from autotune.workloads.adapter import NotSupported, adapter_for
     from autotune.workloads.generic import GenericAdapter
+    from autotune.workloads.gpt_config import GPTConfig
 
+    if isinstance(workload.config, GPTConfig):  # a preset: counted from its config, never built whole
+        return dataclasses.replace(workload, shape=gpt_shape(workload.config))
     try:
         with torch.device("meta"):
             model = workload.build_model()

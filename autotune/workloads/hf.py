@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from autotune.errors import UserError
-from autotune.workloads import Workload
+from autotune.workloads import PROBE_LAYERS, Workload, with_layers
 from autotune.workloads.adapter import (
     STRUCTURE,
     Attend,
@@ -66,6 +66,8 @@ DEFAULT_SEQ_LEN = 1024
 """Tokens per sample when neither the plan nor ``--seq-len`` says, capped by the model's
 positions. Not the positions themselves: Llama 3.2 has 131,072, a length to choose on purpose
 (its attention and activations grow with it), not to fall into."""
+MAX_LAYERS = 2**16
+"""Layers of a config beyond any model's (published ones have up to 126)."""
 _DROPPED = frozenset({"model_type", "transformers_version", "architectures", "_name_or_path"})
 """config.json keys that describe the file, not the model."""
 
@@ -155,9 +157,15 @@ def build_config(settings: HFSettings) -> Any:
     transformers rejects (a type mismatch, a failed validation) is a one-line UserError."""
     transformers = _transformers()
     try:
-        transformers.AutoConfig.for_model(settings.model_type)
+        default = transformers.AutoConfig.for_model(settings.model_type)
     except (ValueError, KeyError):
         raise UserError(f"hf:{settings.model_type}: transformers {transformers.__version__} knows no model type {settings.model_type!r}") from None
+    # Checked before transformers builds the config: it validates each layer's type (5 s for a million).
+    own = getattr(default, "attribute_map", {}).get("num_hidden_layers")
+    for key in filter(None, (own, "num_hidden_layers")):  # the family's name for it (GPT-2's n_layer) or the common one
+        layers = settings.config.get(key)
+        if isinstance(layers, int) and not isinstance(layers, bool) and layers > MAX_LAYERS:
+            raise UserError(f"hf:{settings.model_type}: {key} {layers:,} is more than {MAX_LAYERS:,} layers")
     try:
         with _quiet(transformers):  # a copy: transformers writes into the dicts it is given (rope_theta into rope_scaling)
             return transformers.AutoConfig.for_model(settings.model_type, **copy.deepcopy(settings.config))
@@ -683,7 +691,7 @@ def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
     settings = parse(name, overrides)
     config = build_config(settings)
     with torch.device("meta"):
-        probe = HFCausalLM(build_hf_model(dataclasses.replace(settings, weights=None), config))
+        probe = HFCausalLM(build_hf_model(dataclasses.replace(settings, weights=None), probe_config(config)))
     seq_len = checked_seq_len(settings.seq_len, config, "workload.overrides.seq_len")
     if settings.weights:
         p = Path(settings.weights)
@@ -703,8 +711,20 @@ def hf_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
         seq_len=seq_len,
         structure=HFAdapter(probe).supports(),
         overrides=dict(overrides or {}),
-        shape=HFAdapter(probe).shape(seq_len),
+        shape=with_layers(HFAdapter(probe).shape(seq_len), config.num_hidden_layers),
     )
+
+
+def probe_config(config: Any) -> Any:
+    """``config`` cut to its first PROBE_LAYERS layers, for the model built on the meta device
+    to read the shape of (:func:`autotune.workloads.with_layers` counts the rest)."""
+    if config.num_hidden_layers <= PROBE_LAYERS:
+        return config
+    probe = dataclasses_copy(config)
+    probe.num_hidden_layers = PROBE_LAYERS
+    if getattr(config, "layer_types", None) is not None:
+        probe.layer_types = config.layer_types[:PROBE_LAYERS]
+    return probe
 
 
 def checked_seq_len(seq_len: Any, config: Any, what: str) -> int:
