@@ -256,9 +256,7 @@ def _study_entry(source: str) -> Entry:
     from autotune.search import make_storage  # a server that does not answer: one line within seconds
 
     url, _, name = source.rpartition(STUDY_SEPARATOR)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"study {source}: no storage at {url}")  # opening would create it
-    storage = make_storage(url)
+    storage = make_storage(url, existing=True)  # a SQLite file that is not Optuna's is left alone
     try:
         names = sorted(s.study_name for s in storage.get_all_studies())
     except Exception as e:  # SQLAlchemy's errors of a database that is not Optuna's, or went away

@@ -132,7 +132,7 @@ def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli, capsys)
     c = cmp.compare([str(PLAN_A), f"{url}#w-7403d3bde085"], prices=cmp.parse_prices(["h200=1"]))
     assert (c.entries[1].gpu_name, c.entries[1].fingerprint) == ("NVIDIA H200", "7403d3bde085")
     assert c.entries[1].usd_per_billion == pytest.approx(1e9 / 400.0 / 3600)
-    for source, words in ((f"{url}#nope", "no study 'nope'"), (f"sqlite:///{tmp_path / 'none.db'}#s1", "no storage"),
+    for source, words in ((f"{url}#nope", "no study 'nope'"), (f"sqlite:///{tmp_path / 'none.db'}#s1", "no such database file"),
                           ("postgresql://nobody@127.0.0.1:9/autotune#s1", "cannot connect")):
         code, _, err = run_cli("compare", PLAN_A, source)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
