@@ -305,16 +305,22 @@ def _machines_of_studies(entries: list[Entry]) -> None:
 
 
 def _price(e: Entry, prices: list[Price], tokens: int) -> None:
-    """Fill in the hours for ``tokens`` and, where a price matches, $ per billion tokens."""
+    """Fill in the hours for ``tokens`` and, where a price matches, $ per billion tokens. A
+    tokens/s that is no rate (NaN, infinite, negative) or too small for the arithmetic (1e-300:
+    the hours overflow) is a UserError naming its source: a plan or a study from elsewhere."""
     if not e.tokens_per_s:
         return
+    if not (math.isfinite(e.tokens_per_s) and e.tokens_per_s > 0):
+        raise UserError(f"{e.source}: measured tokens/s {e.tokens_per_s!r} is not a positive number")
     e.hours = tokens / e.tokens_per_s / 3600
     for p in prices:
         if (e.gpu_name and p.label in e.gpu_name.lower()) or (p.label == "cpu" and e.cpu_only):
             units = e.processes if e.gpu_name else e.nnodes
             e.price_label = p.label
             e.usd_per_billion = units * p.usd_per_hour * BILLION / e.tokens_per_s / 3600
-            return
+            break
+    if not (math.isfinite(e.hours) and math.isfinite(e.usd_per_billion or 0)):
+        raise UserError(f"{e.source}: measured tokens/s {e.tokens_per_s!r} is too small to estimate the time for {tokens:.3g} tokens")
 
 
 # ---- presentation: the rows of the table, shared by the terminal, JSON's "differences" and HTML.
