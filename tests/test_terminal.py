@@ -110,3 +110,25 @@ def test_the_planners_trial_rows_show_a_trials_error_as_text():
     TrialTable(Console(file=out, width=400, force_terminal=True)).row(trial, planmod.load(DEFAULT_PLAN), None, "crash")
     text = out.getvalue()
     assert "\x1b]" not in text and "\x07" not in text and SHOWN in text  # rich's own colours only, no OSC
+
+
+@pytest.mark.parametrize("command", ["compare", "show"])
+def test_a_huge_field_is_cut_and_printed_in_linear_time(tmp_path, run_cli, command):
+    """rich wraps an unbroken 8 MB word in time quadratic in its length (compare: 34 s on 2
+    cores, show: minutes); cut to MAX_SHOWN characters it is printed at once."""
+    import time
+
+    from autotune.terminal import MAX_SHOWN
+
+    data = json.loads(DEFAULT_PLAN.read_text())
+    data["train"]["data"] = "x" * 8_000_000
+    path = tmp_path / "huge.plan.json"
+    path.write_text(json.dumps(data))
+    assert run_cli(command, DEFAULT_PLAN)[0] == 0  # imports done before the clock starts
+    began = time.perf_counter()
+    code, out, err = run_cli(command, path)
+    took = time.perf_counter() - began
+    assert code == 0, err
+    unwrapped = "".join(out.replace("│", "").split())  # the cell folds over many lines
+    assert f"x…({8_000_000 - MAX_SHOWN:,}morecharacters)" in unwrapped and unwrapped.count("x" * MAX_SHOWN) == 1
+    assert took < 5, took  # under 0.1 s here; the margin is for a loaded CI machine
