@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ class Entry:
     workload: str
     """Workload name with its overrides, as the refusal compares them."""
     data: str
-    """``train.data`` of the plan."""
+    """``train.data`` of the plan, normalised (``data/x/`` and ``./data/x`` are ``data/x``)."""
     data_identity: str | None
     """The plan's ``data_identity`` where it records one (a content hash of the data)."""
     gpu_name: str | None
@@ -127,7 +128,7 @@ class Comparison:
 
     def differing(self) -> set[str]:
         """Names of the setting rows whose values differ between entries (the marked ones)."""
-        return {label for label, values in table_rows(self) if marked(label, values)}
+        return {label for label, _, mark in table_rows(self) if mark}
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "prices": {p.label: p.usd_per_hour for p in self.prices},
@@ -236,7 +237,7 @@ def _plan_entry(source: str, plan: Plan) -> Entry:
         global_batch = None
     m, check = plan.measured, plan.loss_check
     return Entry(
-        source=source, kind="plan", workload=_workload(plan), data=plan.train.data,
+        source=source, kind="plan", workload=_workload(plan), data=os.path.normpath(plan.train.data),
         data_identity=getattr(plan, "data_identity", None),  # recorded by newer plans (issue 14 item 2)
         gpu_name=gpu_name, gpu_count=gpu_count, cpu_only=str(summary.get("gpus", "")).strip() == "none",
         machine=", ".join(parts), links=str(links) if links else None,
@@ -355,8 +356,8 @@ def _loss_cell(e: Entry) -> str:
     return ("passed" if e.loss_passed else "FAILED") + _num(e.loss_tolerance, " (tolerance {:.1%})")
 
 
-def table_rows(c: Comparison) -> list[tuple[str, list[str]]]:
-    """(row label, one cell per entry), in display order."""
+def table_rows(c: Comparison) -> list[tuple[str, list[str], bool]]:
+    """(row label, one cell per entry, whether the row is marked as a difference), in display order."""
     es = c.entries
     rows: list[tuple[str, list[str]]] = [
         ("kind", [e.kind for e in es]),
@@ -387,7 +388,13 @@ def table_rows(c: Comparison) -> list[tuple[str, list[str]]]:
         rows.append(("$ per 1e9 tokens", [
             f"${e.usd_per_billion:,.2f} ({e.price_label})" if e.usd_per_billion is not None else "- (no price)"
             for e in es]))
-    return rows
+    return [(label, values, _data_differs(es) if label == "data" else marked(label, values)) for label, values in rows]
+
+
+def _data_differs(entries: list[Entry]) -> bool:
+    """Whether the entries' data differ, as the refusal of incomparable plans sees it: by name,
+    or by the content hashes of those that record one (a plan without one is no difference)."""
+    return len({e.data for e in entries}) > 1 or len({e.data_identity for e in entries if e.data_identity}) > 1
 
 
 # Rows whose differences are the point of the comparison (measurements), not a property to flag.
@@ -422,8 +429,7 @@ def to_html(c: Comparison) -> str:
         parts.append(pio.to_html(cost, include_plotlyjs=False, full_html=False))
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = []
-    for label, values in table_rows(c):
-        mark = marked(label, values)
+    for label, values, mark in table_rows(c):
         cells = "".join(f"<td{' class=diff' if mark else ''}>{html.escape(v)}</td>" for v in values)
         body.append(f"<tr><th>{html.escape(label)}{' *' if mark else ''}</th>{cells}</tr>")
     warn = "".join(f"<p class=warn>{html.escape(w)}</p>" for w in c.warnings)

@@ -71,6 +71,20 @@ def test_differences_are_marked_and_cpu_plans_take_the_cpu_price(tmp_path):
     assert cmp.compare([str(CPU_PLAN)], prices=cmp.parse_prices(["h200=3.5"])).entries[0].usd_per_billion is None
 
 
+def test_the_same_data_is_no_difference_however_it_is_written(tmp_path):
+    """A plan recording its data's hash beside one that does not, and one path written two ways:
+    the data row is not marked; two recorded hashes that differ are (under --force)."""
+    hashed = _variant(tmp_path, "hashed.plan.json", data_identity="sha256:" + "a" * 64)
+    c = cmp.compare([str(PLAN_A), hashed], prices=[])
+    assert [e.data for e in c.entries] == ["default"] * 2 and "data" not in c.differing()
+    slash = _variant(tmp_path, "slash.plan.json", **{"train.data": "data/tokens/"})
+    dot = _variant(tmp_path, "dot.plan.json", **{"train.data": "./data/tokens"})
+    assert "data" not in cmp.compare([slash, dot], prices=[]).differing()
+    other = _variant(tmp_path, "other.plan.json", data_identity="sha256:" + "b" * 64)
+    forced = cmp.compare([str(PLAN_A), hashed, other], prices=[], force=True)
+    assert "data" in forced.differing() and forced.warnings
+
+
 def test_plans_of_different_workloads_or_data_are_refused_unless_forced(tmp_path, run_cli):
     html = tmp_path / "page.html"
     code, out, err = run_cli("compare", PLAN_A, DEFAULT_PLAN, "--html", html)

@@ -47,14 +47,13 @@ def _print_table(c) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from autotune.compare import _short, marked, table_rows
+    from autotune.compare import _short, table_rows
     from autotune.terminal import escape
 
     table = Table("", title="autotune compare (* a setting that differs)")
     for e in c.entries:
         table.add_column(escape(_short(e.source)), overflow="fold")  # paths wrap rather than lose their ends
-    for label, values in table_rows(c):
-        mark = marked(label, values)
+    for label, values, mark in table_rows(c):
         cells = [escape(f"{label} *" if mark else label), *map(escape, values)]  # plans' text, never markup
         table.add_row(*((f"[bold]{cell}[/bold]" if mark else cell) for cell in cells))
     Console().print(table)
