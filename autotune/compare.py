@@ -321,7 +321,8 @@ def _price(e: Entry, prices: list[Price], tokens: int) -> None:
             e.usd_per_billion = units * p.usd_per_hour * BILLION / e.tokens_per_s / 3600
             break
     if not (math.isfinite(e.hours) and math.isfinite(e.usd_per_billion or 0)):
-        raise UserError(f"{e.source}: measured tokens/s {e.tokens_per_s!r} is too small to estimate the time for {tokens:.3g} tokens")
+        raise UserError(f"{e.source}: measured tokens/s {e.tokens_per_s!r} is too small to estimate the time for "
+                        f"{tokens:.3g} tokens")
 
 
 # ---- presentation: the rows of the table, shared by the terminal, JSON's "differences" and HTML.

@@ -116,7 +116,8 @@ def host_port(endpoint: str) -> tuple[str, int]:
     elif not (len(host) <= 253 and _HOSTNAME.fullmatch(host)):
         host = ""
     if not host or not (len(port) <= 5 and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"rdzv_endpoint must be host:port (a DNS name, IPv4 or [IPv6] address, port 1-65535), got {endpoint!r}")
+        raise ValueError(f"rdzv_endpoint must be host:port (a DNS name, IPv4 or [IPv6] address, port 1-65535), "
+                         f"got {endpoint!r}")
     return host, int(port)
 
 

@@ -456,7 +456,8 @@ def _check_sqlite(url: str, existing: bool) -> None:
     except sqlite3.Error as e:
         raise UserError(f"storage URL {url}: {path} is not a SQLite database ({_first_line(e)})") from None
     if not {"studies", "version_info"} <= tables:
-        raise UserError(f"storage URL {url}: {path} is a SQLite database but not an Optuna storage (no studies table); left as it is")
+        raise UserError(f"storage URL {url}: {path} is a SQLite database but not an Optuna storage "
+                        "(no studies table); left as it is")
 
 
 def _first_line(e: BaseException) -> str:

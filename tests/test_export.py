@@ -143,8 +143,8 @@ def _sandboxed(text: str, where: Path) -> list[str]:
 torchrun() { printf '%s\\0' torchrun "$@"; }
 scontrol() { echo node7; }
 """
-    r = subprocess.run(["bash", "-c", stand_ins + '. "$0"', str(script)], capture_output=True, text=True, cwd=where, timeout=30,
-                       env={**os.environ, "SLURM_JOB_NODELIST": "node[7-8]"})
+    r = subprocess.run(["bash", "-c", stand_ins + '. "$0"', str(script)], capture_output=True, text=True, cwd=where,
+                       timeout=30, env={**os.environ, "SLURM_JOB_NODELIST": "node[7-8]"})
     assert r.returncode == 0, r.stderr
     return r.stdout.split("\0")[:-1]
 
@@ -162,7 +162,9 @@ def test_a_hostile_plan_file_name_stays_one_word_in_every_export(tmp_path, nodes
     assert name.startswith("evil_touch_PWNED_") and re.fullmatch(r"[A-Za-z0-9._-]+", name), directives
     expected_run = ["-m", "autotune", "run", str(plan), "--out", f"runs/{name}"]
     words = _sandboxed(slurm.stdout, sandbox)
-    endpoint = ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node7:29400", "--rdzv-id=autotune"] if nodes > 1 else ["--standalone"]
+    endpoint = ["--standalone"]
+    if nodes > 1:  # the rendezvous on the job's first node, at the plan's port
+        endpoint = ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node7:29400", "--rdzv-id=autotune"]
     assert words == ["srun", "torchrun", *endpoint, "--nproc-per-node=2", *expected_run]
     command = autotune("export", str(plan), "--to", "torchrun", cwd=sandbox)
     assert command.returncode == 0, command.stderr
@@ -191,7 +193,9 @@ def test_a_rendezvous_endpoint_must_be_host_port(endpoint):
     assert host_port("10.0.0.1:1") == ("10.0.0.1", 1) and host_port("[fe80::1]:65535") == ("fe80::1", 65535)
 
 
-@pytest.mark.parametrize("target, endpoint", [("torchrun", 'node0:1";touch PWNED;"'), ("accelerate", "node0:abc"), ("slurm", "$(touch PWNED):1")])
+@pytest.mark.parametrize(
+    "target, endpoint", [("torchrun", 'node0:1";touch PWNED;"'), ("accelerate", "node0:abc"), ("slurm", "$(touch PWNED):1")]
+)
 def test_a_plan_with_a_bad_endpoint_is_not_exported(tmp_path, target, endpoint):
     sandbox = tmp_path / "sandbox"
     sandbox.mkdir()

@@ -29,18 +29,21 @@ def foreign(tmp_path):
 
 
 def untouched(path, before: bytes) -> bool:
-    return path.read_bytes() == before and path.stat().st_mtime_ns == 10**18 and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    alone = sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no journal, no report
+    return alone and path.read_bytes() == before and path.stat().st_mtime_ns == 10**18
 
 
 @pytest.mark.parametrize(
     "args",
-    [["compare", "{url}#some-study"], ["trials", "--storage", "{url}"], ["report", "--storage", "{url}", "--out", "{dir}/report"]],
+    [["compare", "{url}#some-study"], ["trials", "--storage", "{url}"],
+     ["report", "--storage", "{url}", "--out", "{dir}/report"]],
 )
 def test_a_command_reading_a_study_leaves_a_foreign_sqlite_file_alone(foreign, args):
     path, before = foreign
     argv = [a.format(url=f"sqlite:///{path}", dir=path.parent) for a in args]
     r = subprocess.run([sys.executable, "-m", "autotune", *argv], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert r.returncode == 2 and "not an Optuna storage" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.returncode == 2 and "not an Optuna storage" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     assert untouched(path, before)
 
 

@@ -25,7 +25,8 @@ def inert(raw: bytes) -> str:
     """The output as text, once it is known to hold no control character but newlines and no
     bidirectional override."""
     text = raw.decode()
-    obeyed = {c for c in text if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")}
+    bidi = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    obeyed = {c for c in text if c != "\n" and (ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 or c in bidi)}
     assert not obeyed, sorted(obeyed)
     return text
 
@@ -58,7 +59,7 @@ def test_a_plans_text_is_shown_not_obeyed(tmp_path, command):
     r = autotune(command, hostile_plan(tmp_path))
     assert r.returncode == 0, r.stderr
     out = inert(r.stdout)
-    assert out.count(SHOWN) >= 4, out  # data, machine or hardware, fingerprint, MFU's peak, provenance
+    assert out.count(SHOWN) >= 3, out  # machine or hardware, fingerprint, MFU's peak (and data: compare normalises its //)
     assert inert(r.stderr) == ""
 
 

@@ -37,11 +37,13 @@ def show_command(
     console.print(f"[bold]plan[/bold] {escape(plan_path)}  (schema v{plan.schema_version})")
     console.print(f"workload  {escape(plan.workload.name)}" + (f" ({overrides})" if overrides else ""))
     hw = plan.hardware
-    console.print(f"hardware  {escape(hw.fingerprint or 'any')}" + (f"  {escape(_fmt_summary(hw.summary))}" if hw.summary else ""))
+    summary = f"  {escape(_fmt_summary(hw.summary))}" if hw.summary else ""
+    console.print(f"hardware  {escape(hw.fingerprint or 'any')}{summary}")
     launch = plan.launch
     console.print(f"launch    {launch.nnodes} node(s) x {launch.nproc_per_node} process(es), device {launch.device}")
     t = plan.train
-    console.print(f"train     micro-batch {t.micro_batch_size}, {t.steps} steps, lr {t.lr:g}, seed {t.seed}, data {escape(t.data)}")
+    console.print(f"train     micro-batch {t.micro_batch_size}, {t.steps} steps, lr {t.lr:g}, seed {t.seed}, "
+                  f"data {escape(t.data)}")
     strategies = Table("strategy", "knobs", title="strategies (in plan order)")
     for s in plan.strategies:
         strategies.add_row(escape(s.name), escape(", ".join(f"{k}={v}" for k, v in s.knobs.items()) or "(defaults)"))
@@ -66,8 +68,8 @@ def show_command(
     if plan.quality_guard is not None:
         console.print(_guard_table(plan.quality_guard))
     p = plan.provenance
-    console.print(f"made by   autotune {escape(p.autotune_version)}, torch {escape(p.torch_version)}, {escape(p.created_at)}"
-                  + (f", study {escape(p.study)} trial {p.trial}" if p.study else ""))
+    console.print(f"made by   autotune {escape(p.autotune_version)}, torch {escape(p.torch_version)}, "
+                  f"{escape(p.created_at)}" + (f", study {escape(p.study)} trial {p.trial}" if p.study else ""))
     if p.command:
         console.print(f"command   {escape(p.command)}")
 

@@ -105,7 +105,8 @@ def _print_table(graph: StrategyGraph, workload: str) -> None:
     Console().print(table)
     usable, legal = graph.usable(), sum(1 for _ in graph.legal_sets())
     print(
-        f"{len(usable)} of {len(graph.strategies)} strategies usable here ({visible(_machine(graph.facts))}; workload {visible(workload)}), "
+        f"{len(usable)} of {len(graph.strategies)} strategies usable here "
+        f"({visible(_machine(graph.facts))}; workload {visible(workload)}), "
         f"{legal} legal combinations of them."
         + ("" if len(usable) == len(graph.strategies) else " --explain says why the others are left out.")
     )

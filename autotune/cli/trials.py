@@ -29,7 +29,8 @@ def trials_command(
 
     from autotune.terminal import escape  # a study's text (a shared one's too): no escape codes, no markup
 
-    table = Table("trial", "role", "status", "tokens/s", "mem GiB", "batch", "strategies", "error", title=f"study {escape(loaded.study_name)}")
+    table = Table("trial", "role", "status", "tokens/s", "mem GiB", "batch", "strategies", "error",
+                  title=f"study {escape(loaded.study_name)}")
     for r in rows:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] is not None else "-"
         mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "-"
