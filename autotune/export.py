@@ -8,10 +8,11 @@ processes it trains as rank of that run, so the strategies are the plan's, appli
 executor. The DeepSpeed config and the Accelerate YAML also carry the plan's settings for users
 who port them into their own scripts.
 
-Plan text never becomes shell code: every word of a command is quoted (``shlex.quote``), the
+Plan text never becomes shell code: every word of a command is quoted (``shell_quote``), the
 rendezvous endpoint is a validated host:port (``plan.host_port``), names made from the plan's file
 name (the job, the run's folder) keep to ``[A-Za-z0-9._-]``, and a comment shows the file name with
-its control characters escaped, so no newline in it starts a line of its own.
+its control characters escaped. No export holds a control character but its line ends: no newline
+in a file name starts a line of its own, and an export printed to a terminal cannot drive it.
 
 Pure Python: an export imports neither torch nor the executor.
 """
@@ -35,6 +36,23 @@ def export(plan: Plan, plan_path: Path, target: str) -> str:
     if target not in EXPORTERS:
         raise UserError(f"unknown export target {target!r} (known: {', '.join(EXPORTERS)})")
     return EXPORTERS[target](plan, plan_path)
+
+
+def shell_quote(word: str) -> str:
+    """``word`` as one word of bash: ``shlex.quote``, or ANSI-C quoting (``$'a\\nb'``) where it
+    holds a character that is not printable (a newline, an escape), which stays out of the text
+    as its UTF-8 bytes (``\\xHH``: the same in every locale; a file name's undecodable bytes too)."""
+    if word.isprintable():
+        return shlex.quote(word)
+    return "$'" + "".join(_ANSI_C.get(c, c) if c.isprintable() else _bytes(c) for c in word) + "'"
+
+
+_ANSI_C = {"\\": "\\\\", "'": "\\'"}
+"""The printable characters that ANSI-C quoting escapes."""
+
+
+def _bytes(c: str) -> str:
+    return "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
 
 
 def _name(plan_path: Path) -> str:
@@ -64,7 +82,7 @@ def torchrun_args(plan: Plan, plan_path: Path) -> list[str]:
 
 def torchrun(plan: Plan, plan_path: Path) -> str:
     """The command line, one per node (the same on each: the rendezvous ranks the nodes)."""
-    return shlex.join(torchrun_args(plan, plan_path)) + "\n"
+    return " ".join(map(shell_quote, torchrun_args(plan, plan_path))) + "\n"
 
 
 def deepspeed(plan: Plan, plan_path: Path) -> str:
@@ -153,7 +171,7 @@ def accelerate(plan: Plan, plan_path: Path) -> str:
     import yaml
 
     header = (f"# autotune export --to accelerate {visible(plan_path)}\n"
-              f"# accelerate launch --config_file THIS_FILE {visible(shlex.join(_run_args(plan, plan_path)))}\n")
+              f"# accelerate launch --config_file THIS_FILE {' '.join(map(shell_quote, _run_args(plan, plan_path)))}\n")
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
@@ -178,13 +196,13 @@ def slurm(plan: Plan, plan_path: Path) -> str:
         "# Never let NCCL use NVLink multicast on shared machines; remove where it is yours.",
         "export NCCL_NVLS_ENABLE=0",
     ]
-    words = [shlex.quote(arg) for arg in torchrun_args(plan, plan_path)]
+    words = [shell_quote(arg) for arg in torchrun_args(plan, plan_path)]
     if launch.nnodes > 1:  # the rendezvous on the job's first node, at the plan's port
         lines += [
             'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             f'endpoint="$head:{host_port(launch.rdzv_endpoint)[1]}"',
         ]
-        words[words.index(shlex.quote(f"--rdzv-endpoint={launch.rdzv_endpoint}"))] = '--rdzv-endpoint="$endpoint"'
+        words[words.index(shell_quote(f"--rdzv-endpoint={launch.rdzv_endpoint}"))] = '--rdzv-endpoint="$endpoint"'
     lines.append(f"srun {' '.join(words)}")
     return "\n".join(lines) + "\n"
 

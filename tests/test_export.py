@@ -129,8 +129,9 @@ def test_a_plan_of_an_unknown_schema_version_is_not_exported(tmp_path):
     assert r.returncode == 2 and "schema" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-HOSTILE_NAME = "evil\ntouch PWNED\n$(touch PWNED)`touch PWNED`'\";touch PWNED;#"
-"""A plan file name that is shell code on a line of its own, in a substitution, and past quotes."""
+HOSTILE_NAME = "evil\ntouch PWNED\n$(touch PWNED)`touch PWNED`'\";touch PWNED;#\x1b]0;title\x07\\"
+"""A plan file name that is shell code on a line of its own, in a substitution and past quotes,
+and a terminal's escape sequence."""
 
 
 def _sandboxed(text: str, where: Path) -> list[str]:
@@ -156,6 +157,7 @@ def test_a_hostile_plan_file_name_stays_one_word_in_every_export(tmp_path, nodes
     plan = plan_file(tmp_path, HOSTILE_NAME, [{"name": "ddp", "knobs": {}}], nnodes=nodes, rdzv_endpoint="[::1]:29400")
     slurm = autotune("export", str(plan), "--to", "slurm", cwd=sandbox)
     assert slurm.returncode == 0, slurm.stderr
+    assert all(line.isprintable() for line in slurm.stdout.splitlines())  # printed, it drives no terminal
     assert subprocess.run(["bash", "-n"], input=slurm.stdout, text=True).returncode == 0
     directives = [line for line in slurm.stdout.splitlines() if line.startswith("#SBATCH")]
     name = directives[0].removeprefix("#SBATCH --job-name=autotune-")  # the job and the run folder
@@ -168,11 +170,13 @@ def test_a_hostile_plan_file_name_stays_one_word_in_every_export(tmp_path, nodes
     assert words == ["srun", "torchrun", *endpoint, "--nproc-per-node=2", *expected_run]
     command = autotune("export", str(plan), "--to", "torchrun", cwd=sandbox)
     assert command.returncode == 0, command.stderr
+    assert command.stdout.count("\n") == 1 and command.stdout[:-1].isprintable()
     endpoint = [w.replace("node7", "[::1]") for w in endpoint]
     assert _sandboxed(command.stdout, sandbox) == ["torchrun", *endpoint, "--nproc-per-node=2", *expected_run]
     yaml = pytest.importorskip("yaml")
     accelerate = autotune("export", str(plan), "--to", "accelerate", cwd=sandbox)
     assert accelerate.returncode == 0, accelerate.stderr
+    assert all(line.isprintable() for line in accelerate.stdout.splitlines())
     header = accelerate.stdout.split("compute_environment:")[0].splitlines()
     assert len(header) == 2 and all(line.startswith("# ") for line in header), header  # the name's newlines escaped
     assert "evil\\ntouch PWNED\\n" in header[0]
