@@ -18,20 +18,21 @@ _BIDI = [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
 """Bidirectional marks, embeddings, overrides and isolates: they reorder what is shown (CVE-2021-42574)."""
 MAX_SHOWN = 2000
 """Characters of one foreign string that are printed; the rest is counted, not shown."""
-_VISIBLE = {c: f"\\x{c:02x}" for c in _CONTROL} | {c: f"\\u{c:04x}" for c in _BIDI} | {9: "\\t", 10: "\\n", 13: "\\r"}
+_VISIBLE = {c: f"\\x{c:02x}" for c in _CONTROL} | {c: f"\\u{c:04x}" for c in _BIDI}
+_VISIBLE |= {ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"}
 
 
-def visible(value: object, limit: int = MAX_SHOWN) -> str:
+def visible(value: object) -> str:
     """``str(value)`` with control and bidirectional-override characters written as escapes,
-    cut to ``limit`` characters and an ellipsis saying how many more there are."""
+    cut to ``MAX_SHOWN`` characters and an ellipsis saying how many more there are."""
     text = str(value)
-    if len(text) > limit:
-        text = f"{text[:limit]}… ({len(text) - limit:,} more characters)"
+    if len(text) > MAX_SHOWN:
+        text = f"{text[:MAX_SHOWN]}… ({len(text) - MAX_SHOWN:,} more characters)"
     return text.translate(_VISIBLE)
 
 
-def escape(value: object, limit: int = MAX_SHOWN) -> str:
-    """``visible(value, limit)`` quoted for rich markup, so that rich prints it as it is."""
+def escape(value: object) -> str:
+    """``visible(value)`` quoted for rich markup, so that rich prints it as it is."""
     from rich.markup import escape as markup_escape
 
-    return markup_escape(visible(value, limit))
+    return markup_escape(visible(value))
