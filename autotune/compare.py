@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,7 +64,7 @@ class Entry:
     workload: str
     """Workload name with its overrides, as the refusal compares them."""
     data: str
-    """``train.data`` of the plan."""
+    """``train.data`` of the plan, normalised (``data/x/`` and ``./data/x`` are ``data/x``)."""
     data_identity: str | None
     """The plan's ``data_identity`` where it records one (a content hash of the data)."""
     gpu_name: str | None
@@ -127,7 +128,7 @@ class Comparison:
 
     def differing(self) -> set[str]:
         """Names of the setting rows whose values differ between entries (the marked ones)."""
-        return {label for label, values in table_rows(self) if marked(label, values)}
+        return {label for label, _, mark in table_rows(self) if mark}
 
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "prices": {p.label: p.usd_per_hour for p in self.prices},
@@ -236,7 +237,7 @@ def _plan_entry(source: str, plan: Plan) -> Entry:
         global_batch = None
     m, check = plan.measured, plan.loss_check
     return Entry(
-        source=source, kind="plan", workload=_workload(plan), data=plan.train.data,
+        source=source, kind="plan", workload=_workload(plan), data=os.path.normpath(plan.train.data),
         data_identity=getattr(plan, "data_identity", None),  # recorded by newer plans (issue 14 item 2)
         gpu_name=gpu_name, gpu_count=gpu_count, cpu_only=str(summary.get("gpus", "")).strip() == "none",
         machine=", ".join(parts), links=str(links) if links else None,
@@ -256,9 +257,7 @@ def _study_entry(source: str) -> Entry:
     from autotune.search import make_storage  # a server that does not answer: one line within seconds
 
     url, _, name = source.rpartition(STUDY_SEPARATOR)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"study {source}: no storage at {url}")  # opening would create it
-    storage = make_storage(url)
+    storage = make_storage(url, existing=True)  # a SQLite file that is not Optuna's is left alone
     try:
         names = sorted(s.study_name for s in storage.get_all_studies())
     except Exception as e:  # SQLAlchemy's errors of a database that is not Optuna's, or went away
@@ -307,16 +306,23 @@ def _machines_of_studies(entries: list[Entry]) -> None:
 
 
 def _price(e: Entry, prices: list[Price], tokens: int) -> None:
-    """Fill in the hours for ``tokens`` and, where a price matches, $ per billion tokens."""
+    """Fill in the hours for ``tokens`` and, where a price matches, $ per billion tokens. A
+    tokens/s that is no rate (NaN, infinite, negative) or too small for the arithmetic (1e-300:
+    the hours overflow) is a UserError naming its source: a plan or a study from elsewhere."""
     if not e.tokens_per_s:
         return
+    if not (math.isfinite(e.tokens_per_s) and e.tokens_per_s > 0):
+        raise UserError(f"{e.source}: measured tokens/s {e.tokens_per_s!r} is not a positive number")
     e.hours = tokens / e.tokens_per_s / 3600
     for p in prices:
         if (e.gpu_name and p.label in e.gpu_name.lower()) or (p.label == "cpu" and e.cpu_only):
             units = e.processes if e.gpu_name else e.nnodes
             e.price_label = p.label
             e.usd_per_billion = units * p.usd_per_hour * BILLION / e.tokens_per_s / 3600
-            return
+            break
+    if not (math.isfinite(e.hours) and math.isfinite(e.usd_per_billion or 0)):
+        raise UserError(f"{e.source}: measured tokens/s {e.tokens_per_s!r} is too small to estimate the time for "
+                        f"{tokens:.3g} tokens")
 
 
 # ---- presentation: the rows of the table, shared by the terminal, JSON's "differences" and HTML.
@@ -351,8 +357,8 @@ def _loss_cell(e: Entry) -> str:
     return ("passed" if e.loss_passed else "FAILED") + _num(e.loss_tolerance, " (tolerance {:.1%})")
 
 
-def table_rows(c: Comparison) -> list[tuple[str, list[str]]]:
-    """(row label, one cell per entry), in display order."""
+def table_rows(c: Comparison) -> list[tuple[str, list[str], bool]]:
+    """(row label, one cell per entry, whether the row is marked as a difference), in display order."""
     es = c.entries
     rows: list[tuple[str, list[str]]] = [
         ("kind", [e.kind for e in es]),
@@ -383,7 +389,13 @@ def table_rows(c: Comparison) -> list[tuple[str, list[str]]]:
         rows.append(("$ per 1e9 tokens", [
             f"${e.usd_per_billion:,.2f} ({e.price_label})" if e.usd_per_billion is not None else "- (no price)"
             for e in es]))
-    return rows
+    return [(label, values, _data_differs(es) if label == "data" else marked(label, values)) for label, values in rows]
+
+
+def _data_differs(entries: list[Entry]) -> bool:
+    """Whether the entries' data differ, as the refusal of incomparable plans sees it: by name,
+    or by the content hashes of those that record one (a plan without one is no difference)."""
+    return len({e.data for e in entries}) > 1 or len({e.data_identity for e in entries if e.data_identity}) > 1
 
 
 # Rows whose differences are the point of the comparison (measurements), not a property to flag.
@@ -418,8 +430,7 @@ def to_html(c: Comparison) -> str:
         parts.append(pio.to_html(cost, include_plotlyjs=False, full_html=False))
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = []
-    for label, values in table_rows(c):
-        mark = marked(label, values)
+    for label, values, mark in table_rows(c):
         cells = "".join(f"<td{' class=diff' if mark else ''}>{html.escape(v)}</td>" for v in values)
         body.append(f"<tr><th>{html.escape(label)}{' *' if mark else ''}</th>{cells}</tr>")
     warn = "".join(f"<p class=warn>{html.escape(w)}</p>" for w in c.warnings)

@@ -8,19 +8,27 @@ processes it trains as rank of that run, so the strategies are the plan's, appli
 executor. The DeepSpeed config and the Accelerate YAML also carry the plan's settings for users
 who port them into their own scripts.
 
+Plan text never becomes shell code: every word of a command is quoted (``shell_quote``), the
+rendezvous endpoint is a validated host:port (``plan.host_port``), names made from the plan's file
+name (the job, the run's folder) keep to ``[A-Za-z0-9._-]``, and a comment shows the file name with
+its control characters escaped. No export holds a control character but its line ends: no newline
+in a file name starts a line of its own, and an export printed to a terminal cannot drive it.
+
 Pure Python: an export imports neither torch nor the executor.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from autotune.errors import UserError
-from autotune.plan import Plan
+from autotune.plan import Plan, host_port
+from autotune.terminal import visible
 
 def export(plan: Plan, plan_path: Path, target: str) -> str:
     """The text of ``plan`` (read from ``plan_path``) for ``target``; UserError when the target
@@ -30,27 +38,51 @@ def export(plan: Plan, plan_path: Path, target: str) -> str:
     return EXPORTERS[target](plan, plan_path)
 
 
+def shell_quote(word: str) -> str:
+    """``word`` as one word of bash: ``shlex.quote``, or ANSI-C quoting (``$'a\\nb'``) where it
+    holds a character that is not printable (a newline, an escape), which stays out of the text
+    as its UTF-8 bytes (``\\xHH``: the same in every locale; a file name's undecodable bytes too)."""
+    if word.isprintable():
+        return shlex.quote(word)
+    return "$'" + "".join(_ANSI_C.get(c, c) if c.isprintable() else _bytes(c) for c in word) + "'"
+
+
+_ANSI_C = {"\\": "\\\\", "'": "\\'"}
+"""The printable characters that ANSI-C quoting escapes."""
+
+
+def _bytes(c: str) -> str:
+    return "".join(f"\\x{b:02x}" for b in c.encode("utf-8", "surrogateescape"))
+
+
+def _name(plan_path: Path) -> str:
+    """The plan's file name without ``.plan.json``, in ``[A-Za-z0-9._-]`` (others become ``_``):
+    a job's and a run folder's name, safe in any shell or batch directive."""
+    stem = plan_path.name.removesuffix(".json").removesuffix(".plan")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".-") or "plan"
+
+
 def _run_args(plan: Plan, plan_path: Path) -> list[str]:
     """``autotune run`` of the plan as each rank runs it: the launcher's processes find their
     rank in the environment, and the run keeps its log and checkpoints in a named directory."""
-    return ["-m", "autotune", "run", str(plan_path), "--out", f"runs/{plan_path.name.removesuffix('.json').removesuffix('.plan')}"]
+    return ["-m", "autotune", "run", str(plan_path), "--out", f"runs/{_name(plan_path)}"]
 
 
-def torchrun_args(plan: Plan, plan_path: Path, *, endpoint: str | None = None) -> list[str]:
+def torchrun_args(plan: Plan, plan_path: Path) -> list[str]:
     """torchrun's arguments for ``plan``: standalone on one node; on several, a c10d
-    rendezvous at the plan's endpoint (``endpoint`` replaces it, e.g. a shell variable in a
-    batch script), which ranks the nodes as they arrive: the same command on every node."""
+    rendezvous at the plan's endpoint, which ranks the nodes as they arrive: the same command
+    on every node."""
     launch = plan.launch
     if launch.nnodes == 1:
         where = ["--standalone"]
     else:
-        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint or launch.rdzv_endpoint}", f"--rdzv-id={launch.rdzv_id}"]
+        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={launch.rdzv_id}"]
     return ["torchrun", *where, f"--nproc-per-node={launch.nproc_per_node}", *_run_args(plan, plan_path)]
 
 
 def torchrun(plan: Plan, plan_path: Path) -> str:
     """The command line, one per node (the same on each: the rendezvous ranks the nodes)."""
-    return shlex.join(torchrun_args(plan, plan_path)) + "\n"
+    return " ".join(map(shell_quote, torchrun_args(plan, plan_path))) + "\n"
 
 
 def deepspeed(plan: Plan, plan_path: Path) -> str:
@@ -96,8 +128,8 @@ def accelerate(plan: Plan, plan_path: Path) -> str:
         "enable_cpu_affinity": False,
     }
     if launch.nnodes > 1:
-        host, _, port = (launch.rdzv_endpoint or "").rpartition(":")
-        config.update(main_process_ip=host, main_process_port=int(port))
+        host, port = host_port(launch.rdzv_endpoint)
+        config.update(main_process_ip=host, main_process_port=port)
     if "fp8" in configs:
         config["mixed_precision"] = "fp8"
         config["fp8_config"] = {"backend": "AO"}
@@ -138,7 +170,8 @@ def accelerate(plan: Plan, plan_path: Path) -> str:
         config["distributed_type"] = "NO"
     import yaml
 
-    header = f"# autotune export --to accelerate {plan_path}\n# accelerate launch --config_file THIS_FILE {shlex.join(_run_args(plan, plan_path))}\n"
+    header = (f"# autotune export --to accelerate {visible(plan_path)}\n"
+              f"# accelerate launch --config_file THIS_FILE {' '.join(map(shell_quote, _run_args(plan, plan_path)))}\n")
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
@@ -149,8 +182,8 @@ def slurm(plan: Plan, plan_path: Path) -> str:
     cpu = launch.device == "cpu"
     lines = [
         "#!/bin/bash",
-        f"# autotune export --to slurm {plan_path}: {launch.nnodes} node(s) x {launch.nproc_per_node} process(es)",
-        f"#SBATCH --job-name=autotune-{plan_path.name.removesuffix('.json').removesuffix('.plan')}",
+        f"# autotune export --to slurm {visible(plan_path)}: {launch.nnodes} node(s) x {launch.nproc_per_node} process(es)",
+        f"#SBATCH --job-name=autotune-{_name(plan_path)}",
         f"#SBATCH --nodes={launch.nnodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --cpus-per-task={8 * launch.nproc_per_node}" if not cpu else "#SBATCH --exclusive",
@@ -163,17 +196,14 @@ def slurm(plan: Plan, plan_path: Path) -> str:
         "# Never let NCCL use NVLink multicast on shared machines; remove where it is yours.",
         "export NCCL_NVLS_ENABLE=0",
     ]
-    if launch.nnodes > 1:
-        port = (launch.rdzv_endpoint or ":29500").rpartition(":")[2] or "29500"
+    words = [shell_quote(arg) for arg in torchrun_args(plan, plan_path)]
+    if launch.nnodes > 1:  # the rendezvous on the job's first node, at the plan's port
         lines += [
             'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-            f'endpoint="$head:{port}"',
+            f'endpoint="$head:{host_port(launch.rdzv_endpoint)[1]}"',
         ]
-        args = torchrun_args(plan, plan_path, endpoint="ENDPOINT")
-        command = shlex.join(args).replace("ENDPOINT", '"$endpoint"')
-    else:
-        command = shlex.join(torchrun_args(plan, plan_path))
-    lines.append(f"srun {command}")
+        words[words.index(shell_quote(f"--rdzv-endpoint={launch.rdzv_endpoint}"))] = '--rdzv-endpoint="$endpoint"'
+    lines.append(f"srun {' '.join(words)}")
     return "\n".join(lines) + "\n"
 
 

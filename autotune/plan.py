@@ -28,8 +28,10 @@ Format, version 1::
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -101,8 +103,32 @@ class LaunchSpec:
                              f"got {self.nproc_per_node} and {self.nnodes}")
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"a run of {self.nnodes} nodes needs rdzv_endpoint (host:port of the rendezvous)")
+        if self.rdzv_endpoint is not None:
+            host_port(self.rdzv_endpoint)
         if self.node_rank is not None and not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} is not in 0..{self.nnodes - 1}")
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+"""A DNS name (RFC 1123 labels), which an IPv4 address also is."""
+
+
+def host_port(endpoint: str) -> tuple[str, int]:
+    """(host, port) of ``host:port``, the host a DNS name, an IPv4 address or a bracketed IPv6
+    one (``[::1]:29500``, returned without its brackets), the port in 1..65535; ValueError
+    otherwise. Launchers and batch scripts take the endpoint as it is, so nothing else gets by."""
+    host, _, port = endpoint.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            host = str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            host = ""
+    elif not (len(host) <= 253 and _HOSTNAME.fullmatch(host)):
+        host = ""
+    if not host or not (len(port) <= 5 and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"rdzv_endpoint must be host:port (a DNS name, IPv4 or [IPv6] address, port 1-65535), "
+                         f"got {endpoint!r}")
+    return host, int(port)
 
 
 MAX_MICRO_BATCH = 65536

@@ -17,12 +17,12 @@ def load_study(storage: str | None, study: str | None) -> Any:
     (no such file, a bad URL, an unknown or ambiguous name) is a one-line UserError."""
     import optuna
 
+    from autotune.search import make_storage
+
     url = storage or DEFAULT_STORAGE
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no study storage at {url} (give --storage URL)")  # opening would create it
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    opened = make_storage(url, existing=True)  # a SQLite file that is not Optuna's is left alone
     try:
-        names = optuna.get_all_study_names(storage=url)
+        names = [s.study_name for s in opened.get_all_studies()]
     except Exception as e:  # SQLAlchemy's and Optuna's errors for a bad URL are many and long
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"--storage {url}: {first[:200]}") from None
@@ -32,7 +32,7 @@ def load_study(storage: str | None, study: str | None) -> Any:
         study = names[0]
     elif study not in names:
         raise UserError(f"no study {study!r} in {url} (it holds: {', '.join(sorted(names)) or 'none'})")
-    return optuna.load_study(study_name=study, storage=url)
+    return optuna.load_study(study_name=study, storage=opened)
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:

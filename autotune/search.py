@@ -17,6 +17,7 @@ import datetime
 import json
 import os
 import socket
+import sqlite3
 import statistics
 import time
 import warnings
@@ -411,10 +412,13 @@ SCHEMA_RACE_RETRIES = 3
 """Tries again when another machine was creating Optuna's tables in the same new database."""
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
+def make_storage(url: str, *, existing: bool = False) -> optuna.storages.BaseStorage:
     """The study's database, with heartbeats: a trial whose planner died (heartbeat older
     than GRACE_S) is marked FAIL by the next planner on the study, and run again with the
-    same parameters (RetryHeartbeatStaleTrialCallback). A URL that cannot be used is one line."""
+    same parameters (RetryHeartbeatStaleTrialCallback). A URL that cannot be used is one line.
+    ``existing``: studies are read from it, not made (compare, --warm-start, trials), so a
+    SQLite file must be there already."""
+    _check_sqlite(url, existing)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     engine_kwargs: dict[str, Any] = {}
@@ -434,6 +438,31 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
                 continue
             raise UserError(f"storage URL {url}: cannot connect: {_first_line(e)}") from None
     raise AssertionError("unreachable")
+
+
+def _check_sqlite(url: str, existing: bool) -> None:
+    """Refuse a SQLite file that is there but is not an Optuna storage (``existing``: or is
+    not there, or is empty): opening it as one writes Optuna's tables into it. It is read
+    read-only, so its bytes and times stay as they are."""
+    if not url.startswith("sqlite:///"):
+        return
+    path = Path(url.removeprefix("sqlite:///"))
+    if not path.is_file():
+        if existing:
+            raise UserError(f"storage URL {url}: no such database file {path}")
+        return
+    if path.stat().st_size == 0:  # a new database, until Optuna makes its tables
+        if existing:
+            raise UserError(f"storage URL {url}: {path} is empty: it holds no study")
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as e:
+        raise UserError(f"storage URL {url}: {path} is not a SQLite database ({_first_line(e)})") from None
+    if not {"studies", "version_info"} <= tables:
+        raise UserError(f"storage URL {url}: {path} is a SQLite database but not an Optuna storage "
+                        "(no studies table); left as it is")
 
 
 def _first_line(e: BaseException) -> str:
@@ -577,9 +606,7 @@ def _source_plans(source: str) -> list[tuple[str, Plan]]:
             raise UserError(f"--warm-start {source}: no such plan file (or give a storage URL, URL#STUDY)")
         return [(source, planmod.load(source))]
     url, _, name = source.partition("#")
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"--warm-start {source}: no such database file {url.removeprefix('sqlite:///')}")
-    storage = make_storage(url)
+    storage = make_storage(url, existing=True)
     names = [s.study_name for s in storage.get_all_studies()]
     if not name:
         if len(names) != 1:

@@ -71,6 +71,20 @@ def test_differences_are_marked_and_cpu_plans_take_the_cpu_price(tmp_path):
     assert cmp.compare([str(CPU_PLAN)], prices=cmp.parse_prices(["h200=3.5"])).entries[0].usd_per_billion is None
 
 
+def test_the_same_data_is_no_difference_however_it_is_written(tmp_path):
+    """A plan recording its data's hash beside one that does not, and one path written two ways:
+    the data row is not marked; two recorded hashes that differ are (under --force)."""
+    hashed = _variant(tmp_path, "hashed.plan.json", data_identity="sha256:" + "a" * 64)
+    c = cmp.compare([str(PLAN_A), hashed], prices=[])
+    assert [e.data for e in c.entries] == ["default"] * 2 and "data" not in c.differing()
+    slash = _variant(tmp_path, "slash.plan.json", **{"train.data": "data/tokens/"})
+    dot = _variant(tmp_path, "dot.plan.json", **{"train.data": "./data/tokens"})
+    assert "data" not in cmp.compare([slash, dot], prices=[]).differing()
+    other = _variant(tmp_path, "other.plan.json", data_identity="sha256:" + "b" * 64)
+    forced = cmp.compare([str(PLAN_A), hashed, other], prices=[], force=True)
+    assert "data" in forced.differing() and forced.warnings
+
+
 def test_plans_of_different_workloads_or_data_are_refused_unless_forced(tmp_path, run_cli):
     html = tmp_path / "page.html"
     code, out, err = run_cli("compare", PLAN_A, DEFAULT_PLAN, "--html", html)
@@ -106,6 +120,21 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, run_cli, arg
     assert out == "" and not html.exists()
 
 
+@pytest.mark.parametrize(("tokens_per_s", "words"), [
+    (float("nan"), "nan is not a positive number"),
+    (float("inf"), "inf is not a positive number"),
+    (-5.0, "-5.0 is not a positive number"),
+    (1e-300, "1e-300 is too small to estimate the time for 1e+09 tokens"),  # the hours overflow
+])
+def test_a_measured_rate_that_is_no_rate_is_one_line_exit_2(tmp_path, run_cli, tokens_per_s, words):
+    measured = {**json.loads(PLAN_A.read_text())["measured"], "tokens_per_s": tokens_per_s}
+    path = _variant(tmp_path, "rate.plan.json", measured=measured)
+    html = tmp_path / "page.html"
+    code, out, err = run_cli("compare", PLAN_A, path, "--cost-per-gpu-hour", "h200=3.50", "--html", html)
+    assert code == 2 and f"rate.plan.json: measured tokens/s {words}" in err and len(err.strip().splitlines()) == 1, err
+    assert out == "" and not html.exists()
+
+
 def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli, capsys):
     import optuna
 
@@ -132,7 +161,7 @@ def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli, capsys)
     c = cmp.compare([str(PLAN_A), f"{url}#w-7403d3bde085"], prices=cmp.parse_prices(["h200=1"]))
     assert (c.entries[1].gpu_name, c.entries[1].fingerprint) == ("NVIDIA H200", "7403d3bde085")
     assert c.entries[1].usd_per_billion == pytest.approx(1e9 / 400.0 / 3600)
-    for source, words in ((f"{url}#nope", "no study 'nope'"), (f"sqlite:///{tmp_path / 'none.db'}#s1", "no storage"),
+    for source, words in ((f"{url}#nope", "no study 'nope'"), (f"sqlite:///{tmp_path / 'none.db'}#s1", "no such database file"),
                           ("postgresql://nobody@127.0.0.1:9/autotune#s1", "cannot connect")):
         code, _, err = run_cli("compare", PLAN_A, source)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from autotune.plan import LaunchSpec, host_port
 from tests.conftest import DEFAULT_PLAN, ROOT
 
 PYTHON = sys.executable
@@ -125,3 +127,93 @@ def test_a_plan_of_an_unknown_schema_version_is_not_exported(tmp_path):
     path.write_text(json.dumps(data))
     r = autotune("export", str(path), "--to", "torchrun")
     assert r.returncode == 2 and "schema" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+HOSTILE_NAME = "evil\ntouch PWNED\n$(touch PWNED)`touch PWNED`'\";touch PWNED;#\x1b]0;title\x07\\"
+"""A plan file name that is shell code on a line of its own, in a substitution and past quotes,
+and a terminal's escape sequence."""
+
+
+def _sandboxed(text: str, where: Path) -> list[str]:
+    """Run an exported script or command line in bash, in ``where``, with Slurm's and the
+    launchers' programs as shell functions that print their arguments (none is installed
+    here): the words each program would get, as bash parsed them."""
+    script = where / "exported.sh"
+    script.write_text(text)
+    stand_ins = """srun() { printf '%s\\0' srun "$@"; }
+torchrun() { printf '%s\\0' torchrun "$@"; }
+scontrol() { echo node7; }
+"""
+    r = subprocess.run(["bash", "-c", stand_ins + '. "$0"', str(script)], capture_output=True, text=True, cwd=where,
+                       timeout=30, env={**os.environ, "SLURM_JOB_NODELIST": "node[7-8]"})
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split("\0")[:-1]
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_a_hostile_plan_file_name_stays_one_word_in_every_export(tmp_path, nodes):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    plan = plan_file(tmp_path, HOSTILE_NAME, [{"name": "ddp", "knobs": {}}], nnodes=nodes, rdzv_endpoint="[::1]:29400")
+    slurm = autotune("export", str(plan), "--to", "slurm", cwd=sandbox)
+    assert slurm.returncode == 0, slurm.stderr
+    assert all(line.isprintable() for line in slurm.stdout.splitlines())  # printed, it drives no terminal
+    assert subprocess.run(["bash", "-n"], input=slurm.stdout, text=True).returncode == 0
+    directives = [line for line in slurm.stdout.splitlines() if line.startswith("#SBATCH")]
+    name = directives[0].removeprefix("#SBATCH --job-name=autotune-")  # the job and the run folder
+    assert name.startswith("evil_touch_PWNED_") and re.fullmatch(r"[A-Za-z0-9._-]+", name), directives
+    expected_run = ["-m", "autotune", "run", str(plan), "--out", f"runs/{name}"]
+    words = _sandboxed(slurm.stdout, sandbox)
+    endpoint = ["--standalone"]
+    if nodes > 1:  # the rendezvous on the job's first node, at the plan's port
+        endpoint = ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=node7:29400", "--rdzv-id=autotune"]
+    assert words == ["srun", "torchrun", *endpoint, "--nproc-per-node=2", *expected_run]
+    command = autotune("export", str(plan), "--to", "torchrun", cwd=sandbox)
+    assert command.returncode == 0, command.stderr
+    assert command.stdout.count("\n") == 1 and command.stdout[:-1].isprintable()
+    endpoint = [w.replace("node7", "[::1]") for w in endpoint]
+    assert _sandboxed(command.stdout, sandbox) == ["torchrun", *endpoint, "--nproc-per-node=2", *expected_run]
+    yaml = pytest.importorskip("yaml")
+    accelerate = autotune("export", str(plan), "--to", "accelerate", cwd=sandbox)
+    assert accelerate.returncode == 0, accelerate.stderr
+    assert all(line.isprintable() for line in accelerate.stdout.splitlines())
+    header = accelerate.stdout.split("compute_environment:")[0].splitlines()
+    assert len(header) == 2 and all(line.startswith("# ") for line in header), header  # the name's newlines escaped
+    assert "evil\\ntouch PWNED\\n" in header[0]
+    config = yaml.safe_load(accelerate.stdout)
+    assert config["num_machines"] == nodes and config.get("main_process_ip", "::1") == "::1"
+    assert sorted(p.name for p in sandbox.iterdir()) == ["exported.sh"]  # no PWNED, nothing else
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    ['127.0.0.1:1";touch PWNED;"', "$(touch PWNED):29400", "node0:29400;touch PWNED", "node0:abc", "node0:0", "node0:65536",
+     "node0", "node 0:29400", "[::1:29400", "[not-ipv6]:29400", "-node0:29400", "node0:" + "9" * 5000, "node0:٣٣"],
+)
+def test_a_rendezvous_endpoint_must_be_host_port(endpoint):
+    with pytest.raises(ValueError, match="rdzv_endpoint must be host:port"):
+        LaunchSpec(nnodes=2, rdzv_endpoint=endpoint)
+    assert host_port("node-0.cluster:29400") == ("node-0.cluster", 29400)
+    assert host_port("10.0.0.1:1") == ("10.0.0.1", 1) and host_port("[fe80::1]:65535") == ("fe80::1", 65535)
+
+
+@pytest.mark.parametrize(
+    "target, endpoint", [("torchrun", 'node0:1";touch PWNED;"'), ("accelerate", "node0:abc"), ("slurm", "$(touch PWNED):1")]
+)
+def test_a_plan_with_a_bad_endpoint_is_not_exported(tmp_path, target, endpoint):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    plan = plan_file(tmp_path, "two-nodes", [{"name": "ddp", "knobs": {}}], nnodes=2, rdzv_endpoint=endpoint)
+    r = autotune("export", str(plan), "--to", target, "--out", "job", cwd=sandbox)
+    assert r.returncode == 2 and "rdzv_endpoint must be host:port" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+    assert list(sandbox.iterdir()) == []
+
+
+def test_an_unwritable_out_is_one_line_exit_1_and_nothing_written(tmp_path):
+    plan = plan_file(tmp_path, "p", [{"name": "ddp", "knobs": {}}])
+    (tmp_path / "file").write_text("a file, not a folder")
+    before = sorted(tmp_path.rglob("*"))
+    r = autotune("export", str(plan), "--to", "slurm", "--out", str(tmp_path / "file" / "job.sbatch"))
+    assert r.returncode == 1 and "cannot write" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(tmp_path.rglob("*")) == before and r.stdout == ""

@@ -14,6 +14,7 @@ import time
 import typer
 
 from autotune.errors import UserError
+from autotune.terminal import visible
 
 app = typer.Typer(
     name="autotune",
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None, *, started_at: float | None = None) -> i
         # Outside standalone mode click returns a typer.Exit's code instead of raising it.
         code = app(args=argv, standalone_mode=False)
     except UserError as e:
-        print(f"autotune: error{_rank()}: {e}", file=sys.stderr)
+        print(f"autotune: error{_rank()}: {visible(e)}", file=sys.stderr)  # one line, whatever a plan says
         return 2
     except typer.Exit as e:
         return e.exit_code

@@ -24,6 +24,7 @@ def compare_command(
     from autotune import compare as cmp
     from autotune.errors import UserError
     from autotune.schema import write_bytes_atomic
+    from autotune.terminal import visible
 
     prices = cmp.parse_prices(cost_per_gpu_hour or [])
     c = cmp.compare(sources, prices=prices, tokens=cmp.parse_tokens(tokens), force=force)
@@ -33,7 +34,7 @@ def compare_command(
         except OSError as e:
             raise UserError(f"--html {html}: {e.strerror or e}") from None
     for line in c.warnings:
-        typer.echo(f"autotune: warning: {line}", err=True)
+        typer.echo(f"autotune: warning: {visible(line)}", err=True)
     if json_out:
         typer.echo(json.dumps(c.to_dict(), indent=2))
     else:
@@ -46,12 +47,13 @@ def _print_table(c) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from autotune.compare import _short, marked, table_rows
+    from autotune.compare import _short, table_rows
+    from autotune.terminal import escape
 
     table = Table("", title="autotune compare (* a setting that differs)")
     for e in c.entries:
-        table.add_column(_short(e.source), overflow="fold")  # paths wrap rather than lose their ends
-    for label, values in table_rows(c):
-        mark = marked(label, values)
-        table.add_row(f"[bold]{label} *[/bold]" if mark else label, *((f"[bold]{v}[/bold]" if mark else v) for v in values))
+        table.add_column(escape(_short(e.source)), overflow="fold")  # paths wrap rather than lose their ends
+    for label, values, mark in table_rows(c):
+        cells = [escape(f"{label} *" if mark else label), *map(escape, values)]  # plans' text, never markup
+        table.add_row(*((f"[bold]{cell}[/bold]" if mark else cell) for cell in cells))
     Console().print(table)

@@ -24,6 +24,7 @@ def export_command(
     from autotune import plan as planmod
     from autotune.errors import UserError
     from autotune.schema import write_bytes_atomic
+    from autotune.terminal import visible
 
     plan = planmod.load(plan_path)
     text = export.export(plan, plan_path, to)  # all checks before anything is written
@@ -32,7 +33,11 @@ def export_command(
         return
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file")
-    write_bytes_atomic(out, text.encode())
-    if to == "slurm":
-        os.chmod(out, os.stat(out).st_mode | stat.S_IXUSR)
+    try:
+        write_bytes_atomic(out, text.encode())
+        if to == "slurm":
+            os.chmod(out, os.stat(out).st_mode | stat.S_IXUSR)
+    except OSError as e:  # a read-only or full disk, a file where a folder should be: one line, exit 1
+        typer.echo(f"autotune: error: cannot write {visible(out)} ({e.strerror or e})", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"export: {out}", err=True)

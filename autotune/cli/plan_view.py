@@ -9,6 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from autotune.terminal import escape
+
 
 def _gib(value: float | None) -> str:
     return "-" if value is None else f"{value / 2**30:.2f}"
@@ -39,7 +41,7 @@ class TrialTable:
         self.console.print(
             f"{trial.number:>5} {status:<11} {tps or 0:>12,.0f} {self.best or 0:>12,.0f} "
             f"{_gib(f.peak_memory_bytes if f else None):>8} {_gib(trial.user_attrs.get('predicted_peak_memory_bytes')):>8} "
-            f"{_batch(plan):>10}  {strategies}{why}",
+            f"{_batch(plan):>10}  {escape(strategies + why)}",
             highlight=False,
         )
 
@@ -109,7 +111,7 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
     for t in top:
         names = ", ".join(s["name"] for s in t.user_attrs["plan"]["strategies"]) or "plain"
         role = " (baseline)" if summary.baseline is not None and t.number == summary.baseline.number else ""
-        table.add_row(f"{t.number}{role}", f"{t.value:,.0f}", names)
+        table.add_row(f"{t.number}{role}", f"{t.value:,.0f}", escape(names))
     console.print(table)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
     console.print(f"trials: {counts}")
@@ -123,7 +125,7 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
     if excluded:
         console.print("excluded strategies:")
         for name, reason in sorted(excluded.items()):
-            console.print(f"  {name}: {reason}", highlight=False)
+            console.print(f"  {name}: {escape(reason)}", highlight=False)
     m, b = plan.measured, plan.baseline
     console.print(f"global batch {plan.global_batch()} samples a step: micro-batch {plan.train.micro_batch_size} x {plan.grad_accum()} accumulated x {plan.launch.nproc_per_node * plan.launch.nnodes} processes", highlight=False)
     for what, f in (("plan", m), ("baseline", b)):
@@ -133,7 +135,7 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
     c = plan.comparison
     if c is not None:
         console.print(c.verdict, highlight=False)
-    line = f"plan written: {path}  measured {m.tokens_per_s or 0:,.0f} tokens/s ({m.status})"
+    line = f"plan written: {escape(path)}  measured {m.tokens_per_s or 0:,.0f} tokens/s ({m.status})"
     if c is not None and c.beats_baseline:
         line += f": {c.speedup:.2f}x its baseline (±{c.noise:.1%})"
     elif c is not None:
@@ -143,5 +145,5 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
         c = plan.loss_check
         console.print(f"loss check over {c.steps} steps: {c.loss_end:.4f} vs plain {c.reference_loss_end:.4f} "
                       f"({'passed' if c.passed else 'FAILED'}, tolerance {c.tolerance:.0%})", highlight=False)
-    console.print(f"run it: autotune run {path}", highlight=False)
+    console.print(f"run it: autotune run {escape(path)}", highlight=False)
 

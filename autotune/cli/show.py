@@ -33,21 +33,25 @@ def show_command(
     from rich.console import Console
     from rich.table import Table
 
+    from autotune.terminal import escape  # a plan's strings are someone else's text: no escape codes, no markup
+
     console = Console()
-    overrides = ", ".join(f"{k}={v}" for k, v in plan.workload.overrides.items())
-    console.print(f"[bold]plan[/bold] {plan_path}  (schema v{plan.schema_version})")
-    console.print(f"workload  {plan.workload.name}" + (f" ({overrides})" if overrides else ""))
+    overrides = escape(", ".join(f"{k}={v}" for k, v in plan.workload.overrides.items()))
+    console.print(f"[bold]plan[/bold] {escape(plan_path)}  (schema v{plan.schema_version})")
+    console.print(f"workload  {escape(plan.workload.name)}" + (f" ({overrides})" if overrides else ""))
     hw = plan.hardware
-    console.print(f"hardware  {hw.fingerprint or 'any'}" + (f"  {_fmt_summary(hw.summary)}" if hw.summary else ""))
+    summary = f"  {escape(_fmt_summary(hw.summary))}" if hw.summary else ""
+    console.print(f"hardware  {escape(hw.fingerprint or 'any')}{summary}")
     launch = plan.launch
     console.print(f"launch    {launch.nnodes} node(s) x {launch.nproc_per_node} process(es), device {launch.device}")
     t = plan.train
-    console.print(f"train     micro-batch {t.micro_batch_size}, {t.steps} steps, lr {t.lr:g}, seed {t.seed}, data {t.data}")
+    console.print(f"train     micro-batch {t.micro_batch_size}, {t.steps} steps, lr {t.lr:g}, seed {t.seed}, "
+                  f"data {escape(t.data)}")
     if fit is not None:
         console.print(f"estimate  {fit.line()}")
     strategies = Table("strategy", "knobs", title="strategies (in plan order)")
     for s in plan.strategies:
-        strategies.add_row(s.name, ", ".join(f"{k}={v}" for k, v in s.knobs.items()) or "(defaults)")
+        strategies.add_row(escape(s.name), escape(", ".join(f"{k}={v}" for k, v in s.knobs.items()) or "(defaults)"))
     if not plan.strategies:
         strategies.add_row("(none)", "plain baseline")
     console.print(strategies)
@@ -60,7 +64,7 @@ def show_command(
                 label,
                 _num(f.tokens_per_s, "{:,.0f}"),
                 _num(f.step_time_s, "{:.4f}"),
-                _num(f.mfu, "{:.1%}") + (f" ({f.mfu_peak_source})" if f.mfu_peak_source else ""),
+                _num(f.mfu, "{:.1%}") + (f" ({escape(f.mfu_peak_source)})" if f.mfu_peak_source else ""),
                 _num(f.peak_memory_bytes and f.peak_memory_bytes / 2**30, "{:.2f}"),
                 f"{_num(f.loss_start, '{:.3f}')}→{_num(f.loss_end, '{:.3f}')}",
                 f.status,
@@ -69,10 +73,10 @@ def show_command(
     if plan.quality_guard is not None:
         console.print(_guard_table(plan.quality_guard))
     p = plan.provenance
-    console.print(f"made by   autotune {p.autotune_version}, torch {p.torch_version}, {p.created_at}"
-                  + (f", study {p.study} trial {p.trial}" if p.study else ""))
+    console.print(f"made by   autotune {escape(p.autotune_version)}, torch {escape(p.torch_version)}, "
+                  f"{escape(p.created_at)}" + (f", study {escape(p.study)} trial {p.trial}" if p.study else ""))
     if p.command:
-        console.print(f"command   {p.command}")
+        console.print(f"command   {escape(p.command)}")
 
 
 def _guard_table(g):

@@ -15,6 +15,7 @@ import typer
 
 from autotune.cli import app
 from autotune.errors import UserError
+from autotune.terminal import visible
 
 if TYPE_CHECKING:
     from autotune.graph import StrategyGraph
@@ -68,9 +69,9 @@ def strategies_command(
         return
     _print_table(graph, wl.name)
     if explain:
-        print("\n".join(explanations(graph)))
+        print("\n".join(map(visible, explanations(graph))))
         if wl.shape is None and wl.no_shape:
-            print(f"cost model: no memory or time predictions for workload {wl.name}: {wl.no_shape}")
+            print(visible(f"cost model: no memory or time predictions for workload {wl.name}: {wl.no_shape}"))
 
 
 def explanations(graph: StrategyGraph) -> list[str]:
@@ -104,7 +105,8 @@ def _print_table(graph: StrategyGraph, workload: str) -> None:
     Console().print(table)
     usable, legal = graph.usable(), sum(1 for _ in graph.legal_sets())
     print(
-        f"{len(usable)} of {len(graph.strategies)} strategies usable here ({_machine(graph.facts)}; workload {workload}), "
+        f"{len(usable)} of {len(graph.strategies)} strategies usable here "
+        f"({visible(_machine(graph.facts))}; workload {visible(workload)}), "
         f"{legal} legal combinations of them."
         + ("" if len(usable) == len(graph.strategies) else " --explain says why the others are left out.")
     )

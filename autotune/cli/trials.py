@@ -27,11 +27,14 @@ def trials_command(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("trial", "role", "status", "tokens/s", "mem GiB", "batch", "strategies", "error", title=f"study {loaded.study_name}")
+    from autotune.terminal import escape  # a study's text (a shared one's too): no escape codes, no markup
+
+    table = Table("trial", "role", "status", "tokens/s", "mem GiB", "batch", "strategies", "error",
+                  title=f"study {escape(loaded.study_name)}")
     for r in rows:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] is not None else "-"
         mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "-"
         batch = "-" if r["micro_batch_size"] is None else f"{r['micro_batch_size']}x{r['grad_accum']}" + (f"x{r['processes']}p" if r["processes"] > 1 else "")
         names = ", ".join(n + ("(" + ",".join(map(str, k.values())) + ")" if k else "") for n, k in r["strategies"].items()) or "plain"
-        table.add_row(str(r["number"]), r["role"], r["status"], tps, mem, batch, names, r["error"] or "")
+        table.add_row(*map(escape, (r["number"], r["role"], r["status"], tps, mem, batch, names, r["error"] or "")))
     Console().print(table)
