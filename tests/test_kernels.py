@@ -3,16 +3,18 @@ forward and both gradients. Without a GPU they run in Triton's interpreter (conf
 TRITON_INTERPRET=1 before triton is first imported), on shapes small enough for it.
 
 Tolerances come from measured error. Each output is compared with the reference computed in
-fp64 from the same (bf16- or fp32-valued) inputs; the kernel's largest error must be within
-FACTOR of the reference's own in the kernel's dtype, or of one ulp of the largest value where
-the reference's is smaller. Measured over seeds 0..2 and the shapes of ``SHAPES``
-(interpreter, triton 3.6, torch 2.13 on the CPU), largest values:
+fp64 from the same (bf16- or fp32-valued) inputs: the kernel's largest error must be within
+FACTOR of the reference's own in the kernel's dtype (or of fp32's rounding of the largest value,
+where the reference's is smaller: the loss is fp32 in both). Worst over seeds 0..2 and SHAPES
+(interpreter, triton 3.6, torch 2.13 on the CPU; reproduce with _inputs(..., seed)):
 
-    bf16  reference: loss 3.0e-3, d hidden 6.5e-3, d weight 7.1e-3
-          kernel:    loss 1.4e-6, d hidden 3.1e-3, d weight 1.2e-2; kernel / reference <= 2.8
-          (d weight of 1100 columns, seed 0), <= 1.7 elsewhere; the loss has no bf16 logits
-    fp32  reference: loss 9.5e-7, d hidden 6.2e-7, d weight 1.0e-7
-          kernel:    loss 9.5e-7, d hidden 1.9e-7, d weight 1.4e-7
+    bf16  reference: loss 6.8e-3, d hidden 3.6e-3, d weight 4.6e-3
+          kernel:    loss 9.5e-7, d hidden 5.3e-3, d weight 6.4e-3
+          kernel / reference: 2.78 at worst (d weight, two-vocab-splits, seed 0: one bf16 ulp
+          where the reference's error was under half of one), 1.68 for d hidden; the kernel's
+          loss has no bf16 logits, so it is 1000x closer
+    fp32  reference: loss 4.8e-7, d hidden 6.2e-7, d weight 1.1e-7
+          kernel:    loss 9.5e-7, d hidden 2.9e-7, d weight 3.2e-7; kernel / reference <= 1.99
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from autotune.kernels.fused_linear_cross_entropy import linear_cross_entropy  # 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FACTOR = 4
-"""The kernel's error may be this many times the reference's (2.8 measured at worst, above)."""
+"""The kernel's error may be this many times the reference's (2.78 measured at worst, above)."""
 
 SHAPES = [
     # (tokens, d, padded vocab, true vocab): the interpreter's tiles are 16 tokens x 32 columns x 16 of d
@@ -51,8 +53,9 @@ def _inputs(tokens: int, d: int, vocab: int, true_vocab: int | None, seed: int =
 
 
 def _loss_and_grads(fn, hidden, weight, targets, dtype, **kwargs):
-    hidden = hidden.to(DEVICE, dtype).requires_grad_()
-    weight = weight.to(DEVICE, dtype).requires_grad_()
+    """fn's loss and its gradients for hidden and weight, on copies in ``dtype``."""
+    hidden = hidden.to(DEVICE, dtype, copy=True).requires_grad_()
+    weight = weight.to(DEVICE, dtype, copy=True).requires_grad_()
     loss = fn(hidden, weight, targets.to(DEVICE), **kwargs)
     loss.backward()
     return loss, hidden.grad, weight.grad
@@ -72,8 +75,8 @@ def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true
     ours = _loss_and_grads(linear_cross_entropy, hidden, weight, targets, dtype, vocab_size=true_vocab)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == dtype
     for name, got, ref, ex in zip(("loss", "d hidden", "d weight"), ours, theirs, exact):
-        ulp = torch.finfo(dtype).eps * ex.abs().max().item()
-        assert _error(got, ex) <= FACTOR * max(_error(ref, ex), ulp), name
+        floor = torch.finfo(torch.float32).eps * ex.abs().max().item()
+        assert _error(got, ex) <= FACTOR * max(_error(ref, ex), floor), name
     if true_vocab is not None:  # a padded head's extra rows take no gradient
         assert not ours[2][true_vocab:].any()
 
