@@ -19,6 +19,11 @@ where the reference's is smaller: the loss is fp32 in both). Worst over seeds 0.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -122,3 +127,17 @@ def test_a_vocab_size_past_the_weight_is_refused():
     hidden, weight, targets = _inputs(2, 16, 40, None)
     with pytest.raises(ValueError, match="vocab_size 41 is not in 1..40"):
         linear_cross_entropy(hidden, weight, targets, vocab_size=41)
+
+
+@pytest.mark.slow
+def test_every_config_compiles_for_hopper_without_spilling(python):
+    """No GPU here: compile each Hopper config to a cubin (tests/hopper_compile.py) and check
+    that none spills registers or asks for more than an H100's 227 KiB of shared memory."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([python, str(Path(__file__).with_name("hopper_compile.py"))], capture_output=True, text=True,
+                          env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(kernels) == 4
+    for kernel in kernels:
+        assert kernel["stack"] == 0 and kernel["shared"] <= 227 * 1024, kernel
