@@ -150,7 +150,7 @@ def _split_cols(n_tokens: int, vocab: int, device: torch.device) -> int:
     """The vocab columns of each program of the forward's grid: so many that the programs fill
     every SM twice at 128 tokens a tile (two on a CPU), at least 512, a multiple of _SPLIT_ALIGN."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    splits = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n_tokens, 128)), vocab // 512))
+    splits = max(1, min(triton.cdiv(2 * sms, triton.cdiv(max(n_tokens, 1), 128)), vocab // 512))
     return triton.cdiv(triton.cdiv(vocab, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
 
 

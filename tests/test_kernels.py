@@ -86,8 +86,9 @@ def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true
         assert not ours[2][true_vocab:].any()
 
 
-def test_all_targets_ignored_give_zero_loss_and_gradients():
-    hidden, weight, targets = _inputs(3, 16, 40, None)
+@pytest.mark.parametrize("tokens", [3, 0], ids=["all-ignored", "no-tokens"])
+def test_no_counted_target_gives_zero_loss_and_gradients(tokens):
+    hidden, weight, targets = _inputs(tokens, 16, 40, None)
     loss, d_hidden, d_weight = _loss_and_grads(linear_cross_entropy, hidden, weight, torch.full_like(targets, -7),
                                                torch.float32, ignore_index=-7)
     assert loss.item() == 0 and not d_hidden.any() and not d_weight.any()
