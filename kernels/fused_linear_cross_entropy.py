@@ -5,12 +5,13 @@
 The (tokens x vocab) logits never exist whole. The forward computes the head's matmul in
 (BLOCK_M tokens x BLOCK_N vocab) tiles, each summed over d in BLOCK_K steps with fp32
 accumulation, and keeps per token an online logsumexp (running max and sum of exponentials)
-and the target's logit; only those two floats per token reach memory. The backward works as
+and the target's logit; only those two floats per token (and vocab range of the grid) reach
+memory. The backward works as
 cut-cross-entropy's (Wijmans et al., 2024): each program recomputes one logits tile from the
 saved logsumexp, turns it into the gradient of the logits, ``(softmax - onehot) * grad / count``,
 and from that same tile adds its share of both gradients, ``d hidden += g @ W`` and
-``d W += g.T @ hidden``, with fp32 atomics. A backward is so three matmuls of the head's size and
-no logits; the price is the atomics' order, so the gradients are exact up to floating-point order.
+``d W += g.T @ hidden``, with fp32 atomics. So a backward costs three matmuls of the head's size
+and no logits; the atomics add in no fixed order: the gradients are exact up to that order.
 
 Inputs in bf16 (or fp16) run the tensor cores with fp32 accumulation; fp32 inputs use TF32 only
 where torch's own matmuls would (``torch.set_float32_matmul_precision``). The loss is fp32.
@@ -163,15 +164,18 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         n_tokens, d = hidden.shape
         split_cols = _split_cols(n_tokens, vocab_size, hidden.device)
         splits = triton.cdiv(vocab_size, split_cols)
-        lse = torch.empty((splits, n_tokens), dtype=torch.float32, device=hidden.device)
-        target_logit = torch.empty_like(lse)
-        grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_M"]), splits)  # noqa: E731
-        _forward_kernel[grid](hidden, weight, targets, lse, target_logit, n_tokens, vocab_size, D=d,
+        lse_parts = torch.empty((splits, n_tokens), dtype=torch.float32, device=hidden.device)
+        target_parts = torch.empty_like(lse_parts)
+
+        def grid(meta):  # one program a token tile and vocab range
+            return (triton.cdiv(n_tokens, meta["BLOCK_M"]), splits)
+
+        _forward_kernel[grid](hidden, weight, targets, lse_parts, target_parts, n_tokens, vocab_size, D=d,
                               SPLIT_COLS=split_cols, **_dot_options(hidden.dtype))
-        lse, target_logit = torch.logsumexp(lse, dim=0), target_logit.sum(dim=0)  # over the splits: (N,)
+        lse = torch.logsumexp(lse_parts, dim=0)  # (N,)
         valid = targets != ignore_index
         count = valid.sum().clamp(min=1)
-        loss = torch.where(valid, lse - target_logit, 0.0).sum() / count
+        loss = torch.where(valid, lse - target_parts.sum(dim=0), 0.0).sum() / count
         ctx.save_for_backward(hidden, weight, targets, lse, count)
         ctx.ignore_index, ctx.vocab_size = ignore_index, vocab_size
         return loss
