@@ -197,6 +197,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dh.to(hidden.dtype), dw.to(weight.dtype), None, None, None
 
 
+@torch.compiler.disable  # a graph break: the model compiles up to the hidden states; the loss runs its own kernels
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

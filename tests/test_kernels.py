@@ -124,6 +124,14 @@ def test_autocast_runs_the_head_in_its_dtype():
     torch.testing.assert_close(d_weight, ref_d_weight, atol=1e-2, rtol=0)
 
 
+def test_a_compiled_model_calls_it_outside_its_graph():
+    """torch.compile stops at the loss (dynamo's eager backend: what is traced, not inductor)."""
+    hidden, weight, targets = (t.to(DEVICE) for t in _inputs(8, 16, 40, None))
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU()).to(DEVICE)
+    step = torch.compile(lambda h: linear_cross_entropy(model(h), weight, targets), backend="eager")
+    torch.testing.assert_close(step(hidden), linear_cross_entropy(model(hidden), weight, targets))
+
+
 def test_a_vocab_size_past_the_weight_is_refused():
     hidden, weight, targets = _inputs(2, 16, 40, None)
     with pytest.raises(ValueError, match="vocab_size 41 is not in 1..40"):
