@@ -118,7 +118,8 @@ def test_autocast_runs_the_head_in_its_dtype():
         results.append((loss, h.grad, w.grad))
     (loss, d_hidden, d_weight), (ref_loss, ref_d_hidden, ref_d_weight) = results
     assert loss.dtype == d_hidden.dtype == d_weight.dtype == torch.float32
-    # The reference rounds its logits to bf16 (3e-3 here), the kernel keeps them in fp32.
+    # The reference rounds its logits to bf16, the kernel does not: measured 1.1e-3 (loss),
+    # 2.0e-3 (d hidden), 3.9e-3 (d weight, one bf16 ulp at 0.5).
     torch.testing.assert_close(loss, ref_loss, atol=1e-2, rtol=0)
     torch.testing.assert_close(d_hidden, ref_d_hidden, atol=1e-2, rtol=0)
     torch.testing.assert_close(d_weight, ref_d_weight, atol=1e-2, rtol=0)
