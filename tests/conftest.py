@@ -14,6 +14,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 # Keep CPU tests single-threaded per process: CI has 2 cores and tests start children.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads on import)
+
+# Without a GPU, Triton kernels run in Triton's interpreter (tests/test_kernels.py). It is chosen
+# when triton is first imported, which torch.compile may do in this process before those tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 FATAL = re.compile(r"terminate called|what\(\)|Traceback|Error|Exception|Fatal|SIG[A-Z]+\(|Aborted|enforce fail")
 """A line of a worker's stderr that says why it died (torchrun's own summary comes after)."""
