@@ -387,13 +387,14 @@ def _python_state_from(s: list[Any]) -> tuple:
 
 # -- a full run -----------------------------------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Signals that stop a run after its current step, with a checkpoint and the summary (Slurm
-sends SIGTERM, a terminal SIGINT); the command then exits 128 + the signal's number."""
+sends SIGTERM, a terminal SIGINT, a dropped SSH session SIGHUP); the command then exits 128 +
+the signal's number."""
 
 LAUNCHER_ENV = "AUTOTUNE_RUN_LAUNCHER"
 """Set to its pid by the `autotune run` that starts a run's processes under torchrun: it
-holds the run directory's lock for them (a lock it holds is free to rank 0)."""
+takes the run directory's lock and shares it with them."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -514,16 +515,16 @@ def _nothing_done(step: int) -> RunSummary:
 
 
 def lock_out_dir(out: Path | None) -> locks.HeldLock | None:
-    """Hold ``out/.lock`` for this run (rank 0, or the single process; a launching `autotune
-    run` already holds it for its ranks), so that two runs never share a run directory."""
-    if out is None or distributed.env_rank() != 0:
-        return None
-    path = out / ".lock"
-    launcher = os.environ.get(LAUNCHER_ENV)
-    if launcher and path.exists() and locks.holder(path) == launcher:
+    """Hold ``out/.lock`` for this run, so that two runs never share a run directory: the
+    single process holds it; each rank of a launched run holds it shared with its launching
+    `autotune run` (which shared it with them), so that it stays held while any rank lives,
+    even after the launcher is gone; other ranks (a process group not launched by autotune)
+    leave it to rank 0."""
+    launched = os.environ.get(LAUNCHER_ENV) is not None
+    if out is None or (distributed.env_rank() != 0 and not launched):
         return None
     try:
-        return locks.acquire(path, f"run directory {out}")
+        return locks.acquire(out / ".lock", f"run directory {out}", shared=launched)
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror})") from None
 
@@ -584,7 +585,7 @@ def check_val_data(trainer: Trainer) -> None:
 
 
 class _Stop:
-    """SIGINT/SIGTERM while training: remember the signal; the loop finishes its step, then
+    """A stop signal (STOP_SIGNALS) while training: remember it; the loop finishes its step, then
     stops. With several processes the ranks agree on the step: after each one, an all-reduce
     (max) of the signal number on a CPU gloo group (no device sync), so a rank signalled a
     moment later stops at the same step as the others."""

@@ -151,15 +151,18 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn only calls it
 
 
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent dies (PR_SET_PDEATHSIG): a planner
-    killed mid-trial, even by SIGKILL, takes its trial with it, so the next trial is not
-    measured beside an orphan. Runs in the trial's child before exec, and again in each rank
-    (whose parent is torchrun), so the chain planner -> torchrun -> ranks dies together."""
-    parent = os.getppid()
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl: nobody will send the signal
-        os.kill(os.getpid(), signal.SIGKILL)
+def die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies (PR_SET_PDEATHSIG),
+    however it dies (SIGKILL included): a planner killed mid-trial takes its trial with it, so
+    the next trial is not measured beside an orphan, and a killed `autotune run` its torchrun.
+    Runs in the child before exec, and again in each rank (whose parent is torchrun), so the
+    chain planner -> torchrun -> ranks dies together. ``parent``: the pid the parent must be
+    (default: the parent now); if it is not once armed, it died before prctl and nobody will
+    send the signal: this process gets it at once."""
+    parent = os.getppid() if parent is None else parent
+    _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signum)
 
 
 class _KillOnSignal:

@@ -218,3 +218,70 @@ def test_missing_val_bin_is_refused_before_training(tmp_path: Path, run_cli) -> 
     assert code == 2
     assert err.strip().startswith(f"autotune: error: data {data_dir}: no val.bin there, and the plan evaluates")
     assert not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def tree_of(proc: subprocess.Popen) -> tuple[list[int], list[psutil.Process]]:
+    """The pids of a launched run (autotune run, torchrun, ranks) and its ranks, once both exist."""
+    deadline = time.monotonic() + 60
+    while True:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        ranks = [c for c in children if c.ppid() != proc.pid]
+        if len(ranks) == 2:
+            return [proc.pid] + [c.pid for c in children], ranks
+        assert time.monotonic() < deadline, children
+        time.sleep(0.05)
+
+
+def gone(pids: list[int], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_ranks_die_with_a_sigkilled_launcher_and_a_resume_waits_for_the_last_one(tmp_path: Path) -> None:
+    plan, out = write_plan(tmp_path, nproc=2, strategies={"ddp": {}}), tmp_path / "run"
+    proc = start(plan, out, "--steps", "100000")
+    wait_for(out / "checkpoints" / "step_00000010.pt", proc)
+    pids, ranks = tree_of(proc)
+    try:
+        for rank in ranks:  # frozen: they outlive their launcher for as long as this test wants
+            rank.suspend()
+        proc.kill()
+        proc.wait(timeout=60)  # not communicate(): the frozen ranks hold its pipes open
+        assert gone(pids[:2])  # autotune run and torchrun (PR_SET_PDEATHSIG)
+        resume = subprocess.run([sys.executable, "-m", "autotune", "run", str(plan), "--out", str(out), "--steps", "100000", "--resume"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert resume.returncode == 2, resume.stderr
+        assert resume.stderr.startswith(f"autotune: error: run directory {out} is in use by another autotune process (pid {proc.pid}, ")
+        assert len(resume.stderr.strip().splitlines()) == 1
+        for rank in ranks:
+            rank.resume()  # the death signal waits for them: SIGTERM, so a checkpoint, the summary, exit
+        assert gone(pids)
+    finally:
+        for rank in ranks:
+            if rank.is_running():
+                rank.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM" and summary["checkpoint"] == str(out / "checkpoints" / f"step_{summary['steps_done']:08d}.pt")
+
+
+def test_sighup_to_a_launcher_and_sigterm_to_one_rank_stop_the_run_as_a_single_process_would(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, nproc=2, strategies={"ddp": {}})
+    for target, signum in (("launcher", signal.SIGHUP), ("rank 1", signal.SIGTERM)):
+        out = tmp_path / target.replace(" ", "")
+        proc = start(plan, out, "--steps", "100000")
+        wait_for(out / "log.jsonl", proc)
+        pids, ranks = tree_of(proc)
+        os.kill(proc.pid if target == "launcher" else ranks[-1].pid, signum)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum, err[-3000:]
+        assert gone(pids)
+        summary = json.loads((out / "summary.json").read_text())
+        at, name = summary["steps_done"], signal.Signals(signum).name
+        assert summary["stopped"] == name
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+            f"autotune: stopped by {name} at step {at}: checkpoint {summary['checkpoint']}, summary {out / 'summary.json'}; continue with --resume"
+        )
