@@ -745,9 +745,10 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
     """Atomically write the checkpoint of ``step``; keep the newest KEEP_CHECKPOINTS.
 
     A whole model (one process, or DDP's identical replicas) goes into ``step_XXXXXXXX.pt``,
-    written by rank 0 (temporary file, fsync, rename), its sha256 beside it in
-    ``step_XXXXXXXX.pt.sha256`` (sha256sum's format), written first: a ``.pt`` in place
-    always has its checksum. Sharded state (FSDP2, tp, pp, ZeRO) goes into a directory
+    written by rank 0 (temporary file, fsync, rename), then its sha256 beside it in
+    ``step_XXXXXXXX.pt.sha256`` (sha256sum's format), the same way: a failure (a full disk)
+    leaves neither file, a kill between them a ``.pt`` that a resume passes over as having no
+    checksum, never a checksum of a missing checkpoint. Sharded state (FSDP2, tp, pp, ZeRO) goes into a directory
     ``step_XXXXXXXX/`` that every rank writes through the step engine (``StepEngine.save``:
     torch.distributed.checkpoint, or DeepSpeed's own), with a MANIFEST of its files' sha256.
     Every rank calls this, and returns once the checkpoint is complete.
@@ -760,8 +761,12 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
             buf = io.BytesIO()
             torch.save(trainer.state_dict(step), buf)
             payload = buf.getvalue()
-            write_bytes_atomic(_sidecar(path), f"{hashlib.sha256(payload).hexdigest()}  {path.name}\n".encode())
             write_bytes_atomic(path, payload)
+            try:
+                write_bytes_atomic(_sidecar(path), f"{hashlib.sha256(payload).hexdigest()}  {path.name}\n".encode())
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
             for old in _checkpoints(ckpt_dir, sharded=False)[:-KEEP_CHECKPOINTS]:
                 old.unlink(missing_ok=True)
                 _sidecar(old).unlink(missing_ok=True)

@@ -285,3 +285,24 @@ def test_sighup_to_a_launcher_and_sigterm_to_one_rank_stop_the_run_as_a_single_p
         assert "Traceback" not in err and err.strip().splitlines()[-1] == (
             f"autotune: stopped by {name} at step {at}: checkpoint {summary['checkpoint']}, summary {out / 'summary.json'}; continue with --resume"
         )
+
+
+def test_a_full_disk_while_checkpointing_leaves_the_previous_pair_and_no_stray_file(tmp_path: Path) -> None:
+    import resource
+
+    plan, out = write_plan(tmp_path), tmp_path / "run"
+    cmd = [sys.executable, "-m", "autotune", "run", str(plan), "--out", str(out), "--steps", "20", "--json"]
+    train.run(planmod.load(plan), RunOptions(steps=20, stop_at=10, out_dir=out))
+    ckpt = out / "checkpoints"
+    limit = (ckpt / "step_00000010.pt").stat().st_size // 2  # room for the log, not for a checkpoint
+
+    def small_disk() -> None:  # a real EFBIG from the kernel at the next checkpoint's write
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk)
+    assert resumed.returncode == 1, resumed.stderr
+    assert resumed.stderr.strip().splitlines()[-1].startswith("autotune: error: cannot write ")
+    assert "Traceback" not in resumed.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000010.pt", "step_00000010.pt.sha256"]
+    assert train.checksum_problem(ckpt / "step_00000010.pt") is None
