@@ -468,6 +468,7 @@ def run(plan: Plan, options: RunOptions) -> RunSummary:
     total_steps = options.steps or plan.train.steps
     plan = with_steps(plan, total_steps)
     ckpt_dir = out / "checkpoints" if out else None
+    created = out is not None and not out.exists()
     with _Stop() as stop:  # from the start: a signal while building still stops cleanly
         lock = lock_out_dir(out)
         try:
@@ -482,6 +483,8 @@ def run(plan: Plan, options: RunOptions) -> RunSummary:
             return _train(plan, options, total_steps, ckpt_dir, stop)
         finally:
             if lock is not None:
+                if created:
+                    remove_if_unused(out)
                 lock.release()
 
 
@@ -527,6 +530,14 @@ def lock_out_dir(out: Path | None) -> locks.HeldLock | None:
         return locks.acquire(out / ".lock", f"run directory {out}", shared=launched)
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror})") from None
+
+
+def remove_if_unused(out: Path) -> None:
+    """Remove the run directory ``out``, which this run created, if it holds nothing but its
+    lock: a run refused before its first step leaves no folder behind. Under the lock."""
+    if {p.name for p in out.iterdir()} <= {".lock"}:
+        (out / ".lock").unlink(missing_ok=True)
+        out.rmdir()
 
 
 def check_out_dir(out: Path | None, resume: bool) -> None:
@@ -878,10 +889,13 @@ def _resume(trainer: Trainer, ckpt_dir: Path, control: Any) -> int:
         notify(f"no complete checkpoint in {ckpt_dir}: starting from step 0")
         return 0
     if trainer.ctx.sharded_state:
-        return _load_sharded(trainer, path)
-    state = torch.load(path, map_location=trainer.device, weights_only=True)
-    check_same_run(state, trainer, path)
-    return trainer.load_state_dict(state)
+        step = _load_sharded(trainer, path)
+    else:
+        state = torch.load(path, map_location=trainer.device, weights_only=True)
+        check_same_run(state, trainer, path)
+        step = trainer.load_state_dict(state)
+    notify(f"resuming from step {step} ({path})")
+    return step
 
 
 def check_same_run(state: dict[str, Any], trainer: Trainer, path: Path) -> None:

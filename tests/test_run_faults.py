@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -141,7 +142,10 @@ def test_a_bit_flipped_checkpoint_is_named_and_the_older_one_is_used(tmp_path: P
     capsys.readouterr()
     summary = train.run(plan, RunOptions(steps=20, out_dir=out, resume=True))
     err = capsys.readouterr().err
-    assert f"autotune: checkpoint {newest} is corrupt (checksum mismatch): resuming from step_00000010.pt" in err.splitlines()
+    assert err.splitlines()[-2:] == [
+        f"autotune: checkpoint {newest} is corrupt (checksum mismatch): resuming from step_00000010.pt",
+        f"autotune: resuming from step 10 ({out / 'checkpoints' / 'step_00000010.pt'})",
+    ]
     assert summary.steps_done == 20 and len(summary.losses) == 10  # steps 10..19 again
     assert all(v == v and abs(v) < 100 for v in summary.losses)
     assert [r["step"] for r in train.read_log(out / "log.jsonl")] == list(range(20))
@@ -195,7 +199,8 @@ def test_steps_set_the_schedule_and_files_get_the_umask_mode(tmp_path: Path, run
     finally:
         os.umask(old)
     assert code == 0, err
-    (out,) = (tmp_path / "runs").iterdir()  # no --out: runs/<UTC time>/
+    (out,) = (tmp_path / "runs").iterdir()  # no --out: runs/<UTC time>-<random suffix>/
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", out.name)
     assert err.splitlines()[0] == f"autotune: writing the run to {Path('runs') / out.name}/"
     log = train.read_log(out / "log.jsonl")
     spec = planmod.load(plan).train
@@ -217,7 +222,7 @@ def test_missing_val_bin_is_refused_before_training(tmp_path: Path, run_cli) -> 
     code, _, err = run_cli("run", plan, "--out", tmp_path / "run", "--steps", "20", "--data", data_dir)
     assert code == 2
     assert err.strip().startswith(f"autotune: error: data {data_dir}: no val.bin there, and the plan evaluates")
-    assert not (tmp_path / "run" / "log.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # refused: not even the folder it would have made
 
 
 def tree_of(proc: subprocess.Popen) -> tuple[list[int], list[psutil.Process]]:

@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import os
+import secrets
 import signal
 from pathlib import Path
 from typing import Annotated, Optional
@@ -82,7 +83,8 @@ def run_command(
     extra_args: list[str] = []
     if out is None and not resume and distributed.env_world_size() == 1:
         # A run keeps what it trained: with no --out, a fresh directory under runs/.
-        out = Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        # The UTC time and a random suffix: two runs started in the same second get two.
+        out = Path("runs") / f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
         extra_args = ["--out", str(out)]
         typer.echo(f"autotune: writing the run to {out}/", err=True)
     if plan.launch.nproc_per_node * plan.launch.nnodes > 1 and distributed.env_world_size() == 1:
@@ -265,6 +267,7 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
     gpus = torch.cuda.device_count()
     if plan.launch.device != "cpu" and gpus and nproc > gpus:
         raise UserError(f"the plan runs {nproc} processes on CUDA, one per GPU, but this machine has {gpus} GPUs")
+    created = out is not None and not out.exists()
     with _Forward() as forward:
         lock = train.lock_out_dir(out)
         try:
@@ -284,6 +287,8 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
             code = forward.wait(proc)
         finally:
             if lock is not None:
+                if created:
+                    train.remove_if_unused(out)
                 lock.release()
     summary = _read_summary(out, since=began)
     stopped = summary.get("stopped", "")
