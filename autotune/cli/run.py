@@ -49,9 +49,11 @@ def run_command(
 
     if steps is not None and tokens is not None:
         raise UserError("give --steps or --tokens, not both")
-    for name, value in (("steps", steps), ("tokens", tokens), ("minutes", minutes)):
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive")
+    for name, value in (("steps", steps), ("tokens", tokens), ("minutes", minutes), ("time-budget", time_budget)):
+        if value is not None and not 0 < value < math.inf:
+            raise UserError(f"--{name} must be a positive number, not {value}")
+    if steps is not None and steps > planmod.MAX_STEPS:
+        raise UserError(f"--steps {steps}: a run trains at most {planmod.MAX_STEPS} steps")
     if profile is not None and not profile.exists():
         raise UserError(f"profile {profile}: no such file")
     plan = planmod.load(plan_path)
@@ -62,8 +64,6 @@ def run_command(
     from autotune.apply import check_plan
 
     check_plan(plan, trusted=trust_workload)  # the whole plan, before anything starts or is written
-    if time_budget <= 0:
-        raise UserError("--time-budget must be positive")
     args = list(ARGS)
     if distributed.env_world_size() == 1 and (difference := planmod.other_machine(plan)):
         if not adapt:
@@ -80,6 +80,8 @@ def run_command(
     if tokens is not None:
         steps = math.ceil(tokens / train.tokens_per_step(plan))
     total = steps or plan.train.steps
+    if tokens is not None and steps > planmod.MAX_STEPS:
+        raise UserError(f"--tokens {tokens} is {steps} steps: a run trains at most {planmod.MAX_STEPS}")
     extra_args: list[str] = []
     if out is None and not resume and distributed.env_world_size() == 1:
         # A run keeps what it trained: with no --out, a fresh directory under runs/.
@@ -169,6 +171,8 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             provenance=dataclasses.replace(plan.provenance, created_at=planmod.utc_now(), command=command),
         )
     else:
+        from autotune.cli.plan import warnings_to_log
+
         why = f"the plan cannot run here as it is ({why_not})"
         typer.echo(f"autotune: {why}: re-planning within {time_budget:g} s", err=True)
         settings = planner.PlanSettings(
@@ -181,7 +185,12 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             warm_start=[str(plan_path)],  # the plan, translated to what is legal here, is the first trial after the baseline
             started_at=started(),
         )
-        made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
+        warnings_to_log(settings.storage)  # Optuna's log to plan.log, as `autotune plan` does
+        try:
+            made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
+        except planner.NoTrialSucceeded as e:
+            typer.echo(f"autotune: error: {e}", err=True)
+            raise typer.Exit(1) from None
         # The search chose how to train here (strategies, launch, micro-batch); what to train is
         # the plan's own: its data, steps, schedule and seed.
         train = dataclasses.replace(plan.train, micro_batch_size=made.train.micro_batch_size)
