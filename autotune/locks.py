@@ -52,6 +52,24 @@ def holder(path: Path) -> str:
         return "?"
 
 
+def _open(path: Path, flags: int) -> int:
+    """Open the lock file, creating it readable and writable by everyone (0o666, whatever the
+    umask): a machine-wide lock is taken by every user. An existing file is opened without
+    O_CREAT, which Linux's fs.protected_regular refuses on another user's file in a sticky
+    folder such as /tmp."""
+    while True:
+        try:
+            return os.open(path, flags)
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another process created it in between: open theirs
+            continue
+        os.fchmod(fd, 0o666)
+        return fd
+
+
 def acquire(path: str | os.PathLike, what: str, *, shared: bool = False) -> HeldLock:
     """Take the lock ``path`` without waiting: exclusive, or ``shared`` (joining one that its
     exclusive holder shared, see :meth:`HeldLock.share`); a lock held by another process is a
@@ -62,7 +80,7 @@ def acquire(path: str | os.PathLike, what: str, *, shared: bool = False) -> Held
     after its parent is gone."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if shared else 0), 0o666)
+    fd = _open(p, os.O_RDWR | os.O_CLOEXEC | (os.O_APPEND if shared else 0))
     try:
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as e:

@@ -118,8 +118,24 @@ _held: dict[str, tuple[locks.HeldLock, int]] = {}
 """Device lock path -> (the lock, how many holders in this process): re-entrant."""
 
 
+LOCK_DIR_ENV = "AUTOTUNE_LOCK_DIR"
+"""Environment variable naming another folder for the device locks (the tests' own)."""
+
+
 def device_lock_path(device: str) -> Path:
-    return cache_root() / "locks" / f"measure-{device}.lock"
+    """This machine's lock for measuring on ``device``: one per machine, whatever the user or
+    $AUTOTUNE_CACHE, in a folder under the system's temporary folder that every user may write
+    and only a file's owner delete in (mode 1777, as /tmp itself); $AUTOTUNE_LOCK_DIR names
+    another folder."""
+    if override := os.environ.get(LOCK_DIR_ENV):
+        return Path(override) / f"measure-{device}.lock"
+    folder = Path(tempfile.gettempdir()) / "autotune-locks"
+    try:
+        folder.mkdir()
+        folder.chmod(0o1777)  # mkdir's mode goes through the umask
+    except FileExistsError:
+        pass
+    return folder / f"measure-{device}.lock"
 
 
 @contextlib.contextmanager
