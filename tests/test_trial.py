@@ -46,10 +46,14 @@ def test_failures_have_their_status(micro_batch, status, needle):
     assert needle in result.error
 
 
-def test_hung_trial_is_killed_with_its_group():
-    result = run_trial(plan_for(faults.HANG), TrialBudget(warmup_steps=1, timed_steps=1, timeout_s=8))
+def test_hung_trial_is_killed_with_its_group_and_its_log_says_where_it_was(tmp_path):
+    log = tmp_path / "trials" / "3.log"
+    result = run_trial(plan_for(faults.HANG), TrialBudget(warmup_steps=1, timed_steps=1, timeout_s=8), log_path=log)
     assert result.figures.status == "timeout"
     assert 8 <= result.wall_s < 20
+    # The log's last line (building, or built, on a loaded machine) ends the error.
+    assert result.error.startswith("no result within 8 s: trial: ") and result.error.endswith(f" (log {log})")
+    assert sorted(p.name for p in log.parent.iterdir()) == ["3.log"]  # its own folder beside the log is gone
 
 
 def test_unsupported_plan_is_reported_not_raised():
