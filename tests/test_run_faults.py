@@ -246,10 +246,11 @@ def gone(pids: list[int], timeout: float = 60) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_ranks_die_with_a_sigkilled_launcher_and_a_resume_waits_for_the_last_one(tmp_path: Path) -> None:
-    plan, out = write_plan(tmp_path, nproc=2, strategies={"ddp": {}}), tmp_path / "run"
+    plan, out = write_plan(tmp_path, nproc=2, strategies={"ddp": {}}, checkpoint_interval=2), tmp_path / "run"
     proc = start(plan, out, "--steps", "100000")
-    wait_for(out / "checkpoints" / "step_00000010.pt", proc)
+    wait_for(out / "checkpoints" / "step_00000002.pt", proc)
     pids, ranks = tree_of(proc)
     try:
         for rank in ranks:  # frozen: they outlive their launcher for as long as this test wants
@@ -273,6 +274,7 @@ def test_ranks_die_with_a_sigkilled_launcher_and_a_resume_waits_for_the_last_one
     assert summary["stopped"] == "SIGTERM" and summary["checkpoint"] == str(out / "checkpoints" / f"step_{summary['steps_done']:08d}.pt")
 
 
+@pytest.mark.slow
 def test_sighup_to_a_launcher_and_sigterm_to_one_rank_stop_the_run_as_a_single_process_would(tmp_path: Path) -> None:
     plan = write_plan(tmp_path, nproc=2, strategies={"ddp": {}})
     for target, signum in (("launcher", signal.SIGHUP), ("rank 1", signal.SIGTERM)):
