@@ -14,9 +14,9 @@ process joins the process group (``autotune.distributed``) and trains on its own
 logged losses are the mean over the ranks, reduced once per flush; rank 0 alone writes the
 log and, unless the state is sharded, the checkpoints.
 
-A run survives: SIGINT/SIGTERM set a flag that every rank checks after each step (agreed
-over a gloo all-reduce, so all stop at one step), then the step's checkpoint and the summary
-are written; the run directory is locked while a run holds it; checkpoints carry a sha256
+A run survives: SIGINT/SIGTERM/SIGHUP set a flag that every rank checks after each step
+(agreed over a gloo all-reduce, so all stop at one step), then the step's checkpoint and the
+summary are written; the run directory is locked while any process of a run lives; checkpoints carry a sha256
 (a sidecar beside a ``.pt``, a manifest inside a sharded directory), so a damaged one is
 named and passed over; a resume checks that plan and checkpoint describe the same run.
 """
