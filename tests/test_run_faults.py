@@ -85,19 +85,20 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step_and_resumes_e
     assert losses(stopped) == losses(straight)  # bit for bit, as an uninterrupted run
 
 
-def test_sigint_to_a_single_process_run_checkpoints_the_step_and_exits_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])  # a terminal's Ctrl-C, a dropped SSH session
+def test_sigint_or_sighup_to_a_single_process_run_checkpoints_the_step_and_exits_128_plus_it(tmp_path: Path, signum: int) -> None:
     plan = write_plan(tmp_path, checkpoint_interval=0)  # only the stop writes a checkpoint
     out = tmp_path / "run"
     proc = start(plan, out, "--steps", "100000")
     wait_for(out / "log.jsonl", proc)
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 128 + signum, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    at = summary["steps_done"]
-    assert summary["stopped"] == "SIGINT" and len(summary["losses"]) == at
+    at, name = summary["steps_done"], signal.Signals(signum).name
+    assert summary["stopped"] == name and len(summary["losses"]) == at
     assert (out / "checkpoints" / f"step_{at:08d}.pt").is_file()
-    assert err.strip().splitlines()[-1].startswith(f"autotune: stopped by SIGINT at step {at}: checkpoint ")
+    assert err.strip().splitlines()[-1].startswith(f"autotune: stopped by {name} at step {at}: checkpoint ")
 
 
 def test_a_second_run_on_a_locked_out_is_refused_and_leaves_the_first_alone(tmp_path: Path) -> None:
