@@ -38,8 +38,11 @@ def load_study(storage: str | None, study: str | None) -> Any:
 def trial_rows(study: Any) -> list[dict[str, Any]]:
     """One row per trial: number, role, status, tokens/s, peak memory, micro-batch,
     accumulation and processes, strategies with their knobs, and the whole error line."""
+    from autotune.search import INTERRUPTED, interrupted
+
     rows = []
     for t in study.get_trials(deepcopy=False):
+        killed = interrupted(t)  # failed by the next planner on the study: no status of its own
         plan = t.user_attrs.get("plan") or {}
         figures = t.user_attrs.get("figures") or {}
         strategies = plan.get("strategies", [])
@@ -48,14 +51,14 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({
             "number": t.number,
             "role": t.user_attrs.get("role", "search"),
-            "status": t.user_attrs.get("status", t.state.name.lower()),
+            "status": "interrupted" if killed else t.user_attrs.get("status", t.state.name.lower()),
             "tokens_per_s": t.value if t.state.name == "COMPLETE" else None,
             "peak_memory_bytes": figures.get("peak_memory_bytes"),
             "micro_batch_size": plan.get("train", {}).get("micro_batch_size"),
             "grad_accum": accum,
             "processes": launch.get("nproc_per_node", 1) * launch.get("nnodes", 1),
             "strategies": {s["name"]: s.get("knobs", {}) for s in strategies},
-            "error": t.user_attrs.get("error"),
+            "error": INTERRUPTED if killed else t.user_attrs.get("error"),
         })
     return rows
 

@@ -951,6 +951,10 @@ def baseline_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return found[-1] if found else None
 
 
+INTERRUPTED = "its planner was killed while it ran"
+"""The error shown for an :func:`interrupted` trial."""
+
+
 def interrupted(trial: optuna.trial.FrozenTrial) -> bool:
     """A trial whose planner died while it ran (failed by heartbeat, before any status)."""
     return trial.state == optuna.trial.TrialState.FAIL and "status" not in trial.user_attrs

@@ -14,9 +14,9 @@ process joins the process group (``autotune.distributed``) and trains on its own
 logged losses are the mean over the ranks, reduced once per flush; rank 0 alone writes the
 log and, unless the state is sharded, the checkpoints.
 
-A run survives: SIGINT/SIGTERM set a flag that every rank checks after each step (agreed
-over a gloo all-reduce, so all stop at one step), then the step's checkpoint and the summary
-are written; the run directory is locked while a run holds it; checkpoints carry a sha256
+A run survives: SIGINT/SIGTERM/SIGHUP set a flag that every rank checks after each step
+(agreed over a gloo all-reduce, so all stop at one step), then the step's checkpoint and the
+summary are written; the run directory is locked while any process of a run lives; checkpoints carry a sha256
 (a sidecar beside a ``.pt``, a manifest inside a sharded directory), so a damaged one is
 named and passed over; a resume checks that plan and checkpoint describe the same run.
 """
@@ -387,13 +387,14 @@ def _python_state_from(s: list[Any]) -> tuple:
 
 # -- a full run -----------------------------------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 """Signals that stop a run after its current step, with a checkpoint and the summary (Slurm
-sends SIGTERM, a terminal SIGINT); the command then exits 128 + the signal's number."""
+sends SIGTERM, a terminal SIGINT, a dropped SSH session SIGHUP); the command then exits 128 +
+the signal's number."""
 
 LAUNCHER_ENV = "AUTOTUNE_RUN_LAUNCHER"
 """Set to its pid by the `autotune run` that starts a run's processes under torchrun: it
-holds the run directory's lock for them (a lock it holds is free to rank 0)."""
+takes the run directory's lock and shares it with them."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -467,6 +468,7 @@ def run(plan: Plan, options: RunOptions) -> RunSummary:
     total_steps = options.steps or plan.train.steps
     plan = with_steps(plan, total_steps)
     ckpt_dir = out / "checkpoints" if out else None
+    created = out is not None and not out.exists()
     with _Stop() as stop:  # from the start: a signal while building still stops cleanly
         lock = lock_out_dir(out)
         try:
@@ -481,6 +483,8 @@ def run(plan: Plan, options: RunOptions) -> RunSummary:
             return _train(plan, options, total_steps, ckpt_dir, stop)
         finally:
             if lock is not None:
+                if created:
+                    remove_if_unused(out)
                 lock.release()
 
 
@@ -514,18 +518,26 @@ def _nothing_done(step: int) -> RunSummary:
 
 
 def lock_out_dir(out: Path | None) -> locks.HeldLock | None:
-    """Hold ``out/.lock`` for this run (rank 0, or the single process; a launching `autotune
-    run` already holds it for its ranks), so that two runs never share a run directory."""
-    if out is None or distributed.env_rank() != 0:
-        return None
-    path = out / ".lock"
-    launcher = os.environ.get(LAUNCHER_ENV)
-    if launcher and path.exists() and locks.holder(path) == launcher:
+    """Hold ``out/.lock`` for this run, so that two runs never share a run directory: the
+    single process holds it; each rank of a launched run holds it shared with its launching
+    `autotune run` (which shared it with them), so that it stays held while any rank lives,
+    even after the launcher is gone; other ranks (a process group not launched by autotune)
+    leave it to rank 0."""
+    launched = os.environ.get(LAUNCHER_ENV) is not None
+    if out is None or (distributed.env_rank() != 0 and not launched):
         return None
     try:
-        return locks.acquire(path, f"run directory {out}")
+        return locks.acquire(out / ".lock", f"run directory {out}", shared=launched)
     except OSError as e:
         raise UserError(f"cannot write to {out} ({e.strerror})") from None
+
+
+def remove_if_unused(out: Path) -> None:
+    """Remove the run directory ``out``, which this run created, if it holds nothing but its
+    lock: a run refused before its first step leaves no folder behind. Under the lock."""
+    if {p.name for p in out.iterdir()} <= {".lock"}:
+        (out / ".lock").unlink(missing_ok=True)
+        out.rmdir()
 
 
 def check_out_dir(out: Path | None, resume: bool) -> None:
@@ -584,7 +596,7 @@ def check_val_data(trainer: Trainer) -> None:
 
 
 class _Stop:
-    """SIGINT/SIGTERM while training: remember the signal; the loop finishes its step, then
+    """A stop signal (STOP_SIGNALS) while training: remember it; the loop finishes its step, then
     stops. With several processes the ranks agree on the step: after each one, an all-reduce
     (max) of the signal number on a CPU gloo group (no device sync), so a rank signalled a
     moment later stops at the same step as the others."""
@@ -744,9 +756,10 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
     """Atomically write the checkpoint of ``step``; keep the newest KEEP_CHECKPOINTS.
 
     A whole model (one process, or DDP's identical replicas) goes into ``step_XXXXXXXX.pt``,
-    written by rank 0 (temporary file, fsync, rename), its sha256 beside it in
-    ``step_XXXXXXXX.pt.sha256`` (sha256sum's format), written first: a ``.pt`` in place
-    always has its checksum. Sharded state (FSDP2, tp, pp, ZeRO) goes into a directory
+    written by rank 0 (temporary file, fsync, rename), then its sha256 beside it in
+    ``step_XXXXXXXX.pt.sha256`` (sha256sum's format), the same way: a failure (a full disk)
+    leaves neither file, a kill between them a ``.pt`` that a resume passes over as having no
+    checksum, never a checksum of a missing checkpoint. Sharded state (FSDP2, tp, pp, ZeRO) goes into a directory
     ``step_XXXXXXXX/`` that every rank writes through the step engine (``StepEngine.save``:
     torch.distributed.checkpoint, or DeepSpeed's own), with a MANIFEST of its files' sha256.
     Every rank calls this, and returns once the checkpoint is complete.
@@ -759,8 +772,12 @@ def save_checkpoint(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
             buf = io.BytesIO()
             torch.save(trainer.state_dict(step), buf)
             payload = buf.getvalue()
-            write_bytes_atomic(_sidecar(path), f"{hashlib.sha256(payload).hexdigest()}  {path.name}\n".encode())
             write_bytes_atomic(path, payload)
+            try:
+                write_bytes_atomic(_sidecar(path), f"{hashlib.sha256(payload).hexdigest()}  {path.name}\n".encode())
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
             for old in _checkpoints(ckpt_dir, sharded=False)[:-KEEP_CHECKPOINTS]:
                 old.unlink(missing_ok=True)
                 _sidecar(old).unlink(missing_ok=True)
@@ -872,10 +889,13 @@ def _resume(trainer: Trainer, ckpt_dir: Path, control: Any) -> int:
         notify(f"no complete checkpoint in {ckpt_dir}: starting from step 0")
         return 0
     if trainer.ctx.sharded_state:
-        return _load_sharded(trainer, path)
-    state = torch.load(path, map_location=trainer.device, weights_only=True)
-    check_same_run(state, trainer, path)
-    return trainer.load_state_dict(state)
+        step = _load_sharded(trainer, path)
+    else:
+        state = torch.load(path, map_location=trainer.device, weights_only=True)
+        check_same_run(state, trainer, path)
+        step = trainer.load_state_dict(state)
+    notify(f"resuming from step {step} ({path})")
+    return step
 
 
 def check_same_run(state: dict[str, Any], trainer: Trainer, path: Path) -> None:

@@ -16,6 +16,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -118,8 +119,24 @@ _held: dict[str, tuple[locks.HeldLock, int]] = {}
 """Device lock path -> (the lock, how many holders in this process): re-entrant."""
 
 
+LOCK_DIR_ENV = "AUTOTUNE_LOCK_DIR"
+"""Environment variable naming another folder for the device locks (the tests' own)."""
+
+
 def device_lock_path(device: str) -> Path:
-    return cache_root() / "locks" / f"measure-{device}.lock"
+    """This machine's lock for measuring on ``device``: one per machine, whatever the user or
+    $AUTOTUNE_CACHE, in a folder under the system's temporary folder that every user may write
+    and only a file's owner delete in (mode 1777, as /tmp itself); $AUTOTUNE_LOCK_DIR names
+    another folder."""
+    if override := os.environ.get(LOCK_DIR_ENV):
+        return Path(override) / f"measure-{device}.lock"
+    folder = Path(tempfile.gettempdir()) / "autotune-locks"
+    try:
+        folder.mkdir()
+        folder.chmod(0o1777)  # mkdir's mode goes through the umask
+    except FileExistsError:
+        pass
+    return folder / f"measure-{device}.lock"
 
 
 @contextlib.contextmanager
@@ -151,15 +168,18 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn only calls it
 
 
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent dies (PR_SET_PDEATHSIG): a planner
-    killed mid-trial, even by SIGKILL, takes its trial with it, so the next trial is not
-    measured beside an orphan. Runs in the trial's child before exec, and again in each rank
-    (whose parent is torchrun), so the chain planner -> torchrun -> ranks dies together."""
-    parent = os.getppid()
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl: nobody will send the signal
-        os.kill(os.getpid(), signal.SIGKILL)
+def die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies (PR_SET_PDEATHSIG),
+    however it dies (SIGKILL included): a planner killed mid-trial takes its trial with it, so
+    the next trial is not measured beside an orphan, and a killed `autotune run` its torchrun.
+    Runs in the child before exec, and again in each rank (whose parent is torchrun), so the
+    chain planner -> torchrun -> ranks dies together. ``parent``: the pid the parent must be
+    (default: the parent now); if it is not once armed, it died before prctl and nobody will
+    send the signal: this process gets it at once."""
+    parent = os.getppid() if parent is None else parent
+    _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signum)
 
 
 class _KillOnSignal:
@@ -204,17 +224,22 @@ def run_trial(
 ) -> TrialResult:
     """Run ``plan`` as one isolated trial; never raises for what happens inside the child.
 
-    The child's stdout and stderr go to ``log_path`` (kept; None: a temporary file). While it
-    runs, ``on_progress(step, tokens_per_s)`` is called for each timed step the child reports;
-    True stops the trial (status "pruned"). Takes the device lock (:func:`measuring`)."""
-    with measuring(plan.launch.device), tempfile.TemporaryDirectory(prefix="autotune-trial-", dir=workdir) as tmp:
-        plan_path, result_path = Path(tmp) / "plan.json", Path(tmp) / "result.json"
+    The child's stdout and stderr go to ``log_path`` (kept; None: a temporary file): a line per
+    phase, so that even a trial killed for its time says where it was. Its plan and result go
+    to a folder of its own (:func:`_trial_folder`) in ``workdir``, else beside ``log_path``
+    (the study's folder), else in the system's temporary folder. While it runs,
+    ``on_progress(step, tokens_per_s)`` is called for each timed step the child reports; True
+    stops the trial (status "pruned"). Takes the device lock (:func:`measuring`)."""
+    folder = workdir or (Path(log_path).parent if log_path is not None else None)
+    with measuring(plan.launch.device), _trial_folder(folder) as tmp:
+        plan_path, result_path = tmp / "plan.json", tmp / "result.json"
         plan.save(plan_path)
-        log_path = Path(log_path) if log_path is not None else Path(tmp) / "trial.log"
+        log_path = Path(log_path) if log_path is not None else tmp / "trial.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         from autotune.distributed import child_env as multiprocess_env
 
-        child_env = multiprocess_env({**os.environ, **compile_cache_env(), **(env or {})})
+        # Unbuffered: the log has every line the child printed, even if it is killed.
+        child_env = multiprocess_env({**os.environ, **compile_cache_env(), "PYTHONUNBUFFERED": "1", **(env or {})})
         start = time.monotonic()
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
@@ -234,7 +259,7 @@ def run_trial(
                 _kill_group(proc)
         wall = time.monotonic() - start
         if ended == "timeout":
-            return TrialResult(figures=Figures(status="timeout"), error=f"no result within {budget.timeout_s:.0f} s", wall_s=wall)
+            return TrialResult(figures=Figures(status="timeout"), error=_ended(f"no result within {budget.timeout_s:.0f} s", log_path), wall_s=wall)
         if ended == "pruned":
             return TrialResult(figures=Figures(status="pruned"), error="stopped by the pruner", wall_s=wall)
         results = _results(result_path)
@@ -242,6 +267,28 @@ def run_trial(
             results[0].wall_s = wall
             return results[0]
         return TrialResult(figures=Figures(status="crash"), error=_how_it_ended(proc.returncode, log_path), wall_s=wall)
+
+
+TRIAL_FOLDER_PREFIX = "autotune-trial-"
+
+
+@contextlib.contextmanager
+def _trial_folder(parent: Path | None) -> Iterator[Path]:
+    """A fresh folder in ``parent`` (None: the system's temporary folder) for one trial's
+    files, locked (``.lock``) while this process lives and removed after. The folders beside
+    it whose lock is free were left by a planner killed mid-trial: removed first (a folder
+    without its lock yet is one being made)."""
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    for left in parent.glob(f"{TRIAL_FOLDER_PREFIX}*"):
+        try:
+            if (left / ".lock").is_file():
+                with locks.acquire(left / ".lock", f"trial folder {left}"):
+                    shutil.rmtree(left, ignore_errors=True)
+        except (UserError, OSError):  # a live trial's, or another user's
+            pass
+    with tempfile.TemporaryDirectory(prefix=TRIAL_FOLDER_PREFIX, dir=parent) as tmp, locks.acquire(Path(tmp) / ".lock", "trial folder"):
+        yield Path(tmp)
 
 
 def progress_path(result_path: Path) -> Path:
@@ -317,9 +364,12 @@ def error_line(log_text: str) -> str | None:
 
 def _how_it_ended(returncode: int, log_path: Path) -> str:
     if returncode < 0:
-        how = f"killed by {signal.Signals(-returncode).name}"
-    else:
-        how = f"exited with status {returncode} and no result"
+        return _ended(f"killed by {signal.Signals(-returncode).name}", log_path)
+    return _ended(f"exited with status {returncode} and no result", log_path)
+
+
+def _ended(how: str, log_path: Path) -> str:
+    """``how`` a trial ended, with its log's error line (or last line) and the log's path."""
     line = error_line(_tail(log_path))
     return how + (f": {line}" if line else "") + f" (log {log_path})"
 
@@ -345,15 +395,18 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
 
     trainer, clean = None, False
     try:
+        _say(f"building {plan.workload.name} with {', '.join(c.name for c in plan.strategies) or 'no strategy'}, micro-batch {plan.train.micro_batch_size}")
         trainer = Trainer(plan)
         device = trainer.device
         built = time.monotonic()
         # Budgets count micro-batch steps, so a trial with accumulation trains as many tokens
         # as one without; the first micro-batch compiles, so one warm-up step is enough then.
         warmup, steps = optimizer_steps(budget, trainer.ctx.grad_accum)
+        _say(f"built on {device} in {built - _process_start():.1f} s since start; {warmup} warm-up step(s)")
         losses = [trainer.train_step(step) for step in range(warmup)]
         _sync(device)
         warmed = time.monotonic()
+        _say(f"warmed up in {warmed - built:.1f} s; timing {steps} step(s)")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         trainer.metrics()  # the warm-up's step metrics are left out
@@ -382,6 +435,7 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
         step_time = statistics.median(step_times)
         tokens_per_s = trainer.tokens_per_step / step_time
         mfu = trainer.mfu(tokens_per_s)
+        _say(f"{len(step_times)} timed step(s), median {step_time:.4f} s: {tokens_per_s:,.0f} tokens/s")
         clean = True
         return TrialResult(figures=Figures(
             status="ok",
@@ -408,6 +462,12 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
     finally:
         if trainer is not None:
             trainer.close(clean=clean)
+
+
+def _say(line: str) -> None:
+    """One line of the trial's log (its stdout), from rank 0."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trial: {line}", flush=True)
 
 
 def _process_start() -> float:
@@ -511,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         rank = int(os.environ.get("RANK", "0"))
         result = measure(plan, budget, progress=args.progress if rank == 0 else None)
     rank = int(os.environ.get("RANK", "0"))
+    if result.figures.status != "ok":
+        print(f"trial: rank {rank}: {result.figures.status}: {result.error}", flush=True)
     if rank == 0:
         schema.write_json_atomic(args.result, schema.to_dict(result))
     elif result.figures.status != "ok":

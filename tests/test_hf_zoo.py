@@ -10,7 +10,7 @@ The vocabulary is 512 for all, the default corpus' size already built for tests/
 Cost on CI's 2 cores: a plan starts 6 to 8 processes (2 trials, 3 confirmation rounds of the
 plan and, unless the baseline won, the baseline; the loss check), each importing torch and
 transformers (~5 s), so the plans run two at a time in the background, each planner with its
-own measuring lock (its own ``AUTOTUNE_CACHE``, the corpus shared): the figures are not
+own measuring lock (its own ``AUTOTUNE_CACHE`` and ``AUTOTUNE_LOCK_DIR``, the corpus shared): the figures are not
 compared here, only that each family plans, writes its config and trains. The runs are in
 this process, two steps each.
 """
@@ -109,7 +109,7 @@ class Zoo:
     def _plan_and_run(self, family: str, cache: Path) -> dict:
         d = self.tmp / family
         d.mkdir()
-        env = {**os.environ, "AUTOTUNE_CACHE": str(cache), "PYTHONPATH": os.pathsep.join([str(d), str(ROOT)])}
+        env = {**os.environ, "AUTOTUNE_CACHE": str(cache), "AUTOTUNE_LOCK_DIR": str(cache / "locks"), "PYTHONPATH": os.pathsep.join([str(d), str(ROOT)])}
         if family == "factory":
             (d / "zoo_factory.py").write_text(FACTORY.format(config=json.dumps({k: v for k, v in tiny("llama").items() if k not in DROPPED})))
             workload = ["--workload", "zoo_factory:build", "--seq-len", "32"]

@@ -1,5 +1,6 @@
 """A planner killed mid-trial, in real processes: its trial dies with it, the device stays
-locked only while it lives, and the resumed study retries the interrupted trial."""
+locked only while it lives, the trial's log and folder stay in the study's folder until the
+next trial removes the folder, and the resumed study retries the interrupted trial."""
 
 import os
 import signal
@@ -12,6 +13,7 @@ import psutil
 import pytest
 
 from autotune import search
+from autotune.report import trial_rows
 from tests import faults
 from tests.conftest import ROOT
 
@@ -51,6 +53,11 @@ def test_killed_planner_leaves_no_trial_and_the_study_retries_it(tmp_path):
     _, alive = psutil.wait_procs(trial, timeout=10)
     assert not alive, [p.cmdline() for p in alive]  # no orphan measured beside the next trial
 
+    # Its log says where it was; its folder is in the study's, not the system's temporary one.
+    folder = tmp_path / "trials" / "faults"
+    assert "trial: built on cpu" in (folder / "1.log").read_text()
+    assert [p.name.startswith("autotune-trial-") for p in folder.iterdir() if p.is_dir()] == [True]
+
     time.sleep(search.GRACE_S)  # until the killed trial's heartbeat is stale
     again = _start(tmp_path, db, 2, faults.HANG_ONCE)
     _, err = again.communicate(timeout=240)
@@ -66,6 +73,9 @@ def test_killed_planner_leaves_no_trial_and_the_study_retries_it(tmp_path):
     launched = [t for t in study.trials if t.number > 1 and t.user_attrs.get("launched")]
     assert len(launched) == 2 and all(t.state.is_finished() for t in study.trials), states
     assert search.summarize(study).counts.get("interrupted") == 1
+    row = trial_rows(study)[1]
+    assert (row["status"], row["error"]) == ("interrupted", search.INTERRUPTED)
+    assert not [p for p in folder.iterdir() if p.is_dir()]  # the next trial removed the dead one's folder
     assert search.baseline_trial(study).state.name == "COMPLETE"
     # Each launched trial's output is kept beside the study.
     log = retry[0].user_attrs["log"]

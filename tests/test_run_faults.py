@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,19 +85,20 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step_and_resumes_e
     assert losses(stopped) == losses(straight)  # bit for bit, as an uninterrupted run
 
 
-def test_sigint_to_a_single_process_run_checkpoints_the_step_and_exits_130(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])  # a terminal's Ctrl-C, a dropped SSH session
+def test_sigint_or_sighup_to_a_single_process_run_checkpoints_the_step_and_exits_128_plus_it(tmp_path: Path, signum: int) -> None:
     plan = write_plan(tmp_path, checkpoint_interval=0)  # only the stop writes a checkpoint
     out = tmp_path / "run"
     proc = start(plan, out, "--steps", "100000")
     wait_for(out / "log.jsonl", proc)
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 128 + signum, err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    at = summary["steps_done"]
-    assert summary["stopped"] == "SIGINT" and len(summary["losses"]) == at
+    at, name = summary["steps_done"], signal.Signals(signum).name
+    assert summary["stopped"] == name and len(summary["losses"]) == at
     assert (out / "checkpoints" / f"step_{at:08d}.pt").is_file()
-    assert err.strip().splitlines()[-1].startswith(f"autotune: stopped by SIGINT at step {at}: checkpoint ")
+    assert err.strip().splitlines()[-1].startswith(f"autotune: stopped by {name} at step {at}: checkpoint ")
 
 
 def test_a_second_run_on_a_locked_out_is_refused_and_leaves_the_first_alone(tmp_path: Path) -> None:
@@ -141,7 +143,10 @@ def test_a_bit_flipped_checkpoint_is_named_and_the_older_one_is_used(tmp_path: P
     capsys.readouterr()
     summary = train.run(plan, RunOptions(steps=20, out_dir=out, resume=True))
     err = capsys.readouterr().err
-    assert f"autotune: checkpoint {newest} is corrupt (checksum mismatch): resuming from step_00000010.pt" in err.splitlines()
+    assert err.splitlines()[-2:] == [
+        f"autotune: checkpoint {newest} is corrupt (checksum mismatch): resuming from step_00000010.pt",
+        f"autotune: resuming from step 10 ({out / 'checkpoints' / 'step_00000010.pt'})",
+    ]
     assert summary.steps_done == 20 and len(summary.losses) == 10  # steps 10..19 again
     assert all(v == v and abs(v) < 100 for v in summary.losses)
     assert [r["step"] for r in train.read_log(out / "log.jsonl")] == list(range(20))
@@ -195,7 +200,8 @@ def test_steps_set_the_schedule_and_files_get_the_umask_mode(tmp_path: Path, run
     finally:
         os.umask(old)
     assert code == 0, err
-    (out,) = (tmp_path / "runs").iterdir()  # no --out: runs/<UTC time>/
+    (out,) = (tmp_path / "runs").iterdir()  # no --out: runs/<UTC time>-<random suffix>/
+    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", out.name)
     assert err.splitlines()[0] == f"autotune: writing the run to {Path('runs') / out.name}/"
     log = train.read_log(out / "log.jsonl")
     spec = planmod.load(plan).train
@@ -217,4 +223,108 @@ def test_missing_val_bin_is_refused_before_training(tmp_path: Path, run_cli) -> 
     code, _, err = run_cli("run", plan, "--out", tmp_path / "run", "--steps", "20", "--data", data_dir)
     assert code == 2
     assert err.strip().startswith(f"autotune: error: data {data_dir}: no val.bin there, and the plan evaluates")
-    assert not (tmp_path / "run" / "log.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # refused: not even the folder it would have made
+
+
+def tree_of(proc: subprocess.Popen) -> tuple[list[int], list[psutil.Process]]:
+    """The pids of a launched run (autotune run, torchrun, ranks) and its ranks, once both exist."""
+    deadline = time.monotonic() + 60
+    while True:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        ranks = [c for c in children if c.ppid() != proc.pid]
+        if len(ranks) == 2:
+            return [proc.pid] + [c.pid for c in children], ranks
+        assert time.monotonic() < deadline, children
+        time.sleep(0.05)
+
+
+def gone(pids: list[int], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.slow
+def test_ranks_die_with_a_sigkilled_launcher_and_a_resume_waits_for_the_last_one(tmp_path: Path) -> None:
+    plan, out = write_plan(tmp_path, nproc=2, strategies={"ddp": {}}, checkpoint_interval=2), tmp_path / "run"
+    proc = start(plan, out, "--steps", "100000")
+    wait_for(out / "checkpoints" / "step_00000002.pt", proc)
+    pids, ranks = tree_of(proc)
+    try:
+        for rank in ranks:  # frozen: they outlive their launcher for as long as this test wants
+            rank.suspend()
+        proc.kill()
+        proc.wait(timeout=60)  # not communicate(): the frozen ranks hold its pipes open
+        assert gone(pids[:2])  # autotune run and torchrun (PR_SET_PDEATHSIG)
+        resume = subprocess.run([sys.executable, "-m", "autotune", "run", str(plan), "--out", str(out), "--steps", "100000", "--resume"],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert resume.returncode == 2, resume.stderr
+        assert resume.stderr.startswith(f"autotune: error: run directory {out} is in use by another autotune process (pid {proc.pid}, ")
+        assert len(resume.stderr.strip().splitlines()) == 1
+        for rank in ranks:
+            rank.resume()  # the death signal waits for them: SIGTERM, so a checkpoint, the summary, exit
+        assert gone(pids)
+    finally:
+        for rank in ranks:
+            if rank.is_running():
+                rank.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "SIGTERM" and summary["checkpoint"] == str(out / "checkpoints" / f"step_{summary['steps_done']:08d}.pt")
+
+
+@pytest.mark.slow
+def test_sighup_to_a_launcher_and_sigterm_to_one_rank_stop_the_run_as_a_single_process_would(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path, nproc=2, strategies={"ddp": {}})
+    for target, signum in (("launcher", signal.SIGHUP), ("rank 1", signal.SIGTERM)):
+        out = tmp_path / target.replace(" ", "")
+        proc = start(plan, out, "--steps", "100000")
+        wait_for(out / "log.jsonl", proc)
+        pids, ranks = tree_of(proc)
+        os.kill(proc.pid if target == "launcher" else ranks[-1].pid, signum)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum, err[-3000:]
+        assert gone(pids)
+        summary = json.loads((out / "summary.json").read_text())
+        at, name = summary["steps_done"], signal.Signals(signum).name
+        assert summary["stopped"] == name
+        assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+            f"autotune: stopped by {name} at step {at}: checkpoint {summary['checkpoint']}, summary {out / 'summary.json'}; continue with --resume"
+        )
+
+
+def test_a_full_disk_while_checkpointing_leaves_the_previous_pair_and_no_stray_file(tmp_path: Path) -> None:
+    import resource
+
+    plan, out = write_plan(tmp_path), tmp_path / "run"
+    cmd = [sys.executable, "-m", "autotune", "run", str(plan), "--out", str(out), "--steps", "20", "--json"]
+    train.run(planmod.load(plan), RunOptions(steps=20, stop_at=10, out_dir=out))
+    ckpt = out / "checkpoints"
+    limit = (ckpt / "step_00000010.pt").stat().st_size // 2  # room for the log, not for a checkpoint
+
+    def small_disk() -> None:  # a real EFBIG from the kernel at the next checkpoint's write
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    resumed = subprocess.run([*cmd, "--resume"], cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk)
+    assert resumed.returncode == 1, resumed.stderr
+    assert resumed.stderr.strip().splitlines()[-1].startswith("autotune: error: cannot write ")
+    assert "Traceback" not in resumed.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000010.pt", "step_00000010.pt.sha256"]
+    assert train.checksum_problem(ckpt / "step_00000010.pt") is None
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps", str(10**20)], f"--steps {10**20}: a run trains at most {planmod.MAX_STEPS} steps"),
+    (["--tokens", str(10**20)], f"--tokens {10**20} is "),
+    (["--minutes", "nan"], "--minutes must be a positive number, not nan"),
+    (["--minutes", "inf"], "--minutes must be a positive number, not inf"),
+    (["--time-budget", "nan"], "--time-budget must be a positive number, not nan"),
+])
+def test_out_of_range_run_settings_are_one_line_and_write_nothing(tmp_path: Path, run_cli, args, message) -> None:
+    code, out, err = run_cli("run", DEFAULT_PLAN, "--out", tmp_path / "run", *args)
+    assert code == 2 and out == ""
+    assert err.startswith(f"autotune: error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

@@ -31,7 +31,7 @@ def postgres_url():
 
 def _planner(url: str, tmp: Path, name: str) -> subprocess.Popen:
     # Each "machine" has its own cache (device lock, compile cache, corpus) and plan file.
-    env = {**os.environ, "AUTOTUNE_CACHE": str(tmp / f"cache-{name}"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "AUTOTUNE_CACHE": str(tmp / f"cache-{name}"), "AUTOTUNE_LOCK_DIR": str(tmp / f"cache-{name}" / "locks"), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "autotune", "plan", *PLANNER, "--storage", url, "--out", str(tmp / f"{name}.plan.json")],
                             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -128,6 +128,7 @@ def test_a_plan_that_cannot_run_here_is_replanned_from_it_and_keeps_its_training
     code, _, err = run_cli("run", plan, "--adapt", "--time-budget", "40", "--steps", "2", "--out", tmp_path / "out", "--json")
     assert code == 0, err
     assert "(it runs on CUDA and this machine has no CUDA GPU): re-planning within 40 s" in err, err
+    assert not [line for line in err.splitlines() if line.startswith("[I ")]  # Optuna's log went to plan.log
     made = planmod.load(tmp_path / "made-there.adapted.plan.json")
     assert made.adapted_from.how == "replanned" and made.adapted_from.measured.tokens_per_s == 123456.0
     assert made.launch.device == "cpu" and made.measured.status == "ok" and made.measured.tokens_per_s > 0

@@ -83,7 +83,7 @@ def plan_command(
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout, target_s=trial_seconds),
         command=shlex.join(["autotune", *ARGS]), warm_start=list(warm_start or []), started_at=started(),
     )
-    _warnings_to_log(storage)
+    warnings_to_log(storage)
     from rich.console import Console
 
     from autotune.cli.plan_view import Progress, TrialTable, print_summary
@@ -103,7 +103,7 @@ def plan_command(
             console.print(f"report: {path}")
 
 
-def _warnings_to_log(storage: str | None) -> None:
+def warnings_to_log(storage: str | None) -> None:
     """Library warnings (Optuna's ExperimentalWarning, torch's UserWarnings) and Optuna's log
     go to plan.log beside the study (created at the first message; under the cache for a
     database server), not the screen."""

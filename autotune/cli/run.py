@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import os
+import secrets
 import signal
 from pathlib import Path
 from typing import Annotated, Optional
@@ -36,17 +37,23 @@ def run_command(
     adapt: Annotated[bool, typer.Option(help="A plan made on other hardware: measure it here (or re-plan if it cannot run here), write NAME.adapted.plan.json beside it, and run that.")] = False,
     time_budget: Annotated[float, typer.Option(help="With --adapt: seconds for the validation trial or the re-plan.")] = 120.0,
 ) -> None:
-    """Train with PLAN: log every step, evaluate, checkpoint, resume. SIGINT/SIGTERM stop it
-    after the current step with a checkpoint and the summary (exit 130/143)."""
+    """Train with PLAN: log every step, evaluate, checkpoint, resume. SIGINT/SIGTERM/SIGHUP stop
+    it after the current step with a checkpoint and the summary (exit 130/143/129)."""
     from autotune import distributed
     from autotune import plan as planmod
     from autotune import train
 
+    launched = os.environ.get(train.LAUNCHER_ENV)
+    if launched is not None:  # a rank of a run that `autotune run` started under torchrun
+        _die_with_launcher(int(launched))
+
     if steps is not None and tokens is not None:
         raise UserError("give --steps or --tokens, not both")
-    for name, value in (("steps", steps), ("tokens", tokens), ("minutes", minutes)):
+    for name, value in (("steps", steps), ("tokens", tokens), ("minutes", minutes), ("time-budget", time_budget)):
         if value is not None and not 0 < value < math.inf:  # NaN fails this too
-            raise UserError(f"--{name} must be positive and finite")
+            raise UserError(f"--{name} must be a positive number, not {value}")
+    if steps is not None and steps > planmod.MAX_STEPS:
+        raise UserError(f"--steps {steps}: a run trains at most {planmod.MAX_STEPS} steps")
     if profile is not None and not profile.exists():
         raise UserError(f"profile {profile}: no such file")
     plan = planmod.load(plan_path)
@@ -58,8 +65,6 @@ def run_command(
     from autotune.limits import check_machine
 
     check_machine(plan, check_plan(plan, trusted=trust_workload))  # the whole plan and its size here, before anything starts
-    if not 0 < time_budget < math.inf:
-        raise UserError("--time-budget must be positive and finite")
     args = list(ARGS)
     if distributed.env_world_size() == 1 and (difference := planmod.other_machine(plan)):
         if not adapt:
@@ -76,10 +81,13 @@ def run_command(
     if tokens is not None:
         steps = math.ceil(tokens / train.tokens_per_step(plan))
     total = steps or plan.train.steps
+    if tokens is not None and steps > planmod.MAX_STEPS:
+        raise UserError(f"--tokens {tokens} is {steps} steps: a run trains at most {planmod.MAX_STEPS}")
     extra_args: list[str] = []
     if out is None and not resume and distributed.env_world_size() == 1:
         # A run keeps what it trained: with no --out, a fresh directory under runs/.
-        out = Path("runs") / datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        # The UTC time and a random suffix: two runs started in the same second get two.
+        out = Path("runs") / f"{datetime.datetime.now(datetime.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
         extra_args = ["--out", str(out)]
         typer.echo(f"autotune: writing the run to {out}/", err=True)
     if plan.launch.nproc_per_node * plan.launch.nnodes > 1 and distributed.env_world_size() == 1:
@@ -117,9 +125,9 @@ def run_command(
             typer.echo(json.dumps(result, indent=2))
         else:
             _print_summary(result)
-        if code and os.environ.get(train.LAUNCHER_ENV) is None:  # a launcher says it itself
+        if code and launched is None:
             typer.echo(_stopped_line(summary.stopped, summary.steps_done, summary.checkpoint, out), err=True)
-    if code:
+    if code and launched is None:  # a rank exits 0: its launcher reads the summary, says it, exits with the code
         raise typer.Exit(code)
 
 
@@ -164,6 +172,8 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             provenance=dataclasses.replace(plan.provenance, created_at=planmod.utc_now(), command=command),
         )
     else:
+        from autotune.cli.plan import warnings_to_log
+
         why = f"the plan cannot run here as it is ({why_not})"
         typer.echo(f"autotune: {why}: re-planning within {time_budget:g} s", err=True)
         settings = planner.PlanSettings(
@@ -176,7 +186,12 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             warm_start=[str(plan_path)],  # the plan, translated to what is legal here, is the first trial after the baseline
             started_at=started(),
         )
-        made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
+        warnings_to_log(settings.storage)  # Optuna's log to plan.log, as `autotune plan` does
+        try:
+            made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
+        except planner.NoTrialSucceeded as e:
+            typer.echo(f"autotune: error: {e}", err=True)
+            raise typer.Exit(1) from None
         # The search chose how to train here (strategies, launch, micro-batch); what to train is
         # the plan's own: its data, steps, schedule and seed.
         train = dataclasses.replace(plan.train, micro_batch_size=made.train.micro_batch_size)
@@ -238,17 +253,22 @@ def _stopped_line(stopped: str, steps_done: int | None, checkpoint: str | None, 
 def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -> None:
     """Run this very command in ``launch.nproc_per_node`` processes under torchrun.
 
-    This process holds the run directory's lock for them, and forwards SIGINT/SIGTERM to
-    torchrun (which gives them to the ranks, and SIGKILLs them after 30 s; the ranks stop
-    at their next step), then waits for it. torchrun gets its own session, so a terminal's
-    Ctrl-C reaches it once, through here, and dies with this process (PR_SET_PDEATHSIG)."""
+    This process takes the run directory's lock, then shares it with the ranks (each holds it
+    while it lives, so no other run takes the directory while any of them trains), and forwards
+    SIGINT/SIGTERM/SIGHUP to the ranks (they stop at their next step), then waits for torchrun.
+    torchrun gets its own session, so a terminal's Ctrl-C reaches the ranks once, through here;
+    it dies with this process, and its ranks with it (PR_SET_PDEATHSIG, however it dies). A
+    run that its ranks stopped for a signal, whichever process got it, ends as a single
+    process would: the stopped line, exit 128 + the signal's number."""
     import subprocess
+    import time
 
     import torch
 
     from autotune import distributed, train
     from autotune.apply import check_processes
     from autotune.limits import warn_if_oversubscribed
+    from autotune.trial import die_with_parent
     from autotune.workloads import load_workload
 
     # Bad input is one line, before any process starts.
@@ -258,6 +278,7 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
     gpus = torch.cuda.device_count()
     if plan.launch.device != "cpu" and gpus and nproc > gpus:
         raise UserError(f"the plan runs {nproc} processes on CUDA, one per GPU, but this machine has {gpus} GPUs")
+    created = out is not None and not out.exists()
     with _Forward() as forward:
         lock = train.lock_out_dir(out)
         try:
@@ -267,34 +288,49 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
                 train.notify(f"the run in {out} already reached step {done}: nothing to do")
                 return
             warn_if_oversubscribed(plan.launch)
-            env = distributed.child_env() | {train.LAUNCHER_ENV: str(os.getpid())}
+            if lock is not None:
+                lock.share()
+            me = os.getpid()
+            env = distributed.child_env() | {train.LAUNCHER_ENV: str(me)}
             # On each node of a multi-node plan the same command joins the plan's rendezvous.
             cmd = distributed.torchrun_command(nproc, "autotune", args, plan.launch)
-            proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            began = time.time()
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGKILL, me))
             code = forward.wait(proc)
         finally:
             if lock is not None:
+                if created:
+                    train.remove_if_unused(out)
                 lock.release()
-    if forward.signum:
-        summary = _read_summary(out)
+    summary = _read_summary(out, since=began)
+    stopped = summary.get("stopped", "")
+    if forward.signum and not stopped.startswith("SIG"):  # stopped before the ranks could say so
         stopped = signal.Signals(forward.signum).name
+    if stopped.startswith("SIG"):
         typer.echo(_stopped_line(stopped, summary.get("steps_done"), summary.get("checkpoint"), out), err=True)
-        raise typer.Exit(128 + forward.signum)
+        raise typer.Exit(_exit_code(stopped))
     if code != 0:
         typer.echo(f"autotune: error: the run of {nproc} processes failed (torchrun exit status {code}); the failing rank's error is above", err=True)
         raise typer.Exit(1)
 
 
 class _Forward:
-    """While a child runs: SIGINT/SIGTERM to this process go to the child, and are remembered."""
+    """While torchrun runs: a stop signal (SIGINT, SIGTERM, SIGHUP) to this process goes to the
+    ranks, torchrun's children (torchrun itself would end them and print a traceback), and the
+    first one is remembered. One that arrives before the ranks exist reaches them once they do."""
+
+    POLL_S = 0.2
 
     def __init__(self) -> None:
         self.signum = 0
+        self._pending = 0
         self._proc = None
         self._old: dict = {}
 
     def __enter__(self) -> _Forward:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        from autotune.train import STOP_SIGNALS
+
+        for sig in STOP_SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -304,29 +340,60 @@ class _Forward:
 
     def _handle(self, signum: int, frame) -> None:
         self.signum = self.signum or signum
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.send_signal(signum)
+        self._pending = signum
+        self._deliver()
+
+    def _deliver(self) -> None:
+        import psutil
+
+        if not self._pending or self._proc is None:
+            return
+        try:
+            ranks = psutil.Process(self._proc.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        for rank in ranks:
+            try:
+                rank.send_signal(self._pending)
+            except psutil.NoSuchProcess:
+                pass
+        if ranks:
+            self._pending = 0
 
     def wait(self, proc) -> int:
+        import subprocess
+
         self._proc = proc
-        if self.signum:  # arrived while it was starting
-            proc.send_signal(self.signum)
-        return proc.wait()
+        while True:
+            self._deliver()
+            try:
+                return proc.wait(timeout=self.POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when this process dies (even by SIGKILL)."""
-    import ctypes
-    import sys
+def _die_with_launcher(launcher: int) -> None:
+    """In a rank: SIGTERM (a checkpoint, the summary, exit) when its torchrun dies, and at once
+    if torchrun or the `autotune run` above it (pid ``launcher``), which torchrun dies with, is
+    gone already: no rank trains on with nobody holding its run directory."""
+    import psutil
 
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    from autotune.trial import die_with_parent
 
-
-def _read_summary(out: Path | None) -> dict:
+    die_with_parent(signal.SIGTERM)
     try:
-        return json.loads((out / "summary.json").read_text()) if out else {}
+        alive = psutil.Process(os.getppid()).ppid() == launcher
+    except psutil.NoSuchProcess:
+        alive = False
+    if not alive:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _read_summary(out: Path | None, since: float) -> dict:
+    """``out/summary.json`` if it was written at ``since`` (a time.time()) or later, else {}."""
+    path = out / "summary.json" if out else None
+    try:
+        return json.loads(path.read_text()) if path and path.stat().st_mtime >= since else {}
     except (OSError, ValueError):
         return {}
 
