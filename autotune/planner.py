@@ -582,6 +582,12 @@ def run_search(study: Any, objective: search.Objective, settings: PlanSettings, 
             return
 
 
+def search_status(k: int, trials: int | None) -> str:
+    """The status line of the search's k-th trial of this run: "of n" with ``--trials n`` (a
+    trial measured again after the search is past n). The time budget is the status line's own."""
+    return f"search: trial {k}" + (f" of {trials}" if trials is not None and k <= trials else "") + " running"
+
+
 def same_run(a: Plan, b: Plan) -> bool:
     """Whether two plans train the same way (what a trial's plan holds)."""
     def key(p: Plan) -> Any:
@@ -1017,17 +1023,20 @@ def _baseline_instead(plan: Plan, baseline: Plan, done: Confirmed, summary: sear
 def _search_and_confirm(settings: PlanSettings, study: Any, space: search.SearchSpace, name: str, storage: str, out: Path,
                         profile: Any, clock: Clock, on_result: Callable | None, status: Status, log: Callable[[str], None]) -> tuple[Plan, search.Summary, search.SearchSpace]:
     since = datetime.datetime.now()  # Optuna's clock: trials completed before it are an earlier run's
+    launched = 0  # trials this run has started a child for: the next one is launched + 1
 
-    def ended(*args: Any) -> None:
+    def ended(trial: Any, plan: Plan, result: Any, state: str) -> None:
+        nonlocal launched
         if on_result is not None:
-            on_result(*args)
-        status("search: a trial is running")
+            on_result(trial, plan, result, state)
+        launched += result is not None  # None: pruned before launch
+        status(search_status(launched + 1, settings.trials))
 
     if settings.allow_approximate and space.train.random_tokens:
         raise UserError("--allow-approximate: the quality guard compares losses on real text, and random tokens teach nothing to compare")
     objective = search.Objective(space=space, budget=settings.budget, on_result=ended, log_dir=search.trial_log_dir(storage, name),
                                  run=f"{search.PLANNER_ID}:{uuid.uuid4().hex[:8]}")
-    status("search: a trial is running")
+    status(search_status(1, settings.trials))
     run_search(study, objective, settings, clock)
     # max-autotune on the best compiled configurations, only where its compile time fits
     # before the confirmation's reserve (never on a CPU: compile is not searched there).

@@ -1,7 +1,10 @@
-"""The command line behaves as the tools its users know: `--version`, `-h`, the help alone."""
+"""The command line behaves as the tools its users know (`--version`, `-h`, the help alone), and its
+progress says where it is."""
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import sys
 
@@ -10,6 +13,7 @@ import typer
 
 from autotune import __version__
 from autotune.cli import _register, app
+from tests.conftest import ROOT
 
 
 def commands() -> dict:
@@ -50,3 +54,54 @@ def test_the_console_entry_alone_exits_0():
     proc = subprocess.run([sys.executable, "-m", "autotune"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Usage:" in proc.stdout and "plan" in proc.stdout
+
+
+def test_the_search_s_status_says_which_trial_of_how_many():
+    from autotune.planner import search_status
+
+    assert search_status(3, 8) == "search: trial 3 of 8 running"
+    assert search_status(3, None) == "search: trial 3 running"  # a time budget: the line says the budget
+    assert search_status(9, 8) == "search: trial 9 running"  # measured again after the search
+
+
+def test_progress_says_the_budget_used_and_left():
+    import time
+
+    from rich.console import Console
+
+    from autotune.cli.plan_view import Progress
+
+    progress = Progress(Console(file=io.StringIO()), budget=420, started=time.monotonic() - 120)
+    progress("search: trial 3 of 8 running")
+    assert re.fullmatch(r"search: trial 3 of 8 running for 0 s, 12[01] s of the 420 s budget used, about 30[01] s left", progress.line())
+    progress = Progress(Console(file=io.StringIO()))
+    progress("confirmation round 2 of 3: the baseline")
+    assert progress.line() == "confirmation round 2 of 3: the baseline for 0 s"
+
+
+def test_progress_leaves_no_spinner_behind_on_a_terminal():
+    import time
+
+    from rich.console import Console
+
+    from autotune.cli.plan_view import Progress
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=100)
+    progress = Progress(console, budget=60)
+    progress("search: trial 1 of 2 running")
+    time.sleep(0.3)  # a refresh or two
+    progress(None)
+    console.print("after the search")
+    frames = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue()))
+    assert any("search: trial 1 of 2 running for" in f for f in frames)
+    assert not [f for f in frames if re.match(r"\W*for \d+ s", f)], frames  # the stray "⠦ for 0 s"
+
+
+def test_make_says_so_before_building_deepspeed_s_ops(tmp_path):
+    # The one-time build is silent for about two minutes on 2 cores: a line goes first.
+    (tmp_path / ".installed").touch()
+    proc = subprocess.run(["make", "-n", f"VENV={tmp_path}", f"{tmp_path}/.deepspeed-ops"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "building DeepSpeed's CPU ops once" in lines[0] and "create_op_builder" in lines[1]
