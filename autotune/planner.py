@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import time
 import uuid
@@ -1053,7 +1054,8 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     summary = _fresh(study, objective, since, clock, reserve, log)
     if summary.best is None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
-        raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `autotune trials --study {name}` shows why")
+        why = shlex.join(["autotune", "trials", "--study", name, "--storage", storage])  # the study this run used
+        raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `{why}` shows why")
     baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
     base_figures = search.figures_of(summary.baseline) if summary.baseline else None
     base_step = base_figures.step_time_s if base_figures is not None and base_figures.status == "ok" else None

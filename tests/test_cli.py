@@ -4,7 +4,10 @@ progress says where it is."""
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -105,3 +108,38 @@ def test_make_says_so_before_building_deepspeed_s_ops(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert "building DeepSpeed's CPU ops once" in lines[0] and "create_op_builder" in lines[1]
+
+
+BROKEN = '''
+from torch import nn
+
+from autotune.workloads import Workload
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(2048, 8)
+
+    def forward(self, idx, targets):
+        raise RuntimeError("this model cannot train")
+
+
+def build():
+    return Workload(name="broken_lm:build", build_model=Broken, vocab_size=2048, seq_len=16)
+'''
+
+
+def test_the_hint_of_a_search_without_a_good_trial_is_a_command_that_works(tmp_path, run_cli, monkeypatch):
+    (tmp_path / "broken_lm.py").write_text(BROKEN)
+    monkeypatch.syspath_prepend(str(tmp_path))  # this process and the trials' import it
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ['PYTHONPATH']}")
+    storage = f"sqlite:///{tmp_path}/studies.db"
+    code, _, err = run_cli("plan", "--workload", "broken_lm:build", "--trials", "1", "--storage", storage, "--out", tmp_path / "p.json")
+    assert code == 1 and not (tmp_path / "p.json").exists()
+    hint = re.search(r"`(autotune trials [^`]*)` shows why", err).group(1)
+    assert f"--storage {storage}" in hint
+    code, out, err = run_cli(*shlex.split(hint)[1:], "--json")
+    assert code == 0, err
+    assert [t["status"] for t in json.loads(out)["trials"] if t["role"] == "baseline"] == ["crash"]
+    assert "this model cannot train" in out
