@@ -143,3 +143,21 @@ def test_the_hint_of_a_search_without_a_good_trial_is_a_command_that_works(tmp_p
     assert code == 0, err
     assert [t["status"] for t in json.loads(out)["trials"] if t["role"] == "baseline"] == ["crash"]
     assert "this model cannot train" in out
+
+
+def test_the_run_summary_says_n_a_and_why_and_sizes_in_binary_units(tmp_path, run_cli, capsys):
+    from autotune.cli.run import _print_summary
+
+    code, out, err = run_cli("run", ROOT / "profiles" / "default" / "tiny.plan.json", "--steps", "2", "--out", tmp_path / "run")
+    assert code == 0, err
+    assert "None" not in out and re.search(r"peak_memory_bytes\s*│\s*\d+ (MiB|GiB)", out), out
+
+    def printed(result: dict) -> str:  # the table's cells, one space between them
+        _print_summary(result)
+        return " ".join(re.sub(r"[│┃┏┓┗┛┡┩└┘┌┐─━]", " ", capsys.readouterr().out).split())
+
+    text = printed({"tokens_per_s": 8_000.0, "mfu": None, "mfu_peak_source": None, "peak_memory_bytes": 3 * 2**30 // 2, "val_loss": None})
+    assert "mfu n/a (no peak FLOP/s known for this device; `autotune profile` measures one)" in text
+    assert "peak_memory_bytes 1.50 GiB" in text and "val_loss n/a (no evaluation ran)" in text
+    text = printed({"tokens_per_s": None, "mfu": None, "peak_memory_bytes": 5 * 2**20})
+    assert "n/a (every step was in the first log interval" in text and "mfu n/a (no tokens/s)" in text and "5 MiB" in text
