@@ -168,9 +168,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     most = len(profile.gpus) if use_cuda else settings.cpu_procs or default_cpu_processes(cores)
     facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=most)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
-    left_out = left_out_of("cuda" if use_cuda else "cpu")
-    if not use_cuda and not cpu_has_bf16():
-        left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
+    left_out = search_left_out("cuda" if use_cuda else "cpu")
     global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
     if global_batch is not None and global_batch < 1:
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
@@ -280,6 +278,16 @@ def _baseline_micro_batch(space: search.SearchSpace) -> int:
 def left_out_of(device: str) -> dict[str, str]:
     """Strategies a search on ``device`` leaves out (each declares its ``left_out``), with the reason."""
     return {name: s.left_out[device] for name, s in catalog.catalog().items() if device in s.left_out}
+
+
+def search_left_out(device: str) -> dict[str, str]:
+    """What a search on ``device`` of this machine leaves out, with the reason: what the
+    strategies declare (:func:`left_out_of`) and, on a CPU without bf16 units, precision.
+    `autotune strategies` shows the same."""
+    left_out = left_out_of(device)
+    if device == "cpu" and not cpu_has_bf16():
+        left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
+    return left_out
 
 
 def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:

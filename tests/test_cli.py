@@ -161,3 +161,19 @@ def test_the_run_summary_says_n_a_and_why_and_sizes_in_binary_units(tmp_path, ru
     assert "peak_memory_bytes 1.50 GiB" in text and "val_loss n/a (no evaluation ran)" in text
     text = printed({"tokens_per_s": None, "mfu": None, "peak_memory_bytes": 5 * 2**20})
     assert "n/a (every step was in the first log interval" in text and "mfu n/a (no tokens/s)" in text and "5 MiB" in text
+
+
+def test_strategies_and_plan_agree_on_what_a_search_here_leaves_out(run_cli):
+    from autotune import planner
+
+    settings = planner.PlanSettings(workload="tiny", device="cpu", allow_approximate=True)
+    space, _ = planner.build_space(settings, planner._profile(settings), planner.load_workload("tiny", {}))
+    code, out, err = run_cli("strategies", "--json", "--allow-approximate")
+    assert code == 0, err
+    shown = {s["name"]: s for s in json.loads(out)}
+    searched = {s.name for s in space.strategies}
+    assert {name for name, s in shown.items() if s["searched"]} - {"grad_accum"} == searched  # fixed by the recipe's global batch
+    left_out = {name: reason for name, reason in space.left_out.items() if shown[name]["usable"]}
+    assert {name: s["search_left_out"] for name, s in shown.items() if s["search_left_out"]} == left_out
+    code, out, _ = run_cli("strategies", "--explain", "--allow-approximate")
+    assert all(f"{name}: usable, but {reason}" in " ".join(out.split()) for name, reason in left_out.items())
