@@ -177,3 +177,27 @@ def test_strategies_and_plan_agree_on_what_a_search_here_leaves_out(run_cli):
     assert {name: s["search_left_out"] for name, s in shown.items() if s["search_left_out"]} == left_out
     code, out, _ = run_cli("strategies", "--explain", "--allow-approximate")
     assert all(f"{name}: usable, but {reason}" in " ".join(out.split()) for name, reason in left_out.items())
+
+
+def test_an_hf_command_prints_no_import_noise():
+    # transformers imports torchao, which logs its CUDA-only extensions failing to load, and
+    # torch's pytree logs a deprecation for torchao's Enums: a command prints its own lines only.
+    config = ROOT / "tests" / "hf_configs" / "llama-3.2-1b.json"
+    cmd = [sys.executable, "-m", "autotune", "strategies", "--workload", "hf", "--workload-config", str(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if not line.startswith("autotune: ")] == []
+
+
+@pytest.mark.parametrize(("logger", "message", "shown"), [
+    ("torchao", "Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load this library", False),
+    ("torchao", "Failed to load /venv/torchao/_C_other.so: Could not load this library", True),
+    ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile", False),
+    ("torch.utils._pytree", "something else", True),
+])
+def test_only_the_named_import_notices_are_dropped(logger, message, shown):
+    import logging
+
+    from autotune.workloads.hf import IMPORT_NOISE
+
+    assert IMPORT_NOISE[logger].filter(logging.LogRecord(logger, logging.WARNING, "", 0, message, None, None)) is shown
