@@ -176,7 +176,7 @@ def test_strategies_and_plan_agree_on_what_a_search_here_leaves_out(run_cli):
     left_out = {name: reason for name, reason in space.left_out.items() if shown[name]["usable"]}
     assert {name: s["search_left_out"] for name, s in shown.items() if s["search_left_out"]} == left_out
     code, out, _ = run_cli("strategies", "--explain", "--allow-approximate")
-    assert all(f"{name}: usable, but {reason}" in " ".join(out.split()) for name, reason in left_out.items())
+    assert all(f"{name} (usable): {reason}" in " ".join(out.split()) for name, reason in left_out.items())
 
 
 def test_an_hf_command_prints_no_import_noise():

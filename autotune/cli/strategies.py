@@ -80,7 +80,7 @@ def explanations(graph: StrategyGraph, left_out: dict[str, str]) -> list[str]:
     """One line per strategy left out (of the graph, or of a search here: ``left_out``) and per
     knob setting of a usable strategy left out, with the reason."""
     lines = [f"{name}: {reason}" for name, reason in graph.excluded().items()]
-    lines += [f"{name}: usable, but {reason}" for name, reason in left_out.items() if name in graph.usable()]
+    lines += [f"{name} (usable): {reason}" for name, reason in left_out.items() if name in graph.usable()]
     for name in graph.usable():
         for knob, choices in graph.excluded_choices(name).items():
             lines += [f"{name} {knob}={_value(value)}: {reason}" for value, reason in choices.items()]
