@@ -8,52 +8,55 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from autotune.cli import app
 from tests.conftest import ROOT
 from tests.test_cli import commands
 
 README = (ROOT / "README.md").read_text()
-HELP = {"-h", "--help"}
 RUNNABLE = re.compile(r"^<!-- runnable -->\n```bash\n(.*?)^```$", re.M | re.S)
 """A ```bash block right after a `<!-- runnable -->` line: tests run it, so it must run in seconds on a CPU."""
 
 
-def synopsis() -> dict[str, set[str]]:
-    """The options of each command line in the README's "Commands" block, by the command's words
-    ("" for the app itself); a line not starting with `autotune` continues the one above."""
+def synopsis() -> dict[str, str]:
+    """The text of each command line in the README's "Commands" block by the command's words ("" for
+    the app itself, "data prepare"); a line not starting with `autotune` continues the one above."""
     block = README.split("## Commands\n\n```\n", 1)[1].split("```", 1)[0]
-    lines: dict[str, set[str]] = {}
+    lines: dict[str, str] = {}
     words = ""
     for line in block.splitlines():
         if line.startswith("autotune"):
             words = " ".join(re.match(r"autotune((?: [a-z]+)*)", line).group(1).split())
-            lines.setdefault(words, set())
-        lines[words] |= set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
+            line = line.removeprefix(f"autotune {words}".rstrip())
+        lines[words] = lines.get(words, "") + " " + line.strip()
     return lines
 
 
-def parser() -> dict[str, set[str]]:
-    """The same from the real parser: every leaf command's options and the app's own."""
-    import typer
+def options(text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
 
-    def options(command) -> set[str]:
-        return {o for p in command.params if p.param_type_name == "option" for o in p.opts} - HELP
 
-    found = {name: options(command) for name, command in commands().items()}
-    found[""] = options(typer.main.get_command(app))
-    return found
+def required(text: str) -> str:
+    """``text`` without its [optional] parts, nested ones included."""
+    while (shorter := re.sub(r"\[[^\[\]]*\]", "", text)) != text:
+        text = shorter
+    return text
 
 
 def test_the_synopsis_is_the_parser_s():
-    readme, real = synopsis(), parser()
+    import typer
+
+    readme, real = synopsis(), {**commands(), "": typer.main.get_command(app)}
     assert sorted(readme) == sorted(real), "commands differ between the README's synopsis and the parser"
-    for name in real:
-        assert readme[name] == real[name], (
-            f"autotune {name}: missing from the README {sorted(real[name] - readme[name])}, "
-            f"not in the parser {sorted(readme[name] - real[name])}"
-        )
+    for name, command in real.items():
+        opts = [p for p in command.params if p.param_type_name == "option"]  # --help is not among them
+        shown, wanted = options(readme[name]), {o for p in opts for o in p.opts}
+        assert shown == wanted, f"autotune {name}: missing from the README {sorted(wanted - shown)}, not in the parser {sorted(shown - wanted)}"
+        # Outside [brackets]: the required options, and an eager one's own form (`autotune --version`).
+        eager = {p.opts[0] for p in opts if p.is_eager}
+        assert options(required(readme[name])) - eager == {p.opts[0] for p in opts if p.required}, f"autotune {name}: [optional] options differ"
+        arguments = [p.metavar.removesuffix("...") for p in command.params if p.param_type_name == "argument"]
+        shown_arguments = [word.split("|")[0].removesuffix("...") for word in readme[name].split()[: len(arguments)]]
+        assert shown_arguments == arguments, f"autotune {name}: arguments {arguments}"  # PLAN|STORAGE_URL#STUDY... is PLAN...
 
 
 def test_the_readme_runs_as_written(tmp_path):
