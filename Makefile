@@ -28,6 +28,7 @@ run: setup
 # the environment, as DeepSpeed recommends for production (pre-built ops), not inside a test's
 # time limit. Best effort: where they cannot build, the first ZeRO run builds them or says why.
 $(VENV)/.deepspeed-ops: $(VENV)/.installed
+	@echo "building DeepSpeed's CPU ops once (about 2 minutes)…"
 	-$(PY) -c "from deepspeed.accelerator import get_accelerator as a; [b.load() for n in ('CPUAdamBuilder', 'ShareMemCommBuilder') if (b := a().create_op_builder(n)) is not None and b.is_compatible()]" >/dev/null 2>&1
 	touch $@
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import shlex
 import statistics
 import time
 import uuid
@@ -168,18 +169,14 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=most)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
     launch_device = "cuda" if use_cuda else "cpu"
-    left_out = left_out_of(launch_device)
-    if not use_cuda and not cpu_has_bf16():
-        left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
+    facts_here = SearchFacts(cores=cores, seq_len=workload.seq_len, device=launch_device, vocab_size=workload.vocab_size)
+    left_out = search_left_out(facts_here)
     global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
     if global_batch is not None and global_batch < 1:
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
     # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
     derived = {"grad_accum"} if global_batch is not None else set()
-    narrowed = {n: _narrowed(catalog.get(n), SearchFacts(cores=cores, seq_len=workload.seq_len, device=launch_device, vocab_size=workload.vocab_size))
-                for n in graph.usable() if n not in left_out and n not in derived}
-    left_out |= {n: s for n, s in narrowed.items() if isinstance(s, str)}
-    strategies = [s for s in narrowed.values() if not isinstance(s, str)]
+    strategies = [_narrowed(catalog.get(n), facts_here) for n in graph.usable() if n not in left_out and n not in derived]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
     rates: dict[str, float] = {}
     bandwidth = None
@@ -241,11 +238,8 @@ def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 def _narrowed(strategy: Any, facts: SearchFacts) -> Any:
     """``strategy`` with the knobs it declares for a search on this machine and workload
     (``Strategy.search_knobs``: cpu_threads' range to these cores, sparse_attention's windows
-    below this sequence), or the reason the search leaves it out here."""
-    if strategy.search_knobs is None:
-        return strategy
-    knobs = strategy.search_knobs(facts)
-    return knobs if isinstance(knobs, str) else dataclasses.replace(strategy, knobs=knobs)
+    below this sequence; one that gives a reason instead is in :func:`search_left_out`)."""
+    return strategy if strategy.search_knobs is None else dataclasses.replace(strategy, knobs=strategy.search_knobs(facts))
 
 
 def _process_counts(most: int) -> list[int]:
@@ -282,6 +276,20 @@ def _baseline_micro_batch(space: search.SearchSpace) -> int:
 def left_out_of(device: str) -> dict[str, str]:
     """Strategies a search on ``device`` leaves out (each declares its ``left_out``), with the reason."""
     return {name: s.left_out[device] for name, s in catalog.catalog().items() if device in s.left_out}
+
+
+def search_left_out(facts: SearchFacts) -> dict[str, str]:
+    """What a search on this machine and workload leaves out, with the reason: what the
+    strategies declare for its device (:func:`left_out_of`), precision on a CPU without bf16
+    units, and what no setting would change here (``Strategy.search_knobs`` giving a reason).
+    `autotune strategies` shows the same."""
+    left_out = left_out_of(facts.device)
+    if facts.device == "cpu" and not cpu_has_bf16():
+        left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
+    for name, strategy in catalog.catalog().items():
+        if name not in left_out and strategy.search_knobs is not None and isinstance(reason := strategy.search_knobs(facts), str):
+            left_out[name] = reason
+    return left_out
 
 
 def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
@@ -583,6 +591,12 @@ def run_search(study: Any, objective: search.Objective, settings: PlanSettings, 
         search.optimize(study, objective, trials=1, time_budget=left)
         if _finished(study) == finished:
             return
+
+
+def search_status(k: int, trials: int | None) -> str:
+    """The status line of the search's k-th trial of this run: "of n" with ``--trials n`` (a
+    trial measured again after the search is past n). The time budget is the status line's own."""
+    return f"search: trial {k}" + (f" of {trials}" if trials is not None and k <= trials else "") + " running"
 
 
 def same_run(a: Plan, b: Plan) -> bool:
@@ -1013,17 +1027,20 @@ def _baseline_instead(plan: Plan, baseline: Plan, done: Confirmed, summary: sear
 def _search_and_confirm(settings: PlanSettings, study: Any, space: search.SearchSpace, name: str, storage: str, out: Path,
                         profile: Any, clock: Clock, on_result: Callable | None, status: Status, log: Callable[[str], None]) -> tuple[Plan, search.Summary, search.SearchSpace]:
     since = datetime.datetime.now()  # Optuna's clock: trials completed before it are an earlier run's
+    launched = 0  # trials this run has started a child for: the next one is launched + 1
 
-    def ended(*args: Any) -> None:
+    def ended(trial: Any, plan: Plan, result: Any, state: str) -> None:
+        nonlocal launched
         if on_result is not None:
-            on_result(*args)
-        status("search: a trial is running")
+            on_result(trial, plan, result, state)
+        launched += result is not None  # None: pruned before launch
+        status(search_status(launched + 1, settings.trials))
 
     if settings.allow_approximate and space.train.random_tokens:
         raise UserError("--allow-approximate: the quality guard compares losses on real text, and random tokens teach nothing to compare")
     objective = search.Objective(space=space, budget=settings.budget, on_result=ended, log_dir=search.trial_log_dir(storage, name),
                                  run=f"{search.PLANNER_ID}:{uuid.uuid4().hex[:8]}")
-    status("search: a trial is running")
+    status(search_status(1, settings.trials))
     run_search(study, objective, settings, clock)
     # max-autotune on the best compiled configurations, only where its compile time fits
     # before the confirmation's reserve. On a GPU only: on a CPU inductor's max-autotune tunes
@@ -1043,7 +1060,8 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     summary = _fresh(study, objective, since, clock, reserve, log)
     if summary.best is None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
-        raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `autotune trials --study {name}` shows why")
+        why = shlex.join(["autotune", "trials", "--study", name, "--storage", storage])  # the study this run used
+        raise NoTrialSucceeded(f"no trial of study {name} succeeded ({counts}); `{why}` shows why")
     baseline_plan = search.plan_of(summary.baseline) if summary.baseline else None
     base_figures = search.figures_of(summary.baseline) if summary.baseline else None
     base_step = base_figures.step_time_s if base_figures is not None and base_figures.status == "ok" else None

@@ -2,7 +2,8 @@
 
 Subcommand modules import torch and friends inside their functions, so ``autotune --help``
 stays fast. Exit codes: 0 success, 1 failure while running, 2 bad input (usage, invalid
-plan, missing file); bad input prints one line and no traceback.
+plan, missing file); bad input prints one line and no traceback. As pip does, ``autotune``
+alone prints the help and exits 0; ``-h`` is ``--help`` on every command.
 """
 
 from __future__ import annotations
@@ -22,7 +23,37 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Inherited by every subcommand's context, `data`'s included.
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def version() -> str:
+    """The installed distribution's version, else (a source tree on PYTHONPATH) the package's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("autotune")
+    except PackageNotFoundError:
+        from autotune import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"autotune {version()}")
+        raise typer.Exit()
+
+
+@app.callback()  # the app's own options; its help is the Typer's
+def _options(
+    show_version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    pass
 
 
 def _register() -> None:
@@ -71,7 +102,8 @@ def main(argv: list[str] | None = None, *, started_at: float | None = None) -> i
         if not (callable(message) and isinstance(code, int)):
             raise
         if type(e).__name__ == "NoArgsIsHelpError":
-            e.show()  # `autotune` alone: the help
+            e.show()  # `autotune` or `autotune data` alone: the help, and success as pip's
+            return 0
         else:
             print(f"autotune: error: {message()}", file=sys.stderr)
         return code

@@ -91,7 +91,7 @@ def plan_command(
     console = Console()
     table = TrialTable(console)
     try:
-        plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print, status=Progress(console))
+        plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print, status=Progress(console, budget=time_budget, started=started()))
     except planner.NoTrialSucceeded as e:
         print(f"autotune: error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
 
 from autotune.terminal import escape
@@ -47,30 +49,43 @@ class TrialTable:
 
 
 class Progress:
-    """What runs now, as one live status line with its elapsed seconds ("search: a trial is
-    running for 12 s", "confirmation round 2 of 3: the baseline for 5 s"). Only on a terminal:
-    a log (CI) gets the table's rows and one line per confirmation round, nothing that refreshes."""
+    """What runs now, as one live status line with its elapsed seconds and, under a time budget,
+    the budget's ("search: trial 3 of 8 running for 31 s, 120 s of the 420 s budget used, about
+    300 s left", "confirmation round 2 of 3: the baseline for 5 s"). Only on a terminal: a log
+    (CI) gets the table's rows and one line per confirmation round, nothing that refreshes.
+    ``started`` (time.monotonic()) is when the budget began counting."""
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
+    def __init__(self, console: Console, *, budget: float | None = None, started: float | None = None) -> None:
+        self.budget = budget
+        self.started = time.monotonic() if started is None else started
         self.text: str | None = None
         self.since = time.monotonic()
-        self.live = console.status(self) if console.is_terminal else None
-        self.started = False
+        self.spinner = Spinner("dots", style="status.spinner")
+        self.live = Live(console=console, get_renderable=self._render, transient=True) if console.is_terminal else None
 
     def __call__(self, text: str | None) -> None:
         self.text, self.since = text, time.monotonic()
         if self.live is None:
             return
-        if text is None and self.started:
-            self.live.stop()
-            self.started = False
-        elif text is not None and not self.started:
+        if text is None:
+            self.live.stop()  # both idempotent
+        else:
             self.live.start()
-            self.started = True
 
-    def __rich__(self) -> str:  # rendered at each refresh, so the seconds count up
-        return f"{self.text or ''} for {time.monotonic() - self.since:.0f} s"
+    def line(self) -> str:
+        """The status line now (``text`` set)."""
+        now = time.monotonic()
+        line = f"{self.text} for {now - self.since:.0f} s"
+        if self.budget is not None:
+            used = now - self.started
+            line += f", {used:.0f} s of the {self.budget:.0f} s budget used, about {max(0.0, self.budget - used):.0f} s left"
+        return line
+
+    def _render(self) -> Any:  # at each refresh, so the seconds count up
+        if self.text is None:
+            return ""  # the last frame of a stopping display: nothing, not a bare spinner
+        self.spinner.update(text=self.line())
+        return self.spinner
 
 
 def _batch(plan: Any) -> str:

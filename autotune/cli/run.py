@@ -426,13 +426,27 @@ def _progress(total: int, enabled: bool):
     return bar()
 
 
+NOT_MEASURED = {
+    "tokens_per_s": "every step was in the first log interval, left out as warm-up",
+    "mfu": "no peak FLOP/s known for this device; `autotune profile` measures one",
+    "val_loss": "no evaluation ran",
+}
+"""Why a figure of the run summary is None, as its table says."""
+
+
 def _print_summary(result: dict) -> None:
+    """The summary as a table: sizes in MiB or GiB, a figure not measured as "n/a" and why."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="run summary", show_header=False)
     for key, value in result.items():
-        if isinstance(value, float):
+        if value is None:
+            why = "no tokens/s" if key == "mfu" and result.get("tokens_per_s") is None else NOT_MEASURED.get(key)
+            value = f"n/a ({why})" if why else "n/a"
+        elif key.endswith("_bytes"):
+            value = f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
+        elif isinstance(value, float):
             value = f"{value:,.4f}" if abs(value) < 100 else f"{value:,.0f}"
         table.add_row(key, str(value))
     Console().print(table)

@@ -49,7 +49,8 @@ def strategies_command(
     """List the strategies: usable here, excluded (and why), or not implemented yet; exact or approximate; their knobs."""
     from autotune import hardware
     from autotune.graph import StrategyGraph
-    from autotune.strategy import Facts
+    from autotune.planner import search_left_out, usable_cores
+    from autotune.strategy import Facts, SearchFacts
     from autotune.workloads import load_workload
 
     if processes is not None and processes < 1:
@@ -62,40 +63,47 @@ def strategies_command(
     wl = load_workload(workload, overrides)
     prof = hardware.HardwareProfile.load(profile) if profile is not None else hardware.detect(quick=True)
     graph = StrategyGraph(Facts.of(prof, wl, processes=processes), allow_approximate=allow_approximate)
+    # What `autotune plan` leaves out of its search here, from the function it uses.
+    left_out = search_left_out(SearchFacts(cores=usable_cores(), seq_len=wl.seq_len, device="cuda" if graph.facts.cuda_devices else "cpu",
+                                           vocab_size=wl.vocab_size))
     if graph_file is not None:
         _write_graph(graph, graph_file)
     if as_json:
-        print(json.dumps([_strategy_json(graph, name) for name in graph.application_order], indent=2))
+        print(json.dumps([_strategy_json(graph, name, left_out) for name in graph.application_order], indent=2))
         return
-    _print_table(graph, wl.name)
+    _print_table(graph, wl.name, left_out)
     if explain:
-        print("\n".join(map(visible, explanations(graph))))
+        print("\n".join(map(visible, explanations(graph, left_out))))
         if wl.shape is None and wl.no_shape:
             print(visible(f"cost model: no memory or time predictions for workload {wl.name}: {wl.no_shape}"))
 
 
-def explanations(graph: StrategyGraph) -> list[str]:
-    """One line per strategy left out and per knob setting of a usable strategy left out, with the reason."""
+def explanations(graph: StrategyGraph, left_out: dict[str, str]) -> list[str]:
+    """One line per strategy left out (of the graph, or of a search here: ``left_out``) and per
+    knob setting of a usable strategy left out, with the reason."""
     lines = [f"{name}: {reason}" for name, reason in graph.excluded().items()]
+    lines += [f"{name} (usable): {reason}" for name, reason in left_out.items() if name in graph.usable()]
     for name in graph.usable():
         for knob, choices in graph.excluded_choices(name).items():
             lines += [f"{name} {knob}={_value(value)}: {reason}" for value, reason in choices.items()]
     return lines
 
 
-def _status(graph: StrategyGraph, name: str) -> str:
+def _status(graph: StrategyGraph, name: str, left_out: dict[str, str]) -> str:
     node = graph.graph.nodes[name]
-    return "usable" if node["usable"] else "excluded" if node["implemented"] else "not implemented"
+    if node["usable"]:
+        return "not searched" if name in left_out else "usable"
+    return "excluded" if node["implemented"] else "not implemented"
 
 
-def _print_table(graph: StrategyGraph, workload: str) -> None:
+def _print_table(graph: StrategyGraph, workload: str, left_out: dict[str, str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    colours = {"usable": "green", "excluded": "yellow", "not implemented": "red"}
+    colours = {"usable": "green", "not searched": "yellow", "excluded": "yellow", "not implemented": "red"}
     table = Table("strategy", "status", "maths", "knobs", title="Strategies, in order of application")
     for name in graph.application_order:
-        strategy, status = graph.strategies[name], _status(graph, name)
+        strategy, status = graph.strategies[name], _status(graph, name, left_out)
         table.add_row(
             name,
             f"[{colours[status]}]{status}[/]",
@@ -104,11 +112,13 @@ def _print_table(graph: StrategyGraph, workload: str) -> None:
         )
     Console().print(table)
     usable, legal = graph.usable(), sum(1 for _ in graph.legal_sets())
+    searched = [name for name in usable if name not in left_out]
     print(
         f"{len(usable)} of {len(graph.strategies)} strategies usable here "
         f"({visible(_machine(graph.facts))}; workload {visible(workload)}), "
-        f"{legal} legal combinations of them."
-        + ("" if len(usable) == len(graph.strategies) else " --explain says why the others are left out.")
+        f"{legal} legal combinations of them"
+        + (f"; `autotune plan` searches {len(searched)} of them." if len(searched) < len(usable) else ".")
+        + ("" if len(searched) == len(graph.strategies) else " --explain says why the others are left out.")
     )
 
 
@@ -132,7 +142,7 @@ def _value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _strategy_json(graph: StrategyGraph, name: str) -> dict[str, Any]:
+def _strategy_json(graph: StrategyGraph, name: str, left_out: dict[str, str]) -> dict[str, Any]:
     strategy, node = graph.strategies[name], graph.graph.nodes[name]
     excluded_choices = graph.excluded_choices(name)
     return {
@@ -142,6 +152,8 @@ def _strategy_json(graph: StrategyGraph, name: str) -> dict[str, Any]:
         "implemented": strategy.implemented,
         "usable": node["usable"],
         "reason": node["reason"] or None,
+        "searched": node["usable"] and name not in left_out,
+        "search_left_out": left_out.get(name) if node["usable"] else None,
         "issue": strategy.issue or None,
         "needs": {f.name: _plain(getattr(strategy.needs, f.name)) for f in dataclasses.fields(strategy.needs)},
         **{relation: graph.related(name, relation) for relation in ("requires", "conflicts", "after")},

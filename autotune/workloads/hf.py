@@ -35,7 +35,9 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -73,11 +75,34 @@ _DROPPED = frozenset({"model_type", "transformers_version", "architectures", "_n
 
 
 def _transformers() -> Any:
+    for name, noise in IMPORT_NOISE.items():
+        logging.getLogger(name).addFilter(noise)  # a logger keeps a filter once
     try:
         import transformers
     except ImportError:
-        raise UserError("hf: workloads need transformers: pip install 'autotune[hf]'") from None
+        raise UserError("hf: workloads need transformers: pip install -e '.[hf]' in autotune's clone") from None
     return transformers
+
+
+class _Drop(logging.Filter):
+    """Drops the log records whose message matches ``pattern`` (at its start)."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+IMPORT_NOISE = {
+    "torchao": _Drop(r"Failed to load .*torchao/_C_(mxfp8|cutlass_90a)"),
+    "torch.utils._pytree": _Drop(r"<enum '\w+'> is an Enum subclass and is now natively supported"),
+}
+"""Log records of importing transformers, which imports torchao where it is installed, that say
+nothing about the run: torchao failing to load its CUDA-only extensions (mxfp8, sm90a CUTLASS)
+on a machine without them, and torch's pytree deprecating the Enum constants torchao registers.
+Matched by logger and message; every other record passes."""
 
 
 def attn_implementations() -> tuple[str, ...]:
