@@ -119,5 +119,11 @@ def _rank() -> str:
 def entry() -> None:  # console script, `python -m autotune`: the process is the command
     import psutil
 
+    # CUDA's caching allocator with expandable segments, as torchtitan runs by default, in this
+    # process and every one it starts (trials, ranks): a Qwen3-style model's trial on one H100
+    # ran out of memory allocating the 18.6 GiB logits while 16.4 GiB sat reserved but unused
+    # in fixed-size segments (bench/results/issue26-h100-420s). A user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
     age = max(0.0, time.time() - psutil.Process().create_time())
     sys.exit(main(started_at=time.monotonic() - age))

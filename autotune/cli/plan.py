@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -91,7 +92,7 @@ def plan_command(
     console = Console()
     table = TrialTable(console)
     try:
-        plan, summary, space = planner.make_plan(settings, on_result=table.row, log=console.print, status=Progress(console, budget=time_budget, started=started()))
+        plan, summary, space = planner.make_plan(settings, on_result=table.row, log=_plain(console), status=Progress(console, budget=time_budget, started=started()))
     except planner.NoTrialSucceeded as e:
         print(f"autotune: error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -128,3 +129,9 @@ def warnings_to_log(storage: str | None) -> None:
         logger.propagate = False
     optuna.logging.disable_default_handler()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _plain(console: Any) -> Callable[[str], None]:
+    """The planner's log lines, printed as text: they quote plans, studies and trial errors,
+    someone else's text, so rich must not read markup (``[link=...]``) in them."""
+    return lambda line: console.print(line, markup=False)
