@@ -48,7 +48,7 @@ from autotune.errors import UserError
 from autotune.workloads import Workload
 
 if TYPE_CHECKING:
-    from autotune.workloads.adapter import ModelShape
+    from autotune.workloads.structure import ModelShape
 
 # Attention backends that keep the (b, heads, s, s) score matrix for the backward pass.
 _STORES_SCORES = {"naive", "math"}

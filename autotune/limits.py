@@ -12,6 +12,7 @@ GPUs here. A refusal is one line that says the numbers.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -51,10 +52,10 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
     """Refuse ``plan`` (a UserError naming the numbers) if its processes or its memory exceed
     this machine. ``workload`` is the plan's (``apply.check_plan``'s). Returns what was
     counted; None for a user's model whose shape is not known."""
-    from autotune import costmodel, distributed
+    from autotune import costmodel
     from autotune.workloads import shaped
 
-    if distributed.env_world_size() > 1:  # a rank of a run: its launching command checked the plan
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of a run: its launching command checked the plan
         return None
     launch, train = plan.launch, plan.train
     on_cuda, devices, where, memory = _device(launch.device)
@@ -62,8 +63,6 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
     if on_cuda and devices is not None and nproc > devices:
         raise UserError(f"the plan runs {nproc:,} processes a node, one per GPU, but this machine has {devices} GPU(s)")
     if not on_cuda:
-        from autotune.planner import usable_cores
-
         cores = usable_cores()
         if nproc > cores * MAX_OVERSUBSCRIPTION:
             raise UserError(f"the plan runs {nproc:,} processes a node on the CPU, but this machine has {cores} core(s) "
@@ -95,20 +94,52 @@ def warn_if_oversubscribed(launch: Any) -> None:
     """One line on stderr where the plan's CPU processes outnumber the cores (the command goes
     on: :func:`check_machine` refused more than MAX_OVERSUBSCRIPTION a core). Said once the
     plan is accepted, so that a refusal stays the command's one line."""
-    from autotune.planner import usable_cores
-
     cores = usable_cores()
     if not _device(launch.device)[0] and launch.nproc_per_node > cores:
         print(f"autotune: warning: {launch.nproc_per_node} processes on {cores} core(s): each runs slower than alone", file=sys.stderr)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _no_nvidia_driver() -> bool:
+    """True where NVML says for certain that no NVIDIA GPU is here: no driver library, no
+    loaded driver, or no device. Then ``show`` checks a plan without importing torch (the
+    layering contract, tests/test_layering.py); anything else asks torch, which knows
+    CUDA_VISIBLE_DEVICES."""
+    try:
+        import pynvml
+    except ImportError:
+        return False
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as e:
+        absent = (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+        return getattr(e, "value", None) in absent
+    try:
+        return pynvml.nvmlDeviceGetCount() == 0
+    except pynvml.NVMLError:
+        return False
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _device(requested: str) -> tuple[bool, int | None, str, int | None]:
     """(trains on CUDA, GPUs here, the device in words, its memory) for a plan's ``launch.device``:
     a CUDA plan on a machine without CUDA has neither GPUs nor memory to check against."""
     import psutil
-    import torch
 
-    cuda_here = torch.cuda.is_available()
+    if "torch" not in sys.modules and _no_nvidia_driver():
+        cuda_here = False
+    else:
+        import torch
+
+        cuda_here = torch.cuda.is_available()
     if requested == "cuda" and not cuda_here:
         return True, None, "a CUDA plan", None
     if requested == "cpu" or not cuda_here:

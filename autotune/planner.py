@@ -24,6 +24,7 @@ from autotune import apply
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
+from autotune.limits import usable_cores
 from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, LossCurve, Plan, QualityGuard, StrategySpec, TrainSpec
 from autotune.strategy import Facts, Prior, PriorFacts, SearchFacts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
@@ -209,14 +210,6 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
             space.layouts[n] = found
     space.baseline_micro_batch = _baseline_micro_batch(space)
     return space, graph
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS says)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def default_cpu_processes(cores: int) -> int:

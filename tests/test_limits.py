@@ -70,13 +70,13 @@ def test_more_cpu_processes_than_cores_is_a_warning(tmp_path, run_cli):
     assert code == 0 and err == f"autotune: warning: {usable_cores() + 1} processes on {usable_cores()} core(s): each runs slower than alone\n"
 
 
-def test_a_deep_model_counted_from_its_first_blocks_is_counted_exactly():
-    # The GPT deeper than the probe: the shape read off PROBE_LAYERS blocks and scaled equals
-    # the shape read off the whole model (a generic workload's probe builds every block).
-    layers = PROBE_LAYERS + 44
-    preset = gpt_workload("tiny", {"n_layers": layers})
+@pytest.mark.parametrize("overrides", [{"n_layers": PROBE_LAYERS + 44}, {"tie_embeddings": False, "d_ff": 96, "n_heads": 2}])
+def test_a_preset_s_shape_counted_from_its_config_is_the_built_model_s(overrides):
+    # The GPT's shape is counted from its config (show imports no torch); it equals the shape
+    # read off the model built whole (a workload without a config is built on the meta device).
+    preset = gpt_workload("tiny", overrides)
     whole = shaped(dataclasses.replace(preset, config=None, shape=None))
-    assert preset.shape == whole.shape and preset.shape.n_layers == layers
+    assert preset.shape == whole.shape and preset.shape.n_layers == preset.config.n_layers
 
 
 def test_a_deep_hf_model_counted_from_its_first_blocks_is_counted_exactly():

@@ -39,7 +39,9 @@ def _wait_for_hang(tmp_path, planner):
 @pytest.mark.slow
 def test_killed_planner_leaves_no_trial_and_the_study_retries_it(tmp_path):
     db = tmp_path / "studies.db"
-    planner = _start(tmp_path, db, 2, faults.HANG_ONCE)
+    # Micro-batch 4 beside the hanging 11: with 2 and 11 alone every configuration is measured
+    # once the retry ran, and the resumed planner's second trial would be a pruned repeat.
+    planner = _start(tmp_path, db, 2, faults.HANG_ONCE, 4)
     trial = _wait_for_hang(tmp_path, planner)
 
     # Another planner on this device is refused at once, naming the one measuring.
@@ -59,7 +61,7 @@ def test_killed_planner_leaves_no_trial_and_the_study_retries_it(tmp_path):
     assert [p.name.startswith("autotune-trial-") for p in folder.iterdir() if p.is_dir()] == [True]
 
     time.sleep(search.GRACE_S)  # until the killed trial's heartbeat is stale
-    again = _start(tmp_path, db, 2, faults.HANG_ONCE)
+    again = _start(tmp_path, db, 2, faults.HANG_ONCE, 4)
     _, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
     study = optuna.load_study(study_name="faults", storage=f"sqlite:///{db}")

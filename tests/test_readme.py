@@ -55,8 +55,8 @@ def test_the_synopsis_is_the_parser_s():
         eager = {p.opts[0] for p in opts if p.is_eager}
         assert options(required(readme[name])) - eager == {p.opts[0] for p in opts if p.required}, f"autotune {name}: [optional] options differ"
         arguments = [p.metavar.removesuffix("...") for p in command.params if p.param_type_name == "argument"]
-        shown_arguments = [word.split("|")[0].removesuffix("...") for word in readme[name].split()[: len(arguments)]]
-        assert shown_arguments == arguments, f"autotune {name}: arguments {arguments}"  # PLAN|STORAGE_URL#STUDY... is PLAN...
+        shown_arguments = [word.split("|")[0].removesuffix("...").strip("[]") for word in readme[name].split()[: len(arguments)]]
+        assert shown_arguments == arguments, f"autotune {name}: arguments {arguments}"  # PLAN|STORAGE_URL#STUDY... is PLAN..., [PATH]... an optional PATH...
 
 
 def test_the_readme_runs_as_written(tmp_path):

@@ -319,9 +319,9 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_pair_and_no_stray_f
 @pytest.mark.parametrize(("args", "message"), [
     (["--steps", str(10**20)], f"--steps {10**20}: a run trains at most {planmod.MAX_STEPS} steps"),
     (["--tokens", str(10**20)], f"--tokens {10**20} is "),
-    (["--minutes", "nan"], "--minutes must be a positive number, not nan"),
-    (["--minutes", "inf"], "--minutes must be a positive number, not inf"),
-    (["--time-budget", "nan"], "--time-budget must be a positive number, not nan"),
+    (["--minutes", "nan"], "--minutes nan: expected a positive, finite number"),
+    (["--minutes", "inf"], "--minutes inf: expected a positive, finite number"),
+    (["--time-budget", "nan"], "--time-budget nan: expected a positive, finite number"),
 ])
 def test_out_of_range_run_settings_are_one_line_and_write_nothing(tmp_path: Path, run_cli, args, message) -> None:
     code, out, err = run_cli("run", DEFAULT_PLAN, "--out", tmp_path / "run", *args)

@@ -29,18 +29,22 @@ def postgres_url():
         yield url
 
 
-def _planner(url: str, tmp: Path, name: str) -> subprocess.Popen:
-    # Each "machine" has its own cache (device lock, compile cache, corpus) and plan file.
+def _planner(url: str, tmp: Path, name: str, core: int) -> subprocess.Popen:
+    # Each "machine" has its own cache (device lock, compile cache, corpus), plan file and core:
+    # sharing the cores, one planner's confirmation would measure the other's trials beside it
+    # and could write its baseline where the other writes the chosen trial.
     env = {**os.environ, "AUTOTUNE_CACHE": str(tmp / f"cache-{name}"), "AUTOTUNE_LOCK_DIR": str(tmp / f"cache-{name}" / "locks"), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "autotune", "plan", *PLANNER, "--storage", url, "--out", str(tmp / f"{name}.plan.json")],
-                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
 
 
 def test_two_planners_share_one_study_run_each_trial_once_and_agree(postgres_url, tmp_path):
     import optuna
 
-    a = _planner(postgres_url, tmp_path, "a")
-    b = _planner(postgres_url, tmp_path, "b")
+    cores = sorted(os.sched_getaffinity(0))
+    a = _planner(postgres_url, tmp_path, "a", cores[0])
+    b = _planner(postgres_url, tmp_path, "b", cores[-1])
     out_a, out_b = a.communicate(timeout=600)[0], b.communicate(timeout=600)[0]
     assert a.returncode == 0, out_a[-3000:]
     assert b.returncode == 0, out_b[-3000:]
@@ -58,7 +62,8 @@ def test_two_planners_share_one_study_run_each_trial_once_and_agree(postgres_url
     assert len(priors) == len(set(priors)), priors
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     plan_a, plan_b = (json.loads((tmp_path / f"{n}.plan.json").read_text()) for n in "ab")
-    assert plan_a["provenance"]["trial"] == plan_b["provenance"]["trial"]
+    verdicts = [(p["provenance"]["trial"], p["comparison"]["verdict"]) for p in (plan_a, plan_b)]
+    assert plan_a["provenance"]["trial"] == plan_b["provenance"]["trial"], (verdicts, out_a[-2500:], out_b[-2500:])
     assert plan_a["strategies"] == plan_b["strategies"] and plan_a["train"] == plan_b["train"]
 
 

@@ -51,7 +51,7 @@ def run_command(
         raise UserError("give --steps or --tokens, not both")
     for name, value in (("steps", steps), ("tokens", tokens), ("minutes", minutes), ("time-budget", time_budget)):
         if value is not None and not 0 < value < math.inf:  # NaN fails this too
-            raise UserError(f"--{name} must be a positive number, not {value}")
+            raise UserError(f"--{name} {value:g}: expected a positive, finite number")
     if steps is not None and steps > planmod.MAX_STEPS:
         raise UserError(f"--steps {steps}: a run trains at most {planmod.MAX_STEPS} steps")
     if profile is not None and not profile.exists():

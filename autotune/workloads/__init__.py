@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
-    from autotune.workloads.adapter import ModelShape
+    from autotune.workloads.structure import ModelShape
 
 GPT_STRUCTURE = frozenset({"blocks", "attention", "mlp", "embed", "head", "vocab", "tp", "sp", "pp", "loss"})
 """What the built-in GPT's adapter serves (``GPTAdapter.supports``), spelled out: this module loads without torch."""
@@ -132,15 +132,23 @@ block): a deeper model is read off its first PROBE_LAYERS blocks, the rest count
 
 
 def gpt_shape(cfg: Any) -> ModelShape:
-    """The shape of the GPT of ``cfg``, from one built on the meta device (no memory, no init)."""
-    import torch
+    """The shape of the GPT of ``cfg``, counted from its config (no torch, nothing built: a
+    plan is checked before any model is; tests/test_limits.py holds it equal to the shape
+    :class:`~autotune.workloads.adapter.GPTAdapter` reads off a built model). Each block holds
+    qkv and proj (4 d^2), fc and proj (2 d d_ff) without biases, and two LayerNorm scales."""
+    from autotune.workloads.structure import ModelShape
 
-    from autotune.workloads.adapter import GPTAdapter
-    from autotune.workloads.gpt import GPT
-
-    with torch.device("meta"):
-        shape = GPTAdapter(GPT(dataclasses.replace(cfg, n_layers=min(cfg.n_layers, PROBE_LAYERS)))).shape()
-    return with_layers(shape, cfg.n_layers)
+    d, layers = cfg.d_model, cfg.n_layers
+    matrices = 4 * d * d + 2 * d * cfg.d_ff
+    return ModelShape(
+        d_model=d, n_layers=layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff,
+        vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+        matmul_params=layers * matrices + cfg.vocab_size * d,
+        block_params=layers * (matrices + 2 * d),
+        other_params=cfg.seq_len * d + d,  # the position table and the final norm
+        vocab_tables=1 if cfg.tie_embeddings else 2,
+        mlp_matrices=2,
+    )
 
 
 def with_layers(shape: ModelShape, n_layers: int) -> ModelShape:
@@ -235,14 +243,15 @@ def shaped(workload: Workload) -> Workload:
     """``workload`` with the shape its model's adapter reads off a model built on the meta
     device (no memory, no init; a preset's from its config, :func:`gpt_shape`), or with the
     reason there is none in ``no_shape``."""
-    import torch
-
-    from autotune.workloads.adapter import NotSupported, adapter_for
-    from autotune.workloads.generic import GenericAdapter
     from autotune.workloads.gpt_config import GPTConfig
 
     if isinstance(workload.config, GPTConfig):  # a preset: counted from its config, never built whole
         return dataclasses.replace(workload, shape=gpt_shape(workload.config))
+    import torch
+
+    from autotune.workloads.adapter import NotSupported, adapter_for
+    from autotune.workloads.generic import GenericAdapter
+
     try:
         with torch.device("meta"):
             model = workload.build_model()
