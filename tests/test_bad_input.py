@@ -46,11 +46,8 @@ BAD = [
     ("eval_batches", _plan(**{"train.eval_batches": 0, "train.eval_interval": 10}), "eval_batches"),
     ("micro_batch", _plan(**{"train.micro_batch_size": 10**12}), "micro_batch_size must be at most"),
     # Each setting bounded, their product against this machine (autotune.limits), before anything is built.
-    ("model_too_big", _plan(workload={"name": "tiny", "overrides": {"n_layers": 16_777_216}}), "in 16,777,216 layers"),
-    ("eval_batches_huge", _plan(**{"train.eval_batches": 10**9, "train.eval_interval": 1}), "eval_batches must be at most 65536"),
     ("eval_too_big", _plan(**{"train.eval_batches": 65536, "train.eval_interval": 1, "train.micro_batch_size": 512}),
      "for 65,536 validation micro-batches"),
-    ("nproc_huge", _plan(strategies=_strategies(ddp={}), **{"launch.nproc_per_node": 10**18}), "nproc_per_node must be at most 1024"),
     ("nproc_over_cores", _plan(strategies=_strategies(ddp={}), **{"launch.nproc_per_node": 1024}), "processes a node on the CPU"),
     ("nnodes_huge", _plan(**{"launch.nnodes": 10**6, "launch.rdzv_endpoint": "h:1"}), "nnodes at most 65536"),
     ("override_layers", _plan(workload={"name": "tiny", "overrides": {"n_layers": -1}}), "n_layers"),
@@ -166,20 +163,3 @@ def test_committed_plans_pass_the_plan_check(path):
     plan = planmod.load(path)
     assert plan.workload.name in PRESETS or plan.workload.name.startswith("hf:")  # data: no code to import
     check_machine(plan, check_plan(plan, trusted=False))
-
-
-# (id, command, words): numbers on the command line that are no amount of time.
-BAD_FLAGS = [
-    ("plan_budget_nan", ["plan", "--time-budget", "nan"], "--time-budget nan: expected a positive, finite number"),
-    ("plan_budget_inf", ["plan", "--time-budget", "inf"], "--time-budget inf: expected a positive, finite number"),
-    ("plan_budget_negative", ["plan", "--time-budget", "-5"], "--time-budget -5: expected a positive, finite number"),
-    ("run_adapt_budget_nan", ["run", DEFAULT_PLAN, "--adapt", "--time-budget", "nan"], "--time-budget nan: expected a positive, finite number"),
-]
-
-
-@pytest.mark.parametrize("command, words", [pytest.param(c, w, id=i) for i, c, w in BAD_FLAGS])
-def test_a_time_that_is_not_finite_and_positive_is_one_line_exit_2(tmp_path, run_cli, command, words):
-    out = tmp_path / "out"
-    code, _, err = run_cli(*command, "--out", out)
-    assert code == 2 and err.count("\n") == 1 and err.startswith("autotune: error: ") and words in err, err
-    assert not out.exists()

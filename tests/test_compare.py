@@ -120,21 +120,6 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, run_cli, arg
     assert out == "" and not html.exists()
 
 
-@pytest.mark.parametrize(("tokens_per_s", "words"), [
-    (float("nan"), "nan is not a positive number"),
-    (float("inf"), "inf is not a positive number"),
-    (-5.0, "-5.0 is not a positive number"),
-    (1e-300, "1e-300 is too small to estimate the time for 1e+09 tokens"),  # the hours overflow
-])
-def test_a_measured_rate_that_is_no_rate_is_one_line_exit_2(tmp_path, run_cli, tokens_per_s, words):
-    measured = {**json.loads(PLAN_A.read_text())["measured"], "tokens_per_s": tokens_per_s}
-    path = _variant(tmp_path, "rate.plan.json", measured=measured)
-    html = tmp_path / "page.html"
-    code, out, err = run_cli("compare", PLAN_A, path, "--cost-per-gpu-hour", "h200=3.50", "--html", html)
-    assert code == 2 and f"rate.plan.json: measured tokens/s {words}" in err and len(err.strip().splitlines()) == 1, err
-    assert out == "" and not html.exists()
-
-
 def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli, capsys):
     import optuna
 

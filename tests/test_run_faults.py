@@ -314,17 +314,3 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_pair_and_no_stray_f
     assert "Traceback" not in resumed.stderr
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000010.pt", "step_00000010.pt.sha256"]
     assert train.checksum_problem(ckpt / "step_00000010.pt") is None
-
-
-@pytest.mark.parametrize(("args", "message"), [
-    (["--steps", str(10**20)], f"--steps {10**20}: a run trains at most {planmod.MAX_STEPS} steps"),
-    (["--tokens", str(10**20)], f"--tokens {10**20} is "),
-    (["--minutes", "nan"], "--minutes nan: expected a positive, finite number"),
-    (["--minutes", "inf"], "--minutes inf: expected a positive, finite number"),
-    (["--time-budget", "nan"], "--time-budget nan: expected a positive, finite number"),
-])
-def test_out_of_range_run_settings_are_one_line_and_write_nothing(tmp_path: Path, run_cli, args, message) -> None:
-    code, out, err = run_cli("run", DEFAULT_PLAN, "--out", tmp_path / "run", *args)
-    assert code == 2 and out == ""
-    assert err.startswith(f"autotune: error: {message}") and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "run").exists()
