@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autotune.limits import usable_cores
 from autotune.strategy import Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
@@ -38,13 +39,6 @@ def apply_cpu_threads(ctx: TrainContext, cfg: CpuThreadsConfig) -> None:
     # Process-wide, like precision's TF32 switch; set before anything is traced or timed.
     torch.set_num_threads(threads)
     ctx.notes.append(f"cpu threads {threads}" + (f" (the plan's {cfg.threads}: this process may use only {threads})" if threads < cfg.threads else ""))
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity), else the machine's."""
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_threads_prior(facts: PriorFacts) -> Prior | None:

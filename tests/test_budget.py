@@ -106,7 +106,7 @@ def test_a_baseline_that_fills_the_old_reserve_still_lets_the_prior_run(tmp_path
     ran = [t for t in study.trials if t.user_attrs.get("launched")]
     roles = [t.user_attrs.get("role") for t in ran]
     assert roles[:2] == ["baseline", "prior"], roles
-    assert {"startup_s", "warmup_s", "timed_s"} <= set(ran[1].user_attrs)
+    assert {"startup_s", "warmup_s", "timed_s"} <= set(ran[1].user_attrs), (ran[1].user_attrs.get("status"), ran[1].user_attrs.get("error"))
     assert "per trial (median of" in proc.stdout
     assert wall <= budget + planner.budget_margin(budget)
     plan = planmod.load(out)

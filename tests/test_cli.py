@@ -204,3 +204,20 @@ def test_only_the_named_import_notices_are_dropped(logger, message, shown):
     from autotune.workloads.hf import IMPORT_NOISE
 
     assert IMPORT_NOISE[logger].filter(logging.LogRecord(logger, logging.WARNING, "", 0, message, None, None)) is shown
+
+
+def test_a_plan_run_in_process_leaves_the_loggers_as_it_found_them(tmp_path, run_cli):
+    # Optuna's log goes to plan.log while the command runs; a handler left on that file would
+    # outlive it, and a later command in the process would fail once the folder is gone.
+    import logging
+
+    import optuna  # noqa: F401  (its import puts its own screen handler on its logger)
+
+    def handlers() -> dict[str, list]:
+        return {name: list(logging.getLogger(name).handlers) for name in ("optuna", "py.warnings")}
+
+    before = handlers()
+    code, _, err = run_cli("plan", "--trials", "1", "--warm-start", tmp_path / "missing.plan.json",
+                           "--storage", f"sqlite:///{tmp_path}/s.db", "--out", tmp_path / "p.plan.json")
+    assert code == 2 and "missing.plan.json" in err, err
+    assert handlers() == before

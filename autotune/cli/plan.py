@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -84,30 +85,32 @@ def plan_command(
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout, target_s=trial_seconds),
         command=shlex.join(["autotune", *ARGS]), warm_start=list(warm_start or []), started_at=started(),
     )
-    warnings_to_log(storage)
     from rich.console import Console
 
     from autotune.cli.plan_view import Progress, TrialTable, print_summary
 
     console = Console()
     table = TrialTable(console)
-    try:
-        plan, summary, space = planner.make_plan(settings, on_result=table.row, log=_plain(console), status=Progress(console, budget=time_budget, started=started()))
-    except planner.NoTrialSucceeded as e:
-        print(f"autotune: error: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    print_summary(console, plan, summary, space, settings.out or Path("plans") / f"{plan.provenance.study}.plan.json")
-    if report is not None:
-        from autotune.report import write_report
+    with warnings_to_log(storage):
+        try:
+            plan, summary, space = planner.make_plan(settings, on_result=table.row, log=_plain(console), status=Progress(console, budget=time_budget, started=started()))
+        except planner.NoTrialSucceeded as e:
+            print(f"autotune: error: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        print_summary(console, plan, summary, space, settings.out or Path("plans") / f"{plan.provenance.study}.plan.json")
+        if report is not None:
+            from autotune.report import write_report
 
-        for path in write_report(plan.provenance.study, settings.storage or "sqlite:///plans/studies.db", report):
-            console.print(f"report: {path}")
+            for path in write_report(plan.provenance.study, settings.storage or "sqlite:///plans/studies.db", report):
+                console.print(f"report: {path}")
 
 
-def warnings_to_log(storage: str | None) -> None:
+@contextlib.contextmanager
+def warnings_to_log(storage: str | None) -> Iterator[None]:
     """Library warnings (Optuna's ExperimentalWarning, torch's UserWarnings) and Optuna's log
     go to plan.log beside the study (created at the first message; under the cache for a
-    database server), not the screen."""
+    database server), not the screen, while the command runs; then as they were (a command
+    run in-process leaves no handler on a file another command may remove)."""
     import logging
 
     import optuna
@@ -122,13 +125,24 @@ def warnings_to_log(storage: str | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(folder / "plan.log", delay=True)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("py.warnings", "optuna")]
+    saved = [(list(logger.handlers), logger.propagate) for logger in loggers]
+    verbosity = optuna.logging.get_verbosity()
     logging.captureWarnings(True)
-    for name in ("py.warnings", "optuna"):
-        logger = logging.getLogger(name)
+    for logger in loggers:
         logger.addHandler(handler)
         logger.propagate = False
     optuna.logging.disable_default_handler()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, (handlers, propagate) in zip(loggers, saved):
+            logger.handlers[:] = handlers  # Optuna's own screen handler too, where it was
+            logger.propagate = propagate
+        handler.close()
+        logging.captureWarnings(False)
+        optuna.logging.set_verbosity(verbosity)
 
 
 def _plain(console: Any) -> Callable[[str], None]:

@@ -186,9 +186,9 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             warm_start=[str(plan_path)],  # the plan, translated to what is legal here, is the first trial after the baseline
             started_at=started(),
         )
-        warnings_to_log(settings.storage)  # Optuna's log to plan.log, as `autotune plan` does
         try:
-            made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
+            with warnings_to_log(settings.storage):  # Optuna's log to plan.log, as `autotune plan` does
+                made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
         except planner.NoTrialSucceeded as e:
             typer.echo(f"autotune: error: {e}", err=True)
             raise typer.Exit(1) from None
