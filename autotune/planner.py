@@ -105,6 +105,9 @@ class PlanSettings:
     """Rounds of the interleaved confirmation (plan, baseline, plan, ...); at least 3."""
     command: str | None = None
     """The command line, recorded in the plan."""
+    exclude: tuple[str, ...] = ()
+    """Strategies the search leaves out (``--exclude``): never sampled, never in a prior, and a
+    resumed study's trials that use one are not candidates."""
     warm_start: list[str] = dataclasses.field(default_factory=list)
     """Plan files or storage URLs (``URL#STUDY``; the best 3 completed trials) whose
     configurations, translated to this search and legal here, are the first trials after the
@@ -172,6 +175,10 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     launch_device = "cuda" if use_cuda else "cpu"
     facts_here = SearchFacts(cores=cores, seq_len=workload.seq_len, device=launch_device, vocab_size=workload.vocab_size)
     left_out = search_left_out(facts_here)
+    for name in settings.exclude:
+        if name not in catalog.catalog():
+            raise UserError(f"--exclude {name}: unknown strategy; `autotune strategies` lists them")
+        left_out[name] = "excluded (--exclude)"
     global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
     if global_batch is not None and global_batch < 1:
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
@@ -969,7 +976,7 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
 
 
 def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, clock: Clock, reserve: float,
-           log: Callable[[str], None]) -> search.Summary:
+           log: Callable[[str], None], excluded: tuple[str, ...] = ()) -> search.Summary:
     """The study's summary over figures this run can compare: its own trials and those of
     planners beside it. A resumed study's best trial from an earlier run (another load) is
     measured again first when it would be chosen and the budget holds it; without any fresh
@@ -981,7 +988,10 @@ def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, cl
     def is_stale(t: Any) -> bool:
         return search.stale(t, earlier)
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    def outside(t: Any) -> bool:  # a trial of a strategy this search excludes: no candidate
+        return any(s["name"] in excluded for s in (t.user_attrs.get("plan") or {}).get("strategies", ()))
+
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if not outside(t)]
     old = [t for t in complete if is_stale(t)]
     if old:
         fresh = [t for t in complete if not is_stale(t)]
@@ -993,8 +1003,8 @@ def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, cl
                 search.measure_again(study, objective, top, left)
             elif not fresh:
                 log("every completed trial was measured by an earlier planner run, under another load; none could be measured again in the budget")
-                return search.summarize(study)
-    return search.summarize(study, exclude=is_stale)
+                return search.summarize(study, exclude=outside)
+    return search.summarize(study, exclude=lambda t: is_stale(t) or outside(t))
 
 
 def _baseline_instead(plan: Plan, baseline: Plan, done: Confirmed, summary: search.Summary, chosen: Any) -> tuple[Plan, Confirmed, Any] | None:
@@ -1050,7 +1060,7 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     longest = settings.budget.timeout_s * search.AUTOTUNE_TIME_FACTOR  # the longest a trial may run
     left = longest if clock.deadline is None else min(longest, clock.left() - reserve)
     search.wait_for_others(study, left, log=log)
-    summary = _fresh(study, objective, since, clock, reserve, log)
+    summary = _fresh(study, objective, since, clock, reserve, log, settings.exclude)
     if summary.best is None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
         why = shlex.join(["autotune", "trials", "--study", name, "--storage", storage])  # the study this run used

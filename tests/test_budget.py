@@ -14,6 +14,7 @@ import pytest
 
 from autotune import planner, search
 from autotune import plan as planmod
+from autotune.errors import UserError
 from autotune.plan import Figures
 from autotune.trial import TrialBudget, run_trial, steps_for_target
 from tests.conftest import DEFAULT_PLAN, ROOT
@@ -225,3 +226,23 @@ def test_a_planner_beside_this_one_is_not_an_earlier_run(tmp_path):
     assert flags == [True, False, False, False]
     legacy = optuna.trial.create_trial(value=1.0, params={}, distributions={})
     assert search.stale(legacy, set())  # measured before runs were recorded
+
+
+def test_an_excluded_strategy_is_never_searched_nor_chosen_from_a_resumed_study(tmp_path):
+    """--exclude compile: compile is in no prior and no sampled plan, and a resumed study's
+    fastest trial that compiled is not the candidate; the best one without it is."""
+    settings = planner.PlanSettings(workload="tiny", device="cpu", exclude=("compile",))
+    profile = planner._profile(settings)
+    space, _ = planner.build_space(settings, profile, planner.load_workload("tiny", {}))
+    assert "compile" not in {s.name for s in space.strategies} and space.left_out["compile"] == "excluded (--exclude)"
+    assert not [p for p in planner.expert_priors(space) if p.get("compile")]
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
+    baseline = search.plan_for(space, space.baseline_micro_batch, [])
+    compiled = dict(baseline.to_dict(), strategies=[{"name": "compile", "knobs": {"mode": "default", "scope": "model"}}])
+    for value, plan in ((1.0, baseline.to_dict()), (9.0, compiled), (2.0, dict(baseline.to_dict(), train={**baseline.to_dict()["train"], "micro_batch_size": 8}))):
+        study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}, user_attrs={"plan": plan, "run": "now", "figures": {}}))
+    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now")
+    summary = planner._fresh(study, objective, datetime.datetime.now(), planner.Clock(), 0.0, print, settings.exclude)
+    assert summary.best.number == 2 and summary.best.value == 2.0
+    with pytest.raises(UserError, match="--exclude warp_drive: unknown strategy"):
+        planner.build_space(planner.PlanSettings(workload="tiny", device="cpu", exclude=("warp_drive",)), profile, planner.load_workload("tiny", {}))

@@ -105,6 +105,8 @@ HOSTILE: list[tuple[str, Args, int, str]] = [
     ("compare_foreign_sqlite", lambda t: ["compare", f"sqlite:///{_foreign(t)}#some-study"], 2, "not an Optuna storage"),
     ("plan_warm_start_foreign_sqlite", lambda t: ["plan", "--trials", "1", "--warm-start", f"sqlite:///{_foreign(t)}", "--out", t / "p.plan.json"],
      2, "not an Optuna storage"),
+    ("plan_exclude_unknown", lambda t: ["plan", "--trials", "1", "--exclude", "warp_drive", "--storage", f"sqlite:///{t}/s.db", "--out", t / "p.plan.json"],
+     2, "--exclude warp_drive: unknown strategy"),
     # Lesser: numbers that are no rate, no time, no count.
     ("compare_nan_rate", lambda t: ["compare", PLAN_A, _plan(t, "rate", PLAN_A, measured={**json.loads(PLAN_A.read_text())["measured"], "tokens_per_s": float("nan")})],
      2, "rate.plan.json: measured tokens/s nan is not a positive number"),

@@ -83,7 +83,7 @@ def _plan_cmd(db, out):
     # 2-process trial whatever TPE then picks. --trials 3 a run: the baseline and two priors in
     # the first (killed after two), the killed trial's retry and two more in the second.
     return [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "3", "--storage", f"sqlite:///{db}",
-            "--out", str(out), "--trial-steps", "6", "--warmup-steps", "2", "--cpu-procs", "2"]
+            "--out", str(out), "--trial-steps", "6", "--warmup-steps", "2", "--cpu-procs", "2", "--exclude", "compile"]
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import ROOT
 from tests.postgres import cluster
 
-PLANNER = ["--workload", "tiny", "--trials", "2", "--trial-steps", "4", "--warmup-steps", "1", "--trial-timeout", "120"]
+PLANNER = ["--workload", "tiny", "--trials", "2", "--trial-steps", "4", "--warmup-steps", "1", "--trial-timeout", "120", "--exclude", "compile"]
 
 
 @pytest.fixture(scope="module")

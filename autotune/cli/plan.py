@@ -40,6 +40,7 @@ def plan_command(
     trial_seconds: Annotated[float, typer.Option(help="Timed seconds a trial aims for (at least one optimizer step, at most --trial-steps).")] = 5.0,
     trial_timeout: Annotated[float, typer.Option(help="Seconds before a trial is killed.")] = 300.0,
     report: Annotated[Optional[Path], typer.Option(help="Write Optuna's plots (HTML) to this directory.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="A strategy the search leaves out (`autotune strategies` lists them); repeatable.")] = None,
     warm_start: Annotated[Optional[list[str]], typer.Option(help="A plan file, or a storage URL[#STUDY] (its best 3 trials), tried first after the baseline; repeatable.")] = None,
 ) -> None:
     """Search, confirm the best trial against the baseline (interleaved), and write it as a plan."""
@@ -83,7 +84,7 @@ def plan_command(
         workload=workload, workload_overrides=overrides, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
         global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, quality_tolerance=quality_tolerance, guard_steps=guard_steps, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
         budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout, target_s=trial_seconds),
-        command=shlex.join(["autotune", *ARGS]), warm_start=list(warm_start or []), started_at=started(),
+        command=shlex.join(["autotune", *ARGS]), warm_start=list(warm_start or []), exclude=tuple(exclude or ()), started_at=started(),
     )
     from rich.console import Console
 
