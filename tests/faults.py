@@ -19,6 +19,7 @@ HANG_ONCE = 11
 """Hangs the first time (creating the file named by $AUTOTUNE_TEST_HANG_ONCE), runs after."""
 SLOW = 12
 """Every step sleeps 0.3 s: a trial far slower than the others, for the pruner."""
+# With $AUTOTUNE_TEST_ALWAYS_NAN set, every loss is NaN: no trial of a search succeeds.
 
 
 class Faulty(nn.Module):
@@ -47,7 +48,7 @@ class Faulty(nn.Module):
                 time.sleep(3600)
             raise RuntimeError("simulated failure on rank 1")
         loss = F.cross_entropy(self.out(self.embed(idx)).flatten(0, 1), targets.flatten())
-        return loss * float("nan") if batch == NAN else loss
+        return loss * float("nan") if batch == NAN or os.environ.get("AUTOTUNE_TEST_ALWAYS_NAN") else loss
 
 
 def build() -> Workload:

@@ -18,6 +18,7 @@ import pytest
 
 from autotune import plan as planmod
 from tests.conftest import DEFAULT_PLAN, ROOT
+from tests.test_limits import _hf  # the workload of Llama 3.2 1B's published config.json, changed
 
 PLAN_A = ROOT / "profiles" / "h200-phase8-small.plan.json"
 
@@ -37,15 +38,6 @@ def _plan(tmp: Path, name: str = "p", base: Path = DEFAULT_PLAN, **changes) -> P
     path = tmp / f"{name}.plan.json"
     path.write_text(json.dumps(data))
     return path
-
-
-def _hf(**changes) -> dict:
-    """The workload of Llama 3.2 1B's published config.json, changed."""
-    config = json.loads((ROOT / "tests" / "hf_configs" / "llama-3.2-1b.json").read_text())
-    model_type = config.pop("model_type")
-    for key in ("transformers_version", "architectures", "_name_or_path"):
-        config.pop(key, None)
-    return {"name": f"hf:{model_type}", "overrides": config | changes}
 
 
 def _two_nodes(tmp: Path, endpoint: str) -> Path:

@@ -148,3 +148,18 @@ def test_a_plan_that_cannot_run_here_is_replanned_from_it_and_keeps_its_training
     assert (first["precision"], first["precision.dtype"], first["precision.tf32"]) == (True, "bf16", False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["steps_done"] == 2 and summary["data_identity"] == made.data_identity
+
+
+def test_a_replan_in_which_no_trial_succeeds_is_one_error_line_exit_1_and_writes_no_plan(dataset, tmp_path, run_cli, monkeypatch):
+    # A CUDA plan of a model whose every loss is NaN here: --adapt re-plans, and no trial of
+    # the re-plan succeeds. Not a traceback: the reason and the command that shows the trials.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AUTOTUNE_TEST_ALWAYS_NAN", "1")
+    plan = _plan(tmp_path, dataset, **_from_h200(), launch={"nproc_per_node": 1, "nnodes": 1, "device": "cuda"}, strategies=[],
+                 workload={"name": "tests.faults:build", "overrides": {}})
+    code, out, err = run_cli("run", plan, "--adapt", "--trust-workload", "--time-budget", "26", "--steps", "2", "--out", tmp_path / "out")
+    assert code == 1 and out == "", err
+    *notes, last = err.strip().splitlines()
+    assert last.startswith("autotune: error: no trial of study ") and "succeeded" in last and "Traceback" not in err, err
+    assert all(line.startswith("autotune: ") and "error" not in line for line in notes), err
+    assert not (tmp_path / "made-there.adapted.plan.json").exists() and not (tmp_path / "out").exists()
