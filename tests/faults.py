@@ -44,8 +44,8 @@ class Faulty(nn.Module):
         if batch == SIGKILL:
             os.kill(os.getpid(), signal.SIGKILL)
         if batch in (RANK1_RAISES, RANK1_HANGS) and os.environ.get("RANK") == "1":
-            if batch == RANK1_HANGS:
-                time.sleep(3600)
+            if batch == RANK1_HANGS:  # far past the tests' 5 s collective timeout, short of torchrun's 30 s grace
+                time.sleep(15)
             raise RuntimeError("simulated failure on rank 1")
         loss = F.cross_entropy(self.out(self.embed(idx)).flatten(0, 1), targets.flatten())
         return loss * float("nan") if batch == NAN or os.environ.get("AUTOTUNE_TEST_ALWAYS_NAN") else loss
