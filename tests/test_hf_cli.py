@@ -1,10 +1,8 @@
 """Hugging Face models from the command line (``--workload hf[:<type>] --workload-config PATH``)
-and their bad input, through the real CLI, configs written locally, on the CPU."""
+and their bad input, through the real CLI, configs written locally, on the CPU. A plan from a
+config file or its folder is made and run in tests/test_hf_zoo.py."""
 
 import json
-import math
-import subprocess
-import sys
 
 import pytest
 
@@ -57,32 +55,6 @@ def test_strategies_explain_takes_the_type_from_the_config(run_cli, llama_json):
     left_out = {line.partition(": ")[0] for line in out.splitlines()}  # "name: reason" per strategy left out
     assert "ddp" not in left_out and not left_out & {"activation_checkpoint", "compile", "fsdp2", "attention", "vocab_padding", "tensor_parallel", "pipeline_parallel"}
     assert "tpu" in left_out  # the lines are there: this machine has no TPU
-
-
-@pytest.fixture(scope="module")
-def llama_plan(tmp_path_factory):
-    """One real `autotune plan --workload hf --workload-config` whose only trial is the baseline."""
-    tmp = tmp_path_factory.mktemp("hfplan")
-    (tmp / "llama").mkdir()
-    (tmp / "llama" / "config.json").write_text(json.dumps({**LLAMA, "architectures": ["LlamaForCausalLM"]}))
-    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "hf", "--workload-config", str(tmp / "llama"),
-           "--trials", "1", "--time-budget", "60", "--trial-steps", "4", "--warmup-steps", "1",
-           "--storage", f"sqlite:///{tmp}/s.db", "--out", str(tmp / "plan.json")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    return proc, tmp / "plan.json"
-
-
-def test_a_plan_carries_the_config_and_its_trials_build_that_model(llama_plan, run_cli):
-    proc, out = llama_plan
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    plan = json.loads(out.read_text())
-    expected = {k: v for k, v in LLAMA.items() if k != "model_type"}
-    assert plan["workload"] == {"name": "hf:llama", "overrides": expected}
-    # The trials and the confirmation were child processes that rebuilt the model from the plan's
-    # overrides: a first loss of ln(512) is this config's vocabulary (llama's default gives ln 32000).
-    assert plan["measured"]["loss_start"] == pytest.approx(math.log(512), abs=0.15)
-    code, shown, err = run_cli("show", out)
-    assert code == 0 and "hf:llama" in shown and "hidden_size=64" in shown, err
 
 
 def _mkdir(p):

@@ -61,6 +61,8 @@ def build():
     fields = json.loads({config!r})
     return transformers.LlamaForCausalLM(transformers.AutoConfig.for_model("llama", **fields))
 '''
+FROM_FOLDER = ("phi3", "gpt2")
+"""Families whose --workload-config is the folder holding config.json, not the file."""
 PLAN_ARGS = ("--device", "cpu", "--warmup-steps", "2", "--global-batch", "8", "--time-budget", "120")
 """Default timed steps (20 of a few ms each: steadier figures, fewer extra confirmation rounds);
 the budget a ceiling only (a plan takes 30 to 40 s here), should a busy machine keep the
@@ -116,7 +118,9 @@ class Zoo:
             workload = ["--workload", "zoo_factory:build", "--seq-len", "32"]
         else:
             (d / "config.json").write_text(json.dumps(tiny(family), indent=2))
-            workload = ["--workload", "hf", "--workload-config", str(d / "config.json"), "--seq-len", str(SEQ_LEN)]
+            # A file, or the folder holding it (as a model downloaded from the Hub is).
+            given = d if family in FROM_FOLDER else d / "config.json"
+            workload = ["--workload", "hf", "--workload-config", str(given), "--seq-len", str(SEQ_LEN)]
         trials = ["--trials", "1"] if family == "factory" else ["--trials", "2"]  # the factory: its plan's path, the search is hf's
         cmd = [sys.executable, "-m", "autotune", "plan", *workload, *trials, *PLAN_ARGS, "--storage", f"sqlite:///{d}/s.db", "--out", str(d / "plan.json")]
         return {"dir": d, "plan": subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)}
@@ -164,6 +168,8 @@ def test_a_published_config_plans_and_trains(zoo, run_cli, family):
     # Its trials built this model: a first loss near ln(512), not ln of the published vocabulary.
     assert plan["measured"]["status"] == "ok"
     assert plan["measured"]["loss_start"] == pytest.approx(math.log(VOCAB), abs=1.0)
+    code, shown, err = run_cli("show", r["dir"] / "plan.json")
+    assert code == 0 and f"hf:{family}" in shown, err
     _trains(run_cli, r["dir"] / "plan.json")
 
 
