@@ -90,6 +90,9 @@ class Coefficients:
     max and sum passes too), the nll gradient, log-softmax's backward and the cast back."""
     loss_passes_compiled: float = 10.0
     """... compiled with the model: the logits written and read in about two fused passes."""
+    loss_passes_fused: float = 8.0
+    """... by a fused head + loss (triton_kernels): the bf16 logits of each chunk written, read
+    twice and written over with their gradient. Not fitted yet (no study on a GPU has one)."""
     optimizer_bytes: float = 44.0
     """Bytes per parameter of the optimizer step: AdamW reads weights, gradients, two moments
     and writes three (28), and clipping reads the gradients and scales them in place."""
@@ -237,6 +240,29 @@ def outside_bytes(shape: ModelShape, *, mixed: bool, compiled: bool) -> float:
     return norm + (2 if mixed else 4) * h + 8
 
 
+def fused_loss(configs: dict[str, Any]) -> str | None:
+    """The fused head + loss that replaces the logits (triton_kernels' ``loss``), or None."""
+    loss = _setting(configs, "triton_kernels", "loss", "compile") if "triton_kernels" in configs else "compile"
+    return None if loss == "compile" else loss
+
+
+def fused_loss_bytes(loss: str, shape: ModelShape, tokens: int, vocab: int, *, mixed: bool) -> float:
+    """Bytes a fused head + loss holds at its peak instead of the logits, at ``tokens`` tokens a
+    micro-batch and ``vocab`` (padded) columns: "autotune" one chunk of logits (about
+    ``CHUNK_BYTES``, kernels/fused_linear_cross_entropy.py) and the fp32 weight gradient;
+    "liger" a chunk of about tokens x width / vocab tokens' logits and the weight gradient in
+    the inputs' dtype; "cce" no logits, fp32 gradients. Each also holds the hidden states'
+    gradient (tokens x width)."""
+    a = 2 if mixed else 4
+    h = shape.d_model
+    if loss == "autotune":
+        chunk = min(tokens, max(128, (1 << 30) // (vocab * a)))
+        return chunk * vocab * a + 4.0 * vocab * h + tokens * h * a
+    if loss == "liger":
+        return 2.0 * tokens * h * a + vocab * h * a
+    return 4.0 * vocab * h + 4.0 * tokens * h
+
+
 def logit_bytes(shape: ModelShape, *, mixed: bool, loss_compiled: bool, coefficients: Coefficients = Coefficients()) -> tuple[float, float]:
     """(kept by the forward, live at the peak) bytes per token and vocab entry. Eager, the
     forward keeps the fp32 log-softmax (4: the loss upcasts bf16 logits; the bf16 logits are
@@ -314,6 +340,7 @@ def estimate(
     # The blocks' share of one process: tensor parallel splits each, pipeline stages hold L/pp.
     params = terms.block_params / terms.model_shards + terms.other_params
     _, logits_peak = logit_bytes(c, mixed=mixed, loss_compiled=loss_compiled, coefficients=k)
+    fused = fused_loss(configs)
     casts = 0.0
     if mixed and not compiled:
         # Autocast's bf16 copy of each weight a matmul reads is kept for the backward.
@@ -323,7 +350,7 @@ def estimate(
         "optimizer": 0.0 if terms.optimizer_on_host else 8.0 * params / terms.optimizer_shards,
         "gradients": 4.0 * params / terms.gradient_shards,
         "activations": terms.activations,
-        "logits": tokens * V * logits_peak,
+        "logits": tokens * V * logits_peak if fused is None else fused_loss_bytes(fused, c, tokens, V, mixed=mixed),
         "scores": terms.scores / terms.model_shards,
         "casts": casts,
     }
@@ -378,6 +405,8 @@ def step_times(c: ModelShape, configs: dict[str, Any], terms: CostTerms, *, flop
             scores = (L + ckpt) * tokens * c.n_heads * c.seq_len  # b x heads x s^2 per block
             times["scores"] = k.score_passes * scores / terms.model_shards / memory_bandwidth
         passes = k.loss_passes_compiled if loss_compiled else k.loss_passes_eager
+        if fused_loss(configs) is not None:
+            passes = k.loss_passes_fused
         times["loss"] = passes * tokens * V / memory_bandwidth
         times["optimizer"] = k.optimizer_bytes * params / max(terms.optimizer_shards, 1.0) / memory_bandwidth
     # The host launches each micro-batch's kernels; the GPU waits where they are short.

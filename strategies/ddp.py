@@ -30,10 +30,10 @@ from autotune.strategy import Knob, Needs, Part, Prior, PriorFacts, Strategy
 if TYPE_CHECKING:
     from autotune.context import TrainContext
 
-WRAPPER_READS: frozenset[Part] = frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "placement", "stages"})
+WRAPPER_READS: frozenset[Part] = frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "placement", "stages", "loss"})
 """What a data-parallel wrapper (ddp, fsdp2) needs final: it holds the final parameters and
 modules, so everything that replaces parameters, shards them or wraps blocks comes first
-(torchtitan: compile, then FSDP)."""
+(torchtitan: compile, then FSDP); so does the loss its forward computes (a fused head + loss)."""
 
 
 @dataclass(kw_only=True, slots=True)

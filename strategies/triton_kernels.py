@@ -1,50 +1,138 @@
-"""Fused Triton kernels (kernels/, in the Liger-Kernel layout): LayerNorm forward and
-backward in one kernel each, and the output head fused with the cross-entropy, computed in
-chunks so the (tokens x vocab) logits are never held whole. The same maths in another order
-of floating-point operations: an exact strategy.
+"""Which implementation computes the output head and the cross-entropy: the planner races them.
 
-Declared, not implemented yet (roadmap item "custom Triton kernels", no issue filed). It
-needs CUDA and the triton package; the fused loss replaces the model's head and the loss its
-adapter computes from the head's output, so that kernel needs a workload whose adapter serves
-both ("head" and "loss": the built-in GPT, an hf: model with an output head).
+- "compile": the model's own head and loss, unfused (inductor's kernels where compile is on):
+  the yardstick the others are measured against, and what the strategy's absence means too.
+- "autotune": our kernel (``autotune.kernels.fused_linear_cross_entropy``): the head in chunks
+  of tokens with the loss and both gradients taken in the same pass, so the (tokens x vocab)
+  logits never exist whole.
+- "liger": Liger-Kernel's ``liger_fused_linear_cross_entropy`` (the ``liger-kernel`` package).
+- "cce": Apple's Cut Cross-Entropy (the ``cut-cross-entropy`` package), its "cce" kernel.
+
+Each replaces "head + loss" through the model adapter's ``set_head_loss`` (the built-in GPT,
+``hf:`` models whose logits are the head's output), tied or untied heads and a padded
+vocabulary alike. Each runs outside torch.compile's graph (a graph break: the model compiles up
+to the final norm; Liger's loss fails under compile). They compute the same cross-entropy in
+another order of floating-point sums: an exact strategy (the loss check holds every plan that
+uses one to the baseline's losses).
+
+The fused norm + residual kernel the issue also names is not here: nothing measured yet shows
+it beating inductor's own fusion of the norms (bench/README.md, "Fused loss").
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
+from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Strategy
 
-_NEEDS = Needs(cuda=True, modules=("triton",))
+if TYPE_CHECKING:
+    import torch
+
+    from autotune.context import TrainContext
+
+_STRUCTURE = frozenset({"head", "loss"})
+_NEEDS = Needs(cuda=True, modules=("triton",), structure=_STRUCTURE)
+LOSSES = ("compile", "autotune", "liger", "cce")
+_MODULES = {"autotune": ("triton",), "liger": ("triton", "liger_kernel"), "cce": ("triton", "cut_cross_entropy")}
+"""The packages each implementation imports (the extras that install them: dev, kernels)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class TritonKernelsConfig:
-    layernorm: bool = True
-    """Replace every nn.LayerNorm with the fused Triton LayerNorm."""
-    cross_entropy: bool = True
-    """Replace the head matmul and the cross-entropy with one chunked fused kernel."""
-
-    def __post_init__(self) -> None:
-        if not (self.layernorm or self.cross_entropy):
-            raise ValueError("at least one of layernorm and cross_entropy must be on")
+    loss: Literal["compile", "autotune", "liger", "cce"] = "autotune"
+    """Implementation of the head and the cross-entropy (see the module docstring)."""
 
     def needs(self) -> Needs:
-        """The fused loss replaces the head and the adapter's loss."""
-        return dataclasses.replace(_NEEDS, structure=frozenset({"head", "loss"}) if self.cross_entropy else frozenset())
+        """A GPU for every fused kernel, and the package of the one chosen."""
+        return Needs(cuda=True, modules=_MODULES.get(self.loss, ("triton",)), structure=_STRUCTURE)
+
+
+def _autotune_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    from autotune.kernels.fused_linear_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, targets, vocab_size=vocab_size)
+
+
+def _in_autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both flattened and in autocast's dtype (the libraries' kernels take one dtype, and
+    autocast does not reach into them), the weight cut to the true vocabulary."""
+    import torch
+
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return hidden.reshape(-1, hidden.shape[-1]).to(dtype), weight[:vocab_size].to(dtype)
+
+
+def _liger_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    import torch
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    h, w = _in_autocast_dtype(hidden, weight, vocab_size)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return liger_fused_linear_cross_entropy(h, w, targets.reshape(-1)).float()
+
+
+def _cce_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    import torch
+    from cut_cross_entropy import linear_cross_entropy
+
+    h, w = _in_autocast_dtype(hidden, weight, vocab_size)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return linear_cross_entropy(h, w, targets.reshape(-1), impl="cce").float()
+
+
+def head_loss(loss: str) -> Callable[..., Any] | None:
+    """The ``HeadLoss`` of implementation ``loss`` (None for "compile": the model's own), outside
+    torch.compile's graph."""
+    import torch
+
+    fn = {"autotune": _autotune_loss, "liger": _liger_loss, "cce": _cce_loss}.get(loss)
+    return None if fn is None else functools.wraps(fn)(torch.compiler.disable(fn))
+
+
+def apply_triton_kernels(ctx: TrainContext, cfg: TritonKernelsConfig) -> None:
+    from autotune.workloads.adapter import NotSupported, adapter_for
+
+    ctx.check_needs(STRATEGY, cfg, "loss compile keeps the model's own head and loss")
+    fn = head_loss(cfg.loss)
+    if fn is None:
+        ctx.notes.append("head and loss: the model's own (compile)")
+        return
+    try:
+        adapter_for(ctx.model).set_head_loss(fn)
+    except NotSupported as e:
+        raise UserError(f"strategy triton_kernels cannot replace this model's head and loss: {e}") from None
+    ctx.notes.append(f"head and loss: fused ({cfg.loss})")
+
+
+def check_triton_kernels_with(chosen: dict[str, Any]) -> None:
+    """A fused loss reads the head's whole weight inside the model's forward: not a pipeline's
+    last stage (which returns logits), not a weight ZeRO-3 partitions or tensor parallelism shards."""
+    cfg = chosen.get("triton_kernels")
+    if cfg is None or cfg.loss == "compile":
+        return
+    if "pipeline_parallel" in chosen:
+        raise UserError(f"triton_kernels loss {cfg.loss} cannot run with pipeline_parallel: the last stage returns logits; use loss compile")
+    if getattr(chosen.get("zero"), "stage", None) == 3:
+        raise UserError(f"triton_kernels loss {cfg.loss} cannot run with zero stage 3: the head's weight is partitioned outside its own forward; use stage 1 or 2")
+    if "tensor_parallel" in chosen:
+        raise UserError(f"triton_kernels loss {cfg.loss} cannot run with tensor_parallel: a sharded head's weight is not whole; use loss compile")
 
 
 STRATEGY = Strategy(
     name="triton_kernels",
-    summary="fused Triton kernels: LayerNorm, head + cross-entropy",
+    summary="fused head + cross-entropy: our Triton kernel, Liger or CCE, raced against compile",
     exact=True,
     config=TritonKernelsConfig,
-    apply=None,
+    apply=apply_triton_kernels,
     # The fused loss reads the head's final weight: after what replaces it (vocab padding).
-    changes=frozenset({"norms", "loss"}),
+    changes=frozenset({"loss"}),
     reads=frozenset({"head"}),
     needs=_NEEDS,
-    knobs=(Knob(name="layernorm", choices=(True, False)), Knob(name="cross_entropy", choices=(True, False))),
-    issue="roadmap item custom Triton kernels, no issue filed yet",
+    check_with=check_triton_kernels_with,
+    knobs=(Knob(name="loss", choices=LOSSES),),
 )

@@ -169,7 +169,7 @@ STRATEGY = Strategy(
     takes_model=True,
     # Last of all: DeepSpeed's engine holds the final modules (no TP or PP shards: those
     # conflict) and is built from the accumulation count.
-    reads=frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "accumulation"}),
+    reads=frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "accumulation", "loss"}),
     cost=zero_cost,
     knobs=(
         Knob(name="stage", choices=(1, 2, 3)),

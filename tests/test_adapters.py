@@ -56,6 +56,40 @@ def test_gpt_adapter_vocab_padding_pipeline_and_tp_plan():
         pipeline_split(2, 3)
 
 
+def _reference_head_loss(hidden, weight, targets, vocab_size):
+    """A HeadLoss in plain torch (the kernels' reference): the model's own maths, reordered."""
+    from autotune.kernels.reference import linear_cross_entropy
+
+    return linear_cross_entropy(hidden, weight, targets, vocab_size=vocab_size)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gpt_head_loss_replaces_head_and_loss_with_the_same_gradients(tied):
+    """set_head_loss: the loss from the final norm's output, the head's (padded) weight and the
+    targets; the same loss and gradients as the model's own, the logits without targets unchanged."""
+    model = tiny_gpt(tie_embeddings=tied)
+    adapter = adapter_for(model)
+    adapter.pad_vocab(64)  # 96 -> 128 rows: the padded columns stay out of the softmax
+    ids, targets = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
+    results = []
+    for fn in (None, _reference_head_loss):
+        adapter.set_head_loss(fn)
+        model.zero_grad()
+        loss = model(ids, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, model(ids)))
+    (own, own_grads, own_logits), (fused, fused_grads, fused_logits) = results
+    torch.testing.assert_close(fused, own)
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert torch.equal(fused_logits, own_logits) and fused_logits.shape[-1] == 96
+
+
+def test_generic_adapter_cannot_replace_a_loss_it_does_not_know():
+    with pytest.raises(NotSupported, match="does not know its head and loss"):
+        adapter_for(Plain()).set_head_loss(_reference_head_loss)
+
+
 class Layer(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -414,3 +414,19 @@ def test_chosen_strategies_cost_terms_run_in_apply_order():
     names = [name for name, _ in costmodel.strategy_terms(configs)]
     assert names == ["moe", "zero"]  # precision declares none: it picks the core's coefficients
     assert catalog.get("moe").cost is not None and costmodel.strategy_terms(configs)[1][1] is costmodel.zero_cost
+
+
+def test_a_fused_loss_holds_a_chunk_of_logits_not_all_of_them():
+    """triton_kernels: our kernel keeps one chunk of bf16 logits (about 1 GiB), the fp32 weight
+    gradient and the hidden states' gradient in place of the logits; loss compile is the model's own."""
+    workload = load_workload("gpt-vocab152k", {})
+    base = {"precision": catalog.get("precision").parse({"dtype": "bf16"}), "compile": catalog.get("compile").parse({})}
+    by_loss = {loss: costmodel.estimate(workload, 16, {**base, "triton_kernels": catalog.get("triton_kernels").parse({"loss": loss})})
+               for loss in ("compile", "autotune", "liger", "cce")}
+    tokens, V, h = 16 * 1024, 151936, 1024
+    unfused = costmodel.estimate(workload, 16, base)
+    assert by_loss["compile"].breakdown == unfused.breakdown and unfused.breakdown["logits"] == tokens * V * 3.0
+    chunk = (1 << 30) // (V * 2)
+    assert by_loss["autotune"].breakdown["logits"] == chunk * V * 2 + 4 * V * h + tokens * h * 2
+    for loss in ("autotune", "liger", "cce"):
+        assert by_loss[loss].breakdown["logits"] < 0.3 * unfused.breakdown["logits"], loss

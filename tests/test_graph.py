@@ -91,9 +91,7 @@ def test_approximate_strategies_are_exactly_the_ones_that_change_what_is_learned
 def test_multi_process_strategies_need_two_processes_and_the_rest_say_where_they_will_be() -> None:
     for name in MULTI_PROCESS:
         assert catalog()[name].needs.min_devices == 2
-    for name in ("triton_kernels", "tpu"):
-        assert catalog()[name].apply is None
-        assert catalog()[name].issue.startswith("roadmap item ")
+    assert catalog()["tpu"].apply is None and catalog()["tpu"].issue.startswith("roadmap item ")
 
 
 def test_conflicts_are_symmetric_in_the_graph() -> None:
@@ -111,9 +109,12 @@ def test_node_attributes() -> None:
     fp8 = graph.graph.nodes["fp8"]
     assert (fp8["exact"], fp8["implemented"], fp8["usable"]) == (False, True, False)
     assert fp8["reason"].startswith(APPROXIMATE)
+    tpu = graph.graph.nodes["tpu"]
+    assert (tpu["implemented"], tpu["usable"]) == (False, False)
+    assert tpu["reason"].startswith("not implemented yet: roadmap item TPU support")
     kernels = graph.graph.nodes["triton_kernels"]
-    assert (kernels["implemented"], kernels["usable"]) == (False, False)
-    assert kernels["reason"].startswith("not implemented yet: roadmap item custom Triton kernels")
+    assert (kernels["implemented"], kernels["usable"]) == (True, False)
+    assert kernels["reason"] == "needs CUDA, none found; needs the triton package, which does not import here"
 
 
 # ---------------------------------------------------------------------- exclusions
@@ -151,7 +152,12 @@ def test_h200s_meet_the_needs_of_fp8_and_tp() -> None:
     for name in ("fp8", "ddp", "fsdp2", "zero", "tensor_parallel", "pipeline_parallel", "int8", "triton_kernels"):
         assert unmet_needs(graph.strategies[name], H200X2) == [], name
     assert {"fp8", "int8"} <= set(graph.usable())
-    assert graph.excluded()["triton_kernels"] == "not implemented yet: roadmap item custom Triton kernels, no issue filed yet"
+    assert "triton_kernels" in graph.usable()
+    # Each fused loss is offered where its package imports (the extras install them).
+    assert graph.excluded_choices("triton_kernels") == {"loss": {
+        "liger": "needs the liger_kernel package, which does not import here",
+        "cce": "needs the cut_cross_entropy package, which does not import here",
+    }}
     t4 = StrategyGraph(T4, allow_approximate=True).excluded()
     assert t4["fp8"] == "needs fp8 tensor cores (compute capability 8.9+), Tesla T4 has none"
     assert {"tensor_parallel", "pipeline_parallel"} <= set(graph.usable())

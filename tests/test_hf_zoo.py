@@ -202,6 +202,43 @@ def test_the_published_config_itself_loads_at_full_size(family):
     assert ("attention" in workload.structure) == (family != "gemma2")
 
 
+@pytest.mark.parametrize("family", list(ZOO))
+def test_a_fused_head_and_loss_gives_each_familys_own_loss_and_gradients(family):
+    """The adapter's loss hook (triton_kernels' fused losses go through it), with the kernels'
+    plain-torch reference as the fused function, on a padded vocabulary: the model's own loss
+    and gradients; Gemma 2 (its logits soft-capped after the head) refuses it in one line."""
+    import torch
+
+    from autotune.kernels.reference import linear_cross_entropy
+    from autotune.workloads import load_workload
+    from autotune.workloads.adapter import NotSupported, adapter_for
+
+    torch.manual_seed(0)
+    model = load_workload(f"hf:{family}", {k: v for k, v in tiny(family).items() if k not in DROPPED}).build_model().eval()
+    adapter = adapter_for(model)
+    fused = lambda h, w, t, v: linear_cross_entropy(h, w, t, vocab_size=v)  # noqa: E731
+    if family == "gemma2":
+        assert "loss" not in adapter.supports()
+        with pytest.raises(NotSupported, match="soft-capped"):
+            adapter.set_head_loss(fused)
+        return
+    assert "loss" in adapter.supports()
+    adapter.pad_vocab(1024)  # 512 -> 1024 rows
+    ids, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    results = []
+    for fn in (None, fused):
+        adapter.set_head_loss(fn)
+        model.zero_grad()
+        loss = model(ids, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (own, own_grads), (ours, our_grads) = results
+    torch.testing.assert_close(ours, own)
+    assert our_grads.keys() == own_grads.keys()
+    for name, grad in own_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 STACK = [
     {"name": "precision", "knobs": {"dtype": "bf16", "tf32": False}},
     {"name": "activation_checkpoint", "knobs": {"mode": "selective", "every": 2}},

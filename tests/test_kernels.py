@@ -162,3 +162,46 @@ def test_every_config_compiles_for_hopper_without_spilling(python):
     assert len(kernels) == 2
     for kernel in kernels:
         assert kernel["stack"] == 0 and kernel["shared"] <= 227 * 1024, kernel
+
+
+def test_the_strategys_fused_loss_trains_a_gpt_as_its_own_loss_does():
+    """triton_kernels' loss "autotune" through the GPT's loss hook, compiled (dynamo's eager
+    backend: the loss is a graph break): the model's own loss and gradients, padded tied head."""
+    from autotune.strategies.triton_kernels import head_loss
+    from autotune.workloads.adapter import adapter_for
+    from autotune.workloads.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=90, seq_len=8, d_model=32, n_layers=2, n_heads=4)).to(DEVICE)
+    adapter = adapter_for(model)
+    adapter.pad_vocab(64)
+    ids, targets = torch.randint(0, 90, (2, 8), device=DEVICE), torch.randint(0, 90, (2, 8), device=DEVICE)
+    results = []
+    for fn in (None, head_loss("autotune")):
+        adapter.set_head_loss(fn)
+        model.zero_grad()
+        loss = torch.compile(model, backend="eager")(ids, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("others, message", [
+    ({"pipeline_parallel": None}, "cannot run with pipeline_parallel: the last stage returns logits"),
+    ({"tensor_parallel": None}, "cannot run with tensor_parallel"),
+    ({"zero": "stage 3"}, "cannot run with zero stage 3"),
+])
+def test_a_fused_loss_is_refused_where_the_heads_weight_is_not_whole(others, message):
+    from autotune import catalog
+    from autotune.errors import UserError
+
+    strategies = catalog.catalog()
+    chosen = {"triton_kernels": strategies["triton_kernels"].config(loss="autotune")}
+    for name in others:
+        chosen[name] = strategies[name].config(stage=3) if name == "zero" else strategies[name].default()
+    with pytest.raises(UserError, match=message):
+        strategies["triton_kernels"].check_with(chosen)
+    chosen["triton_kernels"] = strategies["triton_kernels"].config(loss="compile")
+    strategies["triton_kernels"].check_with(chosen)  # the model's own loss runs with any of them

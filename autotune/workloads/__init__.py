@@ -81,14 +81,18 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpt2-124m": dict(vocab_size=50257, seq_len=1024, d_model=768, n_layers=12, n_heads=12),
     # ~1.0B: 18 x 12 x 2048^2 = 906M block params + 103M head.
     "gpt-1b": dict(vocab_size=50257, seq_len=2048, d_model=2048, n_layers=18, n_heads=16),
+    # Qwen3's vocabulary at Qwen3-0.6B's width: 12 x 12 x 1024^2 = 151M block params + 155.6M
+    # head, the largest matmul of the model; where the choice of fused loss matters (issue 28).
+    "gpt-vocab152k": dict(vocab_size=151936, seq_len=1024, d_model=1024, n_layers=12, n_heads=16),
 }
 
 # The recipes' global batch (samples per optimizer step). GPT-2 small trains on 0.5M tokens
 # a step (nanoGPT: 480 x 1024); gpt-1b the same tokens at seq 2048. phase8-small takes 192 x
 # 1024 = 196k tokens, a batch its 50M parameters train well with, and 192 is a multiple of
 # every micro-batch up to 96 (12, 24, 48 and 64 included); phase8-long the same tokens at seq
-# 8192 (24 x 8192). tiny: 64 x 128 = 8k tokens.
-GLOBAL_BATCH: dict[str, int] = {"tiny": 64, "phase8-small": 192, "phase8-long": 24, "gpt2-124m": 480, "gpt-1b": 256}
+# 8192 (24 x 8192). tiny: 64 x 128 = 8k tokens. gpt-vocab152k: 64 x 1024, as the Qwen3-shaped
+# runs of issue 26.
+GLOBAL_BATCH: dict[str, int] = {"tiny": 64, "phase8-small": 192, "phase8-long": 24, "gpt2-124m": 480, "gpt-1b": 256, "gpt-vocab152k": 64}
 
 
 def gpt_workload(name: str, overrides: dict[str, Any] | None = None, *, with_shape: bool = True) -> Workload:

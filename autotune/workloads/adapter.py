@@ -36,6 +36,12 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tenso
 """Causal attention kernel: (q, k, v, dropout_p) -> y, all (B, nh, T, hs); k and v already
 have as many heads as q (an adapter repeats grouped kv heads before calling it)."""
 
+HeadLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+"""The output head and the loss in one function (a fused kernel):
+``(hidden, weight, targets, vocab_size) -> mean cross-entropy``, where ``hidden`` is the final
+norm's output (B, T, C), ``weight`` the head's (padded vocab rows, C; a tied embedding's own),
+``targets`` (B, T) and ``vocab_size`` the true vocabulary (columns past it are padding)."""
+
 
 @runtime_checkable
 class ModelAdapter(Protocol):
@@ -110,6 +116,12 @@ class ModelAdapter(Protocol):
 
     def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of ``logits`` (B, T, V or padded V) against ``targets``."""
+        ...
+
+    def set_head_loss(self, fn: HeadLoss | None) -> None:
+        """Compute the training loss as ``fn`` of the final hidden states, the head's weight and
+        the targets, instead of the head's logits then the cross-entropy (``loss``); None
+        restores the model's own. The logits the model returns without targets are unchanged."""
         ...
 
     def shape(self) -> ModelShape:
@@ -350,6 +362,9 @@ class GPTAdapter:
 
     def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return masked_cross_entropy(logits, targets, self.model.cfg.vocab_size)
+
+    def set_head_loss(self, fn: HeadLoss | None) -> None:
+        self.model.head_loss = fn
 
     def shape(self) -> ModelShape:
         c = self.model.cfg

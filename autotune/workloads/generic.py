@@ -92,6 +92,9 @@ class GenericAdapter:
     def logits_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise self._unknown("logits")
 
+    def set_head_loss(self, fn: Any) -> None:
+        raise self._unknown("head and loss")
+
     def shape(self, seq_len: int | None = None) -> ModelShape:
         """The shape of a model trained on ``seq_len`` tokens a sample, from what the module
         holds: the blocks found (their count and parameters), the vocabulary table (the widest

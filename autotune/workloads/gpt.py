@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autotune.workloads.adapter import Attend
+from autotune.workloads.adapter import Attend, HeadLoss
 from autotune.workloads.gpt_config import GPTConfig
 
 
@@ -85,6 +85,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
+        self.head_loss: HeadLoss | None = None
+        """Replaces head + loss in training (``GPTAdapter.set_head_loss``); None: the model's own."""
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -103,7 +105,10 @@ class GPT(nn.Module):
         x = self.embed(idx) + self.pos(pos)  # (B, T, C)
         for block in self.blocks:
             x = block(x)
-        logits = self.head(self.norm(x))  # (B, T, V), or (B, T, V_padded) with vocab padding
+        x = self.norm(x)
+        if targets is not None and self.head_loss is not None:
+            return self.head_loss(x, self.head.weight, targets, self.cfg.vocab_size)
+        logits = self.head(x)  # (B, T, V), or (B, T, V_padded) with vocab padding
         if targets is None:
             return logits[..., : self.cfg.vocab_size]
         return self.loss(logits, targets)

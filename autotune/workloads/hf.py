@@ -51,6 +51,7 @@ from autotune.workloads import PROBE_LAYERS, Workload, with_layers
 from autotune.workloads.adapter import (
     STRUCTURE,
     Attend,
+    HeadLoss,
     ModelShape,
     NotSupported,
     block_matmul_params,
@@ -306,6 +307,8 @@ class HFCausalLM(nn.Module):
         self.vocab_size = vocab_size or hf.config.vocab_size
         """The true vocabulary: logits past it are padding."""
         self._blocks_fqn = "hf." + decoder_layers_fqn(hf)
+        self.head_loss: HeadLoss | None = None
+        """Replaces head + loss in training (``HFAdapter.set_head_loss``); None: the model's own."""
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -315,6 +318,11 @@ class HFCausalLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """``idx``, ``targets``: (B, T) ids, targets already shifted. Mean loss, or the
         (unpadded) logits without targets."""
+        if targets is not None and self.head_loss is not None:
+            # The decoder's output is the final norm's: what the CausalLM's head reads
+            # (supports() lists "loss" only for the families where nothing comes between).
+            hidden = self.hf.base_model(input_ids=idx, use_cache=False).last_hidden_state
+            return self.head_loss(hidden, self.hf.get_output_embeddings().weight, targets, self.vocab_size)
         logits = self.hf(input_ids=idx, use_cache=False).logits  # (B, T, V padded)
         if targets is None:
             return logits[..., : self.vocab_size]
@@ -326,6 +334,12 @@ class HFCausalLM(nn.Module):
     def flops_per_token(self) -> int:
         return self.adapter().flops_per_token()
 
+
+_PLAIN_HEAD = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gpt2",
+                         "gpt_neox", "phi3", "olmo2", "starcoder2"})
+"""Families whose CausalLM's training logits are its head applied to the decoder's output, as
+transformers 5.17 writes them (Gemma 2's soft-capping is refused on its own). The zoo tests hold
+the fused path equal to the model's own loss for each family they build."""
 
 _TP_STYLES = ("colwise", "rowwise", "colwise_gather_output", "sequence_parallel")
 
@@ -370,9 +384,32 @@ class HFAdapter:
                 out.discard(token)
         if "attention" in out and self.plain_attention_refusal() is not None:
             out.discard("attention")  # our kernels would compute another attention
-        if getattr(self.hf.config, "final_logit_softcapping", None):
-            out.discard("loss")  # the head's output is not the logits: they are soft-capped after it
+        if self.plain_head_refusal() is not None:
+            out.discard("loss")
         return frozenset(out)
+
+    def plain_head_refusal(self) -> str | None:
+        """Why the training loss is not the cross-entropy of the head's matmul of the decoder's
+        output (None: it is, and a fused head + loss may replace them): logit soft-capping
+        (Gemma 2), a head with a bias, or a family whose CausalLM scales the hidden states or
+        the logits around its head (Cohere, Granite, MiniCPM: any family not in _PLAIN_HEAD)."""
+        config = self.hf.config
+        if getattr(config, "final_logit_softcapping", None):
+            return "its logits are soft-capped after the head"
+        head = self.hf.get_output_embeddings()
+        if head is None:
+            return f"{type(self.hf).__name__} has no output embeddings"
+        if getattr(head, "bias", None) is not None:
+            return "its head has a bias"
+        if config.model_type not in _PLAIN_HEAD:
+            return f"model_type {config.model_type!r} is not known to read its logits straight off the head"
+        return None
+
+    def set_head_loss(self, fn: HeadLoss | None) -> None:
+        why = self.plain_head_refusal()
+        if fn is not None and why is not None:
+            raise NotSupported(f"{type(self.hf).__name__}: no fused head and loss: {why}")
+        self.model.head_loss = fn
 
     def plain_attention_refusal(self) -> str | None:
         """Why the model's attention is not what our kernels compute, causal
