@@ -41,6 +41,8 @@ interpreter fast and the rows' tails tested."""
 
 BLOCK_V = 64 if _INTERPRET else 4096
 """Vocabulary columns a program handles at once: 4096 bf16 is 8 KiB a load, 16 per thread."""
+NUM_WARPS = 8
+"""Warps of a program (one row): 16 bf16 columns a thread a load at BLOCK_V 4096."""
 CHUNK_BYTES = 1 << 30
 """The logits of one chunk of tokens take at most about this much memory."""
 
@@ -120,7 +122,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             logits = h @ weight.T  # (chunk, width), the inputs' dtype
             _loss_and_grad_kernel[(stop - start,)](logits, logits.stride(0), targets[start:stop], scale, losses[start:stop],
                                                    V=vocab_size, WIDTH=width, IGNORE_INDEX=ignore_index, GRAD=grad,
-                                                   BLOCK_V=BLOCK_V, num_warps=8)
+                                                   BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
             if grad:  # logits now hold the gradient of the loss in them
                 torch.mm(logits, weight, out=d_hidden[start:stop])
                 d_weight = _weight_grad_into(d_weight, logits, h)

@@ -231,6 +231,28 @@ class TestVocabPadding(StrategySuite):
             assert trainer.ctx.model(idx).shape == (1, 4, vocab)  # the padded logits dropped
 
 
+class TestTritonKernels(StrategySuite):
+    name = "triton_kernels"
+    # Fused losses need a GPU (Triton's kernels; tests/test_kernels.py runs ours in the
+    # interpreter). The same cross-entropy in another order of sums: fp32 as close as two CUDA
+    # runs; bf16 as two bf16 programs (both round the logits to bf16, the gradients' sums differ).
+    cpu_cases = ()
+    cuda_cases = (
+        Case(knobs={"loss": "autotune"}, base=FP32_NO_TF32, overrides={"vocab_size": 2100}, rtol=CUDA_FP32),
+        Case(knobs={"loss": "autotune"}, base={**BF16, "compile": {}, "vocab_padding": {"multiple": 64}}, rtol=BF16_VS_BF16),
+        Case(knobs={"loss": "liger"}, base=BF16, rtol=BF16_VS_BF16),
+        Case(knobs={"loss": "cce"}, base=BF16, rtol=BF16_VS_BF16),
+        Case(knobs={"loss": "compile"}, base=BF16, rtol=BF16_VS_BF16),
+    )
+    cpu_refused = ({"loss": "autotune"}, {"loss": "compile"})
+    check_resume = False
+
+    def check_applied(self, trainer: Trainer, cfg: Any) -> None:
+        model = trainer.ctx.model
+        model = getattr(model, "_orig_mod", model)
+        assert (model.head_loss is None) == (cfg.loss == "compile")
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux's CPU affinity")
 def test_cpu_threads_never_exceed_the_cores_this_process_may_use():
     # A plan measured with 2 threads, run in a process pinned to one core (taskset, a cpuset):
