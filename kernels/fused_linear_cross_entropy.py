@@ -42,44 +42,60 @@ interpreter fast and the rows' tails tested."""
 BLOCK_V = 64 if _INTERPRET else 4096
 """Vocabulary columns a program handles at once: 4096 bf16 is 8 KiB a load, 16 per thread."""
 NUM_WARPS = 8
-"""Warps of a program (one row): 16 bf16 columns a thread a load at BLOCK_V 4096."""
+"""Warps of a program: 16 bf16 columns a thread a load at BLOCK_V 4096."""
+PROGRAMS_PER_SM = 0
+"""Programs of the row kernel a streaming multiprocessor, each taking rows in turn (0: a program
+a row, as many as the chunk has)."""
 CHUNK_BYTES = 1 << 30
 """The logits of one chunk of tokens take at most about this much memory."""
 
 
 @triton.jit
-def _loss_and_grad_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_ptr, V: tl.constexpr, WIDTH: tl.constexpr,
-                          IGNORE_INDEX: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Program i: row i of the (chunk, WIDTH) logits. Writes the row's loss (0 if ignored) and,
-    with GRAD, the gradient of the mean loss over the row itself (columns past V get 0).
+def _loss_and_grad_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_ptr, ROWS: tl.constexpr, PROGRAMS: tl.constexpr,
+                          V: tl.constexpr, WIDTH: tl.constexpr, IGNORE_INDEX: tl.constexpr, GRAD: tl.constexpr,
+                          BLOCK_V: tl.constexpr):
+    """Program p of PROGRAMS: rows p, p + PROGRAMS, ... of the (ROWS, WIDTH) logits. Writes each
+    row's loss (0 if ignored) and, with GRAD, the gradient of the mean loss over the row itself
+    (columns past V get 0). With few programs a wave's rows stay in L2 between the two passes.
 
-    V and WIDTH are loop bounds, so constexprs: one compilation per vocabulary (Triton 3.6's
+    The loop bounds are constexprs: one compilation per vocabulary and chunk size (Triton 3.6's
     interpreter cannot loop to a runtime bound under numpy 2.4)."""
-    row = tl.program_id(0)
-    row_ptr = logits_ptr + row.to(tl.int64) * stride
-    target = tl.load(targets_ptr + row)
-    counted = target != IGNORE_INDEX
+    for i in range(0, (ROWS + PROGRAMS - 1) // PROGRAMS):
+        row = tl.program_id(0) + i * PROGRAMS
+        if row < ROWS:
+            row_ptr = logits_ptr + row.to(tl.int64) * stride
+            target = tl.load(targets_ptr + row)
+            counted = target != IGNORE_INDEX
 
-    running_max = float("-inf")
-    sum_exp = 0.0  # of logits - running_max
-    for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))  # finite: the tile has a column < V
-        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-        running_max = new_max
-    lse = running_max + tl.log(sum_exp)
-    in_vocab = counted & (target >= 0) & (target < V)
-    target_logit = tl.load(row_ptr + tl.where(in_vocab, target, 0), mask=in_vocab, other=0.0).to(tl.float32)
-    tl.store(loss_ptr + row, tl.where(counted, lse - target_logit, 0.0))
+            running_max = float("-inf")
+            sum_exp = 0.0  # of logits - running_max
+            for v0 in range(0, V, BLOCK_V):
+                offs = v0 + tl.arange(0, BLOCK_V)
+                x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+                new_max = tl.maximum(running_max, tl.max(x, axis=0))  # finite: the tile has a column < V
+                sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+                running_max = new_max
+            lse = running_max + tl.log(sum_exp)
+            in_vocab = counted & (target >= 0) & (target < V)
+            target_logit = tl.load(row_ptr + tl.where(in_vocab, target, 0), mask=in_vocab, other=0.0).to(tl.float32)
+            tl.store(loss_ptr + row, tl.where(counted, lse - target_logit, 0.0))
 
-    if GRAD:
-        scale = tl.where(counted, tl.load(scale_ptr), 0.0)
-        for v0 in range(0, WIDTH, BLOCK_V):
-            offs = v0 + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)  # exp(-inf) = 0 past V
-            grad = (tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)) * scale
-            tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=offs < WIDTH)
+            if GRAD:
+                scale = tl.where(counted, tl.load(scale_ptr), 0.0)
+                for v0 in range(0, WIDTH, BLOCK_V):
+                    offs = v0 + tl.arange(0, BLOCK_V)
+                    x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)  # exp(-inf) = 0 past V
+                    grad = (tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)) * scale
+                    tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=offs < WIDTH)
+
+
+def _programs(rows: int, device: torch.device) -> int:
+    """Programs of the row kernel: PROGRAMS_PER_SM a streaming multiprocessor (0: one a row; a
+    CPU, where the interpreter runs them, counts as two)."""
+    if PROGRAMS_PER_SM <= 0:
+        return rows
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    return max(1, min(rows, PROGRAMS_PER_SM * sms))
 
 
 def chunk_tokens(n_tokens: int, width: int, element_size: int) -> int:
@@ -90,17 +106,24 @@ def chunk_tokens(n_tokens: int, width: int, element_size: int) -> int:
     return max(1, triton.cdiv(n_tokens, chunks))
 
 
-def _weight_grad_into(acc: torch.Tensor, grad: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """``acc + grad.T @ hidden`` in fp32 (acc is fp32): on CUDA one cuBLAS call with fp32 output
-    (``out_dtype``, torch 2.9+) where the inputs are half; elsewhere the product is upcast."""
-    if acc.dtype == grad.dtype:
-        return acc.addmm_(grad.T, hidden)
+def _weight_grad_into(acc: torch.Tensor | None, grad: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """``acc + grad.T @ hidden`` in fp32 (``grad.T @ hidden`` where acc is None): on CUDA one
+    cuBLAS call with fp32 output (``out_dtype``, torch 2.9+), in place where this torch takes
+    ``out``; elsewhere the product is upcast."""
+    if grad.dtype == torch.float32:
+        return grad.T @ hidden if acc is None else acc.addmm_(grad.T, hidden)
     if grad.is_cuda:
         try:
-            return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32)
+            if acc is None:
+                return torch.mm(grad.T, hidden, out_dtype=torch.float32)
+            try:
+                return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32, out=acc)
+            except (TypeError, RuntimeError, NotImplementedError):
+                return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32)
         except (TypeError, RuntimeError, NotImplementedError):
             pass
-    return acc.add_((grad.T @ hidden).float())
+    product = (grad.T @ hidden).float()
+    return product if acc is None else acc.add_(product)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -109,24 +132,30 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
                 vocab_size: int, chunk: int) -> torch.Tensor:
+        """hidden (N, d) in the matmuls' dtype; weight (rows, d) in its own (an fp32 master
+        weight under autocast: cast here, its fp32 gradient returned without a bf16 round trip)."""
         n_tokens, width = hidden.shape[0], weight.shape[0]
         grad = any(ctx.needs_input_grad[:2])
+        w = weight.to(hidden.dtype)
         counted = (targets != ignore_index).sum()
         scale = (1.0 / counted.clamp(min=1).float()).reshape(1)  # a tensor: no host sync
         losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
         d_hidden = torch.empty_like(hidden) if grad else None
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad else None
+        d_weight = None
         for start in range(0, n_tokens, chunk):
             stop = min(start + chunk, n_tokens)
             h = hidden[start:stop]
-            logits = h @ weight.T  # (chunk, width), the inputs' dtype
-            _loss_and_grad_kernel[(stop - start,)](logits, logits.stride(0), targets[start:stop], scale, losses[start:stop],
-                                                   V=vocab_size, WIDTH=width, IGNORE_INDEX=ignore_index, GRAD=grad,
-                                                   BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+            logits = h @ w.T  # (chunk, width), the inputs' dtype
+            programs = _programs(stop - start, hidden.device)
+            _loss_and_grad_kernel[(programs,)](
+                logits, logits.stride(0), targets[start:stop], scale, losses[start:stop], ROWS=stop - start, PROGRAMS=programs,
+                V=vocab_size, WIDTH=width, IGNORE_INDEX=ignore_index, GRAD=grad, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
             if grad:  # logits now hold the gradient of the loss in them
-                torch.mm(logits, weight, out=d_hidden[start:stop])
+                torch.mm(logits, w, out=d_hidden[start:stop])
                 d_weight = _weight_grad_into(d_weight, logits, h)
             del logits
+        if grad and d_weight is None:  # no tokens
+            d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
         return losses.sum() * scale[0]
@@ -134,7 +163,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         d_hidden, d_weight = ctx.saved_tensors
-        return (d_hidden * grad_loss.to(d_hidden.dtype), (d_weight * grad_loss).to(ctx.weight_dtype), None, None, None, None)
+        return (d_hidden * grad_loss.to(d_hidden.dtype), d_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None)
 
 
 @torch.compiler.disable  # a graph break: the model compiles up to the hidden states; the loss runs its own kernels
@@ -168,5 +197,5 @@ def linear_cross_entropy(
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 token, got {chunk}")
     with torch.autocast(device, enabled=False):
-        return LinearCrossEntropyFunction.apply(hidden, weight.to(dtype).contiguous(), targets.reshape(-1).contiguous(),
+        return LinearCrossEntropyFunction.apply(hidden, weight.contiguous(), targets.reshape(-1).contiguous(),
                                                 ignore_index, vocab_size, chunk)

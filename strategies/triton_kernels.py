@@ -21,7 +21,6 @@ it beating inductor's own fusion of the norms (bench/README.md, "Fused loss").
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -91,7 +90,7 @@ def head_loss(loss: str) -> Callable[..., Any] | None:
     import torch
 
     fn = {"autotune": _autotune_loss, "liger": _liger_loss, "cce": _cce_loss}.get(loss)
-    return None if fn is None else functools.wraps(fn)(torch.compiler.disable(fn))
+    return None if fn is None else torch.compiler.disable(fn)
 
 
 def apply_triton_kernels(ctx: TrainContext, cfg: TritonKernelsConfig) -> None:
