@@ -85,12 +85,23 @@ def _cce_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
 
 def head_loss(loss: str) -> Callable[..., Any] | None:
-    """The ``HeadLoss`` of implementation ``loss`` (None for "compile": the model's own), outside
-    torch.compile's graph."""
+    """The ``HeadLoss`` of implementation ``loss`` (None for "compile": the model's own), its
+    kernels outside torch.compile's graph.
+
+    A plain function calling the disabled one: a disabled function held by the model itself
+    (``model.head_loss``) is not guarded by dynamo (torch 2.11 to 2.13): a model compiled with it
+    then reuses its code for a model without it, calling None (tests/test_kernels.py)."""
     import torch
 
     fn = {"autotune": _autotune_loss, "liger": _liger_loss, "cce": _cce_loss}.get(loss)
-    return None if fn is None else torch.compiler.disable(fn)
+    if fn is None:
+        return None
+    outside = torch.compiler.disable(fn)
+
+    def fused(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        return outside(hidden, weight, targets, vocab_size)
+
+    return fused
 
 
 def apply_triton_kernels(ctx: TrainContext, cfg: TritonKernelsConfig) -> None:
