@@ -304,12 +304,15 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     baseline's micro-batch. Approximate strategies with a prior here (searched only with
     --allow-approximate) come together in one more trial: the first one of all the exact
     priors plus theirs, enqueued right after it, so that the study measures both on the same
-    settings and the quality guard has its exact reference."""
+    settings and the quality guard has its exact reference. A strategy whose prior races
+    (``Prior.race``: triton_kernels' fused loss) gets a trial of the first prior plus itself,
+    right after it: one implementation against the other on the same settings."""
     device = "cuda" if space.launch.device == "cuda" else "cpu"
     distributing = apply.distributing()
     params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in distributing}
     own: list[dict[str, Any]] = []
     approximate: dict[str, Any] = {}
+    races: list[dict[str, Any]] = []
     for strategy in space.strategies:
         if strategy.name in distributing:
             continue
@@ -319,6 +322,8 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
         knobs = {strategy.name: True} | _with_defaults(strategy.name, _prefixed(strategy.name, prior))
         if not strategy.exact:
             approximate |= knobs
+        elif prior.race:
+            races.append(knobs)
         elif prior.own_trial:
             own.append(knobs)
         else:
@@ -335,6 +340,8 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
         larger = [b for b in space.micro_batches if first < b <= 2 * first]
         if larger:
             priors.insert(0, params | {"micro_batch_size": max(larger)})
+    for knobs in reversed(races):  # right after the trial they race against
+        priors.insert(1, priors[0] | knobs)
     if approximate:  # right after the exact trial it is measured and guarded against
         priors.insert(1, _with_approximate(priors[0], approximate))
     for knobs in reversed(own):

@@ -102,6 +102,10 @@ class Prior:
     strategy's prior (``Strategy.exact`` False) is always apart from the exact ones: it is
     enqueued as the first exact trial of all the others plus itself, right after that trial,
     so that the study holds the exact configuration it is judged against (the quality guard)."""
+    race: bool = False
+    """A trial of its own: the first exact prior with this strategy's settings added, enqueued
+    right after it, so that the study measures one implementation against the other on the same
+    settings (triton_kernels' fused loss against compile's head and loss)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     import torch
@@ -133,6 +133,16 @@ def check_triton_kernels_with(chosen: dict[str, Any]) -> None:
         raise UserError(f"triton_kernels loss {cfg.loss} cannot run with tensor_parallel: a sharded head's weight is not whole; use loss compile")
 
 
+def triton_kernels_prior(facts: PriorFacts) -> Prior | None:
+    """On a GPU, our fused loss raced against compile's head and loss (a trial of the first
+    prior plus it): measured on an H100 at 0.97x to 1.12x compile's time for 12% to 45% of its
+    memory (bench/README.md, "Fused loss"), so which wins depends on the model: the planner
+    measures it rather than assuming."""
+    if facts.device != "cuda" or "autotune" in facts.excluded.get("loss", {}):
+        return None
+    return Prior(knobs={"loss": "autotune"}, race=True)
+
+
 STRATEGY = Strategy(
     name="triton_kernels",
     summary="fused head + cross-entropy: our Triton kernel, Liger or CCE, raced against compile",
@@ -145,4 +155,5 @@ STRATEGY = Strategy(
     needs=_NEEDS,
     check_with=check_triton_kernels_with,
     knobs=(Knob(name="loss", choices=LOSSES),),
+    prior=triton_kernels_prior,
 )

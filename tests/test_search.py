@@ -1,5 +1,6 @@
 """The search with real trials: faults cost one trial each; a killed planner resumes."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -222,6 +223,24 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
         plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
         assert {s.name for s in plan.strategies} == {"precision", "attention", "compile", "vocab_padding", "optimizer", "grad_accum"}
         assert plan.global_batch() == 192
+
+
+def test_expert_priors_race_the_fused_loss_against_compiles_on_the_same_settings():
+    """triton_kernels' prior races (issue 28): the first prior, then it again with our fused loss."""
+    from autotune import catalog, planner
+
+    from autotune.hardware import HardwareProfile
+
+    names = ("precision", "attention", "compile", "vocab_padding", "optimizer", "triton_kernels")
+    space = _phase8_space(strategies=[catalog.get(n) for n in names])
+    h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
+    space.graph = StrategyGraph(dataclasses.replace(Facts.of(h200, space.workload), modules=frozenset({"triton"})))
+    space.launch = LaunchSpec(device="cuda")
+    priors = planner.expert_priors(space)
+    assert [p["micro_batch_size"] for p in priors] == [96, 96, 48]
+    assert priors[1] == priors[0] | {"triton_kernels": True, "triton_kernels.loss": "autotune"} and not priors[0]["triton_kernels"]
+    plan = search.suggest_plan(optuna.trial.FixedTrial(priors[1]), space)
+    assert plan.strategy_configs()["triton_kernels"].loss == "autotune"
 
 
 def test_a_cpu_search_samples_no_setting_that_changes_nothing_there():
