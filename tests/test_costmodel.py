@@ -430,3 +430,32 @@ def test_a_fused_loss_holds_a_chunk_of_logits_not_all_of_them():
     assert by_loss["autotune"].breakdown["logits"] == chunk * V * 2 + 4 * V * h + tokens * h * 2
     for loss in ("autotune", "liger", "cce"):
         assert by_loss[loss].breakdown["logits"] < 0.3 * unfused.breakdown["logits"], loss
+
+
+ISSUE26_STUDIES = ("issue26-h100-420s/qwen3", "issue26-h100-420s/llama32", "issue26-h100-420s/mistral", "issue26-h100-420s-mistral/mistral",
+                   "issue26-h100-420s/gpt1b")
+"""The 420 s studies of models autotune was not tuned on (one H100; bench/README.md)."""
+
+
+@pytest.mark.parametrize("study", ISSUE26_STUDIES)
+def test_the_cost_model_holds_on_the_hf_studies_of_issue_26(study):
+    """Issue 26's measure: peak memory within 10% and step time within 25%, median |error| over
+    each study's completed trials (bench/costmodel_check.py check prints each trial)."""
+    import statistics
+    import sys
+
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import costmodel_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    folder = RESULTS / study
+    profile = folder / "profile.json" if (folder / "profile.json").is_file() else folder.parent / "profile.json"
+    memory, times = [], []
+    for row in costmodel_check.rows_of(str(folder / "studies.db"), str(profile)):
+        estimate = costmodel_check.predict(row["plan"], row["rates"], row["bandwidth"])
+        memory.append(abs(estimate.peak_memory_bytes / row["peak"] - 1))
+        times.append(abs(estimate.step_time_s / row["time"] - 1))
+    assert len(memory) >= 2
+    assert statistics.median(memory) < 0.10 and statistics.median(times) < 0.25, (memory, times)
