@@ -190,8 +190,14 @@ def test_the_expert_priors_are_declared_by_each_strategy() -> None:
         "compile": ({"mode": "default", "scope": "model"}, False),
         "vocab_padding": ({"multiple": 64}, False),
         "optimizer": ({"implementation": "fused"}, False),
+        "triton_kernels": ({"loss": "autotune"}, False),
         "ddp": ({}, False),
     }
+    # Our fused loss races compile's (a trial of the first prior plus it), where triton imports.
+    from autotune.strategy import PriorFacts
+
+    assert catalog()["triton_kernels"].prior(PriorFacts(device="cuda", cores=8, processes=1)).race
+    assert "triton_kernels" not in _priors("cuda", excluded={"loss": {"autotune": "needs the triton package"}})
     # Flash where the graph excludes cuDNN's attention here.
     assert _priors("cuda", excluded={"backend": {"cudnn": "needs sm80"}})["attention"] == ({"backend": "flash"}, False)
     # The approximate priors, where they were measured to pay on one H200: fp8 from d_model 2048,
