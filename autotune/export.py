@@ -8,7 +8,7 @@ processes it trains as rank of that run, so the strategies are the plan's, appli
 executor. The DeepSpeed config and the Accelerate YAML also carry the plan's settings for users
 who port them into their own scripts: there each strategy states itself (``Strategy.exports``:
 what it sets in that config, or that the config has nothing to say about it), and a strategy that
-declares nothing for the target is refused, never left out. This module names no strategy.
+declares nothing for the target is refused, never left out. This module's code names no strategy.
 
 Plan text never becomes shell code: every word of a command is quoted (``shell_quote``), the
 rendezvous endpoint is a validated host:port (``plan.host_port``), names made from the plan's file
@@ -104,7 +104,7 @@ def settings(plan: Plan, plan_path: Path, target: ExportTarget) -> dict[str, Any
         if how is None:
             raise UserError(f"plan {plan_path} uses {name}, which {_STATED_IN[target]} cannot express; export --to torchrun")
         if how is not NOTHING_TO_SET:
-            # A later strategy's key replaces an earlier one's: fp8's mixed precision the precision's dtype.
+            # A later strategy's key replaces an earlier one's: fp8's mixed precision replaces precision's.
             merged.update(how(configs[name], plan))
     return merged
 

@@ -44,6 +44,8 @@ EXPORT_TARGETS: frozenset[str] = frozenset(get_args(ExportTarget))
 
 
 class _Nothing(enum.Enum):
+    """A one-member enum: the sentinel's type, which a type checker tells apart from an Exporter."""
+
     NOTHING_TO_SET = "nothing to set"
 
 
@@ -52,7 +54,8 @@ NOTHING_TO_SET = _Nothing.NOTHING_TO_SET
 
 Exporter = Callable[[Any, "Plan"], dict[str, Any]]
 """A strategy's export to one target: (its typed config, the plan) -> the keys it sets in that
-target's config (a fragment the export merges with the others')."""
+target's config (a fragment the export merges with the others'), or UserError for settings of
+its own that the config cannot state (fp8's rowwise scales in an Accelerate config)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
