@@ -7,7 +7,7 @@ import pkgutil
 from functools import cache
 
 from autotune.errors import UserError
-from autotune.strategy import Strategy, check_knob_fields
+from autotune.strategy import Strategy, check_exports, check_knob_fields
 
 
 @cache
@@ -25,6 +25,7 @@ def catalog() -> dict[str, Strategy]:
         if strategy.name in out:
             raise RuntimeError(f"strategy {strategy.name} declared twice")
         check_knob_fields(strategy)
+        check_exports(strategy)
         out[strategy.name] = strategy
     return out
 

@@ -6,7 +6,9 @@ Each export says what the plan says and refuses, with one line, what its target 
 torchrun, Accelerate and Slurm exports launch ``autotune run PLAN`` itself: under a launcher's
 processes it trains as rank of that run, so the strategies are the plan's, applied by the same
 executor. The DeepSpeed config and the Accelerate YAML also carry the plan's settings for users
-who port them into their own scripts.
+who port them into their own scripts: there each strategy states itself (``Strategy.exports``:
+what it sets in that config, or that the config has nothing to say about it), and a strategy that
+declares nothing for the target is refused, never left out. This module's code names no strategy.
 
 Plan text never becomes shell code: every word of a command is quoted (``shell_quote``), the
 rendezvous endpoint is a validated host:port (``plan.host_port``), names made from the plan's file
@@ -26,8 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from autotune import catalog
+from autotune.apply import ORDER
 from autotune.errors import UserError
 from autotune.plan import Plan, host_port
+from autotune.strategy import NOTHING_TO_SET, ExportTarget
 from autotune.terminal import visible
 
 def export(plan: Plan, plan_path: Path, target: str) -> str:
@@ -85,34 +90,43 @@ def torchrun(plan: Plan, plan_path: Path) -> str:
     return " ".join(map(shell_quote, torchrun_args(plan, plan_path))) + "\n"
 
 
+_STATED_IN: dict[ExportTarget, str] = {"accelerate": "an Accelerate config", "deepspeed": "a DeepSpeed config"}
+"""The configs that state a plan's strategies, as a refusal names them."""
+
+
+def settings(plan: Plan, plan_path: Path, target: ExportTarget) -> dict[str, Any]:
+    """What the plan's strategies set in ``target``'s config: each one's export, merged in
+    apply.ORDER; UserError naming the first strategy that ``target`` cannot express."""
+    configs, strategies = plan.strategy_configs(), catalog.catalog()
+    merged: dict[str, Any] = {}
+    for name in sorted(configs, key=ORDER.index):
+        how = strategies[name].exports.get(target)
+        if how is None:
+            raise UserError(f"plan {plan_path} uses {name}, which {_STATED_IN[target]} cannot express; export --to torchrun")
+        if how is not NOTHING_TO_SET:
+            # A later strategy's key replaces an earlier one's: fp8's mixed precision replaces precision's.
+            merged.update(how(configs[name], plan))
+    return merged
+
+
 def deepspeed(plan: Plan, plan_path: Path) -> str:
-    """DeepSpeed's JSON config of a ZeRO plan: the one ``autotune run`` hands to
-    ``deepspeed.initialize`` (DeepSpeed derives the global batch from it and its world size)."""
-    configs = plan.strategy_configs()
-    if "zero" not in configs:
-        raise UserError(f"plan {plan_path} has no zero strategy: a DeepSpeed config would describe another run (export --to torchrun)")
-    from autotune.strategies.zero import ds_config
-
-    return json.dumps(ds_config(configs["zero"], plan.train, plan.grad_accum()), indent=2) + "\n"
-
-
-# Accelerate's names (accelerate.utils.DistributedType / PrecisionType).
-_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+    """DeepSpeed's JSON config of a plan that runs DeepSpeed's engine (a strategy whose DeepSpeed
+    export sets something: zero): the one ``autotune run`` hands to ``deepspeed.initialize``
+    (DeepSpeed derives the global batch from it and its world size)."""
+    engines = [name for name, s in catalog.catalog().items() if callable(s.exports.get("deepspeed"))]
+    if not set(engines) & set(plan.strategy_configs()):
+        raise UserError(f"plan {plan_path} has no {' or '.join(engines)} strategy: a DeepSpeed config would describe another run (export --to torchrun)")
+    return json.dumps(settings(plan, plan_path, "deepspeed"), indent=2) + "\n"
 
 
 def accelerate(plan: Plan, plan_path: Path) -> str:
     """An Accelerate config YAML (``accelerate launch --config_file FILE -m autotune run PLAN``):
-    processes and machines, mixed precision (fp8 through torchao), compile as its dynamo
-    settings, and FSDP2 or DeepSpeed ZeRO as its plugins."""
-    configs = plan.strategy_configs()
-    for name in ("tensor_parallel", "pipeline_parallel"):
-        if name in configs:
-            raise UserError(f"plan {plan_path} uses {name}, which an Accelerate config cannot express; export --to torchrun")
+    processes and machines here, then what the strategies set (mixed precision, fp8 through
+    torchao, compile as its dynamo settings, FSDP2 or DeepSpeed ZeRO as its plugins)."""
+    stated = settings(plan, plan_path, "accelerate")
     launch = plan.launch
     processes = launch.nproc_per_node * launch.nnodes
     cpu = launch.device == "cpu"
-    precision = configs.get("precision")
-    mixed = _PRECISION[precision.dtype] if precision is not None else "no"
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "debug": False,
@@ -120,7 +134,7 @@ def accelerate(plan: Plan, plan_path: Path) -> str:
         "num_machines": launch.nnodes,
         "machine_rank": 0,
         "use_cpu": cpu,
-        "mixed_precision": mixed,
+        "mixed_precision": "no",
         "downcast_bf16": "no",
         "rdzv_backend": "static" if launch.nnodes == 1 else "c10d",
         "same_network": True,
@@ -130,44 +144,10 @@ def accelerate(plan: Plan, plan_path: Path) -> str:
     if launch.nnodes > 1:
         host, port = host_port(launch.rdzv_endpoint)
         config.update(main_process_ip=host, main_process_port=port)
-    if "fp8" in configs:
-        config["mixed_precision"] = "fp8"
-        config["fp8_config"] = {"backend": "AO"}
-    if "compile" in configs:
-        compile_cfg = configs["compile"]
-        config["dynamo_config"] = {
-            "dynamo_backend": "INDUCTOR",
-            "dynamo_mode": compile_cfg.mode,
-            "dynamo_use_fullgraph": compile_cfg.fullgraph,
-            "dynamo_use_dynamic": False,
-        }
-    if "fsdp2" in configs:
-        fsdp = configs["fsdp2"]
-        config["distributed_type"] = "FSDP"
-        config["fsdp_config"] = {
-            "fsdp_version": 2,
-            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-            "fsdp_reshard_after_forward": fsdp.reshard_after_forward,
-            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
-            "fsdp_activation_checkpointing": "activation_checkpoint" in configs,
-            "fsdp_offload_params": False,
-            "fsdp_cpu_ram_efficient_loading": False,
-        }
-    elif "zero" in configs:
-        zero = configs["zero"]
-        config["distributed_type"] = "DEEPSPEED"
-        config["deepspeed_config"] = {
-            "zero_stage": zero.stage,
-            "offload_optimizer_device": "cpu" if zero.offload_optimizer else "none",
-            "offload_param_device": "cpu" if zero.offload_params else "none",
-            "gradient_accumulation_steps": plan.grad_accum(),
-            "gradient_clipping": plan.train.grad_clip,
-            "zero3_init_flag": False,
-        }
-    elif processes > 1:
-        config["distributed_type"] = "MULTI_CPU" if cpu else "MULTI_GPU"
-    else:
-        config["distributed_type"] = "NO"
+    config.update(stated)
+    # Where no strategy states how the processes share the work (a plugin), Accelerate's own
+    # data parallel: DDP over several processes.
+    config.setdefault("distributed_type", ("MULTI_CPU" if cpu else "MULTI_GPU") if processes > 1 else "NO")
     import yaml
 
     header = (f"# autotune export --to accelerate {visible(plan_path)}\n"

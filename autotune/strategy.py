@@ -10,6 +10,7 @@ cannot disagree.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -20,6 +21,7 @@ from autotune.errors import UserError
 if TYPE_CHECKING:
     from autotune.context import TrainContext
     from autotune.mesh import ParallelDims
+    from autotune.plan import Plan
 
 MeshDim = Literal["dp", "tp", "pp", "ep"]
 """A dimension of the device mesh (autotune.mesh): data, tensor or pipeline parallel."""
@@ -33,6 +35,27 @@ PARTS: frozenset[str] = frozenset(get_args(Part))
 
 Device = Literal["cpu", "cuda"]
 """Where a search runs: on the CPU's cores or on CUDA GPUs."""
+
+ExportTarget = Literal["accelerate", "deepspeed"]
+"""The launchers' configs that state a plan's strategies (``autotune export --to``). The other
+targets, torchrun and Slurm, launch ``autotune run PLAN``, which applies the strategies itself:
+no strategy is written into them."""
+EXPORT_TARGETS: frozenset[str] = frozenset(get_args(ExportTarget))
+
+
+class _Nothing(enum.Enum):
+    """A one-member enum: the sentinel's type, which a type checker tells apart from an Exporter."""
+
+    NOTHING_TO_SET = "nothing to set"
+
+
+NOTHING_TO_SET = _Nothing.NOTHING_TO_SET
+"""A strategy's export to a target whose config has nothing to say about it (``Strategy.exports``)."""
+
+Exporter = Callable[[Any, "Plan"], dict[str, Any]]
+"""A strategy's export to one target: (its typed config, the plan) -> the keys it sets in that
+target's config (a fragment the export merges with the others'), or UserError for settings of
+its own that the config cannot state (fp8's rowwise scales in an Accelerate config)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -194,6 +217,13 @@ class Strategy:
     """How the expert prior, the first trials after the baseline, turns the strategy on here
     (None from it, or no function: the prior leaves it off). A data-parallel strategy (``mesh_dim``
     "dp") with a prior is the layout the prior over several processes takes."""
+    exports: dict[ExportTarget, Exporter | Literal[_Nothing.NOTHING_TO_SET]] = dataclasses.field(default_factory=dict, hash=False)
+    """How the strategy is written into each launcher config that states a plan's strategies
+    (``ExportTarget``): a function giving the keys it sets there, or NOTHING_TO_SET where that
+    config has nothing to say about it and, without it, still describes the plan's training (an
+    exact choice inside the step: a kernel, an implementation, a loader setting). A target it does
+    not name cannot express it: ``autotune export`` refuses the plan, never drops the strategy.
+    An approximate strategy is never NOTHING_TO_SET: a config without it trains another model."""
     search_knobs: Callable[[SearchFacts], tuple[Knob, ...] | str] | None = None
     """The knobs a search here samples, narrowed from ``knobs`` (any machine's, any workload's)
     to this machine and workload: threads up to its cores, windows below its sequence, no TF32
@@ -231,6 +261,16 @@ def check_knob_fields(strategy: Strategy) -> None:
         for name in strategy.degree_knobs or ("",):
             if name not in fields:
                 raise UserError(f"strategy {strategy.name}: degree knob {name!r} is not a field of {strategy.config.__name__}")
+
+
+def check_exports(strategy: Strategy) -> None:
+    """Every export names a target, and an approximate strategy has something to set wherever it
+    exports (a catalog-load check)."""
+    for target, how in strategy.exports.items():
+        if target not in EXPORT_TARGETS:
+            raise UserError(f"strategy {strategy.name}: export target {target!r} is not one of {', '.join(sorted(EXPORT_TARGETS))}")
+        if how is NOTHING_TO_SET and not strategy.exact:
+            raise UserError(f"strategy {strategy.name} is approximate: {target} without it trains another model; declare what it sets there, or no {target} export")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

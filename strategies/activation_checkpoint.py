@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -54,4 +54,6 @@ STRATEGY = Strategy(
     changes=frozenset({"blocks"}),
     needs=Needs(structure=frozenset({"blocks"})),
     knobs=(Knob(name="mode", choices=("full", "selective")), Knob(name="every", low=2, high=6, integer=True)),
+    # Neither config states it on its own (fsdp2's Accelerate plugin does); the run wraps the blocks.
+    exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},
 )

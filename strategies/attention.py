@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     import torch
@@ -135,4 +135,6 @@ STRATEGY = Strategy(
     needs=Needs(structure=_STRUCTURE),
     knobs=(Knob(name="backend", choices=("naive", "math", "efficient", "flash", "cudnn", "fa3")),),
     prior=attention_prior,
+    # No launcher config names an attention kernel: the run picks it, the maths is the same.
+    exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},
 )

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
+    from autotune.plan import Plan
 
 
 @dataclass(kw_only=True, slots=True)
@@ -86,6 +87,19 @@ def check_compile_with(chosen: dict[str, Any]) -> None:
         )
 
 
+def export_accelerate(cfg: CompileConfig, plan: Plan) -> dict[str, Any]:
+    """Accelerate's dynamo settings: inductor in the plan's mode. Accelerate compiles the whole
+    model; block by block is the same kernels inside each block, so the scope is not stated."""
+    return {
+        "dynamo_config": {
+            "dynamo_backend": "INDUCTOR",
+            "dynamo_mode": cfg.mode,
+            "dynamo_use_fullgraph": cfg.fullgraph,
+            "dynamo_use_dynamic": False,
+        }
+    }
+
+
 def compile_prior(facts: PriorFacts) -> Prior:
     """The whole model in inductor's default mode (autotuning takes minutes: refine only; CUDA
     graphs cannot run with accumulation: left to the search). On the CPU too: the tiny GPT on
@@ -107,4 +121,6 @@ STRATEGY = Strategy(
         Knob(name="scope", choices=("model", "blocks")),
     ),
     prior=compile_prior,
+    # The run compiles the blocks before DeepSpeed's engine takes the model: not DeepSpeed's setting.
+    exports={"accelerate": export_accelerate, "deepspeed": NOTHING_TO_SET},
 )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autotune.limits import usable_cores
-from autotune.strategy import Knob, Prior, PriorFacts, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -58,4 +58,6 @@ STRATEGY = Strategy(
     prior=cpu_threads_prior,
     # The catalog's range is any machine's; a search samples this one's cores.
     search_knobs=lambda facts: (Knob(name="threads", low=1, high=facts.cores, integer=True),),
+    # A setting of each process, which the run makes itself.
+    exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -46,4 +46,6 @@ STRATEGY = Strategy(
     config=DataloaderConfig,
     apply=apply_dataloader,
     knobs=(Knob(name="pin_memory", choices=(True, False)), Knob(name="prefetch", low=0, high=8, integer=True)),
+    # The loader is the run's, not the launcher's.
+    exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},
 )

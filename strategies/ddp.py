@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Part, Prior, PriorFacts, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Part, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -97,4 +97,6 @@ STRATEGY = Strategy(
         Knob(name="static_graph", choices=(True, False)),
     ),
     prior=ddp_prior,
+    # Accelerate's default for several processes is DDP (MULTI_GPU / MULTI_CPU); its knobs are the script's.
+    exports={"accelerate": NOTHING_TO_SET},
 )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from autotune.context import TrainContext
+    from autotune.plan import Plan
 
 _NEEDS = Needs(fp8=True, modules=("torchao",), structure=frozenset({"blocks"}))
 
@@ -106,6 +107,15 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 setattr(parent, name, new)
 
 
+def export_accelerate(cfg: Fp8Config, plan: Plan) -> dict[str, Any]:
+    """Accelerate's fp8 through torchao (its ``AO`` backend), in place of the precision's autocast
+    dtype. That backend takes torchao's default recipe, tensorwise, and keeps the model's first
+    and last linears (the head) in high precision: other settings are refused, not misstated."""
+    if cfg.recipe != "tensorwise" or cfg.layers != "blocks":
+        raise UserError(f"fp8 with recipe {cfg.recipe} and layers {cfg.layers}: an Accelerate config's torchao backend takes tensorwise scales in the blocks only; export --to torchrun")
+    return {"mixed_precision": "fp8", "fp8_config": {"backend": "AO"}}
+
+
 FP8_PRIOR_MIN_D_MODEL = 2048
 """Narrowest model the fp8 prior turns fp8 on for. Measured on one H200 (torch 2.11, torchao
 0.18, bf16 + compile, tensorwise scales in the blocks' linears): 1.13x bf16 at gpt-1b's d 2048
@@ -137,4 +147,6 @@ STRATEGY = Strategy(
     # Emulated on a CPU: no float8 units there.
     left_out={"cpu": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up"},
     prior=fp8_prior,
+    # No DeepSpeed export: the config autotune run hands DeepSpeed has no float8 linears.
+    exports={"accelerate": export_accelerate},
 )

@@ -28,6 +28,7 @@ from autotune.strategy import Knob, Needs, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
+    from autotune.plan import Plan
 
 _NEEDS = Needs(min_devices=2, structure=frozenset({"blocks"}))
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -73,6 +74,23 @@ def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
     ctx.notes.append(f"fsdp2 over {ctx.world_size} processes, {cfg.param_dtype} gathers, reshard after forward {cfg.reshard_after_forward}")
 
 
+def export_accelerate(cfg: Fsdp2Config, plan: Plan) -> dict[str, Any]:
+    """Accelerate's FSDP plugin, version 2, wrapping each block (``param_dtype`` is not among its
+    settings). An Accelerate config states activation checkpointing only as this plugin's option."""
+    return {
+        "distributed_type": "FSDP",
+        "fsdp_config": {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_reshard_after_forward": cfg.reshard_after_forward,
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_activation_checkpointing": "activation_checkpoint" in plan.strategy_configs(),
+            "fsdp_offload_params": False,
+            "fsdp_cpu_ram_efficient_loading": False,
+        },
+    }
+
+
 def fsdp2_cost(cfg: Fsdp2Config, terms: Any) -> None:
     """The cost model's term (``costmodel.CostTerms``): weights, gradients and moments sharded
     over dp (one block gathered at a time, ignored)."""
@@ -91,6 +109,7 @@ STRATEGY = Strategy(
     needs=_NEEDS,
     conflicts=frozenset({"ddp", "zero"}),
     cost=fsdp2_cost,
+    exports={"accelerate": export_accelerate},
     knobs=(
         Knob(name="reshard_after_forward", choices=(True, False)),
         Knob(name="param_dtype", choices=("bf16", "fp32")),

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autotune.strategy import Knob, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -37,4 +37,6 @@ STRATEGY = Strategy(
     apply=apply_grad_accum,
     changes=frozenset({"accumulation"}),
     knobs=(Knob(name="steps", low=1, high=16, log=True, integer=True),),
+    # Either config states accumulation only in zero's export, which reads the plan's.
+    exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},
 )

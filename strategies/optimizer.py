@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from autotune.strategy import Knob, Prior, PriorFacts, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from torch import nn
@@ -63,4 +63,6 @@ STRATEGY = Strategy(
     apply=apply_optimizer,
     knobs=(Knob(name="implementation", choices=("fused", "foreach", "forloop")),),
     prior=optimizer_prior,
+    # Which AdamW implementation the script builds: not the launcher's.
+    exports={"accelerate": NOTHING_TO_SET},
 )

@@ -5,12 +5,13 @@ the plain model's up to rounding: an exact strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
+    from autotune.plan import Plan
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +44,16 @@ def apply_precision(ctx: TrainContext, cfg: PrecisionConfig) -> None:
     ctx.notes.append(f"precision {cfg.dtype}, tf32 {'on' if cfg.tf32 else 'off'}")
 
 
+_ACCELERATE = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+"""dtype -> Accelerate's name of its mixed precision (accelerate.utils.PrecisionType)."""
+
+
+def export_accelerate(cfg: PrecisionConfig, plan: Plan) -> dict[str, Any]:
+    """Accelerate's mixed precision: autocast to the dtype, fp16 with its loss scaler. TF32 is a
+    process-wide switch of the script's, which Accelerate's config does not hold."""
+    return {"mixed_precision": _ACCELERATE[cfg.dtype]}
+
+
 def precision_prior(facts: PriorFacts) -> Prior:
     """bf16 first: on a CPU bf16 autocast alone, a trial of its own (1.24x the fp32 baseline on
     tiny on the 2-core dev machine, trial 1 against trial 0 in bench/results/cpu-procs/plan-2procs.log);
@@ -66,5 +77,8 @@ STRATEGY = Strategy(
     apply=apply_precision,
     knobs=(Knob(name="dtype", choices=("fp32", "bf16", "fp16")), Knob(name="tf32", choices=(True, False))),
     prior=precision_prior,
+    # The DeepSpeed config that autotune run hands the engine keeps DeepSpeed's own bf16 and fp16
+    # modes off: the precision is the loop's autocast (strategies/zero.py says why).
+    exports={"accelerate": export_accelerate, "deepspeed": NOTHING_TO_SET},
     search_knobs=lambda facts: search_knobs(facts.device),
 )

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     import torch
@@ -156,4 +156,6 @@ STRATEGY = Strategy(
     check_with=check_triton_kernels_with,
     knobs=(Knob(name="loss", choices=LOSSES),),
     prior=triton_kernels_prior,
+    # A kernel of the run's loss: the same maths, no launcher setting.
+    exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},
 )

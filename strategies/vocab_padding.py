@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -86,4 +86,6 @@ STRATEGY = Strategy(
     knobs=(Knob(name="multiple", choices=MULTIPLES),),
     prior=vocab_padding_prior,
     search_knobs=lambda facts: search_knobs(facts.vocab_size),
+    # Padded rows the loss never sees: the same model, no launcher setting.
+    exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},
 )

@@ -66,6 +66,7 @@ if TYPE_CHECKING:
     import torch
 
     from autotune.context import TrainContext
+    from autotune.plan import Plan
 
 TAG = "deepspeed"
 """Sub-directory of a checkpoint directory that DeepSpeed's files go into."""
@@ -106,6 +107,27 @@ def ds_config(cfg: ZeroConfig, spec: Any, grad_accum: int) -> dict[str, Any]:
         "optimizer": {"type": "AdamW", "params": adamw},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+    }
+
+
+def export_deepspeed(cfg: ZeroConfig, plan: Plan) -> dict[str, Any]:
+    """The whole DeepSpeed config: the one ``apply_zero`` hands ``deepspeed.initialize``."""
+    return ds_config(cfg, plan.train, plan.grad_accum())
+
+
+def export_accelerate(cfg: ZeroConfig, plan: Plan) -> dict[str, Any]:
+    """Accelerate's DeepSpeed plugin: the stage, the offloads and the plan's accumulation and
+    clipping, as ``ds_config`` gives them to the engine."""
+    return {
+        "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {
+            "zero_stage": cfg.stage,
+            "offload_optimizer_device": "cpu" if cfg.offload_optimizer else "none",
+            "offload_param_device": "cpu" if cfg.offload_params else "none",
+            "gradient_accumulation_steps": plan.grad_accum(),
+            "gradient_clipping": plan.train.grad_clip,
+            "zero3_init_flag": False,
+        },
     }
 
 
@@ -171,6 +193,7 @@ STRATEGY = Strategy(
     # conflict) and is built from the accumulation count.
     reads=frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "accumulation", "loss"}),
     cost=zero_cost,
+    exports={"accelerate": export_accelerate, "deepspeed": export_deepspeed},
     knobs=(
         Knob(name="stage", choices=(1, 2, 3)),
         Knob(name="offload_optimizer", choices=(True, False)),

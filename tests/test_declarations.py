@@ -235,3 +235,40 @@ def test_the_gpts_structure_is_what_its_adapter_serves() -> None:
     assert unmet_needs(dataclasses.replace(kernels, needs=fused), dataclasses.replace(on_a_gpu, structure=frozenset({"blocks", "head"}))) == [
         "needs the workload to declare loss"
     ]
+
+
+# ---------------------------------------------------------------------- export
+
+
+def test_how_each_strategy_exports_is_declared_by_it() -> None:
+    """Per config target (``autotune export --to``): "sets" keys, "nothing" to set, or absent:
+    refused. Nothing to set only where the config, without the strategy, still describes the
+    plan's training; what it cannot say of a parallel layout or an approximation is refused."""
+    from autotune.strategy import NOTHING_TO_SET
+
+    declared = {
+        name: {target: "nothing" if how is NOTHING_TO_SET else "sets" for target, how in s.exports.items()} for name, s in catalog().items()
+    }
+    both_nothing = {"accelerate": "nothing", "deepspeed": "nothing"}
+    assert declared == {
+        "precision": {"accelerate": "sets", "deepspeed": "nothing"},  # DeepSpeed's own bf16 is off: the loop's autocast
+        "fp8": {"accelerate": "sets"},
+        "compile": {"accelerate": "sets", "deepspeed": "nothing"},
+        "fsdp2": {"accelerate": "sets"},
+        "zero": {"accelerate": "sets", "deepspeed": "sets"},
+        "ddp": {"accelerate": "nothing"},
+        "optimizer": {"accelerate": "nothing"},
+        **dict.fromkeys(("activation_checkpoint", "attention", "cpu_threads", "dataloader", "grad_accum", "triton_kernels"), both_nothing),
+        "vocab_padding": both_nothing,
+        **dict.fromkeys(("int8", "moe", "sparse_attention", "tensor_parallel", "pipeline_parallel", "tpu"), {}),
+    }  # fmt: skip
+
+
+def test_an_export_to_an_unknown_target_or_an_approximate_strategy_left_out_is_refused_at_catalog_load() -> None:
+    from autotune.strategy import NOTHING_TO_SET, check_exports
+
+    with pytest.raises(UserError, match="strategy s: export target 'horovod' is not one of accelerate, deepspeed"):
+        check_exports(made_up("s", exports={"horovod": NOTHING_TO_SET}))
+    with pytest.raises(UserError, match="strategy a is approximate: accelerate without it trains another model"):
+        check_exports(dataclasses.replace(made_up("a", exports={"accelerate": NOTHING_TO_SET}), exact=False))
+    check_exports(dataclasses.replace(made_up("a", exports={"accelerate": lambda cfg, plan: {"mixed_precision": "fp8"}}), exact=False))

@@ -110,6 +110,13 @@ def test_the_torchrun_export_trains_the_plan(tmp_path):
         ([{"name": "ddp", "knobs": {}}], "deepspeed", "has no zero strategy"),
         ([{"name": "tensor_parallel", "knobs": {"degree": 2}}], "accelerate", "tensor_parallel"),
         ([{"name": "ddp", "knobs": {}}], "horovod", "unknown export target"),
+        # What a strategy declares no export for is refused, never left out (Strategy.exports).
+        ([{"name": "ddp", "knobs": {}}, {"name": "int8", "knobs": {}}], "accelerate", "uses int8, which an Accelerate config cannot express"),
+        ([{"name": "ddp", "knobs": {}}, {"name": "moe", "knobs": {}}], "accelerate", "uses moe, which an Accelerate config cannot express"),
+        ([{"name": "sparse_attention", "knobs": {}}, {"name": "ddp", "knobs": {}}], "accelerate", "uses sparse_attention, which an Accelerate"),
+        (ZERO + [{"name": "fp8", "knobs": {}}], "deepspeed", "uses fp8, which a DeepSpeed config cannot express"),
+        # What a declared export cannot state of a strategy's settings is refused by the strategy.
+        ([{"name": "ddp", "knobs": {}}, {"name": "fp8", "knobs": {"recipe": "rowwise"}}], "accelerate", "fp8 with recipe rowwise"),
     ],
 )
 def test_what_a_target_cannot_express_is_one_line_and_nothing_written(tmp_path, strategies, target, needle):
@@ -118,6 +125,95 @@ def test_what_a_target_cannot_express_is_one_line_and_nothing_written(tmp_path, 
     assert r.returncode == 2
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+NOTHING_TO_SET = [{"name": name, "knobs": {}} for name in ("attention", "vocab_padding", "triton_kernels", "optimizer", "dataloader", "cpu_threads", "ddp")]
+"""Strategies that declare an Accelerate config has nothing to set for them."""
+ZERO3 = [{"name": "zero", "knobs": {"stage": 3, "offload_params": True}}, {"name": "grad_accum", "knobs": {"steps": 4}},
+         {"name": "compile", "knobs": {"scope": "blocks"}}, {"name": "activation_checkpoint", "knobs": {}}]
+FP8 = [*NOTHING_TO_SET, {"name": "fp8", "knobs": {}}, {"name": "precision", "knobs": {"dtype": "bf16"}}]
+
+ACCELERATE_BASE = """compute_environment: LOCAL_MACHINE
+debug: false
+num_processes: {processes}
+num_machines: {nodes}
+machine_rank: 0
+use_cpu: {cpu}
+mixed_precision: {mixed}
+downcast_bf16: 'no'
+rdzv_backend: {rdzv}
+same_network: true
+main_training_function: main
+enable_cpu_affinity: false
+"""
+DYNAMO = """dynamo_config:
+  dynamo_backend: INDUCTOR
+  dynamo_mode: default
+  dynamo_use_fullgraph: false
+  dynamo_use_dynamic: false
+"""
+FSDP_YAML = ACCELERATE_BASE.format(processes=2, nodes=1, cpu="true", mixed="bf16", rdzv="static") + DYNAMO + """distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: false
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+  fsdp_activation_checkpointing: true
+  fsdp_offload_params: false
+  fsdp_cpu_ram_efficient_loading: false
+"""
+ZERO3_YAML = ACCELERATE_BASE.format(processes=8, nodes=2, cpu="false", mixed="'no'", rdzv="c10d") + """main_process_ip: node0
+main_process_port: 29400
+""" + DYNAMO + """distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  offload_optimizer_device: none
+  offload_param_device: cpu
+  gradient_accumulation_steps: 4
+  gradient_clipping: 1.0
+  zero3_init_flag: false
+"""
+FP8_YAML = ACCELERATE_BASE.format(processes=8, nodes=1, cpu="false", mixed="fp8", rdzv="static") + """fp8_config:
+  backend: AO
+distributed_type: MULTI_GPU
+"""
+H200_YAML = ACCELERATE_BASE.format(processes=1, nodes=1, cpu="false", mixed="bf16", rdzv="static") + DYNAMO + "distributed_type: 'NO'\n"
+
+
+@pytest.mark.parametrize(
+    "strategies, launch, expected",
+    [
+        (FSDP[::-1], {}, FSDP_YAML),  # listed with the plugin before what it follows
+        (ZERO3, {"nproc": 4, "device": "cuda", "nnodes": 2, "rdzv_endpoint": "node0:29400"}, ZERO3_YAML),
+        (FP8, {"nproc": 8, "device": "cuda"}, FP8_YAML),
+        (None, {}, H200_YAML),  # profiles/h200-phase8-small.plan.json: attention, vocab_padding, optimizer, grad_accum
+    ],
+    ids=["fsdp", "zero3", "fp8", "h200-phase8-small"],
+)
+def test_the_strategies_exports_make_the_accelerate_configs_made_before_they_declared_them(tmp_path, strategies, launch, expected):
+    """The configs as export.py wrote them when it named each strategy itself, byte for byte: the
+    strategies' fragments merged in apply.ORDER (fp8's mixed precision over the precision's, the
+    plugin last) and nothing of those that declare nothing to set."""
+    from autotune import export
+    from autotune import plan as planmod
+
+    plan = plan_file(tmp_path, "p", strategies, **launch) if strategies else ROOT / "profiles" / "h200-phase8-small.plan.json"
+    text = export.export(planmod.load(plan), plan, "accelerate")
+    assert text.split("\n", 2)[2] == expected
+
+
+def test_the_deepspeed_export_is_zeros_config_and_nothing_else_sets_a_key(tmp_path):
+    from autotune import export
+    from autotune import plan as planmod
+
+    plan = plan_file(tmp_path, "zero", [*ZERO, {"name": "compile", "knobs": {"scope": "blocks"}}, {"name": "attention", "knobs": {}}])
+    expected = {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
+        "bf16": {"enabled": False}, "fp16": {"enabled": False}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.002, "betas": [0.9, 0.95], "eps": 1e-08, "weight_decay": 0.1}},
+        "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
+    }  # fmt: skip
+    assert export.export(planmod.load(plan), plan, "deepspeed") == json.dumps(expected, indent=2) + "\n"
 
 
 def test_a_plan_of_an_unknown_schema_version_is_not_exported(tmp_path):

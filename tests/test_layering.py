@@ -111,3 +111,14 @@ def test_past_the_catalog_plans_and_show_import_no_torch():
     torch themselves (a lazy import on that path would hit the block), nor the executor."""
     result = _show("after-catalog")
     assert not {"autotune.train", "autotune.trial"} & set(result["modules"])
+
+
+def test_the_exports_name_no_strategy_module():
+    """``autotune export`` asks each strategy for its own part of a launcher's config
+    (``Strategy.exports``): the core imports none of their modules."""
+    import ast
+
+    tree = ast.parse((ROOT / "autotune" / "export.py").read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("autotune.strategies")], imported
