@@ -5,6 +5,7 @@ new strategy is its module and its test, with no edit to the core's lists of nam
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,8 @@ from autotune.catalog import catalog
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph, after_edges
 from autotune.mesh import ParallelDims, data_parallel, mesh_shape, setting
-from autotune.strategy import PARTS, Facts, Strategy
-from autotune.workloads import GPT_STRUCTURE
+from autotune.strategy import PARTS, Facts, Knob, Needs, Strategy, declared_modules
+from autotune.workloads import GPT_STRUCTURE, load_workload
 
 CPU = Facts(structure=GPT_STRUCTURE)
 
@@ -142,7 +143,7 @@ def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
 
 
 def test_refine_only_choices_are_declared_on_the_knob_and_must_be_choices() -> None:
-    from autotune.strategy import Knob, check_knob_fields
+    from autotune.strategy import check_knob_fields
 
     declared = {(s.name, k.name): k.refine_only for s in catalog().values() for k in s.knobs if k.refine_only}
     assert declared == {("compile", "mode"): ("max-autotune-no-cudagraphs",)}
@@ -229,3 +230,36 @@ def test_the_gpts_structure_is_what_its_adapter_serves() -> None:
     assert unmet_needs(dataclasses.replace(kernels, needs=fused), dataclasses.replace(on_a_gpu, structure=frozenset({"blocks", "head"}))) == [
         "needs the workload to declare loss"
     ]
+
+
+# ---------------------------------------------------------------------- packages
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """A made-up fused loss whose implementations need packages of their own, as
+    triton_kernels' liger (liger_kernel) and cce (cut_cross_entropy) do."""
+
+    loss: str = "plain"
+    """The implementation."""
+
+    def needs(self) -> Needs:
+        return Needs(modules={"plain": (), "here": ("networkx",), "absent": ("autotune_no_such_package",)}[self.loss])
+
+
+def test_the_packages_probed_are_the_ones_the_strategies_declare() -> None:
+    # Those of the strategy (optuna) and those its config asks for at a knob's choice
+    # (networkx, and one that is not installed): probed with no edit to the core.
+    losses = made_up("losses", config=LossConfig, needs=Needs(modules=("optuna",)),
+                     knobs=(Knob(name="loss", choices=("plain", "here", "absent")),))
+    assert declared_modules([losses]) == {"optuna", "networkx", "autotune_no_such_package"}
+    facts = Facts.of(None, load_workload("tiny"), strategies=[losses])
+    assert facts.modules == {"optuna", "networkx"}
+    graph = StrategyGraph(facts, strategies={"losses": losses}, order=("losses",))
+    assert graph.usable() == ["losses"]
+    assert graph.excluded_choices("losses") == {"loss": {"absent": "needs the autotune_no_such_package package, which does not import here"}}
+    # The catalog's: triton_kernels' liger and cce are probed like deepspeed, installed or not.
+    assert {"liger_kernel", "cut_cross_entropy", "deepspeed", "triton"} <= declared_modules(catalog().values())
+    here = Facts.of(None, load_workload("tiny")).modules
+    for module in ("liger_kernel", "cut_cross_entropy", "deepspeed"):
+        assert (module in here) == (importlib.util.find_spec(module) is not None), module
