@@ -128,7 +128,7 @@ def test_a_made_up_strategy_with_a_mesh_dim_needs_no_core_edit() -> None:
     with pytest.raises(UserError, match=r"leaves 2 data-parallel groups of 4 processes: add ddp or fsdp2 or zero, or make"):
         mesh_shape(4, {"split": {}}, strategies=strategies)
     with pytest.raises(UserError, match="split degree 2 does not divide the 3 heads"):
-        mesh_shape(2, {"split": {}}, strategies=strategies, workload=dataclasses.make_dataclass("C", [("n_heads", int)])(3))
+        mesh_shape(2, {"split": {}}, strategies=strategies, workload=dataclasses.replace(load_workload("tiny").shape, n_heads=3))
 
 
 def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
