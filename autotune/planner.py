@@ -225,16 +225,6 @@ def default_cpu_processes(cores: int) -> int:
     return min(8, cores // 2) if cores >= 4 else 1
 
 
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU runs bf16 matmuls natively (AMX or AVX512-BF16): elsewhere oneDNN
-    emulates them, slower than fp32."""
-    try:
-        flags = set(Path(cpuinfo).read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
-
-
 def _narrowed(strategy: Any, facts: SearchFacts) -> Any:
     """``strategy`` with the knobs it declares for a search on this machine and workload
     (``Strategy.search_knobs``: cpu_threads' range to these cores, sparse_attention's windows
@@ -280,12 +270,10 @@ def left_out_of(device: str) -> dict[str, str]:
 
 def search_left_out(facts: SearchFacts) -> dict[str, str]:
     """What a search on this machine and workload leaves out, with the reason: what the
-    strategies declare for its device (:func:`left_out_of`), precision on a CPU without bf16
-    units, and what no setting would change here (``Strategy.search_knobs`` giving a reason).
-    `autotune strategies` shows the same."""
+    strategies declare for its device (:func:`left_out_of`), and what would not pay here
+    (``Strategy.search_knobs`` giving a reason: precision on a CPU without bf16 units, a
+    vocabulary already padded). `autotune strategies` shows the same."""
     left_out = left_out_of(facts.device)
-    if facts.device == "cpu" and not cpu_has_bf16():
-        left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
     for name, strategy in catalog.catalog().items():
         if name not in left_out and strategy.search_knobs is not None and isinstance(reason := strategy.search_knobs(facts), str):
             left_out[name] = reason

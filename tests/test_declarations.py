@@ -169,6 +169,23 @@ def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
     assert left_out_of("cuda") == {"cpu_threads": "searched on CPU runs only"}
 
 
+def test_precision_leaves_a_cpu_search_without_bf16_units(tmp_path) -> None:
+    # Its own rule (search_knobs), read from the CPU's flags: bf16 autocast is emulated without them.
+    from autotune.planner import search_left_out
+    from autotune.strategies import precision
+    from autotune.strategy import SearchFacts
+
+    plain, bf16 = tmp_path / "plain", tmp_path / "bf16"
+    plain.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    bf16.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert precision.search_knobs("cpu", str(plain)) == (
+        f"this CPU has no AMX or AVX512-BF16 ({plain}): bf16 autocast would be emulated, slower than fp32")
+    assert [k.choices for k in precision.search_knobs("cpu", str(bf16))] == [("fp32", "bf16"), (False,)]
+    assert precision.search_knobs("cuda", str(plain)) == catalog()["precision"].knobs
+    here = search_left_out(SearchFacts(cores=2, seq_len=128, device="cpu"))
+    assert ("precision" in here) != precision.cpu_has_bf16()
+
+
 def _priors(device: str, processes: int = 1, excluded: dict[str, dict[Any, str]] | None = None, **shape: int) -> dict[str, Any]:
     from autotune.strategy import PriorFacts
 
