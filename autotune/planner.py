@@ -183,7 +183,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     if global_batch is not None and global_batch < 1:
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
     # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
-    derived = {"grad_accum"} if global_batch is not None else set()
+    derived = {planmod.ACCUMULATION} if global_batch is not None else set()
     strategies = [_narrowed(catalog.get(n), facts_here) for n in graph.usable() if n not in left_out and n not in derived]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
     rates: dict[str, float] = {}
@@ -724,7 +724,7 @@ def is_reference(plan: Plan, baseline: Plan) -> bool:
     return (
         not plan.train.random_tokens
         and baseline.launch.nproc_per_node * baseline.launch.nnodes == 1
-        and all(s.name == "grad_accum" for s in baseline.strategies)
+        and all(s.name == planmod.ACCUMULATION for s in baseline.strategies)
         and baseline.workload == plan.workload
         and dataclasses.replace(baseline.train, micro_batch_size=plan.train.micro_batch_size) == plan.train
         and baseline.global_batch() == plan.global_batch()
@@ -784,7 +784,7 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tole
     processes train on)."""
     if measured.status != "ok":
         return None
-    if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(s.name == "grad_accum" for s in plan.strategies):
+    if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(s.name == planmod.ACCUMULATION for s in plan.strategies):
         # The plain run on the plan's batches is the plan itself: nothing to run again.
         return _compared(measured, measured, EXACT_LOSS_TOLERANCE, exact=True)
     if reference is None:
@@ -792,7 +792,7 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tole
         accum = plan.grad_accum() * dp
         plain = dataclasses.replace(
             plan,
-            strategies=[StrategySpec(name="grad_accum", knobs={"steps": accum})] if accum > 1 else [],
+            strategies=[StrategySpec(name=planmod.ACCUMULATION, knobs={"steps": accum})] if accum > 1 else [],
             launch=dataclasses.replace(plan.launch, nproc_per_node=1, nnodes=1),
         )
         # Budgets count each process's micro-batches: the reference runs dp times as many, so

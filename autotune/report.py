@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UserError
+from autotune.plan import ACCUMULATION
 
 DEFAULT_STORAGE = "sqlite:///plans/studies.db"
 
@@ -46,7 +47,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         plan = t.user_attrs.get("plan") or {}
         figures = t.user_attrs.get("figures") or {}
         strategies = plan.get("strategies", [])
-        accum = next((s["knobs"].get("steps", 1) for s in strategies if s["name"] == "grad_accum"), 1)
+        accum = next((s["knobs"].get("steps", 1) for s in strategies if s["name"] == ACCUMULATION), 1)
         launch = plan.get("launch", {})
         rows.append({
             "number": t.number,
@@ -55,7 +56,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             "tokens_per_s": t.value if t.state.name == "COMPLETE" else None,
             "peak_memory_bytes": figures.get("peak_memory_bytes"),
             "micro_batch_size": plan.get("train", {}).get("micro_batch_size"),
-            "grad_accum": accum,
+            "grad_accum": accum,  # the column `autotune trials` prints, not the strategy's name
             "processes": launch.get("nproc_per_node", 1) * launch.get("nnodes", 1),
             "strategies": {s["name"]: s.get("knobs", {}) for s in strategies},
             "error": INTERRUPTED if killed else t.user_attrs.get("error"),
