@@ -26,6 +26,7 @@ from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.limits import usable_cores
 from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, LossCurve, Plan, QualityGuard, StrategySpec, TrainSpec
+from autotune.schema import check_writable
 from autotune.strategy import Facts, Prior, PriorFacts, SearchFacts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
 from autotune.workloads import Workload, load_workload
@@ -119,25 +120,6 @@ class PlanSettings:
 
 class NoTrialSucceeded(RuntimeError):
     """Every trial of the study failed or was pruned: there is nothing to confirm."""
-
-
-def check_writable(path: Path, what: str) -> None:
-    """Refuse, before any trial, a file that could not be written at the end: its folder (or
-    the nearest one that exists, where the rest would be created) must be writable."""
-    if path.is_dir():
-        raise UserError(f"{what} {path}: is a directory, expected a file")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path}: cannot write in {folder}")
-
-
-def check_writable_dir(path: Path, what: str) -> None:
-    """The same for a directory of outputs (--report)."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path}: exists and is not a directory")
-    check_writable(path / "x", what)
 
 
 def _profile(settings: PlanSettings) -> Any:

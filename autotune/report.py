@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import UserError
+from autotune.errors import UserError, first_line
 from autotune.plan import ACCUMULATION
 
 DEFAULT_STORAGE = "sqlite:///plans/studies.db"
@@ -25,8 +25,7 @@ def load_study(storage: str | None, study: str | None) -> Any:
     try:
         names = [s.study_name for s in opened.get_all_studies()]
     except Exception as e:  # SQLAlchemy's and Optuna's errors for a bad URL are many and long
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"--storage {url}: {first[:200]}") from None
+        raise UserError(f"--storage {url}: {first_line(e)[:200]}") from None
     if study is None:
         if len(names) != 1:
             raise UserError(f"{url} holds {len(names)} studies; name one with --study ({', '.join(sorted(names)) or 'none'})")
