@@ -57,14 +57,6 @@ def distributing() -> tuple[str, ...]:
     return tuple(name for name in ORDER if name in strategies and strategies[name].mesh_dim is not None)
 
 
-def __getattr__(name: str) -> Any:
-    # DISTRIBUTING, read from the catalog when first asked for (the strategies import this
-    # package's modules, so the catalog cannot be read while this module loads).
-    if name == "DISTRIBUTING":
-        return distributing()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
     """Apply ``chosen`` (strategy name -> typed config) to ``ctx`` in ORDER."""
     unordered = set(chosen) - set(ORDER)
