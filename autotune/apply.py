@@ -57,14 +57,6 @@ def distributing() -> tuple[str, ...]:
     return tuple(name for name in ORDER if name in strategies and strategies[name].mesh_dim is not None)
 
 
-def __getattr__(name: str) -> Any:
-    # DISTRIBUTING, read from the catalog when first asked for (the strategies import this
-    # package's modules, so the catalog cannot be read while this module loads).
-    if name == "DISTRIBUTING":
-        return distributing()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
     """Apply ``chosen`` (strategy name -> typed config) to ``ctx`` in ORDER."""
     unordered = set(chosen) - set(ORDER)
@@ -88,14 +80,15 @@ def check_plan(plan: Any, *, trusted: bool = True) -> Any:
     Loading the plan already checked its schema, every train setting and each strategy's
     knobs (their configs' legal bounds). Here: the workload (imported only when ``trusted``),
     the strategies' combination (graph conflicts and requires), each one's ``check_with``,
-    and the mesh over the plan's processes with the model and the micro-batch (the Workload
-    returned has no ``shape``: nothing here needs the built model). What the
+    and the mesh over the plan's processes with the model's shape and the micro-batch (a
+    factory's workload is returned without one: reading it builds the model). What the
     hardware needs stays checked where strategies are applied (``TrainContext``), so a CUDA
     plan is still readable on a CPU machine."""
     from autotune.graph import check_combination
     from autotune.workloads import load_workload
 
-    # No model shape: a preset's checks read its config, and need no torch (autotune show).
+    # A preset's shape is counted from its config, with no torch (autotune show); a factory's
+    # is not read here (its model would be built).
     workload = load_workload(plan.workload.name, plan.workload.overrides, trusted=trusted, with_shape=False)
     configs = plan.strategy_configs()
     check_combination(configs)

@@ -11,6 +11,13 @@ class UserError(Exception):
     """Bad input from the user. The message is shown as one line; exit status 2."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of ``e``'s message (its type's name where it has none): what a one-line
+    error or a trial's result quotes of a long message (SQLAlchemy's, a traceback's)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class SchemaError(UserError):
     """A saved document (plan, profile) does not match its schema. Names the field."""
 

@@ -14,8 +14,8 @@ size > 1 are made (torchtitan does the same); ``mesh[name]`` is a dim's sub-mesh
 
 Expert parallelism (``ep``, moe's ``ep`` knob) is a sub-dimension of dp, not a dim of its own:
 the ep processes of one group are consecutive dp ranks, each with its own batch, splitting
-each MoE layer's experts between them (:func:`expert_groups`); ep divides dp, and the dp
-wrapper must be ddp (fsdp2 and zero would reduce the experts over every dp rank).
+each MoE layer's experts between them (:func:`expert_groups`); what ep needs of the other dims
+(it divides dp, no tp or pp, ddp's replicas) is moe's ``check_mesh``.
 
 The data loader shards by the dp rank and size, never the global rank: the tp ranks of one
 dp group train on the same batch, and so do the stages of one pipeline (the first reads its
@@ -57,6 +57,9 @@ class ParallelDims:
     """Pipeline stages."""
     ep: int = 1
     """Expert-parallel degree, inside dp: consecutive dp ranks that split the experts."""
+    dp_strategy: str = ""
+    """The chosen strategy sharing the batch over dp (ddp, fsdp2, zero; "" for none), for the
+    strategies' ``check_mesh`` (moe's experts need ddp's replicas)."""
 
     @property
     def world(self) -> int:
@@ -76,15 +79,15 @@ def expert_groups(dp: int, ep: int) -> tuple[list[list[int]], list[list[int]]]:
     return [list(range(g * ep, (g + 1) * ep)) for g in range(dp // ep)], [list(range(i, dp, ep)) for i in range(ep)]
 
 
-def _expert_degree(chosen: Mapping[str, Any], strategies: Mapping[str, Strategy]) -> tuple[str, int]:
-    """The chosen strategy with an ``ep`` setting (moe) and its value; ("", 1) for none."""
+def _expert_degree(chosen: Mapping[str, Any], strategies: Mapping[str, Strategy]) -> int:
+    """The ``ep`` setting of the chosen strategy that has one (moe); 1 for none."""
     import dataclasses
 
     for name in sorted(chosen):
         strategy = strategies.get(name)
         if strategy is not None and "ep" in {f.name for f in dataclasses.fields(strategy.config)}:
-            return name, int(setting(chosen[name], "ep", getattr(strategy.default(), "ep")))
-    return "", 1
+            return int(setting(chosen[name], "ep", getattr(strategy.default(), "ep")))
+    return 1
 
 
 def setting(cfg: Any, name: str, default: Any) -> Any:
@@ -121,10 +124,11 @@ def mesh_shape(
     """(dp, tp, pp) of ``world`` processes running the strategies ``chosen`` (name -> typed
     config or knob dict). Raises a one-line UserError naming the broken rule.
 
-    ``workload`` (a Workload, or a model config with n_heads / d_ff / n_layers) adds the checks
-    against the model's shape; ``micro_batch_size`` the chosen strategies' own mesh checks
-    (``Strategy.check_mesh``: the pipeline's micro-batch split). ``strategies`` defaults to the
-    catalog: who splits which dim is each strategy's ``mesh_dim``.
+    ``workload`` (a Workload, or its ModelShape) adds the checks against the model's shape,
+    whatever the model (a GPT preset, hf:, a user's model whose shape was read; none where its
+    ``shape`` is None); ``micro_batch_size`` the chosen strategies' own mesh checks
+    (``Strategy.check_mesh``: the pipeline's micro-batch split, moe's expert parallelism).
+    ``strategies`` defaults to the catalog: who splits which dim is each strategy's ``mesh_dim``.
     """
     strategies = _catalog(strategies)
     tp_name, tp = _splitter("tp", chosen, strategies)
@@ -144,22 +148,18 @@ def mesh_shape(
         )
     if wrappers and dp == 1 and world > 1:
         raise UserError(f"{wrappers[0]} has a data-parallel group of 1 process: tp {tp} × pp {pp} takes all {world} processes")
-    ep_name, ep = _expert_degree(chosen, strategies)
-    if ep > 1:
-        if dp % ep or tp > 1 or pp > 1:
-            raise UserError(f"{ep_name} ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp: this run has dp {dp}, tp {tp}, pp {pp}")
-        if wrappers != ["ddp"]:
-            raise UserError(f"{ep_name} ep {ep} needs ddp for its data-parallel processes (fsdp2 and zero would reduce the experts over all of them)")
-    config = getattr(workload, "config", workload)
-    if config is not None:
-        heads, width, layers = (getattr(config, k, None) for k in ("n_heads", "d_ff", "n_layers"))
-        if tp > 1 and heads is not None and heads % tp:
-            raise UserError(f"{tp_name} degree {tp} does not divide the {heads} heads")
-        if tp > 1 and width is not None and width % tp:
-            raise UserError(f"{tp_name} degree {tp} does not divide the MLP width {width}")
-        if pp > 1 and layers is not None and layers < pp:
-            raise UserError(f"{pp_name} degree {pp} exceeds the {layers} blocks (a stage needs one at least)")
-    dims = ParallelDims(dp=dp, tp=tp, pp=pp, ep=ep)
+    shape = getattr(workload, "shape", workload)
+    if shape is not None:
+        # A shape read off a model without heads (a user's, found by the generic adapter) has 0.
+        if tp > 1 and shape.n_heads % tp:
+            raise UserError(f"{tp_name} degree {tp} does not divide the {shape.n_heads} heads")
+        if tp > 1 and shape.n_kv_heads % tp:
+            raise UserError(f"{tp_name} degree {tp} does not divide the {shape.n_kv_heads} kv heads")
+        if tp > 1 and shape.d_ff % tp:
+            raise UserError(f"{tp_name} degree {tp} does not divide the MLP width {shape.d_ff}")
+        if pp > 1 and shape.n_layers < pp:
+            raise UserError(f"{pp_name} degree {pp} exceeds the {shape.n_layers} blocks (a stage needs one at least)")
+    dims = ParallelDims(dp=dp, tp=tp, pp=pp, ep=_expert_degree(chosen, strategies), dp_strategy=wrappers[0] if wrappers else "")
     for name, strategy in sorted(strategies.items()):
         if name in chosen and strategy.check_mesh is not None:
             strategy.check_mesh(chosen[name], dims, micro_batch_size)

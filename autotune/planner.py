@@ -26,6 +26,7 @@ from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.limits import usable_cores
 from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, LossCurve, Plan, QualityGuard, StrategySpec, TrainSpec
+from autotune.schema import check_writable
 from autotune.strategy import Facts, Prior, PriorFacts, SearchFacts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
 from autotune.workloads import Workload, load_workload
@@ -121,25 +122,6 @@ class NoTrialSucceeded(RuntimeError):
     """Every trial of the study failed or was pruned: there is nothing to confirm."""
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Refuse, before any trial, a file that could not be written at the end: its folder (or
-    the nearest one that exists, where the rest would be created) must be writable."""
-    if path.is_dir():
-        raise UserError(f"{what} {path}: is a directory, expected a file")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {path}: cannot write in {folder}")
-
-
-def check_writable_dir(path: Path, what: str) -> None:
-    """The same for a directory of outputs (--report)."""
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{what} {path}: exists and is not a directory")
-    check_writable(path / "x", what)
-
-
 def _profile(settings: PlanSettings) -> Any:
     from autotune import hardware
 
@@ -183,7 +165,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     if global_batch is not None and global_batch < 1:
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
     # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
-    derived = {"grad_accum"} if global_batch is not None else set()
+    derived = {planmod.ACCUMULATION} if global_batch is not None else set()
     strategies = [_narrowed(catalog.get(n), facts_here) for n in graph.usable() if n not in left_out and n not in derived]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
     rates: dict[str, float] = {}
@@ -223,16 +205,6 @@ def default_cpu_processes(cores: int) -> int:
     """CPU processes searched without --cpu-procs: several only where each keeps two cores
     (gloo's all-reduce and the loader need one beside the matmuls), at most 8."""
     return min(8, cores // 2) if cores >= 4 else 1
-
-
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether the CPU runs bf16 matmuls natively (AMX or AVX512-BF16): elsewhere oneDNN
-    emulates them, slower than fp32."""
-    try:
-        flags = set(Path(cpuinfo).read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def _narrowed(strategy: Any, facts: SearchFacts) -> Any:
@@ -280,12 +252,10 @@ def left_out_of(device: str) -> dict[str, str]:
 
 def search_left_out(facts: SearchFacts) -> dict[str, str]:
     """What a search on this machine and workload leaves out, with the reason: what the
-    strategies declare for its device (:func:`left_out_of`), precision on a CPU without bf16
-    units, and what no setting would change here (``Strategy.search_knobs`` giving a reason).
-    `autotune strategies` shows the same."""
+    strategies declare for its device (:func:`left_out_of`), and what would not pay here
+    (``Strategy.search_knobs`` giving a reason: precision on a CPU without bf16 units, a
+    vocabulary already padded). `autotune strategies` shows the same."""
     left_out = left_out_of(facts.device)
-    if facts.device == "cpu" and not cpu_has_bf16():
-        left_out["precision"] = "this CPU has no AMX or AVX512-BF16 (/proc/cpuinfo): bf16 autocast would be emulated, slower than fp32"
     for name, strategy in catalog.catalog().items():
         if name not in left_out and strategy.search_knobs is not None and isinstance(reason := strategy.search_knobs(facts), str):
             left_out[name] = reason
@@ -736,7 +706,7 @@ def is_reference(plan: Plan, baseline: Plan) -> bool:
     return (
         not plan.train.random_tokens
         and baseline.launch.nproc_per_node * baseline.launch.nnodes == 1
-        and all(s.name == "grad_accum" for s in baseline.strategies)
+        and all(s.name == planmod.ACCUMULATION for s in baseline.strategies)
         and baseline.workload == plan.workload
         and dataclasses.replace(baseline.train, micro_batch_size=plan.train.micro_batch_size) == plan.train
         and baseline.global_batch() == plan.global_batch()
@@ -796,7 +766,7 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tole
     processes train on)."""
     if measured.status != "ok":
         return None
-    if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(s.name == "grad_accum" for s in plan.strategies):
+    if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(s.name == planmod.ACCUMULATION for s in plan.strategies):
         # The plain run on the plan's batches is the plan itself: nothing to run again.
         return _compared(measured, measured, EXACT_LOSS_TOLERANCE, exact=True)
     if reference is None:
@@ -804,7 +774,7 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tole
         accum = plan.grad_accum() * dp
         plain = dataclasses.replace(
             plan,
-            strategies=[StrategySpec(name="grad_accum", knobs={"steps": accum})] if accum > 1 else [],
+            strategies=[StrategySpec(name=planmod.ACCUMULATION, knobs={"steps": accum})] if accum > 1 else [],
             launch=dataclasses.replace(plan.launch, nproc_per_node=1, nnodes=1),
         )
         # Budgets count each process's micro-batches: the reference runs dp times as many, so

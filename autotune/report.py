@@ -7,7 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from autotune.errors import UserError
+from autotune.errors import UserError, first_line
+from autotune.plan import ACCUMULATION
 
 DEFAULT_STORAGE = "sqlite:///plans/studies.db"
 
@@ -24,8 +25,7 @@ def load_study(storage: str | None, study: str | None) -> Any:
     try:
         names = [s.study_name for s in opened.get_all_studies()]
     except Exception as e:  # SQLAlchemy's and Optuna's errors for a bad URL are many and long
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"--storage {url}: {first[:200]}") from None
+        raise UserError(f"--storage {url}: {first_line(e)[:200]}") from None
     if study is None:
         if len(names) != 1:
             raise UserError(f"{url} holds {len(names)} studies; name one with --study ({', '.join(sorted(names)) or 'none'})")
@@ -46,7 +46,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         plan = t.user_attrs.get("plan") or {}
         figures = t.user_attrs.get("figures") or {}
         strategies = plan.get("strategies", [])
-        accum = next((s["knobs"].get("steps", 1) for s in strategies if s["name"] == "grad_accum"), 1)
+        accum = next((s["knobs"].get("steps", 1) for s in strategies if s["name"] == ACCUMULATION), 1)
         launch = plan.get("launch", {})
         rows.append({
             "number": t.number,
@@ -55,7 +55,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
             "tokens_per_s": t.value if t.state.name == "COMPLETE" else None,
             "peak_memory_bytes": figures.get("peak_memory_bytes"),
             "micro_batch_size": plan.get("train", {}).get("micro_batch_size"),
-            "grad_accum": accum,
+            "grad_accum": accum,  # the column `autotune trials` prints, not the strategy's name
             "processes": launch.get("nproc_per_node", 1) * launch.get("nnodes", 1),
             "strategies": {s["name"]: s.get("knobs", {}) for s in strategies},
             "error": INTERRUPTED if killed else t.user_attrs.get("error"),

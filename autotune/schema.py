@@ -153,6 +153,28 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
         raise UserError(f"{what} {p}: invalid JSON: {e}".splitlines()[0]) from None
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Refuse, before the work that ends in writing it (a search, a minute of measuring), a
+    file that could not be written: its folder (or the nearest one that exists, where the rest
+    would be created) must be a writable folder."""
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a directory, expected a file")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{what} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {folder}")
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """The same for a directory of outputs (--report)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: exists and is not a directory")
+    check_writable(path / "x", what)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never a partial one."""
     write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())

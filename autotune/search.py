@@ -33,7 +33,7 @@ from autotune import costmodel
 from autotune.apply import check_processes, check_settings
 from autotune.mesh import data_parallel, mesh_shape
 from autotune import plan as planmod
-from autotune.errors import UserError
+from autotune.errors import UserError, first_line
 from autotune.graph import StrategyGraph
 from autotune.plan import Figures, LaunchSpec, Plan, StrategySpec, TrainSpec
 from autotune.strategy import Knob, Strategy
@@ -436,7 +436,7 @@ def make_storage(url: str, *, existing: bool = False) -> optuna.storages.BaseSto
             if attempt < SCHEMA_RACE_RETRIES and any(m in str(e) for m in ("duplicate key", "already exists")):
                 time.sleep(0.5 * (attempt + 1))
                 continue
-            raise UserError(f"storage URL {url}: cannot connect: {_first_line(e)}") from None
+            raise UserError(f"storage URL {url}: cannot connect: {first_line(e)}") from None
     raise AssertionError("unreachable")
 
 
@@ -459,15 +459,10 @@ def _check_sqlite(url: str, existing: bool) -> None:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as e:
-        raise UserError(f"storage URL {url}: {path} is not a SQLite database ({_first_line(e)})") from None
+        raise UserError(f"storage URL {url}: {path} is not a SQLite database ({first_line(e)})") from None
     if not {"studies", "version_info"} <= tables:
         raise UserError(f"storage URL {url}: {path} is a SQLite database but not an Optuna storage "
                         "(no studies table); left as it is")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def trial_log_dir(storage_url: str, study_name: str) -> Path:

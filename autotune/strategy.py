@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -288,13 +288,19 @@ class Facts:
     processes: int = 1
     """Processes the run may use (GPUs, or CPU processes when asked for)."""
     modules: frozenset[str] = frozenset()
-    """Optional packages that import here (deepspeed, torch_xla, triton, flash_attn_interface, torchao)."""
+    """The packages the strategies declare (:func:`declared_modules`) that import here."""
     structure: frozenset[str] = frozenset()
     """Structure the workload declares."""
 
     @classmethod
-    def of(cls, profile: Any | None, workload: Any, *, processes: int | None = None) -> Facts:
-        """Facts from a HardwareProfile (None: a machine with no accelerator) and a Workload."""
+    def of(cls, profile: Any | None, workload: Any, *, processes: int | None = None,
+           strategies: Iterable[Strategy] | None = None) -> Facts:
+        """Facts from a HardwareProfile (None: a machine with no accelerator) and a Workload;
+        the packages probed are those ``strategies`` (default: the catalog's) declare."""
+        if strategies is None:
+            from autotune.catalog import catalog
+
+            strategies = catalog().values()
         gpus = list(profile.gpus) if profile is not None else []
         caps = [tuple(int(x) for x in g.capability.split(".")) for g in gpus]
         tpu = profile.tpu.count if profile is not None and profile.tpu.present else 0
@@ -304,15 +310,32 @@ class Facts:
             gpu_name=gpus[0].name if gpus else None,
             tpu_devices=tpu,
             processes=processes if processes is not None else max(1, len(gpus), tpu),
-            modules=frozenset(m for m in OPTIONAL_MODULES if _importable(m)),
+            modules=frozenset(m for m in declared_modules(strategies) if _importable(m)),
             structure=frozenset(workload.structure),
         )
 
 
-OPTIONAL_MODULES = ("deepspeed", "torch_xla", "triton", "flash_attn_interface", "torchao")
+def declared_modules(strategies: Iterable[Strategy]) -> frozenset[str]:
+    """Every package ``strategies`` may need: each one's ``needs.modules``, and those its
+    config's ``needs()`` asks for at each choice of its categorical knobs, judged as
+    ``StrategyGraph.excluded_choices`` judges them (the default config with that one knob
+    set): triton_kernels' liger needs liger_kernel, its strategy only triton. A strategy
+    bringing a new package needs no edit here."""
+    out: set[str] = set()
+    for strategy in strategies:
+        out.update(strategy.needs.modules)
+        if not hasattr(strategy.config, "needs"):
+            continue
+        default = strategy.default()
+        out.update(default.needs().modules)
+        for knob in strategy.knobs:
+            for value in knob.choices:
+                out.update(dataclasses.replace(default, **{knob.name: value}).needs().modules)
+    return frozenset(out)
 
 
 def _importable(module: str) -> bool:
+    """Whether ``module`` would import, found without importing it (deepspeed takes seconds)."""
     import importlib.util
 
     try:

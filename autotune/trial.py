@@ -12,7 +12,6 @@ process group of a hung child is killed.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -31,10 +30,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from autotune import locks, schema
-from autotune.errors import UserError
+from autotune.errors import UserError, first_line
 from autotune.plan import Figures, Plan
+from autotune.process import die_with_parent
 
-Status = Literal["ok", "oom", "nan", "timeout", "crash", "unsupported"]
+Status = Literal["ok", "oom", "nan", "timeout", "crash", "unsupported", "pruned"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -162,24 +162,7 @@ def measuring(device: str) -> Iterator[None]:
             _held[key] = (lock, count - 1)
 
 
-# -- a trial dies with its planner ----------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: preexec_fn only calls it
-
-
-def die_with_parent(signum: int = signal.SIGKILL, parent: int | None = None) -> None:
-    """Have the kernel send ``signum`` to this process when its parent dies (PR_SET_PDEATHSIG),
-    however it dies (SIGKILL included): a planner killed mid-trial takes its trial with it, so
-    the next trial is not measured beside an orphan, and a killed `autotune run` its torchrun.
-    Runs in the child before exec, and again in each rank (whose parent is torchrun), so the
-    chain planner -> torchrun -> ranks dies together. ``parent``: the pid the parent must be
-    (default: the parent now); if it is not once armed, it died before prctl and nobody will
-    send the signal: this process gets it at once."""
-    parent = os.getppid() if parent is None else parent
-    _libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signum)
+# -- a trial dies with its planner (autotune.process.die_with_parent) ------------------------
 
 
 class _KillOnSignal:
@@ -453,12 +436,12 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
     except NonFiniteLoss as e:
         return TrialResult(figures=Figures(status="nan"), error=str(e))
     except torch.OutOfMemoryError as e:
-        return TrialResult(figures=Figures(status="oom"), error=_first_line(e))
+        return TrialResult(figures=Figures(status="oom"), error=first_line(e))
     except (UserError, NotImplementedError) as e:
-        return TrialResult(figures=Figures(status="unsupported"), error=_first_line(e))
+        return TrialResult(figures=Figures(status="unsupported"), error=first_line(e))
     except Exception as e:  # anything else is a crash of this trial, reported with its origin
         frame = traceback.extract_tb(e.__traceback__)[-1]
-        return TrialResult(figures=Figures(status="crash"), error=f"{type(e).__name__}: {_first_line(e)} ({Path(frame.filename).name}:{frame.lineno})")
+        return TrialResult(figures=Figures(status="crash"), error=f"{type(e).__name__}: {first_line(e)} ({Path(frame.filename).name}:{frame.lineno})")
     finally:
         if trainer is not None:
             trainer.close(clean=clean)
@@ -541,11 +524,6 @@ def _sync(device: Any) -> None:
         import torch
 
         torch.cuda.synchronize(device)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,10 +70,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autotune.mesh import setting
 from autotune.strategy import Knob, Needs, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
+    from autotune.mesh import ParallelDims
 
 
 @dataclass(kw_only=True, slots=True)
@@ -134,6 +136,21 @@ def moe_cost(cfg: MoeConfig, terms: Any) -> None:
     terms.flops += 6 * terms.tokens_per_step * converted * ((cfg.top_k - 1) * mlp + router)
 
 
+def check_moe_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> None:
+    """ep > 1 splits the experts over groups of consecutive dp ranks (``autotune.mesh``):
+    it needs a dp a multiple of ep, no tp or pp, and ddp's replicas (fsdp2 and zero shard
+    the parameters over every dp rank, and would reduce the experts over all of them)."""
+    ep = int(setting(cfg, "ep", MoeConfig().ep))
+    if ep == 1:
+        return
+    from autotune.errors import UserError
+
+    if dims.dp % ep or dims.tp > 1 or dims.pp > 1:
+        raise UserError(f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp: this run has dp {dims.dp}, tp {dims.tp}, pp {dims.pp}")
+    if dims.dp_strategy != "ddp":
+        raise UserError(f"moe ep {ep} needs ddp for its data-parallel processes (fsdp2 and zero would reduce the experts over all of them)")
+
+
 def check_moe_with(chosen: dict[str, Any]) -> None:
     """The aux loss is scaled as the loop scales the loss (1 / grad_accum), not by fp16's
     dynamic loss scale nor by a pipeline's pieces per micro-batch: refuse those with it on
@@ -187,5 +204,6 @@ STRATEGY = Strategy(
         Knob(name="every_n_layers", low=1, high=4, integer=True),
     ),
     cost=moe_cost,
+    check_mesh=check_moe_mesh,
     check_with=check_moe_with,
 )

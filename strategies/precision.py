@@ -5,6 +5,7 @@ the plain model's up to rounding: an exact strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
@@ -61,11 +62,24 @@ def precision_prior(facts: PriorFacts) -> Prior:
     return Prior(knobs={"dtype": "bf16", "tf32": facts.device == "cuda"}, own_trial=facts.device == "cpu")
 
 
-def search_knobs(device: str) -> tuple[Knob, ...]:
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU runs bf16 matmuls natively (AMX or AVX512-BF16): elsewhere oneDNN
+    emulates them, slower than fp32."""
+    try:
+        flags = set(Path(cpuinfo).read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+def search_knobs(device: str, cpuinfo: str = "/proc/cpuinfo") -> tuple[Knob, ...] | str:
     """A CPU search samples neither fp16 (its loss scaler is CUDA's) nor TF32 (a GPU's tensor
-    cores: on a CPU the switch changes nothing, and a plan would carry it)."""
+    cores: on a CPU the switch changes nothing, and a plan would carry it); on a CPU without
+    bf16 units it leaves precision out (fp32 is all that pays there, and is the baseline)."""
     if device == "cuda":
         return STRATEGY.knobs
+    if not cpu_has_bf16(cpuinfo):
+        return f"this CPU has no AMX or AVX512-BF16 ({cpuinfo}): bf16 autocast would be emulated, slower than fp32"
     return (Knob(name="dtype", choices=("fp32", "bf16")), Knob(name="tf32", choices=(False,)))
 
 

@@ -13,8 +13,8 @@ Face model's own ``base_model_tp_plan``, its untied head split by vocabulary col
 gathered, and for sequence parallel the Llama layout's norms (HF's plans name none). A model
 without a plan, or sequence parallel where the adapter knows no norms, is refused before
 launch (``check_workload``). ``degree`` must divide the query and kv heads and the MLP width
-(the adapter's shape, checked at apply; for the GPT also by ``autotune.mesh.mesh_shape``
-before launch), the process count and, with sequence parallel, the sequence length. Dropout,
+(the workload's shape, checked by ``autotune.mesh.mesh_shape`` before launch, and the built
+model's adapter's at apply), the process count and, with sequence parallel, the sequence length. Dropout,
 when on, draws its masks per rank.
 
 The GPT's embedding, position table, final norm and (tied, possibly vocab-padded) head stay

@@ -5,6 +5,7 @@ new strategy is its module and its test, with no edit to the core's lists of nam
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,8 +17,8 @@ from autotune.catalog import catalog
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph, after_edges
 from autotune.mesh import ParallelDims, data_parallel, mesh_shape, setting
-from autotune.strategy import PARTS, Facts, Strategy
-from autotune.workloads import GPT_STRUCTURE
+from autotune.strategy import PARTS, Facts, Knob, Needs, Strategy, declared_modules
+from autotune.workloads import GPT_STRUCTURE, load_workload
 
 CPU = Facts(structure=GPT_STRUCTURE)
 
@@ -102,7 +103,7 @@ def test_mesh_roles_come_from_the_declarations() -> None:
     dims = {name: s.mesh_dim for name, s in catalog().items() if s.mesh_dim}
     assert dims == {"ddp": "dp", "fsdp2": "dp", "zero": "dp", "tensor_parallel": "tp", "pipeline_parallel": "pp"}
     assert data_parallel() == ("ddp", "fsdp2", "zero")
-    assert apply.DISTRIBUTING == apply.distributing() == ("tensor_parallel", "pipeline_parallel", "ddp", "fsdp2", "zero")
+    assert apply.distributing() == ("tensor_parallel", "pipeline_parallel", "ddp", "fsdp2", "zero")
 
 
 def test_a_made_up_strategy_with_a_mesh_dim_needs_no_core_edit() -> None:
@@ -127,7 +128,7 @@ def test_a_made_up_strategy_with_a_mesh_dim_needs_no_core_edit() -> None:
     with pytest.raises(UserError, match=r"leaves 2 data-parallel groups of 4 processes: add ddp or fsdp2 or zero, or make"):
         mesh_shape(4, {"split": {}}, strategies=strategies)
     with pytest.raises(UserError, match="split degree 2 does not divide the 3 heads"):
-        mesh_shape(2, {"split": {}}, strategies=strategies, workload=dataclasses.make_dataclass("C", [("n_heads", int)])(3))
+        mesh_shape(2, {"split": {}}, strategies=strategies, workload=dataclasses.replace(load_workload("tiny").shape, n_heads=3))
 
 
 def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
@@ -142,7 +143,7 @@ def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
 
 
 def test_refine_only_choices_are_declared_on_the_knob_and_must_be_choices() -> None:
-    from autotune.strategy import Knob, check_knob_fields
+    from autotune.strategy import check_knob_fields
 
     declared = {(s.name, k.name): k.refine_only for s in catalog().values() for k in s.knobs if k.refine_only}
     assert declared == {("compile", "mode"): ("max-autotune-no-cudagraphs",)}
@@ -166,6 +167,23 @@ def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
         "int8": "left out of CPU searches: torchao's int8 training is made for GPU int8 tensor cores",
     }
     assert left_out_of("cuda") == {"cpu_threads": "searched on CPU runs only"}
+
+
+def test_precision_leaves_a_cpu_search_without_bf16_units(tmp_path) -> None:
+    # Its own rule (search_knobs), read from the CPU's flags: bf16 autocast is emulated without them.
+    from autotune.planner import search_left_out
+    from autotune.strategies import precision
+    from autotune.strategy import SearchFacts
+
+    plain, bf16 = tmp_path / "plain", tmp_path / "bf16"
+    plain.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    bf16.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert precision.search_knobs("cpu", str(plain)) == (
+        f"this CPU has no AMX or AVX512-BF16 ({plain}): bf16 autocast would be emulated, slower than fp32")
+    assert [k.choices for k in precision.search_knobs("cpu", str(bf16))] == [("fp32", "bf16"), (False,)]
+    assert precision.search_knobs("cuda", str(plain)) == catalog()["precision"].knobs
+    here = search_left_out(SearchFacts(cores=2, seq_len=128, device="cpu"))
+    assert ("precision" in here) != precision.cpu_has_bf16()
 
 
 def _priors(device: str, processes: int = 1, excluded: dict[str, dict[Any, str]] | None = None, **shape: int) -> dict[str, Any]:
@@ -272,3 +290,36 @@ def test_an_export_to_an_unknown_target_or_an_approximate_strategy_left_out_is_r
     with pytest.raises(UserError, match="strategy a is approximate: accelerate without it trains another model"):
         check_exports(dataclasses.replace(made_up("a", exports={"accelerate": NOTHING_TO_SET}), exact=False))
     check_exports(dataclasses.replace(made_up("a", exports={"accelerate": lambda cfg, plan: {"mixed_precision": "fp8"}}), exact=False))
+
+
+# ---------------------------------------------------------------------- packages
+
+
+@dataclass(kw_only=True, slots=True)
+class LossConfig:
+    """A made-up fused loss whose implementations need packages of their own, as
+    triton_kernels' liger (liger_kernel) and cce (cut_cross_entropy) do."""
+
+    loss: str = "plain"
+    """The implementation."""
+
+    def needs(self) -> Needs:
+        return Needs(modules={"plain": (), "here": ("networkx",), "absent": ("autotune_no_such_package",)}[self.loss])
+
+
+def test_the_packages_probed_are_the_ones_the_strategies_declare() -> None:
+    # Those of the strategy (optuna) and those its config asks for at a knob's choice
+    # (networkx, and one that is not installed): probed with no edit to the core.
+    losses = made_up("losses", config=LossConfig, needs=Needs(modules=("optuna",)),
+                     knobs=(Knob(name="loss", choices=("plain", "here", "absent")),))
+    assert declared_modules([losses]) == {"optuna", "networkx", "autotune_no_such_package"}
+    facts = Facts.of(None, load_workload("tiny"), strategies=[losses])
+    assert facts.modules == {"optuna", "networkx"}
+    graph = StrategyGraph(facts, strategies={"losses": losses}, order=("losses",))
+    assert graph.usable() == ["losses"]
+    assert graph.excluded_choices("losses") == {"loss": {"absent": "needs the autotune_no_such_package package, which does not import here"}}
+    # The catalog's: triton_kernels' liger and cce are probed like deepspeed, installed or not.
+    assert {"liger_kernel", "cut_cross_entropy", "deepspeed", "triton"} <= declared_modules(catalog().values())
+    here = Facts.of(None, load_workload("tiny")).modules
+    for module in ("liger_kernel", "cut_cross_entropy", "deepspeed"):
+        assert (module in here) == (importlib.util.find_spec(module) is not None), module

@@ -45,7 +45,7 @@ def plan_command(
 ) -> None:
     """Search, confirm the best trial against the baseline (interleaved), and write it as a plan."""
     from autotune import planner
-
+    from autotune.schema import check_writable_dir
     from autotune.trial import TrialBudget
 
     if trials is None and time_budget is None:
@@ -70,7 +70,7 @@ def plan_command(
     if not trial_timeout >= MIN_TRIAL_S:  # also NaN; a trial starts python and torch first
         raise UserError(f"--trial-timeout {trial_timeout:g}: expected at least {MIN_TRIAL_S:g} seconds")
     if report is not None:
-        planner.check_writable_dir(report, "--report")
+        check_writable_dir(report, "--report")
     overrides: dict[str, Any] = {}
     if workload_config is not None:
         from autotune.workloads.hf import from_command_line

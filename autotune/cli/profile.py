@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -30,10 +29,10 @@ def profile(
     """Detect this machine (CPU, GPUs and their links, TPU, software) and measure it (matmul rate per dtype,
     memory and host-to-device bandwidth, all-reduce between GPUs)."""
     from autotune import hardware
-    from autotune.schema import to_dict
+    from autotune.schema import check_writable, to_dict
 
     path = out or hardware.default_profile_path()
-    _check_writable(path)
+    check_writable(path, "--out")  # before a minute of measuring
     prof = hardware.detect(quick=quick, log=_log)
     try:
         prof.save(path)
@@ -50,19 +49,6 @@ def profile(
 
 def _log(message: str) -> None:
     print(f"autotune: {message}", file=sys.stderr, flush=True)
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse an --out that cannot be written before spending a minute measuring."""
-    if path.is_dir():
-        raise UserError(f"--out {path}: is a directory")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"--out {path}: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {path}: cannot write in {parent}")
 
 
 def _render(p: HardwareProfile) -> list[RenderableType]:

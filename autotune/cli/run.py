@@ -147,9 +147,10 @@ def _adapt(plan, plan_path: Path, time_budget: float):
     from autotune import hardware, planner, trial
     from autotune import plan as planmod
     from autotune.data import plan_data_identity
+    from autotune.schema import check_writable
 
     out = adapted_path(plan_path)
-    planner.check_writable(out, "adapted plan")
+    check_writable(out, "adapted plan")
     origin = planmod.Adaptation(plan=str(plan_path), how="validated", hardware=plan.hardware,
                                 measured=plan.measured, data_identity=plan.data_identity)
     command = " ".join(["autotune", *ARGS])
@@ -268,7 +269,7 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
     from autotune import distributed, train
     from autotune.apply import check_processes
     from autotune.limits import warn_if_oversubscribed
-    from autotune.trial import die_with_parent
+    from autotune.process import die_with_parent
     from autotune.workloads import load_workload
 
     # Bad input is one line, before any process starts.
@@ -378,7 +379,7 @@ def _die_with_launcher(launcher: int) -> None:
     gone already: no rank trains on with nobody holding its run directory."""
     import psutil
 
-    from autotune.trial import die_with_parent
+    from autotune.process import die_with_parent
 
     die_with_parent(signal.SIGTERM)
     try:

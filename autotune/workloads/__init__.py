@@ -95,9 +95,9 @@ PRESETS: dict[str, dict[str, int]] = {
 GLOBAL_BATCH: dict[str, int] = {"tiny": 64, "phase8-small": 192, "phase8-long": 24, "gpt2-124m": 480, "gpt-1b": 256, "gpt-vocab152k": 64}
 
 
-def gpt_workload(name: str, overrides: dict[str, Any] | None = None, *, with_shape: bool = True) -> Workload:
-    """A GPT preset with ``overrides``; ``with_shape`` False leaves ``shape`` None (it builds
-    the model on torch's meta device), for checks that read only the config, without torch."""
+def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
+    """A GPT preset with ``overrides``, its shape counted from its config (:func:`gpt_shape`:
+    no torch, so a plan's checks read it wherever they run)."""
     from autotune.workloads.gpt_config import GPTConfig
 
     params = dict(PRESETS[name])
@@ -113,7 +113,7 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None, *, with_sha
     return Workload(
         name=name,
         build_model=lambda: _build_gpt(cfg),
-        shape=gpt_shape(cfg) if with_shape else None,
+        shape=gpt_shape(cfg),
         vocab_size=cfg.vocab_size,
         seq_len=cfg.seq_len,
         structure=GPT_STRUCTURE,
@@ -192,7 +192,9 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
     Importing a module runs its code, so a workload named by a file (a plan someone sent)
     is imported only when ``trusted``: the CLI passes False unless the user named the
     module on the command line or said ``--trust-workload``. Library callers choose. With
-    ``with_shape`` False a preset's ``shape`` stays None: checking it imports no torch."""
+    ``with_shape`` False a factory's workload keeps the ``shape`` it came with (None: reading
+    one builds its model on torch's meta device); a preset's is counted from its config, and
+    an hf: model's read off the meta device, either way."""
     if name == "hf":
         raise UserError("workload hf: name the model type (hf:llama) or give its config (--workload-config PATH)")
     module_name = import_module_name(name)
@@ -201,7 +203,7 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
 
         return hf_workload(name, overrides)
     if module_name is None:
-        return gpt_workload(name, overrides, with_shape=with_shape)
+        return gpt_workload(name, overrides)
     if not trusted:
         raise UserError(f"workload {name}: not a built-in preset, and running it would import module {module_name}; "
                         "pass --trust-workload if you trust that code")
