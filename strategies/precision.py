@@ -5,7 +5,7 @@ the plain model's up to rounding: an exact strategy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
@@ -43,6 +43,14 @@ def apply_precision(ctx: TrainContext, cfg: PrecisionConfig) -> None:
     ctx.notes.append(f"precision {cfg.dtype}, tf32 {'on' if cfg.tf32 else 'off'}")
 
 
+def precision_cost(cfg: PrecisionConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): bf16 and fp16 autocast halve the
+    activations and run the matmuls at the bf16 rate; fp32 matmuls run at TF32's where allowed,
+    else at fp32's (the plain baseline's)."""
+    terms.autocast = cfg.dtype != "fp32"
+    terms.matmul_dtype = "bf16" if terms.autocast else ("tf32" if cfg.tf32 else "fp32")
+
+
 def precision_prior(facts: PriorFacts) -> Prior:
     """bf16 first: on a CPU bf16 autocast alone, a trial of its own (1.24x the fp32 baseline on
     tiny on the 2-core dev machine, trial 1 against trial 0 in bench/results/cpu-procs/plan-2procs.log);
@@ -65,6 +73,7 @@ STRATEGY = Strategy(
     config=PrecisionConfig,
     apply=apply_precision,
     knobs=(Knob(name="dtype", choices=("fp32", "bf16", "fp16")), Knob(name="tf32", choices=(True, False))),
+    cost=precision_cost,
     prior=precision_prior,
     search_knobs=lambda facts: search_knobs(facts.device),
 )
