@@ -16,8 +16,8 @@ micro-batch b of sequences of s tokens (t = b * s tokens), all read from the mod
                    logsumexp, the MLP's hidden tensors: 2 of d_ff for GELU, 4 for SwiGLU);
                    what inductor's partitioner keeps when compiled; a checkpointed block
                    keeps its fp32 input only
-      (+ L * b * heads * s^2 * bytes where the kernel stores the scores: the naive and math
-         backends, and SDPA in fp32 on grouped kv heads, which falls back to math)
+      (+ L * b * heads * s^2 * bytes where the kernel stores the scores: attention written
+         out, SDPA's math backend, which SDPA in fp32 on grouped kv heads falls back to)
     + logits       t * V_padded * 12 eager: the forward keeps the fp32 log-softmax (the loss
                    upcasts bf16 logits), and where the backward starts its gradient and the
                    logits' are live with it; ~3 compiled with the model
@@ -36,12 +36,18 @@ over the profile's copy bandwidth: the pointwise work around each block's matmul
 of the bytes it keeps, smaller compiled), stored scores, the cross-entropy over the b x s x V
 logits (several passes eager, about two compiled), AdamW's pass over the state; and at least
 the host's time to launch each micro-batch's kernels.
+
+The core counts the plain model: fp32, eager, SDPA's own attention kernel, every block's
+activations kept, the model's own head and loss, one micro-batch a step, the whole model in
+every process. What a strategy changes of that (autocast's dtype, a compiled model, a padded
+vocabulary, checkpointed blocks, experts, sharded state, ...) is its own declared term
+(``Strategy.cost``), which changes the :class:`CostTerms` the core counts from, in apply order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from autotune.errors import UserError
@@ -49,10 +55,6 @@ from autotune.workloads import Workload
 
 if TYPE_CHECKING:
     from autotune.workloads.structure import ModelShape
-
-# Attention backends that keep the (b, heads, s, s) score matrix for the backward pass.
-_STORES_SCORES = {"naive", "math"}
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Coefficients:
@@ -96,14 +98,15 @@ class Coefficients:
     loss_passes_compiled: float = 10.0
     """... compiled with the model: the logits written and read in about two fused passes."""
     loss_passes_fused: float = 8.0
-    """... by a fused head + loss (triton_kernels): the bf16 logits of each chunk written, read
-    twice and written over with their gradient. Not fitted yet (no study on a GPU has one)."""
+    """... by a fused head + loss (``CostTerms.head_loss_bytes``): the bf16 logits of each chunk
+    written, read twice and written over with their gradient. Not fitted yet (no study on a GPU
+    has one)."""
     optimizer_bytes: float = 44.0
     """Bytes per parameter of the optimizer step: AdamW reads weights, gradients, two moments
     and writes three (28), and clipping reads the gradients and scales them in place."""
     score_passes: float = 140.0
-    """Bytes moved per element of the (b, heads, s, s) scores by the backends that write them
-    (naive, math): the scores, the mask, the softmax, and their gradients."""
+    """Bytes moved per element of the (b, heads, s, s) scores by the kernels that write them
+    (``AttentionKernel.keeps_scores``): the scores, the mask, the softmax, and their gradients."""
     launch_eager_s: float = 2.5e-3
     """Host time to launch one block's forward and backward kernels, eager: a micro-batch
     takes at least L times this (the GPU waits on the host when its kernels are short)."""
@@ -116,9 +119,11 @@ class Estimate:
     peak_memory_bytes: float
     """Predicted peak device memory per process."""
     step_time_s: float | None
-    """Predicted optimizer-step time; None without a measured or datasheet matmul rate."""
+    """Predicted optimizer-step time; None without a measured or datasheet rate of its matmul dtype."""
     flops_per_step: float
     """Training FLOPs per optimizer step per process (recomputation included)."""
+    matmul_dtype: str
+    """The matmul rate the step runs at: fp32, tf32 or bf16 (``CostTerms.matmul_dtype``)."""
     breakdown: dict[str, float] = field(default_factory=dict)
     """Memory by part: weights, optimizer, gradients, activations, logits, scores, casts, and
     recompute (a checkpointed block live again, where more than the logits' part)."""
@@ -126,34 +131,111 @@ class Estimate:
     """Step time by part (seconds): matmuls, pointwise, loss, optimizer."""
 
 
-def _setting(configs: dict[str, Any], name: str, attr: str, default: Any) -> Any:
-    cfg = configs.get(name)
-    return getattr(cfg, attr, default) if cfg is not None else default
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AttentionKernel:
+    """What the cost model counts of the blocks' attention kernel."""
+
+    keeps_scores: bool
+    """It writes the (b, heads, s, s) scores and keeps them for the backward (attention written
+    out, SDPA's math backend). The others compute them tile by tile and, in half precision,
+    skip the tiles above the causal diagonal."""
+    repeated_kv: bool
+    """It gets k and v repeated to every query head, and keeps them that wide."""
 
 
-def checkpointed_blocks(configs: dict[str, Any], n_layers: int) -> int:
-    """Blocks whose activations are recomputed in the backward pass."""
-    cfg = configs.get("activation_checkpoint")
-    if cfg is None:
-        return 0
-    if getattr(cfg, "mode", "full") == "full":
-        return n_layers
-    every = max(1, getattr(cfg, "every", 1))
-    return len(range(0, n_layers, every))
+def sdpa_default(shape: ModelShape, *, autocast: bool) -> AttentionKernel:
+    """The kernel SDPA picks itself: flash or memory-efficient, except that in fp32 with grouped
+    kv heads it runs its math backend (the memory-efficient kernel takes no grouped heads and
+    flash no fp32), which repeats k and v and keeps the scores (measured: the HF Llama-125M
+    fp32 baseline's 9.8 GiB above the count, bench/results/hf-llama-125m-h200)."""
+    math = not autocast and 0 < shape.n_kv_heads < shape.n_heads
+    return AttentionKernel(keeps_scores=math, repeated_kv=math)
 
 
-def matmul_dtype(configs: dict[str, Any]) -> str:
-    """The matmul rate a plan's steps run at: bf16 under bf16/fp16 autocast, tf32 when fp32
-    matmuls may use it, else fp32 (PyTorch's default, the plain baseline's)."""
-    dtype = _setting(configs, "precision", "dtype", "fp32")
-    if dtype != "fp32":
-        return "bf16"
-    return "tf32" if _setting(configs, "precision", "tf32", False) else "fp32"
+@dataclass(kw_only=True, slots=True)
+class CostTerms:
+    """One process's share of a training step. :func:`plain_terms` fills it in for the plain
+    model; each chosen strategy's declared term (``Strategy.cost``, see :func:`strategy_terms`)
+    then changes it in place, in apply order; :func:`estimate` counts memory and step time
+    from what it holds at the end. A term may read what the terms before it set."""
+
+    shape: ModelShape
+    """The model's shape before any strategy (the workload's)."""
+    dp: int
+    """Data-parallel groups of the mesh."""
+    tp: int
+    """Tensor-parallel degree."""
+    pp: int
+    """Pipeline stages."""
+    micro_batch: int
+    """Sequences of one micro-batch."""
+    micro_batches: int = 1
+    """Micro-batches one optimizer step accumulates: their tokens, FLOPs and kernel launches,
+    at one micro-batch's memory."""
+    autocast: bool = False
+    """Matmuls and activations in bf16/fp16 under autocast: 2 bytes an activation (norms and
+    the residual stay fp32), a half copy of a matmul's input for each linear reading it and of
+    each weight, kept for the backward; the default attention kernel is then flash's."""
+    matmul_dtype: str = "fp32"
+    """The measured matmul rate the step's matmuls run at: fp32 (PyTorch's default), tf32 or bf16."""
+    vocab: int
+    """Rows of the embedding and the head: the vocabulary tables' parameters, the head's FLOPs,
+    the logits' columns."""
+    attention: AttentionKernel | None = None
+    """The blocks' attention kernel; None: SDPA's own choice (:func:`sdpa_default`, read once
+    every term has set :attr:`autocast`)."""
+    checkpointed: int = 0
+    """Blocks whose activations are recomputed in the backward: each keeps its fp32 input only,
+    and is live again while it is recomputed."""
+    compiled: bool = False
+    """Inductor compiles the blocks: its partitioner recomputes their pointwise work, fused
+    (what a block keeps: :func:`block_bytes`; fewer bytes moved and kernels launched)."""
+    loss_compiled: bool = False
+    """... and the head and the loss with them (``Coefficients.logits_compiled_*``)."""
+    head_loss_bytes: float | None = None
+    """Bytes a fused head + loss holds at its peak in place of the logits (None: the model's
+    own head and loss, whose logits the core counts)."""
+    block_params: float
+    """Parameters of all blocks of the whole model (a term adding experts adds here)."""
+    block_flops: float
+    """Training FLOPs per token of all blocks of the whole model (PaLM: 6 per matmul weight and
+    12 L (nh hs) s for the attention; a term replaying or skipping work changes it); the core
+    adds the head's, 6 per weight of its :attr:`vocab` rows."""
+    attention_flops: float
+    """The attention's part of :attr:`block_flops` (a causal half-precision kernel skips half)."""
+    activation_share: float = 1.0
+    """Share of the counted activations this process keeps (a block split over processes
+    keeps its part)."""
+    model_shards: int = 1
+    """Ways the blocks (their parameters, scores and FLOPs) are split: tp x pp."""
+    weight_shards: float = 1.0
+    """Data-parallel processes sharing one copy of the weights (ZeRO-3, FSDP2)."""
+    gradient_shards: float = 1.0
+    """... of the gradients (ZeRO-2 and up, FSDP2)."""
+    optimizer_shards: float = 1.0
+    """... of AdamW's moments (ZeRO-1 and up, FSDP2)."""
+    weights_on_host: bool = False
+    """The weights live in host memory (ZeRO-3 offload)."""
+    optimizer_on_host: bool = False
+    """AdamW's moments live in host memory (ZeRO offload)."""
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one micro-batch."""
+        return self.micro_batch * self.shape.seq_len
+
+    def shard(self, stage: int) -> None:
+        """Shard over dp as ZeRO's ``stage`` does: 1 the moments, 2 also the gradients, 3 also the weights."""
+        if stage >= 1:
+            self.optimizer_shards = self.dp
+        if stage >= 2:
+            self.gradient_shards = self.dp
+        if stage >= 3:
+            self.weight_shards = self.dp
 
 
-def padded_vocab(vocab: int, configs: dict[str, Any]) -> int:
-    multiple = _setting(configs, "vocab_padding", "multiple", 1)
-    return -(-vocab // multiple) * multiple
+CostTerm = Callable[[Any, CostTerms], None]
+"""A strategy's cost term: (its typed config, the terms) -> None, changing the terms."""
 
 
 def shape_of(workload: Workload) -> ModelShape:
@@ -167,44 +249,29 @@ def shape_of(workload: Workload) -> ModelShape:
 def parameters(shape: ModelShape) -> int:
     """Parameters of the whole model: its blocks (their matrices where the rest is not known),
     the vocabulary tables and the rest (position table, final norm)."""
-    return (shape.block_params or _block_matmuls(shape)) + shape.vocab_tables * shape.vocab_size * shape.d_model + shape.other_params
+    return (shape.block_params or block_matmuls(shape)) + shape.vocab_tables * shape.vocab_size * shape.d_model + shape.other_params
 
 
-def _block_matmuls(shape: ModelShape) -> int:
+def block_matmuls(shape: ModelShape) -> int:
     """Matmul weights of all blocks: the model's minus the output head's."""
     return shape.matmul_params - shape.vocab_size * shape.d_model
 
 
+def plain_terms(shape: ModelShape, micro_batch: int, *, dp: int = 1, tp: int = 1, pp: int = 1) -> CostTerms:
+    """The terms of the plain model: fp32, eager, SDPA's own attention kernel, every block's
+    activations kept, the model's own head and loss, one micro-batch a step, the whole model in
+    every process of a (dp, tp, pp) mesh."""
+    attention = 12 * shape.n_layers * shape.attn_dim * shape.seq_len
+    return CostTerms(shape=shape, dp=dp, tp=tp, pp=pp, micro_batch=micro_batch, vocab=shape.vocab_size,
+                     block_params=shape.block_params or block_matmuls(shape), block_flops=6 * block_matmuls(shape) + attention,
+                     attention_flops=attention)
+
+
 def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]) -> float:
     """Training FLOPs of one optimizer step in one process (PaLM: 6N + 12 L (nh hs) s per
-    token, plus the replayed forward of every recomputed block)."""
-    c = shape_of(workload)
-    return _step_flops(c, micro_batch * c.seq_len * _setting(configs, "grad_accum", "steps", 1), configs)[0]
-
-
-def _step_flops(c: ModelShape, tokens: int, configs: dict[str, Any]) -> tuple[float, float]:
-    """(all, attention's) training FLOPs of ``tokens`` tokens."""
-    V = padded_vocab(c.vocab_size, configs)
-    block_params = _block_matmuls(c)
-    k = checkpointed_blocks(configs, c.n_layers)
-    # Recomputation replays a block's forward but stops early once every saved tensor is back
-    # (torch.utils.checkpoint's early stop): the MLP's output projection is not replayed.
-    recompute = 2 * block_params / c.n_layers - 2 * c.d_model * c.d_ff
-    attention = 4 * c.attn_dim * c.seq_len * (3 * c.n_layers + k)  # 12 L (nh hs) s, and 4 (nh hs) s replayed
-    return float(tokens * (6 * (block_params + V * c.d_model) + k * recompute + attention)), float(tokens * attention)
-
-
-def attention_backend(shape: ModelShape, configs: dict[str, Any]) -> str:
-    """The attention kernel a plan's steps run: the attention strategy's backend, else SDPA's
-    own choice, "sdpa", except that fp32 SDPA with grouped kv heads runs its math backend (the
-    memory-efficient kernel takes no grouped heads and flash no fp32), which keeps the scores
-    (measured: the HF Llama-125M fp32 baseline's 9.8 GiB above the count,
-    bench/results/hf-llama-125m-h200)."""
-    backend = _setting(configs, "attention", "backend", None)
-    if backend is not None:
-        return backend
-    fp32 = _setting(configs, "precision", "dtype", "fp32") == "fp32"
-    return "math" if fp32 and 0 < shape.n_kv_heads < shape.n_heads else "sdpa"
+    token, as the chosen strategies' terms change them: the replayed forward of every
+    recomputed block)."""
+    return estimate(workload, micro_batch, configs).flops_per_step
 
 
 def block_bytes(shape: ModelShape, *, mixed: bool, compiled: bool, repeated_kv: bool = False,
@@ -214,7 +281,7 @@ def block_bytes(shape: ModelShape, *, mixed: bool, compiled: bool, repeated_kv: 
     input (under autocast a bf16 copy per reading linear: 3 for separate q, k, v), the
     kernel's q, k, v, output and fp32 logsumexp (the rotated q, k beside a fused qkv output;
     per-head q/k norms' inputs and values), the MLP's hidden tensors. ``repeated_kv``: the
-    kernel gets k and v repeated to every query head (our attention backends on a GQA model).
+    kernel gets k and v repeated to every query head (``AttentionKernel.repeated_kv``).
     Compiled, inductor's partitioner recomputes the pointwise work: it keeps the norms'
     inputs, the kernel's tensors and the MLP's pre-activations."""
     h, ff, heads = shape.d_model, shape.d_ff, shape.n_heads
@@ -246,29 +313,6 @@ def outside_bytes(shape: ModelShape, *, mixed: bool, compiled: bool) -> float:
     return norm + (2 if mixed else 4) * h + 8
 
 
-def fused_loss(configs: dict[str, Any]) -> str | None:
-    """The fused head + loss that replaces the logits (triton_kernels' ``loss``), or None."""
-    loss = _setting(configs, "triton_kernels", "loss", "compile") if "triton_kernels" in configs else "compile"
-    return None if loss == "compile" else loss
-
-
-def fused_loss_bytes(loss: str, shape: ModelShape, tokens: int, vocab: int, *, mixed: bool) -> float:
-    """Bytes a fused head + loss holds at its peak instead of the logits, at ``tokens`` tokens a
-    micro-batch and ``vocab`` (padded) columns: "autotune" one chunk of logits (about
-    ``CHUNK_BYTES``, kernels/fused_linear_cross_entropy.py) and the fp32 weight gradient;
-    "liger" a chunk of about tokens x width / vocab tokens' logits and the weight gradient in
-    the inputs' dtype; "cce" no logits, fp32 gradients. Each also holds the hidden states'
-    gradient (tokens x width)."""
-    a = 2 if mixed else 4
-    h = shape.d_model
-    if loss == "autotune":
-        chunk = min(tokens, max(128, (1 << 30) // (vocab * a)))
-        return chunk * vocab * a + 4.0 * vocab * h + tokens * h * a
-    if loss == "liger":
-        return 2.0 * tokens * h * a + vocab * h * a
-    return 4.0 * vocab * h + 4.0 * tokens * h
-
-
 def logit_bytes(shape: ModelShape, *, mixed: bool, loss_compiled: bool, coefficients: Coefficients = Coefficients()) -> tuple[float, float]:
     """(kept by the forward, live at the peak) bytes per token and vocab entry. Eager, the
     forward keeps the fp32 log-softmax (4: the loss upcasts bf16 logits; the bf16 logits are
@@ -288,7 +332,7 @@ def estimate(
     micro_batch: int,
     configs: dict[str, Any],
     *,
-    matmul_flops: float | None = None,
+    matmul_flops: Mapping[str, float] | None = None,
     memory_bandwidth: float | None = None,
     coefficients: Coefficients = Coefficients(),
     processes: int = 1,
@@ -296,110 +340,90 @@ def estimate(
     """Predict the cost of training ``workload`` at ``micro_batch`` with strategy ``configs``
     (name -> typed config, as from ``Plan.strategy_configs``) on each of ``processes``
     processes. Any workload whose :class:`ModelShape` is known (``workload.shape``: the
-    built-in GPT's and Hugging Face models').
+    built-in GPT's and Hugging Face models'). ``matmul_flops``: the measured matmul rates by
+    dtype (fp32, tf32, bf16, as a profile holds them), of which the step's matmul dtype picks
+    one; the step time is None without it.
 
-    Each chosen strategy's cost term then changes what the core counted, in apply order
-    (:class:`CostTerms`, :func:`strategy_terms`). Several processes split the state as their
-    mesh does (not yet checked against measured multi-GPU peaks: no two-GPU machine was lent
-    since these strategies exist): tensor parallel divides each block's parameters and (with sequence
-    parallel) activations by tp, pipeline parallel keeps L/pp blocks a stage and the
-    micro-batches in flight, FSDP2 and ZeRO shard states over dp, offload moves them to the
-    host. Step time divides the FLOPs by tp x pp and ignores communication."""
-    c = shape_of(workload)
-    k = coefficients
-    dtype = _setting(configs, "precision", "dtype", "fp32")
-    mixed = dtype != "fp32"
-    compiled = "compile" in configs
-    # Compiled block by block, the head and the loss stay eager: their logits cost what
-    # eager logits cost (measured: 69 GiB at micro-batch 96, where the whole-model compile
-    # takes 24 GiB; bench/results/plan-phase8-small, trial 7).
-    loss_compiled = compiled and _setting(configs, "compile", "scope", "model") == "model"
-    backend = attention_backend(c, configs)
-    V = padded_vocab(c.vocab_size, configs)
-    h, L, s, tokens = c.d_model, c.n_layers, c.seq_len, micro_batch * c.seq_len
-    accum = _setting(configs, "grad_accum", "steps", 1)
-
+    The core counts the plain model (:func:`plain_terms`), each chosen strategy's cost term
+    then changes the terms, in apply order (:func:`strategy_terms`). Several processes split
+    the state as the terms say (not yet checked against measured multi-GPU peaks: no two-GPU
+    machine was lent since those strategies exist); step time divides the FLOPs by the blocks'
+    shards and ignores communication."""
     from autotune.mesh import mesh_shape
 
+    c = shape_of(workload)
+    k = coefficients
     dp, tp, pp = mesh_shape(processes, configs)
-    block_params = c.block_params or _block_matmuls(c)
-    # Our attention backends get k and v repeated to every query head (the adapter repeats
-    # grouped kv heads before calling them), and so does SDPA's math backend: the kernel
-    # keeps them that wide.
-    per_block = block_bytes(c, mixed=mixed, compiled=compiled, repeated_kv="attention" in configs or backend == "math", coefficients=k)
-    ckpt = checkpointed_blocks(configs, L)
+    terms = plain_terms(c, micro_batch, dp=dp, tp=tp, pp=pp)
+    for name, term in strategy_terms(configs):
+        term(configs[name], terms)
+    mixed, compiled = terms.autocast, terms.compiled
+    kernel = terms.attention or sdpa_default(c, autocast=mixed)
+    V = terms.vocab
+    h, L, s, tokens = c.d_model, c.n_layers, c.seq_len, terms.tokens
+    per_block = block_bytes(c, mixed=mixed, compiled=compiled, repeated_kv=kernel.repeated_kv, coefficients=k)
+    ckpt = terms.checkpointed
     # A checkpointed block keeps only its fp32 input.
     activations = tokens * ((L - ckpt) * per_block + ckpt * 4 * h)
     activations += tokens * outside_bytes(c, mixed=mixed, compiled=compiled)
     block_scores = 0.0
-    if backend in _STORES_SCORES:
+    if kernel.keeps_scores:
         # fp32: the softmax output; autocast: bf16 scores and the fp32 softmax (measured).
         block_scores = micro_batch * c.n_heads * s * s * (6 if mixed else 4)
-    scores = (L - ckpt) * block_scores
-    terms = CostTerms(
-        shape=c, dp=dp, tp=tp, pp=pp, tokens_per_step=tokens * accum,
-        block_params=block_params, other_params=c.vocab_tables * V * h + c.other_params,
-        activations=activations, scores=scores, flops=flops_per_step(workload, micro_batch, configs),
-    )
-    for name, term in strategy_terms(configs):
-        term(configs[name], terms)
-    # The blocks' share of one process: tensor parallel splits each, pipeline stages hold L/pp.
-    params = terms.block_params / terms.model_shards + terms.other_params
-    _, logits_peak = logit_bytes(c, mixed=mixed, loss_compiled=loss_compiled, coefficients=k)
-    fused = fused_loss(configs)
+    # The blocks' share of one process; every process holds the vocabulary tables and the rest whole.
+    whole = c.vocab_tables * V * h + c.other_params
+    params = terms.block_params / terms.model_shards + whole
+    _, logits_peak = logit_bytes(c, mixed=mixed, loss_compiled=terms.loss_compiled, coefficients=k)
     casts = 0.0
     if mixed and not compiled:
         # Autocast's bf16 copy of each weight a matmul reads is kept for the backward.
-        casts = 2.0 * (_block_matmuls(c) * (L - ckpt) / L / terms.model_shards + V * h)
+        casts = 2.0 * (block_matmuls(c) * (L - ckpt) / L / terms.model_shards + V * h)
     breakdown = {
         "weights": 0.0 if terms.weights_on_host else 4.0 * params / terms.weight_shards,
         "optimizer": 0.0 if terms.optimizer_on_host else 8.0 * params / terms.optimizer_shards,
         "gradients": 4.0 * params / terms.gradient_shards,
-        "activations": terms.activations,
-        "logits": tokens * V * logits_peak if fused is None else fused_loss_bytes(fused, c, tokens, V, mixed=mixed),
-        "scores": terms.scores / terms.model_shards,
+        "activations": activations * terms.activation_share,
+        "logits": tokens * V * logits_peak if terms.head_loss_bytes is None else terms.head_loss_bytes,
+        "scores": (L - ckpt) * block_scores / terms.model_shards,
         "casts": casts,
     }
     # The peak is where the backward starts (the logits' gradients live), or where a
     # checkpointed block is recomputed (the logits freed by then) if its activations are more.
     recomputed = (tokens * per_block + block_scores) / terms.tp if ckpt else 0.0
     breakdown["recompute"] = max(0.0, recomputed - breakdown["logits"])
-    flops = terms.flops / terms.model_shards
+    flops = float(tokens * terms.micro_batches * (terms.block_flops + 6 * V * h)) / terms.model_shards
     step_time, times = None, {}
-    if matmul_flops:
-        times = step_times(c, configs, terms, flops=flops, params=params, per_block=per_block, matmul_flops=matmul_flops,
+    rate = (matmul_flops or {}).get(terms.matmul_dtype)
+    if rate:
+        times = step_times(terms, kernel, flops=flops, params=params, per_block=per_block, matmul_flops=rate,
                            memory_bandwidth=memory_bandwidth, coefficients=k)
         step_time = sum(times.values())
-    return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, breakdown=breakdown,
-                    time_breakdown=times)
+    return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, matmul_dtype=terms.matmul_dtype,
+                    breakdown=breakdown, time_breakdown=times)
 
 
-def step_times(c: ModelShape, configs: dict[str, Any], terms: CostTerms, *, flops: float, params: float, per_block: float,
-               matmul_flops: float, memory_bandwidth: float | None, coefficients: Coefficients = Coefficients()) -> dict[str, float]:
+def step_times(terms: CostTerms, kernel: AttentionKernel, *, flops: float, params: float, per_block: float, matmul_flops: float,
+               memory_bandwidth: float | None, coefficients: Coefficients = Coefficients()) -> dict[str, float]:
     """Seconds of one optimizer step by part: the matmuls (and attention) at the measured
     rate's achievable share, then, with a measured bandwidth, the memory-bound passes (the
     pointwise work around the matmuls, the stored scores, the loss over the logits, AdamW),
     and the host's launch time where it exceeds the GPU's work of a micro-batch."""
-    k = coefficients
-    mixed = _setting(configs, "precision", "dtype", "fp32") != "fp32"
-    compiled = "compile" in configs
-    loss_compiled = compiled and _setting(configs, "compile", "scope", "model") == "model"
-    V, h, L = padded_vocab(c.vocab_size, configs), c.d_model, c.n_layers
-    tokens = terms.tokens_per_step
-    ckpt = checkpointed_blocks(configs, L)
-    fp32 = matmul_dtype(configs) == "fp32"
+    k, c = coefficients, terms.shape
+    mixed, compiled = terms.autocast, terms.compiled
+    V, h, L = terms.vocab, c.d_model, c.n_layers
+    tokens = terms.tokens * terms.micro_batches
+    ckpt = terms.checkpointed
+    fp32 = terms.matmul_dtype == "fp32"
     rate = matmul_flops * (k.fp32_efficiency if fp32 else k.matmul_efficiency * h / (h + k.matmul_half_width))
     # PaLM's attention term counts the whole s x s square; a causal half-precision kernel
-    # skips the tiles above the diagonal (a strategy's term, sparse attention's, has removed
-    # kept tiles only). In fp32 SDPA runs the memory-efficient kernel without tensor cores: it
-    # was measured as slow as the whole square at the fp32 rate (phase8-long, seq 8192).
-    total, attention = _step_flops(c, tokens, configs)
-    attention = max(0.0, attention - max(0.0, total - terms.flops))
-    backend = attention_backend(c, configs)
-    causal = mixed and backend not in _STORES_SCORES
+    # skips the tiles above the diagonal (of those a term kept: a sparse mask's share). In
+    # fp32 SDPA runs the memory-efficient kernel without tensor cores: it was measured as slow
+    # as the whole square at the fp32 rate (phase8-long, seq 8192).
+    attention = float(tokens * terms.attention_flops)
+    causal = mixed and not kernel.keeps_scores
     skipped = 0.5 * attention / terms.model_shards if causal else 0.0
     times = {"matmuls": (flops - skipped) / rate}
-    if not compiled and matmul_dtype(configs) != "fp32" and V % 64:
+    if not compiled and not fp32 and V % 64:
         head = 6.0 * tokens * V * h  # forward and backward of the head
         times["matmuls"] += head / rate * (1.0 / k.unaligned_head - 1.0)
     if memory_bandwidth:
@@ -407,74 +431,20 @@ def step_times(c: ModelShape, configs: dict[str, Any], terms: CostTerms, *, flop
         # A recomputed block's forward runs twice: about half its pointwise traffic again.
         kept = (L + 0.5 * ckpt) * per_block + outside_bytes(c, mixed=mixed, compiled=compiled)
         times["pointwise"] = pointwise * tokens * kept / terms.model_shards / memory_bandwidth
-        if backend in _STORES_SCORES:
+        if kernel.keeps_scores:
             scores = (L + ckpt) * tokens * c.n_heads * c.seq_len  # b x heads x s^2 per block
             times["scores"] = k.score_passes * scores / terms.model_shards / memory_bandwidth
-        passes = k.loss_passes_compiled if loss_compiled else k.loss_passes_eager
-        if fused_loss(configs) is not None:
+        passes = k.loss_passes_compiled if terms.loss_compiled else k.loss_passes_eager
+        if terms.head_loss_bytes is not None:
             passes = k.loss_passes_fused
         times["loss"] = passes * tokens * V / memory_bandwidth
         times["optimizer"] = k.optimizer_bytes * params / max(terms.optimizer_shards, 1.0) / memory_bandwidth
     # The host launches each micro-batch's kernels; the GPU waits where they are short.
-    micro_batches = _setting(configs, "grad_accum", "steps", 1)
-    host = micro_batches * L / max(terms.pp, 1) * (k.launch_compiled_s if compiled else k.launch_eager_s)
+    host = terms.micro_batches * L / max(terms.pp, 1) * (k.launch_compiled_s if compiled else k.launch_eager_s)
     device = sum(v for name, v in times.items() if name != "optimizer")
     if host > device:
         times["launch"] = host - device
     return times
-
-
-@dataclass(kw_only=True, slots=True)
-class CostTerms:
-    """One process's share of a training step as the core counts it from the model's shape,
-    precision, compile, attention backend and checkpointing; each chosen strategy's declared
-    term (``Strategy.cost``, see :func:`strategy_terms`) then changes it in place."""
-
-    shape: ModelShape
-    """The model's shape before any strategy (the workload's)."""
-    dp: int
-    """Data-parallel groups of the mesh."""
-    tp: int
-    """Tensor-parallel degree."""
-    pp: int
-    """Pipeline stages."""
-    tokens_per_step: int
-    """Tokens one process trains on per optimizer step (micro-batch x seq x accumulation)."""
-    block_params: float
-    """Parameters of all blocks of the whole model (a term adding experts adds here)."""
-    other_params: float
-    """Parameters every process holds whole: embedding, head, position table, final norm."""
-    activations: float
-    """Bytes of saved activations in this process."""
-    scores: float
-    """Bytes of stored attention scores, before :attr:`model_shards` divides them."""
-    flops: float
-    """Training FLOPs per optimizer step of the whole model, before :attr:`model_shards`."""
-    model_shards: int = 1
-    """Ways the blocks (their parameters, scores and FLOPs) are split: tp x pp."""
-    weight_shards: float = 1.0
-    """Data-parallel processes sharing one copy of the weights (ZeRO-3, FSDP2)."""
-    gradient_shards: float = 1.0
-    """... of the gradients (ZeRO-2 and up, FSDP2)."""
-    optimizer_shards: float = 1.0
-    """... of AdamW's moments (ZeRO-1 and up, FSDP2)."""
-    weights_on_host: bool = False
-    """The weights live in host memory (ZeRO-3 offload)."""
-    optimizer_on_host: bool = False
-    """AdamW's moments live in host memory (ZeRO offload)."""
-
-    def shard(self, stage: int) -> None:
-        """Shard over dp as ZeRO's ``stage`` does: 1 the moments, 2 also the gradients, 3 also the weights."""
-        if stage >= 1:
-            self.optimizer_shards = self.dp
-        if stage >= 2:
-            self.gradient_shards = self.dp
-        if stage >= 3:
-            self.weight_shards = self.dp
-
-
-CostTerm = Callable[[Any, CostTerms], None]
-"""A strategy's cost term: (its typed config, the terms) -> None, changing the terms."""
 
 
 def strategy_terms(configs: dict[str, Any]) -> list[tuple[str, CostTerm]]:
@@ -491,16 +461,3 @@ def strategy_terms(configs: dict[str, Any]) -> list[tuple[str, CostTerm]]:
         if term is not None:
             out.append((name, term))
     return out
-
-
-def __getattr__(name: str) -> Any:
-    # The terms this module kept before their strategies declared them (``Strategy.cost``),
-    # under their old names.
-    if name in _MOVED_TERMS:
-        from autotune import catalog
-
-        return catalog.get(_MOVED_TERMS[name]).cost
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_MOVED_TERMS = {f"{n}_cost": n for n in ("tensor_parallel", "pipeline_parallel", "zero", "fsdp2")}

@@ -232,10 +232,9 @@ def predict(space: SearchSpace, plan: Plan) -> costmodel.Estimate | None:
     """The cost model's estimate of ``plan``; None for a workload whose shape is not known."""
     if space.workload.shape is None:
         return None
-    configs = plan.strategy_configs()
     return costmodel.estimate(
-        space.workload, plan.train.micro_batch_size, configs,
-        matmul_flops=space.matmul_flops.get(costmodel.matmul_dtype(configs)), memory_bandwidth=space.memory_bandwidth,
+        space.workload, plan.train.micro_batch_size, plan.strategy_configs(),
+        matmul_flops=space.matmul_flops, memory_bandwidth=space.memory_bandwidth,
         processes=plan.launch.nproc_per_node * plan.launch.nnodes,
     )
 

@@ -208,8 +208,9 @@ class Strategy:
     typed config and the Workload (a sliding window longer than the sequence)."""
     cost: Callable[[Any, Any], None] | None = None
     """The strategy's cost-model term: (its typed config, ``costmodel.CostTerms``) -> None,
-    changing the memory and FLOPs the core counted (experts added, state sharded); None: it
-    changes nothing the cost model counts."""
+    changing what the core counts the step from (autocast, checkpointed blocks, a compiled
+    model) and what it counted (experts added, state sharded); None: it changes nothing the
+    cost model counts."""
     left_out: dict[Device, str] = dataclasses.field(default_factory=dict, hash=False)
     """Searches on these devices leave the strategy out, for the reason given: it runs there but
     never pays a trial (fp8 on a CPU is emulated)."""

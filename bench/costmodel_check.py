@@ -155,10 +155,8 @@ def predict(plan: Any, rates: dict[str, float], bandwidth: float | None) -> Any:
     from autotune import costmodel
     from autotune.workloads import load_workload
 
-    configs = plan.strategy_configs()
     workload = load_workload(plan.workload.name, plan.workload.overrides)
-    return costmodel.estimate(workload, plan.train.micro_batch_size, configs, matmul_flops=rates.get(costmodel.matmul_dtype(configs)),
-                              memory_bandwidth=bandwidth)
+    return costmodel.estimate(workload, plan.train.micro_batch_size, plan.strategy_configs(), matmul_flops=rates, memory_bandwidth=bandwidth)
 
 
 def rows_of(source: str, profile: str | None) -> list[dict[str, Any]]:

@@ -12,7 +12,7 @@ keep the plain model's keys and load either way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Strategy
 
@@ -45,6 +45,22 @@ def apply_activation_checkpoint(ctx: TrainContext, cfg: ActivationCheckpointConf
     ctx.notes.append(f"activation checkpointing ({cfg.mode}): {len(range(0, len(blocks), stride))} of {len(blocks)} blocks")
 
 
+def activation_checkpoint_cost(cfg: ActivationCheckpointConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): the checkpointed blocks keep their input
+    only (what the core counts of them), and each replays its forward in the backward, which
+    stops early once every saved tensor is back (torch.utils.checkpoint's early stop): all its
+    matmuls but the MLP's output projection (2 FLOPs a weight and token), and the attention's
+    4 (nh hs) s a token."""
+    from autotune.costmodel import block_matmuls
+
+    shape = terms.shape
+    terms.checkpointed = len(range(0, shape.n_layers, 1 if cfg.mode == "full" else cfg.every))
+    matmuls = 2 * block_matmuls(shape) / shape.n_layers - 2 * shape.d_model * shape.d_ff
+    attention = 4 * shape.attn_dim * shape.seq_len
+    terms.block_flops += terms.checkpointed * (matmuls + attention)
+    terms.attention_flops += terms.checkpointed * attention
+
+
 STRATEGY = Strategy(
     name="activation_checkpoint",
     summary="recompute block activations in the backward pass (all blocks or every n-th)",
@@ -53,6 +69,7 @@ STRATEGY = Strategy(
     apply=apply_activation_checkpoint,
     changes=frozenset({"blocks"}),
     needs=Needs(structure=frozenset({"blocks"})),
+    cost=activation_checkpoint_cost,
     knobs=(Knob(name="mode", choices=("full", "selective")), Knob(name="every", low=2, high=6, integer=True)),
     # Neither config states it on its own (fsdp2's Accelerate plugin does); the run wraps the blocks.
     exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},

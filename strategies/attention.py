@@ -20,7 +20,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from autotune.errors import UserError
 from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
@@ -116,6 +116,19 @@ def apply_attention(ctx: TrainContext, cfg: AttentionConfig) -> None:
     ctx.notes.append(f"attention {cfg.backend}")
 
 
+_KEEPS_SCORES = frozenset({"naive", "math"})
+"""Backends that keep the (b, heads, s, s) score matrix for the backward pass."""
+
+
+def attention_cost(cfg: AttentionConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): the kernel the blocks run instead of
+    SDPA's own choice. Naive and math keep the scores; every backend gets k and v repeated to
+    each query head (the adapter repeats grouped kv heads before calling it)."""
+    from autotune.costmodel import AttentionKernel
+
+    terms.attention = AttentionKernel(keeps_scores=cfg.backend in _KEEPS_SCORES, repeated_kv=True)
+
+
 def attention_prior(facts: PriorFacts) -> Prior | None:
     """On a GPU, cuDNN's SDPA: it measured 1.049x flash's on phase8-small at micro-batch 96 on an
     H200 (bench/results/ab/attention_ab_h200.jsonl); flash where cuDNN's is excluded."""
@@ -133,6 +146,7 @@ STRATEGY = Strategy(
     apply=apply_attention,
     changes=frozenset({"attention"}),
     needs=Needs(structure=_STRUCTURE),
+    cost=attention_cost,
     knobs=(Knob(name="backend", choices=("naive", "math", "efficient", "flash", "cudnn", "fa3")),),
     prior=attention_prior,
     # No launcher config names an attention kernel: the run picks it, the maths is the same.

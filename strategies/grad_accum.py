@@ -5,7 +5,7 @@ same function, so the strategy is exact."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from autotune.strategy import NOTHING_TO_SET, Knob, Strategy
 
@@ -29,6 +29,12 @@ def apply_grad_accum(ctx: TrainContext, cfg: GradAccumConfig) -> None:
     ctx.notes.append(f"gradient accumulation x{cfg.steps}")
 
 
+def grad_accum_cost(cfg: GradAccumConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): a step runs ``steps`` micro-batches (their
+    tokens, FLOPs and kernel launches) at one micro-batch's memory."""
+    terms.micro_batches = cfg.steps
+
+
 STRATEGY = Strategy(
     name="grad_accum",
     summary="gradient accumulation over several micro-batches",
@@ -36,6 +42,7 @@ STRATEGY = Strategy(
     config=GradAccumConfig,
     apply=apply_grad_accum,
     changes=frozenset({"accumulation"}),
+    cost=grad_accum_cost,
     knobs=(Knob(name="steps", low=1, high=16, log=True, integer=True),),
     # Either config states accumulation only in zero's export, which reads the plan's.
     exports={"accelerate": NOTHING_TO_SET, "deepspeed": NOTHING_TO_SET},

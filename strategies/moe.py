@@ -133,7 +133,7 @@ def moe_cost(cfg: MoeConfig, terms: Any) -> None:
     mlp = shape.mlp_matrices * shape.d_model * shape.d_ff
     router = shape.d_model * cfg.num_experts
     terms.block_params += converted * ((cfg.num_experts // cfg.ep - 1) * mlp + router)
-    terms.flops += 6 * terms.tokens_per_step * converted * ((cfg.top_k - 1) * mlp + router)
+    terms.block_flops += 6 * converted * ((cfg.top_k - 1) * mlp + router)
 
 
 def check_moe_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> None:

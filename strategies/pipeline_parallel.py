@@ -124,7 +124,7 @@ def pipeline_parallel_cost(cfg: Any, terms: Any) -> None:
     if terms.pp > 1:
         pieces = getattr(cfg, "microbatches", 4)
         in_flight = 1.0 if getattr(cfg, "schedule", "1f1b") == "gpipe" else min(terms.pp, pieces) / pieces
-        terms.activations *= in_flight / terms.pp
+        terms.activation_share *= in_flight / terms.pp
 
 
 STRATEGY = Strategy(

@@ -55,6 +55,14 @@ def export_accelerate(cfg: PrecisionConfig, plan: Plan) -> dict[str, Any]:
     return {"mixed_precision": _ACCELERATE[cfg.dtype]}
 
 
+def precision_cost(cfg: PrecisionConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): bf16 and fp16 autocast halve the
+    activations and run the matmuls at the bf16 rate; fp32 matmuls run at TF32's where allowed,
+    else at fp32's (the plain baseline's)."""
+    terms.autocast = cfg.dtype != "fp32"
+    terms.matmul_dtype = "bf16" if terms.autocast else ("tf32" if cfg.tf32 else "fp32")
+
+
 def precision_prior(facts: PriorFacts) -> Prior:
     """bf16 first: on a CPU bf16 autocast alone, a trial of its own (1.24x the fp32 baseline on
     tiny on the 2-core dev machine, trial 1 against trial 0 in bench/results/cpu-procs/plan-2procs.log);
@@ -90,6 +98,7 @@ STRATEGY = Strategy(
     config=PrecisionConfig,
     apply=apply_precision,
     knobs=(Knob(name="dtype", choices=("fp32", "bf16", "fp16")), Knob(name="tf32", choices=(True, False))),
+    cost=precision_cost,
     prior=precision_prior,
     # The DeepSpeed config that autotune run hands the engine keeps DeepSpeed's own bf16 and fp16
     # modes off: the precision is the loop's autocast (strategies/zero.py says why).

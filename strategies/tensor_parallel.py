@@ -100,7 +100,7 @@ def tensor_parallel_cost(cfg: Any, terms: Any) -> None:
     half the activations)."""
     terms.model_shards *= terms.tp
     if terms.tp > 1:
-        terms.activations *= 1 / terms.tp if getattr(cfg, "sequence_parallel", True) else 0.5 + 0.5 / terms.tp
+        terms.activation_share *= 1 / terms.tp if getattr(cfg, "sequence_parallel", True) else 0.5 + 0.5 / terms.tp
 
 
 STRATEGY = Strategy(

@@ -133,6 +133,30 @@ def check_triton_kernels_with(chosen: dict[str, Any]) -> None:
         raise UserError(f"triton_kernels loss {cfg.loss} cannot run with tensor_parallel: a sharded head's weight is not whole; use loss compile")
 
 
+def head_loss_bytes(loss: str, shape: Any, tokens: int, vocab: int, *, mixed: bool) -> float:
+    """Bytes a fused head + loss holds at its peak instead of the logits, at ``tokens`` tokens a
+    micro-batch and ``vocab`` (padded) columns: "autotune" one chunk of logits (about
+    ``CHUNK_BYTES``, kernels/fused_linear_cross_entropy.py) and the fp32 weight gradient;
+    "liger" a chunk of about tokens x width / vocab tokens' logits and the weight gradient in
+    the inputs' dtype; "cce" no logits, fp32 gradients. Each also holds the hidden states'
+    gradient (tokens x width)."""
+    a = 2 if mixed else 4
+    h = shape.d_model
+    if loss == "autotune":
+        chunk = min(tokens, max(128, (1 << 30) // (vocab * a)))
+        return chunk * vocab * a + 4.0 * vocab * h + tokens * h * a
+    if loss == "liger":
+        return 2.0 * tokens * h * a + vocab * h * a
+    return 4.0 * vocab * h + 4.0 * tokens * h
+
+
+def triton_kernels_cost(cfg: TritonKernelsConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): a fused head + loss holds
+    :func:`head_loss_bytes` in place of the logits (loss compile: the model's own)."""
+    if cfg.loss != "compile":
+        terms.head_loss_bytes = head_loss_bytes(cfg.loss, terms.shape, terms.tokens, terms.vocab, mixed=terms.autocast)
+
+
 def triton_kernels_prior(facts: PriorFacts) -> Prior | None:
     """On a GPU, our fused loss raced against compile's head and loss (a trial of the first
     prior plus it): measured on an H100 at 0.97x to 1.12x compile's time for 12% to 45% of its
@@ -154,6 +178,7 @@ STRATEGY = Strategy(
     reads=frozenset({"head"}),
     needs=_NEEDS,
     check_with=check_triton_kernels_with,
+    cost=triton_kernels_cost,
     knobs=(Knob(name="loss", choices=LOSSES),),
     prior=triton_kernels_prior,
     # A kernel of the run's loss: the same maths, no launcher setting.

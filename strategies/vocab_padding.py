@@ -56,6 +56,12 @@ def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
         raise UserError(f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)")
 
 
+def vocab_padding_cost(cfg: VocabPaddingConfig, terms: Any) -> None:
+    """The cost model's term (``costmodel.CostTerms``): the embedding and head grow to the
+    padded rows, and with them their parameters, the head's FLOPs and the logits."""
+    terms.vocab = -(-terms.vocab // cfg.multiple) * cfg.multiple
+
+
 def vocab_padding_prior(facts: PriorFacts) -> Prior | None:
     """On a GPU rows to a multiple of 64 (tensor-core tiles)."""
     return Prior(knobs={"multiple": 64}) if facts.device == "cuda" else None
@@ -83,6 +89,7 @@ STRATEGY = Strategy(
     changes=frozenset({"embedding", "head"}),
     needs=Needs(structure=frozenset({"embed", "head"})),
     check_workload=check_workload,
+    cost=vocab_padding_cost,
     knobs=(Knob(name="multiple", choices=MULTIPLES),),
     prior=vocab_padding_prior,
     search_knobs=lambda facts: search_knobs(facts.vocab_size),

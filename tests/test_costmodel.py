@@ -70,8 +70,7 @@ def test_peak_memory_and_step_time_of_h200_measurements(name, overrides, micro_b
         pytest.importorskip("transformers")
     configs = {n: catalog.get(n).parse(k) for n, k in knobs.items()}
     rates, bandwidth = _rates(profile)
-    estimate = costmodel.estimate(load_workload(name, overrides), micro_batch, configs, matmul_flops=rates[costmodel.matmul_dtype(configs)],
-                                  memory_bandwidth=bandwidth)
+    estimate = costmodel.estimate(load_workload(name, overrides), micro_batch, configs, matmul_flops=rates, memory_bandwidth=bandwidth)
     memory, time = estimate.peak_memory_bytes / peak - 1, estimate.step_time_s / step_s - 1
     assert abs(memory) < (0.10 if name.startswith("hf:") else 0.15), (f"{memory:+.1%}", estimate.breakdown)
     assert abs(time) < 0.25, (f"{time:+.1%}", estimate.time_breakdown)
@@ -164,7 +163,7 @@ def test_activations_and_logits_are_what_autograd_saves_in_each_hf_family(family
     import torch
 
     # The CPU's SDPA takes grouped kv heads in fp32 too (CUDA's runs its math backend then:
-    # costmodel.attention_backend), so the terms are those of a kernel keeping k, v unrepeated.
+    # costmodel.sdpa_default), so the terms are those of a kernel keeping k, v unrepeated.
     workload, model = _family(family)
     c = workload.shape
     t = 2 * c.seq_len
@@ -412,8 +411,8 @@ def test_moe_experts_count_their_active_share_of_flops_and_all_of_memory():
 def test_chosen_strategies_cost_terms_run_in_apply_order():
     configs = {n: catalog.get(n).parse(k) for n, k in {"zero": {"stage": 2}, "moe": {}, "precision": {"dtype": "bf16"}}.items()}
     names = [name for name, _ in costmodel.strategy_terms(configs)]
-    assert names == ["moe", "zero"]  # precision declares none: it picks the core's coefficients
-    assert catalog.get("moe").cost is not None and costmodel.strategy_terms(configs)[1][1] is costmodel.zero_cost
+    assert names == ["precision", "moe", "zero"]
+    assert catalog.get("moe").cost is not None and costmodel.strategy_terms(configs)[2][1] is catalog.get("zero").cost
 
 
 def test_a_fused_loss_holds_a_chunk_of_logits_not_all_of_them():

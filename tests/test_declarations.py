@@ -232,9 +232,10 @@ def test_the_cost_terms_are_declared_by_their_strategies() -> None:
     from autotune import costmodel
 
     declared = {name for name, s in catalog().items() if s.cost is not None}
-    assert declared == {"moe", "tensor_parallel", "pipeline_parallel", "zero", "fsdp2", "sparse_attention"}
+    assert declared == {"precision", "vocab_padding", "moe", "sparse_attention", "attention", "triton_kernels", "tensor_parallel",
+                        "pipeline_parallel", "activation_checkpoint", "compile", "grad_accum", "fsdp2", "zero"}
     assert not hasattr(costmodel, "BUILTIN_TERMS")
-    assert costmodel.fsdp2_cost is catalog()["fsdp2"].cost  # the old names still resolve
+    assert not hasattr(costmodel, "fsdp2_cost")  # the terms' old names in the core are gone
 
 
 def test_the_gpts_structure_is_what_its_adapter_serves() -> None:

@@ -200,11 +200,12 @@ def test_autotuning_compile_modes_get_a_longer_limit():
 
 
 def test_matmul_rate_follows_the_precision():
-    assert costmodel.matmul_dtype({}) == "fp32"
-    plan = search.plan_for(_phase8_space(), 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "fp32", "tf32": True})])
-    assert costmodel.matmul_dtype(plan.strategy_configs()) == "tf32"
-    plan = search.plan_for(_phase8_space(), 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "bf16"})])
-    assert costmodel.matmul_dtype(plan.strategy_configs()) == "bf16"
+    space = _phase8_space()
+    assert costmodel.estimate(space.workload, 48, {}).matmul_dtype == "fp32"
+    plan = search.plan_for(space, 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "fp32", "tf32": True})])
+    assert costmodel.estimate(space.workload, 48, plan.strategy_configs()).matmul_dtype == "tf32"
+    plan = search.plan_for(space, 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "bf16"})])
+    assert costmodel.estimate(space.workload, 48, plan.strategy_configs()).matmul_dtype == "bf16"
 
 
 def test_expert_priors_on_a_gpu_are_complete_trials():
