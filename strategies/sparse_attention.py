@@ -102,17 +102,10 @@ def sparse_attention_cost(cfg: SparseAttentionConfig, terms: Any) -> None:
     the block mask keeps, so the attention FLOPs (PaLM's 12 L (nh hs) s per token) scale by
     :func:`unmasked_fraction` (the recomputed forward of checkpointed blocks, added after, is
     counted dense)."""
-    from autotune.costmodel import block_matmuls
-
     shape = terms.shape
     skipped = terms.attention_flops * (1.0 - unmasked_fraction(shape.seq_len, cfg.window, cfg.global_tokens))
-    # As the cost model counted before its terms moved to the strategies (kept so that its
-    # predictions stay identical): the step time's causal half sees the skipped FLOPs net of
-    # the experts' (moe's term, before this one), so with moe it skips half of tiles FlexAttention
-    # never computes. Counting them whole changes moe + sparse attention's step times only.
-    added = terms.block_flops - (6 * block_matmuls(shape) + terms.attention_flops)
     terms.block_flops -= skipped
-    terms.attention_flops -= max(0.0, skipped - added)
+    terms.attention_flops -= skipped
 
 
 def apply_sparse_attention(ctx: TrainContext, cfg: SparseAttentionConfig) -> None:
