@@ -53,10 +53,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), required=True, help="cuda: NCCL, one GPU a rank; cpu: gloo")
+    parser.add_argument(
+        "--device", choices=("cuda", "cpu"), required=True, help="cuda: NCCL, one GPU a rank; cpu: gloo"
+    )
     parser.add_argument("--out", required=True, help="JSON file rank 0 writes")
     parser.add_argument(
-        "--sizes", required=True, type=lambda s: [int(x) for x in s.split(",")], help="message sizes in bytes, comma-separated"
+        "--sizes",
+        required=True,
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="message sizes in bytes, comma-separated",
     )
     return parser.parse_args(argv)
 

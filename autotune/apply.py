@@ -104,7 +104,9 @@ def check_processes(world_size: int, chosen: Any, *, workload: Any = None, micro
     broken rule); ``workload`` and ``micro_batch_size`` add the model's and the batch's checks."""
     split = distributing()
     if world_size > 1 and not set(chosen) & set(split):
-        raise UserError(f"a run of {world_size} processes needs one of the strategies {', '.join(split)} (or launch.nproc_per_node 1)")
+        raise UserError(
+            f"a run of {world_size} processes needs one of the strategies {', '.join(split)} (or launch.nproc_per_node 1)"
+        )
     mesh_shape(world_size, chosen, workload=workload, micro_batch_size=micro_batch_size)
 
 
@@ -120,8 +122,10 @@ def check_settings(chosen: dict[str, Any], *, workload: Any = None) -> None:
         strategy = catalog.get(name)
         missing = sorted(strategy.needs.structure - frozenset(workload.structure)) if workload is not None else []
         if missing:
-            raise UserError(f"strategy {name} needs the workload to support {', '.join(missing)}; {workload.name} does not "
-                            "(`autotune strategies --workload ... --explain` lists what it supports)")
+            raise UserError(
+                f"strategy {name} needs the workload to support {', '.join(missing)}; {workload.name} does not "
+                "(`autotune strategies --workload ... --explain` lists what it supports)"
+            )
         if strategy.check_with is not None:
             strategy.check_with(chosen)
         if workload is not None and strategy.check_workload is not None:

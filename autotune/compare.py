@@ -131,9 +131,13 @@ class Comparison:
         return {label for label, _, mark in table_rows(self) if mark}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "prices": {p.label: p.usd_per_hour for p in self.prices},
-                "warnings": self.warnings, "differences": sorted(self.differing()),
-                "entries": [asdict(e) for e in self.entries]}
+        return {
+            "tokens": self.tokens,
+            "prices": {p.label: p.usd_per_hour for p in self.prices},
+            "warnings": self.warnings,
+            "differences": sorted(self.differing()),
+            "entries": [asdict(e) for e in self.entries],
+        }
 
 
 def parse_prices(items: list[str]) -> list[Price]:
@@ -170,8 +174,9 @@ def is_study(source: str) -> bool:
     return bool(sep and name and "://" in url)
 
 
-def compare(sources: list[str], *, prices: list[Price], tokens: int = DEFAULT_TOKENS,
-            force: bool = False) -> Comparison:
+def compare(
+    sources: list[str], *, prices: list[Price], tokens: int = DEFAULT_TOKENS, force: bool = False
+) -> Comparison:
     """Load every source, refuse incomparable ones (unless ``force``), and work out the figures."""
     if not sources:
         raise UserError("give at least one PLAN (or STORAGE_URL#STUDY)")
@@ -201,10 +206,12 @@ def _incomparable(entries: list[Entry]) -> str | None:
 
 
 def _groups(groups: dict[str, list[str]]) -> str:
-    """"phase8-small: a.plan.json and 2 more; tiny: b.plan.json", each value cut to 60 characters."""
+    """ "phase8-small: a.plan.json and 2 more; tiny: b.plan.json", each value cut to 60 characters."""
+
     def one(value: str, sources: list[str]) -> str:
         value = value if len(value) <= 60 else value[:57] + "..."
         return f"{value}: {sources[0]}" + (f" and {len(sources) - 1} more" if len(sources) > 1 else "")
+
     return "; ".join(one(v, s) for v, s in groups.items())
 
 
@@ -237,16 +244,30 @@ def _plan_entry(source: str, plan: Plan) -> Entry:
         global_batch = None
     m, check = plan.measured, plan.loss_check
     return Entry(
-        source=source, kind="plan", workload=_workload(plan), data=os.path.normpath(plan.train.data),
+        source=source,
+        kind="plan",
+        workload=_workload(plan),
+        data=os.path.normpath(plan.train.data),
         data_identity=getattr(plan, "data_identity", None),  # recorded by newer plans (issue 14 item 2)
-        gpu_name=gpu_name, gpu_count=gpu_count, cpu_only=str(summary.get("gpus", "")).strip() == "none",
-        machine=", ".join(parts), links=str(links) if links else None,
-        fingerprint=plan.hardware.fingerprint, processes=plan.launch.nproc_per_node * plan.launch.nnodes,
-        nnodes=plan.launch.nnodes, micro_batch_size=plan.train.micro_batch_size, global_batch=global_batch,
+        gpu_name=gpu_name,
+        gpu_count=gpu_count,
+        cpu_only=str(summary.get("gpus", "")).strip() == "none",
+        machine=", ".join(parts),
+        links=str(links) if links else None,
+        fingerprint=plan.hardware.fingerprint,
+        processes=plan.launch.nproc_per_node * plan.launch.nnodes,
+        nnodes=plan.launch.nnodes,
+        micro_batch_size=plan.train.micro_batch_size,
+        global_batch=global_batch,
         strategies={s.name: ", ".join(f"{k}={v}" for k, v in s.knobs.items()) or "(defaults)" for s in plan.strategies},
-        tokens_per_s=m and m.tokens_per_s, spread=m and m.spread, samples=m and m.samples, mfu=m and m.mfu,
-        mfu_peak_source=m and m.mfu_peak_source, peak_memory_bytes=m and m.peak_memory_bytes,
-        loss_passed=check and check.passed, loss_tolerance=check and check.tolerance,
+        tokens_per_s=m and m.tokens_per_s,
+        spread=m and m.spread,
+        samples=m and m.samples,
+        mfu=m and m.mfu,
+        mfu_peak_source=m and m.mfu_peak_source,
+        peak_memory_bytes=m and m.peak_memory_bytes,
+        loss_passed=check and check.passed,
+        loss_tolerance=check and check.tolerance,
     )
 
 
@@ -321,14 +342,17 @@ def _price(e: Entry, prices: list[Price], tokens: int) -> None:
             e.usd_per_billion = units * p.usd_per_hour * BILLION / e.tokens_per_s / 3600
             break
     if not (math.isfinite(e.hours) and math.isfinite(e.usd_per_billion or 0)):
-        raise UserError(f"{e.source}: measured tokens/s {e.tokens_per_s!r} is too small to estimate the time for "
-                        f"{tokens:.3g} tokens")
+        raise UserError(
+            f"{e.source}: measured tokens/s {e.tokens_per_s!r} is too small to estimate the time for "
+            f"{tokens:.3g} tokens"
+        )
 
 
 # ---- presentation: the rows of the table, shared by the terminal, JSON's "differences" and HTML.
 
+
 def fmt_duration(hours: float | None) -> str:
-    """"3 h 05 min", "14 min", "42 s"; "-" for None."""
+    """ "3 h 05 min", "14 min", "42 s"; "-" for None."""
     if hours is None:
         return "-"
     seconds = hours * 3600
@@ -381,14 +405,28 @@ def table_rows(c: Comparison) -> list[tuple[str, list[str], bool]]:
         ("loss check", [_loss_cell(e) for e in es]),
     ]
     if any(e.trials for e in es):
-        rows.append(("trials tokens/s", [
-            f"min {t.min:,.0f} / median {t.median:,.0f} / max {t.max:,.0f} ({t.count} trials)" if (t := e.trials)
-            else "-" for e in es]))
+        rows.append(
+            (
+                "trials tokens/s",
+                [
+                    f"min {t.min:,.0f} / median {t.median:,.0f} / max {t.max:,.0f} ({t.count} trials)"
+                    if (t := e.trials)
+                    else "-"
+                    for e in es
+                ],
+            )
+        )
     rows.append((f"time for {c.tokens:.3g} tokens", [fmt_duration(e.hours) for e in es]))
     if c.prices:
-        rows.append(("$ per 1e9 tokens", [
-            f"${e.usd_per_billion:,.2f} ({e.price_label})" if e.usd_per_billion is not None else "- (no price)"
-            for e in es]))
+        rows.append(
+            (
+                "$ per 1e9 tokens",
+                [
+                    f"${e.usd_per_billion:,.2f} ({e.price_label})" if e.usd_per_billion is not None else "- (no price)"
+                    for e in es
+                ],
+            )
+        )
     return [(label, values, _data_differs(es) if label == "data" else marked(label, values)) for label, values in rows]
 
 
@@ -417,16 +455,32 @@ def to_html(c: Comparison) -> str:
     ticks = [f"#{i}" for i in range(1, len(c.entries) + 1)]  # the table heads name them in full
     tps = [e.tokens_per_s or 0 for e in c.entries]
     plus, minus = zip(*(_error_bar(e) for e in c.entries))
-    speed = go.Figure(go.Bar(x=ticks, y=tps, hovertext=names, text=[f"{v:,.0f}" for v in tps], textposition="outside",
-                             error_y=dict(type="data", array=list(plus), arrayminus=list(minus), symmetric=False)))
+    speed = go.Figure(
+        go.Bar(
+            x=ticks,
+            y=tps,
+            hovertext=names,
+            text=[f"{v:,.0f}" for v in tps],
+            textposition="outside",
+            error_y=dict(type="data", array=list(plus), arrayminus=list(minus), symmetric=False),
+        )
+    )
     speed.update_layout(title="tokens/s", yaxis_title="tokens/s", height=380, width=560, margin=dict(t=60, b=40))
     parts = [pio.to_html(speed, include_plotlyjs=True, full_html=False)]
     priced = [(n, e.usd_per_billion) for n, e in zip(ticks, c.entries) if e.usd_per_billion is not None]
     if priced:
-        cost = go.Figure(go.Bar(x=[n for n, _ in priced], y=[v for _, v in priced], marker_color="#d62728",
-                                text=[f"${v:,.2f}" for _, v in priced], textposition="outside"))
-        cost.update_layout(title="$ per billion tokens", yaxis_title="USD", height=380, width=560,
-                           margin=dict(t=60, b=40))
+        cost = go.Figure(
+            go.Bar(
+                x=[n for n, _ in priced],
+                y=[v for _, v in priced],
+                marker_color="#d62728",
+                text=[f"${v:,.2f}" for _, v in priced],
+                textposition="outside",
+            )
+        )
+        cost.update_layout(
+            title="$ per billion tokens", yaxis_title="USD", height=380, width=560, margin=dict(t=60, b=40)
+        )
         parts.append(pio.to_html(cost, include_plotlyjs=False, full_html=False))
     head = "".join(f"<th>{html.escape(n)}</th>" for n in names)
     body = []

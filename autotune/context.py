@@ -122,7 +122,9 @@ class TrainContext:
         needs = cfg.needs() if hasattr(cfg, "needs") else strategy.needs
         why = unmet_needs(dataclasses.replace(strategy, needs=needs), self.facts())
         if why:
-            raise UserError(f"strategy {strategy.name} {schema.to_dict(cfg)} cannot run here: {'; '.join(why)} ({workaround})")
+            raise UserError(
+                f"strategy {strategy.name} {schema.to_dict(cfg)} cannot run here: {'; '.join(why)} ({workaround})"
+            )
 
     def sync_context(self, last_micro: bool) -> AbstractContextManager[Any]:
         """Enter around each micro-batch's forward and backward (see ``grad_sync``)."""

@@ -56,6 +56,7 @@ from autotune.workloads import Workload
 if TYPE_CHECKING:
     from autotune.workloads.structure import ModelShape
 
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Coefficients:
     """What the counts leave to measurement: fitted to peaks and step times measured on an H200."""
@@ -249,7 +250,11 @@ def shape_of(workload: Workload) -> ModelShape:
 def parameters(shape: ModelShape) -> int:
     """Parameters of the whole model: its blocks (their matrices where the rest is not known),
     the vocabulary tables and the rest (position table, final norm)."""
-    return (shape.block_params or block_matmuls(shape)) + shape.vocab_tables * shape.vocab_size * shape.d_model + shape.other_params
+    return (
+        (shape.block_params or block_matmuls(shape))
+        + shape.vocab_tables * shape.vocab_size * shape.d_model
+        + shape.other_params
+    )
 
 
 def block_matmuls(shape: ModelShape) -> int:
@@ -262,9 +267,17 @@ def plain_terms(shape: ModelShape, micro_batch: int, *, dp: int = 1, tp: int = 1
     activations kept, the model's own head and loss, one micro-batch a step, the whole model in
     every process of a (dp, tp, pp) mesh."""
     attention = 12 * shape.n_layers * shape.attn_dim * shape.seq_len
-    return CostTerms(shape=shape, dp=dp, tp=tp, pp=pp, micro_batch=micro_batch, vocab=shape.vocab_size,
-                     block_params=shape.block_params or block_matmuls(shape), block_flops=6 * block_matmuls(shape) + attention,
-                     attention_flops=attention)
+    return CostTerms(
+        shape=shape,
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        micro_batch=micro_batch,
+        vocab=shape.vocab_size,
+        block_params=shape.block_params or block_matmuls(shape),
+        block_flops=6 * block_matmuls(shape) + attention,
+        attention_flops=attention,
+    )
 
 
 def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]) -> float:
@@ -274,8 +287,14 @@ def flops_per_step(workload: Workload, micro_batch: int, configs: dict[str, Any]
     return estimate(workload, micro_batch, configs).flops_per_step
 
 
-def block_bytes(shape: ModelShape, *, mixed: bool, compiled: bool, repeated_kv: bool = False,
-                coefficients: Coefficients = Coefficients()) -> float:
+def block_bytes(
+    shape: ModelShape,
+    *,
+    mixed: bool,
+    compiled: bool,
+    repeated_kv: bool = False,
+    coefficients: Coefficients = Coefficients(),
+) -> float:
     """Bytes one block keeps for its backward per token. Eager, as autograd saves them: the
     norms' fp32 inputs (and normalised values, for norms written in Python), each matmul
     input (under autocast a bf16 copy per reading linear: 3 for separate q, k, v), the
@@ -313,7 +332,9 @@ def outside_bytes(shape: ModelShape, *, mixed: bool, compiled: bool) -> float:
     return norm + (2 if mixed else 4) * h + 8
 
 
-def logit_bytes(shape: ModelShape, *, mixed: bool, loss_compiled: bool, coefficients: Coefficients = Coefficients()) -> tuple[float, float]:
+def logit_bytes(
+    shape: ModelShape, *, mixed: bool, loss_compiled: bool, coefficients: Coefficients = Coefficients()
+) -> tuple[float, float]:
     """(kept by the forward, live at the peak) bytes per token and vocab entry. Eager, the
     forward keeps the fp32 log-softmax (4: the loss upcasts bf16 logits; the bf16 logits are
     freed), and at the start of the backward its gradient and the logits' are live with it
@@ -395,15 +416,38 @@ def estimate(
     step_time, times = None, {}
     rate = (matmul_flops or {}).get(terms.matmul_dtype)
     if rate:
-        times = step_times(terms, kernel, flops=flops, params=params, per_block=per_block, matmul_flops=rate,
-                           memory_bandwidth=memory_bandwidth, coefficients=k)
+        times = step_times(
+            terms,
+            kernel,
+            flops=flops,
+            params=params,
+            per_block=per_block,
+            matmul_flops=rate,
+            memory_bandwidth=memory_bandwidth,
+            coefficients=k,
+        )
         step_time = sum(times.values())
-    return Estimate(peak_memory_bytes=sum(breakdown.values()), step_time_s=step_time, flops_per_step=flops, matmul_dtype=terms.matmul_dtype,
-                    breakdown=breakdown, time_breakdown=times)
+    return Estimate(
+        peak_memory_bytes=sum(breakdown.values()),
+        step_time_s=step_time,
+        flops_per_step=flops,
+        matmul_dtype=terms.matmul_dtype,
+        breakdown=breakdown,
+        time_breakdown=times,
+    )
 
 
-def step_times(terms: CostTerms, kernel: AttentionKernel, *, flops: float, params: float, per_block: float, matmul_flops: float,
-               memory_bandwidth: float | None, coefficients: Coefficients = Coefficients()) -> dict[str, float]:
+def step_times(
+    terms: CostTerms,
+    kernel: AttentionKernel,
+    *,
+    flops: float,
+    params: float,
+    per_block: float,
+    matmul_flops: float,
+    memory_bandwidth: float | None,
+    coefficients: Coefficients = Coefficients(),
+) -> dict[str, float]:
     """Seconds of one optimizer step by part: the matmuls (and attention) at the measured
     rate's achievable share, then, with a measured bandwidth, the memory-bound passes (the
     pointwise work around the matmuls, the stored scores, the loss over the logits, AdamW),

@@ -241,7 +241,9 @@ def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
-        raise UserError(f"--out {out}: a folder holding other files, not a dataset (no meta.json); give a new or empty folder")
+        raise UserError(
+            f"--out {out}: a folder holding other files, not a dataset (no meta.json); give a new or empty folder"
+        )
     existing = next(p for p in (out, *out.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {existing}")
@@ -471,7 +473,7 @@ _IDENTITY_FILES = ("train.bin", "val.bin", "tokenizer.json")
 
 
 def data_identity(path: str | os.PathLike) -> str:
-    """"sha256:<hex>" of the dataset in ``path``: its token files' and tokenizer's bytes and
+    """ "sha256:<hex>" of the dataset in ``path``: its token files' and tokenizer's bytes and
     its recipe (format, vocab, how it was made; not ``source``, which names local paths).
 
     Read from meta.json when recorded there; else computed (a hash of the files, about a

@@ -62,10 +62,20 @@ def torchrun_command(nproc: int, module: str, args: list[str], launch: Any = Non
     if launch is None or launch.nnodes == 1:
         where = ["--standalone"]
     elif launch.node_rank is None:  # c10d: ranks in the order the nodes arrive
-        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={launch.rdzv_id}"]
+        where = [
+            f"--nnodes={launch.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={launch.rdzv_endpoint}",
+            f"--rdzv-id={launch.rdzv_id}",
+        ]
     else:  # static: node r holds ranks r*nproc.., node 0 serves the store at the endpoint
         host, _, port = launch.rdzv_endpoint.rpartition(":")
-        where = [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}", f"--master-addr={host}", f"--master-port={port}"]
+        where = [
+            f"--nnodes={launch.nnodes}",
+            f"--node-rank={launch.node_rank}",
+            f"--master-addr={host}",
+            f"--master-port={port}",
+        ]
     return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}", "-m", module, *args]
 
 
@@ -98,8 +108,12 @@ def join(requested: str, expected_world: int) -> Group:
     world = dist.get_world_size() if dist.is_initialized() else env_world_size()
     if world != expected_world:
         if world == 1:
-            raise UserError(f"the plan runs {expected_world} processes; start it with `autotune run`, which launches them with torchrun")
-        raise UserError(f"the plan runs {expected_world} process{'es' if expected_world > 1 else ''}, but this run has {world}")
+            raise UserError(
+                f"the plan runs {expected_world} processes; start it with `autotune run`, which launches them with torchrun"
+            )
+        raise UserError(
+            f"the plan runs {expected_world} process{'es' if expected_world > 1 else ''}, but this run has {world}"
+        )
     device = pick_device(requested, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else None)
     if world == 1:
         return Group(rank=0, world_size=1, device=device, owned=False)
@@ -185,7 +199,9 @@ def grad_norm(params: list[torch.Tensor], group: Any = None, skip: frozenset[int
     return total.sqrt()
 
 
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, group: Any = None, skip: frozenset[int] = frozenset()) -> torch.Tensor:
+def clip_grad_norm_(
+    params: list[torch.Tensor], max_norm: float, group: Any = None, skip: frozenset[int] = frozenset()
+) -> torch.Tensor:
     """Scale the gradients of ``params`` so that their global norm (:func:`grad_norm`) is at
     most ``max_norm``; returns the norm before clipping. One process, plain tensors: the
     very maths of ``torch.nn.utils.clip_grad_norm_``."""

@@ -79,7 +79,9 @@ class StepEngine(Protocol):
         return total
 
 
-def make_optimizer(model: torch.nn.Module, spec: TrainSpec, device: torch.device, options: dict[str, Any]) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: torch.nn.Module, spec: TrainSpec, device: torch.device, options: dict[str, Any]
+) -> torch.optim.Optimizer:
     """The plan's AdamW: decay on matrices only, fused on CUDA, ``options`` on top."""
     from autotune.strategies.optimizer import adamw_groups
 
@@ -159,7 +161,11 @@ class LoopEngine(StepEngine):
         state = self.sharded_state_dict()
         dcp.load(state, checkpoint_id=path)  # resharded if the layout changed
         set_state_dict(
-            self.ctx.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=self._options()
+            self.ctx.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=self._options(),
         )
 
     def _options(self) -> Any:

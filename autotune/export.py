@@ -35,6 +35,7 @@ from autotune.plan import Plan, host_port
 from autotune.strategy import NOTHING_TO_SET, ExportTarget
 from autotune.terminal import visible
 
+
 def export(plan: Plan, plan_path: Path, target: str) -> str:
     """The text of ``plan`` (read from ``plan_path``) for ``target``; UserError when the target
     cannot express the plan."""
@@ -81,7 +82,12 @@ def torchrun_args(plan: Plan, plan_path: Path) -> list[str]:
     if launch.nnodes == 1:
         where = ["--standalone"]
     else:
-        where = [f"--nnodes={launch.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={launch.rdzv_id}"]
+        where = [
+            f"--nnodes={launch.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={launch.rdzv_endpoint}",
+            f"--rdzv-id={launch.rdzv_id}",
+        ]
     return ["torchrun", *where, f"--nproc-per-node={launch.nproc_per_node}", *_run_args(plan, plan_path)]
 
 
@@ -102,7 +108,9 @@ def settings(plan: Plan, plan_path: Path, target: ExportTarget) -> dict[str, Any
     for name in sorted(configs, key=ORDER.index):
         how = strategies[name].exports.get(target)
         if how is None:
-            raise UserError(f"plan {plan_path} uses {name}, which {_STATED_IN[target]} cannot express; export --to torchrun")
+            raise UserError(
+                f"plan {plan_path} uses {name}, which {_STATED_IN[target]} cannot express; export --to torchrun"
+            )
         if how is not NOTHING_TO_SET:
             # A later strategy's key replaces an earlier one's: fp8's mixed precision replaces precision's.
             merged.update(how(configs[name], plan))
@@ -115,7 +123,9 @@ def deepspeed(plan: Plan, plan_path: Path) -> str:
     (DeepSpeed derives the global batch from it and its world size)."""
     engines = [name for name, s in catalog.catalog().items() if callable(s.exports.get("deepspeed"))]
     if not set(engines) & set(plan.strategy_configs()):
-        raise UserError(f"plan {plan_path} has no {' or '.join(engines)} strategy: a DeepSpeed config would describe another run (export --to torchrun)")
+        raise UserError(
+            f"plan {plan_path} has no {' or '.join(engines)} strategy: a DeepSpeed config would describe another run (export --to torchrun)"
+        )
     return json.dumps(settings(plan, plan_path, "deepspeed"), indent=2) + "\n"
 
 
@@ -150,8 +160,10 @@ def accelerate(plan: Plan, plan_path: Path) -> str:
     config.setdefault("distributed_type", ("MULTI_CPU" if cpu else "MULTI_GPU") if processes > 1 else "NO")
     import yaml
 
-    header = (f"# autotune export --to accelerate {visible(plan_path)}\n"
-              f"# accelerate launch --config_file THIS_FILE {' '.join(map(shell_quote, _run_args(plan, plan_path)))}\n")
+    header = (
+        f"# autotune export --to accelerate {visible(plan_path)}\n"
+        f"# accelerate launch --config_file THIS_FILE {' '.join(map(shell_quote, _run_args(plan, plan_path)))}\n"
+    )
     return header + yaml.safe_dump(config, sort_keys=False)
 
 
@@ -187,5 +199,10 @@ def slurm(plan: Plan, plan_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-EXPORTERS: dict[str, Callable[[Plan, Path], str]] = {"torchrun": torchrun, "deepspeed": deepspeed, "accelerate": accelerate, "slurm": slurm}
+EXPORTERS: dict[str, Callable[[Plan, Path], str]] = {
+    "torchrun": torchrun,
+    "deepspeed": deepspeed,
+    "accelerate": accelerate,
+    "slurm": slurm,
+}
 """The launchers a plan exports to, and how."""

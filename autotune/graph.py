@@ -105,7 +105,9 @@ def _check_requirements(graph: nx.MultiDiGraph) -> None:
         for a, b in itertools.combinations(sorted(needed), 2):
             if conflicts.has_edge(a, b):
                 chain = ", ".join(sorted(needed - {name}))
-                raise CatalogError(f"strategy {name} can never be used: it requires {chain}, and {a} conflicts with {b}")
+                raise CatalogError(
+                    f"strategy {name} can never be used: it requires {chain}, and {a} conflicts with {b}"
+                )
 
 
 def _check_relations(chosen: Sequence[str], requires: nx.DiGraph, conflicts: nx.DiGraph) -> None:
@@ -207,7 +209,9 @@ class StrategyGraph:
         default = strategy.default()
         out: dict[str, dict[Any, str]] = {}
         for knob in strategy.knobs:
-            reasons = {v: self._config_reasons(strategy, dataclasses.replace(default, **{knob.name: v})) for v in knob.choices}
+            reasons = {
+                v: self._config_reasons(strategy, dataclasses.replace(default, **{knob.name: v})) for v in knob.choices
+            }
             if not reasons:
                 continue
             shared = set.intersection(*(set(r) for r in reasons.values()))
@@ -282,7 +286,9 @@ class StrategyGraph:
         ]
         for name in self.application_order:
             attrs = self.graph.nodes[name]
-            style = _NODE_STYLES["usable" if attrs["usable"] else "excluded" if attrs["implemented"] else "unimplemented"]
+            style = _NODE_STYLES[
+                "usable" if attrs["usable"] else "excluded" if attrs["implemented"] else "unimplemented"
+            ]
             label = name if attrs["exact"] else f"{name}\\n(approximate)"
             tooltip = attrs["reason"] or self.strategies[name].summary
             lines.append(f'  "{name}" [label="{label}", {style}, tooltip="{_escape(tooltip)}"];')

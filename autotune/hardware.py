@@ -270,7 +270,8 @@ class HardwareProfile:
         # The version first: a newer file's new keys should read as "newer file", not "unknown key".
         if isinstance(data, dict) and data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
             raise SchemaError(
-                "schema_version", f"unsupported version {data['schema_version']!r} (this autotune reads {SCHEMA_VERSION})"
+                "schema_version",
+                f"unsupported version {data['schema_version']!r} (this autotune reads {SCHEMA_VERSION})",
             )
         return from_dict(cls, data)
 
@@ -307,8 +308,14 @@ def _summary(fingerprint: str, m: HardwareProfile | _Machine) -> dict[str, str]:
     tpu = f"{m.tpu.count} x {m.tpu.kind}" if m.tpu.present else "none"
     cores = m.cpu.physical_cores or m.cpu.logical_cores
     cuda = m.cuda_driver_version.split(".")[0] if m.cuda_driver_version else "none"
-    return {"fingerprint": fingerprint, "gpus": gpus, "links": links_summary(m.links), "cuda_major": cuda,
-            "tpu": tpu, "cpu": f"{m.cpu.model} ({cores} cores)"}
+    return {
+        "fingerprint": fingerprint,
+        "gpus": gpus,
+        "links": links_summary(m.links),
+        "cuda_major": cuda,
+        "tpu": tpu,
+        "cpu": f"{m.cpu.model} ({cores} cores)",
+    }
 
 
 def current_summary() -> dict[str, str]:
@@ -447,8 +454,14 @@ def _identify(notes: list[str]) -> _Machine:
         if nv is not None:
             _note_unusable_gpus(nv, len(gpus), notes)
         driver = _ask(notes, "NVIDIA driver version", lambda: _text(nv.nvmlSystemGetDriverVersion())) if nv else None
-        cuda = _ask(notes, "driver CUDA version", lambda: _cuda_version(nv.nvmlSystemGetCudaDriverVersion())) if nv else None
-    return _Machine(cpu=cpu, gpus=gpus, links=links, driver_version=driver, cuda_driver_version=cuda, tpu=_detect_tpu(notes))
+        cuda = (
+            _ask(notes, "driver CUDA version", lambda: _cuda_version(nv.nvmlSystemGetCudaDriverVersion()))
+            if nv
+            else None
+        )
+    return _Machine(
+        cpu=cpu, gpus=gpus, links=links, driver_version=driver, cuda_driver_version=cuda, tpu=_detect_tpu(notes)
+    )
 
 
 def _ask(notes: list[str], what: str, fn: Callable[[], T]) -> T | None:
@@ -577,7 +590,9 @@ def _gpu_info(nv: Any | None, handle: Any | None, index: int, props: Any, notes:
 
 def _fill_from_nvml(info: GpuInfo, nv: Any, h: Any, notes: list[str]) -> None:
     label = f"gpu {info.index}"
-    info.max_sm_clock_mhz = _ask(notes, f"{label} max SM clock", lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM))
+    info.max_sm_clock_mhz = _ask(
+        notes, f"{label} max SM clock", lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)
+    )
     info.max_memory_clock_mhz = _ask(
         notes, f"{label} max memory clock", lambda: nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_MEM)
     )
@@ -629,7 +644,10 @@ def _links(nv: Any | None, handles: list[Any | None], notes: list[str]) -> list[
     if len(handles) < 2:
         return []
     buses = [_pci_bus(nv, h, i, notes) for i, h in enumerate(handles)]
-    ends = [_ask(notes, f"gpu {i} NVLinks", lambda: _nvlink_ends(nv, h)) if h is not None else None for i, h in enumerate(handles)]
+    ends = [
+        _ask(notes, f"gpu {i} NVLinks", lambda: _nvlink_ends(nv, h)) if h is not None else None
+        for i, h in enumerate(handles)
+    ]
     pairs = [(a, b) for a in range(len(handles)) for b in range(a + 1, len(handles))]
     return [_link(nv, a, b, handles, buses, ends, notes) for a, b in pairs]
 
@@ -652,7 +670,9 @@ def _link(
     peer = _ask(notes, f"peer access {a}<->{b}", lambda: _peer_access(a, b))
     ends_a, ends_b = ends[a], ends[b]
     if nv is None or ends_a is None or ends_b is None:
-        return GpuLink(a=a, b=b, kind="unknown", nvlink_count=0, nvlink_generation=None, pcie_path=None, peer_access=peer)
+        return GpuLink(
+            a=a, b=b, kind="unknown", nvlink_count=0, nvlink_generation=None, pcie_path=None, peer_access=peer
+        )
     direct = [e for e in ends_a if e.bus is not None and e.bus == buses[b]]
     switch_a, switch_b = _switch_links(ends_a, buses), _switch_links(ends_b, buses)
     kind: LinkKind
@@ -669,8 +689,13 @@ def _link(
         lambda: _PCIE_PATHS.get(nv.nvmlDeviceGetTopologyCommonAncestor(handles[a], handles[b])),
     )
     return GpuLink(
-        a=a, b=b, kind=kind, nvlink_count=len(used), nvlink_generation=versions[-1] if versions else None,
-        pcie_path=path, peer_access=peer,
+        a=a,
+        b=b,
+        kind=kind,
+        nvlink_count=len(used),
+        nvlink_generation=versions[-1] if versions else None,
+        pcie_path=path,
+        peer_access=peer,
     )
 
 
@@ -688,7 +713,9 @@ def _nvlink_ends(nv: Any, h: Any) -> list[_NvLinkEnd]:
                 continue
         except nv.NVMLError:
             continue
-        ends.append(_NvLinkEnd(to_gpu=_far_is_gpu(nv, h, link), bus=_far_bus(nv, h, link), version=_nvlink_version(nv, h, link)))
+        ends.append(
+            _NvLinkEnd(to_gpu=_far_is_gpu(nv, h, link), bus=_far_bus(nv, h, link), version=_nvlink_version(nv, h, link))
+        )
     return ends
 
 
@@ -1060,7 +1087,9 @@ def measure_allreduce(
 
 def _run_process_group(cmd: list[str], env: dict[str, str], timeout_s: float) -> None:
     """Run ``cmd`` in its own process group; on a timeout kill the whole group (torchrun and its workers)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -43,9 +43,14 @@ class Fit:
 
     def line(self) -> str:
         """One line: the estimate, and what it was checked against."""
-        against = (f"; this machine has {size(self.memory_bytes)} of {self.where}" if self.memory_bytes is not None
-                   else f" ({self.where}: no GPU here to check it against)")
-        return f"{count(self.parameters)} parameters, peak memory about {size(self.peak_memory_bytes)} a process{against}"
+        against = (
+            f"; this machine has {size(self.memory_bytes)} of {self.where}"
+            if self.memory_bytes is not None
+            else f" ({self.where}: no GPU here to check it against)"
+        )
+        return (
+            f"{count(self.parameters)} parameters, peak memory about {size(self.peak_memory_bytes)} a process{against}"
+        )
 
 
 def check_machine(plan: Any, workload: Any) -> Fit | None:
@@ -65,8 +70,10 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
     if not on_cuda:
         cores = usable_cores()
         if nproc > cores * MAX_OVERSUBSCRIPTION:
-            raise UserError(f"the plan runs {nproc:,} processes a node on the CPU, but this machine has {cores} core(s) "
-                            f"(at most {MAX_OVERSUBSCRIPTION} processes a core)")
+            raise UserError(
+                f"the plan runs {nproc:,} processes a node on the CPU, but this machine has {cores} core(s) "
+                f"(at most {MAX_OVERSUBSCRIPTION} processes a core)"
+            )
     workload = shaped(workload) if workload.shape is None else workload
     if workload.shape is None:
         return None
@@ -80,8 +87,16 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
     if memory is not None and need > memory:
         parts = estimate.breakdown
         state = parts["weights"] + parts["optimizer"] + parts["gradients"]
-        evals = f", {size(EVAL_BYTES_PER_TOKEN * eval_tokens)} for {train.eval_batches:,} validation micro-batches" if eval_tokens else ""
-        shared = f"its {nproc} processes share this machine's {size(memory)} of {where}" if need != peak else f"this machine has {size(memory)} of {where}"
+        evals = (
+            f", {size(EVAL_BYTES_PER_TOKEN * eval_tokens)} for {train.eval_batches:,} validation micro-batches"
+            if eval_tokens
+            else ""
+        )
+        shared = (
+            f"its {nproc} processes share this machine's {size(memory)} of {where}"
+            if need != peak
+            else f"this machine has {size(memory)} of {where}"
+        )
         raise UserError(
             f"the plan needs about {size(peak)} a process: {size(state)} for the training state ({count(fit.parameters)} parameters "
             f"in {shape.n_layers:,} layers), {size(parts['activations'] + parts['logits'])} for activations at micro-batch "
@@ -96,7 +111,10 @@ def warn_if_oversubscribed(launch: Any) -> None:
     plan is accepted, so that a refusal stays the command's one line."""
     cores = usable_cores()
     if not _device(launch.device)[0] and launch.nproc_per_node > cores:
-        print(f"autotune: warning: {launch.nproc_per_node} processes on {cores} core(s): each runs slower than alone", file=sys.stderr)
+        print(
+            f"autotune: warning: {launch.nproc_per_node} processes on {cores} core(s): each runs slower than alone",
+            file=sys.stderr,
+        )
 
 
 def usable_cores() -> int:

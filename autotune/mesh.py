@@ -138,16 +138,22 @@ def mesh_shape(
     dp = world // (tp * pp)
     wrappers = [name for name in data_parallel(strategies) if name in chosen]
     if dp > 1 and pp > 1:
-        raise UserError(f"pp {pp} × tp {tp} leaves {dp} data-parallel groups of {world} processes: {pp_name} takes the whole run (degree {world // tp})")
+        raise UserError(
+            f"pp {pp} × tp {tp} leaves {dp} data-parallel groups of {world} processes: {pp_name} takes the whole run (degree {world // tp})"
+        )
     if dp > 1 and (tp > 1 or pp > 1) and not wrappers:
         # The dp strategies that conflict with none chosen (fsdp2 next to tensor parallel).
         others = [strategies[name] for name in (tp_name, pp_name) if name]
-        fits = [name for name in data_parallel(strategies) if not any(_conflict(strategies[name], o) for o in others)] or list(data_parallel(strategies))
+        fits = [
+            name for name in data_parallel(strategies) if not any(_conflict(strategies[name], o) for o in others)
+        ] or list(data_parallel(strategies))
         raise UserError(
             f"tp {tp} × pp {pp} leaves {dp} data-parallel groups of {world} processes: add {' or '.join(fits)}, or make tp × pp = {world}"
         )
     if wrappers and dp == 1 and world > 1:
-        raise UserError(f"{wrappers[0]} has a data-parallel group of 1 process: tp {tp} × pp {pp} takes all {world} processes")
+        raise UserError(
+            f"{wrappers[0]} has a data-parallel group of 1 process: tp {tp} × pp {pp} takes all {world} processes"
+        )
     shape = getattr(workload, "shape", workload)
     if shape is not None:
         # A shape read off a model without heads (a user's, found by the generic adapter) has 0.
@@ -159,7 +165,9 @@ def mesh_shape(
             raise UserError(f"{tp_name} degree {tp} does not divide the MLP width {shape.d_ff}")
         if pp > 1 and shape.n_layers < pp:
             raise UserError(f"{pp_name} degree {pp} exceeds the {shape.n_layers} blocks (a stage needs one at least)")
-    dims = ParallelDims(dp=dp, tp=tp, pp=pp, ep=_expert_degree(chosen, strategies), dp_strategy=wrappers[0] if wrappers else "")
+    dims = ParallelDims(
+        dp=dp, tp=tp, pp=pp, ep=_expert_degree(chosen, strategies), dp_strategy=wrappers[0] if wrappers else ""
+    )
     for name, strategy in sorted(strategies.items()):
         if name in chosen and strategy.check_mesh is not None:
             strategy.check_mesh(chosen[name], dims, micro_batch_size)

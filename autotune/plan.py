@@ -99,8 +99,10 @@ class LaunchSpec:
             raise ValueError("nproc_per_node and nnodes must be at least 1")
         # Bounds a plan can mean (this machine's cores and GPUs are checked before a run: autotune.limits).
         if self.nproc_per_node > MAX_PROCESSES_PER_NODE or self.nnodes > MAX_NODES:
-            raise ValueError(f"nproc_per_node must be at most {MAX_PROCESSES_PER_NODE} and nnodes at most {MAX_NODES}, "
-                             f"got {self.nproc_per_node} and {self.nnodes}")
+            raise ValueError(
+                f"nproc_per_node must be at most {MAX_PROCESSES_PER_NODE} and nnodes at most {MAX_NODES}, "
+                f"got {self.nproc_per_node} and {self.nnodes}"
+            )
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"a run of {self.nnodes} nodes needs rdzv_endpoint (host:port of the rendezvous)")
         if self.rdzv_endpoint is not None:
@@ -126,8 +128,9 @@ def host_port(endpoint: str) -> tuple[str, int]:
     elif not (len(host) <= 253 and _HOSTNAME.fullmatch(host)):
         host = ""
     if not host or not (len(port) <= 5 and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-        raise ValueError(f"rdzv_endpoint must be host:port (a DNS name, IPv4 or [IPv6] address, port 1-65535), "
-                         f"got {endpoint!r}")
+        raise ValueError(
+            f"rdzv_endpoint must be host:port (a DNS name, IPv4 or [IPv6] address, port 1-65535), got {endpoint!r}"
+        )
     return host, int(port)
 
 
@@ -204,8 +207,14 @@ class TrainSpec:
             raise ValueError(f"seed must be in 0..2**32-1, got {self.seed}")
         for name, low, high, low_open, high_open in _TRAIN_FLOATS:
             value = getattr(self, name)
-            if not (math.isfinite(value) and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
-                raise ValueError(f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}")
+            if not (
+                math.isfinite(value)
+                and (low < value if low_open else low <= value)
+                and (value < high if high_open else value <= high)
+            ):
+                raise ValueError(
+                    f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}"
+                )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -420,7 +429,9 @@ def from_dict(data: Any) -> Plan:
     if isinstance(data, dict) and "schema_version" in data:
         version = data["schema_version"]
         if version not in SUPPORTED_VERSIONS:
-            raise SchemaError("schema_version", f"unsupported version {version!r} (this autotune reads {SUPPORTED_VERSIONS})")
+            raise SchemaError(
+                "schema_version", f"unsupported version {version!r} (this autotune reads {SUPPORTED_VERSIONS})"
+            )
     plan = schema.from_dict(Plan, data)
     plan.strategy_configs()
     return plan
@@ -457,8 +468,10 @@ def other_data(plan: Plan, identity: str | None) -> str | None:
     either is unknown): its figures and losses do not compare with this run's."""
     if plan.data_identity is None or identity is None or identity == plan.data_identity:
         return None
-    return (f"the plan was measured on other data ({plan.data_identity[:19]}…) than this run's ({identity[:19]}…): "
-            "a different text, its losses and figures do not compare")
+    return (
+        f"the plan was measured on other data ({plan.data_identity[:19]}…) than this run's ({identity[:19]}…): "
+        "a different text, its losses and figures do not compare"
+    )
 
 
 def new(

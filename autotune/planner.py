@@ -25,7 +25,17 @@ from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.limits import usable_cores
-from autotune.plan import Comparison, Figures, LaunchSpec, LossCheck, LossCurve, Plan, QualityGuard, StrategySpec, TrainSpec
+from autotune.plan import (
+    Comparison,
+    Figures,
+    LaunchSpec,
+    LossCheck,
+    LossCurve,
+    Plan,
+    QualityGuard,
+    StrategySpec,
+    TrainSpec,
+)
 from autotune.schema import check_writable
 from autotune.strategy import Facts, Prior, PriorFacts, SearchFacts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
@@ -138,24 +148,32 @@ def _profile(settings: PlanSettings) -> Any:
         return hardware.detect(quick=True)
     profile = hardware.HardwareProfile.load(settings.profile)
     if profile.fingerprint != hardware.current_fingerprint():
-        raise UserError(f"profile {settings.profile} was made on another machine (fingerprint {profile.fingerprint}); run `autotune profile` here")
+        raise UserError(
+            f"profile {settings.profile} was made on another machine (fingerprint {profile.fingerprint}); run `autotune profile` here"
+        )
     return profile
 
 
 def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tuple[search.SearchSpace, StrategyGraph]:
     if settings.cpu_procs is not None and (settings.cpu_procs < 1 or settings.device == "cuda"):
-        raise UserError(f"--cpu-procs {settings.cpu_procs}: expected a positive number of CPU processes (and not --device cuda)")
+        raise UserError(
+            f"--cpu-procs {settings.cpu_procs}: expected a positive number of CPU processes (and not --device cuda)"
+        )
     use_cuda = settings.device != "cpu" and settings.cpu_procs is None and bool(profile.gpus)
     if settings.device == "cuda" and not use_cuda:
         raise UserError("--device cuda: no CUDA GPU found on this machine")
     cores = usable_cores()
     if not use_cuda and settings.cpu_procs is not None and settings.cpu_procs > cores:
-        raise UserError(f"--cpu-procs {settings.cpu_procs}: this machine has {cores} usable cores; give at most {cores}")
+        raise UserError(
+            f"--cpu-procs {settings.cpu_procs}: this machine has {cores} usable cores; give at most {cores}"
+        )
     most = len(profile.gpus) if use_cuda else settings.cpu_procs or default_cpu_processes(cores)
     facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=most)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
     launch_device = "cuda" if use_cuda else "cpu"
-    facts_here = SearchFacts(cores=cores, seq_len=workload.seq_len, device=launch_device, vocab_size=workload.vocab_size)
+    facts_here = SearchFacts(
+        cores=cores, seq_len=workload.seq_len, device=launch_device, vocab_size=workload.vocab_size
+    )
     left_out = search_left_out(facts_here)
     for name in settings.exclude:
         if name not in catalog.catalog():
@@ -166,7 +184,9 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
         raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
     # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
     derived = {planmod.ACCUMULATION} if global_batch is not None else set()
-    strategies = [_narrowed(catalog.get(n), facts_here) for n in graph.usable() if n not in left_out and n not in derived]
+    strategies = [
+        _narrowed(catalog.get(n), facts_here) for n in graph.usable() if n not in left_out and n not in derived
+    ]
     device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
     rates: dict[str, float] = {}
     bandwidth = None
@@ -211,7 +231,9 @@ def _narrowed(strategy: Any, facts: SearchFacts) -> Any:
     """``strategy`` with the knobs it declares for a search on this machine and workload
     (``Strategy.search_knobs``: cpu_threads' range to these cores, sparse_attention's windows
     below this sequence; one that gives a reason instead is in :func:`search_left_out`)."""
-    return strategy if strategy.search_knobs is None else dataclasses.replace(strategy, knobs=strategy.search_knobs(facts))
+    return (
+        strategy if strategy.search_knobs is None else dataclasses.replace(strategy, knobs=strategy.search_knobs(facts))
+    )
 
 
 def _process_counts(most: int) -> list[int]:
@@ -240,7 +262,11 @@ def _baseline_micro_batch(space: search.SearchSpace) -> int:
         if b not in space.micro_batches:
             continue
         estimate = search.predict(space, search.plan_for(space, b, []))
-        if estimate is None or space.device_memory is None or estimate.peak_memory_bytes < search.MEMORY_HEADROOM * space.device_memory:
+        if (
+            estimate is None
+            or space.device_memory is None
+            or estimate.peak_memory_bytes < search.MEMORY_HEADROOM * space.device_memory
+        ):
             return b
     return min(space.micro_batches)
 
@@ -257,7 +283,11 @@ def search_left_out(facts: SearchFacts) -> dict[str, str]:
     vocabulary already padded). `autotune strategies` shows the same."""
     left_out = left_out_of(facts.device)
     for name, strategy in catalog.catalog().items():
-        if name not in left_out and strategy.search_knobs is not None and isinstance(reason := strategy.search_knobs(facts), str):
+        if (
+            name not in left_out
+            and strategy.search_knobs is not None
+            and isinstance(reason := strategy.search_knobs(facts), str)
+        ):
             left_out[name] = reason
     return left_out
 
@@ -336,8 +366,16 @@ def _prior(space: search.SearchSpace, name: str, device: str, processes: int) ->
         return None
     excluded = space.graph.excluded_choices(name) if name in space.graph.strategies else {}
     shape = space.workload.shape
-    return strategy.prior(PriorFacts(device=device, cores=usable_cores(), processes=processes, excluded=excluded,
-                                     d_model=None if shape is None else shape.d_model, seq_len=space.workload.seq_len))
+    return strategy.prior(
+        PriorFacts(
+            device=device,
+            cores=usable_cores(),
+            processes=processes,
+            excluded=excluded,
+            d_model=None if shape is None else shape.d_model,
+            seq_len=space.workload.seq_len,
+        )
+    )
 
 
 def _prefixed(name: str, prior: Prior) -> dict[str, Any]:
@@ -383,7 +421,9 @@ def _with_defaults(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
     return out | knobs
 
 
-def study_name(workload: str, fingerprint: str, global_batch: int | None = None, overrides: dict[str, Any] | None = None) -> str:
+def study_name(
+    workload: str, fingerprint: str, global_batch: int | None = None, overrides: dict[str, Any] | None = None
+) -> str:
     """``workload-fingerprint``; a global batch other than the recipe's (``global_batch``, 0
     for a searched one) is another recipe, so another study: ``workload-gbN-fingerprint``;
     the workload's settings (an hf: config) another model: ``workload-cHASH-fingerprint``."""
@@ -478,7 +518,9 @@ def confirmation_seconds(study: Any, settings: PlanSettings, *, plain_run: bool 
     candidate's once per data-parallel process."""
     import optuna
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if trial_wall(t)]
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if trial_wall(t)
+    ]
     if not complete:
         return 0.0
     best = max(complete, key=lambda t: t.value)
@@ -490,10 +532,14 @@ def confirmation_seconds(study: Any, settings: PlanSettings, *, plain_run: bool 
         per_round = plan_run
     else:
         timed = phases(best)
-        per_round = plan_run + run_seconds(base, timed_s=None if timed is None else min(timed[2], (phases(base) or timed)[2]))
+        per_round = plan_run + run_seconds(
+            base, timed_s=None if timed is None else min(timed[2], (phases(base) or timed)[2])
+        )
     scale = _length_scale(settings)
     processes = max(1, settings.cpu_procs or 1)
-    return scale * (_rounds(settings) * per_round + (processes * plan_run if plain_run else 0.0)) + guard_seconds(study, settings)
+    return scale * (_rounds(settings) * per_round + (processes * plan_run if plain_run else 0.0)) + guard_seconds(
+        study, settings
+    )
 
 
 def guard_seconds(study: Any, settings: PlanSettings) -> float:
@@ -502,7 +548,9 @@ def guard_seconds(study: Any, settings: PlanSettings) -> float:
     its measured optimizer-step time."""
     import optuna
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.value is not None]
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if t.value is not None
+    ]
     if not complete:
         return 0.0
     best = max(complete, key=lambda t: t.value)
@@ -558,7 +606,9 @@ def run_search(study: Any, objective: search.Objective, settings: PlanSettings, 
         # Until a configuration other than the baseline has run, the next one (the expert
         # prior) is always started when it has MIN_TRIAL_S: a slow baseline says nothing of
         # how long a compiled bf16 trial takes, and without one the plan is the baseline.
-        complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE and trial_wall(t)]
+        complete = [
+            t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE and trial_wall(t)
+        ]
         candidates = [t for t in complete if t.user_attrs.get("role") != search.BASELINE]
         typical = statistics.median(trial_wall(t) for t in complete) if candidates else 0.0
         left = clock.left() - confirmation_seconds(study, settings, plain_run=objective.space.train.random_tokens)
@@ -595,9 +645,17 @@ class Confirmed:
     """The plan's loss against a plain run on its batches."""
 
 
-def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock: Clock | None = None,
-            status: Status = _quiet, log: Callable[[str], None] = print, seconds: float | None = None,
-            baseline_step_s: float | None = None) -> Confirmed:
+def confirm(
+    plan: Plan,
+    baseline: Plan | None,
+    settings: PlanSettings,
+    *,
+    clock: Clock | None = None,
+    status: Status = _quiet,
+    log: Callable[[str], None] = print,
+    seconds: float | None = None,
+    baseline_step_s: float | None = None,
+) -> Confirmed:
     """Run the plan and the baseline interleaved (plan, baseline, plan, baseline, ...), so that
     both see the same load, at least MIN_ROUNDS rounds. ``seconds``: the predicted time at
     full length; when the clock has less left, each run times fewer steps (never fewer
@@ -622,8 +680,11 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
     left = clock.left()
     if seconds and left < seconds:
         share = max(left, 0.0) / seconds
-        budget = dataclasses.replace(budget, timed_steps=max(1, int(budget.timed_steps * share)),
-                                     target_s=None if budget.target_s is None else budget.target_s * share)
+        budget = dataclasses.replace(
+            budget,
+            timed_steps=max(1, int(budget.timed_steps * share)),
+            target_s=None if budget.target_s is None else budget.target_s * share,
+        )
     load = [_load()]
     plan_runs: list[Figures] = []
     base_runs: list[Figures] = []
@@ -640,7 +701,10 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
             base_runs.append(run_trial(baseline, _limited(base_budget, clock)).figures)
             if base_runs[-1].status == "ok":
                 baseline_step_s = base_runs[-1].step_time_s
-        log(f"confirmation round {k} of {rounds}: plan {_tps(plan_runs[-1])}" + ("" if same else f", baseline {_tps(base_runs[-1])}"))
+        log(
+            f"confirmation round {k} of {rounds}: plan {_tps(plan_runs[-1])}"
+            + ("" if same else f", baseline {_tps(base_runs[-1])}")
+        )
         if k < rounds:
             continue
         # A spread beyond BUSY_SPREAD is a machine busy with something else: measure again
@@ -660,7 +724,9 @@ def confirm(plan: Plan, baseline: Plan | None, settings: PlanSettings, *, clock:
     status(None)
     comparison = compare(measured, base, rounds, same, busy=_worst_spread(plan_runs, base_runs) > BUSY_SPREAD)
     if comparison is not None:
-        comparison = dataclasses.replace(comparison, load=[round(x, 2) for x in load if x is not None] or None, cores=usable_cores())
+        comparison = dataclasses.replace(
+            comparison, load=[round(x, 2) for x in load if x is not None] or None, cores=usable_cores()
+        )
     return Confirmed(measured=measured, baseline=base, comparison=comparison, loss_check=loss_check)
 
 
@@ -686,7 +752,9 @@ def _load() -> float | None:
         return None
 
 
-def baseline_budget(budget: TrialBudget, plan: Plan, baseline: Plan, plan_run: Figures, baseline_step_s: float | None) -> TrialBudget:
+def baseline_budget(
+    budget: TrialBudget, plan: Plan, baseline: Plan, plan_run: Figures, baseline_step_s: float | None
+) -> TrialBudget:
     """The baseline's run in a confirmation round: the plan's warm-up, then as many timed
     optimizer steps as take about the plan's timed time (at least one, at most the plan's
     count). Without a step time of the baseline yet, the plan's count."""
@@ -721,7 +789,9 @@ def _limited(budget: TrialBudget, clock: Clock) -> TrialBudget:
     """A run's limit: the trial's, and no later than the budget's end plus its margin."""
     if clock.deadline is None:
         return budget
-    return dataclasses.replace(budget, timeout_s=max(search.MIN_TRIAL_S, min(budget.timeout_s, clock.left() + search.MIN_TRIAL_S)))
+    return dataclasses.replace(
+        budget, timeout_s=max(search.MIN_TRIAL_S, min(budget.timeout_s, clock.left() + search.MIN_TRIAL_S))
+    )
 
 
 def median_figures(runs: list[Figures]) -> Figures:
@@ -737,7 +807,9 @@ def median_figures(runs: list[Figures]) -> Figures:
     return dataclasses.replace(median, samples=samples, spread=spread)
 
 
-def compare(measured: Figures, baseline: Figures | None, rounds: int, same: bool, *, busy: bool = False) -> Comparison | None:
+def compare(
+    measured: Figures, baseline: Figures | None, rounds: int, same: bool, *, busy: bool = False
+) -> Comparison | None:
     """The speed-up as the ratio of medians, and whether it stands out of the noise (the two
     spreads added, at least MIN_NOISE). The plan that is the baseline itself never beats it,
     nor does any plan measured on a machine too ``busy`` to measure."""
@@ -748,25 +820,39 @@ def compare(measured: Figures, baseline: Figures | None, rounds: int, same: bool
     beats = not same and not busy and speedup - 1.0 > noise
     medians = f"plan {measured.tokens_per_s:,.0f}, baseline {baseline.tokens_per_s:,.0f} tokens/s, medians of {rounds} interleaved rounds"
     if busy:
-        verdict = (f"the machine was too busy to measure: the runs spread ±{noise:.0%} (above ±{BUSY_SPREAD:.0%} a side), "
-                   f"so no speed-up is claimed: {medians}")
-        return Comparison(rounds=rounds, speedup=speedup, noise=noise, beats_baseline=False, verdict=verdict, too_busy=True)
+        verdict = (
+            f"the machine was too busy to measure: the runs spread ±{noise:.0%} (above ±{BUSY_SPREAD:.0%} a side), "
+            f"so no speed-up is claimed: {medians}"
+        )
+        return Comparison(
+            rounds=rounds, speedup=speedup, noise=noise, beats_baseline=False, verdict=verdict, too_busy=True
+        )
     if beats:
         verdict = f"{speedup:.2f}x the baseline (±{noise:.1%}): {medians}"
     else:
-        verdict = f"no configuration beat the baseline beyond noise (±{noise:.1%})" + (": the best trial is the baseline itself" if same else f": {medians}")
+        verdict = f"no configuration beat the baseline beyond noise (±{noise:.1%})" + (
+            ": the best trial is the baseline itself" if same else f": {medians}"
+        )
     return Comparison(rounds=rounds, speedup=speedup, noise=noise, beats_baseline=beats, verdict=verdict)
 
 
-def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tolerance: float = QUALITY_TOLERANCE, *,
-                reference: Figures | None = None) -> LossCheck | None:
+def _loss_check(
+    plan: Plan,
+    measured: Figures,
+    budget: TrialBudget,
+    quality_tolerance: float = QUALITY_TOLERANCE,
+    *,
+    reference: Figures | None = None,
+) -> LossCheck | None:
     """The plan's loss against the plain model's on the same batches, at the last step both
     trained. ``reference``: the plain run's figures when they are at hand (the baseline's
     rounds); else one is run (on the plan's micro-batches, accumulating what its data-parallel
     processes train on)."""
     if measured.status != "ok":
         return None
-    if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(s.name == planmod.ACCUMULATION for s in plan.strategies):
+    if plan.launch.nproc_per_node * plan.launch.nnodes == 1 and all(
+        s.name == planmod.ACCUMULATION for s in plan.strategies
+    ):
         # The plain run on the plan's batches is the plan itself: nothing to run again.
         return _compared(measured, measured, EXACT_LOSS_TOLERANCE, exact=True)
     if reference is None:
@@ -779,7 +865,10 @@ def _loss_check(plan: Plan, measured: Figures, budget: TrialBudget, quality_tole
         )
         # Budgets count each process's micro-batches: the reference runs dp times as many, so
         # that both take the same optimizer steps.
-        reference = run_trial(plain, dataclasses.replace(budget, warmup_steps=budget.warmup_steps * dp, timed_steps=budget.timed_steps * dp)).figures
+        reference = run_trial(
+            plain,
+            dataclasses.replace(budget, warmup_steps=budget.warmup_steps * dp, timed_steps=budget.timed_steps * dp),
+        ).figures
     if reference.status != "ok":
         return None
     if is_exact(plan):
@@ -807,8 +896,16 @@ def _compared(run: Figures, reference: Figures, tolerance: float, *, exact: bool
     )
 
 
-def guarded_choice(study: Any, summary: search.Summary, settings: PlanSettings, name: str, *, clock: Clock | None = None,
-                   status: Status = _quiet, log: Callable[[str], None] = print) -> tuple[Any, QualityGuard | None]:
+def guarded_choice(
+    study: Any,
+    summary: search.Summary,
+    settings: PlanSettings,
+    name: str,
+    *,
+    clock: Clock | None = None,
+    status: Status = _quiet,
+    log: Callable[[str], None] = print,
+) -> tuple[Any, QualityGuard | None]:
     """The trial to confirm, and its quality guard: ``summary.best`` when it is exact or passes
     the guard against the best exact trial; else that exact trial, the failure recorded in the
     study (``quality_guard_failed_<trial>``: the reason, the trial's figures, the guard) and the
@@ -818,27 +915,45 @@ def guarded_choice(study: Any, summary: search.Summary, settings: PlanSettings, 
         return chosen, None
     exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
     if not exact:
-        raise NoTrialSucceeded(f"no exact trial of study {name} succeeded: the quality guard has nothing to compare trial {chosen.number} with")
+        raise NoTrialSucceeded(
+            f"no exact trial of study {name} succeeded: the quality guard has nothing to compare trial {chosen.number} with"
+        )
     reference = max(exact, key=lambda t: t.value)
-    log(f"quality guard: trial {chosen.number} against the best exact trial {reference.number}, {settings.guard_steps} steps each")
-    guard, why = quality_guard(search.plan_of(chosen), search.plan_of(reference), reference.number, settings, clock=clock, status=status)
+    log(
+        f"quality guard: trial {chosen.number} against the best exact trial {reference.number}, {settings.guard_steps} steps each"
+    )
+    guard, why = quality_guard(
+        search.plan_of(chosen), search.plan_of(reference), reference.number, settings, clock=clock, status=status
+    )
     if guard is not None and guard.passed:
         log(f"quality guard: trial {chosen.number} passed: {_guard_line(guard)}")
         return chosen, guard
     if guard is not None:
         why = f"{_guard_line(guard)}, beyond the tolerance {guard.tolerance:g}"
     figures = search.figures_of(chosen)
-    study.set_user_attr(f"quality_guard_failed_{chosen.number}", {
-        "why": why,
-        "figures": None if figures is None else dataclasses.asdict(figures),
-        "quality_guard": None if guard is None else dataclasses.asdict(guard),
-    })
-    log(f"quality guard: trial {chosen.number} failed ({why}); confirming the best exact trial {reference.number} instead")
+    study.set_user_attr(
+        f"quality_guard_failed_{chosen.number}",
+        {
+            "why": why,
+            "figures": None if figures is None else dataclasses.asdict(figures),
+            "quality_guard": None if guard is None else dataclasses.asdict(guard),
+        },
+    )
+    log(
+        f"quality guard: trial {chosen.number} failed ({why}); confirming the best exact trial {reference.number} instead"
+    )
     return reference, None
 
 
-def quality_guard(candidate: Plan, exact: Plan, reference_trial: int, settings: PlanSettings, *, clock: Clock | None = None,
-                  status: Status = _quiet) -> tuple[QualityGuard | None, str | None]:
+def quality_guard(
+    candidate: Plan,
+    exact: Plan,
+    reference_trial: int,
+    settings: PlanSettings,
+    *,
+    clock: Clock | None = None,
+    status: Status = _quiet,
+) -> tuple[QualityGuard | None, str | None]:
     """Run ``candidate`` (approximate) and ``exact`` for ``settings.guard_steps`` timed optimizer
     steps each after GUARD_WARMUP, on the same batches, and compare their curves
     (:func:`guard_of`). None and the reason when either run did not end ok."""
@@ -849,7 +964,9 @@ def quality_guard(candidate: Plan, exact: Plan, reference_trial: int, settings: 
         result = run_trial(plan, _limited(guard_budget(settings, plan), clock))
         if result.figures.status != "ok":
             status(None)
-            return None, f"the guard's run of {what} ended {result.figures.status}" + (f": {result.error}" if result.error else "")
+            return None, f"the guard's run of {what} ended {result.figures.status}" + (
+                f": {result.error}" if result.error else ""
+            )
         runs.append(result.figures)
     status(None)
     return guard_of(runs[0], runs[1], reference_trial, settings.quality_tolerance), None
@@ -860,8 +977,11 @@ def guard_budget(settings: PlanSettings, plan: Plan) -> TrialBudget:
     its time limit the trial's, scaled by how many more micro-batches it trains."""
     accum, b = plan.grad_accum(), settings.budget
     micro = (GUARD_WARMUP + settings.guard_steps) * accum
-    return TrialBudget(warmup_steps=GUARD_WARMUP * accum, timed_steps=settings.guard_steps * accum,
-                       timeout_s=b.timeout_s * max(1.0, micro / (b.warmup_steps + b.timed_steps)))
+    return TrialBudget(
+        warmup_steps=GUARD_WARMUP * accum,
+        timed_steps=settings.guard_steps * accum,
+        timeout_s=b.timeout_s * max(1.0, micro / (b.warmup_steps + b.timed_steps)),
+    )
 
 
 def guard_of(candidate: Figures, exact: Figures, reference_trial: int, tolerance: float) -> QualityGuard:
@@ -871,7 +991,7 @@ def guard_of(candidate: Figures, exact: Figures, reference_trial: int, tolerance
     ours, theirs = candidate.losses or [candidate.loss_end], exact.losses or [exact.loss_end]
     steps = min(len(ours), len(theirs))
     window = max(1, round(GUARD_TAIL * steps))
-    target = statistics.fmean(theirs[steps - window:steps])
+    target = statistics.fmean(theirs[steps - window : steps])
     a, b = loss_curve(candidate, steps, window, target), loss_curve(exact, steps, window, target)
     return QualityGuard(
         reference_trial=reference_trial,
@@ -881,7 +1001,9 @@ def guard_of(candidate: Figures, exact: Figures, reference_trial: int, tolerance
         target_loss=target,
         tolerance=tolerance,
         passed=a.tail_mean / b.tail_mean - 1.0 <= tolerance,
-        time_to_loss_ratio=b.time_to_loss_s / a.time_to_loss_s if a.time_to_loss_s and b.time_to_loss_s is not None else None,
+        time_to_loss_ratio=b.time_to_loss_s / a.time_to_loss_s
+        if a.time_to_loss_s and b.time_to_loss_s is not None
+        else None,
     )
 
 
@@ -891,7 +1013,7 @@ def loss_curve(run: Figures, steps: int, window: int, target: float) -> LossCurv
     losses = (run.losses or [run.loss_end])[:steps]
     times = run.step_times or []
     warmup = len(run.losses or [run.loss_end]) - len(times)
-    smoothed = [statistics.fmean(losses[max(0, i + 1 - window):i + 1]) for i in range(steps)]
+    smoothed = [statistics.fmean(losses[max(0, i + 1 - window) : i + 1]) for i in range(steps)]
     elapsed, reached = 0.0, None
     for i in range(warmup, steps):
         elapsed += times[i - warmup]
@@ -903,22 +1025,35 @@ def loss_curve(run: Figures, steps: int, window: int, target: float) -> LossCurv
         end=losses[-1],
         tail_mean=smoothed[-1],
         at_fractions=[smoothed[min(steps - 1, int(f * steps))] for f in GUARD_FRACTIONS],
-        wall_s=sum(times[:max(0, steps - warmup)]),
+        wall_s=sum(times[: max(0, steps - warmup)]),
         time_to_loss_s=reached,
     )
 
 
 def _guard_line(g: QualityGuard) -> str:
-    ratio = f"{g.time_to_loss_ratio:.2f}x the exact run's speed to its loss" if g.time_to_loss_ratio else "never reached the exact run's loss"
+    ratio = (
+        f"{g.time_to_loss_ratio:.2f}x the exact run's speed to its loss"
+        if g.time_to_loss_ratio
+        else "never reached the exact run's loss"
+    )
     return f"loss {g.candidate.tail_mean:.4f} against the exact {g.exact.tail_mean:.4f} over the last 10% of {g.steps} steps, {ratio}"
 
 
-def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log: Callable[[str], None] = print,
-              status: Status = _quiet) -> tuple[Plan, search.Summary, search.SearchSpace]:
+def make_plan(
+    settings: PlanSettings,
+    *,
+    on_result: Callable | None = None,
+    log: Callable[[str], None] = print,
+    status: Status = _quiet,
+) -> tuple[Plan, search.Summary, search.SearchSpace]:
     """Search, confirm and write the plan; ``settings.time_budget`` bounds all of it (within
     :func:`budget_margin`), the confirmation's time reserved from the trials' measured walls."""
     began = time.monotonic() if settings.started_at is None else settings.started_at
-    clock = Clock(deadline=None if settings.time_budget is None else began + settings.time_budget - finish_margin(settings.time_budget))
+    clock = Clock(
+        deadline=None
+        if settings.time_budget is None
+        else began + settings.time_budget - finish_margin(settings.time_budget)
+    )
     storage = settings.storage or "sqlite:///plans/studies.db"
     if settings.out is not None:
         check_writable(settings.out, "--out")
@@ -930,8 +1065,10 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
     if settings.time_budget is not None:
         least = minimum_budget(space, settings)
         if settings.time_budget < least:
-            raise UserError(f"--time-budget {settings.time_budget:g}: too small for {settings.workload} here; a baseline trial, one "
-                            f"candidate and {_rounds(settings)} confirmation rounds need at least {math.ceil(least)} s")
+            raise UserError(
+                f"--time-budget {settings.time_budget:g}: too small for {settings.workload} here; a baseline trial, one "
+                f"candidate and {_rounds(settings)} confirmation rounds need at least {math.ceil(least)} s"
+            )
     # Read before the study is opened: a source that cannot be read writes nothing. Enqueued
     # only into a new study (ensure_first_trials).
     warm = search.warm_starts(space, settings.warm_start, log)
@@ -940,7 +1077,9 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
 
         data.default_dataset(workload.vocab_size)  # build once here, not in every trial
     recipe = None if settings.global_batch == workload.global_batch else settings.global_batch
-    name = settings.study_name or study_name(settings.workload, profile.fingerprint, recipe, settings.workload_overrides)
+    name = settings.study_name or study_name(
+        settings.workload, profile.fingerprint, recipe, settings.workload_overrides
+    )
     out = settings.out or Path("plans") / f"{name}.plan.json"
     check_writable(out, "plan file")
     if storage.startswith("sqlite:///"):
@@ -952,8 +1091,15 @@ def make_plan(settings: PlanSettings, *, on_result: Callable | None = None, log:
         return _search_and_confirm(settings, study, space, name, storage, out, profile, clock, on_result, status, log)
 
 
-def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, clock: Clock, reserve: float,
-           log: Callable[[str], None], excluded: tuple[str, ...] = ()) -> search.Summary:
+def _fresh(
+    study: Any,
+    objective: search.Objective,
+    since: datetime.datetime,
+    clock: Clock,
+    reserve: float,
+    log: Callable[[str], None],
+    excluded: tuple[str, ...] = (),
+) -> search.Summary:
     """The study's summary over figures this run can compare: its own trials and those of
     planners beside it. A resumed study's best trial from an earlier run (another load) is
     measured again first when it would be chosen and the budget holds it; without any fresh
@@ -968,7 +1114,9 @@ def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, cl
     def outside(t: Any) -> bool:  # a trial of a strategy this search excludes: no candidate
         return any(s["name"] in excluded for s in (t.user_attrs.get("plan") or {}).get("strategies", ()))
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if not outside(t)]
+    complete = [
+        t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if not outside(t)
+    ]
     old = [t for t in complete if is_stale(t)]
     if old:
         fresh = [t for t in complete if not is_stale(t)]
@@ -979,12 +1127,16 @@ def _fresh(study: Any, objective: search.Objective, since: datetime.datetime, cl
                 log(f"trial {top.number} was measured by an earlier planner run (another load): measuring it again")
                 search.measure_again(study, objective, top, left)
             elif not fresh:
-                log("every completed trial was measured by an earlier planner run, under another load; none could be measured again in the budget")
+                log(
+                    "every completed trial was measured by an earlier planner run, under another load; none could be measured again in the budget"
+                )
                 return search.summarize(study, exclude=outside)
     return search.summarize(study, exclude=lambda t: is_stale(t) or outside(t))
 
 
-def _baseline_instead(plan: Plan, baseline: Plan, done: Confirmed, summary: search.Summary, chosen: Any) -> tuple[Plan, Confirmed, Any] | None:
+def _baseline_instead(
+    plan: Plan, baseline: Plan, done: Confirmed, summary: search.Summary, chosen: Any
+) -> tuple[Plan, Confirmed, Any] | None:
     """The baseline as the plan when the confirmation measured the chosen trial slower than the
     baseline beyond the noise (or failed it while the baseline ran): a plan is never slower than
     what it beat. None when the chosen trial held."""
@@ -994,18 +1146,40 @@ def _baseline_instead(plan: Plan, baseline: Plan, done: Confirmed, summary: sear
     m = done.measured
     if m.status == "ok" and done.comparison is not None and done.comparison.speedup >= 1.0 - done.comparison.noise:
         return None  # not slower beyond the noise: planners sharing a study must not flip on it
-    how = f"{done.comparison.speedup:.2f}x the baseline ({m.tokens_per_s:,.0f} against {base.tokens_per_s:,.0f} tokens/s)" \
-        if m.status == "ok" and done.comparison is not None else f"ended {m.status}"
+    how = (
+        f"{done.comparison.speedup:.2f}x the baseline ({m.tokens_per_s:,.0f} against {base.tokens_per_s:,.0f} tokens/s)"
+        if m.status == "ok" and done.comparison is not None
+        else f"ended {m.status}"
+    )
     verdict = f"trial {chosen.number} measured {how} in the confirmation: the baseline is the plan"
     c = done.comparison
-    comparison = Comparison(rounds=c.rounds if c else MIN_ROUNDS, speedup=1.0, noise=c.noise if c else MIN_NOISE, beats_baseline=False,
-                            verdict=verdict, load=c.load if c else None, cores=c.cores if c else None, too_busy=c.too_busy if c else False)
+    comparison = Comparison(
+        rounds=c.rounds if c else MIN_ROUNDS,
+        speedup=1.0,
+        noise=c.noise if c else MIN_NOISE,
+        beats_baseline=False,
+        verdict=verdict,
+        load=c.load if c else None,
+        cores=c.cores if c else None,
+        too_busy=c.too_busy if c else False,
+    )
     check = _compared(base, base, EXACT_LOSS_TOLERANCE, exact=True)
     return baseline, Confirmed(measured=base, baseline=base, comparison=comparison, loss_check=check), summary.baseline
 
 
-def _search_and_confirm(settings: PlanSettings, study: Any, space: search.SearchSpace, name: str, storage: str, out: Path,
-                        profile: Any, clock: Clock, on_result: Callable | None, status: Status, log: Callable[[str], None]) -> tuple[Plan, search.Summary, search.SearchSpace]:
+def _search_and_confirm(
+    settings: PlanSettings,
+    study: Any,
+    space: search.SearchSpace,
+    name: str,
+    storage: str,
+    out: Path,
+    profile: Any,
+    clock: Clock,
+    on_result: Callable | None,
+    status: Status,
+    log: Callable[[str], None],
+) -> tuple[Plan, search.Summary, search.SearchSpace]:
     since = datetime.datetime.now()  # Optuna's clock: trials completed before it are an earlier run's
     launched = 0  # trials this run has started a child for: the next one is launched + 1
 
@@ -1017,9 +1191,16 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
         status(search_status(launched + 1, settings.trials))
 
     if settings.allow_approximate and space.train.random_tokens:
-        raise UserError("--allow-approximate: the quality guard compares losses on real text, and random tokens teach nothing to compare")
-    objective = search.Objective(space=space, budget=settings.budget, on_result=ended, log_dir=search.trial_log_dir(storage, name),
-                                 run=f"{search.PLANNER_ID}:{uuid.uuid4().hex[:8]}")
+        raise UserError(
+            "--allow-approximate: the quality guard compares losses on real text, and random tokens teach nothing to compare"
+        )
+    objective = search.Objective(
+        space=space,
+        budget=settings.budget,
+        on_result=ended,
+        log_dir=search.trial_log_dir(storage, name),
+        run=f"{search.PLANNER_ID}:{uuid.uuid4().hex[:8]}",
+    )
     status(search_status(1, settings.trials))
     run_search(study, objective, settings, clock)
     # max-autotune on the best compiled configurations, only where its compile time fits
@@ -1050,9 +1231,13 @@ def _search_and_confirm(settings: PlanSettings, study: Any, space: search.Search
     # The guard has run: what is left of the reserve is the confirmation's.
     seconds = confirmation_seconds(study, settings, plain_run=plain_run) - guard_seconds(study, settings)
     left = "" if clock.deadline is None else f", {max(0.0, clock.left()):.0f} s of the budget left"
-    log(f"confirming trial {chosen.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
-        f"{_rounds(settings)} interleaved rounds, predicted {seconds:.0f} s{left}")
-    done = confirm(best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=seconds, baseline_step_s=base_step)
+    log(
+        f"confirming trial {chosen.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
+        f"{_rounds(settings)} interleaved rounds, predicted {seconds:.0f} s{left}"
+    )
+    done = confirm(
+        best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=seconds, baseline_step_s=base_step
+    )
     instead = _baseline_instead(best, baseline_plan, done, summary, chosen) if baseline_plan is not None else None
     if instead is not None:
         best, done, chosen = instead

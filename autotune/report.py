@@ -28,7 +28,9 @@ def load_study(storage: str | None, study: str | None) -> Any:
         raise UserError(f"--storage {url}: {first_line(e)[:200]}") from None
     if study is None:
         if len(names) != 1:
-            raise UserError(f"{url} holds {len(names)} studies; name one with --study ({', '.join(sorted(names)) or 'none'})")
+            raise UserError(
+                f"{url} holds {len(names)} studies; name one with --study ({', '.join(sorted(names)) or 'none'})"
+            )
         study = names[0]
     elif study not in names:
         raise UserError(f"no study {study!r} in {url} (it holds: {', '.join(sorted(names)) or 'none'})")
@@ -48,18 +50,20 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         strategies = plan.get("strategies", [])
         accum = next((s["knobs"].get("steps", 1) for s in strategies if s["name"] == ACCUMULATION), 1)
         launch = plan.get("launch", {})
-        rows.append({
-            "number": t.number,
-            "role": t.user_attrs.get("role", "search"),
-            "status": "interrupted" if killed else t.user_attrs.get("status", t.state.name.lower()),
-            "tokens_per_s": t.value if t.state.name == "COMPLETE" else None,
-            "peak_memory_bytes": figures.get("peak_memory_bytes"),
-            "micro_batch_size": plan.get("train", {}).get("micro_batch_size"),
-            "grad_accum": accum,  # the column `autotune trials` prints, not the strategy's name
-            "processes": launch.get("nproc_per_node", 1) * launch.get("nnodes", 1),
-            "strategies": {s["name"]: s.get("knobs", {}) for s in strategies},
-            "error": INTERRUPTED if killed else t.user_attrs.get("error"),
-        })
+        rows.append(
+            {
+                "number": t.number,
+                "role": t.user_attrs.get("role", "search"),
+                "status": "interrupted" if killed else t.user_attrs.get("status", t.state.name.lower()),
+                "tokens_per_s": t.value if t.state.name == "COMPLETE" else None,
+                "peak_memory_bytes": figures.get("peak_memory_bytes"),
+                "micro_batch_size": plan.get("train", {}).get("micro_batch_size"),
+                "grad_accum": accum,  # the column `autotune trials` prints, not the strategy's name
+                "processes": launch.get("nproc_per_node", 1) * launch.get("nnodes", 1),
+                "strategies": {s["name"]: s.get("knobs", {}) for s in strategies},
+                "error": INTERRUPTED if killed else t.user_attrs.get("error"),
+            }
+        )
     return rows
 
 
@@ -84,10 +88,16 @@ def write_report(study_name: str, storage: str, out_dir: Path) -> list[Path]:
                 figures["importances"] = vis.plot_param_importances(study, target_name="tokens/s")
         except (RuntimeError, ValueError):  # too few distinct values to rank parameters
             pass
-    points = [(t.user_attrs["figures"]["peak_memory_bytes"] / 2**30, t.value, t.number) for t in complete
-              if t.user_attrs.get("figures", {}).get("peak_memory_bytes")]
-    scatter = go.Figure(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers",
-                                   text=[f"trial {p[2]}" for p in points]))
+    points = [
+        (t.user_attrs["figures"]["peak_memory_bytes"] / 2**30, t.value, t.number)
+        for t in complete
+        if t.user_attrs.get("figures", {}).get("peak_memory_bytes")
+    ]
+    scatter = go.Figure(
+        go.Scatter(
+            x=[p[0] for p in points], y=[p[1] for p in points], mode="markers", text=[f"trial {p[2]}" for p in points]
+        )
+    )
     scatter.update_layout(title="tokens/s against peak memory", xaxis_title="peak memory (GiB)", yaxis_title="tokens/s")
     figures["memory"] = scatter
     paths = []

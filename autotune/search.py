@@ -128,7 +128,11 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
     follow (their degrees are the layout's); then each single-device strategy on or off, and
     the knobs of those on."""
     micro_batch = trial.suggest_categorical("micro_batch_size", list(space.micro_batches))
-    processes = trial.suggest_categorical("processes", list(space.processes)) if len(space.processes) > 1 else space.processes[0]
+    processes = (
+        trial.suggest_categorical("processes", list(space.processes))
+        if len(space.processes) > 1
+        else space.processes[0]
+    )
     strategies = []
     parallel: dict[str, int] = {}
     if processes > 1:
@@ -142,7 +146,10 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
         excluded = space.graph.excluded_choices(strategy.name)
         for knob in strategy.knobs:
             if knob.refine_only:
-                excluded[knob.name] = {**excluded.get(knob.name, {}), **dict.fromkeys(knob.refine_only, "refinement only")}
+                excluded[knob.name] = {
+                    **excluded.get(knob.name, {}),
+                    **dict.fromkeys(knob.refine_only, "refinement only"),
+                }
         knobs = {}
         for knob in strategy.knobs:
             if strategy.name in parallel and knob.name == strategy.degree_knobs[0]:
@@ -192,7 +199,9 @@ def layouts(processes: int, usable: set[str], graph: StrategyGraph, workload: Wo
                 parallel = ({wrapper: 0} if wrapper else {}) | model
                 # Each sets its degree knobs to the degree (a pipeline then has as many pieces
                 # of a micro-batch as stages, the fewest that fill it; the trial picks them).
-                chosen = {name: dict.fromkeys(strategies[name].degree_knobs, d) if d else {} for name, d in parallel.items()}
+                chosen = {
+                    name: dict.fromkeys(strategies[name].degree_knobs, d) if d else {} for name, d in parallel.items()
+                }
                 try:
                     graph.check(list(parallel))
                     mesh_shape(processes, chosen, workload=workload, strategies=strategies)
@@ -224,7 +233,9 @@ def plan_for(space: SearchSpace, micro_batch: int, strategies: list[StrategySpec
 
 def baseline_params(space: SearchSpace) -> dict[str, Any]:
     """The plain run: one process, no strategy on, the default micro-batch."""
-    params = {"micro_batch_size": space.baseline_micro_batch} | {s.name: False for s in space.strategies if s.mesh_dim is None}
+    params = {"micro_batch_size": space.baseline_micro_batch} | {
+        s.name: False for s in space.strategies if s.mesh_dim is None
+    }
     return params | ({"processes": 1} if len(space.processes) > 1 else {})
 
 
@@ -233,8 +244,11 @@ def predict(space: SearchSpace, plan: Plan) -> costmodel.Estimate | None:
     if space.workload.shape is None:
         return None
     return costmodel.estimate(
-        space.workload, plan.train.micro_batch_size, plan.strategy_configs(),
-        matmul_flops=space.matmul_flops, memory_bandwidth=space.memory_bandwidth,
+        space.workload,
+        plan.train.micro_batch_size,
+        plan.strategy_configs(),
+        matmul_flops=space.matmul_flops,
+        memory_bandwidth=space.memory_bandwidth,
         processes=plan.launch.nproc_per_node * plan.launch.nnodes,
     )
 
@@ -279,14 +293,21 @@ class Objective:
             trial.set_user_attr("error", f"illegal: {e}")
             raise optuna.TrialPruned(f"illegal: {e}") from None
         trial.set_user_attr("plan", plan.to_dict())
-        if trial.user_attrs.get("role") is None and (twin := measured_before(trial.study, plan, trial.number)) is not None:
+        if (
+            trial.user_attrs.get("role") is None
+            and (twin := measured_before(trial.study, plan, trial.number)) is not None
+        ):
             self._prune(trial, plan, f"the same configuration as trial {twin}, measured once")
         names = [s.name for s in plan.strategies]
         try:
             self.space.graph.check(names)
             check_settings(plan.strategy_configs(), workload=self.space.workload)
-            check_processes(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs(),
-                            workload=self.space.workload, micro_batch_size=plan.train.micro_batch_size)
+            check_processes(
+                plan.launch.nproc_per_node * plan.launch.nnodes,
+                plan.strategy_configs(),
+                workload=self.space.workload,
+                micro_batch_size=plan.train.micro_batch_size,
+            )
         except UserError as e:
             self._prune(trial, plan, f"illegal: {e}")
         # Device memory only: on a CPU the measured peak is the whole process's resident set.
@@ -302,7 +323,11 @@ class Objective:
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if (shortest := shortest_like(trial.study, plan)) is not None and shortest[1] > left:
-                self._prune(trial, plan, f"cannot finish: trial {shortest[0]}, which compiles as it does, took {shortest[1]:.0f} s; {left:.0f} s left")
+                self._prune(
+                    trial,
+                    plan,
+                    f"cannot finish: trial {shortest[0]}, which compiles as it does, took {shortest[1]:.0f} s; {left:.0f} s left",
+                )
             budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
         log_path = None
         if self.log_dir is not None:
@@ -340,9 +365,17 @@ class Objective:
         trial.set_user_attr("memory_correction", correction)
         if predicted * correction <= MEMORY_HEADROOM * limit:
             return
-        learned = f"x {correction:.2f}, the least measured/predicted peak of {seen} trials" if seen else "no trial measured yet"
-        self._prune(trial, plan, f"predicted {predicted * correction / 2**30:.1f} GiB ({predicted / 2**30:.1f} GiB {learned}) "
-                                 f"> {MEMORY_HEADROOM:.0%} of {limit / 2**30:.1f} GiB")
+        learned = (
+            f"x {correction:.2f}, the least measured/predicted peak of {seen} trials"
+            if seen
+            else "no trial measured yet"
+        )
+        self._prune(
+            trial,
+            plan,
+            f"predicted {predicted * correction / 2**30:.1f} GiB ({predicted / 2**30:.1f} GiB {learned}) "
+            f"> {MEMORY_HEADROOM:.0%} of {limit / 2**30:.1f} GiB",
+        )
 
     def _prune(self, trial: optuna.Trial, plan: Plan, reason: str) -> None:
         trial.set_user_attr("status", "pruned")
@@ -426,7 +459,10 @@ def make_storage(url: str, *, existing: bool = False) -> optuna.storages.BaseSto
     for attempt in range(SCHEMA_RACE_RETRIES + 1):
         try:
             return optuna.storages.RDBStorage(
-                url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
             )
         except Exception as e:  # SQLAlchemy's URL, dialect, driver and connection errors
@@ -460,8 +496,10 @@ def _check_sqlite(url: str, existing: bool) -> None:
     except sqlite3.Error as e:
         raise UserError(f"storage URL {url}: {path} is not a SQLite database ({first_line(e)})") from None
     if not {"studies", "version_info"} <= tables:
-        raise UserError(f"storage URL {url}: {path} is a SQLite database but not an Optuna storage "
-                        "(no studies table); left as it is")
+        raise UserError(
+            f"storage URL {url}: {path} is a SQLite database but not an Optuna storage "
+            "(no studies table); left as it is"
+        )
 
 
 def trial_log_dir(storage_url: str, study_name: str) -> Path:
@@ -469,8 +507,8 @@ def trial_log_dir(storage_url: str, study_name: str) -> Path:
     else under the cache (``$AUTOTUNE_CACHE`` or ~/.cache/autotune)."""
     safe = study_name.replace("/", "_").replace(":", "_")
     prefix = "sqlite:///"
-    if storage_url.startswith(prefix) and storage_url[len(prefix):] not in ("", ":memory:"):
-        return Path(storage_url[len(prefix):]).expanduser().parent / "trials" / safe
+    if storage_url.startswith(prefix) and storage_url[len(prefix) :] not in ("", ":memory:"):
+        return Path(storage_url[len(prefix) :]).expanduser().parent / "trials" / safe
     return trialmod.cache_root() / "trials" / safe
 
 
@@ -481,8 +519,15 @@ SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
 }
 
 
-def open_study(name: str, storage: str, sampler: str, seed: int, *, identity: dict[str, str] | None = None,
-               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+def open_study(
+    name: str,
+    storage: str,
+    sampler: str,
+    seed: int,
+    *,
+    identity: dict[str, str] | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+) -> optuna.Study:
     """Create or load the study. ``identity`` (:func:`study_identity`) is what its figures are
     measured under: recorded by the first planner, and a later one under other settings is
     refused, since its figures would not compare with the study's."""
@@ -524,14 +569,20 @@ def check_identity(study: optuna.Study, identity: dict[str, str]) -> None:
     if recorded is None:
         study.set_user_attr("identity", dict(identity))
         return
-    differ = [f"{k} {recorded.get(k, 'unset')} (now {identity.get(k, 'unset')})"
-              for k in sorted(set(recorded) | set(identity)) if recorded.get(k) != identity.get(k)]
+    differ = [
+        f"{k} {recorded.get(k, 'unset')} (now {identity.get(k, 'unset')})"
+        for k in sorted(set(recorded) | set(identity))
+        if recorded.get(k) != identity.get(k)
+    ]
     if differ:
-        raise UserError(f"study {study.study_name} was measured under {', '.join(differ)}: use another --study, or the same settings")
+        raise UserError(
+            f"study {study.study_name} was measured under {', '.join(differ)}: use another --study, or the same settings"
+        )
 
 
-def ensure_first_trials(study: optuna.Study, space: SearchSpace, priors: list[dict[str, Any]],
-                        warm: list[WarmStart] | None = None) -> None:
+def ensure_first_trials(
+    study: optuna.Study, space: SearchSpace, priors: list[dict[str, Any]], warm: list[WarmStart] | None = None
+) -> None:
     """Enqueue the baseline (always trial 0), the warm starts (:func:`warm_starts`: measured
     elsewhere, so before the guesses) and the expert priors into a new study, once, none twice:
     planners that start together on one shared study (machines on a PostgreSQL or MySQL
@@ -568,7 +619,9 @@ class WarmStart:
     """The trial's params here (as :func:`baseline_params` spells them)."""
 
 
-def warm_start_params(space: SearchSpace, sources: list[str], log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def warm_start_params(
+    space: SearchSpace, sources: list[str], log: Callable[[str], None] | None = None
+) -> list[dict[str, Any]]:
     """The legal configurations of ``sources`` (plan files, or storage URLs ``URL#STUDY``; a URL
     holding one study needs no name) as params of this space, in order, without repeats."""
     return [w.params for w in warm_starts(space, sources, log)]
@@ -604,12 +657,18 @@ def _source_plans(source: str) -> list[tuple[str, Plan]]:
     names = [s.study_name for s in storage.get_all_studies()]
     if not name:
         if len(names) != 1:
-            raise UserError(f"--warm-start {url}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one as {url}#STUDY")
+            raise UserError(
+                f"--warm-start {url}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one as {url}#STUDY"
+            )
         name = names[0]
     if name not in names:
         raise UserError(f"--warm-start {source}: no study {name} (there: {', '.join(names) or 'none'})")
     study = optuna.load_study(study_name=name, storage=storage)
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if "plan" in t.user_attrs]
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if "plan" in t.user_attrs
+    ]
     best = sorted(complete, key=lambda t: -t.value)[:WARM_START_BEST]
     if not best:
         raise UserError(f"--warm-start {source}: study {name} has no completed trial")
@@ -631,7 +690,9 @@ def plan_params(space: SearchSpace, plan: Plan, log: Callable[[str], None] | Non
     say = log or (lambda line: None)
     by_name = {s.name: s for s in space.strategies}
     given = {s.name: s.knobs for s in plan.strategies}
-    dropped = sorted(n for n in given if n not in by_name and not (n == planmod.ACCUMULATION and space.global_batch is not None))
+    dropped = sorted(
+        n for n in given if n not in by_name and not (n == planmod.ACCUMULATION and space.global_batch is not None)
+    )
     if dropped:
         say(f"{', '.join(dropped)} not searched here, left off")
     source_mb = plan.train.micro_batch_size
@@ -650,7 +711,11 @@ def plan_params(space: SearchSpace, plan: Plan, log: Callable[[str], None] | Non
     if processes == 1 and mesh:
         say(f"{', '.join(s.name for s in mesh)} left off (one process)")
     if processes > 1:
-        ordered = [s for s in mesh if s.mesh_dim == "dp"] + [s for s in mesh if s.mesh_dim == "tp"] + [s for s in mesh if s.mesh_dim == "pp"]
+        ordered = (
+            [s for s in mesh if s.mesh_dim == "dp"]
+            + [s for s in mesh if s.mesh_dim == "tp"]
+            + [s for s in mesh if s.mesh_dim == "pp"]
+        )
         parallel = {s.name: int(given[s.name].get(s.degree_knobs[0], 0)) if s.mesh_dim != "dp" else 0 for s in ordered}
         layout = layout_name(parallel)
         if layout not in space.layouts.get(processes, []):
@@ -669,8 +734,12 @@ def plan_params(space: SearchSpace, plan: Plan, log: Callable[[str], None] | Non
         for knob in strategy.knobs:
             if strategy.name in parallel and knob.name == strategy.degree_knobs[0]:
                 continue
-            value = _legal_value(knob, values[knob.name], strategy.dump(strategy.default())[knob.name],
-                                 set(excluded.get(knob.name, {})) | set(knob.refine_only))
+            value = _legal_value(
+                knob,
+                values[knob.name],
+                strategy.dump(strategy.default())[knob.name],
+                set(excluded.get(knob.name, {})) | set(knob.refine_only),
+            )
             if value != values[knob.name]:
                 say(f"{strategy.name}.{knob.name} {values[knob.name]!r} is not legal here, {value!r} instead")
             params[f"{strategy.name}.{knob.name}"] = value
@@ -697,11 +766,17 @@ def check_legal(space: SearchSpace, plan: Plan) -> None:
     plan.strategy_configs()
     space.graph.check([s.name for s in plan.strategies])
     check_settings(plan.strategy_configs(), workload=space.workload)
-    check_processes(plan.launch.nproc_per_node * plan.launch.nnodes, plan.strategy_configs(),
-                    workload=space.workload, micro_batch_size=plan.train.micro_batch_size)
+    check_processes(
+        plan.launch.nproc_per_node * plan.launch.nnodes,
+        plan.strategy_configs(),
+        workload=space.workload,
+        micro_batch_size=plan.train.micro_batch_size,
+    )
     estimate = predict(space, plan) if space.device_memory else None
     if estimate is not None and estimate.peak_memory_bytes > MEMORY_HEADROOM * space.device_memory:
-        raise UserError(f"predicted {estimate.peak_memory_bytes / 2**30:.1f} GiB > {MEMORY_HEADROOM * space.device_memory / 2**30:.1f} GiB")
+        raise UserError(
+            f"predicted {estimate.peak_memory_bytes / 2**30:.1f} GiB > {MEMORY_HEADROOM * space.device_memory / 2**30:.1f} GiB"
+        )
 
 
 PLANNER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -762,7 +837,9 @@ def _study_lock(study: optuna.Study) -> Iterator[None]:
                 conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": f"autotune-{key}"})
 
 
-def wait_for_others(study: optuna.Study, limit_s: float, *, poll_s: float = 2.0, log: Callable[[str], None] | None = None) -> None:
+def wait_for_others(
+    study: optuna.Study, limit_s: float, *, poll_s: float = 2.0, log: Callable[[str], None] | None = None
+) -> None:
     """Wait, at most ``limit_s``, for the trials other planners on this study still run, so
     that every planner of a shared search summarizes the same trials (and writes the same
     plan). A trial whose planner died is failed by its stale heartbeat on the way."""
@@ -825,7 +902,11 @@ def _refine_only_values(name: str, cfg: Any) -> list[tuple[Knob, Any]]:
     """(knob, value) of strategy ``name``'s refine-only knobs whose value in ``cfg`` is refine-only."""
     from autotune import catalog
 
-    return [(k, getattr(cfg, k.name)) for k in catalog.get(name).knobs if k.refine_only and getattr(cfg, k.name) in k.refine_only]
+    return [
+        (k, getattr(cfg, k.name))
+        for k in catalog.get(name).knobs
+        if k.refine_only and getattr(cfg, k.name) in k.refine_only
+    ]
 
 
 def _refinements(plan: Plan) -> list[tuple[str, str, Any]]:
@@ -844,7 +925,9 @@ def _refinements(plan: Plan) -> list[tuple[str, str, Any]]:
 def refine_candidates(study: optuna.Study, best: int = REFINE_BEST) -> list[optuna.trial.FrozenTrial]:
     """The best ``best`` completed trials with a setting the refinement can change (compile in
     a mode that the main search samples)."""
-    complete = sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: -t.value)
+    complete = sorted(
+        study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: -t.value
+    )
     out = []
     for t in complete:
         if t.user_attrs.get("role") == REFINE or "plan" not in t.user_attrs:
@@ -879,7 +962,11 @@ def refine(study: optuna.Study, objective: Objective, deadline: float | None = N
     "refine_mode" and its own plan, so :func:`summarize` picks it if it is faster. Nothing on
     a CPU (the planner refines GPU searches only)."""
     added = []
-    done = {(t.user_attrs.get("refines"), t.user_attrs.get("refine_mode")) for t in study.get_trials(deepcopy=False) if t.user_attrs.get("role") == REFINE}
+    done = {
+        (t.user_attrs.get("refines"), t.user_attrs.get("refine_mode"))
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get("role") == REFINE
+    }
     with trialmod.measuring(objective.space.launch.device):
         for source in refine_candidates(study):
             for name, knob, value in _refinements(plan_of(source)):
@@ -895,22 +982,32 @@ def refine(study: optuna.Study, objective: Objective, deadline: float | None = N
 REMEASURE = "remeasure"
 
 
-def measure_again(study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, left: float | None) -> optuna.trial.FrozenTrial:
+def measure_again(
+    study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, left: float | None
+) -> optuna.trial.FrozenTrial:
     """Run ``source``'s plan again as a new trial of this run (role "remeasure"), so that its
     figures are measured under the same load as the others this run compares."""
     return _run_refinement(study, objective, source, None, left)
 
 
 def _run_refinement(
-    study: optuna.Study, objective: Objective, source: optuna.trial.FrozenTrial, choice: tuple[str, str, Any] | None, left: float | None
+    study: optuna.Study,
+    objective: Objective,
+    source: optuna.trial.FrozenTrial,
+    choice: tuple[str, str, Any] | None,
+    left: float | None,
 ) -> optuna.trial.FrozenTrial:
     """``source``'s plan with ``choice`` (strategy, knob, value) set, run as a new trial; None:
     unchanged (:func:`measure_again`)."""
     plan = plan_of(source)
     if choice is not None:
         name, knob, mode = choice
-        plan = dataclasses.replace(plan, strategies=[
-            dataclasses.replace(s, knobs={**s.knobs, knob: mode}) if s.name == name else s for s in plan.strategies])
+        plan = dataclasses.replace(
+            plan,
+            strategies=[
+                dataclasses.replace(s, knobs={**s.knobs, knob: mode}) if s.name == name else s for s in plan.strategies
+            ],
+        )
     budget = trial_budget(objective.budget, plan)
     if left is not None:
         budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
@@ -920,15 +1017,29 @@ def _run_refinement(
     result = run_trial(plan, budget, log_path=log_path)
     f = result.figures
     how = {"refines": source.number, "refine_mode": choice[2]} if choice is not None else {"remeasures": source.number}
-    attrs = {"role": role, **how, "plan": plan.to_dict(), "status": f.status,
-             "figures": dataclasses.asdict(f), "wall_s": result.wall_s, "launched": True, "run": objective.run}
+    attrs = {
+        "role": role,
+        **how,
+        "plan": plan.to_dict(),
+        "status": f.status,
+        "figures": dataclasses.asdict(f),
+        "wall_s": result.wall_s,
+        "launched": True,
+        "run": objective.run,
+    }
     attrs |= {p: getattr(result, p) for p in ("startup_s", "warmup_s", "timed_s") if getattr(result, p) is not None}
     attrs |= {"log": str(log_path)} if log_path else {}
     attrs |= {"error": result.error} if result.error else {}
     ok = f.status == "ok"
-    study.add_trial(optuna.trial.create_trial(
-        state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
-        value=float(f.tokens_per_s) if ok else None, params=source.params, distributions=source.distributions, user_attrs=attrs))
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
+            value=float(f.tokens_per_s) if ok else None,
+            params=source.params,
+            distributions=source.distributions,
+            user_attrs=attrs,
+        )
+    )
     frozen = study.trials[-1]
     if objective.on_result:
         objective.on_result(frozen, plan, result, f.status)
@@ -977,9 +1088,13 @@ def shortest_like(study: optuna.Study, plan: Plan) -> tuple[int, float] | None:
     shortest is what a trial of ``plan`` needs at the least: a shape compiled before comes from
     the cache."""
     compiles = any(s.name == "compile" for s in plan.strategies)
-    like = [(t.number, float(t.user_attrs["wall_s"])) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if t.user_attrs.get("wall_s") and "plan" in t.user_attrs
-            and any(s["name"] == "compile" for s in t.user_attrs["plan"].get("strategies", ())) == compiles]
+    like = [
+        (t.number, float(t.user_attrs["wall_s"]))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs.get("wall_s")
+        and "plan" in t.user_attrs
+        and any(s["name"] == "compile" for s in t.user_attrs["plan"].get("strategies", ())) == compiles
+    ]
     return min(like, key=lambda x: x[1]) if like else None
 
 
@@ -989,18 +1104,28 @@ def measured_before(study: optuna.Study, plan: Plan, number: int) -> int | None:
     same plan (knobs of a strategy it turned off, say): running it again would spend a trial's
     time on figures the study has."""
     wanted = configuration(plan.to_dict())
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)):
-        if t.number < number and t.user_attrs.get("launched") and configuration(t.user_attrs.get("plan") or {}) == wanted:
+    for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING)
+    ):
+        if (
+            t.number < number
+            and t.user_attrs.get("launched")
+            and configuration(t.user_attrs.get("plan") or {}) == wanted
+        ):
             return t.number
     return None
 
 
-def cost_model_errors(study: optuna.Study, predicted_key: str = "predicted_peak_memory_bytes", measured_key: str = "peak_memory_bytes") -> list[float]:
+def cost_model_errors(
+    study: optuna.Study, predicted_key: str = "predicted_peak_memory_bytes", measured_key: str = "peak_memory_bytes"
+) -> list[float]:
     """Relative error (predicted / measured - 1) of a cost-model prediction, over the trials
     that ran: peak memory by default, step time with the ``*step_time_s`` keys. A trial the
     ThroughputPruner stopped counts where it measured the figure."""
     errors = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
+    for t in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ):
         predicted = t.user_attrs.get(predicted_key)
         measured = (t.user_attrs.get("figures") or {}).get(measured_key)
         if predicted and measured:
@@ -1028,7 +1153,9 @@ def accumulation(global_batch: int, micro_batch: int, processes: int) -> int:
     each of ``processes`` data-parallel processes."""
     per_step = micro_batch * processes
     if global_batch % per_step:
-        raise UserError(f"global batch {global_batch} is not a multiple of micro-batch {micro_batch} x {processes} processes")
+        raise UserError(
+            f"global batch {global_batch} is not a multiple of micro-batch {micro_batch} x {processes} processes"
+        )
     return global_batch // per_step
 
 
@@ -1041,7 +1168,9 @@ def micro_batch_choices(largest: int, global_batch: int | None = None) -> tuple[
         return choices
     fits = tuple(b for b in choices if global_batch % b == 0 and global_batch // b <= MAX_ACCUM)
     if not fits:
-        raise UserError(f"global batch {global_batch}: no micro-batch of {', '.join(map(str, choices))} divides it with at most {MAX_ACCUM} micro-batches a step")
+        raise UserError(
+            f"global batch {global_batch}: no micro-batch of {', '.join(map(str, choices))} divides it with at most {MAX_ACCUM} micro-batches a step"
+        )
     return fits
 
 
@@ -1076,7 +1205,11 @@ def summarize(study: optuna.Study, *, exclude: Callable[[optuna.trial.FrozenTria
     complete = [t for t in complete if exclude is None or not exclude(t)]
     if complete:
         best = max(complete, key=lambda t: t.value)
-    return Summary(best=best, baseline=baseline_trial(study), complete=complete, counts=counts, memory_errors=cost_model_errors(study),
+    return Summary(
+        best=best,
+        baseline=baseline_trial(study),
+        complete=complete,
+        counts=counts,
+        memory_errors=cost_model_errors(study),
         time_errors=cost_model_errors(study, "predicted_step_time_s", "step_time_s"),
     )
-

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 MeshDim = Literal["dp", "tp", "pp", "ep"]
 """A dimension of the device mesh (autotune.mesh): data, tensor or pipeline parallel."""
 
-Part = Literal["embedding", "head", "mlp", "linears", "norms", "loss", "attention", "blocks", "placement", "stages", "accumulation"]
+Part = Literal[
+    "embedding", "head", "mlp", "linears", "norms", "loss", "attention", "blocks", "placement", "stages", "accumulation"
+]
 """What a strategy may change or need final: a part of the model (the embedding, the head, each
 block's MLP, the linears, the norms, the loss, the attention, the blocks themselves), where its
 parameters live (``placement``: sharded over processes; ``stages``: cut into pipeline stages),
@@ -218,7 +220,9 @@ class Strategy:
     """How the expert prior, the first trials after the baseline, turns the strategy on here
     (None from it, or no function: the prior leaves it off). A data-parallel strategy (``mesh_dim``
     "dp") with a prior is the layout the prior over several processes takes."""
-    exports: dict[ExportTarget, Exporter | Literal[_Nothing.NOTHING_TO_SET]] = dataclasses.field(default_factory=dict, hash=False)
+    exports: dict[ExportTarget, Exporter | Literal[_Nothing.NOTHING_TO_SET]] = dataclasses.field(
+        default_factory=dict, hash=False
+    )
     """How the strategy is written into each launcher config that states a plan's strategies
     (``ExportTarget``): a function giving the keys it sets there, or NOTHING_TO_SET where that
     config has nothing to say about it and, without it, still describes the plan's training (an
@@ -253,7 +257,9 @@ def check_knob_fields(strategy: Strategy) -> None:
     fields = {f.name for f in dataclasses.fields(strategy.config)}
     for knob in strategy.knobs:
         if knob.name not in fields:
-            raise UserError(f"strategy {strategy.name}: knob {knob.name!r} is not a field of {strategy.config.__name__}")
+            raise UserError(
+                f"strategy {strategy.name}: knob {knob.name!r} is not a field of {strategy.config.__name__}"
+            )
     for knob in strategy.knobs:
         for value in knob.refine_only:
             if value not in knob.choices:
@@ -261,7 +267,9 @@ def check_knob_fields(strategy: Strategy) -> None:
     if strategy.mesh_dim in ("tp", "pp"):
         for name in strategy.degree_knobs or ("",):
             if name not in fields:
-                raise UserError(f"strategy {strategy.name}: degree knob {name!r} is not a field of {strategy.config.__name__}")
+                raise UserError(
+                    f"strategy {strategy.name}: degree knob {name!r} is not a field of {strategy.config.__name__}"
+                )
 
 
 def check_exports(strategy: Strategy) -> None:
@@ -269,9 +277,13 @@ def check_exports(strategy: Strategy) -> None:
     exports (a catalog-load check)."""
     for target, how in strategy.exports.items():
         if target not in EXPORT_TARGETS:
-            raise UserError(f"strategy {strategy.name}: export target {target!r} is not one of {', '.join(sorted(EXPORT_TARGETS))}")
+            raise UserError(
+                f"strategy {strategy.name}: export target {target!r} is not one of {', '.join(sorted(EXPORT_TARGETS))}"
+            )
         if how is NOTHING_TO_SET and not strategy.exact:
-            raise UserError(f"strategy {strategy.name} is approximate: {target} without it trains another model; declare what it sets there, or no {target} export")
+            raise UserError(
+                f"strategy {strategy.name} is approximate: {target} without it trains another model; declare what it sets there, or no {target} export"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -294,8 +306,14 @@ class Facts:
     """Structure the workload declares."""
 
     @classmethod
-    def of(cls, profile: Any | None, workload: Any, *, processes: int | None = None,
-           strategies: Iterable[Strategy] | None = None) -> Facts:
+    def of(
+        cls,
+        profile: Any | None,
+        workload: Any,
+        *,
+        processes: int | None = None,
+        strategies: Iterable[Strategy] | None = None,
+    ) -> Facts:
         """Facts from a HardwareProfile (None: a machine with no accelerator) and a Workload;
         the packages probed are those ``strategies`` (default: the catalog's) declare."""
         if strategies is None:

@@ -216,7 +216,9 @@ class Trainer:
         self.scaler = self.engine.scaler
         self.batches = self._make_batches(data_dir)
         # The global batch: dp groups of micro-batches (tp ranks and pp stages share theirs).
-        self.tokens_per_step = global_tokens_per_step(self.spec.micro_batch_size, workload.seq_len, self.ctx.grad_accum, dp)
+        self.tokens_per_step = global_tokens_per_step(
+            self.spec.micro_batch_size, workload.seq_len, self.ctx.grad_accum, dp
+        )
         self.flops_per_token = flops_per_token(self.ctx.model, workload)
         self.peak_flops, self.peak_source = peak_flops(self.device, profile_path)
         self._val: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -256,7 +258,21 @@ class Trainer:
             "strategies": [[s.name, dict(s.knobs)] for s in plan.strategies],
             "processes": self.world_size,
             "micro_batch_size": t.micro_batch_size,
-            **{k: getattr(t, k) for k in ("lr", "beta1", "beta2", "weight_decay", "grad_clip", "steps", "warmup_steps", "min_lr_ratio", "seed", "random_tokens")},
+            **{
+                k: getattr(t, k)
+                for k in (
+                    "lr",
+                    "beta1",
+                    "beta2",
+                    "weight_decay",
+                    "grad_clip",
+                    "steps",
+                    "warmup_steps",
+                    "min_lr_ratio",
+                    "seed",
+                    "random_tokens",
+                )
+            },
             "data": self._data_dir or t.data,
         }
 
@@ -355,7 +371,9 @@ class Trainer:
 
 def _check_format(state: dict[str, Any]) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT} (written by another autotune version; its model layout differs)")
+        raise UserError(
+            f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT} (written by another autotune version; its model layout differs)"
+        )
 
 
 # -- RNG state in weights_only-loadable form ----------------------------------------------
@@ -369,7 +387,13 @@ def seed_everything(seed: int) -> None:
 
 def _numpy_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _numpy_state_from(s: dict[str, Any]) -> tuple:
@@ -512,8 +536,15 @@ def _train(plan: Plan, options: RunOptions, total_steps: int, ckpt_dir: Path | N
 
 def _nothing_done(step: int) -> RunSummary:
     return RunSummary(
-        steps_done=step, tokens_per_s=None, mfu=None, mfu_peak_source=None, peak_memory_bytes=0,
-        loss_start=None, loss_end=None, val_loss=None, stopped="finished",
+        steps_done=step,
+        tokens_per_s=None,
+        mfu=None,
+        mfu_peak_source=None,
+        peak_memory_bytes=0,
+        loss_start=None,
+        loss_end=None,
+        val_loss=None,
+        stopped="finished",
     )
 
 
@@ -592,7 +623,9 @@ def check_val_data(trainer: Trainer) -> None:
     if spec.eval_interval > 0 and not spec.random_tokens:
         path = trainer.data_dir(trainer._data_dir) / "val.bin"
         if not path.is_file():
-            raise UserError(f"data {path.parent}: no val.bin there, and the plan evaluates (train.eval_interval {spec.eval_interval}; set it to 0, or make one with `autotune data prepare`)")
+            raise UserError(
+                f"data {path.parent}: no val.bin there, and the plan evaluates (train.eval_interval {spec.eval_interval}; set it to 0, or make one with `autotune data prepare`)"
+            )
 
 
 class _Stop:
@@ -640,7 +673,9 @@ def _control_group(trainer: Trainer) -> Any:
     return dist.new_group(backend="gloo")
 
 
-def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, ckpt_dir: Path | None, stop: _Stop) -> RunSummary:
+def _loop(
+    trainer: Trainer, start: int, total_steps: int, options: RunOptions, ckpt_dir: Path | None, stop: _Stop
+) -> RunSummary:
     spec = trainer.spec
     main = trainer.rank == 0
     log = _Log(options.out_dir / "log.jsonl") if options.out_dir and main else None
@@ -662,8 +697,11 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
             at_end = step == end
             signum = 0 if at_end else stop.agreed()
             if (
-                not signum and len(pending) < spec.log_interval and not at_end
-                and not _due(step, spec.eval_interval) and not _due(step, spec.checkpoint_interval)
+                not signum
+                and len(pending) < spec.log_interval
+                and not at_end
+                and not _due(step, spec.eval_interval)
+                and not _due(step, spec.checkpoint_interval)
             ):
                 continue
             # Flush: the one wait for the device per interval (and the one all-reduce: the
@@ -680,12 +718,21 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
                 timed_s += now - last_flush
             last_flush, last_flush_step = now, step
             if not all(math.isfinite(v) for v in values):
-                raise NonFiniteLoss(f"loss became non-finite at step {step - n + next(i for i, v in enumerate(values) if not math.isfinite(v))}")
+                raise NonFiniteLoss(
+                    f"loss became non-finite at step {step - n + next(i for i, v in enumerate(values) if not math.isfinite(v))}"
+                )
             losses.extend(values)
             mem = peak_memory_bytes(trainer.device)
             mfu = trainer.mfu(tok_s)
             records = [
-                {"step": step - n + i, "loss": v, "lr": lr_at(step - n + i, spec), "tokens_per_s": tok_s, "mfu": mfu, "peak_memory_bytes": mem}
+                {
+                    "step": step - n + i,
+                    "loss": v,
+                    "lr": lr_at(step - n + i, spec),
+                    "tokens_per_s": tok_s,
+                    "mfu": mfu,
+                    "peak_memory_bytes": mem,
+                }
                 for i, v in enumerate(values)
             ]
             records[-1].update(trainer.metrics())  # the interval's means (moe_dropped...)
@@ -722,7 +769,9 @@ def _loop(trainer: Trainer, start: int, total_steps: int, options: RunOptions, c
         stopped=stopped,
         checkpoint=checkpoint,
         losses=losses,
-        data_identity=None if trainer.spec.random_tokens else datamod.data_identity(trainer.data_dir(trainer._data_dir)),
+        data_identity=None
+        if trainer.spec.random_tokens
+        else datamod.data_identity(trainer.data_dir(trainer._data_dir)),
     )
 
 
@@ -798,7 +847,11 @@ def _sha256(path: Path) -> str:
 
 
 def _digests(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    return {
+        str(p.relative_to(directory)): _sha256(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
 
 
 def checksum_problem(path: Path) -> str | None:
@@ -904,9 +957,15 @@ def check_same_run(state: dict[str, Any], trainer: Trainer, path: Path) -> None:
     saved, current = state.get("run"), trainer.identity()
     if not isinstance(saved, dict):
         return  # made before checkpoints recorded their run: nothing to compare
-    diffs = [f"{k} {saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (plan)" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    diffs = [
+        f"{k} {saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (plan)"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
     if diffs:
-        raise UserError(f"checkpoint {path} is of another run: {'; '.join(diffs)} (resume with the plan and --steps it was made with, or use another --out)")
+        raise UserError(
+            f"checkpoint {path} is of another run: {'; '.join(diffs)} (resume with the plan and --steps it was made with, or use another --out)"
+        )
 
 
 def _load_sharded(trainer: Trainer, path: Path) -> int:
@@ -940,4 +999,3 @@ def _lines(path: Path) -> Iterator[str]:
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in _lines(Path(path))]
-

@@ -103,8 +103,16 @@ def compile_cache_env() -> dict[str, str]:
 def trial_command(plan: Plan, plan_path: Path, result_path: Path, budget: TrialBudget) -> list[str]:
     from autotune.distributed import torchrun_command
 
-    args = [str(plan_path), str(result_path), "--warmup", str(budget.warmup_steps), "--steps", str(budget.timed_steps),
-            "--progress", str(progress_path(result_path))]
+    args = [
+        str(plan_path),
+        str(result_path),
+        "--warmup",
+        str(budget.warmup_steps),
+        "--steps",
+        str(budget.timed_steps),
+        "--progress",
+        str(progress_path(result_path)),
+    ]
     if budget.target_s is not None:
         args += ["--seconds", repr(budget.target_s)]
     nproc = plan.launch.nproc_per_node
@@ -242,7 +250,11 @@ def run_trial(
                 _kill_group(proc)
         wall = time.monotonic() - start
         if ended == "timeout":
-            return TrialResult(figures=Figures(status="timeout"), error=_ended(f"no result within {budget.timeout_s:.0f} s", log_path), wall_s=wall)
+            return TrialResult(
+                figures=Figures(status="timeout"),
+                error=_ended(f"no result within {budget.timeout_s:.0f} s", log_path),
+                wall_s=wall,
+            )
         if ended == "pruned":
             return TrialResult(figures=Figures(status="pruned"), error="stopped by the pruner", wall_s=wall)
         results = _results(result_path)
@@ -270,7 +282,10 @@ def _trial_folder(parent: Path | None) -> Iterator[Path]:
                     shutil.rmtree(left, ignore_errors=True)
         except (UserError, OSError):  # a live trial's, or another user's
             pass
-    with tempfile.TemporaryDirectory(prefix=TRIAL_FOLDER_PREFIX, dir=parent) as tmp, locks.acquire(Path(tmp) / ".lock", "trial folder"):
+    with (
+        tempfile.TemporaryDirectory(prefix=TRIAL_FOLDER_PREFIX, dir=parent) as tmp,
+        locks.acquire(Path(tmp) / ".lock", "trial folder"),
+    ):
         yield Path(tmp)
 
 
@@ -279,7 +294,9 @@ def progress_path(result_path: Path) -> Path:
     return result_path.with_name(result_path.name + ".progress")
 
 
-def _wait(proc: subprocess.Popen, deadline: float, progress: Path, on_progress: Callable[[int, float], bool] | None) -> str:
+def _wait(
+    proc: subprocess.Popen, deadline: float, progress: Path, on_progress: Callable[[int, float], bool] | None
+) -> str:
     """Wait for the child: "exited", "timeout" (group killed) or "pruned" (group killed)."""
     seen = 0
     while True:
@@ -378,7 +395,9 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
 
     trainer, clean = None, False
     try:
-        _say(f"building {plan.workload.name} with {', '.join(c.name for c in plan.strategies) or 'no strategy'}, micro-batch {plan.train.micro_batch_size}")
+        _say(
+            f"building {plan.workload.name} with {', '.join(c.name for c in plan.strategies) or 'no strategy'}, micro-batch {plan.train.micro_batch_size}"
+        )
         trainer = Trainer(plan)
         device = trainer.device
         built = time.monotonic()
@@ -420,19 +439,24 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
         mfu = trainer.mfu(tokens_per_s)
         _say(f"{len(step_times)} timed step(s), median {step_time:.4f} s: {tokens_per_s:,.0f} tokens/s")
         clean = True
-        return TrialResult(figures=Figures(
-            status="ok",
-            tokens_per_s=tokens_per_s,
-            step_time_s=step_time,
-            mfu=mfu,
-            mfu_peak_source=trainer.peak_source,
-            peak_memory_bytes=peak_memory_bytes(device),
-            loss_start=values[0],
-            loss_end=values[-1],
-            losses=values,
-            step_times=step_times,
-            metrics=trainer.metrics() or None,
-        ), startup_s=built - _process_start(), warmup_s=warmed - built, timed_s=sum(step_times))
+        return TrialResult(
+            figures=Figures(
+                status="ok",
+                tokens_per_s=tokens_per_s,
+                step_time_s=step_time,
+                mfu=mfu,
+                mfu_peak_source=trainer.peak_source,
+                peak_memory_bytes=peak_memory_bytes(device),
+                loss_start=values[0],
+                loss_end=values[-1],
+                losses=values,
+                step_times=step_times,
+                metrics=trainer.metrics() or None,
+            ),
+            startup_s=built - _process_start(),
+            warmup_s=warmed - built,
+            timed_s=sum(step_times),
+        )
     except NonFiniteLoss as e:
         return TrialResult(figures=Figures(status="nan"), error=str(e))
     except torch.OutOfMemoryError as e:
@@ -441,7 +465,10 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
         return TrialResult(figures=Figures(status="unsupported"), error=first_line(e))
     except Exception as e:  # anything else is a crash of this trial, reported with its origin
         frame = traceback.extract_tb(e.__traceback__)[-1]
-        return TrialResult(figures=Figures(status="crash"), error=f"{type(e).__name__}: {first_line(e)} ({Path(frame.filename).name}:{frame.lineno})")
+        return TrialResult(
+            figures=Figures(status="crash"),
+            error=f"{type(e).__name__}: {first_line(e)} ({Path(frame.filename).name}:{frame.lineno})",
+        )
     finally:
         if trainer is not None:
             trainer.close(clean=clean)
@@ -484,7 +511,9 @@ class _Progress:
         while self.done < len(times) and times[self.done].finished():
             seconds = times[self.done].seconds()
             self.done += 1
-            lines.append(json.dumps({"step": self.done, "tokens_per_s": self.tokens_per_step / seconds if seconds > 0 else 0.0}))
+            lines.append(
+                json.dumps({"step": self.done, "tokens_per_s": self.tokens_per_step / seconds if seconds > 0 else 0.0})
+            )
         if lines:
             with open(self.path, "a") as f:
                 f.write("".join(line + "\n" for line in lines))
@@ -531,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from autotune import plan as planmod
 
-    ap = argparse.ArgumentParser(prog="python -m autotune.trial", description="Run one trial of a plan; write its result as JSON.")
+    ap = argparse.ArgumentParser(
+        prog="python -m autotune.trial", description="Run one trial of a plan; write its result as JSON."
+    )
     ap.add_argument("plan", type=Path)
     ap.add_argument("result", type=Path)
     ap.add_argument("--warmup", type=int, default=TrialBudget.warmup_steps)

@@ -56,10 +56,16 @@ def main() -> None:
     total = sum(r["seconds"] for r in rows.values())
     print(f"study {study.study_name}: {total:.0f} s in trials")
     for group, r in rows.items():
-        print(f"  {group:<7} {int(r['trials']):>3} trials {r['seconds']:>7.1f} s  ({r['seconds'] / total:.0%})" if total else f"  {group}: 0")
+        print(
+            f"  {group:<7} {int(r['trials']):>3} trials {r['seconds']:>7.1f} s  ({r['seconds'] / total:.0%})"
+            if total
+            else f"  {group}: 0"
+        )
     if phases["trials"]:
-        print(f"  of the {int(phases['trials'])} trials that recorded their phases: "
-              + ", ".join(f"{p.removesuffix('_s')} {phases[p]:.1f} s" for p in PHASES))
+        print(
+            f"  of the {int(phases['trials'])} trials that recorded their phases: "
+            + ", ".join(f"{p.removesuffix('_s')} {phases[p]:.1f} s" for p in PHASES)
+        )
 
 
 if __name__ == "__main__":

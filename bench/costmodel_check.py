@@ -34,25 +34,109 @@ SEQ = 1024
 COMMON = dict(bos_token_id=0, eos_token_id=1, max_position_embeddings=4096, seq_len=SEQ, attn_implementation="sdpa")
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # The issue's model: Qwen3 shaped, 0.34B, head_dim 128 != 1024 / 16, 8 kv heads, tied.
-    "qwen3": ("hf:qwen3", dict(COMMON, hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=8,
-                               head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True)),
+    "qwen3": (
+        "hf:qwen3",
+        dict(
+            COMMON,
+            hidden_size=1024,
+            num_hidden_layers=12,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            intermediate_size=3072,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+    ),
     # Llama 3's vocabulary (128,256) on a 125M-wide body, untied: the logits dominate.
-    "llama3": ("hf:llama", dict(COMMON, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
-                                intermediate_size=2048, vocab_size=128256, tie_word_embeddings=False)),
-    "qwen2": ("hf:qwen2", dict(COMMON, hidden_size=896, num_hidden_layers=8, num_attention_heads=14, num_key_value_heads=2,
-                               intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True)),
-    "mistral": ("hf:mistral", dict(COMMON, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=8,
-                                   intermediate_size=3584, vocab_size=32768, sliding_window=None)),
+    "llama3": (
+        "hf:llama",
+        dict(
+            COMMON,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            intermediate_size=2048,
+            vocab_size=128256,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2": (
+        "hf:qwen2",
+        dict(
+            COMMON,
+            hidden_size=896,
+            num_hidden_layers=8,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            intermediate_size=4864,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mistral": (
+        "hf:mistral",
+        dict(
+            COMMON,
+            hidden_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            intermediate_size=3584,
+            vocab_size=32768,
+            sliding_window=None,
+        ),
+    ),
     # Gemma 2: four norms a block, gelu-tanh gated MLP, soft-capped logits, head_dim 128 != 768 / 8.
-    "gemma2": ("hf:gemma2", dict(COMMON, hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                                 head_dim=128, intermediate_size=3072, vocab_size=32000)),
-    "gpt2": ("hf:gpt2", dict(seq_len=SEQ, attn_implementation="sdpa", n_positions=SEQ, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "gemma2": (
+        "hf:gemma2",
+        dict(
+            COMMON,
+            hidden_size=768,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=128,
+            intermediate_size=3072,
+            vocab_size=32000,
+        ),
+    ),
+    "gpt2": (
+        "hf:gpt2",
+        dict(seq_len=SEQ, attn_implementation="sdpa", n_positions=SEQ, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    ),
     # GPT-NeoX: fused qkv, partial RoPE, parallel residual, untied.
-    "gpt_neox": ("hf:gpt_neox", dict(COMMON, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, intermediate_size=4096,
-                                     vocab_size=50304, hidden_dropout=0.0, attention_dropout=0.0)),
+    "gpt_neox": (
+        "hf:gpt_neox",
+        dict(
+            COMMON,
+            hidden_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            vocab_size=50304,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        ),
+    ),
     # Phi-3: fused qkv and gate_up projections.
-    "phi3": ("hf:phi3", dict(COMMON, hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
-                             intermediate_size=2816, vocab_size=32064, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)),
+    "phi3": (
+        "hf:phi3",
+        dict(
+            COMMON,
+            hidden_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            intermediate_size=2816,
+            vocab_size=32064,
+            pad_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attention_dropout=0.0,
+        ),
+    ),
 }
 BF16 = {"precision": {"dtype": "bf16", "tf32": True}}
 COMPILED = BF16 | {"compile": {"mode": "default", "scope": "model"}}
@@ -61,10 +145,16 @@ CASES: list[tuple[str, int, dict[str, Any]]] = [
     # model also compiled, checkpointed, in fp16, with accumulation and an attention backend.
     *[(f, 2, {}) for f in FAMILIES],
     *[(f, 8, BF16) for f in FAMILIES],
-    ("qwen3", 4, BF16), ("qwen3", 16, BF16), ("qwen3", 16, {"precision": {"dtype": "fp16", "tf32": True}}),
+    ("qwen3", 4, BF16),
+    ("qwen3", 16, BF16),
+    ("qwen3", 16, {"precision": {"dtype": "fp16", "tf32": True}}),
     ("qwen3", 16, BF16 | {"activation_checkpoint": {"mode": "full"}}),
-    ("qwen3", 8, BF16 | {"grad_accum": {"steps": 2}}), ("qwen3", 8, BF16 | {"attention": {"backend": "cudnn"}}),
-    ("qwen3", 8, COMPILED), ("qwen3", 16, COMPILED), ("llama3", 16, COMPILED), ("gemma2", 16, COMPILED),
+    ("qwen3", 8, BF16 | {"grad_accum": {"steps": 2}}),
+    ("qwen3", 8, BF16 | {"attention": {"backend": "cudnn"}}),
+    ("qwen3", 8, COMPILED),
+    ("qwen3", 16, COMPILED),
+    ("llama3", 16, COMPILED),
+    ("gemma2", 16, COMPILED),
 ]
 
 
@@ -98,7 +188,11 @@ def rates() -> dict[str, Any]:
         return statistics.median(times)
 
     n, out = 8192, {}
-    for name, dtype, tf32 in (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("bf16", torch.bfloat16, False)):
+    for name, dtype, tf32 in (
+        ("fp32", torch.float32, False),
+        ("tf32", torch.float32, True),
+        ("bf16", torch.bfloat16, False),
+    ):
         torch.backends.cuda.matmul.allow_tf32 = tf32
         a, b = torch.randn(n, n, device="cuda", dtype=dtype), torch.randn(n, n, device="cuda", dtype=dtype)
         out[name] = 2 * n**3 / median_s(lambda a=a, b=b: a @ b)
@@ -119,8 +213,12 @@ def measure(args: argparse.Namespace) -> int:
     from autotune.trial import measure as run
 
     out = Path(args.out)
-    card = {"gpu": torch.cuda.get_device_name(0), "memory_bytes": torch.cuda.get_device_properties(0).total_memory,
-            "torch": torch.__version__, "rates": rates()}
+    card = {
+        "gpu": torch.cuda.get_device_name(0),
+        "memory_bytes": torch.cuda.get_device_properties(0).total_memory,
+        "torch": torch.__version__,
+        "rates": rates(),
+    }
     print(json.dumps(card), flush=True)
     families = set(args.cases.split(",")) if args.cases else set(FAMILIES)
     budget = TrialBudget(warmup_steps=args.warmup, timed_steps=args.steps, timeout_s=600, target_s=None)
@@ -133,9 +231,24 @@ def measure(args: argparse.Namespace) -> int:
         start = time.monotonic()
         result = run(planmod.from_dict(data), budget)
         f = result.figures
-        line = {"family": family, "plan": data, "status": f.status, "step_time_s": f.step_time_s, "peak_memory_bytes": f.peak_memory_bytes,
-                "tokens_per_s": f.tokens_per_s, "error": result.error, "wall_s": round(time.monotonic() - start, 1), **card}
-        print(json.dumps({k: v for k, v in line.items() if k not in ("plan", "rates")} | {"strategies": strategies, "mb": micro_batch}), flush=True)
+        line = {
+            "family": family,
+            "plan": data,
+            "status": f.status,
+            "step_time_s": f.step_time_s,
+            "peak_memory_bytes": f.peak_memory_bytes,
+            "tokens_per_s": f.tokens_per_s,
+            "error": result.error,
+            "wall_s": round(time.monotonic() - start, 1),
+            **card,
+        }
+        print(
+            json.dumps(
+                {k: v for k, v in line.items() if k not in ("plan", "rates")}
+                | {"strategies": strategies, "mb": micro_batch}
+            ),
+            flush=True,
+        )
         with out.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
         del result
@@ -156,7 +269,9 @@ def predict(plan: Any, rates: dict[str, float], bandwidth: float | None) -> Any:
     from autotune.workloads import load_workload
 
     workload = load_workload(plan.workload.name, plan.workload.overrides)
-    return costmodel.estimate(workload, plan.train.micro_batch_size, plan.strategy_configs(), matmul_flops=rates, memory_bandwidth=bandwidth)
+    return costmodel.estimate(
+        workload, plan.train.micro_batch_size, plan.strategy_configs(), matmul_flops=rates, memory_bandwidth=bandwidth
+    )
 
 
 def rows_of(source: str, profile: str | None) -> list[dict[str, Any]]:
@@ -169,8 +284,16 @@ def rows_of(source: str, profile: str | None) -> list[dict[str, Any]]:
             line = json.loads(text)
             if line.get("status") == "ok":
                 r = line["rates"]
-                rows.append({"name": f"{line['family']} x{line['plan']['train']['micro_batch_size']}", "plan": planmod.from_dict(line["plan"]),
-                             "peak": line["peak_memory_bytes"], "time": line["step_time_s"], "rates": r, "bandwidth": r["copy"]})
+                rows.append(
+                    {
+                        "name": f"{line['family']} x{line['plan']['train']['micro_batch_size']}",
+                        "plan": planmod.from_dict(line["plan"]),
+                        "peak": line["peak_memory_bytes"],
+                        "time": line["step_time_s"],
+                        "rates": r,
+                        "bandwidth": r["copy"],
+                    }
+                )
         return rows
     import optuna
 
@@ -188,16 +311,29 @@ def rows_of(source: str, profile: str | None) -> list[dict[str, Any]]:
         study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{source}")
         for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
             figures = t.user_attrs.get("figures") or {}
-            rows.append({"name": f"trial {t.number}", "plan": planmod.from_dict(t.user_attrs["plan"]), "peak": figures.get("peak_memory_bytes"),
-                         "time": figures.get("step_time_s"), "rates": r, "bandwidth": bandwidth,
-                         "stored": (t.user_attrs.get("predicted_peak_memory_bytes"), t.user_attrs.get("predicted_step_time_s"))})
+            rows.append(
+                {
+                    "name": f"trial {t.number}",
+                    "plan": planmod.from_dict(t.user_attrs["plan"]),
+                    "peak": figures.get("peak_memory_bytes"),
+                    "time": figures.get("step_time_s"),
+                    "rates": r,
+                    "bandwidth": bandwidth,
+                    "stored": (
+                        t.user_attrs.get("predicted_peak_memory_bytes"),
+                        t.user_attrs.get("predicted_step_time_s"),
+                    ),
+                }
+            )
     return rows
 
 
 def check(args: argparse.Namespace) -> int:
     rows = rows_of(args.source, args.profile)
     memory, times, stored_memory, stored_times = [], [], [], []
-    print(f"{'trial':<14} {'GiB':>7} {'mem now':>8} {'as run':>7} {'step s':>8} {'time now':>8} {'as run':>7}  strategies")
+    print(
+        f"{'trial':<14} {'GiB':>7} {'mem now':>8} {'as run':>7} {'step s':>8} {'time now':>8} {'as run':>7}  strategies"
+    )
     for row in rows:
         plan, peak, measured_s = row["plan"], row["peak"], row["time"]
         estimate = predict(plan, row["rates"], row["bandwidth"])
@@ -214,8 +350,10 @@ def check(args: argparse.Namespace) -> int:
             return f"{v:+.1%}" if v is not None else "-"
 
         names = ",".join(s.name for s in plan.strategies) or "-"
-        print(f"{row['name']:<14} {(peak or 0) / 2**30:>7.2f} {pct(mem):>8} {pct(then_m):>7} {measured_s or 0:>8.4f} {pct(tim):>8} {pct(then_t):>7}"
-              f"  {plan.train.micro_batch_size}x{plan.grad_accum()} {names}")
+        print(
+            f"{row['name']:<14} {(peak or 0) / 2**30:>7.2f} {pct(mem):>8} {pct(then_m):>7} {measured_s or 0:>8.4f} {pct(tim):>8} {pct(then_t):>7}"
+            f"  {plan.train.micro_batch_size}x{plan.grad_accum()} {names}"
+        )
     print(_errors("peak memory, now", memory))
     print(_errors("step time, now", times))
     if stored_memory or stored_times:
@@ -233,7 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure", help="measure HF models of each family on this GPU")
     m.add_argument("--out", required=True)
     m.add_argument("--cases", help="families to run, comma-separated (default: all)")
-    m.add_argument("--part", type=int, choices=(1, 2), help="1: the eager cases only, 2: the compiled ones (two calls of a 10-minute limit)")
+    m.add_argument(
+        "--part",
+        type=int,
+        choices=(1, 2),
+        help="1: the eager cases only, 2: the compiled ones (two calls of a 10-minute limit)",
+    )
     m.add_argument("--warmup", type=int, default=2)
     m.add_argument("--steps", type=int, default=4)
     args = parser.parse_args(argv)

@@ -57,18 +57,30 @@ def hand_loop(workload: str, micro_batch: int, steps: int, warmup: int) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     tokens = steps * micro_batch * wl.seq_len
-    return {"tokens_per_s": tokens / statistics.median(times), "repeats_s": times,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated()}
+    return {
+        "tokens_per_s": tokens / statistics.median(times),
+        "repeats_s": times,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+    }
 
 
 def autotune_run(workload: str, micro_batch: int, steps: int, random_tokens: bool, tmp: Path, data: str | None) -> dict:
     plan = {
         "schema_version": 1,
         "workload": {"name": workload},
-        "strategies": [{"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}}, {"name": "compile", "knobs": {"mode": "default"}}],
+        "strategies": [
+            {"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}},
+            {"name": "compile", "knobs": {"mode": "default"}},
+        ],
         "launch": {"device": "cuda"},
-        "train": {"micro_batch_size": micro_batch, "steps": steps, "random_tokens": random_tokens,
-                  "eval_interval": 0, "checkpoint_interval": 0, "log_interval": 25},
+        "train": {
+            "micro_batch_size": micro_batch,
+            "steps": steps,
+            "random_tokens": random_tokens,
+            "eval_interval": 0,
+            "checkpoint_interval": 0,
+            "log_interval": 25,
+        },
     }
     path = tmp / f"plan-{'random' if random_tokens else 'text'}.json"
     path.write_text(json.dumps(plan))
@@ -95,8 +107,12 @@ def main() -> None:
     args = ap.parse_args()
 
     env = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "workload": args.workload, "micro_batch": args.micro_batch,
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "workload": args.workload,
+        "micro_batch": args.micro_batch,
     }
     rows = []
     hand = hand_loop(args.workload, args.micro_batch, steps=50, warmup=20)
@@ -112,7 +128,9 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
     print(f"{'variant':45s} {'tokens/s':>12s} {'ratio':>6s} {'peak GiB':>9s}")
     for row in rows:
-        print(f"{row['variant']:45s} {row['tokens_per_s']:12,.0f} {row['ratio_to_hand']:6.3f} {row['peak_memory_bytes'] / 2**30:9.2f}")
+        print(
+            f"{row['variant']:45s} {row['tokens_per_s']:12,.0f} {row['ratio_to_hand']:6.3f} {row['peak_memory_bytes'] / 2**30:9.2f}"
+        )
     print(json.dumps(env))
 
 

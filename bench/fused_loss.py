@@ -38,9 +38,11 @@ def _loss_fn(impl: str):
     import torch.nn.functional as F
 
     if impl == "compile":
+
         @torch.compile
         def unfused(h, w, t):  # the model's head in bf16, the loss on its fp32 upcast
             return F.cross_entropy((h @ w.T).float(), t)
+
         return unfused
     if impl.startswith("autotune"):
         from autotune.kernels import fused_linear_cross_entropy as flce
@@ -92,7 +94,14 @@ def one(shape: str, impl: str, iters: int, check: bool) -> dict:
     except Exception as e:  # noqa: BLE001 - a library failing at a shape is a result
         return {**line, "status": "failed", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
     times.sort()
-    line.update(status="ok", median_ms=times[len(times) // 2], min_ms=times[0], max_ms=times[-1], iters=iters, peak_extra_bytes=peak)
+    line.update(
+        status="ok",
+        median_ms=times[len(times) // 2],
+        min_ms=times[0],
+        max_ms=times[-1],
+        iters=iters,
+        peak_extra_bytes=peak,
+    )
     if check:  # against fp32 maths on the same bf16 values, a slice of the tokens (fp32 logits are large)
         m = min(n, 4096)
         h, w = hidden.detach()[:m].clone().requires_grad_(), weight.detach().clone().requires_grad_()
@@ -101,8 +110,12 @@ def one(shape: str, impl: str, iters: int, check: bool) -> dict:
         h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
         exact = reference.linear_cross_entropy(h32, w32, targets[:m])
         exact.backward()
-        line.update(loss_error=abs(loss.item() - exact.item()), d_hidden_error=(h.grad.float() - h32.grad).abs().max().item(),
-                    d_weight_error=(w.grad.float() - w32.grad).abs().max().item(), d_weight_scale=w32.grad.abs().max().item())
+        line.update(
+            loss_error=abs(loss.item() - exact.item()),
+            d_hidden_error=(h.grad.float() - h32.grad).abs().max().item(),
+            d_weight_error=(w.grad.float() - w32.grad).abs().max().item(),
+            d_weight_scale=w32.grad.abs().max().item(),
+        )
     return line
 
 
@@ -133,16 +146,33 @@ def main() -> None:
         addmm_out_dtype = True
     except Exception:  # noqa: BLE001
         addmm_out_dtype = False
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "addmm_out_dtype": addmm_out_dtype}
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "addmm_out_dtype": addmm_out_dtype,
+    }
     with Path(args.out).open("a") as out:
         for shape in args.shapes.split(","):
             for impl in args.impls.split(","):
                 t0 = time.time()
-                proc = subprocess.run([sys.executable, __file__, "one", "--shape", shape, "--impl", impl, "--iters", str(args.iters)],
-                                      capture_output=True, text=True, timeout=600)
+                proc = subprocess.run(
+                    [sys.executable, __file__, "one", "--shape", shape, "--impl", impl, "--iters", str(args.iters)],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
-                line = json.loads(lines[-1]) if lines else {"shape": shape, "impl": impl, "status": "crashed",
-                                                            "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                line = (
+                    json.loads(lines[-1])
+                    if lines
+                    else {
+                        "shape": shape,
+                        "impl": impl,
+                        "status": "crashed",
+                        "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300],
+                    }
+                )
                 line.update(env, wall_s=round(time.time() - t0, 1))
                 out.write(json.dumps(line) + "\n")
                 out.flush()

@@ -83,7 +83,9 @@ class Windows:
         if self.tokens is None:
             seq = torch.randint(0, self.vocab, (batch, self.seq_len + 1), device=self.device, generator=self.gen)
         else:
-            starts = torch.randint(0, self.tokens.numel() - self.seq_len - 1, (batch, 1), device=self.device, generator=self.gen)
+            starts = torch.randint(
+                0, self.tokens.numel() - self.seq_len - 1, (batch, 1), device=self.device, generator=self.gen
+            )
             seq = self.tokens[starts + self.offsets]  # (B, T + 1)
         return seq[:, :-1], seq[:, 1:]
 
@@ -131,10 +133,21 @@ def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[
         opt.zero_grad(set_to_none=True)
         return total
 
-    record: dict[str, Any] = {"loop": "hand", "label": args.label, "micro_batch": micro, "grad_accum": accum, "global_batch": global_batch,
-                              "seq_len": seq_len, "params": sum(p.numel() for p in model.parameters()), "compile": args.compile,
-                              "warmup_steps": warmup, "timed_steps": steps, "device": str(device),
-                              "gpu": torch.cuda.get_device_name(device) if cuda else None, "torch": torch.__version__}
+    record: dict[str, Any] = {
+        "loop": "hand",
+        "label": args.label,
+        "micro_batch": micro,
+        "grad_accum": accum,
+        "global_batch": global_batch,
+        "seq_len": seq_len,
+        "params": sum(p.numel() for p in model.parameters()),
+        "compile": args.compile,
+        "warmup_steps": warmup,
+        "timed_steps": steps,
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "torch": torch.__version__,
+    }
     start = time.monotonic()
     try:
         losses = [step() for _ in range(warmup)]
@@ -154,9 +167,17 @@ def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[
     values = torch.stack(losses).float().tolist()
     step_time = statistics.median(times)
     status = "ok" if all(math.isfinite(v) for v in values) else "nan"
-    return {**record, "status": status, "tokens_per_s": global_batch * seq_len / step_time, "step_time_s": step_time, "step_times": times,
-            "loss_start": values[0], "loss_end": values[-1], "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
-            "wall_s": time.monotonic() - start}
+    return {
+        **record,
+        "status": status,
+        "tokens_per_s": global_batch * seq_len / step_time,
+        "step_time_s": step_time,
+        "step_times": times,
+        "loss_start": values[0],
+        "loss_end": values[-1],
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+        "wall_s": time.monotonic() - start,
+    }
 
 
 def global_batch_of(plan: dict[str, Any]) -> int:
@@ -177,10 +198,18 @@ def run(args: argparse.Namespace) -> int:
     # Largest first: the likeliest fastest is measured before a deadline cuts the sweep short.
     micros = sorted((m for m in args.micro_batches if global_batch % m == 0 and m <= global_batch), reverse=True)
     if not micros:
-        sys.exit(f"hand_loop: none of the micro-batches {args.micro_batches} divides the plan's global batch {global_batch}")
+        sys.exit(
+            f"hand_loop: none of the micro-batches {args.micro_batches} divides the plan's global batch {global_batch}"
+        )
     for micro in micros:
         if args.until is not None and time.time() > args.until:
-            record = {"loop": "hand", "label": args.label, "micro_batch": micro, "status": "skipped", "error": "past --until"}
+            record = {
+                "loop": "hand",
+                "label": args.label,
+                "micro_batch": micro,
+                "status": "skipped",
+                "error": "past --until",
+            }
         else:
             record = measure(plan, micro, args)
         print(json.dumps({k: v for k, v in record.items() if k != "step_times"}), flush=True)
@@ -208,13 +237,21 @@ def best(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     """Ratio of medians, plan over hand, of the interleaved rounds; spread = (max - min) / 2 / median."""
     rounds = read_lines(args.results)
-    runs = {side: [r["tokens_per_s"] for r in rounds if r["loop"] == side and r.get("status") == "ok"] for side in ("plan", "hand")}
+    runs = {
+        side: [r["tokens_per_s"] for r in rounds if r["loop"] == side and r.get("status") == "ok"]
+        for side in ("plan", "hand")
+    }
     summary: dict[str, Any] = {"rounds": {k: len(v) for k, v in runs.items()}}
     for side, values in runs.items():
         median = statistics.median(values) if values else None
-        summary[side] = {"median_tokens_per_s": median, "runs": values,
-                         "spread": (max(values) - min(values)) / 2 / median if median else None}
-        print(f"{side:<5} median {median or 0:>12,.0f} tokens/s  spread ±{100 * (summary[side]['spread'] or 0):.1f}%  runs {[round(v) for v in values]}")
+        summary[side] = {
+            "median_tokens_per_s": median,
+            "runs": values,
+            "spread": (max(values) - min(values)) / 2 / median if median else None,
+        }
+        print(
+            f"{side:<5} median {median or 0:>12,.0f} tokens/s  spread ±{100 * (summary[side]['spread'] or 0):.1f}%  runs {[round(v) for v in values]}"
+        )
     p, h = summary["plan"]["median_tokens_per_s"], summary["hand"]["median_tokens_per_s"]
     summary["ratio_plan_over_hand"] = p / h if p and h else None
     print(f"plan / hand = {summary['ratio_plan_over_hand'] or float('nan'):.3f}")

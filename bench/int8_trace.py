@@ -35,9 +35,17 @@ def trace(plan: planmod.Plan, steps: int = 2) -> dict:
         events = prof.key_averages()
         int_mm = sum(e.count for e in events if e.key == "aten::_int_mm")
         mm = sum(e.count for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
-        kernels = sorted({e.key for e in events if e.device_type == torch.autograd.DeviceType.CUDA and INT8_KERNEL.search(e.key)})
+        kernels = sorted(
+            {e.key for e in events if e.device_type == torch.autograd.DeviceType.CUDA and INT8_KERNEL.search(e.key)}
+        )
         swapped = sorted({type(m).__name__ for m in trainer.ctx.model.modules() if "Int8" in type(m).__name__})
-        return {"aten_int_mm_calls": int_mm, "aten_float_mm_calls": mm, "int8_kernels": kernels[:20], "int8_modules": swapped, "steps": steps}
+        return {
+            "aten_int_mm_calls": int_mm,
+            "aten_float_mm_calls": mm,
+            "int8_kernels": kernels[:20],
+            "int8_modules": swapped,
+            "steps": steps,
+        }
     finally:
         trainer.close()
 
@@ -54,7 +62,11 @@ def main() -> None:
         train=dataclasses.replace(base.train, random_tokens=True, eval_interval=0, checkpoint_interval=0),
     )
     with_int8 = dataclasses.replace(base, strategies=[*base.strategies, planmod.StrategySpec(name="int8", knobs={})])
-    out = {"plan": args.plan, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__}
+    out = {
+        "plan": args.plan,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+    }
     for name, p in (("bf16", base), ("int8", with_int8)):
         out[name] = trace(p)
         print(name, json.dumps(out[name]))

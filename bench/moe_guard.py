@@ -36,7 +36,9 @@ def main() -> int:
     ap.add_argument("plan", type=Path)
     ap.add_argument("--variant", required=True, help="NAME=CHANGE[,CHANGE...] (bench/trial_ab.py)")
     ap.add_argument("--steps", type=int, default=planner.GUARD_STEPS, help="timed optimizer steps of each run")
-    ap.add_argument("--variant-steps", type=int, help="the variant's timed steps, if more (its time-to-loss past equal steps)")
+    ap.add_argument(
+        "--variant-steps", type=int, help="the variant's timed steps, if more (its time-to-loss past equal steps)"
+    )
     ap.add_argument("--tolerance", type=float, default=planner.QUALITY_TOLERANCE)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per run")
     ap.add_argument("--out", type=Path, required=True)
@@ -51,14 +53,36 @@ def main() -> int:
     with args.out.open("w") as out:
         for label, data in (("exact", base), (name, changed)):
             plan = planmod.from_dict(data)
-            accum, steps = plan.grad_accum(), args.steps if label == "exact" else max(args.steps, args.variant_steps or 0)
-            budget = TrialBudget(warmup_steps=planner.GUARD_WARMUP * accum, timed_steps=steps * accum, timeout_s=args.timeout)
+            accum, steps = (
+                plan.grad_accum(),
+                args.steps if label == "exact" else max(args.steps, args.variant_steps or 0),
+            )
+            budget = TrialBudget(
+                warmup_steps=planner.GUARD_WARMUP * accum, timed_steps=steps * accum, timeout_s=args.timeout
+            )
             result = run_trial(plan, budget)
             f = result.figures
-            print(f"{label:<12} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} tokens/s  loss {f.loss_end}  {result.wall_s:.0f} s  {result.error or ''}", flush=True)
-            out.write(json.dumps({"run": label, "status": f.status, "tokens_per_s": f.tokens_per_s, "step_time_s": f.step_time_s,
-                                  "peak_memory_bytes": f.peak_memory_bytes, "mfu": f.mfu, "wall_s": result.wall_s, "error": result.error,
-                                  "strategies": data["strategies"], "losses": f.losses}) + "\n")
+            print(
+                f"{label:<12} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} tokens/s  loss {f.loss_end}  {result.wall_s:.0f} s  {result.error or ''}",
+                flush=True,
+            )
+            out.write(
+                json.dumps(
+                    {
+                        "run": label,
+                        "status": f.status,
+                        "tokens_per_s": f.tokens_per_s,
+                        "step_time_s": f.step_time_s,
+                        "peak_memory_bytes": f.peak_memory_bytes,
+                        "mfu": f.mfu,
+                        "wall_s": result.wall_s,
+                        "error": result.error,
+                        "strategies": data["strategies"],
+                        "losses": f.losses,
+                    }
+                )
+                + "\n"
+            )
             if f.status != "ok":
                 return 1
             runs[label] = f
@@ -67,17 +91,25 @@ def main() -> int:
         window = max(1, round(planner.GUARD_TAIL * guard.steps))
         reached = planner.loss_curve(runs[name], longer, window, guard.target_loss).time_to_loss_s
         record = {
-            "guard": dataclasses.asdict(guard), "variant_steps": longer, "variant_time_to_loss_s": reached, "variant": name, "plan": str(args.plan), "steps": args.steps,
+            "guard": dataclasses.asdict(guard),
+            "variant_steps": longer,
+            "variant_time_to_loss_s": reached,
+            "variant": name,
+            "plan": str(args.plan),
+            "steps": args.steps,
             "tokens_per_s_ratio": runs[name].tokens_per_s / runs["exact"].tokens_per_s,
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
         }
         out.write(json.dumps(record) + "\n")
     g = guard
-    print(f"{name}: {record['tokens_per_s_ratio']:.3f}x tokens/s; loss over the last 10% of {g.steps} steps "
-          f"{g.candidate.tail_mean:.4f} against the exact {g.exact.tail_mean:.4f} (passed: {g.passed}); time to the exact "
-          f"run's final loss {g.candidate.time_to_loss_s} s against {g.exact.time_to_loss_s} s, ratio {g.time_to_loss_ratio}; "
-          f"within its {longer} steps: {reached} s")
+    print(
+        f"{name}: {record['tokens_per_s_ratio']:.3f}x tokens/s; loss over the last 10% of {g.steps} steps "
+        f"{g.candidate.tail_mean:.4f} against the exact {g.exact.tail_mean:.4f} (passed: {g.passed}); time to the exact "
+        f"run's final loss {g.candidate.time_to_loss_s} s against {g.exact.time_to_loss_s} s, ratio {g.time_to_loss_ratio}; "
+        f"within its {longer} steps: {reached} s"
+    )
     return 0
 
 

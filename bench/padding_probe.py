@@ -54,7 +54,11 @@ def run(variant: str, padded: bool, flash: bool, mb: int, steps: int) -> dict:
 
     def step(i):
         b = data[i % 4]
-        ctx = torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION) if flash else torch.autocast("cuda", enabled=True, dtype=torch.bfloat16)
+        ctx = (
+            torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION)
+            if flash
+            else torch.autocast("cuda", enabled=True, dtype=torch.bfloat16)
+        )
         with torch.autocast("cuda", dtype=torch.bfloat16), ctx:
             loss = f(b[:, :-1], b[:, 1:])
         loss.backward()
@@ -71,8 +75,15 @@ def run(variant: str, padded: bool, flash: bool, mb: int, steps: int) -> dict:
         loss = step(i)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    out = {"variant": variant, "padded": padded, "flash_forced": flash, "micro_batch": mb,
-           "tokens_per_s": steps * mb * wl.seq_len / dt, "peak_memory_bytes": torch.cuda.max_memory_allocated(), "loss": loss.item()}
+    out = {
+        "variant": variant,
+        "padded": padded,
+        "flash_forced": flash,
+        "micro_batch": mb,
+        "tokens_per_s": steps * mb * wl.seq_len / dt,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(),
+        "loss": loss.item(),
+    }
     del model, opt, f
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -84,7 +95,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
-    variants = [("none", False, False), ("slice", True, False), ("mask", True, False), ("nanogpt", True, False), ("none", False, True)]
+    variants = [
+        ("none", False, False),
+        ("slice", True, False),
+        ("mask", True, False),
+        ("nanogpt", True, False),
+        ("none", False, True),
+    ]
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "command": " ".join(sys.argv)}
     rows = []
     for mb in (48,):
@@ -96,7 +113,9 @@ def main() -> None:
     args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = rows[0]["tokens_per_s"]
     for r in rows:
-        print(f"{r['variant']:8s} padded={r['padded']!s:5s} flash={r['flash_forced']!s:5s} mb={r['micro_batch']:3d} {r['tokens_per_s']:12,.0f} {r['tokens_per_s'] / base:6.3f} {r['peak_memory_bytes'] / 2**30:7.2f} GiB")
+        print(
+            f"{r['variant']:8s} padded={r['padded']!s:5s} flash={r['flash_forced']!s:5s} mb={r['micro_batch']:3d} {r['tokens_per_s']:12,.0f} {r['tokens_per_s'] / base:6.3f} {r['peak_memory_bytes'] / 2**30:7.2f} GiB"
+        )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Cross-check `autotune profile` against plain loops timed in the same run (issue 3).
 
-    python3 -m autotune profile --out $OUT/h200.json && python3 bench/profile_check.py $OUT/h200.json
+python3 -m autotune profile --out $OUT/h200.json && python3 bench/profile_check.py $OUT/h200.json
 """
 
 from __future__ import annotations
@@ -46,8 +46,15 @@ def main() -> None:
     print(f"{'figure':28s} {'profile':>10s} {'plain loop':>10s} {'ratio':>6s}")
     for name, (prof, plain) in rows.items():
         print(f"{name:28s} {prof:10.1f} {plain:10.1f} {prof / plain:6.3f}")
-    print(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "check": {k: {"profile": p, "plain": q, "ratio": p / q} for k, (p, q) in rows.items()}}))
+    print(
+        json.dumps(
+            {
+                "gpu": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "check": {k: {"profile": p, "plain": q, "ratio": p / q} for k, (p, q) in rows.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -76,17 +76,26 @@ def variants(micro_batch: int) -> list[Variant]:
         Variant(name=BASELINE, strategies={**FP32, "attention": {"backend": "naive"}}, vs=BASELINE),
         Variant(name="fp32, SDPA", strategies=FP32, vs=BASELINE),
         Variant(name=BASE, strategies=BF16, vs="fp32, SDPA", comparison="precision alone"),
-        Variant(name="fp16 + loss scaling, SDPA", strategies={"precision": {"dtype": "fp16", "tf32": True}}, vs="fp32, SDPA"),
+        Variant(
+            name="fp16 + loss scaling, SDPA", strategies={"precision": {"dtype": "fp16", "tf32": True}}, vs="fp32, SDPA"
+        ),
         *(
             Variant(name=f"bf16, attention {b}", strategies={**BF16, "attention": {"backend": b}}, vs=BASE)
             for b in ("naive", "efficient", "flash", "cudnn", "fa3")
         ),
         Variant(name="bf16, vocab padding 64", strategies={**BF16, "vocab_padding": {"multiple": 64}}, vs=BASE),
         *(
-            Variant(name=f"bf16, AdamW {impl}", strategies={**BF16, "optimizer": {"implementation": impl}}, vs=BASE, comparison="base is fused")
+            Variant(
+                name=f"bf16, AdamW {impl}",
+                strategies={**BF16, "optimizer": {"implementation": impl}},
+                vs=BASE,
+                comparison="base is fused",
+            )
             for impl in ("foreach", "forloop")
         ),
-        Variant(name="bf16, checkpoint every block", strategies={**BF16, "activation_checkpoint": {"mode": "full"}}, vs=BASE),
+        Variant(
+            name="bf16, checkpoint every block", strategies={**BF16, "activation_checkpoint": {"mode": "full"}}, vs=BASE
+        ),
         Variant(
             name="bf16, checkpoint every 2nd block",
             strategies={**BF16, "activation_checkpoint": {"mode": "selective", "every": 2}},
@@ -107,7 +116,11 @@ def variants(micro_batch: int) -> list[Variant]:
             vs="bf16, real-text loader (pinned, prefetch 2)",
         ),
         Variant(name="bf16 + compile", strategies={**BF16, **COMPILE}, vs=BASE),
-        Variant(name="bf16 + compile reduce-overhead", strategies={**BF16, "compile": {"mode": "reduce-overhead"}}, vs="bf16 + compile"),
+        Variant(
+            name="bf16 + compile reduce-overhead",
+            strategies={**BF16, "compile": {"mode": "reduce-overhead"}},
+            vs="bf16 + compile",
+        ),
         Variant(name=f"combination, micro-batch {micro_batch}", strategies=COMBINATION, vs="bf16 + compile"),
         Variant(name="combination, micro-batch 48", strategies=COMBINATION, micro_batch=48, vs="bf16 + compile"),
     ]
@@ -229,7 +242,13 @@ def main() -> None:
     by_name: dict[str, dict[str, Any]] = {}
     for v in chosen:
         result = measure(v, args, device)
-        row = {"variant": v.name, "vs": v.vs, "strategies": v.strategies, "micro_batch": v.micro_batch or args.micro_batch, **result}
+        row = {
+            "variant": v.name,
+            "vs": v.vs,
+            "strategies": v.strategies,
+            "micro_batch": v.micro_batch or args.micro_batch,
+            **result,
+        }
         if v.comparison:
             row["comparison"] = v.comparison
         by_name[v.name] = row

@@ -70,7 +70,10 @@ def main() -> int:
         for name, data in variants:
             result = run_trial(planmod.from_dict(data), budget)
             f = result.figures
-            print(f"round {r} {name:<16} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} tokens/s  {result.wall_s:5.1f} s  {result.error or ''}", flush=True)
+            print(
+                f"round {r} {name:<16} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} tokens/s  {result.wall_s:5.1f} s  {result.error or ''}",
+                flush=True,
+            )
             if f.status == "ok":
                 runs[name].append(f.tokens_per_s)
                 losses[name].append(f.loss_end)
@@ -82,10 +85,22 @@ def main() -> int:
         print(f"{name:<16} {median or 0:>12,.0f} tokens/s  x{ratio or 0:.3f}")
         spread = (max(runs[name]) - min(runs[name])) / 2 / median if median else None
         # Every variant trains on the same batches from the same seed: the last loss is at equal steps.
-        records.append({"variant": name, "workload": data["workload"], "tokens_per_s": median, "runs": runs[name], "spread": spread, "ratio": ratio,
-                        "loss_end": losses[name], "strategies": data["strategies"],
-                        "micro_batch": data["train"]["micro_batch_size"], "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                        "torch": torch.__version__, "command": " ".join(sys.argv)})
+        records.append(
+            {
+                "variant": name,
+                "workload": data["workload"],
+                "tokens_per_s": median,
+                "runs": runs[name],
+                "spread": spread,
+                "ratio": ratio,
+                "loss_end": losses[name],
+                "strategies": data["strategies"],
+                "micro_batch": data["train"]["micro_batch_size"],
+                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                "torch": torch.__version__,
+                "command": " ".join(sys.argv),
+            }
+        )
     if args.out:
         with args.out.open("a") as f:
             for rec in records:

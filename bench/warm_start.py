@@ -54,11 +54,24 @@ def run_search(settings: planner.PlanSettings, storage: str, name: str, warm: bo
             continue
         if t.value is not None:
             best = t.value if best is None else max(best, t.value)
-        rows.append({"number": t.number, "role": t.user_attrs.get("role", "search"), "source": t.user_attrs.get("source"),
-                     "status": t.user_attrs.get("status", t.state.name.lower()), "tokens_per_s": t.value, "best_so_far": best,
-                     "wall_s": round(t.datetime_complete.timestamp() - began, 1)})
-    return {"search": "warm" if warm else "cold", "warm_start": settings.warm_start if warm else [], "trials": rows, "best": best,
-            "wall_s": round(time.time() - began, 1)}
+        rows.append(
+            {
+                "number": t.number,
+                "role": t.user_attrs.get("role", "search"),
+                "source": t.user_attrs.get("source"),
+                "status": t.user_attrs.get("status", t.state.name.lower()),
+                "tokens_per_s": t.value,
+                "best_so_far": best,
+                "wall_s": round(t.datetime_complete.timestamp() - began, 1),
+            }
+        )
+    return {
+        "search": "warm" if warm else "cold",
+        "warm_start": settings.warm_start if warm else [],
+        "trials": rows,
+        "best": best,
+        "wall_s": round(time.time() - began, 1),
+    }
 
 
 def reached(result: dict, target: float) -> dict:
@@ -72,8 +85,13 @@ def reached(result: dict, target: float) -> dict:
 def summarize(results: list[dict], **context: object) -> dict:
     """Trials and wall of each search to :data:`TARGET` of the best of both."""
     target = TARGET * max(r["best"] or 0.0 for r in results)
-    return {"summary": True, "target": f"{TARGET:.0%} of the best of both searches", "target_tokens_per_s": target,
-            **{r["search"]: reached(r, target) | {"best": r["best"], "search_wall_s": r["wall_s"]} for r in results}, **context}
+    return {
+        "summary": True,
+        "target": f"{TARGET:.0%} of the best of both searches",
+        "target_tokens_per_s": target,
+        **{r["search"]: reached(r, target) | {"best": r["best"], "search_wall_s": r["wall_s"]} for r in results},
+        **context,
+    }
 
 
 def _cpu_model() -> str:
@@ -98,9 +116,14 @@ def main() -> None:
     import optuna
     import torch
 
-    settings = planner.PlanSettings(workload=args.workload, trials=args.trials, seed=args.seed, cpu_procs=args.cpu_procs,
-                                    budget=TrialBudget(warmup_steps=args.warmup_steps, timed_steps=args.trial_steps),
-                                    warm_start=args.warm_start)
+    settings = planner.PlanSettings(
+        workload=args.workload,
+        trials=args.trials,
+        seed=args.seed,
+        cpu_procs=args.cpu_procs,
+        budget=TrialBudget(warmup_steps=args.warmup_steps, timed_steps=args.trial_steps),
+        warm_start=args.warm_start,
+    )
     folder = Path(tempfile.mkdtemp(prefix="warm-start-"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("")
@@ -111,9 +134,19 @@ def main() -> None:
         results.append(run_search(settings, f"sqlite:///{folder}/{mode}.db", f"bench-{mode}", mode == "warm"))
         with args.out.open("a") as f:
             f.write(json.dumps(results[-1]) + "\n")
-    summary = summarize(results, workload=args.workload, cpu_procs=args.cpu_procs, trials=args.trials, seed=args.seed, cpu=_cpu_model(),
-                        cores=planner.usable_cores(), compile_cache="fresh for each search", torch=torch.__version__, optuna=optuna.__version__,
-                        date=time.strftime("%Y-%m-%d", time.gmtime()))
+    summary = summarize(
+        results,
+        workload=args.workload,
+        cpu_procs=args.cpu_procs,
+        trials=args.trials,
+        seed=args.seed,
+        cpu=_cpu_model(),
+        cores=planner.usable_cores(),
+        compile_cache="fresh for each search",
+        torch=torch.__version__,
+        optuna=optuna.__version__,
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+    )
     with args.out.open("a") as f:
         f.write(json.dumps(summary) + "\n")
     print(json.dumps(summary, indent=1))

@@ -51,9 +51,20 @@ CHUNK_BYTES = 1 << 30
 
 
 @triton.jit
-def _loss_and_grad_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_ptr, ROWS: tl.constexpr, PROGRAMS: tl.constexpr,
-                          V: tl.constexpr, WIDTH: tl.constexpr, IGNORE_INDEX: tl.constexpr, GRAD: tl.constexpr,
-                          BLOCK_V: tl.constexpr):
+def _loss_and_grad_kernel(
+    logits_ptr,
+    stride,
+    targets_ptr,
+    scale_ptr,
+    loss_ptr,
+    ROWS: tl.constexpr,
+    PROGRAMS: tl.constexpr,
+    V: tl.constexpr,
+    WIDTH: tl.constexpr,
+    IGNORE_INDEX: tl.constexpr,
+    GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Program p of PROGRAMS: rows p, p + PROGRAMS, ... of the (ROWS, WIDTH) logits. Writes each
     row's loss (0 if ignored) and, with GRAD, the gradient of the mean loss over the row itself
     (columns past V get 0). With few programs a wave's rows stay in L2 between the two passes.
@@ -84,7 +95,9 @@ def _loss_and_grad_kernel(logits_ptr, stride, targets_ptr, scale_ptr, loss_ptr, 
                 scale = tl.where(counted, tl.load(scale_ptr), 0.0)
                 for v0 in range(0, WIDTH, BLOCK_V):
                     offs = v0 + tl.arange(0, BLOCK_V)
-                    x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)  # exp(-inf) = 0 past V
+                    x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(
+                        tl.float32
+                    )  # exp(-inf) = 0 past V
                     grad = (tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)) * scale
                     tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=offs < WIDTH)
 
@@ -130,8 +143,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss = mean over targets != ignore_index of cross_entropy(hidden @ weight[:vocab].T, targets)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
-                vocab_size: int, chunk: int) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int,
+        vocab_size: int,
+        chunk: int,
+    ) -> torch.Tensor:
         """hidden (N, d) in the matmuls' dtype; weight (rows, d) in its own (an fp32 master
         weight under autocast: cast here, its fp32 gradient returned without a bf16 round trip)."""
         n_tokens, width = hidden.shape[0], weight.shape[0]
@@ -148,8 +168,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             logits = h @ w.T  # (chunk, width), the inputs' dtype
             programs = _programs(stop - start, hidden.device)
             _loss_and_grad_kernel[(programs,)](
-                logits, logits.stride(0), targets[start:stop], scale, losses[start:stop], ROWS=stop - start, PROGRAMS=programs,
-                V=vocab_size, WIDTH=width, IGNORE_INDEX=ignore_index, GRAD=grad, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+                logits,
+                logits.stride(0),
+                targets[start:stop],
+                scale,
+                losses[start:stop],
+                ROWS=stop - start,
+                PROGRAMS=programs,
+                V=vocab_size,
+                WIDTH=width,
+                IGNORE_INDEX=ignore_index,
+                GRAD=grad,
+                BLOCK_V=BLOCK_V,
+                num_warps=NUM_WARPS,
+            )
             if grad:  # logits now hold the gradient of the loss in them
                 torch.mm(logits, w, out=d_hidden[start:stop])
                 d_weight = _weight_grad_into(d_weight, logits, h)
@@ -163,7 +195,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         d_hidden, d_weight = ctx.saved_tensors
-        return (d_hidden * grad_loss.to(d_hidden.dtype), d_weight.mul_(grad_loss).to(ctx.weight_dtype), None, None, None, None)
+        return (
+            d_hidden * grad_loss.to(d_hidden.dtype),
+            d_weight.mul_(grad_loss).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @torch.compiler.disable  # a graph break: the model compiles up to the hidden states; the loss runs its own kernels
@@ -197,5 +236,6 @@ def linear_cross_entropy(
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 token, got {chunk}")
     with torch.autocast(device, enabled=False):
-        return LinearCrossEntropyFunction.apply(hidden, weight.contiguous(), targets.reshape(-1).contiguous(),
-                                                ignore_index, vocab_size, chunk)
+        return LinearCrossEntropyFunction.apply(
+            hidden, weight.contiguous(), targets.reshape(-1).contiguous(), ignore_index, vocab_size, chunk
+        )

@@ -140,7 +140,9 @@ class MoeMLP(nn.Module):
         probs (N, E), experts (N, k))."""
         return self._mix(x, logits)[:3]
 
-    def _mix(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _mix(
+        self, x: torch.Tensor, logits: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`mix`, and f (E,): each expert's share of the choices, before capacity."""
         N, d = x.shape
         E, k = self.num_experts, self.top_k
@@ -219,7 +221,9 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
         except NotSupported as e:
             raise UserError(f"strategy moe cannot find block {i}'s MLP: {e}") from None
         if not _gpt_shaped(mlp):
-            raise UserError(f"strategy moe converts MLPs of fc, GELU, proj without biases (the built-in GPT's); block {i}'s is {type(mlp).__name__}")
+            raise UserError(
+                f"strategy moe converts MLPs of fc, GELU, proj without biases (the built-in GPT's); block {i}'s is {type(mlp).__name__}"
+            )
         name = next((n for n, child in block.named_children() if child is mlp), None)
         if name is None:
             raise UserError(f"strategy moe cannot replace block {i}'s MLP: it is not a direct child of the block")
@@ -230,7 +234,9 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
     if group is not None:
         expert_parallel(ctx, group)
     # The fraction of routed choices over capacity in the step's last micro-batch, over the layers.
-    ctx.metrics["moe_dropped"] = lambda: torch.stack([torch.as_tensor(m.last_dropped, dtype=torch.float32) for m in layers]).mean()
+    ctx.metrics["moe_dropped"] = lambda: torch.stack(
+        [torch.as_tensor(m.last_dropped, dtype=torch.float32) for m in layers]
+    ).mean()
     ctx.notes.append(
         f"moe: MLPs of {len(converted)} of {len(blocks)} blocks -> {cfg.num_experts} experts, top {cfg.top_k}, "
         f"capacity factor {cfg.capacity_factor} (choices over it skip the MLP), aux loss coef {cfg.aux_loss_coef}"
@@ -242,7 +248,9 @@ def _expert_group(ctx: TrainContext, ep: int) -> ExpertGroup:
     """This process's ep group: consecutive dp ranks (``autotune.mesh.expert_groups``); every
     rank makes every group, as ``new_group`` asks."""
     if ctx.dims.tp > 1 or ctx.dims.pp > 1 or ctx.world_size % ep or not dist.is_initialized():
-        raise UserError(f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp; this run has dp {ctx.world_size}, tp {ctx.dims.tp}, pp {ctx.dims.pp}")
+        raise UserError(
+            f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp; this run has dp {ctx.world_size}, tp {ctx.dims.tp}, pp {ctx.dims.pp}"
+        )
     me = dist.get_rank()
     mine = None
     for ranks in expert_groups(ctx.world_size, ep)[0]:
@@ -294,7 +302,9 @@ def expert_parallel(ctx: TrainContext, group: ExpertGroup) -> None:
 def _refuse_load(*args: Any) -> None:
     # The checkpoint writer saves rank 0's model: rank 0's experts only. Loading that into
     # rank 1 would train on the wrong experts; refuse rather than resume wrong.
-    raise UserError("moe with ep > 1 cannot load a checkpoint yet (its checkpoints hold rank 0's experts only): start the run afresh")
+    raise UserError(
+        "moe with ep > 1 cannot load a checkpoint yet (its checkpoints hold rank 0's experts only): start the run afresh"
+    )
 
 
 def _expert_grad(dp: int, replicas: Any) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -327,5 +337,3 @@ def _gpt_shaped(mlp: nn.Module) -> bool:
         and proj.bias is None
         and (fc.out_features, proj.out_features) == (proj.in_features, fc.in_features)
     )
-
-

@@ -23,9 +23,25 @@ class PipelineRunner:
     loop (``forward_backward``), the loss of a batch for evaluation (``__call__``)."""
 
     def __init__(
-        self, ctx: TrainContext, adapter: ModelAdapter, stage: nn.Module, *, first: bool, last: bool, pieces: int, group: Any, tied: nn.Parameter | None
+        self,
+        ctx: TrainContext,
+        adapter: ModelAdapter,
+        stage: nn.Module,
+        *,
+        first: bool,
+        last: bool,
+        pieces: int,
+        group: Any,
+        tied: nn.Parameter | None,
     ) -> None:
-        self.ctx, self.adapter, self.stage, self.pieces, self.group, self.tied = ctx, adapter, stage, pieces, group, tied
+        self.ctx, self.adapter, self.stage, self.pieces, self.group, self.tied = (
+            ctx,
+            adapter,
+            stage,
+            pieces,
+            group,
+            tied,
+        )
         self.first, self.last = first, last
         """Whether this rank's stage takes the token ids / gives the logits."""
         self.schedule: Any = None

@@ -42,7 +42,9 @@ def apply_activation_checkpoint(ctx: TrainContext, cfg: ActivationCheckpointConf
     stride = 1 if cfg.mode == "full" else cfg.every
     for i in range(0, len(blocks), stride):
         blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
-    ctx.notes.append(f"activation checkpointing ({cfg.mode}): {len(range(0, len(blocks), stride))} of {len(blocks)} blocks")
+    ctx.notes.append(
+        f"activation checkpointing ({cfg.mode}): {len(range(0, len(blocks), stride))} of {len(blocks)} blocks"
+    )
 
 
 def activation_checkpoint_cost(cfg: ActivationCheckpointConfig, terms: Any) -> None:

@@ -79,7 +79,9 @@ def sdpa_with(backend: SDPBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
 
 
-def fa3_with(flash_attn_func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+def fa3_with(
+    flash_attn_func: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
     """FlashAttention-3, which takes (B, T, nh, hs): transposed views in and out."""
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
     out = out[0] if isinstance(out, tuple) else out  # some releases also return the LSE
@@ -107,7 +109,9 @@ def apply_attention(ctx: TrainContext, cfg: AttentionConfig) -> None:
 
     ctx.check_needs(STRATEGY, cfg, "backends math and naive run anywhere")
     if cfg.backend in _HALF_ONLY and ctx.autocast_dtype not in (torch.bfloat16, torch.float16):
-        raise UserError(f"attention {cfg.backend} runs in bf16 or fp16 only: add precision with dtype bf16, or use efficient")
+        raise UserError(
+            f"attention {cfg.backend} runs in bf16 or fp16 only: add precision with dtype bf16, or use efficient"
+        )
     adapter = adapter_for(ctx.model)
     try:
         adapter.set_attention(kernel=_kernel(cfg, adapter.attention_dropout()))

@@ -78,7 +78,9 @@ def check_compile_with(chosen: dict[str, Any]) -> None:
     accum = getattr(chosen.get("grad_accum"), "steps", 1)
     for name in chosen:
         if cfg is not None and cfg.scope == "model" and name != "compile" and catalog.get(name).takes_model:
-            raise UserError(f"{name} takes the model itself, not its forward: compile it block by block (compile scope blocks), not as a whole")
+            raise UserError(
+                f"{name} takes the model itself, not its forward: compile it block by block (compile scope blocks), not as a whole"
+            )
     if cfg is not None and cfg.mode == "reduce-overhead" and accum > 1:
         raise UserError(
             "compile mode reduce-overhead cannot run with gradient accumulation: CUDA graph trees hand a "
@@ -127,7 +129,11 @@ STRATEGY = Strategy(
     check_with=check_compile_with,
     cost=compile_cost,
     knobs=(
-        Knob(name="mode", choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"), refine_only=("max-autotune-no-cudagraphs",)),
+        Knob(
+            name="mode",
+            choices=("default", "max-autotune-no-cudagraphs", "reduce-overhead"),
+            refine_only=("max-autotune-no-cudagraphs",),
+        ),
         Knob(name="scope", choices=("model", "blocks")),
     ),
     prior=compile_prior,

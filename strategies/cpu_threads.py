@@ -38,7 +38,10 @@ def apply_cpu_threads(ctx: TrainContext, cfg: CpuThreadsConfig) -> None:
     threads = min(cfg.threads, usable_cores())
     # Process-wide, like precision's TF32 switch; set before anything is traced or timed.
     torch.set_num_threads(threads)
-    ctx.notes.append(f"cpu threads {threads}" + (f" (the plan's {cfg.threads}: this process may use only {threads})" if threads < cfg.threads else ""))
+    ctx.notes.append(
+        f"cpu threads {threads}"
+        + (f" (the plan's {cfg.threads}: this process may use only {threads})" if threads < cfg.threads else "")
+    )
 
 
 def cpu_threads_prior(facts: PriorFacts) -> Prior | None:

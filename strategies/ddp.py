@@ -30,7 +30,9 @@ from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Part, Prior, PriorFac
 if TYPE_CHECKING:
     from autotune.context import TrainContext
 
-WRAPPER_READS: frozenset[Part] = frozenset({"embedding", "head", "mlp", "linears", "norms", "blocks", "placement", "stages", "loss"})
+WRAPPER_READS: frozenset[Part] = frozenset(
+    {"embedding", "head", "mlp", "linears", "norms", "blocks", "placement", "stages", "loss"}
+)
 """What a data-parallel wrapper (ddp, fsdp2) needs final: it holds the final parameters and
 modules, so everything that replaces parameters, shards them or wraps blocks comes first
 (torchtitan: compile, then FSDP); so does the loss its forward computes (a fused head + loss)."""

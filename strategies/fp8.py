@@ -57,7 +57,9 @@ def convertible(module: nn.Module, _fqn: str = "") -> bool:
     """A linear that float8 matmuls can take (both dimensions multiples of ALIGNMENT)."""
     from torch import nn
 
-    return isinstance(module, nn.Linear) and module.in_features % ALIGNMENT == 0 and module.out_features % ALIGNMENT == 0
+    return (
+        isinstance(module, nn.Linear) and module.in_features % ALIGNMENT == 0 and module.out_features % ALIGNMENT == 0
+    )
 
 
 def targets(model: nn.Module, layers: str) -> list[nn.Module]:
@@ -71,7 +73,9 @@ def targets(model: nn.Module, layers: str) -> list[nn.Module]:
         if layers == "blocks_and_head":
             out.append(adapter.head())
     except NotSupported as e:
-        raise UserError(f"the model's adapter cannot give its {'blocks and head' if layers == 'blocks_and_head' else 'blocks'}: {e}") from None
+        raise UserError(
+            f"the model's adapter cannot give its {'blocks and head' if layers == 'blocks_and_head' else 'blocks'}: {e}"
+        ) from None
     return out
 
 
@@ -95,8 +99,12 @@ def apply_fp8(ctx: TrainContext, cfg: Fp8Config) -> None:
             _replace(ctx.model, module, Float8Linear.from_float(module, config=config))
     converted = count_linears(targets(ctx.model, cfg.layers), Float8Linear)
     if not converted:
-        raise UserError("fp8: no linear of the blocks has both dimensions a multiple of 16; nothing would train in float8")
-    ctx.notes.append(f"fp8 ({cfg.recipe} scales): {converted} linears of the {cfg.layers.replace('_', ' ')} train in float8")
+        raise UserError(
+            "fp8: no linear of the blocks has both dimensions a multiple of 16; nothing would train in float8"
+        )
+    ctx.notes.append(
+        f"fp8 ({cfg.recipe} scales): {converted} linears of the {cfg.layers.replace('_', ' ')} train in float8"
+    )
 
 
 def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -112,7 +120,9 @@ def export_accelerate(cfg: Fp8Config, plan: Plan) -> dict[str, Any]:
     dtype. That backend takes torchao's default recipe, tensorwise, and keeps the model's first
     and last linears (the head) in high precision: other settings are refused, not misstated."""
     if cfg.recipe != "tensorwise" or cfg.layers != "blocks":
-        raise UserError(f"fp8 with recipe {cfg.recipe} and layers {cfg.layers}: an Accelerate config's torchao backend takes tensorwise scales in the blocks only; export --to torchrun")
+        raise UserError(
+            f"fp8 with recipe {cfg.recipe} and layers {cfg.layers}: an Accelerate config's torchao backend takes tensorwise scales in the blocks only; export --to torchrun"
+        )
     return {"mixed_precision": "fp8", "fp8_config": {"backend": "AO"}}
 
 
@@ -143,7 +153,10 @@ STRATEGY = Strategy(
     reads=frozenset({"head", "mlp"}),
     needs=_NEEDS,
     conflicts=frozenset({"int8"}),
-    knobs=(Knob(name="recipe", choices=("tensorwise", "rowwise")), Knob(name="layers", choices=("blocks", "blocks_and_head"))),
+    knobs=(
+        Knob(name="recipe", choices=("tensorwise", "rowwise")),
+        Knob(name="layers", choices=("blocks", "blocks_and_head")),
+    ),
     # Emulated on a CPU: no float8 units there.
     left_out={"cpu": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up"},
     prior=fp8_prior,

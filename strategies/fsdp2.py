@@ -50,7 +50,9 @@ class Fsdp2Config:
 
 
 def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
-    ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and declare the model's blocks")
+    ctx.check_needs(
+        STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and declare the model's blocks"
+    )
     import torch
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -71,7 +73,9 @@ def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
     # the root whatever is asked: the head is the first thing the backward needs).
     fully_shard(ctx.model, mesh=mesh, mp_policy=policy)
     ctx.sharded_state = True
-    ctx.notes.append(f"fsdp2 over {ctx.world_size} processes, {cfg.param_dtype} gathers, reshard after forward {cfg.reshard_after_forward}")
+    ctx.notes.append(
+        f"fsdp2 over {ctx.world_size} processes, {cfg.param_dtype} gathers, reshard after forward {cfg.reshard_after_forward}"
+    )
 
 
 def export_accelerate(cfg: Fsdp2Config, plan: Plan) -> dict[str, Any]:

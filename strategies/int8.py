@@ -48,19 +48,28 @@ class Int8Config:
 def apply_int8(ctx: TrainContext, cfg: Int8Config) -> None:
     ctx.check_needs(STRATEGY, cfg, "train in bf16 instead (precision)")
     from torchao import quantize_
-    from torchao.prototype.quantized_training.int8_mixed_precision import Int8MixedPrecisionTrainingConfig, Int8MixedPrecisionTrainingLinear
+    from torchao.prototype.quantized_training.int8_mixed_precision import (
+        Int8MixedPrecisionTrainingConfig,
+        Int8MixedPrecisionTrainingLinear,
+    )
 
     # The module-swap form: the weight-subclass form reaches the int8 matmul only through a
     # __torch_function__ table that torch 2.13 bypasses for F.linear (it then trains in full
     # precision, silently; tests/test_lowp.py checks the losses differ).
-    config = Int8MixedPrecisionTrainingConfig(output=True, grad_input=cfg.backward, grad_weight=cfg.backward, module_swap=True)
+    config = Int8MixedPrecisionTrainingConfig(
+        output=True, grad_input=cfg.backward, grad_weight=cfg.backward, module_swap=True
+    )
     for module in targets(ctx.model, cfg.layers):
         quantize_(module, config, filter_fn=convertible)
     converted = count_linears(targets(ctx.model, cfg.layers), Int8MixedPrecisionTrainingLinear)
     if not converted:
-        raise UserError("int8: no linear of the blocks has both dimensions a multiple of 16; nothing would train in int8")
-    ctx.notes.append(f"int8 ({'forward and backward' if cfg.backward else 'forward'}): {converted} linears of the "
-                     f"{cfg.layers.replace('_', ' ')} train in int8")
+        raise UserError(
+            "int8: no linear of the blocks has both dimensions a multiple of 16; nothing would train in int8"
+        )
+    ctx.notes.append(
+        f"int8 ({'forward and backward' if cfg.backward else 'forward'}): {converted} linears of the "
+        f"{cfg.layers.replace('_', ' ')} train in int8"
+    )
 
 
 STRATEGY = Strategy(

@@ -146,9 +146,13 @@ def check_moe_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -
     from autotune.errors import UserError
 
     if dims.dp % ep or dims.tp > 1 or dims.pp > 1:
-        raise UserError(f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp: this run has dp {dims.dp}, tp {dims.tp}, pp {dims.pp}")
+        raise UserError(
+            f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp: this run has dp {dims.dp}, tp {dims.tp}, pp {dims.pp}"
+        )
     if dims.dp_strategy != "ddp":
-        raise UserError(f"moe ep {ep} needs ddp for its data-parallel processes (fsdp2 and zero would reduce the experts over all of them)")
+        raise UserError(
+            f"moe ep {ep} needs ddp for its data-parallel processes (fsdp2 and zero would reduce the experts over all of them)"
+        )
 
 
 def check_moe_with(chosen: dict[str, Any]) -> None:
@@ -169,9 +173,13 @@ def check_moe_with(chosen: dict[str, Any]) -> None:
         return
 
     if getattr(chosen.get("precision"), "dtype", None) == "fp16":
-        raise UserError("moe's aux loss is not multiplied by fp16's loss scale: use precision bf16, or moe aux_loss_coef 0")
+        raise UserError(
+            "moe's aux loss is not multiplied by fp16's loss scale: use precision bf16, or moe aux_loss_coef 0"
+        )
     if "pipeline_parallel" in chosen:
-        raise UserError("moe's aux loss is not divided by pipeline_parallel's pieces per micro-batch: use moe aux_loss_coef 0 with it")
+        raise UserError(
+            "moe's aux loss is not divided by pipeline_parallel's pieces per micro-batch: use moe aux_loss_coef 0 with it"
+        )
 
 
 _IMPL = frozenset({"AuxLossScaler", "AllToAll", "ExpertGroup", "MoeMLP", "route", "slots", "load_balancing_loss"})

@@ -68,7 +68,9 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
     ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes; the model's adapter must cut it into stages")
     mesh = sub_mesh(ctx.mesh, "pp")
     if mesh is None or mesh.size() != cfg.degree:
-        raise UserError(f"pipeline_parallel degree {cfg.degree} has no pp dim of that size in this run's mesh ({ctx.dims})")
+        raise UserError(
+            f"pipeline_parallel degree {cfg.degree} has no pp dim of that size in this run's mesh ({ctx.dims})"
+        )
     if ctx.grad_scaler:
         raise UserError("pipeline_parallel does not scale the loss for fp16: use precision bf16")
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -88,7 +90,9 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
     group = mesh.get_group()
     pipe = PipelineStage(stage, index, cfg.degree, ctx.device, group=group)
     kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[cfg.schedule]
-    runner = PipelineRunner(ctx, adapter, stage, first=first, last=last, pieces=cfg.microbatches, group=group, tied=tied)
+    runner = PipelineRunner(
+        ctx, adapter, stage, first=first, last=last, pieces=cfg.microbatches, group=group, tied=tied
+    )
     # Gradients are summed over the pieces (scale_grads off): the loss divides instead,
     # which also holds across accumulated micro-batches.
     runner.schedule = kind(pipe, n_microbatches=cfg.microbatches, loss_fn=runner.loss_fn, scale_grads=False)
@@ -96,7 +100,9 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
     ctx.forward = runner  # evaluation: the batch's loss through the schedule
     ctx.engine = lambda ctx: PipelineEngine(ctx, runner)  # training: the schedule's step
     ctx.sharded_state = True
-    ctx.notes.append(f"pipeline stage {index} of {cfg.degree} (blocks {start}..{stop - 1}), {cfg.schedule}, {cfg.microbatches} pieces per micro-batch")
+    ctx.notes.append(
+        f"pipeline stage {index} of {cfg.degree} (blocks {start}..{stop - 1}), {cfg.schedule}, {cfg.microbatches} pieces per micro-batch"
+    )
 
 
 def check_workload(cfg: PipelineParallelConfig, workload: Any) -> None:
@@ -104,7 +110,9 @@ def check_workload(cfg: PipelineParallelConfig, workload: Any) -> None:
     from autotune.workloads.adapter import declared
 
     if "pp" not in declared(workload.structure):
-        raise UserError(f"pipeline_parallel: workload {workload.name} cannot be cut into pipeline stages (its model adapter does not support pp)")
+        raise UserError(
+            f"pipeline_parallel: workload {workload.name} cannot be cut into pipeline stages (its model adapter does not support pp)"
+        )
 
 
 def check_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> None:
@@ -112,9 +120,13 @@ def check_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> No
     pipeline never fills), and as many as divide the micro-batch."""
     micro = int(setting(cfg, "microbatches", PipelineParallelConfig().microbatches))
     if dims.pp > 1 and micro < dims.pp:
-        raise UserError(f"pipeline_parallel microbatches {micro} is fewer than its {dims.pp} stages (the pipeline never fills)")
+        raise UserError(
+            f"pipeline_parallel microbatches {micro} is fewer than its {dims.pp} stages (the pipeline never fills)"
+        )
     if dims.pp > 1 and micro_batch_size is not None and micro_batch_size % micro:
-        raise UserError(f"pipeline_parallel microbatches {micro} does not divide the micro-batch size {micro_batch_size}")
+        raise UserError(
+            f"pipeline_parallel microbatches {micro} does not divide the micro-batch size {micro_batch_size}"
+        )
 
 
 def pipeline_parallel_cost(cfg: Any, terms: Any) -> None:

@@ -80,7 +80,9 @@ def unmasked_fraction(seq_len: int, window: int, global_tokens: int, block: int 
 
 def _check_window(window: int, seq_len: int) -> None:
     if window > seq_len:
-        raise UserError(f"sparse_attention window {window} is longer than the sequence (seq_len {seq_len}): use a window of at most {seq_len}")
+        raise UserError(
+            f"sparse_attention window {window} is longer than the sequence (seq_len {seq_len}): use a window of at most {seq_len}"
+        )
 
 
 def check_workload(cfg: SparseAttentionConfig, workload: Any) -> None:
@@ -124,7 +126,9 @@ def apply_sparse_attention(ctx: TrainContext, cfg: SparseAttentionConfig) -> Non
         kernel.dense_mask(seq_len, ctx.device)
     adapter.set_attention(kernel=kernel)
     kept = unmasked_fraction(seq_len, cfg.window, cfg.global_tokens)
-    ctx.notes.append(f"sparse attention: window {cfg.window}, {cfg.global_tokens} global tokens, {kept:.0%} of causal tiles kept")
+    ctx.notes.append(
+        f"sparse attention: window {cfg.window}, {cfg.global_tokens} global tokens, {kept:.0%} of causal tiles kept"
+    )
 
 
 SPARSE_PRIOR_MIN_SEQ = 4096

@@ -57,13 +57,19 @@ class TensorParallelConfig:
 
 
 def apply_tensor_parallel(ctx: TrainContext, cfg: TensorParallelConfig) -> None:
-    ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes and declare the model's blocks, attention and mlp")
+    ctx.check_needs(
+        STRATEGY, cfg, "launch the plan with 2+ processes and declare the model's blocks, attention and mlp"
+    )
     mesh = sub_mesh(ctx.mesh, "tp")
     if mesh is None or mesh.size() != cfg.degree:
-        raise UserError(f"tensor_parallel degree {cfg.degree} has no tp dim of that size in this run's mesh ({ctx.dims})")
+        raise UserError(
+            f"tensor_parallel degree {cfg.degree} has no tp dim of that size in this run's mesh ({ctx.dims})"
+        )
     seq_len = ctx.workload.seq_len
     if cfg.sequence_parallel and seq_len % cfg.degree:
-        raise UserError(f"tensor_parallel degree {cfg.degree} does not divide the sequence length {seq_len} (sequence_parallel)")
+        raise UserError(
+            f"tensor_parallel degree {cfg.degree} does not divide the sequence length {seq_len} (sequence_parallel)"
+        )
     from torch.distributed.tensor.parallel import parallelize_module
 
     from autotune.workloads.adapter import NotSupported, adapter_for
@@ -89,9 +95,13 @@ def check_workload(cfg: TensorParallelConfig, workload: Any) -> None:
 
     structure = declared(workload.structure)
     if "tp" not in structure:
-        raise UserError(f"tensor_parallel: workload {workload.name} has no tensor-parallel plan (its model adapter does not support tp)")
+        raise UserError(
+            f"tensor_parallel: workload {workload.name} has no tensor-parallel plan (its model adapter does not support tp)"
+        )
     if cfg.sequence_parallel and "sp" not in structure:
-        raise UserError(f"tensor_parallel: workload {workload.name}'s tensor-parallel plan names no norms to split along the sequence (use sequence_parallel false)")
+        raise UserError(
+            f"tensor_parallel: workload {workload.name}'s tensor-parallel plan names no norms to split along the sequence (use sequence_parallel false)"
+        )
 
 
 def tensor_parallel_cost(cfg: Any, terms: Any) -> None:

@@ -56,7 +56,9 @@ def _autotune_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return linear_cross_entropy(hidden, weight, targets, vocab_size=vocab_size)
 
 
-def _in_autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _in_autocast_dtype(
+    hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Both flattened and in autocast's dtype (the libraries' kernels take one dtype, and
     autocast does not reach into them), the weight cut to the true vocabulary."""
     import torch
@@ -126,11 +128,17 @@ def check_triton_kernels_with(chosen: dict[str, Any]) -> None:
     if cfg is None or cfg.loss == "compile":
         return
     if "pipeline_parallel" in chosen:
-        raise UserError(f"triton_kernels loss {cfg.loss} cannot run with pipeline_parallel: the last stage returns logits; use loss compile")
+        raise UserError(
+            f"triton_kernels loss {cfg.loss} cannot run with pipeline_parallel: the last stage returns logits; use loss compile"
+        )
     if getattr(chosen.get("zero"), "stage", None) == 3:
-        raise UserError(f"triton_kernels loss {cfg.loss} cannot run with zero stage 3: the head's weight is partitioned outside its own forward; use stage 1 or 2")
+        raise UserError(
+            f"triton_kernels loss {cfg.loss} cannot run with zero stage 3: the head's weight is partitioned outside its own forward; use stage 1 or 2"
+        )
     if "tensor_parallel" in chosen:
-        raise UserError(f"triton_kernels loss {cfg.loss} cannot run with tensor_parallel: a sharded head's weight is not whole; use loss compile")
+        raise UserError(
+            f"triton_kernels loss {cfg.loss} cannot run with tensor_parallel: a sharded head's weight is not whole; use loss compile"
+        )
 
 
 def head_loss_bytes(loss: str, shape: Any, tokens: int, vocab: int, *, mixed: bool) -> float:

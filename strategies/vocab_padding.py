@@ -37,7 +37,9 @@ class VocabPaddingConfig:
 
 
 def apply_vocab_padding(ctx: TrainContext, cfg: VocabPaddingConfig) -> None:
-    ctx.check_needs(STRATEGY, cfg, "the model's adapter must know its embedding and head (the built-in GPT, hf: models)")
+    ctx.check_needs(
+        STRATEGY, cfg, "the model's adapter must know its embedding and head (the built-in GPT, hf: models)"
+    )
     from autotune.workloads.adapter import NotSupported, adapter_for
 
     adapter = adapter_for(ctx.model)
@@ -53,7 +55,9 @@ def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
     from autotune.workloads.structure import declared
 
     if "vocab" not in declared(workload.structure):
-        raise UserError(f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)")
+        raise UserError(
+            f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)"
+        )
 
 
 def vocab_padding_cost(cfg: VocabPaddingConfig, terms: Any) -> None:

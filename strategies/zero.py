@@ -93,7 +93,12 @@ def ds_config(cfg: ZeroConfig, spec: Any, grad_accum: int) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if cfg.offload_params:
         zero["offload_param"] = {"device": "cpu"}
-    adamw: dict[str, Any] = {"lr": spec.lr, "betas": [spec.beta1, spec.beta2], "eps": 1e-8, "weight_decay": spec.weight_decay}
+    adamw: dict[str, Any] = {
+        "lr": spec.lr,
+        "betas": [spec.beta1, spec.beta2],
+        "eps": 1e-8,
+        "weight_decay": spec.weight_decay,
+    }
     if not cfg.offload_optimizer:
         adamw.update(torch_adam=True, foreach=True)
     return {
@@ -134,7 +139,9 @@ def export_accelerate(cfg: ZeroConfig, plan: Plan) -> dict[str, Any]:
 def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and install deepspeed")
     if ctx.grad_scaler:
-        raise UserError("zero with precision fp16 is not supported: DeepSpeed would scale the loss with its own scaler, not the plain run's; use bf16")
+        raise UserError(
+            "zero with precision fp16 is not supported: DeepSpeed would scale the loss with its own scaler, not the plain run's; use bf16"
+        )
     if ctx.spec is None:
         raise UserError("zero builds DeepSpeed's engine from the plan's training settings, which this context lacks")
     from autotune.strategies._zero_impl import DeepSpeedStep
@@ -146,11 +153,15 @@ def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
     groups = adamw_groups(model, spec.weight_decay)
     config = ds_config(cfg, spec, ctx.grad_accum)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints; stdout is autotune's
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config, dist_init_required=False)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, config=config, dist_init_required=False
+        )
     ctx.forward = engine
     ctx.engine = lambda ctx: DeepSpeedStep(ctx, engine, optimizer, config, tag=TAG)
     ctx.sharded_state = True
-    ctx.notes.append(f"zero stage {cfg.stage} over {ctx.world_size} processes through DeepSpeed {deepspeed.__version__}, config {json.dumps(config)}")
+    ctx.notes.append(
+        f"zero stage {cfg.stage} over {ctx.world_size} processes through DeepSpeed {deepspeed.__version__}, config {json.dumps(config)}"
+    )
 
 
 def _import_deepspeed(device: torch.device) -> Any:
@@ -166,7 +177,9 @@ def _import_deepspeed(device: torch.device) -> Any:
         name = get_accelerator().device_name()
     logger.setLevel(logging.WARNING)
     if name != device.type:
-        raise UserError(f"DeepSpeed's accelerator is {name}, but the plan trains on {device.type} (set DS_ACCELERATOR={device.type})")
+        raise UserError(
+            f"DeepSpeed's accelerator is {name}, but the plan trains on {device.type} (set DS_ACCELERATOR={device.type})"
+        )
     return deepspeed
 
 

@@ -13,7 +13,9 @@ DEFAULT_PLAN = ROOT / "profiles" / "default" / "tiny.plan.json"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 # The device locks of a test session stay under its cache, away from the machine-wide ones
 # (where another session's planner, or a user's, would refuse its trials).
-os.environ.setdefault("AUTOTUNE_LOCK_DIR", str(Path(os.environ.get("AUTOTUNE_CACHE") or Path.home() / ".cache" / "autotune") / "locks"))
+os.environ.setdefault(
+    "AUTOTUNE_LOCK_DIR", str(Path(os.environ.get("AUTOTUNE_CACHE") or Path.home() / ".cache" / "autotune") / "locks")
+)
 # Keep CPU tests single-threaded per process: CI has 2 cores and tests start children.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

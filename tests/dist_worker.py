@@ -36,7 +36,9 @@ CASES: dict[str, tuple[Case, ...]] = {
     "ddp": (
         Case(knobs={}, rtol=1e-6),  # the same fp32 sums as accumulation: 0 measured
         # no_sync is off under static_graph (a PyTorch bug): a reduction per micro-batch.
-        Case(knobs={"static_graph": True, "gradient_as_bucket_view": False}, base={"grad_accum": {"steps": 2}}, rtol=1e-5),
+        Case(
+            knobs={"static_graph": True, "gradient_as_bucket_view": False}, base={"grad_accum": {"steps": 2}}, rtol=1e-5
+        ),
         Case(knobs={"bucket_cap_mb": 5}, base={"grad_accum": {"steps": 2}}, rtol=1e-5),  # no_sync on micro-batch 0
     ),
     "fsdp2": (
@@ -47,7 +49,9 @@ CASES: dict[str, tuple[Case, ...]] = {
         Case(knobs={"stage": 3}, rtol=1e-5),  # partitioned parameters, the one resumed: 1.3e-7 measured
         Case(knobs={"stage": 1}, rtol=1e-5),  # 7e-8 measured
         Case(knobs={"stage": 2}, base={"grad_accum": {"steps": 2}}, rtol=1e-5),  # DeepSpeed accumulates: 7e-8 measured
-        Case(knobs={"stage": 2}, base={"precision": {"dtype": "bf16"}}, rtol=1e-4),  # the loop's autocast: 8e-6 measured
+        Case(
+            knobs={"stage": 2}, base={"precision": {"dtype": "bf16"}}, rtol=1e-4
+        ),  # the loop's autocast: 8e-6 measured
         # ZeRO-Offload's DeepSpeedCPUAdam and parameters kept on the host: 7e-8 measured.
         Case(knobs={"stage": 3, "offload_optimizer": True, "offload_params": True}, rtol=1e-5),
     ),
@@ -85,7 +89,11 @@ def checks() -> dict[str, Any]:
     # compile (whole model) then ddp: the DDP module is what gets compiled (built, not run).
     t = Trainer(plan_of({"compile": {}, "ddp": {}}))
     fwd = t.ctx.forward
-    out["compiled_ddp"] = isinstance(fwd, OptimizedModule) and isinstance(fwd._orig_mod, DistributedDataParallel) and fwd._orig_mod.module is t.ctx.model
+    out["compiled_ddp"] = (
+        isinstance(fwd, OptimizedModule)
+        and isinstance(fwd._orig_mod, DistributedDataParallel)
+        and fwd._orig_mod.module is t.ctx.model
+    )
     out["ddp_no_sync"] = type(t.ctx.sync_context(False)).__name__, type(t.ctx.sync_context(True)).__name__
     t.close()
     try:

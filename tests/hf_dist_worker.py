@@ -29,8 +29,16 @@ STEPS = 6
 LLAMA = dict(
     # GQA (4 query heads share 2 kv heads), SwiGLU, RoPE; tests/test_hf.py's tiny Llama with the
     # suite's corpus: its 2048 ids and TINY's 64 tokens a sample.
-    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-    vocab_size=2048, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, seq_len=TINY["seq_len"],
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    vocab_size=2048,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=1,
+    seq_len=TINY["seq_len"],
 )
 CASES: dict[str, dict[str, dict[str, Any]]] = {
     "fsdp2": {"fsdp2": {"param_dtype": "fp32"}},
@@ -39,7 +47,10 @@ CASES: dict[str, dict[str, dict[str, Any]]] = {
     "tensor_parallel+sequence_parallel": {"tensor_parallel": {"sequence_parallel": True}},
     "pipeline_parallel": {"pipeline_parallel": {"microbatches": 2, "schedule": "1f1b"}},
     # Checkpointing after the cut finds the stage's layers through the stage's own adapter.
-    "pipeline_parallel+activation_checkpoint": {"pipeline_parallel": {"microbatches": 2, "schedule": "gpipe"}, "activation_checkpoint": {}},
+    "pipeline_parallel+activation_checkpoint": {
+        "pipeline_parallel": {"microbatches": 2, "schedule": "gpipe"},
+        "activation_checkpoint": {},
+    },
 }
 """The strategies of each run, by case name (tolerances in tests/test_hf_distributed.py)."""
 
@@ -48,7 +59,9 @@ def llama_plan(strategies: dict[str, dict[str, Any]], nproc: int) -> planmod.Pla
     """The bundled tiny plan on the tiny Llama, the suite's corpus, ``strategies`` on."""
     data = json.loads(DEFAULT_PLAN.read_text())
     data["workload"] = {"name": "hf:llama", "overrides": LLAMA}
-    data["train"].update(micro_batch_size=MICRO_BATCH, eval_interval=0, checkpoint_interval=0, log_interval=1, data=str(tiny_corpus()))
+    data["train"].update(
+        micro_batch_size=MICRO_BATCH, eval_interval=0, checkpoint_interval=0, log_interval=1, data=str(tiny_corpus())
+    )
     data["launch"].update(device="cpu", nproc_per_node=nproc)
     data["strategies"] = [{"name": n, "knobs": k} for n, k in strategies.items()]
     return planmod.from_dict(data)
@@ -59,12 +72,16 @@ def checks() -> dict[str, Any]:
     out: dict[str, Any] = {}
     t = train.Trainer(llama_plan(CASES["tensor_parallel"], 2))
     layer = t.ctx.model.hf.model.layers[0]
-    out["tp_local_shapes"] = {n: list(p.to_local().shape) for n, p in layer.named_parameters() if n.endswith("proj.weight")}
+    out["tp_local_shapes"] = {
+        n: list(p.to_local().shape) for n, p in layer.named_parameters() if n.endswith("proj.weight")
+    }
     t.close()
     t = train.Trainer(llama_plan(CASES["tensor_parallel+sequence_parallel"], 2))
     layer = t.ctx.model.hf.model.layers[0]
     seen: list[list[int]] = []
-    handle = layer.post_attention_layernorm.register_forward_hook(lambda m, args, y: seen.append(list(args[0].to_local().shape)))
+    handle = layer.post_attention_layernorm.register_forward_hook(
+        lambda m, args, y: seen.append(list(args[0].to_local().shape))
+    )
     t.train_step(0)
     handle.remove()
     out["sp_norm_input_shape"] = seen[0]  # (B, T/tp, C): this rank's slice of the sequence
@@ -73,7 +90,11 @@ def checks() -> dict[str, Any]:
     names: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(t.ctx.model.state_dict()))
     out["pp_stage_keys"] = names
-    wrapped = [type(m._checkpoint_wrapped_module).__name__ for m in t.ctx.model.modules() if type(m).__name__ == "CheckpointWrapper"]
+    wrapped = [
+        type(m._checkpoint_wrapped_module).__name__
+        for m in t.ctx.model.modules()
+        if type(m).__name__ == "CheckpointWrapper"
+    ]
     out["pp_checkpointed"] = wrapped.count("LlamaDecoderLayer")
     t.close()
     t = train.Trainer(llama_plan(CASES["fsdp2"], 2))

@@ -27,12 +27,32 @@ KERNELS = {
     # (kernel, its runtime arguments' types in order, constexprs, launch options): Qwen3's vocabulary
     # (151,936) padded to 64, the gradient pass on and off.
     # A chunk of 3,533 tokens (1 GiB of logits), a program a row and 2 programs an H100 SM.
-    "loss_and_grad": (flce._loss_and_grad_kernel, "*bf16 i32 *i64 *fp32 *fp32",
-                      {"ROWS": 3533, "PROGRAMS": 3533, "V": 151936, "WIDTH": 151936, "IGNORE_INDEX": -100, "GRAD": True,
-                       "BLOCK_V": flce.BLOCK_V}),
-    "loss_only_looped": (flce._loss_and_grad_kernel, "*bf16 i32 *i64 *fp32 *fp32",
-                         {"ROWS": 10672, "PROGRAMS": 264, "V": 50257, "WIDTH": 50304, "IGNORE_INDEX": -100, "GRAD": False,
-                          "BLOCK_V": flce.BLOCK_V}),
+    "loss_and_grad": (
+        flce._loss_and_grad_kernel,
+        "*bf16 i32 *i64 *fp32 *fp32",
+        {
+            "ROWS": 3533,
+            "PROGRAMS": 3533,
+            "V": 151936,
+            "WIDTH": 151936,
+            "IGNORE_INDEX": -100,
+            "GRAD": True,
+            "BLOCK_V": flce.BLOCK_V,
+        },
+    ),
+    "loss_only_looped": (
+        flce._loss_and_grad_kernel,
+        "*bf16 i32 *i64 *fp32 *fp32",
+        {
+            "ROWS": 10672,
+            "PROGRAMS": 264,
+            "V": 50257,
+            "WIDTH": 50304,
+            "IGNORE_INDEX": -100,
+            "GRAD": False,
+            "BLOCK_V": flce.BLOCK_V,
+        },
+    ),
 }
 OPTIONS = {"num_warps": 8, "num_stages": 3}
 """As the launcher in kernels/fused_linear_cross_entropy.py calls it."""
@@ -49,8 +69,7 @@ def compile_for_hopper(name: str, fn, types: str, constants: dict) -> dict:
         cubin.flush()
         usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin.name], capture_output=True, text=True, check=True).stdout
     registers, stack = map(int, re.search(r"REG:(\d+) STACK:(\d+)", usage).groups())
-    return {"kernel": name, "registers": registers, "stack": stack,
-            "shared": kernel.metadata.shared}
+    return {"kernel": name, "registers": registers, "stack": stack, "shared": kernel.metadata.shared}
 
 
 if __name__ == "__main__":

@@ -72,7 +72,12 @@ def main(out: Path) -> None:
                 refused = ""
             except UserError as e:
                 refused = str(e)
-            checks = {"w_fc": list(first.w_fc.shape), "routers_alike": routers_alike, "notes": trainer.ctx.notes, "load_refused": refused}
+            checks = {
+                "w_fc": list(first.w_fc.shape),
+                "routers_alike": routers_alike,
+                "notes": trainer.ctx.notes,
+                "load_refused": refused,
+            }
             (out / "checks.json").write_text(json.dumps(checks))
     finally:
         trainer.close()

@@ -21,9 +21,14 @@ BUDGET = TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=60)
 def fault_space(micro_batches: tuple[int, ...]) -> search.SearchSpace:
     workload = load_workload("tests.faults:build")
     return search.SearchSpace(
-        workload=workload, strategies=[], graph=StrategyGraph(Facts.of(None, workload)),
-        micro_batches=(2, *micro_batches), baseline_micro_batch=2, train=TrainSpec(micro_batch_size=1),
-        launch=LaunchSpec(device="cpu"), device_memory=None,
+        workload=workload,
+        strategies=[],
+        graph=StrategyGraph(Facts.of(None, workload)),
+        micro_batches=(2, *micro_batches),
+        baseline_micro_batch=2,
+        train=TrainSpec(micro_batch_size=1),
+        launch=LaunchSpec(device="cpu"),
+        device_memory=None,
     )
 
 

@@ -75,8 +75,16 @@ LLAMA = SuiteModel(
     # As tests/test_hf.py's CONFIGS (GQA: 4 query heads share 2 kv heads, SwiGLU, RoPE, an
     # untied head), with the tiny GPT's vocab and sequence: the same corpus feeds both.
     overrides=dict(
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64, intermediate_size=128,
-        vocab_size=2048, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, seq_len=TINY["seq_len"],
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=64,
+        intermediate_size=128,
+        vocab_size=2048,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        seq_len=TINY["seq_len"],
     ),
     tied=False,
     attend="_autotune_attend",
@@ -104,7 +112,11 @@ class Case:
 
 
 def make_plan(
-    strategies: dict[str, dict[str, Any]], device: str, overrides: dict[str, Any] | None = None, model: SuiteModel = GPT, **train: Any
+    strategies: dict[str, dict[str, Any]],
+    device: str,
+    overrides: dict[str, Any] | None = None,
+    model: SuiteModel = GPT,
+    **train: Any,
 ) -> planmod.Plan:
     """The bundled tiny plan, for ``model`` (made smaller), with ``strategies`` on, training on ``device``."""
     data = json.loads(DEFAULT_PLAN.read_text())
@@ -244,7 +256,10 @@ class StrategySuite:
             cfg = self.strategy.parse(knobs)
             if not setting_strategy(self.strategy, cfg).needs.structure:
                 continue
-            assert any("needs the workload to declare" in why for why in unmet_needs(setting_strategy(self.strategy, cfg), Facts.of(None, bare)))
+            assert any(
+                "needs the workload to declare" in why
+                for why in unmet_needs(setting_strategy(self.strategy, cfg), Facts.of(None, bare))
+            )
             ctx = TrainContext(workload=bare, device=torch.device("cpu"), model=bare.build_model())
             with pytest.raises(UserError, match="needs the workload to declare"):
                 self.strategy.apply(ctx, cfg)

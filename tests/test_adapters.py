@@ -33,7 +33,15 @@ def test_gpt_adapter_shape_and_flops_match_flop_counter():
     assert isinstance(adapter, GPTAdapter) and isinstance(adapter, ModelAdapter)
     adapter.set_attention(kernel=naive_attention)
     shape = adapter.shape()
-    assert (shape.d_model, shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.d_ff, shape.vocab_size, shape.seq_len) == (32, 2, 4, 4, 128, 96, 16)
+    assert (
+        shape.d_model,
+        shape.n_layers,
+        shape.n_heads,
+        shape.n_kv_heads,
+        shape.d_ff,
+        shape.vocab_size,
+        shape.seq_len,
+    ) == (32, 2, 4, 4, 128, 96, 16)
     ids = torch.randint(0, 96, (3, 16))
     assert train_step_flops(model, ids, ids) == adapter.flops_per_token() * ids.numel()
     assert adapter.flops_per_token() == model.flops_per_token()
@@ -44,11 +52,18 @@ def test_gpt_adapter_vocab_padding_pipeline_and_tp_plan():
     adapter = adapter_for(model)
     ids, targets = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
     before = adapter.loss(ids, targets)
-    assert adapter.pad_vocab(64) == 128 and model.head.weight.shape == (128, 32) and model.head.weight is model.embed.weight
+    assert (
+        adapter.pad_vocab(64) == 128
+        and model.head.weight.shape == (128, 32)
+        and model.head.weight is model.embed.weight
+    )
     assert torch.equal(adapter.loss(ids, targets), before)
     # Two stages chained give the whole model's loss.
     (a, b), (c, d) = pipeline_split(2, 2)
-    first, last = adapter.pipeline_stage(a, b, first=True, last=False), adapter.pipeline_stage(c, d, first=False, last=True)
+    first, last = (
+        adapter.pipeline_stage(a, b, first=True, last=False),
+        adapter.pipeline_stage(c, d, first=False, last=True),
+    )
     assert torch.allclose(adapter.logits_loss(last(first(ids)), targets), before, atol=1e-6)
     assert set(adapter.tp_plan()) == {"blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc", "blocks.*.mlp.proj"}
     assert adapter.supports() >= {"blocks", "attention", "mlp", "embed", "head"}
@@ -127,7 +142,9 @@ def test_generic_adapter_finds_the_largest_list_of_one_class():
     assert isinstance(model.inner[1].trunk[0], nn.Identity)
     with pytest.raises(NotSupported, match="does not know its tensor-parallel plan"):
         adapter.tp_plan()
-    assert adapter.flops_per_token() == 6 * sum(p.numel() for n, p in model.named_parameters() if not n.startswith("embed"))
+    assert adapter.flops_per_token() == 6 * sum(
+        p.numel() for n, p in model.named_parameters() if not n.startswith("embed")
+    )
     ids = torch.randint(0, 16, (2, 4))
     assert adapter.loss(ids, ids).ndim == 0
 
@@ -152,8 +169,16 @@ def test_gpt_adapter_sequence_parallel_plan_and_dropout():
     adapter = adapter_for(tiny_gpt(dropout=0.1))
     assert adapter.attention_dropout() == 0.1
     plan = adapter.tp_plan(sequence_parallel=True)
-    assert {k for k, v in plan.items() if type(v).__name__ == "SequenceParallel"} == {"blocks.*.norm1", "blocks.*.norm2"}
-    assert {k for k, v in plan.items() if type(v).__name__ == "PrepareModuleInput"} == {"blocks.*.attn", "blocks.*.mlp", "blocks.0", "norm"}
+    assert {k for k, v in plan.items() if type(v).__name__ == "SequenceParallel"} == {
+        "blocks.*.norm1",
+        "blocks.*.norm2",
+    }
+    assert {k for k, v in plan.items() if type(v).__name__ == "PrepareModuleInput"} == {
+        "blocks.*.attn",
+        "blocks.*.mlp",
+        "blocks.0",
+        "norm",
+    }
 
 
 def test_declared_structure_of_the_gpt_stands_for_its_adapter():
@@ -189,7 +214,9 @@ def test_strategies_refuse_a_workload_whose_adapter_lacks_what_they_need(strateg
     from autotune.errors import UserError
     from autotune.workloads import load_workload
 
-    wl = dataclasses.replace(load_workload("tiny"), name="mine:model", structure=frozenset({"blocks", "attention", "mlp", "embed", "head"}))
+    wl = dataclasses.replace(
+        load_workload("tiny"), name="mine:model", structure=frozenset({"blocks", "attention", "mlp", "embed", "head"})
+    )
     s = catalog.get(strategy)
     assert s.needs.structure <= wl.structure  # the declared tokens are there
     with pytest.raises(UserError, match=message):
@@ -201,7 +228,15 @@ def tiny_hf(family: str, **extra):
     pytest.importorskip("transformers")
     from autotune.workloads import load_workload
 
-    base = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=250, bos_token_id=0, eos_token_id=1, seq_len=16, hidden_size=64)
+    base = dict(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=250,
+        bos_token_id=0,
+        eos_token_id=1,
+        seq_len=16,
+        hidden_size=64,
+    )
     config = {
         "llama": dict(intermediate_size=128, num_key_value_heads=2, max_position_embeddings=64),
         "gpt2": dict(n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
@@ -240,8 +275,14 @@ def test_hf_adapters_support_exactly_what_they_serve():
     with pytest.raises(UserError, match="has no tensor-parallel plan"):
         check_settings({"tensor_parallel": tp.parse({"sequence_parallel": False})}, workload=gpt2)
     with pytest.raises(UserError, match="use sequence_parallel false"):
-        check_settings({"tensor_parallel": tp.parse({"sequence_parallel": True})}, workload=dataclasses.replace(llama, structure=llama.structure - {"sp"}))
-    check_settings({"tensor_parallel": tp.parse({}), "pipeline_parallel": catalog.get("pipeline_parallel").parse({})}, workload=llama)
+        check_settings(
+            {"tensor_parallel": tp.parse({"sequence_parallel": True})},
+            workload=dataclasses.replace(llama, structure=llama.structure - {"sp"}),
+        )
+    check_settings(
+        {"tensor_parallel": tp.parse({}), "pipeline_parallel": catalog.get("pipeline_parallel").parse({})},
+        workload=llama,
+    )
 
 
 def test_hf_tp_plan_keeps_a_tied_head_whole():

@@ -40,15 +40,26 @@ BAD = [
     ("lr_nan", _plan(**{"train.lr": float("nan")}), "lr must be"),
     ("lr_inf", _plan(**{"train.lr": float("inf")}), "lr must be"),
     ("lr_huge", _plan(**{"train.lr": 1e308}), "lr must be"),
-    ("lr_beyond_float", json.dumps(_plan(**{"train.lr": 0})).replace('"lr": 0', '"lr": ' + "9" * 400), "train.lr: number out of range"),
+    (
+        "lr_beyond_float",
+        json.dumps(_plan(**{"train.lr": 0})).replace('"lr": 0', '"lr": ' + "9" * 400),
+        "train.lr: number out of range",
+    ),
     ("seed_negative", _plan(**{"train.seed": -1}), "seed"),
     ("seed_huge", _plan(**{"train.seed": 2**70}), "seed"),
     ("eval_batches", _plan(**{"train.eval_batches": 0, "train.eval_interval": 10}), "eval_batches"),
     ("micro_batch", _plan(**{"train.micro_batch_size": 10**12}), "micro_batch_size must be at most"),
     # Each setting bounded, their product against this machine (autotune.limits), before anything is built.
-    ("eval_too_big", _plan(**{"train.eval_batches": 65536, "train.eval_interval": 1, "train.micro_batch_size": 512}),
-     "for 65,536 validation micro-batches"),
-    ("nproc_over_cores", _plan(strategies=_strategies(ddp={}), **{"launch.nproc_per_node": 1024}), "processes a node on the CPU"),
+    (
+        "eval_too_big",
+        _plan(**{"train.eval_batches": 65536, "train.eval_interval": 1, "train.micro_batch_size": 512}),
+        "for 65,536 validation micro-batches",
+    ),
+    (
+        "nproc_over_cores",
+        _plan(strategies=_strategies(ddp={}), **{"launch.nproc_per_node": 1024}),
+        "processes a node on the CPU",
+    ),
     ("nnodes_huge", _plan(**{"launch.nnodes": 10**6, "launch.rdzv_endpoint": "h:1"}), "nnodes at most 65536"),
     ("override_layers", _plan(workload={"name": "tiny", "overrides": {"n_layers": -1}}), "n_layers"),
     ("override_seq_len", _plan(workload={"name": "tiny", "overrides": {"seq_len": 0}}), "seq_len"),
@@ -67,19 +78,43 @@ BAD = [
     ("unknown_strategy", _plan(strategies=_strategies(warp_drive={})), "unknown strategy 'warp_drive'"),
     ("unknown_knob", _plan(strategies=_strategies(precision={"speed": 2})), "knobs.speed: unknown key"),
     ("grad_accum", _plan(strategies=_strategies(grad_accum={"steps": 1000})), "steps must be from 1 to 128"),
-    ("prefetch", _plan(strategies=_strategies(dataloader={"prefetch": 10**7, "pin_memory": False})), "prefetch must be from 0 to 64"),
-    ("ac_every", _plan(strategies=_strategies(activation_checkpoint={"mode": "selective", "every": 1000})), "every must be from 1 to 64"),
+    (
+        "prefetch",
+        _plan(strategies=_strategies(dataloader={"prefetch": 10**7, "pin_memory": False})),
+        "prefetch must be from 0 to 64",
+    ),
+    (
+        "ac_every",
+        _plan(strategies=_strategies(activation_checkpoint={"mode": "selective", "every": 1000})),
+        "every must be from 1 to 64",
+    ),
     ("vocab_multiple", _plan(strategies=_strategies(vocab_padding={"multiple": 7})), "multiple must be a power of two"),
     ("zero_optimizer", _plan(strategies=_strategies(zero={}, optimizer={})), "conflicts with"),
     ("pp_tp", _plan(strategies=_strategies(tensor_parallel={}, pipeline_parallel={})), "conflicts with"),
-    ("ddp_fsdp2", _plan(strategies=_strategies(ddp={}, fsdp2={}), **{"launch.nproc_per_node": 2}), "ddp conflicts with fsdp2"),
+    (
+        "ddp_fsdp2",
+        _plan(strategies=_strategies(ddp={}, fsdp2={}), **{"launch.nproc_per_node": 2}),
+        "ddp conflicts with fsdp2",
+    ),
     ("processes_alone", _plan(**{"launch.nproc_per_node": 2}), "needs one of the strategies"),
     # Approximate strategies (issue 13): their settings are checked like any other's.
-    ("moe_top_k", _plan(strategies=_strategies(moe={"num_experts": 4, "top_k": 5})), "top_k must be between 1 and num_experts (4)"),
+    (
+        "moe_top_k",
+        _plan(strategies=_strategies(moe={"num_experts": 4, "top_k": 5})),
+        "top_k must be between 1 and num_experts (4)",
+    ),
     ("moe_tp", _plan(strategies=_strategies(moe={}, tensor_parallel={})), "conflicts with"),
-    ("sparse_window_over_seq", _plan(strategies=_strategies(sparse_attention={"window": 4096})), "window 4096 is longer than the sequence (seq_len 128)"),
+    (
+        "sparse_window_over_seq",
+        _plan(strategies=_strategies(sparse_attention={"window": 4096})),
+        "window 4096 is longer than the sequence (seq_len 128)",
+    ),
     ("sparse_and_attention", _plan(strategies=_strategies(sparse_attention={}, attention={})), "conflicts with"),
-    ("compile_cudagraphs_accum", _plan(strategies=_strategies(compile={"mode": "reduce-overhead"}, grad_accum={"steps": 2})), "cannot run with gradient accumulation"),
+    (
+        "compile_cudagraphs_accum",
+        _plan(strategies=_strategies(compile={"mode": "reduce-overhead"}, grad_accum={"steps": 2})),
+        "cannot run with gradient accumulation",
+    ),
 ]
 
 
@@ -155,7 +190,9 @@ def test_every_value_the_search_can_pick_is_legal():
     catalog.get("grad_accum").parse({"steps": MAX_ACCUM})
 
 
-@pytest.mark.parametrize("path", sorted(p for p in DEFAULT_PLAN.parents[2].glob("**/*.plan.json") if ".venv" not in p.parts))
+@pytest.mark.parametrize(
+    "path", sorted(p for p in DEFAULT_PLAN.parents[2].glob("**/*.plan.json") if ".venv" not in p.parts)
+)
 def test_committed_plans_pass_the_plan_check(path):
     from autotune.apply import check_plan
     from autotune.limits import check_machine

@@ -81,8 +81,21 @@ def test_the_reserve_is_the_candidates_own_phases_not_the_slowest_trial():
 
 
 def test_a_budget_too_small_for_the_model_is_refused_before_anything_runs(tmp_path, run_cli):
-    code, out, err = run_cli("plan", "--workload", "tiny", "--trials", "4", "--time-budget", "5", "--device", "cpu",
-                             "--storage", f"sqlite:///{tmp_path}/s.db", "--out", tmp_path / "p.json")
+    code, out, err = run_cli(
+        "plan",
+        "--workload",
+        "tiny",
+        "--trials",
+        "4",
+        "--time-budget",
+        "5",
+        "--device",
+        "cpu",
+        "--storage",
+        f"sqlite:///{tmp_path}/s.db",
+        "--out",
+        tmp_path / "p.json",
+    )
     assert code == 2 and err.count("\n") == 1, err
     assert "--time-budget 5: too small" in err and "at least" in err
     least = int(err.split("at least ")[1].split()[0])
@@ -96,18 +109,47 @@ def test_a_baseline_that_fills_the_old_reserve_still_lets_the_prior_run(tmp_path
     baseline's own rounds are the reserve until a candidate has run."""
     budget = 75.0
     db, out = tmp_path / "s.db", tmp_path / "p.json"
-    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "2", "--time-budget", str(budget), "--device", "cpu",
-           "--trial-steps", "8", "--warmup-steps", "4", "--storage", f"sqlite:///{db}", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "autotune",
+        "plan",
+        "--workload",
+        "tiny",
+        "--trials",
+        "2",
+        "--time-budget",
+        str(budget),
+        "--device",
+        "cpu",
+        "--trial-steps",
+        "8",
+        "--warmup-steps",
+        "4",
+        "--storage",
+        f"sqlite:///{db}",
+        "--out",
+        str(out),
+    ]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "AUTOTUNE_CACHE": str(tmp_path / "cache")})
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "AUTOTUNE_CACHE": str(tmp_path / "cache")},
+    )
     wall = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name=None, storage=f"sqlite:///{db}")
     ran = [t for t in study.trials if t.user_attrs.get("launched")]
     roles = [t.user_attrs.get("role") for t in ran]
     assert roles[:2] == ["baseline", "prior"], roles
-    assert {"startup_s", "warmup_s", "timed_s"} <= set(ran[1].user_attrs), (ran[1].user_attrs.get("status"), ran[1].user_attrs.get("error"))
+    assert {"startup_s", "warmup_s", "timed_s"} <= set(ran[1].user_attrs), (
+        ran[1].user_attrs.get("status"),
+        ran[1].user_attrs.get("error"),
+    )
     assert "per trial (median of" in proc.stdout
     assert wall <= budget + planner.budget_margin(budget)
     plan = planmod.load(out)
@@ -118,15 +160,26 @@ def test_an_earlier_runs_best_figure_is_measured_again_before_it_is_chosen(tmp_p
     """A resumed study: a killed planner's baseline (measured idle, the fastest figure of the
     study) against this run's trials (measured under load). It is run again in this run, and
     the choice is among this run's figures only."""
-    space, _ = planner.build_space(planner.PlanSettings(workload="tiny", device="cpu"), planner._profile(planner.PlanSettings(workload="tiny")),
-                                   planner.load_workload("tiny", {}))
+    space, _ = planner.build_space(
+        planner.PlanSettings(workload="tiny", device="cpu"),
+        planner._profile(planner.PlanSettings(workload="tiny")),
+        planner.load_workload("tiny", {}),
+    )
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
     baseline = search.plan_for(space, space.baseline_micro_batch, [])
-    study.add_trial(optuna.trial.create_trial(value=1e9, params={}, distributions={},
-                                              user_attrs={"role": "baseline", "plan": baseline.to_dict(), "run": "earlier", "figures": {}}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            value=1e9,
+            params={},
+            distributions={},
+            user_attrs={"role": "baseline", "plan": baseline.to_dict(), "run": "earlier", "figures": {}},
+        )
+    )
     time.sleep(0.05)
     since = datetime.datetime.now()
-    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now")
+    objective = search.Objective(
+        space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now"
+    )
     lines = []
     summary = planner._fresh(study, objective, since, planner.Clock(), 0.0, lines.append)
     again = [t for t in study.trials if t.user_attrs.get("role") == search.REMEASURE]
@@ -145,8 +198,24 @@ def _plan(micro_batch):
 
 def test_a_plan_confirmed_slower_than_its_baseline_is_not_written_the_baseline_is():
     best, baseline = _plan(16), _plan(2)
-    base = Figures(status="ok", tokens_per_s=23_605.0, samples=[23_605.0, 23_000.0, 24_000.0], spread=0.02, losses=[5.0, 4.9], loss_end=4.9, loss_start=5.0)
-    slow = Figures(status="ok", tokens_per_s=1_163.0, samples=[1_163.0], spread=0.0, losses=[5.0, 4.9], loss_end=4.9, loss_start=5.0)
+    base = Figures(
+        status="ok",
+        tokens_per_s=23_605.0,
+        samples=[23_605.0, 23_000.0, 24_000.0],
+        spread=0.02,
+        losses=[5.0, 4.9],
+        loss_end=4.9,
+        loss_start=5.0,
+    )
+    slow = Figures(
+        status="ok",
+        tokens_per_s=1_163.0,
+        samples=[1_163.0],
+        spread=0.0,
+        losses=[5.0, 4.9],
+        loss_end=4.9,
+        loss_start=5.0,
+    )
     comparison = planner.compare(slow, base, 3, same=False)
     done = planner.Confirmed(measured=slow, baseline=base, comparison=comparison, loss_check=None)
     chosen = type("T", (), {"number": 7})()
@@ -154,16 +223,23 @@ def test_a_plan_confirmed_slower_than_its_baseline_is_not_written_the_baseline_i
     plan, confirmed, trial = planner._baseline_instead(best, baseline, done, summary, chosen)
     assert plan is baseline and trial.number == 0
     assert confirmed.measured.tokens_per_s == 23_605.0 and not confirmed.comparison.beats_baseline
-    assert confirmed.comparison.verdict.startswith("trial 7 measured 0.05x the baseline") and "the baseline is the plan" in confirmed.comparison.verdict
+    assert (
+        confirmed.comparison.verdict.startswith("trial 7 measured 0.05x the baseline")
+        and "the baseline is the plan" in confirmed.comparison.verdict
+    )
     assert confirmed.loss_check.passed
-    faster = planner.Confirmed(measured=base, baseline=slow, comparison=planner.compare(base, slow, 3, same=False), loss_check=None)
+    faster = planner.Confirmed(
+        measured=base, baseline=slow, comparison=planner.compare(base, slow, 3, same=False), loss_check=None
+    )
     assert planner._baseline_instead(best, baseline, faster, summary, chosen) is None
 
 
 def test_a_confirmation_too_noisy_to_trust_claims_nothing():
     runs = [Figures(status="ok", tokens_per_s=v) for v in (1_163.0, 23_605.0, 12_000.0)]
     assert planner._worst_spread(runs) > planner.BUSY_SPREAD
-    assert planner._worst_spread([Figures(status="ok", tokens_per_s=v) for v in (100.0, 104.0, 96.0)]) == pytest.approx(0.04)
+    assert planner._worst_spread([Figures(status="ok", tokens_per_s=v) for v in (100.0, 104.0, 96.0)]) == pytest.approx(
+        0.04
+    )
     plan, base = planner.median_figures(runs), Figures(status="ok", tokens_per_s=1000.0, spread=0.01)
     c = planner.compare(plan, base, 5, same=False, busy=True)
     assert c.too_busy and not c.beats_baseline and c.verdict.startswith("the machine was too busy to measure")
@@ -238,11 +314,27 @@ def test_an_excluded_strategy_is_never_searched_nor_chosen_from_a_resumed_study(
     assert not [p for p in planner.expert_priors(space) if p.get("compile")]
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
     baseline = search.plan_for(space, space.baseline_micro_batch, [])
-    compiled = dict(baseline.to_dict(), strategies=[{"name": "compile", "knobs": {"mode": "default", "scope": "model"}}])
-    for value, plan in ((1.0, baseline.to_dict()), (9.0, compiled), (2.0, dict(baseline.to_dict(), train={**baseline.to_dict()["train"], "micro_batch_size": 8}))):
-        study.add_trial(optuna.trial.create_trial(value=value, params={}, distributions={}, user_attrs={"plan": plan, "run": "now", "figures": {}}))
-    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now")
+    compiled = dict(
+        baseline.to_dict(), strategies=[{"name": "compile", "knobs": {"mode": "default", "scope": "model"}}]
+    )
+    for value, plan in (
+        (1.0, baseline.to_dict()),
+        (9.0, compiled),
+        (2.0, dict(baseline.to_dict(), train={**baseline.to_dict()["train"], "micro_batch_size": 8})),
+    ):
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=value, params={}, distributions={}, user_attrs={"plan": plan, "run": "now", "figures": {}}
+            )
+        )
+    objective = search.Objective(
+        space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now"
+    )
     summary = planner._fresh(study, objective, datetime.datetime.now(), planner.Clock(), 0.0, print, settings.exclude)
     assert summary.best.number == 2 and summary.best.value == 2.0
     with pytest.raises(UserError, match="--exclude warp_drive: unknown strategy"):
-        planner.build_space(planner.PlanSettings(workload="tiny", device="cpu", exclude=("warp_drive",)), profile, planner.load_workload("tiny", {}))
+        planner.build_space(
+            planner.PlanSettings(workload="tiny", device="cpu", exclude=("warp_drive",)),
+            profile,
+            planner.load_workload("tiny", {}),
+        )

@@ -76,7 +76,9 @@ def test_progress_says_the_budget_used_and_left():
 
     progress = Progress(Console(file=io.StringIO()), budget=420, started=time.monotonic() - 120)
     progress("search: trial 3 of 8 running")
-    assert re.fullmatch(r"search: trial 3 of 8 running for 0 s, 12[01] s of the 420 s budget used, about 30[01] s left", progress.line())
+    assert re.fullmatch(
+        r"search: trial 3 of 8 running for 0 s, 12[01] s of the 420 s budget used, about 30[01] s left", progress.line()
+    )
     progress = Progress(Console(file=io.StringIO()))
     progress("confirmation round 2 of 3: the baseline")
     assert progress.line() == "confirmation round 2 of 3: the baseline for 0 s"
@@ -113,7 +115,7 @@ def test_make_says_so_before_building_deepspeed_s_ops(tmp_path):
     assert "building DeepSpeed's CPU ops once" in lines[0] and "create_op_builder" in lines[1]
 
 
-BROKEN = '''
+BROKEN = """
 from torch import nn
 
 from autotune.workloads import Workload
@@ -130,7 +132,7 @@ class Broken(nn.Module):
 
 def build():
     return Workload(name="broken_lm:build", build_model=Broken, vocab_size=2048, seq_len=16)
-'''
+"""
 
 
 def test_the_hint_of_a_search_without_a_good_trial_is_a_command_that_works(tmp_path, run_cli, monkeypatch):
@@ -138,7 +140,9 @@ def test_the_hint_of_a_search_without_a_good_trial_is_a_command_that_works(tmp_p
     monkeypatch.syspath_prepend(str(tmp_path))  # this process and the trials' import it
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ['PYTHONPATH']}")
     storage = f"sqlite:///{tmp_path}/studies.db"
-    code, _, err = run_cli("plan", "--workload", "broken_lm:build", "--trials", "1", "--storage", storage, "--out", tmp_path / "p.json")
+    code, _, err = run_cli(
+        "plan", "--workload", "broken_lm:build", "--trials", "1", "--storage", storage, "--out", tmp_path / "p.json"
+    )
     assert code == 1 and not (tmp_path / "p.json").exists()
     hint = re.search(r"`(autotune trials [^`]*)` shows why", err).group(1)
     assert f"--storage {storage}" in hint
@@ -151,7 +155,9 @@ def test_the_hint_of_a_search_without_a_good_trial_is_a_command_that_works(tmp_p
 def test_the_run_summary_says_n_a_and_why_and_sizes_in_binary_units(tmp_path, run_cli, capsys):
     from autotune.cli.run import _print_summary
 
-    code, out, err = run_cli("run", ROOT / "profiles" / "default" / "tiny.plan.json", "--steps", "2", "--out", tmp_path / "run")
+    code, out, err = run_cli(
+        "run", ROOT / "profiles" / "default" / "tiny.plan.json", "--steps", "2", "--out", tmp_path / "run"
+    )
     assert code == 0, err
     assert "None" not in out and re.search(r"peak_memory_bytes\s*│\s*\d+ (MiB|GiB)", out), out
 
@@ -159,11 +165,21 @@ def test_the_run_summary_says_n_a_and_why_and_sizes_in_binary_units(tmp_path, ru
         _print_summary(result)
         return " ".join(re.sub(r"[│┃┏┓┗┛┡┩└┘┌┐─━]", " ", capsys.readouterr().out).split())
 
-    text = printed({"tokens_per_s": 8_000.0, "mfu": None, "mfu_peak_source": None, "peak_memory_bytes": 3 * 2**30 // 2, "val_loss": None})
+    text = printed(
+        {
+            "tokens_per_s": 8_000.0,
+            "mfu": None,
+            "mfu_peak_source": None,
+            "peak_memory_bytes": 3 * 2**30 // 2,
+            "val_loss": None,
+        }
+    )
     assert "mfu n/a (no peak FLOP/s known for this device; `autotune profile` measures one)" in text
     assert "peak_memory_bytes 1.50 GiB" in text and "val_loss n/a (no evaluation ran)" in text
     text = printed({"tokens_per_s": None, "mfu": None, "peak_memory_bytes": 5 * 2**20})
-    assert "n/a (every step was in the first log interval" in text and "mfu n/a (no tokens/s)" in text and "5 MiB" in text
+    assert (
+        "n/a (every step was in the first log interval" in text and "mfu n/a (no tokens/s)" in text and "5 MiB" in text
+    )
 
 
 def test_strategies_and_plan_agree_on_what_a_search_here_leaves_out(run_cli):
@@ -175,7 +191,9 @@ def test_strategies_and_plan_agree_on_what_a_search_here_leaves_out(run_cli):
     assert code == 0, err
     shown = {s["name"]: s for s in json.loads(out)}
     searched = {s.name for s in space.strategies}
-    assert {name for name, s in shown.items() if s["searched"]} - {"grad_accum"} == searched  # fixed by the recipe's global batch
+    assert {name for name, s in shown.items() if s["searched"]} - {
+        "grad_accum"
+    } == searched  # fixed by the recipe's global batch
     left_out = {name: reason for name, reason in space.left_out.items() if shown[name]["usable"]}
     assert {name: s["search_left_out"] for name, s in shown.items() if s["search_left_out"]} == left_out
     code, out, _ = run_cli("strategies", "--explain", "--allow-approximate")
@@ -192,12 +210,23 @@ def test_an_hf_command_prints_no_import_noise():
     assert [line for line in proc.stderr.splitlines() if not line.startswith("autotune: ")] == []
 
 
-@pytest.mark.parametrize(("logger", "message", "shown"), [
-    ("torchao", "Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load this library", False),
-    ("torchao", "Failed to load /venv/torchao/_C_other.so: Could not load this library", True),
-    ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile", False),
-    ("torch.utils._pytree", "something else", True),
-])
+@pytest.mark.parametrize(
+    ("logger", "message", "shown"),
+    [
+        (
+            "torchao",
+            "Failed to load /venv/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so: Could not load this library",
+            False,
+        ),
+        ("torchao", "Failed to load /venv/torchao/_C_other.so: Could not load this library", True),
+        (
+            "torch.utils._pytree",
+            "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch.compile",
+            False,
+        ),
+        ("torch.utils._pytree", "something else", True),
+    ],
+)
 def test_only_the_named_import_notices_are_dropped(logger, message, shown):
     import logging
 
@@ -217,7 +246,16 @@ def test_a_plan_run_in_process_leaves_the_loggers_as_it_found_them(tmp_path, run
         return {name: list(logging.getLogger(name).handlers) for name in ("optuna", "py.warnings")}
 
     before = handlers()
-    code, _, err = run_cli("plan", "--trials", "1", "--warm-start", tmp_path / "missing.plan.json",
-                           "--storage", f"sqlite:///{tmp_path}/s.db", "--out", tmp_path / "p.plan.json")
+    code, _, err = run_cli(
+        "plan",
+        "--trials",
+        "1",
+        "--warm-start",
+        tmp_path / "missing.plan.json",
+        "--storage",
+        f"sqlite:///{tmp_path}/s.db",
+        "--out",
+        tmp_path / "p.plan.json",
+    )
     assert code == 2 and "missing.plan.json" in err, err
     assert handlers() == before

@@ -15,7 +15,8 @@ import pytest
 from tests.conftest import ROOT
 
 CPU_PLANS = sorted(
-    p for p in ROOT.glob("**/*.plan.json")
+    p
+    for p in ROOT.glob("**/*.plan.json")
     if ".venv" not in p.parts and json.loads(p.read_text())["launch"]["device"] == "cpu"
 )
 
@@ -33,17 +34,29 @@ def test_a_committed_cpu_plan_trains(path, tmp_path):
     data = json.loads(path.read_text())
     fingerprint = data.get("hardware", {}).get("fingerprint")
     if fingerprint is not None and fingerprint != current_fingerprint():
-        refused = subprocess.run([sys.executable, "-m", "autotune", "run", str(path), "--steps", "2", "--out", str(out)],
-                                 capture_output=True, text=True, cwd=ROOT, timeout=120)
+        refused = subprocess.run(
+            [sys.executable, "-m", "autotune", "run", str(path), "--steps", "2", "--out", str(out)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
         assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert not out.exists()
         data["hardware"] = {"fingerprint": None, "summary": {}}
     copy = tmp_path / path.name
     copy.write_text(json.dumps(data))
-    r = subprocess.run([sys.executable, "-m", "autotune", "run", str(copy), "--steps", "2", "--out", str(out), "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=280)
+    r = subprocess.run(
+        [sys.executable, "-m", "autotune", "run", str(copy), "--steps", "2", "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=280,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     if data["launch"]["nproc_per_node"] > usable_cores():  # said, not refused (autotune.limits)
-        assert f"autotune: warning: {data['launch']['nproc_per_node']} processes on {usable_cores()} core(s)" in r.stderr
+        assert (
+            f"autotune: warning: {data['launch']['nproc_per_node']} processes on {usable_cores()} core(s)" in r.stderr
+        )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps_done"] == 2

@@ -38,8 +38,18 @@ def _variant(tmp_path, name: str, base=PLAN_A, **sections) -> str:
 def test_two_committed_plans_print_the_table_with_time_and_price(run_cli):
     code, out, err = run_cli("compare", PLAN_A, PLAN_B, "--cost-per-gpu-hour", "h200=3.50")
     assert code == 0, err
-    for words in ("1 x NVIDIA H200", "7403d3bde085", "1,152,697", "1,151,384 ±0.6%", "60.9%", "24.00 GiB",
-                  "passed", "14 min", "$0.84 (h200)", "backend=cudnn"):
+    for words in (
+        "1 x NVIDIA H200",
+        "7403d3bde085",
+        "1,152,697",
+        "1,151,384 ±0.6%",
+        "60.9%",
+        "24.00 GiB",
+        "passed",
+        "14 min",
+        "$0.84 (h200)",
+        "backend=cudnn",
+    ):
         assert words in out, words
 
 
@@ -48,7 +58,12 @@ def test_json_has_the_figures_and_the_price_arithmetic(run_cli):
     assert code == 0
     data = json.loads(out)
     a, b = data["entries"]
-    assert (a["gpu_name"], a["gpu_count"], a["mfu_peak_source"], a["loss_passed"]) == ("NVIDIA H200", 1, "measured", True)
+    assert (a["gpu_name"], a["gpu_count"], a["mfu_peak_source"], a["loss_passed"]) == (
+        "NVIDIA H200",
+        1,
+        "measured",
+        True,
+    )
     assert b["samples"] and b["spread"] == pytest.approx(0.006362, abs=1e-6)
     tps = a["tokens_per_s"]
     assert a["hours"] == pytest.approx(2e9 / tps / 3600)
@@ -98,18 +113,23 @@ def test_plans_of_different_workloads_or_data_are_refused_unless_forced(tmp_path
     # A recorded data identity is compared where both entries have one (older plans have none).
     entries = cmp.compare([str(PLAN_A), str(PLAN_B)], prices=[]).entries
     assert cmp._incomparable([dataclasses.replace(entries[0], data_identity="abc"), entries[1]]) is None
-    assert "different data" in cmp._incomparable([dataclasses.replace(e, data_identity=i) for e, i in zip(entries, "ab")])
+    assert "different data" in cmp._incomparable(
+        [dataclasses.replace(e, data_identity=i) for e, i in zip(entries, "ab")]
+    )
 
 
-@pytest.mark.parametrize(("args", "words"), [
-    (["--cost-per-gpu-hour", "h200=cheap"], "is not a number"),
-    (["--cost-per-gpu-hour", "h200"], "expected LABEL=USD"),
-    (["--cost-per-gpu-hour", "=3"], "expected LABEL=USD"),
-    (["--cost-per-gpu-hour", "h200=-1"], ">= 0"),
-    (["--tokens", "lots"], "--tokens"),
-    (["MISSING"], "no such file"),
-    (["BADVERSION"], "unsupported version"),
-])
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--cost-per-gpu-hour", "h200=cheap"], "is not a number"),
+        (["--cost-per-gpu-hour", "h200"], "expected LABEL=USD"),
+        (["--cost-per-gpu-hour", "=3"], "expected LABEL=USD"),
+        (["--cost-per-gpu-hour", "h200=-1"], ">= 0"),
+        (["--tokens", "lots"], "--tokens"),
+        (["MISSING"], "no such file"),
+        (["BADVERSION"], "unsupported version"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, run_cli, args, words):
     args = [str(tmp_path / "missing.plan.json") if a == "MISSING" else a for a in args]
     if "BADVERSION" in args:
@@ -146,8 +166,11 @@ def test_a_study_shows_the_distribution_of_its_trials(tmp_path, run_cli, capsys)
     c = cmp.compare([str(PLAN_A), f"{url}#w-7403d3bde085"], prices=cmp.parse_prices(["h200=1"]))
     assert (c.entries[1].gpu_name, c.entries[1].fingerprint) == ("NVIDIA H200", "7403d3bde085")
     assert c.entries[1].usd_per_billion == pytest.approx(1e9 / 400.0 / 3600)
-    for source, words in ((f"{url}#nope", "no study 'nope'"), (f"sqlite:///{tmp_path / 'none.db'}#s1", "no such database file"),
-                          ("postgresql://nobody@127.0.0.1:9/autotune#s1", "cannot connect")):
+    for source, words in (
+        (f"{url}#nope", "no study 'nope'"),
+        (f"sqlite:///{tmp_path / 'none.db'}#s1", "no such database file"),
+        ("postgresql://nobody@127.0.0.1:9/autotune#s1", "cannot connect"),
+    ):
         code, _, err = run_cli("compare", PLAN_A, source)
         assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "none.db").exists()
@@ -158,8 +181,8 @@ def _png_colours(path) -> int:
     raw, chunks, pos = path.read_bytes(), [], 8
     width = height = channels = 0
     while pos < len(raw):
-        length, kind = struct.unpack(">I4s", raw[pos:pos + 8])
-        body = raw[pos + 8:pos + 8 + length]
+        length, kind = struct.unpack(">I4s", raw[pos : pos + 8])
+        body = raw[pos + 8 : pos + 8 + length]
         if kind == b"IHDR":
             width, height, depth, colour = struct.unpack(">IIBB", body[:10])
             assert depth == 8 and colour in (2, 6)
@@ -167,9 +190,14 @@ def _png_colours(path) -> int:
         elif kind == b"IDAT":
             chunks.append(body)
         pos += 12 + length
-    data, stride, colours, prev = zlib.decompress(b"".join(chunks)), width * channels, set(), bytearray(width * channels)
+    data, stride, colours, prev = (
+        zlib.decompress(b"".join(chunks)),
+        width * channels,
+        set(),
+        bytearray(width * channels),
+    )
     for y in range(height):  # undo each row's filter (PNG spec 9.2), keep a sample of pixels
-        f, row = data[y * (stride + 1)], bytearray(data[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        f, row = data[y * (stride + 1)], bytearray(data[y * (stride + 1) + 1 : (y + 1) * (stride + 1)])
         for i in range(stride):
             a = row[i - channels] if i >= channels else 0
             b, cc = prev[i], prev[i - channels] if i >= channels else 0
@@ -184,7 +212,7 @@ def _png_colours(path) -> int:
                 pa, pb, pc = abs(p - a), abs(p - b), abs(p - cc)
                 row[i] = (row[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else cc)) & 255
         if y % 15 == 0:
-            colours.update(bytes(row[x:x + 3]) for x in range(0, stride, channels * 7))
+            colours.update(bytes(row[x : x + 3]) for x in range(0, stride, channels * 7))
         prev = row
     return len(colours)
 
@@ -201,9 +229,21 @@ def test_the_html_page_renders_offline_in_headless_chromium(tmp_path, run_cli):
     page = html.read_text()
     assert "<script src=" not in page and "Plotly.newPlot" in page and "$ per billion tokens" in page
     png = tmp_path / "compare.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
-                    "--window-size=1200,900", html.as_uri()], check=True, capture_output=True, timeout=120,
-                   env={**os.environ, "HOME": str(tmp_path)})  # its profile in the temporary folder
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={png}",
+            "--window-size=1200,900",
+            html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )  # its profile in the temporary folder
     assert png.is_file() and png.stat().st_size > 20_000
     assert _png_colours(png) > 10  # bars, text and table: not a blank page
 
@@ -215,7 +255,9 @@ def test_parse_prices_and_tokens():
         cmp.parse_tokens("0")
     with pytest.raises(UserError):
         cmp.parse_prices(["h200=nan"])
-    assert cmp.fmt_duration(2.5) == "2 h 30 min" and cmp.fmt_duration(0.25) == "15 min" and cmp.fmt_duration(None) == "-"
+    assert (
+        cmp.fmt_duration(2.5) == "2 h 30 min" and cmp.fmt_duration(0.25) == "15 min" and cmp.fmt_duration(None) == "-"
+    )
 
 
 def test_a_page_that_cannot_be_written_is_one_line_and_nothing_printed(tmp_path, run_cli):
@@ -226,7 +268,9 @@ def test_a_page_that_cannot_be_written_is_one_line_and_nothing_printed(tmp_path,
 
 def test_compare_imports_no_torch(python):
     """Comparing reads plans as data: the modules import neither torch nor the executor."""
-    code = ("import sys, autotune.compare, autotune.cli.compare; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in ('autotune.train', 'autotune.trial')))")
+    code = (
+        "import sys, autotune.compare, autotune.cli.compare; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in ('autotune.train', 'autotune.trial')))"
+    )
     out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT).stdout
     assert out.strip() == "[]"

@@ -42,7 +42,15 @@ def measured():
     for line in (RESULTS / "single_device_h200.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row["status"] == "ok":
-            case = ("phase8-small", {}, row["micro_batch"], row["strategies"], row["peak_memory_bytes"], row["step_time_s"], "plan-phase8-small/profile.json")
+            case = (
+                "phase8-small",
+                {},
+                row["micro_batch"],
+                row["strategies"],
+                row["peak_memory_bytes"],
+                row["step_time_s"],
+                "plan-phase8-small/profile.json",
+            )
             out.append(pytest.param(*case, id=row["variant"]))
     for db, profile in STUDIES.items():
         study = optuna.load_study(study_name=None, storage=f"sqlite:///{RESULTS / db}")
@@ -50,13 +58,31 @@ def measured():
             plan, f = planmod.from_dict(t.user_attrs["plan"]), t.user_attrs["figures"]
             knobs = {s.name: s.knobs for s in plan.strategies}
             if not UNMODELLED & set(knobs):
-                case = (plan.workload.name, plan.workload.overrides, plan.train.micro_batch_size, knobs, f["peak_memory_bytes"], f["step_time_s"], profile)
+                case = (
+                    plan.workload.name,
+                    plan.workload.overrides,
+                    plan.train.micro_batch_size,
+                    knobs,
+                    f["peak_memory_bytes"],
+                    f["step_time_s"],
+                    profile,
+                )
                 out.append(pytest.param(*case, id=f"{db.rsplit('/', 1)[0]}:{t.number}"))
     data = json.loads((RESULTS / "hf-llama-125m-h200/llama.plan.json").read_text())
     plan = planmod.from_dict(data)
-    for name, figures, micro_batch, knobs in (("plan", data["measured"], plan.train.micro_batch_size, {s.name: s.knobs for s in plan.strategies}),
-                                              ("baseline", data["baseline"], 16, {"grad_accum": {"steps": 4}})):
-        case = (plan.workload.name, plan.workload.overrides, micro_batch, knobs, figures["peak_memory_bytes"], figures["step_time_s"], "hf-llama-125m-h200/profile.json")
+    for name, figures, micro_batch, knobs in (
+        ("plan", data["measured"], plan.train.micro_batch_size, {s.name: s.knobs for s in plan.strategies}),
+        ("baseline", data["baseline"], 16, {"grad_accum": {"steps": 4}}),
+    ):
+        case = (
+            plan.workload.name,
+            plan.workload.overrides,
+            micro_batch,
+            knobs,
+            figures["peak_memory_bytes"],
+            figures["step_time_s"],
+            "hf-llama-125m-h200/profile.json",
+        )
         out.append(pytest.param(*case, id=f"hf-llama-125m:{name}"))
     return out
 
@@ -70,7 +96,9 @@ def test_peak_memory_and_step_time_of_h200_measurements(name, overrides, micro_b
         pytest.importorskip("transformers")
     configs = {n: catalog.get(n).parse(k) for n, k in knobs.items()}
     rates, bandwidth = _rates(profile)
-    estimate = costmodel.estimate(load_workload(name, overrides), micro_batch, configs, matmul_flops=rates, memory_bandwidth=bandwidth)
+    estimate = costmodel.estimate(
+        load_workload(name, overrides), micro_batch, configs, matmul_flops=rates, memory_bandwidth=bandwidth
+    )
     memory, time = estimate.peak_memory_bytes / peak - 1, estimate.step_time_s / step_s - 1
     assert abs(memory) < (0.10 if name.startswith("hf:") else 0.15), (f"{memory:+.1%}", estimate.breakdown)
     assert abs(time) < 0.25, (f"{time:+.1%}", estimate.time_breakdown)
@@ -107,15 +135,21 @@ HF_LLAMA = dict(HF_SMALL, hidden_size=64, intermediate_size=128, num_key_value_h
 HF_GPT2 = dict(HF_SMALL, hidden_size=64, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 # One tiny model of each family, odd widths so that no two terms coincide: head_dim 24 where
 # the family takes one (!= 64 / 4), 2 kv heads where it has grouped ones, d_ff 176.
-GQA = dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+GQA = dict(
+    hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64
+)
 FAMILIES = {
     "llama": dict(GQA, head_dim=24),
     "qwen2": GQA,
     "qwen3": dict(GQA, head_dim=24, tie_word_embeddings=True),  # per-head q/k norms
     "mistral": dict(GQA, head_dim=24),
     "gemma2": dict(GQA, head_dim=24),  # four norms a block, gelu-tanh gated MLP, soft-capped logits
-    "gpt2": dict(hidden_size=64, num_attention_heads=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),  # gelu_new in Python
-    "gpt_neox": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, max_position_embeddings=64),  # fused qkv, parallel residual
+    "gpt2": dict(
+        hidden_size=64, num_attention_heads=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    ),  # gelu_new in Python
+    "gpt_neox": dict(
+        hidden_size=64, intermediate_size=176, num_attention_heads=4, max_position_embeddings=64
+    ),  # fused qkv, parallel residual
     "phi3": dict(GQA, pad_token_id=0),  # fused qkv and gate_up
 }
 
@@ -146,7 +180,10 @@ def saved_bytes(model, ids, mixed: bool) -> int:
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed),
+    ):
         loss = model(ids, ids)
     loss.backward()
     return sum(kept.values())
@@ -174,8 +211,14 @@ def test_activations_and_logits_are_what_autograd_saves_in_each_hf_family(family
     casts = 2 * c.matmul_params if mixed else 0  # autocast's bf16 copy of every matrix, the head's too
     predicted = t * (blocks + outside + c.vocab_size * kept) + casts
     assert predicted / saved - 1 == pytest.approx(0, abs=0.10), (family, f"{predicted / saved - 1:+.1%}")
-    configs = {"precision": catalog.get("precision").parse({"dtype": "bf16"})} if mixed else {"attention": catalog.get("attention").parse({"backend": "flash"})}
-    parts = costmodel.estimate(workload, 2, configs).breakdown  # the same terms in the estimate (our backends repeat kv heads)
+    configs = (
+        {"precision": catalog.get("precision").parse({"dtype": "bf16"})}
+        if mixed
+        else {"attention": catalog.get("attention").parse({"backend": "flash"})}
+    )
+    parts = costmodel.estimate(
+        workload, 2, configs
+    ).breakdown  # the same terms in the estimate (our backends repeat kv heads)
     repeated = c.n_layers * costmodel.block_bytes(c, mixed=mixed, compiled=False, repeated_kv=not mixed)
     assert (parts["activations"], parts["casts"]) == (t * (repeated + outside), casts)
 
@@ -191,7 +234,16 @@ def test_each_hf_familys_block_layout_is_read_off_its_modules():
     }
     for family, fields in expected.items():
         c = _family(family)[0].shape
-        names = ("norm_saved", "attn_in_linears", "mlp_in_linears", "mlp_saved", "rope_copies", "qk_norm", "mlp_matrices", "vocab_tables")
+        names = (
+            "norm_saved",
+            "attn_in_linears",
+            "mlp_in_linears",
+            "mlp_saved",
+            "rope_copies",
+            "qk_norm",
+            "mlp_matrices",
+            "vocab_tables",
+        )
         assert tuple(getattr(c, n) for n in names) == fields, family
     gemma = _family("gemma2")[0].shape
     assert gemma.logit_softcap and gemma.attn_dim == 4 * 24 != gemma.d_model  # head_dim 24, not 64 / 4
@@ -244,7 +296,9 @@ def test_costmodel_predicts_a_gqa_swiglu_llama_by_hand_count():
     assert costmodel.flops_per_step(workload, 2, {}) == adapter_for(model).flops_per_token() * t
     # Checkpointing every block keeps each block's fp32 input; a block recomputed in the
     # backward is live again once the logits' gradients are gone: the peak takes the larger.
-    ckpt = costmodel.estimate(workload, 2, {"activation_checkpoint": catalog.get("activation_checkpoint").parse({})}).breakdown
+    ckpt = costmodel.estimate(
+        workload, 2, {"activation_checkpoint": catalog.get("activation_checkpoint").parse({})}
+    ).breakdown
     assert ckpt["activations"] == t * (L * 4 * 64 + outside) and ckpt["scores"] == 0
     assert ckpt["recompute"] == max(0, t * block + b["scores"] / L - b["logits"])
 
@@ -256,8 +310,12 @@ def test_costmodel_of_hf_gpt2_is_the_gpt_of_its_shape():
     pytest.importorskip("transformers")
     hf = load_workload("hf:gpt2", HF_GPT2)
     gpt = load_workload("tiny", {"vocab_size": 250, "seq_len": 16, "d_model": 64, "n_layers": 2, "n_heads": 4})
-    cases = ({}, {"precision": {"dtype": "bf16"}, "attention": {"backend": "naive"}}, {"activation_checkpoint": {"mode": "full"}},
-             {"precision": {"dtype": "bf16"}, "compile": {}})
+    cases = (
+        {},
+        {"precision": {"dtype": "bf16"}, "attention": {"backend": "naive"}},
+        {"activation_checkpoint": {"mode": "full"}},
+        {"precision": {"dtype": "bf16"}, "compile": {}},
+    )
     for configs in cases:
         configs = {n: catalog.get(n).parse(k) for n, k in configs.items()}
         a, b = costmodel.estimate(hf, 4, configs), costmodel.estimate(gpt, 4, configs)
@@ -280,9 +338,14 @@ def _tiny_llama_space(memory: float):
 
     workload = load_workload("hf:llama", HF_LLAMA)
     return search.SearchSpace(
-        workload=workload, strategies=[], graph=StrategyGraph(Facts.of(None, workload)),
-        micro_batches=(8,), baseline_micro_batch=8, train=TrainSpec(micro_batch_size=1),
-        launch=LaunchSpec(device="cpu"), device_memory=memory,
+        workload=workload,
+        strategies=[],
+        graph=StrategyGraph(Facts.of(None, workload)),
+        micro_batches=(8,),
+        baseline_micro_batch=8,
+        train=TrainSpec(micro_batch_size=1),
+        launch=LaunchSpec(device="cpu"),
+        device_memory=memory,
     )
 
 
@@ -312,7 +375,9 @@ def _study_that_measured(ratios: list[float], value: float = 1.0):
     dist = {"micro_batch_size": optuna.distributions.CategoricalDistribution([8])}
     for ratio in ratios:
         attrs = {"predicted_peak_memory_bytes": 1e9, "figures": {"status": "ok", "peak_memory_bytes": ratio * 1e9}}
-        study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 8}, distributions=dist, value=value, user_attrs=attrs))
+        study.add_trial(
+            optuna.trial.create_trial(params={"micro_batch_size": 8}, distributions=dist, value=value, user_attrs=attrs)
+        )
     return study
 
 
@@ -360,7 +425,10 @@ def test_memory_pruning_learns_its_margin_from_the_studys_trials(ratios, share, 
     assert (trial.state == optuna.trial.TrialState.PRUNED) == pruned and len(launches) == (0 if pruned else 1)
     if pruned and ratios:
         assert trial.user_attrs["error"].startswith(f"predicted {predicted * correction / 2**30:.1f} GiB")
-        assert f"x {correction:.2f}, the least measured/predicted peak of {len(ratios)} trials" in trial.user_attrs["error"]
+        assert (
+            f"x {correction:.2f}, the least measured/predicted peak of {len(ratios)} trials"
+            in trial.user_attrs["error"]
+        )
 
 
 def test_a_trial_predicted_slow_is_launched(launches):
@@ -409,7 +477,9 @@ def test_moe_experts_count_their_active_share_of_flops_and_all_of_memory():
 
 
 def test_chosen_strategies_cost_terms_run_in_apply_order():
-    configs = {n: catalog.get(n).parse(k) for n, k in {"zero": {"stage": 2}, "moe": {}, "precision": {"dtype": "bf16"}}.items()}
+    configs = {
+        n: catalog.get(n).parse(k) for n, k in {"zero": {"stage": 2}, "moe": {}, "precision": {"dtype": "bf16"}}.items()
+    }
     names = [name for name, _ in costmodel.strategy_terms(configs)]
     assert names == ["precision", "moe", "zero"]
     assert catalog.get("moe").cost is not None and costmodel.strategy_terms(configs)[2][1] is catalog.get("zero").cost
@@ -420,8 +490,12 @@ def test_a_fused_loss_holds_a_chunk_of_logits_not_all_of_them():
     gradient and the hidden states' gradient in place of the logits; loss compile is the model's own."""
     workload = load_workload("gpt-vocab152k", {})
     base = {"precision": catalog.get("precision").parse({"dtype": "bf16"}), "compile": catalog.get("compile").parse({})}
-    by_loss = {loss: costmodel.estimate(workload, 16, {**base, "triton_kernels": catalog.get("triton_kernels").parse({"loss": loss})})
-               for loss in ("compile", "autotune", "liger", "cce")}
+    by_loss = {
+        loss: costmodel.estimate(
+            workload, 16, {**base, "triton_kernels": catalog.get("triton_kernels").parse({"loss": loss})}
+        )
+        for loss in ("compile", "autotune", "liger", "cce")
+    }
     tokens, V, h = 16 * 1024, 151936, 1024
     unfused = costmodel.estimate(workload, 16, base)
     assert by_loss["compile"].breakdown == unfused.breakdown and unfused.breakdown["logits"] == tokens * V * 3.0
@@ -431,8 +505,13 @@ def test_a_fused_loss_holds_a_chunk_of_logits_not_all_of_them():
         assert by_loss[loss].breakdown["logits"] < 0.3 * unfused.breakdown["logits"], loss
 
 
-ISSUE26_STUDIES = ("issue26-h100-420s/qwen3", "issue26-h100-420s/llama32", "issue26-h100-420s/mistral", "issue26-h100-420s-mistral/mistral",
-                   "issue26-h100-420s/gpt1b")
+ISSUE26_STUDIES = (
+    "issue26-h100-420s/qwen3",
+    "issue26-h100-420s/llama32",
+    "issue26-h100-420s/mistral",
+    "issue26-h100-420s-mistral/mistral",
+    "issue26-h100-420s/gpt1b",
+)
 """The 420 s studies of models autotune was not tuned on (one H100; bench/README.md)."""
 
 

@@ -167,7 +167,9 @@ def test_batches_are_a_function_of_seed_step_micro_rank(tokens: np.ndarray) -> N
 
 
 @pytest.mark.parametrize("split", [(16, 1, 1), (8, 2, 1), (4, 2, 2), (2, 2, 4), (1, 16, 1)])
-def test_a_steps_samples_do_not_depend_on_how_the_global_batch_is_split(tokens: np.ndarray, split: tuple[int, int, int]) -> None:
+def test_a_steps_samples_do_not_depend_on_how_the_global_batch_is_split(
+    tokens: np.ndarray, split: tuple[int, int, int]
+) -> None:
     # micro-batch x accumulation x processes = 16 rows a step: the same 16 samples in every
     # split, each rank's micro-batches in order, so the plain reference sees the plan's batches.
     batch_size, micro_batches, world = split
@@ -176,7 +178,9 @@ def test_a_steps_samples_do_not_depend_on_how_the_global_batch_is_split(tokens: 
     for step in range(3):
         rows = []
         for rank in range(world):
-            with _batches(tokens, batch_size=batch_size, micro_batches=micro_batches, rank=rank, world_size=world, prefetch=0) as b:
+            with _batches(
+                tokens, batch_size=batch_size, micro_batches=micro_batches, rank=rank, world_size=world, prefetch=0
+            ) as b:
                 rows += [b.get(step, m)[0] for m in range(micro_batches)]
         torch.testing.assert_close(torch.cat(rows), expected[step])
 
@@ -362,7 +366,9 @@ def test_default_corpus_is_deterministic_cached_and_safe_to_share(
     assert capsys.readouterr().out.strip() == str(path)
 
 
-def test_cli_prepare_as_the_readme_writes_it(texts: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prepare_as_the_readme_writes_it(
+    texts: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # `--text a.txt b.txt`: the paths after one --text are all text files.
     out = tmp_path / "readme"
     assert main(["data", "prepare", "--text", str(texts[0]), str(texts[1]), "--out", str(out), "--vocab", "512"]) == 0
@@ -378,14 +384,18 @@ def _run_dir(tmp_path: Path) -> Path:
 
 # (id, arguments after the text, words): each one line, exit 2 (1 where only writing finds it), nothing written.
 BAD_PREPARE = [
-    ("vocab_huge_given_tokenizer", lambda t: ["--out", t / "out", "--vocab", str(2**31), "--tokenizer", t / "tokenizer.json"],
-     "is more than 1,048,576 tokens"),
+    (
+        "vocab_huge_given_tokenizer",
+        lambda t: ["--out", t / "out", "--vocab", str(2**31), "--tokenizer", t / "tokenizer.json"],
+        "is more than 1,048,576 tokens",
+    ),
 ]
 
 
 @pytest.mark.parametrize("args, words", [pytest.param(a, w, id=i) for i, a, w in BAD_PREPARE])
-def test_cli_prepare_refuses_in_one_line(texts: list[Path], dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                        args, words) -> None:
+def test_cli_prepare_refuses_in_one_line(
+    texts: list[Path], dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args, words
+) -> None:
     (tmp_path / "file.txt").write_text("a file, kept as it is\n")
     (tmp_path / "tokenizer.json").write_bytes((dataset / "tokenizer.json").read_bytes())
     args = [str(a) for a in args(tmp_path)]
@@ -393,7 +403,9 @@ def test_cli_prepare_refuses_in_one_line(texts: list[Path], dataset: Path, tmp_p
     code = main(["data", "prepare", "--text", str(texts[0]), *args])
     err = capsys.readouterr().err
     # Root may write in any folder (os.access says so): /proc refuses it only when written, exit 1.
-    assert code in ((1, 2) if "/proc" in words else (2,)) and err.count("\n") == 1 and err.startswith("autotune: error: "), err
+    assert (
+        code in ((1, 2) if "/proc" in words else (2,)) and err.count("\n") == 1 and err.startswith("autotune: error: ")
+    ), err
     assert words in err, err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert (tmp_path / "file.txt").read_text() == "a file, kept as it is\n"

@@ -125,10 +125,17 @@ def test_a_made_up_strategy_with_a_mesh_dim_needs_no_core_edit() -> None:
     with pytest.raises(UserError, match="split and tensor_parallel both split the tp dimension"):
         mesh_shape(4, {"split": {}, "tensor_parallel": {}}, strategies=strategies)
     # The advice names the dp strategies that fit: not the one that conflicts with the split.
-    with pytest.raises(UserError, match=r"leaves 2 data-parallel groups of 4 processes: add ddp or fsdp2 or zero, or make"):
+    with pytest.raises(
+        UserError, match=r"leaves 2 data-parallel groups of 4 processes: add ddp or fsdp2 or zero, or make"
+    ):
         mesh_shape(4, {"split": {}}, strategies=strategies)
     with pytest.raises(UserError, match="split degree 2 does not divide the 3 heads"):
-        mesh_shape(2, {"split": {}}, strategies=strategies, workload=dataclasses.replace(load_workload("tiny").shape, n_heads=3))
+        mesh_shape(
+            2,
+            {"split": {}},
+            strategies=strategies,
+            workload=dataclasses.replace(load_workload("tiny").shape, n_heads=3),
+        )
 
 
 def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
@@ -156,7 +163,9 @@ def test_refine_only_choices_are_declared_on_the_knob_and_must_be_choices() -> N
         """The mode."""
 
     with pytest.raises(UserError, match="refine-only 'slow' is not a choice of knob mode"):
-        check_knob_fields(made_up("m", config=Modes, knobs=(Knob(name="mode", choices=("fast",), refine_only=("slow",)),)))
+        check_knob_fields(
+            made_up("m", config=Modes, knobs=(Knob(name="mode", choices=("fast",), refine_only=("slow",)),))
+        )
 
 
 def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
@@ -179,14 +188,17 @@ def test_precision_leaves_a_cpu_search_without_bf16_units(tmp_path) -> None:
     plain.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
     bf16.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
     assert precision.search_knobs("cpu", str(plain)) == (
-        f"this CPU has no AMX or AVX512-BF16 ({plain}): bf16 autocast would be emulated, slower than fp32")
+        f"this CPU has no AMX or AVX512-BF16 ({plain}): bf16 autocast would be emulated, slower than fp32"
+    )
     assert [k.choices for k in precision.search_knobs("cpu", str(bf16))] == [("fp32", "bf16"), (False,)]
     assert precision.search_knobs("cuda", str(plain)) == catalog()["precision"].knobs
     here = search_left_out(SearchFacts(cores=2, seq_len=128, device="cpu"))
     assert ("precision" in here) != precision.cpu_has_bf16()
 
 
-def _priors(device: str, processes: int = 1, excluded: dict[str, dict[Any, str]] | None = None, **shape: int) -> dict[str, Any]:
+def _priors(
+    device: str, processes: int = 1, excluded: dict[str, dict[Any, str]] | None = None, **shape: int
+) -> dict[str, Any]:
     from autotune.strategy import PriorFacts
 
     facts = PriorFacts(device=device, cores=8, processes=processes, excluded=excluded or {}, **shape)  # type: ignore[arg-type]
@@ -232,8 +244,21 @@ def test_the_cost_terms_are_declared_by_their_strategies() -> None:
     from autotune import costmodel
 
     declared = {name for name, s in catalog().items() if s.cost is not None}
-    assert declared == {"precision", "vocab_padding", "moe", "sparse_attention", "attention", "triton_kernels", "tensor_parallel",
-                        "pipeline_parallel", "activation_checkpoint", "compile", "grad_accum", "fsdp2", "zero"}
+    assert declared == {
+        "precision",
+        "vocab_padding",
+        "moe",
+        "sparse_attention",
+        "attention",
+        "triton_kernels",
+        "tensor_parallel",
+        "pipeline_parallel",
+        "activation_checkpoint",
+        "compile",
+        "grad_accum",
+        "fsdp2",
+        "zero",
+    }
     assert not hasattr(costmodel, "BUILTIN_TERMS")
     assert not hasattr(costmodel, "fsdp2_cost")  # the terms' old names in the core are gone
 
@@ -245,15 +270,23 @@ def test_the_gpts_structure_is_what_its_adapter_serves() -> None:
     from autotune.workloads.adapter import STRUCTURE, GPTAdapter
     from autotune.workloads.gpt import GPT, GPTConfig
 
-    assert GPT_STRUCTURE == STRUCTURE == GPTAdapter(GPT(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=1, n_heads=2))).supports()
+    assert (
+        GPT_STRUCTURE
+        == STRUCTURE
+        == GPTAdapter(GPT(GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=1, n_heads=2))).supports()
+    )
     kernels = catalog()["triton_kernels"]
     fused = kernels.config().needs()
-    assert fused.structure == {"head", "loss"} and kernels.config(loss="liger").needs().modules == ("triton", "liger_kernel")
+    assert fused.structure == {"head", "loss"} and kernels.config(loss="liger").needs().modules == (
+        "triton",
+        "liger_kernel",
+    )
     on_a_gpu = dataclasses.replace(CPU, cuda_devices=1, compute_capability=(9, 0), modules=frozenset({"triton"}))
     assert unmet_needs(dataclasses.replace(kernels, needs=fused), on_a_gpu) == []
-    assert unmet_needs(dataclasses.replace(kernels, needs=fused), dataclasses.replace(on_a_gpu, structure=frozenset({"blocks", "head"}))) == [
-        "needs the workload to declare loss"
-    ]
+    assert unmet_needs(
+        dataclasses.replace(kernels, needs=fused),
+        dataclasses.replace(on_a_gpu, structure=frozenset({"blocks", "head"})),
+    ) == ["needs the workload to declare loss"]
 
 
 # ---------------------------------------------------------------------- export
@@ -266,7 +299,8 @@ def test_how_each_strategy_exports_is_declared_by_it() -> None:
     from autotune.strategy import NOTHING_TO_SET
 
     declared = {
-        name: {target: "nothing" if how is NOTHING_TO_SET else "sets" for target, how in s.exports.items()} for name, s in catalog().items()
+        name: {target: "nothing" if how is NOTHING_TO_SET else "sets" for target, how in s.exports.items()}
+        for name, s in catalog().items()
     }
     both_nothing = {"accelerate": "nothing", "deepspeed": "nothing"}
     assert declared == {
@@ -290,7 +324,11 @@ def test_an_export_to_an_unknown_target_or_an_approximate_strategy_left_out_is_r
         check_exports(made_up("s", exports={"horovod": NOTHING_TO_SET}))
     with pytest.raises(UserError, match="strategy a is approximate: accelerate without it trains another model"):
         check_exports(dataclasses.replace(made_up("a", exports={"accelerate": NOTHING_TO_SET}), exact=False))
-    check_exports(dataclasses.replace(made_up("a", exports={"accelerate": lambda cfg, plan: {"mixed_precision": "fp8"}}), exact=False))
+    check_exports(
+        dataclasses.replace(
+            made_up("a", exports={"accelerate": lambda cfg, plan: {"mixed_precision": "fp8"}}), exact=False
+        )
+    )
 
 
 # ---------------------------------------------------------------------- packages
@@ -311,14 +349,20 @@ class LossConfig:
 def test_the_packages_probed_are_the_ones_the_strategies_declare() -> None:
     # Those of the strategy (optuna) and those its config asks for at a knob's choice
     # (networkx, and one that is not installed): probed with no edit to the core.
-    losses = made_up("losses", config=LossConfig, needs=Needs(modules=("optuna",)),
-                     knobs=(Knob(name="loss", choices=("plain", "here", "absent")),))
+    losses = made_up(
+        "losses",
+        config=LossConfig,
+        needs=Needs(modules=("optuna",)),
+        knobs=(Knob(name="loss", choices=("plain", "here", "absent")),),
+    )
     assert declared_modules([losses]) == {"optuna", "networkx", "autotune_no_such_package"}
     facts = Facts.of(None, load_workload("tiny"), strategies=[losses])
     assert facts.modules == {"optuna", "networkx"}
     graph = StrategyGraph(facts, strategies={"losses": losses}, order=("losses",))
     assert graph.usable() == ["losses"]
-    assert graph.excluded_choices("losses") == {"loss": {"absent": "needs the autotune_no_such_package package, which does not import here"}}
+    assert graph.excluded_choices("losses") == {
+        "loss": {"absent": "needs the autotune_no_such_package package, which does not import here"}
+    }
     # The catalog's: triton_kernels' liger and cce are probed like deepspeed, installed or not.
     assert {"liger_kernel", "cut_cross_entropy", "deepspeed", "triton"} <= declared_modules(catalog().values())
     here = Facts.of(None, load_workload("tiny")).modules

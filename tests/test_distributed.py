@@ -149,6 +149,8 @@ class TestZero(DistributedSuite):
     name = "zero"
     cpu_cases = dist_worker.CASES["zero"]
     knob_company: ClassVar[dict[str, Any]] = {"stage": 3}  # offload_params needs stage 3
+
+
 class TestTensorParallel(DistributedSuite):
     name = "tensor_parallel"
     cpu_cases = dist_worker.CASES["tensor_parallel"]
@@ -163,7 +165,12 @@ class TestPipelineParallel(DistributedSuite):
 
 def test_ddp_checkpoint_is_the_plain_model_written_once(worker: Path) -> None:
     ckpts = dist_worker.run_dir(worker, "ddp", 0) / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005.pt", "step_00000005.pt.sha256", "step_00000010.pt", "step_00000010.pt.sha256"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "step_00000005.pt",
+        "step_00000005.pt.sha256",
+        "step_00000010.pt",
+        "step_00000010.pt.sha256",
+    ]
     state = torch.load(ckpts / "step_00000010.pt", weights_only=True)
     plain = load_workload("tiny", TINY).build_model().state_dict()
     assert state["model"].keys() == plain.keys() and state["step"] == 10
@@ -191,11 +198,18 @@ def test_zero_runs_deepspeeds_engine_with_the_config_made_from_the_plan(worker: 
     assert checks["zero_model_is_the_engines"]
     assert checks["zero_tokens_per_step"] == 2 * 2 * MICRO_BATCH * TINY["seq_len"]  # accumulation x processes
     plain = load_workload("tiny", TINY)
-    assert checks["zero_flops_per_token"] == flops_per_token(plain.build_model(), plain)  # stage 3 partitions: counted whole
+    assert checks["zero_flops_per_token"] == flops_per_token(
+        plain.build_model(), plain
+    )  # stage 3 partitions: counted whole
     config = json.loads(checks["zero_note"].split(" config ", 1)[1])
     plan = make_plan({}, "cpu")
     assert config == ds_config(ZeroConfig(stage=3, offload_optimizer=True), plan.train, 2)
-    assert config["optimizer"]["params"] == {"lr": plan.train.lr, "betas": [plan.train.beta1, plan.train.beta2], "eps": 1e-8, "weight_decay": plan.train.weight_decay}
+    assert config["optimizer"]["params"] == {
+        "lr": plan.train.lr,
+        "betas": [plan.train.beta1, plan.train.beta2],
+        "eps": 1e-8,
+        "weight_decay": plan.train.weight_decay,
+    }
     assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
     assert config["gradient_accumulation_steps"] == 2 and config["gradient_clipping"] == plan.train.grad_clip
 
@@ -206,7 +220,9 @@ def test_zero_checkpoint_is_deepspeeds_own_and_converts_to_the_plain_model(worke
     ckpts = dist_worker.run_dir(worker, "zero", 0) / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000005", "step_00000010"]  # no temporary left
     step = ckpts / "step_00000010"
-    assert {f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")} <= {p.name for p in (step / "deepspeed").iterdir()}
+    assert {f"zero_pp_rank_{r}_mp_rank_00_{k}_states.pt" for r in (0, 1) for k in ("model", "optim")} <= {
+        p.name for p in (step / "deepspeed").iterdir()
+    }
     assert json.loads((step / "deepspeed_config.json").read_text())["zero_optimization"] == {"stage": 3}
     assert torch.load(step / "meta.pt", weights_only=True)["step"] == 10
     whole = get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed")
@@ -227,7 +243,9 @@ def test_zero_refuses_what_it_cannot_do_before_deepspeed_starts() -> None:
     workload = load_workload("tiny", TINY)
 
     def ctx(**fields) -> TrainContext:
-        return TrainContext(workload=workload, device=torch.device("cpu"), model=workload.build_model(), world_size=2, **fields)
+        return TrainContext(
+            workload=workload, device=torch.device("cpu"), model=workload.build_model(), world_size=2, **fields
+        )
 
     with pytest.raises(UserError, match="zero with precision fp16 is not supported"):
         STRATEGY.apply(ctx(grad_scaler=True), ZeroConfig())
@@ -235,7 +253,9 @@ def test_zero_refuses_what_it_cannot_do_before_deepspeed_starts() -> None:
     with pytest.raises(UserError, match="zero takes the model itself.*compile scope blocks"):
         check_settings({"compile": CompileConfig(), "zero": ZeroConfig()})
     with pytest.raises(UserError, match="needs 2\\+ processes, this run has 1"):
-        STRATEGY.apply(TrainContext(workload=workload, device=torch.device("cpu"), model=workload.build_model()), ZeroConfig())
+        STRATEGY.apply(
+            TrainContext(workload=workload, device=torch.device("cpu"), model=workload.build_model()), ZeroConfig()
+        )
 
 
 def test_strategies_compose_and_refuse_inside_the_group(worker: Path) -> None:
@@ -267,13 +287,17 @@ def test_tp_and_pp_checkpoints_hold_every_stage_and_shard_under_plain_names(work
 # -- the command line and failures ------------------------------------------------------------
 
 
-def two_process_plan(tmp_path: Path, strategies: dict, *, workload: str | None = None, micro_batch: int = MICRO_BATCH, **train_overrides) -> Path:
+def two_process_plan(
+    tmp_path: Path, strategies: dict, *, workload: str | None = None, micro_batch: int = MICRO_BATCH, **train_overrides
+) -> Path:
     data = json.loads(DEFAULT_PLAN.read_text())
     if workload is None:
         data["workload"]["overrides"] = dict(TINY)
     else:
         data["workload"] = {"name": workload, "overrides": {}}
-    data["train"].update({"micro_batch_size": micro_batch, "eval_interval": 0, "checkpoint_interval": 0, **train_overrides})
+    data["train"].update(
+        {"micro_batch_size": micro_batch, "eval_interval": 0, "checkpoint_interval": 0, **train_overrides}
+    )
     data["launch"]["nproc_per_node"] = 2
     data["strategies"] = [{"name": n, "knobs": k} for n, k in strategies.items()]
     path = tmp_path / "plan.json"
@@ -281,22 +305,30 @@ def two_process_plan(tmp_path: Path, strategies: dict, *, workload: str | None =
     return path
 
 
-def autotune_run(plan_path: Path, out: Path, *args: str, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+def autotune_run(
+    plan_path: Path, out: Path, *args: str, timeout: float, env: dict | None = None
+) -> subprocess.CompletedProcess:
     import os
 
     cmd = [sys.executable, "-m", "autotune", "run", str(plan_path), "--out", str(out), *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def test_autotune_run_starts_the_processes_itself(tmp_path: Path) -> None:
-    plan = two_process_plan(tmp_path, {"fsdp2": {"param_dtype": "fp32"}}, eval_interval=4, checkpoint_interval=4, log_interval=2)
+    plan = two_process_plan(
+        tmp_path, {"fsdp2": {"param_dtype": "fp32"}}, eval_interval=4, checkpoint_interval=4, log_interval=2
+    )
     out = tmp_path / "run"
     proc = autotune_run(plan, out, "--steps", "4", "--json", timeout=120)
     assert proc.returncode == 0, worker_failure(proc)
     summary = json.loads(proc.stdout)  # rank 0 alone printed
     assert summary["steps_done"] == 4 and summary["val_loss"] is not None
     assert [r["step"] for r in train.read_log(out / "log.jsonl")] == [0, 1, 2, 3]  # one log, not two
-    assert json.loads((out / "summary.json").read_text())["losses"] == [r["loss"] for r in train.read_log(out / "log.jsonl")]
+    assert json.loads((out / "summary.json").read_text())["losses"] == [
+        r["loss"] for r in train.read_log(out / "log.jsonl")
+    ]
     assert (out / "checkpoints" / "step_00000004" / "meta.pt").is_file()
 
 
@@ -316,14 +348,18 @@ def test_a_rank_that_hangs_ends_the_run_at_the_collective_timeout(tmp_path: Path
     # Rank 1 sleeps in its forward; rank 0 waits in DDP's all-reduce until the timeout.
     plan = two_process_plan(tmp_path, {"ddp": {}}, workload="tests.faults:build", micro_batch=faults.RANK1_HANGS)
     began = time.monotonic()
-    proc = autotune_run(plan, tmp_path / "run", "--trust-workload", timeout=FAIL_WITHIN_S, env={"AUTOTUNE_DIST_TIMEOUT_S": "5"})
+    proc = autotune_run(
+        plan, tmp_path / "run", "--trust-workload", timeout=FAIL_WITHIN_S, env={"AUTOTUNE_DIST_TIMEOUT_S": "5"}
+    )
     assert proc.returncode == 1, proc.stderr[-4000:]
     assert "Timed out waiting 5000ms" in proc.stderr  # gloo's words, on rank 0
     assert time.monotonic() - began < FAIL_WITHIN_S
 
 
 def test_a_trial_whose_rank_fails_reports_that_rank(tmp_path: Path) -> None:
-    plan = planmod.load(two_process_plan(tmp_path, {"ddp": {}}, workload="tests.faults:build", micro_batch=faults.RANK1_RAISES))
+    plan = planmod.load(
+        two_process_plan(tmp_path, {"ddp": {}}, workload="tests.faults:build", micro_batch=faults.RANK1_RAISES)
+    )
     result = run_trial(plan, TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=FAIL_WITHIN_S))
     assert result.figures.status == "crash"
     assert result.error.startswith("rank 1: RuntimeError: simulated failure on rank 1"), result.error
@@ -352,10 +388,28 @@ def test_two_nodes_meet_at_the_plans_rendezvous(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     data["launch"].update(nproc_per_node=1, nnodes=2, rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id="two-nodes")
     path.write_text(json.dumps(data))
-    cmds = [[sys.executable, "-m", "autotune", "run", str(path), "--out", str(tmp_path / f"node{r}"), "--steps", "3", "--node-rank", str(r)] for r in (0, 1)]
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "autotune",
+            "run",
+            str(path),
+            "--out",
+            str(tmp_path / f"node{r}"),
+            "--steps",
+            "3",
+            "--node-rank",
+            str(r),
+        ]
+        for r in (0, 1)
+    ]
     # Output to files, not pipes: waiting on one node while the other fills its pipe deadlocks.
     logs = [tmp_path / f"node{r}.err" for r in (0, 1)]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=os.environ) for cmd, log in zip(cmds, logs, strict=True)]
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("w"), env=os.environ)
+        for cmd, log in zip(cmds, logs, strict=True)
+    ]
     for p in procs:
         p.wait(timeout=120)
     assert [p.returncode for p in procs] == [0, 0], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
@@ -378,7 +432,9 @@ def test_four_processes_fsdp2_and_tensor_parallel_in_2d(tmp_path: Path) -> None:
     # the two dp groups train on dp ranks 0 and 1's batches, so the run that must match is one
     # process accumulating both (as for DDP above). The same fp32 sums in another order:
     # 1e-5 stated, as for FSDP2 and TP alone.
-    path = two_process_plan(tmp_path, {"fsdp2": {"param_dtype": "fp32"}, "tensor_parallel": {"degree": 2}}, log_interval=1)
+    path = two_process_plan(
+        tmp_path, {"fsdp2": {"param_dtype": "fp32"}, "tensor_parallel": {"degree": 2}}, log_interval=1
+    )
     data = json.loads(path.read_text())
     data["launch"]["nproc_per_node"] = 4
     path.write_text(json.dumps(data))

@@ -33,7 +33,10 @@ def test_train_step_sets_the_lr_runs_every_micro_batch_then_steps_once():
     engine = Recording(grad_accum=3)
     loss = engine.train_step(lambda i: (torch.tensor(i), torch.tensor(i)), 0.5)
     assert engine.calls == [
-        ("forward_backward", 0, False, 0.5), ("forward_backward", 1, False, 0.5), ("forward_backward", 2, True, 0.5), ("step",)
+        ("forward_backward", 0, False, 0.5),
+        ("forward_backward", 1, False, 0.5),
+        ("forward_backward", 2, True, 0.5),
+        ("step",),
     ]
     assert loss.item() == 0 + 1 + 2  # the sum of the micro-batch losses (each already divided by 3)
 

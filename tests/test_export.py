@@ -21,10 +21,14 @@ PYTHON = sys.executable
 
 
 def autotune(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "autotune", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-m", "autotune", *args], capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout
+    )
 
 
-def plan_file(tmp_path: Path, name: str, strategies: list[dict], *, nproc: int = 2, device: str = "cpu", **launch) -> Path:
+def plan_file(
+    tmp_path: Path, name: str, strategies: list[dict], *, nproc: int = 2, device: str = "cpu", **launch
+) -> Path:
     data = json.loads(DEFAULT_PLAN.read_text())
     data["strategies"] = strategies
     data["launch"].update(nproc_per_node=nproc, device=device, **launch)
@@ -34,10 +38,17 @@ def plan_file(tmp_path: Path, name: str, strategies: list[dict], *, nproc: int =
     return path
 
 
-ZERO = [{"name": "precision", "knobs": {"dtype": "bf16"}}, {"name": "grad_accum", "knobs": {"steps": 2}},
-        {"name": "zero", "knobs": {"stage": 2, "offload_optimizer": True}}]
-FSDP = [{"name": "precision", "knobs": {"dtype": "bf16"}}, {"name": "activation_checkpoint", "knobs": {}},
-        {"name": "compile", "knobs": {"mode": "default", "scope": "blocks"}}, {"name": "fsdp2", "knobs": {"reshard_after_forward": False}}]
+ZERO = [
+    {"name": "precision", "knobs": {"dtype": "bf16"}},
+    {"name": "grad_accum", "knobs": {"steps": 2}},
+    {"name": "zero", "knobs": {"stage": 2, "offload_optimizer": True}},
+]
+FSDP = [
+    {"name": "precision", "knobs": {"dtype": "bf16"}},
+    {"name": "activation_checkpoint", "knobs": {}},
+    {"name": "compile", "knobs": {"mode": "default", "scope": "blocks"}},
+    {"name": "fsdp2", "knobs": {"reshard_after_forward": False}},
+]
 
 
 def test_the_deepspeed_export_is_the_config_deepspeed_loads(tmp_path):
@@ -61,10 +72,21 @@ def test_the_accelerate_export_loads_into_accelerates_config_class(tmp_path):
     from accelerate.utils import DistributedType, PrecisionType
 
     fsdp, zero = tmp_path / "fsdp.yaml", tmp_path / "zero.yaml"
-    assert autotune("export", str(plan_file(tmp_path, "fsdp", FSDP)), "--to", "accelerate", "--out", str(fsdp)).returncode == 0
-    assert autotune("export", str(plan_file(tmp_path, "zero", ZERO)), "--to", "accelerate", "--out", str(zero)).returncode == 0
+    assert (
+        autotune("export", str(plan_file(tmp_path, "fsdp", FSDP)), "--to", "accelerate", "--out", str(fsdp)).returncode
+        == 0
+    )
+    assert (
+        autotune("export", str(plan_file(tmp_path, "zero", ZERO)), "--to", "accelerate", "--out", str(zero)).returncode
+        == 0
+    )
     a = ClusterConfig.from_yaml_file(str(fsdp))
-    assert (a.distributed_type, a.mixed_precision, a.num_processes, a.use_cpu) == (DistributedType.FSDP, PrecisionType.BF16, 2, True)
+    assert (a.distributed_type, a.mixed_precision, a.num_processes, a.use_cpu) == (
+        DistributedType.FSDP,
+        PrecisionType.BF16,
+        2,
+        True,
+    )
     assert a.fsdp_config["fsdp_version"] == 2 and a.fsdp_config["fsdp_reshard_after_forward"] is False
     assert a.fsdp_config["fsdp_activation_checkpointing"] is True
     assert a.dynamo_config["dynamo_backend"] == "INDUCTOR"
@@ -75,17 +97,32 @@ def test_the_accelerate_export_loads_into_accelerates_config_class(tmp_path):
 
 
 def test_the_slurm_export_is_a_batch_script_for_every_node(tmp_path):
-    plan = plan_file(tmp_path, "two-nodes", [{"name": "ddp", "knobs": {}}], nproc=4, device="cuda", nnodes=2, rdzv_endpoint="node0:29400")
+    plan = plan_file(
+        tmp_path,
+        "two-nodes",
+        [{"name": "ddp", "knobs": {}}],
+        nproc=4,
+        device="cuda",
+        nnodes=2,
+        rdzv_endpoint="node0:29400",
+    )
     out = tmp_path / "job.sbatch"
     r = autotune("export", str(plan), "--to", "slurm", "--out", str(out))
     assert r.returncode == 0, r.stderr
     text = out.read_text()
     assert subprocess.run(["bash", "-n", str(out)]).returncode == 0
     assert os.access(out, os.X_OK)
-    directives = dict(line.removeprefix("#SBATCH --").split("=", 1) for line in text.splitlines() if line.startswith("#SBATCH"))
+    directives = dict(
+        line.removeprefix("#SBATCH --").split("=", 1) for line in text.splitlines() if line.startswith("#SBATCH")
+    )
     assert directives["nodes"] == "2" and directives["gpus-per-node"] == "4" and directives["ntasks-per-node"] == "1"
     srun = shlex.split(next(line for line in text.splitlines() if line.startswith("srun ")))
-    assert srun[1] == "torchrun" and "--nnodes=2" in srun and "--nproc-per-node=4" in srun and "--rdzv-backend=c10d" in srun
+    assert (
+        srun[1] == "torchrun"
+        and "--nnodes=2" in srun
+        and "--nproc-per-node=4" in srun
+        and "--rdzv-backend=c10d" in srun
+    )
     assert "--rdzv-endpoint=$endpoint" in srun
     assert srun[-4:-1] == ["run", str(plan), "--out"]
 
@@ -97,8 +134,14 @@ def test_the_torchrun_export_trains_the_plan(tmp_path):
     assert r.returncode == 0, r.stderr
     argv = shlex.split(r.stdout)
     assert argv[:3] == ["torchrun", "--standalone", "--nproc-per-node=2"]
-    run = subprocess.run([PYTHON, "-m", "torch.distributed.run", *argv[1:], "--steps", "2"], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=240, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", *argv[1:], "--steps", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
     assert summary["steps_done"] == 2
@@ -111,12 +154,28 @@ def test_the_torchrun_export_trains_the_plan(tmp_path):
         ([{"name": "tensor_parallel", "knobs": {"degree": 2}}], "accelerate", "tensor_parallel"),
         ([{"name": "ddp", "knobs": {}}], "horovod", "unknown export target"),
         # What a strategy declares no export for is refused, never left out (Strategy.exports).
-        ([{"name": "ddp", "knobs": {}}, {"name": "int8", "knobs": {}}], "accelerate", "uses int8, which an Accelerate config cannot express"),
-        ([{"name": "ddp", "knobs": {}}, {"name": "moe", "knobs": {}}], "accelerate", "uses moe, which an Accelerate config cannot express"),
-        ([{"name": "sparse_attention", "knobs": {}}, {"name": "ddp", "knobs": {}}], "accelerate", "uses sparse_attention, which an Accelerate"),
+        (
+            [{"name": "ddp", "knobs": {}}, {"name": "int8", "knobs": {}}],
+            "accelerate",
+            "uses int8, which an Accelerate config cannot express",
+        ),
+        (
+            [{"name": "ddp", "knobs": {}}, {"name": "moe", "knobs": {}}],
+            "accelerate",
+            "uses moe, which an Accelerate config cannot express",
+        ),
+        (
+            [{"name": "sparse_attention", "knobs": {}}, {"name": "ddp", "knobs": {}}],
+            "accelerate",
+            "uses sparse_attention, which an Accelerate",
+        ),
         (ZERO + [{"name": "fp8", "knobs": {}}], "deepspeed", "uses fp8, which a DeepSpeed config cannot express"),
         # What a declared export cannot state of a strategy's settings is refused by the strategy.
-        ([{"name": "ddp", "knobs": {}}, {"name": "fp8", "knobs": {"recipe": "rowwise"}}], "accelerate", "fp8 with recipe rowwise"),
+        (
+            [{"name": "ddp", "knobs": {}}, {"name": "fp8", "knobs": {"recipe": "rowwise"}}],
+            "accelerate",
+            "fp8 with recipe rowwise",
+        ),
     ],
 )
 def test_what_a_target_cannot_express_is_one_line_and_nothing_written(tmp_path, strategies, target, needle):
@@ -127,10 +186,17 @@ def test_what_a_target_cannot_express_is_one_line_and_nothing_written(tmp_path, 
     assert not out.exists()
 
 
-NOTHING_TO_SET = [{"name": name, "knobs": {}} for name in ("attention", "vocab_padding", "triton_kernels", "optimizer", "dataloader", "cpu_threads", "ddp")]
+NOTHING_TO_SET = [
+    {"name": name, "knobs": {}}
+    for name in ("attention", "vocab_padding", "triton_kernels", "optimizer", "dataloader", "cpu_threads", "ddp")
+]
 """Strategies that declare an Accelerate config has nothing to set for them."""
-ZERO3 = [{"name": "zero", "knobs": {"stage": 3, "offload_params": True}}, {"name": "grad_accum", "knobs": {"steps": 4}},
-         {"name": "compile", "knobs": {"scope": "blocks"}}, {"name": "activation_checkpoint", "knobs": {}}]
+ZERO3 = [
+    {"name": "zero", "knobs": {"stage": 3, "offload_params": True}},
+    {"name": "grad_accum", "knobs": {"steps": 4}},
+    {"name": "compile", "knobs": {"scope": "blocks"}},
+    {"name": "activation_checkpoint", "knobs": {}},
+]
 FP8 = [*NOTHING_TO_SET, {"name": "fp8", "knobs": {}}, {"name": "precision", "knobs": {"dtype": "bf16"}}]
 
 ACCELERATE_BASE = """compute_environment: LOCAL_MACHINE
@@ -152,7 +218,10 @@ DYNAMO = """dynamo_config:
   dynamo_use_fullgraph: false
   dynamo_use_dynamic: false
 """
-FSDP_YAML = ACCELERATE_BASE.format(processes=2, nodes=1, cpu="true", mixed="bf16", rdzv="static") + DYNAMO + """distributed_type: FSDP
+FSDP_YAML = (
+    ACCELERATE_BASE.format(processes=2, nodes=1, cpu="true", mixed="bf16", rdzv="static")
+    + DYNAMO
+    + """distributed_type: FSDP
 fsdp_config:
   fsdp_version: 2
   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
@@ -162,9 +231,14 @@ fsdp_config:
   fsdp_offload_params: false
   fsdp_cpu_ram_efficient_loading: false
 """
-ZERO3_YAML = ACCELERATE_BASE.format(processes=8, nodes=2, cpu="false", mixed="'no'", rdzv="c10d") + """main_process_ip: node0
+)
+ZERO3_YAML = (
+    ACCELERATE_BASE.format(processes=8, nodes=2, cpu="false", mixed="'no'", rdzv="c10d")
+    + """main_process_ip: node0
 main_process_port: 29400
-""" + DYNAMO + """distributed_type: DEEPSPEED
+"""
+    + DYNAMO
+    + """distributed_type: DEEPSPEED
 deepspeed_config:
   zero_stage: 3
   offload_optimizer_device: none
@@ -173,11 +247,19 @@ deepspeed_config:
   gradient_clipping: 1.0
   zero3_init_flag: false
 """
-FP8_YAML = ACCELERATE_BASE.format(processes=8, nodes=1, cpu="false", mixed="fp8", rdzv="static") + """fp8_config:
+)
+FP8_YAML = (
+    ACCELERATE_BASE.format(processes=8, nodes=1, cpu="false", mixed="fp8", rdzv="static")
+    + """fp8_config:
   backend: AO
 distributed_type: MULTI_GPU
 """
-H200_YAML = ACCELERATE_BASE.format(processes=1, nodes=1, cpu="false", mixed="bf16", rdzv="static") + DYNAMO + "distributed_type: 'NO'\n"
+)
+H200_YAML = (
+    ACCELERATE_BASE.format(processes=1, nodes=1, cpu="false", mixed="bf16", rdzv="static")
+    + DYNAMO
+    + "distributed_type: 'NO'\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -190,14 +272,20 @@ H200_YAML = ACCELERATE_BASE.format(processes=1, nodes=1, cpu="false", mixed="bf1
     ],
     ids=["fsdp", "zero3", "fp8", "h200-phase8-small"],
 )
-def test_the_strategies_exports_make_the_accelerate_configs_made_before_they_declared_them(tmp_path, strategies, launch, expected):
+def test_the_strategies_exports_make_the_accelerate_configs_made_before_they_declared_them(
+    tmp_path, strategies, launch, expected
+):
     """The configs as export.py wrote them when it named each strategy itself, byte for byte: the
     strategies' fragments merged in apply.ORDER (fp8's mixed precision over the precision's, the
     plugin last) and nothing of those that declare nothing to set."""
     from autotune import export
     from autotune import plan as planmod
 
-    plan = plan_file(tmp_path, "p", strategies, **launch) if strategies else ROOT / "profiles" / "h200-phase8-small.plan.json"
+    plan = (
+        plan_file(tmp_path, "p", strategies, **launch)
+        if strategies
+        else ROOT / "profiles" / "h200-phase8-small.plan.json"
+    )
     text = export.export(planmod.load(plan), plan, "accelerate")
     assert text.split("\n", 2)[2] == expected
 
@@ -206,7 +294,9 @@ def test_the_deepspeed_export_is_zeros_config_and_nothing_else_sets_a_key(tmp_pa
     from autotune import export
     from autotune import plan as planmod
 
-    plan = plan_file(tmp_path, "zero", [*ZERO, {"name": "compile", "knobs": {"scope": "blocks"}}, {"name": "attention", "knobs": {}}])
+    plan = plan_file(
+        tmp_path, "zero", [*ZERO, {"name": "compile", "knobs": {"scope": "blocks"}}, {"name": "attention", "knobs": {}}]
+    )
     expected = {
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
         "bf16": {"enabled": False}, "fp16": {"enabled": False}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
@@ -240,8 +330,14 @@ def _sandboxed(text: str, where: Path) -> list[str]:
 torchrun() { printf '%s\\0' torchrun "$@"; }
 scontrol() { echo node7; }
 """
-    r = subprocess.run(["bash", "-c", stand_ins + '. "$0"', str(script)], capture_output=True, text=True, cwd=where,
-                       timeout=30, env={**os.environ, "SLURM_JOB_NODELIST": "node[7-8]"})
+    r = subprocess.run(
+        ["bash", "-c", stand_ins + '. "$0"', str(script)],
+        capture_output=True,
+        text=True,
+        cwd=where,
+        timeout=30,
+        env={**os.environ, "SLURM_JOB_NODELIST": "node[7-8]"},
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.split("\0")[:-1]
 
@@ -283,8 +379,21 @@ def test_a_hostile_plan_file_name_stays_one_word_in_every_export(tmp_path, nodes
 
 @pytest.mark.parametrize(
     "endpoint",
-    ['127.0.0.1:1";touch PWNED;"', "$(touch PWNED):29400", "node0:29400;touch PWNED", "node0:abc", "node0:0", "node0:65536",
-     "node0", "node 0:29400", "[::1:29400", "[not-ipv6]:29400", "-node0:29400", "node0:" + "9" * 5000, "node0:٣٣"],
+    [
+        '127.0.0.1:1";touch PWNED;"',
+        "$(touch PWNED):29400",
+        "node0:29400;touch PWNED",
+        "node0:abc",
+        "node0:0",
+        "node0:65536",
+        "node0",
+        "node 0:29400",
+        "[::1:29400",
+        "[not-ipv6]:29400",
+        "-node0:29400",
+        "node0:" + "9" * 5000,
+        "node0:٣٣",
+    ],
 )
 def test_a_rendezvous_endpoint_must_be_host_port(endpoint):
     with pytest.raises(ValueError, match="rdzv_endpoint must be host:port"):

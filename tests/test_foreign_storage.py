@@ -35,7 +35,10 @@ def untouched(path, before: bytes) -> bool:
 
 @pytest.mark.parametrize(
     "args",
-    [["trials", "--storage", "{url}"], ["report", "--storage", "{url}", "--out", "{dir}/report"]],  # compare: tests/test_hostile.py
+    [
+        ["trials", "--storage", "{url}"],
+        ["report", "--storage", "{url}", "--out", "{dir}/report"],
+    ],  # compare: tests/test_hostile.py
 )
 def test_a_command_reading_a_study_leaves_a_foreign_sqlite_file_alone(foreign, args):
     path, before = foreign

@@ -32,13 +32,25 @@ class Wrapped(nn.Module):
 
 
 def build() -> Workload:
-    return Workload(name="tests.test_generic_shape:build", build_model=Wrapped, vocab_size=CFG.vocab_size, seq_len=CFG.seq_len)
+    return Workload(
+        name="tests.test_generic_shape:build", build_model=Wrapped, vocab_size=CFG.vocab_size, seq_len=CFG.seq_len
+    )
 
 
 def test_the_generic_shape_counts_what_the_gpts_adapter_counts():
     model = Wrapped()
     generic, gpt = GenericAdapter(model).shape(CFG.seq_len), GPTAdapter(model.inner).shape()
-    same = ("d_model", "n_layers", "d_ff", "vocab_size", "seq_len", "matmul_params", "block_params", "other_params", "vocab_tables")
+    same = (
+        "d_model",
+        "n_layers",
+        "d_ff",
+        "vocab_size",
+        "seq_len",
+        "matmul_params",
+        "block_params",
+        "other_params",
+        "vocab_tables",
+    )
     assert {k: getattr(generic, k) for k in same} == {k: getattr(gpt, k) for k in same}
     assert generic.n_heads == 0 and generic.flops_per_token() == 6 * gpt.matmul_params  # no attention term: not known
 
@@ -59,8 +71,14 @@ def test_a_generic_workload_gets_memory_predictions():
     "model, reason",
     [
         (nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10)), "no nn.ModuleList of two or more blocks"),
-        (nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), "head": nn.Linear(4, 10)}), "no nn.Embedding of the vocabulary"),
-        (nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), "embed": nn.Embedding(10, 4)}), "no output head"),
+        (
+            nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), "head": nn.Linear(4, 10)}),
+            "no nn.Embedding of the vocabulary",
+        ),
+        (
+            nn.ModuleDict({"blocks": nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), "embed": nn.Embedding(10, 4)}),
+            "no output head",
+        ),
     ],
 )
 def test_without_what_the_shape_needs_it_says_what_is_missing(model, reason):

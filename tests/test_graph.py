@@ -59,7 +59,9 @@ class NoKnobs:
 
 
 def made_up(name: str, **relations: Any) -> Strategy:
-    fields = {k: frozenset(v) if k in ("requires", "conflicts", "reads", "changes") else v for k, v in relations.items()}
+    fields = {
+        k: frozenset(v) if k in ("requires", "conflicts", "reads", "changes") else v for k, v in relations.items()
+    }
     return Strategy(name=name, summary=name, exact=True, config=NoKnobs, apply=_noop, **fields)
 
 
@@ -154,16 +156,20 @@ def test_h200s_meet_the_needs_of_fp8_and_tp() -> None:
     assert {"fp8", "int8"} <= set(graph.usable())
     assert "triton_kernels" in graph.usable()
     # Each fused loss is offered where its package imports (the extras install them).
-    assert graph.excluded_choices("triton_kernels") == {"loss": {
-        "liger": "needs the liger_kernel package, which does not import here",
-        "cce": "needs the cut_cross_entropy package, which does not import here",
-    }}
+    assert graph.excluded_choices("triton_kernels") == {
+        "loss": {
+            "liger": "needs the liger_kernel package, which does not import here",
+            "cce": "needs the cut_cross_entropy package, which does not import here",
+        }
+    }
     t4 = StrategyGraph(T4, allow_approximate=True).excluded()
     assert t4["fp8"] == "needs fp8 tensor cores (compute capability 8.9+), Tesla T4 has none"
     assert {"tensor_parallel", "pipeline_parallel"} <= set(graph.usable())
     assert {"ddp", "fsdp2"} <= set(graph.usable())
     assert graph.excluded_choices("precision") == {}
-    assert graph.excluded_choices("attention") == {"backend": {"fa3": "needs the flash_attn_interface package, which does not import here"}}
+    assert graph.excluded_choices("attention") == {
+        "backend": {"fa3": "needs the flash_attn_interface package, which does not import here"}
+    }
 
 
 def test_a_fake_h200_profile_reads_as_two_gpus() -> None:
@@ -251,7 +257,12 @@ def test_illegal_sets_are_rejected_with_their_reason(everything: StrategyGraph, 
 
 
 def test_legal_sets_pass(everything: StrategyGraph) -> None:
-    for names in ([], ["precision", "compile"], ["fsdp2", "tensor_parallel", "fp8", "compile"], ["pipeline_parallel", "compile"]):
+    for names in (
+        [],
+        ["precision", "compile"],
+        ["fsdp2", "tensor_parallel", "fp8", "compile"],
+        ["pipeline_parallel", "compile"],
+    ):
         everything.check(names)
         assert everything.is_legal(names)
 
@@ -288,12 +299,7 @@ def test_legal_sets_are_every_legal_subset_of_the_usable_ones() -> None:
         made_up("e", needs=Needs(tpu=True)),
     )
     graph = StrategyGraph(CPU, strategies=strategies, order=("a", "b", "c", "d", "e"))
-    brute = {
-        subset
-        for k in range(5)
-        for subset in itertools.combinations(graph.usable(), k)
-        if graph.is_legal(subset)
-    }
+    brute = {subset for k in range(5) for subset in itertools.combinations(graph.usable(), k) if graph.is_legal(subset)}
     found = list(graph.legal_sets())
     assert found[0] == ()
     assert len(found) == len(set(found)) and set(found) == brute
@@ -370,7 +376,18 @@ def test_cli_json_lists_every_roadmap_optimization(run_cli) -> None:
     assert set(ROADMAP) <= set(rows)
     assert [r for r in rows] == [n for n in ORDER if n in rows]
     for name, row in rows.items():
-        assert set(row) >= {"name", "exact", "implemented", "usable", "reason", "needs", "requires", "conflicts", "after", "knobs"}
+        assert set(row) >= {
+            "name",
+            "exact",
+            "implemented",
+            "usable",
+            "reason",
+            "needs",
+            "requires",
+            "conflicts",
+            "after",
+            "knobs",
+        }
         assert row["exact"] == (name not in APPROXIMATE_ONES)
         assert row["usable"] == (row["reason"] is None)
     precision = {k["name"]: k for k in rows["precision"]["knobs"]}
@@ -392,7 +409,9 @@ def test_cli_explain_gives_a_reason_for_every_exclusion(run_cli) -> None:
     assert "attention backend=flash: needs CUDA, none found" in lines
 
 
-def test_cli_with_a_profile_and_a_workload_without_structure(run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_with_a_profile_and_a_workload_without_structure(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(ROOT)
     path = tmp_path / "h200.json"
     gpu_profile("NVIDIA H200", "9.0", 2).save(path)

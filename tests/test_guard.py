@@ -31,7 +31,10 @@ def test_curves_and_time_to_loss_on_hand_built_runs() -> None:
     assert not worse.passed and worse.candidate.time_to_loss_s is None and worse.time_to_loss_ratio is None
     # Twenty steps: the tail is the last two, and the curves are smoothed over two.
     flat = Figures(status="ok", losses=[5.0] * 18 + [4.0, 6.0], step_times=[1.0] * 19)
-    assert planner.guard_of(flat, flat, 0, 0.01).target_loss == 5.0 and planner.guard_of(flat, flat, 0, 0.01).candidate.time_to_loss_s == 1.0
+    assert (
+        planner.guard_of(flat, flat, 0, 0.01).target_loss == 5.0
+        and planner.guard_of(flat, flat, 0, 0.01).candidate.time_to_loss_s == 1.0
+    )
 
 
 def test_the_guard_reserves_its_time_only_for_an_approximate_best():
@@ -47,11 +50,24 @@ def test_the_guard_reserves_its_time_only_for_an_approximate_best():
     def trial(strategies, value, step):
         import datetime
 
-        plan = planmod.Plan(schema_version=1, workload=planmod.WorkloadSpec(name="tiny"), train=planmod.TrainSpec(micro_batch_size=8),
-                            strategies=[planmod.StrategySpec(name=n, knobs={}) for n in strategies])
+        plan = planmod.Plan(
+            schema_version=1,
+            workload=planmod.WorkloadSpec(name="tiny"),
+            train=planmod.TrainSpec(micro_batch_size=8),
+            strategies=[planmod.StrategySpec(name=n, knobs={}) for n in strategies],
+        )
         now = datetime.datetime(2026, 1, 1)
         attrs = {"plan": plan.to_dict(), "figures": {"status": "ok", "step_time_s": step}}
-        return type("T", (), {"value": value, "user_attrs": attrs, "datetime_start": now, "datetime_complete": now + datetime.timedelta(seconds=10)})()
+        return type(
+            "T",
+            (),
+            {
+                "value": value,
+                "user_attrs": attrs,
+                "datetime_start": now,
+                "datetime_complete": now + datetime.timedelta(seconds=10),
+            },
+        )()
 
     exact, sparse = trial([], 100.0, 0.5), trial(["sparse_attention"], 200.0, 0.25)
     assert planner.guard_seconds(Study([exact]), settings) == 0.0
@@ -73,14 +89,32 @@ def two_trials(tmp_path_factory):
     hand the sparse one to the guard as the best."""
     tmp = tmp_path_factory.mktemp("guard")
     settings = planner.PlanSettings(
-        workload="tiny", workload_overrides=OVERRIDES, trials=2, storage=f"sqlite:///{tmp}/s.db", study_name="guard",
-        global_batch=8, allow_approximate=True, guard_steps=10, device="cpu", budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=120.0),
+        workload="tiny",
+        workload_overrides=OVERRIDES,
+        trials=2,
+        storage=f"sqlite:///{tmp}/s.db",
+        study_name="guard",
+        global_batch=8,
+        allow_approximate=True,
+        guard_steps=10,
+        device="cpu",
+        budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=120.0),
     )
     space, _ = planner.build_space(settings, hardware.detect(quick=True), load_workload("tiny", OVERRIDES))
-    study = search.open_study("guard", settings.storage, "tpe", 0, identity=search.study_identity(settings.budget, space.global_batch))
+    study = search.open_study(
+        "guard", settings.storage, "tpe", 0, identity=search.study_identity(settings.budget, space.global_batch)
+    )
     study.enqueue_trial(search.baseline_params(space), user_attrs={"role": search.BASELINE})
     off = {s.name: False for s in space.strategies if s.mesh_dim is None}
-    study.enqueue_trial(off | {"micro_batch_size": 8, "sparse_attention": True, "sparse_attention.window": 32, "sparse_attention.global_tokens": 0})
+    study.enqueue_trial(
+        off
+        | {
+            "micro_batch_size": 8,
+            "sparse_attention": True,
+            "sparse_attention.window": 32,
+            "sparse_attention.global_tokens": 0,
+        }
+    )
     search.optimize(study, search.Objective(space=space, budget=settings.budget), trials=2, time_budget=None)
     summary = search.summarize(study)
     (sparse,) = [t for t in summary.complete if not planner.is_exact(search.plan_of(t))]
@@ -93,25 +127,40 @@ def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(tw
     failure with the figures, and the exact trial is chosen instead."""
     settings, study, summary = two_trials
     lines: list[str] = []
-    chosen, guard = planner.guarded_choice(study, summary, dataclasses.replace(settings, quality_tolerance=1e-9), "guard", log=lines.append)
+    chosen, guard = planner.guarded_choice(
+        study, summary, dataclasses.replace(settings, quality_tolerance=1e-9), "guard", log=lines.append
+    )
     assert chosen.number == 0 and planner.is_exact(search.plan_of(chosen)) and guard is None
     failed = study.user_attrs[f"quality_guard_failed_{summary.best.number}"]
     g = failed["quality_guard"]
     assert g["steps"] == 1 + 10 and g["reference_trial"] == 0 and not g["passed"] and g["tolerance"] == 1e-9
     assert g["candidate"]["tail_mean"] > g["exact"]["tail_mean"] and g["exact"]["time_to_loss_s"] > 0
-    assert failed["figures"]["status"] == "ok" and failed["figures"]["tokens_per_s"] > 0 and failed["why"].startswith("loss ")
-    assert lines[-1].startswith(f"quality guard: trial {summary.best.number} failed (loss ") and lines[-1].endswith("confirming the best exact trial 0 instead")
+    assert (
+        failed["figures"]["status"] == "ok"
+        and failed["figures"]["tokens_per_s"] > 0
+        and failed["why"].startswith("loss ")
+    )
+    assert lines[-1].startswith(f"quality guard: trial {summary.best.number} failed (loss ") and lines[-1].endswith(
+        "confirming the best exact trial 0 instead"
+    )
 
 
 def test_a_plan_keeps_its_guard_and_old_plans_load_without_one(tmp_path):
     from tests.conftest import ROOT
 
     old = planmod.load(ROOT / "profiles" / "default" / "tiny.plan.json")
-    assert old.quality_guard is None and "quality_guard" not in (ROOT / "profiles" / "default" / "tiny.plan.json").read_text()
+    assert (
+        old.quality_guard is None
+        and "quality_guard" not in (ROOT / "profiles" / "default" / "tiny.plan.json").read_text()
+    )
     run = Figures(status="ok", losses=[8.0] + [7.0] * 10, step_times=[0.5] * 10)
-    guarded = planmod.Plan(**{**{f: getattr(old, f) for f in ("schema_version", "workload", "train", "launch")},
-                              "strategies": [planmod.StrategySpec(name="sparse_attention", knobs={"window": 32})],
-                              "quality_guard": planner.guard_of(run, run, 0, 0.01)})
+    guarded = planmod.Plan(
+        **{
+            **{f: getattr(old, f) for f in ("schema_version", "workload", "train", "launch")},
+            "strategies": [planmod.StrategySpec(name="sparse_attention", knobs={"window": 32})],
+            "quality_guard": planner.guard_of(run, run, 0, 0.01),
+        }
+    )
     guarded.save(tmp_path / "p.json")
     loaded = planmod.load(tmp_path / "p.json")
     assert loaded.quality_guard == guarded.quality_guard and loaded.quality_guard.passed
@@ -121,8 +170,16 @@ def test_a_plan_keeps_its_guard_and_old_plans_load_without_one(tmp_path):
 def test_a_candidate_within_the_tolerance_is_chosen_with_its_guard(two_trials, tmp_path):
     settings, study, summary = two_trials
     lines: list[str] = []
-    chosen, g = planner.guarded_choice(study, summary, dataclasses.replace(settings, quality_tolerance=0.5), "guard", log=lines.append)
-    assert chosen.number == summary.best.number and g is not None and g.passed and g.reference_trial == 0 and g.steps == 1 + 10
+    chosen, g = planner.guarded_choice(
+        study, summary, dataclasses.replace(settings, quality_tolerance=0.5), "guard", log=lines.append
+    )
+    assert (
+        chosen.number == summary.best.number
+        and g is not None
+        and g.passed
+        and g.reference_trial == 0
+        and g.steps == 1 + 10
+    )
     assert g.exact.time_to_loss_s is not None and 0 < g.exact.time_to_loss_s <= g.exact.wall_s
     assert g.time_to_loss_ratio is None or g.time_to_loss_ratio > 0
     assert lines[-1].startswith(f"quality guard: trial {summary.best.number} passed: loss ")

@@ -190,7 +190,11 @@ def test_simulated_gpus_behind_nvswitch(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert (g0.numa_node, g0.cpu_affinity, g1.numa_node, g1.cpu_affinity) == (0, "0-15", 1, "16-31")
     (link,) = prof.links
     assert (link.kind, link.nvlink_count, link.nvlink_generation, link.pcie_path, link.peer_access) == (
-        "nvswitch", 18, "4.0", "SYS", True
+        "nvswitch",
+        18,
+        "4.0",
+        "SYS",
+        True,
     )
     assert (prof.driver_version, prof.cuda_driver_version) == ("580.159.04", "13.0")
     assert prof.summary()["gpus"] == "2 x NVIDIA H200"
@@ -372,7 +376,11 @@ def test_detect_real_gpus() -> None:
     prof = hardware.detect(quick=True)
     assert len(prof.gpus) == torch.cuda.device_count()
     for g in prof.gpus:
-        assert g.sm_count > 0 and g.memory_bytes > 0 and g.capability == "{}.{}".format(*torch.cuda.get_device_capability(g.index))
+        assert (
+            g.sm_count > 0
+            and g.memory_bytes > 0
+            and g.capability == "{}.{}".format(*torch.cuda.get_device_capability(g.index))
+        )
         assert g.max_sm_clock_mhz and g.power_limit_w and g.pcie_generation, prof.notes
     assert prof.driver_version and prof.software.cuda and prof.software.nccl
     assert len(prof.links) == len(prof.gpus) * (len(prof.gpus) - 1) // 2

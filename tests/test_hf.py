@@ -35,7 +35,16 @@ def test_llama_shape_and_flops_match_flop_counter():
     _, model = build("llama", attn_implementation="eager")  # eager attention is plain matmuls
     adapter = adapter_for(model)
     s = adapter.shape()
-    assert (s.d_model, s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim, s.d_ff, s.vocab_size, s.seq_len) == (64, 2, 4, 2, 16, 128, 250, 16)
+    assert (s.d_model, s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim, s.d_ff, s.vocab_size, s.seq_len) == (
+        64,
+        2,
+        4,
+        2,
+        16,
+        128,
+        250,
+        16,
+    )
     ids = torch.randint(0, 250, (2, 16))
     with FlopCounterMode(display=False) as counter:
         model(ids, ids).backward()
@@ -85,7 +94,10 @@ def test_llama_attention_kernels_pipeline_stages_and_tp_plan():
     adapter.set_attention("eager")
     assert torch.allclose(model(x, y), ref, atol=1e-5)
     (a, b), (c, d) = pipeline_split(2, 2)
-    first, last = adapter.pipeline_stage(a, b, first=True, last=False), adapter.pipeline_stage(c, d, first=False, last=True)
+    first, last = (
+        adapter.pipeline_stage(a, b, first=True, last=False),
+        adapter.pipeline_stage(c, d, first=False, last=True),
+    )
     assert torch.allclose(adapter.logits_loss(last(first(x)), y), ref, atol=1e-5)
     assert set(first.state_dict()) | set(last.state_dict()) == set(model.state_dict())
     plan = adapter.tp_plan()
@@ -104,7 +116,9 @@ def test_gpt2_has_no_tp_plan_or_stages():
 def test_autotune_run_trains_a_tiny_hf_model(run_cli, tmp_path, family):
     data = json.loads((ROOT / "profiles" / "default" / "tiny.plan.json").read_text())
     data["workload"] = {"name": f"hf:{family}", "overrides": CONFIGS[family]}
-    data["train"].update(micro_batch_size=4, steps=3, random_tokens=True, eval_interval=0, checkpoint_interval=0, log_interval=1)
+    data["train"].update(
+        micro_batch_size=4, steps=3, random_tokens=True, eval_interval=0, checkpoint_interval=0, log_interval=1
+    )
     (tmp_path / "plan.json").write_text(json.dumps(data))
     code, out, err = run_cli("run", tmp_path / "plan.json", "--out", tmp_path / "run")
     assert code == 0, err
@@ -113,7 +127,9 @@ def test_autotune_run_trains_a_tiny_hf_model(run_cli, tmp_path, family):
 
 
 def test_config_files_and_folders(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **CONFIGS["llama"], "architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "llama", **CONFIGS["llama"], "architectures": ["LlamaForCausalLM"]})
+    )
     model_type, overrides = overrides_from_config(tmp_path)
     assert model_type == "llama" and "architectures" not in overrides and "weights" not in overrides
     assert load_workload("hf:llama", overrides).seq_len == 16
@@ -153,7 +169,9 @@ def _tiny_llama(**extra):
     return {**CONFIGS["llama"], **extra}
 
 
-@pytest.mark.parametrize("dtype", [{"torch_dtype": "bfloat16"}, {"dtype": "float16"}, {"torch_dtype": "bfloat16", "dtype": "bfloat16"}])
+@pytest.mark.parametrize(
+    "dtype", [{"torch_dtype": "bfloat16"}, {"dtype": "float16"}, {"torch_dtype": "bfloat16", "dtype": "bfloat16"}]
+)
 def test_the_configs_dtype_does_not_choose_how_we_train(dtype):
     """from_config builds in the config's dtype (transformers 5.17's _from_config): we build in
     fp32 and the precision strategy decides the compute dtype, as for the GPT."""
@@ -167,13 +185,29 @@ def test_fields_transformers_accepts_are_accepted_and_kept():
     """Legacy names mapped (rope_theta, rope_scaling into rope_parameters), fields the family does
     not define kept as attributes (as from_pretrained keeps them), and the plan's dicts left as
     they were (transformers writes rope_theta into the rope_scaling it is given)."""
-    rope = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}
-    overrides = _tiny_llama(rope_theta=500000.0, rope_scaling=dict(rope), architectures=["LlamaForCausalLM"], max_position_embeddings=131072,
-                            hiden_size=8, n_ctx=1024)
+    rope = {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    }
+    overrides = _tiny_llama(
+        rope_theta=500000.0,
+        rope_scaling=dict(rope),
+        architectures=["LlamaForCausalLM"],
+        max_position_embeddings=131072,
+        hiden_size=8,
+        n_ctx=1024,
+    )
     before = json.dumps(overrides, sort_keys=True)
     wl = load_workload("hf:llama", overrides)
     config = wl.build_model().hf.config
-    assert config.rope_parameters == {**rope, "rope_theta": 500000.0} and config.hidden_size == 64 and config.hiden_size == 8
+    assert (
+        config.rope_parameters == {**rope, "rope_theta": 500000.0}
+        and config.hidden_size == 64
+        and config.hiden_size == 8
+    )
     assert json.dumps(overrides, sort_keys=True) == before and wl.overrides == overrides
     assert unread_fields("llama", {k: v for k, v in overrides.items() if k != "seq_len"}) == ["hiden_size", "n_ctx"]
 
@@ -181,14 +215,27 @@ def test_fields_transformers_accepts_are_accepted_and_kept():
 @pytest.mark.parametrize(
     "family, fields, message",
     [
-        ("llama", {"hidden_size": "abc"}, "Field 'hidden_size' expected int, got str"),  # huggingface_hub's strict dataclass
+        (
+            "llama",
+            {"hidden_size": "abc"},
+            "Field 'hidden_size' expected int, got str",
+        ),  # huggingface_hub's strict dataclass
         ("llama", {"num_hidden_layers": 2.5}, "Field 'num_hidden_layers' expected int, got float"),
         ("llama", {"num_attention_heads": 5}, "not a multiple of the number of attention heads"),
         ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 32.0}}, "Missing required keys"),
         ("llama", {"torch_dtype": "bfloat17"}, "bfloat17"),
         ("llama", {"hidden_act": "nonsense"}, r"cannot build the model from this config \(KeyError: 'nonsense'\)"),
-        ("phi3", {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 512, "pad_token_id": 32000},
-         "Padding_idx must be within num_embeddings"),  # the published pad id in a scaled-down vocabulary
+        (
+            "phi3",
+            {
+                "hidden_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 512,
+                "pad_token_id": 32000,
+            },
+            "Padding_idx must be within num_embeddings",
+        ),  # the published pad id in a scaled-down vocabulary
     ],
 )
 def test_what_transformers_rejects_is_one_line(family, fields, message):
@@ -199,10 +246,14 @@ def test_what_transformers_rejects_is_one_line(family, fields, message):
 
 
 def test_the_default_length_is_not_llama_3_2s_131072_positions():
-    wl = load_workload("hf:llama", {k: v for k, v in _tiny_llama(max_position_embeddings=131072).items() if k != "seq_len"})
+    wl = load_workload(
+        "hf:llama", {k: v for k, v in _tiny_llama(max_position_embeddings=131072).items() if k != "seq_len"}
+    )
     assert wl.seq_len == DEFAULT_SEQ_LEN == 1024 and wl.shape.seq_len == 1024
     assert load_workload("hf:llama", _tiny_llama(max_position_embeddings=131072, seq_len=4096)).seq_len == 4096
-    assert load_workload("hf:llama", {k: v for k, v in _tiny_llama().items() if k != "seq_len"}).seq_len == 64  # its 64 positions
+    assert (
+        load_workload("hf:llama", {k: v for k, v in _tiny_llama().items() if k != "seq_len"}).seq_len == 64
+    )  # its 64 positions
     with pytest.raises(UserError, match="seq_len: 65 must be a whole number from 1 to the model's 64 positions"):
         load_workload("hf:llama", _tiny_llama(seq_len=65))
 
@@ -219,7 +270,9 @@ def test_a_sliding_window_shorter_than_the_sequence_runs_in_sdpa_and_keeps_our_k
         losses[impl] = load_workload("hf:mistral", _mistral(4, attn_implementation=impl)).build_model()(ids, ids)
     torch.manual_seed(0)
     whole = load_workload("hf:mistral", _mistral(None)).build_model()(ids, ids)
-    assert torch.allclose(losses["sdpa"], losses["eager"], atol=1e-5) and not torch.allclose(losses["sdpa"], whole, atol=1e-4)
+    assert torch.allclose(losses["sdpa"], losses["eager"], atol=1e-5) and not torch.allclose(
+        losses["sdpa"], whole, atol=1e-4
+    )
     wl = load_workload("hf:mistral", _mistral(4))
     assert "attention" not in wl.structure and "attention" in load_workload("hf:mistral", _mistral(16)).structure
     adapter = adapter_for(wl.build_model())
@@ -228,8 +281,15 @@ def test_a_sliding_window_shorter_than_the_sequence_runs_in_sdpa_and_keeps_our_k
         adapter.set_attention(kernel=naive_attention)
 
 
-GEMMA2 = dict(CONFIGS["llama"], head_dim=16, query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
-              sliding_window=4, pad_token_id=0)
+GEMMA2 = dict(
+    CONFIGS["llama"],
+    head_dim=16,
+    query_pre_attn_scalar=256,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    sliding_window=4,
+    pad_token_id=0,
+)
 
 
 @pytest.mark.parametrize("family, overrides", [("gemma2", GEMMA2), ("mistral", _mistral(4))])
@@ -241,7 +301,10 @@ def test_pipeline_stages_make_each_layers_mask_and_cap_the_logits(family, overri
     model = wl.build_model()
     adapter = adapter_for(model)
     x, y = torch.randint(0, 250, (2, 16)), torch.randint(0, 250, (2, 16))
-    first, last = adapter.pipeline_stage(0, 1, first=True, last=False), adapter.pipeline_stage(1, 2, first=False, last=True)
+    first, last = (
+        adapter.pipeline_stage(0, 1, first=True, last=False),
+        adapter.pipeline_stage(1, 2, first=False, last=True),
+    )
     assert torch.allclose(adapter.logits_loss(last(first(x)), y), model(x, y), atol=1e-5)
     # Gemma 2's layers have two norms more than sequence parallel's plan covers, and its logits
     # are capped after the head: no sp, no fused head + loss; its attention is not ours either.
@@ -271,6 +334,10 @@ def test_a_factory_returning_a_pretrained_model_is_a_workload(tmp_path, monkeypa
 def test_seq_len_is_the_one_override_a_factorys_workload_takes():
     """`plan --seq-len N` for a factory returning a Workload: its seq_len (and shape's) replaced."""
     wl = load_workload("examples.custom_workload:build", {"seq_len": 32})
-    assert wl.seq_len == 32 and wl.overrides == {"seq_len": 32} and load_workload("examples.custom_workload:build").seq_len == 64
+    assert (
+        wl.seq_len == 32
+        and wl.overrides == {"seq_len": 32}
+        and load_workload("examples.custom_workload:build").seq_len == 64
+    )
     with pytest.raises(UserError, match="workload.overrides.vocab_size: a factory's workload takes only seq_len"):
         load_workload("examples.custom_workload:build", {"vocab_size": 8})

@@ -11,8 +11,16 @@ pytest.importorskip("transformers")
 from tests.conftest import ROOT  # noqa: E402
 
 LLAMA = dict(
-    model_type="llama", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
-    intermediate_size=128, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, seq_len=16,
+    model_type="llama",
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    hidden_size=64,
+    intermediate_size=128,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=1,
+    seq_len=16,
     vocab_size=512,  # the default corpus' byte-level BPE needs 257+; llama's own default is 32000
 )
 CPU = ROOT / "profiles" / "cpu-dev.json"
@@ -49,11 +57,21 @@ def test_strategies_lists_what_the_issue_says_for_hf_llama(run_cli, llama_json, 
 
 
 def test_strategies_explain_takes_the_type_from_the_config(run_cli, llama_json):
-    code, out, err = run_cli("strategies", "--workload", "hf", "--workload-config", llama_json, "--processes", "2", "--explain")
+    code, out, err = run_cli(
+        "strategies", "--workload", "hf", "--workload-config", llama_json, "--processes", "2", "--explain"
+    )
     assert code == 0, err
     assert "workload hf:llama" in out.replace("\n", " ")
     left_out = {line.partition(": ")[0] for line in out.splitlines()}  # "name: reason" per strategy left out
-    assert "ddp" not in left_out and not left_out & {"activation_checkpoint", "compile", "fsdp2", "attention", "vocab_padding", "tensor_parallel", "pipeline_parallel"}
+    assert "ddp" not in left_out and not left_out & {
+        "activation_checkpoint",
+        "compile",
+        "fsdp2",
+        "attention",
+        "vocab_padding",
+        "tensor_parallel",
+        "pipeline_parallel",
+    }
     assert "tpu" in left_out  # the lines are there: this machine has no TPU
 
 
@@ -63,13 +81,33 @@ def _mkdir(p):
 
 BAD_CONFIGS = [
     pytest.param(lambda p: p.write_text("{not json"), "hf:llama", "not a JSON model config", id="does-not-parse"),
-    pytest.param(lambda p: p.write_text('{"model_type": "nosuchfamily"}'), "hf", "knows no model type 'nosuchfamily'", id="unknown-type"),
+    pytest.param(
+        lambda p: p.write_text('{"model_type": "nosuchfamily"}'),
+        "hf",
+        "knows no model type 'nosuchfamily'",
+        id="unknown-type",
+    ),
     pytest.param(_mkdir, "hf:llama", "holds no config.json", id="folder-without-config"),
     pytest.param(lambda p: p.write_text(json.dumps(LLAMA)), "hf:gpt2", "is a 'llama' config", id="type-disagrees"),
     pytest.param(lambda p: p.write_text(json.dumps(LLAMA)), "tiny", "is for hf: workloads", id="not-an-hf-workload"),
-    pytest.param(lambda p: p.write_text(json.dumps({**LLAMA, "hidden_size": "64"})), "hf", "Field 'hidden_size' expected int", id="type-mismatch"),
-    pytest.param(lambda p: p.write_text(json.dumps({**LLAMA, "num_attention_heads": 5})), "hf", "not a multiple", id="transformers-refuses"),
-    pytest.param(lambda p: p.write_text(json.dumps({**LLAMA, "max_position_embeddings": 8})), "hf", "seq_len: 16 must be", id="longer-than-positions"),
+    pytest.param(
+        lambda p: p.write_text(json.dumps({**LLAMA, "hidden_size": "64"})),
+        "hf",
+        "Field 'hidden_size' expected int",
+        id="type-mismatch",
+    ),
+    pytest.param(
+        lambda p: p.write_text(json.dumps({**LLAMA, "num_attention_heads": 5})),
+        "hf",
+        "not a multiple",
+        id="transformers-refuses",
+    ),
+    pytest.param(
+        lambda p: p.write_text(json.dumps({**LLAMA, "max_position_embeddings": 8})),
+        "hf",
+        "seq_len: 16 must be",
+        id="longer-than-positions",
+    ),
     pytest.param(lambda p: None, "hf:llama", "no such file", id="missing-file"),
 ]
 
@@ -89,8 +127,19 @@ def test_bad_hf_configs_are_one_line_exit_2_and_nothing_written(run_cli, tmp_pat
     assert sorted(tmp_path.rglob("*")) == before
 
 
-LLAMA_3_2 = {**LLAMA, "max_position_embeddings": 131072, "rope_theta": 500000.0, "torch_dtype": "bfloat16", "rope_scaling": {
-    "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+LLAMA_3_2 = {
+    **LLAMA,
+    "max_position_embeddings": 131072,
+    "rope_theta": 500000.0,
+    "torch_dtype": "bfloat16",
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
 """Llama 3.2's positions and rope, at LLAMA's sizes, without a seq_len of its own."""
 del LLAMA_3_2["seq_len"]
 
@@ -105,8 +154,20 @@ del LLAMA_3_2["seq_len"]
 def test_bad_seq_lens_are_one_line_exit_2_and_nothing_written(run_cli, tmp_path, args, message):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2))
     before = sorted(tmp_path.rglob("*"))
-    code, _, err = run_cli("plan", "--workload", "hf", "--workload-config", tmp_path / "config.json", *args, "--trials", "1",
-                           "--storage", f"sqlite:///{tmp_path}/s.db", "--out", tmp_path / "p.json")
+    code, _, err = run_cli(
+        "plan",
+        "--workload",
+        "hf",
+        "--workload-config",
+        tmp_path / "config.json",
+        *args,
+        "--trials",
+        "1",
+        "--storage",
+        f"sqlite:///{tmp_path}/s.db",
+        "--out",
+        tmp_path / "p.json",
+    )
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert sorted(tmp_path.rglob("*")) == before
 
@@ -161,7 +222,11 @@ GPT2 = dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64, n_positi
     [
         ("hf:nosuchfamily", {}, "knows no model type"),
         ("hf:llama", {"hidden_size": "64"}, "Field 'hidden_size' expected int"),
-        ("hf:llama", {**{k: v for k, v in LLAMA.items() if k != "model_type"}, "seq_len": 65}, "workload.overrides.seq_len"),
+        (
+            "hf:llama",
+            {**{k: v for k, v in LLAMA.items() if k != "model_type"}, "seq_len": 65},
+            "workload.overrides.seq_len",
+        ),
         ("hf:", {}, "expected hf:<model_type>"),
     ],
 )

@@ -45,7 +45,13 @@ pytestmark = pytest.mark.slow
 WORKER_TIMEOUT_S = 300
 """3 runs of 6 steps and 3 trainers built, in 2 processes: about 10 s on 2 cores (the whole
 file about 15 s)."""
-RTOL = {"fsdp2": 1e-5, "tensor_parallel": 1e-5, "tensor_parallel+sequence_parallel": 1e-5, "pipeline_parallel": 1e-5, "pipeline_parallel+activation_checkpoint": 1e-5}
+RTOL = {
+    "fsdp2": 1e-5,
+    "tensor_parallel": 1e-5,
+    "tensor_parallel+sequence_parallel": 1e-5,
+    "pipeline_parallel": 1e-5,
+    "pipeline_parallel+activation_checkpoint": 1e-5,
+}
 """Each case's tolerance against one process (the module docstring says why)."""
 
 

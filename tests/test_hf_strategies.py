@@ -81,7 +81,10 @@ class TestSparseAttention(sparse_tests.TestSparseAttention):
 
     def check_applied(self, trainer, cfg) -> None:
         kernel = gpt_tests.attention_kernel(self.adapter(trainer), self.model)
-        assert isinstance(kernel, SparseKernel) and (kernel.window, kernel.global_tokens) == (cfg.window, cfg.global_tokens)
+        assert isinstance(kernel, SparseKernel) and (kernel.window, kernel.global_tokens) == (
+            cfg.window,
+            cfg.global_tokens,
+        )
 
 
 def test_moe_refuses_the_llama_mlp() -> None:

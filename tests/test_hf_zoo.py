@@ -36,16 +36,29 @@ from tests.conftest import ROOT  # noqa: E402
 CONFIGS = ROOT / "tests" / "hf_configs"
 VOCAB = 512
 SEQ_LEN = 64
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+)
 ZOO: dict[str, tuple[str, dict]] = {
     # family: (published config, what the tiny version changes)
     "llama": ("llama-3.2-1b", dict(SMALL, head_dim=16)),
     "qwen2": ("qwen2.5-0.5b", SMALL),
     "qwen3": ("qwen3-0.6b", dict(SMALL, head_dim=32)),  # heads wider than hidden/heads, as published (128 at 1024/16)
     "mistral": ("mistral-7b-v0.1", SMALL),
-    "gemma2": ("gemma-2-2b", dict(SMALL, head_dim=16)),  # query_pre_attn_scalar stays 256: another scale than 1/sqrt(16)
+    "gemma2": (
+        "gemma-2-2b",
+        dict(SMALL, head_dim=16),
+    ),  # query_pre_attn_scalar stays 256: another scale than 1/sqrt(16)
     "gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB)),
-    "gpt_neox": ("pythia-160m", dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)),
+    "gpt_neox": (
+        "pythia-160m",
+        dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB),
+    ),
     "phi3": ("phi-3-mini-4k-instruct", dict(SMALL, num_key_value_heads=4, pad_token_id=VOCAB - 1)),
 }
 DROPPED = ("model_type", "transformers_version", "architectures", "_name_or_path")
@@ -112,17 +125,38 @@ class Zoo:
     def _plan_and_run(self, family: str, cache: Path) -> dict:
         d = self.tmp / family
         d.mkdir()
-        env = {**os.environ, "AUTOTUNE_CACHE": str(cache), "AUTOTUNE_LOCK_DIR": str(cache / "locks"), "PYTHONPATH": os.pathsep.join([str(d), str(ROOT)])}
+        env = {
+            **os.environ,
+            "AUTOTUNE_CACHE": str(cache),
+            "AUTOTUNE_LOCK_DIR": str(cache / "locks"),
+            "PYTHONPATH": os.pathsep.join([str(d), str(ROOT)]),
+        }
         if family == "factory":
-            (d / "zoo_factory.py").write_text(FACTORY.format(config=json.dumps({k: v for k, v in tiny("llama").items() if k not in DROPPED})))
+            (d / "zoo_factory.py").write_text(
+                FACTORY.format(config=json.dumps({k: v for k, v in tiny("llama").items() if k not in DROPPED}))
+            )
             workload = ["--workload", "zoo_factory:build", "--seq-len", "32"]
         else:
             (d / "config.json").write_text(json.dumps(tiny(family), indent=2))
             # A file, or the folder holding it (as a model downloaded from the Hub is).
             given = d if family in FROM_FOLDER else d / "config.json"
             workload = ["--workload", "hf", "--workload-config", str(given), "--seq-len", str(SEQ_LEN)]
-        trials = ["--trials", "1"] if family == "factory" else ["--trials", "2"]  # the factory: its plan's path, the search is hf's
-        cmd = [sys.executable, "-m", "autotune", "plan", *workload, *trials, *PLAN_ARGS, "--storage", f"sqlite:///{d}/s.db", "--out", str(d / "plan.json")]
+        trials = (
+            ["--trials", "1"] if family == "factory" else ["--trials", "2"]
+        )  # the factory: its plan's path, the search is hf's
+        cmd = [
+            sys.executable,
+            "-m",
+            "autotune",
+            "plan",
+            *workload,
+            *trials,
+            *PLAN_ARGS,
+            "--storage",
+            f"sqlite:///{d}/s.db",
+            "--out",
+            str(d / "plan.json"),
+        ]
         return {"dir": d, "plan": subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)}
 
     def result(self, family: str) -> dict:
@@ -132,8 +166,14 @@ class Zoo:
 @pytest.fixture(scope="module")
 def zoo(request, tmp_path_factory):
     """Starts the jobs of the tests selected in this session (``-k`` picks fewer)."""
-    families = [item.callspec.params["family"] for item in request.session.items
-                if item.module is request.module and "zoo" in item.fixturenames and hasattr(item, "callspec") and "family" in item.callspec.params]
+    families = [
+        item.callspec.params["family"]
+        for item in request.session.items
+        if item.module is request.module
+        and "zoo" in item.fixturenames
+        and hasattr(item, "callspec")
+        and "family" in item.callspec.params
+    ]
     z = Zoo(tmp_path_factory.mktemp("zoo"), list(dict.fromkeys(families)))
     yield z
     z.pool.shutdown(wait=True)
@@ -214,7 +254,9 @@ def test_a_fused_head_and_loss_gives_each_familys_own_loss_and_gradients(family)
     from autotune.workloads.adapter import NotSupported, adapter_for
 
     torch.manual_seed(0)
-    model = load_workload(f"hf:{family}", {k: v for k, v in tiny(family).items() if k not in DROPPED}).build_model().eval()
+    model = (
+        load_workload(f"hf:{family}", {k: v for k, v in tiny(family).items() if k not in DROPPED}).build_model().eval()
+    )
     adapter = adapter_for(model)
     fused = lambda h, w, t, v: linear_cross_entropy(h, w, t, vocab_size=v)  # noqa: E731
     if family == "gemma2":
@@ -261,7 +303,9 @@ def test_the_cpu_strategies_train_each_family_or_are_refused_in_one_line(run_cli
     structure = load_workload(f"hf:{family}", fields).structure
     data = json.loads((ROOT / "profiles" / "default" / "tiny.plan.json").read_text())
     data["workload"] = {"name": f"hf:{family}", "overrides": {**fields, "seq_len": 32}}
-    data["train"].update(micro_batch_size=4, steps=2, random_tokens=True, eval_interval=0, checkpoint_interval=0, log_interval=1)
+    data["train"].update(
+        micro_batch_size=4, steps=2, random_tokens=True, eval_interval=0, checkpoint_interval=0, log_interval=1
+    )
     usable = [s for s in STACK if s["name"] != "attention" or "attention" in structure]
     for strategies, ok in [(usable, True), ([s for s in STACK if s["name"] == "attention"], "attention" in structure)]:
         data["strategies"] = strategies
@@ -271,7 +315,9 @@ def test_the_cpu_strategies_train_each_family_or_are_refused_in_one_line(run_cli
         code, _, err = run_cli("run", path, "--out", out)
         if ok:
             assert code == 0, err[-3000:]
-            losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line]
+            losses = [
+                json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"loss"' in line
+            ]
             assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
         else:
             assert code == 2 and "attention" in err and len(err.strip().splitlines()) == 1, err
@@ -288,7 +334,9 @@ def test_a_bench_config_loads_at_full_size(name):
     from autotune.workloads.hf import from_command_line
 
     workload, overrides = from_command_line("hf", ROOT / "bench" / "configs" / f"{name}.json")
-    assert load_workload(workload, overrides).seq_len == min(overrides.get("seq_len", 1024), BENCH[name])  # no --seq-len: up to 1024
+    assert load_workload(workload, overrides).seq_len == min(
+        overrides.get("seq_len", 1024), BENCH[name]
+    )  # no --seq-len: up to 1024
     loaded = load_workload(workload, {**overrides, "seq_len": BENCH[name]})  # as `plan --seq-len N` gives it
     assert loaded.seq_len == loaded.shape.seq_len == BENCH[name]
     assert "blocks" in loaded.structure and "attention" in loaded.structure  # mistral-gqa's window (4096) covers 2048

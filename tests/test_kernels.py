@@ -78,8 +78,10 @@ def _error(got, exact) -> float:
 def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true_vocab, dtype, chunk):
     hidden, weight, targets = _inputs(tokens, d, vocab, true_vocab)
     hidden, weight = hidden.to(dtype), weight.to(dtype)  # the values both sides see
-    exact, theirs = (_loss_and_grads(reference.linear_cross_entropy, hidden, weight, targets, precision,
-                                     vocab_size=true_vocab) for precision in (torch.float64, dtype))
+    exact, theirs = (
+        _loss_and_grads(reference.linear_cross_entropy, hidden, weight, targets, precision, vocab_size=true_vocab)
+        for precision in (torch.float64, dtype)
+    )
     ours = _loss_and_grads(linear_cross_entropy, hidden, weight, targets, dtype, vocab_size=true_vocab, chunk=chunk)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == dtype
     for name, got, ref, ex in zip(("loss", "d hidden", "d weight"), ours, theirs, exact):
@@ -92,8 +94,9 @@ def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true
 @pytest.mark.parametrize("tokens", [3, 0], ids=["all-ignored", "no-tokens"])
 def test_no_counted_target_gives_zero_loss_and_gradients(tokens):
     hidden, weight, targets = _inputs(tokens, 16, 40, None)
-    loss, d_hidden, d_weight = _loss_and_grads(linear_cross_entropy, hidden, weight, torch.full_like(targets, -7),
-                                               torch.float32, ignore_index=-7)
+    loss, d_hidden, d_weight = _loss_and_grads(
+        linear_cross_entropy, hidden, weight, torch.full_like(targets, -7), torch.float32, ignore_index=-7
+    )
     assert loss.item() == 0 and not d_hidden.any() and not d_weight.any()
 
 
@@ -167,8 +170,13 @@ def test_every_config_compiles_for_hopper_without_spilling(python):
     """No GPU here: compile each Hopper config to a cubin (tests/hopper_compile.py) and check
     that none spills registers or asks for more than an H100's 227 KiB of shared memory."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([python, str(Path(__file__).with_name("hopper_compile.py"))], capture_output=True, text=True,
-                          env=env, timeout=240)
+    proc = subprocess.run(
+        [python, str(Path(__file__).with_name("hopper_compile.py"))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(kernels) == 2
@@ -205,11 +213,14 @@ def test_the_strategys_fused_loss_trains_a_gpt_as_its_own_loss_does():
         torch.testing.assert_close(fused_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("others, message", [
-    ({"pipeline_parallel": None}, "cannot run with pipeline_parallel: the last stage returns logits"),
-    ({"tensor_parallel": None}, "cannot run with tensor_parallel"),
-    ({"zero": "stage 3"}, "cannot run with zero stage 3"),
-])
+@pytest.mark.parametrize(
+    "others, message",
+    [
+        ({"pipeline_parallel": None}, "cannot run with pipeline_parallel: the last stage returns logits"),
+        ({"tensor_parallel": None}, "cannot run with tensor_parallel"),
+        ({"zero": "stage 3"}, "cannot run with zero stage 3"),
+    ],
+)
 def test_a_fused_loss_is_refused_where_the_heads_weight_is_not_whole(others, message):
     from autotune import catalog
     from autotune.errors import UserError

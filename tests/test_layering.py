@@ -30,7 +30,9 @@ class NoTorch:
 
 # With torch blocked, imports the data and declaration layers, then each strategy module on
 # its own: those that need torch at import fail, and are named.
-_CULPRITS = _BLOCK + """
+_CULPRITS = (
+    _BLOCK
+    + """
 sys.meta_path.insert(0, NoTorch())
 for name in ("autotune.plan", "autotune.schema", "autotune.catalog", "autotune.graph", "autotune.apply", "autotune.mesh",
              "autotune.workloads", "autotune.workloads.structure", "autotune.workloads.gpt_config", "autotune.cli.show"):
@@ -48,11 +50,14 @@ for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name)
         culprits.append(info.name)
 print(json.dumps(culprits))
 """
+)
 
 # Loads and validates every committed plan, then runs `autotune show` on one, in-process.
 # With "after-catalog", the catalog is read first (whatever its modules import) and torch is
 # blocked after it: what the plans' checks and show import on their own.
-_SHOW = _BLOCK + """
+_SHOW = (
+    _BLOCK
+    + """
 if sys.argv[1] == "after-catalog":
     from autotune.catalog import catalog
     catalog()
@@ -72,6 +77,7 @@ shown = time.perf_counter()
 print(json.dumps({"code": code, "modules": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "autotune")),
                   "load_s": loaded - start, "show_s": shown - loaded}))
 """
+)
 
 
 def _run(script: str, *args: str) -> str:
@@ -94,7 +100,9 @@ def _show(mode: str) -> dict:
     result = json.loads(out.strip().splitlines()[-1])
     assert result["code"] == 0
     assert "phase8-small" in out and "vocab_padding" in out  # the plan was printed
-    print(f"{mode}: {len(PLANS)} plans loaded and validated in {result['load_s']:.3f} s; show in {result['show_s']:.3f} s")
+    print(
+        f"{mode}: {len(PLANS)} plans loaded and validated in {result['load_s']:.3f} s; show in {result['show_s']:.3f} s"
+    )
     return result
 
 

@@ -62,12 +62,20 @@ def test_show_prints_the_estimate_it_checked(run_cli):
 def test_more_cpu_processes_than_cores_is_a_warning(tmp_path, run_cli):
     from autotune.planner import usable_cores
 
-    plan = _plan_file(tmp_path, launch={"nproc_per_node": usable_cores() + 1}, strategies=[{"name": "ddp", "knobs": {}}])
+    plan = _plan_file(
+        tmp_path, launch={"nproc_per_node": usable_cores() + 1}, strategies=[{"name": "ddp", "knobs": {}}]
+    )
     code, _, err = run_cli("show", plan)
-    assert code == 0 and err == f"autotune: warning: {usable_cores() + 1} processes on {usable_cores()} core(s): each runs slower than alone\n"
+    assert (
+        code == 0
+        and err
+        == f"autotune: warning: {usable_cores() + 1} processes on {usable_cores()} core(s): each runs slower than alone\n"
+    )
 
 
-@pytest.mark.parametrize("overrides", [{"n_layers": PROBE_LAYERS + 44}, {"tie_embeddings": False, "d_ff": 96, "n_heads": 2}])
+@pytest.mark.parametrize(
+    "overrides", [{"n_layers": PROBE_LAYERS + 44}, {"tie_embeddings": False, "d_ff": 96, "n_heads": 2}]
+)
 def test_a_preset_s_shape_counted_from_its_config_is_the_built_model_s(overrides):
     # The GPT's shape is counted from its config (show imports no torch); it equals the shape
     # read off the model built whole (a workload without a config is built on the meta device).
@@ -83,8 +91,15 @@ def test_a_deep_hf_model_counted_from_its_first_blocks_is_counted_exactly():
     from autotune.workloads.hf import HFAdapter, HFCausalLM, build_config, build_hf_model, hf_workload, parse
 
     layers = PROBE_LAYERS + 4
-    workload = _hf(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16, vocab_size=256)
+    workload = _hf(
+        num_hidden_layers=layers,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+    )
     scaled = hf_workload(workload["name"], workload["overrides"]).shape
     settings = parse(workload["name"], workload["overrides"])
     with torch.device("meta"):
@@ -95,13 +110,17 @@ def test_a_deep_hf_model_counted_from_its_first_blocks_is_counted_exactly():
 def test_a_run_too_big_ends_in_one_line_before_anything_is_built(tmp_path):
     # A real `autotune run`: before the check it built blocks until the kernel killed it.
     plan, out = _plan_file(tmp_path, workload={"name": "tiny", "overrides": {"n_layers": 16_777_216}}), tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "autotune", "run", plan, "--out", out], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "autotune", "run", plan, "--out", out], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert "3.3T parameters in 16,777,216 layers" in proc.stderr and "this machine has" in proc.stderr
     assert not out.exists()
 
 
-@pytest.mark.parametrize("family, key", [("gpt2", "n_layer"), ("gpt2", "num_hidden_layers"), ("qwen3", "num_hidden_layers")])
+@pytest.mark.parametrize(
+    "family, key", [("gpt2", "n_layer"), ("gpt2", "num_hidden_layers"), ("qwen3", "num_hidden_layers")]
+)
 def test_an_hf_layer_count_beyond_any_model_is_refused_by_either_name(family, key):
     pytest.importorskip("transformers")
     from autotune.errors import UserError
@@ -129,9 +148,14 @@ def test_a_cuda_plan_is_checked_against_the_gpus_here(monkeypatch):
     data["launch"] = {"nproc_per_node": 1, "device": "cuda"}
     data["train"]["micro_batch_size"] = 4
     fits = planmod.from_dict(data)
-    assert "this machine has 8.0 GiB of memory on each Imaginary GPU" in check_machine(fits, gpt_workload("gpt2-124m")).line()
+    assert (
+        "this machine has 8.0 GiB of memory on each Imaginary GPU"
+        in check_machine(fits, gpt_workload("gpt2-124m")).line()
+    )
     data["train"]["micro_batch_size"] = 64
-    with pytest.raises(UserError, match=r"124\.3M parameters in 12 layers.*; this machine has 8\.0 GiB of memory on each Imaginary GPU"):
+    with pytest.raises(
+        UserError, match=r"124\.3M parameters in 12 layers.*; this machine has 8\.0 GiB of memory on each Imaginary GPU"
+    ):
         check_machine(planmod.from_dict(data), gpt_workload("gpt2-124m"))
     data["launch"]["nproc_per_node"], data["strategies"] = 2, [{"name": "ddp", "knobs": {}}]
     with pytest.raises(UserError, match=r"runs 2 processes a node, one per GPU, but this machine has 1 GPU\(s\)"):

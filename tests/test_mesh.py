@@ -38,15 +38,50 @@ def test_mesh_shapes(world: int, chosen: dict, shape: tuple[int, int, int]) -> N
 @pytest.mark.parametrize(
     ("world", "chosen", "kwargs", "message"),
     [
-        (2, {"tensor_parallel": {"degree": 2}, "pipeline_parallel": {}}, {}, "tp 2 × pp 2 = 4 does not divide 2 processes"),
+        (
+            2,
+            {"tensor_parallel": {"degree": 2}, "pipeline_parallel": {}},
+            {},
+            "tp 2 × pp 2 = 4 does not divide 2 processes",
+        ),
         (6, {"tensor_parallel": {"degree": 4}}, {}, "tp 4 × pp 1 = 4 does not divide 6 processes"),
-        (8, {"tensor_parallel": {"degree": 4}}, {}, "tp 4 × pp 1 leaves 2 data-parallel groups of 8 processes: add fsdp2, or make tp × pp = 8"),
-        (2, {"tensor_parallel": {}, "fsdp2": {}}, {}, "fsdp2 has a data-parallel group of 1 process: tp 2 × pp 1 takes all 2 processes"),
+        (
+            8,
+            {"tensor_parallel": {"degree": 4}},
+            {},
+            "tp 4 × pp 1 leaves 2 data-parallel groups of 8 processes: add fsdp2, or make tp × pp = 8",
+        ),
+        (
+            2,
+            {"tensor_parallel": {}, "fsdp2": {}},
+            {},
+            "fsdp2 has a data-parallel group of 1 process: tp 2 × pp 1 takes all 2 processes",
+        ),
         (4, {"pipeline_parallel": {}, "ddp": {}}, {}, r"pipeline_parallel takes the whole run \(degree 4\)"),
-        (4, {"tensor_parallel": {"degree": 4}}, {"workload": load_workload("tiny", {"n_heads": 2, "d_model": 128})}, "does not divide the 2 heads"),
-        (2, {"tensor_parallel": {}}, {"workload": load_workload("tiny", {"d_ff": 101})}, "does not divide the MLP width 101"),
-        (8, {"pipeline_parallel": {"degree": 8, "microbatches": 8}}, {"workload": load_workload("tiny")}, "degree 8 exceeds the 4 blocks"),
-        (2, {"pipeline_parallel": {"microbatches": 3}}, {"micro_batch_size": 8}, "microbatches 3 does not divide the micro-batch size 8"),
+        (
+            4,
+            {"tensor_parallel": {"degree": 4}},
+            {"workload": load_workload("tiny", {"n_heads": 2, "d_model": 128})},
+            "does not divide the 2 heads",
+        ),
+        (
+            2,
+            {"tensor_parallel": {}},
+            {"workload": load_workload("tiny", {"d_ff": 101})},
+            "does not divide the MLP width 101",
+        ),
+        (
+            8,
+            {"pipeline_parallel": {"degree": 8, "microbatches": 8}},
+            {"workload": load_workload("tiny")},
+            "degree 8 exceeds the 4 blocks",
+        ),
+        (
+            2,
+            {"pipeline_parallel": {"microbatches": 3}},
+            {"micro_batch_size": 8},
+            "microbatches 3 does not divide the micro-batch size 8",
+        ),
         (4, {"pipeline_parallel": {"degree": 4, "microbatches": 2}}, {}, "microbatches 2 is fewer than its 4 stages"),
     ],
 )
@@ -65,7 +100,10 @@ def test_tokens_per_step_counts_the_dp_groups_only(tmp_path: Path) -> None:
     data["launch"]["nproc_per_node"] = 4
     data["strategies"] = [{"name": "tensor_parallel", "knobs": {}}, {"name": "fsdp2", "knobs": {}}]
     plan = planmod.from_dict(data)
-    assert train.tokens_per_step(plan) == plan.train.micro_batch_size * load_workload("tiny").seq_len * plan.grad_accum() * 2
+    assert (
+        train.tokens_per_step(plan)
+        == plan.train.micro_batch_size * load_workload("tiny").seq_len * plan.grad_accum() * 2
+    )
 
 
 def test_a_plan_with_an_illegal_mesh_fails_before_launch(run_cli, tmp_path: Path) -> None:
@@ -82,19 +120,43 @@ def test_a_plan_with_an_illegal_mesh_fails_before_launch(run_cli, tmp_path: Path
 def _hf(**sizes: int) -> Workload:
     """A tiny hf: Llama (4 heads sharing 2 kv heads, gated MLP of width 128, 4 blocks), with ``sizes``."""
     pytest.importorskip("transformers")
-    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=250, max_position_embeddings=64, seq_len=16)
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=250,
+        max_position_embeddings=64,
+        seq_len=16,
+    )
     return load_workload("hf:llama", {**fields, **sizes})
 
 
 @pytest.mark.parametrize(
     ("world", "chosen", "gpt", "hf", "message"),
     [
-        (4, {"tensor_parallel": {"degree": 4}}, {"n_heads": 2, "d_model": 128}, {"num_attention_heads": 2, "num_key_value_heads": 2},
-         "tensor_parallel degree 4 does not divide the 2 heads"),
-        (2, {"tensor_parallel": {}}, {"d_ff": 101}, {"intermediate_size": 101}, "tensor_parallel degree 2 does not divide the MLP width 101"),
-        (8, {"pipeline_parallel": {"degree": 8, "microbatches": 8}}, {}, {},
-         "pipeline_parallel degree 8 exceeds the 4 blocks (a stage needs one at least)"),
+        (
+            4,
+            {"tensor_parallel": {"degree": 4}},
+            {"n_heads": 2, "d_model": 128},
+            {"num_attention_heads": 2, "num_key_value_heads": 2},
+            "tensor_parallel degree 4 does not divide the 2 heads",
+        ),
+        (
+            2,
+            {"tensor_parallel": {}},
+            {"d_ff": 101},
+            {"intermediate_size": 101},
+            "tensor_parallel degree 2 does not divide the MLP width 101",
+        ),
+        (
+            8,
+            {"pipeline_parallel": {"degree": 8, "microbatches": 8}},
+            {},
+            {},
+            "pipeline_parallel degree 8 exceeds the 4 blocks (a stage needs one at least)",
+        ),
     ],
 )
 def test_an_hf_model_is_refused_as_a_gpt_is(world: int, chosen: dict, gpt: dict, hf: dict, message: str) -> None:
@@ -114,12 +176,17 @@ def test_tp_must_divide_the_kv_heads_too() -> None:
 
 def test_an_hf_plan_with_an_illegal_mesh_fails_before_launch(run_cli, tmp_path: Path) -> None:
     data = json.loads(DEFAULT_PLAN.read_text())
-    data["workload"] = {"name": "hf:llama", "overrides": {**_hf().overrides, "num_attention_heads": 2, "num_key_value_heads": 2}}
+    data["workload"] = {
+        "name": "hf:llama",
+        "overrides": {**_hf().overrides, "num_attention_heads": 2, "num_key_value_heads": 2},
+    }
     data["launch"]["nproc_per_node"] = 4
     data["strategies"] = [{"name": "tensor_parallel", "knobs": {"degree": 4}}]
     (tmp_path / "plan.json").write_text(json.dumps(data))
     for command in ("run", "show"):
-        code, _, err = run_cli(command, tmp_path / "plan.json", *(("--out", tmp_path / "run") if command == "run" else ()))
+        code, _, err = run_cli(
+            command, tmp_path / "plan.json", *(("--out", tmp_path / "run") if command == "run" else ())
+        )
         assert code == 2
         assert err.strip() == "autotune: error: tensor_parallel degree 4 does not divide the 2 heads"
     assert not (tmp_path / "run").exists()

@@ -30,7 +30,9 @@ def test_mfu_counts_every_process_not_the_data_parallel_groups():
     # 6 GFLOP a token at 100k tokens/s on 4 devices of 1 PFLOP/s: 6e14 / 4e15.
     assert model_flops_utilization(6e9, 1e5, 1e15, 4) == pytest.approx(0.15)
     # tp 2 x dp 2 and dp 4 use the same 4 devices: the same MFU at the same rate.
-    assert model_flops_utilization(6e9, 1e5, 1e15, processes=2 * 2) == model_flops_utilization(6e9, 1e5, 1e15, processes=4)
+    assert model_flops_utilization(6e9, 1e5, 1e15, processes=2 * 2) == model_flops_utilization(
+        6e9, 1e5, 1e15, processes=4
+    )
     assert model_flops_utilization(6e9, None, 1e15, 4) is None
     assert model_flops_utilization(6e9, 1e5, None, 4) is None
 
@@ -50,8 +52,15 @@ def made_up_profile(path: Path) -> None:
     profile = hardware.detect(quick=True)
     rate = hardware.Stat(median=PEAK, min=PEAK, max=PEAK, repeats=1, unit="flop/s")
     profile.measured = hardware.Measurements(
-        device="cpu", matmul_n=1, matmul={"bf16": rate}, copy_bytes=0, copy=None,
-        h2d_bytes=None, h2d=None, allreduce=[], seconds=0.0,
+        device="cpu",
+        matmul_n=1,
+        matmul={"bf16": rate},
+        copy_bytes=0,
+        copy=None,
+        h2d_bytes=None,
+        h2d=None,
+        allreduce=[],
+        seconds=0.0,
     )
     profile.save(path)
 
@@ -99,12 +108,16 @@ def main(out: Path) -> None:
         trainer.close()
         if dist.get_rank() == 0:
             pick = ("mfu", "tokens_per_s", "mfu_peak_source")
-            (out / "mfu.json").write_text(json.dumps({
-                "trial": {k: getattr(figures, k) for k in pick},
-                "run": {k: getattr(summary, k) for k in pick},
-                "flops_per_token": fpt,
-                "tokens_per_step": tokens,
-            }))
+            (out / "mfu.json").write_text(
+                json.dumps(
+                    {
+                        "trial": {k: getattr(figures, k) for k in pick},
+                        "run": {k: getattr(summary, k) for k in pick},
+                        "flops_per_token": fpt,
+                        "tokens_per_step": tokens,
+                    }
+                )
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -107,7 +107,10 @@ def test_load_balancing_loss_on_a_hand_built_case() -> None:
 
 def test_aux_loss_reaches_the_router_gradient_but_not_the_output() -> None:
     coef = 0.5
-    with_aux, without = layer(num_experts=4, top_k=2, aux_loss_coef=coef), layer(num_experts=4, top_k=2, aux_loss_coef=0.0)
+    with_aux, without = (
+        layer(num_experts=4, top_k=2, aux_loss_coef=coef),
+        layer(num_experts=4, top_k=2, aux_loss_coef=0.0),
+    )
     without.load_state_dict(with_aux.state_dict())
     x = torch.randn(2, 6, D)
     y, y0 = with_aux(x), without(x)
@@ -182,7 +185,13 @@ def test_aux_loss_gradient_is_divided_under_gradient_accumulation() -> None:
     # The Trainer's own step over 4 micro-batches: the router's gradient is the mean of each
     # micro-batch's own gradient (main loss plus coef x aux loss), not 4 times the aux part.
     s = 4
-    trainer = Trainer(make_plan({"moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 2.0}, "grad_accum": {"steps": s}}, "cpu", micro_batch_size=2))
+    trainer = Trainer(
+        make_plan(
+            {"moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 2.0}, "grad_accum": {"steps": s}},
+            "cpu",
+            micro_batch_size=2,
+        )
+    )
     try:
         model = trainer.ctx.model
         reference = copy.deepcopy(model)
@@ -230,7 +239,9 @@ def test_expert_memory_per_process_divides_by_ep() -> None:
     from autotune import costmodel
 
     workload = load_workload("tiny", TINY)
-    configs = {n: catalog.get(n).parse(k) for n, k in {"moe": {"num_experts": 4, "every_n_layers": 2}, "ddp": {}}.items()}
+    configs = {
+        n: catalog.get(n).parse(k) for n, k in {"moe": {"num_experts": 4, "every_n_layers": 2}, "ddp": {}}.items()
+    }
     ep2 = {**configs, "moe": catalog.get("moe").parse({"num_experts": 4, "every_n_layers": 2, "ep": 2})}
     whole = costmodel.estimate(workload, 2, configs, processes=2)
     split = costmodel.estimate(workload, 2, ep2, processes=2)
@@ -271,7 +282,9 @@ def test_aux_loss_refuses_the_loss_scales_it_does_not_follow() -> None:
     check_settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {"aux_loss_coef": 0.0})})
     check_settings({"precision": parse("precision", {"dtype": "bf16"}), "moe": parse("moe", {})})
     with pytest.raises(UserError, match="compile scope blocks"):
-        check_settings({"compile": parse("compile", {"scope": "model"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
+        check_settings(
+            {"compile": parse("compile", {"scope": "model"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})}
+        )
     check_settings({"compile": parse("compile", {"scope": "blocks"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
 
 

@@ -31,7 +31,13 @@ TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def ep_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("moe_ep")
-    proc = subprocess.run(torchrun_command(2, "tests.moe_dist_worker", [str(out)]), cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        torchrun_command(2, "tests.moe_dist_worker", [str(out)]),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     assert proc.returncode == 0, worker_failure(proc)
     return out
 

@@ -33,7 +33,10 @@ def test_bundled_plan_loads_and_round_trips(tmp_path):
         (lambda d: d["train"].update(micro_batch_size=True), "train.micro_batch_size"),
         (lambda d: d["train"].pop("micro_batch_size"), "train.micro_batch_size"),
         (lambda d: d["strategies"].append({"name": "warp_drive"}), "strategies[0].name"),
-        (lambda d: d["strategies"].append({"name": "precision", "knobs": {"dtype": "fp64"}}), "strategies[0].knobs.dtype"),
+        (
+            lambda d: d["strategies"].append({"name": "precision", "knobs": {"dtype": "fp64"}}),
+            "strategies[0].knobs.dtype",
+        ),
         (lambda d: d["strategies"].append({"name": "precision", "knobs": {"speed": 2}}), "strategies[0].knobs.speed"),
         (lambda d: d["launch"].update(device="gpu"), "launch.device"),
         (lambda d: d.update(schema_version=99), "schema_version"),
@@ -57,7 +60,10 @@ def test_duplicate_strategy_rejected():
 
 def test_strategy_knobs_are_typed():
     data = default_dict()
-    data["strategies"] = [{"name": "precision", "knobs": {"dtype": "bf16"}}, {"name": "grad_accum", "knobs": {"steps": 4}}]
+    data["strategies"] = [
+        {"name": "precision", "knobs": {"dtype": "bf16"}},
+        {"name": "grad_accum", "knobs": {"steps": 4}},
+    ]
     configs = planmod.from_dict(data).strategy_configs()
     assert configs["precision"].dtype == "bf16" and configs["precision"].tf32 is True
     assert configs["grad_accum"].steps == 4
@@ -69,7 +75,10 @@ def test_strategy_knobs_are_typed():
         ("{not json", "invalid JSON"),
         (json.dumps({**default_dict(), "extra": 1}), "extra: unknown key"),
         (json.dumps({**default_dict(), "strategies": [{"name": "nope"}]}), "unknown strategy 'nope'"),
-        (json.dumps({**default_dict(), "train": {**default_dict()["train"], "lr": "fast"}}), "train.lr: expected a number"),
+        (
+            json.dumps({**default_dict(), "train": {**default_dict()["train"], "lr": "fast"}}),
+            "train.lr: expected a number",
+        ),
     ],
 )
 @pytest.mark.parametrize("command", ["show", "run"])
@@ -107,7 +116,9 @@ def test_show_prints_an_approximate_plans_quality_guard(run_cli):
     assert "quality guard" not in out
 
 
-@pytest.mark.parametrize("args", [["run", "--bogus"], ["run", "--steps", "x", str(DEFAULT_PLAN)], ["show"], ["profile", "--nope"]])
+@pytest.mark.parametrize(
+    "args", [["run", "--bogus"], ["run", "--steps", "x", str(DEFAULT_PLAN)], ["show"], ["profile", "--nope"]]
+)
 def test_usage_errors_are_one_line_exit_2(run_cli, args):
     code, _, err = run_cli(*args)
     assert code == 2

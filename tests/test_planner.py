@@ -24,8 +24,26 @@ def baseline_only(tmp_path_factory):
     time budget: the best trial is the baseline itself."""
     tmp = tmp_path_factory.mktemp("plan")
     db, out = tmp / "s.db", tmp / "p.json"
-    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "1", "--time-budget", str(BUDGET),
-           "--trial-steps", "4", "--warmup-steps", "1", "--storage", f"sqlite:///{db}", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "autotune",
+        "plan",
+        "--workload",
+        "tiny",
+        "--trials",
+        "1",
+        "--time-budget",
+        str(BUDGET),
+        "--trial-steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--storage",
+        f"sqlite:///{db}",
+        "--out",
+        str(out),
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     return proc, time.monotonic() - start, db, out
@@ -71,8 +89,13 @@ def test_interleaved_figures_are_medians_with_their_spread():
 def _plan(micro_batch: int, accum: int, **train) -> planmod.Plan:
     plan = planmod.load(ROOT / "profiles" / "default" / "tiny.plan.json")
     strategies = [planmod.StrategySpec(name="grad_accum", knobs={"steps": accum})] if accum > 1 else []
-    return planmod.Plan(**{**{f: getattr(plan, f) for f in ("schema_version", "workload", "launch", "hardware")},
-                           "train": dataclasses.replace(plan.train, micro_batch_size=micro_batch, **train), "strategies": strategies})
+    return planmod.Plan(
+        **{
+            **{f: getattr(plan, f) for f in ("schema_version", "workload", "launch", "hardware")},
+            "train": dataclasses.replace(plan.train, micro_batch_size=micro_batch, **train),
+            "strategies": strategies,
+        }
+    )
 
 
 def test_the_baseline_times_about_as_long_as_the_plan_and_is_its_loss_reference():
@@ -82,11 +105,15 @@ def test_the_baseline_times_about_as_long_as_the_plan_and_is_its_loss_reference(
     # The plan times 10 steps of 1 s; a baseline step takes 4 s: 3 of them (ceil 2.5), after the plan's warm-up.
     b = planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=4.0)
     assert (b.warmup_steps, b.timed_steps) == (2 * 8, 3 * 8)
-    assert planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=0.5).timed_steps == 10 * 8  # never more than the plan's
+    assert (
+        planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=0.5).timed_steps == 10 * 8
+    )  # never more than the plan's
     assert planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=None).timed_steps == 10 * 8
     assert planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=100.0).timed_steps == 1 * 8
     assert planner.is_reference(plan, baseline)
-    assert not planner.is_reference(_plan(8, 2, random_tokens=True), _plan(2, 8, random_tokens=True))  # drawn per micro-batch
+    assert not planner.is_reference(
+        _plan(8, 2, random_tokens=True), _plan(2, 8, random_tokens=True)
+    )  # drawn per micro-batch
     assert not planner.is_reference(plan, _plan(2, 4))  # another global batch
     assert not planner.is_reference(plan, _plan(2, 8, lr=1e-2))
 
@@ -98,10 +125,22 @@ def test_losses_compare_at_the_last_step_both_trained():
     assert (check.steps, check.loss_end, check.reference_loss_end, check.passed) == (2, 9.5, 9.6, True)
     worse = Figures(status="ok", loss_start=10.0, loss_end=9.9, losses=[10.0, 9.9])
     assert not planner._compared(worse, reference, 0.02, exact=False).passed  # 3% worse
-    assert planner._compared(Figures(status="ok", loss_start=10.0, loss_end=9.0, losses=[10.0, 9.0]), reference, 0.02, exact=False).passed  # better
+    assert planner._compared(
+        Figures(status="ok", loss_start=10.0, loss_end=9.0, losses=[10.0, 9.0]), reference, 0.02, exact=False
+    ).passed  # better
 
 
-@pytest.mark.parametrize("args", [["--cpu-procs", "64"], ["--trial-timeout", "1"], ["--out", "{tmp}/file/p.json"], ["--report", "{tmp}/file"], ["--quality-tolerance", "0"], ["--quality-tolerance", "-0.1"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--cpu-procs", "64"],
+        ["--trial-timeout", "1"],
+        ["--out", "{tmp}/file/p.json"],
+        ["--report", "{tmp}/file"],
+        ["--quality-tolerance", "0"],
+        ["--quality-tolerance", "-0.1"],
+    ],
+)
 def test_bad_planner_input_is_one_line_before_any_trial(run_cli, tmp_path, args):
     (tmp_path / "file").write_text("not a folder")
     args = [a.format(tmp=tmp_path) for a in args]

@@ -20,8 +20,15 @@ from tests.conftest import ROOT
 
 def _start(tmp_path, *args, **kw):
     env = {**os.environ, "AUTOTUNE_CACHE": str(tmp_path / "cache"), "AUTOTUNE_TEST_HANG_ONCE": str(tmp_path / "hung")}
-    return subprocess.Popen([sys.executable, "-m", "tests.search_driver", *map(str, args)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.search_driver", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _wait_for_hang(tmp_path, planner):

@@ -50,13 +50,21 @@ def test_the_synopsis_is_the_parser_s():
     for name, command in real.items():
         opts = [p for p in command.params if p.param_type_name == "option"]  # --help is not among them
         shown, wanted = options(readme[name]), {o for p in opts for o in p.opts}
-        assert shown == wanted, f"autotune {name}: missing from the README {sorted(wanted - shown)}, not in the parser {sorted(shown - wanted)}"
+        assert shown == wanted, (
+            f"autotune {name}: missing from the README {sorted(wanted - shown)}, not in the parser {sorted(shown - wanted)}"
+        )
         # Outside [brackets]: the required options, and an eager one's own form (`autotune --version`).
         eager = {p.opts[0] for p in opts if p.is_eager}
-        assert options(required(readme[name])) - eager == {p.opts[0] for p in opts if p.required}, f"autotune {name}: [optional] options differ"
+        assert options(required(readme[name])) - eager == {p.opts[0] for p in opts if p.required}, (
+            f"autotune {name}: [optional] options differ"
+        )
         arguments = [p.metavar.removesuffix("...") for p in command.params if p.param_type_name == "argument"]
-        shown_arguments = [word.split("|")[0].removesuffix("...").strip("[]") for word in readme[name].split()[: len(arguments)]]
-        assert shown_arguments == arguments, f"autotune {name}: arguments {arguments}"  # PLAN|STORAGE_URL#STUDY... is PLAN..., [PATH]... an optional PATH...
+        shown_arguments = [
+            word.split("|")[0].removesuffix("...").strip("[]") for word in readme[name].split()[: len(arguments)]
+        ]
+        assert shown_arguments == arguments, (
+            f"autotune {name}: arguments {arguments}"
+        )  # PLAN|STORAGE_URL#STUDY... is PLAN..., [PATH]... an optional PATH...
 
 
 def test_the_readme_runs_as_written(tmp_path):
@@ -72,6 +80,11 @@ def test_the_readme_runs_as_written(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     for block in blocks:
         proc = subprocess.run(
-            ["bash", "-e", "-o", "pipefail", "-x", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+            ["bash", "-e", "-o", "pipefail", "-x", "-c", block],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         assert proc.returncode == 0, f"README block failed ({proc.returncode}):\n{block}\n{proc.stderr[-3000:]}"

@@ -23,7 +23,9 @@ from tests.conftest import DEFAULT_PLAN, ROOT
 from tests.strategy_suite import TINY
 
 
-def write_plan(tmp_path: Path, *, nproc: int = 1, strategies: dict | None = None, name: str = "plan.json", **train_overrides) -> Path:
+def write_plan(
+    tmp_path: Path, *, nproc: int = 1, strategies: dict | None = None, name: str = "plan.json", **train_overrides
+) -> Path:
     data = json.loads(DEFAULT_PLAN.read_text())
     if nproc > 1:
         data["workload"]["overrides"] = dict(TINY)
@@ -65,7 +67,9 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step_and_resumes_e
     _, err = proc.communicate(timeout=60)  # within torchrun's 30 s grace, start to end
     assert proc.returncode == 143, err[-3000:]
     for pid in tree:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"pid {pid} left behind"
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, (
+            f"pid {pid} left behind"
+        )
     summary = json.loads((stopped / "summary.json").read_text())
     at = summary["steps_done"]
     assert summary["stopped"] == "SIGTERM" and 10 <= at < steps
@@ -86,7 +90,9 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step_and_resumes_e
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])  # a terminal's Ctrl-C, a dropped SSH session
-def test_sigint_or_sighup_to_a_single_process_run_checkpoints_the_step_and_exits_128_plus_it(tmp_path: Path, signum: int) -> None:
+def test_sigint_or_sighup_to_a_single_process_run_checkpoints_the_step_and_exits_128_plus_it(
+    tmp_path: Path, signum: int
+) -> None:
     plan = write_plan(tmp_path, checkpoint_interval=0)  # only the stop writes a checkpoint
     out = tmp_path / "run"
     proc = start(plan, out, "--steps", "100000")
@@ -109,7 +115,10 @@ def test_a_second_run_on_a_locked_out_is_refused_and_leaves_the_first_alone(tmp_
     second = start(plan, out, "--steps", "100000", "--resume")  # a resume would truncate the log
     _, err = second.communicate(timeout=60)
     assert second.returncode == 2
-    assert err.strip() == f"autotune: error: run directory {out} is in use by another autotune process (pid {first.pid}; lock {out / '.lock'})"
+    assert (
+        err.strip()
+        == f"autotune: error: run directory {out} is in use by another autotune process (pid {first.pid}; lock {out / '.lock'})"
+    )
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=60)
     assert first.returncode == 143, err[-3000:]
@@ -178,7 +187,10 @@ def test_resume_without_a_checkpoint_starts_from_step_0_and_says_so(tmp_path: Pa
     assert f"autotune: no complete checkpoint in {out / 'checkpoints'}: starting from step 0" in capsys.readouterr().err
     assert summary.steps_done == 3 and len(summary.losses) == 3
     assert [r["step"] for r in train.read_log(out / "log.jsonl")] == [0, 1, 2]  # truncated, then written again
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000003.pt", "step_00000003.pt.sha256"]  # no stale file left
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000003.pt",
+        "step_00000003.pt.sha256",
+    ]  # no stale file left
 
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, run_cli) -> None:
@@ -206,7 +218,11 @@ def test_steps_set_the_schedule_and_files_get_the_umask_mode(tmp_path: Path, run
     log = train.read_log(out / "log.jsonl")
     spec = planmod.load(plan).train
     assert log[-1]["step"] == 39 and log[-1]["lr"] == pytest.approx(spec.lr * spec.min_lr_ratio)
-    for path in (out / "summary.json", out / "checkpoints" / "step_00000040.pt", out / "checkpoints" / "step_00000040.pt.sha256"):
+    for path in (
+        out / "summary.json",
+        out / "checkpoints" / "step_00000040.pt",
+        out / "checkpoints" / "step_00000040.pt.sha256",
+    ):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
@@ -259,10 +275,17 @@ def test_ranks_die_with_a_sigkilled_launcher_and_a_resume_waits_for_the_last_one
         proc.kill()
         proc.wait(timeout=60)  # not communicate(): the frozen ranks hold its pipes open
         assert gone(pids[:2])  # autotune run and torchrun (PR_SET_PDEATHSIG)
-        resume = subprocess.run([sys.executable, "-m", "autotune", "run", str(plan), "--out", str(out), "--steps", "100000", "--resume"],
-                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        resume = subprocess.run(
+            [sys.executable, "-m", "autotune", "run", str(plan), "--out", str(out), "--steps", "100000", "--resume"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert resume.returncode == 2, resume.stderr
-        assert resume.stderr.startswith(f"autotune: error: run directory {out} is in use by another autotune process (pid {proc.pid}, ")
+        assert resume.stderr.startswith(
+            f"autotune: error: run directory {out} is in use by another autotune process (pid {proc.pid}, "
+        )
         assert len(resume.stderr.strip().splitlines()) == 1
         for rank in ranks:
             rank.resume()  # the death signal waits for them: SIGTERM, so a checkpoint, the summary, exit
@@ -272,7 +295,9 @@ def test_ranks_die_with_a_sigkilled_launcher_and_a_resume_waits_for_the_last_one
             if rank.is_running():
                 rank.kill()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["stopped"] == "SIGTERM" and summary["checkpoint"] == str(out / "checkpoints" / f"step_{summary['steps_done']:08d}.pt")
+    assert summary["stopped"] == "SIGTERM" and summary["checkpoint"] == str(
+        out / "checkpoints" / f"step_{summary['steps_done']:08d}.pt"
+    )
 
 
 @pytest.mark.slow

@@ -65,9 +65,14 @@ def test_each_fault_costs_one_trial_and_the_search_completes(tmp_path):
 def test_illegal_and_oversized_trials_are_pruned_before_launch(tmp_path):
     workload = load_workload("phase8-small")
     space = search.SearchSpace(
-        workload=workload, strategies=[], graph=StrategyGraph(Facts.of(None, workload)),
-        micro_batches=(128,), baseline_micro_batch=128, train=TrainSpec(micro_batch_size=1),
-        launch=LaunchSpec(device="cpu"), device_memory=8 * 2**30,
+        workload=workload,
+        strategies=[],
+        graph=StrategyGraph(Facts.of(None, workload)),
+        micro_batches=(128,),
+        baseline_micro_batch=128,
+        train=TrainSpec(micro_batch_size=1),
+        launch=LaunchSpec(device="cpu"),
+        device_memory=8 * 2**30,
     )
     study = search.open_study("prune", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
     search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=1, time_budget=None)
@@ -83,8 +88,28 @@ def _plan_cmd(db, out):
     # Up to 2 CPU processes: the priors include DDP over both (trial 2), so the study holds a
     # 2-process trial whatever TPE then picks. --trials 3 a run: the baseline and two priors in
     # the first (killed after two), the killed trial's retry and two more in the second.
-    return [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--trials", "3", "--storage", f"sqlite:///{db}",
-            "--out", str(out), "--trial-steps", "6", "--warmup-steps", "2", "--cpu-procs", "2", "--exclude", "compile"]
+    return [
+        sys.executable,
+        "-m",
+        "autotune",
+        "plan",
+        "--workload",
+        "tiny",
+        "--trials",
+        "3",
+        "--storage",
+        f"sqlite:///{db}",
+        "--out",
+        str(out),
+        "--trial-steps",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--cpu-procs",
+        "2",
+        "--exclude",
+        "compile",
+    ]
 
 
 @pytest.mark.slow
@@ -109,7 +134,9 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     (name,) = optuna.get_all_study_names(url)
-    before = {t.number: t.value for t in optuna.load_study(study_name=name, storage=url).trials if t.state.name == "COMPLETE"}
+    before = {
+        t.number: t.value for t in optuna.load_study(study_name=name, storage=url).trials if t.state.name == "COMPLETE"
+    }
     assert not out.exists()
     time.sleep(search.GRACE_S)  # until the killed trial's heartbeat is stale
 
@@ -130,7 +157,9 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     if plan.comparison.beats_baseline:
         assert plan.measured.tokens_per_s > plan.baseline.tokens_per_s
     assert plan.loss_check is not None and plan.loss_check.passed
-    if planner.is_reference(plan, search.plan_of(study.trials[0])) and not all(s.name == "grad_accum" for s in plan.strategies):
+    if planner.is_reference(plan, search.plan_of(study.trials[0])) and not all(
+        s.name == "grad_accum" for s in plan.strategies
+    ):
         # The baseline's rounds trained the plain model on the plan's batches: they are the reference.
         assert plan.loss_check.reference_loss_end == plan.baseline.losses[plan.loss_check.steps - 1]
     assert plan.provenance.study == name
@@ -138,7 +167,13 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     two = [t for t in study.trials if t.state.name == "COMPLETE" and t.params.get("processes") == 2]
     assert two and search.plan_of(two[0]).launch.nproc_per_node == 2
     # autotune run executes the plan as written (under torchrun when it has 2 processes).
-    run = subprocess.run([sys.executable, "-m", "autotune", "run", str(out), "--steps", "3", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "autotune", "run", str(out), "--steps", "3", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout)["steps_done"] == 3
 
@@ -149,8 +184,11 @@ def test_costmodel_flops_match_flop_counter():
 
     from autotune.train import Trainer
 
-    for strategies in ([], [{"name": "activation_checkpoint", "knobs": {"mode": "full"}}],
-                       [{"name": "activation_checkpoint", "knobs": {"mode": "selective", "every": 3}}]):
+    for strategies in (
+        [],
+        [{"name": "activation_checkpoint", "knobs": {"mode": "full"}}],
+        [{"name": "activation_checkpoint", "knobs": {"mode": "selective", "every": 3}}],
+    ):
         data = json.loads((ROOT / "profiles/default/tiny.plan.json").read_text())
         data["strategies"] = [{"name": "attention", "knobs": {"backend": "naive"}}, *strategies]
         data["train"]["micro_batch_size"] = 2
@@ -168,10 +206,15 @@ def _phase8_space(**kw) -> search.SearchSpace:
     workload = load_workload("phase8-small")
     kw.setdefault("strategies", [])
     return search.SearchSpace(
-        workload=workload, graph=StrategyGraph(Facts.of(None, workload)),
-        micro_batches=search.micro_batch_choices(128, workload.global_batch), baseline_micro_batch=16,
-        train=TrainSpec(micro_batch_size=1), launch=LaunchSpec(device="cpu"), device_memory=141e9,
-        global_batch=workload.global_batch, **kw,
+        workload=workload,
+        graph=StrategyGraph(Facts.of(None, workload)),
+        micro_batches=search.micro_batch_choices(128, workload.global_batch),
+        baseline_micro_batch=16,
+        train=TrainSpec(micro_batch_size=1),
+        launch=LaunchSpec(device="cpu"),
+        device_memory=141e9,
+        global_batch=workload.global_batch,
+        **kw,
     )
 
 
@@ -193,7 +236,9 @@ def test_fixed_global_batch_derives_the_accumulation():
 def test_autotuning_compile_modes_get_a_longer_limit():
     space = _phase8_space()
     budget = TrialBudget(timeout_s=100)
-    tuned = search.plan_for(space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "max-autotune-no-cudagraphs"})])
+    tuned = search.plan_for(
+        space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "max-autotune-no-cudagraphs"})]
+    )
     plain = search.plan_for(space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "default"})])
     assert search.trial_budget(budget, tuned).timeout_s == 100 * search.AUTOTUNE_TIME_FACTOR
     assert search.trial_budget(budget, plain).timeout_s == 100
@@ -214,7 +259,9 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
 
     from autotune.hardware import HardwareProfile
 
-    space = _phase8_space(strategies=[catalog.get(n) for n in ("precision", "attention", "compile", "vocab_padding", "optimizer")])
+    space = _phase8_space(
+        strategies=[catalog.get(n) for n in ("precision", "attention", "compile", "vocab_padding", "optimizer")]
+    )
     h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
     space.graph = StrategyGraph(Facts.of(h200, space.workload))
     space.launch = LaunchSpec(device="cuda")
@@ -222,7 +269,14 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
     assert [p["micro_batch_size"] for p in priors] == [96, 48]
     for params in priors:
         plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
-        assert {s.name for s in plan.strategies} == {"precision", "attention", "compile", "vocab_padding", "optimizer", "grad_accum"}
+        assert {s.name for s in plan.strategies} == {
+            "precision",
+            "attention",
+            "compile",
+            "vocab_padding",
+            "optimizer",
+            "grad_accum",
+        }
         assert plan.global_batch() == 192
 
 
@@ -239,7 +293,10 @@ def test_expert_priors_race_the_fused_loss_against_compiles_on_the_same_settings
     space.launch = LaunchSpec(device="cuda")
     priors = planner.expert_priors(space)
     assert [p["micro_batch_size"] for p in priors] == [96, 96, 48]
-    assert priors[1] == priors[0] | {"triton_kernels": True, "triton_kernels.loss": "autotune"} and not priors[0]["triton_kernels"]
+    assert (
+        priors[1] == priors[0] | {"triton_kernels": True, "triton_kernels.loss": "autotune"}
+        and not priors[0]["triton_kernels"]
+    )
     plan = search.suggest_plan(optuna.trial.FixedTrial(priors[1]), space)
     assert plan.strategy_configs()["triton_kernels"].loss == "autotune"
 
@@ -249,14 +306,21 @@ def test_a_cpu_search_samples_no_setting_that_changes_nothing_there():
     # vocabulary, neither of which changes anything there.
     from autotune import hardware, planner
 
-    space, _ = planner.build_space(planner.PlanSettings(workload="tiny", device="cpu"), hardware.detect(quick=True), load_workload("tiny"))
-    assert space.left_out["vocab_padding"] == "the vocabulary (2,048) is already a multiple of 64 and 128: nothing to pad"
+    space, _ = planner.build_space(
+        planner.PlanSettings(workload="tiny", device="cpu"), hardware.detect(quick=True), load_workload("tiny")
+    )
+    assert (
+        space.left_out["vocab_padding"] == "the vocabulary (2,048) is already a multiple of 64 and 128: nothing to pad"
+    )
     assert "vocab_padding" not in {s.name for s in space.strategies}
     if "precision" in {s.name for s in space.strategies}:  # a CPU with native bf16
         knobs = {k.name: k.choices for k in next(s for s in space.strategies if s.name == "precision").knobs}
         assert knobs == {"dtype": ("fp32", "bf16"), "tf32": (False,)}
-    space, _ = planner.build_space(planner.PlanSettings(workload="tiny", device="cpu"), hardware.detect(quick=True),
-                                   load_workload("tiny", {"vocab_size": 2100}))
+    space, _ = planner.build_space(
+        planner.PlanSettings(workload="tiny", device="cpu"),
+        hardware.detect(quick=True),
+        load_workload("tiny", {"vocab_size": 2100}),
+    )
     (padding,) = [s for s in space.strategies if s.name == "vocab_padding"]
     assert padding.knobs[0].choices == (64, 128)
 
@@ -269,7 +333,9 @@ def test_two_cpu_processes_bring_every_legal_layout_of_the_mesh():
     assert space.processes == (1, 2)
     assert sorted(space.layouts[2]) == ["ddp", "fsdp2", "pipeline_parallel:2", "tensor_parallel:2", "zero"]
     for layout in space.layouts[2]:
-        params = {"micro_batch_size": 16, "processes": 2, "layout.2": layout} | {s.name: False for s in space.strategies}
+        params = {"micro_batch_size": 16, "processes": 2, "layout.2": layout} | {
+            s.name: False for s in space.strategies
+        }
         for name in search.parse_layout(layout):
             params |= planner._with_defaults(name, {})
         plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
@@ -281,7 +347,9 @@ def test_two_cpu_processes_bring_every_legal_layout_of_the_mesh():
     priors = planner.expert_priors(space)
     assert [p["processes"] for p in priors] == [1, 2, 1] and priors[1]["layout.2"] == "ddp"
     with pytest.raises(UserError, match="--cpu-procs 0"):
-        planner.build_space(planner.PlanSettings(workload="tiny", cpu_procs=0), hardware.detect(quick=True), load_workload("tiny"))
+        planner.build_space(
+            planner.PlanSettings(workload="tiny", cpu_procs=0), hardware.detect(quick=True), load_workload("tiny")
+        )
 
 
 def test_another_global_batch_is_another_study():
@@ -299,7 +367,9 @@ def test_a_clearly_slower_trial_is_pruned_while_it_runs(tmp_path):
     space.micro_batches = (2, faults.SLOW)
     study = search.open_study("pruner", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
     dist = optuna.distributions.CategoricalDistribution(list(space.micro_batches))
-    study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 2}, distributions={"micro_batch_size": dist}, value=1e9))
+    study.add_trial(
+        optuna.trial.create_trial(params={"micro_batch_size": 2}, distributions={"micro_batch_size": dist}, value=1e9)
+    )
     study.enqueue_trial({"micro_batch_size": faults.SLOW})
     study.enqueue_trial({"micro_batch_size": faults.SLOW}, user_attrs={"role": search.BASELINE})
     objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=10, timeout_s=60))
@@ -323,7 +393,9 @@ def test_a_configuration_the_study_has_measured_is_not_run_again(tmp_path):
     search.optimize(study, objective, trials=3, time_budget=None)
     first, twin, baseline = study.trials[:3]
     assert first.state.name == "COMPLETE" and baseline.state.name == "COMPLETE"
-    assert twin.state.name == "PRUNED" and twin.user_attrs["error"] == "the same configuration as trial 0, measured once"
+    assert (
+        twin.state.name == "PRUNED" and twin.user_attrs["error"] == "the same configuration as trial 0, measured once"
+    )
     assert "launched" in twin.user_attrs and not twin.user_attrs["launched"]
 
 
@@ -333,8 +405,14 @@ def test_a_trial_that_cannot_finish_in_the_time_left_is_not_launched():
     space = fault_space()
     study = optuna.create_study(direction="maximize")
     dist = optuna.distributions.CategoricalDistribution(list(space.micro_batches))
-    study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 2}, distributions={"micro_batch_size": dist}, value=1.0,
-                                              user_attrs={"plan": search.plan_for(space, 2, []).to_dict(), "wall_s": 100.0}))
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"micro_batch_size": 2},
+            distributions={"micro_batch_size": dist},
+            value=1.0,
+            user_attrs={"plan": search.plan_for(space, 2, []).to_dict(), "wall_s": 100.0},
+        )
+    )
     assert search.shortest_like(study, search.plan_for(space, faults.OOM, [])) == (0, 100.0)
     study.enqueue_trial({"micro_batch_size": 2})
     search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=1, time_budget=30.0)
@@ -358,12 +436,15 @@ def test_a_study_refuses_figures_measured_under_other_settings(tmp_path):
     assert "warmup_steps" not in message
 
 
-@pytest.mark.parametrize("url, needle", [
-    ("not a url", "cannot connect"),
-    ("nosuchdialect://x/y", "cannot connect"),
-    ("sqlite:////nonexistent-folder/deeper/s.db", "cannot connect"),
-    ("postgresql://localhost:1/x", "cannot connect"),
-])
+@pytest.mark.parametrize(
+    "url, needle",
+    [
+        ("not a url", "cannot connect"),
+        ("nosuchdialect://x/y", "cannot connect"),
+        ("sqlite:////nonexistent-folder/deeper/s.db", "cannot connect"),
+        ("postgresql://localhost:1/x", "cannot connect"),
+    ],
+)
 def test_bad_storage_urls_are_one_line(url, needle):
     with pytest.raises(UserError) as e:
         search.make_storage(url)
@@ -384,7 +465,10 @@ def test_read_only_sqlite_folder_is_one_line(tmp_path):
 
 
 def test_trial_logs_live_beside_a_sqlite_study(tmp_path, monkeypatch):
-    assert search.trial_log_dir(f"sqlite:///{tmp_path}/plans/studies.db", "tiny-abc") == tmp_path / "plans" / "trials" / "tiny-abc"
+    assert (
+        search.trial_log_dir(f"sqlite:///{tmp_path}/plans/studies.db", "tiny-abc")
+        == tmp_path / "plans" / "trials" / "tiny-abc"
+    )
     monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "cache"))
     assert search.trial_log_dir("postgresql://host/db", "a:b") == tmp_path / "cache" / "trials" / "a_b"
 
@@ -406,8 +490,14 @@ def test_max_autotune_is_refinement_only_and_launched_when_its_predicted_time_fi
     dist = optuna.distributions.CategoricalDistribution([48])
     compiled = plan.to_dict()
     for value, wall, data in ((2e6, 30.0, compiled), (3e6, 40.0, search.plan_for(space, 48, []).to_dict())):
-        study.add_trial(optuna.trial.create_trial(params={"micro_batch_size": 48}, distributions={"micro_batch_size": dist}, value=value,
-                                                  user_attrs={"plan": data, "wall_s": wall}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"micro_batch_size": 48},
+                distributions={"micro_batch_size": dist},
+                value=value,
+                user_attrs={"plan": data, "wall_s": wall},
+            )
+        )
     (candidate,) = search.refine_candidates(study)  # the faster one does not compile
     assert candidate.value == 2e6 and search.predicted_refine_s(candidate) == 30.0 * search.REFINE_COMPILE_FACTOR
     objective = search.Objective(space=space, budget=TrialBudget())
@@ -415,7 +505,10 @@ def test_max_autotune_is_refinement_only_and_launched_when_its_predicted_time_fi
     assert not [t for t in study.trials if t.user_attrs.get("role") == search.REFINE]
 
 
-@pytest.mark.parametrize("workload, approximate, replaces", [("gpt-1b", {"fp8"}, set()), ("phase8-long", {"sparse_attention"}, {"attention"})])
+@pytest.mark.parametrize(
+    "workload, approximate, replaces",
+    [("gpt-1b", {"fp8"}, set()), ("phase8-long", {"sparse_attention"}, {"attention"})],
+)
 def test_allow_approximate_puts_the_measured_approximate_prior_second(workload, approximate, replaces):
     # On the H200 profile: the approximate prior (fp8 at d 2048, sparse attention at seq 8192) is
     # the first exact prior plus it, enqueued right after it as a complete trial, so that the
@@ -425,13 +518,20 @@ def test_allow_approximate_puts_the_measured_approximate_prior_second(workload, 
     from autotune.hardware import HardwareProfile
 
     h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
-    on = planner.build_space(planner.PlanSettings(workload=workload, allow_approximate=True, global_batch=8), h200, load_workload(workload))[0]
+    on = planner.build_space(
+        planner.PlanSettings(workload=workload, allow_approximate=True, global_batch=8), h200, load_workload(workload)
+    )[0]
     priors = planner.expert_priors(on)
     plans = [search.suggest_plan(optuna.trial.FixedTrial(p), on) for p in priors]
     names = [{s.name for s in plan.strategies} for plan in plans]
-    assert names[1] == (names[0] - replaces) | approximate and not any(n & approximate for i, n in enumerate(names) if i != 1)
+    assert names[1] == (names[0] - replaces) | approximate and not any(
+        n & approximate for i, n in enumerate(names) if i != 1
+    )
     assert plans[1].global_batch() == plans[0].global_batch() == 8
     assert plans[1].launch.device == "cuda"
     off = planner.build_space(planner.PlanSettings(workload=workload, global_batch=8), h200, load_workload(workload))[0]
-    assert not any({s.name for s in search.suggest_plan(optuna.trial.FixedTrial(p), off).strategies} & {"fp8", "sparse_attention", "moe", "int8"}
-                   for p in planner.expert_priors(off))
+    assert not any(
+        {s.name for s in search.suggest_plan(optuna.trial.FixedTrial(p), off).strategies}
+        & {"fp8", "sparse_attention", "moe", "int8"}
+        for p in planner.expert_priors(off)
+    )

@@ -54,7 +54,9 @@ def test_a_window_over_the_whole_sequence_is_dense_causal_attention(seq_len: int
 
 
 @pytest.mark.parametrize(("seq_len", "window", "global_tokens"), [(64, 8, 3), (256, 20, 4), (256, 130, 0), (300, 1, 1)])
-def test_window_and_global_tokens_are_dense_attention_with_that_mask(seq_len: int, window: int, global_tokens: int) -> None:
+def test_window_and_global_tokens_are_dense_attention_with_that_mask(
+    seq_len: int, window: int, global_tokens: int
+) -> None:
     kernel = SparseKernel(window=window, global_tokens=global_tokens)
     mask = dense_mask(seq_len, window, global_tokens)
     assert mask[5, 5] and not mask[5, 6] and mask[seq_len - 1, 0] == (global_tokens > 0)
@@ -73,7 +75,10 @@ def test_attention_dropout_is_refused() -> None:
         SparseKernel(window=8, global_tokens=0)(*qkv(), 0.1)
 
 
-@pytest.mark.parametrize(("seq_len", "window", "global_tokens"), [(1024, 128, 0), (1024, 200, 7), (2048, 1, 0), (512, 512, 0), (1024, 64, 300)])
+@pytest.mark.parametrize(
+    ("seq_len", "window", "global_tokens"),
+    [(1024, 128, 0), (1024, 200, 7), (2048, 1, 0), (512, 512, 0), (1024, 64, 300)],
+)
 def test_unmasked_fraction_counts_the_block_mask_tiles(seq_len: int, window: int, global_tokens: int) -> None:
     kernel = SparseKernel(window=window, global_tokens=global_tokens)
     bm = kernel.block_mask(seq_len, torch.device("cpu"))
@@ -168,9 +173,15 @@ def test_the_cost_model_counts_only_the_kept_tiles_of_attention() -> None:
     attention = 12 * c.n_layers * c.attn_dim * c.seq_len * 2 * c.seq_len  # micro-batch 2
     dense = costmodel.estimate(workload, 2, {}).flops_per_step
     for window, global_tokens in [(128, 0), (1, 1), (1024, 0)]:
-        configs = {"sparse_attention": catalog.get("sparse_attention").parse({"window": window, "global_tokens": global_tokens})}
+        configs = {
+            "sparse_attention": catalog.get("sparse_attention").parse(
+                {"window": window, "global_tokens": global_tokens}
+            )
+        }
         kept = unmasked_fraction(1024, window, global_tokens)
-        assert costmodel.estimate(workload, 2, configs).flops_per_step == pytest.approx(dense - attention * (1 - kept), rel=1e-12)
+        assert costmodel.estimate(workload, 2, configs).flops_per_step == pytest.approx(
+            dense - attention * (1 - kept), rel=1e-12
+        )
     assert STRATEGY.cost is not None
 
 

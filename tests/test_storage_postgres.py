@@ -20,7 +20,20 @@ import pytest
 from tests.conftest import ROOT
 from tests.postgres import cluster
 
-PLANNER = ["--workload", "tiny", "--trials", "2", "--trial-steps", "4", "--warmup-steps", "1", "--trial-timeout", "120", "--exclude", "compile"]
+PLANNER = [
+    "--workload",
+    "tiny",
+    "--trials",
+    "2",
+    "--trial-steps",
+    "4",
+    "--warmup-steps",
+    "1",
+    "--trial-timeout",
+    "120",
+    "--exclude",
+    "compile",
+]
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +46,21 @@ def _planner(url: str, tmp: Path, name: str, core: int) -> subprocess.Popen:
     # Each "machine" has its own cache (device lock, compile cache, corpus), plan file and core:
     # sharing the cores, one planner's confirmation would measure the other's trials beside it
     # and could write its baseline where the other writes the chosen trial.
-    env = {**os.environ, "AUTOTUNE_CACHE": str(tmp / f"cache-{name}"), "AUTOTUNE_LOCK_DIR": str(tmp / f"cache-{name}" / "locks"), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "autotune", "plan", *PLANNER, "--storage", url, "--out", str(tmp / f"{name}.plan.json")],
-                            cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {core}))
+    env = {
+        **os.environ,
+        "AUTOTUNE_CACHE": str(tmp / f"cache-{name}"),
+        "AUTOTUNE_LOCK_DIR": str(tmp / f"cache-{name}" / "locks"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "autotune", "plan", *PLANNER, "--storage", url, "--out", str(tmp / f"{name}.plan.json")],
+        cwd=tmp,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {core}),
+    )
 
 
 def test_two_planners_share_one_study_run_each_trial_once_and_agree(postgres_url, tmp_path):
@@ -72,9 +96,24 @@ def test_a_server_that_does_not_answer_is_one_line_within_the_timeout(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "autotune", "plan", *PLANNER, "--storage", f"postgresql://autotune@127.0.0.1:{port}/none",
-                        "--out", str(tmp_path / "p.plan.json")], capture_output=True, text=True, cwd=tmp_path, timeout=120,
-                       env={**os.environ, "AUTOTUNE_CACHE": str(tmp_path / "cache")})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autotune",
+            "plan",
+            *PLANNER,
+            "--storage",
+            f"postgresql://autotune@127.0.0.1:{port}/none",
+            "--out",
+            str(tmp_path / "p.plan.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+        env={**os.environ, "AUTOTUNE_CACHE": str(tmp_path / "cache")},
+    )
     assert r.returncode == 2, r.stderr
     assert "cannot connect" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert time.monotonic() - start < 60
@@ -92,8 +131,20 @@ def test_optuna_dashboard_opens_the_study(postgres_url, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # The README's command.
-    server = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), postgres_url, "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    server = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "optuna-dashboard"),
+            postgres_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         body = None
         for _ in range(100):

@@ -26,7 +26,16 @@ from autotune.strategy import Facts
 from autotune.train import Trainer
 from autotune.workloads.gpt import sdpa_causal
 from autotune.workloads.adapter import GPTAdapter
-from tests.strategy_suite import MICRO_BATCH, STEPS, Case, StrategySuite, SuiteModel, make_plan, pytest_generate_tests, train_losses
+from tests.strategy_suite import (
+    MICRO_BATCH,
+    STEPS,
+    Case,
+    StrategySuite,
+    SuiteModel,
+    make_plan,
+    pytest_generate_tests,
+    train_losses,
+)
 
 __all__ = ["pytest_generate_tests"]  # the suite's hook: one test item per case
 
@@ -99,7 +108,11 @@ class TestCompile(StrategySuite):
         Case(knobs={"mode": "default"}, base=FP32_NO_TF32, rtol=1e-4),
         Case(knobs={"mode": "reduce-overhead"}, base=FP32_NO_TF32, rtol=1e-4),
         Case(knobs={"mode": "reduce-overhead", "scope": "blocks"}, base=FP32_NO_TF32, rtol=1e-4),
-        Case(knobs={"mode": "default", "fullgraph": True}, base={**BF16, "attention": {"backend": "flash"}}, rtol=BF16_VS_BF16),
+        Case(
+            knobs={"mode": "default", "fullgraph": True},
+            base={**BF16, "attention": {"backend": "flash"}},
+            rtol=BF16_VS_BF16,
+        ),
     )
     cpu_refused = ({"mode": "reduce-overhead"},)
     check_resume = False  # three more compiles; the executor's resume is tested uncompiled
@@ -116,7 +129,10 @@ class TestCompile(StrategySuite):
     def test_cuda_graphs_refuse_accumulation(self) -> None:
         from autotune.apply import check_settings
 
-        chosen = {"compile": self.strategy.parse({"mode": "reduce-overhead"}), "grad_accum": catalog.get("grad_accum").parse({"steps": 2})}
+        chosen = {
+            "compile": self.strategy.parse({"mode": "reduce-overhead"}),
+            "grad_accum": catalog.get("grad_accum").parse({"steps": 2}),
+        }
         with pytest.raises(UserError, match="reduce-overhead cannot run with gradient accumulation"):
             check_settings(chosen)
         check_settings({**chosen, "compile": self.strategy.parse({"mode": "default"})})
@@ -170,7 +186,13 @@ class TestAttention(StrategySuite):
 
     def test_half_only_backends_refuse_fp32(self, monkeypatch: pytest.MonkeyPatch) -> None:
         wl = self.model.workload()
-        hopper = Facts(cuda_devices=1, compute_capability=(9, 0), gpu_name="H100", modules=frozenset({"flash_attn_interface"}), structure=wl.structure)
+        hopper = Facts(
+            cuda_devices=1,
+            compute_capability=(9, 0),
+            gpu_name="H100",
+            modules=frozenset({"flash_attn_interface"}),
+            structure=wl.structure,
+        )
         monkeypatch.setattr(TrainContext, "facts", lambda self: hopper)
         for backend in ("flash", "cudnn", "fa3"):
             ctx = TrainContext(workload=wl, device=torch.device("cpu"), model=wl.build_model())
@@ -201,7 +223,10 @@ class TestOptimizer(StrategySuite):
 
     def check_applied(self, trainer: Trainer, cfg: Any) -> None:
         defaults = trainer.optimizer.defaults
-        assert (bool(defaults["fused"]), bool(defaults["foreach"])) == (cfg.implementation == "fused", cfg.implementation == "foreach")
+        assert (bool(defaults["fused"]), bool(defaults["foreach"])) == (
+            cfg.implementation == "fused",
+            cfg.implementation == "foreach",
+        )
 
 
 class TestVocabPadding(StrategySuite):
@@ -239,7 +264,11 @@ class TestTritonKernels(StrategySuite):
     cpu_cases = ()
     cuda_cases = (
         Case(knobs={"loss": "autotune"}, base=FP32_NO_TF32, overrides={"vocab_size": 2100}, rtol=CUDA_FP32),
-        Case(knobs={"loss": "autotune"}, base={**BF16, "compile": {}, "vocab_padding": {"multiple": 64}}, rtol=BF16_VS_BF16),
+        Case(
+            knobs={"loss": "autotune"},
+            base={**BF16, "compile": {}, "vocab_padding": {"multiple": 64}},
+            rtol=BF16_VS_BF16,
+        ),
         Case(knobs={"loss": "liger"}, base=BF16, rtol=BF16_VS_BF16),
         Case(knobs={"loss": "cce"}, base=BF16, rtol=BF16_VS_BF16),
         Case(knobs={"loss": "compile"}, base=BF16, rtol=BF16_VS_BF16),

@@ -32,8 +32,13 @@ def inert(raw: bytes) -> str:
 
 
 def autotune(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "autotune", *args], capture_output=True, cwd=ROOT, timeout=120,
-                          env={**os.environ, "COLUMNS": "400"})  # wide enough that no cell wraps
+    return subprocess.run(
+        [sys.executable, "-m", "autotune", *args],
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "400"},
+    )  # wide enough that no cell wraps
 
 
 def hostile_plan(tmp_path) -> str:
@@ -59,7 +64,9 @@ def test_a_plans_text_is_shown_not_obeyed(tmp_path, command):
     r = autotune(command, hostile_plan(tmp_path))
     assert r.returncode == 0, r.stderr
     out = inert(r.stdout)
-    assert out.count(SHOWN) >= 3, out  # machine or hardware, fingerprint, MFU's peak (and data: compare normalises its //)
+    assert out.count(SHOWN) >= 3, (
+        out
+    )  # machine or hardware, fingerprint, MFU's peak (and data: compare normalises its //)
     assert inert(r.stderr) == ""
 
 

@@ -45,7 +45,12 @@ def test_run_trains_logs_and_checkpoints(tmp_path):
     assert [r["step"] for r in log] == list(range(40))
     assert {"step", "loss", "tokens_per_s", "mfu", "peak_memory_bytes", "lr"} <= set(log[0])
     assert sum("val_loss" in r for r in log) == 2
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020.pt", "step_00000020.pt.sha256", "step_00000040.pt", "step_00000040.pt.sha256"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000020.pt",
+        "step_00000020.pt.sha256",
+        "step_00000040.pt",
+        "step_00000040.pt.sha256",
+    ]
 
 
 def test_existing_run_dir_needs_resume(tmp_path):
@@ -103,7 +108,19 @@ def test_user_workload_trains(tmp_path, monkeypatch):
 
 
 def _child(plan_path, out, steps, *extra):
-    cmd = [sys.executable, "-m", "autotune", "run", str(plan_path), "--out", str(out), "--steps", str(steps), "--json", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "autotune",
+        "run",
+        str(plan_path),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--json",
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -149,4 +166,6 @@ def test_adamw_groups_are_the_one_definition_of_decay():
     assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
     assert {id(p) for p in rest["params"]} == {id(p) for p in model.parameters() if p.dim() < 2}
     opt = train.make_optimizer(model, planmod.TrainSpec(micro_batch_size=1, weight_decay=0.1), torch.device("cpu"), {})
-    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in g["params"]] for g in (decay, rest)]
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
+        [id(p) for p in g["params"]] for g in (decay, rest)
+    ]

@@ -35,8 +35,10 @@ def _plan(tmp_path: Path, dataset: Path, **top) -> Path:
 
 
 def _from_h200() -> dict:
-    return {"hardware": {"fingerprint": H200.fingerprint, "summary": H200.summary()},
-            "measured": {"status": "ok", "tokens_per_s": 123456.0, "step_time_s": 0.01}}
+    return {
+        "hardware": {"fingerprint": H200.fingerprint, "summary": H200.summary()},
+        "measured": {"status": "ok", "tokens_per_s": 123456.0, "step_time_s": 0.01},
+    }
 
 
 def test_the_identity_is_recorded_once_and_names_the_bytes(dataset, tmp_path):
@@ -103,12 +105,17 @@ def test_plans_for_any_machine_run_anywhere():
 
 def test_summary_differences_name_each_field():
     cpu_only = dict(H200.summary(), gpus="none", cuda_major="none")
-    assert hardware.summary_differences(H200.summary(), cpu_only) == ["GPUs 1 x NVIDIA H200 here none", "CUDA major 13 here none"]
+    assert hardware.summary_differences(H200.summary(), cpu_only) == [
+        "GPUs 1 x NVIDIA H200 here none",
+        "CUDA major 13 here none",
+    ]
     assert hardware.summary_differences({"gpus": "8 x Imaginary GPU"}, cpu_only) == ["GPUs 8 x Imaginary GPU here none"]
     assert hardware.summary_differences(H200.summary(), H200.summary()) == []
 
 
-def test_a_plan_that_cannot_run_here_is_replanned_from_it_and_keeps_its_training(dataset, tmp_path, run_cli, monkeypatch):
+def test_a_plan_that_cannot_run_here_is_replanned_from_it_and_keeps_its_training(
+    dataset, tmp_path, run_cli, monkeypatch
+):
     # Made for one H200 (CUDA): on this CPU machine it cannot run as it is, so --adapt re-plans
     # within the time budget, the plan's configuration translated to what is legal here as the
     # first trial after the baseline; the adapted plan is this machine's and trains what the
@@ -119,13 +126,20 @@ def test_a_plan_that_cannot_run_here_is_replanned_from_it_and_keeps_its_training
     import psutil
 
     monkeypatch.setattr(psutil.Process, "create_time", lambda self: time.time() - 3600)
-    plan = _plan(tmp_path, dataset, **_from_h200(), launch={"nproc_per_node": 1, "nnodes": 1, "device": "cuda"},
-                 strategies=[{"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}}],
-                 workload={"name": "tiny", "overrides": {"n_layers": 2}})
+    plan = _plan(
+        tmp_path,
+        dataset,
+        **_from_h200(),
+        launch={"nproc_per_node": 1, "nnodes": 1, "device": "cuda"},
+        strategies=[{"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}}],
+        workload={"name": "tiny", "overrides": {"n_layers": 2}},
+    )
     data = json.loads(plan.read_text())
     data["train"].update(lr=0.0017, steps=40)
     plan.write_text(json.dumps(data))
-    code, _, err = run_cli("run", plan, "--adapt", "--time-budget", "40", "--steps", "2", "--out", tmp_path / "out", "--json")
+    code, _, err = run_cli(
+        "run", plan, "--adapt", "--time-budget", "40", "--steps", "2", "--out", tmp_path / "out", "--json"
+    )
     assert code == 0, err
     assert "(it runs on CUDA and this machine has no CUDA GPU): re-planning within 40 s" in err, err
     assert not [line for line in err.splitlines() if line.startswith("[I ")]  # Optuna's log went to plan.log
@@ -150,16 +164,28 @@ def test_a_plan_that_cannot_run_here_is_replanned_from_it_and_keeps_its_training
     assert summary["steps_done"] == 2 and summary["data_identity"] == made.data_identity
 
 
-def test_a_replan_in_which_no_trial_succeeds_is_one_error_line_exit_1_and_writes_no_plan(dataset, tmp_path, run_cli, monkeypatch):
+def test_a_replan_in_which_no_trial_succeeds_is_one_error_line_exit_1_and_writes_no_plan(
+    dataset, tmp_path, run_cli, monkeypatch
+):
     # A CUDA plan of a model whose every loss is NaN here: --adapt re-plans, and no trial of
     # the re-plan succeeds. Not a traceback: the reason and the command that shows the trials.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTOTUNE_TEST_ALWAYS_NAN", "1")
-    plan = _plan(tmp_path, dataset, **_from_h200(), launch={"nproc_per_node": 1, "nnodes": 1, "device": "cuda"}, strategies=[],
-                 workload={"name": "tests.faults:build", "overrides": {}})
-    code, out, err = run_cli("run", plan, "--adapt", "--trust-workload", "--time-budget", "26", "--steps", "2", "--out", tmp_path / "out")
+    plan = _plan(
+        tmp_path,
+        dataset,
+        **_from_h200(),
+        launch={"nproc_per_node": 1, "nnodes": 1, "device": "cuda"},
+        strategies=[],
+        workload={"name": "tests.faults:build", "overrides": {}},
+    )
+    code, out, err = run_cli(
+        "run", plan, "--adapt", "--trust-workload", "--time-budget", "26", "--steps", "2", "--out", tmp_path / "out"
+    )
     assert code == 1 and out == "", err
     *notes, last = err.strip().splitlines()
-    assert last.startswith("autotune: error: no trial of study ") and "succeeded" in last and "Traceback" not in err, err
+    assert last.startswith("autotune: error: no trial of study ") and "succeeded" in last and "Traceback" not in err, (
+        err
+    )
     assert all(line.startswith("autotune: ") and "error" not in line for line in notes), err
     assert not (tmp_path / "made-there.adapted.plan.json").exists() and not (tmp_path / "out").exists()

@@ -89,7 +89,9 @@ def test_progress_stops_a_trial_when_asked(tmp_path):
     assert result.wall_s < 30  # 50 steps of 0.3 s were not waited for
 
 
-def test_the_device_lock_is_one_per_machine_whatever_the_cache_and_every_user_may_take_it(tmp_path, monkeypatch) -> None:
+def test_the_device_lock_is_one_per_machine_whatever_the_cache_and_every_user_may_take_it(
+    tmp_path, monkeypatch
+) -> None:
     import tempfile
 
     from autotune import locks
@@ -107,8 +109,12 @@ def test_the_device_lock_is_one_per_machine_whatever_the_cache_and_every_user_ma
     try:
         with trial.measuring("cpu"):
             assert path.stat().st_mode & 0o777 == 0o666  # whatever the umask
-            held = subprocess.run([sys.executable, "-c", "from autotune import locks; locks.acquire(" + repr(str(path)) + ", 'x')"],
-                                  capture_output=True, text=True, env={**os.environ, "AUTOTUNE_CACHE": str(tmp_path / "b")})
+            held = subprocess.run(
+                [sys.executable, "-c", "from autotune import locks; locks.acquire(" + repr(str(path)) + ", 'x')"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "AUTOTUNE_CACHE": str(tmp_path / "b")},
+            )
             assert "x is in use by another autotune process" in held.stderr
     finally:
         os.umask(old)

@@ -21,7 +21,9 @@ STUDY_2PROCS = ROOT / "bench" / "results" / "cpu-procs" / "studies-2procs.db"
 @pytest.fixture(scope="module")
 def space() -> search.SearchSpace:
     """The tiny search over 1 or 2 CPU processes (as `autotune plan --cpu-procs 2`)."""
-    built, _ = planner.build_space(planner.PlanSettings(workload="tiny", cpu_procs=2), hardware.detect(quick=True), load_workload("tiny"))
+    built, _ = planner.build_space(
+        planner.PlanSettings(workload="tiny", cpu_procs=2), hardware.detect(quick=True), load_workload("tiny")
+    )
     return built
 
 
@@ -50,7 +52,7 @@ def test_plan_file_is_the_first_trial_after_the_baseline(space):
     assert study.trials[1].user_attrs["source"] == str(PLAN_2PROCS)
     fixed = [t.system_attrs["fixed_params"] for t in study.trials]
     assert fixed[1] == params
-    assert all(a != b for i, a in enumerate(fixed) for b in fixed[i + 1:]), "an identical params dict enqueued twice"
+    assert all(a != b for i, a in enumerate(fixed) for b in fixed[i + 1 :]), "an identical params dict enqueued twice"
 
 
 def test_translated_to_this_space(space, tmp_path):
@@ -59,25 +61,38 @@ def test_translated_to_this_space(space, tmp_path):
     source = json.loads(PLAN_2PROCS.read_text())
     source["train"]["micro_batch_size"] = 12
     source["launch"]["nproc_per_node"] = 4
-    source["strategies"] = [{"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}}, {"name": "fp8", "knobs": {}},
-                            {"name": "ddp", "knobs": {"bucket_cap_mb": 1000}}]
+    source["strategies"] = [
+        {"name": "precision", "knobs": {"dtype": "bf16", "tf32": True}},
+        {"name": "fp8", "knobs": {}},
+        {"name": "ddp", "knobs": {"bucket_cap_mb": 1000}},
+    ]
     lines: list[str] = []
     params = search.plan_params(space, planmod.from_dict(source), log=lines.append)
     assert params["micro_batch_size"] in (8, 16) and params["processes"] == 2 and params["layout.2"] == "ddp"
     assert params["ddp.bucket_cap_mb"] == 200  # the end of the searched range
     assert "fp8" not in params
     text = "\n".join(lines)
-    assert "fp8 not searched here" in text and "4 processes, 2 here" in text and "micro-batch 12" in text and "ddp.bucket_cap_mb 1000" in text
+    assert (
+        "fp8 not searched here" in text
+        and "4 processes, 2 here" in text
+        and "micro-batch 12" in text
+        and "ddp.bucket_cap_mb 1000" in text
+    )
 
 
 def test_illegal_configuration_is_dropped_with_a_log_line(space, tmp_path):
     """A layout this machine cannot run (tensor parallel over 4) is dropped; the legal one stays."""
-    bad = _plan_file(tmp_path, strategies=[{"name": "tensor_parallel", "knobs": {"degree": 4}}],
-                     launch={"nproc_per_node": 4, "device": "cpu"})
+    bad = _plan_file(
+        tmp_path,
+        strategies=[{"name": "tensor_parallel", "knobs": {"degree": 4}}],
+        launch={"nproc_per_node": 4, "device": "cpu"},
+    )
     lines: list[str] = []
     starts = search.warm_starts(space, [bad, str(PLAN_2PROCS)], log=lines.append)
     assert [w.source for w in starts] == [str(PLAN_2PROCS)]
-    assert any(line.startswith(f"warm start {bad}: dropped, layout tensor_parallel:4 over 2 processes") for line in lines), lines
+    assert any(
+        line.startswith(f"warm start {bad}: dropped, layout tensor_parallel:4 over 2 processes") for line in lines
+    ), lines
 
 
 def test_study_url_takes_its_best_three(space, tmp_path):
@@ -96,12 +111,15 @@ def test_study_url_takes_its_best_three(space, tmp_path):
     assert len(search.warm_starts(space, [f"{url}#tiny-d2b885a115d3", str(PLAN_2PROCS)])) == len(starts)
 
 
-@pytest.mark.parametrize("source, words", [
-    ("missing.plan.json", "no such plan file"),
-    ("sqlite:///{tmp}/missing.db", "no such database file"),
-    ("sqlite:///{db}#nope", "no study nope (there: tiny-d2b885a115d3)"),
-    ("postgresql://nobody@127.0.0.1:1/none", "cannot connect"),
-])
+@pytest.mark.parametrize(
+    "source, words",
+    [
+        ("missing.plan.json", "no such plan file"),
+        ("sqlite:///{tmp}/missing.db", "no such database file"),
+        ("sqlite:///{db}#nope", "no study nope (there: tiny-d2b885a115d3)"),
+        ("postgresql://nobody@127.0.0.1:1/none", "cannot connect"),
+    ],
+)
 def test_bad_source_is_one_line_and_writes_nothing(space, tmp_path, source, words):
     db = tmp_path / "other.db"
     shutil.copy(STUDY_2PROCS, db)
@@ -126,7 +144,9 @@ def test_resumed_study_enqueues_nothing_again(space, tmp_path):
 
 def test_cli_missing_plan_file_is_exit_2_and_nothing_written(run_cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli("plan", "--workload", "tiny", "--trials", "1", "--cpu-procs", "2", "--warm-start", "missing.plan.json")
+    code, _, err = run_cli(
+        "plan", "--workload", "tiny", "--trials", "1", "--cpu-procs", "2", "--warm-start", "missing.plan.json"
+    )
     assert code == 2 and "no such plan file" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
@@ -134,14 +154,18 @@ def test_cli_missing_plan_file_is_exit_2_and_nothing_written(run_cli, tmp_path, 
 def test_cli_study_that_does_not_exist_is_exit_2_and_nothing_written(run_cli, tmp_path, monkeypatch):
     shutil.copy(STUDY_2PROCS, tmp_path / "other.db")
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli("plan", "--workload", "tiny", "--trials", "1", "--cpu-procs", "2", "--warm-start", "sqlite:///other.db#nope")
+    code, _, err = run_cli(
+        "plan", "--workload", "tiny", "--trials", "1", "--cpu-procs", "2", "--warm-start", "sqlite:///other.db#nope"
+    )
     assert code == 2 and "no study nope" in err and len(err.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
 
 
 def test_one_process_here_leaves_the_layout_off(tmp_path):
     """Without --cpu-procs on 2 cores the search is one process: DDP (not searched with one process) is left off, saying so."""
-    one, _ = planner.build_space(planner.PlanSettings(workload="tiny", cpu_procs=1), hardware.detect(quick=True), load_workload("tiny"))
+    one, _ = planner.build_space(
+        planner.PlanSettings(workload="tiny", cpu_procs=1), hardware.detect(quick=True), load_workload("tiny")
+    )
     lines: list[str] = []
     params = search.plan_params(one, planmod.load(PLAN_2PROCS), log=lines.append)
     assert "processes" not in params and params["precision"] is True

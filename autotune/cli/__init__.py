@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None, *, started_at: float | None = None) -> i
 
 
 def _rank() -> str:
-    """" (rank R of N)" in a process of a multi-process run, else nothing."""
+    """ " (rank R of N)" in a process of a multi-process run, else nothing."""
     world = os.environ.get("WORLD_SIZE", "1")
     return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
 

@@ -13,12 +13,29 @@ from autotune.cli import app
 
 @app.command("compare")
 def compare_command(
-    sources: Annotated[list[str], typer.Argument(metavar="PLAN...", help="Plan files, or a study as STORAGE_URL#STUDY (its trials' tokens/s).")],
-    cost_per_gpu_hour: Annotated[Optional[list[str]], typer.Option("--cost-per-gpu-hour", metavar="LABEL=USD", help="Price of a GPU-hour: LABEL matches the GPU name (h200=3.50), or cpu (a machine-hour). Repeatable.")] = None,
-    tokens: Annotated[str, typer.Option(help="Tokens of the run whose training time is estimated (1e9 or 1000000000).")] = "1e9",
-    html: Annotated[Optional[Path], typer.Option("--html", metavar="FILE", help="Also write a self-contained HTML page (plotly inlined).")] = None,
+    sources: Annotated[
+        list[str],
+        typer.Argument(metavar="PLAN...", help="Plan files, or a study as STORAGE_URL#STUDY (its trials' tokens/s)."),
+    ],
+    cost_per_gpu_hour: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--cost-per-gpu-hour",
+            metavar="LABEL=USD",
+            help="Price of a GPU-hour: LABEL matches the GPU name (h200=3.50), or cpu (a machine-hour). Repeatable.",
+        ),
+    ] = None,
+    tokens: Annotated[
+        str, typer.Option(help="Tokens of the run whose training time is estimated (1e9 or 1000000000).")
+    ] = "1e9",
+    html: Annotated[
+        Optional[Path],
+        typer.Option("--html", metavar="FILE", help="Also write a self-contained HTML page (plotly inlined)."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the figures as JSON instead of the table.")] = False,
-    force: Annotated[bool, typer.Option(help="Compare plans of different workloads or data anyway (with a warning).")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Compare plans of different workloads or data anyway (with a warning).")
+    ] = False,
 ) -> None:
     """Compare plans side by side: machine, strategies (differences marked *), tokens/s, MFU, memory, loss check, time and $ per 1e9 tokens."""
     from autotune import compare as cmp

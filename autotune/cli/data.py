@@ -17,10 +17,17 @@ app.add_typer(data_app, name="data", help="Tokenize text into train/val token fi
 
 @data_app.command("prepare")
 def prepare_cmd(
-    out: Annotated[Path, typer.Option("--out", help="Dataset directory to write: a new or empty one, or a dataset to write again.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Dataset directory to write: a new or empty one, or a dataset to write again.")
+    ],
     vocab: Annotated[int, typer.Option("--vocab", help="Vocabulary size (token ids are below it).")],
-    text: Annotated[Optional[list[Path]], typer.Option("--text", help="UTF-8 text file; the paths after it are text files too (--text a.txt b.txt).")] = None,
-    more: Annotated[Optional[list[Path]], typer.Argument(metavar="PATH", help="More text files.", show_default=False)] = None,
+    text: Annotated[
+        Optional[list[Path]],
+        typer.Option("--text", help="UTF-8 text file; the paths after it are text files too (--text a.txt b.txt)."),
+    ] = None,
+    more: Annotated[
+        Optional[list[Path]], typer.Argument(metavar="PATH", help="More text files.", show_default=False)
+    ] = None,
     tokenizer: Annotated[
         Optional[Path], typer.Option("--tokenizer", help="Use this tokenizer.json instead of training one.")
     ] = None,

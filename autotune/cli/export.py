@@ -13,7 +13,13 @@ from autotune.cli import app
 @app.command("export")
 def export_command(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file (JSON).")],
-    to: Annotated[str, typer.Option("--to", help="torchrun (the command line), deepspeed (ds_config.json of a zero plan), accelerate (config YAML) or slurm (an sbatch script).")],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="torchrun (the command line), deepspeed (ds_config.json of a zero plan), accelerate (config YAML) or slurm (an sbatch script).",
+        ),
+    ],
     out: Annotated[Optional[Path], typer.Option(help="Write it to this file (default: print it).")] = None,
 ) -> None:
     """Write PLAN in another launcher's terms; refuse, with one line, what the target cannot express."""

@@ -18,30 +18,77 @@ from autotune.errors import UserError
 
 @app.command("plan")
 def plan_command(
-    workload: Annotated[str, typer.Option(help="Preset (tiny, phase8-small, gpt2-124m, gpt-1b), hf:<model_type> or package.module:factory.")] = "tiny",
-    workload_config: Annotated[Optional[Path], typer.Option(help="Hugging Face model config: a config.json, or a local folder holding one (and its safetensors); with --workload hf or hf:<model_type>.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per sample (the workload's seq_len override; default for hf: and factory models: their positions, up to 1024).")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="Finished trials the study should hold (resumed ones count).")] = None,
-    time_budget: Annotated[Optional[float], typer.Option(help="Seconds for the whole command, confirmation included (within max(15 s, 10%)).")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
-    study: Annotated[Optional[str], typer.Option(help="Study name (default: workload and hardware fingerprint).")] = None,
-    global_batch: Annotated[Optional[int], typer.Option(help="Samples per optimizer step, kept fixed (default: the workload's recipe; 0: search it too).")] = None,
+    workload: Annotated[
+        str,
+        typer.Option(help="Preset (tiny, phase8-small, gpt2-124m, gpt-1b), hf:<model_type> or package.module:factory."),
+    ] = "tiny",
+    workload_config: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Hugging Face model config: a config.json, or a local folder holding one (and its safetensors); with --workload hf or hf:<model_type>."
+        ),
+    ] = None,
+    seq_len: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Tokens per sample (the workload's seq_len override; default for hf: and factory models: their positions, up to 1024)."
+        ),
+    ] = None,
+    trials: Annotated[
+        Optional[int], typer.Option(help="Finished trials the study should hold (resumed ones count).")
+    ] = None,
+    time_budget: Annotated[
+        Optional[float],
+        typer.Option(help="Seconds for the whole command, confirmation included (within max(15 s, 10%))."),
+    ] = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")
+    ] = None,
+    study: Annotated[
+        Optional[str], typer.Option(help="Study name (default: workload and hardware fingerprint).")
+    ] = None,
+    global_batch: Annotated[
+        Optional[int],
+        typer.Option(help="Samples per optimizer step, kept fixed (default: the workload's recipe; 0: search it too)."),
+    ] = None,
     sampler: Annotated[str, typer.Option(help="tpe (multivariate, seeded), random or qmc.")] = "tpe",
     seed: Annotated[int, typer.Option(help="Sampler seed.")] = 0,
-    allow_approximate: Annotated[bool, typer.Option(help="Also search strategies that change what is learned.")] = False,
-    quality_tolerance: Annotated[float, typer.Option(help="Approximate plans' loss may end at most this much (relative) above the exact one's.")] = 0.01,
-    guard_steps: Annotated[int, typer.Option(help="Optimizer steps of the quality guard's runs (an approximate best trial and the best exact one, each).")] = 200,
+    allow_approximate: Annotated[
+        bool, typer.Option(help="Also search strategies that change what is learned.")
+    ] = False,
+    quality_tolerance: Annotated[
+        float, typer.Option(help="Approximate plans' loss may end at most this much (relative) above the exact one's.")
+    ] = 0.01,
+    guard_steps: Annotated[
+        int,
+        typer.Option(
+            help="Optimizer steps of the quality guard's runs (an approximate best trial and the best exact one, each)."
+        ),
+    ] = 200,
     out: Annotated[Optional[Path], typer.Option(help="Plan file to write (default plans/<study>.plan.json).")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine (measured rates).")] = None,
     device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
-    cpu_procs: Annotated[Optional[int], typer.Option(help="Also search runs of up to N CPU processes (gloo, torchrun); implies --device cpu.")] = None,
+    cpu_procs: Annotated[
+        Optional[int],
+        typer.Option(help="Also search runs of up to N CPU processes (gloo, torchrun); implies --device cpu."),
+    ] = None,
     trial_steps: Annotated[int, typer.Option(help="Timed steps per trial.")] = 20,
     warmup_steps: Annotated[int, typer.Option(help="Warm-up steps per trial (compilation happens here).")] = 5,
-    trial_seconds: Annotated[float, typer.Option(help="Timed seconds a trial aims for (at least one optimizer step, at most --trial-steps).")] = 5.0,
+    trial_seconds: Annotated[
+        float, typer.Option(help="Timed seconds a trial aims for (at least one optimizer step, at most --trial-steps).")
+    ] = 5.0,
     trial_timeout: Annotated[float, typer.Option(help="Seconds before a trial is killed.")] = 300.0,
     report: Annotated[Optional[Path], typer.Option(help="Write Optuna's plots (HTML) to this directory.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="A strategy the search leaves out (`autotune strategies` lists them); repeatable.")] = None,
-    warm_start: Annotated[Optional[list[str]], typer.Option(help="A plan file, or a storage URL[#STUDY] (its best 3 trials), tried first after the baseline; repeatable.")] = None,
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option(help="A strategy the search leaves out (`autotune strategies` lists them); repeatable."),
+    ] = None,
+    warm_start: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="A plan file, or a storage URL[#STUDY] (its best 3 trials), tried first after the baseline; repeatable."
+        ),
+    ] = None,
 ) -> None:
     """Search, confirm the best trial against the baseline (interleaved), and write it as a plan."""
     from autotune import planner
@@ -55,7 +102,9 @@ def plan_command(
     if time_budget is not None and not 0 < time_budget < math.inf:  # NaN fails this too
         raise UserError(f"--time-budget {time_budget:g}: expected a positive, finite number of seconds")
     if not 0 < quality_tolerance < 1:  # NaN fails this too
-        raise UserError(f"--quality-tolerance {quality_tolerance:g}: expected a fraction above 0 and below 1 (0.01 is 1%)")
+        raise UserError(
+            f"--quality-tolerance {quality_tolerance:g}: expected a fraction above 0 and below 1 (0.01 is 1%)"
+        )
     low, high = planner.GUARD_STEPS_RANGE
     if not low <= guard_steps <= high:
         raise UserError(f"--guard-steps {guard_steps}: expected {low} to {high:,} optimizer steps")
@@ -81,10 +130,29 @@ def plan_command(
             raise UserError(f"--seq-len {seq_len}: expected a positive number of tokens")
         overrides["seq_len"] = seq_len
     settings = planner.PlanSettings(
-        workload=workload, workload_overrides=overrides, trials=trials, time_budget=time_budget, storage=storage, study_name=study,
-        global_batch=global_batch, sampler=sampler, seed=seed, allow_approximate=allow_approximate, quality_tolerance=quality_tolerance, guard_steps=guard_steps, out=out, profile=profile, device=device, cpu_procs=cpu_procs,
-        budget=TrialBudget(warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout, target_s=trial_seconds),
-        command=shlex.join(["autotune", *ARGS]), warm_start=list(warm_start or []), exclude=tuple(exclude or ()), started_at=started(),
+        workload=workload,
+        workload_overrides=overrides,
+        trials=trials,
+        time_budget=time_budget,
+        storage=storage,
+        study_name=study,
+        global_batch=global_batch,
+        sampler=sampler,
+        seed=seed,
+        allow_approximate=allow_approximate,
+        quality_tolerance=quality_tolerance,
+        guard_steps=guard_steps,
+        out=out,
+        profile=profile,
+        device=device,
+        cpu_procs=cpu_procs,
+        budget=TrialBudget(
+            warmup_steps=warmup_steps, timed_steps=trial_steps, timeout_s=trial_timeout, target_s=trial_seconds
+        ),
+        command=shlex.join(["autotune", *ARGS]),
+        warm_start=list(warm_start or []),
+        exclude=tuple(exclude or ()),
+        started_at=started(),
     )
     from rich.console import Console
 
@@ -94,11 +162,18 @@ def plan_command(
     table = TrialTable(console)
     with warnings_to_log(storage):
         try:
-            plan, summary, space = planner.make_plan(settings, on_result=table.row, log=_plain(console), status=Progress(console, budget=time_budget, started=started()))
+            plan, summary, space = planner.make_plan(
+                settings,
+                on_result=table.row,
+                log=_plain(console),
+                status=Progress(console, budget=time_budget, started=started()),
+            )
         except planner.NoTrialSucceeded as e:
             print(f"autotune: error: {e}", file=sys.stderr)
             raise typer.Exit(1) from None
-        print_summary(console, plan, summary, space, settings.out or Path("plans") / f"{plan.provenance.study}.plan.json")
+        print_summary(
+            console, plan, summary, space, settings.out or Path("plans") / f"{plan.provenance.study}.plan.json"
+        )
         if report is not None:
             from autotune.report import write_report
 

@@ -28,13 +28,21 @@ class TrialTable:
 
     def row(self, trial: Any, plan: Any, result: Any, status: str) -> None:
         if not self.header_done:
-            self.console.print(f"{'trial':>5} {'status':<11} {'tokens/s':>12} {'best':>12} {'mem GiB':>8} {'pred GiB':>8} {'batch':>10}  strategies")
+            self.console.print(
+                f"{'trial':>5} {'status':<11} {'tokens/s':>12} {'best':>12} {'mem GiB':>8} {'pred GiB':>8} {'batch':>10}  strategies"
+            )
             self.header_done = True
         f = result.figures if result is not None else None
         tps = f.tokens_per_s if f is not None and f.status == "ok" else None
         if tps is not None and (self.best is None or tps > self.best):
             self.best = tps
-        strategies = ", ".join(s.name + ("(" + ",".join(f"{v}" for v in s.knobs.values()) + ")" if s.knobs else "") for s in plan.strategies) or "plain"
+        strategies = (
+            ", ".join(
+                s.name + ("(" + ",".join(f"{v}" for v in s.knobs.values()) + ")" if s.knobs else "")
+                for s in plan.strategies
+            )
+            or "plain"
+        )
         why = ""
         if f is not None and f.metrics:  # the strategies' step metrics (moe_dropped...)
             why = "  " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(f.metrics.items()))
@@ -98,8 +106,10 @@ def error_distribution(errors: list[float]) -> str:
     """Median, 90th percentile and worst of |predicted / measured - 1|, and the signed range."""
     absolute = sorted(abs(e) for e in errors)
     p90 = absolute[min(len(absolute) - 1, round(0.9 * (len(absolute) - 1)))]
-    return (f"median |error| {absolute[len(absolute) // 2]:.1%}, p90 {p90:.1%}, max {absolute[-1]:.1%} "
-            f"(signed {min(errors):+.1%} .. {max(errors):+.1%})")
+    return (
+        f"median |error| {absolute[len(absolute) // 2]:.1%}, p90 {p90:.1%}, max {absolute[-1]:.1%} "
+        f"(signed {min(errors):+.1%} .. {max(errors):+.1%})"
+    )
 
 
 def overhead_line(trials: list[Any]) -> str | None:
@@ -108,13 +118,18 @@ def overhead_line(trials: list[Any]) -> str | None:
     that recorded them."""
     import statistics
 
-    rows = [(t.user_attrs["startup_s"], t.user_attrs["warmup_s"], t.user_attrs["timed_s"]) for t in trials
-            if all(k in t.user_attrs for k in ("startup_s", "warmup_s", "timed_s"))]
+    rows = [
+        (t.user_attrs["startup_s"], t.user_attrs["warmup_s"], t.user_attrs["timed_s"])
+        for t in trials
+        if all(k in t.user_attrs for k in ("startup_s", "warmup_s", "timed_s"))
+    ]
     if not rows:
         return None
     startup, warmup, timed = (statistics.median(column) for column in zip(*rows))
-    return (f"per trial (median of {len(rows)}): start-up {startup:.1f} s, warm-up and compilation {warmup:.1f} s, "
-            f"timed {timed:.1f} s")
+    return (
+        f"per trial (median of {len(rows)}): start-up {startup:.1f} s, warm-up and compilation {warmup:.1f} s, "
+        f"timed {timed:.1f} s"
+    )
 
 
 def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: Path) -> None:
@@ -135,18 +150,28 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
         console.print(overhead, highlight=False)
     for what, errors in (("peak memory", summary.memory_errors), ("step time", summary.time_errors)):
         if errors:
-            console.print(f"cost model, {what} vs measured over {len(errors)} trials: {error_distribution(errors)}", highlight=False)
+            console.print(
+                f"cost model, {what} vs measured over {len(errors)} trials: {error_distribution(errors)}",
+                highlight=False,
+            )
     excluded = space.graph.excluded() | space.left_out
     if excluded:
         console.print("excluded strategies:")
         for name, reason in sorted(excluded.items()):
             console.print(f"  {name}: {escape(reason)}", highlight=False)
     m, b = plan.measured, plan.baseline
-    console.print(f"global batch {plan.global_batch()} samples a step: micro-batch {plan.train.micro_batch_size} x {plan.grad_accum()} accumulated x {plan.launch.nproc_per_node * plan.launch.nnodes} processes", highlight=False)
+    console.print(
+        f"global batch {plan.global_batch()} samples a step: micro-batch {plan.train.micro_batch_size} x {plan.grad_accum()} accumulated x {plan.launch.nproc_per_node * plan.launch.nnodes} processes",
+        highlight=False,
+    )
     for what, f in (("plan", m), ("baseline", b)):
         if f is not None and f.samples:
-            console.print(f"confirmation, {what}: median {f.tokens_per_s:,.0f} tokens/s ±{f.spread:.1%} (half-range of "
-                          + ", ".join(f"{x:,.0f}" for x in f.samples) + ")", highlight=False)
+            console.print(
+                f"confirmation, {what}: median {f.tokens_per_s:,.0f} tokens/s ±{f.spread:.1%} (half-range of "
+                + ", ".join(f"{x:,.0f}" for x in f.samples)
+                + ")",
+                highlight=False,
+            )
     c = plan.comparison
     if c is not None:
         console.print(c.verdict, highlight=False)
@@ -158,7 +183,9 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
     console.print(line, highlight=False)
     if plan.loss_check is not None:
         c = plan.loss_check
-        console.print(f"loss check over {c.steps} steps: {c.loss_end:.4f} vs plain {c.reference_loss_end:.4f} "
-                      f"({'passed' if c.passed else 'FAILED'}, tolerance {c.tolerance:.0%})", highlight=False)
+        console.print(
+            f"loss check over {c.steps} steps: {c.loss_end:.4f} vs plain {c.reference_loss_end:.4f} "
+            f"({'passed' if c.passed else 'FAILED'}, tolerance {c.tolerance:.0%})",
+            highlight=False,
+        )
     console.print(f"run it: autotune run {escape(path)}", highlight=False)
-

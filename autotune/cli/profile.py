@@ -24,7 +24,9 @@ def profile(
         Path | None, typer.Option("--out", help="Where to write the profile. Default: ~/.cache/autotune/hardware.json.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the profile as JSON instead of tables.")] = False,
-    quick: Annotated[bool, typer.Option("--quick", help="Detect only, measure nothing (seconds, not a minute).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Detect only, measure nothing (seconds, not a minute).")
+    ] = False,
 ) -> None:
     """Detect this machine (CPU, GPUs and their links, TPU, software) and measure it (matmul rate per dtype,
     memory and host-to-device bandwidth, all-reduce between GPUs)."""
@@ -58,7 +60,10 @@ def _render(p: HardwareProfile) -> list[RenderableType]:
     cpu = p.cpu
     for key, value in (
         ("host", p.hostname),
-        ("CPU", f"{cpu.model}: {cpu.physical_cores or '?'} physical, {cpu.logical_cores} logical, {cpu.usable_cores} usable"),
+        (
+            "CPU",
+            f"{cpu.model}: {cpu.physical_cores or '?'} physical, {cpu.logical_cores} logical, {cpu.usable_cores} usable",
+        ),
         ("RAM", f"{cpu.ram_bytes / 2**30:.1f} GiB (as the OS reports it now)"),
         ("driver / CUDA", f"{p.driver_version or '-'} / {p.cuda_driver_version or '-'}"),
         ("TPU", f"{p.tpu.count} x {p.tpu.kind}" if p.tpu.present else "none"),

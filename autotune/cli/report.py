@@ -14,7 +14,9 @@ from autotune.cli import app
 def report_command(
     out: Annotated[Path, typer.Option(help="Directory for the HTML files (plotly inlined: they open offline).")],
     study: Annotated[Optional[str], typer.Option(help="Study name (default: the only study in the storage).")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")
+    ] = None,
 ) -> None:
     """Write the study's history, parameter importances and tokens/s against memory as HTML."""
     from autotune.report import load_study, write_report

@@ -24,18 +24,44 @@ from autotune.errors import UserError
 @app.command("run")
 def run_command(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file (JSON).")],
-    steps: Annotated[Optional[int], typer.Option(help="Train to this many optimizer steps, the lr schedule's length too (default: the plan's train.steps).")] = None,
+    steps: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Train to this many optimizer steps, the lr schedule's length too (default: the plan's train.steps)."
+        ),
+    ] = None,
     tokens: Annotated[Optional[int], typer.Option(help="Train on about this many tokens instead.")] = None,
     minutes: Annotated[Optional[float], typer.Option(help="Stop after this many minutes.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Directory for log.jsonl, checkpoints/ and summary.json (default: runs/<UTC time>/).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest complete checkpoint in --out (from step 0 when there is none).")] = False,
-    data: Annotated[Optional[str], typer.Option(help="Data directory (from `autotune data prepare`); overrides the plan.")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Directory for log.jsonl, checkpoints/ and summary.json (default: runs/<UTC time>/)."),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue from the newest complete checkpoint in --out (from step 0 when there is none)."),
+    ] = False,
+    data: Annotated[
+        Optional[str], typer.Option(help="Data directory (from `autotune data prepare`); overrides the plan.")
+    ] = None,
     profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine, for measured MFU.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
-    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank in a plan of several nodes (default: the rendezvous assigns it).")] = None,
-    trust_workload: Annotated[bool, typer.Option(help="Import the plan's workload module even if it is not a built-in preset (runs its code).")] = False,
-    adapt: Annotated[bool, typer.Option(help="A plan made on other hardware: measure it here (or re-plan if it cannot run here), write NAME.adapted.plan.json beside it, and run that.")] = False,
-    time_budget: Annotated[float, typer.Option(help="With --adapt: seconds for the validation trial or the re-plan.")] = 120.0,
+    node_rank: Annotated[
+        Optional[int],
+        typer.Option(help="This node's rank in a plan of several nodes (default: the rendezvous assigns it)."),
+    ] = None,
+    trust_workload: Annotated[
+        bool,
+        typer.Option(help="Import the plan's workload module even if it is not a built-in preset (runs its code)."),
+    ] = False,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            help="A plan made on other hardware: measure it here (or re-plan if it cannot run here), write NAME.adapted.plan.json beside it, and run that."
+        ),
+    ] = False,
+    time_budget: Annotated[
+        float, typer.Option(help="With --adapt: seconds for the validation trial or the re-plan.")
+    ] = 120.0,
 ) -> None:
     """Train with PLAN: log every step, evaluate, checkpoint, resume. SIGINT/SIGTERM/SIGHUP stop
     it after the current step with a checkpoint and the summary (exit 130/143/129)."""
@@ -59,12 +85,16 @@ def run_command(
     plan = planmod.load(plan_path)
     if node_rank is not None:
         if not 0 <= node_rank < plan.launch.nnodes:
-            raise UserError(f"--node-rank {node_rank}: the plan has {plan.launch.nnodes} node(s), ranks 0..{plan.launch.nnodes - 1}")
+            raise UserError(
+                f"--node-rank {node_rank}: the plan has {plan.launch.nnodes} node(s), ranks 0..{plan.launch.nnodes - 1}"
+            )
         plan.launch.node_rank = node_rank
     from autotune.apply import check_plan
     from autotune.limits import check_machine
 
-    check_machine(plan, check_plan(plan, trusted=trust_workload))  # the whole plan and its size here, before anything starts
+    check_machine(
+        plan, check_plan(plan, trusted=trust_workload)
+    )  # the whole plan and its size here, before anything starts
     args = list(ARGS)
     if distributed.env_world_size() == 1 and (difference := planmod.other_machine(plan)):
         if not adapt:
@@ -151,8 +181,13 @@ def _adapt(plan, plan_path: Path, time_budget: float):
 
     out = adapted_path(plan_path)
     check_writable(out, "adapted plan")
-    origin = planmod.Adaptation(plan=str(plan_path), how="validated", hardware=plan.hardware,
-                                measured=plan.measured, data_identity=plan.data_identity)
+    origin = planmod.Adaptation(
+        plan=str(plan_path),
+        how="validated",
+        hardware=plan.hardware,
+        measured=plan.measured,
+        data_identity=plan.data_identity,
+    )
     command = " ".join(["autotune", *ARGS])
     why_not = _illegal_here(plan)
     if why_not is None:
@@ -184,7 +219,9 @@ def _adapt(plan, plan_path: Path, time_budget: float):
             global_batch=plan.global_batch(),
             out=out,
             command=command,
-            warm_start=[str(plan_path)],  # the plan, translated to what is legal here, is the first trial after the baseline
+            warm_start=[
+                str(plan_path)
+            ],  # the plan, translated to what is legal here, is the first trial after the baseline
             started_at=started(),
         )
         try:
@@ -205,6 +242,7 @@ def _adapt(plan, plan_path: Path, time_budget: float):
 
 def adapted_from_line(plan) -> str:
     """Both figures of an adapted plan in a few words: here, and on the original machine."""
+
     def rate(figures) -> str:
         return f"{figures.tokens_per_s:,.0f} tok/s" if figures and figures.tokens_per_s else "not measured"
 
@@ -233,8 +271,12 @@ def _illegal_here(plan) -> str | None:
         return f"it runs {launch.nproc_per_node} processes, one per GPU, on {torch.cuda.device_count()} GPUs"
     workload = load_workload(plan.workload.name, plan.workload.overrides)
     try:
-        check_processes(launch.nproc_per_node, plan.strategy_configs(), workload=workload,
-                        micro_batch_size=plan.train.micro_batch_size)
+        check_processes(
+            launch.nproc_per_node,
+            plan.strategy_configs(),
+            workload=workload,
+            micro_batch_size=plan.train.micro_batch_size,
+        )
     except UserError as e:
         return str(e)
     return None
@@ -247,7 +289,11 @@ def _exit_code(stopped: str) -> int:
 
 def _stopped_line(stopped: str, steps_done: int | None, checkpoint: str | None, out: Path | None) -> str:
     where = f"at step {steps_done}" if steps_done is not None else "before its first step"
-    saved = f"checkpoint {checkpoint}, summary {out / 'summary.json'}; continue with --resume" if checkpoint and out else "no checkpoint (no checkpoints in this run)"
+    saved = (
+        f"checkpoint {checkpoint}, summary {out / 'summary.json'}; continue with --resume"
+        if checkpoint and out
+        else "no checkpoint (no checkpoints in this run)"
+    )
     return f"autotune: stopped by {stopped} {where}: {saved}"
 
 
@@ -275,7 +321,12 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
     # Bad input is one line, before any process starts.
     nproc = plan.launch.nproc_per_node
     workload = load_workload(plan.workload.name, plan.workload.overrides)
-    check_processes(nproc * plan.launch.nnodes, plan.strategy_configs(), workload=workload, micro_batch_size=plan.train.micro_batch_size)
+    check_processes(
+        nproc * plan.launch.nnodes,
+        plan.strategy_configs(),
+        workload=workload,
+        micro_batch_size=plan.train.micro_batch_size,
+    )
     gpus = torch.cuda.device_count()
     if plan.launch.device != "cpu" and gpus and nproc > gpus:
         raise UserError(f"the plan runs {nproc} processes on CUDA, one per GPU, but this machine has {gpus} GPUs")
@@ -296,7 +347,9 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
             # On each node of a multi-node plan the same command joins the plan's rendezvous.
             cmd = distributed.torchrun_command(nproc, "autotune", args, plan.launch)
             began = time.time()
-            proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGKILL, me))
+            proc = subprocess.Popen(
+                cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGKILL, me)
+            )
             code = forward.wait(proc)
         finally:
             if lock is not None:
@@ -311,7 +364,10 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
         typer.echo(_stopped_line(stopped, summary.get("steps_done"), summary.get("checkpoint"), out), err=True)
         raise typer.Exit(_exit_code(stopped))
     if code != 0:
-        typer.echo(f"autotune: error: the run of {nproc} processes failed (torchrun exit status {code}); the failing rank's error is above", err=True)
+        typer.echo(
+            f"autotune: error: the run of {nproc} processes failed (torchrun exit status {code}); the failing rank's error is above",
+            err=True,
+        )
         raise typer.Exit(1)
 
 
@@ -411,8 +467,12 @@ def _progress(total: int, enabled: bool):
             yield None
             return
         with Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(), transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeRemainingColumn(),
+            transient=False,
         ) as progress:
             task = progress.add_task("train", total=total, info="")
 

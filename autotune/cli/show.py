@@ -15,7 +15,10 @@ from autotune.cli import app
 def show_command(
     plan_path: Annotated[Path, typer.Argument(metavar="PLAN", help="Plan file (JSON).")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the validated plan as JSON.")] = False,
-    trust_workload: Annotated[bool, typer.Option(help="Import the plan's workload module even if it is not a built-in preset (runs its code).")] = False,
+    trust_workload: Annotated[
+        bool,
+        typer.Option(help="Import the plan's workload module even if it is not a built-in preset (runs its code)."),
+    ] = False,
 ) -> None:
     """Validate PLAN as `autotune run` does and print it: workload, strategies, launch, measured figures."""
     from autotune import plan as planmod
@@ -45,8 +48,10 @@ def show_command(
     launch = plan.launch
     console.print(f"launch    {launch.nnodes} node(s) x {launch.nproc_per_node} process(es), device {launch.device}")
     t = plan.train
-    console.print(f"train     micro-batch {t.micro_batch_size}, {t.steps} steps, lr {t.lr:g}, seed {t.seed}, "
-                  f"data {escape(t.data)}")
+    console.print(
+        f"train     micro-batch {t.micro_batch_size}, {t.steps} steps, lr {t.lr:g}, seed {t.seed}, "
+        f"data {escape(t.data)}"
+    )
     if fit is not None:
         console.print(f"estimate  {fit.line()}")
     strategies = Table("strategy", "knobs", title="strategies (in plan order)")
@@ -73,8 +78,10 @@ def show_command(
     if plan.quality_guard is not None:
         console.print(_guard_table(plan.quality_guard))
     p = plan.provenance
-    console.print(f"made by   autotune {escape(p.autotune_version)}, torch {escape(p.torch_version)}, "
-                  f"{escape(p.created_at)}" + (f", study {escape(p.study)} trial {p.trial}" if p.study else ""))
+    console.print(
+        f"made by   autotune {escape(p.autotune_version)}, torch {escape(p.torch_version)}, "
+        f"{escape(p.created_at)}" + (f", study {escape(p.study)} trial {p.trial}" if p.study else "")
+    )
     if p.command:
         console.print(f"command   {escape(p.command)}")
 
@@ -85,11 +92,19 @@ def _guard_table(g):
 
     verdict = "passed" if g.passed else "failed"
     ratio = f", time-to-loss {g.time_to_loss_ratio:.2f}x the exact run's" if g.time_to_loss_ratio else ""
-    table = Table("", "loss start", "tail loss", "wall s", "time-to-loss s",
-                  title=f"quality guard: {verdict} against exact trial {g.reference_trial}, {g.steps} steps, "
-                        f"tolerance {g.tolerance:.2%}{ratio}")
+    table = Table(
+        "",
+        "loss start",
+        "tail loss",
+        "wall s",
+        "time-to-loss s",
+        title=f"quality guard: {verdict} against exact trial {g.reference_trial}, {g.steps} steps, "
+        f"tolerance {g.tolerance:.2%}{ratio}",
+    )
     for label, run in (("plan", g.candidate), ("exact", g.exact)):
-        table.add_row(label, f"{run.start:.4f}", f"{run.tail_mean:.4f}", f"{run.wall_s:.1f}", _num(run.time_to_loss_s, "{:.1f}"))
+        table.add_row(
+            label, f"{run.start:.4f}", f"{run.tail_mean:.4f}", f"{run.wall_s:.1f}", _num(run.time_to_loss_s, "{:.1f}")
+        )
     return table
 
 

@@ -30,12 +30,18 @@ def strategies_command(
     profile: Annotated[
         Path | None, typer.Option("--profile", help="A saved hardware profile. Default: detect this machine (quick).")
     ] = None,
-    workload: Annotated[str, typer.Option("--workload", help="Preset name, hf:<model_type> or package.module:factory.")] = "tiny",
+    workload: Annotated[
+        str, typer.Option("--workload", help="Preset name, hf:<model_type> or package.module:factory.")
+    ] = "tiny",
     workload_config: Annotated[
-        Path | None, typer.Option("--workload-config", help="Hugging Face model config: a config.json or a local folder holding one.")
+        Path | None,
+        typer.Option(
+            "--workload-config", help="Hugging Face model config: a config.json or a local folder holding one."
+        ),
     ] = None,
     processes: Annotated[
-        int | None, typer.Option("--processes", help="Count runs of this many processes (default: one per GPU, else one).")
+        int | None,
+        typer.Option("--processes", help="Count runs of this many processes (default: one per GPU, else one)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every strategy as JSON instead of a table.")] = False,
     explain: Annotated[bool, typer.Option("--explain", help="Say why each strategy or setting is left out.")] = False,
@@ -43,7 +49,8 @@ def strategies_command(
         Path | None, typer.Option("--graph", help="Write the graph as DOT; .svg, .png or .pdf are drawn with Graphviz.")
     ] = None,
     allow_approximate: Annotated[
-        bool, typer.Option("--allow-approximate", help="Count strategies that change what is learned (INT8, FP8, MoE, ...).")
+        bool,
+        typer.Option("--allow-approximate", help="Count strategies that change what is learned (INT8, FP8, MoE, ...)."),
     ] = False,
 ) -> None:
     """List the strategies: usable here, excluded (and why), or not implemented yet; exact or approximate; their knobs."""
@@ -64,8 +71,14 @@ def strategies_command(
     prof = hardware.HardwareProfile.load(profile) if profile is not None else hardware.detect(quick=True)
     graph = StrategyGraph(Facts.of(prof, wl, processes=processes), allow_approximate=allow_approximate)
     # What `autotune plan` leaves out of its search here, from the function it uses.
-    left_out = search_left_out(SearchFacts(cores=usable_cores(), seq_len=wl.seq_len, device="cuda" if graph.facts.cuda_devices else "cpu",
-                                           vocab_size=wl.vocab_size))
+    left_out = search_left_out(
+        SearchFacts(
+            cores=usable_cores(),
+            seq_len=wl.seq_len,
+            device="cuda" if graph.facts.cuda_devices else "cpu",
+            vocab_size=wl.vocab_size,
+        )
+    )
     if graph_file is not None:
         _write_graph(graph, graph_file)
     if as_json:

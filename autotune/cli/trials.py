@@ -13,7 +13,9 @@ from autotune.cli import app
 @app.command("trials")
 def trials_command(
     study: Annotated[Optional[str], typer.Option(help="Study name (default: the only study in the storage).")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")] = None,
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna storage URL (default sqlite:///plans/studies.db).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """List a study's trials: number, role, status, tokens/s, peak memory, batch, strategies, error."""
@@ -29,12 +31,28 @@ def trials_command(
 
     from autotune.terminal import escape  # a study's text (a shared one's too): no escape codes, no markup
 
-    table = Table("trial", "role", "status", "tokens/s", "mem GiB", "batch", "strategies", "error",
-                  title=f"study {escape(loaded.study_name)}")
+    table = Table(
+        "trial",
+        "role",
+        "status",
+        "tokens/s",
+        "mem GiB",
+        "batch",
+        "strategies",
+        "error",
+        title=f"study {escape(loaded.study_name)}",
+    )
     for r in rows:
         tps = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] is not None else "-"
         mem = f"{r['peak_memory_bytes'] / 2**30:.2f}" if r["peak_memory_bytes"] else "-"
-        batch = "-" if r["micro_batch_size"] is None else f"{r['micro_batch_size']}x{r['grad_accum']}" + (f"x{r['processes']}p" if r["processes"] > 1 else "")
-        names = ", ".join(n + ("(" + ",".join(map(str, k.values())) + ")" if k else "") for n, k in r["strategies"].items()) or "plain"
+        batch = (
+            "-"
+            if r["micro_batch_size"] is None
+            else f"{r['micro_batch_size']}x{r['grad_accum']}" + (f"x{r['processes']}p" if r["processes"] > 1 else "")
+        )
+        names = (
+            ", ".join(n + ("(" + ",".join(map(str, k.values())) + ")" if k else "") for n, k in r["strategies"].items())
+            or "plain"
+        )
         table.add_row(*map(escape, (r["number"], r["role"], r["status"], tps, mem, batch, names, r["error"] or "")))
     Console().print(table)

@@ -92,7 +92,14 @@ PRESETS: dict[str, dict[str, int]] = {
 # every micro-batch up to 96 (12, 24, 48 and 64 included); phase8-long the same tokens at seq
 # 8192 (24 x 8192). tiny: 64 x 128 = 8k tokens. gpt-vocab152k: 64 x 1024, as the Qwen3-shaped
 # runs of issue 26.
-GLOBAL_BATCH: dict[str, int] = {"tiny": 64, "phase8-small": 192, "phase8-long": 24, "gpt2-124m": 480, "gpt-1b": 256, "gpt-vocab152k": 64}
+GLOBAL_BATCH: dict[str, int] = {
+    "tiny": 64,
+    "phase8-small": 192,
+    "phase8-long": 24,
+    "gpt2-124m": 480,
+    "gpt-1b": 256,
+    "gpt-vocab152k": 64,
+}
 
 
 def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload:
@@ -104,7 +111,9 @@ def gpt_workload(name: str, overrides: dict[str, Any] | None = None) -> Workload
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     for key, value in (overrides or {}).items():
         if key not in known:
-            raise UserError(f"workload.overrides.{key}: unknown setting for {name} (expected one of: {', '.join(sorted(known))})")
+            raise UserError(
+                f"workload.overrides.{key}: unknown setting for {name} (expected one of: {', '.join(sorted(known))})"
+            )
         params[key] = value
     try:
         cfg = GPTConfig(**params)
@@ -145,8 +154,14 @@ def gpt_shape(cfg: Any) -> ModelShape:
     d, layers = cfg.d_model, cfg.n_layers
     matrices = 4 * d * d + 2 * d * cfg.d_ff
     return ModelShape(
-        d_model=d, n_layers=layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, head_dim=cfg.head_dim, d_ff=cfg.d_ff,
-        vocab_size=cfg.vocab_size, seq_len=cfg.seq_len,
+        d_model=d,
+        n_layers=layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=cfg.n_heads,
+        head_dim=cfg.head_dim,
+        d_ff=cfg.d_ff,
+        vocab_size=cfg.vocab_size,
+        seq_len=cfg.seq_len,
         matmul_params=layers * matrices + cfg.vocab_size * d,
         block_params=layers * (matrices + 2 * d),
         other_params=cfg.seq_len * d + d,  # the position table and the final norm
@@ -165,8 +180,12 @@ def with_layers(shape: ModelShape, n_layers: int) -> ModelShape:
     def scaled(n: int) -> int:
         return n * n_layers // shape.n_layers
 
-    return dataclasses.replace(shape, n_layers=n_layers, matmul_params=scaled(shape.matmul_params - head) + head,
-                               block_params=scaled(shape.block_params))
+    return dataclasses.replace(
+        shape,
+        n_layers=n_layers,
+        matmul_params=scaled(shape.matmul_params - head) + head,
+        block_params=scaled(shape.block_params),
+    )
 
 
 FACTORY_OVERRIDES = ("seq_len",)
@@ -185,7 +204,9 @@ def import_module_name(name: str) -> str | None:
     return name.partition(":")[0]
 
 
-def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted: bool = True, with_shape: bool = True) -> Workload:
+def load_workload(
+    name: str, overrides: dict[str, Any] | None = None, *, trusted: bool = True, with_shape: bool = True
+) -> Workload:
     """A preset by name, ``hf:<model_type>`` (autotune.workloads.hf), or ``package.module:factory``
     returning a :class:`Workload`.
 
@@ -205,11 +226,15 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
     if module_name is None:
         return gpt_workload(name, overrides)
     if not trusted:
-        raise UserError(f"workload {name}: not a built-in preset, and running it would import module {module_name}; "
-                        "pass --trust-workload if you trust that code")
+        raise UserError(
+            f"workload {name}: not a built-in preset, and running it would import module {module_name}; "
+            "pass --trust-workload if you trust that code"
+        )
     extra = sorted(set(overrides or {}) - set(FACTORY_OVERRIDES))
     if extra:
-        raise UserError(f"workload.overrides.{extra[0]}: a factory's workload takes only {', '.join(FACTORY_OVERRIDES)} ({name})")
+        raise UserError(
+            f"workload.overrides.{extra[0]}: a factory's workload takes only {', '.join(FACTORY_OVERRIDES)} ({name})"
+        )
     seq_len = (overrides or {}).get("seq_len")
     attr = name.partition(":")[2]
     if os.getcwd() not in sys.path:  # like `python -m`: modules beside the user resolve
@@ -228,8 +253,10 @@ def load_workload(name: str, overrides: dict[str, Any] | None = None, *, trusted
 
         workload = workload_from_model(factory, seq_len=seq_len, name=name, probe=workload)
     elif not isinstance(workload, Workload):
-        raise UserError(f"workload {name}: {attr}() must return autotune.workloads.Workload or a transformers PreTrainedModel, "
-                        f"got {type(workload).__name__}")
+        raise UserError(
+            f"workload {name}: {attr}() must return autotune.workloads.Workload or a transformers PreTrainedModel, "
+            f"got {type(workload).__name__}"
+        )
     elif seq_len is not None:
         workload = with_seq_len(workload, seq_len)
     workload = dataclasses.replace(workload, name=name, overrides=dict(overrides or {}))

@@ -254,7 +254,11 @@ def saved_layout(adapter: ModelAdapter, config: Any = None) -> dict[str, Any]:
     if attention is not None:
         readers = max(1, len(_linears(attention)) - 1)  # all but the output projection
         rotary = any("Rotary" in type(m).__name__ for m in adapter.model.modules())
-        out |= {"attn_in_linears": readers, "qk_norm": any(_is_norm(m) for m in attention.modules()), "rope_copies": rotary and readers == 1}
+        out |= {
+            "attn_in_linears": readers,
+            "qk_norm": any(_is_norm(m) for m in attention.modules()),
+            "rope_copies": rotary and readers == 1,
+        }
     mlp = parts.get("mlp")
     if mlp is not None:
         gated = mlp_matrices(adapter) >= 3
@@ -295,7 +299,9 @@ class GPTAdapter:
         from autotune.workloads.gpt import sdpa_causal
 
         if kernel is None and implementation not in (None, "sdpa"):
-            raise NotSupported(f"the built-in GPT has attention implementations sdpa, not {implementation!r}: pass a kernel")
+            raise NotSupported(
+                f"the built-in GPT has attention implementations sdpa, not {implementation!r}: pass a kernel"
+            )
         for block in self.blocks():
             block.attn.attend = kernel or sdpa_causal
 
@@ -323,7 +329,12 @@ class GPTAdapter:
         # Megatron's split: the fused qkv and the MLP's first linear by columns (whole heads:
         # the qkv rows are head-major), the projections back by rows.
         from torch.distributed.tensor import Replicate, Shard
-        from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, SequenceParallel
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            PrepareModuleInput,
+            RowwiseParallel,
+            SequenceParallel,
+        )
 
         col, row = ColwiseParallel, RowwiseParallel
         if not sequence_parallel:
@@ -335,7 +346,9 @@ class GPTAdapter:
             }
 
         def gather() -> PrepareModuleInput:
-            return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+            return PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            )
 
         # Between the parallel regions the residual stream is this rank's slice of the
         # sequence (B, T/tp, C): the norms run on it; attention and MLP gather the whole.
@@ -350,7 +363,9 @@ class GPTAdapter:
             "blocks.*.mlp.proj": row(output_layouts=Shard(1)),
             # The whole embedding output enters the first block as this rank's slice (no
             # communication); the last block's slices are gathered for the final norm and head.
-            "blocks.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True),
+            "blocks.0": PrepareModuleInput(
+                input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+            ),
             "norm": gather(),
         }
 
@@ -397,7 +412,9 @@ class GPTStage(nn.Module):
         self.first, self.last, self.span = first, last, (start, stop)
         if first:
             self.embed, self.pos = model.embed, model.pos
-        self.blocks = nn.ModuleList(block if start <= i < stop else nn.Identity() for i, block in enumerate(model.blocks))
+        self.blocks = nn.ModuleList(
+            block if start <= i < stop else nn.Identity() for i, block in enumerate(model.blocks)
+        )
         if last:
             self.norm, self.head = model.norm, model.head
         self._flops = GPTAdapter(model).flops_per_token()

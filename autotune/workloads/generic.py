@@ -119,7 +119,9 @@ class GenericAdapter:
             if isinstance(m, nn.Linear) and (m.in_features, m.out_features) == (d, vocab) and id(m.weight) not in inside
         ]  # fmt: skip
         if not heads:
-            raise NotSupported(f"{name}: no output head (an nn.Linear from {d} to the {vocab} tokens) outside its blocks")
+            raise NotSupported(
+                f"{name}: no output head (an nn.Linear from {d} to the {vocab} tokens) outside its blocks"
+            )
         head = heads[-1]
         widths = [w for m in blocks[0].modules() if isinstance(m, nn.Linear) for w in (m.in_features, m.out_features)]
         tied = head.weight is embed.weight

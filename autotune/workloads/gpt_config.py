@@ -31,8 +31,14 @@ class GPTConfig:
         # Overrides come from plan files untyped: a bad one is a one-line error, not a traceback.
         for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not (0 if name == "d_ff" else 1) <= value <= 2**24:
-                raise ValueError(f"{name} must be an integer from {0 if name == 'd_ff' else 1} to {2**24}, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not (0 if name == "d_ff" else 1) <= value <= 2**24
+            ):
+                raise ValueError(
+                    f"{name} must be an integer from {0 if name == 'd_ff' else 1} to {2**24}, got {value!r}"
+                )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.tie_embeddings, bool):

@@ -167,14 +167,18 @@ def from_command_line(workload: str, config: str | os.PathLike) -> tuple[str, di
     model_type, overrides = overrides_from_config(config)
     named = workload.removeprefix(PREFIX) if workload != "hf" else ""
     if named and named != model_type:
-        raise UserError(f"--workload {workload}: {config} is a {model_type!r} config; give --workload hf:{model_type} (or hf)")
+        raise UserError(
+            f"--workload {workload}: {config} is a {model_type!r} config; give --workload hf:{model_type} (or hf)"
+        )
     try:
         unread = unread_fields(model_type, {k: v for k, v in overrides.items() if k not in OURS})
     except (UserError, *_rejections()):
         unread = []  # loading the workload says what is wrong, in one line
     if unread:  # accepted, as transformers accepts them; said, since a typo among them trains the default
-        print(f"autotune: note: {config}: {', '.join(unread)}: not fields of transformers' {model_type} config, kept as plain attributes",
-              file=sys.stderr)
+        print(
+            f"autotune: note: {config}: {', '.join(unread)}: not fields of transformers' {model_type} config, kept as plain attributes",
+            file=sys.stderr,
+        )
     return PREFIX + model_type, overrides
 
 
@@ -185,7 +189,9 @@ def build_config(settings: HFSettings) -> Any:
     try:
         default = transformers.AutoConfig.for_model(settings.model_type)
     except (ValueError, KeyError):
-        raise UserError(f"hf:{settings.model_type}: transformers {transformers.__version__} knows no model type {settings.model_type!r}") from None
+        raise UserError(
+            f"hf:{settings.model_type}: transformers {transformers.__version__} knows no model type {settings.model_type!r}"
+        ) from None
     # Checked before transformers builds the config: it validates each layer's type (5 s for a million).
     own = getattr(default, "attribute_map", {}).get("num_hidden_layers")
     for key in filter(None, (own, "num_hidden_layers")):  # the family's name for it (GPT-2's n_layer) or the common one
@@ -193,10 +199,14 @@ def build_config(settings: HFSettings) -> Any:
         if isinstance(layers, int) and not isinstance(layers, bool) and layers > MAX_LAYERS:
             raise UserError(f"hf:{settings.model_type}: {key} {layers:,} is more than {MAX_LAYERS:,} layers")
     try:
-        with _quiet(transformers):  # a copy: transformers writes into the dicts it is given (rope_theta into rope_scaling)
+        with _quiet(
+            transformers
+        ):  # a copy: transformers writes into the dicts it is given (rope_theta into rope_scaling)
             return transformers.AutoConfig.for_model(settings.model_type, **copy.deepcopy(settings.config))
     except _rejections() as e:
-        raise UserError(f"hf:{settings.model_type}: transformers {transformers.__version__} rejects this config ({_one_line(e)})") from None
+        raise UserError(
+            f"hf:{settings.model_type}: transformers {transformers.__version__} rejects this config ({_one_line(e)})"
+        ) from None
 
 
 def unread_fields(model_type: str, fields: dict[str, Any]) -> list[str]:
@@ -243,15 +253,25 @@ def build_hf_model(settings: HFSettings, config: Any) -> nn.Module:
     the config's ``torch_dtype`` (``from_config`` would build in it), never remote code."""
     transformers = _transformers()
     if settings.attn_implementation not in attn_implementations():
-        raise UserError(f"attn_implementation {settings.attn_implementation!r}: expected one of {', '.join(attn_implementations())}")
+        raise UserError(
+            f"attn_implementation {settings.attn_implementation!r}: expected one of {', '.join(attn_implementations())}"
+        )
     try:
         with _quiet(transformers):
             model = transformers.AutoModelForCausalLM.from_config(
-                dataclasses_copy(config), attn_implementation=settings.attn_implementation, dtype=torch.float32, trust_remote_code=False
+                dataclasses_copy(config),
+                attn_implementation=settings.attn_implementation,
+                dtype=torch.float32,
+                trust_remote_code=False,
             )
     except ImportError as e:
         raise UserError(f"hf:{settings.model_type}: {str(e).splitlines()[0]}") from None
-    except (*_rejections(), AssertionError, RuntimeError, IndexError) as e:  # e.g. a pad_token_id outside the vocabulary
+    except (
+        *_rejections(),
+        AssertionError,
+        RuntimeError,
+        IndexError,
+    ) as e:  # e.g. a pad_token_id outside the vocabulary
         raise UserError(f"hf:{settings.model_type}: cannot build the model from this config ({_one_line(e)})") from None
     if settings.weights:
         load_weights(model, settings.weights)
@@ -277,7 +297,9 @@ def load_weights(model: nn.Module, path: str) -> None:
     tied = {"lm_head.weight"} if model.get_output_embeddings() is not None and _tied(model) else set()
     missing = sorted(set(result.missing_keys) - tied)
     if missing or result.unexpected_keys:
-        raise UserError(f"weights {path}: do not match the config (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+        raise UserError(
+            f"weights {path}: do not match the config (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
 
 
 def _tied(model: nn.Module) -> bool:
@@ -294,7 +316,9 @@ def decoder_layers_fqn(model: nn.Module) -> str:
             return fqn
     found = find_blocks(model)
     if found is None:
-        raise UserError(f"{type(model).__name__}: no decoder layers found (no ModuleList of {sorted(names) or 'one class'})")
+        raise UserError(
+            f"{type(model).__name__}: no decoder layers found (no ModuleList of {sorted(names) or 'one class'})"
+        )
     return found[0]
 
 
@@ -335,8 +359,24 @@ class HFCausalLM(nn.Module):
         return self.adapter().flops_per_token()
 
 
-_PLAIN_HEAD = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gpt2",
-                         "gpt_neox", "phi3", "olmo2", "starcoder2"})
+_PLAIN_HEAD = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gpt2",
+        "gpt_neox",
+        "phi3",
+        "olmo2",
+        "starcoder2",
+    }
+)
 """Families whose CausalLM's training logits are its head applied to the decoder's output, as
 transformers 5.17 writes them (Gemma 2's soft-capping is refused on its own). The zoo tests hold
 the fused path equal to the model's own loss for each family they build."""
@@ -422,11 +462,19 @@ class HFAdapter:
         seq_len = getattr(self.model, "seq_len", None) or default_seq_len(c)
         for i, block in enumerate(self.blocks()):
             attn = self.attention(block)
-            hs = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None) or c.hidden_size // c.num_attention_heads
+            hs = (
+                getattr(attn, "head_dim", None)
+                or getattr(attn, "head_size", None)
+                or c.hidden_size // c.num_attention_heads
+            )
             scaling = getattr(attn, "scaling", None)
             if scaling is not None and abs(scaling - hs**-0.5) > 1e-12:
                 return f"layer {i} scales its attention by {scaling:.6g}, not 1/sqrt({hs})"
-            window = getattr(attn, "sliding_window") if hasattr(attn, "sliding_window") else getattr(c, "sliding_window", None)
+            window = (
+                getattr(attn, "sliding_window")
+                if hasattr(attn, "sliding_window")
+                else getattr(c, "sliding_window", None)
+            )
             if window is not None and window < seq_len:
                 return f"layer {i} attends within a sliding window of {window} tokens, shorter than the sequence ({seq_len})"
         return None
@@ -463,7 +511,9 @@ class HFAdapter:
                 self.attention(block)._autotune_attend = kernel
             implementation = "autotune"
         elif implementation not in attn_implementations():
-            raise NotSupported(f"attn_implementation {implementation!r}: expected one of {', '.join(attn_implementations())}")
+            raise NotSupported(
+                f"attn_implementation {implementation!r}: expected one of {', '.join(attn_implementations())}"
+            )
         self.hf.set_attn_implementation(implementation)
 
     def attention_dropout(self) -> float:
@@ -519,7 +569,9 @@ class HFAdapter:
         styles = {fqn: style for fqn, style in raw.items() if fqn not in whole}
         odd = sorted({s for s in styles.values() if s not in _TP_STYLES})
         if odd:
-            raise NotSupported(f"{type(self.hf).__name__}: tensor-parallel style {odd[0]!r} is not one of {', '.join(_TP_STYLES)}")
+            raise NotSupported(
+                f"{type(self.hf).__name__}: tensor-parallel style {odd[0]!r} is not one of {', '.join(_TP_STYLES)}"
+            )
         return styles
 
     def tp_plan(self, sequence_parallel: bool = False) -> dict[str, Any]:
@@ -564,39 +616,53 @@ class HFAdapter:
 
         layers = f"{base}.layers"
         out = {
-            fqn: RowwiseParallel(output_layouts=Shard(1)) if styles[fqn.removeprefix("hf.")] == "rowwise" and fqn.startswith(layers) else style
+            fqn: RowwiseParallel(output_layouts=Shard(1))
+            if styles[fqn.removeprefix("hf.")] == "rowwise" and fqn.startswith(layers)
+            else style
             for fqn, style in plan.items()
         }
 
         def gather() -> PrepareModuleInput:
-            return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+            return PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            )
 
-        out.update({
-            f"{layers}.*.input_layernorm": SequenceParallel(),
-            # The layer calls its attention with hidden_states=..., its MLP positionally.
-            f"{layers}.*.self_attn": PrepareModuleInput(
-                input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()}, use_local_output=True
-            ),
-            f"{layers}.*.post_attention_layernorm": SequenceParallel(),
-            f"{layers}.*.mlp": gather(),
-            # The whole embedding output enters the first layer as this rank's slice; the last
-            # layer's slices are gathered for the final norm and head.
-            f"{layers}.0": PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True),
-            f"{base}.norm": gather(),
-        })
+        out.update(
+            {
+                f"{layers}.*.input_layernorm": SequenceParallel(),
+                # The layer calls its attention with hidden_states=..., its MLP positionally.
+                f"{layers}.*.self_attn": PrepareModuleInput(
+                    input_kwarg_layouts={"hidden_states": Shard(1)},
+                    desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                    use_local_output=True,
+                ),
+                f"{layers}.*.post_attention_layernorm": SequenceParallel(),
+                f"{layers}.*.mlp": gather(),
+                # The whole embedding output enters the first layer as this rank's slice; the last
+                # layer's slices are gathered for the final norm and head.
+                f"{layers}.0": PrepareModuleInput(
+                    input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True
+                ),
+                f"{base}.norm": gather(),
+            }
+        )
         return out
 
     def _llama_layout(self) -> nn.Module | None:
         """The base model when it is laid out as Llama's (embed_tokens, rotary_emb, layers,
         norm): the layout pipeline stages are written for."""
         base = getattr(self.hf, getattr(self.hf, "base_model_prefix", ""), None)
-        if not all(isinstance(getattr(base, n, None), nn.Module) for n in ("embed_tokens", "rotary_emb", "layers", "norm")):
+        if not all(
+            isinstance(getattr(base, n, None), nn.Module) for n in ("embed_tokens", "rotary_emb", "layers", "norm")
+        ):
             return None
         return base if set(layer_types(self.hf.config)) <= set(STAGE_MASKS) else None
 
     def pipeline_stage(self, start: int, stop: int, *, first: bool, last: bool) -> nn.Module:
         if self._llama_layout() is None:
-            raise NotSupported(f"{type(self.hf).__name__}: pipeline stages are written for the Llama layout (embed_tokens, rotary_emb, layers, norm)")
+            raise NotSupported(
+                f"{type(self.hf).__name__}: pipeline stages are written for the Llama layout (embed_tokens, rotary_emb, layers, norm)"
+            )
         return HFStage(self.model, start, stop, first=first, last=last)
 
     # Loss and shape.
@@ -675,7 +741,9 @@ class HFStage(nn.Module):
         if first:
             inner.embed_tokens = base.embed_tokens
         inner.rotary_emb = base.rotary_emb
-        inner.layers = nn.ModuleList(layer if start <= i < stop else nn.Identity() for i, layer in enumerate(base.layers))
+        inner.layers = nn.ModuleList(
+            layer if start <= i < stop else nn.Identity() for i, layer in enumerate(base.layers)
+        )
         if last:
             inner.norm = base.norm
             shell.lm_head = hf.get_output_embeddings()
@@ -702,13 +770,17 @@ class HFStage(nn.Module):
         if self.first:
             x = base.embed_tokens(x)  # Gemma's scale by sqrt(C) is the embedding module's own
         position_ids = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
-        kwargs = dict(config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids)
+        kwargs = dict(
+            config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=None, position_ids=position_ids
+        )
         # Each layer's mask as the whole model makes it, by its type (:func:`layer_types`).
         makers = dict(zip(STAGE_MASKS, (create_causal_mask, create_sliding_window_causal_mask)))
         masks = {kind: makers[kind](**kwargs) for kind in set(self.layer_types[slice(*self.span)])}
         rope = base.rotary_emb(x, position_ids=position_ids)
         for i in range(*self.span):
-            x = base.layers[i](x, attention_mask=masks[self.layer_types[i]], position_embeddings=rope, position_ids=position_ids)
+            x = base.layers[i](
+                x, attention_mask=masks[self.layer_types[i]], position_embeddings=rope, position_ids=position_ids
+            )
         if not self.last:
             return x
         logits = self.hf.lm_head(base.norm(x))
@@ -730,14 +802,26 @@ def _register_bridge() -> None:
     _BRIDGE_REGISTERED = True
 
 
-def _bridge(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, scaling: float | None = None,
-            dropout: float = 0.0, sliding_window: int | None = None, softcap: float | None = None, **_: Any) -> tuple[torch.Tensor, None]:
+def _bridge(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **_: Any,
+) -> tuple[torch.Tensor, None]:
     """q (B, nh, T, hs), k and v (B, nkv, T, hs) -> ((B, T, nh, hs), no weights). Our kernels
     are causal over the whole sequence with scale 1/sqrt(hs): anything else is refused (the
     adapter leaves such models' attention out beforehand: :meth:`HFAdapter.plain_attention_refusal`)."""
     hs, T = query.shape[-1], query.shape[-2]
     if scaling is not None and abs(scaling - hs**-0.5) > 1e-12:
-        raise NotSupported(f"attention scale {scaling} is not 1/sqrt({hs}): our kernels cannot run this model's attention")
+        raise NotSupported(
+            f"attention scale {scaling} is not 1/sqrt({hs}): our kernels cannot run this model's attention"
+        )
     if softcap or (sliding_window is not None and sliding_window < T):
         raise NotSupported("soft-capped or sliding-window attention: our kernels cannot run this model's attention")
     groups = query.shape[1] // key.shape[1]
@@ -799,7 +883,9 @@ def checked_seq_len(seq_len: Any, config: Any, what: str) -> int:
     return seq_len
 
 
-def workload_from_model(factory: Callable[[], nn.Module], *, seq_len: int | None = None, name: str = "hf", probe: nn.Module | None = None) -> Workload:
+def workload_from_model(
+    factory: Callable[[], nn.Module], *, seq_len: int | None = None, name: str = "hf", probe: nn.Module | None = None
+) -> Workload:
     """A workload from ``factory() -> PreTrainedModel`` (``--workload module:factory``): the
     same adapter, structure and search as ``hf:`` models. ``seq_len``: tokens per sample, None
     the default (:func:`default_seq_len`); ``probe``: a model the factory already returned,
@@ -812,7 +898,9 @@ def workload_from_model(factory: Callable[[], nn.Module], *, seq_len: int | None
         except Exception:  # a factory that loads weights, say: built as it is
             probe = factory()
     if not hasattr(probe, "get_input_embeddings") or not hasattr(probe, "config"):
-        raise UserError(f"workload {name}: the factory must return a transformers PreTrainedModel, got {type(probe).__name__}")
+        raise UserError(
+            f"workload {name}: the factory must return a transformers PreTrainedModel, got {type(probe).__name__}"
+        )
     seq_len = checked_seq_len(seq_len, probe.config, f"workload {name}: seq_len")
     wrapped = HFCausalLM(probe)
     wrapped.seq_len = seq_len
