@@ -105,7 +105,8 @@ def check_processes(world_size: int, chosen: Any, *, workload: Any = None, micro
     split = distributing()
     if world_size > 1 and not set(chosen) & set(split):
         raise UserError(
-            f"a run of {world_size} processes needs one of the strategies {', '.join(split)} (or launch.nproc_per_node 1)"
+            f"a run of {world_size} processes needs one of the "
+            f"strategies {', '.join(split)} (or launch.nproc_per_node 1)"
         )
     mesh_shape(world_size, chosen, workload=workload, micro_batch_size=micro_batch_size)
 

@@ -109,7 +109,8 @@ def join(requested: str, expected_world: int) -> Group:
     if world != expected_world:
         if world == 1:
             raise UserError(
-                f"the plan runs {expected_world} processes; start it with `autotune run`, which launches them with torchrun"
+                f"the plan runs {expected_world} processes; "
+                "start it with `autotune run`, which launches them with torchrun"
             )
         raise UserError(
             f"the plan runs {expected_world} process{'es' if expected_world > 1 else ''}, but this run has {world}"

@@ -124,7 +124,8 @@ def deepspeed(plan: Plan, plan_path: Path) -> str:
     engines = [name for name, s in catalog.catalog().items() if callable(s.exports.get("deepspeed"))]
     if not set(engines) & set(plan.strategy_configs()):
         raise UserError(
-            f"plan {plan_path} has no {' or '.join(engines)} strategy: a DeepSpeed config would describe another run (export --to torchrun)"
+            f"plan {plan_path} has no {' or '.join(engines)} strategy: "
+            "a DeepSpeed config would describe another run (export --to torchrun)"
         )
     return json.dumps(settings(plan, plan_path, "deepspeed"), indent=2) + "\n"
 
@@ -174,7 +175,8 @@ def slurm(plan: Plan, plan_path: Path) -> str:
     cpu = launch.device == "cpu"
     lines = [
         "#!/bin/bash",
-        f"# autotune export --to slurm {visible(plan_path)}: {launch.nnodes} node(s) x {launch.nproc_per_node} process(es)",
+        f"# autotune export --to slurm {visible(plan_path)}: "
+        f"{launch.nnodes} node(s) x {launch.nproc_per_node} process(es)",
         f"#SBATCH --job-name=autotune-{_name(plan_path)}",
         f"#SBATCH --nodes={launch.nnodes}",
         "#SBATCH --ntasks-per-node=1",

@@ -430,7 +430,7 @@ def _fingerprint(m: _Machine) -> str:
     material = {
         "cpu": [m.cpu.model, m.cpu.physical_cores, m.cpu.logical_cores],
         "gpus": [g.name for g in m.gpus],
-        "links": [[l.a, l.b, l.kind, l.nvlink_count, l.nvlink_generation] for l in m.links],
+        "links": [[link.a, link.b, link.kind, link.nvlink_count, link.nvlink_generation] for link in m.links],
         "driver_major": m.driver_version.split(".")[0] if m.driver_version else None,
         "cuda_major": m.cuda_driver_version.split(".")[0] if m.cuda_driver_version else None,
         "tpu": [m.tpu.kind, m.tpu.count],

@@ -98,8 +98,9 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
             else f"this machine has {size(memory)} of {where}"
         )
         raise UserError(
-            f"the plan needs about {size(peak)} a process: {size(state)} for the training state ({count(fit.parameters)} parameters "
-            f"in {shape.n_layers:,} layers), {size(parts['activations'] + parts['logits'])} for activations at micro-batch "
+            f"the plan needs about {size(peak)} a process: {size(state)} for the training state "
+            f"({count(fit.parameters)} parameters in {shape.n_layers:,} layers), "
+            f"{size(parts['activations'] + parts['logits'])} for activations at micro-batch "
             f"{train.micro_batch_size:,}{evals}; {shared}"
         )
     return fit

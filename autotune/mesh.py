@@ -139,7 +139,8 @@ def mesh_shape(
     wrappers = [name for name in data_parallel(strategies) if name in chosen]
     if dp > 1 and pp > 1:
         raise UserError(
-            f"pp {pp} × tp {tp} leaves {dp} data-parallel groups of {world} processes: {pp_name} takes the whole run (degree {world // tp})"
+            f"pp {pp} × tp {tp} leaves {dp} data-parallel groups of {world} processes: "
+            f"{pp_name} takes the whole run (degree {world // tp})"
         )
     if dp > 1 and (tp > 1 or pp > 1) and not wrappers:
         # The dp strategies that conflict with none chosen (fsdp2 next to tensor parallel).
@@ -148,7 +149,8 @@ def mesh_shape(
             name for name in data_parallel(strategies) if not any(_conflict(strategies[name], o) for o in others)
         ] or list(data_parallel(strategies))
         raise UserError(
-            f"tp {tp} × pp {pp} leaves {dp} data-parallel groups of {world} processes: add {' or '.join(fits)}, or make tp × pp = {world}"
+            f"tp {tp} × pp {pp} leaves {dp} data-parallel groups of {world} processes: "
+            f"add {' or '.join(fits)}, or make tp × pp = {world}"
         )
     if wrappers and dp == 1 and world > 1:
         raise UserError(

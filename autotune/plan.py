@@ -213,7 +213,8 @@ class TrainSpec:
                 and (value < high if high_open else value <= high)
             ):
                 raise ValueError(
-                    f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}, got {value!r}"
+                    f"{name} must be in {'(' if low_open else '['}{low:g}, "
+                    f"{high:g}{')' if high_open else ']'}, got {value!r}"
                 )
 
 

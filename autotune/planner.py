@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune import catalog, search
-from autotune import trial as trialmod
-from autotune import apply
+from autotune import apply, catalog, search
 from autotune import plan as planmod
+from autotune import trial as trialmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.limits import usable_cores
@@ -149,7 +148,8 @@ def _profile(settings: PlanSettings) -> Any:
     profile = hardware.HardwareProfile.load(settings.profile)
     if profile.fingerprint != hardware.current_fingerprint():
         raise UserError(
-            f"profile {settings.profile} was made on another machine (fingerprint {profile.fingerprint}); run `autotune profile` here"
+            f"profile {settings.profile} was made on another machine "
+            f"(fingerprint {profile.fingerprint}); run `autotune profile` here"
         )
     return profile
 
@@ -818,7 +818,10 @@ def compare(
     speedup = measured.tokens_per_s / baseline.tokens_per_s
     noise = max(MIN_NOISE, (measured.spread or 0.0) + (baseline.spread or 0.0))
     beats = not same and not busy and speedup - 1.0 > noise
-    medians = f"plan {measured.tokens_per_s:,.0f}, baseline {baseline.tokens_per_s:,.0f} tokens/s, medians of {rounds} interleaved rounds"
+    medians = (
+        f"plan {measured.tokens_per_s:,.0f}, baseline {baseline.tokens_per_s:,.0f} tokens/s, "
+        f"medians of {rounds} interleaved rounds"
+    )
     if busy:
         verdict = (
             f"the machine was too busy to measure: the runs spread ±{noise:.0%} (above ±{BUSY_SPREAD:.0%} a side), "
@@ -916,11 +919,13 @@ def guarded_choice(
     exact = [t for t in summary.complete if is_exact(search.plan_of(t))]
     if not exact:
         raise NoTrialSucceeded(
-            f"no exact trial of study {name} succeeded: the quality guard has nothing to compare trial {chosen.number} with"
+            f"no exact trial of study {name} succeeded: "
+            f"the quality guard has nothing to compare trial {chosen.number} with"
         )
     reference = max(exact, key=lambda t: t.value)
     log(
-        f"quality guard: trial {chosen.number} against the best exact trial {reference.number}, {settings.guard_steps} steps each"
+        f"quality guard: trial {chosen.number} against the best exact "
+        f"trial {reference.number}, {settings.guard_steps} steps each"
     )
     guard, why = quality_guard(
         search.plan_of(chosen), search.plan_of(reference), reference.number, settings, clock=clock, status=status
@@ -940,7 +945,8 @@ def guarded_choice(
         },
     )
     log(
-        f"quality guard: trial {chosen.number} failed ({why}); confirming the best exact trial {reference.number} instead"
+        f"quality guard: trial {chosen.number} failed ({why}); "
+        f"confirming the best exact trial {reference.number} instead"
     )
     return reference, None
 
@@ -1036,7 +1042,10 @@ def _guard_line(g: QualityGuard) -> str:
         if g.time_to_loss_ratio
         else "never reached the exact run's loss"
     )
-    return f"loss {g.candidate.tail_mean:.4f} against the exact {g.exact.tail_mean:.4f} over the last 10% of {g.steps} steps, {ratio}"
+    return (
+        f"loss {g.candidate.tail_mean:.4f} against the exact "
+        f"{g.exact.tail_mean:.4f} over the last 10% of {g.steps} steps, {ratio}"
+    )
 
 
 def make_plan(
@@ -1066,8 +1075,8 @@ def make_plan(
         least = minimum_budget(space, settings)
         if settings.time_budget < least:
             raise UserError(
-                f"--time-budget {settings.time_budget:g}: too small for {settings.workload} here; a baseline trial, one "
-                f"candidate and {_rounds(settings)} confirmation rounds need at least {math.ceil(least)} s"
+                f"--time-budget {settings.time_budget:g}: too small for {settings.workload} here; a baseline trial, "
+                f"one candidate and {_rounds(settings)} confirmation rounds need at least {math.ceil(least)} s"
             )
     # Read before the study is opened: a source that cannot be read writes nothing. Enqueued
     # only into a new study (ensure_first_trials).
@@ -1128,7 +1137,8 @@ def _fresh(
                 search.measure_again(study, objective, top, left)
             elif not fresh:
                 log(
-                    "every completed trial was measured by an earlier planner run, under another load; none could be measured again in the budget"
+                    "every completed trial was measured by an earlier planner run, "
+                    "under another load; none could be measured again in the budget"
                 )
                 return search.summarize(study, exclude=outside)
     return search.summarize(study, exclude=lambda t: is_stale(t) or outside(t))
@@ -1192,7 +1202,8 @@ def _search_and_confirm(
 
     if settings.allow_approximate and space.train.random_tokens:
         raise UserError(
-            "--allow-approximate: the quality guard compares losses on real text, and random tokens teach nothing to compare"
+            "--allow-approximate: the quality guard compares losses on real text, "
+            "and random tokens teach nothing to compare"
         )
     objective = search.Objective(
         space=space,
@@ -1232,7 +1243,8 @@ def _search_and_confirm(
     seconds = confirmation_seconds(study, settings, plain_run=plain_run) - guard_seconds(study, settings)
     left = "" if clock.deadline is None else f", {max(0.0, clock.left()):.0f} s of the budget left"
     log(
-        f"confirming trial {chosen.number} against the baseline (trial {summary.baseline.number if summary.baseline else '-'}): "
+        f"confirming trial {chosen.number} against the baseline (trial "
+        f"{summary.baseline.number if summary.baseline else '-'}): "
         f"{_rounds(settings)} interleaved rounds, predicted {seconds:.0f} s{left}"
     )
     done = confirm(

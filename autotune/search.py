@@ -30,14 +30,14 @@ from typing import Any
 import optuna
 
 from autotune import costmodel
-from autotune.apply import check_processes, check_settings
-from autotune.mesh import data_parallel, mesh_shape
 from autotune import plan as planmod
+from autotune import trial as trialmod
+from autotune.apply import check_processes, check_settings
 from autotune.errors import UserError, first_line
 from autotune.graph import StrategyGraph
+from autotune.mesh import data_parallel, mesh_shape
 from autotune.plan import Figures, LaunchSpec, Plan, StrategySpec, TrainSpec
 from autotune.strategy import Knob, Strategy
-from autotune import trial as trialmod
 from autotune.trial import TrialBudget, TrialResult, run_trial
 from autotune.workloads import Workload
 
@@ -326,7 +326,8 @@ class Objective:
                 self._prune(
                     trial,
                     plan,
-                    f"cannot finish: trial {shortest[0]}, which compiles as it does, took {shortest[1]:.0f} s; {left:.0f} s left",
+                    f"cannot finish: trial {shortest[0]}, which compiles as it does, "
+                    f"took {shortest[1]:.0f} s; {left:.0f} s left",
                 )
             budget = dataclasses.replace(budget, timeout_s=max(MIN_TRIAL_S, min(budget.timeout_s, left)))
         log_path = None
@@ -398,7 +399,10 @@ class _Reporter:
         if not self.trial.should_prune():
             return False
         best = _best_value(self.trial.study)
-        self.reason = f"{statistics.median(self.values):,.0f} tokens/s over {step} timed steps, below the best so far ({best:,.0f})"
+        self.reason = (
+            f"{statistics.median(self.values):,.0f} tokens/s over "
+            f"{step} timed steps, below the best so far ({best:,.0f})"
+        )
         return True
 
 
@@ -576,7 +580,8 @@ def check_identity(study: optuna.Study, identity: dict[str, str]) -> None:
     ]
     if differ:
         raise UserError(
-            f"study {study.study_name} was measured under {', '.join(differ)}: use another --study, or the same settings"
+            f"study {study.study_name} was measured under {', '.join(differ)}: "
+            "use another --study, or the same settings"
         )
 
 
@@ -658,7 +663,8 @@ def _source_plans(source: str) -> list[tuple[str, Plan]]:
     if not name:
         if len(names) != 1:
             raise UserError(
-                f"--warm-start {url}: holds {len(names)} studies ({', '.join(names) or 'none'}); name one as {url}#STUDY"
+                f"--warm-start {url}: holds {len(names)} studies "
+                f"({', '.join(names) or 'none'}); name one as {url}#STUDY"
             )
         name = names[0]
     if name not in names:
@@ -775,7 +781,8 @@ def check_legal(space: SearchSpace, plan: Plan) -> None:
     estimate = predict(space, plan) if space.device_memory else None
     if estimate is not None and estimate.peak_memory_bytes > MEMORY_HEADROOM * space.device_memory:
         raise UserError(
-            f"predicted {estimate.peak_memory_bytes / 2**30:.1f} GiB > {MEMORY_HEADROOM * space.device_memory / 2**30:.1f} GiB"
+            f"predicted {estimate.peak_memory_bytes / 2**30:.1f} GiB "
+            f"> {MEMORY_HEADROOM * space.device_memory / 2**30:.1f} GiB"
         )
 
 
@@ -1169,7 +1176,8 @@ def micro_batch_choices(largest: int, global_batch: int | None = None) -> tuple[
     fits = tuple(b for b in choices if global_batch % b == 0 and global_batch // b <= MAX_ACCUM)
     if not fits:
         raise UserError(
-            f"global batch {global_batch}: no micro-batch of {', '.join(map(str, choices))} divides it with at most {MAX_ACCUM} micro-batches a step"
+            f"global batch {global_batch}: no micro-batch of {', '.join(map(str, choices))} "
+            f"divides it with at most {MAX_ACCUM} micro-batches a step"
         )
     return fits
 

@@ -282,7 +282,8 @@ def check_exports(strategy: Strategy) -> None:
             )
         if how is NOTHING_TO_SET and not strategy.exact:
             raise UserError(
-                f"strategy {strategy.name} is approximate: {target} without it trains another model; declare what it sets there, or no {target} export"
+                f"strategy {strategy.name} is approximate: {target} without it trains "
+                f"another model; declare what it sets there, or no {target} export"
             )
 
 

@@ -372,7 +372,8 @@ class Trainer:
 def _check_format(state: dict[str, Any]) -> None:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(
-            f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT} (written by another autotune version; its model layout differs)"
+            f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT} "
+            "(written by another autotune version; its model layout differs)"
         )
 
 
@@ -624,7 +625,8 @@ def check_val_data(trainer: Trainer) -> None:
         path = trainer.data_dir(trainer._data_dir) / "val.bin"
         if not path.is_file():
             raise UserError(
-                f"data {path.parent}: no val.bin there, and the plan evaluates (train.eval_interval {spec.eval_interval}; set it to 0, or make one with `autotune data prepare`)"
+                f"data {path.parent}: no val.bin there, and the plan evaluates (train.eval_interval "
+                f"{spec.eval_interval}; set it to 0, or make one with `autotune data prepare`)"
             )
 
 
@@ -719,7 +721,8 @@ def _loop(
             last_flush, last_flush_step = now, step
             if not all(math.isfinite(v) for v in values):
                 raise NonFiniteLoss(
-                    f"loss became non-finite at step {step - n + next(i for i, v in enumerate(values) if not math.isfinite(v))}"
+                    "loss became non-finite at step "
+                    f"{step - n + next(i for i, v in enumerate(values) if not math.isfinite(v))}"
                 )
             losses.extend(values)
             mem = peak_memory_bytes(trainer.device)
@@ -877,8 +880,9 @@ def checksum_problem(path: Path) -> str | None:
 
 def _save_sharded(trainer: Trainer, step: int, ckpt_dir: Path) -> Path:
     """The step engine's save of the model and optimizer shards (torch.distributed.checkpoint,
-    or DeepSpeed's own) into a temporary directory, then rank 0 adds ``meta.pt`` (step, scaler, RNG) and the checksum manifest and
-    renames it into place: a ``step_XXXXXXXX/`` directory is complete or absent."""
+    or DeepSpeed's own) into a temporary directory, then rank 0 adds ``meta.pt`` (step, scaler,
+    RNG) and the checksum manifest and renames it into place: a ``step_XXXXXXXX/`` directory is
+    complete or absent."""
     import torch.distributed as dist
 
     final, tmp = ckpt_dir / f"step_{step:08d}", ckpt_dir / f".step_{step:08d}.tmp"
@@ -964,7 +968,8 @@ def check_same_run(state: dict[str, Any], trainer: Trainer, path: Path) -> None:
     ]
     if diffs:
         raise UserError(
-            f"checkpoint {path} is of another run: {'; '.join(diffs)} (resume with the plan and --steps it was made with, or use another --out)"
+            f"checkpoint {path} is of another run: {'; '.join(diffs)} "
+            "(resume with the plan and --steps it was made with, or use another --out)"
         )
 
 

@@ -396,7 +396,8 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
     trainer, clean = None, False
     try:
         _say(
-            f"building {plan.workload.name} with {', '.join(c.name for c in plan.strategies) or 'no strategy'}, micro-batch {plan.train.micro_batch_size}"
+            f"building {plan.workload.name} with {', '.join(c.name for c in plan.strategies) or 'no strategy'}, "
+            f"micro-batch {plan.train.micro_batch_size}"
         )
         trainer = Trainer(plan)
         device = trainer.device

@@ -261,7 +261,10 @@ def measure(args: argparse.Namespace) -> int:
 def _errors(label: str, errors: list[float]) -> str:
     if not errors:
         return f"{label}: no trial"
-    return f"{label}: median |error| {statistics.median(abs(e) for e in errors):.1%} over {len(errors)} (from {min(errors):+.1%} to {max(errors):+.1%})"
+    return (
+        f"{label}: median |error| {statistics.median(abs(e) for e in errors):.1%} "
+        f"over {len(errors)} (from {min(errors):+.1%} to {max(errors):+.1%})"
+    )
 
 
 def predict(plan: Any, rates: dict[str, float], bandwidth: float | None) -> Any:
@@ -351,7 +354,8 @@ def check(args: argparse.Namespace) -> int:
 
         names = ",".join(s.name for s in plan.strategies) or "-"
         print(
-            f"{row['name']:<14} {(peak or 0) / 2**30:>7.2f} {pct(mem):>8} {pct(then_m):>7} {measured_s or 0:>8.4f} {pct(tim):>8} {pct(then_t):>7}"
+            f"{row['name']:<14} {(peak or 0) / 2**30:>7.2f} {pct(mem):>8} "
+            f"{pct(then_m):>7} {measured_s or 0:>8.4f} {pct(tim):>8} {pct(then_t):>7}"
             f"  {plan.train.micro_batch_size}x{plan.grad_accum()} {names}"
         )
     print(_errors("peak memory, now", memory))

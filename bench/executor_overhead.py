@@ -129,7 +129,8 @@ def main() -> None:
     print(f"{'variant':45s} {'tokens/s':>12s} {'ratio':>6s} {'peak GiB':>9s}")
     for row in rows:
         print(
-            f"{row['variant']:45s} {row['tokens_per_s']:12,.0f} {row['ratio_to_hand']:6.3f} {row['peak_memory_bytes'] / 2**30:9.2f}"
+            f"{row['variant']:45s} {row['tokens_per_s']:12,.0f} "
+            f"{row['ratio_to_hand']:6.3f} {row['peak_memory_bytes'] / 2**30:9.2f}"
         )
     print(json.dumps(env))
 

@@ -137,7 +137,6 @@ def main() -> None:
         print(json.dumps(one(args.shape, args.impl, args.iters, not args.no_check)), flush=True)
         return
     import torch
-
     import triton
 
     a, b = torch.ones(8, 8, device="cuda", dtype=torch.bfloat16), torch.zeros(8, 8, device="cuda")
@@ -162,7 +161,7 @@ def main() -> None:
                     text=True,
                     timeout=600,
                 )
-                lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+                lines = [text for text in proc.stdout.splitlines() if text.startswith("{")]
                 line = (
                     json.loads(lines[-1])
                     if lines

@@ -2,10 +2,11 @@
 
 What a careful engineer writes without autotune: the same model built with transformers
 (``AutoModelForCausalLM.from_config``, attention "sdpa"), fp32 weights under bf16 autocast
-(fp32 on a CPU), ``torch.compile`` of the model and its loss together (no KV cache), fused AdamW (the plan's lr, betas, weight decay on
-matrices only, gradient clipping at the plan's norm), the plan's global batch split into
-micro-batches with gradient accumulation, and the plan's data: windows of the same default
-corpus (held on the device, sampled there), or random tokens where the plan trains on them.
+(fp32 on a CPU), ``torch.compile`` of the model and its loss together (no KV cache), fused
+AdamW (the plan's lr, betas, weight decay on matrices only, gradient clipping at the plan's
+norm), the plan's global batch split into micro-batches with gradient accumulation, and the
+plan's data: windows of the same default corpus (held on the device, sampled there), or random
+tokens where the plan trains on them.
 
 Timed as ``autotune/trial.py`` times a plan: ``--warmup`` and ``--steps`` count micro-batch
 steps, divided by the accumulation (at least one optimizer step each); warm-up steps first
@@ -250,7 +251,8 @@ def compare(args: argparse.Namespace) -> int:
             "spread": (max(values) - min(values)) / 2 / median if median else None,
         }
         print(
-            f"{side:<5} median {median or 0:>12,.0f} tokens/s  spread ±{100 * (summary[side]['spread'] or 0):.1f}%  runs {[round(v) for v in values]}"
+            f"{side:<5} median {median or 0:>12,.0f} tokens/s  spread "
+            f"±{100 * (summary[side]['spread'] or 0):.1f}%  runs {[round(v) for v in values]}"
         )
     p, h = summary["plan"]["median_tokens_per_s"], summary["hand"]["median_tokens_per_s"]
     summary["ratio_plan_over_hand"] = p / h if p and h else None

@@ -63,7 +63,8 @@ def main() -> int:
             result = run_trial(plan, budget)
             f = result.figures
             print(
-                f"{label:<12} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} tokens/s  loss {f.loss_end}  {result.wall_s:.0f} s  {result.error or ''}",
+                f"{label:<12} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} tokens/s  "
+                f"loss {f.loss_end}  {result.wall_s:.0f} s  {result.error or ''}",
                 flush=True,
             )
             out.write(
@@ -106,9 +107,9 @@ def main() -> int:
     g = guard
     print(
         f"{name}: {record['tokens_per_s_ratio']:.3f}x tokens/s; loss over the last 10% of {g.steps} steps "
-        f"{g.candidate.tail_mean:.4f} against the exact {g.exact.tail_mean:.4f} (passed: {g.passed}); time to the exact "
-        f"run's final loss {g.candidate.time_to_loss_s} s against {g.exact.time_to_loss_s} s, ratio {g.time_to_loss_ratio}; "
-        f"within its {longer} steps: {reached} s"
+        f"{g.candidate.tail_mean:.4f} against the exact {g.exact.tail_mean:.4f} (passed: {g.passed}); "
+        f"time to the exact run's final loss {g.candidate.time_to_loss_s} s against {g.exact.time_to_loss_s} s, "
+        f"ratio {g.time_to_loss_ratio}; within its {longer} steps: {reached} s"
     )
     return 0
 

@@ -13,7 +13,8 @@ is recorded as "unsupported", an OOM as "oom"; the run goes on. One JSON row per
 appended to ``--out`` as soon as it is measured, then a table is printed.
 
     python3 bench/single_device.py --out bench/results/single_device_h200.jsonl
-    python3 bench/single_device.py --device cpu --workload tiny --steps 3 --warmup 2 --out /tmp/smoke.jsonl  # smoke test
+    # smoke test
+    python3 bench/single_device.py --device cpu --workload tiny --steps 3 --warmup 2 --out /tmp/smoke.jsonl
 """
 
 from __future__ import annotations

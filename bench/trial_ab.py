@@ -71,7 +71,8 @@ def main() -> int:
             result = run_trial(planmod.from_dict(data), budget)
             f = result.figures
             print(
-                f"round {r} {name:<16} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} tokens/s  {result.wall_s:5.1f} s  {result.error or ''}",
+                f"round {r} {name:<16} {f.status:<8} {f.tokens_per_s or 0:>12,.0f} "
+                f"tokens/s  {result.wall_s:5.1f} s  {result.error or ''}",
                 flush=True,
             )
             if f.status == "ok":

@@ -222,7 +222,8 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
             raise UserError(f"strategy moe cannot find block {i}'s MLP: {e}") from None
         if not _gpt_shaped(mlp):
             raise UserError(
-                f"strategy moe converts MLPs of fc, GELU, proj without biases (the built-in GPT's); block {i}'s is {type(mlp).__name__}"
+                "strategy moe converts MLPs of fc, GELU, proj without biases "
+                f"(the built-in GPT's); block {i}'s is {type(mlp).__name__}"
             )
         name = next((n for n, child in block.named_children() if child is mlp), None)
         if name is None:
@@ -249,7 +250,8 @@ def _expert_group(ctx: TrainContext, ep: int) -> ExpertGroup:
     rank makes every group, as ``new_group`` asks."""
     if ctx.dims.tp > 1 or ctx.dims.pp > 1 or ctx.world_size % ep or not dist.is_initialized():
         raise UserError(
-            f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp; this run has dp {ctx.world_size}, tp {ctx.dims.tp}, pp {ctx.dims.pp}"
+            f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp; "
+            f"this run has dp {ctx.world_size}, tp {ctx.dims.tp}, pp {ctx.dims.pp}"
         )
     me = dist.get_rank()
     mine = None
@@ -303,7 +305,8 @@ def _refuse_load(*args: Any) -> None:
     # The checkpoint writer saves rank 0's model: rank 0's experts only. Loading that into
     # rank 1 would train on the wrong experts; refuse rather than resume wrong.
     raise UserError(
-        "moe with ep > 1 cannot load a checkpoint yet (its checkpoints hold rank 0's experts only): start the run afresh"
+        "moe with ep > 1 cannot load a checkpoint yet (its "
+        "checkpoints hold rank 0's experts only): start the run afresh"
     )
 
 

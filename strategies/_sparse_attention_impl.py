@@ -67,7 +67,8 @@ class SparseKernel:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
         if dropout_p:
             raise UserError(
-                f"sparse_attention has no attention dropout (the model asks for {dropout_p}): set the model's dropout to 0"
+                "sparse_attention has no attention dropout (the model "
+                f"asks for {dropout_p}): set the model's dropout to 0"
             )
         T, device = q.shape[-2], q.device
         if device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -79,7 +79,8 @@ def check_compile_with(chosen: dict[str, Any]) -> None:
     for name in chosen:
         if cfg is not None and cfg.scope == "model" and name != "compile" and catalog.get(name).takes_model:
             raise UserError(
-                f"{name} takes the model itself, not its forward: compile it block by block (compile scope blocks), not as a whole"
+                f"{name} takes the model itself, not its forward: "
+                "compile it block by block (compile scope blocks), not as a whole"
             )
     if cfg is not None and cfg.mode == "reduce-overhead" and accum > 1:
         raise UserError(

@@ -121,7 +121,8 @@ def export_accelerate(cfg: Fp8Config, plan: Plan) -> dict[str, Any]:
     and last linears (the head) in high precision: other settings are refused, not misstated."""
     if cfg.recipe != "tensorwise" or cfg.layers != "blocks":
         raise UserError(
-            f"fp8 with recipe {cfg.recipe} and layers {cfg.layers}: an Accelerate config's torchao backend takes tensorwise scales in the blocks only; export --to torchrun"
+            f"fp8 with recipe {cfg.recipe} and layers {cfg.layers}: an Accelerate config's "
+            "torchao backend takes tensorwise scales in the blocks only; export --to torchrun"
         )
     return {"mixed_precision": "fp8", "fp8_config": {"backend": "AO"}}
 

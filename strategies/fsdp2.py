@@ -74,7 +74,8 @@ def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:
     fully_shard(ctx.model, mesh=mesh, mp_policy=policy)
     ctx.sharded_state = True
     ctx.notes.append(
-        f"fsdp2 over {ctx.world_size} processes, {cfg.param_dtype} gathers, reshard after forward {cfg.reshard_after_forward}"
+        f"fsdp2 over {ctx.world_size} processes, {cfg.param_dtype} gathers, "
+        f"reshard after forward {cfg.reshard_after_forward}"
     )
 
 

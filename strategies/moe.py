@@ -147,11 +147,13 @@ def check_moe_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -
 
     if dims.dp % ep or dims.tp > 1 or dims.pp > 1:
         raise UserError(
-            f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp: this run has dp {dims.dp}, tp {dims.tp}, pp {dims.pp}"
+            f"moe ep {ep} needs a multiple of {ep} data-parallel processes and no tp or pp: "
+            f"this run has dp {dims.dp}, tp {dims.tp}, pp {dims.pp}"
         )
     if dims.dp_strategy != "ddp":
         raise UserError(
-            f"moe ep {ep} needs ddp for its data-parallel processes (fsdp2 and zero would reduce the experts over all of them)"
+            f"moe ep {ep} needs ddp for its data-parallel processes "
+            "(fsdp2 and zero would reduce the experts over all of them)"
         )
 
 
@@ -178,7 +180,8 @@ def check_moe_with(chosen: dict[str, Any]) -> None:
         )
     if "pipeline_parallel" in chosen:
         raise UserError(
-            "moe's aux loss is not divided by pipeline_parallel's pieces per micro-batch: use moe aux_loss_coef 0 with it"
+            "moe's aux loss is not divided by pipeline_parallel's "
+            "pieces per micro-batch: use moe aux_loss_coef 0 with it"
         )
 
 

@@ -101,7 +101,8 @@ def apply_pipeline_parallel(ctx: TrainContext, cfg: PipelineParallelConfig) -> N
     ctx.engine = lambda ctx: PipelineEngine(ctx, runner)  # training: the schedule's step
     ctx.sharded_state = True
     ctx.notes.append(
-        f"pipeline stage {index} of {cfg.degree} (blocks {start}..{stop - 1}), {cfg.schedule}, {cfg.microbatches} pieces per micro-batch"
+        f"pipeline stage {index} of {cfg.degree} (blocks {start}..{stop - 1}), "
+        f"{cfg.schedule}, {cfg.microbatches} pieces per micro-batch"
     )
 
 
@@ -111,7 +112,8 @@ def check_workload(cfg: PipelineParallelConfig, workload: Any) -> None:
 
     if "pp" not in declared(workload.structure):
         raise UserError(
-            f"pipeline_parallel: workload {workload.name} cannot be cut into pipeline stages (its model adapter does not support pp)"
+            f"pipeline_parallel: workload {workload.name} cannot be cut "
+            "into pipeline stages (its model adapter does not support pp)"
         )
 
 

@@ -81,7 +81,8 @@ def unmasked_fraction(seq_len: int, window: int, global_tokens: int, block: int 
 def _check_window(window: int, seq_len: int) -> None:
     if window > seq_len:
         raise UserError(
-            f"sparse_attention window {window} is longer than the sequence (seq_len {seq_len}): use a window of at most {seq_len}"
+            f"sparse_attention window {window} is longer than the sequence "
+            f"(seq_len {seq_len}): use a window of at most {seq_len}"
         )
 
 

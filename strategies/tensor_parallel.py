@@ -96,11 +96,13 @@ def check_workload(cfg: TensorParallelConfig, workload: Any) -> None:
     structure = declared(workload.structure)
     if "tp" not in structure:
         raise UserError(
-            f"tensor_parallel: workload {workload.name} has no tensor-parallel plan (its model adapter does not support tp)"
+            f"tensor_parallel: workload {workload.name} has no "
+            "tensor-parallel plan (its model adapter does not support tp)"
         )
     if cfg.sequence_parallel and "sp" not in structure:
         raise UserError(
-            f"tensor_parallel: workload {workload.name}'s tensor-parallel plan names no norms to split along the sequence (use sequence_parallel false)"
+            f"tensor_parallel: workload {workload.name}'s tensor-parallel plan names "
+            "no norms to split along the sequence (use sequence_parallel false)"
         )
 
 

@@ -129,15 +129,18 @@ def check_triton_kernels_with(chosen: dict[str, Any]) -> None:
         return
     if "pipeline_parallel" in chosen:
         raise UserError(
-            f"triton_kernels loss {cfg.loss} cannot run with pipeline_parallel: the last stage returns logits; use loss compile"
+            f"triton_kernels loss {cfg.loss} cannot run with pipeline_parallel: "
+            "the last stage returns logits; use loss compile"
         )
     if getattr(chosen.get("zero"), "stage", None) == 3:
         raise UserError(
-            f"triton_kernels loss {cfg.loss} cannot run with zero stage 3: the head's weight is partitioned outside its own forward; use stage 1 or 2"
+            f"triton_kernels loss {cfg.loss} cannot run with zero stage 3: "
+            "the head's weight is partitioned outside its own forward; use stage 1 or 2"
         )
     if "tensor_parallel" in chosen:
         raise UserError(
-            f"triton_kernels loss {cfg.loss} cannot run with tensor_parallel: a sharded head's weight is not whole; use loss compile"
+            f"triton_kernels loss {cfg.loss} cannot run with tensor_parallel: "
+            "a sharded head's weight is not whole; use loss compile"
         )
 
 

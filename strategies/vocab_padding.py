@@ -56,7 +56,8 @@ def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
 
     if "vocab" not in declared(workload.structure):
         raise UserError(
-            f"vocab_padding: workload {workload.name} cannot pad its vocabulary (its model adapter does not support vocab)"
+            f"vocab_padding: workload {workload.name} cannot pad its "
+            "vocabulary (its model adapter does not support vocab)"
         )
 
 
@@ -80,7 +81,10 @@ def search_knobs(vocab_size: int | None) -> tuple[Knob, ...] | str:
     (the tiny GPT's 2,048: a plan would carry a padding that pads nothing)."""
     pads = tuple(m for m in MULTIPLES if vocab_size is None or vocab_size % m)
     if not pads:
-        return f"the vocabulary ({vocab_size:,}) is already a multiple of {' and '.join(map(str, MULTIPLES))}: nothing to pad"
+        return (
+            f"the vocabulary ({vocab_size:,}) is already a multiple "
+            f"of {' and '.join(map(str, MULTIPLES))}: nothing to pad"
+        )
     return (Knob(name="multiple", choices=pads),)
 
 

@@ -140,7 +140,8 @@ def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
     ctx.check_needs(STRATEGY, cfg, "launch the plan with 2+ processes (launch.nproc_per_node) and install deepspeed")
     if ctx.grad_scaler:
         raise UserError(
-            "zero with precision fp16 is not supported: DeepSpeed would scale the loss with its own scaler, not the plain run's; use bf16"
+            "zero with precision fp16 is not supported: DeepSpeed would "
+            "scale the loss with its own scaler, not the plain run's; use bf16"
         )
     if ctx.spec is None:
         raise UserError("zero builds DeepSpeed's engine from the plan's training settings, which this context lacks")
@@ -160,7 +161,8 @@ def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
     ctx.engine = lambda ctx: DeepSpeedStep(ctx, engine, optimizer, config, tag=TAG)
     ctx.sharded_state = True
     ctx.notes.append(
-        f"zero stage {cfg.stage} over {ctx.world_size} processes through DeepSpeed {deepspeed.__version__}, config {json.dumps(config)}"
+        f"zero stage {cfg.stage} over {ctx.world_size} processes through "
+        f"DeepSpeed {deepspeed.__version__}, config {json.dumps(config)}"
     )
 
 
@@ -178,7 +180,8 @@ def _import_deepspeed(device: torch.device) -> Any:
     logger.setLevel(logging.WARNING)
     if name != device.type:
         raise UserError(
-            f"DeepSpeed's accelerator is {name}, but the plan trains on {device.type} (set DS_ACCELERATOR={device.type})"
+            f"DeepSpeed's accelerator is {name}, but the plan trains "
+            f"on {device.type} (set DS_ACCELERATOR={device.type})"
         )
     return deepspeed
 

@@ -79,7 +79,10 @@ def cluster() -> Iterator[str]:
     port = _free_port()
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
     run(initdb, "-D", str(data), "-U", "autotune", "--auth=trust", "-E", "UTF8", "--no-sync")
-    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={sockets} -c fsync=off -c max_connections=50"
+    options = (
+        f"-c listen_addresses=127.0.0.1 -c port={port} -c "
+        f"unix_socket_directories={sockets} -c fsync=off -c max_connections=50"
+    )
     run(pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "-t", "60", "start")
     try:
         url = f"postgresql://autotune@127.0.0.1:{port}/autotune"

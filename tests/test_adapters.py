@@ -1,7 +1,6 @@
 """The model adapter protocol: the built-in GPT's adapter and the generic one (any nn.Module)."""
 
 import subprocess
-import sys
 
 import pytest
 import torch

@@ -12,8 +12,8 @@ import time
 import optuna
 import pytest
 
-from autotune import planner, search
 from autotune import plan as planmod
+from autotune import planner, search
 from autotune.errors import UserError
 from autotune.plan import Figures
 from autotune.trial import TrialBudget, run_trial, steps_for_target

@@ -270,7 +270,8 @@ def test_compare_imports_no_torch(python):
     """Comparing reads plans as data: the modules import neither torch nor the executor."""
     code = (
         "import sys, autotune.compare, autotune.cli.compare; "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in ('autotune.train', 'autotune.trial')))"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] "
+        "== 'torch' or m in ('autotune.train', 'autotune.trial')))"
     )
     out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT).stdout
     assert out.strip() == "[]"

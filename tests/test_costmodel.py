@@ -224,7 +224,8 @@ def test_activations_and_logits_are_what_autograd_saves_in_each_hf_family(family
 
 
 def test_each_hf_familys_block_layout_is_read_off_its_modules():
-    expected = {  # norm_saved, attn_in_linears, mlp_in_linears, mlp_saved, rope_copies, qk_norm, mlp_matrices, vocab_tables
+    # norm_saved, attn_in_linears, mlp_in_linears, mlp_saved, rope_copies, qk_norm, mlp_matrices, vocab_tables
+    expected = {
         "llama": (4, 3, 2, 4, False, False, 3, 2),
         "qwen3": (4, 3, 2, 4, False, True, 3, 1),
         "gemma2": (8, 3, 2, 4, False, False, 3, 1),

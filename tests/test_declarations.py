@@ -31,8 +31,10 @@ BEFORE = {
     "triton_kernels": {"vocab_padding"},
     "pipeline_parallel": {"vocab_padding"},
     "tensor_parallel": {"vocab_padding", "moe", "int8", "fp8"},
-    "ddp": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels", "tensor_parallel", "pipeline_parallel", "activation_checkpoint", "compile"},
-    "fsdp2": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels", "tensor_parallel", "pipeline_parallel", "activation_checkpoint", "compile"},
+    "ddp": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels", "tensor_parallel", "pipeline_parallel",
+            "activation_checkpoint", "compile"},
+    "fsdp2": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels", "tensor_parallel", "pipeline_parallel",
+              "activation_checkpoint", "compile"},
     "zero": {"vocab_padding", "moe", "int8", "fp8", "triton_kernels", "activation_checkpoint", "compile", "grad_accum"},
 }  # fmt: skip
 
@@ -311,7 +313,8 @@ def test_how_each_strategy_exports_is_declared_by_it() -> None:
         "zero": {"accelerate": "sets", "deepspeed": "sets"},
         "ddp": {"accelerate": "nothing"},
         "optimizer": {"accelerate": "nothing"},
-        **dict.fromkeys(("activation_checkpoint", "attention", "cpu_threads", "dataloader", "grad_accum", "triton_kernels"), both_nothing),
+        **dict.fromkeys(("activation_checkpoint", "attention", "cpu_threads", "dataloader", "grad_accum",
+                         "triton_kernels"), both_nothing),
         "vocab_padding": both_nothing,
         **dict.fromkeys(("int8", "moe", "sparse_attention", "tensor_parallel", "pipeline_parallel", "tpu"), {}),
     }  # fmt: skip

@@ -1,4 +1,5 @@
-"""Multi-process strategies (DDP, FSDP2, ZeRO, tensor and pipeline parallel) on the CPU: gloo, 2 real processes under torchrun.
+"""Multi-process strategies (DDP, FSDP2, ZeRO, tensor and pipeline parallel) on the CPU: gloo, 2 real
+processes under torchrun.
 
 Each strategy subclasses the shared suite (tests/strategy_suite.py), whose training tests
 read what one launch of tests/dist_worker.py trained: torchrun starts cost seconds on 2
@@ -369,7 +370,8 @@ def test_a_two_process_plan_without_a_parallel_strategy_is_refused_before_launch
     code, _, err = run_cli("run", two_process_plan(tmp_path, {}), "--out", tmp_path / "run")
     assert code == 2
     assert err.strip() == (
-        "autotune: error: a run of 2 processes needs one of the strategies tensor_parallel, pipeline_parallel, ddp, fsdp2, zero "
+        "autotune: error: a run of 2 processes needs one of the "
+        "strategies tensor_parallel, pipeline_parallel, ddp, fsdp2, zero "
         "(or launch.nproc_per_node 1)"
     )
     assert not (tmp_path / "run").exists()

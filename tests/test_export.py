@@ -299,8 +299,10 @@ def test_the_deepspeed_export_is_zeros_config_and_nothing_else_sets_a_key(tmp_pa
     )
     expected = {
         "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
-        "bf16": {"enabled": False}, "fp16": {"enabled": False}, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
-        "optimizer": {"type": "AdamW", "params": {"lr": 0.002, "betas": [0.9, 0.95], "eps": 1e-08, "weight_decay": 0.1}},
+        "bf16": {"enabled": False}, "fp16": {"enabled": False},
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "optimizer": {"type": "AdamW",
+                      "params": {"lr": 0.002, "betas": [0.9, 0.95], "eps": 1e-08, "weight_decay": 0.1}},
         "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False,
     }  # fmt: skip
     assert export.export(planmod.load(plan), plan, "deepspeed") == json.dumps(expected, indent=2) + "\n"

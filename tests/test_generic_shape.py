@@ -90,7 +90,10 @@ def test_explain_says_why_a_workload_has_no_predictions(run_cli, monkeypatch):
     monkeypatch.chdir(ROOT)
     code, out, _ = run_cli("strategies", "--workload", "examples.custom_workload:build", "--explain")
     assert code == 0
-    line = "cost model: no memory or time predictions for workload examples.custom_workload:build: ConvLM: no nn.ModuleList of two or more blocks of one class was found"
+    line = (
+        "cost model: no memory or time predictions for workload examples.custom_workload:build: "
+        "ConvLM: no nn.ModuleList of two or more blocks of one class was found"
+    )
     assert line in out.splitlines()
     code, out, _ = run_cli("strategies", "--workload", "tests.test_generic_shape:build", "--explain")
     assert code == 0 and "cost model:" not in out

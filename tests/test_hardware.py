@@ -315,7 +315,10 @@ def test_small_decoders() -> None:
 
 
 def test_loading_a_profile_needs_no_torch() -> None:
-    code = "import sys, autotune.hardware, autotune.cli.profile; assert 'torch' not in sys.modules; assert 'optuna' not in sys.modules"
+    code = (
+        "import sys, autotune.hardware, autotune.cli.profile; "
+        "assert 'torch' not in sys.modules; assert 'optuna' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

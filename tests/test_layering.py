@@ -10,8 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = sorted(str(p) for p in ROOT.glob("**/*.plan.json") if ".venv" not in p.parts)
 SHOWN = ROOT / "profiles" / "h200-phase8-small.plan.json"
@@ -34,8 +32,9 @@ _CULPRITS = (
     _BLOCK
     + """
 sys.meta_path.insert(0, NoTorch())
-for name in ("autotune.plan", "autotune.schema", "autotune.catalog", "autotune.graph", "autotune.apply", "autotune.mesh",
-             "autotune.workloads", "autotune.workloads.structure", "autotune.workloads.gpt_config", "autotune.cli.show"):
+for name in ("autotune.plan", "autotune.schema", "autotune.catalog", "autotune.graph", "autotune.apply",
+             "autotune.mesh", "autotune.workloads", "autotune.workloads.structure", "autotune.workloads.gpt_config",
+             "autotune.cli.show"):
     importlib.import_module(name)
 import autotune.strategies as package
 culprits = []

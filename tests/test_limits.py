@@ -66,10 +66,8 @@ def test_more_cpu_processes_than_cores_is_a_warning(tmp_path, run_cli):
         tmp_path, launch={"nproc_per_node": usable_cores() + 1}, strategies=[{"name": "ddp", "knobs": {}}]
     )
     code, _, err = run_cli("show", plan)
-    assert (
-        code == 0
-        and err
-        == f"autotune: warning: {usable_cores() + 1} processes on {usable_cores()} core(s): each runs slower than alone\n"
+    assert code == 0 and err == (
+        f"autotune: warning: {usable_cores() + 1} processes on {usable_cores()} core(s): each runs slower than alone\n"
     )
 
 

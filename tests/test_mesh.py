@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from autotune.strategies.pipeline_parallel import PipelineParallelConfig
-from autotune.strategies.tensor_parallel import TensorParallelConfig
 
 from autotune import plan as planmod
 from autotune import train
 from autotune.errors import UserError
 from autotune.mesh import ParallelDims, mesh_shape
+from autotune.strategies.pipeline_parallel import PipelineParallelConfig
+from autotune.strategies.tensor_parallel import TensorParallelConfig
 from autotune.workloads import Workload, load_workload
 from tests.conftest import DEFAULT_PLAN
 

@@ -14,10 +14,10 @@ from autotune import catalog
 from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategies.moe import MoeConfig, MoeMLP, apply_moe, capacity, load_balancing_loss, route, slots
+from autotune.train import Trainer
 from autotune.workloads import load_workload
 from autotune.workloads.gpt import MLP, GPTConfig
 from tests.strategy_suite import TINY, bare_workload, make_plan, train_losses
-from autotune.train import Trainer
 
 D, D_FF = 8, 16
 

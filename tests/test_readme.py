@@ -51,7 +51,8 @@ def test_the_synopsis_is_the_parser_s():
         opts = [p for p in command.params if p.param_type_name == "option"]  # --help is not among them
         shown, wanted = options(readme[name]), {o for p in opts for o in p.opts}
         assert shown == wanted, (
-            f"autotune {name}: missing from the README {sorted(wanted - shown)}, not in the parser {sorted(shown - wanted)}"
+            f"autotune {name}: missing from the README {sorted(wanted - shown)}, "
+            f"not in the parser {sorted(shown - wanted)}"
         )
         # Outside [brackets]: the required options, and an eager one's own form (`autotune --version`).
         eager = {p.opts[0] for p in opts if p.is_eager}

@@ -77,7 +77,8 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step_and_resumes_e
     assert (stopped / "checkpoints" / f"step_{at:08d}.pt.sha256").is_file()
     assert [r["step"] for r in train.read_log(stopped / "log.jsonl")] == list(range(at))
     assert err.strip().splitlines()[-1] == (
-        f"autotune: stopped by SIGTERM at step {at}: checkpoint {summary['checkpoint']}, summary {stopped / 'summary.json'}; continue with --resume"
+        f"autotune: stopped by SIGTERM at step {at}: checkpoint {summary['checkpoint']}, "
+        f"summary {stopped / 'summary.json'}; continue with --resume"
     )
 
     ref = start(plan, straight, "--steps", str(steps))
@@ -115,9 +116,9 @@ def test_a_second_run_on_a_locked_out_is_refused_and_leaves_the_first_alone(tmp_
     second = start(plan, out, "--steps", "100000", "--resume")  # a resume would truncate the log
     _, err = second.communicate(timeout=60)
     assert second.returncode == 2
-    assert (
-        err.strip()
-        == f"autotune: error: run directory {out} is in use by another autotune process (pid {first.pid}; lock {out / '.lock'})"
+    assert err.strip() == (
+        f"autotune: error: run directory {out} is in use by another autotune process "
+        f"(pid {first.pid}; lock {out / '.lock'})"
     )
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=60)
@@ -168,8 +169,9 @@ def test_resume_refuses_another_plan_naming_every_difference(tmp_path: Path) -> 
     with pytest.raises(train.UserError) as e:
         train.run(other, RunOptions(steps=10, out_dir=out, resume=True, timing_warmup=0))
     assert str(e.value) == (
-        f"checkpoint {out / 'checkpoints' / 'step_00000010.pt'} is of another run: lr 0.002 (checkpoint) vs 0.001 (plan); "
-        "micro_batch_size 16 (checkpoint) vs 8 (plan) (resume with the plan and --steps it was made with, or use another --out)"
+        f"checkpoint {out / 'checkpoints' / 'step_00000010.pt'} is of another run: "
+        "lr 0.002 (checkpoint) vs 0.001 (plan); micro_batch_size 16 (checkpoint) vs 8 (plan) "
+        "(resume with the plan and --steps it was made with, or use another --out)"
     )
 
 
@@ -316,7 +318,8 @@ def test_sighup_to_a_launcher_and_sigterm_to_one_rank_stop_the_run_as_a_single_p
         at, name = summary["steps_done"], signal.Signals(signum).name
         assert summary["stopped"] == name
         assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-            f"autotune: stopped by {name} at step {at}: checkpoint {summary['checkpoint']}, summary {out / 'summary.json'}; continue with --resume"
+            f"autotune: stopped by {name} at step {at}: checkpoint {summary['checkpoint']}, "
+            f"summary {out / 'summary.json'}; continue with --resume"
         )
 
 

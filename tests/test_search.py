@@ -256,7 +256,6 @@ def test_matmul_rate_follows_the_precision():
 def test_expert_priors_on_a_gpu_are_complete_trials():
     # Every enqueued prior must fix every knob of the strategies it turns on (define-by-run).
     from autotune import catalog, planner
-
     from autotune.hardware import HardwareProfile
 
     space = _phase8_space(
@@ -283,7 +282,6 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
 def test_expert_priors_race_the_fused_loss_against_compiles_on_the_same_settings():
     """triton_kernels' prior races (issue 28): the first prior, then it again with our fused loss."""
     from autotune import catalog, planner
-
     from autotune.hardware import HardwareProfile
 
     names = ("precision", "attention", "compile", "vocab_padding", "optimizer", "triton_kernels")

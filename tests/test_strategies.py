@@ -18,14 +18,14 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-from autotune.context import TrainContext
 from autotune import catalog
+from autotune.context import TrainContext
 from autotune.errors import UserError
 from autotune.strategies.attention import naive_attention, sdpa_with
 from autotune.strategy import Facts
 from autotune.train import Trainer
-from autotune.workloads.gpt import sdpa_causal
 from autotune.workloads.adapter import GPTAdapter
+from autotune.workloads.gpt import sdpa_causal
 from tests.strategy_suite import (
     MICRO_BATCH,
     STEPS,

@@ -162,7 +162,8 @@ def test_cli_study_that_does_not_exist_is_exit_2_and_nothing_written(run_cli, tm
 
 
 def test_one_process_here_leaves_the_layout_off(tmp_path):
-    """Without --cpu-procs on 2 cores the search is one process: DDP (not searched with one process) is left off, saying so."""
+    """Without --cpu-procs on 2 cores the search is one process: DDP (not searched with one process) is left
+    off, saying so."""
     one, _ = planner.build_space(
         planner.PlanSettings(workload="tiny", cpu_procs=1), hardware.detect(quick=True), load_workload("tiny")
     )

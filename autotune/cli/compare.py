@@ -37,7 +37,8 @@ def compare_command(
         bool, typer.Option(help="Compare plans of different workloads or data anyway (with a warning).")
     ] = False,
 ) -> None:
-    """Compare plans side by side: machine, strategies (differences marked *), tokens/s, MFU, memory, loss check, time and $ per 1e9 tokens."""
+    """Compare plans side by side: machine, strategies (differences marked *), tokens/s, MFU, memory, loss check,
+    time and $ per 1e9 tokens."""
     from autotune import compare as cmp
     from autotune.errors import UserError
     from autotune.schema import write_bytes_atomic

@@ -17,7 +17,8 @@ def export_command(
         str,
         typer.Option(
             "--to",
-            help="torchrun (the command line), deepspeed (ds_config.json of a zero plan), accelerate (config YAML) or slurm (an sbatch script).",
+            help="torchrun (the command line), deepspeed (ds_config.json of a zero plan), "
+            "accelerate (config YAML) or slurm (an sbatch script).",
         ),
     ],
     out: Annotated[Optional[Path], typer.Option(help="Write it to this file (default: print it).")] = None,

@@ -25,13 +25,15 @@ def plan_command(
     workload_config: Annotated[
         Optional[Path],
         typer.Option(
-            help="Hugging Face model config: a config.json, or a local folder holding one (and its safetensors); with --workload hf or hf:<model_type>."
+            help="Hugging Face model config: a config.json, or a local folder holding "
+            "one (and its safetensors); with --workload hf or hf:<model_type>."
         ),
     ] = None,
     seq_len: Annotated[
         Optional[int],
         typer.Option(
-            help="Tokens per sample (the workload's seq_len override; default for hf: and factory models: their positions, up to 1024)."
+            help="Tokens per sample (the workload's seq_len override; "
+            "default for hf: and factory models: their positions, up to 1024)."
         ),
     ] = None,
     trials: Annotated[
@@ -86,7 +88,8 @@ def plan_command(
     warm_start: Annotated[
         Optional[list[str]],
         typer.Option(
-            help="A plan file, or a storage URL[#STUDY] (its best 3 trials), tried first after the baseline; repeatable."
+            help="A plan file, or a storage URL[#STUDY] (its best 3 trials), "
+            "tried first after the baseline; repeatable."
         ),
     ] = None,
 ) -> None:

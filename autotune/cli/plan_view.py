@@ -29,7 +29,8 @@ class TrialTable:
     def row(self, trial: Any, plan: Any, result: Any, status: str) -> None:
         if not self.header_done:
             self.console.print(
-                f"{'trial':>5} {'status':<11} {'tokens/s':>12} {'best':>12} {'mem GiB':>8} {'pred GiB':>8} {'batch':>10}  strategies"
+                f"{'trial':>5} {'status':<11} {'tokens/s':>12} {'best':>12} "
+                f"{'mem GiB':>8} {'pred GiB':>8} {'batch':>10}  strategies"
             )
             self.header_done = True
         f = result.figures if result is not None else None
@@ -50,7 +51,8 @@ class TrialTable:
             why = "  ← " + str(trial.user_attrs.get("error", ""))
         self.console.print(
             f"{trial.number:>5} {status:<11} {tps or 0:>12,.0f} {self.best or 0:>12,.0f} "
-            f"{_gib(f.peak_memory_bytes if f else None):>8} {_gib(trial.user_attrs.get('predicted_peak_memory_bytes')):>8} "
+            f"{_gib(f.peak_memory_bytes if f else None):>8} "
+            f"{_gib(trial.user_attrs.get('predicted_peak_memory_bytes')):>8} "
             f"{_batch(plan):>10}  {escape(strategies + why)}",
             highlight=False,
         )
@@ -86,7 +88,10 @@ class Progress:
         line = f"{self.text} for {now - self.since:.0f} s"
         if self.budget is not None:
             used = now - self.started
-            line += f", {used:.0f} s of the {self.budget:.0f} s budget used, about {max(0.0, self.budget - used):.0f} s left"
+            line += (
+                f", {used:.0f} s of the {self.budget:.0f} s budget used, "
+                f"about {max(0.0, self.budget - used):.0f} s left"
+            )
         return line
 
     def _render(self) -> Any:  # at each refresh, so the seconds count up
@@ -161,7 +166,8 @@ def print_summary(console: Console, plan: Any, summary: Any, space: Any, path: P
             console.print(f"  {name}: {escape(reason)}", highlight=False)
     m, b = plan.measured, plan.baseline
     console.print(
-        f"global batch {plan.global_batch()} samples a step: micro-batch {plan.train.micro_batch_size} x {plan.grad_accum()} accumulated x {plan.launch.nproc_per_node * plan.launch.nnodes} processes",
+        f"global batch {plan.global_batch()} samples a step: micro-batch {plan.train.micro_batch_size} "
+        f"x {plan.grad_accum()} accumulated x {plan.launch.nproc_per_node * plan.launch.nnodes} processes",
         highlight=False,
     )
     for what, f in (("plan", m), ("baseline", b)):

@@ -62,7 +62,8 @@ def _render(p: HardwareProfile) -> list[RenderableType]:
         ("host", p.hostname),
         (
             "CPU",
-            f"{cpu.model}: {cpu.physical_cores or '?'} physical, {cpu.logical_cores} logical, {cpu.usable_cores} usable",
+            f"{cpu.model}: {cpu.physical_cores or '?'} physical, "
+            f"{cpu.logical_cores} logical, {cpu.usable_cores} usable",
         ),
         ("RAM", f"{cpu.ram_bytes / 2**30:.1f} GiB (as the OS reports it now)"),
         ("driver / CUDA", f"{p.driver_version or '-'} / {p.cuda_driver_version or '-'}"),

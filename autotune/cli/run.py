@@ -56,7 +56,8 @@ def run_command(
     adapt: Annotated[
         bool,
         typer.Option(
-            help="A plan made on other hardware: measure it here (or re-plan if it cannot run here), write NAME.adapted.plan.json beside it, and run that."
+            help="A plan made on other hardware: measure it here (or re-plan if it cannot run here), "
+            "write NAME.adapted.plan.json beside it, and run that."
         ),
     ] = False,
     time_budget: Annotated[
@@ -65,9 +66,8 @@ def run_command(
 ) -> None:
     """Train with PLAN: log every step, evaluate, checkpoint, resume. SIGINT/SIGTERM/SIGHUP stop
     it after the current step with a checkpoint and the summary (exit 130/143/129)."""
-    from autotune import distributed
+    from autotune import distributed, train
     from autotune import plan as planmod
-    from autotune import train
 
     launched = os.environ.get(train.LAUNCHER_ENV)
     if launched is not None:  # a rank of a run that `autotune run` started under torchrun
@@ -365,7 +365,8 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
         raise typer.Exit(_exit_code(stopped))
     if code != 0:
         typer.echo(
-            f"autotune: error: the run of {nproc} processes failed (torchrun exit status {code}); the failing rank's error is above",
+            f"autotune: error: the run of {nproc} processes failed (torchrun "
+            f"exit status {code}); the failing rank's error is above",
             err=True,
         )
         raise typer.Exit(1)

@@ -53,7 +53,8 @@ def strategies_command(
         typer.Option("--allow-approximate", help="Count strategies that change what is learned (INT8, FP8, MoE, ...)."),
     ] = False,
 ) -> None:
-    """List the strategies: usable here, excluded (and why), or not implemented yet; exact or approximate; their knobs."""
+    """List the strategies: usable here, excluded (and why), or not implemented yet; exact or approximate;
+    their knobs."""
     from autotune import hardware
     from autotune.graph import StrategyGraph
     from autotune.planner import search_left_out, usable_cores

@@ -227,12 +227,12 @@ def _activation(mlp: nn.Module) -> nn.Module | None:
 
 def saved_layout(adapter: ModelAdapter, config: Any = None) -> dict[str, Any]:
     """The :class:`ModelShape` fields that say what a block keeps for its backward (all but
-    ``mlp_matrices``, :func:`mlp_matrices`), read off the first block: its norms (outside attention and MLP; native or written in Python),
-    the linears reading the attention's and the MLP's input, the MLP's matrices and its
-    activation (run once: :func:`activation_saves`), per-head q/k norms, and whether q and k
-    are rotated out of a fused qkv. ``config`` (a Hugging Face config) tells a parallel residual
-    (``use_parallel_residual``) and soft-capped logits (``final_logit_softcapping``). Parts the
-    adapter does not know keep the GPT's values."""
+    ``mlp_matrices``, :func:`mlp_matrices`), read off the first block: its norms (outside
+    attention and MLP; native or written in Python), the linears reading the attention's and the
+    MLP's input, the MLP's matrices and its activation (run once: :func:`activation_saves`),
+    per-head q/k norms, and whether q and k are rotated out of a fused qkv. ``config`` (a Hugging
+    Face config) tells a parallel residual (``use_parallel_residual``) and soft-capped logits
+    (``final_logit_softcapping``). Parts the adapter does not know keep the GPT's values."""
     out: dict[str, Any] = {}
     try:
         block = adapter.blocks()[0]

@@ -43,7 +43,10 @@ class GenericAdapter:
         """Why the blocks-only structure is all there is (for --explain)."""
         if self._found is None:
             return "no nn.ModuleList of two or more blocks of one class was found"
-        return f"blocks found at {self._found[0] or '(root)'}; attention, mlp, embedding, head, TP and PP need a model adapter"
+        return (
+            f"blocks found at {self._found[0] or '(root)'}; attention, "
+            "mlp, embedding, head, TP and PP need a model adapter"
+        )
 
     def supports(self) -> frozenset[str]:
         return frozenset({"blocks"}) if self._found is not None else frozenset()

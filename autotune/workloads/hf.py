@@ -176,7 +176,8 @@ def from_command_line(workload: str, config: str | os.PathLike) -> tuple[str, di
         unread = []  # loading the workload says what is wrong, in one line
     if unread:  # accepted, as transformers accepts them; said, since a typo among them trains the default
         print(
-            f"autotune: note: {config}: {', '.join(unread)}: not fields of transformers' {model_type} config, kept as plain attributes",
+            f"autotune: note: {config}: {', '.join(unread)}: "
+            f"not fields of transformers' {model_type} config, kept as plain attributes",
             file=sys.stderr,
         )
     return PREFIX + model_type, overrides
@@ -190,7 +191,8 @@ def build_config(settings: HFSettings) -> Any:
         default = transformers.AutoConfig.for_model(settings.model_type)
     except (ValueError, KeyError):
         raise UserError(
-            f"hf:{settings.model_type}: transformers {transformers.__version__} knows no model type {settings.model_type!r}"
+            f"hf:{settings.model_type}: transformers {transformers.__version__} "
+            f"knows no model type {settings.model_type!r}"
         ) from None
     # Checked before transformers builds the config: it validates each layer's type (5 s for a million).
     own = getattr(default, "attribute_map", {}).get("num_hidden_layers")
@@ -476,7 +478,10 @@ class HFAdapter:
                 else getattr(c, "sliding_window", None)
             )
             if window is not None and window < seq_len:
-                return f"layer {i} attends within a sliding window of {window} tokens, shorter than the sequence ({seq_len})"
+                return (
+                    f"layer {i} attends within a sliding window of {window} tokens, "
+                    f"shorter than the sequence ({seq_len})"
+                )
         return None
 
     def blocks(self) -> nn.ModuleList:
@@ -584,8 +589,8 @@ class HFAdapter:
             base = self._sp_base()
             if base is None:
                 raise NotSupported(
-                    f"{type(self.hf).__name__}: sequence parallel needs the Llama layout's layers (input_layernorm, self_attn, "
-                    "post_attention_layernorm, mlp) (use sequence_parallel false)"
+                    f"{type(self.hf).__name__}: sequence parallel needs the Llama layout's layers "
+                    "(input_layernorm, self_attn, post_attention_layernorm, mlp) (use sequence_parallel false)"
                 )
             plan = self._sequence_parallel(plan, styles, base)
         return plan
@@ -661,7 +666,8 @@ class HFAdapter:
     def pipeline_stage(self, start: int, stop: int, *, first: bool, last: bool) -> nn.Module:
         if self._llama_layout() is None:
             raise NotSupported(
-                f"{type(self.hf).__name__}: pipeline stages are written for the Llama layout (embed_tokens, rotary_emb, layers, norm)"
+                f"{type(self.hf).__name__}: pipeline stages are written for "
+                "the Llama layout (embed_tokens, rotary_emb, layers, norm)"
             )
         return HFStage(self.model, start, stop, first=first, last=last)
 
