@@ -32,7 +32,10 @@ $(VENV)/.deepspeed-ops: $(VENV)/.installed
 	-$(PY) -c "from deepspeed.accelerator import get_accelerator as a; [b.load() for n in ('CPUAdamBuilder', 'ShareMemCommBuilder') if (b := a().create_op_builder(n)) is not None and b.is_compatible()]" >/dev/null 2>&1
 	touch $@
 
+# Layout and lint first (ruff, configured in pyproject.toml): seconds, before minutes of tests.
 test: setup $(VENV)/.deepspeed-ops
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q --durations=15
 
 clean:
