@@ -7,9 +7,9 @@ compiled code are its alone.
     python bench/fused_loss.py all --out results.jsonl [--shapes 98304x512x50304,...] [--impls compile,autotune,...]
     python bench/fused_loss.py one --shape 16384x1024x151936 --impl autotune
 
-``autotune@4096x8x1024x2`` is our kernel launched with another tile (BLOCK_V 4096), warps (8),
-chunk size (1024 MiB of logits) and programs a streaming multiprocessor (2; 0 or left out: one
-program a row): the defaults' sweep.
+``autotune@4096x8x1024`` is our kernel launched with another tile (BLOCK_V 4096), warps (8) and
+chunk size (1024 MiB of logits): the defaults' sweep. (A fourth field, programs a multiprocessor
+looping over rows, was measured at commit 712024d and removed: 3-13% slower.)
 
 A line per run: median, min and max of the timed iterations' milliseconds (CUDA events around
 forward + backward, after warm-up), the peak memory above the inputs' (hidden states, weight,
@@ -47,10 +47,9 @@ def _loss_fn(impl: str):
     if impl.startswith("autotune"):
         from autotune.kernels import fused_linear_cross_entropy as flce
 
-        if "@" in impl:  # a variant of the launch: autotune@BLOCK_Vxnum_warpsxchunk_MiB[xprograms_per_SM]
-            block, warps, mib, *per_sm = map(int, impl.split("@")[1].split("x"))
+        if "@" in impl:  # a variant of the launch: autotune@BLOCK_Vxnum_warpsxchunk_MiB
+            block, warps, mib = map(int, impl.split("@")[1].split("x"))
             flce.BLOCK_V, flce.NUM_WARPS, flce.CHUNK_BYTES = block, warps, mib << 20
-            flce.PROGRAMS_PER_SM = per_sm[0] if per_sm else flce.PROGRAMS_PER_SM
         return flce.linear_cross_entropy
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autotune.kernels import chunking
+
 _INTERPRET = triton.knobs.runtime.interpret
 """Under ``TRITON_INTERPRET=1`` (the CPU tests) the kernel runs in numpy: a small tile keeps the
 interpreter fast and the rows' tails tested."""
@@ -43,11 +45,8 @@ BLOCK_V = 64 if _INTERPRET else 4096
 """Vocabulary columns a program handles at once: 4096 bf16 is 8 KiB a load, 16 per thread."""
 NUM_WARPS = 8
 """Warps of a program: 16 bf16 columns a thread a load at BLOCK_V 4096."""
-PROGRAMS_PER_SM = 0
-"""Programs of the row kernel a streaming multiprocessor, each taking rows in turn (0: a program
-a row, as many as the chunk has)."""
-CHUNK_BYTES = 1 << 30
-"""The logits of one chunk of tokens take at most about this much memory."""
+CHUNK_BYTES = chunking.CHUNK_BYTES
+"""The logits of one chunk of tokens take at most about this much memory (the bench sweeps it)."""
 
 
 @triton.jit
@@ -57,86 +56,79 @@ def _loss_and_grad_kernel(
     targets_ptr,
     scale_ptr,
     loss_ptr,
-    ROWS: tl.constexpr,
-    PROGRAMS: tl.constexpr,
     V: tl.constexpr,
     WIDTH: tl.constexpr,
     IGNORE_INDEX: tl.constexpr,
     GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Program p of PROGRAMS: rows p, p + PROGRAMS, ... of the (ROWS, WIDTH) logits. Writes each
-    row's loss (0 if ignored) and, with GRAD, the gradient of the mean loss over the row itself
-    (columns past V get 0). With few programs a wave's rows stay in L2 between the two passes.
+    """Program i: row i of the (chunk, WIDTH) logits. Writes the row's loss (0 if ignored) and,
+    with GRAD, the gradient of the mean loss over the row itself (columns past V get 0).
 
-    The loop bounds are constexprs: one compilation per vocabulary and chunk size (Triton 3.6's
-    interpreter cannot loop to a runtime bound under numpy 2.4)."""
-    for i in range(0, (ROWS + PROGRAMS - 1) // PROGRAMS):
-        row = tl.program_id(0) + i * PROGRAMS
-        if row < ROWS:
-            row_ptr = logits_ptr + row.to(tl.int64) * stride
-            target = tl.load(targets_ptr + row)
-            counted = target != IGNORE_INDEX
+    V and WIDTH are loop bounds, so constexprs: one compilation per vocabulary (Triton 3.6's
+    interpreter cannot loop to a runtime bound under numpy 2.4). Programs looping over several
+    rows, to keep a wave's rows in L2 between the two passes, measured 3-13% slower on an H100
+    (bench/README.md, "Fused head + cross-entropy")."""
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride
+    target = tl.load(targets_ptr + row)
+    counted = target != IGNORE_INDEX
 
-            running_max = float("-inf")
-            sum_exp = 0.0  # of logits - running_max
-            for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-                new_max = tl.maximum(running_max, tl.max(x, axis=0))  # finite: the tile has a column < V
-                sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
-                running_max = new_max
-            lse = running_max + tl.log(sum_exp)
-            in_vocab = counted & (target >= 0) & (target < V)
-            target_logit = tl.load(row_ptr + tl.where(in_vocab, target, 0), mask=in_vocab, other=0.0).to(tl.float32)
-            tl.store(loss_ptr + row, tl.where(counted, lse - target_logit, 0.0))
+    running_max = float("-inf")
+    sum_exp = 0.0  # of logits - running_max
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(running_max, tl.max(x, axis=0))  # finite: the tile has a column < V
+        sum_exp = sum_exp * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+        running_max = new_max
+    lse = running_max + tl.log(sum_exp)
+    in_vocab = counted & (target >= 0) & (target < V)
+    target_logit = tl.load(row_ptr + tl.where(in_vocab, target, 0), mask=in_vocab, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(counted, lse - target_logit, 0.0))
 
-            if GRAD:
-                scale = tl.where(counted, tl.load(scale_ptr), 0.0)
-                for v0 in range(0, WIDTH, BLOCK_V):
-                    offs = v0 + tl.arange(0, BLOCK_V)
-                    x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(
-                        tl.float32
-                    )  # exp(-inf) = 0 past V
-                    grad = (tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)) * scale
-                    tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=offs < WIDTH)
-
-
-def _programs(rows: int, device: torch.device) -> int:
-    """Programs of the row kernel: PROGRAMS_PER_SM a streaming multiprocessor (0: one a row; a
-    CPU, where the interpreter runs them, counts as two)."""
-    if PROGRAMS_PER_SM <= 0:
-        return rows
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-    return max(1, min(rows, PROGRAMS_PER_SM * sms))
+    if GRAD:
+        scale = tl.where(counted, tl.load(scale_ptr), 0.0)
+        for v0 in range(0, WIDTH, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            # exp(-inf) = 0 past V
+            x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+            grad = (tl.exp(x - lse) - tl.where(offs == target, 1.0, 0.0)) * scale
+            tl.store(row_ptr + offs, grad.to(logits_ptr.dtype.element_ty), mask=offs < WIDTH)
 
 
 def chunk_tokens(n_tokens: int, width: int, element_size: int) -> int:
-    """Tokens per chunk: as many as keep a chunk's logits within CHUNK_BYTES (at least 128),
-    spread evenly over the chunks that takes."""
-    most = max(128, CHUNK_BYTES // max(width * element_size, 1))
-    chunks = max(1, triton.cdiv(n_tokens, most))
-    return max(1, triton.cdiv(n_tokens, chunks))
+    """Tokens per chunk (``chunking.chunk_tokens`` at this module's CHUNK_BYTES)."""
+    return chunking.chunk_tokens(n_tokens, width, element_size, CHUNK_BYTES)
+
+
+_ACCUMULATE_OUT: bool | None = None
+"""Whether this torch's ``addmm`` takes ``out_dtype`` with ``out`` (the fp32 accumulation in
+place); found by the first call on CUDA, then never asked again."""
 
 
 def _weight_grad_into(acc: torch.Tensor | None, grad: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """``acc + grad.T @ hidden`` in fp32 (``grad.T @ hidden`` where acc is None): on CUDA one
     cuBLAS call with fp32 output (``out_dtype``, torch 2.9+), in place where this torch takes
-    ``out``; elsewhere the product is upcast."""
+    ``out``; elsewhere (the CPU's interpreter tests) the product is upcast."""
+    global _ACCUMULATE_OUT
     if grad.dtype == torch.float32:
         return grad.T @ hidden if acc is None else acc.addmm_(grad.T, hidden)
-    if grad.is_cuda:
+    if not grad.is_cuda:
+        product = (grad.T @ hidden).float()
+        return product if acc is None else acc.add_(product)
+    if acc is None:
+        return torch.mm(grad.T, hidden, out_dtype=torch.float32)
+    if _ACCUMULATE_OUT is None:
         try:
-            if acc is None:
-                return torch.mm(grad.T, hidden, out_dtype=torch.float32)
-            try:
-                return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32, out=acc)
-            except (TypeError, RuntimeError, NotImplementedError):
-                return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    product = (grad.T @ hidden).float()
-    return product if acc is None else acc.add_(product)
+            torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32, out=acc)
+            _ACCUMULATE_OUT = True
+            return acc
+        except (TypeError, RuntimeError):
+            _ACCUMULATE_OUT = False
+    if _ACCUMULATE_OUT:
+        return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32, out=acc)
+    return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -166,15 +158,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             stop = min(start + chunk, n_tokens)
             h = hidden[start:stop]
             logits = h @ w.T  # (chunk, width), the inputs' dtype
-            programs = _programs(stop - start, hidden.device)
-            _loss_and_grad_kernel[(programs,)](
+            _loss_and_grad_kernel[(stop - start,)](
                 logits,
                 logits.stride(0),
                 targets[start:stop],
                 scale,
                 losses[start:stop],
-                ROWS=stop - start,
-                PROGRAMS=programs,
                 V=vocab_size,
                 WIDTH=width,
                 IGNORE_INDEX=ignore_index,

@@ -154,8 +154,9 @@ def head_loss_bytes(loss: str, shape: Any, tokens: int, vocab: int, *, mixed: bo
     a = 2 if mixed else 4
     h = shape.d_model
     if loss == "autotune":
-        chunk = min(tokens, max(128, (1 << 30) // (vocab * a)))
-        return chunk * vocab * a + 4.0 * vocab * h + tokens * h * a
+        from autotune.kernels.chunking import chunk_tokens
+
+        return chunk_tokens(tokens, vocab, a) * vocab * a + 4.0 * vocab * h + tokens * h * a
     if loss == "liger":
         return 2.0 * tokens * h * a + vocab * h * a
     return 4.0 * vocab * h + 4.0 * tokens * h

@@ -24,34 +24,17 @@ from autotune.kernels import fused_linear_cross_entropy as flce
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 KERNELS = {
-    # (kernel, its runtime arguments' types in order, constexprs, launch options): Qwen3's vocabulary
-    # (151,936) padded to 64, the gradient pass on and off.
-    # A chunk of 3,533 tokens (1 GiB of logits), a program a row and 2 programs an H100 SM.
+    # (kernel, its runtime arguments' types in order, constexprs): Qwen3's vocabulary (151,936)
+    # with the gradient pass, GPT-2's padded to 64 without it.
     "loss_and_grad": (
         flce._loss_and_grad_kernel,
         "*bf16 i32 *i64 *fp32 *fp32",
-        {
-            "ROWS": 3533,
-            "PROGRAMS": 3533,
-            "V": 151936,
-            "WIDTH": 151936,
-            "IGNORE_INDEX": -100,
-            "GRAD": True,
-            "BLOCK_V": flce.BLOCK_V,
-        },
+        {"V": 151936, "WIDTH": 151936, "IGNORE_INDEX": -100, "GRAD": True, "BLOCK_V": flce.BLOCK_V},
     ),
-    "loss_only_looped": (
+    "loss_only": (
         flce._loss_and_grad_kernel,
         "*bf16 i32 *i64 *fp32 *fp32",
-        {
-            "ROWS": 10672,
-            "PROGRAMS": 264,
-            "V": 50257,
-            "WIDTH": 50304,
-            "IGNORE_INDEX": -100,
-            "GRAD": False,
-            "BLOCK_V": flce.BLOCK_V,
-        },
+        {"V": 50257, "WIDTH": 50304, "IGNORE_INDEX": -100, "GRAD": False, "BLOCK_V": flce.BLOCK_V},
     ),
 }
 OPTIONS = {"num_warps": 8, "num_stages": 3}

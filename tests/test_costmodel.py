@@ -500,7 +500,10 @@ def test_a_fused_loss_holds_a_chunk_of_logits_not_all_of_them():
     tokens, V, h = 16 * 1024, 151936, 1024
     unfused = costmodel.estimate(workload, 16, base)
     assert by_loss["compile"].breakdown == unfused.breakdown and unfused.breakdown["logits"] == tokens * V * 3.0
-    chunk = (1 << 30) // (V * 2)
+    from autotune.kernels.chunking import chunk_tokens
+
+    chunk = chunk_tokens(tokens, V, 2)  # the kernel's own rule: 5 chunks of 3,277 tokens here
+    assert chunk == 3277
     assert by_loss["autotune"].breakdown["logits"] == chunk * V * 2 + 4 * V * h + tokens * h * 2
     for loss in ("autotune", "liger", "cce"):
         assert by_loss[loss].breakdown["logits"] < 0.3 * unfused.breakdown["logits"], loss

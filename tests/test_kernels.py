@@ -138,18 +138,6 @@ def test_a_compiled_model_calls_it_outside_its_graph():
     torch.testing.assert_close(step(hidden), linear_cross_entropy(model(hidden), weight, targets))
 
 
-def test_programs_taking_several_rows_each_give_the_same_results(monkeypatch):
-    """The launch with fewer programs than rows (each loops over rows p, p + programs, ...)."""
-    from autotune.kernels import fused_linear_cross_entropy as flce
-
-    hidden, weight, targets = _inputs(24, 48, 100, 90)
-    one_a_row = _loss_and_grads(linear_cross_entropy, hidden, weight, targets, torch.float32, vocab_size=90, chunk=10)
-    monkeypatch.setattr(flce, "PROGRAMS_PER_SM", 2)
-    looped = _loss_and_grads(linear_cross_entropy, hidden, weight, targets, torch.float32, vocab_size=90, chunk=10)
-    for got, expected in zip(looped, one_a_row):
-        torch.testing.assert_close(got, expected, atol=0, rtol=0)
-
-
 def test_without_gradients_only_the_loss_is_computed():
     """Evaluation (torch.no_grad): the same loss, no gradient pass, nothing saved."""
     hidden, weight, targets = (t.to(DEVICE) for t in _inputs(24, 48, 100, 90))
