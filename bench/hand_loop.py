@@ -36,7 +36,7 @@ from typing import Any
 OURS = ("seq_len", "attn_implementation", "weights")
 """Workload override keys that are autotune's, not the model config's."""
 DEFAULT_SEQ_LEN = 1024
-"""autotune.workloads.hf's default training length, where the plan's overrides name none."""
+"""autotune.workloads.hf_config's default training length, where the plan's overrides name none."""
 
 
 def build_model(overrides: dict[str, Any], device: Any, model_type: str = "llama") -> Any:

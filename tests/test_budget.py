@@ -263,7 +263,7 @@ def test_the_minimum_on_a_gpu_counts_start_up_compilation_and_the_baselines_step
     (bench/results/issue26-h100-200s), is refused; the issue's 420 s is not."""
     from autotune.hardware import HardwareProfile
     from autotune.workloads import load_workload
-    from autotune.workloads.hf import overrides_from_config
+    from autotune.workloads.hf_config import overrides_from_config
 
     h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
     model_type, overrides = overrides_from_config(ROOT / "bench/configs/qwen3-0.33b.json")

@@ -230,7 +230,7 @@ def test_an_hf_command_prints_no_import_noise():
 def test_only_the_named_import_notices_are_dropped(logger, message, shown):
     import logging
 
-    from autotune.workloads.hf import IMPORT_NOISE
+    from autotune.workloads.hf_config import IMPORT_NOISE
 
     assert IMPORT_NOISE[logger].filter(logging.LogRecord(logger, logging.WARNING, "", 0, message, None, None)) is shown
 

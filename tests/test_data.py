@@ -15,6 +15,7 @@ from autotune.cli import main
 from autotune.data import (
     Batches,
     RandomBatches,
+    corpus,
     default_dataset,
     open_dataset,
     prepare,
@@ -293,7 +294,7 @@ def test_prepare_end_to_end(texts: list[Path], dataset: Path, tmp_path: Path) ->
 def test_documents_cut_where_tokenization_is_unchanged(dataset: Path) -> None:
     tokenizer = Tokenizer.from_file(str(dataset / "tokenizer.json"))
     text = make_text(5, 3000)
-    docs, ends = data._documents([text])
+    docs, ends = corpus._documents([text])
     assert len(docs) > 2 and ends == [False] * (len(docs) - 1) + [True]
     pieces = [tokenizer.encode(d).ids for d in docs]
     assert sum(pieces, []) == tokenizer.encode(text).ids
@@ -359,7 +360,7 @@ def test_default_corpus_is_deterministic_cached_and_safe_to_share(
     def no_build(*args: object) -> None:
         raise AssertionError("rebuilt a cached corpus")
 
-    monkeypatch.setattr(data, "_build_default", no_build)
+    monkeypatch.setattr(corpus, "_build_default", no_build)
     assert default_dataset(512, shared) == path
     monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "cache"))
     assert main(["data", "default", "--vocab", "512"]) == 0

@@ -13,7 +13,7 @@ from autotune.errors import UserError  # noqa: E402
 from autotune.strategies.attention import naive_attention  # noqa: E402
 from autotune.workloads import load_workload  # noqa: E402
 from autotune.workloads.adapter import NotSupported, adapter_for, pipeline_split  # noqa: E402
-from autotune.workloads.hf import DEFAULT_SEQ_LEN, overrides_from_config, unread_fields  # noqa: E402
+from autotune.workloads.hf_config import DEFAULT_SEQ_LEN, overrides_from_config, unread_fields  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=250, bos_token_id=0, eos_token_id=1, seq_len=16)

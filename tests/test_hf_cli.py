@@ -175,7 +175,7 @@ def test_bad_seq_lens_are_one_line_exit_2_and_nothing_written(run_cli, tmp_path,
 def test_seq_len_goes_into_the_overrides_and_the_default_is_not_131072(tmp_path):
     """What `plan --seq-len` hands the planner: the workload the trials rebuild."""
     from autotune.workloads import load_workload
-    from autotune.workloads.hf import from_command_line
+    from autotune.workloads.hf_config import from_command_line
 
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_2))
     name, overrides = from_command_line("hf", tmp_path / "config.json")

@@ -62,7 +62,7 @@ ZOO: dict[str, tuple[str, dict]] = {
     "phi3": ("phi-3-mini-4k-instruct", dict(SMALL, num_key_value_heads=4, pad_token_id=VOCAB - 1)),
 }
 DROPPED = ("model_type", "transformers_version", "architectures", "_name_or_path")
-"""config.json keys a plan leaves out (autotune.workloads.hf._DROPPED)."""
+"""config.json keys a plan leaves out (autotune.workloads.hf_config._DROPPED)."""
 FACTORY = '''
 import json
 
@@ -231,7 +231,7 @@ def test_a_factory_returning_a_pretrained_model_plans_and_trains(zoo, run_cli, m
 def test_the_published_config_itself_loads_at_full_size(family):
     """As published (no size changed): checked, built on the meta device, at the default length."""
     from autotune.workloads import load_workload
-    from autotune.workloads.hf import DEFAULT_SEQ_LEN, overrides_from_config
+    from autotune.workloads.hf_config import DEFAULT_SEQ_LEN, overrides_from_config
 
     name, _ = ZOO[family]
     model_type, overrides = overrides_from_config(CONFIGS / f"{name}.json")
@@ -331,7 +331,7 @@ BENCH = {"qwen3-0.33b": 1024, "llama-3.2-1b": 1024, "mistral-gqa": 2048, "llama-
 @pytest.mark.parametrize("name", BENCH)
 def test_a_bench_config_loads_at_full_size(name):
     from autotune.workloads import load_workload
-    from autotune.workloads.hf import from_command_line
+    from autotune.workloads.hf_config import from_command_line
 
     workload, overrides = from_command_line("hf", ROOT / "bench" / "configs" / f"{name}.json")
     assert load_workload(workload, overrides).seq_len == min(

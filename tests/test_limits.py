@@ -86,7 +86,9 @@ def test_a_deep_hf_model_counted_from_its_first_blocks_is_counted_exactly():
     pytest.importorskip("transformers")
     import torch
 
-    from autotune.workloads.hf import HFAdapter, HFCausalLM, build_config, build_hf_model, hf_workload, parse
+    from autotune.workloads.hf import build_hf_model, hf_workload
+    from autotune.workloads.hf_adapter import HFAdapter, HFCausalLM
+    from autotune.workloads.hf_config import build_config, parse
 
     layers = PROBE_LAYERS + 4
     workload = _hf(

@@ -125,7 +125,7 @@ def plan_command(
         check_writable_dir(report, "--report")
     overrides: dict[str, Any] = {}
     if workload_config is not None:
-        from autotune.workloads.hf import from_command_line
+        from autotune.workloads.hf_config import from_command_line
 
         workload, overrides = from_command_line(workload, workload_config)
     if seq_len is not None:

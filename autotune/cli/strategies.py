@@ -65,7 +65,7 @@ def strategies_command(
         raise UserError(f"--processes {processes}: expected a positive number of processes")
     overrides: dict[str, Any] = {}
     if workload_config is not None:
-        from autotune.workloads.hf import from_command_line
+        from autotune.workloads.hf_config import from_command_line
 
         workload, overrides = from_command_line(workload, workload_config)
     wl = load_workload(workload, overrides)

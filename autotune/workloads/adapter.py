@@ -5,7 +5,7 @@ A strategy never reads a model's attributes (``model.blocks``, ``model.cfg``,
 adapters implement the protocol:
 
 - :class:`GPTAdapter`: the built-in :class:`autotune.workloads.gpt.GPT`;
-- :class:`autotune.workloads.hf.HFAdapter`: Hugging Face causal LMs (``hf:<model_type>``);
+- :class:`autotune.workloads.hf_adapter.HFAdapter`: Hugging Face causal LMs (``hf:<model_type>``);
 - :class:`autotune.workloads.generic.GenericAdapter`: any ``nn.Module`` (its repeated blocks
   found automatically, nothing else).
 

@@ -1,64 +1,38 @@
-"""Training data: text tokenized once into flat, memory-mapped token files, and the loader.
+"""Datasets: text tokenized once into a directory of token files, the default corpus, and
+the identity of what a plan's figures were measured on.
 
 The nanoGPT / llm.c convention: a dataset is a directory holding ``train.bin`` and
-``val.bin`` (every token id of the text, one after another), the ``tokenizer.json`` that
-made them (Hugging Face ``tokenizers``) and a small ``meta.json`` (:class:`DataMeta`).
-
-Token file format, version 1. A fixed 256-byte header, little-endian, then the ids::
-
-    offset  size  field
-         0     8  magic b"ATTOKENS"
-         8     4  format version, uint32 (= 1)
-        12     4  dtype code, uint32: 2 = uint16 ids (vocab size < 65536), 4 = uint32 ids
-        16     8  token count, uint64
-        24     4  vocab size, uint32 (every id is below it)
-        28   228  reserved, zero
-       256     -  token count ids of the dtype's width
+``val.bin`` (every token id of the text, one after another, in the format of
+:mod:`autotune.data.tokens`), the ``tokenizer.json`` that made them (Hugging Face
+``tokenizers``) and a small ``meta.json`` (:class:`DataMeta`).
 
 Texts are separated by the tokenizer's ``<|endoftext|>`` token when it has one. With no data
 given, :func:`default_dataset` builds a corpus from the Python standard library's sources,
 so a fresh install can plan and train with nothing downloaded.
-
-The loader (:class:`Batches`) draws the offsets of a step's whole global batch from
-``np.random.default_rng([seed, step])`` and gives each (rank, micro-batch) its slice: the
-samples a step trains on depend on nothing else, neither on how the global batch is split
-into processes and accumulated micro-batches nor on when the run started, so a resumed run
-sees exactly the batches an uninterrupted run would, and any two plans of one recipe (seed
-and global batch) train on the same samples in the same steps.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
 import shutil
-import struct
 import sys
 import sysconfig
 import tempfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import torch
-from numpy.lib.stride_tricks import sliding_window_view
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from autotune.data.tokens import FORMAT_VERSION, TokenFile, read_tokens, write_tokens
 from autotune.errors import SchemaError, UserError
 from autotune.schema import from_dict, fsync_dir, read_json, to_dict, write_bytes_atomic, write_json_atomic
-
-MAGIC = b"ATTOKENS"
-FORMAT_VERSION = 1
-HEADER_BYTES = 256
-_HEADER = struct.Struct("<8sIIQI")  # magic, version, dtype code, token count, vocab size
-_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 EOT = "<|endoftext|>"
 """Special token appended after each text; id 0 in tokenizers trained here."""
@@ -82,76 +56,6 @@ _CORPUS_MAX_BYTES = 16_000_000
 """Cap on the default corpus: about 5 s to build at vocab 4096 on 2 cores."""
 _CORPUS_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "encodings"})
 """Directories left out of the default corpus: tests, third-party code, codec tables."""
-
-
-# --- token files --------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True, slots=True)
-class TokenFile:
-    tokens: np.ndarray
-    """The token ids, memory-mapped read-only (uint16 or uint32)."""
-    vocab_size: int
-    """Every id is below this."""
-
-
-def _dtype_code(vocab_size: int) -> int:
-    return 2 if vocab_size < 65536 else 4
-
-
-def write_tokens(path: str | os.PathLike, ids: Sequence[int] | np.ndarray, vocab_size: int) -> None:
-    """Write ``ids`` as a token file, atomically (temporary file, fsync, rename)."""
-    if not 0 < vocab_size < 2**32:
-        raise ValueError(f"vocab_size {vocab_size} out of range")
-    code = _dtype_code(vocab_size)
-    ids = np.asarray(ids)
-    if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
-        raise ValueError(f"ids must be a flat integer array, got {ids.dtype} of shape {ids.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got [{ids.min()}, {ids.max()}]")
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, code, ids.size, vocab_size).ljust(HEADER_BYTES, b"\0")
-    body = np.ascontiguousarray(ids, dtype=_DTYPES[code])
-    write_bytes_atomic(path, [header, memoryview(body).cast("B")])
-
-
-def read_tokens(path: str | os.PathLike) -> TokenFile:
-    """Memory-map a token file after checking its header. A bad file is a UserError."""
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-        with p.open("rb") as f:
-            header = f.read(HEADER_BYTES)
-    except FileNotFoundError:
-        raise UserError(f"token file {p}: no such file") from None
-    except OSError as e:
-        raise UserError(f"token file {p}: cannot read ({e.strerror})") from None
-    dtype, count, vocab_size = _parse_header(header, size, p)
-    if count == 0:  # an empty file cannot be mapped
-        return TokenFile(tokens=np.empty(0, dtype), vocab_size=vocab_size)
-    tokens = np.memmap(p, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
-    return TokenFile(tokens=tokens, vocab_size=vocab_size)
-
-
-def _parse_header(header: bytes, size: int, p: Path) -> tuple[np.dtype, int, int]:
-    def bad(problem: str) -> UserError:
-        return UserError(f"token file {p}: {problem}")
-
-    if not header.startswith(MAGIC) and not MAGIC.startswith(header):
-        raise bad(f"not an autotune token file (magic {header[:8]!r}, expected {MAGIC!r})")
-    if len(header) < HEADER_BYTES:
-        raise bad(f"truncated header ({size} bytes, expected at least {HEADER_BYTES})")
-    _, version, code, count, vocab_size = _HEADER.unpack_from(header)
-    if version != FORMAT_VERSION:
-        raise bad(f"format version {version} is not supported (expected {FORMAT_VERSION})")
-    if code not in _DTYPES or vocab_size == 0 or code != _dtype_code(vocab_size):
-        raise bad(f"dtype code {code} does not fit vocab size {vocab_size}")
-    if any(header[_HEADER.size :]):
-        raise bad("reserved header bytes are not zero")
-    expected = HEADER_BYTES + count * code
-    if size != expected:
-        what = "truncated" if size < expected else "trailing bytes"
-        raise bad(f"{what}: header says {count} tokens ({expected} bytes), file has {size} bytes")
-    return _DTYPES[code], count, vocab_size
 
 
 # --- datasets: prepare, default corpus, open ----------------------------------------------
@@ -524,220 +428,3 @@ def plan_data_identity(plan: Any, override: str | None = None) -> str | None:
 
     vocab = load_workload(plan.workload.name, plan.workload.overrides, with_shape=False).vocab_size
     return source_identity(override or plan.train.data, vocab)
-
-
-# --- loading batches ----------------------------------------------------------------------
-
-
-class BatchSource(Protocol):
-    """What the training loop reads batches from."""
-
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y): int64 (batch_size, seq_len) on the device, y = x shifted by one token."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def _to_device(windows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T+1) small ints on the host -> x, y int64 (B, T) on the device, converted there."""
-    w = windows.to(device, non_blocking=True)
-    x = w[:, :-1].to(torch.int64, memory_format=torch.contiguous_format)
-    y = w[:, 1:].to(torch.int64, memory_format=torch.contiguous_format)
-    return x, y
-
-
-def _check_shape(n_tokens: int, batch_size: int, seq_len: int) -> None:
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size {batch_size} and seq_len {seq_len} must be positive")
-    if n_tokens < seq_len + 1:
-        raise UserError(f"{n_tokens} tokens of data are too few for sequences of {seq_len} (+1 target)")
-
-
-def _check_rank(rank: int, world_size: int) -> None:
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world size {world_size}")
-
-
-def _check_step(step: int, micro: int) -> None:
-    if step < 0 or micro < 0:
-        raise ValueError(f"step {step} and micro {micro} must not be negative")
-
-
-class Batches:
-    """Random windows of a token array: a step's global batch is a pure function of
-    (seed, step); (rank, micro) picks its slice.
-
-    The global batch of a step has ``batch_size * micro_batches * world_size`` rows; rank r's
-    micro-batch m is rows ``(r * micro_batches + m) * batch_size`` onwards. So the samples a
-    step sees are the same however that product is split (the plain reference of a plan
-    trains on the plan's very batches).
-
-    ``get(step, micro)`` returns x, y of shape (batch_size, seq_len), int64 on ``device``.
-    A background thread gathers the next ``prefetch`` (step, micro) batches into pinned
-    int32 host buffers, in the order ``for step: for micro in range(micro_batches)``; the
-    caller only pays the non-blocking copy and the int64 conversion on the device. Asking
-    for any other batch of the step works too (computed there and then). Not for concurrent
-    callers. Close it (or use ``with``) to stop the thread.
-    """
-
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        *,
-        batch_size: int,
-        seq_len: int,
-        seed: int,
-        device: torch.device | str,
-        rank: int = 0,
-        world_size: int = 1,
-        micro_batches: int = 1,
-        pin_memory: bool | None = None,
-        prefetch: int = 2,
-    ) -> None:
-        _check_shape(len(tokens), batch_size, seq_len)
-        _check_rank(rank, world_size)
-        if micro_batches < 1 or prefetch < 0:
-            raise ValueError(f"micro_batches {micro_batches} must be >= 1 and prefetch {prefetch} >= 0")
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.micro_batches = micro_batches
-        self.device = torch.device(device)
-        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self.prefetch = prefetch
-        self._tokens = tokens
-        self._windows = sliding_window_view(tokens, seq_len + 1)  # (N - T, T+1), a view
-        self._pending: dict[tuple[int, int], Future[torch.Tensor]] = {}
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="autotune-batches") if prefetch else None
-        self._closed = False
-
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._closed:
-            raise RuntimeError("Batches.get after close()")
-        _check_step(step, micro)
-        key = (step, micro)
-        future = self._pending.pop(key, None)
-        windows = future.result() if future is not None else self._host_windows(key)
-        batch = _to_device(windows, self.device)  # launch the copy before waking the thread
-        self._prefetch_after(key)
-        return batch
-
-    def offsets(self, step: int, micro: int = 0) -> np.ndarray:
-        """Start of each row of batch (step, micro) in the token array: this rank's slice of
-        the step's global batch."""
-        if micro >= self.micro_batches:
-            raise ValueError(f"micro {micro} is out of range: a step has {self.micro_batches} micro-batches")
-        rows = self.batch_size * self.micro_batches * self.world_size
-        starts = np.random.default_rng([self.seed, step]).integers(0, len(self._tokens) - self.seq_len, size=rows)
-        first = (self.rank * self.micro_batches + micro) * self.batch_size
-        return starts[first : first + self.batch_size]
-
-    def _host_windows(self, key: tuple[int, int]) -> torch.Tensor:
-        """Batch ``key`` as (B, T+1) int32 on the host, pinned if asked: one vectorized gather."""
-        out = torch.empty((self.batch_size, self.seq_len + 1), dtype=torch.int32, pin_memory=self.pin_memory)
-        out.numpy()[...] = self._windows[self.offsets(*key)]
-        return out
-
-    def _next_keys(self, key: tuple[int, int]) -> Iterator[tuple[int, int]]:
-        step, micro = key
-        while True:
-            step, micro = (step, micro + 1) if micro + 1 < self.micro_batches else (step + 1, 0)
-            yield step, micro
-
-    def _prefetch_after(self, key: tuple[int, int]) -> None:
-        if self._pool is None:
-            return
-        wanted = list(itertools.islice(self._next_keys(key), self.prefetch))
-        for stale in [k for k in self._pending if k not in wanted]:
-            self._pending.pop(stale).cancel()  # one already running just finishes unread
-        for k in wanted:
-            if k not in self._pending:
-                self._pending[k] = self._pool.submit(self._host_windows, k)
-
-    def close(self) -> None:
-        """Stop the prefetch thread and drop prefetched batches. Idempotent."""
-        self._closed = True
-        for future in self._pending.values():
-            future.cancel()
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def __enter__(self) -> Batches:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class RandomBatches:
-    """Uniformly random tokens made on the device: for throughput-only runs, opt-in.
-
-    Same ``get`` as :class:`Batches`; the tokens are a pure function of
-    (seed, step, micro, rank). The loss on them says nothing about learning.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        *,
-        batch_size: int,
-        seq_len: int,
-        seed: int,
-        device: torch.device | str,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        _check_shape(seq_len + 1, batch_size, seq_len)
-        _check_rank(rank, world_size)
-        self.vocab_size = vocab_size
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.seed = seed
-        self.rank = rank
-        self.device = torch.device(device)
-
-    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_step(step, micro)
-        seed = np.random.SeedSequence([self.seed, step, micro, self.rank]).generate_state(1, np.uint64)[0]
-        generator = torch.Generator(device=self.device).manual_seed(int(seed))
-        shape = (self.batch_size, self.seq_len + 1)
-        w = torch.randint(0, self.vocab_size, shape, generator=generator, device=self.device)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
-
-    def close(self) -> None:
-        """Nothing to release; here so both sources are used alike."""
-
-    def __enter__(self) -> RandomBatches:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def val_batches(
-    tokens: np.ndarray, *, batch_size: int, seq_len: int, n_batches: int, device: torch.device | str
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed list of (x, y) batches for validation loss: windows spread evenly over
-    ``tokens`` (the val file), the same on every rank and every call."""
-    _check_shape(len(tokens), batch_size, seq_len)
-    starts = np.linspace(0, len(tokens) - seq_len - 1, n_batches * batch_size).round().astype(np.int64)
-    windows = sliding_window_view(tokens, seq_len + 1)[starts].astype(np.int32)
-    host = torch.from_numpy(windows).view(n_batches, batch_size, seq_len + 1)
-    return [_to_device(w, torch.device(device)) for w in host]
-
-
-def val_loss(model: torch.nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Mean of ``model(x, y)`` (the workload's scalar mean loss) over ``batches``, in eval
-    mode without gradients; the model's training mode is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            losses = torch.stack([model(x, y).float() for x, y in batches])
-    finally:
-        model.train(was_training)
-    return losses.mean().item()

@@ -1,0 +1,1 @@
+"""Planning: the search for the fastest way to train a workload here."""
