@@ -275,7 +275,7 @@ def _study_entry(source: str) -> Entry:
     """A study's column: its best completed trial's plan, and the spread of all its trials."""
     import optuna
 
-    from autotune.search import make_storage  # a server that does not answer: one line within seconds
+    from autotune.planning.study import make_storage  # a server that does not answer: one line within seconds
 
     url, _, name = source.rpartition(STUDY_SEPARATOR)
     storage = make_storage(url, existing=True)  # a SQLite file that is not Optuna's is left alone

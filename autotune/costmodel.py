@@ -1,7 +1,7 @@
 """An analytic cost model: peak memory and step time of a plan, before it is launched.
 
 The planner prunes a trial predicted not to fit in device memory without launching it (with a
-margin learned from the study's own trials, ``search.memory_correction``), and reports the
+margin learned from the study's own trials, ``planning.summary.memory_correction``), and reports the
 model's error against the trials that ran (``bench/costmodel_check.py``).
 
 Memory per process (bytes), for a model of P parameters, L blocks, width h, vocab V and

@@ -18,7 +18,7 @@ def load_study(storage: str | None, study: str | None) -> Any:
     (no such file, a bad URL, an unknown or ambiguous name) is a one-line UserError."""
     import optuna
 
-    from autotune.search import make_storage
+    from autotune.planning.study import make_storage
 
     url = storage or DEFAULT_STORAGE
     opened = make_storage(url, existing=True)  # a SQLite file that is not Optuna's is left alone
@@ -40,7 +40,7 @@ def load_study(storage: str | None, study: str | None) -> Any:
 def trial_rows(study: Any) -> list[dict[str, Any]]:
     """One row per trial: number, role, status, tokens/s, peak memory, micro-batch,
     accumulation and processes, strategies with their knobs, and the whole error line."""
-    from autotune.search import INTERRUPTED, interrupted
+    from autotune.planning.summary import INTERRUPTED, interrupted
 
     rows = []
     for t in study.get_trials(deepcopy=False):

@@ -26,7 +26,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from autotune import planner, search  # noqa: E402
+from autotune import planner  # noqa: E402
+from autotune.planning.first_trials import ensure_first_trials, warm_starts  # noqa: E402
+from autotune.planning.objective import Objective, optimize  # noqa: E402
+from autotune.planning.study import open_study  # noqa: E402
 from autotune.trial import TrialBudget  # noqa: E402
 from autotune.workloads import load_workload  # noqa: E402
 
@@ -42,12 +45,12 @@ def run_search(settings: planner.PlanSettings, storage: str, name: str, warm: bo
         from autotune import data
 
         data.default_dataset(workload.vocab_size)
-    starts = search.warm_starts(space, settings.warm_start, print) if warm else []
-    study = search.open_study(name, storage, settings.sampler, settings.seed)
-    search.ensure_first_trials(study, space, planner.expert_priors(space), starts)
-    objective = search.Objective(space=space, budget=settings.budget)
+    starts = warm_starts(space, settings.warm_start, print) if warm else []
+    study = open_study(name, storage, settings.sampler, settings.seed)
+    ensure_first_trials(study, space, planner.expert_priors(space), starts)
+    objective = Objective(space=space, budget=settings.budget)
     began = time.time()
-    search.optimize(study, objective, trials=settings.trials, time_budget=None)
+    optimize(study, objective, trials=settings.trials, time_budget=None)
     rows, best = [], None
     for t in study.get_trials(deepcopy=False):
         if t.datetime_complete is None:

@@ -6,10 +6,13 @@ import sys
 
 import optuna
 
-from autotune import search
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import LaunchSpec, TrainSpec
+from autotune.planning.first_trials import ensure_first_trials
+from autotune.planning.objective import Objective, optimize
+from autotune.planning.space import SearchSpace
+from autotune.planning.study import open_study, study_identity, trial_log_dir
 from autotune.strategy import Facts
 from autotune.trial import TrialBudget
 from autotune.workloads import load_workload
@@ -18,9 +21,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 BUDGET = TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=60)
 
 
-def fault_space(micro_batches: tuple[int, ...]) -> search.SearchSpace:
+def fault_space(micro_batches: tuple[int, ...]) -> SearchSpace:
     workload = load_workload("tests.faults:build")
-    return search.SearchSpace(
+    return SearchSpace(
         workload=workload,
         strategies=[],
         graph=StrategyGraph(Facts.of(None, workload)),
@@ -36,13 +39,13 @@ def main(db: str, trials: str, *micro_batches: str) -> int:
     url = f"sqlite:///{db}"
     space = fault_space(tuple(map(int, micro_batches)))
     try:
-        study = search.open_study("faults", url, "tpe", 0, identity=search.study_identity(BUDGET, None))
+        study = open_study("faults", url, "tpe", 0, identity=study_identity(BUDGET, None))
         if not study.trials:
-            search.ensure_first_trials(study, space, [])
+            ensure_first_trials(study, space, [])
             for mb in micro_batches:
                 study.enqueue_trial({"micro_batch_size": int(mb)})
-        objective = search.Objective(space=space, budget=BUDGET, log_dir=search.trial_log_dir(url, "faults"))
-        search.optimize(study, objective, trials=int(trials), time_budget=None)
+        objective = Objective(space=space, budget=BUDGET, log_dir=trial_log_dir(url, "faults"))
+        optimize(study, objective, trials=int(trials), time_budget=None)
     except UserError as e:
         print(f"autotune: error: {e}", file=sys.stderr)
         return 2

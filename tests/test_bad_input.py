@@ -185,7 +185,7 @@ def test_every_value_the_search_can_pick_is_legal():
                 value = int(value) if knob.integer else value
                 strategy.parse({knob.name: value} | COMPANIONS.get((name, knob.name), {}))
     # The accumulation the planner derives from a global batch, up to its cap.
-    from autotune.search import MAX_ACCUM
+    from autotune.planning.space import MAX_ACCUM
 
     catalog.get("grad_accum").parse({"steps": MAX_ACCUM})
 

@@ -13,9 +13,14 @@ import optuna
 import pytest
 
 from autotune import plan as planmod
-from autotune import planner, search
+from autotune import planner
 from autotune.errors import UserError
 from autotune.plan import Figures
+from autotune.planning.objective import Objective
+from autotune.planning.refine import REMEASURE
+from autotune.planning.space import plan_for
+from autotune.planning.study import stale, stale_runs
+from autotune.planning.summary import Summary
 from autotune.trial import TrialBudget, run_trial, steps_for_target
 from tests.conftest import DEFAULT_PLAN, ROOT
 
@@ -166,7 +171,7 @@ def test_an_earlier_runs_best_figure_is_measured_again_before_it_is_chosen(tmp_p
         planner.load_workload("tiny", {}),
     )
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
-    baseline = search.plan_for(space, space.baseline_micro_batch, [])
+    baseline = plan_for(space, space.baseline_micro_batch, [])
     study.add_trial(
         optuna.trial.create_trial(
             value=1e9,
@@ -177,12 +182,10 @@ def test_an_earlier_runs_best_figure_is_measured_again_before_it_is_chosen(tmp_p
     )
     time.sleep(0.05)
     since = datetime.datetime.now()
-    objective = search.Objective(
-        space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now"
-    )
+    objective = Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now")
     lines = []
     summary = planner._fresh(study, objective, since, planner.Clock(), 0.0, lines.append)
-    again = [t for t in study.trials if t.user_attrs.get("role") == search.REMEASURE]
+    again = [t for t in study.trials if t.user_attrs.get("role") == REMEASURE]
     assert len(again) == 1 and again[0].user_attrs["remeasures"] == 0 and again[0].user_attrs["run"] == "now"
     assert "measured by an earlier planner run" in lines[0]
     assert summary.best.number == again[0].number and summary.best.value < 1e9  # the idle figure is not compared
@@ -219,7 +222,7 @@ def test_a_plan_confirmed_slower_than_its_baseline_is_not_written_the_baseline_i
     comparison = planner.compare(slow, base, 3, same=False)
     done = planner.Confirmed(measured=slow, baseline=base, comparison=comparison, loss_check=None)
     chosen = type("T", (), {"number": 7})()
-    summary = search.Summary(best=chosen, baseline=type("T", (), {"number": 0})())
+    summary = Summary(best=chosen, baseline=type("T", (), {"number": 0})())
     plan, confirmed, trial = planner._baseline_instead(best, baseline, done, summary, chosen)
     assert plan is baseline and trial.number == 0
     assert confirmed.measured.tokens_per_s == 23_605.0 and not confirmed.comparison.beats_baseline
@@ -297,11 +300,11 @@ def test_a_planner_beside_this_one_is_not_an_earlier_run(tmp_path):
     time.sleep(0.05)
     add("beside")  # it went on after this run began
     add("now")
-    assert search.stale_runs(study, "now", since) == {"killed"}
-    flags = [search.stale(t, {"killed"}) for t in study.trials]
+    assert stale_runs(study, "now", since) == {"killed"}
+    flags = [stale(t, {"killed"}) for t in study.trials]
     assert flags == [True, False, False, False]
     legacy = optuna.trial.create_trial(value=1.0, params={}, distributions={})
-    assert search.stale(legacy, set())  # measured before runs were recorded
+    assert stale(legacy, set())  # measured before runs were recorded
 
 
 def test_an_excluded_strategy_is_never_searched_nor_chosen_from_a_resumed_study(tmp_path):
@@ -313,7 +316,7 @@ def test_an_excluded_strategy_is_never_searched_nor_chosen_from_a_resumed_study(
     assert "compile" not in {s.name for s in space.strategies} and space.left_out["compile"] == "excluded (--exclude)"
     assert not [p for p in planner.expert_priors(space) if p.get("compile")]
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
-    baseline = search.plan_for(space, space.baseline_micro_batch, [])
+    baseline = plan_for(space, space.baseline_micro_batch, [])
     compiled = dict(
         baseline.to_dict(), strategies=[{"name": "compile", "knobs": {"mode": "default", "scope": "model"}}]
     )
@@ -327,9 +330,7 @@ def test_an_excluded_strategy_is_never_searched_nor_chosen_from_a_resumed_study(
                 value=value, params={}, distributions={}, user_attrs={"plan": plan, "run": "now", "figures": {}}
             )
         )
-    objective = search.Objective(
-        space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now"
-    )
+    objective = Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now")
     summary = planner._fresh(study, objective, datetime.datetime.now(), planner.Clock(), 0.0, print, settings.exclude)
     assert summary.best.number == 2 and summary.best.value == 2.0
     with pytest.raises(UserError, match="--exclude warp_drive: unknown strategy"):

@@ -332,13 +332,13 @@ def test_costmodel_of_hf_gpt2_is_the_gpt_of_its_shape():
 
 
 def _tiny_llama_space(memory: float):
-    from autotune import search
     from autotune.graph import StrategyGraph
     from autotune.plan import LaunchSpec, TrainSpec
+    from autotune.planning.space import SearchSpace
     from autotune.strategy import Facts
 
     workload = load_workload("hf:llama", HF_LLAMA)
-    return search.SearchSpace(
+    return SearchSpace(
         workload=workload,
         strategies=[],
         graph=StrategyGraph(Facts.of(None, workload)),
@@ -354,14 +354,15 @@ def test_hf_trial_predicted_over_device_memory_is_pruned_before_launch(tmp_path)
     pytest.importorskip("transformers")
     import optuna
 
-    from autotune import search
+    from autotune.planning.objective import Objective, optimize
+    from autotune.planning.study import open_study
     from autotune.trial import TrialBudget
 
     memory = 2**20  # a made-up 1 MiB device: the weights and states alone take 1.3 MiB
     space = _tiny_llama_space(memory)
     assert costmodel.estimate(space.workload, 1, {}).peak_memory_bytes > memory
-    study = search.open_study("prune-hf", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
-    search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=1, time_budget=None)
+    study = open_study("prune-hf", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
+    optimize(study, Objective(space=space, budget=TrialBudget()), trials=1, time_budget=None)
     assert {t.state for t in study.trials} == {optuna.trial.TrialState.PRUNED}
     assert study.trials[0].user_attrs["error"].startswith("predicted")
     assert "no trial measured yet" in study.trials[0].user_attrs["error"]
@@ -385,8 +386,8 @@ def _study_that_measured(ratios: list[float], value: float = 1.0):
 @pytest.fixture
 def launches(monkeypatch):
     """Trials 'run' without a process: each launch is recorded and measures 1 token/s."""
-    from autotune import search
     from autotune.plan import Figures
+    from autotune.planning import objective
     from autotune.trial import TrialResult
 
     launched = []
@@ -395,7 +396,7 @@ def launches(monkeypatch):
         launched.append(plan)
         return TrialResult(figures=Figures(status="ok", tokens_per_s=1.0, step_time_s=1.0, peak_memory_bytes=1))
 
-    monkeypatch.setattr(search, "run_trial", fake)
+    monkeypatch.setattr(objective, "run_trial", fake)
     return launched
 
 
@@ -413,15 +414,16 @@ def test_memory_pruning_learns_its_margin_from_the_studys_trials(ratios, share, 
     pytest.importorskip("transformers")
     import optuna
 
-    from autotune import search
+    from autotune.planning.objective import Objective
+    from autotune.planning.summary import MEMORY_CORRECTION
     from autotune.trial import TrialBudget
 
     study = _study_that_measured(ratios)
     predicted = costmodel.estimate(_tiny_llama_space(1e12).workload, 8, {}).peak_memory_bytes
     space = _tiny_llama_space(predicted / share)  # the model predicts `share` of the device
-    study.optimize(search.Objective(space=space, budget=TrialBudget()), n_trials=1)
+    study.optimize(Objective(space=space, budget=TrialBudget()), n_trials=1)
     trial = study.trials[-1]
-    correction = min(max(min(ratios), search.MEMORY_CORRECTION[0]), search.MEMORY_CORRECTION[1]) if ratios else 1.0
+    correction = min(max(min(ratios), MEMORY_CORRECTION[0]), MEMORY_CORRECTION[1]) if ratios else 1.0
     assert trial.user_attrs["memory_correction"] == pytest.approx(correction)
     assert (trial.state == optuna.trial.TrialState.PRUNED) == pruned and len(launches) == (0 if pruned else 1)
     if pruned and ratios:
@@ -439,13 +441,13 @@ def test_a_trial_predicted_slow_is_launched(launches):
     pytest.importorskip("transformers")
     import optuna
 
-    from autotune import search
+    from autotune.planning.objective import Objective
     from autotune.trial import TrialBudget
 
     space = _tiny_llama_space(1e12)
     space.matmul_flops, space.memory_bandwidth = {"fp32": 50e12}, 4e12
     study = _study_that_measured([1.0], value=1e12)
-    study.optimize(search.Objective(space=space, budget=TrialBudget()), n_trials=1)
+    study.optimize(Objective(space=space, budget=TrialBudget()), n_trials=1)
     trial = study.trials[-1]
     assert trial.state == optuna.trial.TrialState.COMPLETE and len(launches) == 1
     assert 8 * 16 / trial.user_attrs["predicted_step_time_s"] < 0.5 * 1e12

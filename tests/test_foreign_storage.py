@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from autotune import search
 from autotune.errors import UserError
+from autotune.planning.study import make_storage
 from tests.conftest import ROOT
 
 
@@ -53,25 +53,25 @@ def test_a_command_reading_a_study_leaves_a_foreign_sqlite_file_alone(foreign, a
 def test_the_storage_of_a_search_is_never_a_foreign_sqlite_file(foreign, existing):
     path, before = foreign
     with pytest.raises(UserError, match="not an Optuna storage"):
-        search.make_storage(f"sqlite:///{path}", existing=existing)
+        make_storage(f"sqlite:///{path}", existing=existing)
     assert untouched(path, before)
     (path.parent / "text.db").write_text("not a database at all")
     with pytest.raises(UserError, match="is not a SQLite database"):
-        search.make_storage(f"sqlite:///{path.parent / 'text.db'}", existing=existing)
+        make_storage(f"sqlite:///{path.parent / 'text.db'}", existing=existing)
 
 
 def test_a_study_is_read_from_what_optuna_wrote_and_made_in_a_new_or_empty_file(tmp_path):
     import optuna
 
     made = tmp_path / "new.db"
-    optuna.create_study(study_name="s", storage=search.make_storage(f"sqlite:///{made}"))  # a new file
-    assert [s.study_name for s in search.make_storage(f"sqlite:///{made}", existing=True).get_all_studies()] == ["s"]
+    optuna.create_study(study_name="s", storage=make_storage(f"sqlite:///{made}"))  # a new file
+    assert [s.study_name for s in make_storage(f"sqlite:///{made}", existing=True).get_all_studies()] == ["s"]
     empty = tmp_path / "empty.db"
     empty.touch()
     with pytest.raises(UserError, match="holds no study"):  # nothing to read, and nothing written
-        search.make_storage(f"sqlite:///{empty}", existing=True)
+        make_storage(f"sqlite:///{empty}", existing=True)
     assert empty.stat().st_size == 0
-    search.make_storage(f"sqlite:///{empty}")  # a planner may make its study there
+    make_storage(f"sqlite:///{empty}")  # a planner may make its study there
     with pytest.raises(UserError, match="no such database file"):
-        search.make_storage(f"sqlite:///{tmp_path / 'missing.db'}", existing=True)
+        make_storage(f"sqlite:///{tmp_path / 'missing.db'}", existing=True)
     assert not (tmp_path / "missing.db").exists()

@@ -8,9 +8,13 @@ import dataclasses
 
 import pytest
 
-from autotune import hardware, planner, search
+from autotune import hardware, planner
 from autotune import plan as planmod
 from autotune.plan import Figures
+from autotune.planning.objective import Objective, optimize
+from autotune.planning.space import baseline_params
+from autotune.planning.study import open_study, study_identity
+from autotune.planning.summary import BASELINE, plan_of, summarize
 from autotune.trial import TrialBudget
 from autotune.workloads import load_workload
 
@@ -101,10 +105,10 @@ def two_trials(tmp_path_factory):
         budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=120.0),
     )
     space, _ = planner.build_space(settings, hardware.detect(quick=True), load_workload("tiny", OVERRIDES))
-    study = search.open_study(
-        "guard", settings.storage, "tpe", 0, identity=search.study_identity(settings.budget, space.global_batch)
+    study = open_study(
+        "guard", settings.storage, "tpe", 0, identity=study_identity(settings.budget, space.global_batch)
     )
-    study.enqueue_trial(search.baseline_params(space), user_attrs={"role": search.BASELINE})
+    study.enqueue_trial(baseline_params(space), user_attrs={"role": BASELINE})
     off = {s.name: False for s in space.strategies if s.mesh_dim is None}
     study.enqueue_trial(
         off
@@ -115,9 +119,9 @@ def two_trials(tmp_path_factory):
             "sparse_attention.global_tokens": 0,
         }
     )
-    search.optimize(study, search.Objective(space=space, budget=settings.budget), trials=2, time_budget=None)
-    summary = search.summarize(study)
-    (sparse,) = [t for t in summary.complete if not planner.is_exact(search.plan_of(t))]
+    optimize(study, Objective(space=space, budget=settings.budget), trials=2, time_budget=None)
+    summary = summarize(study)
+    (sparse,) = [t for t in summary.complete if not planner.is_exact(plan_of(t))]
     return settings, study, dataclasses.replace(summary, best=sparse)
 
 
@@ -130,7 +134,7 @@ def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(tw
     chosen, guard = planner.guarded_choice(
         study, summary, dataclasses.replace(settings, quality_tolerance=1e-9), "guard", log=lines.append
     )
-    assert chosen.number == 0 and planner.is_exact(search.plan_of(chosen)) and guard is None
+    assert chosen.number == 0 and planner.is_exact(plan_of(chosen)) and guard is None
     failed = study.user_attrs[f"quality_guard_failed_{summary.best.number}"]
     g = failed["quality_guard"]
     assert g["steps"] == 1 + 10 and g["reference_trial"] == 0 and not g["passed"] and g["tolerance"] == 1e-9
@@ -183,6 +187,6 @@ def test_a_candidate_within_the_tolerance_is_chosen_with_its_guard(two_trials, t
     assert g.exact.time_to_loss_s is not None and 0 < g.exact.time_to_loss_s <= g.exact.wall_s
     assert g.time_to_loss_ratio is None or g.time_to_loss_ratio > 0
     assert lines[-1].startswith(f"quality guard: trial {summary.best.number} passed: loss ")
-    plan = dataclasses.replace(search.plan_of(chosen), quality_guard=g)
+    plan = dataclasses.replace(plan_of(chosen), quality_guard=g)
     plan.save(tmp_path / "p.json")
     assert planmod.load(tmp_path / "p.json").quality_guard == g

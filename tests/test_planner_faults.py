@@ -12,7 +12,8 @@ import optuna
 import psutil
 import pytest
 
-from autotune import search
+from autotune.planning.study import GRACE_S
+from autotune.planning.summary import INTERRUPTED, baseline_trial, interrupted, summarize
 from autotune.report import trial_rows
 from tests import faults
 from tests.conftest import ROOT
@@ -67,25 +68,25 @@ def test_killed_planner_leaves_no_trial_and_the_study_retries_it(tmp_path):
     assert "trial: built on cpu" in (folder / "1.log").read_text()
     assert [p.name.startswith("autotune-trial-") for p in folder.iterdir() if p.is_dir()] == [True]
 
-    time.sleep(search.GRACE_S)  # until the killed trial's heartbeat is stale
+    time.sleep(GRACE_S)  # until the killed trial's heartbeat is stale
     again = _start(tmp_path, db, 2, faults.HANG_ONCE, 4)
     _, err = again.communicate(timeout=240)
     assert again.returncode == 0, err
     study = optuna.load_study(study_name="faults", storage=f"sqlite:///{db}")
     states = [(t.number, t.state.name, t.params.get("micro_batch_size")) for t in study.trials]
     killed = study.trials[1]
-    assert search.interrupted(killed) and killed.params["micro_batch_size"] == faults.HANG_ONCE, states
+    assert interrupted(killed) and killed.params["micro_batch_size"] == faults.HANG_ONCE, states
     retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retry) == 1 and retry[0].state.name == "COMPLETE", states
     assert retry[0].params["micro_batch_size"] == faults.HANG_ONCE
     # --trials 2 of the resumed planner: the retry and one more, the interrupted one not counted.
     launched = [t for t in study.trials if t.number > 1 and t.user_attrs.get("launched")]
     assert len(launched) == 2 and all(t.state.is_finished() for t in study.trials), states
-    assert search.summarize(study).counts.get("interrupted") == 1
+    assert summarize(study).counts.get("interrupted") == 1
     row = trial_rows(study)[1]
-    assert (row["status"], row["error"]) == ("interrupted", search.INTERRUPTED)
+    assert (row["status"], row["error"]) == ("interrupted", INTERRUPTED)
     assert not [p for p in folder.iterdir() if p.is_dir()]  # the next trial removed the dead one's folder
-    assert search.baseline_trial(study).state.name == "COMPLETE"
+    assert baseline_trial(study).state.name == "COMPLETE"
     # Each launched trial's output is kept beside the study.
     log = retry[0].user_attrs["log"]
     assert log == str(tmp_path / "trials" / "faults" / f"{retry[0].number}.log") and os.path.exists(log)

@@ -11,11 +11,32 @@ import time
 import optuna
 import pytest
 
-from autotune import costmodel, planner, search
+from autotune import costmodel, planner
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import LaunchSpec, TrainSpec
+from autotune.planning.first_trials import ensure_first_trials
+from autotune.planning.objective import AUTOTUNE_TIME_FACTOR, PRELAUNCH_PRUNES, Objective, optimize, trial_budget
+from autotune.planning.refine import (
+    REFINE,
+    REFINE_COMPILE_FACTOR,
+    predicted_refine_s,
+    refine,
+    refine_candidates,
+    should_refine,
+)
+from autotune.planning.space import (
+    SearchSpace,
+    accumulation,
+    baseline_params,
+    micro_batch_choices,
+    parse_layout,
+    plan_for,
+    suggest_plan,
+)
+from autotune.planning.study import GRACE_S, make_storage, open_study, study_identity, trial_log_dir
+from autotune.planning.summary import BASELINE, plan_of, shortest_like, summarize
 from autotune.strategy import Facts
 from autotune.trial import TrialBudget
 from autotune.workloads import load_workload
@@ -25,9 +46,9 @@ from tests.conftest import ROOT
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def fault_space() -> search.SearchSpace:
+def fault_space() -> SearchSpace:
     workload = load_workload("tests.faults:build")
-    return search.SearchSpace(
+    return SearchSpace(
         workload=workload,
         strategies=[],
         graph=StrategyGraph(Facts.of(None, workload)),
@@ -43,14 +64,14 @@ def test_each_fault_costs_one_trial_and_the_search_completes(tmp_path):
     space = fault_space()
     # No throughput pruning: this test is about faults, and on a loaded 2-core machine the
     # last trial can run at under half the baseline's speed and be pruned (tested elsewhere).
-    study = search.open_study("faults", f"sqlite:///{tmp_path}/s.db", "tpe", 0, pruner=optuna.pruners.NopPruner())
-    search.ensure_first_trials(study, space, [])
+    study = open_study("faults", f"sqlite:///{tmp_path}/s.db", "tpe", 0, pruner=optuna.pruners.NopPruner())
+    ensure_first_trials(study, space, [])
     # The baseline (micro-batch 2) first, then each fault; the sampler's next proposals are
     # the study's measured configurations again, pruned before launch.
     for mb in (faults.OOM, faults.NAN, faults.HANG, faults.SIGKILL):
         study.enqueue_trial({"micro_batch_size": mb})
-    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=12))
-    search.optimize(study, objective, trials=5, time_budget=None)
+    objective = Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=3, timeout_s=12))
+    optimize(study, objective, trials=5, time_budget=None)
     by_mb = {t.params["micro_batch_size"]: t for t in reversed(study.trials) if t.user_attrs.get("launched")}
     status = {mb: (t.state.name, t.user_attrs["status"]) for mb, t in by_mb.items()}
     assert status[faults.OOM] == ("PRUNED", "oom")
@@ -59,12 +80,12 @@ def test_each_fault_costs_one_trial_and_the_search_completes(tmp_path):
     assert status[faults.SIGKILL] == ("FAIL", "crash")
     assert "SIGKILL" in by_mb[faults.SIGKILL].user_attrs["error"]
     assert status[2] == ("COMPLETE", "ok")
-    assert search.summarize(study).best.params["micro_batch_size"] == 2
+    assert summarize(study).best.params["micro_batch_size"] == 2
 
 
 def test_illegal_and_oversized_trials_are_pruned_before_launch(tmp_path):
     workload = load_workload("phase8-small")
-    space = search.SearchSpace(
+    space = SearchSpace(
         workload=workload,
         strategies=[],
         graph=StrategyGraph(Facts.of(None, workload)),
@@ -74,10 +95,10 @@ def test_illegal_and_oversized_trials_are_pruned_before_launch(tmp_path):
         launch=LaunchSpec(device="cpu"),
         device_memory=8 * 2**30,
     )
-    study = search.open_study("prune", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
-    search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=1, time_budget=None)
+    study = open_study("prune", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
+    optimize(study, Objective(space=space, budget=TrialBudget()), trials=1, time_budget=None)
     # Pruned before launch, they do not count towards --trials, yet the search stops.
-    assert len(study.trials) == search.PRELAUNCH_PRUNES * 2
+    assert len(study.trials) == PRELAUNCH_PRUNES * 2
     assert {t.state for t in study.trials} == {optuna.trial.TrialState.PRUNED}
     trial = study.trials[0]
     assert trial.user_attrs["error"].startswith("predicted")
@@ -138,7 +159,7 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
         t.number: t.value for t in optuna.load_study(study_name=name, storage=url).trials if t.state.name == "COMPLETE"
     }
     assert not out.exists()
-    time.sleep(search.GRACE_S)  # until the killed trial's heartbeat is stale
+    time.sleep(GRACE_S)  # until the killed trial's heartbeat is stale
 
     again = subprocess.run(_plan_cmd(db, out), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
@@ -157,7 +178,7 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     if plan.comparison.beats_baseline:
         assert plan.measured.tokens_per_s > plan.baseline.tokens_per_s
     assert plan.loss_check is not None and plan.loss_check.passed
-    if planner.is_reference(plan, search.plan_of(study.trials[0])) and not all(
+    if planner.is_reference(plan, plan_of(study.trials[0])) and not all(
         s.name == "grad_accum" for s in plan.strategies
     ):
         # The baseline's rounds trained the plain model on the plan's batches: they are the reference.
@@ -165,7 +186,7 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     assert plan.provenance.study == name
 
     two = [t for t in study.trials if t.state.name == "COMPLETE" and t.params.get("processes") == 2]
-    assert two and search.plan_of(two[0]).launch.nproc_per_node == 2
+    assert two and plan_of(two[0]).launch.nproc_per_node == 2
     # autotune run executes the plan as written (under torchrun when it has 2 processes).
     run = subprocess.run(
         [sys.executable, "-m", "autotune", "run", str(out), "--steps", "3", "--json"],
@@ -202,13 +223,13 @@ def test_costmodel_flops_match_flop_counter():
         assert counter.get_total_flops() == predicted, strategies
 
 
-def _phase8_space(**kw) -> search.SearchSpace:
+def _phase8_space(**kw) -> SearchSpace:
     workload = load_workload("phase8-small")
     kw.setdefault("strategies", [])
-    return search.SearchSpace(
+    return SearchSpace(
         workload=workload,
         graph=StrategyGraph(Facts.of(None, workload)),
-        micro_batches=search.micro_batch_choices(128, workload.global_batch),
+        micro_batches=micro_batch_choices(128, workload.global_batch),
         baseline_micro_batch=16,
         train=TrainSpec(micro_batch_size=1),
         launch=LaunchSpec(device="cpu"),
@@ -224,32 +245,30 @@ def test_fixed_global_batch_derives_the_accumulation():
     # 128 does not divide 192; 1 and 2 would need more than MAX_ACCUM micro-batches a step.
     assert space.micro_batches == (4, 8, 12, 16, 24, 32, 48, 64, 96)
     for mb in space.micro_batches:
-        plan = search.plan_for(space, mb, [planmod.StrategySpec(name="grad_accum", knobs={"steps": 7})])
+        plan = plan_for(space, mb, [planmod.StrategySpec(name="grad_accum", knobs={"steps": 7})])
         assert plan.global_batch() == 192 and plan.grad_accum() == 192 // mb
         assert [s.name for s in plan.strategies] == ["grad_accum"]
     with pytest.raises(UserError, match="not a multiple of micro-batch 64 x 2 processes"):
-        search.accumulation(192, 64, 2)
+        accumulation(192, 64, 2)
     with pytest.raises(UserError, match="global batch 469: no micro-batch"):
-        search.micro_batch_choices(128, 469)  # 7 x 67: only 1 divides it, 469 times
+        micro_batch_choices(128, 469)  # 7 x 67: only 1 divides it, 469 times
 
 
 def test_autotuning_compile_modes_get_a_longer_limit():
     space = _phase8_space()
     budget = TrialBudget(timeout_s=100)
-    tuned = search.plan_for(
-        space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "max-autotune-no-cudagraphs"})]
-    )
-    plain = search.plan_for(space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "default"})])
-    assert search.trial_budget(budget, tuned).timeout_s == 100 * search.AUTOTUNE_TIME_FACTOR
-    assert search.trial_budget(budget, plain).timeout_s == 100
+    tuned = plan_for(space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "max-autotune-no-cudagraphs"})])
+    plain = plan_for(space, 48, [planmod.StrategySpec(name="compile", knobs={"mode": "default"})])
+    assert trial_budget(budget, tuned).timeout_s == 100 * AUTOTUNE_TIME_FACTOR
+    assert trial_budget(budget, plain).timeout_s == 100
 
 
 def test_matmul_rate_follows_the_precision():
     space = _phase8_space()
     assert costmodel.estimate(space.workload, 48, {}).matmul_dtype == "fp32"
-    plan = search.plan_for(space, 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "fp32", "tf32": True})])
+    plan = plan_for(space, 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "fp32", "tf32": True})])
     assert costmodel.estimate(space.workload, 48, plan.strategy_configs()).matmul_dtype == "tf32"
-    plan = search.plan_for(space, 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "bf16"})])
+    plan = plan_for(space, 48, [planmod.StrategySpec(name="precision", knobs={"dtype": "bf16"})])
     assert costmodel.estimate(space.workload, 48, plan.strategy_configs()).matmul_dtype == "bf16"
 
 
@@ -267,7 +286,7 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
     priors = planner.expert_priors(space)
     assert [p["micro_batch_size"] for p in priors] == [96, 48]
     for params in priors:
-        plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
+        plan = suggest_plan(optuna.trial.FixedTrial(params), space)
         assert {s.name for s in plan.strategies} == {
             "precision",
             "attention",
@@ -295,7 +314,7 @@ def test_expert_priors_race_the_fused_loss_against_compiles_on_the_same_settings
         priors[1] == priors[0] | {"triton_kernels": True, "triton_kernels.loss": "autotune"}
         and not priors[0]["triton_kernels"]
     )
-    plan = search.suggest_plan(optuna.trial.FixedTrial(priors[1]), space)
+    plan = suggest_plan(optuna.trial.FixedTrial(priors[1]), space)
     assert plan.strategy_configs()["triton_kernels"].loss == "autotune"
 
 
@@ -334,13 +353,13 @@ def test_two_cpu_processes_bring_every_legal_layout_of_the_mesh():
         params = {"micro_batch_size": 16, "processes": 2, "layout.2": layout} | {
             s.name: False for s in space.strategies
         }
-        for name in search.parse_layout(layout):
+        for name in parse_layout(layout):
             params |= planner._with_defaults(name, {})
-        plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
+        plan = suggest_plan(optuna.trial.FixedTrial(params), space)
         assert plan.launch.nproc_per_node == 2 and plan.global_batch() == 64
         dp = 1 if ":" in layout else 2  # tp or pp over both processes leaves one batch
         assert plan.grad_accum() == 64 // (16 * dp), layout
-    baseline = search.suggest_plan(optuna.trial.FixedTrial(search.baseline_params(space)), space)
+    baseline = suggest_plan(optuna.trial.FixedTrial(baseline_params(space)), space)
     assert baseline.launch.nproc_per_node == 1 and [s.name for s in baseline.strategies] == ["grad_accum"]
     priors = planner.expert_priors(space)
     assert [p["processes"] for p in priors] == [1, 2, 1] and priors[1]["layout.2"] == "ddp"
@@ -363,15 +382,15 @@ def test_a_clearly_slower_trial_is_pruned_while_it_runs(tmp_path):
     # while the baseline, just as slow, is never pruned.
     space = fault_space()
     space.micro_batches = (2, faults.SLOW)
-    study = search.open_study("pruner", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
+    study = open_study("pruner", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
     dist = optuna.distributions.CategoricalDistribution(list(space.micro_batches))
     study.add_trial(
         optuna.trial.create_trial(params={"micro_batch_size": 2}, distributions={"micro_batch_size": dist}, value=1e9)
     )
     study.enqueue_trial({"micro_batch_size": faults.SLOW})
-    study.enqueue_trial({"micro_batch_size": faults.SLOW}, user_attrs={"role": search.BASELINE})
-    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=10, timeout_s=60))
-    search.optimize(study, objective, trials=2, time_budget=None)
+    study.enqueue_trial({"micro_batch_size": faults.SLOW}, user_attrs={"role": BASELINE})
+    objective = Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=10, timeout_s=60))
+    optimize(study, objective, trials=2, time_budget=None)
     pruned, baseline = study.trials[1], study.trials[2]
     assert pruned.state.name == "PRUNED" and pruned.user_attrs["status"] == "pruned"
     assert "below the best so far (1,000,000,000)" in pruned.user_attrs["error"]
@@ -383,12 +402,12 @@ def test_a_configuration_the_study_has_measured_is_not_run_again(tmp_path):
     # The sampler proposing a point twice (issue 27: two of 8 trials had the same parameters):
     # the second is pruned before launch, naming the first; the baseline and priors always run.
     space = fault_space()
-    study = search.open_study("twins", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
+    study = open_study("twins", f"sqlite:///{tmp_path}/s.db", "tpe", 0)
     study.enqueue_trial({"micro_batch_size": 2})
     study.enqueue_trial({"micro_batch_size": 2})
-    study.enqueue_trial({"micro_batch_size": 2}, user_attrs={"role": search.BASELINE})
-    objective = search.Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=30))
-    search.optimize(study, objective, trials=3, time_budget=None)
+    study.enqueue_trial({"micro_batch_size": 2}, user_attrs={"role": BASELINE})
+    objective = Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=30))
+    optimize(study, objective, trials=3, time_budget=None)
     first, twin, baseline = study.trials[:3]
     assert first.state.name == "COMPLETE" and baseline.state.name == "COMPLETE"
     assert (
@@ -408,12 +427,12 @@ def test_a_trial_that_cannot_finish_in_the_time_left_is_not_launched():
             params={"micro_batch_size": 2},
             distributions={"micro_batch_size": dist},
             value=1.0,
-            user_attrs={"plan": search.plan_for(space, 2, []).to_dict(), "wall_s": 100.0},
+            user_attrs={"plan": plan_for(space, 2, []).to_dict(), "wall_s": 100.0},
         )
     )
-    assert search.shortest_like(study, search.plan_for(space, faults.OOM, [])) == (0, 100.0)
+    assert shortest_like(study, plan_for(space, faults.OOM, [])) == (0, 100.0)
     study.enqueue_trial({"micro_batch_size": 2})
-    search.optimize(study, search.Objective(space=space, budget=TrialBudget()), trials=1, time_budget=30.0)
+    optimize(study, Objective(space=space, budget=TrialBudget()), trials=1, time_budget=30.0)
     pruned = study.trials[1]
     assert pruned.state.name == "PRUNED" and not pruned.user_attrs["launched"]
     assert pruned.user_attrs["error"].startswith("cannot finish: trial 0, which compiles as it does, took 100 s; ")
@@ -421,13 +440,13 @@ def test_a_trial_that_cannot_finish_in_the_time_left_is_not_launched():
 
 def test_a_study_refuses_figures_measured_under_other_settings(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    identity = search.study_identity(TrialBudget(warmup_steps=5, timed_steps=20), 192)
+    identity = study_identity(TrialBudget(warmup_steps=5, timed_steps=20), 192)
     assert set(identity) == {"warmup_steps", "timed_steps", "torch", "autotune", "global_batch"}
-    search.open_study("same", url, "tpe", 0, identity=identity)
-    search.open_study("same", url, "tpe", 0, identity=identity)  # the same settings: reopened
+    open_study("same", url, "tpe", 0, identity=identity)
+    open_study("same", url, "tpe", 0, identity=identity)  # the same settings: reopened
     other = identity | {"timed_steps": "6", "torch": "9.9"}
     with pytest.raises(UserError) as e:
-        search.open_study("same", url, "tpe", 0, identity=other)
+        open_study("same", url, "tpe", 0, identity=other)
     message = str(e.value)
     assert "\n" not in message and "use another --study" in message
     assert "timed_steps 20 (now 6)" in message and f"torch {identity['torch']} (now 9.9)" in message
@@ -445,7 +464,7 @@ def test_a_study_refuses_figures_measured_under_other_settings(tmp_path):
 )
 def test_bad_storage_urls_are_one_line(url, needle):
     with pytest.raises(UserError) as e:
-        search.make_storage(url)
+        make_storage(url)
     assert str(e.value).startswith(f"storage URL {url}: {needle}") and "\n" not in str(e.value)
 
 
@@ -457,18 +476,18 @@ def test_read_only_sqlite_folder_is_one_line(tmp_path):
         if os.access(folder, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
         with pytest.raises(UserError, match="cannot connect"):
-            search.make_storage(f"sqlite:///{folder}/s.db")
+            make_storage(f"sqlite:///{folder}/s.db")
     finally:
         folder.chmod(0o700)
 
 
 def test_trial_logs_live_beside_a_sqlite_study(tmp_path, monkeypatch):
     assert (
-        search.trial_log_dir(f"sqlite:///{tmp_path}/plans/studies.db", "tiny-abc")
+        trial_log_dir(f"sqlite:///{tmp_path}/plans/studies.db", "tiny-abc")
         == tmp_path / "plans" / "trials" / "tiny-abc"
     )
     monkeypatch.setenv("AUTOTUNE_CACHE", str(tmp_path / "cache"))
-    assert search.trial_log_dir("postgresql://host/db", "a:b") == tmp_path / "cache" / "trials" / "a_b"
+    assert trial_log_dir("postgresql://host/db", "a:b") == tmp_path / "cache" / "trials" / "a_b"
 
 
 def test_max_autotune_is_refinement_only_and_launched_when_its_predicted_time_fits(tmp_path):
@@ -478,16 +497,16 @@ def test_max_autotune_is_refinement_only_and_launched_when_its_predicted_time_fi
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial({"micro_batch_size": 48, "compile": True})
     trial = study.ask()
-    plan = search.suggest_plan(trial, space)
+    plan = suggest_plan(trial, space)
     assert trial.distributions["compile.mode"].choices == ("default",)  # never max-autotune (reduce-overhead: no CUDA)
     assert [s.name for s in plan.strategies] == ["compile", "grad_accum"]
 
     # The decision: predicted = the configuration's measured wall time x the factor.
-    assert search.should_refine(100.0, 101.0) and not search.should_refine(100.0, 99.0)
-    assert search.should_refine(100.0, None) and not search.should_refine(None, 1e9)
+    assert should_refine(100.0, 101.0) and not should_refine(100.0, 99.0)
+    assert should_refine(100.0, None) and not should_refine(None, 1e9)
     dist = optuna.distributions.CategoricalDistribution([48])
     compiled = plan.to_dict()
-    for value, wall, data in ((2e6, 30.0, compiled), (3e6, 40.0, search.plan_for(space, 48, []).to_dict())):
+    for value, wall, data in ((2e6, 30.0, compiled), (3e6, 40.0, plan_for(space, 48, []).to_dict())):
         study.add_trial(
             optuna.trial.create_trial(
                 params={"micro_batch_size": 48},
@@ -496,11 +515,11 @@ def test_max_autotune_is_refinement_only_and_launched_when_its_predicted_time_fi
                 user_attrs={"plan": data, "wall_s": wall},
             )
         )
-    (candidate,) = search.refine_candidates(study)  # the faster one does not compile
-    assert candidate.value == 2e6 and search.predicted_refine_s(candidate) == 30.0 * search.REFINE_COMPILE_FACTOR
-    objective = search.Objective(space=space, budget=TrialBudget())
-    assert search.refine(study, objective, deadline=time.monotonic() + 60) == []  # 120 s predicted > 60 s left
-    assert not [t for t in study.trials if t.user_attrs.get("role") == search.REFINE]
+    (candidate,) = refine_candidates(study)  # the faster one does not compile
+    assert candidate.value == 2e6 and predicted_refine_s(candidate) == 30.0 * REFINE_COMPILE_FACTOR
+    objective = Objective(space=space, budget=TrialBudget())
+    assert refine(study, objective, deadline=time.monotonic() + 60) == []  # 120 s predicted > 60 s left
+    assert not [t for t in study.trials if t.user_attrs.get("role") == REFINE]
 
 
 @pytest.mark.parametrize(
@@ -520,7 +539,7 @@ def test_allow_approximate_puts_the_measured_approximate_prior_second(workload, 
         planner.PlanSettings(workload=workload, allow_approximate=True, global_batch=8), h200, load_workload(workload)
     )[0]
     priors = planner.expert_priors(on)
-    plans = [search.suggest_plan(optuna.trial.FixedTrial(p), on) for p in priors]
+    plans = [suggest_plan(optuna.trial.FixedTrial(p), on) for p in priors]
     names = [{s.name for s in plan.strategies} for plan in plans]
     assert names[1] == (names[0] - replaces) | approximate and not any(
         n & approximate for i, n in enumerate(names) if i != 1
@@ -529,7 +548,7 @@ def test_allow_approximate_puts_the_measured_approximate_prior_second(workload, 
     assert plans[1].launch.device == "cuda"
     off = planner.build_space(planner.PlanSettings(workload=workload, global_batch=8), h200, load_workload(workload))[0]
     assert not any(
-        {s.name for s in search.suggest_plan(optuna.trial.FixedTrial(p), off).strategies}
+        {s.name for s in suggest_plan(optuna.trial.FixedTrial(p), off).strategies}
         & {"fp8", "sparse_attention", "moe", "int8"}
         for p in planner.expert_priors(off)
     )

@@ -8,9 +8,13 @@ import shutil
 import optuna
 import pytest
 
-from autotune import hardware, planner, search
+from autotune import hardware, planner
 from autotune import plan as planmod
 from autotune.errors import UserError
+from autotune.planning.first_trials import ensure_first_trials, plan_params, warm_starts
+from autotune.planning.objective import check_legal
+from autotune.planning.space import SearchSpace, suggest_plan
+from autotune.planning.study import open_study
 from autotune.workloads import load_workload
 from tests.conftest import ROOT
 
@@ -19,7 +23,7 @@ STUDY_2PROCS = ROOT / "bench" / "results" / "cpu-procs" / "studies-2procs.db"
 
 
 @pytest.fixture(scope="module")
-def space() -> search.SearchSpace:
+def space() -> SearchSpace:
     """The tiny search over 1 or 2 CPU processes (as `autotune plan --cpu-procs 2`)."""
     built, _ = planner.build_space(
         planner.PlanSettings(workload="tiny", cpu_procs=2), hardware.detect(quick=True), load_workload("tiny")
@@ -36,17 +40,17 @@ def _plan_file(tmp_path, **changes) -> str:
 
 
 def test_plan_file_is_the_first_trial_after_the_baseline(space):
-    starts = search.warm_starts(space, [str(PLAN_2PROCS)])
+    starts = warm_starts(space, [str(PLAN_2PROCS)])
     assert [w.source for w in starts] == [str(PLAN_2PROCS)]
     params = starts[0].params
     # Its configuration: bf16 over 2 DDP processes at micro-batch 16 (accumulation 2 follows).
     assert params["processes"] == 2 and params["layout.2"] == "ddp" and params["micro_batch_size"] == 16
     assert params["precision"] is True and params["precision.dtype"] == "bf16"
-    plan = search.suggest_plan(optuna.trial.FixedTrial(params), space)
-    search.check_legal(space, plan)
+    plan = suggest_plan(optuna.trial.FixedTrial(params), space)
+    check_legal(space, plan)
     assert plan.strategy_configs() == planmod.load(PLAN_2PROCS).strategy_configs()
     study = optuna.create_study(direction="maximize")
-    search.ensure_first_trials(study, space, planner.expert_priors(space), starts)
+    ensure_first_trials(study, space, planner.expert_priors(space), starts)
     roles = [t.user_attrs["role"] for t in study.trials]
     assert roles[:2] == ["baseline", "warm_start"] and set(roles[2:]) == {"prior"}
     assert study.trials[1].user_attrs["source"] == str(PLAN_2PROCS)
@@ -67,7 +71,7 @@ def test_translated_to_this_space(space, tmp_path):
         {"name": "ddp", "knobs": {"bucket_cap_mb": 1000}},
     ]
     lines: list[str] = []
-    params = search.plan_params(space, planmod.from_dict(source), log=lines.append)
+    params = plan_params(space, planmod.from_dict(source), log=lines.append)
     assert params["micro_batch_size"] in (8, 16) and params["processes"] == 2 and params["layout.2"] == "ddp"
     assert params["ddp.bucket_cap_mb"] == 200  # the end of the searched range
     assert "fp8" not in params
@@ -88,7 +92,7 @@ def test_illegal_configuration_is_dropped_with_a_log_line(space, tmp_path):
         launch={"nproc_per_node": 4, "device": "cpu"},
     )
     lines: list[str] = []
-    starts = search.warm_starts(space, [bad, str(PLAN_2PROCS)], log=lines.append)
+    starts = warm_starts(space, [bad, str(PLAN_2PROCS)], log=lines.append)
     assert [w.source for w in starts] == [str(PLAN_2PROCS)]
     assert any(
         line.startswith(f"warm start {bad}: dropped, layout tensor_parallel:4 over 2 processes") for line in lines
@@ -101,14 +105,14 @@ def test_study_url_takes_its_best_three(space, tmp_path):
     url = f"sqlite:///{db}"
     study = optuna.load_study(study_name="tiny-d2b885a115d3", storage=url)
     best = sorted(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)), key=lambda t: -t.value)[:3]
-    starts = search.warm_starts(space, [url])  # the one study it holds, unnamed
+    starts = warm_starts(space, [url])  # the one study it holds, unnamed
     assert starts and all(w.source.startswith(f"{url}#tiny-d2b885a115d3 trial ") for w in starts)
     numbers = [int(w.source.rsplit(" ", 1)[1]) for w in starts]
     assert set(numbers) <= {t.number for t in best}
     assert numbers[0] == best[0].number  # the best first (unless it is the baseline itself)
-    assert search.warm_starts(space, [f"{url}#tiny-d2b885a115d3"]) == starts
+    assert warm_starts(space, [f"{url}#tiny-d2b885a115d3"]) == starts
     # The plan file of that study's best is the same configuration: not enqueued twice.
-    assert len(search.warm_starts(space, [f"{url}#tiny-d2b885a115d3", str(PLAN_2PROCS)])) == len(starts)
+    assert len(warm_starts(space, [f"{url}#tiny-d2b885a115d3", str(PLAN_2PROCS)])) == len(starts)
 
 
 @pytest.mark.parametrize(
@@ -125,19 +129,19 @@ def test_bad_source_is_one_line_and_writes_nothing(space, tmp_path, source, word
     shutil.copy(STUDY_2PROCS, db)
     before = sorted(tmp_path.iterdir())
     with pytest.raises(UserError, match=re.escape(words)) as e:
-        search.warm_starts(space, [source.format(tmp=tmp_path, db=db)])
+        warm_starts(space, [source.format(tmp=tmp_path, db=db)])
     assert "\n" not in str(e.value)
     assert sorted(tmp_path.iterdir()) == before
 
 
 def test_resumed_study_enqueues_nothing_again(space, tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    starts = search.warm_starts(space, [str(PLAN_2PROCS)])
-    study = search.open_study("s", url, "tpe", 0)
-    search.ensure_first_trials(study, space, planner.expert_priors(space), starts)
+    starts = warm_starts(space, [str(PLAN_2PROCS)])
+    study = open_study("s", url, "tpe", 0)
+    ensure_first_trials(study, space, planner.expert_priors(space), starts)
     count = len(study.trials)
-    again = search.open_study("s", url, "tpe", 0)
-    search.ensure_first_trials(again, space, planner.expert_priors(space), starts)
+    again = open_study("s", url, "tpe", 0)
+    ensure_first_trials(again, space, planner.expert_priors(space), starts)
     assert len(again.trials) == count
     assert sum(t.user_attrs.get("role") == "warm_start" for t in again.trials) == 1
 
@@ -168,6 +172,6 @@ def test_one_process_here_leaves_the_layout_off(tmp_path):
         planner.PlanSettings(workload="tiny", cpu_procs=1), hardware.detect(quick=True), load_workload("tiny")
     )
     lines: list[str] = []
-    params = search.plan_params(one, planmod.load(PLAN_2PROCS), log=lines.append)
+    params = plan_params(one, planmod.load(PLAN_2PROCS), log=lines.append)
     assert "processes" not in params and params["precision"] is True
     assert "2 processes, 1 here" in lines and "ddp not searched here, left off" in lines

@@ -117,7 +117,7 @@ def plan_command(
         raise UserError("--trial-steps and --warmup-steps must be positive")
     if not 0 < trial_seconds < 3600:  # NaN and inf fail this too
         raise UserError(f"--trial-seconds {trial_seconds:g}: expected seconds above 0 and below 3600")
-    from autotune.search import MIN_TRIAL_S
+    from autotune.planning.objective import MIN_TRIAL_S
 
     if not trial_timeout >= MIN_TRIAL_S:  # also NaN; a trial starts python and torch first
         raise UserError(f"--trial-timeout {trial_timeout:g}: expected at least {MIN_TRIAL_S:g} seconds")
