@@ -22,7 +22,7 @@ from autotune.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FEATURES", "Device", "Found", "Timer", "accelerators", "available", "detect", "get", "names", "of"]
+__all__ = ["FEATURES", "Device", "Found", "Timer", "accelerators", "available", "detect", "get", "names", "of", "planned", "resolve"]
 
 CPU = "cpu"
 """The host's kind, which every machine has."""
@@ -77,12 +77,16 @@ def detect() -> Device:
     return available()[0]
 
 
+def planned(requested: str) -> Device:
+    """The kind a plan's ``launch.device`` trains on here, whether this machine has it or not:
+    ``auto`` is :func:`detect`'s."""
+    return detect() if requested == AUTO else get(requested)
+
+
 def resolve(requested: str) -> Device:
     """The kind of a plan's ``launch.device`` here: ``auto`` is :func:`detect`'s; a named
     accelerator that is missing is a UserError."""
-    if requested == AUTO:
-        return detect()
-    device = get(requested)
+    device = planned(requested)
     if not device.is_available():
         raise UserError(f"the plan asks for {device.words}, but no {device.words} device is available")
     return device

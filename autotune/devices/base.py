@@ -103,6 +103,11 @@ class Device:
         """Devices of this kind this process can use."""
         return 0
 
+    def surely_absent(self) -> bool:
+        """True where this machine certainly has none of this kind, found without importing
+        torch (False: ask :meth:`is_available`)."""
+        return False
+
     def found_in(self, profile: Any | None) -> Found:
         """This kind's devices in a HardwareProfile (None: a machine with none)."""
         return Found(count=0)

@@ -69,6 +69,25 @@ class Cuda(Device):
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
+    def surely_absent(self) -> bool:
+        """NVML says for certain that no NVIDIA GPU is here: no driver library, no loaded
+        driver, or no device (anything else asks torch, which knows CUDA_VISIBLE_DEVICES)."""
+        try:
+            import pynvml
+        except ImportError:
+            return False
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as e:
+            absent = (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+            return getattr(e, "value", None) in absent
+        try:
+            return pynvml.nvmlDeviceGetCount() == 0
+        except pynvml.NVMLError:
+            return False
+        finally:
+            pynvml.nvmlShutdown()
+
     def found_in(self, profile: Any | None) -> Found:
         gpus = list(profile.gpus) if profile is not None else []
         caps = [capability(g.capability) for g in gpus]
