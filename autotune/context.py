@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from autotune import devices
-from autotune import schema
+from autotune import devices, schema
 from autotune.errors import UserError
 from autotune.mesh import ParallelDims
 from autotune.strategy import Facts, Strategy, unmet_needs

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from autotune import devices
-from autotune import distributed
+from autotune import devices, distributed
 
 if TYPE_CHECKING:
     from autotune.context import MicroBatch, TrainContext

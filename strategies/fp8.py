@@ -92,7 +92,9 @@ def apply_fp8(ctx: TrainContext, cfg: Fp8Config) -> None:
 
     # Off a GPU, torchao's emulation: the same float8 rounding of every input, weight and
     # gradient, the matmul in high precision (torch's CPU float8 matmul is minutes a step).
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(cfg.recipe), emulate=not devices.of(ctx.device).accelerator)
+    config = dataclasses.replace(
+        Float8LinearConfig.from_recipe_name(cfg.recipe), emulate=not devices.of(ctx.device).accelerator
+    )
     for module in targets(ctx.model, cfg.layers):
         if not isinstance(module, nn.Linear):
             convert_to_float8_training(module, config=config, module_filter_fn=convertible)

@@ -22,7 +22,20 @@ from autotune.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FEATURES", "Device", "Found", "Timer", "accelerators", "available", "detect", "get", "names", "of", "planned", "resolve"]
+__all__ = [
+    "FEATURES",
+    "Device",
+    "Found",
+    "Timer",
+    "accelerators",
+    "available",
+    "detect",
+    "get",
+    "names",
+    "of",
+    "planned",
+    "resolve",
+]
 
 CPU = "cpu"
 """The host's kind, which every machine has."""

@@ -208,4 +208,3 @@ class Device:
     def optimizer_kwargs(self) -> dict[str, Any]:
         """AdamW's implementation: fused where the kind has it, else foreach."""
         return {"foreach": True}
-
