@@ -36,7 +36,7 @@ from autotune.plan import (
     TrainSpec,
 )
 from autotune.schema import check_writable
-from autotune.strategy import ACCELERATOR, Facts, Prior, PriorFacts, SearchFacts
+from autotune.strategy import Facts, Prior, PriorFacts, SearchFacts
 from autotune.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
 from autotune.workloads import Workload, load_workload
 
@@ -61,13 +61,6 @@ GUARD_FRACTIONS = (0.25, 0.5, 0.75)
 TRIAL_SECONDS = 5.0
 """Timed seconds a trial aims for (--trial-seconds, ``TrialBudget.target_s``): a median of
 steps that are each under it, a few steps of a slow fp32 baseline."""
-# The least a run's child takes before its first step (Python, torch, the model built; the
-# device's context) and what the expert prior's first compilation adds (a CPU search does not
-# compile; its confirmation runs pay CACHED_WARMUP of it) are each device's
-# (``Device.startup_floor_s``, ``Device.compile_floor_s``): what :func:`minimum_budget` counts for
-# each run it cannot predict otherwise. Measured: tiny on the 2-core dev CPU 2.4 s; the presets on
-# one H200 8-15 s; a Qwen3-style HF model of 0.33B parameters on one H100, 23.7 s
-# (bench/results/issue26-h100-200s).
 
 
 @dataclass(kw_only=True, slots=True)
@@ -279,14 +272,8 @@ def _baseline_micro_batch(space: search.SearchSpace) -> int:
 
 
 def left_out_of(device: str) -> dict[str, str]:
-    """Strategies a search on ``device`` leaves out (each declares its ``left_out``, by the
-    device's name or ``ACCELERATOR`` for any but the CPU), with the reason."""
-    keys = (device, ACCELERATOR) if devices.get(device).accelerator else (device,)
-    return {
-        name: next(s.left_out[k] for k in keys if k in s.left_out)
-        for name, s in catalog.catalog().items()
-        if any(k in s.left_out for k in keys)
-    }
+    """Strategies a search on ``device`` leaves out (each declares its ``left_out``), with the reason."""
+    return {name: why for name, s in catalog.catalog().items() if (why := s.left_out_on(device)) is not None}
 
 
 def search_left_out(facts: SearchFacts) -> dict[str, str]:

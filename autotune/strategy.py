@@ -259,6 +259,12 @@ class Strategy:
     def implemented(self) -> bool:
         return self.apply is not None
 
+    def left_out_on(self, device: DeviceName) -> str | None:
+        """Why a search on ``device`` leaves this strategy out (``left_out``); None: it does not."""
+        if device in self.left_out:
+            return self.left_out[device]
+        return self.left_out.get(ACCELERATOR) if on_accelerator(device) else None
+
     def parse(self, knobs: dict[str, Any], where: str = "") -> Any:
         """Typed config from a plan's knob dict; unknown or ill-typed knobs name the field."""
         return schema.from_dict(self.config, knobs, where or f"{self.name}.knobs")
