@@ -18,7 +18,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from autotune.hardware import AllReducePoint, Clock, CudaClock, HostClock, Stat
+from autotune import devices
+from autotune.hardware import AllReducePoint, Clock, DeviceClock, Stat
 from autotune.schema import to_dict, write_json_atomic
 
 WARMUP = 5
@@ -31,18 +32,15 @@ REPEATS = 10
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    import torch
     import torch.distributed as dist
 
-    if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)  # bound to its GPU: barriers need no guess
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    kind = devices.get(args.device)
+    device = kind.torch_device(int(os.environ.get("LOCAL_RANK", "0")))
+    kind.make_current(device)
+    # An accelerator's group is bound to its device (NCCL: barriers need no guess).
+    dist.init_process_group(kind.backend, **kind.process_group_options(device))
     try:
-        clock: Clock = CudaClock() if device.type == "cuda" else HostClock()
+        clock: Clock = DeviceClock(device)
         points = [_point(size, device, clock) for size in args.sizes]
         if dist.get_rank() == 0:
             write_json_atomic(args.out, to_dict(points))
@@ -54,7 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--device", choices=("cuda", "cpu"), required=True, help="cuda: NCCL, one GPU a rank; cpu: gloo"
+        "--device",
+        choices=devices.names(),
+        required=True,
+        help="the kind of device (autotune.devices), one a rank: its backend (NCCL on GPUs, gloo on the CPU)",
     )
     parser.add_argument("--out", required=True, help="JSON file rank 0 writes")
     parser.add_argument(

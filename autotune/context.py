@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from autotune import schema
+from autotune import devices, schema
 from autotune.errors import UserError
 from autotune.mesh import ParallelDims
 from autotune.strategy import Facts, Strategy, unmet_needs
@@ -103,13 +103,16 @@ class TrainContext:
     def facts(self) -> Facts:
         """This process's device and workload, as a strategy's needs are checked against."""
         facts = Facts.of(None, self.workload, processes=self.processes)
-        if self.device.type != "cuda":
+        kind = devices.of(self.device)
+        if not kind.accelerator:
             return facts
+        found = kind.found_here(self.device)
         return dataclasses.replace(
             facts,
-            cuda_devices=torch.cuda.device_count(),
-            compute_capability=torch.cuda.get_device_capability(self.device),
-            gpu_name=torch.cuda.get_device_name(self.device),
+            device=kind.name,
+            accelerators=found.count,
+            compute_capability=found.compute_capability,
+            gpu_name=found.name,
         )
 
     def check_needs(self, strategy: Strategy, cfg: Any, workaround: str) -> None:
@@ -131,6 +134,4 @@ class TrainContext:
         return contextlib.nullcontext() if self.grad_sync is None else self.grad_sync(last_micro)
 
     def autocast(self) -> Any:
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return devices.of(self.device).autocast(self.device, self.autocast_dtype)

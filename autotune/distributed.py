@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from autotune import devices
 from autotune.errors import UserError
 
 TIMEOUT_ENV = "AUTOTUNE_DIST_TIMEOUT_S"
@@ -98,7 +99,7 @@ def timeout() -> datetime.timedelta:
 
 
 def join(requested: str, expected_world: int) -> Group:
-    """Join the run this process belongs to, on ``requested`` ("auto", "cuda", "cpu").
+    """Join the run this process belongs to, on ``requested`` ("auto" or a device's name).
 
     Alone (no torchrun, no process group) this is rank 0 of 1. Under torchrun the default
     process group is initialised here unless it already is (then it is used as it is and
@@ -120,11 +121,9 @@ def join(requested: str, expected_world: int) -> Group:
         return Group(rank=0, world_size=1, device=device, owned=False)
     if dist.is_initialized():
         return Group(rank=dist.get_rank(), world_size=world, device=device, owned=False)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timeout(), device_id=device)
-    else:
-        dist.init_process_group("gloo", timeout=timeout())
+    kind = devices.of(device)
+    kind.make_current(device)
+    dist.init_process_group(kind.backend, timeout=timeout(), **kind.process_group_options(device))
     # Everyone has arrived: what a rank checks before joining (e.g. that the run directory
     # is free) is not yet changed by another rank.
     dist.barrier()
@@ -132,17 +131,10 @@ def join(requested: str, expected_world: int) -> Group:
 
 
 def pick_device(requested: str = "auto", local_rank: int | None = None) -> torch.device:
-    """The device of a plan's ``launch.device``: CUDA when asked or present (the GPU of
-    ``local_rank`` in a multi-process run, else the current one), else the CPU."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("the plan asks for CUDA, but no CUDA device is available")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    if local_rank is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    if local_rank >= torch.cuda.device_count():
-        raise UserError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}")
-    return torch.device("cuda", local_rank)
+    """The device of a plan's ``launch.device``: the accelerator asked for, or the one here
+    for "auto" (the one of ``local_rank`` in a multi-process run, else the current one), else
+    the CPU (``autotune.devices.resolve``)."""
+    return devices.resolve(requested).torch_device(local_rank)
 
 
 def leave(group: Group, *, clean: bool) -> None:

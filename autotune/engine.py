@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from autotune import distributed
+from autotune import devices, distributed
 
 if TYPE_CHECKING:
     from autotune.context import MicroBatch, TrainContext
@@ -82,11 +82,11 @@ class StepEngine(Protocol):
 def make_optimizer(
     model: torch.nn.Module, spec: TrainSpec, device: torch.device, options: dict[str, Any]
 ) -> torch.optim.Optimizer:
-    """The plan's AdamW: decay on matrices only, fused on CUDA, ``options`` on top."""
+    """The plan's AdamW: decay on matrices only, fused where the device has it, ``options`` on top."""
     from autotune.strategies.optimizer import adamw_groups
 
     groups = adamw_groups(model, spec.weight_decay)  # decay on matrices only, one group per mesh
-    kwargs: dict[str, Any] = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    kwargs: dict[str, Any] = devices.of(device).optimizer_kwargs()
     kwargs.update(options)
     return torch.optim.AdamW(groups, lr=spec.lr, betas=(spec.beta1, spec.beta2), **kwargs)
 

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import re
 import signal
 import socket
 import statistics
@@ -38,6 +37,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 import psutil
 
+from autotune import devices
 from autotune.errors import SchemaError, UserError
 from autotune.schema import from_dict, read_json, to_dict, write_json_atomic
 
@@ -289,7 +289,8 @@ class HardwareProfile:
             raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(MATMUL_DTYPES)}")
         if self.measured is not None and dtype in self.measured.matmul:
             return self.measured.matmul[dtype].median, "measured"
-        rate = datasheet_flops(self.gpus[0].name, dtype) if self.gpus else None
+        kind, found = devices.in_profile(self)
+        rate = kind.datasheet_flops(found.name, dtype) if kind.accelerator and found.name else None
         if rate is not None:
             return rate, "datasheet"
         device = self.gpus[0].name if self.gpus else self.cpu.model
@@ -349,27 +350,6 @@ def summary_differences(made_on: dict[str, Any], here: dict[str, Any]) -> list[s
         for key, name in SUMMARY_FIELDS.items()
         if key in made_on and key in here and str(made_on[key]) != str(here[key])
     ]
-
-
-# Dense (no sparsity) rates per device from the vendors' datasheets, first match wins. The SXM
-# H100 and the H200 share one chip; nvidia-smi names the SXM H100 "NVIDIA H100 80GB HBM3".
-_HOPPER_SXM = {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12, "fp8": 1978.9e12}
-_DATASHEET: tuple[tuple[str, dict[str, float]], ...] = (
-    (r"\bH200\b(?!.*\bNVL\b)", _HOPPER_SXM),
-    (r"\bH100\b.*\b(HBM3|SXM)", _HOPPER_SXM),
-    (r"\bH100\b.*\bPCIe\b", {"fp32": 51.2e12, "tf32": 378e12, "bf16": 756e12, "fp8": 1513e12}),
-    (r"\bA100\b", {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12}),
-    (r"\bL40S\b", {"fp32": 91.6e12, "tf32": 183e12, "bf16": 362e12, "fp8": 733e12}),
-    (r"\bL4\b", {"fp32": 30.3e12, "tf32": 60e12, "bf16": 121e12, "fp8": 242e12}),
-)
-
-
-def datasheet_flops(gpu_name: str, dtype: str) -> float | None:
-    """The vendor's dense matmul rate of one ``gpu_name`` for ``dtype``; None when not in the table."""
-    for pattern, rates in _DATASHEET:
-        if re.search(pattern, gpu_name):
-            return rates.get(dtype)
-    return None
 
 
 def default_profile_path() -> Path:
@@ -919,29 +899,19 @@ class Clock(Protocol):
         ...
 
 
-class HostClock:
-    """Wall time on the host, for work that is finished when the call returns (CPU)."""
+class DeviceClock:
+    """The device's own timer (``Device.timer``: events on an accelerator, the host clock on a
+    CPU) around ``n`` calls, read once the device has finished them."""
+
+    def __init__(self, device: Any) -> None:
+        self.device, self.kind = device, devices.of(device)
 
     def time(self, fn: Callable[[], object], n: int) -> float:
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return time.perf_counter() - start
-
-
-class CudaClock:
-    """Device time between two CUDA events on the current stream."""
-
-    def time(self, fn: Callable[[], object], n: int) -> float:
-        import torch
-
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(n):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
+        with self.kind.timer(self.device) as timer:
+            for _ in range(n):
+                fn()
+        self.kind.synchronize(self.device)
+        return timer.seconds()
 
 
 class TooSlow(Exception):
@@ -966,11 +936,12 @@ def measure(gpus: list[GpuInfo], notes: list[str], log: Log) -> Measurements:
     start = time.perf_counter()
     if gpus:
         torch.cuda.set_device(0)
-        device, cfg, clock = torch.device("cuda", 0), CUDA_MEASURE, CudaClock()
+        device, cfg = torch.device("cuda", 0), CUDA_MEASURE
         dtypes = [d for d in MATMUL_DTYPES if d == "fp32" or getattr(gpus[0], d)]
     else:
-        device, cfg, clock = torch.device("cpu"), CPU_MEASURE, HostClock()
+        device, cfg = torch.device("cpu"), CPU_MEASURE
         dtypes = ["fp32", "bf16"]
+    clock = DeviceClock(device)
     matmul = {}
     for dtype in dtypes:
         log(f"measuring {dtype} matmul ({cfg.matmul_n}^3) on {device}")

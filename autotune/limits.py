@@ -63,11 +63,11 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank of a run: its launching command checked the plan
         return None
     launch, train = plan.launch, plan.train
-    on_cuda, devices, where, memory = _device(launch.device)
+    on_accelerator, devices, where, memory = _device(launch.device)
     nproc = launch.nproc_per_node
-    if on_cuda and devices is not None and nproc > devices:
+    if on_accelerator and devices is not None and nproc > devices:
         raise UserError(f"the plan runs {nproc:,} processes a node, one per GPU, but this machine has {devices} GPU(s)")
-    if not on_cuda:
+    if not on_accelerator:
         cores = usable_cores()
         if nproc > cores * MAX_OVERSUBSCRIPTION:
             raise UserError(
@@ -83,7 +83,7 @@ def check_machine(plan: Any, workload: Any) -> Fit | None:
     eval_tokens = train.eval_batches * train.micro_batch_size * (shape.seq_len + 1) if train.eval_interval else 0
     peak = estimate.peak_memory_bytes + EVAL_BYTES_PER_TOKEN * eval_tokens
     fit = Fit(parameters=costmodel.parameters(shape), peak_memory_bytes=peak, memory_bytes=memory, where=where)
-    need = peak * (1 if on_cuda else nproc)  # the CPU processes share the host's memory
+    need = peak * (1 if on_accelerator else nproc)  # the CPU processes share the host's memory
     if memory is not None and need > memory:
         parts = estimate.breakdown
         state = parts["weights"] + parts["optimizer"] + parts["gradients"]
@@ -126,46 +126,34 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _no_nvidia_driver() -> bool:
-    """True where NVML says for certain that no NVIDIA GPU is here: no driver library, no
-    loaded driver, or no device. Then ``show`` checks a plan without importing torch (the
-    layering contract, tests/test_layering.py); anything else asks torch, which knows
-    CUDA_VISIBLE_DEVICES."""
-    try:
-        import pynvml
-    except ImportError:
+def _here(kind: Any) -> bool:
+    """Whether this machine has ``kind``: without importing torch where the kind can tell it
+    is absent (then ``show`` checks a plan without torch: the layering contract,
+    tests/test_layering.py), else by asking torch."""
+    if "torch" not in sys.modules and kind.surely_absent():
         return False
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as e:
-        absent = (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
-        return getattr(e, "value", None) in absent
-    try:
-        return pynvml.nvmlDeviceGetCount() == 0
-    except pynvml.NVMLError:
-        return False
-    finally:
-        pynvml.nvmlShutdown()
+    return bool(kind.is_available())
 
 
 def _device(requested: str) -> tuple[bool, int | None, str, int | None]:
-    """(trains on CUDA, GPUs here, the device in words, its memory) for a plan's ``launch.device``:
-    a CUDA plan on a machine without CUDA has neither GPUs nor memory to check against."""
+    """(trains on an accelerator, how many here, the device in words, its memory) for a plan's
+    ``launch.device``: a plan for an accelerator this machine lacks has neither devices nor
+    memory to check against."""
     import psutil
 
-    if "torch" not in sys.modules and _no_nvidia_driver():
-        cuda_here = False
-    else:
-        import torch
+    from autotune import devices
 
-        cuda_here = torch.cuda.is_available()
-    if requested == "cuda" and not cuda_here:
-        return True, None, "a CUDA plan", None
-    if requested == "cpu" or not cuda_here:
+    if requested == devices.AUTO:
+        kind = next((k for k in devices.accelerators() if _here(k)), devices.get(devices.CPU))
+    else:
+        kind = devices.get(requested)
+    if not kind.accelerator:
         return False, None, "RAM", psutil.virtual_memory().total
-    gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
-    smallest = min(gpus, key=lambda p: p.total_memory)
-    return True, len(gpus), f"memory on each {smallest.name}", smallest.total_memory
+    if not _here(kind):
+        return True, None, f"a {kind.words} plan", None
+    memories = kind.memories()
+    name, memory = min(memories, key=lambda m: m[1])
+    return True, len(memories), f"memory on each {name}", memory
 
 
 def size(n: float) -> str:

@@ -35,7 +35,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from autotune import __version__, catalog, schema
+from autotune import __version__, catalog, devices, schema
 from autotune.errors import SchemaError, UserError
 
 SCHEMA_VERSION = 1
@@ -76,14 +76,19 @@ MAX_NODES = 65536
 """Nodes beyond any cluster."""
 
 
+DeviceChoice = Literal[(devices.AUTO, *devices.names())]  # type: ignore[valid-type]
+"""A plan's ``launch.device``: "auto" or the name of a kind of device (the registry's, so a new
+kind is a plan's choice without an edit here)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class LaunchSpec:
     nproc_per_node: int = 1
     """Processes per node (one per GPU)."""
     nnodes: int = 1
     """Nodes (machines) in the run."""
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    """Where to train: auto picks CUDA when present."""
+    device: DeviceChoice = "auto"
+    """Where to train: a device's name (``autotune.devices``), or auto: the accelerator present, else the CPU."""
     rdzv_endpoint: str | None = None
     """host:port of torchrun's c10d rendezvous, reachable from every node (one of them runs
     it); needed when nnodes > 1."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from autotune import apply, catalog, search
+from autotune import apply, catalog, devices, search
 from autotune import plan as planmod
 from autotune import trial as trialmod
 from autotune.errors import UserError
@@ -61,14 +61,6 @@ GUARD_FRACTIONS = (0.25, 0.5, 0.75)
 TRIAL_SECONDS = 5.0
 """Timed seconds a trial aims for (--trial-seconds, ``TrialBudget.target_s``): a median of
 steps that are each under it, a few steps of a slow fp32 baseline."""
-STARTUP_FLOOR_S = {"cpu": 3.0, "cuda": 15.0}
-"""The least a run's child takes before its first step (Python, torch, the model built; CUDA's
-context on a GPU): what :func:`minimum_budget` counts for each run it cannot predict otherwise.
-Measured: tiny on the 2-core dev CPU 2.4 s; the presets on one H200 8-15 s; a Qwen3-style HF
-model of 0.33B parameters on one H100, 23.7 s (bench/results/issue26-h100-200s)."""
-COMPILE_FLOOR_S = {"cpu": 0.0, "cuda": 30.0}
-"""The least the expert prior's first compilation adds on a GPU (a CPU search does not compile);
-its confirmation runs pay :data:`CACHED_WARMUP` of it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -104,7 +96,7 @@ class PlanSettings:
     profile: Path | None = None
     """Hardware profile of this machine; None: detect quickly (no measurements)."""
     device: str = "auto"
-    """auto, cuda or cpu."""
+    """auto, or a device's name (``autotune.devices``: cpu, cuda)."""
     cpu_procs: int | None = None
     """Search runs of up to this many CPU processes (gloo) too; implies device cpu."""
     budget: TrialBudget = dataclasses.field(default_factory=lambda: TrialBudget(target_s=TRIAL_SECONDS))
@@ -155,22 +147,25 @@ def _profile(settings: PlanSettings) -> Any:
 
 
 def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tuple[search.SearchSpace, StrategyGraph]:
-    if settings.cpu_procs is not None and (settings.cpu_procs < 1 or settings.device == "cuda"):
+    asked = None if settings.device == devices.AUTO else devices.get(settings.device)
+    if settings.cpu_procs is not None and (settings.cpu_procs < 1 or (asked is not None and asked.accelerator)):
+        others = " or ".join(f"--device {d.name}" for d in devices.accelerators())
         raise UserError(
-            f"--cpu-procs {settings.cpu_procs}: expected a positive number of CPU processes (and not --device cuda)"
+            f"--cpu-procs {settings.cpu_procs}: expected a positive number of CPU processes (and not {others})"
         )
-    use_cuda = settings.device != "cpu" and settings.cpu_procs is None and bool(profile.gpus)
-    if settings.device == "cuda" and not use_cuda:
-        raise UserError("--device cuda: no CUDA GPU found on this machine")
+    kind, found = devices.in_profile(profile)
+    on_accelerator = kind.accelerator and settings.cpu_procs is None and asked in (None, kind)
+    if asked is not None and asked.accelerator and not on_accelerator:
+        raise UserError(f"--device {asked.name}: no {asked.words} GPU found on this machine")
     cores = usable_cores()
-    if not use_cuda and settings.cpu_procs is not None and settings.cpu_procs > cores:
+    if not on_accelerator and settings.cpu_procs is not None and settings.cpu_procs > cores:
         raise UserError(
             f"--cpu-procs {settings.cpu_procs}: this machine has {cores} usable cores; give at most {cores}"
         )
-    most = len(profile.gpus) if use_cuda else settings.cpu_procs or default_cpu_processes(cores)
-    facts = Facts.of(profile if use_cuda else _cpu_only(profile), workload, processes=most)
+    most = found.count if on_accelerator else settings.cpu_procs or default_cpu_processes(cores)
+    facts = Facts.of(profile if on_accelerator else _cpu_only(profile), workload, processes=most)
     graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
-    launch_device = "cuda" if use_cuda else "cpu"
+    launch_device = kind.name if on_accelerator else devices.CPU
     facts_here = SearchFacts(
         cores=cores, seq_len=workload.seq_len, device=launch_device, vocab_size=workload.vocab_size
     )
@@ -187,14 +182,14 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     strategies = [
         _narrowed(catalog.get(n), facts_here) for n in graph.usable() if n not in left_out and n not in derived
     ]
-    device_memory = float(profile.gpus[0].memory_bytes) if use_cuda else None
+    device_memory = float(profile.gpus[0].memory_bytes) if on_accelerator else None
     rates: dict[str, float] = {}
     bandwidth = None
-    if use_cuda:
+    if on_accelerator:
         rates = {dtype: rate for dtype in ("fp32", "tf32", "bf16") if (rate := _rate(profile, dtype)) is not None}
         measured = profile.measured
         bandwidth = measured.copy.median if measured is not None and measured.copy is not None else None
-    largest = 256 if use_cuda else 64
+    largest = 256 if on_accelerator else 64
     train = TrainSpec(micro_batch_size=1, seed=0)
     launch = LaunchSpec(device=launch_device)
     space = search.SearchSpace(
@@ -244,6 +239,11 @@ def _process_counts(most: int) -> list[int]:
     return counts + ([most] if most > 1 else [])
 
 
+def searched_on(space: search.SearchSpace) -> str:
+    """The kind of device a search's trials run on: its launch's, the CPU for "auto"."""
+    return devices.CPU if space.launch.device == devices.AUTO else space.launch.device
+
+
 def _cpu_only(profile: Any) -> Any:
     return dataclasses.replace(profile, gpus=[], links=[])
 
@@ -273,7 +273,7 @@ def _baseline_micro_batch(space: search.SearchSpace) -> int:
 
 def left_out_of(device: str) -> dict[str, str]:
     """Strategies a search on ``device`` leaves out (each declares its ``left_out``), with the reason."""
-    return {name: s.left_out[device] for name, s in catalog.catalog().items() if device in s.left_out}
+    return {name: why for name, s in catalog.catalog().items() if (why := s.left_out_on(device)) is not None}
 
 
 def search_left_out(facts: SearchFacts) -> dict[str, str]:
@@ -307,7 +307,7 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     settings and the quality guard has its exact reference. A strategy whose prior races
     (``Prior.race``: triton_kernels' fused loss) gets a trial of the first prior plus itself,
     right after it: one implementation against the other on the same settings."""
-    device = "cuda" if space.launch.device == "cuda" else "cpu"
+    device = searched_on(space)
     distributing = apply.distributing()
     params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in distributing}
     own: list[dict[str, Any]] = []
@@ -328,7 +328,7 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
             own.append(knobs)
         else:
             params |= knobs
-    if device != "cuda":
+    if not devices.get(device).accelerator:
         priors = [params | {"micro_batch_size": max(space.micro_batches)}]
     else:
         # The larger micro-batch first: on one H200 micro-batch 96 beat 48 on phase8-small
@@ -390,7 +390,7 @@ def _with_processes(space: search.SearchSpace, priors: list[dict[str, Any]]) -> 
         return priors
     out = [p | {"processes": 1} for p in priors]
     most = max(space.processes)
-    device = "cuda" if space.launch.device == "cuda" else "cpu"
+    device = searched_on(space)
     layouts = space.layouts.get(most, [])
     dp = [n for n in apply.distributing() if n in layouts and catalog.get(n).mesh_dim == "dp"]
     layout = next(((n, p) for n in dp if (p := _prior(space, n, device, most)) is not None), None)
@@ -1220,7 +1220,7 @@ def _search_and_confirm(
     # against 25,398 tokens/s, within that search's ±7% noise) for two more compiled trials.
     plain_run = space.train.random_tokens
     reserve = confirmation_seconds(study, settings, plain_run=plain_run)
-    if space.launch.device == "cuda":
+    if devices.get(searched_on(space)).accelerator:
         status("refinement: max-autotune")
         search.refine(study, objective, None if clock.deadline is None else clock.deadline - reserve)
         status(None)
@@ -1281,26 +1281,27 @@ def _search_and_confirm(
 def minimum_budget(space: search.SearchSpace, settings: PlanSettings) -> float:
     """The least ``--time-budget`` that holds the baseline trial, one candidate (the expert
     prior) and the confirmation of that candidate against the baseline, MIN_ROUNDS rounds of
-    each: a lower bound, from :data:`STARTUP_FLOOR_S` a run, :data:`COMPILE_FLOOR_S` for the
+    each: a lower bound, from the device's startup floor a run, its compile floor for the
     candidate and the cost model's step time of the baseline where it has one (on a GPU with a
     measured or datasheet rate), each run timing at least one optimizer step. With ``--trials
     1`` only the baseline and its own rounds."""
-    device = "cuda" if space.launch.device == "cuda" else "cpu"
+    device = searched_on(space)
     baseline = search.plan_for(space, space.baseline_micro_batch, [])
     estimate = search.predict(space, baseline)
     step = estimate.step_time_s if estimate is not None and estimate.step_time_s else 0.0
     warmup, timed = optimizer_steps(settings.budget, baseline.grad_accum())
     if settings.budget.target_s is not None and step:
         timed = steps_for_target(settings.budget.target_s, step, timed)
-    base_run = STARTUP_FLOOR_S[device] + (warmup + timed) * step
+    kind = devices.get(device)
+    base_run = kind.startup_floor_s + (warmup + timed) * step
     rounds = _rounds(settings)
     if settings.trials == 1:
         need = base_run * (1 + rounds)
     else:
         # Faster than the baseline: at most its one step, after its compilation (cached in the
         # confirmation's runs).
-        candidate = STARTUP_FLOOR_S[device] + COMPILE_FLOOR_S[device] + step
-        again = STARTUP_FLOOR_S[device] + CACHED_WARMUP * COMPILE_FLOOR_S[device] + step
+        candidate = kind.startup_floor_s + kind.compile_floor_s + step
+        again = kind.startup_floor_s + CACHED_WARMUP * kind.compile_floor_s + step
         need = base_run + candidate + rounds * (again + base_run)
     return need + finish_margin(need)
 

@@ -35,8 +35,10 @@ parameters live (``placement``: sharded over processes; ``stages``: cut into pip
 or the loop's ``accumulation`` (micro-batches per step)."""
 PARTS: frozenset[str] = frozenset(get_args(Part))
 
-Device = Literal["cpu", "cuda"]
-"""Where a search runs: on the CPU's cores or on CUDA GPUs."""
+DeviceName = str
+"""A kind of device by its name in ``autotune.devices`` ("cpu", or an accelerator's)."""
+ACCELERATOR = "accelerator"
+"""A ``Strategy.left_out`` key standing for every kind of device but the CPU."""
 
 ExportTarget = Literal["accelerate", "deepspeed"]
 """The launchers' configs that state a plan's strategies (``autotune export --to``). The other
@@ -86,7 +88,7 @@ class Knob:
 class PriorFacts:
     """What a strategy's expert prior is chosen from (``Strategy.prior``)."""
 
-    device: Device
+    device: DeviceName
     """Where the search runs."""
     cores: int
     """Usable cores of this machine."""
@@ -100,6 +102,11 @@ class PriorFacts:
     seq_len: int | None = None
     """Tokens per sample the workload trains on."""
 
+    @property
+    def accelerator(self) -> bool:
+        """Whether the search runs on an accelerator (any kind but the CPU)."""
+        return on_accelerator(self.device)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SearchFacts:
@@ -109,10 +116,22 @@ class SearchFacts:
     """Usable cores of this machine."""
     seq_len: int
     """The workload's sequence length."""
-    device: Device = "cpu"
+    device: DeviceName = "cpu"
     """Where the search runs."""
     vocab_size: int | None = None
     """The workload's vocabulary (None: it has no shape)."""
+
+    @property
+    def accelerator(self) -> bool:
+        """Whether the search runs on an accelerator (any kind but the CPU)."""
+        return on_accelerator(self.device)
+
+
+def on_accelerator(device: DeviceName) -> bool:
+    """Whether ``device`` names an accelerator (any kind but the CPU)."""
+    from autotune import devices
+
+    return devices.get(device).accelerator
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -137,14 +156,14 @@ class Prior:
 class Needs:
     """What a strategy needs from the hardware and the workload."""
 
-    cuda: bool = False
-    """Needs an NVIDIA GPU."""
+    accelerator: bool = False
+    """Needs a device beside the host's CPU."""
+    features: frozenset[str] = frozenset()
+    """What the device must be able to do (names of ``autotune.devices.FEATURES``): "bf16" (bf16
+    units on an accelerator; any CPU runs bf16 autocast), "fp8" (fp8 units on an accelerator; a
+    CPU runs float8 matmuls in software), "graphs", "triton", ..."""
     min_compute_capability: tuple[int, int] | None = None
-    """Lowest CUDA compute capability, e.g. (8, 0) for bf16 tensor cores."""
-    bf16: bool = False
-    """Needs native bf16 on the accelerator (or any CPU)."""
-    fp8: bool = False
-    """Needs fp8 tensor cores (compute capability 8.9+) on a GPU; a CPU runs float8 matmuls in software."""
+    """Lowest compute capability of the accelerator, e.g. (8, 0) for bf16 tensor cores."""
     min_devices: int = 1
     """Fewest processes/devices the strategy makes sense with."""
     tpu: bool = False
@@ -213,9 +232,9 @@ class Strategy:
     changing what the core counts the step from (autocast, checkpointed blocks, a compiled
     model) and what it counted (experts added, state sharded); None: it changes nothing the
     cost model counts."""
-    left_out: dict[Device, str] = dataclasses.field(default_factory=dict, hash=False)
-    """Searches on these devices leave the strategy out, for the reason given: it runs there but
-    never pays a trial (fp8 on a CPU is emulated)."""
+    left_out: dict[DeviceName, str] = dataclasses.field(default_factory=dict, hash=False)
+    """Searches on these kinds of device (``ACCELERATOR``: on any but the CPU) leave the strategy
+    out, for the reason given: it runs there but never pays a trial (fp8 on a CPU is emulated)."""
     prior: Callable[[PriorFacts], Prior | None] | None = None
     """How the expert prior, the first trials after the baseline, turns the strategy on here
     (None from it, or no function: the prior leaves it off). A data-parallel strategy (``mesh_dim``
@@ -239,6 +258,12 @@ class Strategy:
     @property
     def implemented(self) -> bool:
         return self.apply is not None
+
+    def left_out_on(self, device: DeviceName) -> str | None:
+        """Why a search on ``device`` leaves this strategy out (``left_out``); None: it does not."""
+        if device in self.left_out:
+            return self.left_out[device]
+        return self.left_out.get(ACCELERATOR) if on_accelerator(device) else None
 
     def parse(self, knobs: dict[str, Any], where: str = "") -> Any:
         """Typed config from a plan's knob dict; unknown or ill-typed knobs name the field."""
@@ -291,12 +316,14 @@ def check_exports(strategy: Strategy) -> None:
 class Facts:
     """What the needs of a strategy are checked against: the machine and the workload."""
 
-    cuda_devices: int = 0
-    """GPUs that CUDA can use."""
+    device: DeviceName = "cpu"
+    """The kind of device the run trains on (``autotune.devices``): the CPU, or the accelerator found."""
+    accelerators: int = 0
+    """Devices of that kind the run can use (0 on the CPU)."""
     compute_capability: tuple[int, int] | None = None
     """Lowest compute capability among them."""
     gpu_name: str | None = None
-    """Name of the first GPU, for messages."""
+    """Name of the first of them, for messages."""
     tpu_devices: int = 0
     """TPU devices through torch_xla."""
     processes: int = 1
@@ -321,15 +348,18 @@ class Facts:
             from autotune.catalog import catalog
 
             strategies = catalog().values()
-        gpus = list(profile.gpus) if profile is not None else []
-        caps = [tuple(int(x) for x in g.capability.split(".")) for g in gpus]
+        from autotune import devices
+
+        kind, found = devices.in_profile(profile)
+        accelerators = found.count if kind.accelerator else 0
         tpu = profile.tpu.count if profile is not None and profile.tpu.present else 0
         return cls(
-            cuda_devices=len(gpus),
-            compute_capability=min(caps) if caps else None,
-            gpu_name=gpus[0].name if gpus else None,
+            device=kind.name,
+            accelerators=accelerators,
+            compute_capability=found.compute_capability,
+            gpu_name=found.name if kind.accelerator else None,
             tpu_devices=tpu,
-            processes=processes if processes is not None else max(1, len(gpus), tpu),
+            processes=processes if processes is not None else max(1, accelerators, tpu),
             modules=frozenset(m for m in declared_modules(strategies) if _importable(m)),
             structure=frozenset(workload.structure),
         )
@@ -366,19 +396,25 @@ def _importable(module: str) -> bool:
 
 def unmet_needs(strategy: Strategy, facts: Facts) -> list[str]:
     """Why ``strategy`` cannot run here: one short reason per unmet need (empty: it can)."""
+    from autotune import devices
+
     needs, why = strategy.needs, []
-    if needs.cuda and facts.cuda_devices == 0:
-        why.append("needs CUDA, none found")
+    kind = devices.get(facts.device)
+    if kind.accelerator and not facts.accelerators:
+        kind = devices.get(devices.CPU)
+    found = devices.Found(count=facts.accelerators, name=facts.gpu_name, compute_capability=facts.compute_capability)
+    have = kind.features(facts.compute_capability)
+    if needs.accelerator and not kind.accelerator:
+        why.append(_none_found(None))
     if needs.min_compute_capability and facts.compute_capability is not None:
         if facts.compute_capability < needs.min_compute_capability:
             want = ".".join(map(str, needs.min_compute_capability))
-            have = ".".join(map(str, facts.compute_capability))
-            why.append(f"needs compute capability {want}+, {facts.gpu_name} has {have}")
-    if needs.bf16 and facts.cuda_devices and (facts.compute_capability or (0, 0)) < (8, 0):
-        why.append(f"needs bf16 tensor cores, {facts.gpu_name} has none")
-    if needs.fp8 and facts.cuda_devices and (facts.compute_capability or (0, 0)) < (8, 9):
-        # A CPU runs float8 matmuls in software (tests); a GPU needs the fp8 units.
-        why.append(f"needs fp8 tensor cores (compute capability 8.9+), {facts.gpu_name} has none")
+            have_cc = ".".join(map(str, facts.compute_capability))
+            why.append(f"needs compute capability {want}+, {facts.gpu_name} has {have_cc}")
+    for feature in sorted(needs.features - have):
+        reason = kind.lacks(feature, found) if kind.accelerator else _none_found(feature)
+        if reason not in why:  # "needs CUDA, none found" once, for all the features only CUDA has
+            why.append(reason)
     if needs.tpu and facts.tpu_devices == 0:
         why.append("needs a TPU through torch_xla, none found")
     if facts.processes < needs.min_devices:
@@ -390,3 +426,14 @@ def unmet_needs(strategy: Strategy, facts: Facts) -> list[str]:
         if module not in facts.modules:
             why.append(f"needs the {module} package, which does not import here")
     return why
+
+
+def _none_found(feature: str | None) -> str:
+    """Why a need of ``feature`` (None: of any accelerator) is unmet on the CPU: the kinds that
+    have it, in their words ("needs CUDA, none found")."""
+    from autotune import devices
+
+    kinds = devices.needing(feature)
+    if not kinds:
+        return f"needs {devices.FEATURES.get(feature or '', feature)}, which no kind of device here has"
+    return f"needs {' or '.join(d.words for d in kinds)}, none found"

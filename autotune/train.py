@@ -30,7 +30,6 @@ import json
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 from autotune import data as datamod
-from autotune import distributed, locks
+from autotune import devices, distributed, locks
 from autotune.apply import apply_strategies
 from autotune.context import TrainContext
 from autotune.distributed import pick_device
@@ -110,10 +109,10 @@ def _reference_peak(device: torch.device, profile_path: str | None) -> tuple[flo
                 raise UserError(f"profile {path} was made on another machine (fingerprint {profile.fingerprint})")
         elif profile.measured is not None and name in profile.measured.matmul:
             return profile.peak_flops(name)
-    if device.type == "cuda":
-        rate = hardware.datasheet_flops(torch.cuda.get_device_name(device), name)
-        if rate is not None:
-            return rate, "datasheet"
+    kind = devices.of(device)
+    rate = kind.datasheet_flops(kind.device_name(device), name)
+    if rate is not None:
+        return rate, "datasheet"
     return None, None
 
 
@@ -146,9 +145,8 @@ def tokens_per_step(plan: Plan) -> int:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    """Peak memory since the last reset: allocated on an accelerator, resident on the host."""
+    return devices.of(device).peak_memory_bytes(device)
 
 
 class Trainer:
@@ -192,8 +190,7 @@ class Trainer:
 
         seed_everything(self.spec.seed)
         # PyTorch's own defaults, so the plain baseline is plain whatever ran before.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        devices.of(device).allow_tf32(False)
         # The mesh is checked before a tensor is made; the loader shards by the dp rank.
         dp, tp, pp = mesh_shape(world_size, configs, workload=workload, micro_batch_size=self.spec.micro_batch_size)
         dims = ParallelDims(dp=dp, tp=tp, pp=pp)
@@ -290,6 +287,7 @@ class Trainer:
     def train_step(self, step: int) -> torch.Tensor:
         """One optimizer step (all micro-batches). Returns the mean loss, still on the device."""
         loss = self.engine.train_step(lambda micro: self.batches.get(step, micro), lr_at(step, self.spec))
+        devices.of(self.device).mark_step(self.device)  # a lazily synced device runs the step here
         if self.ctx.metrics:  # summed on the device: no sync here
             for name, read in self.ctx.metrics.items():
                 value = read().detach().float()
@@ -338,8 +336,10 @@ class Trainer:
         """Everything but the model and optimizer: the step, the loss scaler, the RNGs (the
         same on every rank: each seeds alike and draws alike)."""
         rng = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        kind = devices.of(self.device)
+        state = kind.rng_state(self.device)
+        if state is not None:
+            rng[kind.name] = state  # keyed by the device's name: "cuda" in checkpoints so far
         return {
             "format": CHECKPOINT_FORMAT,
             "step": step,  # the next step to run; the data order is a function of it
@@ -356,8 +356,9 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         np.random.set_state(_numpy_state_from(rng["numpy"]))
         random.setstate(_python_state_from(rng["python"]))
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        kind = devices.of(self.device)
+        if kind.accelerator and kind.name in rng:
+            kind.set_rng_state(rng[kind.name], self.device)
         return int(state["step"])
 
     def close(self, *, clean: bool = True) -> None:

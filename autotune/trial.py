@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from autotune import locks, schema
+from autotune import devices, locks, schema
 from autotune.errors import UserError, first_line
 from autotune.plan import Figures, Plan
 from autotune.process import die_with_parent
@@ -149,7 +149,7 @@ def device_lock_path(device: str) -> Path:
 
 @contextlib.contextmanager
 def measuring(device: str) -> Iterator[None]:
-    """Hold this machine's lock for measuring on ``device`` ("cpu", "cuda"): a trial beside
+    """Hold this machine's lock for measuring on ``device`` (a device's name): a trial beside
     another process's trial measures the contention, not the plan. Re-entrant within a
     process, so a planner that holds it for its whole search passes it to its own trials; in
     another process it is a one-line UserError naming the holder's pid."""
@@ -410,14 +410,13 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
         _sync(device)
         warmed = time.monotonic()
         _say(f"warmed up in {warmed - built:.1f} s; timing {steps} step(s)")
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        devices.of(device).reset_peak_memory(device)
         trainer.metrics()  # the warm-up's step metrics are left out
         times, timed = [], []
         reporter = _Progress(progress, trainer.tokens_per_step) if progress is not None else None
         step = warmup
         while step < warmup + steps:
-            with _StepTimer(device) as t:
+            with step_timer(device) as t:
                 timed.append(trainer.train_step(step))
             times.append(t)
             if step == warmup and budget.target_s is not None:
@@ -507,7 +506,7 @@ class _Progress:
     def __init__(self, path: Path, tokens_per_step: int) -> None:
         self.path, self.tokens_per_step, self.done = path, tokens_per_step, 0
 
-    def report(self, times: list[_StepTimer]) -> None:
+    def report(self, times: list[devices.Timer]) -> None:
         lines = []
         while self.done < len(times) and times[self.done].finished():
             seconds = times[self.done].seconds()
@@ -520,40 +519,13 @@ class _Progress:
                 f.write("".join(line + "\n" for line in lines))
 
 
-class _StepTimer:
-    """Times one step: CUDA events on a GPU (no sync per step), the host clock on a CPU."""
-
-    def __init__(self, device: Any) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self) -> _StepTimer:
-        if self.cuda:
-            import torch
-
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.cuda:
-            self.end.record()
-        else:
-            self.t1 = time.perf_counter()
-
-    def finished(self) -> bool:
-        return self.end.query() if self.cuda else True
-
-    def seconds(self) -> float:
-        return self.start.elapsed_time(self.end) / 1e3 if self.cuda else self.t1 - self.t0
+def step_timer(device: Any) -> devices.Timer:
+    """Times one step: events on an accelerator (no sync per step), the host clock on a CPU."""
+    return devices.of(device).timer(device)
 
 
 def _sync(device: Any) -> None:
-    if device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize(device)
+    devices.of(device).synchronize(device)
 
 
 def main(argv: list[str] | None = None) -> int:

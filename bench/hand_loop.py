@@ -96,7 +96,7 @@ def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[
     import torch
     import torch.nn.functional as F
 
-    from autotune.trial import _StepTimer
+    from autotune.trial import step_timer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -157,7 +157,7 @@ def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[
             torch.cuda.reset_peak_memory_stats(device)
         timers = []
         for _ in range(steps):
-            with _StepTimer(device) as t:  # the very timer of autotune's trials
+            with step_timer(device) as t:  # the very timer of autotune's trials
                 losses.append(step())
             timers.append(t)
         if cuda:

@@ -114,7 +114,7 @@ def _weight_grad_into(acc: torch.Tensor | None, grad: torch.Tensor, hidden: torc
     global _ACCUMULATE_OUT
     if grad.dtype == torch.float32:
         return grad.T @ hidden if acc is None else acc.addmm_(grad.T, hidden)
-    if not grad.is_cuda:
+    if grad.device.type == "cpu":
         product = (grad.T @ hidden).float()
         return product if acc is None else acc.add_(product)
     if acc is None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from autotune import devices
 from autotune.errors import UserError
 
 
@@ -42,8 +43,8 @@ class SparseKernel:
     """torch.compile(flex_attention), made on the first CUDA call."""
 
     def block_mask(self, seq_len: int, device: torch.device) -> BlockMask:
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())  # the key q.device gives
+        if device.index is None:
+            device = devices.of(device).torch_device()  # the current one: the key q.device gives
         key = (seq_len, device)
         if key not in self.block_masks:
             window, global_tokens = self.window, self.global_tokens
@@ -74,7 +75,7 @@ class SparseKernel:
         if device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense_mask(T, device))
         attend = flex_attention
-        if device.type == "cuda":
+        if devices.of(device).accelerator:
             if self.compiled is None:
                 self.compiled = torch.compile(flex_attention)
             attend = self.compiled

@@ -49,11 +49,13 @@ class AttentionConfig:
     """Attention kernel (see the module docstring)."""
 
     def needs(self) -> Needs:
-        """CUDA kernels need CUDA; flash and cuDNN attention need Ampere (8.0+), FA3 Hopper."""
-        cuda = self.backend in ("efficient", "flash", "cudnn", "fa3")
+        """The fused kernels need a device that has them; flash and cuDNN attention need Ampere
+        (8.0+), FA3 Hopper."""
+        fused = self.backend in ("efficient", "flash", "cudnn", "fa3")
         capability = {"flash": (8, 0), "cudnn": (8, 0), "fa3": (9, 0)}.get(self.backend)
         modules = ("flash_attn_interface",) if self.backend == "fa3" else ()
-        return Needs(cuda=cuda, min_compute_capability=capability, modules=modules, structure=_STRUCTURE)
+        features = frozenset({"fused_attention"}) if fused else frozenset()
+        return Needs(features=features, min_compute_capability=capability, modules=modules, structure=_STRUCTURE)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
@@ -136,7 +138,7 @@ def attention_cost(cfg: AttentionConfig, terms: Any) -> None:
 def attention_prior(facts: PriorFacts) -> Prior | None:
     """On a GPU, cuDNN's SDPA: it measured 1.049x flash's on phase8-small at micro-batch 96 on an
     H200 (bench/results/ab/attention_ab_h200.jsonl); flash where cuDNN's is excluded."""
-    if facts.device != "cuda":
+    if not facts.accelerator:
         return None
     excluded = facts.excluded.get("backend", {})
     return Prior(knobs={"backend": next((b for b in ("cudnn", "flash") if b not in excluded), "flash")})

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from autotune import devices
 from autotune.errors import UserError
 from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
@@ -26,9 +27,9 @@ class CompileConfig:
     """Fail rather than fall back to eager at a graph break (for checking a model)."""
 
     def needs(self) -> Needs:
-        """CUDA graphs need CUDA; compiling block by block needs the list of blocks."""
+        """CUDA graphs need a device that captures graphs; compiling block by block needs the list of blocks."""
         return Needs(
-            cuda=self.mode == "reduce-overhead",
+            features=frozenset({"graphs"}) if self.mode == "reduce-overhead" else frozenset(),
             structure=frozenset({"blocks"}) if self.scope == "blocks" else frozenset(),
         )
 
@@ -50,22 +51,20 @@ def apply_compile(ctx: TrainContext, cfg: CompileConfig) -> None:
         ctx.compile_options = {"mode": cfg.mode, "fullgraph": cfg.fullgraph}
         ctx.forward = torch.compile(ctx.forward, **ctx.compile_options)
     if cfg.mode == "reduce-overhead":
-        ctx.forward = _CudaGraphStep(ctx.forward)
+        ctx.forward = _GraphStep(ctx.forward, devices.of(ctx.device))
     ctx.notes.append(f"compile {cfg.scope} mode={cfg.mode}")
 
 
-class _CudaGraphStep:
+class _GraphStep:
     """Calls the forward as one step of CUDA graph trees: marks the step's start (so the
     previous micro-batch's buffers may be reused) and clones the loss out of the graph's
     memory, which the next replay overwrites while the loop still holds the loss."""
 
-    def __init__(self, forward: Any) -> None:
-        self.forward = forward
+    def __init__(self, forward: Any, device: devices.Device) -> None:
+        self.forward, self.device = forward, device
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        import torch
-
-        torch.compiler.cudagraph_mark_step_begin()
+        self.device.graph_step_begin()
         return self.forward(*args, **kwargs).clone()
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autotune.limits import usable_cores
-from autotune.strategy import NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
+from autotune.strategy import ACCELERATOR, NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -57,7 +57,7 @@ STRATEGY = Strategy(
     apply=apply_cpu_threads,
     knobs=(Knob(name="threads", low=1, high=MAX_THREADS, integer=True),),
     # On a GPU the thread count of the host process does not decide the speed: CPU runs only.
-    left_out={"cuda": "searched on CPU runs only"},
+    left_out={ACCELERATOR: "searched on CPU runs only"},
     prior=cpu_threads_prior,
     # The catalog's range is any machine's; a search samples this one's cores.
     search_knobs=lambda facts: (Knob(name="threads", low=1, high=facts.cores, integer=True),),

@@ -30,7 +30,7 @@ class DataloaderConfig:
 
     def needs(self) -> Needs:
         """Pinned memory exists only beside an accelerator."""
-        return Needs(cuda=self.pin_memory)
+        return Needs(features=frozenset({"pinned_memory"}) if self.pin_memory else frozenset())
 
 
 def apply_dataloader(ctx: TrainContext, cfg: DataloaderConfig) -> None:

@@ -24,6 +24,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autotune import devices
 from autotune.errors import UserError
 from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Part, Prior, PriorFacts, Strategy
 
@@ -62,7 +63,7 @@ def apply_ddp(ctx: TrainContext, cfg: DdpConfig) -> None:
         raise UserError("ddp wraps the model itself, but another strategy already wrapped its forward")
     ddp = DistributedDataParallel(
         ctx.model,
-        device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+        device_ids=[ctx.device.index] if devices.of(ctx.device).accelerator else None,
         bucket_cap_mb=cfg.bucket_cap_mb,
         gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         static_graph=cfg.static_graph,

@@ -23,6 +23,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from autotune import devices
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from autotune.context import TrainContext
     from autotune.plan import Plan
 
-_NEEDS = Needs(fp8=True, modules=("torchao",), structure=frozenset({"blocks"}))
+_NEEDS = Needs(features=frozenset({"fp8"}), modules=("torchao",), structure=frozenset({"blocks"}))
 
 ALIGNMENT = 16
 """Float8 matmuls need both dimensions of a weight to be multiples of this."""
@@ -91,7 +92,9 @@ def apply_fp8(ctx: TrainContext, cfg: Fp8Config) -> None:
 
     # Off a GPU, torchao's emulation: the same float8 rounding of every input, weight and
     # gradient, the matmul in high precision (torch's CPU float8 matmul is minutes a step).
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(cfg.recipe), emulate=ctx.device.type != "cuda")
+    config = dataclasses.replace(
+        Float8LinearConfig.from_recipe_name(cfg.recipe), emulate=not devices.of(ctx.device).accelerator
+    )
     for module in targets(ctx.model, cfg.layers):
         if not isinstance(module, nn.Linear):
             convert_to_float8_training(module, config=config, module_filter_fn=convertible)
@@ -138,7 +141,7 @@ def fp8_prior(facts: PriorFacts) -> Prior | None:
     """On a GPU with fp8 tensor cores, tensorwise scales in the blocks' linears for a model at
     least FP8_PRIOR_MIN_D_MODEL wide (rowwise measured 0.97x at d 2048, the head's vocabulary
     matmul is left in bf16 as torchtitan does by default)."""
-    if facts.device != "cuda" or facts.d_model is None or facts.d_model < FP8_PRIOR_MIN_D_MODEL:
+    if not facts.accelerator or facts.d_model is None or facts.d_model < FP8_PRIOR_MIN_D_MODEL:
         return None
     return Prior(knobs={"recipe": "tensorwise", "layers": "blocks"})
 

@@ -46,7 +46,7 @@ class Fsdp2Config:
 
     def needs(self) -> Needs:
         """bf16 parameters need bf16 tensor cores on a GPU."""
-        return dataclasses.replace(_NEEDS, bf16=self.param_dtype == "bf16")
+        return dataclasses.replace(_NEEDS, features=frozenset({"bf16"}) if self.param_dtype == "bf16" else frozenset())
 
 
 def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:

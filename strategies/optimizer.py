@@ -52,7 +52,7 @@ def apply_optimizer(ctx: TrainContext, cfg: OptimizerConfig) -> None:
 
 def optimizer_prior(facts: PriorFacts) -> Prior | None:
     """On a GPU the fused AdamW (one kernel for every parameter)."""
-    return Prior(knobs={"implementation": "fused"}) if facts.device == "cuda" else None
+    return Prior(knobs={"implementation": "fused"}) if facts.accelerator else None
 
 
 STRATEGY = Strategy(

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
+from autotune import devices
+from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy, on_accelerator
 
 if TYPE_CHECKING:
     from autotune.context import TrainContext
@@ -25,7 +26,8 @@ class PrecisionConfig:
     def needs(self) -> Needs:
         """fp16 autocast with loss scaling is a CUDA feature; bf16 on a GPU needs bf16 tensor
         cores (any CPU runs bf16 autocast)."""
-        return {"fp32": Needs(), "bf16": Needs(bf16=True), "fp16": Needs(cuda=True)}[self.dtype]
+        features = {"fp32": (), "bf16": ("bf16",), "fp16": ("fp16",)}[self.dtype]
+        return Needs(features=frozenset(features))
 
 
 _DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
@@ -40,8 +42,7 @@ def apply_precision(ctx: TrainContext, cfg: PrecisionConfig) -> None:
     ctx.autocast_dtype = None if dtype is None else getattr(torch, dtype)
     ctx.grad_scaler = cfg.dtype == "fp16"
     # Process-wide switches; the plain baseline leaves TF32 off (PyTorch's own default).
-    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    devices.of(ctx.device).allow_tf32(cfg.tf32)
     ctx.notes.append(f"precision {cfg.dtype}, tf32 {'on' if cfg.tf32 else 'off'}")
 
 
@@ -67,7 +68,7 @@ def precision_prior(facts: PriorFacts) -> Prior:
     """bf16 first: on a CPU bf16 autocast alone, a trial of its own (1.24x the fp32 baseline on
     tiny on the 2-core dev machine, trial 1 against trial 0 in bench/results/cpu-procs/plan-2procs.log);
     on a GPU with TF32 for the matmuls left in fp32."""
-    return Prior(knobs={"dtype": "bf16", "tf32": facts.device == "cuda"}, own_trial=facts.device == "cpu")
+    return Prior(knobs={"dtype": "bf16", "tf32": facts.accelerator}, own_trial=not facts.accelerator)
 
 
 def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -84,7 +85,7 @@ def search_knobs(device: str, cpuinfo: str = "/proc/cpuinfo") -> tuple[Knob, ...
     """A CPU search samples neither fp16 (its loss scaler is CUDA's) nor TF32 (a GPU's tensor
     cores: on a CPU the switch changes nothing, and a plan would carry it); on a CPU without
     bf16 units it leaves precision out (fp32 is all that pays there, and is the baseline)."""
-    if device == "cuda":
+    if on_accelerator(device):
         return STRATEGY.knobs
     if not cpu_has_bf16(cpuinfo):
         return f"this CPU has no AMX or AVX512-BF16 ({cpuinfo}): bf16 autocast would be emulated, slower than fp32"

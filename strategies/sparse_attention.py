@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autotune import devices
 from autotune.errors import UserError
 from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
@@ -121,7 +122,7 @@ def apply_sparse_attention(ctx: TrainContext, cfg: SparseAttentionConfig) -> Non
     _check_window(cfg.window, seq_len)
     kernel = SparseKernel(window=cfg.window, global_tokens=cfg.global_tokens)
     kernel.block_mask(seq_len, ctx.device)  # built once, outside any compiled region
-    if ctx.device.type == "cuda":
+    if devices.of(ctx.device).accelerator:
         kernel.compile()  # made here, not while a caller's compile traces
     if ctx.device.type == "cpu":
         kernel.dense_mask(seq_len, ctx.device)
@@ -144,7 +145,7 @@ PRIOR_WINDOW, PRIOR_GLOBAL_TOKENS = 1024, 64
 def sparse_attention_prior(facts: PriorFacts) -> Prior | None:
     """On a GPU, for sequences of SPARSE_PRIOR_MIN_SEQ tokens and more: a 1024-token window and
     64 global tokens (the settings measured above)."""
-    if facts.device != "cuda" or facts.seq_len is None or facts.seq_len < SPARSE_PRIOR_MIN_SEQ:
+    if not facts.accelerator or facts.seq_len is None or facts.seq_len < SPARSE_PRIOR_MIN_SEQ:
         return None
     return Prior(knobs={"window": PRIOR_WINDOW, "global_tokens": PRIOR_GLOBAL_TOKENS})
 

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from autotune.context import TrainContext
 
 _STRUCTURE = frozenset({"head", "loss"})
-_NEEDS = Needs(cuda=True, modules=("triton",), structure=_STRUCTURE)
+_NEEDS = Needs(features=frozenset({"triton"}), modules=("triton",), structure=_STRUCTURE)
 LOSSES = ("compile", "autotune", "liger", "cce")
 _MODULES = {"autotune": ("triton",), "liger": ("triton", "liger_kernel"), "cce": ("triton", "cut_cross_entropy")}
 """The packages each implementation imports (the extras that install them: dev, kernels)."""
@@ -47,7 +47,7 @@ class TritonKernelsConfig:
 
     def needs(self) -> Needs:
         """A GPU for every fused kernel, and the package of the one chosen."""
-        return Needs(cuda=True, modules=_MODULES.get(self.loss, ("triton",)), structure=_STRUCTURE)
+        return Needs(features=frozenset({"triton"}), modules=_MODULES.get(self.loss, ("triton",)), structure=_STRUCTURE)
 
 
 def _autotune_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -174,7 +174,7 @@ def triton_kernels_prior(facts: PriorFacts) -> Prior | None:
     prior plus it): measured on an H100 at 0.97x to 1.12x compile's time for 12% to 45% of its
     memory (bench/README.md, "Fused loss"), so which wins depends on the model: the planner
     measures it rather than assuming."""
-    if facts.device != "cuda" or "autotune" in facts.excluded.get("loss", {}):
+    if not facts.accelerator or "autotune" in facts.excluded.get("loss", {}):
         return None
     return Prior(knobs={"loss": "autotune"}, race=True)
 

@@ -69,7 +69,7 @@ def vocab_padding_cost(cfg: VocabPaddingConfig, terms: Any) -> None:
 
 def vocab_padding_prior(facts: PriorFacts) -> Prior | None:
     """On a GPU rows to a multiple of 64 (tensor-core tiles)."""
-    return Prior(knobs={"multiple": 64}) if facts.device == "cuda" else None
+    return Prior(knobs={"multiple": 64}) if facts.accelerator else None
 
 
 MULTIPLES = (64, 128)

@@ -283,7 +283,9 @@ def test_the_gpts_structure_is_what_its_adapter_serves() -> None:
         "triton",
         "liger_kernel",
     )
-    on_a_gpu = dataclasses.replace(CPU, cuda_devices=1, compute_capability=(9, 0), modules=frozenset({"triton"}))
+    on_a_gpu = dataclasses.replace(
+        CPU, device="cuda", accelerators=1, compute_capability=(9, 0), modules=frozenset({"triton"})
+    )
     assert unmet_needs(dataclasses.replace(kernels, needs=fused), on_a_gpu) == []
     assert unmet_needs(
         dataclasses.replace(kernels, needs=fused),

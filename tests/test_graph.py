@@ -34,14 +34,15 @@ MULTI_PROCESS = ("ddp", "fsdp2", "zero", "tensor_parallel", "pipeline_parallel")
 CPU = Facts(structure=GPT_STRUCTURE)
 """This kind of machine: no accelerator, one process, the built-in GPT."""
 H200X2 = Facts(
-    cuda_devices=2,
+    device="cuda",
+    accelerators=2,
     compute_capability=(9, 0),
     gpu_name="NVIDIA H200",
     processes=2,
     modules=frozenset({"deepspeed", "triton", "torchao"}),
     structure=GPT_STRUCTURE,
 )
-T4 = dataclasses.replace(H200X2, cuda_devices=1, compute_capability=(7, 5), gpu_name="Tesla T4", processes=1)
+T4 = dataclasses.replace(H200X2, accelerators=1, compute_capability=(7, 5), gpu_name="Tesla T4", processes=1)
 
 
 def _noop(ctx: Any, cfg: Any) -> None:
@@ -174,7 +175,7 @@ def test_h200s_meet_the_needs_of_fp8_and_tp() -> None:
 
 def test_a_fake_h200_profile_reads_as_two_gpus() -> None:
     facts = Facts.of(gpu_profile("NVIDIA H200", "9.0", 2), load_workload("tiny"))
-    assert (facts.cuda_devices, facts.compute_capability, facts.processes) == (2, (9, 0), 2)
+    assert (facts.device, facts.accelerators, facts.compute_capability, facts.processes) == ("cuda", 2, (9, 0), 2)
     assert {"ddp", "fsdp2"} <= set(StrategyGraph(facts).usable())
 
 
@@ -213,7 +214,7 @@ def test_requiring_an_excluded_strategy_excludes_transitively() -> None:
     strategies = catalog_of(
         made_up("a", requires={"b"}),
         made_up("b", requires={"c"}),
-        made_up("c", needs=Needs(cuda=True)),
+        made_up("c", needs=Needs(accelerator=True)),
         made_up("d"),
     )
     graph = StrategyGraph(CPU, strategies=strategies, order=("a", "b", "c", "d"))

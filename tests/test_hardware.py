@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from autotune import hardware
+from autotune import devices, hardware
 from autotune.cli import main
 from autotune.errors import SchemaError, UserError
 from autotune.hardware import AllReducePoint, HardwareProfile, Measurements, Stat
@@ -299,13 +299,13 @@ def test_peak_flops_sources(quick: HardwareProfile) -> None:
         cpu_only.peak_flops("bf16")
     with pytest.raises(ValueError, match="unknown dtype"):
         cpu_only.peak_flops("int4")
-    assert hardware.datasheet_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
-    assert hardware.datasheet_flops("NVIDIA H100 PCIe", "bf16") == 756e12
-    assert hardware.datasheet_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
-    assert hardware.datasheet_flops("NVIDIA A100-SXM4-80GB", "fp8") is None
-    assert hardware.datasheet_flops("NVIDIA L40S", "bf16") == 362e12
-    assert hardware.datasheet_flops("NVIDIA H200 NVL", "bf16") is None  # a different card: not guessed
-    assert hardware.datasheet_flops("NVIDIA GeForce RTX 4090", "bf16") is None
+    assert devices.get("cuda").datasheet_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
+    assert devices.get("cuda").datasheet_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert devices.get("cuda").datasheet_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert devices.get("cuda").datasheet_flops("NVIDIA A100-SXM4-80GB", "fp8") is None
+    assert devices.get("cuda").datasheet_flops("NVIDIA L40S", "bf16") == 362e12
+    assert devices.get("cuda").datasheet_flops("NVIDIA H200 NVL", "bf16") is None  # a different card: not guessed
+    assert devices.get("cuda").datasheet_flops("NVIDIA GeForce RTX 4090", "bf16") is None
 
 
 def test_small_decoders() -> None:

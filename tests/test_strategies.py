@@ -187,7 +187,8 @@ class TestAttention(StrategySuite):
     def test_half_only_backends_refuse_fp32(self, monkeypatch: pytest.MonkeyPatch) -> None:
         wl = self.model.workload()
         hopper = Facts(
-            cuda_devices=1,
+            device="cuda",
+            accelerators=1,
             compute_capability=(9, 0),
             gpu_name="H100",
             modules=frozenset({"flash_attn_interface"}),

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from autotune import devices
 from autotune.cli import ARGS, app, started
 from autotune.errors import UserError
 
@@ -69,7 +70,7 @@ def plan_command(
     ] = 200,
     out: Annotated[Optional[Path], typer.Option(help="Plan file to write (default plans/<study>.plan.json).")] = None,
     profile: Annotated[Optional[Path], typer.Option(help="Hardware profile of this machine (measured rates).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, or a device: " + ", ".join(devices.names()) + ".")] = "auto",
     cpu_procs: Annotated[
         Optional[int],
         typer.Option(help="Also search runs of up to N CPU processes (gloo, torchrun); implies --device cpu."),
@@ -111,8 +112,8 @@ def plan_command(
     low, high = planner.GUARD_STEPS_RANGE
     if not low <= guard_steps <= high:
         raise UserError(f"--guard-steps {guard_steps}: expected {low} to {high:,} optimizer steps")
-    if device not in ("auto", "cuda", "cpu"):
-        raise UserError(f"--device {device}: expected auto, cuda or cpu")
+    if device not in (devices.AUTO, *devices.names()):
+        raise UserError(f"--device {device}: expected {', '.join((devices.AUTO, *devices.names()))}")
     if trial_steps < 1 or warmup_steps < 1:
         raise UserError("--trial-steps and --warmup-steps must be positive")
     if not 0 < trial_seconds < 3600:  # NaN and inf fail this too

@@ -66,7 +66,7 @@ def _render(p: HardwareProfile) -> list[RenderableType]:
             f"{cpu.logical_cores} logical, {cpu.usable_cores} usable",
         ),
         ("RAM", f"{cpu.ram_bytes / 2**30:.1f} GiB (as the OS reports it now)"),
-        ("driver / CUDA", f"{p.driver_version or '-'} / {p.cuda_driver_version or '-'}"),
+        ("driver / CUDA", " / ".join((p.driver_version or "-", p.cuda_driver_version or "-"))),
         ("TPU", f"{p.tpu.count} x {p.tpu.kind}" if p.tpu.present else "none"),
         ("software", _software_line(p)),
     ):

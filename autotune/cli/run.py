@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from autotune import devices
 from autotune.cli import ARGS, app, started
 from autotune.errors import UserError
 
@@ -256,19 +257,17 @@ def adapted_from_line(plan) -> str:
 def _illegal_here(plan) -> str | None:
     """Why ``plan`` cannot run on this machine as it is (None: it can): its device, its
     process count, its nodes."""
-    import torch
-
     from autotune.apply import check_processes
     from autotune.workloads import load_workload
 
     launch = plan.launch
     if launch.nnodes > 1:
         return f"it spans {launch.nnodes} nodes"
-    if launch.device == "cuda" and not torch.cuda.is_available():
-        return "it runs on CUDA and this machine has no CUDA GPU"
-    on_cuda = launch.device == "cuda" or (launch.device == "auto" and torch.cuda.is_available())
-    if on_cuda and launch.nproc_per_node > torch.cuda.device_count():
-        return f"it runs {launch.nproc_per_node} processes, one per GPU, on {torch.cuda.device_count()} GPUs"
+    kind = devices.planned(launch.device)
+    if kind.accelerator and not kind.is_available():
+        return f"it runs on {kind.words} and this machine has no {kind.words} GPU"
+    if kind.accelerator and launch.nproc_per_node > kind.count():
+        return f"it runs {launch.nproc_per_node} processes, one per GPU, on {kind.count()} GPUs"
     workload = load_workload(plan.workload.name, plan.workload.overrides)
     try:
         check_processes(
@@ -310,8 +309,6 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
     import subprocess
     import time
 
-    import torch
-
     from autotune import distributed, train
     from autotune.apply import check_processes
     from autotune.limits import warn_if_oversubscribed
@@ -327,9 +324,12 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
         workload=workload,
         micro_batch_size=plan.train.micro_batch_size,
     )
-    gpus = torch.cuda.device_count()
-    if plan.launch.device != "cpu" and gpus and nproc > gpus:
-        raise UserError(f"the plan runs {nproc} processes on CUDA, one per GPU, but this machine has {gpus} GPUs")
+    kind = devices.planned(plan.launch.device)
+    gpus = kind.count() if kind.accelerator else 0
+    if gpus and nproc > gpus:
+        raise UserError(
+            f"the plan runs {nproc} processes on {kind.words}, one per GPU, but this machine has {gpus} GPUs"
+        )
     created = out is not None and not out.exists()
     with _Forward() as forward:
         lock = train.lock_out_dir(out)

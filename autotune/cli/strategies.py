@@ -76,7 +76,7 @@ def strategies_command(
         SearchFacts(
             cores=usable_cores(),
             seq_len=wl.seq_len,
-            device="cuda" if graph.facts.cuda_devices else "cpu",
+            device=graph.facts.device,
             vocab_size=wl.vocab_size,
         )
     )
@@ -137,7 +137,7 @@ def _print_table(graph: StrategyGraph, workload: str, left_out: dict[str, str]) 
 
 
 def _machine(facts: Facts) -> str:
-    parts = [f"{facts.cuda_devices} x {facts.gpu_name}" if facts.cuda_devices else "no GPU"]
+    parts = [f"{facts.accelerators} x {facts.gpu_name}" if facts.accelerators else "no GPU"]
     if facts.tpu_devices:
         parts.append(f"{facts.tpu_devices} TPU devices")
     parts.append(f"{facts.processes} process{'es' if facts.processes != 1 else ''}")
