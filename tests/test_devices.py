@@ -202,11 +202,6 @@ def test_needs_are_capabilities_and_the_reasons_name_the_kind() -> None:
 
 SCANNED = ("autotune", "strategies", "kernels")
 ALLOWED = {
-    # Being split into packages on another branch right now (issue 29's planning and data
-    # wings); their device uses move to autotune.devices when that lands.
-    "autotune/search.py",
-    "autotune/data.py",
-    "autotune/workloads/hf.py",
     # The NVIDIA machine's detection and measurement (NVML, NVLink, torch's GPU properties, the
     # profile's CUDA fields): it moves into the CUDA device with the hardware/ split (issue 29);
     # its peak rates (the datasheet) and its clock are the device layer's already.

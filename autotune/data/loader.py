@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from autotune import devices
 from autotune.errors import UserError
 
 
@@ -99,7 +100,9 @@ class Batches:
         self.world_size = world_size
         self.micro_batches = micro_batches
         self.device = torch.device(device)
-        self.pin_memory = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.pin_memory = (
+            "pinned_memory" in devices.of(self.device).features(None) if pin_memory is None else pin_memory
+        )
         self.prefetch = prefetch
         self._tokens = tokens
         self._windows = sliding_window_view(tokens, seq_len + 1)  # (N - T, T+1), a view
