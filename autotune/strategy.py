@@ -131,6 +131,9 @@ class Prior:
     """A trial of its own: the first exact prior with this strategy's settings added, enqueued
     right after it, so that the study measures one implementation against the other on the same
     settings (triton_kernels' fused loss against compile's head and loss)."""
+    races: tuple[dict[str, Any], ...] = ()
+    """Other settings of its knobs, each raced against ``knobs``: a trial of the first exact prior
+    with these settings instead, enqueued right after it (attention's FA4 against cuDNN's SDPA)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -141,6 +144,9 @@ class Needs:
     """Needs an NVIDIA GPU."""
     min_compute_capability: tuple[int, int] | None = None
     """Lowest CUDA compute capability, e.g. (8, 0) for bf16 tensor cores."""
+    compute_capability_majors: frozenset[int] = frozenset()
+    """The compute-capability majors its kernels are built for, where not every later one is
+    (FlashAttention-4: 9 and 10, Hopper and datacenter Blackwell); empty: any."""
     bf16: bool = False
     """Needs native bf16 on the accelerator (or any CPU)."""
     fp8: bool = False
@@ -374,6 +380,11 @@ def unmet_needs(strategy: Strategy, facts: Facts) -> list[str]:
             want = ".".join(map(str, needs.min_compute_capability))
             have = ".".join(map(str, facts.compute_capability))
             why.append(f"needs compute capability {want}+, {facts.gpu_name} has {have}")
+    majors = sorted(needs.compute_capability_majors)
+    if majors and facts.compute_capability is not None and facts.compute_capability[0] not in majors:
+        want = " or ".join(f"{m}.x" for m in majors)
+        have = ".".join(map(str, facts.compute_capability))
+        why.append(f"needs compute capability {want}, {facts.gpu_name} has {have}")
     if needs.bf16 and facts.cuda_devices and (facts.compute_capability or (0, 0)) < (8, 0):
         why.append(f"needs bf16 tensor cores, {facts.gpu_name} has none")
     if needs.fp8 and facts.cuda_devices and (facts.compute_capability or (0, 0)) < (8, 9):
