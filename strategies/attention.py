@@ -184,9 +184,12 @@ def attention_cost(cfg: AttentionConfig, terms: Any) -> None:
 
 def check_workload(cfg: AttentionConfig, workload: Any) -> None:
     """Before anything starts: fa4 refuses heads that neither of its architectures takes (the
-    one the run finds is checked again when it applies)."""
-    shape = workload.shape
-    if cfg.backend == "fa4" and shape is not None and (why := fa4_head_dim_refusal(shape.head_dim, None)):
+    one the run finds is checked again when it applies). The width is the shape's, else the
+    config's (a plan's check reads a preset's config, no shape); 0 where neither says."""
+    if cfg.backend != "fa4":
+        return
+    head_dim = workload.shape.head_dim if workload.shape is not None else getattr(workload.config, "head_dim", 0)
+    if why := fa4_head_dim_refusal(int(head_dim or 0), None):
         raise UserError(why)
 
 
