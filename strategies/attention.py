@@ -7,9 +7,9 @@ built-in GPT's ``attn.attend`` hook, or a Hugging Face model's attention interfa
   reference, memory-efficient, FlashAttention-2, cuDNN). The backend is entered with
   ``sdpa_kernel`` inside each attention call, which torch.compile traces (torch 2.5+), so
   the choice is per model, not process-wide.
-- "fa3": FlashAttention-3 (Hopper) from the ``flash_attn_interface`` package, which has no wheel
-  on PyPI (it is built from the flash-attention repository's ``hopper/`` folder): offered only
-  where someone built it.
+- "fa3": FlashAttention-3 (Hopper) from the ``flash_attn_interface`` package, built from the
+  flash-attention repository's ``hopper/`` folder (we know of no wheel of it on PyPI): offered
+  only where someone built it.
 - "fa4": FlashAttention-4 (Hopper 9.x and datacenter Blackwell 10.x), the ``flash-attn-4`` wheel
   (``pip install autotune[fa4]``; CuTe DSL, ``flash_attn.cute``), run as a torch custom op so that
   torch.compile keeps it in its graph (``_fa4_impl``). Its head widths: multiples of 8 up to 256 on
