@@ -18,7 +18,7 @@ start=$(date +%s)
 say() { echo "== $(date -u +%H:%M:%S) +$(( $(date +%s) - start )) s: $*"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import platform, torch, triton; print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__)'
-python3 -m pip list 2>/dev/null | grep -iE "^(flash-attn-4|nvidia-cutlass-dsl|quack-kernels|apache-tvm-ffi) " || true
+python3 -c 'from importlib.metadata import version as v; print(*(f"{p} {v(p)}" for p in ("flash-attn-4", "nvidia-cutlass-dsl-libs-base", "nvidia-cutlass-dsl-libs-cu13", "quack-kernels", "apache-tvm-ffi")))' || true
 python3 bench/fa4_check.py --out "$R/check.jsonl" || { say "check failed"; exit 1; }
 say "check"
 python3 bench/trial_ab.py bench/results/ab/phase8-small-mb96.plan.json --rounds "$ROUNDS" --steps 10 --timeout 240 \
