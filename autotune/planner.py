@@ -306,7 +306,8 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
     priors plus theirs, enqueued right after it, so that the study measures both on the same
     settings and the quality guard has its exact reference. A strategy whose prior races
     (``Prior.race``: triton_kernels' fused loss) gets a trial of the first prior plus itself,
-    right after it: one implementation against the other on the same settings."""
+    right after it: one implementation against the other on the same settings; so does each of
+    the other settings a prior races against its own (``Prior.races``: attention's fa4)."""
     device = searched_on(space)
     distributing = apply.distributing()
     params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in distributing}
@@ -328,6 +329,10 @@ def expert_priors(space: search.SearchSpace) -> list[dict[str, Any]]:
             own.append(knobs)
         else:
             params |= knobs
+        races.extend(
+            {strategy.name: True} | _with_defaults(strategy.name, _prefixed(strategy.name, Prior(knobs=r)))
+            for r in prior.races
+        )
     if not devices.get(device).accelerator:
         priors = [params | {"micro_batch_size": max(space.micro_batches)}]
     else:

@@ -150,6 +150,9 @@ class Prior:
     """A trial of its own: the first exact prior with this strategy's settings added, enqueued
     right after it, so that the study measures one implementation against the other on the same
     settings (triton_kernels' fused loss against compile's head and loss)."""
+    races: tuple[dict[str, Any], ...] = ()
+    """Other settings of its knobs, each raced against ``knobs``: a trial of the first exact prior
+    with these settings instead, enqueued right after it (attention's FA4 against cuDNN's SDPA)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -164,6 +167,9 @@ class Needs:
     CPU runs float8 matmuls in software), "graphs", "triton", ..."""
     min_compute_capability: tuple[int, int] | None = None
     """Lowest compute capability of the accelerator, e.g. (8, 0) for bf16 tensor cores."""
+    compute_capability_majors: frozenset[int] = frozenset()
+    """The compute-capability majors its kernels are built for, where not every later one is
+    (FlashAttention-4: 9 and 10, Hopper and datacenter Blackwell); empty: any."""
     min_devices: int = 1
     """Fewest processes/devices the strategy makes sense with."""
     tpu: bool = False
@@ -411,6 +417,11 @@ def unmet_needs(strategy: Strategy, facts: Facts) -> list[str]:
             want = ".".join(map(str, needs.min_compute_capability))
             have_cc = ".".join(map(str, facts.compute_capability))
             why.append(f"needs compute capability {want}+, {facts.gpu_name} has {have_cc}")
+    majors = sorted(needs.compute_capability_majors)
+    if majors and facts.compute_capability is not None and facts.compute_capability[0] not in majors:
+        want = " or ".join(f"{m}.x" for m in majors)
+        have_cc = ".".join(map(str, facts.compute_capability))
+        why.append(f"needs compute capability {want}, {facts.gpu_name} has {have_cc}")
     for feature in sorted(needs.features - have):
         reason = kind.lacks(feature, found) if kind.accelerator else _none_found(feature)
         if reason not in why:  # "needs CUDA, none found" once, for all the features only CUDA has

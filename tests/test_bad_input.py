@@ -109,6 +109,15 @@ BAD = [
         _plan(strategies=_strategies(sparse_attention={"window": 4096})),
         "window 4096 is longer than the sequence (seq_len 128)",
     ),
+    # FA4's head widths (issue 28): multiples of 8 up to 256 (Hopper), 128 and 256 (Blackwell).
+    (
+        "fa4_head_width",
+        _plan(
+            workload={"name": "tiny", "overrides": {"d_model": 48, "n_heads": 4}},
+            strategies=_strategies(attention={"backend": "fa4"}),
+        ),
+        "attention fa4 cannot take this model's heads of width 12 on Hopper or Blackwell",
+    ),
     ("sparse_and_attention", _plan(strategies=_strategies(sparse_attention={}, attention={})), "conflicts with"),
     (
         "compile_cudagraphs_accum",
@@ -169,6 +178,17 @@ def test_a_plan_from_another_machine_is_refused(tmp_path, run_cli):
     code, _, err = run_cli("run", _write(tmp_path, data), "--steps", "1", "--json", "--out", tmp_path / "out")
     assert code == 2 and err.count("\n") == 1, err
     assert "0123456789ab" in err and "Imaginary GPU" in err and "--adapt" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_plan_naming_fa4_where_it_cannot_run_is_one_line_exit_2(tmp_path, run_cli):
+    # Issue 28: on this machine (no GPU, and flash-attn-4 not installed) a plan with attention
+    # fa4 is refused when strategies are applied, before the first step, naming both reasons.
+    data = _plan(strategies=_strategies(precision={"dtype": "bf16"}, attention={"backend": "fa4"}))
+    data["train"].update(eval_interval=0, checkpoint_interval=0)
+    code, _, err = run_cli("run", _write(tmp_path, data), "--steps", "1", "--json", "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "strategy attention {'backend': 'fa4'} cannot run here: needs CUDA, none found" in err
     assert not (tmp_path / "out").exists()
 
 

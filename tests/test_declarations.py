@@ -230,6 +230,11 @@ def test_the_expert_priors_are_declared_by_each_strategy() -> None:
 
     assert catalog()["triton_kernels"].prior(PriorFacts(device="cuda", cores=8, processes=1)).race
     assert "triton_kernels" not in _priors("cuda", excluded={"loss": {"autotune": "needs the triton package"}})
+    # FA4 races cuDNN's attention (a trial of the first prior with it instead), where it can run.
+    attention = catalog()["attention"].prior
+    assert attention(PriorFacts(device="cuda", cores=8, processes=1)).races == ({"backend": "fa4"},)
+    fa4_out = {"backend": {"fa4": "needs the flash_attn.cute package, which does not import here"}}
+    assert attention(PriorFacts(device="cuda", cores=8, processes=1, excluded=fa4_out)).races == ()
     # Flash where the graph excludes cuDNN's attention here.
     assert _priors("cuda", excluded={"backend": {"cudnn": "needs sm80"}})["attention"] == ({"backend": "flash"}, False)
     # The approximate priors, where they were measured to pay on one H200: fp8 from d_model 2048,

@@ -169,7 +169,10 @@ def test_h200s_meet_the_needs_of_fp8_and_tp() -> None:
     assert {"ddp", "fsdp2"} <= set(graph.usable())
     assert graph.excluded_choices("precision") == {}
     assert graph.excluded_choices("attention") == {
-        "backend": {"fa3": "needs the flash_attn_interface package, which does not import here"}
+        "backend": {
+            "fa3": "needs the flash_attn_interface package, which does not import here",
+            "fa4": "needs the flash_attn.cute package, which does not import here",
+        }
     }
 
 
@@ -189,6 +192,32 @@ def test_a_turing_gpu_excludes_what_needs_fp8_or_bf16_with_the_capability_reason
     assert "int8" in graph.usable()
 
 
+def test_fa4_is_offered_on_hopper_and_blackwell_where_flash_attn_cute_imports() -> None:
+    # Issue 28: FlashAttention-4's kernels are built for sm90 and sm100 only (not Ampere, not sm120).
+    h100 = dataclasses.replace(
+        T4, compute_capability=(9, 0), gpu_name="NVIDIA H100", modules=frozenset({"flash_attn.cute"})
+    )
+
+    def why(facts: Facts, **changes: Any) -> str | None:
+        graph = StrategyGraph(dataclasses.replace(facts, **changes))
+        return graph.excluded_choices("attention").get("backend", {}).get("fa4")
+
+    assert why(h100) is None
+    assert why(h100, compute_capability=(10, 0), gpu_name="NVIDIA B200") is None
+    assert why(h100, modules=frozenset()) == "needs the flash_attn.cute package, which does not import here"
+    assert why(h100, compute_capability=(8, 0), gpu_name="NVIDIA A100") == (
+        "needs compute capability 9.x or 10.x, NVIDIA A100 has 8.0"
+    )
+    assert why(h100, compute_capability=(12, 0), gpu_name="RTX 5090") == (
+        "needs compute capability 9.x or 10.x, RTX 5090 has 12.0"
+    )
+    assert why(CPU) == "needs CUDA, none found; needs the flash_attn.cute package, which does not import here"
+    # The package is probed like every declared one (without importing it).
+    from autotune.strategy import declared_modules
+
+    assert "flash_attn.cute" in declared_modules(catalog().values())
+
+
 def test_choice_reasons_shared_by_every_choice_belong_to_another_setting() -> None:
     # precision's default dtype is bf16, which a T4 lacks: that is not tf32's fault.
     graph = StrategyGraph(T4)
@@ -199,7 +228,7 @@ def test_cpu_excludes_cuda_only_settings() -> None:
     graph = StrategyGraph(CPU)
     assert graph.excluded_choices("precision") == {"dtype": {"fp16": "needs CUDA, none found"}}
     assert graph.excluded_choices("dataloader") == {"pin_memory": {True: "needs CUDA, none found"}}
-    assert set(graph.excluded_choices("attention")["backend"]) == {"efficient", "flash", "cudnn", "fa3"}
+    assert set(graph.excluded_choices("attention")["backend"]) == {"efficient", "flash", "cudnn", "fa3", "fa4"}
     assert graph.excluded_choices("grad_accum") == {}
 
 

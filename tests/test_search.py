@@ -281,7 +281,8 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
         strategies=[catalog.get(n) for n in ("precision", "attention", "compile", "vocab_padding", "optimizer")]
     )
     h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
-    space.graph = StrategyGraph(Facts.of(h200, space.workload))
+    # No optional package (fa4 would race: tested below), whatever this machine has installed.
+    space.graph = StrategyGraph(dataclasses.replace(Facts.of(h200, space.workload), modules=frozenset()))
     space.launch = LaunchSpec(device="cuda")
     priors = planner.expert_priors(space)
     assert [p["micro_batch_size"] for p in priors] == [96, 48]
@@ -316,6 +317,40 @@ def test_expert_priors_race_the_fused_loss_against_compiles_on_the_same_settings
     )
     plan = suggest_plan(optuna.trial.FixedTrial(priors[1]), space)
     assert plan.strategy_configs()["triton_kernels"].loss == "autotune"
+
+
+def test_expert_priors_race_fa4_against_cudnn_where_it_can_run():
+    """attention's prior races FA4 (issue 28): the first prior, then it again with backend fa4;
+    where flash_attn.cute does not import, fa4 is neither raced nor a choice of the search."""
+    from autotune import catalog, planner
+    from autotune.hardware import HardwareProfile
+
+    names = ("precision", "attention", "compile", "vocab_padding", "optimizer")
+    space = _phase8_space(strategies=[catalog.get(n) for n in names])
+    h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
+    facts = Facts.of(h200, space.workload)
+    space.launch = LaunchSpec(device="cuda")
+    space.graph = StrategyGraph(dataclasses.replace(facts, modules=frozenset({"flash_attn.cute"})))
+    priors = planner.expert_priors(space)
+    assert [p["micro_batch_size"] for p in priors] == [96, 96, 48]
+    assert priors[0]["attention.backend"] == "cudnn"
+    assert priors[1] == priors[0] | {"attention.backend": "fa4"}
+    plan = suggest_plan(optuna.trial.FixedTrial(priors[1]), space)
+    assert plan.strategy_configs()["attention"].backend == "fa4"
+    space.graph = StrategyGraph(dataclasses.replace(facts, modules=frozenset()))
+    priors = planner.expert_priors(space)
+    assert [p["micro_batch_size"] for p in priors] == [96, 48]
+    assert all(p["attention.backend"] == "cudnn" for p in priors)
+    # The search's choices: what the graph leaves in.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        plan = suggest_plan(trial, space)
+        study.tell(trial, 0.0)
+        if "attention" in plan.strategy_configs():
+            seen.add(plan.strategy_configs()["attention"].backend)
+    assert "fa4" not in seen and "fa3" not in seen and "cudnn" in seen
 
 
 def test_a_cpu_search_samples_no_setting_that_changes_nothing_there():

@@ -9,6 +9,7 @@ the attention backward, which make two CUDA runs of the same program differ in t
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from autotune.errors import UserError
 from autotune.strategies.attention import naive_attention, sdpa_with
 from autotune.strategy import Facts
 from autotune.train import Trainer
+from autotune.workloads import load_workload
 from autotune.workloads.adapter import GPTAdapter
 from autotune.workloads.gpt import sdpa_causal
 from tests.strategy_suite import (
@@ -181,8 +183,15 @@ class TestAttention(StrategySuite):
         Case(knobs={"backend": "flash"}, base=BF16, rtol=BF16_VS_BF16),
         Case(knobs={"backend": "cudnn"}, base=BF16, rtol=BF16_VS_BF16),
         Case(knobs={"backend": "fa3"}, base=BF16, rtol=BF16_VS_BF16),  # Hopper, flash_attn_interface
+        Case(knobs={"backend": "fa4"}, base=BF16, rtol=BF16_VS_BF16),  # Hopper/Blackwell, flash-attn-4
     )
-    cpu_refused = ({"backend": "efficient"}, {"backend": "flash"}, {"backend": "cudnn"}, {"backend": "fa3"})
+    cpu_refused = (
+        {"backend": "efficient"},
+        {"backend": "flash"},
+        {"backend": "cudnn"},
+        {"backend": "fa3"},
+        {"backend": "fa4"},
+    )
 
     def test_half_only_backends_refuse_fp32(self, monkeypatch: pytest.MonkeyPatch) -> None:
         wl = self.model.workload()
@@ -191,11 +200,11 @@ class TestAttention(StrategySuite):
             accelerators=1,
             compute_capability=(9, 0),
             gpu_name="H100",
-            modules=frozenset({"flash_attn_interface"}),
+            modules=frozenset({"flash_attn_interface", "flash_attn.cute"}),
             structure=wl.structure,
         )
         monkeypatch.setattr(TrainContext, "facts", lambda self: hopper)
-        for backend in ("flash", "cudnn", "fa3"):
+        for backend in ("flash", "cudnn", "fa3", "fa4"):
             ctx = TrainContext(workload=wl, device=torch.device("cpu"), model=wl.build_model())
             with pytest.raises(UserError, match=f"attention {backend} runs in bf16 or fp16 only"):
                 self.strategy.apply(ctx, self.strategy.parse({"backend": backend}))
@@ -204,9 +213,65 @@ class TestAttention(StrategySuite):
         kernel = attention_kernel(self.adapter(trainer), self.model)
         if cfg.backend == "naive":
             assert kernel is naive_attention
+        elif cfg.backend == "fa4":
+            assert kernel.__name__ == "fa4_attention"
         elif cfg.backend != "fa3":
             assert isinstance(kernel, functools.partial) and kernel.func is sdpa_with
             assert kernel.args[0].name.lower().startswith(cfg.backend[:4])
+
+
+def _fa4_context(monkeypatch: pytest.MonkeyPatch, capability: tuple[int, int], **overrides: Any) -> TrainContext:
+    """A bf16 context on a made-up GPU of ``capability`` where flash_attn.cute would import: the
+    refusals fa4 makes on the machine it runs on, checked here before any kernel is called."""
+    wl = load_workload("tiny", overrides)
+    gpu = Facts(
+        device="cuda",
+        accelerators=1,
+        compute_capability=capability,
+        gpu_name=f"GPU {capability[0]}.{capability[1]}",
+        modules=frozenset({"flash_attn.cute"}),
+        structure=wl.structure,
+    )
+    monkeypatch.setattr(TrainContext, "facts", lambda self: gpu)
+    ctx = TrainContext(workload=wl, device=torch.device("cpu"), model=wl.build_model())
+    ctx.autocast_dtype = torch.bfloat16
+    return ctx
+
+
+def test_fa4_refuses_in_one_line_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    attention = catalog.get("attention")
+    fa4 = attention.parse({"backend": "fa4"})
+    # Heads 160 wide: FA4 takes them on Hopper, not on Blackwell (up to 128, and 256).
+    ctx = _fa4_context(monkeypatch, (10, 0), d_model=320, n_heads=2)
+    with pytest.raises(UserError, match="cannot take this model's heads of width 160 on Blackwell") as e:
+        attention.apply(ctx, fa4)
+    assert "\n" not in str(e.value)
+    # Dropout: FA4 has none.
+    ctx = _fa4_context(monkeypatch, (9, 0), dropout=0.1)
+    with pytest.raises(UserError, match="attention fa4 has no dropout"):
+        attention.apply(ctx, fa4)
+    # Found but not importable (here: not installed at all): one line, the import's own reason.
+    if importlib.util.find_spec("flash_attn") is None:
+        ctx = _fa4_context(monkeypatch, (9, 0))
+        with pytest.raises(UserError, match="attention fa4: flash_attn.cute does not import here: No module") as e:
+            attention.apply(ctx, fa4)
+        assert "\n" not in str(e.value)
+
+
+def test_fa4_head_widths_are_refused_before_launch() -> None:
+    from autotune.apply import check_settings
+    from autotune.strategies.attention import fa4_head_dim_refusal
+
+    fa4 = catalog.get("attention").parse({"backend": "fa4"})
+    for width in (8, 64, 128, 256):  # both architectures
+        assert fa4_head_dim_refusal(width, None) is None
+        check_settings({"attention": fa4}, workload=load_workload("tiny", {"d_model": 2 * width, "n_heads": 2}))
+    assert fa4_head_dim_refusal(160, (9, 0)) is None and fa4_head_dim_refusal(160, None) is None
+    assert "on Blackwell" in fa4_head_dim_refusal(160, (10, 0))
+    for width in (4, 12, 264):  # neither
+        with pytest.raises(UserError, match=f"heads of width {width} on Hopper or Blackwell"):
+            check_settings({"attention": fa4}, workload=load_workload("tiny", {"d_model": 2 * width, "n_heads": 2}))
+    assert fa4_head_dim_refusal(0, None) is None  # not known (a generic model): FA4 says at its first call
 
 
 class TestOptimizer(StrategySuite):
