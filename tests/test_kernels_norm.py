@@ -6,17 +6,21 @@ so every width but 1 and 7 is a row a tile, and the backward's two programs loop
 
 Tolerances come from measured error, as in tests/test_kernels.py: each output is compared with
 the reference computed in fp64 from the same (bf16- or fp32-valued) inputs, and the kernel's
-largest error must be within FACTOR of the reference's own in the kernel's dtype (or of one unit
-in the last place of the largest value, where the reference's is smaller: d=1 is exact in both).
-Worst over seeds 0..2, SHAPES, both norms and weight/bias choices, RMSNorm without a weight
+largest error must be within FACTOR of the reference's own in the kernel's dtype (or of half a
+unit in the last place of the largest value, where the reference's is smaller: d=1 is exact in
+both). The new residual stream must equal the reference's bit for bit (one rounding of the exact
+sum). Worst over seeds 0..2, SHAPES, both norms and weight/bias choices, RMSNorm without a weight
 too (interpreter, triton 3.6, torch 2.13 on the CPU; reproduce with _ratios(..., seed)):
 
-    bf16  kernel / reference <= 1.01 (y, rms, d 100; one bf16 rounding of the same fp32 value
-          both sides), 1.0 d weight, 0.75 s, 0.71 d x and d residual, 0.38 d bias: the
-          reference rounds the sum of the two gradients and the weight's to bf16, ours sums in fp32
-    fp32  kernel / reference <= 1.21 (d weight, layer, d 7), 1.18 y, 0.92 d x, 0.78 d bias
+    bf16  kernel / reference <= 1.0: y (the same fp32 value rounded once, bit for bit on the
+          CPU), d weight; 0.92 d x and d residual, 0.75 d bias (the reference rounds the two
+          gradients of s to bf16 before adding them, ours adds in fp32 and rounds once)
+    fp32  kernel / reference <= 2.17 (d weight, LayerNorm, d 7, seed 0: 1.3e-6 against 6.1e-7 of 9.2,
+          another order of the sum over rows), 1.44 d bias, 1.39 y, 1.23 d x and d residual
 
-A kernel that drops a term (0.1% of the mean's gradient, 1% of the residual stream's, eps
+The interpreter casts fp32 to bf16 by truncation where a GPU rounds to nearest; the kernels round
+by hand there (kernels/fused_add_norm.py, ``_rounded``), or bf16 outputs would be up to one ulp
+off. A kernel that drops a term (0.1% of the mean's gradient, 1% of the residual stream's, eps
 doubled, the weight's gradient of s instead of x-hat) fails 10 to 24 of these cases.
 """
 
@@ -30,8 +34,8 @@ pytest.importorskip("triton", reason="the kernels need the triton package (the d
 from autotune.kernels import fused_add_norm, reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FACTOR = 2
-"""The kernel's error may be this many times the reference's (1.21 measured at worst, above)."""
+FACTOR = 3
+"""The kernel's error may be this many times the reference's (2.17 measured at worst, above)."""
 
 SHAPES = [
     # (leading shape, d): the interpreter's tiles are 64 elements (BLOCK_M rows of next_pow2(d))
@@ -93,13 +97,14 @@ def _ratios(norm, weight, bias, lead, d, dtype, seed=0) -> dict[str, float]:
         _outputs_and_grads(REFERENCE[norm], t, precision, norm, weight, bias) for precision in (torch.float64, dtype)
     )
     ours = _outputs_and_grads(FUSED[norm], t, dtype, norm, weight, bias)
+    assert torch.equal(ours["s"], theirs["s"]), "the residual stream is x + residual rounded once, both sides"
     ratios = {}
     for name, got in ours.items():
         if got is None:
             assert exact[name] is None, name
             continue
         assert got.dtype == dtype and got.shape == exact[name].shape, name
-        floor = torch.finfo(dtype).eps * exact[name].abs().max().item()
+        floor = torch.finfo(dtype).eps / 2 * exact[name].abs().max().item()  # half an ulp of the largest
         ratios[name] = _error(got, exact[name]) / max(_error(theirs[name], exact[name]), floor, 1e-300)
     return ratios
 
