@@ -75,7 +75,8 @@ def one(shape: str, impl: str, iters: int, device: str) -> dict:
     dy, ds = randn(n, d), randn(n, d)
     fn = _norm_fn(impl, norm)
     line = {"shape": shape, "impl": impl, "tokens": n, "d": d, "norm": norm}
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if cuda else None  # > an H100's or H200's 50 MiB of L2
+    # 256 MiB written between timings: more than an H100's or H200's 50 MiB of L2
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device=device) if cuda else None
 
     def step(marks):
         marks[0]()
