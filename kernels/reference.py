@@ -30,3 +30,26 @@ def linear_cross_entropy(
     targets = targets.reshape(-1)
     loss = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="sum")
     return loss / (targets != ignore_index).sum().clamp(min=1)
+
+
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm block's residual add and the LayerNorm after it, unfused:
+    ``(layer_norm(s), s)`` with ``s = x + residual`` in the inputs' dtype (the new residual
+    stream). torch's layer_norm computes in fp32 for bf16 inputs and rounds its output once."""
+    s = x + residual
+    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same with an RMSNorm: ``(rms_norm(s), s)``, ``s = x + residual``; torch's rms_norm
+    computes in fp32 for bf16 inputs, the weight's product included, and rounds once."""
+    s = x + residual
+    return F.rms_norm(s, (s.shape[-1],), weight, eps), s
