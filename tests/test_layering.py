@@ -129,3 +129,19 @@ def test_the_exports_name_no_strategy_module():
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in imported if m.startswith("autotune.strategies")], imported
+
+
+def test_every_package_of_the_tree_is_in_the_wheel():
+    """pyproject.toml names the packages one by one (strategies/ and kernels/ live outside
+    autotune/): a package folder missing there is left out of a wheel while an editable install
+    still finds it, so a new one must be listed."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "autotune").rglob("__init__.py")} | {
+        f"autotune.{name}" for name in config["package-dir"].values()
+    }
+    assert folders == listed, (
+        f"in the tree, not listed: {sorted(folders - listed)}; listed, not there: {sorted(listed - folders)}"
+    )
