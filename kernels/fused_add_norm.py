@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autotune import devices
+
 _INTERPRET = triton.knobs.runtime.interpret
 """Under ``TRITON_INTERPRET=1`` (the CPU tests) the kernels run in numpy: small tiles and two
 backward programs keep the interpreter fast and send every program round its loop."""
@@ -174,19 +176,11 @@ def _tile(d: int) -> tuple[int, int, int]:
     return block_m, block_n, warps
 
 
-_SMS: dict[int, int] = {}
-
-
 def _tiles_per_program(n_tiles: int, device: torch.device) -> int:
     """A power of two such that the backward's programs number about PROGRAMS_PER_SM a
     multiprocessor (between half that and that); two programs or fewer in the interpreter."""
-    if _INTERPRET or device.type != "cuda":
-        target = 2
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _SMS:
-            _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        target = _SMS[index] * PROGRAMS_PER_SM
+    units = None if _INTERPRET else devices.of(device).multiprocessors(device)
+    target = 2 if units is None else units * PROGRAMS_PER_SM
     return triton.next_power_of_2(triton.cdiv(max(n_tiles, 1), target))
 
 

@@ -125,6 +125,11 @@ class Device:
         """(name, bytes) of each device of this kind here; empty where they share the host's RAM."""
         return []
 
+    def multiprocessors(self, device: torch.device) -> int | None:
+        """How many programs of a kernel ``device`` runs at once, one a unit (a GPU's
+        multiprocessors), for kernels that size their launch by it; None where it has none."""
+        return None
+
     # ------------------------------------------------------------------ capabilities
 
     def features(self, compute_capability: tuple[int, int] | None) -> frozenset[str]:

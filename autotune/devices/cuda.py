@@ -110,6 +110,14 @@ class Cuda(Device):
         props = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
         return [(p.name, int(p.total_memory)) for p in props]
 
+    def multiprocessors(self, device: torch.device) -> int | None:
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _MULTIPROCESSORS:
+            _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return _MULTIPROCESSORS[index]
+
     def features(self, compute_capability: tuple[int, int] | None) -> frozenset[str]:
         cc = compute_capability or (0, 0)
         return ALWAYS | {f for f, low in (("bf16", BF16_CAPABILITY), ("fp8", FP8_CAPABILITY)) if cc >= low}
@@ -191,6 +199,10 @@ class Cuda(Device):
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         return {"fused": True}
+
+
+_MULTIPROCESSORS: dict[int, int] = {}
+"""Multiprocessors of each device index, read once (kernels ask on every launch)."""
 
 
 def capability(text: str) -> tuple[int, int]:
