@@ -205,7 +205,7 @@ ALLOWED = {
     # The NVIDIA machine's detection and measurement (NVML, NVLink, torch's GPU properties, the
     # profile's CUDA fields): it moves into the CUDA device with the hardware/ split (issue 29);
     # its peak rates (the datasheet) and its clock are the device layer's already.
-    "autotune/hardware.py",
+    "autotune/hardware/profile.py",
 }
 PROFILE_KEYS = {"autotune/cli/profile.py": {"cuda", "cuda_driver_version", '"cuda"'}}
 """Names of the saved hardware profile's fields (a public, versioned format: renaming one

@@ -1033,7 +1033,7 @@ def allreduce_env() -> dict[str, str]:
     env = dict(os.environ)
     # Multicast over NVLink can take a shared host's GPUs out of service: never let it start.
     env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
 
