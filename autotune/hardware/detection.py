@@ -94,7 +94,10 @@ def _accelerator(notes: list[str]) -> tuple[Device, Inventory]:
     """The first accelerator kind with devices here and what it found; with none, the first
     kind's findings (its driver, on a machine without its devices), or nothing at all."""
     found = [(kind, kind.detect_devices(notes)) for kind in devices.accelerators()]
-    return next((f for f in found if f[1].gpus), found[0] if found else (devices.get(devices.CPU), Inventory()))
+    for kind, inventory in found:
+        if inventory.gpus:
+            return kind, inventory
+    return found[0] if found else (devices.get(devices.CPU), Inventory())
 
 
 def _detect_cpu() -> CpuInfo:
