@@ -142,6 +142,7 @@ def test_the_cpu_device() -> None:
         CPU.allow_tf32(before)
     profile = SimpleNamespace(cpu=SimpleNamespace(model="Some CPU"), gpus=[])
     assert CPU.found_in(profile) == devices.Found(count=1, name="Some CPU")
+    assert CPU.detect_devices([]) == devices.Inventory() and CPU.probe_software([], []) == devices.Stack()
 
 
 # --------------------------------------------------------------------------- CUDA without a GPU
