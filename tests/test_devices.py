@@ -142,6 +142,7 @@ def test_the_cpu_device() -> None:
         CPU.allow_tf32(before)
     profile = SimpleNamespace(cpu=SimpleNamespace(model="Some CPU"), gpus=[])
     assert CPU.found_in(profile) == devices.Found(count=1, name="Some CPU")
+    assert CPU.detect_devices([]) == devices.Inventory() and CPU.probe_software([], []) == devices.Stack()
 
 
 # --------------------------------------------------------------------------- CUDA without a GPU
@@ -201,15 +202,17 @@ def test_needs_are_capabilities_and_the_reasons_name_the_kind() -> None:
 # --------------------------------------------------------------------------- no device name outside the layer
 
 SCANNED = ("autotune", "strategies", "kernels")
-ALLOWED = {
-    # The NVIDIA machine's detection and measurement (NVML, NVLink, torch's GPU properties, the
-    # profile's CUDA fields): it moves into the CUDA device with the hardware/ split (issue 29);
-    # its peak rates (the datasheet) and its clock are the device layer's already.
-    "autotune/hardware.py",
+ALLOWED: set[str] = set()
+"""Files allowed to name a device outright: none (the NVIDIA detection and measurement that
+hardware.py held are the CUDA device's ``detect_devices``/``probe_software`` since the hardware/ split)."""
+PROFILE_KEYS = {
+    "autotune/cli/profile.py": {"cuda", "cuda_driver_version", '"cuda"'},
+    "autotune/hardware/profile.py": {"cuda", "cuda_driver_version", '"cuda_major"'},
+    "autotune/hardware/detection.py": {"cuda", "cuda_driver_version"},
 }
-PROFILE_KEYS = {"autotune/cli/profile.py": {"cuda", "cuda_driver_version", '"cuda"'}}
-"""Names of the saved hardware profile's fields (a public, versioned format: renaming one
-breaks every committed profile), allowed where the profile is printed."""
+"""Names of the saved hardware profile's fields and its summary's keys (a public, versioned
+format: renaming one breaks every committed profile and plan), allowed where the profile is
+defined, filled and printed."""
 NAME = re.compile(r"(?<![A-Za-z])(cuda|Cuda|CUDA)(?![a-z])")
 """The word in code: ``cuda``, ``torch.cuda``, ``is_cuda``, ``on_cuda``, ``CudaClock``,
 ``CUDA_MEASURE``. Not ``cudagraphs`` or ``cudnn``: other words (torch.compile's mode

@@ -22,8 +22,12 @@ import torch
 
 from autotune import devices, hardware
 from autotune.cli import main
+from autotune.devices import _nvml
+from autotune.devices import cuda as cudamod
 from autotune.errors import SchemaError, UserError
 from autotune.hardware import AllReducePoint, HardwareProfile, Measurements, Stat
+from autotune.hardware import detection as detectmod
+from autotune.hardware import profile as profilemod
 from autotune.schema import to_dict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -61,10 +65,10 @@ def test_fingerprint_is_stable_and_short(quick: HardwareProfile) -> None:
 
 
 def test_fingerprint_ignores_measured_numbers_and_ram() -> None:
-    machine = hardware._identify([])
-    base = hardware._fingerprint(machine)
+    _, machine = detectmod._identify([])
+    base = profilemod.fingerprint_of(machine)
     more_ram = dataclasses.replace(machine, cpu=dataclasses.replace(machine.cpu, ram_bytes=machine.cpu.ram_bytes * 2))
-    assert hardware._fingerprint(more_ram) == base
+    assert profilemod.fingerprint_of(more_ram) == base
 
 
 @no_cuda
@@ -309,9 +313,9 @@ def test_peak_flops_sources(quick: HardwareProfile) -> None:
 
 
 def test_small_decoders() -> None:
-    assert hardware._cpu_ranges([0b1011, 1]) == "0-1,3,64"
-    assert hardware._cudnn_version(91002) == "9.10.2" and hardware._cudnn_version(8907) == "8.9.7"
-    assert hardware._cuda_version(12040) == "12.4"
+    assert _nvml.cpu_ranges([0b1011, 1]) == "0-1,3,64"
+    assert cudamod.cudnn_version(91002) == "9.10.2" and cudamod.cudnn_version(8907) == "8.9.7"
+    assert _nvml.version(12040) == "12.4"
 
 
 def test_loading_a_profile_needs_no_torch() -> None:

@@ -15,7 +15,7 @@ from autotune.errors import UserError
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-    from autotune.hardware import HardwareProfile, Stat
+    from autotune.hardware.profile import HardwareProfile, Stat
 
 
 @app.command()

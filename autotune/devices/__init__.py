@@ -16,7 +16,7 @@ import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
-from autotune.devices.base import FEATURES, Device, Found, Timer
+from autotune.devices.base import FEATURES, Device, Found, Inventory, Stack, Timer, ask, why
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
@@ -26,8 +26,11 @@ __all__ = [
     "FEATURES",
     "Device",
     "Found",
+    "Inventory",
+    "Stack",
     "Timer",
     "accelerators",
+    "ask",
     "available",
     "detect",
     "get",
@@ -35,6 +38,7 @@ __all__ = [
     "of",
     "planned",
     "resolve",
+    "why",
 ]
 
 CPU = "cpu"

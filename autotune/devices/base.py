@@ -17,12 +17,17 @@ calls it; a no-op here) and a :meth:`Device.timer` that syncs, since its events 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 if TYPE_CHECKING:
     import torch
+
+    from autotune.hardware.profile import GpuInfo, GpuLink
+
+T = TypeVar("T")
 
 FEATURES: dict[str, str] = {
     "bf16": "bf16 units (autocast to bfloat16 at full speed)",
@@ -48,6 +53,54 @@ class Found:
     """The first one's name, for messages ("NVIDIA H200")."""
     compute_capability: tuple[int, int] | None = None
     """The lowest compute capability among them, where the kind has one."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Inventory:
+    """What :meth:`Device.detect_devices` finds of its kind here, as the hardware profile records it."""
+
+    gpus: list[GpuInfo] = field(default_factory=list)
+    """One record per device this process can use, by the kind's ordinal."""
+    links: list[GpuLink] = field(default_factory=list)
+    """One record per pair of them: how they reach each other."""
+    driver_version: str | None = None
+    """The kind's driver version."""
+    runtime_version: str | None = None
+    """The highest runtime version the driver supports (the profile's ``cuda_driver_version``)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Stack:
+    """The kind's libraries as torch loads them, and which fused attention paths ran here: the
+    profile's ``SoftwareInfo`` fields that belong to a kind of device."""
+
+    runtime: str | None = None
+    """The runtime torch was built with (``SoftwareInfo.cuda``)."""
+    dnn: str | None = None
+    """The deep-learning primitives library torch loads (``SoftwareInfo.cudnn``)."""
+    collectives: str | None = None
+    """The collectives library torch loads (``SoftwareInfo.nccl``)."""
+    sdpa_flash: bool = False
+    """torch's FlashAttention SDPA backend ran a small causal bf16 attention on device 0."""
+    sdpa_cudnn: bool = False
+    """torch's cuDNN SDPA backend ran a small causal bf16 attention on device 0."""
+    flash_attn_3: bool = False
+    """FlashAttention-3 (flash_attn_interface) imported and ran a small causal bf16 attention on device 0."""
+
+
+def why(e: BaseException) -> str:
+    """An exception in one line: its type and the last line of its message."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1]}" if text else type(e).__name__
+
+
+def ask(notes: list[str], what: str, fn: Callable[[], T]) -> T | None:
+    """``fn()``, or None with the reason noted when it raises: one failed probe never stops the profile."""
+    try:
+        return fn()
+    except Exception as e:  # any failure of a probe is reported, not raised
+        notes.append(f"{what}: unknown ({why(e)})")
+        return None
 
 
 class Timer:
@@ -129,6 +182,16 @@ class Device:
         """How many programs of a kernel ``device`` runs at once, one a unit (a GPU's
         multiprocessors), for kernels that size their launch by it; None where it has none."""
         return None
+
+    def detect_devices(self, notes: list[str]) -> Inventory:
+        """This kind's devices here, the links between them and the driver, for ``autotune
+        profile``; what cannot be found out is left unknown with the reason in ``notes``."""
+        return Inventory()
+
+    def probe_software(self, gpus: list[GpuInfo], notes: list[str]) -> Stack:
+        """This kind's libraries, and which fused attention paths run on its device 0 (``gpus``:
+        what :meth:`detect_devices` found, empty: none to run on), for ``autotune profile``."""
+        return Stack()
 
     # ------------------------------------------------------------------ capabilities
 

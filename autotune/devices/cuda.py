@@ -1,15 +1,22 @@
-"""NVIDIA GPUs through CUDA: events for timing, NCCL between processes, fused AdamW."""
+"""NVIDIA GPUs through CUDA: events for timing, NCCL between processes, fused AdamW; for
+``autotune profile``, the GPUs torch can use with NVML's fields (``_nvml.py``) and the links
+between them (``_nvlink.py``), the CUDA libraries torch loads and the fused attention paths
+that run on GPU 0."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from autotune.devices.base import Device, Found, Timer
+from autotune.devices.base import Device, Found, Inventory, Stack, Timer, ask, why
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
     import torch
+
+    from autotune.hardware.profile import GpuInfo
 
 # Dense (no sparsity) rates per device from the vendors' datasheets, first match wins. The SXM
 # H100 and the H200 share one chip; nvidia-smi names the SXM H100 "NVIDIA H100 80GB HBM3".
@@ -118,6 +125,47 @@ class Cuda(Device):
             _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(index).multi_processor_count
         return _MULTIPROCESSORS[index]
 
+    def detect_devices(self, notes: list[str]) -> Inventory:
+        """The GPUs torch can use (by CUDA ordinal), NVML's fields of each where NVML matches
+        them, the NVLink/PCIe topology of each pair, and the driver's versions."""
+        from autotune.devices import _nvlink, _nvml
+
+        with _nvml.session(notes) as nv:
+            torch_gpus = _torch_gpus(notes)
+            handles = [
+                ask(notes, f"gpu {index} NVML fields", lambda: _nvml.handle(nv, index, props, len(torch_gpus)))
+                if nv is not None
+                else None
+                for index, props in torch_gpus
+            ]
+            gpus = [_gpu_info(nv, h, index, props, notes) for (index, props), h in zip(torch_gpus, handles)]
+            links = _nvlink.links(nv, handles, notes)
+            if nv is None:
+                return Inventory(gpus=gpus, links=links)
+            _nvml.note_unusable_gpus(nv, len(gpus), notes)
+            return Inventory(
+                gpus=gpus,
+                links=links,
+                driver_version=_nvml.driver_version(nv, notes),
+                runtime_version=_nvml.runtime_version(nv, notes),
+            )
+
+    def probe_software(self, gpus: list[GpuInfo], notes: list[str]) -> Stack:
+        """CUDA, cuDNN and NCCL as torch loads them; SDPA's flash and cuDNN backends and
+        FlashAttention-3 each run once on GPU 0 where there is one."""
+        import torch
+
+        nccl = ask(notes, "NCCL version", lambda: ".".join(map(str, torch.cuda.nccl.version()))) if gpus else None
+        dnn = ask(notes, "cuDNN version", lambda: cudnn_version(torch.backends.cudnn.version()))
+        return Stack(
+            runtime=torch.version.cuda,
+            dnn=dnn,
+            collectives=nccl,
+            sdpa_flash=bool(gpus) and _runs(notes, "torch SDPA flash backend", lambda: _sdpa("FLASH_ATTENTION")),
+            sdpa_cudnn=bool(gpus) and _runs(notes, "torch SDPA cuDNN backend", lambda: _sdpa("CUDNN_ATTENTION")),
+            flash_attn_3=_flash_attn_3(gpus, notes),
+        )
+
     def features(self, compute_capability: tuple[int, int] | None) -> frozenset[str]:
         cc = compute_capability or (0, 0)
         return ALWAYS | {f for f, low in (("bf16", BF16_CAPABILITY), ("fp8", FP8_CAPABILITY)) if cc >= low}
@@ -203,6 +251,101 @@ class Cuda(Device):
 
 _MULTIPROCESSORS: dict[int, int] = {}
 """Multiprocessors of each device index, read once (kernels ask on every launch)."""
+
+
+def _torch_gpus(notes: list[str]) -> list[tuple[int, Any]]:
+    """(CUDA ordinal, torch device properties) of each GPU torch can use."""
+    import torch
+
+    try:
+        if not torch.cuda.is_available():
+            return []
+        return [(i, torch.cuda.get_device_properties(i)) for i in range(torch.cuda.device_count())]
+    except Exception as e:  # a broken CUDA install: report, carry on as a CPU machine
+        notes.append(f"CUDA GPUs: unknown, torch cannot query them ({why(e)})")
+        return []
+
+
+def _gpu_info(nv: Any | None, handle: Any | None, index: int, props: Any, notes: list[str]) -> GpuInfo:
+    from autotune.devices import _nvml
+    from autotune.hardware.profile import GpuInfo
+
+    cc = (props.major, props.minor)
+    info = GpuInfo(
+        index=index,
+        name=props.name,
+        uuid=_nvml.torch_uuid(props),
+        memory_bytes=props.total_memory,
+        capability=f"{props.major}.{props.minor}",
+        sm_count=props.multi_processor_count,
+        tf32=cc >= BF16_CAPABILITY,  # TF32 came with bf16, in Ampere
+        bf16=cc >= BF16_CAPABILITY,
+        fp8=cc >= FP8_CAPABILITY,
+        max_sm_clock_mhz=None,
+        max_memory_clock_mhz=None,
+        power_limit_w=None,
+        pcie_generation=None,
+        pcie_width=None,
+        numa_node=None,
+        cpu_affinity=None,
+    )
+    if handle is not None:
+        _nvml.fill(info, nv, handle, notes)
+    return info
+
+
+def _runs(notes: list[str], what: str, fn: Callable[[], object]) -> bool:
+    try:
+        fn()
+        return True
+    except Exception as e:  # not usable here: say why
+        notes.append(f"{what}: not usable ({why(e)})")
+        return False
+
+
+def cudnn_version(v: int | None) -> str | None:
+    """cuDNN 9 encodes 9.10.2 as 91002; cuDNN 8 encodes 8.9.7 as 8907."""
+    if v is None:
+        return None
+    if v >= 90000:
+        return f"{v // 10000}.{v % 10000 // 100}.{v % 100}"
+    return f"{v // 1000}.{v % 1000 // 100}.{v % 100}"
+
+
+def _attention_inputs(layout: str) -> tuple[Any, Any, Any]:
+    """Small random bf16 q, k, v on GPU 0: "bhsd" (B, heads, seq, head_dim) for SDPA, "bshd" for FlashAttention."""
+    import torch
+
+    shape = (1, 4, 256, 64) if layout == "bhsd" else (1, 256, 4, 64)
+    return tuple(torch.randn(shape, device="cuda:0", dtype=torch.bfloat16) for _ in range(3))  # type: ignore[return-value]
+
+
+def _sdpa(backend: str) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = _attention_inputs("bhsd")
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.cuda.synchronize()
+
+
+def _flash_attn_3(gpus: list[GpuInfo], notes: list[str]) -> bool:
+    if importlib.util.find_spec("flash_attn_interface") is None:
+        return False
+    if not gpus or not gpus[0].capability.startswith("9."):
+        notes.append("FlashAttention-3: installed, but it runs on Hopper GPUs (capability 9.x) only")
+        return False
+
+    def run() -> None:
+        import flash_attn_interface
+        import torch
+
+        q, k, v = _attention_inputs("bshd")
+        flash_attn_interface.flash_attn_func(q, k, v, causal=True)
+        torch.cuda.synchronize()
+
+    return _runs(notes, "FlashAttention-3", run)
 
 
 def capability(text: str) -> tuple[int, int]:

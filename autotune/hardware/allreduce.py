@@ -1,14 +1,14 @@
 """All-reduce bandwidth, one process per GPU: the worker that ``autotune profile`` starts through torchrun.
 
     python -m torch.distributed.run --standalone --nproc-per-node N \\
-        -m autotune.allreduce_bench --device cuda --out result.json --sizes 1048576,16777216
+        -m autotune.hardware.allreduce --device cuda --out result.json --sizes 1048576,16777216
 
 Each rank all-reduces (sum) a random fp32 buffer of each size; the time of a repeat is the
 slowest rank's, measured with CUDA events over NCCL (``--device cuda``, one GPU per rank) or
 the host clock over gloo (``--device cpu``, for the tests).
 Rank 0 writes a JSON list of AllReducePoint. Bus bandwidth follows nccl-tests:
 busbw = algbw * 2(n-1)/n, the bytes each rank must send and receive in a ring all-reduce.
-The parent sets NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (hardware.allreduce_env).
+The parent sets NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (hardware.measure.allreduce_env).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from autotune import devices
-from autotune.hardware import AllReducePoint, Clock, DeviceClock, Stat
+from autotune.hardware.measure import Clock, DeviceClock
+from autotune.hardware.profile import AllReducePoint, Stat
 from autotune.schema import to_dict, write_json_atomic
 
 WARMUP = 5
