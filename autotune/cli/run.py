@@ -175,9 +175,11 @@ def _adapt(plan, plan_path: Path, time_budget: float):
     figures (``adapted_from``). Returns the adapted plan and its path."""
     import dataclasses
 
-    from autotune import hardware, planner, trial
+    from autotune import hardware, trial
     from autotune import plan as planmod
     from autotune.data import plan_data_identity
+    from autotune.planning.driver import make_plan
+    from autotune.planning.settings import NoTrialSucceeded, PlanSettings
     from autotune.schema import check_writable
 
     out = adapted_path(plan_path)
@@ -213,7 +215,7 @@ def _adapt(plan, plan_path: Path, time_budget: float):
 
         why = f"the plan cannot run here as it is ({why_not})"
         typer.echo(f"autotune: {why}: re-planning within {time_budget:g} s", err=True)
-        settings = planner.PlanSettings(
+        settings = PlanSettings(
             workload=plan.workload.name,
             workload_overrides=dict(plan.workload.overrides),
             time_budget=time_budget,
@@ -227,8 +229,8 @@ def _adapt(plan, plan_path: Path, time_budget: float):
         )
         try:
             with warnings_to_log(settings.storage):  # Optuna's log to plan.log, as `autotune plan` does
-                made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
-        except planner.NoTrialSucceeded as e:
+                made, _, _ = make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
+        except NoTrialSucceeded as e:
             typer.echo(f"autotune: error: {e}", err=True)
             raise typer.Exit(1) from None
         # The search chose how to train here (strategies, launch, micro-batch); what to train is
