@@ -17,4 +17,6 @@ the knobs of the strategies that are legal here, its best trial confirmed and wr
 - :mod:`~autotune.planning.guard`: the quality guard of an approximate best trial.
 - :mod:`~autotune.planning.confirm`: the interleaved confirmation against the baseline.
 - :mod:`~autotune.planning.driver`: ``autotune plan``'s walk, :func:`~autotune.planning.driver.make_plan`.
+- :mod:`~autotune.planning.adapt`: a plan from another machine validated or re-planned here
+  (``autotune run --adapt``).
 """
