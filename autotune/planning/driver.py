@@ -56,18 +56,21 @@ def make_plan(
     status: Status = _quiet,
 ) -> tuple[Plan, Summary, SearchSpace]:
     """Search, confirm and write the plan; ``settings.time_budget`` bounds all of it (within
-    :func:`budget_margin`), the confirmation's time reserved from the trials' measured walls."""
+    :func:`~autotune.planning.clock.budget_margin`), the confirmation's time reserved from the
+    trials' measured walls."""
     began = time.monotonic() if settings.started_at is None else settings.started_at
     clock = Clock(
         deadline=None
         if settings.time_budget is None
         else began + settings.time_budget - finish_margin(settings.time_budget)
     )
+    # 1. Where it writes, checked before anything runs.
     storage = settings.storage or "sqlite:///plans/studies.db"
     if settings.out is not None:
         check_writable(settings.out, "--out")
     if storage.startswith("sqlite:///"):
         check_writable(Path(storage.removeprefix("sqlite:///")), "--storage")
+    # 2. The workload, this machine's profile, the space legal here, and whether the budget holds a plan.
     workload = load_workload(settings.workload, settings.workload_overrides)
     profile = _profile(settings)
     space, graph = build_space(settings, profile, workload)
@@ -78,13 +81,14 @@ def make_plan(
                 f"--time-budget {settings.time_budget:g}: too small for {settings.workload} here; a baseline trial, "
                 f"one candidate and {_rounds(settings)} confirmation rounds need at least {math.ceil(least)} s"
             )
-    # Read before the study is opened: a source that cannot be read writes nothing. Enqueued
-    # only into a new study (ensure_first_trials).
+    # 3. The warm starts, read before the study is opened (a source that cannot be read writes
+    # nothing; enqueued only into a new study, ensure_first_trials), and the corpus.
     warm = warm_starts(space, settings.warm_start, log)
     if not space.train.random_tokens:
         from autotune import data
 
         data.default_dataset(workload.vocab_size)  # build once here, not in every trial
+    # 4. The study: named from the workload, the recipe and the machine; its first trials enqueued.
     recipe = None if settings.global_batch == workload.global_batch else settings.global_batch
     name = settings.study_name or study_name(
         settings.workload, profile.fingerprint, recipe, settings.workload_overrides
@@ -96,6 +100,7 @@ def make_plan(
     identity = study_identity(settings.budget, space.global_batch)
     study = open_study(name, storage, settings.sampler, settings.seed, identity=identity)
     ensure_first_trials(study, space, expert_priors(space), warm)
+    # 5. Search, choose, guard, confirm, write: measuring on this machine's device throughout.
     with trialmod.measuring(space.launch.device):  # this machine's device, for the whole command
         return _search_and_confirm(settings, study, space, name, storage, out, profile, clock, on_result, status, log)
 
@@ -135,9 +140,10 @@ def _search_and_confirm(
         log_dir=trial_log_dir(storage, name),
         run=f"{PLANNER_ID}:{uuid.uuid4().hex[:8]}",
     )
+    # 1. The search, stopped in time for the confirmation's reserve.
     status(search_status(1, settings.trials))
     run_search(study, objective, settings, clock)
-    # max-autotune on the best compiled configurations, only where its compile time fits
+    # 2. max-autotune on the best compiled configurations, only where its compile time fits
     # before the confirmation's reserve. On a GPU only: on a CPU inductor's max-autotune tunes
     # only its C++ GEMM templates, 4% over the default mode on the tiny GPT on 2 cores (26,429
     # against 25,398 tokens/s, within that search's ±7% noise) for two more compiled trials.
@@ -147,11 +153,12 @@ def _search_and_confirm(
         status("refinement: max-autotune")
         refine(study, objective, None if clock.deadline is None else clock.deadline - reserve)
         status(None)
-    # Machines sharing the study: the trials still running elsewhere finish first, so that every
+    # 3. Machines sharing the study: the trials still running elsewhere finish first, so that every
     # planner summarizes the same trials and writes the same plan.
     longest = settings.budget.timeout_s * AUTOTUNE_TIME_FACTOR  # the longest a trial may run
     left = longest if clock.deadline is None else min(longest, clock.left() - reserve)
     wait_for_others(study, left, log=log)
+    # 4. The summary over figures this run can compare.
     summary = _fresh(study, objective, since, clock, reserve, log, settings.exclude)
     if summary.best is None:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
@@ -160,9 +167,11 @@ def _search_and_confirm(
     baseline_plan = plan_of(summary.baseline) if summary.baseline else None
     base_figures = figures_of(summary.baseline) if summary.baseline else None
     base_step = base_figures.step_time_s if base_figures is not None and base_figures.status == "ok" else None
+    # 5. The candidate: the best trial, or the best exact one where an approximate best fails the guard.
     chosen, guard = guarded_choice(study, summary, settings, name, clock=clock, status=status, log=log)
     best = plan_of(chosen)
-    # The guard has run: what is left of the reserve is the confirmation's.
+    # 6. The confirmation against the baseline, with what is left of the reserve once the guard has run;
+    # a candidate confirmed slower than the baseline gives way to it.
     seconds = confirmation_seconds(study, settings, plain_run=plain_run) - guard_seconds(study, settings)
     left = "" if clock.deadline is None else f", {max(0.0, clock.left()):.0f} s of the budget left"
     log(
@@ -178,6 +187,7 @@ def _search_and_confirm(
         best, done, chosen = instead
         guard = None
         log(done.comparison.verdict)
+    # 7. The plan written with what the confirmation measured, and where it was measured.
     from autotune.data import plan_data_identity
 
     plan = dataclasses.replace(
