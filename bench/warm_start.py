@@ -33,7 +33,7 @@ from autotune.planning.first_trials import (  # noqa: E402
     warm_starts,
 )
 from autotune.planning.objective import Objective, optimize  # noqa: E402
-from autotune.planning.settings import PlanSettings, _profile  # noqa: E402
+from autotune.planning.settings import PlanSettings, load_profile  # noqa: E402
 from autotune.planning.space import build_space  # noqa: E402
 from autotune.planning.study import open_study  # noqa: E402
 from autotune.trial import TrialBudget  # noqa: E402
@@ -44,7 +44,7 @@ TARGET = 0.97
 
 def run_search(settings: PlanSettings, storage: str, name: str, warm: bool) -> dict:
     """One fresh search; its trials in order with the best so far and the wall since its start."""
-    profile = _profile(settings)
+    profile = load_profile(settings)
     workload = load_workload(settings.workload)
     space, _ = build_space(settings, profile, workload)
     if not space.train.random_tokens:

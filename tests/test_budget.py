@@ -19,8 +19,8 @@ from autotune.planning.clock import CACHED_WARMUP, Clock, budget_margin, minimum
 from autotune.planning.confirm import (
     BUSY_SPREAD,
     Confirmed,
-    _baseline_instead,
     _worst_spread,
+    baseline_instead,
     compare,
     confirmation_seconds,
     median_figures,
@@ -29,7 +29,7 @@ from autotune.planning.driver import _fresh
 from autotune.planning.first_trials import expert_priors
 from autotune.planning.objective import Objective
 from autotune.planning.refine import REMEASURE
-from autotune.planning.settings import PlanSettings, _profile
+from autotune.planning.settings import PlanSettings, load_profile
 from autotune.planning.space import build_space, plan_for
 from autotune.planning.study import stale, stale_runs
 from autotune.planning.summary import Summary
@@ -180,7 +180,7 @@ def test_an_earlier_runs_best_figure_is_measured_again_before_it_is_chosen(tmp_p
     the choice is among this run's figures only."""
     space, _ = build_space(
         PlanSettings(workload="tiny", device="cpu"),
-        _profile(PlanSettings(workload="tiny")),
+        load_profile(PlanSettings(workload="tiny")),
         load_workload("tiny", {}),
     )
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
@@ -236,7 +236,7 @@ def test_a_plan_confirmed_slower_than_its_baseline_is_not_written_the_baseline_i
     done = Confirmed(measured=slow, baseline=base, comparison=comparison, loss_check=None)
     chosen = type("T", (), {"number": 7})()
     summary = Summary(best=chosen, baseline=type("T", (), {"number": 0})())
-    plan, confirmed, trial = _baseline_instead(best, baseline, done, summary, chosen)
+    plan, confirmed, trial = baseline_instead(best, baseline, done, summary, chosen)
     assert plan is baseline and trial.number == 0
     assert confirmed.measured.tokens_per_s == 23_605.0 and not confirmed.comparison.beats_baseline
     assert (
@@ -245,7 +245,7 @@ def test_a_plan_confirmed_slower_than_its_baseline_is_not_written_the_baseline_i
     )
     assert confirmed.loss_check.passed
     faster = Confirmed(measured=base, baseline=slow, comparison=compare(base, slow, 3, same=False), loss_check=None)
-    assert _baseline_instead(best, baseline, faster, summary, chosen) is None
+    assert baseline_instead(best, baseline, faster, summary, chosen) is None
 
 
 def test_a_confirmation_too_noisy_to_trust_claims_nothing():
@@ -320,7 +320,7 @@ def test_an_excluded_strategy_is_never_searched_nor_chosen_from_a_resumed_study(
     """--exclude compile: compile is in no prior and no sampled plan, and a resumed study's
     fastest trial that compiled is not the candidate; the best one without it is."""
     settings = PlanSettings(workload="tiny", device="cpu", exclude=("compile",))
-    profile = _profile(settings)
+    profile = load_profile(settings)
     space, _ = build_space(settings, profile, load_workload("tiny", {}))
     assert "compile" not in {s.name for s in space.strategies} and space.left_out["compile"] == "excluded (--exclude)"
     assert not [p for p in expert_priors(space) if p.get("compile")]

@@ -183,12 +183,12 @@ def test_the_run_summary_says_n_a_and_why_and_sizes_in_binary_units(tmp_path, ru
 
 
 def test_strategies_and_plan_agree_on_what_a_search_here_leaves_out(run_cli):
-    from autotune.planning.settings import PlanSettings, _profile
+    from autotune.planning.settings import PlanSettings, load_profile
     from autotune.planning.space import build_space
     from autotune.workloads import load_workload
 
     settings = PlanSettings(workload="tiny", device="cpu", allow_approximate=True)
-    space, _ = build_space(settings, _profile(settings), load_workload("tiny", {}))
+    space, _ = build_space(settings, load_profile(settings), load_workload("tiny", {}))
     code, out, err = run_cli("strategies", "--json", "--allow-approximate")
     assert code == 0, err
     shown = {s["name"]: s for s in json.loads(out)}

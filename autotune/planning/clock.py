@@ -50,7 +50,7 @@ Status = Callable[[str | None], None]
 """Says what runs now (a live status line), None when nothing does."""
 
 
-def _quiet(_: str | None) -> None:
+def no_status(_: str | None) -> None:
     pass
 
 
@@ -90,18 +90,18 @@ def run_seconds(trial: Any, *, cached: bool = False, timed_s: float | None = Non
     return rest + startup + (CACHED_WARMUP if cached else 1.0) * warmup + (timed if timed_s is None else timed_s)
 
 
-def _rounds(settings: PlanSettings) -> int:
+def rounds_of(settings: PlanSettings) -> int:
     return max(MIN_ROUNDS, settings.confirm_rounds)
 
 
-def _length_scale(settings: PlanSettings) -> float:
+def length_scale(settings: PlanSettings) -> float:
     """How much longer a confirmation run is than a trial (start-up counted as steps: an
     overestimate, so the reserve errs on the safe side)."""
     b = settings.budget
     return (b.warmup_steps + settings.confirm_factor * b.timed_steps) / (b.warmup_steps + b.timed_steps)
 
 
-def _limited(budget: TrialBudget, clock: Clock) -> TrialBudget:
+def limited(budget: TrialBudget, clock: Clock) -> TrialBudget:
     """A run's limit: the trial's, and no later than the budget's end plus its margin."""
     if clock.deadline is None:
         return budget
@@ -124,7 +124,7 @@ def minimum_budget(space: SearchSpace, settings: PlanSettings) -> float:
         timed = steps_for_target(settings.budget.target_s, step, timed)
     kind = devices.get(device)
     base_run = kind.startup_floor_s + (warmup + timed) * step
-    rounds = _rounds(settings)
+    rounds = rounds_of(settings)
     if settings.trials == 1:
         need = base_run * (1 + rounds)
     else:

@@ -19,11 +19,11 @@ from autotune.planning.clock import (
     MIN_ROUNDS,
     Clock,
     Status,
-    _length_scale,
-    _limited,
-    _quiet,
-    _rounds,
+    length_scale,
+    limited,
+    no_status,
     phases,
+    rounds_of,
     run_seconds,
     trial_wall,
 )
@@ -66,9 +66,9 @@ def confirmation_seconds(study: Any, settings: PlanSettings, *, plain_run: bool 
         per_round = plan_run + run_seconds(
             base, timed_s=None if timed is None else min(timed[2], (phases(base) or timed)[2])
         )
-    scale = _length_scale(settings)
+    scale = length_scale(settings)
     processes = max(1, settings.cpu_procs or 1)
-    return scale * (_rounds(settings) * per_round + (processes * plan_run if plain_run else 0.0)) + guard_seconds(
+    return scale * (rounds_of(settings) * per_round + (processes * plan_run if plain_run else 0.0)) + guard_seconds(
         study, settings
     )
 
@@ -98,7 +98,7 @@ def confirm(
     settings: PlanSettings,
     *,
     clock: Clock | None = None,
-    status: Status = _quiet,
+    status: Status = no_status,
     log: Callable[[str], None] = print,
     seconds: float | None = None,
     baseline_step_s: float | None = None,
@@ -115,7 +115,7 @@ def confirm(
     does not depend on how the global batch is split), so its rounds are the loss reference
     too; only where they cannot be (random tokens) does a plain run follow."""
     clock = clock or Clock()
-    rounds = _rounds(settings)
+    rounds = rounds_of(settings)
     same = baseline is None or same_run(plan, baseline)
     target = settings.budget.target_s
     budget = dataclasses.replace(
@@ -140,12 +140,12 @@ def confirm(
         k += 1
         began = time.monotonic()
         status(f"confirmation round {k} of {rounds}: the plan")
-        plan_runs.append(run_trial(plan, _limited(budget, clock)).figures)
+        plan_runs.append(run_trial(plan, limited(budget, clock)).figures)
         if not same:
             assert baseline is not None
             status(f"confirmation round {k} of {rounds}: the baseline")
             base_budget = baseline_budget(budget, plan, baseline, plan_runs[-1], baseline_step_s)
-            base_runs.append(run_trial(baseline, _limited(base_budget, clock)).figures)
+            base_runs.append(run_trial(baseline, limited(base_budget, clock)).figures)
             if base_runs[-1].status == "ok":
                 baseline_step_s = base_runs[-1].step_time_s
         log(
@@ -157,7 +157,7 @@ def confirm(
         # A spread beyond BUSY_SPREAD is a machine busy with something else: measure again
         # (up to EXTRA_ROUNDS more rounds, while the budget holds one), then say so.
         spread = _worst_spread(plan_runs, base_runs)
-        if spread <= BUSY_SPREAD or k >= _rounds(settings) + EXTRA_ROUNDS or clock.left() < time.monotonic() - began:
+        if spread <= BUSY_SPREAD or k >= rounds_of(settings) + EXTRA_ROUNDS or clock.left() < time.monotonic() - began:
             break
         log(f"confirmation: a spread of ±{spread:.0%} (above ±{BUSY_SPREAD:.0%}): another round")
         rounds += 1
@@ -167,7 +167,7 @@ def confirm(
     reference = base if baseline is not None and not same and is_reference(plan, baseline) else None
     if reference is None:
         status("loss check: a plain run on the plan's batches")
-    loss_check = _loss_check(plan, measured, _limited(budget, clock), settings.quality_tolerance, reference=reference)
+    loss_check = _loss_check(plan, measured, limited(budget, clock), settings.quality_tolerance, reference=reference)
     status(None)
     comparison = compare(measured, base, rounds, same, busy=_worst_spread(plan_runs, base_runs) > BUSY_SPREAD)
     if comparison is not None:
@@ -339,7 +339,7 @@ def _compared(run: Figures, reference: Figures, tolerance: float, *, exact: bool
     )
 
 
-def _baseline_instead(
+def baseline_instead(
     plan: Plan, baseline: Plan, done: Confirmed, summary: Summary, chosen: Any
 ) -> tuple[Plan, Confirmed, Any] | None:
     """The baseline as the plan when the confirmation measured the chosen trial slower than the

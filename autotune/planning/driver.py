@@ -21,18 +21,18 @@ from autotune.plan import Plan
 from autotune.planning.clock import (
     Clock,
     Status,
-    _quiet,
-    _rounds,
     finish_margin,
     minimum_budget,
+    no_status,
+    rounds_of,
     trial_wall,
 )
-from autotune.planning.confirm import _baseline_instead, confirm, confirmation_seconds
+from autotune.planning.confirm import baseline_instead, confirm, confirmation_seconds
 from autotune.planning.first_trials import ensure_first_trials, expert_priors, warm_starts
 from autotune.planning.guard import guard_seconds, guarded_choice
 from autotune.planning.objective import AUTOTUNE_TIME_FACTOR, MIN_TRIAL_S, PLANNER_ID, Objective, optimize
 from autotune.planning.refine import measure_again, refine
-from autotune.planning.settings import NoTrialSucceeded, PlanSettings, _profile
+from autotune.planning.settings import NoTrialSucceeded, PlanSettings, load_profile
 from autotune.planning.space import SearchSpace, build_space, searched_on
 from autotune.planning.study import (
     open_study,
@@ -53,7 +53,7 @@ def make_plan(
     *,
     on_result: Callable | None = None,
     log: Callable[[str], None] = print,
-    status: Status = _quiet,
+    status: Status = no_status,
 ) -> tuple[Plan, Summary, SearchSpace]:
     """Search, confirm and write the plan; ``settings.time_budget`` bounds all of it (within
     :func:`~autotune.planning.clock.budget_margin`), the confirmation's time reserved from the
@@ -72,14 +72,14 @@ def make_plan(
         check_writable(Path(storage.removeprefix("sqlite:///")), "--storage")
     # 2. The workload, this machine's profile, the space legal here, and whether the budget holds a plan.
     workload = load_workload(settings.workload, settings.workload_overrides)
-    profile = _profile(settings)
+    profile = load_profile(settings)
     space, graph = build_space(settings, profile, workload)
     if settings.time_budget is not None:
         least = minimum_budget(space, settings)
         if settings.time_budget < least:
             raise UserError(
                 f"--time-budget {settings.time_budget:g}: too small for {settings.workload} here; a baseline trial, "
-                f"one candidate and {_rounds(settings)} confirmation rounds need at least {math.ceil(least)} s"
+                f"one candidate and {rounds_of(settings)} confirmation rounds need at least {math.ceil(least)} s"
             )
     # 3. The warm starts, read before the study is opened (a source that cannot be read writes
     # nothing; enqueued only into a new study, ensure_first_trials), and the corpus.
@@ -177,12 +177,12 @@ def _search_and_confirm(
     log(
         f"confirming trial {chosen.number} against the baseline (trial "
         f"{summary.baseline.number if summary.baseline else '-'}): "
-        f"{_rounds(settings)} interleaved rounds, predicted {seconds:.0f} s{left}"
+        f"{rounds_of(settings)} interleaved rounds, predicted {seconds:.0f} s{left}"
     )
     done = confirm(
         best, baseline_plan, settings, clock=clock, status=status, log=log, seconds=seconds, baseline_step_s=base_step
     )
-    instead = _baseline_instead(best, baseline_plan, done, summary, chosen) if baseline_plan is not None else None
+    instead = baseline_instead(best, baseline_plan, done, summary, chosen) if baseline_plan is not None else None
     if instead is not None:
         best, done, chosen = instead
         guard = None

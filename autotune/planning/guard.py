@@ -11,7 +11,7 @@ from typing import Any
 
 from autotune import catalog
 from autotune.plan import Figures, LossCurve, Plan, QualityGuard
-from autotune.planning.clock import Clock, Status, _limited, _quiet, trial_wall
+from autotune.planning.clock import Clock, Status, limited, no_status, trial_wall
 from autotune.planning.settings import NoTrialSucceeded, PlanSettings
 from autotune.planning.summary import Summary, figures_of, plan_of
 from autotune.trial import TrialBudget, run_trial
@@ -58,7 +58,7 @@ def guarded_choice(
     name: str,
     *,
     clock: Clock | None = None,
-    status: Status = _quiet,
+    status: Status = no_status,
     log: Callable[[str], None] = print,
 ) -> tuple[Any, QualityGuard | None]:
     """The trial to confirm, and its quality guard: ``summary.best`` when it is exact or passes
@@ -110,7 +110,7 @@ def quality_guard(
     settings: PlanSettings,
     *,
     clock: Clock | None = None,
-    status: Status = _quiet,
+    status: Status = no_status,
 ) -> tuple[QualityGuard | None, str | None]:
     """Run ``candidate`` (approximate) and ``exact`` for ``settings.guard_steps`` timed optimizer
     steps each after GUARD_WARMUP, on the same batches, and compare their curves
@@ -119,7 +119,7 @@ def quality_guard(
     runs = []
     for what, plan in (("the plan", candidate), (f"the exact trial {reference_trial}", exact)):
         status(f"quality guard: {what}, {settings.guard_steps} steps")
-        result = run_trial(plan, _limited(guard_budget(settings, plan), clock))
+        result = run_trial(plan, limited(guard_budget(settings, plan), clock))
         if result.figures.status != "ok":
             status(None)
             return None, f"the guard's run of {what} ended {result.figures.status}" + (

@@ -90,7 +90,7 @@ class NoTrialSucceeded(RuntimeError):
     """Every trial of the study failed or was pruned: there is nothing to confirm."""
 
 
-def _profile(settings: PlanSettings) -> Any:
+def load_profile(settings: PlanSettings) -> Any:
     from autotune import hardware
 
     if settings.profile is None:
