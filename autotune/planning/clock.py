@@ -17,8 +17,6 @@ from autotune.trial import TrialBudget, optimizer_steps, steps_for_target
 
 MIN_ROUNDS = 3
 """Fewest rounds of the interleaved confirmation: a median and a spread need three samples."""
-
-
 BUDGET_MARGIN_S = 15.0
 """``--time-budget`` bounds the whole command within max(this, 10% of the budget): the
 confirmation's time is reserved from measured trial walls, which vary from run to run."""

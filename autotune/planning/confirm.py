@@ -182,8 +182,6 @@ BUSY_SPREAD = 0.25
 median) measured the machine's other work, not the plan: it runs extra rounds, then says the
 machine was too busy. Two runs of one configuration on an idle 2-core CPU spread up to about
 ±12%; on a busy one we saw ±607%."""
-
-
 EXTRA_ROUNDS = 2
 """Rounds a too-wide confirmation runs beyond its own, time allowing."""
 

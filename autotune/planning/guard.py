@@ -18,13 +18,9 @@ from autotune.trial import TrialBudget, run_trial
 
 GUARD_WARMUP = 1
 """Untimed optimizer steps before a guard run's timed ones (the first micro-batch compiles)."""
-
-
 GUARD_TAIL = 0.1
 """The guard compares the mean loss over this last fraction of the steps, and smooths the
 curves over as many steps (time-to-loss)."""
-
-
 GUARD_FRACTIONS = (0.25, 0.5, 0.75)
 """Where a guard run's curve summary gives its smoothed loss (LossCurve.at_fractions)."""
 

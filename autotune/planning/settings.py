@@ -14,17 +14,11 @@ from autotune.trial import TrialBudget
 QUALITY_TOLERANCE = 0.01
 """The quality guard's default (--quality-tolerance): an approximate plan's loss may be this much
 (relative) above the exact reference's on the same batches at equal steps; lower is always fine."""
-
-
 GUARD_STEPS = 200
 """The quality guard's default length (--guard-steps): optimizer steps of an approximate plan
 and of the study's best exact configuration, each, on the same real-text batches."""
-
-
 GUARD_STEPS_RANGE = (10, 100_000)
 """--guard-steps' legal range: at least ten steps so the last 10% is a step."""
-
-
 TRIAL_SECONDS = 5.0
 """Timed seconds a trial aims for (--trial-seconds, ``TrialBudget.target_s``): a median of
 steps that are each under it, a few steps of a slow fp32 baseline."""
@@ -83,7 +77,7 @@ class PlanSettings:
     baseline, before the expert priors (:func:`autotune.planning.first_trials.warm_starts`)."""
     started_at: float | None = None
     """When the command began, on time.monotonic(), what ``time_budget`` counts from; None: when
-    :func:`make_plan` is called."""
+    :func:`~autotune.planning.driver.make_plan` is called."""
 
 
 class NoTrialSucceeded(RuntimeError):
@@ -91,6 +85,9 @@ class NoTrialSucceeded(RuntimeError):
 
 
 def load_profile(settings: PlanSettings) -> Any:
+    """The hardware profile to plan for: ``settings.profile``, refused when made on another
+    machine; else the one `autotune profile` saved, where it is this machine's; else detected
+    quickly (no measurements)."""
     from autotune import hardware
 
     if settings.profile is None:
