@@ -342,7 +342,7 @@ class Comparison:
     cores: int | None = None
     """Cores the planner could use, to read ``load`` against."""
     too_busy: bool = False
-    """The runs' spread stayed above the planner's limit (``planner.BUSY_SPREAD``) after its
+    """The runs' spread stayed above the planner's limit (``planning.confirm.BUSY_SPREAD``) after its
     extra rounds: the machine was too busy to measure, and no speed-up is claimed."""
 
 

@@ -80,7 +80,7 @@ class Knob:
     """The numeric range holds integers."""
     refine_only: tuple[Any, ...] = ()
     """Choices the main search never samples, too slow to try blind (compile's
-    max-autotune-no-cudagraphs benchmarks every kernel for minutes): ``autotune.search.refine``
+    max-autotune-no-cudagraphs benchmarks every kernel for minutes): ``autotune.planning.refine.refine``
     tries them on the best trials only, each trial under a longer limit."""
 
 
@@ -136,7 +136,7 @@ def on_accelerator(device: DeviceName) -> bool:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Prior:
-    """How the expert prior (``autotune.planner.expert_priors``) turns a strategy on."""
+    """How the expert prior (``autotune.planning.first_trials.expert_priors``) turns a strategy on."""
 
     knobs: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Settings of its knobs by field name; the knobs not named take their defaults."""

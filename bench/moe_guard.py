@@ -2,7 +2,7 @@
 both trained for the same optimizer steps on the same real-text batches (same seed, same
 global batch, so equal steps are equal tokens), each a fresh trial process; then tokens/s, the
 loss at equal tokens and the time-to-loss (wall time to bring the smoothed loss down to the
-exact run's final one), by ``autotune.planner.guard_of``, the planner's own comparison.
+exact run's final one), by ``autotune.planning.guard.guard_of``, the planner's own comparison.
 
     python3 bench/moe_guard.py bench/results/approx/phase8-small.plan.json \\
         --variant moe_e8_k2=moe.num_experts=8,moe.top_k=2,moe.capacity_factor=1.25,moe.every_n_layers=2 \\
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trial_ab import variant  # noqa: E402
 
 from autotune import plan as planmod  # noqa: E402
-from autotune import planner  # noqa: E402
+from autotune.planning.guard import GUARD_TAIL, GUARD_WARMUP, guard_of, loss_curve  # noqa: E402
+from autotune.planning.settings import GUARD_STEPS, QUALITY_TOLERANCE  # noqa: E402
 from autotune.trial import TrialBudget, run_trial  # noqa: E402
 
 
@@ -35,11 +36,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("plan", type=Path)
     ap.add_argument("--variant", required=True, help="NAME=CHANGE[,CHANGE...] (bench/trial_ab.py)")
-    ap.add_argument("--steps", type=int, default=planner.GUARD_STEPS, help="timed optimizer steps of each run")
+    ap.add_argument("--steps", type=int, default=GUARD_STEPS, help="timed optimizer steps of each run")
     ap.add_argument(
         "--variant-steps", type=int, help="the variant's timed steps, if more (its time-to-loss past equal steps)"
     )
-    ap.add_argument("--tolerance", type=float, default=planner.QUALITY_TOLERANCE)
+    ap.add_argument("--tolerance", type=float, default=QUALITY_TOLERANCE)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per run")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -57,9 +58,7 @@ def main() -> int:
                 plan.grad_accum(),
                 args.steps if label == "exact" else max(args.steps, args.variant_steps or 0),
             )
-            budget = TrialBudget(
-                warmup_steps=planner.GUARD_WARMUP * accum, timed_steps=steps * accum, timeout_s=args.timeout
-            )
+            budget = TrialBudget(warmup_steps=GUARD_WARMUP * accum, timed_steps=steps * accum, timeout_s=args.timeout)
             result = run_trial(plan, budget)
             f = result.figures
             print(
@@ -87,10 +86,10 @@ def main() -> int:
             if f.status != "ok":
                 return 1
             runs[label] = f
-        guard = planner.guard_of(runs[name], runs["exact"], 0, args.tolerance)  # over the steps both trained
+        guard = guard_of(runs[name], runs["exact"], 0, args.tolerance)  # over the steps both trained
         longer = len(runs[name].losses or [])
-        window = max(1, round(planner.GUARD_TAIL * guard.steps))
-        reached = planner.loss_curve(runs[name], longer, window, guard.target_loss).time_to_loss_s
+        window = max(1, round(GUARD_TAIL * guard.steps))
+        reached = loss_curve(runs[name], longer, window, guard.target_loss).time_to_loss_s
         record = {
             "guard": dataclasses.asdict(guard),
             "variant_steps": longer,

@@ -26,9 +26,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from autotune import planner  # noqa: E402
-from autotune.planning.first_trials import ensure_first_trials, warm_starts  # noqa: E402
+from autotune.limits import usable_cores  # noqa: E402
+from autotune.planning.first_trials import (  # noqa: E402
+    ensure_first_trials,
+    expert_priors,  # noqa: E402
+    warm_starts,
+)
 from autotune.planning.objective import Objective, optimize  # noqa: E402
+from autotune.planning.settings import PlanSettings, load_profile  # noqa: E402
+from autotune.planning.space import build_space  # noqa: E402
 from autotune.planning.study import open_study  # noqa: E402
 from autotune.trial import TrialBudget  # noqa: E402
 from autotune.workloads import load_workload  # noqa: E402
@@ -36,18 +42,18 @@ from autotune.workloads import load_workload  # noqa: E402
 TARGET = 0.97
 
 
-def run_search(settings: planner.PlanSettings, storage: str, name: str, warm: bool) -> dict:
+def run_search(settings: PlanSettings, storage: str, name: str, warm: bool) -> dict:
     """One fresh search; its trials in order with the best so far and the wall since its start."""
-    profile = planner._profile(settings)
+    profile = load_profile(settings)
     workload = load_workload(settings.workload)
-    space, _ = planner.build_space(settings, profile, workload)
+    space, _ = build_space(settings, profile, workload)
     if not space.train.random_tokens:
         from autotune import data
 
         data.default_dataset(workload.vocab_size)
     starts = warm_starts(space, settings.warm_start, print) if warm else []
     study = open_study(name, storage, settings.sampler, settings.seed)
-    ensure_first_trials(study, space, planner.expert_priors(space), starts)
+    ensure_first_trials(study, space, expert_priors(space), starts)
     objective = Objective(space=space, budget=settings.budget)
     began = time.time()
     optimize(study, objective, trials=settings.trials, time_budget=None)
@@ -119,7 +125,7 @@ def main() -> None:
     import optuna
     import torch
 
-    settings = planner.PlanSettings(
+    settings = PlanSettings(
         workload=args.workload,
         trials=args.trials,
         seed=args.seed,
@@ -144,7 +150,7 @@ def main() -> None:
         trials=args.trials,
         seed=args.seed,
         cpu=_cpu_model(),
-        cores=planner.usable_cores(),
+        cores=usable_cores(),
         compile_cache="fresh for each search",
         torch=torch.__version__,
         optuna=optuna.__version__,

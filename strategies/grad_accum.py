@@ -19,7 +19,7 @@ class GradAccumConfig:
     """Micro-batches per optimizer step."""
 
     def __post_init__(self) -> None:
-        # The planner derives up to search.MAX_ACCUM (64); more only ever loses, and 1000 hangs a step.
+        # The planner derives up to planning.space.MAX_ACCUM (64); more only ever loses, and 1000 hangs a step.
         if not 1 <= self.steps <= 128:
             raise ValueError(f"steps must be from 1 to 128, got {self.steps}")
 

@@ -13,15 +13,28 @@ import optuna
 import pytest
 
 from autotune import plan as planmod
-from autotune import planner
 from autotune.errors import UserError
 from autotune.plan import Figures
+from autotune.planning.clock import CACHED_WARMUP, Clock, budget_margin, minimum_budget
+from autotune.planning.confirm import (
+    BUSY_SPREAD,
+    Confirmed,
+    _worst_spread,
+    baseline_instead,
+    compare,
+    confirmation_seconds,
+    median_figures,
+)
+from autotune.planning.driver import _fresh
+from autotune.planning.first_trials import expert_priors
 from autotune.planning.objective import Objective
 from autotune.planning.refine import REMEASURE
-from autotune.planning.space import plan_for
+from autotune.planning.settings import PlanSettings, load_profile
+from autotune.planning.space import build_space, plan_for
 from autotune.planning.study import stale, stale_runs
 from autotune.planning.summary import Summary
 from autotune.trial import TrialBudget, run_trial, steps_for_target
+from autotune.workloads import load_workload
 from tests.conftest import DEFAULT_PLAN, ROOT
 
 
@@ -55,7 +68,7 @@ class _Study:
         return [t for t in self.trials if states is None or t.state in states]
 
 
-SETTINGS = planner.PlanSettings(workload="tiny", budget=TrialBudget(warmup_steps=5, timed_steps=20, target_s=5.0))
+SETTINGS = PlanSettings(workload="tiny", budget=TrialBudget(warmup_steps=5, timed_steps=20, target_s=5.0))
 
 
 def test_the_first_timed_step_sizes_a_trial_to_its_target_seconds():
@@ -72,17 +85,17 @@ def test_the_reserve_is_the_candidates_own_phases_not_the_slowest_trial():
     (the slowest trial + the baseline) = 3 x 98 s; now each round is the candidate with its
     compilation cached plus a baseline timed as long as the candidate."""
     base = _trial(0, 17_495.0, role="baseline", wall=49.0, startup=10.0, warmup=4.0, timed=35.0)
-    alone = planner.confirmation_seconds(_Study([base]), SETTINGS)
+    alone = confirmation_seconds(_Study([base]), SETTINGS)
     assert alone == pytest.approx(3 * 49.0)  # the baseline is the best: it confirms against itself, one run a round
     prior = _trial(1, 209_224.0, role="prior", wall=90.0, startup=15.0, warmup=70.0, timed=5.0, plan=_compiled())
-    seconds = planner.confirmation_seconds(_Study([base, prior]), SETTINGS)
-    plan_run = 15.0 + planner.CACHED_WARMUP * 70.0 + 5.0
+    seconds = confirmation_seconds(_Study([base, prior]), SETTINGS)
+    plan_run = 15.0 + CACHED_WARMUP * 70.0 + 5.0
     base_run = 10.0 + 4.0 + 5.0  # timed as long as the candidate, not its own 35 s
     assert seconds == pytest.approx(3 * (plan_run + base_run))
     assert seconds < 0.6 * 3 * (90.0 + 49.0)  # the old reserve: 417 s of a 420 s budget
     # A trial recorded before the phases were: its wall stands for the whole run.
     old = _trial(1, 209_224.0, role="prior", wall=90.0)
-    assert planner.confirmation_seconds(_Study([base, old]), SETTINGS) == pytest.approx(3 * (90.0 + 49.0 - 35.0 + 35.0))
+    assert confirmation_seconds(_Study([base, old]), SETTINGS) == pytest.approx(3 * (90.0 + 49.0 - 35.0 + 35.0))
 
 
 def test_a_budget_too_small_for_the_model_is_refused_before_anything_runs(tmp_path, run_cli):
@@ -156,7 +169,7 @@ def test_a_baseline_that_fills_the_old_reserve_still_lets_the_prior_run(tmp_path
         ran[1].user_attrs.get("error"),
     )
     assert "per trial (median of" in proc.stdout
-    assert wall <= budget + planner.budget_margin(budget)
+    assert wall <= budget + budget_margin(budget)
     plan = planmod.load(out)
     assert plan.comparison is not None and plan.comparison.cores and plan.comparison.load
 
@@ -165,10 +178,10 @@ def test_an_earlier_runs_best_figure_is_measured_again_before_it_is_chosen(tmp_p
     """A resumed study: a killed planner's baseline (measured idle, the fastest figure of the
     study) against this run's trials (measured under load). It is run again in this run, and
     the choice is among this run's figures only."""
-    space, _ = planner.build_space(
-        planner.PlanSettings(workload="tiny", device="cpu"),
-        planner._profile(planner.PlanSettings(workload="tiny")),
-        planner.load_workload("tiny", {}),
+    space, _ = build_space(
+        PlanSettings(workload="tiny", device="cpu"),
+        load_profile(PlanSettings(workload="tiny")),
+        load_workload("tiny", {}),
     )
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
     baseline = plan_for(space, space.baseline_micro_batch, [])
@@ -184,7 +197,7 @@ def test_an_earlier_runs_best_figure_is_measured_again_before_it_is_chosen(tmp_p
     since = datetime.datetime.now()
     objective = Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now")
     lines = []
-    summary = planner._fresh(study, objective, since, planner.Clock(), 0.0, lines.append)
+    summary = _fresh(study, objective, since, Clock(), 0.0, lines.append)
     again = [t for t in study.trials if t.user_attrs.get("role") == REMEASURE]
     assert len(again) == 1 and again[0].user_attrs["remeasures"] == 0 and again[0].user_attrs["run"] == "now"
     assert "measured by an earlier planner run" in lines[0]
@@ -219,11 +232,11 @@ def test_a_plan_confirmed_slower_than_its_baseline_is_not_written_the_baseline_i
         loss_end=4.9,
         loss_start=5.0,
     )
-    comparison = planner.compare(slow, base, 3, same=False)
-    done = planner.Confirmed(measured=slow, baseline=base, comparison=comparison, loss_check=None)
+    comparison = compare(slow, base, 3, same=False)
+    done = Confirmed(measured=slow, baseline=base, comparison=comparison, loss_check=None)
     chosen = type("T", (), {"number": 7})()
     summary = Summary(best=chosen, baseline=type("T", (), {"number": 0})())
-    plan, confirmed, trial = planner._baseline_instead(best, baseline, done, summary, chosen)
+    plan, confirmed, trial = baseline_instead(best, baseline, done, summary, chosen)
     assert plan is baseline and trial.number == 0
     assert confirmed.measured.tokens_per_s == 23_605.0 and not confirmed.comparison.beats_baseline
     assert (
@@ -231,20 +244,16 @@ def test_a_plan_confirmed_slower_than_its_baseline_is_not_written_the_baseline_i
         and "the baseline is the plan" in confirmed.comparison.verdict
     )
     assert confirmed.loss_check.passed
-    faster = planner.Confirmed(
-        measured=base, baseline=slow, comparison=planner.compare(base, slow, 3, same=False), loss_check=None
-    )
-    assert planner._baseline_instead(best, baseline, faster, summary, chosen) is None
+    faster = Confirmed(measured=base, baseline=slow, comparison=compare(base, slow, 3, same=False), loss_check=None)
+    assert baseline_instead(best, baseline, faster, summary, chosen) is None
 
 
 def test_a_confirmation_too_noisy_to_trust_claims_nothing():
     runs = [Figures(status="ok", tokens_per_s=v) for v in (1_163.0, 23_605.0, 12_000.0)]
-    assert planner._worst_spread(runs) > planner.BUSY_SPREAD
-    assert planner._worst_spread([Figures(status="ok", tokens_per_s=v) for v in (100.0, 104.0, 96.0)]) == pytest.approx(
-        0.04
-    )
-    plan, base = planner.median_figures(runs), Figures(status="ok", tokens_per_s=1000.0, spread=0.01)
-    c = planner.compare(plan, base, 5, same=False, busy=True)
+    assert _worst_spread(runs) > BUSY_SPREAD
+    assert _worst_spread([Figures(status="ok", tokens_per_s=v) for v in (100.0, 104.0, 96.0)]) == pytest.approx(0.04)
+    plan, base = median_figures(runs), Figures(status="ok", tokens_per_s=1000.0, spread=0.01)
+    c = compare(plan, base, 5, same=False, busy=True)
     assert c.too_busy and not c.beats_baseline and c.verdict.startswith("the machine was too busy to measure")
 
 
@@ -271,18 +280,18 @@ def test_the_minimum_on_a_gpu_counts_start_up_compilation_and_the_baselines_step
     h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
     model_type, overrides = overrides_from_config(ROOT / "bench/configs/qwen3-0.33b.json")
     name = f"hf:{model_type}"
-    settings = planner.PlanSettings(workload=name, workload_overrides=overrides, global_batch=64, time_budget=420)
-    space, _ = planner.build_space(settings, h200, load_workload(name, overrides))
-    least = planner.minimum_budget(space, settings)
+    settings = PlanSettings(workload=name, workload_overrides=overrides, global_batch=64, time_budget=420)
+    space, _ = build_space(settings, h200, load_workload(name, overrides))
+    least = minimum_budget(space, settings)
     assert 200 < least < 420
     # One trial (the baseline alone) needs less; a CPU search of tiny far less.
-    assert planner.minimum_budget(space, planner.PlanSettings(workload=name, trials=1)) < least
+    assert minimum_budget(space, PlanSettings(workload=name, trials=1)) < least
     # gpt-1b: at its recipe's 256 x 2048 tokens a step, one fp32 baseline step alone is over a
     # minute; at the 8 samples the H200 runs used (bench/README), 300 s holds the minimum.
     for global_batch, fits in ((None, False), (8, True)):
-        settings = planner.PlanSettings(workload="gpt-1b", time_budget=300, global_batch=global_batch)
-        space, _ = planner.build_space(settings, h200, load_workload("gpt-1b"))
-        assert (planner.minimum_budget(space, settings) <= 300) is fits
+        settings = PlanSettings(workload="gpt-1b", time_budget=300, global_batch=global_batch)
+        space, _ = build_space(settings, h200, load_workload("gpt-1b"))
+        assert (minimum_budget(space, settings) <= 300) is fits
 
 
 def test_a_planner_beside_this_one_is_not_an_earlier_run(tmp_path):
@@ -310,11 +319,11 @@ def test_a_planner_beside_this_one_is_not_an_earlier_run(tmp_path):
 def test_an_excluded_strategy_is_never_searched_nor_chosen_from_a_resumed_study(tmp_path):
     """--exclude compile: compile is in no prior and no sampled plan, and a resumed study's
     fastest trial that compiled is not the candidate; the best one without it is."""
-    settings = planner.PlanSettings(workload="tiny", device="cpu", exclude=("compile",))
-    profile = planner._profile(settings)
-    space, _ = planner.build_space(settings, profile, planner.load_workload("tiny", {}))
+    settings = PlanSettings(workload="tiny", device="cpu", exclude=("compile",))
+    profile = load_profile(settings)
+    space, _ = build_space(settings, profile, load_workload("tiny", {}))
     assert "compile" not in {s.name for s in space.strategies} and space.left_out["compile"] == "excluded (--exclude)"
-    assert not [p for p in planner.expert_priors(space) if p.get("compile")]
+    assert not [p for p in expert_priors(space) if p.get("compile")]
     study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path}/s.db", study_name="s")
     baseline = plan_for(space, space.baseline_micro_batch, [])
     compiled = dict(
@@ -331,11 +340,11 @@ def test_an_excluded_strategy_is_never_searched_nor_chosen_from_a_resumed_study(
             )
         )
     objective = Objective(space=space, budget=TrialBudget(warmup_steps=1, timed_steps=2, target_s=1.0), run="now")
-    summary = planner._fresh(study, objective, datetime.datetime.now(), planner.Clock(), 0.0, print, settings.exclude)
+    summary = _fresh(study, objective, datetime.datetime.now(), Clock(), 0.0, print, settings.exclude)
     assert summary.best.number == 2 and summary.best.value == 2.0
     with pytest.raises(UserError, match="--exclude warp_drive: unknown strategy"):
-        planner.build_space(
-            planner.PlanSettings(workload="tiny", device="cpu", exclude=("warp_drive",)),
+        build_space(
+            PlanSettings(workload="tiny", device="cpu", exclude=("warp_drive",)),
             profile,
-            planner.load_workload("tiny", {}),
+            load_workload("tiny", {}),
         )

@@ -60,7 +60,7 @@ def test_the_console_entry_alone_exits_0():
 
 
 def test_the_search_s_status_says_which_trial_of_how_many():
-    from autotune.planner import search_status
+    from autotune.planning.driver import search_status
 
     assert search_status(3, 8) == "search: trial 3 of 8 running"
     assert search_status(3, None) == "search: trial 3 running"  # a time budget: the line says the budget
@@ -183,10 +183,12 @@ def test_the_run_summary_says_n_a_and_why_and_sizes_in_binary_units(tmp_path, ru
 
 
 def test_strategies_and_plan_agree_on_what_a_search_here_leaves_out(run_cli):
-    from autotune import planner
+    from autotune.planning.settings import PlanSettings, load_profile
+    from autotune.planning.space import build_space
+    from autotune.workloads import load_workload
 
-    settings = planner.PlanSettings(workload="tiny", device="cpu", allow_approximate=True)
-    space, _ = planner.build_space(settings, planner._profile(settings), planner.load_workload("tiny", {}))
+    settings = PlanSettings(workload="tiny", device="cpu", allow_approximate=True)
+    space, _ = build_space(settings, load_profile(settings), load_workload("tiny", {}))
     code, out, err = run_cli("strategies", "--json", "--allow-approximate")
     assert code == 0, err
     shown = {s["name"]: s for s in json.loads(out)}

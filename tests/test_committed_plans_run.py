@@ -28,7 +28,7 @@ def test_the_cpu_plans_are_found():
 @pytest.mark.parametrize("path", CPU_PLANS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_a_committed_cpu_plan_trains(path, tmp_path):
     from autotune.hardware import current_fingerprint
-    from autotune.planner import usable_cores
+    from autotune.limits import usable_cores
 
     out = tmp_path / "run"
     data = json.loads(path.read_text())

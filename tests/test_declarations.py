@@ -171,7 +171,7 @@ def test_refine_only_choices_are_declared_on_the_knob_and_must_be_choices() -> N
 
 
 def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
-    from autotune.planner import left_out_of
+    from autotune.planning.space import left_out_of
 
     assert left_out_of("cpu") == {
         "fp8": "left out of CPU searches: emulated on a CPU (no float8 units), never a speed-up",
@@ -182,7 +182,7 @@ def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
 
 def test_precision_leaves_a_cpu_search_without_bf16_units(tmp_path) -> None:
     # Its own rule (search_knobs), read from the CPU's flags: bf16 autocast is emulated without them.
-    from autotune.planner import search_left_out
+    from autotune.planning.space import search_left_out
     from autotune.strategies import precision
     from autotune.strategy import SearchFacts
 

@@ -8,11 +8,13 @@ import dataclasses
 
 import pytest
 
-from autotune import hardware, planner
+from autotune import hardware
 from autotune import plan as planmod
 from autotune.plan import Figures
+from autotune.planning.guard import guard_of, guard_seconds, guarded_choice, is_exact
 from autotune.planning.objective import Objective, optimize
-from autotune.planning.space import baseline_params
+from autotune.planning.settings import PlanSettings
+from autotune.planning.space import baseline_params, build_space
 from autotune.planning.study import open_study, study_identity
 from autotune.planning.summary import BASELINE, plan_of, summarize
 from autotune.trial import TrialBudget
@@ -26,23 +28,23 @@ def test_curves_and_time_to_loss_on_hand_built_runs() -> None:
     # One warm-up step (untimed), then 9 timed ones: the candidate at 1 s a step, the exact at 2 s.
     candidate = Figures(status="ok", losses=[8.0, 7.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.9, 2.8, 2.7], step_times=[1.0] * 9)
     exact = Figures(status="ok", losses=[8.0, 7.5, 7.0, 6.5, 6.0, 5.5, 5.0, 4.5, 4.0, 3.0], step_times=[2.0] * 9)
-    g = planner.guard_of(candidate, exact, 3, 0.01)
+    g = guard_of(candidate, exact, 3, 0.01)
     assert (g.steps, g.target_loss, g.reference_trial, g.passed) == (10, 3.0, 3, True)  # the tail is one step
     assert (g.candidate.tail_mean, g.candidate.at_fractions, g.candidate.wall_s) == (2.7, [6.0, 3.5, 2.9], 9.0)
     # The candidate reaches 3.0 at its 7th step (6 timed steps), the exact one at its last (9 timed).
     assert (g.candidate.time_to_loss_s, g.exact.time_to_loss_s, g.time_to_loss_ratio) == (6.0, 18.0, 3.0)
-    worse = planner.guard_of(exact, candidate, 3, 0.01)
+    worse = guard_of(exact, candidate, 3, 0.01)
     assert not worse.passed and worse.candidate.time_to_loss_s is None and worse.time_to_loss_ratio is None
     # Twenty steps: the tail is the last two, and the curves are smoothed over two.
     flat = Figures(status="ok", losses=[5.0] * 18 + [4.0, 6.0], step_times=[1.0] * 19)
     assert (
-        planner.guard_of(flat, flat, 0, 0.01).target_loss == 5.0
-        and planner.guard_of(flat, flat, 0, 0.01).candidate.time_to_loss_s == 1.0
+        guard_of(flat, flat, 0, 0.01).target_loss == 5.0
+        and guard_of(flat, flat, 0, 0.01).candidate.time_to_loss_s == 1.0
     )
 
 
 def test_the_guard_reserves_its_time_only_for_an_approximate_best():
-    settings = planner.PlanSettings(workload="tiny", guard_steps=100)
+    settings = PlanSettings(workload="tiny", guard_steps=100)
 
     class Study:
         def __init__(self, trials):
@@ -74,8 +76,8 @@ def test_the_guard_reserves_its_time_only_for_an_approximate_best():
         )()
 
     exact, sparse = trial([], 100.0, 0.5), trial(["sparse_attention"], 200.0, 0.25)
-    assert planner.guard_seconds(Study([exact]), settings) == 0.0
-    assert planner.guard_seconds(Study([exact, sparse]), settings) == (10 + 100 * 0.25) + (10 + 100 * 0.5)
+    assert guard_seconds(Study([exact]), settings) == 0.0
+    assert guard_seconds(Study([exact, sparse]), settings) == (10 + 100 * 0.25) + (10 + 100 * 0.5)
 
 
 @pytest.mark.parametrize("args", [["--guard-steps", "9"], ["--guard-steps", "100001"], ["--quality-tolerance", "0"]])
@@ -92,7 +94,7 @@ def two_trials(tmp_path_factory):
     loaded 2-core CPU is a coin toss (there the sparse kernel is a masked SDPA), so the tests
     hand the sparse one to the guard as the best."""
     tmp = tmp_path_factory.mktemp("guard")
-    settings = planner.PlanSettings(
+    settings = PlanSettings(
         workload="tiny",
         workload_overrides=OVERRIDES,
         trials=2,
@@ -104,7 +106,7 @@ def two_trials(tmp_path_factory):
         device="cpu",
         budget=TrialBudget(warmup_steps=1, timed_steps=2, timeout_s=120.0),
     )
-    space, _ = planner.build_space(settings, hardware.detect(quick=True), load_workload("tiny", OVERRIDES))
+    space, _ = build_space(settings, hardware.detect(quick=True), load_workload("tiny", OVERRIDES))
     study = open_study(
         "guard", settings.storage, "tpe", 0, identity=study_identity(settings.budget, space.global_batch)
     )
@@ -121,7 +123,7 @@ def two_trials(tmp_path_factory):
     )
     optimize(study, Objective(space=space, budget=settings.budget), trials=2, time_budget=None)
     summary = summarize(study)
-    (sparse,) = [t for t in summary.complete if not planner.is_exact(plan_of(t))]
+    (sparse,) = [t for t in summary.complete if not is_exact(plan_of(t))]
     return settings, study, dataclasses.replace(summary, best=sparse)
 
 
@@ -131,10 +133,10 @@ def test_a_candidate_that_learns_worse_is_recorded_and_never_becomes_the_plan(tw
     failure with the figures, and the exact trial is chosen instead."""
     settings, study, summary = two_trials
     lines: list[str] = []
-    chosen, guard = planner.guarded_choice(
+    chosen, guard = guarded_choice(
         study, summary, dataclasses.replace(settings, quality_tolerance=1e-9), "guard", log=lines.append
     )
-    assert chosen.number == 0 and planner.is_exact(plan_of(chosen)) and guard is None
+    assert chosen.number == 0 and is_exact(plan_of(chosen)) and guard is None
     failed = study.user_attrs[f"quality_guard_failed_{summary.best.number}"]
     g = failed["quality_guard"]
     assert g["steps"] == 1 + 10 and g["reference_trial"] == 0 and not g["passed"] and g["tolerance"] == 1e-9
@@ -162,7 +164,7 @@ def test_a_plan_keeps_its_guard_and_old_plans_load_without_one(tmp_path):
         **{
             **{f: getattr(old, f) for f in ("schema_version", "workload", "train", "launch")},
             "strategies": [planmod.StrategySpec(name="sparse_attention", knobs={"window": 32})],
-            "quality_guard": planner.guard_of(run, run, 0, 0.01),
+            "quality_guard": guard_of(run, run, 0, 0.01),
         }
     )
     guarded.save(tmp_path / "p.json")
@@ -174,7 +176,7 @@ def test_a_plan_keeps_its_guard_and_old_plans_load_without_one(tmp_path):
 def test_a_candidate_within_the_tolerance_is_chosen_with_its_guard(two_trials, tmp_path):
     settings, study, summary = two_trials
     lines: list[str] = []
-    chosen, g = planner.guarded_choice(
+    chosen, g = guarded_choice(
         study, summary, dataclasses.replace(settings, quality_tolerance=0.5), "guard", log=lines.append
     )
     assert (

@@ -60,7 +60,7 @@ def test_show_prints_the_estimate_it_checked(run_cli):
 
 
 def test_more_cpu_processes_than_cores_is_a_warning(tmp_path, run_cli):
-    from autotune.planner import usable_cores
+    from autotune.limits import usable_cores
 
     plan = _plan_file(
         tmp_path, launch={"nproc_per_node": usable_cores() + 1}, strategies=[{"name": "ddp", "knobs": {}}]

@@ -10,8 +10,10 @@ import time
 import pytest
 
 from autotune import plan as planmod
-from autotune import planner
 from autotune.plan import Figures
+from autotune.planning.clock import budget_margin
+from autotune.planning.confirm import _compared, baseline_budget, compare, is_reference, median_figures
+from autotune.planning.study import study_name
 from autotune.trial import TrialBudget
 from tests.conftest import ROOT
 
@@ -60,7 +62,7 @@ def test_a_plan_within_noise_says_so_and_claims_no_speedup(baseline_only):
     assert "no configuration beat the baseline beyond noise" in proc.stdout
     assert "x its baseline" not in proc.stdout and "no faster than its baseline" in proc.stdout
     assert proc.stdout.count("confirmation round") == 3
-    assert wall <= BUDGET + planner.budget_margin(BUDGET)
+    assert wall <= BUDGET + budget_margin(BUDGET)
 
 
 def test_trials_and_report_read_the_study(baseline_only, tmp_path, run_cli):
@@ -79,11 +81,11 @@ def test_trials_and_report_read_the_study(baseline_only, tmp_path, run_cli):
 
 def test_interleaved_figures_are_medians_with_their_spread():
     runs = [Figures(status="ok", tokens_per_s=v) for v in (100.0, 104.0, 96.0)] + [Figures(status="timeout")]
-    m = planner.median_figures(runs)
+    m = median_figures(runs)
     assert (m.tokens_per_s, m.samples, m.spread) == (100.0, [100.0, 104.0, 96.0], 0.04)
     base = Figures(status="ok", tokens_per_s=80.0, samples=[80.0], spread=0.01)
-    assert planner.compare(m, base, 3, same=False).beats_baseline  # 1.25x against ±5%
-    assert not planner.compare(m, m, 3, same=True).beats_baseline
+    assert compare(m, base, 3, same=False).beats_baseline  # 1.25x against ±5%
+    assert not compare(m, m, 3, same=True).beats_baseline
 
 
 def _plan(micro_batch: int, accum: int, **train) -> planmod.Plan:
@@ -103,29 +105,27 @@ def test_the_baseline_times_about_as_long_as_the_plan_and_is_its_loss_reference(
     plan, baseline = _plan(8, 2), _plan(2, 8)
     fast = Figures(status="ok", step_time_s=1.0)
     # The plan times 10 steps of 1 s; a baseline step takes 4 s: 3 of them (ceil 2.5), after the plan's warm-up.
-    b = planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=4.0)
+    b = baseline_budget(budget, plan, baseline, fast, baseline_step_s=4.0)
     assert (b.warmup_steps, b.timed_steps) == (2 * 8, 3 * 8)
     assert (
-        planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=0.5).timed_steps == 10 * 8
+        baseline_budget(budget, plan, baseline, fast, baseline_step_s=0.5).timed_steps == 10 * 8
     )  # never more than the plan's
-    assert planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=None).timed_steps == 10 * 8
-    assert planner.baseline_budget(budget, plan, baseline, fast, baseline_step_s=100.0).timed_steps == 1 * 8
-    assert planner.is_reference(plan, baseline)
-    assert not planner.is_reference(
-        _plan(8, 2, random_tokens=True), _plan(2, 8, random_tokens=True)
-    )  # drawn per micro-batch
-    assert not planner.is_reference(plan, _plan(2, 4))  # another global batch
-    assert not planner.is_reference(plan, _plan(2, 8, lr=1e-2))
+    assert baseline_budget(budget, plan, baseline, fast, baseline_step_s=None).timed_steps == 10 * 8
+    assert baseline_budget(budget, plan, baseline, fast, baseline_step_s=100.0).timed_steps == 1 * 8
+    assert is_reference(plan, baseline)
+    assert not is_reference(_plan(8, 2, random_tokens=True), _plan(2, 8, random_tokens=True))  # drawn per micro-batch
+    assert not is_reference(plan, _plan(2, 4))  # another global batch
+    assert not is_reference(plan, _plan(2, 8, lr=1e-2))
 
 
 def test_losses_compare_at_the_last_step_both_trained():
     run = Figures(status="ok", loss_start=10.0, loss_end=8.0, losses=[10.0, 9.5, 9.0, 8.0])
     reference = Figures(status="ok", loss_start=10.0, loss_end=9.6, losses=[10.0, 9.6])
-    check = planner._compared(run, reference, 0.02, exact=True)
+    check = _compared(run, reference, 0.02, exact=True)
     assert (check.steps, check.loss_end, check.reference_loss_end, check.passed) == (2, 9.5, 9.6, True)
     worse = Figures(status="ok", loss_start=10.0, loss_end=9.9, losses=[10.0, 9.9])
-    assert not planner._compared(worse, reference, 0.02, exact=False).passed  # 3% worse
-    assert planner._compared(
+    assert not _compared(worse, reference, 0.02, exact=False).passed  # 3% worse
+    assert _compared(
         Figures(status="ok", loss_start=10.0, loss_end=9.0, losses=[10.0, 9.0]), reference, 0.02, exact=False
     ).passed  # better
 
@@ -166,8 +166,8 @@ class TestCpuThreads(StrategySuite):
 
 
 def test_another_model_config_is_another_study():
-    plain = planner.study_name("hf:llama", "abc")
-    one = planner.study_name("hf:llama", "abc", overrides={"hidden_size": 64, "num_hidden_layers": 2})
-    same = planner.study_name("hf:llama", "abc", overrides={"num_hidden_layers": 2, "hidden_size": 64})
-    other = planner.study_name("hf:llama", "abc", overrides={"hidden_size": 128, "num_hidden_layers": 2})
+    plain = study_name("hf:llama", "abc")
+    one = study_name("hf:llama", "abc", overrides={"hidden_size": 64, "num_hidden_layers": 2})
+    same = study_name("hf:llama", "abc", overrides={"num_hidden_layers": 2, "hidden_size": 64})
+    other = study_name("hf:llama", "abc", overrides={"hidden_size": 128, "num_hidden_layers": 2})
     assert plain == "hf_llama-abc" and one == same and len({plain, one, other}) == 3

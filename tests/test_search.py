@@ -11,12 +11,13 @@ import time
 import optuna
 import pytest
 
-from autotune import costmodel, planner
+from autotune import costmodel
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import LaunchSpec, TrainSpec
-from autotune.planning.first_trials import ensure_first_trials
+from autotune.planning.confirm import is_reference
+from autotune.planning.first_trials import _with_defaults, ensure_first_trials, expert_priors
 from autotune.planning.objective import AUTOTUNE_TIME_FACTOR, PRELAUNCH_PRUNES, Objective, optimize, trial_budget
 from autotune.planning.refine import (
     REFINE,
@@ -26,10 +27,12 @@ from autotune.planning.refine import (
     refine_candidates,
     should_refine,
 )
+from autotune.planning.settings import PlanSettings
 from autotune.planning.space import (
     SearchSpace,
     accumulation,
     baseline_params,
+    build_space,
     micro_batch_choices,
     parse_layout,
     plan_for,
@@ -178,9 +181,7 @@ def test_tiny_plan_beats_its_baseline_and_resumes_after_sigkill(tmp_path):
     if plan.comparison.beats_baseline:
         assert plan.measured.tokens_per_s > plan.baseline.tokens_per_s
     assert plan.loss_check is not None and plan.loss_check.passed
-    if planner.is_reference(plan, plan_of(study.trials[0])) and not all(
-        s.name == "grad_accum" for s in plan.strategies
-    ):
+    if is_reference(plan, plan_of(study.trials[0])) and not all(s.name == "grad_accum" for s in plan.strategies):
         # The baseline's rounds trained the plain model on the plan's batches: they are the reference.
         assert plan.loss_check.reference_loss_end == plan.baseline.losses[plan.loss_check.steps - 1]
     assert plan.provenance.study == name
@@ -274,7 +275,7 @@ def test_matmul_rate_follows_the_precision():
 
 def test_expert_priors_on_a_gpu_are_complete_trials():
     # Every enqueued prior must fix every knob of the strategies it turns on (define-by-run).
-    from autotune import catalog, planner
+    from autotune import catalog
     from autotune.hardware import HardwareProfile
 
     space = _phase8_space(
@@ -284,7 +285,7 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
     # No optional package (fa4 would race: tested below), whatever this machine has installed.
     space.graph = StrategyGraph(dataclasses.replace(Facts.of(h200, space.workload), modules=frozenset()))
     space.launch = LaunchSpec(device="cuda")
-    priors = planner.expert_priors(space)
+    priors = expert_priors(space)
     assert [p["micro_batch_size"] for p in priors] == [96, 48]
     for params in priors:
         plan = suggest_plan(optuna.trial.FixedTrial(params), space)
@@ -301,7 +302,7 @@ def test_expert_priors_on_a_gpu_are_complete_trials():
 
 def test_expert_priors_race_the_fused_loss_against_compiles_on_the_same_settings():
     """triton_kernels' prior races (issue 28): the first prior, then it again with our fused loss."""
-    from autotune import catalog, planner
+    from autotune import catalog
     from autotune.hardware import HardwareProfile
 
     names = ("precision", "attention", "compile", "vocab_padding", "optimizer", "triton_kernels")
@@ -309,7 +310,7 @@ def test_expert_priors_race_the_fused_loss_against_compiles_on_the_same_settings
     h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
     space.graph = StrategyGraph(dataclasses.replace(Facts.of(h200, space.workload), modules=frozenset({"triton"})))
     space.launch = LaunchSpec(device="cuda")
-    priors = planner.expert_priors(space)
+    priors = expert_priors(space)
     assert [p["micro_batch_size"] for p in priors] == [96, 96, 48]
     assert (
         priors[1] == priors[0] | {"triton_kernels": True, "triton_kernels.loss": "autotune"}
@@ -322,7 +323,7 @@ def test_expert_priors_race_the_fused_loss_against_compiles_on_the_same_settings
 def test_expert_priors_race_fa4_against_cudnn_where_it_can_run():
     """attention's prior races FA4 (issue 28): the first prior, then it again with backend fa4;
     where flash_attn.cute does not import, fa4 is neither raced nor a choice of the search."""
-    from autotune import catalog, planner
+    from autotune import catalog
     from autotune.hardware import HardwareProfile
 
     names = ("precision", "attention", "compile", "vocab_padding", "optimizer")
@@ -331,14 +332,14 @@ def test_expert_priors_race_fa4_against_cudnn_where_it_can_run():
     facts = Facts.of(h200, space.workload)
     space.launch = LaunchSpec(device="cuda")
     space.graph = StrategyGraph(dataclasses.replace(facts, modules=frozenset({"flash_attn.cute"})))
-    priors = planner.expert_priors(space)
+    priors = expert_priors(space)
     assert [p["micro_batch_size"] for p in priors] == [96, 96, 48]
     assert priors[0]["attention.backend"] == "cudnn"
     assert priors[1] == priors[0] | {"attention.backend": "fa4"}
     plan = suggest_plan(optuna.trial.FixedTrial(priors[1]), space)
     assert plan.strategy_configs()["attention"].backend == "fa4"
     space.graph = StrategyGraph(dataclasses.replace(facts, modules=frozenset()))
-    priors = planner.expert_priors(space)
+    priors = expert_priors(space)
     assert [p["micro_batch_size"] for p in priors] == [96, 48]
     assert all(p["attention.backend"] == "cudnn" for p in priors)
     # The search's choices: what the graph leaves in.
@@ -356,10 +357,10 @@ def test_expert_priors_race_fa4_against_cudnn_where_it_can_run():
 def test_a_cpu_search_samples_no_setting_that_changes_nothing_there():
     # Issue 27: the winning CPU plan carried TF32 and a padding of the tiny GPT's 2,048-row
     # vocabulary, neither of which changes anything there.
-    from autotune import hardware, planner
+    from autotune import hardware
 
-    space, _ = planner.build_space(
-        planner.PlanSettings(workload="tiny", device="cpu"), hardware.detect(quick=True), load_workload("tiny")
+    space, _ = build_space(
+        PlanSettings(workload="tiny", device="cpu"), hardware.detect(quick=True), load_workload("tiny")
     )
     assert (
         space.left_out["vocab_padding"] == "the vocabulary (2,048) is already a multiple of 64 and 128: nothing to pad"
@@ -368,8 +369,8 @@ def test_a_cpu_search_samples_no_setting_that_changes_nothing_there():
     if "precision" in {s.name for s in space.strategies}:  # a CPU with native bf16
         knobs = {k.name: k.choices for k in next(s for s in space.strategies if s.name == "precision").knobs}
         assert knobs == {"dtype": ("fp32", "bf16"), "tf32": (False,)}
-    space, _ = planner.build_space(
-        planner.PlanSettings(workload="tiny", device="cpu"),
+    space, _ = build_space(
+        PlanSettings(workload="tiny", device="cpu"),
         hardware.detect(quick=True),
         load_workload("tiny", {"vocab_size": 2100}),
     )
@@ -378,10 +379,10 @@ def test_a_cpu_search_samples_no_setting_that_changes_nothing_there():
 
 
 def test_two_cpu_processes_bring_every_legal_layout_of_the_mesh():
-    from autotune import hardware, planner
+    from autotune import hardware
 
-    settings = planner.PlanSettings(workload="tiny", cpu_procs=2)
-    space, _ = planner.build_space(settings, hardware.detect(quick=True), load_workload("tiny"))
+    settings = PlanSettings(workload="tiny", cpu_procs=2)
+    space, _ = build_space(settings, hardware.detect(quick=True), load_workload("tiny"))
     assert space.processes == (1, 2)
     assert sorted(space.layouts[2]) == ["ddp", "fsdp2", "pipeline_parallel:2", "tensor_parallel:2", "zero"]
     for layout in space.layouts[2]:
@@ -389,23 +390,21 @@ def test_two_cpu_processes_bring_every_legal_layout_of_the_mesh():
             s.name: False for s in space.strategies
         }
         for name in parse_layout(layout):
-            params |= planner._with_defaults(name, {})
+            params |= _with_defaults(name, {})
         plan = suggest_plan(optuna.trial.FixedTrial(params), space)
         assert plan.launch.nproc_per_node == 2 and plan.global_batch() == 64
         dp = 1 if ":" in layout else 2  # tp or pp over both processes leaves one batch
         assert plan.grad_accum() == 64 // (16 * dp), layout
     baseline = suggest_plan(optuna.trial.FixedTrial(baseline_params(space)), space)
     assert baseline.launch.nproc_per_node == 1 and [s.name for s in baseline.strategies] == ["grad_accum"]
-    priors = planner.expert_priors(space)
+    priors = expert_priors(space)
     assert [p["processes"] for p in priors] == [1, 2, 1] and priors[1]["layout.2"] == "ddp"
     with pytest.raises(UserError, match="--cpu-procs 0"):
-        planner.build_space(
-            planner.PlanSettings(workload="tiny", cpu_procs=0), hardware.detect(quick=True), load_workload("tiny")
-        )
+        build_space(PlanSettings(workload="tiny", cpu_procs=0), hardware.detect(quick=True), load_workload("tiny"))
 
 
 def test_another_global_batch_is_another_study():
-    from autotune.planner import study_name
+    from autotune.planning.study import study_name
 
     assert study_name("phase8-small", "7403d3bde085") == "phase8-small-7403d3bde085"
     assert study_name("phase8-small", "7403d3bde085", 96) == "phase8-small-gb96-7403d3bde085"
@@ -566,14 +565,13 @@ def test_allow_approximate_puts_the_measured_approximate_prior_second(workload, 
     # the first exact prior plus it, enqueued right after it as a complete trial, so that the
     # quality guard has its exact reference on the same settings (less what it conflicts with:
     # sparse attention replaces the attention backend); without the flag, none.
-    from autotune import planner
     from autotune.hardware import HardwareProfile
 
     h200 = HardwareProfile.load(ROOT / "profiles/h200-1gpu.json")
-    on = planner.build_space(
-        planner.PlanSettings(workload=workload, allow_approximate=True, global_batch=8), h200, load_workload(workload)
+    on = build_space(
+        PlanSettings(workload=workload, allow_approximate=True, global_batch=8), h200, load_workload(workload)
     )[0]
-    priors = planner.expert_priors(on)
+    priors = expert_priors(on)
     plans = [suggest_plan(optuna.trial.FixedTrial(p), on) for p in priors]
     names = [{s.name for s in plan.strategies} for plan in plans]
     assert names[1] == (names[0] - replaces) | approximate and not any(
@@ -581,9 +579,9 @@ def test_allow_approximate_puts_the_measured_approximate_prior_second(workload, 
     )
     assert plans[1].global_batch() == plans[0].global_batch() == 8
     assert plans[1].launch.device == "cuda"
-    off = planner.build_space(planner.PlanSettings(workload=workload, global_batch=8), h200, load_workload(workload))[0]
+    off = build_space(PlanSettings(workload=workload, global_batch=8), h200, load_workload(workload))[0]
     assert not any(
         {s.name for s in suggest_plan(optuna.trial.FixedTrial(p), off).strategies}
         & {"fp8", "sparse_attention", "moe", "int8"}
-        for p in planner.expert_priors(off)
+        for p in expert_priors(off)
     )

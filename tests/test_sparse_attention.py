@@ -186,11 +186,13 @@ def test_the_cost_model_counts_only_the_kept_tiles_of_attention() -> None:
 
 
 def test_the_search_tries_only_windows_shorter_than_the_sequence() -> None:
-    from autotune import hardware, planner
+    from autotune import hardware
+    from autotune.planning.settings import PlanSettings
+    from autotune.planning.space import build_space
     from autotune.strategies.sparse_attention import knobs_for
 
-    settings = planner.PlanSettings(workload="tiny", allow_approximate=True, device="cpu")
-    space, _ = planner.build_space(settings, hardware.detect(quick=True), load_workload("tiny"))
+    settings = PlanSettings(workload="tiny", allow_approximate=True, device="cpu")
+    space, _ = build_space(settings, hardware.detect(quick=True), load_workload("tiny"))
     (strategy,) = [s for s in space.strategies if s.name == "sparse_attention"]
     assert (strategy.knobs[0].low, strategy.knobs[0].high) == (32, 127)  # the preset's 128 tokens: windows 32..127
     assert (knobs_for(8192)[0].low, knobs_for(8192)[0].high) == (32, 1024)  # the catalog's range

@@ -8,12 +8,13 @@ import shutil
 import optuna
 import pytest
 
-from autotune import hardware, planner
+from autotune import hardware
 from autotune import plan as planmod
 from autotune.errors import UserError
-from autotune.planning.first_trials import ensure_first_trials, plan_params, warm_starts
+from autotune.planning.first_trials import ensure_first_trials, expert_priors, plan_params, warm_starts
 from autotune.planning.objective import check_legal
-from autotune.planning.space import SearchSpace, suggest_plan
+from autotune.planning.settings import PlanSettings
+from autotune.planning.space import SearchSpace, build_space, suggest_plan
 from autotune.planning.study import open_study
 from autotune.workloads import load_workload
 from tests.conftest import ROOT
@@ -25,8 +26,8 @@ STUDY_2PROCS = ROOT / "bench" / "results" / "cpu-procs" / "studies-2procs.db"
 @pytest.fixture(scope="module")
 def space() -> SearchSpace:
     """The tiny search over 1 or 2 CPU processes (as `autotune plan --cpu-procs 2`)."""
-    built, _ = planner.build_space(
-        planner.PlanSettings(workload="tiny", cpu_procs=2), hardware.detect(quick=True), load_workload("tiny")
+    built, _ = build_space(
+        PlanSettings(workload="tiny", cpu_procs=2), hardware.detect(quick=True), load_workload("tiny")
     )
     return built
 
@@ -50,7 +51,7 @@ def test_plan_file_is_the_first_trial_after_the_baseline(space):
     check_legal(space, plan)
     assert plan.strategy_configs() == planmod.load(PLAN_2PROCS).strategy_configs()
     study = optuna.create_study(direction="maximize")
-    ensure_first_trials(study, space, planner.expert_priors(space), starts)
+    ensure_first_trials(study, space, expert_priors(space), starts)
     roles = [t.user_attrs["role"] for t in study.trials]
     assert roles[:2] == ["baseline", "warm_start"] and set(roles[2:]) == {"prior"}
     assert study.trials[1].user_attrs["source"] == str(PLAN_2PROCS)
@@ -138,10 +139,10 @@ def test_resumed_study_enqueues_nothing_again(space, tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     starts = warm_starts(space, [str(PLAN_2PROCS)])
     study = open_study("s", url, "tpe", 0)
-    ensure_first_trials(study, space, planner.expert_priors(space), starts)
+    ensure_first_trials(study, space, expert_priors(space), starts)
     count = len(study.trials)
     again = open_study("s", url, "tpe", 0)
-    ensure_first_trials(again, space, planner.expert_priors(space), starts)
+    ensure_first_trials(again, space, expert_priors(space), starts)
     assert len(again.trials) == count
     assert sum(t.user_attrs.get("role") == "warm_start" for t in again.trials) == 1
 
@@ -168,9 +169,7 @@ def test_cli_study_that_does_not_exist_is_exit_2_and_nothing_written(run_cli, tm
 def test_one_process_here_leaves_the_layout_off(tmp_path):
     """Without --cpu-procs on 2 cores the search is one process: DDP (not searched with one process) is left
     off, saying so."""
-    one, _ = planner.build_space(
-        planner.PlanSettings(workload="tiny", cpu_procs=1), hardware.detect(quick=True), load_workload("tiny")
-    )
+    one, _ = build_space(PlanSettings(workload="tiny", cpu_procs=1), hardware.detect(quick=True), load_workload("tiny"))
     lines: list[str] = []
     params = plan_params(one, planmod.load(PLAN_2PROCS), log=lines.append)
     assert "processes" not in params and params["precision"] is True

@@ -95,7 +95,8 @@ def plan_command(
     ] = None,
 ) -> None:
     """Search, confirm the best trial against the baseline (interleaved), and write it as a plan."""
-    from autotune import planner
+    from autotune.planning.driver import make_plan
+    from autotune.planning.settings import GUARD_STEPS_RANGE, NoTrialSucceeded, PlanSettings
     from autotune.schema import check_writable_dir
     from autotune.trial import TrialBudget
 
@@ -109,7 +110,7 @@ def plan_command(
         raise UserError(
             f"--quality-tolerance {quality_tolerance:g}: expected a fraction above 0 and below 1 (0.01 is 1%)"
         )
-    low, high = planner.GUARD_STEPS_RANGE
+    low, high = GUARD_STEPS_RANGE
     if not low <= guard_steps <= high:
         raise UserError(f"--guard-steps {guard_steps}: expected {low} to {high:,} optimizer steps")
     if device not in (devices.AUTO, *devices.names()):
@@ -133,7 +134,7 @@ def plan_command(
         if seq_len < 1:
             raise UserError(f"--seq-len {seq_len}: expected a positive number of tokens")
         overrides["seq_len"] = seq_len
-    settings = planner.PlanSettings(
+    settings = PlanSettings(
         workload=workload,
         workload_overrides=overrides,
         trials=trials,
@@ -166,13 +167,13 @@ def plan_command(
     table = TrialTable(console)
     with warnings_to_log(storage):
         try:
-            plan, summary, space = planner.make_plan(
+            plan, summary, space = make_plan(
                 settings,
                 on_result=table.row,
                 log=_plain(console),
                 status=Progress(console, budget=time_budget, started=started()),
             )
-        except planner.NoTrialSucceeded as e:
+        except NoTrialSucceeded as e:
             print(f"autotune: error: {e}", file=sys.stderr)
             raise typer.Exit(1) from None
         print_summary(

@@ -162,81 +162,26 @@ def run_command(
         raise typer.Exit(code)
 
 
-def adapted_path(plan_path: Path) -> Path:
-    """Where ``--adapt`` writes: NAME.adapted.plan.json beside NAME.plan.json (or NAME.json)."""
-    name = plan_path.name
-    stem = name.removesuffix(".plan.json") if name.endswith(".plan.json") else plan_path.stem
-    return plan_path.with_name(f"{stem}.adapted.plan.json")
-
-
 def _adapt(plan, plan_path: Path, time_budget: float):
-    """The plan made elsewhere, for this machine: measured here as it is (a short validation
-    trial) when it can run here, else re-planned; written beside it with both machines'
-    figures (``adapted_from``). Returns the adapted plan and its path."""
-    import dataclasses
+    """:func:`autotune.planning.adapt.adapt`, its lines on stderr; a re-plan of which no trial
+    succeeded is one line and exit 1. Returns the adapted plan and its path."""
+    from autotune.cli.plan import warnings_to_log
+    from autotune.planning.adapt import adapt
+    from autotune.planning.settings import NoTrialSucceeded
 
-    from autotune import hardware, planner, trial
-    from autotune import plan as planmod
-    from autotune.data import plan_data_identity
-    from autotune.schema import check_writable
-
-    out = adapted_path(plan_path)
-    check_writable(out, "adapted plan")
-    origin = planmod.Adaptation(
-        plan=str(plan_path),
-        how="validated",
-        hardware=plan.hardware,
-        measured=plan.measured,
-        data_identity=plan.data_identity,
-    )
-    command = " ".join(["autotune", *ARGS])
-    why_not = _illegal_here(plan)
-    if why_not is None:
-        budget = trial.TrialBudget(warmup_steps=2, timed_steps=5, timeout_s=time_budget)
-        result = trial.run_trial(plan, budget)
-        if result.figures.status != "ok":
-            why_not = f"its validation trial here ended {result.figures.status}"
-    if why_not is None:
-        here = hardware.current_summary()
-        adapted = dataclasses.replace(
+    try:
+        adapted, out = adapt(
             plan,
-            hardware=planmod.HardwareSpec(fingerprint=here["fingerprint"], summary=here),
-            measured=result.figures,
-            baseline=None,  # measured there: the comparison with it does not hold here
-            comparison=None,
-            data_identity=plan_data_identity(plan),
-            adapted_from=origin,
-            provenance=dataclasses.replace(plan.provenance, created_at=planmod.utc_now(), command=command),
-        )
-    else:
-        from autotune.cli.plan import warnings_to_log
-
-        why = f"the plan cannot run here as it is ({why_not})"
-        typer.echo(f"autotune: {why}: re-planning within {time_budget:g} s", err=True)
-        settings = planner.PlanSettings(
-            workload=plan.workload.name,
-            workload_overrides=dict(plan.workload.overrides),
-            time_budget=time_budget,
-            global_batch=plan.global_batch(),
-            out=out,
-            command=command,
-            warm_start=[
-                str(plan_path)
-            ],  # the plan, translated to what is legal here, is the first trial after the baseline
+            plan_path,
+            time_budget,
+            command=" ".join(["autotune", *ARGS]),
             started_at=started(),
+            log=lambda line: typer.echo(f"autotune: {line}", err=True),
+            quiet=warnings_to_log,
         )
-        try:
-            with warnings_to_log(settings.storage):  # Optuna's log to plan.log, as `autotune plan` does
-                made, _, _ = planner.make_plan(settings, log=lambda line: typer.echo(f"autotune: {line}", err=True))
-        except planner.NoTrialSucceeded as e:
-            typer.echo(f"autotune: error: {e}", err=True)
-            raise typer.Exit(1) from None
-        # The search chose how to train here (strategies, launch, micro-batch); what to train is
-        # the plan's own: its data, steps, schedule and seed.
-        train = dataclasses.replace(plan.train, micro_batch_size=made.train.micro_batch_size)
-        adapted = dataclasses.replace(made, train=train, adapted_from=dataclasses.replace(origin, how="replanned"))
-        adapted = dataclasses.replace(adapted, data_identity=plan_data_identity(adapted))
-    adapted.save(out)
+    except NoTrialSucceeded as e:
+        typer.echo(f"autotune: error: {e}", err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"autotune: wrote {out} ({adapted_from_line(adapted)})", err=True)
     return adapted, out
 
@@ -252,33 +197,6 @@ def adapted_from_line(plan) -> str:
         return f"{rate(plan.measured)} here"
     there = origin.hardware.summary.get("gpus", origin.hardware.fingerprint)
     return f"{origin.how}: {rate(plan.measured)} here, {rate(origin.measured)} on {there}"
-
-
-def _illegal_here(plan) -> str | None:
-    """Why ``plan`` cannot run on this machine as it is (None: it can): its device, its
-    process count, its nodes."""
-    from autotune.apply import check_processes
-    from autotune.workloads import load_workload
-
-    launch = plan.launch
-    if launch.nnodes > 1:
-        return f"it spans {launch.nnodes} nodes"
-    kind = devices.planned(launch.device)
-    if kind.accelerator and not kind.is_available():
-        return f"it runs on {kind.words} and this machine has no {kind.words} GPU"
-    if kind.accelerator and launch.nproc_per_node > kind.count():
-        return f"it runs {launch.nproc_per_node} processes, one per GPU, on {kind.count()} GPUs"
-    workload = load_workload(plan.workload.name, plan.workload.overrides)
-    try:
-        check_processes(
-            launch.nproc_per_node,
-            plan.strategy_configs(),
-            workload=workload,
-            micro_batch_size=plan.train.micro_batch_size,
-        )
-    except UserError as e:
-        return str(e)
-    return None
 
 
 def _exit_code(stopped: str) -> int:

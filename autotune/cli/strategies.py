@@ -57,7 +57,8 @@ def strategies_command(
     their knobs."""
     from autotune import hardware
     from autotune.graph import StrategyGraph
-    from autotune.planner import search_left_out, usable_cores
+    from autotune.limits import usable_cores
+    from autotune.planning.space import search_left_out
     from autotune.strategy import Facts, SearchFacts
     from autotune.workloads import load_workload
 

@@ -139,13 +139,13 @@ class Device:
     """The name of the lock its trials measure under (``trial.measuring``); the name where empty."""
     startup_floor_s: ClassVar[float] = 3.0
     """The least a run's child takes before its first step on this kind (Python, torch, the model
-    built, the device's context): what ``planner.minimum_budget`` counts for each run it cannot
+    built, the device's context): what ``planning.clock.minimum_budget`` counts for each run it cannot
     predict otherwise. Measured: tiny on the 2-core dev CPU 2.4 s; the presets on one H200
     8-15 s; a Qwen3-style HF model of 0.33B parameters on one H100, 23.7 s
     (bench/results/issue26-h100-200s)."""
     compile_floor_s: ClassVar[float] = 0.0
     """The least the expert prior's first compilation adds on this kind (a CPU search does not
-    compile); its confirmation runs pay ``planner.CACHED_WARMUP`` of it."""
+    compile); its confirmation runs pay ``planning.clock.CACHED_WARMUP`` of it."""
 
     @property
     def words(self) -> str:

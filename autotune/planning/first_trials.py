@@ -10,14 +10,16 @@ from typing import Any
 
 import optuna
 
+from autotune import apply, catalog, devices
 from autotune import plan as planmod
 from autotune.errors import UserError
+from autotune.limits import usable_cores
 from autotune.plan import Plan
 from autotune.planning.objective import check_legal
-from autotune.planning.space import SearchSpace, baseline_params, layout_name, suggest_plan
+from autotune.planning.space import SearchSpace, baseline_params, layout_name, searched_on, suggest_plan
 from autotune.planning.study import make_storage, study_lock
 from autotune.planning.summary import BASELINE, plan_of
-from autotune.strategy import Knob
+from autotune.strategy import Knob, Prior, PriorFacts
 
 
 def ensure_first_trials(
@@ -199,3 +201,137 @@ def _legal_value(knob: Knob, value: Any, default: Any, excluded: set[Any]) -> An
     low, high = knob.low, knob.high
     clamped = min(max(value, low), high)
     return int(clamped) if knob.integer else float(clamped)
+
+
+def expert_priors(space: SearchSpace) -> list[dict[str, Any]]:
+    """What a careful engineer tries first, enqueued as the trials after the baseline (an
+    Optuna warm start; TPE then searches around whichever measures best).
+
+    Each strategy declares how the prior turns it on (``Strategy.prior``; the reasons, measured,
+    are with it). On a GPU the one trial of them all goes at micro-batch 48 (the hand-tuned
+    phase8-small setting) and again at micro-batch 96 (CUDA graphs are left to the search: they
+    cannot run with accumulation, see strategies/compile.py); on a CPU at the largest
+    micro-batch, after a trial of its own for each that asks for one (bf16 autocast) at the
+    baseline's micro-batch. Approximate strategies with a prior here (searched only with
+    --allow-approximate) come together in one more trial: the first one of all the exact
+    priors plus theirs, enqueued right after it, so that the study measures both on the same
+    settings and the quality guard has its exact reference. A strategy whose prior races
+    (``Prior.race``: triton_kernels' fused loss) gets a trial of the first prior plus itself,
+    right after it: one implementation against the other on the same settings; so does each of
+    the other settings a prior races against its own (``Prior.races``: attention's fa4)."""
+    device = searched_on(space)
+    distributing = apply.distributing()
+    params: dict[str, Any] = {s.name: False for s in space.strategies if s.name not in distributing}
+    own: list[dict[str, Any]] = []
+    approximate: dict[str, Any] = {}
+    races: list[dict[str, Any]] = []
+    for strategy in space.strategies:
+        if strategy.name in distributing:
+            continue
+        prior = _prior(space, strategy.name, device, 1)
+        if prior is None:
+            continue
+        knobs = {strategy.name: True} | _with_defaults(strategy.name, _prefixed(strategy.name, prior))
+        if not strategy.exact:
+            approximate |= knobs
+        elif prior.race:
+            races.append(knobs)
+        elif prior.own_trial:
+            own.append(knobs)
+        else:
+            params |= knobs
+        races.extend(
+            {strategy.name: True} | _with_defaults(strategy.name, _prefixed(strategy.name, Prior(knobs=r)))
+            for r in prior.races
+        )
+    if not devices.get(device).accelerator:
+        priors = [params | {"micro_batch_size": max(space.micro_batches)}]
+    else:
+        # The larger micro-batch first: on one H200 micro-batch 96 beat 48 on phase8-small
+        # (1,165,629 against 1,156,287 tokens/s, bench/results/plan-phase8-small) and on gpt2-124m
+        # (539,382 against 531,441, bench/results/plan-gpt2-124m), and under a tight time budget the
+        # first prior may be the only compiled trial.
+        first = max([b for b in space.micro_batches if b <= 48] or space.micro_batches)
+        priors = [params | {"micro_batch_size": first}]
+        larger = [b for b in space.micro_batches if first < b <= 2 * first]
+        if larger:
+            priors.insert(0, params | {"micro_batch_size": max(larger)})
+    for knobs in reversed(races):  # right after the trial they race against
+        priors.insert(1, priors[0] | knobs)
+    if approximate:  # right after the exact trial it is measured and guarded against
+        priors.insert(1, _with_approximate(priors[0], approximate))
+    for knobs in reversed(own):
+        priors.insert(0, params | knobs | {"micro_batch_size": space.baseline_micro_batch})
+    return _with_processes(space, priors)
+
+
+def _with_approximate(exact: dict[str, Any], approximate: dict[str, Any]) -> dict[str, Any]:
+    """The exact prior ``exact`` with the approximate strategies' priors on, and off what they
+    exclude (sparse attention replaces the attention backend's kernel)."""
+    turned_on = [k for k, v in approximate.items() if "." not in k and v is True]
+    off = {c for name in turned_on for c in catalog.get(name).conflicts}
+    off |= {s.name for s in catalog.catalog().values() if s.conflicts & set(turned_on)}
+    kept = {k: v for k, v in exact.items() if k.split(".", 1)[0] not in off}
+    return kept | {c: False for c in off if c in exact} | approximate
+
+
+def _prior(space: SearchSpace, name: str, device: str, processes: int) -> Prior | None:
+    """``name``'s declared prior here, over ``processes`` processes (None: the prior leaves it off)."""
+    strategy = catalog.get(name)
+    if strategy.prior is None:
+        return None
+    excluded = space.graph.excluded_choices(name) if name in space.graph.strategies else {}
+    shape = space.workload.shape
+    return strategy.prior(
+        PriorFacts(
+            device=device,
+            cores=usable_cores(),
+            processes=processes,
+            excluded=excluded,
+            d_model=None if shape is None else shape.d_model,
+            seq_len=space.workload.seq_len,
+        )
+    )
+
+
+def _prefixed(name: str, prior: Prior) -> dict[str, Any]:
+    return {f"{name}.{k}": v for k, v in prior.knobs.items()}
+
+
+def _with_processes(space: SearchSpace, priors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Priors of one process pinned to one process; where several are possible, the first
+    prior again over all of them with the first data-parallel layout that declares a prior
+    (DDP: the layout that pays first at these sizes), each strategy's prior set for that many."""
+    if len(space.processes) == 1:
+        return priors
+    out = [p | {"processes": 1} for p in priors]
+    most = max(space.processes)
+    device = searched_on(space)
+    layouts = space.layouts.get(most, [])
+    dp = [n for n in apply.distributing() if n in layouts and catalog.get(n).mesh_dim == "dp"]
+    layout = next(((n, p) for n in dp if (p := _prior(space, n, device, most)) is not None), None)
+    if layout is not None:
+        name, prior = layout
+        first = priors[0]
+        fits = [b for b in space.micro_batches if space.global_batch is None or space.global_batch % (b * most) == 0]
+        if fits:
+            mb = max([b for b in fits if b <= first["micro_batch_size"]] or [min(fits)])
+            spread = first | {"processes": most, f"layout.{most}": name, "micro_batch_size": mb}
+            spread |= _with_defaults(name, _prefixed(name, prior))
+            for strategy in space.strategies:  # each set for that many processes (the cores shared out)
+                again = _prior(space, strategy.name, device, most) if first.get(strategy.name) is True else None
+                if again is not None:
+                    spread |= _prefixed(strategy.name, again)
+            out.insert(1, spread)
+    return out
+
+
+def _with_defaults(name: str, knobs: dict[str, Any]) -> dict[str, Any]:
+    """Fill every knob of ``name`` (the enqueued trial must fix them all), given ones first."""
+    strategy = catalog.get(name)
+    default = strategy.dump(strategy.default())
+    out = {f"{name}.{k.name}": default[k.name] for k in strategy.knobs}
+    unknown = set(knobs) - set(out)
+    if unknown:
+        raise ValueError(f"{name} has no knob {sorted(unknown)[0]}")
+    return out | knobs

@@ -23,12 +23,11 @@ from autotune import trial as trialmod
 from autotune.apply import check_processes, check_settings
 from autotune.errors import UserError
 from autotune.plan import Plan
-from autotune.planning.space import SearchSpace, predict, suggest_plan
+from autotune.planning.space import MEMORY_HEADROOM, SearchSpace, predict, suggest_plan
 from autotune.planning.summary import measured_before, memory_correction, shortest_like
 from autotune.strategy import Knob
 from autotune.trial import TrialBudget, TrialResult, run_trial
 
-MEMORY_HEADROOM = 0.92  # prune a trial predicted to use more than this share of the device
 # No trial is pruned on its predicted step time: a wrong prune removes a configuration for
 # good (the sampler rarely draws the same one again), while a slow trial costs its warm-up and
 # 3 timed steps before the ThroughputPruner stops it on measured tokens/s. The step-time model

@@ -13,16 +13,19 @@ from typing import Any
 
 import optuna
 
-from autotune import costmodel
+from autotune import catalog, costmodel, devices
 from autotune import plan as planmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
+from autotune.limits import usable_cores
 from autotune.mesh import data_parallel, mesh_shape
 from autotune.plan import LaunchSpec, Plan, StrategySpec, TrainSpec
-from autotune.strategy import Knob, Strategy
+from autotune.planning.settings import PlanSettings
+from autotune.strategy import Facts, Knob, SearchFacts, Strategy
 from autotune.workloads import Workload
 
 MICRO_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MEMORY_HEADROOM = 0.92  # prune a trial predicted to use more than this share of the device
 MAX_ACCUM = 64  # more micro-batches a step than this only ever loses: each trial times 3+ steps
 
 
@@ -234,3 +237,149 @@ def micro_batch_choices(largest: int, global_batch: int | None = None) -> tuple[
             f"divides it with at most {MAX_ACCUM} micro-batches a step"
         )
     return fits
+
+
+def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tuple[SearchSpace, StrategyGraph]:
+    asked = None if settings.device == devices.AUTO else devices.get(settings.device)
+    if settings.cpu_procs is not None and (settings.cpu_procs < 1 or (asked is not None and asked.accelerator)):
+        others = " or ".join(f"--device {d.name}" for d in devices.accelerators())
+        raise UserError(
+            f"--cpu-procs {settings.cpu_procs}: expected a positive number of CPU processes (and not {others})"
+        )
+    kind, found = devices.in_profile(profile)
+    on_accelerator = kind.accelerator and settings.cpu_procs is None and asked in (None, kind)
+    if asked is not None and asked.accelerator and not on_accelerator:
+        raise UserError(f"--device {asked.name}: no {asked.words} GPU found on this machine")
+    cores = usable_cores()
+    if not on_accelerator and settings.cpu_procs is not None and settings.cpu_procs > cores:
+        raise UserError(
+            f"--cpu-procs {settings.cpu_procs}: this machine has {cores} usable cores; give at most {cores}"
+        )
+    most = found.count if on_accelerator else settings.cpu_procs or default_cpu_processes(cores)
+    facts = Facts.of(profile if on_accelerator else _cpu_only(profile), workload, processes=most)
+    graph = StrategyGraph(facts, allow_approximate=settings.allow_approximate)
+    launch_device = kind.name if on_accelerator else devices.CPU
+    facts_here = SearchFacts(
+        cores=cores, seq_len=workload.seq_len, device=launch_device, vocab_size=workload.vocab_size
+    )
+    left_out = search_left_out(facts_here)
+    for name in settings.exclude:
+        if name not in catalog.catalog():
+            raise UserError(f"--exclude {name}: unknown strategy; `autotune strategies` lists them")
+        left_out[name] = "excluded (--exclude)"
+    global_batch = workload.global_batch if settings.global_batch is None else (settings.global_batch or None)
+    if global_batch is not None and global_batch < 1:
+        raise UserError(f"--global-batch {global_batch}: expected a positive number of samples, or 0 to search it")
+    # Under a fixed global batch the accumulation follows from the micro-batch: not a knob.
+    derived = {planmod.ACCUMULATION} if global_batch is not None else set()
+    strategies = [
+        _narrowed(catalog.get(n), facts_here) for n in graph.usable() if n not in left_out and n not in derived
+    ]
+    device_memory = float(profile.gpus[0].memory_bytes) if on_accelerator else None
+    rates: dict[str, float] = {}
+    bandwidth = None
+    if on_accelerator:
+        rates = {dtype: rate for dtype in ("fp32", "tf32", "bf16") if (rate := _rate(profile, dtype)) is not None}
+        measured = profile.measured
+        bandwidth = measured.copy.median if measured is not None and measured.copy is not None else None
+    largest = 256 if on_accelerator else 64
+    train = TrainSpec(micro_batch_size=1, seed=0)
+    launch = LaunchSpec(device=launch_device)
+    space = SearchSpace(
+        workload=workload,
+        strategies=strategies,
+        graph=graph,
+        micro_batches=micro_batch_choices(largest, global_batch),
+        baseline_micro_batch=1,
+        train=train,
+        launch=launch,
+        device_memory=device_memory,
+        matmul_flops=rates,
+        memory_bandwidth=bandwidth,
+        left_out=left_out,
+        global_batch=global_batch,
+    )
+    usable = {s.name for s in strategies}
+    for n in _process_counts(most)[1:]:
+        found = layouts(n, usable, graph, workload)
+        if found:
+            space.processes += (n,)
+            space.layouts[n] = found
+    space.baseline_micro_batch = _baseline_micro_batch(space)
+    return space, graph
+
+
+def default_cpu_processes(cores: int) -> int:
+    """CPU processes searched without --cpu-procs: several only where each keeps two cores
+    (gloo's all-reduce and the loader need one beside the matmuls), at most 8."""
+    return min(8, cores // 2) if cores >= 4 else 1
+
+
+def _narrowed(strategy: Any, facts: SearchFacts) -> Any:
+    """``strategy`` with the knobs it declares for a search on this machine and workload
+    (``Strategy.search_knobs``: cpu_threads' range to these cores, sparse_attention's windows
+    below this sequence; one that gives a reason instead is in :func:`search_left_out`)."""
+    return (
+        strategy if strategy.search_knobs is None else dataclasses.replace(strategy, knobs=strategy.search_knobs(facts))
+    )
+
+
+def _process_counts(most: int) -> list[int]:
+    """1, the powers of two below ``most``, and ``most``."""
+    counts = [1]
+    while counts[-1] * 2 < most:
+        counts.append(counts[-1] * 2)
+    return counts + ([most] if most > 1 else [])
+
+
+def searched_on(space: SearchSpace) -> str:
+    """The kind of device a search's trials run on: its launch's, the CPU for "auto"."""
+    return devices.CPU if space.launch.device == devices.AUTO else space.launch.device
+
+
+def _cpu_only(profile: Any) -> Any:
+    return dataclasses.replace(profile, gpus=[], links=[])
+
+
+def _rate(profile: Any, dtype: str) -> float | None:
+    try:
+        return profile.peak_flops(dtype)[0]
+    except UserError:
+        return None
+
+
+def _baseline_micro_batch(space: SearchSpace) -> int:
+    """The largest of 16, 8, 4, 2, 1 that the plain run is predicted to fit (else the
+    smallest micro-batch there is)."""
+    for b in (16, 8, 4, 2, 1):
+        if b not in space.micro_batches:
+            continue
+        estimate = predict(space, plan_for(space, b, []))
+        if (
+            estimate is None
+            or space.device_memory is None
+            or estimate.peak_memory_bytes < MEMORY_HEADROOM * space.device_memory
+        ):
+            return b
+    return min(space.micro_batches)
+
+
+def left_out_of(device: str) -> dict[str, str]:
+    """Strategies a search on ``device`` leaves out (each declares its ``left_out``), with the reason."""
+    return {name: why for name, s in catalog.catalog().items() if (why := s.left_out_on(device)) is not None}
+
+
+def search_left_out(facts: SearchFacts) -> dict[str, str]:
+    """What a search on this machine and workload leaves out, with the reason: what the
+    strategies declare for its device (:func:`left_out_of`), and what would not pay here
+    (``Strategy.search_knobs`` giving a reason: precision on a CPU without bf16 units, a
+    vocabulary already padded). `autotune strategies` shows the same."""
+    left_out = left_out_of(facts.device)
+    for name, strategy in catalog.catalog().items():
+        if (
+            name not in left_out
+            and strategy.search_knobs is not None
+            and isinstance(reason := strategy.search_knobs(facts), str)
+        ):
+            left_out[name] = reason
+    return left_out

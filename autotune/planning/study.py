@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
+import re
 import sqlite3
 import time
 import warnings
@@ -245,3 +248,15 @@ def wait_for_others(
             log(f"waiting for {len(running)} trial(s) other planners on study {study.study_name} are running")
             said = True
         time.sleep(poll_s)
+
+
+def study_name(
+    workload: str, fingerprint: str, global_batch: int | None = None, overrides: dict[str, Any] | None = None
+) -> str:
+    """``workload-fingerprint``; a global batch other than the recipe's (``global_batch``, 0
+    for a searched one) is another recipe, so another study: ``workload-gbN-fingerprint``;
+    the workload's settings (an hf: config) another model: ``workload-cHASH-fingerprint``."""
+    recipe = "" if global_batch is None else f"-gb{global_batch or 'free'}"
+    if overrides:
+        recipe += "-c" + hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{workload}{recipe}-{fingerprint}")
