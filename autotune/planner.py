@@ -20,7 +20,6 @@ from typing import Any
 
 from autotune import apply, catalog, devices, search
 from autotune import plan as planmod
-from autotune import trial as trialmod
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.limits import usable_cores
@@ -35,9 +34,10 @@ from autotune.plan import (
     StrategySpec,
     TrainSpec,
 )
+from autotune.runtime import trial as trialmod
+from autotune.runtime.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
 from autotune.schema import check_writable
 from autotune.strategy import Facts, Prior, PriorFacts, SearchFacts
-from autotune.trial import TrialBudget, optimizer_steps, run_trial, steps_for_target
 from autotune.workloads import Workload, load_workload
 
 EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning

@@ -28,7 +28,7 @@ from trial_ab import variant  # noqa: E402
 
 from autotune import plan as planmod  # noqa: E402
 from autotune import planner  # noqa: E402
-from autotune.trial import TrialBudget, run_trial  # noqa: E402
+from autotune.runtime.trial import TrialBudget, run_trial  # noqa: E402
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ from autotune import planner  # noqa: E402
 from autotune.planning.first_trials import ensure_first_trials, warm_starts  # noqa: E402
 from autotune.planning.objective import Objective, optimize  # noqa: E402
 from autotune.planning.study import open_study  # noqa: E402
-from autotune.trial import TrialBudget  # noqa: E402
+from autotune.runtime.trial import TrialBudget  # noqa: E402
 from autotune.workloads import load_workload  # noqa: E402
 
 TARGET = 0.97

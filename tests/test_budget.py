@@ -21,7 +21,7 @@ from autotune.planning.refine import REMEASURE
 from autotune.planning.space import plan_for
 from autotune.planning.study import stale, stale_runs
 from autotune.planning.summary import Summary
-from autotune.trial import TrialBudget, run_trial, steps_for_target
+from autotune.runtime.trial import TrialBudget, run_trial, steps_for_target
 from tests.conftest import DEFAULT_PLAN, ROOT
 
 

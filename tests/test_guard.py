@@ -15,7 +15,7 @@ from autotune.planning.objective import Objective, optimize
 from autotune.planning.space import baseline_params
 from autotune.planning.study import open_study, study_identity
 from autotune.planning.summary import BASELINE, plan_of, summarize
-from autotune.trial import TrialBudget
+from autotune.runtime.trial import TrialBudget
 from autotune.workloads import load_workload
 
 OVERRIDES = {"n_layers": 2}

@@ -12,7 +12,7 @@ import pytest
 from autotune import plan as planmod
 from autotune import planner
 from autotune.plan import Figures
-from autotune.trial import TrialBudget
+from autotune.runtime.trial import TrialBudget
 from tests.conftest import ROOT
 
 BUDGET = 45.0

@@ -96,8 +96,8 @@ def plan_command(
 ) -> None:
     """Search, confirm the best trial against the baseline (interleaved), and write it as a plan."""
     from autotune import planner
+    from autotune.runtime.trial import TrialBudget
     from autotune.schema import check_writable_dir
-    from autotune.trial import TrialBudget
 
     if trials is None and time_budget is None:
         raise UserError("give --trials N and/or --time-budget SECONDS")
@@ -199,7 +199,7 @@ def warnings_to_log(storage: str | None) -> Iterator[None]:
     if url.startswith("sqlite:///"):
         folder = Path(url.removeprefix("sqlite:///")).parent
     else:  # a database server: the log stays on this machine, under its cache
-        from autotune.trial import cache_root
+        from autotune.runtime.trial import cache_root
 
         folder = cache_root()
         folder.mkdir(parents=True, exist_ok=True)
