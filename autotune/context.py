@@ -2,7 +2,7 @@
 
 Strategies never reach into the training loop; they change this context (wrap the model,
 set the autocast dtype, the accumulation count, optimizer options), and the step engine that
-``autotune.train`` trains through (``autotune.engine``) reads it. Fields default to the plain
+``autotune.runtime.trainer`` trains through (``autotune.engine``) reads it. Fields default to the plain
 baseline. A strategy that owns backward and the optimizer step (DeepSpeed's ZeRO; a pipeline
 schedule) sets ``engine``, the builder of its own step engine.
 """

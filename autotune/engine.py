@@ -1,6 +1,6 @@
 """The step engine: one protocol for whatever runs a training step.
 
-The executor (``autotune.train``) calls only its engine: ``train_step`` once per optimizer
+The executor (``autotune.runtime.trainer``) calls only its engine: ``train_step`` once per optimizer
 step, ``state_dict`` / ``save`` and their loads for checkpoints. The default loop is
 :class:`LoopEngine` (the module's forward under autocast, the scaled backward, DDP's no_sync
 on all but a step's last micro-batch, clipping and AdamW). A strategy that owns backward and

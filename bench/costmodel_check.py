@@ -12,7 +12,7 @@ predicted from the profile beside the study (``profile.json``, or ``--profile``)
 rates a ``measure`` file recorded.
 
 ``measure`` runs Hugging Face models of each family, shaped as released models are, through
-the very trial code the planner launches (``autotune.trial.measure``, in this process, one
+the very trial code the planner launches (``autotune.runtime.measure.measure``, in this process, one
 case after another), and writes one JSON line per case: the plan, the measured figures, the
 card and the matmul rates and copy bandwidth measured first (what ``autotune profile``
 measures). Cases that do not fit the card are recorded as oom.
@@ -209,8 +209,8 @@ def measure(args: argparse.Namespace) -> int:
     import torch
 
     from autotune import plan as planmod
-    from autotune.trial import TrialBudget
-    from autotune.trial import measure as run
+    from autotune.runtime.measure import measure as run
+    from autotune.runtime.trial import TrialBudget
 
     out = Path(args.out)
     card = {

@@ -8,7 +8,7 @@ norm), the plan's global batch split into micro-batches with gradient accumulati
 plan's data: windows of the same default corpus (held on the device, sampled there), or random
 tokens where the plan trains on them.
 
-Timed as ``autotune/trial.py`` times a plan: ``--warmup`` and ``--steps`` count micro-batch
+Timed as ``autotune/runtime/measure.py`` times a plan: ``--warmup`` and ``--steps`` count micro-batch
 steps, divided by the accumulation (at least one optimizer step each); warm-up steps first
 (compilation included), then each timed optimizer step between two CUDA events (no sync per
 step; the host clock on a CPU), tokens/s = global batch x seq_len / the median step.
@@ -96,7 +96,7 @@ def measure(plan: dict[str, Any], micro: int, args: argparse.Namespace) -> dict[
     import torch
     import torch.nn.functional as F
 
-    from autotune.trial import step_timer
+    from autotune.runtime.measure import step_timer
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -269,8 +269,12 @@ def main() -> int:
     r = sub.add_parser("run", help="time the hand loop at each micro-batch that divides the plan's global batch")
     r.add_argument("plan", type=Path)
     r.add_argument("--micro-batches", type=lambda s: [int(x) for x in s.split(",")], default=[8, 16, 32, 64])
-    r.add_argument("--warmup", type=int, default=5, help="micro-batch steps before timing (as autotune.trial --warmup)")
-    r.add_argument("--steps", type=int, default=20, help="micro-batch steps timed (as autotune.trial --steps)")
+    r.add_argument(
+        "--warmup", type=int, default=5, help="micro-batch steps before timing (as autotune.runtime.measure --warmup)"
+    )
+    r.add_argument(
+        "--steps", type=int, default=20, help="micro-batch steps timed (as autotune.runtime.measure --steps)"
+    )
     r.add_argument("--device", default="cuda")
     r.add_argument("--no-compile", dest="compile", action="store_false")
     r.add_argument("--label", default="sweep")

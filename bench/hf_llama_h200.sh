@@ -13,7 +13,7 @@
 # 1. `autotune plan` (time budget $BUDGET, cold compile cache, a measured profile) -> llama.plan.json
 # 2. bench/hand_loop.py at micro-batches 8, 16, 32, 64 of the plan's global batch ($GLOBAL_BATCH,
 #    fixed for both) -> hand_sweep.jsonl
-# 3. the plan (python3 -m autotune.trial, fresh process) and the best hand loop (fresh process),
+# 3. the plan (python3 -m autotune.runtime.measure, fresh process) and the best hand loop (fresh process),
 #    interleaved A B A B, 3 rounds, both --warmup $WARMUP --steps $STEPS -> ab.jsonl; the ratio of
 #    medians plan / hand and the spreads -> summary.jsonl
 # Everything under $OUT, the console in $OUT/bench.log. Every command runs under what is left of
@@ -34,7 +34,7 @@ export PYTHONUNBUFFERED=1 COLUMNS=200
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 rm -rf "$OUT/cache"
 export AUTOTUNE_CACHE="$OUT/cache"  # cold: the study pays every compilation and builds the corpus
-export TORCHINDUCTOR_CACHE_DIR="$OUT/cache/inductor"  # the trials' cache (autotune.trial.compile_cache_env), shared by the hand loop
+export TORCHINDUCTOR_CACHE_DIR="$OUT/cache/inductor"  # the trials' cache (autotune.runtime.trial.compile_cache_env), shared by the hand loop
 exec > >(tee "$OUT/bench.log") 2>&1
 start=$(date +%s)
 left() { echo $(( limit - ($(date +%s) - start) )); }
@@ -68,10 +68,10 @@ say "hand loop sweep: exit $?"
 best=$(python3 bench/hand_loop.py best "$OUT/hand_sweep.jsonl") || exit 1
 say "best hand micro-batch $best"
 
-# 3. A B A B: the plan through autotune.trial, the hand loop at its best micro-batch, each a fresh process.
+# 3. A B A B: the plan through autotune.runtime.measure, the hand loop at its best micro-batch, each a fresh process.
 for round in 1 2 3; do
     (( $(left) > 5 )) || { say "out of time before round $round"; break; }
-    timeout "$(left)" python3 -m autotune.trial "$OUT/llama.plan.json" "$OUT/plan_trial_$round.json" --warmup "$warmup" --steps "$steps"
+    timeout "$(left)" python3 -m autotune.runtime.measure "$OUT/llama.plan.json" "$OUT/plan_trial_$round.json" --warmup "$warmup" --steps "$steps"
     python3 - "$OUT/plan_trial_$round.json" "$round" >>"$OUT/ab.jsonl" <<'EOF'
 import json, sys
 path, rnd = sys.argv[1], int(sys.argv[2])

@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from autotune import plan as planmod
-from autotune.train import Trainer
+from autotune.runtime.trainer import Trainer
 
 INT8_KERNEL = re.compile(r"(int8|_s8|s8_|i8|imma|igemm|int_mm)", re.IGNORECASE)
 

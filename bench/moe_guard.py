@@ -29,7 +29,7 @@ from trial_ab import variant  # noqa: E402
 from autotune import plan as planmod  # noqa: E402
 from autotune.planning.guard import GUARD_TAIL, GUARD_WARMUP, guard_of, loss_curve  # noqa: E402
 from autotune.planning.settings import GUARD_STEPS, QUALITY_TOLERANCE  # noqa: E402
-from autotune.trial import TrialBudget, run_trial  # noqa: E402
+from autotune.runtime.trial import TrialBudget, run_trial  # noqa: E402
 
 
 def main() -> int:

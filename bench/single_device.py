@@ -37,8 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from autotune import plan as planmod  # noqa: E402
+from autotune.distributed import pick_device  # noqa: E402
 from autotune.errors import UserError  # noqa: E402
-from autotune.train import Trainer, peak_memory_bytes, pick_device  # noqa: E402
+from autotune.runtime.metrics import peak_memory_bytes  # noqa: E402
+from autotune.runtime.trainer import Trainer  # noqa: E402
 
 BASELINE = "fp32, naive attention (roadmap baseline)"
 BASE = "bf16 + SDPA (base)"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autotune import plan as planmod  # noqa: E402
-from autotune.trial import TrialBudget, run_trial  # noqa: E402
+from autotune.runtime.trial import TrialBudget, run_trial  # noqa: E402
 
 
 def variant(base: dict, spec: str) -> tuple[str, dict]:

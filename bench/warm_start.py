@@ -36,7 +36,7 @@ from autotune.planning.objective import Objective, optimize  # noqa: E402
 from autotune.planning.settings import PlanSettings, load_profile  # noqa: E402
 from autotune.planning.space import build_space  # noqa: E402
 from autotune.planning.study import open_study  # noqa: E402
-from autotune.trial import TrialBudget  # noqa: E402
+from autotune.runtime.trial import TrialBudget  # noqa: E402
 from autotune.workloads import load_workload  # noqa: E402
 
 TARGET = 0.97

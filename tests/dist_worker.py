@@ -4,7 +4,7 @@
 
 One launch runs every case of the multi-process strategies' suites (``CASES``) in turn, in
 one process group (torchrun starts cost seconds on 2 cores). Each case is a real
-``autotune.train.run`` of a 2-process plan writing its log and checkpoints under
+``autotune.runtime.trainer.run`` of a 2-process plan writing its log and checkpoints under
 ``OUT/<strategy>-<i>/``; the first case of each strategy also runs to CUT and is resumed from
 that checkpoint to STEPS in ``OUT/<strategy>-0-resumed/``. ``OUT/checks.json`` (rank 0) holds
 what can only be seen from inside (wrappers, refusals). The tests read those files and
@@ -22,9 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from autotune import train
 from autotune.errors import UserError
-from autotune.train import RunOptions, Trainer
+from autotune.runtime.trainer import RunOptions, Trainer, run
 from tests.strategy_suite import Case, make_plan
 
 STEPS = 10
@@ -142,11 +141,11 @@ def main(out: Path) -> None:
         for name, cases in CASES.items():
             for i, case in enumerate(cases):
                 plan = plan_of({**case.base, name: case.knobs}, case.overrides)
-                train.run(plan, RunOptions(steps=STEPS, out_dir=run_dir(out, name, i)))
+                run(plan, RunOptions(steps=STEPS, out_dir=run_dir(out, name, i)))
                 if i == 0:
                     resumed = run_dir(out, name, i, resumed=True)
-                    train.run(plan, RunOptions(steps=STEPS, stop_at=CUT, out_dir=resumed))
-                    train.run(plan, RunOptions(steps=STEPS, out_dir=resumed, resume=True))
+                    run(plan, RunOptions(steps=STEPS, stop_at=CUT, out_dir=resumed))
+                    run(plan, RunOptions(steps=STEPS, out_dir=resumed, resume=True))
         found = checks()
         if dist.get_rank() == 0:
             (out / "checks.json").write_text(json.dumps(found))

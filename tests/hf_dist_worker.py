@@ -3,7 +3,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.hf_dist_worker OUT
 
 One launch trains the tiny Llama (``LLAMA``) under each case of ``CASES`` in turn, in one
-process group, each a real ``autotune.train.run`` of a 2-process plan writing its log under
+process group, each a real ``autotune.runtime.trainer.run`` of a 2-process plan writing its log under
 ``OUT/<case>/``. ``OUT/checks.json`` (rank 0) holds what can only be seen from inside
 (how the strategy changed the model). The test compares the logs with one-process runs.
 """
@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 
 from autotune import plan as planmod
-from autotune import train
-from autotune.train import RunOptions
+from autotune.runtime.trainer import RunOptions, Trainer, run
 from tests.conftest import DEFAULT_PLAN
 from tests.strategy_suite import MICRO_BATCH, TINY, tiny_corpus
 
@@ -70,13 +69,13 @@ def llama_plan(strategies: dict[str, dict[str, Any]], nproc: int) -> planmod.Pla
 def checks() -> dict[str, Any]:
     """How each strategy changed the Llama, seen from inside the group."""
     out: dict[str, Any] = {}
-    t = train.Trainer(llama_plan(CASES["tensor_parallel"], 2))
+    t = Trainer(llama_plan(CASES["tensor_parallel"], 2))
     layer = t.ctx.model.hf.model.layers[0]
     out["tp_local_shapes"] = {
         n: list(p.to_local().shape) for n, p in layer.named_parameters() if n.endswith("proj.weight")
     }
     t.close()
-    t = train.Trainer(llama_plan(CASES["tensor_parallel+sequence_parallel"], 2))
+    t = Trainer(llama_plan(CASES["tensor_parallel+sequence_parallel"], 2))
     layer = t.ctx.model.hf.model.layers[0]
     seen: list[list[int]] = []
     handle = layer.post_attention_layernorm.register_forward_hook(
@@ -86,7 +85,7 @@ def checks() -> dict[str, Any]:
     handle.remove()
     out["sp_norm_input_shape"] = seen[0]  # (B, T/tp, C): this rank's slice of the sequence
     t.close()
-    t = train.Trainer(llama_plan(CASES["pipeline_parallel+activation_checkpoint"], 2))
+    t = Trainer(llama_plan(CASES["pipeline_parallel+activation_checkpoint"], 2))
     names: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(names, sorted(t.ctx.model.state_dict()))
     out["pp_stage_keys"] = names
@@ -97,7 +96,7 @@ def checks() -> dict[str, Any]:
     ]
     out["pp_checkpointed"] = wrapped.count("LlamaDecoderLayer")
     t.close()
-    t = train.Trainer(llama_plan(CASES["fsdp2"], 2))
+    t = Trainer(llama_plan(CASES["fsdp2"], 2))
     out["fsdp2_param_type"] = type(next(t.ctx.model.parameters())).__name__
     t.close()
     return out
@@ -108,7 +107,7 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     try:
         for name, strategies in CASES.items():
-            train.run(llama_plan(strategies, 2), RunOptions(steps=STEPS, out_dir=out / name))
+            run(llama_plan(strategies, 2), RunOptions(steps=STEPS, out_dir=out / name))
         found = checks()
         if dist.get_rank() == 0:
             (out / "checks.json").write_text(json.dumps(found))

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from autotune.errors import UserError
+from autotune.runtime.trainer import Trainer
 from autotune.strategies.moe import MoeMLP
-from autotune.train import Trainer
 from tests.strategy_suite import make_plan
 
 STEPS = 5

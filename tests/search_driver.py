@@ -13,8 +13,8 @@ from autotune.planning.first_trials import ensure_first_trials
 from autotune.planning.objective import Objective, optimize
 from autotune.planning.space import SearchSpace
 from autotune.planning.study import open_study, study_identity, trial_log_dir
+from autotune.runtime.trial import TrialBudget
 from autotune.strategy import Facts
-from autotune.trial import TrialBudget
 from autotune.workloads import load_workload
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -33,7 +33,7 @@ from autotune.planning.settings import PlanSettings, load_profile
 from autotune.planning.space import build_space, plan_for
 from autotune.planning.study import stale, stale_runs
 from autotune.planning.summary import Summary
-from autotune.trial import TrialBudget, run_trial, steps_for_target
+from autotune.runtime.trial import TrialBudget, run_trial, steps_for_target
 from autotune.workloads import load_workload
 from tests.conftest import DEFAULT_PLAN, ROOT
 

@@ -271,7 +271,7 @@ def test_compare_imports_no_torch(python):
     code = (
         "import sys, autotune.compare, autotune.cli.compare; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] "
-        "== 'torch' or m in ('autotune.train', 'autotune.trial')))"
+        "== 'torch' or m in ('autotune.runtime.trainer', 'autotune.runtime.trial', 'autotune.runtime.measure')))"
     )
     out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True, cwd=ROOT).stdout
     assert out.strip() == "[]"

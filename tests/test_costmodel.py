@@ -356,7 +356,7 @@ def test_hf_trial_predicted_over_device_memory_is_pruned_before_launch(tmp_path)
 
     from autotune.planning.objective import Objective, optimize
     from autotune.planning.study import open_study
-    from autotune.trial import TrialBudget
+    from autotune.runtime.trial import TrialBudget
 
     memory = 2**20  # a made-up 1 MiB device: the weights and states alone take 1.3 MiB
     space = _tiny_llama_space(memory)
@@ -388,7 +388,7 @@ def launches(monkeypatch):
     """Trials 'run' without a process: each launch is recorded and measures 1 token/s."""
     from autotune.plan import Figures
     from autotune.planning import objective
-    from autotune.trial import TrialResult
+    from autotune.runtime.trial import TrialResult
 
     launched = []
 
@@ -416,7 +416,7 @@ def test_memory_pruning_learns_its_margin_from_the_studys_trials(ratios, share, 
 
     from autotune.planning.objective import Objective
     from autotune.planning.summary import MEMORY_CORRECTION
-    from autotune.trial import TrialBudget
+    from autotune.runtime.trial import TrialBudget
 
     study = _study_that_measured(ratios)
     predicted = costmodel.estimate(_tiny_llama_space(1e12).workload, 8, {}).peak_memory_bytes
@@ -442,7 +442,7 @@ def test_a_trial_predicted_slow_is_launched(launches):
     import optuna
 
     from autotune.planning.objective import Objective
-    from autotune.trial import TrialBudget
+    from autotune.runtime.trial import TrialBudget
 
     space = _tiny_llama_space(1e12)
     space.matmul_flops, space.memory_bandwidth = {"fp32": 50e12}, 4e12

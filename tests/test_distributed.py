@@ -57,10 +57,10 @@ import pytest
 import torch
 
 from autotune import plan as planmod
-from autotune import train
 from autotune.distributed import torchrun_command
-from autotune.train import Trainer
-from autotune.trial import TrialBudget, run_trial
+from autotune.runtime.rundir import read_log
+from autotune.runtime.trainer import Trainer
+from autotune.runtime.trial import TrialBudget, run_trial
 from autotune.workloads import flops_per_token, load_workload
 from tests import dist_worker, faults
 from tests.conftest import DEFAULT_PLAN, ROOT, worker_failure
@@ -88,7 +88,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def losses(run_dir: Path) -> list[float]:
-    log = train.read_log(run_dir / "log.jsonl")
+    log = read_log(run_dir / "log.jsonl")
     assert [r["step"] for r in log] == list(range(dist_worker.STEPS))
     return [r["loss"] for r in log]
 
@@ -326,10 +326,8 @@ def test_autotune_run_starts_the_processes_itself(tmp_path: Path) -> None:
     assert proc.returncode == 0, worker_failure(proc)
     summary = json.loads(proc.stdout)  # rank 0 alone printed
     assert summary["steps_done"] == 4 and summary["val_loss"] is not None
-    assert [r["step"] for r in train.read_log(out / "log.jsonl")] == [0, 1, 2, 3]  # one log, not two
-    assert json.loads((out / "summary.json").read_text())["losses"] == [
-        r["loss"] for r in train.read_log(out / "log.jsonl")
-    ]
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [0, 1, 2, 3]  # one log, not two
+    assert json.loads((out / "summary.json").read_text())["losses"] == [r["loss"] for r in read_log(out / "log.jsonl")]
     assert (out / "checkpoints" / "step_00000004" / "meta.pt").is_file()
 
 
@@ -415,7 +413,7 @@ def test_two_nodes_meet_at_the_plans_rendezvous(tmp_path: Path) -> None:
     for p in procs:
         p.wait(timeout=120)
     assert [p.returncode for p in procs] == [0, 0], logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
-    assert [r["step"] for r in train.read_log(tmp_path / "node0" / "log.jsonl")] == [0, 1, 2]
+    assert [r["step"] for r in read_log(tmp_path / "node0" / "log.jsonl")] == [0, 1, 2]
     assert not (tmp_path / "node1" / "log.jsonl").exists()  # global rank 0 alone writes
 
 
@@ -443,7 +441,7 @@ def test_four_processes_fsdp2_and_tensor_parallel_in_2d(tmp_path: Path) -> None:
     out = tmp_path / "run"
     proc = autotune_run(path, out, "--steps", str(dist_worker.STEPS), timeout=240)
     assert proc.returncode == 0, worker_failure(proc)
-    got = [r["loss"] for r in train.read_log(out / "log.jsonl")]
+    got = [r["loss"] for r in read_log(out / "log.jsonl")]
     trainer = Trainer(make_plan({"grad_accum": {"steps": 2}}, "cpu", None))  # both dp groups' batches
     try:
         expected = train_losses(trainer, dist_worker.STEPS)

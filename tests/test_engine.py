@@ -9,7 +9,7 @@ import sys
 import torch
 
 from autotune.engine import LoopEngine, StepEngine
-from autotune.train import Trainer
+from autotune.runtime.trainer import Trainer
 from tests.strategy_suite import make_plan, train_losses
 
 

@@ -17,7 +17,7 @@ from autotune.planning.settings import PlanSettings
 from autotune.planning.space import baseline_params, build_space
 from autotune.planning.study import open_study, study_identity
 from autotune.planning.summary import BASELINE, plan_of, summarize
-from autotune.trial import TrialBudget
+from autotune.runtime.trial import TrialBudget
 from autotune.workloads import load_workload
 
 OVERRIDES = {"n_layers": 2}

@@ -33,9 +33,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from autotune import train  # noqa: E402
 from autotune.distributed import torchrun_command  # noqa: E402
-from autotune.train import Trainer  # noqa: E402
+from autotune.runtime.rundir import read_log  # noqa: E402
+from autotune.runtime.trainer import Trainer  # noqa: E402
 from tests import hf_dist_worker as worker_mod  # noqa: E402
 from tests.conftest import ROOT, worker_failure  # noqa: E402
 from tests.strategy_suite import train_losses  # noqa: E402
@@ -66,7 +66,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def losses(run_dir: Path) -> list[float]:
-    log = train.read_log(run_dir / "log.jsonl")
+    log = read_log(run_dir / "log.jsonl")
     assert [r["step"] for r in log] == list(range(worker_mod.STEPS))
     return [r["loss"] for r in log]
 

@@ -13,7 +13,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PLANS = sorted(str(p) for p in ROOT.glob("**/*.plan.json") if ".venv" not in p.parts)
 SHOWN = ROOT / "profiles" / "h200-phase8-small.plan.json"
-EXECUTOR = ("torch", "torch.distributed", "autotune.train", "autotune.trial", "autotune.context")
+EXECUTOR = (
+    "torch",
+    "torch.distributed",
+    "autotune.runtime.trainer",
+    "autotune.runtime.trial",
+    "autotune.runtime.measure",
+    "autotune.context",
+)
 
 _BLOCK = """
 import importlib, json, pkgutil, sys, time
@@ -117,7 +124,9 @@ def test_past_the_catalog_plans_and_show_import_no_torch():
     """Whatever the catalog's modules import, checking plans and showing one import nothing of
     torch themselves (a lazy import on that path would hit the block), nor the executor."""
     result = _show("after-catalog")
-    assert not {"autotune.train", "autotune.trial"} & set(result["modules"])
+    assert not {"autotune.runtime.trainer", "autotune.runtime.trial", "autotune.runtime.measure"} & set(
+        result["modules"]
+    )
 
 
 def test_the_exports_name_no_strategy_module():

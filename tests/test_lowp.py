@@ -13,7 +13,7 @@ pytest.importorskip("torchao")
 
 from autotune import catalog  # noqa: E402
 from autotune.errors import UserError  # noqa: E402
-from autotune.train import Trainer  # noqa: E402
+from autotune.runtime.trainer import Trainer  # noqa: E402
 from tests.strategy_suite import make_plan, train_losses  # noqa: E402
 
 STEPS = 20

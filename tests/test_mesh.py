@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from autotune import plan as planmod
-from autotune import train
 from autotune.errors import UserError
 from autotune.mesh import ParallelDims, mesh_shape
+from autotune.runtime.metrics import tokens_per_step
 from autotune.strategies.pipeline_parallel import PipelineParallelConfig
 from autotune.strategies.tensor_parallel import TensorParallelConfig
 from autotune.workloads import Workload, load_workload
@@ -100,10 +100,7 @@ def test_tokens_per_step_counts_the_dp_groups_only(tmp_path: Path) -> None:
     data["launch"]["nproc_per_node"] = 4
     data["strategies"] = [{"name": "tensor_parallel", "knobs": {}}, {"name": "fsdp2", "knobs": {}}]
     plan = planmod.from_dict(data)
-    assert (
-        train.tokens_per_step(plan)
-        == plan.train.micro_batch_size * load_workload("tiny").seq_len * plan.grad_accum() * 2
-    )
+    assert tokens_per_step(plan) == plan.train.micro_batch_size * load_workload("tiny").seq_len * plan.grad_accum() * 2
 
 
 def test_a_plan_with_an_illegal_mesh_fails_before_launch(run_cli, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""MFU and tokens-per-step, one owner each (autotune/train.py): the functions on made-up
+"""MFU and tokens-per-step, one owner each (autotune/runtime/metrics.py): the functions on made-up
 numbers, then one real 2-process tensor-parallel plan (gloo) whose trial and run report the
 same MFU for their rate. Its multi-process half is this module run under torchrun:
 
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from autotune import hardware, train
-from autotune.train import global_tokens_per_step, model_flops_utilization
+from autotune import hardware
+from autotune.runtime.metrics import global_tokens_per_step, model_flops_utilization, tokens_per_step
+from autotune.runtime.trainer import RunOptions, Trainer, run
 from tests.conftest import ROOT, worker_failure
 from tests.strategy_suite import MICRO_BATCH, TINY, make_plan
 
@@ -41,10 +42,10 @@ def test_tokens_per_step_is_the_global_batch_of_the_data_parallel_groups():
     assert global_tokens_per_step(8, 64, 2, 2) == 2048  # 8 micro x 64 seq x 2 accum x 2 groups
     plan = make_plan({"tensor_parallel": {}}, "cpu")
     plan.launch.nproc_per_node = 2  # tp 2: one data-parallel group
-    assert train.tokens_per_step(plan) == MICRO_BATCH * TINY["seq_len"] == plan.global_batch() * TINY["seq_len"]
+    assert tokens_per_step(plan) == MICRO_BATCH * TINY["seq_len"] == plan.global_batch() * TINY["seq_len"]
     plan = make_plan({"ddp": {}, "grad_accum": {"steps": 2}}, "cpu")
     plan.launch.nproc_per_node = 2
-    assert train.tokens_per_step(plan) == MICRO_BATCH * TINY["seq_len"] * 2 * 2 == plan.global_batch() * TINY["seq_len"]
+    assert tokens_per_step(plan) == MICRO_BATCH * TINY["seq_len"] * 2 * 2 == plan.global_batch() * TINY["seq_len"]
 
 
 def made_up_profile(path: Path) -> None:
@@ -89,12 +90,13 @@ def test_trial_and_run_report_one_mfu_under_tensor_parallel(tmp_path: Path) -> N
 
 
 def main(out: Path) -> None:
-    """Rank side: one trial (autotune.trial.measure) and one run (autotune.train.run) of the
+    """Rank side: one trial (autotune.runtime.measure.measure) and one run (autotune.runtime.trainer.run) of the
     tiny GPT under tp 2; rank 0 writes what both reported."""
     import torch
     import torch.distributed as dist
 
-    from autotune.trial import TrialBudget, measure
+    from autotune.runtime.measure import measure
+    from autotune.runtime.trial import TrialBudget
 
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -102,8 +104,8 @@ def main(out: Path) -> None:
         plan = make_plan({"tensor_parallel": {}}, "cpu", log_interval=1)
         plan.launch.nproc_per_node = 2
         figures = measure(plan, TrialBudget(warmup_steps=1, timed_steps=3)).figures
-        summary = train.run(plan, train.RunOptions(steps=4, out_dir=out / "run"))
-        trainer = train.Trainer(plan)
+        summary = run(plan, RunOptions(steps=4, out_dir=out / "run"))
+        trainer = Trainer(plan)
         fpt, tokens = trainer.flops_per_token, trainer.tokens_per_step
         trainer.close()
         if dist.get_rank() == 0:

@@ -13,8 +13,8 @@ import torch
 from autotune import catalog
 from autotune.context import TrainContext
 from autotune.errors import UserError
+from autotune.runtime.trainer import Trainer
 from autotune.strategies.moe import MoeConfig, MoeMLP, apply_moe, capacity, load_balancing_loss, route, slots
-from autotune.train import Trainer
 from autotune.workloads import load_workload
 from autotune.workloads.gpt import MLP, GPTConfig
 from tests.strategy_suite import TINY, bare_workload, make_plan, train_losses
@@ -293,9 +293,9 @@ def test_the_dropped_fraction_is_recorded_in_trial_figures_and_the_run_log(tmp_p
     the timed steps, the run log its mean over each interval; a dense plan reports none."""
     import json
 
-    from autotune import train
-    from autotune.train import RunOptions
-    from autotune.trial import TrialBudget, measure
+    from autotune.runtime.measure import measure
+    from autotune.runtime.trainer import RunOptions, run
+    from autotune.runtime.trial import TrialBudget
 
     budget = TrialBudget(warmup_steps=1, timed_steps=3)
     tight = make_plan({"moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 0.5}}, "cpu")
@@ -306,7 +306,7 @@ def test_the_dropped_fraction_is_recorded_in_trial_figures_and_the_run_log(tmp_p
     roomy = make_plan({"moe": {"num_experts": 1, "top_k": 1, "capacity_factor": 8.0}}, "cpu")
     assert measure(roomy, budget).figures.metrics == {"moe_dropped": 0.0}
     assert measure(make_plan({}, "cpu"), budget).figures.metrics is None
-    train.run(tight, RunOptions(steps=4, out_dir=tmp_path / "run"))
+    run(tight, RunOptions(steps=4, out_dir=tmp_path / "run"))
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     flushed = [r for r in records if "moe_dropped" in r]
     assert flushed and all(0.5 <= r["moe_dropped"] < 1.0 for r in flushed)
@@ -320,7 +320,7 @@ def test_the_trial_table_prints_the_dropped_fraction() -> None:
 
     from autotune.cli.plan_view import TrialTable
     from autotune.plan import Figures
-    from autotune.trial import TrialResult
+    from autotune.runtime.trial import TrialResult
 
     out = io.StringIO()
     table = TrialTable(Console(file=out, width=200))

@@ -19,7 +19,7 @@ import torch
 from autotune.distributed import torchrun_command
 from autotune.errors import UserError
 from autotune.mesh import expert_groups, mesh_shape
-from autotune.train import Trainer
+from autotune.runtime.trainer import Trainer
 from tests import moe_dist_worker as worker
 from tests.conftest import ROOT, worker_failure
 

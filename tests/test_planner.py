@@ -14,7 +14,7 @@ from autotune.plan import Figures
 from autotune.planning.clock import budget_margin
 from autotune.planning.confirm import _compared, baseline_budget, compare, is_reference, median_figures
 from autotune.planning.study import study_name
-from autotune.trial import TrialBudget
+from autotune.runtime.trial import TrialBudget
 from tests.conftest import ROOT
 
 BUDGET = 45.0

@@ -40,7 +40,7 @@ def _wait_for_hang(tmp_path, planner):
         time.sleep(0.2)
     time.sleep(0.5)  # the child is inside its hanging step
     trial = psutil.Process(planner.pid).children(recursive=True)
-    assert trial and any("autotune.trial" in " ".join(p.cmdline()) for p in trial)
+    assert trial and any("autotune.runtime.measure" in " ".join(p.cmdline()) for p in trial)
     return trial
 
 

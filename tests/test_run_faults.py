@@ -17,8 +17,11 @@ import psutil
 import pytest
 
 from autotune import plan as planmod
-from autotune import train
-from autotune.train import RunOptions
+from autotune.errors import UserError
+from autotune.runtime.checkpoint import checksum_problem
+from autotune.runtime.rundir import read_log
+from autotune.runtime.trainer import RunOptions, run
+from autotune.workloads import load_workload
 from tests.conftest import DEFAULT_PLAN, ROOT
 from tests.strategy_suite import TINY
 
@@ -51,7 +54,7 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def losses(out: Path) -> list[float]:
-    return [r["loss"] for r in train.read_log(out / "log.jsonl")]
+    return [r["loss"] for r in read_log(out / "log.jsonl")]
 
 
 @pytest.mark.slow
@@ -75,7 +78,7 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step_and_resumes_e
     assert summary["stopped"] == "SIGTERM" and 10 <= at < steps
     assert summary["checkpoint"] == str(stopped / "checkpoints" / f"step_{at:08d}.pt")
     assert (stopped / "checkpoints" / f"step_{at:08d}.pt.sha256").is_file()
-    assert [r["step"] for r in train.read_log(stopped / "log.jsonl")] == list(range(at))
+    assert [r["step"] for r in read_log(stopped / "log.jsonl")] == list(range(at))
     assert err.strip().splitlines()[-1] == (
         f"autotune: stopped by SIGTERM at step {at}: checkpoint {summary['checkpoint']}, "
         f"summary {stopped / 'summary.json'}; continue with --resume"
@@ -86,7 +89,7 @@ def test_sigterm_to_a_two_process_run_stops_every_rank_at_one_step_and_resumes_e
     for p in (ref, resumed):
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
-    assert [r["step"] for r in train.read_log(stopped / "log.jsonl")] == list(range(steps))
+    assert [r["step"] for r in read_log(stopped / "log.jsonl")] == list(range(steps))
     assert losses(stopped) == losses(straight)  # bit for bit, as an uninterrupted run
 
 
@@ -124,7 +127,7 @@ def test_a_second_run_on_a_locked_out_is_refused_and_leaves_the_first_alone(tmp_
     _, err = first.communicate(timeout=60)
     assert first.returncode == 143, err[-3000:]
     at = json.loads((out / "summary.json").read_text())["steps_done"]
-    assert [r["step"] for r in train.read_log(out / "log.jsonl")] == list(range(at))  # every step once, none lost
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == list(range(at))  # every step once, none lost
 
 
 def flip_tensor_bytes(path: Path, n: int = 64) -> None:
@@ -147,11 +150,11 @@ def small_plan(tmp_path: Path, **train_overrides) -> planmod.Plan:
 
 def test_a_bit_flipped_checkpoint_is_named_and_the_older_one_is_used(tmp_path: Path, capsys) -> None:
     plan, out = small_plan(tmp_path), tmp_path / "run"
-    train.run(plan, RunOptions(steps=20, out_dir=out))
+    run(plan, RunOptions(steps=20, out_dir=out))
     newest = out / "checkpoints" / "step_00000020.pt"
     flip_tensor_bytes(newest)
     capsys.readouterr()
-    summary = train.run(plan, RunOptions(steps=20, out_dir=out, resume=True))
+    summary = run(plan, RunOptions(steps=20, out_dir=out, resume=True))
     err = capsys.readouterr().err
     assert err.splitlines()[-2:] == [
         f"autotune: checkpoint {newest} is corrupt (checksum mismatch): resuming from step_00000010.pt",
@@ -159,15 +162,15 @@ def test_a_bit_flipped_checkpoint_is_named_and_the_older_one_is_used(tmp_path: P
     ]
     assert summary.steps_done == 20 and len(summary.losses) == 10  # steps 10..19 again
     assert all(v == v and abs(v) < 100 for v in summary.losses)
-    assert [r["step"] for r in train.read_log(out / "log.jsonl")] == list(range(20))
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == list(range(20))
 
 
 def test_resume_refuses_another_plan_naming_every_difference(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    train.run(small_plan(tmp_path), RunOptions(steps=10, out_dir=out))
+    run(small_plan(tmp_path), RunOptions(steps=10, out_dir=out))
     other = small_plan(tmp_path, lr=0.001, micro_batch_size=8)
-    with pytest.raises(train.UserError) as e:
-        train.run(other, RunOptions(steps=10, out_dir=out, resume=True, timing_warmup=0))
+    with pytest.raises(UserError) as e:
+        run(other, RunOptions(steps=10, out_dir=out, resume=True, timing_warmup=0))
     assert str(e.value) == (
         f"checkpoint {out / 'checkpoints' / 'step_00000010.pt'} is of another run: "
         "lr 0.002 (checkpoint) vs 0.001 (plan); micro_batch_size 16 (checkpoint) vs 8 (plan) "
@@ -177,7 +180,7 @@ def test_resume_refuses_another_plan_naming_every_difference(tmp_path: Path) -> 
 
 def test_resume_without_a_checkpoint_starts_from_step_0_and_says_so(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    train.run(small_plan(tmp_path, checkpoint_interval=0), RunOptions(steps=3, out_dir=out))
+    run(small_plan(tmp_path, checkpoint_interval=0), RunOptions(steps=3, out_dir=out))
     for p in (out / "checkpoints").iterdir():  # as a run that failed before its first checkpoint
         p.unlink()
     stale = [out / "checkpoints" / ".step_00000005.pt.abc.tmp", out / "checkpoints" / "step_00000005.pt.sha256"]
@@ -185,10 +188,10 @@ def test_resume_without_a_checkpoint_starts_from_step_0_and_says_so(tmp_path: Pa
         p.write_text("left by a killed run")
     (out / "checkpoints" / ".step_00000005.tmp").mkdir()
     capsys.readouterr()
-    summary = train.run(small_plan(tmp_path, checkpoint_interval=0), RunOptions(steps=3, out_dir=out, resume=True))
+    summary = run(small_plan(tmp_path, checkpoint_interval=0), RunOptions(steps=3, out_dir=out, resume=True))
     assert f"autotune: no complete checkpoint in {out / 'checkpoints'}: starting from step 0" in capsys.readouterr().err
     assert summary.steps_done == 3 and len(summary.losses) == 3
-    assert [r["step"] for r in train.read_log(out / "log.jsonl")] == [0, 1, 2]  # truncated, then written again
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [0, 1, 2]  # truncated, then written again
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_00000003.pt",
         "step_00000003.pt.sha256",
@@ -217,7 +220,7 @@ def test_steps_set_the_schedule_and_files_get_the_umask_mode(tmp_path: Path, run
     (out,) = (tmp_path / "runs").iterdir()  # no --out: runs/<UTC time>-<random suffix>/
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", out.name)
     assert err.splitlines()[0] == f"autotune: writing the run to {Path('runs') / out.name}/"
-    log = train.read_log(out / "log.jsonl")
+    log = read_log(out / "log.jsonl")
     spec = planmod.load(plan).train
     assert log[-1]["step"] == 39 and log[-1]["lr"] == pytest.approx(spec.lr * spec.min_lr_ratio)
     for path in (
@@ -234,7 +237,7 @@ def test_missing_val_bin_is_refused_before_training(tmp_path: Path, run_cli) -> 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     plan = write_plan(tmp_path, eval_interval=10)
-    default = Path(datamod.default_dataset(train.load_workload("tiny", {}).vocab_size))
+    default = Path(datamod.default_dataset(load_workload("tiny", {}).vocab_size))
     for name in os.listdir(default):
         if name != "val.bin":
             os.symlink(default / name, data_dir / name)
@@ -328,7 +331,7 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_pair_and_no_stray_f
 
     plan, out = write_plan(tmp_path), tmp_path / "run"
     cmd = [sys.executable, "-m", "autotune", "run", str(plan), "--out", str(out), "--steps", "20", "--json"]
-    train.run(planmod.load(plan), RunOptions(steps=20, stop_at=10, out_dir=out))
+    run(planmod.load(plan), RunOptions(steps=20, stop_at=10, out_dir=out))
     ckpt = out / "checkpoints"
     limit = (ckpt / "step_00000010.pt").stat().st_size // 2  # room for the log, not for a checkpoint
 
@@ -341,4 +344,4 @@ def test_a_full_disk_while_checkpointing_leaves_the_previous_pair_and_no_stray_f
     assert resumed.stderr.strip().splitlines()[-1].startswith("autotune: error: cannot write ")
     assert "Traceback" not in resumed.stderr
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000010.pt", "step_00000010.pt.sha256"]
-    assert train.checksum_problem(ckpt / "step_00000010.pt") is None
+    assert checksum_problem(ckpt / "step_00000010.pt") is None

@@ -40,8 +40,8 @@ from autotune.planning.space import (
 )
 from autotune.planning.study import GRACE_S, make_storage, open_study, study_identity, trial_log_dir
 from autotune.planning.summary import BASELINE, plan_of, shortest_like, summarize
+from autotune.runtime.trial import TrialBudget
 from autotune.strategy import Facts
-from autotune.trial import TrialBudget
 from autotune.workloads import load_workload
 from tests import faults
 from tests.conftest import ROOT
@@ -204,7 +204,7 @@ def test_costmodel_flops_match_flop_counter():
     # Naive attention is plain matmuls, so FlopCounterMode counts exactly PaLM's 12 L d s.
     from torch.utils.flop_counter import FlopCounterMode
 
-    from autotune.train import Trainer
+    from autotune.runtime.trainer import Trainer
 
     for strategies in (
         [],

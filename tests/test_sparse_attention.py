@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from autotune.context import TrainContext
 from autotune.errors import UserError
+from autotune.runtime.trainer import Trainer
 from autotune.strategies.sparse_attention import (
     STRATEGY,
     SparseAttentionConfig,
@@ -23,7 +24,6 @@ from autotune.strategies.sparse_attention import (
     dense_mask,
     unmasked_fraction,
 )
-from autotune.train import Trainer
 from autotune.workloads import load_workload
 from tests.strategy_suite import TINY, Case, StrategySuite, pytest_generate_tests
 

@@ -22,9 +22,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from autotune import catalog
 from autotune.context import TrainContext
 from autotune.errors import UserError
+from autotune.runtime.trainer import Trainer
 from autotune.strategies.attention import naive_attention, sdpa_with
 from autotune.strategy import Facts
-from autotune.train import Trainer
 from autotune.workloads import load_workload
 from autotune.workloads.adapter import GPTAdapter
 from autotune.workloads.gpt import sdpa_causal

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from autotune import plan as planmod
-from autotune import train
-from autotune.train import RunOptions, lr_at
+from autotune.engine import make_optimizer
+from autotune.runtime.rundir import read_log
+from autotune.runtime.trainer import RunOptions, lr_at, run
 from tests.conftest import DEFAULT_PLAN, ROOT
 
 
@@ -37,11 +38,11 @@ def test_lr_schedule_warms_up_then_decays():
 def test_run_trains_logs_and_checkpoints(tmp_path):
     plan, _ = tiny_plan(tmp_path, eval_interval=20, checkpoint_interval=20, log_interval=5)
     out = tmp_path / "run"
-    summary = train.run(plan, RunOptions(steps=40, out_dir=out))
+    summary = run(plan, RunOptions(steps=40, out_dir=out))
     assert summary.steps_done == 40 and summary.stopped == "steps"
     assert summary.loss_end < summary.loss_start - 0.5  # it learns
     assert summary.val_loss is not None and summary.tokens_per_s > 0
-    log = train.read_log(out / "log.jsonl")
+    log = read_log(out / "log.jsonl")
     assert [r["step"] for r in log] == list(range(40))
     assert {"step", "loss", "tokens_per_s", "mfu", "peak_memory_bytes", "lr"} <= set(log[0])
     assert sum("val_loss" in r for r in log) == 2
@@ -56,14 +57,14 @@ def test_run_trains_logs_and_checkpoints(tmp_path):
 def test_existing_run_dir_needs_resume(tmp_path):
     plan, _ = tiny_plan(tmp_path, eval_interval=0, checkpoint_interval=0)
     out = tmp_path / "run"
-    train.run(plan, RunOptions(steps=2, out_dir=out))
+    run(plan, RunOptions(steps=2, out_dir=out))
     with pytest.raises(Exception, match="already holds a run"):
-        train.run(plan, RunOptions(steps=2, out_dir=out))
+        run(plan, RunOptions(steps=2, out_dir=out))
 
 
 def test_grad_accum_matches_one_big_batch(tmp_path):
     # Accumulating 2 micro-batches of 8 computes the mean gradient over those 16 samples.
-    from autotune.train import Trainer
+    from autotune.runtime.trainer import Trainer
 
     plan, _ = tiny_plan(tmp_path, micro_batch_size=8, grad_clip=0.0, strategies={"grad_accum": {"steps": 2}})
     t = Trainer(plan)
@@ -103,7 +104,7 @@ def test_user_workload_trains(tmp_path, monkeypatch):
     data["workload"] = {"name": "examples.custom_workload:build", "overrides": {}}
     data["train"].update(eval_interval=0, checkpoint_interval=0)
     plan = planmod.from_dict(data)
-    summary = train.run(plan, RunOptions(steps=20))
+    summary = run(plan, RunOptions(steps=20))
     assert summary.loss_end < summary.loss_start
 
 
@@ -141,16 +142,16 @@ def test_sigkill_then_resume_reproduces_the_loss_sequence(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    done = len(train.read_log(killed / "log.jsonl"))
+    done = len(read_log(killed / "log.jsonl"))
     assert done < steps  # it really was cut off mid-way
 
     resumed = _child(plan_path, killed, steps, "--resume")
     for p in (ref, resumed):
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
-    a = [r["loss"] for r in train.read_log(straight / "log.jsonl")]
-    b = [r["loss"] for r in train.read_log(killed / "log.jsonl")]
-    assert [r["step"] for r in train.read_log(killed / "log.jsonl")] == list(range(steps))
+    a = [r["loss"] for r in read_log(straight / "log.jsonl")]
+    b = [r["loss"] for r in read_log(killed / "log.jsonl")]
+    assert [r["step"] for r in read_log(killed / "log.jsonl")] == list(range(steps))
     assert a == b  # bit-for-bit: same batches, same RNG, same optimizer state
 
 
@@ -165,7 +166,7 @@ def test_adamw_groups_are_the_one_definition_of_decay():
     assert (decay["weight_decay"], rest["weight_decay"]) == (0.1, 0.0)
     assert {id(p) for p in decay["params"]} == {id(p) for p in model.parameters() if p.dim() >= 2}
     assert {id(p) for p in rest["params"]} == {id(p) for p in model.parameters() if p.dim() < 2}
-    opt = train.make_optimizer(model, planmod.TrainSpec(micro_batch_size=1, weight_decay=0.1), torch.device("cpu"), {})
+    opt = make_optimizer(model, planmod.TrainSpec(micro_batch_size=1, weight_decay=0.1), torch.device("cpu"), {})
     assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [
         [id(p) for p in g["params"]] for g in (decay, rest)
     ]

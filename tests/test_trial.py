@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from autotune import plan as planmod
-from autotune import trial
-from autotune.trial import TrialBudget, error_line, run_trial
+from autotune.runtime import trial
+from autotune.runtime.trial import TrialBudget, error_line, run_trial
 from tests import faults
 from tests.conftest import DEFAULT_PLAN
 

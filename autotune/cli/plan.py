@@ -97,8 +97,8 @@ def plan_command(
     """Search, confirm the best trial against the baseline (interleaved), and write it as a plan."""
     from autotune.planning.driver import make_plan
     from autotune.planning.settings import GUARD_STEPS_RANGE, NoTrialSucceeded, PlanSettings
+    from autotune.runtime.trial import TrialBudget
     from autotune.schema import check_writable_dir
-    from autotune.trial import TrialBudget
 
     if trials is None and time_budget is None:
         raise UserError("give --trials N and/or --time-budget SECONDS")
@@ -200,7 +200,7 @@ def warnings_to_log(storage: str | None) -> Iterator[None]:
     if url.startswith("sqlite:///"):
         folder = Path(url.removeprefix("sqlite:///")).parent
     else:  # a database server: the log stays on this machine, under its cache
-        from autotune.trial import cache_root
+        from autotune.runtime.trial import cache_root
 
         folder = cache_root()
         folder.mkdir(parents=True, exist_ok=True)

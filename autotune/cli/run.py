@@ -67,12 +67,15 @@ def run_command(
 ) -> None:
     """Train with PLAN: log every step, evaluate, checkpoint, resume. SIGINT/SIGTERM/SIGHUP stop
     it after the current step with a checkpoint and the summary (exit 130/143/129)."""
-    from autotune import distributed, train
+    from autotune import distributed
     from autotune import plan as planmod
+    from autotune.runtime import rundir, trainer
+    from autotune.runtime.metrics import tokens_per_step
+    from autotune.runtime.process import die_with_launcher
 
-    launched = os.environ.get(train.LAUNCHER_ENV)
+    launched = os.environ.get(rundir.LAUNCHER_ENV)
     if launched is not None:  # a rank of a run that `autotune run` started under torchrun
-        _die_with_launcher(int(launched))
+        die_with_launcher(int(launched))
 
     if steps is not None and tokens is not None:
         raise UserError("give --steps or --tokens, not both")
@@ -110,7 +113,7 @@ def run_command(
         if warning := planmod.other_data(plan, plan_data_identity(plan, data)):
             typer.echo(f"autotune: warning: {warning}", err=True)
     if tokens is not None:
-        steps = math.ceil(tokens / train.tokens_per_step(plan))
+        steps = math.ceil(tokens / tokens_per_step(plan))
     total = steps or plan.train.steps
     if tokens is not None and steps > planmod.MAX_STEPS:
         raise UserError(f"--tokens {tokens} is {steps} steps: a run trains at most {planmod.MAX_STEPS}")
@@ -127,9 +130,9 @@ def run_command(
     main_rank = distributed.env_rank() == 0
     try:
         with _progress(total, enabled=not json_out and main_rank) as on_flush:
-            summary = train.run(
+            summary = trainer.run(
                 plan,
-                train.RunOptions(
+                trainer.RunOptions(
                     steps=steps,
                     minutes=minutes,
                     out_dir=out,
@@ -215,22 +218,13 @@ def _stopped_line(stopped: str, steps_done: int | None, checkpoint: str | None, 
 
 
 def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -> None:
-    """Run this very command in ``launch.nproc_per_node`` processes under torchrun.
-
-    This process takes the run directory's lock, then shares it with the ranks (each holds it
-    while it lives, so no other run takes the directory while any of them trains), and forwards
-    SIGINT/SIGTERM/SIGHUP to the ranks (they stop at their next step), then waits for torchrun.
-    torchrun gets its own session, so a terminal's Ctrl-C reaches the ranks once, through here;
-    it dies with this process, and its ranks with it (PR_SET_PDEATHSIG, however it dies). A
-    run that its ranks stopped for a signal, whichever process got it, ends as a single
-    process would: the stopped line, exit 128 + the signal's number."""
-    import subprocess
-    import time
-
-    from autotune import distributed, train
+    """Run this very command in ``launch.nproc_per_node`` processes under torchrun
+    (``autotune.runtime.process.supervise_torchrun``: the run directory's lock shared with the
+    ranks, stop signals forwarded to them, torchrun dying with this process). A run that its
+    ranks stopped for a signal, whichever process got it, ends as a single process would: the
+    stopped line, exit 128 + the signal's number."""
     from autotune.apply import check_processes
-    from autotune.limits import warn_if_oversubscribed
-    from autotune.process import die_with_parent
+    from autotune.runtime.process import supervise_torchrun
     from autotune.workloads import load_workload
 
     # Bad input is one line, before any process starts.
@@ -248,36 +242,14 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
         raise UserError(
             f"the plan runs {nproc} processes on {kind.words}, one per GPU, but this machine has {gpus} GPUs"
         )
-    created = out is not None and not out.exists()
-    with _Forward() as forward:
-        lock = train.lock_out_dir(out)
-        try:
-            train.check_out_dir(out, resume)
-            done = train.finished_step(out, total) if resume else None
-            if done is not None:
-                train.notify(f"the run in {out} already reached step {done}: nothing to do")
-                return
-            warn_if_oversubscribed(plan.launch)
-            if lock is not None:
-                lock.share()
-            me = os.getpid()
-            env = distributed.child_env() | {train.LAUNCHER_ENV: str(me)}
-            # On each node of a multi-node plan the same command joins the plan's rendezvous.
-            cmd = distributed.torchrun_command(nproc, "autotune", args, plan.launch)
-            began = time.time()
-            proc = subprocess.Popen(
-                cmd, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGKILL, me)
-            )
-            code = forward.wait(proc)
-        finally:
-            if lock is not None:
-                if created:
-                    train.remove_if_unused(out)
-                lock.release()
+    supervised = supervise_torchrun(plan, out, resume, total, args)
+    if supervised is None:  # the run had already reached its steps
+        return
+    code, signum, began = supervised
     summary = _read_summary(out, since=began)
     stopped = summary.get("stopped", "")
-    if forward.signum and not stopped.startswith("SIG"):  # stopped before the ranks could say so
-        stopped = signal.Signals(forward.signum).name
+    if signum and not stopped.startswith("SIG"):  # stopped before the ranks could say so
+        stopped = signal.Signals(signum).name
     if stopped.startswith("SIG"):
         typer.echo(_stopped_line(stopped, summary.get("steps_done"), summary.get("checkpoint"), out), err=True)
         raise typer.Exit(_exit_code(stopped))
@@ -288,81 +260,6 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
             err=True,
         )
         raise typer.Exit(1)
-
-
-class _Forward:
-    """While torchrun runs: a stop signal (SIGINT, SIGTERM, SIGHUP) to this process goes to the
-    ranks, torchrun's children (torchrun itself would end them and print a traceback), and the
-    first one is remembered. One that arrives before the ranks exist reaches them once they do."""
-
-    POLL_S = 0.2
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._pending = 0
-        self._proc = None
-        self._old: dict = {}
-
-    def __enter__(self) -> _Forward:
-        from autotune.train import STOP_SIGNALS
-
-        for sig in STOP_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signum = self.signum or signum
-        self._pending = signum
-        self._deliver()
-
-    def _deliver(self) -> None:
-        import psutil
-
-        if not self._pending or self._proc is None:
-            return
-        try:
-            ranks = psutil.Process(self._proc.pid).children()
-        except psutil.NoSuchProcess:
-            return
-        for rank in ranks:
-            try:
-                rank.send_signal(self._pending)
-            except psutil.NoSuchProcess:
-                pass
-        if ranks:
-            self._pending = 0
-
-    def wait(self, proc) -> int:
-        import subprocess
-
-        self._proc = proc
-        while True:
-            self._deliver()
-            try:
-                return proc.wait(timeout=self.POLL_S)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _die_with_launcher(launcher: int) -> None:
-    """In a rank: SIGTERM (a checkpoint, the summary, exit) when its torchrun dies, and at once
-    if torchrun or the `autotune run` above it (pid ``launcher``), which torchrun dies with, is
-    gone already: no rank trains on with nobody holding its run directory."""
-    import psutil
-
-    from autotune.process import die_with_parent
-
-    die_with_parent(signal.SIGTERM)
-    try:
-        alive = psutil.Process(os.getppid()).ppid() == launcher
-    except psutil.NoSuchProcess:
-        alive = False
-    if not alive:
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _read_summary(out: Path | None, since: float) -> dict:

@@ -38,11 +38,12 @@ def adapt(
     beside it with both machines' figures (``adapted_from``). Returns the adapted plan and its
     path. A re-plan of which no trial succeeded raises
     :class:`~autotune.planning.settings.NoTrialSucceeded`."""
-    from autotune import hardware, trial
+    from autotune import hardware
     from autotune import plan as planmod
     from autotune.data import plan_data_identity
     from autotune.planning.driver import make_plan
     from autotune.planning.settings import PlanSettings
+    from autotune.runtime import trial
     from autotune.schema import check_writable
 
     out = adapted_path(plan_path)

@@ -13,7 +13,7 @@ from autotune import devices
 from autotune.planning.objective import MIN_TRIAL_S
 from autotune.planning.settings import PlanSettings
 from autotune.planning.space import SearchSpace, plan_for, predict, searched_on
-from autotune.trial import TrialBudget, optimizer_steps, steps_for_target
+from autotune.runtime.trial import TrialBudget, optimizer_steps, steps_for_target
 
 MIN_ROUNDS = 3
 """Fewest rounds of the interleaved confirmation: a median and a spread need three samples."""

@@ -30,7 +30,7 @@ from autotune.planning.clock import (
 from autotune.planning.guard import guard_seconds, is_exact
 from autotune.planning.settings import QUALITY_TOLERANCE, PlanSettings
 from autotune.planning.summary import Summary, baseline_trial, configuration, plan_of
-from autotune.trial import TrialBudget, optimizer_steps, run_trial
+from autotune.runtime.trial import TrialBudget, optimizer_steps, run_trial
 
 EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from autotune import devices
 from autotune import plan as planmod
-from autotune import trial as trialmod
 from autotune.errors import UserError
 from autotune.plan import Plan
 from autotune.planning.clock import (
@@ -44,6 +43,7 @@ from autotune.planning.study import (
     wait_for_others,
 )
 from autotune.planning.summary import BASELINE, Summary, figures_of, plan_of, summarize
+from autotune.runtime import trial as trialmod
 from autotune.schema import check_writable
 from autotune.workloads import load_workload
 

@@ -14,7 +14,7 @@ from autotune.plan import Figures, LossCurve, Plan, QualityGuard
 from autotune.planning.clock import Clock, Status, limited, no_status, trial_wall
 from autotune.planning.settings import NoTrialSucceeded, PlanSettings
 from autotune.planning.summary import Summary, figures_of, plan_of
-from autotune.trial import TrialBudget, run_trial
+from autotune.runtime.trial import TrialBudget, run_trial
 
 GUARD_WARMUP = 1
 """Untimed optimizer steps before a guard run's timed ones (the first micro-batch compiles)."""

@@ -1,7 +1,7 @@
 """The objective: one trial, from its parameters to tokens/s, and the pruner.
 
 Every trial is checked on the CPU first (the graph's legality, then the cost model's memory
-prediction) and only then run for real, in its own process (``autotune.trial``). A running
+prediction) and only then run for real, in its own process (``autotune.runtime.trial``). A running
 trial slower than half the best is stopped (:class:`ThroughputPruner`).
 """
 
@@ -19,14 +19,14 @@ from typing import Any
 
 import optuna
 
-from autotune import trial as trialmod
 from autotune.apply import check_processes, check_settings
 from autotune.errors import UserError
 from autotune.plan import Plan
 from autotune.planning.space import MEMORY_HEADROOM, SearchSpace, predict, suggest_plan
 from autotune.planning.summary import measured_before, memory_correction, shortest_like
+from autotune.runtime import trial as trialmod
+from autotune.runtime.trial import TrialBudget, TrialResult, run_trial
 from autotune.strategy import Knob
-from autotune.trial import TrialBudget, TrialResult, run_trial
 
 # No trial is pruned on its predicted step time: a wrong prune removes a configuration for
 # good (the sampler rarely draws the same one again), while a slow trial costs its warm-up and

@@ -11,11 +11,11 @@ from typing import Any
 
 import optuna
 
-from autotune import trial as trialmod
 from autotune.plan import Plan
 from autotune.planning.objective import MIN_TRIAL_S, Objective, trial_budget
 from autotune.planning.summary import plan_of
-from autotune.trial import run_trial
+from autotune.runtime import trial as trialmod
+from autotune.runtime.trial import run_trial
 
 REFINE = "refine"
 # Choices never sampled by the main search are each knob's ``refine_only`` (the compile

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune.errors import UserError
-from autotune.trial import TrialBudget
+from autotune.runtime.trial import TrialBudget
 
 QUALITY_TOLERANCE = 0.01
 """The quality guard's default (--quality-tolerance): an approximate plan's loss may be this much

@@ -20,10 +20,10 @@ from typing import Any
 
 import optuna
 
-from autotune import trial as trialmod
 from autotune.errors import UserError, first_line
 from autotune.planning.objective import ThroughputPruner
-from autotune.trial import TrialBudget
+from autotune.runtime import trial as trialmod
+from autotune.runtime.trial import TrialBudget
 
 HEARTBEAT_S = 2
 GRACE_S = 8
