@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from autotune import catalog
+from autotune.contract.mesh import mesh_shape
 from autotune.errors import UserError
-from autotune.mesh import mesh_shape
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 # The order of application, one rule a line. A strategy missing from a plan is skipped.
 ORDER = (
@@ -100,7 +100,7 @@ def check_plan(plan: Any, *, trusted: bool = True) -> Any:
 
 def check_processes(world_size: int, chosen: Any, *, workload: Any = None, micro_batch_size: int | None = None) -> None:
     """A run of several processes must split its work with one of :func:`distributing`, over a mesh
-    whose dp × tp × pp factorisation holds (``autotune.mesh.mesh_shape``, which names the
+    whose dp × tp × pp factorisation holds (``autotune.contract.mesh.mesh_shape``, which names the
     broken rule); ``workload`` and ``micro_batch_size`` add the model's and the batch's checks."""
     split = distributing()
     if world_size > 1 and not set(chosen) & set(split):

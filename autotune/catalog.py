@@ -6,8 +6,8 @@ import importlib
 import pkgutil
 from functools import cache
 
+from autotune.contract.strategy import Strategy, check_exports, check_knob_fields
 from autotune.errors import UserError
-from autotune.strategy import Strategy, check_exports, check_knob_fields
 
 
 @cache

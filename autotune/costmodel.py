@@ -370,7 +370,7 @@ def estimate(
     the state as the terms say (not yet checked against measured multi-GPU peaks: no two-GPU
     machine was lent since those strategies exist); step time divides the FLOPs by the blocks'
     shards and ignores communication."""
-    from autotune.mesh import mesh_shape
+    from autotune.contract.mesh import mesh_shape
 
     c = shape_of(workload)
     k = coefficients

@@ -30,9 +30,9 @@ from typing import Any
 
 from autotune import catalog
 from autotune.apply import ORDER
+from autotune.contract.strategy import NOTHING_TO_SET, ExportTarget
 from autotune.errors import UserError
 from autotune.plan import Plan, host_port
-from autotune.strategy import NOTHING_TO_SET, ExportTarget
 from autotune.terminal import visible
 
 

@@ -6,7 +6,7 @@ A networkx ``MultiDiGraph`` over the catalog: one node per strategy (attributes 
 declaration "u requires v", "u conflicts with v" (stored both ways: conflicts are
 symmetric whichever side declares them), and "u is applied after v". The declarations are
 checked when the graph is built (:func:`validate_catalog`); the machine and the workload
-(:class:`autotune.strategy.Facts`) then decide what is usable. The order of application is
+(:class:`autotune.contract.strategy.Facts`) then decide what is usable. The order of application is
 ``autotune.apply.ORDER``, the one source the executor follows; the ``after`` edges are derived
 from it (:func:`after_edges`): u is applied after v when ORDER puts v first and u reads a
 part of the model that v changes (``Strategy.reads`` / ``Strategy.changes``).
@@ -24,8 +24,8 @@ import networkx as nx
 
 from autotune.apply import ORDER
 from autotune.catalog import catalog
+from autotune.contract.strategy import PARTS, Facts, Strategy, unmet_needs
 from autotune.errors import UserError
-from autotune.strategy import PARTS, Facts, Strategy, unmet_needs
 
 RELATIONS = ("requires", "conflicts", "after")
 DECLARED = ("requires", "conflicts")
@@ -41,7 +41,7 @@ def validate_catalog(strategies: Mapping[str, Strategy], order: Sequence[str]) -
     """The relation graph of ``strategies``, checked against itself and against ``order``.
 
     Raises CatalogError for a relation naming an unknown strategy or the strategy itself, a
-    part (``reads`` / ``changes``) that is not one of ``autotune.strategy.PARTS``, a strategy
+    part (``reads`` / ``changes``) that is not one of ``autotune.contract.strategy.PARTS``, a strategy
     without a place in ``order``, and a strategy whose requirements (followed transitively)
     include two that conflict, itself among them. The ``after`` edges come from ``order``.
     """

@@ -418,7 +418,7 @@ class Plan:
     def global_batch(self) -> int:
         """Samples per optimizer step over all processes: micro-batch x accumulation x the
         data-parallel processes (dp of the mesh: tensor- and pipeline-parallel ranks share a batch)."""
-        from autotune.mesh import mesh_shape
+        from autotune.contract.mesh import mesh_shape
 
         dp, _, _ = mesh_shape(self.launch.nproc_per_node * self.launch.nnodes, self.strategy_configs())
         return self.train.micro_batch_size * self.grad_accum() * dp

@@ -13,9 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from autotune.context import TrainContext
+from autotune.contract.context import TrainContext
+from autotune.contract.mesh import expert_groups
 from autotune.errors import UserError
-from autotune.mesh import expert_groups
 from autotune.strategies.moe import STRATEGY, MoeConfig, capacity
 from autotune.workloads.adapter import NotSupported, adapter_for
 
@@ -246,7 +246,7 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
 
 
 def _expert_group(ctx: TrainContext, ep: int) -> ExpertGroup:
-    """This process's ep group: consecutive dp ranks (``autotune.mesh.expert_groups``); every
+    """This process's ep group: consecutive dp ranks (``autotune.contract.mesh.expert_groups``); every
     rank makes every group, as ``new_group`` asks."""
     if ctx.dims.tp > 1 or ctx.dims.pp > 1 or ctx.world_size % ep or not dist.is_initialized():
         raise UserError(

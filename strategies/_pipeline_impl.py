@@ -11,10 +11,10 @@ import torch.distributed as dist
 from torch import nn
 
 from autotune import distributed
-from autotune.engine import LoopEngine
+from autotune.contract.engine import LoopEngine
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
     from autotune.workloads.adapter import ModelAdapter
 
 

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from autotune.engine import StepEngine
+from autotune.contract.engine import StepEngine
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 
 class DeepSpeedStep(StepEngine):

@@ -28,14 +28,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from autotune.contract.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 from autotune.errors import UserError
-from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     import torch
     from torch.nn.attention import SDPBackend
 
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 _STRUCTURE = frozenset({"attention"})
 _SDPA_BACKENDS = {

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autotune.contract.strategy import ACCELERATOR, NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
 from autotune.limits import usable_cores
-from autotune.strategy import ACCELERATOR, NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 MAX_THREADS = 256
 """The catalog's range; the planner narrows it to the cores of the machine it searches on."""

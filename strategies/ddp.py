@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from autotune import devices
+from autotune.contract.strategy import NOTHING_TO_SET, Knob, Needs, Part, Prior, PriorFacts, Strategy
 from autotune.errors import UserError
-from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Part, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 WRAPPER_READS: frozenset[Part] = frozenset(
     {"embedding", "head", "mlp", "linears", "norms", "blocks", "placement", "stages", "loss"}

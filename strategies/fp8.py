@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotune import devices
+from autotune.contract.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
     from autotune.plan import Plan
 
 _NEEDS = Needs(features=frozenset({"fp8"}), modules=("torchao",), structure=frozenset({"blocks"}))

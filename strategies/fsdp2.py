@@ -22,12 +22,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from autotune.mesh import sub_mesh
+from autotune.contract.mesh import sub_mesh
+from autotune.contract.strategy import Knob, Needs, Strategy
 from autotune.strategies.ddp import WRAPPER_READS
-from autotune.strategy import Knob, Needs, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
     from autotune.plan import Plan
 
 _NEEDS = Needs(min_devices=2, structure=frozenset({"blocks"}))

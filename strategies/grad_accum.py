@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from autotune.strategy import NOTHING_TO_SET, Knob, Strategy
+from autotune.contract.strategy import NOTHING_TO_SET, Knob, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)

@@ -21,12 +21,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from autotune.contract.strategy import Knob, Needs, Strategy
 from autotune.errors import UserError
 from autotune.strategies.fp8 import convertible, count_linears, targets
-from autotune.strategy import Knob, Needs, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 _NEEDS = Needs(modules=("torchao",), structure=frozenset({"blocks"}))
 

@@ -38,7 +38,7 @@ How a converted MLP computes (:class:`MoeMLP`), for N tokens, E experts, k choic
 
 Expert parallelism (``ep`` > 1, Lepikhin et al. 2020, GShard): the experts are split over ep
 processes of the data-parallel dimension, E / ep each (ep is a sub-dimension of dp:
-``autotune.mesh.expert_groups``, consecutive dp ranks form one group; dp / ep groups hold
+``autotune.contract.mesh.expert_groups``, consecutive dp ranks form one group; dp / ep groups hold
 replicas of the same experts). Each process routes its own tokens; the slots are those one
 process holding the group's tokens would give (rank order, then token order, first choices
 first; the capacity counts the group's tokens, ``N * ep``; one all-reduce of the (ep, k, E)
@@ -70,12 +70,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from autotune.mesh import setting
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.contract.mesh import setting
+from autotune.contract.strategy import Knob, Needs, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
-    from autotune.mesh import ParallelDims
+    from autotune.contract.context import TrainContext
+    from autotune.contract.mesh import ParallelDims
 
 
 @dataclass(kw_only=True, slots=True)
@@ -137,7 +137,7 @@ def moe_cost(cfg: MoeConfig, terms: Any) -> None:
 
 
 def check_moe_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> None:
-    """ep > 1 splits the experts over groups of consecutive dp ranks (``autotune.mesh``):
+    """ep > 1 splits the experts over groups of consecutive dp ranks (``autotune.contract.mesh``):
     it needs a dp a multiple of ep, no tp or pp, and ddp's replicas (fsdp2 and zero shard
     the parameters over every dp rank, and would reduce the experts over all of them)."""
     ep = int(setting(cfg, "ep", MoeConfig().ep))

@@ -9,12 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from autotune.strategy import NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
+from autotune.contract.strategy import NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 # AdamW keyword arguments of each implementation: both set, since fused and foreach together
 # are an error and the executor's default is fused on CUDA, foreach elsewhere.

@@ -9,7 +9,7 @@ the sums: an exact strategy.
 What it needs. The model adapter's pipeline stages (``pipeline_stage``: the built-in GPT, and
 Hugging Face models laid out as Llama's; others are refused before launch, ``check_workload``),
 cut by ``pipeline_split``; at most one stage per block; ``microbatches`` must divide the
-micro-batch size (``autotune.mesh.mesh_shape`` checks both before launch). Every rank of the
+micro-batch size (``autotune.contract.mesh.mesh_shape`` checks both before launch). Every rank of the
 pipeline reads the same batch (the dp rank's): the first stage feeds the inputs, the last the
 targets, and the loss is the adapter's of the last stage's logits (``logits_loss``).
 
@@ -37,12 +37,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from autotune.contract.mesh import ParallelDims, setting, sub_mesh
+from autotune.contract.strategy import Knob, Needs, Strategy
 from autotune.errors import UserError
-from autotune.mesh import ParallelDims, setting, sub_mesh
-from autotune.strategy import Knob, Needs, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from autotune import devices
+from autotune.contract.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 BLOCK = 128
 """FlexAttention's default tile: the block mask keeps or drops (q, kv) tiles of this size."""

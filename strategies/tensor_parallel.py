@@ -13,7 +13,7 @@ Face model's own ``base_model_tp_plan``, its untied head split by vocabulary col
 gathered, and for sequence parallel the Llama layout's norms (HF's plans name none). A model
 without a plan, or sequence parallel where the adapter knows no norms, is refused before
 launch (``check_workload``). ``degree`` must divide the query and kv heads and the MLP width
-(the workload's shape, checked by ``autotune.mesh.mesh_shape`` before launch, and the built
+(the workload's shape, checked by ``autotune.contract.mesh.mesh_shape`` before launch, and the built
 model's adapter's at apply), the process count and, with sequence parallel, the sequence length. Dropout,
 when on, draws its masks per rank.
 
@@ -35,12 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from autotune.contract.mesh import sub_mesh
+from autotune.contract.strategy import Knob, Needs, Strategy
 from autotune.errors import UserError
-from autotune.mesh import sub_mesh
-from autotune.strategy import Knob, Needs, Strategy
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 
 @dataclass(kw_only=True, slots=True)

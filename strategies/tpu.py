@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from autotune.strategy import Knob, Needs, Strategy
+from autotune.contract.strategy import Knob, Needs, Strategy
 
 
 @dataclass(kw_only=True, slots=True)

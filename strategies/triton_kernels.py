@@ -25,13 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from autotune.contract.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 from autotune.errors import UserError
-from autotune.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     import torch
 
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
 
 _STRUCTURE = frozenset({"head", "loss"})
 _NEEDS = Needs(features=frozenset({"triton"}), modules=("triton",), structure=_STRUCTURE)

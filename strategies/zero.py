@@ -59,13 +59,13 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from autotune.contract.strategy import Knob, Needs, Strategy
 from autotune.errors import UserError
-from autotune.strategy import Knob, Needs, Strategy
 
 if TYPE_CHECKING:
     import torch
 
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
     from autotune.plan import Plan
 
 TAG = "deepspeed"

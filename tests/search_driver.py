@@ -6,6 +6,7 @@ import sys
 
 import optuna
 
+from autotune.contract.strategy import Facts
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import LaunchSpec, TrainSpec
@@ -14,7 +15,6 @@ from autotune.planning.objective import Objective, optimize
 from autotune.planning.space import SearchSpace
 from autotune.planning.study import open_study, study_identity, trial_log_dir
 from autotune.runtime.trial import TrialBudget
-from autotune.strategy import Facts
 from autotune.workloads import load_workload
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -35,11 +35,11 @@ import torch
 
 from autotune import catalog
 from autotune import plan as planmod
-from autotune.context import TrainContext
+from autotune.contract.context import TrainContext
+from autotune.contract.strategy import Facts, Strategy, unmet_needs
 from autotune.data import default_dataset
 from autotune.errors import SchemaError, UserError
 from autotune.runtime.trainer import Trainer
-from autotune.strategy import Facts, Strategy, unmet_needs
 from autotune.workloads import Workload, load_workload
 from autotune.workloads.adapter import adapter_for
 from tests.conftest import DEFAULT_PLAN

@@ -332,10 +332,10 @@ def test_costmodel_of_hf_gpt2_is_the_gpt_of_its_shape():
 
 
 def _tiny_llama_space(memory: float):
+    from autotune.contract.strategy import Facts
     from autotune.graph import StrategyGraph
     from autotune.plan import LaunchSpec, TrainSpec
     from autotune.planning.space import SearchSpace
-    from autotune.strategy import Facts
 
     workload = load_workload("hf:llama", HF_LLAMA)
     return SearchSpace(
@@ -456,7 +456,7 @@ def test_a_trial_predicted_slow_is_launched(launches):
 def test_moe_experts_count_their_active_share_of_flops_and_all_of_memory():
     import torch
 
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
     from autotune.strategies.moe import MoeConfig, apply_moe
     from autotune.workloads.adapter import adapter_for, params_of
 

@@ -14,10 +14,10 @@ import pytest
 from autotune import apply
 from autotune.apply import ORDER
 from autotune.catalog import catalog
+from autotune.contract.mesh import ParallelDims, data_parallel, mesh_shape, setting
+from autotune.contract.strategy import PARTS, Facts, Knob, Needs, Strategy, declared_modules
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph, after_edges
-from autotune.mesh import ParallelDims, data_parallel, mesh_shape, setting
-from autotune.strategy import PARTS, Facts, Knob, Needs, Strategy, declared_modules
 from autotune.workloads import GPT_STRUCTURE, load_workload
 
 CPU = Facts(structure=GPT_STRUCTURE)
@@ -141,7 +141,7 @@ def test_a_made_up_strategy_with_a_mesh_dim_needs_no_core_edit() -> None:
 
 
 def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
-    from autotune.strategy import check_knob_fields
+    from autotune.contract.strategy import check_knob_fields
 
     with pytest.raises(UserError, match="degree knob 'degree' is not a field of NoKnobs"):
         check_knob_fields(made_up("split", mesh_dim="pp"))
@@ -152,7 +152,7 @@ def test_a_strategy_with_a_degree_knob_its_config_lacks_is_refused() -> None:
 
 
 def test_refine_only_choices_are_declared_on_the_knob_and_must_be_choices() -> None:
-    from autotune.strategy import check_knob_fields
+    from autotune.contract.strategy import check_knob_fields
 
     declared = {(s.name, k.name): k.refine_only for s in catalog().values() for k in s.knobs if k.refine_only}
     assert declared == {("compile", "mode"): ("max-autotune-no-cudagraphs",)}
@@ -182,9 +182,9 @@ def test_what_a_search_leaves_out_is_declared_by_each_strategy() -> None:
 
 def test_precision_leaves_a_cpu_search_without_bf16_units(tmp_path) -> None:
     # Its own rule (search_knobs), read from the CPU's flags: bf16 autocast is emulated without them.
+    from autotune.contract.strategy import SearchFacts
     from autotune.planning.space import search_left_out
     from autotune.strategies import precision
-    from autotune.strategy import SearchFacts
 
     plain, bf16 = tmp_path / "plain", tmp_path / "bf16"
     plain.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
@@ -201,7 +201,7 @@ def test_precision_leaves_a_cpu_search_without_bf16_units(tmp_path) -> None:
 def _priors(
     device: str, processes: int = 1, excluded: dict[str, dict[Any, str]] | None = None, **shape: int
 ) -> dict[str, Any]:
-    from autotune.strategy import PriorFacts
+    from autotune.contract.strategy import PriorFacts
 
     facts = PriorFacts(device=device, cores=8, processes=processes, excluded=excluded or {}, **shape)  # type: ignore[arg-type]
     found = {name: s.prior(facts) for name, s in catalog().items() if s.prior is not None}
@@ -226,7 +226,7 @@ def test_the_expert_priors_are_declared_by_each_strategy() -> None:
         "ddp": ({}, False),
     }
     # Our fused loss races compile's (a trial of the first prior plus it), where triton imports.
-    from autotune.strategy import PriorFacts
+    from autotune.contract.strategy import PriorFacts
 
     assert catalog()["triton_kernels"].prior(PriorFacts(device="cuda", cores=8, processes=1)).race
     assert "triton_kernels" not in _priors("cuda", excluded={"loss": {"autotune": "needs the triton package"}})
@@ -273,7 +273,7 @@ def test_the_cost_terms_are_declared_by_their_strategies() -> None:
 def test_the_gpts_structure_is_what_its_adapter_serves() -> None:
     # No "gpt" token: the built-in GPT's workloads declare the adapter's tokens, and the fused
     # head + cross-entropy asks for the head and the adapter's loss.
-    from autotune.strategy import unmet_needs
+    from autotune.contract.strategy import unmet_needs
     from autotune.workloads.adapter import STRUCTURE, GPTAdapter
     from autotune.workloads.gpt import GPT, GPTConfig
 
@@ -305,7 +305,7 @@ def test_how_each_strategy_exports_is_declared_by_it() -> None:
     """Per config target (``autotune export --to``): "sets" keys, "nothing" to set, or absent:
     refused. Nothing to set only where the config, without the strategy, still describes the
     plan's training; what it cannot say of a parallel layout or an approximation is refused."""
-    from autotune.strategy import NOTHING_TO_SET
+    from autotune.contract.strategy import NOTHING_TO_SET
 
     declared = {
         name: {target: "nothing" if how is NOTHING_TO_SET else "sets" for target, how in s.exports.items()}
@@ -328,7 +328,7 @@ def test_how_each_strategy_exports_is_declared_by_it() -> None:
 
 
 def test_an_export_to_an_unknown_target_or_an_approximate_strategy_left_out_is_refused_at_catalog_load() -> None:
-    from autotune.strategy import NOTHING_TO_SET, check_exports
+    from autotune.contract.strategy import NOTHING_TO_SET, check_exports
 
     with pytest.raises(UserError, match="strategy s: export target 'horovod' is not one of accelerate, deepspeed"):
         check_exports(made_up("s", exports={"horovod": NOTHING_TO_SET}))

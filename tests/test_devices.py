@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from autotune import devices
+from autotune.contract.strategy import Facts, Needs, Strategy, unmet_needs
 from autotune.devices import cuda as cudamod
 from autotune.errors import UserError
-from autotune.strategy import Facts, Needs, Strategy, unmet_needs
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = devices.get("cpu")

@@ -234,7 +234,7 @@ def test_zero_checkpoint_is_deepspeeds_own_and_converts_to_the_plain_model(worke
 
 def test_zero_refuses_what_it_cannot_do_before_deepspeed_starts() -> None:
     from autotune.apply import check_settings
-    from autotune.context import TrainContext
+    from autotune.contract.context import TrainContext
     from autotune.errors import SchemaError, UserError
     from autotune.strategies.compile import CompileConfig
     from autotune.strategies.zero import STRATEGY, ZeroConfig

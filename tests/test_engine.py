@@ -1,4 +1,4 @@
-"""The step-engine protocol (autotune/engine.py): its default step, the default loop the
+"""The step-engine protocol (autotune/contract/engine.py): its default step, the default loop the
 Trainer trains through, and the strategy modules that implement it importing without torch.
 The pipeline and DeepSpeed engines train in tests/test_distributed.py (2 processes)."""
 
@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from autotune.engine import LoopEngine, StepEngine
+from autotune.contract.engine import LoopEngine, StepEngine
 from autotune.runtime.trainer import Trainer
 from tests.strategy_suite import make_plan, train_losses
 

@@ -16,9 +16,9 @@ import pytest
 from autotune import hardware
 from autotune.apply import ORDER
 from autotune.catalog import catalog
+from autotune.contract.strategy import Facts, Needs, Strategy, unmet_needs
 from autotune.errors import UserError
 from autotune.graph import APPROXIMATE, CatalogError, StrategyGraph, validate_catalog
-from autotune.strategy import Facts, Needs, Strategy, unmet_needs
 from autotune.workloads import GPT_STRUCTURE, load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,7 +213,7 @@ def test_fa4_is_offered_on_hopper_and_blackwell_where_flash_attn_cute_imports() 
     )
     assert why(CPU) == "needs CUDA, none found; needs the flash_attn.cute package, which does not import here"
     # The package is probed like every declared one (without importing it).
-    from autotune.strategy import declared_modules
+    from autotune.contract.strategy import declared_modules
 
     assert "flash_attn.cute" in declared_modules(catalog().values())
 

@@ -27,7 +27,7 @@ import tests.test_planner as planner_tests  # noqa: E402
 import tests.test_sparse_attention as sparse_tests  # noqa: E402
 import tests.test_strategies as gpt_tests  # noqa: E402
 from autotune import catalog  # noqa: E402
-from autotune.context import TrainContext  # noqa: E402
+from autotune.contract.context import TrainContext  # noqa: E402
 from autotune.errors import UserError  # noqa: E402
 from autotune.strategies.sparse_attention import SparseKernel  # noqa: E402
 from tests.strategy_suite import LLAMA, pytest_generate_tests  # noqa: E402

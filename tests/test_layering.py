@@ -19,7 +19,7 @@ EXECUTOR = (
     "autotune.runtime.trainer",
     "autotune.runtime.trial",
     "autotune.runtime.measure",
-    "autotune.context",
+    "autotune.contract.context",
 )
 
 _BLOCK = """
@@ -40,8 +40,8 @@ _CULPRITS = (
     + """
 sys.meta_path.insert(0, NoTorch())
 for name in ("autotune.plan", "autotune.schema", "autotune.catalog", "autotune.graph", "autotune.apply",
-             "autotune.mesh", "autotune.workloads", "autotune.workloads.structure", "autotune.workloads.gpt_config",
-             "autotune.cli.show"):
+             "autotune.contract.mesh", "autotune.workloads", "autotune.workloads.structure",
+             "autotune.workloads.gpt_config", "autotune.cli.show"):
     importlib.import_module(name)
 import autotune.strategies as package
 culprits = []

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from autotune import plan as planmod
+from autotune.contract.mesh import ParallelDims, mesh_shape
 from autotune.errors import UserError
-from autotune.mesh import ParallelDims, mesh_shape
 from autotune.runtime.metrics import tokens_per_step
 from autotune.strategies.pipeline_parallel import PipelineParallelConfig
 from autotune.strategies.tensor_parallel import TensorParallelConfig

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autotune import catalog
-from autotune.context import TrainContext
+from autotune.contract.context import TrainContext
 from autotune.errors import UserError
 from autotune.runtime.trainer import Trainer
 from autotune.strategies.moe import MoeConfig, MoeMLP, apply_moe, capacity, load_balancing_loss, route, slots

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from autotune.contract.mesh import expert_groups, mesh_shape
 from autotune.distributed import torchrun_command
 from autotune.errors import UserError
-from autotune.mesh import expert_groups, mesh_shape
 from autotune.runtime.trainer import Trainer
 from tests import moe_dist_worker as worker
 from tests.conftest import ROOT, worker_failure

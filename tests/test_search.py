@@ -13,6 +13,7 @@ import pytest
 
 from autotune import costmodel
 from autotune import plan as planmod
+from autotune.contract.strategy import Facts
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.plan import LaunchSpec, TrainSpec
@@ -41,7 +42,6 @@ from autotune.planning.space import (
 from autotune.planning.study import GRACE_S, make_storage, open_study, study_identity, trial_log_dir
 from autotune.planning.summary import BASELINE, plan_of, shortest_like, summarize
 from autotune.runtime.trial import TrialBudget
-from autotune.strategy import Facts
 from autotune.workloads import load_workload
 from tests import faults
 from tests.conftest import ROOT

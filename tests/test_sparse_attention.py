@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autotune.context import TrainContext
+from autotune.contract.context import TrainContext
 from autotune.errors import UserError
 from autotune.runtime.trainer import Trainer
 from autotune.strategies.sparse_attention import (

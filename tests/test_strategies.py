@@ -20,11 +20,11 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from autotune import catalog
-from autotune.context import TrainContext
+from autotune.contract.context import TrainContext
+from autotune.contract.strategy import Facts
 from autotune.errors import UserError
 from autotune.runtime.trainer import Trainer
 from autotune.strategies.attention import naive_attention, sdpa_with
-from autotune.strategy import Facts
 from autotune.workloads import load_workload
 from autotune.workloads.adapter import GPTAdapter
 from autotune.workloads.gpt import sdpa_causal

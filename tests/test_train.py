@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from autotune import plan as planmod
-from autotune.engine import make_optimizer
+from autotune.contract.engine import make_optimizer
 from autotune.runtime.rundir import read_log
 from autotune.runtime.trainer import RunOptions, lr_at, run
 from tests.conftest import DEFAULT_PLAN, ROOT

@@ -18,8 +18,8 @@ from autotune.errors import UserError
 from autotune.terminal import visible
 
 if TYPE_CHECKING:
+    from autotune.contract.strategy import Facts, Knob
     from autotune.graph import StrategyGraph
-    from autotune.strategy import Facts, Knob
 
 RENDERED = ("svg", "png", "pdf")
 """--graph suffixes that Graphviz's dot renders; anything else gets DOT text."""
@@ -56,10 +56,10 @@ def strategies_command(
     """List the strategies: usable here, excluded (and why), or not implemented yet; exact or approximate;
     their knobs."""
     from autotune import hardware
+    from autotune.contract.strategy import Facts, SearchFacts
     from autotune.graph import StrategyGraph
     from autotune.limits import usable_cores
     from autotune.planning.space import search_left_out
-    from autotune.strategy import Facts, SearchFacts
     from autotune.workloads import load_workload
 
     if processes is not None and processes < 1:

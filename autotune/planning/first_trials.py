@@ -12,6 +12,7 @@ import optuna
 
 from autotune import apply, catalog, devices
 from autotune import plan as planmod
+from autotune.contract.strategy import Knob, Prior, PriorFacts
 from autotune.errors import UserError
 from autotune.limits import usable_cores
 from autotune.plan import Plan
@@ -19,7 +20,6 @@ from autotune.planning.objective import check_legal
 from autotune.planning.space import SearchSpace, baseline_params, layout_name, searched_on, suggest_plan
 from autotune.planning.study import make_storage, study_lock
 from autotune.planning.summary import BASELINE, plan_of
-from autotune.strategy import Knob, Prior, PriorFacts
 
 
 def ensure_first_trials(

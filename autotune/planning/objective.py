@@ -20,13 +20,13 @@ from typing import Any
 import optuna
 
 from autotune.apply import check_processes, check_settings
+from autotune.contract.strategy import Knob
 from autotune.errors import UserError
 from autotune.plan import Plan
 from autotune.planning.space import MEMORY_HEADROOM, SearchSpace, predict, suggest_plan
 from autotune.planning.summary import measured_before, memory_correction, shortest_like
 from autotune.runtime import trial as trialmod
 from autotune.runtime.trial import TrialBudget, TrialResult, run_trial
-from autotune.strategy import Knob
 
 # No trial is pruned on its predicted step time: a wrong prune removes a configuration for
 # good (the sampler rarely draws the same one again), while a slow trial costs its warm-up and

@@ -15,13 +15,13 @@ import optuna
 
 from autotune import catalog, costmodel, devices
 from autotune import plan as planmod
+from autotune.contract.mesh import data_parallel, mesh_shape
+from autotune.contract.strategy import Facts, Knob, SearchFacts, Strategy
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph
 from autotune.limits import usable_cores
-from autotune.mesh import data_parallel, mesh_shape
 from autotune.plan import LaunchSpec, Plan, StrategySpec, TrainSpec
 from autotune.planning.settings import PlanSettings
-from autotune.strategy import Facts, Knob, SearchFacts, Strategy
 from autotune.workloads import Workload
 
 MICRO_BATCHES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)

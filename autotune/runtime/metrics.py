@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from autotune import devices
+from autotune.contract.mesh import mesh_shape
 from autotune.errors import UserError
-from autotune.mesh import mesh_shape
 from autotune.plan import Plan
 from autotune.workloads import load_workload
 

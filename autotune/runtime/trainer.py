@@ -2,7 +2,7 @@
 
 ``Trainer`` builds everything a plan describes (workload, strategies through the one
 ordering function, the step engine with its optimizer, the loader) and runs optimizer steps
-through the engine alone (``autotune.engine``: the default loop, a pipeline schedule or
+through the engine alone (``autotune.contract.engine``: the default loop, a pipeline schedule or
 DeepSpeed's). ``run`` adds what a full run needs: a JSONL log, validation, atomic
 checkpoints, resume and a progress bar.
 
@@ -40,10 +40,10 @@ import torch
 from autotune import data as datamod
 from autotune import devices, distributed
 from autotune.apply import apply_strategies
-from autotune.context import TrainContext
-from autotune.engine import LoopEngine, StepEngine
+from autotune.contract.context import TrainContext
+from autotune.contract.engine import LoopEngine, StepEngine
+from autotune.contract.mesh import ParallelDims, build_mesh, mesh_shape
 from autotune.errors import UserError
-from autotune.mesh import ParallelDims, build_mesh, mesh_shape
 from autotune.plan import Plan, TrainSpec
 from autotune.runtime.checkpoint import (
     CHECKPOINT_FORMAT,

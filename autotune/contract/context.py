@@ -2,7 +2,7 @@
 
 Strategies never reach into the training loop; they change this context (wrap the model,
 set the autocast dtype, the accumulation count, optimizer options), and the step engine that
-``autotune.runtime.trainer`` trains through (``autotune.engine``) reads it. Fields default to the plain
+``autotune.runtime.trainer`` trains through (``autotune.contract.engine``) reads it. Fields default to the plain
 baseline. A strategy that owns backward and the optimizer step (DeepSpeed's ZeRO; a pipeline
 schedule) sets ``engine``, the builder of its own step engine.
 """
@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from autotune import devices, schema
+from autotune.contract.mesh import ParallelDims
+from autotune.contract.strategy import Facts, Strategy, unmet_needs
 from autotune.errors import UserError
-from autotune.mesh import ParallelDims
-from autotune.strategy import Facts, Strategy, unmet_needs
 from autotune.workloads import Workload
 
 if TYPE_CHECKING:
-    from autotune.engine import StepEngine
+    from autotune.contract.engine import StepEngine
     from autotune.plan import TrainSpec
 
 MicroBatch = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -58,9 +58,9 @@ class TrainContext:
     world_size: int = 1
     """Data-parallel size: groups that train on different parts of the global batch."""
     dims: ParallelDims = field(default_factory=ParallelDims)
-    """The run's dp × tp × pp factorisation (autotune.mesh); dims.dp is ``world_size``."""
+    """The run's dp × tp × pp factorisation (autotune.contract.mesh); dims.dp is ``world_size``."""
     mesh: Any = None
-    """The DeviceMesh of ``dims`` (None for one process); ``autotune.mesh.sub_mesh(mesh,
+    """The DeviceMesh of ``dims`` (None for one process); ``autotune.contract.mesh.sub_mesh(mesh,
     "dp")`` is the data-parallel sub-mesh that ddp / fsdp2 take next to tensor parallel."""
     compile_options: dict[str, Any] | None = None
     """torch.compile's keyword arguments when the whole forward was compiled: a wrapper
@@ -83,7 +83,7 @@ class TrainContext:
     engine: Callable[[TrainContext], StepEngine] | None = None
     """A strategy that owns forward, backward and the optimizer step (a pipeline schedule,
     DeepSpeed) sets the builder of its step engine, which the Trainer calls once every strategy
-    is applied; None: the default loop (``autotune.engine.LoopEngine``)."""
+    is applied; None: the default loop (``autotune.contract.engine.LoopEngine``)."""
     notes: list[str] = field(default_factory=list)
     """What the strategies did, for the run log."""
     metrics: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)

@@ -19,7 +19,7 @@ import torch
 from autotune import devices, distributed
 
 if TYPE_CHECKING:
-    from autotune.context import MicroBatch, TrainContext
+    from autotune.contract.context import MicroBatch, TrainContext
     from autotune.plan import TrainSpec
 
 

@@ -19,12 +19,12 @@ from autotune import schema
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
-    from autotune.context import TrainContext
-    from autotune.mesh import ParallelDims
+    from autotune.contract.context import TrainContext
+    from autotune.contract.mesh import ParallelDims
     from autotune.plan import Plan
 
 MeshDim = Literal["dp", "tp", "pp", "ep"]
-"""A dimension of the device mesh (autotune.mesh): data, tensor or pipeline parallel."""
+"""A dimension of the device mesh (autotune.contract.mesh): data, tensor or pipeline parallel."""
 
 Part = Literal[
     "embedding", "head", "mlp", "linears", "norms", "loss", "attention", "blocks", "placement", "stages", "accumulation"
@@ -214,7 +214,7 @@ class Strategy:
     mesh_dim: MeshDim | None = None
     """The mesh dimension this strategy splits the run over (None: it runs in every process
     alike). A run of several processes needs one such strategy; tp and pp take their size
-    from the config, dp takes the processes left over (autotune.mesh.mesh_shape)."""
+    from the config, dp takes the processes left over (autotune.contract.mesh.mesh_shape)."""
     degree_knobs: tuple[str, ...] = ("degree",)
     """For a tp or pp strategy: the config field holding its degree, then any field a search
     layout must set to the degree too for the layout to be legal (a pipeline's microbatches)."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
-    from autotune.strategy import Strategy
+    from autotune.contract.strategy import Strategy
 
 
 def _catalog(strategies: Mapping[str, Strategy] | None) -> Mapping[str, Strategy]:
