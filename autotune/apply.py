@@ -2,69 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from autotune import catalog
 from autotune.contract.mesh import mesh_shape
+from autotune.contract.order import application_order
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
     from autotune.contract.context import TrainContext
 
-# The order of application, one rule a line. A strategy missing from a plan is skipped.
-ORDER = (
-    # TPU first: it decides the device every later strategy places things on.
-    "tpu",
-    # precision next: it sets autocast and TF32, which everything traced later must see.
-    "precision",
-    # vocab padding replaces the embedding and head before any wrapper holds a reference.
-    "vocab_padding",
-    # module swaps that change the model's maths come before anything that shards or wraps:
-    # experts replace MLPs, sparse attention replaces the attention pattern,
-    "moe",
-    "sparse_attention",
-    # the attention backend is chosen on the final attention modules,
-    "attention",
-    # low-precision training swaps nn.Linear (torchtitan converts float8 before TP/FSDP),
-    "int8",
-    "fp8",
-    # fused Triton kernels replace norms and the loss on the final module tree.
-    "triton_kernels",
-    # tensor parallel shards the swapped linears; pipeline parallel splits the blocks.
-    "tensor_parallel",
-    "pipeline_parallel",
-    # activation checkpointing wraps each (sharded) block,
-    "activation_checkpoint",
-    # compile per block after AC wrapping and before FSDP (torchtitan's order),
-    "compile",
-    # data-parallel wrappers last: they hold the final parameters.
-    "ddp",
-    "fsdp2",
-    # loop, optimizer and loader settings touch no module; their place does not matter,
-    "grad_accum",
-    "optimizer",
-    "dataloader",
-    "cpu_threads",
-    # but for zero's: DeepSpeed's engine is built from the accumulation count, so it comes last.
-    "zero",
-)
+
+@functools.cache
+def order() -> tuple[str, ...]:
+    """The catalog's strategies in the order they are applied: by phase, then by what they read
+    and change (``autotune.contract.order``). A strategy missing from a plan is skipped."""
+    return application_order(catalog.catalog())
 
 
 def distributing() -> tuple[str, ...]:
     """Strategies that split the work over processes (each declares its ``mesh_dim``), in
-    ORDER; a run of several processes needs one, or each process would train a model of its own."""
+    :func:`order`; a run of several processes needs one, or each process would train a model of its own."""
     strategies = catalog.catalog()
-    return tuple(name for name in ORDER if name in strategies and strategies[name].mesh_dim is not None)
+    return tuple(name for name in order() if strategies[name].mesh_dim is not None)
 
 
 def apply_strategies(ctx: TrainContext, chosen: dict[str, Any]) -> None:
-    """Apply ``chosen`` (strategy name -> typed config) to ``ctx`` in ORDER."""
-    unordered = set(chosen) - set(ORDER)
+    """Apply ``chosen`` (strategy name -> typed config) to ``ctx`` in :func:`order`."""
+    unordered = set(chosen) - set(order())
     if unordered:
         raise UserError(f"strategy {sorted(unordered)[0]} has no place in the order of application")
     check_processes(ctx.processes, chosen, workload=ctx.workload)
     check_settings(chosen, workload=ctx.workload)
-    for name in ORDER:
+    for name in order():
         if name not in chosen:
             continue
         strategy = catalog.get(name)

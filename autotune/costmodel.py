@@ -494,10 +494,11 @@ def step_times(
 def strategy_terms(configs: dict[str, Any]) -> list[tuple[str, CostTerm]]:
     """The cost terms of the chosen strategies (each declares its ``Strategy.cost``), in apply order."""
     from autotune import catalog
-    from autotune.apply import ORDER
+    from autotune.apply import order
 
+    applied = order()
     out = []
-    for name in sorted(configs, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER)):
+    for name in sorted(configs, key=lambda n: applied.index(n) if n in applied else len(applied)):
         try:
             term = catalog.get(name).cost
         except UserError:  # a name the catalog does not know has no term

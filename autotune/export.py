@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from autotune import catalog
-from autotune.apply import ORDER
+from autotune.apply import order
 from autotune.contract.strategy import NOTHING_TO_SET, ExportTarget
 from autotune.errors import UserError
 from autotune.plan import Plan, host_port
@@ -102,10 +102,10 @@ _STATED_IN: dict[ExportTarget, str] = {"accelerate": "an Accelerate config", "de
 
 def settings(plan: Plan, plan_path: Path, target: ExportTarget) -> dict[str, Any]:
     """What the plan's strategies set in ``target``'s config: each one's export, merged in
-    apply.ORDER; UserError naming the first strategy that ``target`` cannot express."""
+    apply.order(); UserError naming the first strategy that ``target`` cannot express."""
     configs, strategies = plan.strategy_configs(), catalog.catalog()
     merged: dict[str, Any] = {}
-    for name in sorted(configs, key=ORDER.index):
+    for name in sorted(configs, key=order().index):
         how = strategies[name].exports.get(target)
         if how is None:
             raise UserError(

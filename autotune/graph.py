@@ -7,9 +7,10 @@ declaration "u requires v", "u conflicts with v" (stored both ways: conflicts ar
 symmetric whichever side declares them), and "u is applied after v". The declarations are
 checked when the graph is built (:func:`validate_catalog`); the machine and the workload
 (:class:`autotune.contract.strategy.Facts`) then decide what is usable. The order of application is
-``autotune.apply.ORDER``, the one source the executor follows; the ``after`` edges are derived
-from it (:func:`after_edges`): u is applied after v when ORDER puts v first and u reads a
-part of the model that v changes (``Strategy.reads`` / ``Strategy.changes``).
+``autotune.contract.order.application_order`` (each strategy's phase, then reads/changes), the
+one the executor follows (``autotune.apply.order``); the ``after`` edges are derived from it
+(:func:`after_edges`): u is applied after v when the order puts v first and u reads a part of
+the model that v changes (``Strategy.reads`` / ``Strategy.changes``).
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ from typing import Any
 
 import networkx as nx
 
-from autotune.apply import ORDER
+from autotune.apply import order as catalog_order
 from autotune.catalog import catalog
+from autotune.contract.order import OrderError, application_order
 from autotune.contract.strategy import PARTS, Facts, Strategy, unmet_needs
 from autotune.errors import UserError
 
 RELATIONS = ("requires", "conflicts", "after")
 DECLARED = ("requires", "conflicts")
-"""The relations each strategy declares by name; "after" is derived from ORDER."""
+"""The relations each strategy declares by name; "after" is derived from the order of application."""
 APPROXIMATE = "approximate: changes what is learned; pass --allow-approximate"
 
 
@@ -37,19 +39,32 @@ class CatalogError(RuntimeError):
     """The strategy declarations contradict each other or the order of application."""
 
 
-def validate_catalog(strategies: Mapping[str, Strategy], order: Sequence[str]) -> nx.MultiDiGraph:
-    """The relation graph of ``strategies``, checked against itself and against ``order``.
+def validate_catalog(strategies: Mapping[str, Strategy], order: Sequence[str] | None = None) -> nx.MultiDiGraph:
+    """The relation graph of ``strategies``, checked against itself and against ``order``
+    (default: their phases' order, ``autotune.contract.order.application_order``).
 
     Raises CatalogError for a relation naming an unknown strategy or the strategy itself, a
     part (``reads`` / ``changes``) that is not one of ``autotune.contract.strategy.PARTS``, a strategy
-    without a place in ``order``, and a strategy whose requirements (followed transitively)
-    include two that conflict, itself among them. The ``after`` edges come from ``order``.
+    without a place in ``order``, phases that contradict reads/changes, and a strategy whose
+    requirements (followed transitively) include two that conflict, itself among them. The
+    ``after`` edges come from ``order``.
     """
     graph = _relations(strategies)
+    if order is None:
+        order = phase_order(strategies)
     _check_order(graph, order)
     graph.add_edges_from((later, earlier, "after") for later, earlier in after_edges(strategies, order))
     _check_requirements(graph)
     return graph
+
+
+def phase_order(strategies: Mapping[str, Strategy]) -> tuple[str, ...]:
+    """``strategies`` in their phases' order of application; CatalogError where the phases
+    contradict what they read and change."""
+    try:
+        return application_order(strategies)
+    except OrderError as e:
+        raise CatalogError(str(e)) from None
 
 
 def after_edges(strategies: Mapping[str, Strategy], order: Sequence[str]) -> list[tuple[str, str]]:
@@ -95,7 +110,7 @@ def _edges(graph: nx.MultiDiGraph, relation: str) -> nx.DiGraph:
 def _check_order(graph: nx.MultiDiGraph, order: Sequence[str]) -> None:
     missing = sorted(set(graph) - set(order))
     if missing:
-        raise CatalogError(f"strategy {missing[0]} has no place in the order of application (autotune.apply.ORDER)")
+        raise CatalogError(f"strategy {missing[0]} has no place in the order of application")
 
 
 def _check_requirements(graph: nx.MultiDiGraph) -> None:
@@ -122,7 +137,7 @@ def _check_relations(chosen: Sequence[str], requires: nx.DiGraph, conflicts: nx.
 
 @functools.cache
 def _catalog_relations() -> tuple[nx.DiGraph, nx.DiGraph]:
-    graph = validate_catalog(catalog(), ORDER)
+    graph = validate_catalog(catalog(), catalog_order())
     return _edges(graph, "requires"), _edges(graph, "conflicts")
 
 
@@ -132,7 +147,7 @@ def check_combination(names: Iterable[str]) -> None:
     the hardware needs is judged where the strategies are applied (a plan made for CUDA
     stays readable on a CPU machine)."""
     strategies = catalog()
-    chosen = [name for name in ORDER if name in set(names)]
+    chosen = [name for name in catalog_order() if name in set(names)]
     for name in sorted(set(names) - set(strategies)):
         raise UserError(f"unknown strategy {name!r} (known: {', '.join(sorted(strategies))})")
     for name in chosen:
@@ -152,9 +167,9 @@ class StrategyGraph:
         strategies: Mapping[str, Strategy] | None = None,
         order: Sequence[str] | None = None,
     ) -> None:
-        """``strategies`` and ``order`` default to the catalog and ``autotune.apply.ORDER``."""
+        """``strategies`` default to the catalog, ``order`` to their phases' (``autotune.apply.order``)."""
         strategies = catalog() if strategies is None else strategies
-        order = ORDER if order is None else order
+        order = phase_order(strategies) if order is None else order
         self.facts = facts
         self.allow_approximate = allow_approximate
         self.strategies = dict(strategies)
@@ -243,7 +258,7 @@ class StrategyGraph:
         return True
 
     def order(self, names: Iterable[str]) -> list[str]:
-        """``names`` in the order of application (``autotune.apply.ORDER``); unknown names are a UserError."""
+        """``names`` in the order of application (``autotune.apply.order``); unknown names are a UserError."""
         chosen = self._known(names)
         return [name for name in self.application_order if name in chosen]
 

@@ -65,6 +65,7 @@ def activation_checkpoint_cost(cfg: ActivationCheckpointConfig, terms: Any) -> N
 
 STRATEGY = Strategy(
     name="activation_checkpoint",
+    phase="wrap_block",
     summary="recompute block activations in the backward pass (all blocks or every n-th)",
     exact=True,
     config=ActivationCheckpointConfig,

@@ -209,6 +209,7 @@ def attention_prior(facts: PriorFacts) -> Prior | None:
 
 STRATEGY = Strategy(
     name="attention",
+    phase="kernels",
     summary="attention kernel: naive, SDPA math / efficient / flash / cuDNN, FlashAttention-3 / 4",
     exact=True,
     config=AttentionConfig,

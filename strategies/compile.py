@@ -121,6 +121,7 @@ def compile_prior(facts: PriorFacts) -> Prior:
 
 STRATEGY = Strategy(
     name="compile",
+    phase="compile",
     summary="torch.compile (inductor), whole model or per block, optional CUDA graphs",
     exact=True,
     config=CompileConfig,

@@ -51,6 +51,7 @@ def cpu_threads_prior(facts: PriorFacts) -> Prior | None:
 
 STRATEGY = Strategy(
     name="cpu_threads",
+    phase="loop",
     summary="intra-op threads of each CPU process (torch.set_num_threads)",
     exact=True,
     config=CpuThreadsConfig,

@@ -41,6 +41,7 @@ def apply_dataloader(ctx: TrainContext, cfg: DataloaderConfig) -> None:
 
 STRATEGY = Strategy(
     name="dataloader",
+    phase="loop",
     summary="loader settings: pinned host memory, prefetch depth",
     exact=True,
     config=DataloaderConfig,

@@ -86,6 +86,7 @@ def ddp_prior(facts: PriorFacts) -> Prior:
 
 STRATEGY = Strategy(
     name="ddp",
+    phase="wrap_model",
     summary="data parallel: a replica per process, bucketed gradient all-reduce (torch DDP)",
     exact=True,
     config=DdpConfig,

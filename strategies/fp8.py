@@ -14,7 +14,8 @@ capability 8.9+: Ada, Hopper) and under ``compile``, which fuses the casts. Off 
 torchao's emulation (the same float8 rounding, matmuls in high precision): for tests, never a
 speed-up, so the planner leaves it out of CPU searches.
 Excludes int8 (one low-precision format per linear). Applied before tensor parallel and
-FSDP2 wrap the converted linears (apply.ORDER), as torchtitan does.
+FSDP2 wrap the converted linears (phase "kernels", before "shard" and "wrap_model"), as
+torchtitan does.
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ def fp8_prior(facts: PriorFacts) -> Prior | None:
 
 STRATEGY = Strategy(
     name="fp8",
+    phase="kernels",
     summary="float8 matmuls with tensor- or row-wise scales in the linears (approximate)",
     exact=False,
     config=Fp8Config,

@@ -104,6 +104,7 @@ def fsdp2_cost(cfg: Fsdp2Config, terms: Any) -> None:
 
 STRATEGY = Strategy(
     name="fsdp2",
+    phase="wrap_model",
     summary="fully sharded data parallel per block (FSDP2 fully_shard), bf16 or fp32 gathers",
     exact=True,
     config=Fsdp2Config,

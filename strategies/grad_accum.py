@@ -37,6 +37,7 @@ def grad_accum_cost(cfg: GradAccumConfig, terms: Any) -> None:
 
 STRATEGY = Strategy(
     name="grad_accum",
+    phase="loop",
     summary="gradient accumulation over several micro-batches",
     exact=True,
     config=GradAccumConfig,

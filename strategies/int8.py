@@ -74,6 +74,7 @@ def apply_int8(ctx: TrainContext, cfg: Int8Config) -> None:
 
 STRATEGY = Strategy(
     name="int8",
+    phase="kernels",
     summary="int8 matmuls with row-wise scales in the linears (approximate)",
     exact=False,
     config=Int8Config,

@@ -199,6 +199,7 @@ def __getattr__(name: str) -> Any:
 
 STRATEGY = Strategy(
     name="moe",
+    phase="swap",
     summary="mixture of experts: routed expert MLPs in every n-th block (approximate)",
     exact=False,
     config=MoeConfig,

@@ -57,6 +57,7 @@ def optimizer_prior(facts: PriorFacts) -> Prior | None:
 
 STRATEGY = Strategy(
     name="optimizer",
+    phase="loop",
     summary="AdamW implementation: fused, foreach or for-loop",
     exact=True,
     config=OptimizerConfig,

@@ -143,6 +143,7 @@ def pipeline_parallel_cost(cfg: Any, terms: Any) -> None:
 
 STRATEGY = Strategy(
     name="pipeline_parallel",
+    phase="shard",
     summary="cut the blocks into stages over processes, micro-batches on a GPipe or 1F1B schedule",
     exact=True,
     config=PipelineParallelConfig,

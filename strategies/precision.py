@@ -94,6 +94,7 @@ def search_knobs(device: str, cpuinfo: str = "/proc/cpuinfo") -> tuple[Knob, ...
 
 STRATEGY = Strategy(
     name="precision",
+    phase="precision",
     summary="mixed precision (bf16 / fp16 + loss scaling) and TF32 matmuls",
     exact=True,
     config=PrecisionConfig,

@@ -152,6 +152,7 @@ def sparse_attention_prior(facts: PriorFacts) -> Prior | None:
 
 STRATEGY = Strategy(
     name="sparse_attention",
+    phase="swap",
     summary="sliding-window attention with global tokens (approximate)",
     exact=False,
     config=SparseAttentionConfig,

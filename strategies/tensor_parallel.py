@@ -117,6 +117,7 @@ def tensor_parallel_cost(cfg: Any, terms: Any) -> None:
 
 STRATEGY = Strategy(
     name="tensor_parallel",
+    phase="shard",
     summary="split heads and MLP width of each block over processes (Megatron TP, sequence parallel)",
     exact=True,
     config=TensorParallelConfig,

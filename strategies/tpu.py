@@ -27,6 +27,7 @@ class TpuConfig:
 
 STRATEGY = Strategy(
     name="tpu",
+    phase="device",
     summary="train on a TPU through torch_xla (XLA-compiled steps)",
     exact=True,
     config=TpuConfig,

@@ -181,6 +181,7 @@ def triton_kernels_prior(facts: PriorFacts) -> Prior | None:
 
 STRATEGY = Strategy(
     name="triton_kernels",
+    phase="kernels",
     summary="fused head + cross-entropy: our Triton kernel, Liger or CCE, raced against compile",
     exact=True,
     config=TritonKernelsConfig,

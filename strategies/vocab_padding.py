@@ -90,6 +90,7 @@ def search_knobs(vocab_size: int | None) -> tuple[Knob, ...] | str:
 
 STRATEGY = Strategy(
     name="vocab_padding",
+    phase="swap",
     summary="pad the embedding and head rows to a multiple of 64/128 (padded logits dropped)",
     exact=True,
     config=VocabPaddingConfig,

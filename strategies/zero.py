@@ -197,6 +197,7 @@ def zero_cost(cfg: Any, terms: Any) -> None:
 
 STRATEGY = Strategy(
     name="zero",
+    phase="loop",
     summary="ZeRO stage 1/2/3 sharding through DeepSpeed's engine, optional CPU offload",
     exact=True,
     config=ZeroConfig,

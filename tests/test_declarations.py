@@ -1,4 +1,4 @@
-"""Strategies declare their own effects: the order's "after" edges come from ORDER and the
+"""Strategies declare their own effects: the order's "after" edges come from the order and the
 parts each strategy reads and changes, the mesh's dims from each strategy's ``mesh_dim``, so a
 new strategy is its module and its test, with no edit to the core's lists of names."""
 
@@ -12,13 +12,16 @@ from typing import Any
 import pytest
 
 from autotune import apply
-from autotune.apply import ORDER
+from autotune.apply import order
 from autotune.catalog import catalog
 from autotune.contract.mesh import ParallelDims, data_parallel, mesh_shape, setting
 from autotune.contract.strategy import PARTS, Facts, Knob, Needs, Strategy, declared_modules
 from autotune.errors import UserError
 from autotune.graph import StrategyGraph, after_edges
 from autotune.workloads import GPT_STRUCTURE, load_workload
+
+ORDER = order()
+"""The catalog's order of application (by phase, then reads/changes)."""
 
 CPU = Facts(structure=GPT_STRUCTURE)
 
@@ -58,6 +61,7 @@ class SplitConfig:
 
 def made_up(name: str, **fields: Any) -> Strategy:
     fields.setdefault("config", NoKnobs)
+    fields.setdefault("phase", "loop")
     return Strategy(name=name, summary=name, exact=True, apply=_noop, **fields)
 
 
@@ -90,7 +94,7 @@ def test_every_declared_part_is_known() -> None:
 
 @pytest.mark.parametrize(("order", "edges"), [("ab", [("b", "a")]), ("ba", [])])
 def test_which_comes_first_is_orders_alone(order: str, edges: list[tuple[str, str]]) -> None:
-    # a swaps the MLPs, b needs them final: b is after a when ORDER applies a first; applied
+    # a swaps the MLPs, b needs them final: b is after a when the order applies a first; applied
     # the other way round, b does not read what a changes, so their order does not matter.
     strategies = {"a": made_up("a", changes=frozenset({"mlp"})), "b": made_up("b", reads=frozenset({"mlp"}))}
     assert after_edges(strategies, tuple(order)) == edges

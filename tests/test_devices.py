@@ -85,7 +85,9 @@ def test_a_do_nothing_device_is_its_module(null_device: devices.Device) -> None:
     assert null_device.accelerator and devices.names()[-1] == "cpu" and "null" in devices.names()
     assert not null_device.is_available() and devices.detect() is not null_device
     # Strategies' needs name capabilities, so the messages follow the kinds that have them.
-    fp16 = Strategy(name="x", summary="", exact=True, config=object, apply=None, needs=Needs(features={"fp16"}))
+    fp16 = Strategy(
+        name="x", summary="", exact=True, config=object, apply=None, phase="loop", needs=Needs(features={"fp16"})
+    )
     graphs = dataclasses.replace(fp16, needs=Needs(features=frozenset({"graphs"})))
     anything = dataclasses.replace(fp16, needs=Needs(accelerator=True))
     assert unmet_needs(fp16, Facts()) == ["needs CUDA, none found"]
@@ -184,7 +186,7 @@ def test_cuda_reads_a_profile_and_words_what_it_lacks() -> None:
 
 
 def test_needs_are_capabilities_and_the_reasons_name_the_kind() -> None:
-    strategy = Strategy(name="x", summary="", exact=True, config=object, apply=None)
+    strategy = Strategy(name="x", summary="", exact=True, config=object, apply=None, phase="loop")
     t4 = Facts(device="cuda", accelerators=1, compute_capability=(7, 5), gpu_name="Tesla T4")
     h100 = dataclasses.replace(t4, compute_capability=(9, 0), gpu_name="H100")
 

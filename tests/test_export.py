@@ -276,7 +276,7 @@ def test_the_strategies_exports_make_the_accelerate_configs_made_before_they_dec
     tmp_path, strategies, launch, expected
 ):
     """The configs as export.py wrote them when it named each strategy itself, byte for byte: the
-    strategies' fragments merged in apply.ORDER (fp8's mixed precision over the precision's, the
+    strategies' fragments merged in apply.order() (fp8's mixed precision over the precision's, the
     plugin last) and nothing of those that declare nothing to set."""
     from autotune import export
     from autotune import plan as planmod

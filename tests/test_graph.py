@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 
 from autotune import hardware
-from autotune.apply import ORDER
+from autotune.apply import order
 from autotune.catalog import catalog
 from autotune.contract.strategy import Facts, Needs, Strategy, unmet_needs
 from autotune.errors import UserError
 from autotune.graph import APPROXIMATE, CatalogError, StrategyGraph, validate_catalog
 from autotune.workloads import GPT_STRUCTURE, load_workload
+
+ORDER = order()
+"""The catalog's order of application (by phase, then reads/changes)."""
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +66,7 @@ def made_up(name: str, **relations: Any) -> Strategy:
     fields = {
         k: frozenset(v) if k in ("requires", "conflicts", "reads", "changes") else v for k, v in relations.items()
     }
+    fields.setdefault("phase", "loop")
     return Strategy(name=name, summary=name, exact=True, config=NoKnobs, apply=_noop, **fields)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from autotune import schema
+from autotune.contract.order import Phase
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
@@ -195,6 +196,9 @@ class Strategy:
     """Dataclass of the knobs; its defaults are the strategy's default settings."""
     apply: Callable[[TrainContext, Any], None] | None
     """Applies the strategy to the training context; None while not yet implemented."""
+    phase: Phase
+    """When it is applied (``autotune.contract.order``): phases run in their order, and within
+    one, a strategy comes after those that change a part it ``reads``."""
     needs: Needs = Needs()
     """Hardware and workload requirements."""
     requires: frozenset[str] = frozenset()
@@ -205,11 +209,11 @@ class Strategy:
     """Parts this strategy replaces, wraps or re-places (vocab padding: embedding and head)."""
     reads: frozenset[Part] = frozenset()
     """Parts this strategy needs in their final form: it is applied after every strategy that
-    changes one of them, and which comes first is ``autotune.apply.ORDER``'s (the graph's
-    "after" edges are derived from these two declarations and that order)."""
+    changes one of them, in its own phase or an earlier one (``autotune.contract.order``; the
+    graph's "after" edges are derived from these two declarations and that order)."""
     takes_model: bool = False
     """Takes the model module itself (to cut it into stages, shard it, hand it to an engine),
-    not its forward: a whole-model compile cannot run with it, whichever ORDER applies first
+    not its forward: a whole-model compile cannot run with it, whichever is applied first
     (compile's ``check_with`` reads this)."""
     mesh_dim: MeshDim | None = None
     """The mesh dimension this strategy splits the run over (None: it runs in every process
