@@ -1,4 +1,5 @@
-"""The one function that owns the order in which strategies are applied."""
+"""Applies the chosen strategies in the order of their phases (``autotune.contract.order``), and
+checks a plan before anything starts."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def application_order(strategies: Mapping[str, Strategy]) -> tuple[str, ...]:
     strategy of the phase that changes a part they read, then as ``TIES`` lists them, then by
     name. OrderError for an unknown phase, a strategy that reads a part a later phase changes,
     or strategies of one phase each reading what the other changes."""
-    by_phase: dict[str, list[str]] = {phase: [] for phase in PHASES}
+    by_phase: dict[Phase, list[str]] = {phase: [] for phase in PHASES}
     for name, strategy in strategies.items():
         if strategy.phase not in by_phase:
             raise OrderError(f"strategy {name}: unknown phase {strategy.phase!r} (phases: {', '.join(PHASES)})")
@@ -87,10 +87,10 @@ def _check_later_phases(strategies: Mapping[str, Strategy]) -> None:
                 )
 
 
-def _within(phase: str, names: list[str], strategies: Mapping[str, Strategy]) -> list[str]:
+def _within(phase: Phase, names: list[str], strategies: Mapping[str, Strategy]) -> list[str]:
     """``names`` (one phase's) ordered by reads/changes, ties by ``TIES`` then by name (Kahn's
     algorithm, always taking the first of those ready by that key)."""
-    listed = TIES.get(phase, ())  # type: ignore[call-overload]
+    listed = TIES.get(phase, ())
 
     def key(name: str) -> tuple[int, str]:
         return (listed.index(name) if name in listed else len(listed), name)
