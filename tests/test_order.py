@@ -41,7 +41,12 @@ BEFORE_PHASES = (
 
 
 def test_the_phases_give_the_order_before_phases():
-    assert order() == BEFORE_PHASES == application_order(catalog())
+    """For the strategies there were then: a strategy added since takes its place by its phase,
+    and this list is not edited for it."""
+    then = set(BEFORE_PHASES)
+    assert tuple(n for n in order() if n in then) == BEFORE_PHASES
+    assert tuple(n for n in application_order(catalog()) if n in then) == BEFORE_PHASES
+    assert then <= set(order())
 
 
 def test_every_pair_and_legal_set_keeps_its_order():
@@ -49,7 +54,7 @@ def test_every_pair_and_legal_set_keeps_its_order():
     for pair in itertools.permutations(BEFORE_PHASES, 2):
         assert graph.order(pair) == [n for n in BEFORE_PHASES if n in pair]
     for names in graph.legal_sets():
-        assert list(names) == [n for n in BEFORE_PHASES if n in names]
+        assert [n for n in names if n in BEFORE_PHASES] == [n for n in BEFORE_PHASES if n in names]
 
 
 def test_every_strategy_declares_a_phase_and_ties_name_their_own():
