@@ -316,7 +316,7 @@ def test_how_each_strategy_exports_is_declared_by_it() -> None:
         for name, s in catalog().items()
     }
     both_nothing = {"accelerate": "nothing", "deepspeed": "nothing"}
-    assert declared == {
+    expected = {
         "precision": {"accelerate": "sets", "deepspeed": "nothing"},  # DeepSpeed's own bf16 is off: the loop's autocast
         "fp8": {"accelerate": "sets"},
         "compile": {"accelerate": "sets", "deepspeed": "nothing"},
@@ -329,6 +329,8 @@ def test_how_each_strategy_exports_is_declared_by_it() -> None:
         "vocab_padding": both_nothing,
         **dict.fromkeys(("int8", "moe", "sparse_attention", "tensor_parallel", "pipeline_parallel", "tpu"), {}),
     }  # fmt: skip
+    # The strategies there were when this was written; one added since declares its own (its test says how).
+    assert set(expected) <= set(declared) and {name: declared[name] for name in expected} == expected
 
 
 def test_an_export_to_an_unknown_target_or_an_approximate_strategy_left_out_is_refused_at_catalog_load() -> None:
