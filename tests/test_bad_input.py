@@ -211,7 +211,12 @@ def test_every_value_the_search_can_pick_is_legal():
 
 
 @pytest.mark.parametrize(
-    "path", sorted(p for p in DEFAULT_PLAN.parents[2].glob("**/*.plan.json") if ".venv" not in p.parts)
+    "path",
+    sorted(
+        p
+        for p in DEFAULT_PLAN.parents[2].glob("**/*.plan.json")
+        if not any(part.startswith(".") for part in p.relative_to(DEFAULT_PLAN.parents[2]).parts)
+    ),
 )
 def test_committed_plans_pass_the_plan_check(path):
     from autotune.apply import check_plan

@@ -17,7 +17,8 @@ from tests.conftest import ROOT
 CPU_PLANS = sorted(
     p
     for p in ROOT.glob("**/*.plan.json")
-    if ".venv" not in p.parts and json.loads(p.read_text())["launch"]["device"] == "cpu"
+    if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
+    and json.loads(p.read_text())["launch"]["device"] == "cpu"
 )
 
 

@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PLANS = sorted(str(p) for p in ROOT.glob("**/*.plan.json") if ".venv" not in p.parts)
+PLANS = sorted(
+    str(p) for p in ROOT.glob("**/*.plan.json") if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
+)
 SHOWN = ROOT / "profiles" / "h200-phase8-small.plan.json"
 EXECUTOR = (
     "torch",
