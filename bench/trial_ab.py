@@ -8,7 +8,8 @@ lands on all of them alike; the figure of a variant is its median over the round
 
 A variant is NAME=[CHANGE[,...]], each CHANGE STRATEGY.KNOB=VALUE (VALUE read as JSON when
 it parses, else a string; train.FIELD=VALUE for the train section) or -STRATEGY (without
-it); no change is the plan itself. The first variant is the reference.
+it); no change is the plan itself; NAME=@OTHER.plan.json is another plan file as it stands.
+The first variant is the reference.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from autotune.runtime.trial import TrialBudget, run_trial  # noqa: E402
 
 def variant(base: dict, spec: str) -> tuple[str, dict]:
     name, _, changes = spec.partition("=")
+    if changes.startswith("@"):  # NAME=@PLAN: another plan file as it stands
+        return name, plain(json.loads(Path(changes[1:]).read_text()))
     data = copy.deepcopy(base)
     for change in filter(None, changes.split(",")):
         if change.startswith("-"):  # -STRATEGY: without it
@@ -48,6 +51,13 @@ def variant(base: dict, spec: str) -> tuple[str, dict]:
     return name, data
 
 
+def plain(data: dict) -> dict:
+    """A plan file without its measured figures: what a trial of it runs."""
+    for key in ("measured", "baseline", "loss_check", "provenance", "hardware"):
+        data.pop(key, None)
+    return data
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("plan", type=Path)
@@ -59,9 +69,7 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    base = json.loads(args.plan.read_text())
-    for key in ("measured", "baseline", "loss_check", "provenance", "hardware"):
-        base.pop(key, None)
+    base = plain(json.loads(args.plan.read_text()))
     variants = [variant(base, v) for v in args.variant]
     budget = TrialBudget(warmup_steps=5, timed_steps=args.steps, timeout_s=args.timeout)
     runs: dict[str, list[float]] = {name: [] for name, _ in variants}
