@@ -40,7 +40,7 @@ git log -1 --format='commit %H' 2>/dev/null || true
 
 # Issue 29: the variants every step of the trainer goes through (precision, attention, padding,
 # optimizer, checkpointing, accumulation, the loader, compile, the combination).
-ONLY='roadmap|^fp32, SDPA|^bf16 \+ SDPA|fp16|attention cudnn|vocab padding|AdamW foreach|every block|grad accum|pinned|^bf16 \+ compile$|combination, micro-batch 32'
+ONLY='^bf16 \+ SDPA|vocab padding|AdamW foreach|every block|grad accum|pinned|^bf16 \+ compile$|combination, micro-batch 32'
 for tree in base head head base; do
     (cd ".dev-$tree" && timeout 400 python3 bench/single_device.py --only "$ONLY" --out "$R/single_$tree.jsonl" \
         > "$R/single_$tree.log" 2>&1)
