@@ -12,10 +12,15 @@ DEFAULT_PLAN = ROOT / "profiles" / "default" / "tiny.plan.json"
 # Child processes started by tests import the checkout's autotune and the test fixtures.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 # The device locks of a test session stay under its cache, away from the machine-wide ones
-# (where another session's planner, or a user's, would refuse its trials).
-os.environ.setdefault(
+# (where another session's planner, or a user's, would refuse its trials). Under pytest-xdist
+# each worker has its own, as two planners on two machines would: a planner of one worker
+# never waits for, or refuses a trial because of, the other worker's.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+_LOCKS = os.environ.setdefault(
     "AUTOTUNE_LOCK_DIR", str(Path(os.environ.get("AUTOTUNE_CACHE") or Path.home() / ".cache" / "autotune") / "locks")
 )
+if WORKER and not _LOCKS.endswith("-" + WORKER):  # a worker inherits the controller's environment
+    os.environ["AUTOTUNE_LOCK_DIR"] = f"{_LOCKS}-{WORKER}"
 # Keep CPU tests single-threaded per process: CI has 2 cores and tests start children.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -56,3 +61,15 @@ def run_cli(capsys):
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n 2 --dist loadgroup`` (``make test``), the tests that share a fixture
+    built once per module (a planned study, a cluster, a built model) run on one worker, so that
+    it is built once; every other test goes to whichever worker is free."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        if any(d.scope in ("module", "package") for defs in info.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
