@@ -271,7 +271,7 @@ def expert_parallel(ctx: TrainContext, group: ExpertGroup) -> None:
     every expert of the group (``ctx.clip_grads``)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from autotune import distributed
+    from autotune.contract import grads
 
     dp, ep = ctx.world_size, group.size
     me = dist.get_rank()
@@ -292,8 +292,8 @@ def expert_parallel(ctx: TrainContext, group: ExpertGroup) -> None:
             layer._register_load_state_dict_pre_hook(_refuse_load)
 
     def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        dense = distributed.grad_norm(params, skip=expert_ids)
-        local = distributed.grad_norm([p for p in params if id(p) in expert_ids], group=group.group)
+        dense = grads.grad_norm(params, skip=expert_ids)
+        local = grads.grad_norm([p for p in params if id(p) in expert_ids], group=group.group)
         norm = (dense.float() ** 2 + local**2).sqrt()
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm, foreach=True)
         return norm
