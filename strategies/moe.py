@@ -123,7 +123,7 @@ def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
 
 
 def moe_cost(cfg: MoeConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): each converted block holds E copies of
+    """The cost model's term (``contract.cost.CostTerms``): each converted block holds E copies of
     its MLP's matrices and a d x E router, and a token runs through top_k of them and the
     router. Memory counts every expert a process holds (E / ep of them), FLOPs the active ones
     (6 per weight and token, PaLM); the capacity buffers' activations and the all-to-all are
