@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotune import devices
+from autotune.contract.order import ACCUMULATION
 from autotune.contract.strategy import NOTHING_TO_SET, Chosen, Knob, Needs, Prior, PriorFacts, Strategy
 from autotune.errors import UserError
 
@@ -72,7 +73,7 @@ def check_compile_with(chosen: Chosen) -> None:
     """Settings of other strategies that compile's settings cannot run with: a whole-model
     compile and a strategy that takes the model itself (``Strategy.takes_model``)."""
     cfg = chosen.get("compile")
-    accum = getattr(chosen.get("grad_accum"), "steps", 1)
+    accum = getattr(chosen.get(ACCUMULATION), "steps", 1)
     for name in chosen:
         if cfg is not None and cfg.scope == "model" and name != "compile" and chosen.declared[name].takes_model:
             raise UserError(
