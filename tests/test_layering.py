@@ -176,9 +176,6 @@ DEFERRED_CIRCLES = {
         | {f"autotune.cli.{c}" for c in ("compare", "data", "export", "plan", "profile", "report", "run", "show")}
         | {"autotune.cli.strategies", "autotune.cli.trials"}
     ),
-    # moe keeps torch out of its import (tests/test_moe.py): its implementation, which reads its
-    # config, is imported when it applies.
-    frozenset({"autotune.strategies.moe", "autotune.strategies._moe_impl"}),
 }
 """Circles closed only by imports inside functions (deferred to a call), each with its reason:
 the test fails on a new one and on one no longer there, so the list only shrinks. Circles of
