@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from autotune import devices
-from autotune.cli import ARGS, app, started
+from autotune.cli.app import ARGS, app, started
 from autotune.errors import UserError
 
 
