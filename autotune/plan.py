@@ -36,14 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from autotune import __version__, catalog, devices, schema
+from autotune.contract import order
 from autotune.errors import SchemaError, UserError
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-ACCUMULATION = "grad_accum"
-"""The strategy whose ``steps`` knob is the accumulation count. Named here, once, rather than
-declared: it is the global batch's split (micro-batch x accumulation x dp), which a plan's
-arithmetic and a search under a fixed global batch derive, not a strategy's own effect."""
+ACCUMULATION = order.ACCUMULATION
+"""The strategy whose ``steps`` knob is the accumulation count (``autotune.contract.order``
+names it, the one module that names strategies)."""
 
 
 @dataclass(kw_only=True, slots=True)

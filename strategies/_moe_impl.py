@@ -4,9 +4,10 @@ expert layer, its autograd functions and the conversion of a model's MLPs. Impor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -16,8 +17,15 @@ from torch import nn
 from autotune.contract.context import TrainContext
 from autotune.contract.mesh import expert_groups
 from autotune.errors import UserError
-from autotune.strategies.moe import STRATEGY, MoeConfig, capacity
 from autotune.workloads.adapter import NotSupported, adapter_for
+
+if TYPE_CHECKING:
+    from autotune.strategies.moe import MoeConfig
+
+
+def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Tokens one expert takes: ``ceil(capacity_factor * tokens * top_k / num_experts)``."""
+    return math.ceil(capacity_factor * tokens * top_k / num_experts)
 
 
 class AuxLossScaler(torch.autograd.Function):
@@ -207,8 +215,8 @@ class MoeMLP(nn.Module):
 
 def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
     """moe's apply (strategies/moe.py): convert every n-th block's MLP; with ep > 1, each
-    process keeps its share of the experts (see :func:`expert_parallel`)."""
-    ctx.check_needs(STRATEGY, cfg, "declare the model's blocks and MLPs in Workload.structure")
+    process keeps its share of the experts (see :func:`expert_parallel`); what it needs of the
+    device and the model is checked before (strategies/moe.py's apply)."""
     adapter = adapter_for(ctx.model)
     blocks = adapter.blocks()
     converted = range(0, len(blocks), cfg.every_n_layers)
@@ -271,7 +279,7 @@ def expert_parallel(ctx: TrainContext, group: ExpertGroup) -> None:
     every expert of the group (``ctx.clip_grads``)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from autotune import distributed
+    from autotune.contract import grads
 
     dp, ep = ctx.world_size, group.size
     me = dist.get_rank()
@@ -292,8 +300,8 @@ def expert_parallel(ctx: TrainContext, group: ExpertGroup) -> None:
             layer._register_load_state_dict_pre_hook(_refuse_load)
 
     def clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        dense = distributed.grad_norm(params, skip=expert_ids)
-        local = distributed.grad_norm([p for p in params if id(p) in expert_ids], group=group.group)
+        dense = grads.grad_norm(params, skip=expert_ids)
+        local = grads.grad_norm([p for p in params if id(p) in expert_ids], group=group.group)
         norm = (dense.float() ** 2 + local**2).sqrt()
         torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, norm, foreach=True)
         return norm

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from autotune import distributed
+from autotune.contract import grads
 from autotune.contract.engine import LoopEngine
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class PipelineRunner:
     def clip_grads(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         # The last stage's copy of a tied head is counted on the first stage.
         skip = frozenset({id(self.tied)}) if self.tied is not None and self.last else frozenset()
-        return distributed.clip_grad_norm_(params, max_norm, self.group, skip)
+        return grads.clip_grad_norm_(params, max_norm, self.group, skip)
 
 
 class PipelineEngine(LoopEngine):

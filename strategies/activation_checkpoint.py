@@ -48,12 +48,12 @@ def apply_activation_checkpoint(ctx: TrainContext, cfg: ActivationCheckpointConf
 
 
 def activation_checkpoint_cost(cfg: ActivationCheckpointConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): the checkpointed blocks keep their input
+    """The cost model's term (``contract.cost.CostTerms``): the checkpointed blocks keep their input
     only (what the core counts of them), and each replays its forward in the backward, which
     stops early once every saved tensor is back (torch.utils.checkpoint's early stop): all its
     matmuls but the MLP's output projection (2 FLOPs a weight and token), and the attention's
     4 (nh hs) s a token."""
-    from autotune.costmodel import block_matmuls
+    from autotune.contract.cost import block_matmuls
 
     shape = terms.shape
     terms.checkpointed = len(range(0, shape.n_layers, 1 if cfg.mode == "full" else cfg.every))

@@ -175,10 +175,10 @@ _KEEPS_SCORES = frozenset({"naive", "math"})
 
 
 def attention_cost(cfg: AttentionConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): the kernel the blocks run instead of
+    """The cost model's term (``contract.cost.CostTerms``): the kernel the blocks run instead of
     SDPA's own choice. Naive and math keep the scores; every backend gets k and v repeated to
     each query head (the adapter repeats grouped kv heads before calling it)."""
-    from autotune.costmodel import AttentionKernel
+    from autotune.contract.cost import AttentionKernel
 
     terms.attention = AttentionKernel(keeps_scores=cfg.backend in _KEEPS_SCORES, repeated_kv=True)
 

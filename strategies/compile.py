@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from autotune import devices
-from autotune.contract.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
+from autotune.contract.order import ACCUMULATION
+from autotune.contract.strategy import NOTHING_TO_SET, Chosen, Knob, Needs, Prior, PriorFacts, Strategy
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
@@ -68,15 +69,13 @@ class _GraphStep:
         return self.forward(*args, **kwargs).clone()
 
 
-def check_compile_with(chosen: dict[str, Any]) -> None:
+def check_compile_with(chosen: Chosen) -> None:
     """Settings of other strategies that compile's settings cannot run with: a whole-model
     compile and a strategy that takes the model itself (``Strategy.takes_model``)."""
-    from autotune import catalog
-
     cfg = chosen.get("compile")
-    accum = getattr(chosen.get("grad_accum"), "steps", 1)
+    accum = getattr(chosen.get(ACCUMULATION), "steps", 1)
     for name in chosen:
-        if cfg is not None and cfg.scope == "model" and name != "compile" and catalog.get(name).takes_model:
+        if cfg is not None and cfg.scope == "model" and name != "compile" and chosen.declared[name].takes_model:
             raise UserError(
                 f"{name} takes the model itself, not its forward: "
                 "compile it block by block (compile scope blocks), not as a whole"
@@ -103,7 +102,7 @@ def export_accelerate(cfg: CompileConfig, plan: Plan) -> dict[str, Any]:
 
 
 def compile_cost(cfg: CompileConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): compiled blocks, and the head and the
+    """The cost model's term (``contract.cost.CostTerms``): compiled blocks, and the head and the
     loss with them when the whole model is compiled. Compiled block by block, the head and the
     loss stay eager: their logits cost what eager logits cost (measured: 69 GiB at micro-batch
     96, where the whole-model compile takes 24 GiB; bench/results/plan-phase8-small, trial 7)."""
@@ -122,6 +121,7 @@ def compile_prior(facts: PriorFacts) -> Prior:
 STRATEGY = Strategy(
     name="compile",
     phase="compile",
+    compiles=True,
     summary="torch.compile (inductor), whole model or per block, optional CUDA graphs",
     exact=True,
     config=CompileConfig,

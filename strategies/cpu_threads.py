@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from autotune import devices
 from autotune.contract.strategy import ACCELERATOR, NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
-from autotune.limits import usable_cores
 
 if TYPE_CHECKING:
     from autotune.contract.context import TrainContext
@@ -35,7 +35,7 @@ def apply_cpu_threads(ctx: TrainContext, cfg: CpuThreadsConfig) -> None:
     # Never more threads than the cores this process may run on now (taskset, a cpuset, a
     # smaller machine than the plan's): OpenMP threads past them wait on each other's cores,
     # several times slower than fewer threads.
-    threads = min(cfg.threads, usable_cores())
+    threads = min(cfg.threads, devices.usable_cores())
     # Process-wide, like precision's TF32 switch; set before anything is traced or timed.
     torch.set_num_threads(threads)
     ctx.notes.append(

@@ -97,7 +97,7 @@ def export_accelerate(cfg: Fsdp2Config, plan: Plan) -> dict[str, Any]:
 
 
 def fsdp2_cost(cfg: Fsdp2Config, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): weights, gradients and moments sharded
+    """The cost model's term (``contract.cost.CostTerms``): weights, gradients and moments sharded
     over dp (one block gathered at a time, ignored)."""
     terms.shard(3)
 

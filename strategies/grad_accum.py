@@ -30,7 +30,7 @@ def apply_grad_accum(ctx: TrainContext, cfg: GradAccumConfig) -> None:
 
 
 def grad_accum_cost(cfg: GradAccumConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): a step runs ``steps`` micro-batches (their
+    """The cost model's term (``contract.cost.CostTerms``): a step runs ``steps`` micro-batches (their
     tokens, FLOPs and kernel launches) at one micro-batch's memory."""
     terms.micro_batches = cfg.steps
 

@@ -66,7 +66,6 @@ state-dict keys of a converted block change (``mlp.w_fc``, ``mlp.w_proj``, ``mlp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -111,19 +110,15 @@ class MoeConfig:
             raise ValueError(f"ep must be from 1 to 256 and divide num_experts ({self.num_experts}), got {self.ep}")
 
 
-def capacity(tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Tokens one expert takes: ``ceil(capacity_factor * tokens * top_k / num_experts)``."""
-    return math.ceil(capacity_factor * tokens * top_k / num_experts)
-
-
 def apply_moe(ctx: TrainContext, cfg: MoeConfig) -> None:
+    ctx.check_needs(STRATEGY, cfg, "declare the model's blocks and MLPs in Workload.structure")
     from autotune.strategies import _moe_impl
 
     _moe_impl.apply_moe(ctx, cfg)
 
 
 def moe_cost(cfg: MoeConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): each converted block holds E copies of
+    """The cost model's term (``contract.cost.CostTerms``): each converted block holds E copies of
     its MLP's matrices and a d x E router, and a token runs through top_k of them and the
     router. Memory counts every expert a process holds (E / ep of them), FLOPs the active ones
     (6 per weight and token, PaLM); the capacity buffers' activations and the all-to-all are
@@ -185,7 +180,9 @@ def check_moe_with(chosen: dict[str, Any]) -> None:
         )
 
 
-_IMPL = frozenset({"AuxLossScaler", "AllToAll", "ExpertGroup", "MoeMLP", "route", "slots", "load_balancing_loss"})
+_IMPL = frozenset(
+    {"AuxLossScaler", "AllToAll", "ExpertGroup", "MoeMLP", "capacity", "route", "slots", "load_balancing_loss"}
+)
 
 
 def __getattr__(name: str) -> Any:

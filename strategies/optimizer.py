@@ -7,13 +7,11 @@ differ only in the order of floating-point operations: an exact strategy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from autotune.contract.strategy import NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from autotune.contract.context import TrainContext
 
 # AdamW keyword arguments of each implementation: both set, since fused and foreach together
@@ -29,20 +27,6 @@ _KWARGS = {
 class OptimizerConfig:
     implementation: Literal["fused", "foreach", "forloop"] = "fused"
     """How torch.optim.AdamW runs its update."""
-
-
-def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW's parameter groups for ``model``, the one definition the executor's optimizer
-    and ZeRO's engine both use: weight decay on matrices only (nanoGPT: norms, biases and
-    other vectors are left alone), each group split once more by DTensor mesh
-    (``distributed.by_mesh``) for the foreach and fused kernels; an empty group stays."""
-    from autotune import distributed
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return [{**g, "params": ps} for g in groups for ps in list(distributed.by_mesh(g["params"]).values()) or [[]]]
 
 
 def apply_optimizer(ctx: TrainContext, cfg: OptimizerConfig) -> None:

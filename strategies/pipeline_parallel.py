@@ -132,7 +132,7 @@ def check_mesh(cfg: Any, dims: ParallelDims, micro_batch_size: int | None) -> No
 
 
 def pipeline_parallel_cost(cfg: Any, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): a stage's L/pp blocks; 1F1B keeps at
+    """The cost model's term (``contract.cost.CostTerms``): a stage's L/pp blocks; 1F1B keeps at
     most pp pieces of the micro-batch in flight, GPipe all of them."""
     terms.model_shards *= terms.pp
     if terms.pp > 1:

@@ -57,7 +57,7 @@ def export_accelerate(cfg: PrecisionConfig, plan: Plan) -> dict[str, Any]:
 
 
 def precision_cost(cfg: PrecisionConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): bf16 and fp16 autocast halve the
+    """The cost model's term (``contract.cost.CostTerms``): bf16 and fp16 autocast halve the
     activations and run the matmuls at the bf16 rate; fp32 matmuls run at TF32's where allowed,
     else at fp32's (the plain baseline's)."""
     terms.autocast = cfg.dtype != "fp32"

@@ -102,7 +102,7 @@ def knobs_for(seq_len: int) -> tuple[Knob, ...]:
 
 
 def sparse_attention_cost(cfg: SparseAttentionConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): FlexAttention computes only the tiles
+    """The cost model's term (``contract.cost.CostTerms``): FlexAttention computes only the tiles
     the block mask keeps, so the attention FLOPs (PaLM's 12 L (nh hs) s per token) scale by
     :func:`unmasked_fraction` (the recomputed forward of checkpointed blocks, added after, is
     counted dense)."""

@@ -25,7 +25,7 @@ head and the vocab-padding mask as they are; torchtitan's vocab-parallel head wi
 
 The parameters of the blocks become DTensors under their plain names, so checkpoints go
 through torch.distributed.checkpoint (``ctx.sharded_state``), and the gradient norm for
-clipping is summed shard by shard (``autotune.distributed.grad_norm``). The data-parallel
+clipping is summed shard by shard (``autotune.contract.grads.grad_norm``). The data-parallel
 dimension, when there is one, is fsdp2's (2D, as in torchtitan); DDP does not take DTensor
 parameters (torchtitan refuses DDP with TP too).
 """
@@ -107,7 +107,7 @@ def check_workload(cfg: TensorParallelConfig, workload: Any) -> None:
 
 
 def tensor_parallel_cost(cfg: Any, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): each block split tp ways; sequence
+    """The cost model's term (``contract.cost.CostTerms``): each block split tp ways; sequence
     parallel also splits the norms' and residuals' activations (without it they stay whole:
     half the activations)."""
     terms.model_shards *= terms.tp

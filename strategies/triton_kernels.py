@@ -163,7 +163,7 @@ def head_loss_bytes(loss: str, shape: Any, tokens: int, vocab: int, *, mixed: bo
 
 
 def triton_kernels_cost(cfg: TritonKernelsConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): a fused head + loss holds
+    """The cost model's term (``contract.cost.CostTerms``): a fused head + loss holds
     :func:`head_loss_bytes` in place of the logits (loss compile: the model's own)."""
     if cfg.loss != "compile":
         terms.head_loss_bytes = head_loss_bytes(cfg.loss, terms.shape, terms.tokens, terms.vocab, mixed=terms.autocast)

@@ -62,7 +62,7 @@ def check_workload(cfg: VocabPaddingConfig, workload: Any) -> None:
 
 
 def vocab_padding_cost(cfg: VocabPaddingConfig, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): the embedding and head grow to the
+    """The cost model's term (``contract.cost.CostTerms``): the embedding and head grow to the
     padded rows, and with them their parameters, the head's FLOPs and the logits."""
     terms.vocab = -(-terms.vocab // cfg.multiple) * cfg.multiple
 

@@ -145,8 +145,8 @@ def apply_zero(ctx: TrainContext, cfg: ZeroConfig) -> None:
         )
     if ctx.spec is None:
         raise UserError("zero builds DeepSpeed's engine from the plan's training settings, which this context lacks")
+    from autotune.contract.grads import adamw_groups
     from autotune.strategies._zero_impl import DeepSpeedStep
-    from autotune.strategies.optimizer import adamw_groups
 
     deepspeed = _import_deepspeed(ctx.device)
     model, spec = ctx.model, ctx.spec
@@ -187,7 +187,7 @@ def _import_deepspeed(device: torch.device) -> Any:
 
 
 def zero_cost(cfg: Any, terms: Any) -> None:
-    """The cost model's term (``costmodel.CostTerms``): ZeRO-1 shards the moments over dp,
+    """The cost model's term (``contract.cost.CostTerms``): ZeRO-1 shards the moments over dp,
     ZeRO-2 also the gradients, ZeRO-3 also the weights; offload keeps the moments (and, ZeRO-3,
     the weights) on the host."""
     terms.shard(getattr(cfg, "stage", 0))

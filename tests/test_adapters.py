@@ -208,8 +208,7 @@ def test_strategies_refuse_a_workload_whose_adapter_lacks_what_they_need(strateg
     # adapter serves blocks only, so a plan asking for TP, PP or padding is refused before launch.
     import dataclasses
 
-    from autotune import catalog
-    from autotune.apply import check_settings
+    from autotune import catalog, validate
     from autotune.errors import UserError
     from autotune.workloads import load_workload
 
@@ -219,8 +218,8 @@ def test_strategies_refuse_a_workload_whose_adapter_lacks_what_they_need(strateg
     s = catalog.get(strategy)
     assert s.needs.structure <= wl.structure  # the declared tokens are there
     with pytest.raises(UserError, match=message):
-        check_settings({strategy: s.parse(knobs)}, workload=wl)
-    check_settings({strategy: s.parse(knobs)}, workload=load_workload("tiny"))  # the GPT's adapter serves all three
+        validate.settings({strategy: s.parse(knobs)}, workload=wl)
+    validate.settings({strategy: s.parse(knobs)}, workload=load_workload("tiny"))  # the GPT's adapter serves all three
 
 
 def tiny_hf(family: str, **extra):
@@ -266,19 +265,18 @@ def test_hf_adapters_support_exactly_what_they_serve():
     }
     assert sp["hf.model.layers.*.mlp.down_proj"].output_layouts[0].is_shard(1)  # reduce-scatter
     # ... and a plan asking for TP on GPT-2 is refused before launch.
-    from autotune import catalog
-    from autotune.apply import check_settings
+    from autotune import catalog, validate
     from autotune.errors import UserError
 
     tp = catalog.get("tensor_parallel")
     with pytest.raises(UserError, match="has no tensor-parallel plan"):
-        check_settings({"tensor_parallel": tp.parse({"sequence_parallel": False})}, workload=gpt2)
+        validate.settings({"tensor_parallel": tp.parse({"sequence_parallel": False})}, workload=gpt2)
     with pytest.raises(UserError, match="use sequence_parallel false"):
-        check_settings(
+        validate.settings(
             {"tensor_parallel": tp.parse({"sequence_parallel": True})},
             workload=dataclasses.replace(llama, structure=llama.structure - {"sp"}),
         )
-    check_settings(
+    validate.settings(
         {"tensor_parallel": tp.parse({}), "pipeline_parallel": catalog.get("pipeline_parallel").parse({})},
         workload=llama,
     )

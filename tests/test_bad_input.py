@@ -219,9 +219,8 @@ def test_every_value_the_search_can_pick_is_legal():
     ),
 )
 def test_committed_plans_pass_the_plan_check(path):
-    from autotune.apply import check_plan
-    from autotune.limits import check_machine
+    from autotune import validate
 
     plan = planmod.load(path)
     assert plan.workload.name in PRESETS or plan.workload.name.startswith("hf:")  # data: no code to import
-    check_machine(plan, check_plan(plan, trusted=False))
+    validate.plan(plan, machine=True, trusted=False)

@@ -384,3 +384,14 @@ def test_the_packages_probed_are_the_ones_the_strategies_declare() -> None:
     here = Facts.of(None, load_workload("tiny")).modules
     for module in ("liger_kernel", "cut_cross_entropy", "deepspeed"):
         assert (module in here) == (importlib.util.find_spec(module) is not None), module
+
+
+def test_the_planner_tells_compiling_trials_by_the_declaration():
+    """``Strategy.compiles``, not a name, is what the planner's time predictions read
+    (``planning.summary.shortest_like``, ``planning.confirm``); a study's name the catalog no
+    longer knows compiles nothing."""
+    from autotune.planning.summary import compiles
+
+    assert [name for name, s in catalog().items() if s.compiles] == ["compile"]
+    assert compiles(["precision", "compile"]) and not compiles(["precision", "ddp"]) and not compiles([])
+    assert not compiles(["a_strategy_since_removed"])

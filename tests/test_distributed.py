@@ -233,7 +233,7 @@ def test_zero_checkpoint_is_deepspeeds_own_and_converts_to_the_plain_model(worke
 
 
 def test_zero_refuses_what_it_cannot_do_before_deepspeed_starts() -> None:
-    from autotune.apply import check_settings
+    from autotune import validate
     from autotune.contract.context import TrainContext
     from autotune.errors import SchemaError, UserError
     from autotune.strategies.compile import CompileConfig
@@ -252,7 +252,7 @@ def test_zero_refuses_what_it_cannot_do_before_deepspeed_starts() -> None:
         STRATEGY.apply(ctx(grad_scaler=True), ZeroConfig())
     # A whole-model compile: refused by the declarations (zero takes the model), before any apply.
     with pytest.raises(UserError, match="zero takes the model itself.*compile scope blocks"):
-        check_settings({"compile": CompileConfig(), "zero": ZeroConfig()})
+        validate.settings({"compile": CompileConfig(), "zero": ZeroConfig()})
     with pytest.raises(UserError, match="needs 2\\+ processes, this run has 1"):
         STRATEGY.apply(
             TrainContext(workload=workload, device=torch.device("cpu"), model=workload.build_model()), ZeroConfig()

@@ -138,7 +138,7 @@ def test_a_cuda_plan_is_checked_against_the_gpus_here(monkeypatch):
 
     from autotune import plan as planmod
     from autotune.errors import UserError
-    from autotune.limits import check_machine
+    from autotune.validate import on_this_machine
 
     gpu = types.SimpleNamespace(name="Imaginary GPU", total_memory=8 * 2**30)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -150,13 +150,13 @@ def test_a_cuda_plan_is_checked_against_the_gpus_here(monkeypatch):
     fits = planmod.from_dict(data)
     assert (
         "this machine has 8.0 GiB of memory on each Imaginary GPU"
-        in check_machine(fits, gpt_workload("gpt2-124m")).line()
+        in on_this_machine(fits, gpt_workload("gpt2-124m")).line()
     )
     data["train"]["micro_batch_size"] = 64
     with pytest.raises(
         UserError, match=r"124\.3M parameters in 12 layers.*; this machine has 8\.0 GiB of memory on each Imaginary GPU"
     ):
-        check_machine(planmod.from_dict(data), gpt_workload("gpt2-124m"))
+        on_this_machine(planmod.from_dict(data), gpt_workload("gpt2-124m"))
     data["launch"]["nproc_per_node"], data["strategies"] = 2, [{"name": "ddp", "knobs": {}}]
     with pytest.raises(UserError, match=r"runs 2 processes a node, one per GPU, but this machine has 1 GPU\(s\)"):
-        check_machine(planmod.from_dict(data), gpt_workload("gpt2-124m"))
+        on_this_machine(planmod.from_dict(data), gpt_workload("gpt2-124m"))

@@ -272,20 +272,22 @@ def test_the_strategy_module_imports_without_torch() -> None:
 
 
 def test_aux_loss_refuses_the_loss_scales_it_does_not_follow() -> None:
-    from autotune.apply import check_settings
+    from autotune import validate
 
     parse = lambda name, knobs: catalog.get(name).parse(knobs)  # noqa: E731
     with pytest.raises(UserError, match="fp16's loss scale"):
-        check_settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {})})
+        validate.settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {})})
     with pytest.raises(UserError, match="pipeline_parallel's pieces"):
-        check_settings({"pipeline_parallel": parse("pipeline_parallel", {}), "moe": parse("moe", {})})
-    check_settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {"aux_loss_coef": 0.0})})
-    check_settings({"precision": parse("precision", {"dtype": "bf16"}), "moe": parse("moe", {})})
+        validate.settings({"pipeline_parallel": parse("pipeline_parallel", {}), "moe": parse("moe", {})})
+    validate.settings({"precision": parse("precision", {"dtype": "fp16"}), "moe": parse("moe", {"aux_loss_coef": 0.0})})
+    validate.settings({"precision": parse("precision", {"dtype": "bf16"}), "moe": parse("moe", {})})
     with pytest.raises(UserError, match="compile scope blocks"):
-        check_settings(
+        validate.settings(
             {"compile": parse("compile", {"scope": "model"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})}
         )
-    check_settings({"compile": parse("compile", {"scope": "blocks"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})})
+    validate.settings(
+        {"compile": parse("compile", {"scope": "blocks"}), "moe": parse("moe", {"num_experts": 4, "ep": 2})}
+    )
 
 
 def test_the_dropped_fraction_is_recorded_in_trial_figures_and_the_run_log(tmp_path) -> None:

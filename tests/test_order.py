@@ -111,3 +111,17 @@ def test_a_circle_within_a_phase_is_refused():
 def test_an_unknown_phase_is_refused():
     with pytest.raises(OrderError, match="unknown phase 'later'"):
         application_order(catalog_of(made_up("a", "later")))
+
+
+def test_accumulation_is_the_strategy_that_changes_the_loops_accumulation():
+    """``ACCUMULATION`` (named here, the plan's arithmetic reads it) and the declarations agree:
+    it is the one strategy that changes ``accumulation``, and its ``steps`` knob is the count."""
+    import dataclasses
+
+    from autotune import plan as planmod
+    from autotune.contract.order import ACCUMULATION
+
+    strategies = catalog()
+    assert [name for name, s in strategies.items() if "accumulation" in s.changes] == [ACCUMULATION]
+    assert "steps" in {f.name for f in dataclasses.fields(strategies[ACCUMULATION].config)}
+    assert planmod.ACCUMULATION == ACCUMULATION

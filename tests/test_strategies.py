@@ -129,15 +129,15 @@ class TestCompile(StrategySuite):
             assert isinstance(forward, torch._dynamo.eval_frame.OptimizedModule)
 
     def test_cuda_graphs_refuse_accumulation(self) -> None:
-        from autotune.apply import check_settings
+        from autotune import validate
 
         chosen = {
             "compile": self.strategy.parse({"mode": "reduce-overhead"}),
             "grad_accum": catalog.get("grad_accum").parse({"steps": 2}),
         }
         with pytest.raises(UserError, match="reduce-overhead cannot run with gradient accumulation"):
-            check_settings(chosen)
-        check_settings({**chosen, "compile": self.strategy.parse({"mode": "default"})})
+            validate.settings(chosen)
+        validate.settings({**chosen, "compile": self.strategy.parse({"mode": "default"})})
 
 
 class TestActivationCheckpoint(StrategySuite):
@@ -259,18 +259,18 @@ def test_fa4_refuses_in_one_line_what_it_cannot_run(monkeypatch: pytest.MonkeyPa
 
 
 def test_fa4_head_widths_are_refused_before_launch() -> None:
-    from autotune.apply import check_settings
+    from autotune import validate
     from autotune.strategies.attention import fa4_head_dim_refusal
 
     fa4 = catalog.get("attention").parse({"backend": "fa4"})
     for width in (8, 64, 128, 256):  # both architectures
         assert fa4_head_dim_refusal(width, None) is None
-        check_settings({"attention": fa4}, workload=load_workload("tiny", {"d_model": 2 * width, "n_heads": 2}))
+        validate.settings({"attention": fa4}, workload=load_workload("tiny", {"d_model": 2 * width, "n_heads": 2}))
     assert fa4_head_dim_refusal(160, (9, 0)) is None and fa4_head_dim_refusal(160, None) is None
     assert "on Blackwell" in fa4_head_dim_refusal(160, (10, 0))
     for width in (4, 12, 264):  # neither
         with pytest.raises(UserError, match=f"heads of width {width} on Hopper or Blackwell"):
-            check_settings({"attention": fa4}, workload=load_workload("tiny", {"d_model": 2 * width, "n_heads": 2}))
+            validate.settings({"attention": fa4}, workload=load_workload("tiny", {"d_model": 2 * width, "n_heads": 2}))
     assert fa4_head_dim_refusal(0, None) is None  # not known (a generic model): FA4 says at its first call
 
 

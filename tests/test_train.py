@@ -156,9 +156,9 @@ def test_sigkill_then_resume_reproduces_the_loss_sequence(tmp_path):
 
 
 def test_adamw_groups_are_the_one_definition_of_decay():
-    # The executor's AdamW and ZeRO's engine take their groups from strategies/optimizer.py:
+    # The executor's AdamW and ZeRO's engine take their groups from autotune/contract/grads.py:
     # decay on the matrices only, and one group per DTensor mesh (plain tensors: one).
-    from autotune.strategies.optimizer import adamw_groups
+    from autotune.contract.grads import adamw_groups
     from autotune.workloads import load_workload
 
     model = load_workload("tiny", {"n_layers": 2}).build_model()

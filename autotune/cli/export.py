@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from autotune.cli import app
+from autotune.cli.app import app
 
 
 @app.command("export")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from autotune import devices
-from autotune.cli import ARGS, app, started
+from autotune.cli.app import ARGS, app, started
 from autotune.errors import UserError
 
 

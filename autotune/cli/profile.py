@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from autotune.cli import app
+from autotune.cli.app import app
 from autotune.errors import UserError
 
 if TYPE_CHECKING:

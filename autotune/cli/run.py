@@ -18,7 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from autotune import devices
-from autotune.cli import ARGS, app, started
+from autotune.cli.app import ARGS, app, started
 from autotune.errors import UserError
 
 
@@ -93,12 +93,9 @@ def run_command(
                 f"--node-rank {node_rank}: the plan has {plan.launch.nnodes} node(s), ranks 0..{plan.launch.nnodes - 1}"
             )
         plan.launch.node_rank = node_rank
-    from autotune.apply import check_plan
-    from autotune.limits import check_machine
+    from autotune import validate
 
-    check_machine(
-        plan, check_plan(plan, trusted=trust_workload)
-    )  # the whole plan and its size here, before anything starts
+    validate.plan(plan, machine=True, trusted=trust_workload)  # the whole plan and its size here, before anything
     args = list(ARGS)
     if distributed.env_world_size() == 1 and (difference := planmod.other_machine(plan)):
         if not adapt:
@@ -223,19 +220,13 @@ def _launch(plan, out: Path | None, resume: bool, total: int, args: list[str]) -
     ranks, stop signals forwarded to them, torchrun dying with this process). A run that its
     ranks stopped for a signal, whichever process got it, ends as a single process would: the
     stopped line, exit 128 + the signal's number."""
-    from autotune.apply import check_processes
+    from autotune import validate
     from autotune.runtime.process import supervise_torchrun
     from autotune.workloads import load_workload
 
-    # Bad input is one line, before any process starts.
+    # Bad input is one line, before any process starts: the mesh against the model's shape too.
     nproc = plan.launch.nproc_per_node
-    workload = load_workload(plan.workload.name, plan.workload.overrides)
-    check_processes(
-        nproc * plan.launch.nnodes,
-        plan.strategy_configs(),
-        workload=workload,
-        micro_batch_size=plan.train.micro_batch_size,
-    )
+    validate.plan(plan, machine=False, workload=load_workload(plan.workload.name, plan.workload.overrides))
     kind = devices.planned(plan.launch.device)
     gpus = kind.count() if kind.accelerator else 0
     if gpus and nproc > gpus:

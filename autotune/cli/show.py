@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from autotune.cli import app
+from autotune.cli.app import app
 
 
 @app.command("show")
@@ -22,12 +22,12 @@ def show_command(
 ) -> None:
     """Validate PLAN as `autotune run` does and print it: workload, strategies, launch, measured figures."""
     from autotune import plan as planmod
-    from autotune.apply import check_plan
-    from autotune.limits import check_machine, warn_if_oversubscribed
+    from autotune import validate
+    from autotune.limits import warn_if_oversubscribed
 
     plan = planmod.load(plan_path)
     # The same checks as run: show passes no plan that run rejects, its size on this machine included.
-    fit = check_machine(plan, check_plan(plan, trusted=trust_workload))
+    fit = validate.plan(plan, machine=True, trusted=trust_workload).fit
     warn_if_oversubscribed(plan.launch)
     if json_out:
         typer.echo(json.dumps(plan.to_dict(), indent=2))

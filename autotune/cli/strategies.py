@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from autotune.cli import app
+from autotune.cli.app import app
 from autotune.errors import UserError
 from autotune.terminal import visible
 

@@ -73,7 +73,7 @@ class TrainContext:
     """Clips the gradients of the given parameters to a global norm and returns the norm, for
     the default loop (``engine.LoopEngine``), where the norm spans parameters spread over
     other groups (expert parallel: each rank holds other experts); None:
-    ``autotune.distributed.clip_grad_norm_``."""
+    ``autotune.contract.grads.clip_grad_norm_``."""
     sharded_state: bool = False
     """Model and optimizer state are sharded over the ranks (FSDP2, tp, pp, ZeRO): checkpoints
     are written and read by every rank, through the step engine's ``save`` / ``load``."""

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from autotune import devices, distributed
+from autotune import devices
+from autotune.contract.grads import adamw_groups, clip_grad_norm_
 
 if TYPE_CHECKING:
     from autotune.contract.context import MicroBatch, TrainContext
@@ -83,8 +84,6 @@ def make_optimizer(
     model: torch.nn.Module, spec: TrainSpec, device: torch.device, options: dict[str, Any]
 ) -> torch.optim.Optimizer:
     """The plan's AdamW: decay on matrices only, fused where the device has it, ``options`` on top."""
-    from autotune.strategies.optimizer import adamw_groups
-
     groups = adamw_groups(model, spec.weight_decay)  # decay on matrices only, one group per mesh
     kwargs: dict[str, Any] = devices.of(device).optimizer_kwargs()
     kwargs.update(options)
@@ -123,7 +122,7 @@ class LoopEngine(StepEngine):
     def clip_grads(self) -> None:
         """Clip ``params``' gradients to ``grad_clip`` by their global norm (a strategy's own
         norm where it spreads parameters over groups: ``TrainContext.clip_grads``)."""
-        (self.ctx.clip_grads or distributed.clip_grad_norm_)(self.params, self.grad_clip)
+        (self.ctx.clip_grads or clip_grad_norm_)(self.params, self.grad_clip)
 
     def step(self) -> None:
         if self.grad_clip > 0:

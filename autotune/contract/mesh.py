@@ -4,9 +4,10 @@ Each strategy declares the dim it splits (``Strategy.mesh_dim``): tp and pp are 
 of the chosen strategies of those dims (``tensor_parallel.degree``, ``pipeline_parallel.degree``;
 1 when none is on); the processes left over form the data-parallel dimension, dp = world /
 (tp · pp), shared by the chosen dp strategy (ddp, fsdp2, zero).
-:func:`mesh_shape` checks a plan's degrees on the CPU, before anything is launched (the
-executor's ``apply_strategies``, ``autotune run`` before torchrun, and the planner call it),
-and names the rule a bad plan breaks in one line. :func:`build_mesh` then makes the torch
+:func:`mesh_shape` checks a plan's degrees on the CPU, before anything is launched
+(``autotune.validate.plan`` calls it for ``autotune run``, the planner and the executor; the
+planner's space and the cost model take the mesh's shape from it), and names the rule a bad
+plan breaks in one line. :func:`build_mesh` then makes the torch
 DeviceMesh in every process, laid out as torchtitan's ``ParallelDims`` does: dims ("pp", "dp",
 "tp") from the outside in, so that the ranks of one tensor-parallel group are neighbours (one
 node, NVLink) and pipeline stages, which exchange the least, are farthest apart. Only dims of

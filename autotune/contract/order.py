@@ -53,6 +53,14 @@ TIES: dict[Phase, tuple[str, ...]] = {
     "loop": ("grad_accum", "optimizer", "dataloader", "cpu_threads"),
 }
 
+ACCUMULATION = "grad_accum"
+"""The strategy whose ``steps`` knob is the accumulation count, the one strategy the core's
+arithmetic names (``autotune.plan.ACCUMULATION``): the global batch is split as micro-batch x
+accumulation x dp, which a plan's arithmetic and a search under a fixed global batch derive,
+not a strategy's own effect. Named here, with the ties, since this is the one module of the core
+that names strategies (tests/test_contract.py); it is the strategy that changes the loop's
+``accumulation`` (tests/test_order.py holds the two together)."""
+
 
 class OrderError(RuntimeError):
     """The declared phases contradict what the strategies read and change."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -215,6 +215,11 @@ class Strategy:
     """Takes the model module itself (to cut it into stages, shard it, hand it to an engine),
     not its forward: a whole-model compile cannot run with it, whichever is applied first
     (compile's ``check_with`` reads this)."""
+    compiles: bool = False
+    """Applying it compiles the model's code (torch.compile: a minute or more on the first run of
+    a shape, seconds once its kernels are in the cache), which decides how long a trial takes:
+    the planner predicts a trial's and a confirmation's time from trials that compile as it does
+    (``planning.summary.shortest_like``, ``planning.confirm.confirmation_seconds``)."""
     mesh_dim: MeshDim | None = None
     """The mesh dimension this strategy splits the run over (None: it runs in every process
     alike). A run of several processes needs one such strategy; tp and pp take their size
@@ -230,15 +235,15 @@ class Strategy:
     """Search ranges of the config's fields."""
     issue: str = ""
     """For a strategy not yet implemented: where its implementation is tracked."""
-    check_with: Callable[[dict[str, Any]], None] | None = None
+    check_with: Callable[[Chosen], None] | None = None
     """Refuses (UserError naming the rule) settings of other strategies that this one's
-    settings cannot run with, given every chosen strategy's typed config by name. Whole
-    strategies that conflict are ``conflicts`` instead."""
+    settings cannot run with, given every chosen strategy's typed config by name and their
+    declarations (:class:`Chosen`). Whole strategies that conflict are ``conflicts`` instead."""
     check_workload: Callable[[Any, Any], None] | None = None
     """Refuses (UserError) this strategy's settings that the workload cannot take, given its
     typed config and the Workload (a sliding window longer than the sequence)."""
     cost: Callable[[Any, Any], None] | None = None
-    """The strategy's cost-model term: (its typed config, ``costmodel.CostTerms``) -> None,
+    """The strategy's cost-model term: (its typed config, ``contract.cost.CostTerms``) -> None,
     changing what the core counts the step from (autocast, checkpointed blocks, a compiled
     model) and what it counted (experts added, state sharded); None: it changes nothing the
     cost model counts."""
@@ -284,6 +289,18 @@ class Strategy:
 
     def default(self) -> Any:
         return self.config()
+
+
+class Chosen(dict[str, Any]):
+    """What ``Strategy.check_with`` is given: the chosen strategies' typed configs by name, and
+    (:attr:`declared`) their declarations, so that a rule about the others reads what they
+    declare, never their names (compile's whole-model scope refuses any strategy that
+    ``takes_model``)."""
+
+    def __init__(self, configs: Mapping[str, Any], declared: Mapping[str, Strategy]) -> None:
+        super().__init__(configs)
+        self.declared: Mapping[str, Strategy] = declared
+        """Each chosen strategy's declaration, by name (the catalog's, or those being checked)."""
 
 
 def check_knob_fields(strategy: Strategy) -> None:

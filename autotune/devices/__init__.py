@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import pkgutil
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "of",
     "planned",
     "resolve",
+    "usable_cores",
     "why",
 ]
 
@@ -121,3 +123,11 @@ def in_profile(profile: Any | None) -> tuple[Device, Found]:
 def needing(feature: str | None) -> tuple[Device, ...]:
     """The accelerators that have ``feature`` at some compute capability (None: every accelerator)."""
     return tuple(d for d in accelerators() if feature is None or feature in d.features((99, 9)))
+
+
+def usable_cores() -> int:
+    """Cores of the host this process may run on (its CPU affinity where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

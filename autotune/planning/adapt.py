@@ -102,7 +102,7 @@ def adapt(
 def illegal_here(plan) -> str | None:
     """Why ``plan`` cannot run on this machine as it is (None: it can): its device, its
     process count, its nodes."""
-    from autotune.apply import check_processes
+    from autotune import validate
     from autotune.workloads import load_workload
 
     launch = plan.launch
@@ -115,12 +115,7 @@ def illegal_here(plan) -> str | None:
         return f"it runs {launch.nproc_per_node} processes, one per GPU, on {kind.count()} GPUs"
     workload = load_workload(plan.workload.name, plan.workload.overrides)
     try:
-        check_processes(
-            launch.nproc_per_node,
-            plan.strategy_configs(),
-            workload=workload,
-            micro_batch_size=plan.train.micro_batch_size,
-        )
+        validate.plan(plan, machine=False, workload=workload)
     except UserError as e:
         return str(e)
     return None

@@ -29,7 +29,7 @@ from autotune.planning.clock import (
 )
 from autotune.planning.guard import guard_seconds, is_exact
 from autotune.planning.settings import QUALITY_TOLERANCE, PlanSettings
-from autotune.planning.summary import Summary, baseline_trial, configuration, plan_of
+from autotune.planning.summary import Summary, baseline_trial, compiles, configuration, plan_of
 from autotune.runtime.trial import TrialBudget, optimizer_steps, run_trial
 
 EXACT_LOSS_TOLERANCE = 0.02  # bf16 against fp32 over a short run: rounding, not learning
@@ -57,7 +57,7 @@ def confirmation_seconds(study: Any, settings: PlanSettings, *, plain_run: bool 
     best = max(complete, key=lambda t: t.value)
     base = baseline_trial(study)
     base = base if base is not None and base.state == optuna.trial.TrialState.COMPLETE and trial_wall(base) else None
-    compiled = any(spec.name == "compile" for spec in plan_of(best).strategies)
+    compiled = compiles(spec.name for spec in plan_of(best).strategies)
     plan_run = run_seconds(best, cached=compiled)
     if base is None or base.number == best.number:
         per_round = plan_run

@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from autotune.apply import check_processes, check_settings
+from autotune import validate
 from autotune.contract.strategy import Knob
 from autotune.errors import UserError
 from autotune.plan import Plan
@@ -91,16 +91,8 @@ class Objective:
             and (twin := measured_before(trial.study, plan, trial.number)) is not None
         ):
             self._prune(trial, plan, f"the same configuration as trial {twin}, measured once")
-        names = [s.name for s in plan.strategies]
         try:
-            self.space.graph.check(names)
-            check_settings(plan.strategy_configs(), workload=self.space.workload)
-            check_processes(
-                plan.launch.nproc_per_node * plan.launch.nnodes,
-                plan.strategy_configs(),
-                workload=self.space.workload,
-                micro_batch_size=plan.train.micro_batch_size,
-            )
+            validate.plan(plan, machine=False, workload=self.space.workload, graph=self.space.graph)
         except UserError as e:
             self._prune(trial, plan, f"illegal: {e}")
         # Device memory only: on a CPU the measured peak is the whole process's resident set.
@@ -224,16 +216,9 @@ def _best_value(study: optuna.Study) -> float | None:
 
 def check_legal(space: SearchSpace, plan: Plan) -> None:
     """The checks a trial passes before launch (:class:`Objective`): the graph, the settings,
-    the processes and, on a device with known memory, the predicted peak. UserError if not."""
-    plan.strategy_configs()
-    space.graph.check([s.name for s in plan.strategies])
-    check_settings(plan.strategy_configs(), workload=space.workload)
-    check_processes(
-        plan.launch.nproc_per_node * plan.launch.nnodes,
-        plan.strategy_configs(),
-        workload=space.workload,
-        micro_batch_size=plan.train.micro_batch_size,
-    )
+    the processes (``autotune.validate.plan``) and, on a device with known memory, the predicted
+    peak. UserError if not."""
+    validate.plan(plan, machine=False, workload=space.workload, graph=space.graph)
     estimate = predict(space, plan) if space.device_memory else None
     if estimate is not None and estimate.peak_memory_bytes > MEMORY_HEADROOM * space.device_memory:
         raise UserError(

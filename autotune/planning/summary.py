@@ -4,7 +4,7 @@ before, the cost model's errors, and the summary the report and the plan are mad
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,15 @@ def configuration(plan: dict[str, Any]) -> str:
     return json.dumps({k: plan.get(k) for k in ("workload", "strategies", "train", "launch")}, sort_keys=True)
 
 
+def compiles(names: Iterable[str]) -> bool:
+    """Whether a trial of the strategies ``names`` compiles (any of them declares
+    ``Strategy.compiles``); a name the catalog no longer knows (a study's older trial) does not."""
+    from autotune.catalog import catalog
+
+    strategies = catalog()
+    return any(strategies[name].compiles for name in names if name in strategies)
+
+
 def shortest_like(study: optuna.Study, plan: Plan) -> tuple[int, float] | None:
     """The study's completed trial that compiles as ``plan`` does (or, like it, does not) with
     the shortest wall time, as (number, seconds); None before one has completed. Compilation
@@ -60,13 +69,13 @@ def shortest_like(study: optuna.Study, plan: Plan) -> tuple[int, float] | None:
     compiled trial launched with 47 s left timed out, bench/results/issue26-h100-420s), and the
     shortest is what a trial of ``plan`` needs at the least: a shape compiled before comes from
     the cache."""
-    compiles = any(s.name == "compile" for s in plan.strategies)
+    compiled = compiles(s.name for s in plan.strategies)
     like = [
         (t.number, float(t.user_attrs["wall_s"]))
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
         if t.user_attrs.get("wall_s")
         and "plan" in t.user_attrs
-        and any(s["name"] == "compile" for s in t.user_attrs["plan"].get("strategies", ())) == compiles
+        and compiles(s["name"] for s in t.user_attrs["plan"].get("strategies", ())) == compiled
     ]
     return min(like, key=lambda x: x[1]) if like else None
 

@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from autotune import data as datamod
-from autotune import devices, distributed
+from autotune import devices, distributed, validate
 from autotune.apply import apply_strategies
 from autotune.contract.context import TrainContext
 from autotune.contract.engine import LoopEngine, StepEngine
-from autotune.contract.mesh import ParallelDims, build_mesh, mesh_shape
+from autotune.contract.mesh import ParallelDims, build_mesh
 from autotune.errors import UserError
 from autotune.plan import Plan, TrainSpec
 from autotune.runtime.checkpoint import (
@@ -120,15 +120,16 @@ class Trainer:
     def _build(self, device: torch.device, data_dir: str | None, profile_path: str | None) -> None:
         plan = self.plan
         self.device = device
-        rank, world_size = self.group.rank, self.group.world_size
+        rank = self.group.rank
         workload = load_workload(plan.workload.name, plan.workload.overrides)
+        # The whole plan is checked before a tensor is made (the trial child's and every rank's
+        # copy of the checks its launcher made); the loader shards by the dp rank.
+        dp, tp, pp = validate.plan(plan, machine=False, workload=workload).mesh
         configs = plan.strategy_configs()
 
         seed_everything(self.spec.seed)
         # PyTorch's own defaults, so the plain baseline is plain whatever ran before.
         devices.of(device).allow_tf32(False)
-        # The mesh is checked before a tensor is made; the loader shards by the dp rank.
-        dp, tp, pp = mesh_shape(world_size, configs, workload=workload, micro_batch_size=self.spec.micro_batch_size)
         dims = ParallelDims(dp=dp, tp=tp, pp=pp)
         model = workload.build_model().to(self.device)
         self.ctx = TrainContext(
