@@ -33,10 +33,14 @@ $(VENV)/.deepspeed-ops: $(VENV)/.installed
 	touch $@
 
 # Layout and lint first (ruff, configured in pyproject.toml): seconds, before minutes of tests.
+# Then the tests on TEST_WORKERS pytest-xdist workers: most tests are one single-threaded
+# process, so two workers keep CI's two cores busy; tests sharing a module's fixture stay on one
+# worker (tests/conftest.py), and each worker's planners have their own device locks.
+TEST_WORKERS ?= 2
 test: setup $(VENV)/.deepspeed-ops
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 clean:
 	rm -rf $(VENV) runs plans
