@@ -42,7 +42,7 @@ git log -1 --format='commit %H' 2>/dev/null || true
 # optimizer, checkpointing, accumulation, the loader, compile, the combination).
 ONLY='^bf16 \+ SDPA|vocab padding|AdamW foreach|every block|grad accum|pinned|^bf16 \+ compile$|combination, micro-batch 32'
 # PARTS: which of the two to run (both by default).
-[[ " ${PARTS:-single plans} " == *" single "* ]] && for tree in base head head base; do
+[[ " ${PARTS:-single plans} " == *" single "* ]] && for tree in ${TREES:-base head head base}; do
     (cd ".dev-$tree" && timeout 400 python3 bench/single_device.py --only "$ONLY" --out "$R/single_$tree.jsonl" \
         > "$R/single_$tree.log" 2>&1)
     say "single_device $tree exit $?"
