@@ -71,5 +71,7 @@ def pytest_collection_modifyitems(config, items):
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
             continue
+        if getattr(item.module, "XDIST_SPREAD", False):  # its module fixture is cheap under xdist
+            continue
         if any(d.scope in ("module", "package") for defs in info.name2fixturedefs.values() for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -121,6 +121,7 @@ def test_a_budget_too_small_for_the_model_is_refused_before_anything_runs(tmp_pa
     assert not (tmp_path / "s.db").exists() and not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.serial  # its budget is sized by a baseline of 7-8 s on 2 idle cores
 def test_a_baseline_that_fills_the_old_reserve_still_lets_the_prior_run(tmp_path):
     """Under a budget where the old reserve, 3 x (slowest trial + baseline) = 6 baselines, left
     about no room after a tiny baseline of 7-8 s on 2 idle cores, the expert prior runs: the

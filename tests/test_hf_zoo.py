@@ -114,7 +114,10 @@ class Zoo:
         self.free = list(self.slots)
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=2)
-        self.jobs: dict[str, Future] = {f: self.pool.submit(self._job, f) for f in families}
+        # Under pytest-xdist (make test) the workers are the parallelism: each plans the families
+        # of the tests it is given, when it is given them (XDIST_SPREAD).
+        lazy = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+        self.jobs: dict[str, Future] = {} if lazy else {f: self.pool.submit(self._job, f) for f in families}
 
     def _cache(self) -> Path:
         with self.lock:
@@ -166,6 +169,8 @@ class Zoo:
         return {"dir": d, "plan": subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)}
 
     def result(self, family: str) -> dict:
+        if family not in self.jobs:
+            self.jobs[family] = self.pool.submit(self._job, family)
         return self.jobs[family].result()
 
 
@@ -195,6 +200,10 @@ def _trains(run_cli, plan: Path, *extra: str) -> None:
     assert code == 0, err[-3000:]
     assert json.loads((plan.parent / "run" / "summary.json").read_text())["steps_done"] == 2
 
+
+XDIST_SPREAD = True
+"""The zoo's tests go to any pytest-xdist worker, though they share a module-scoped fixture:
+under xdist, :class:`Zoo` plans a family where its test runs (tests/conftest.py)."""
 
 PLANNED = tuple(ZOO)
 """Every family is planned from its config file (2 trials; about half a minute of CI's 2 cores
