@@ -39,6 +39,11 @@ FEATURES: dict[str, str] = {
     "triton": "Triton kernels",
     "fused_attention": "torch SDPA's fused backends (efficient, flash, cuDNN) and FlashAttention",
     "fused_optimizer": "a fused AdamW step (one kernel for all parameters)",
+    "inductor": "torch.compile's inductor backend (kernels it generates for the device)",
+    "collectives": "torch.distributed's process groups (NCCL or gloo), which DDP, FSDP2, DeepSpeed, tensor and "
+    "pipeline parallelism run on",
+    "torchao": "torchao's float8 and int8 training tensors",
+    "spmd": "torch-xla's SPMD partitioner (a mesh of XLA devices, sharding annotations)",
 }
 """What a strategy may need of a device (``Needs.features``), with what it means."""
 
