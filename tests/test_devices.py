@@ -92,7 +92,7 @@ def test_a_do_nothing_device_is_its_module(null_device: devices.Device) -> None:
     anything = dataclasses.replace(fp16, needs=Needs(accelerator=True))
     assert unmet_needs(fp16, Facts()) == ["needs CUDA, none found"]
     assert unmet_needs(graphs, Facts()) == ["needs CUDA or Null, none found"]
-    assert unmet_needs(anything, Facts()) == ["needs CUDA or Null, none found"]
+    assert unmet_needs(anything, Facts()) == ["needs CUDA or Null or XLA, none found"]
     on_null = Facts(device="null", accelerators=1, gpu_name="Null 1")
     assert unmet_needs(graphs, on_null) == [] and unmet_needs(anything, on_null) == []
     assert unmet_needs(fp16, on_null) == ["needs fp16 autocast with a dynamic loss scaler, Null 1 has none"]
@@ -117,7 +117,8 @@ def test_the_cpu_device() -> None:
     device = CPU.torch_device(None)
     assert device == torch.device("cpu") and CPU.torch_device(3) == device
     assert (CPU.backend, CPU.is_available(), CPU.count(), CPU.surely_absent()) == ("gloo", True, 1, False)
-    assert CPU.features(None) == {"bf16", "fp8"} and CPU.datasheet_flops(CPU.device_name(device), "bf16") is None
+    assert CPU.features(None) == {"bf16", "fp8", "inductor", "collectives", "torchao", "foreach"}
+    assert CPU.datasheet_flops(CPU.device_name(device), "bf16") is None
     assert CPU.optimizer_kwargs() == {"foreach": True} and CPU.process_group_options(device) == {}
     CPU.make_current(device)
     CPU.synchronize(device)
@@ -193,7 +194,7 @@ def test_needs_are_capabilities_and_the_reasons_name_the_kind() -> None:
     def why(facts: Facts, **needs) -> list[str]:
         return unmet_needs(dataclasses.replace(strategy, needs=Needs(**needs)), facts)
 
-    assert why(Facts(), accelerator=True) == ["needs CUDA, none found"]
+    assert why(Facts(), accelerator=True) == ["needs CUDA or XLA, none found"]
     assert why(Facts(), features=frozenset({"triton", "graphs"})) == ["needs CUDA, none found"]  # said once
     assert why(Facts(), features=frozenset({"bf16", "fp8"})) == []  # any CPU runs them (fp8 in software)
     assert why(t4, features=frozenset({"bf16"})) == ["needs bf16 tensor cores, Tesla T4 has none"]

@@ -43,6 +43,7 @@ FEATURES: dict[str, str] = {
     "collectives": "torch.distributed's process groups (NCCL or gloo), which DDP, FSDP2, DeepSpeed, tensor and "
     "pipeline parallelism run on",
     "torchao": "torchao's float8 and int8 training tensors",
+    "foreach": "torch's multi-tensor kernels (foreach, fused AdamW)",
     "spmd": "torch-xla's SPMD partitioner (a mesh of XLA devices, sharding annotations)",
 }
 """What a strategy may need of a device (``Needs.features``), with what it means."""
@@ -148,6 +149,8 @@ class Device:
     predict otherwise. Measured: tiny on the 2-core dev CPU 2.4 s; the presets on one H200
     8-15 s; a Qwen3-style HF model of 0.33B parameters on one H100, 23.7 s
     (bench/results/issue26-h100-200s)."""
+    foreach: ClassVar[bool] = True
+    """torch's multi-tensor (foreach) kernels run on this kind: AdamW, clipping and norms use them."""
     compile_floor_s: ClassVar[float] = 0.0
     """The least the expert prior's first compilation adds on this kind (a CPU search does not
     compile); its confirmation runs pay ``planning.clock.CACHED_WARMUP`` of it."""
@@ -248,6 +251,15 @@ class Device:
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the optimizer is built, before the first step (a lazily traced kind makes
+        its state here, so that the first step traces the graph every step runs)."""
+
+    def compilations(self) -> tuple[int, float] | None:
+        """(graphs compiled, seconds spent compiling them) in this process so far, where the kind
+        compiles its steps itself (XLA); None where it does not."""
+        return None
+
     def empty_cache(self) -> None:
         """Give cached, unused device memory back (to other processes)."""
 
@@ -285,4 +297,4 @@ class Device:
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """AdamW's implementation: fused where the kind has it, else foreach."""
-        return {"foreach": True}
+        return {"foreach": self.foreach}

@@ -6,7 +6,7 @@ from typing import Any
 
 from autotune.devices.base import Device, Found
 
-EAGER = frozenset({"inductor", "collectives", "torchao"})
+EAGER = frozenset({"inductor", "collectives", "torchao", "foreach"})
 """What torch's eager devices (the CPU, CUDA) run that a lazily traced one (XLA) does not."""
 
 

@@ -66,11 +66,12 @@ collectives between processes (NCCL or gloo): torch-xla brings its own of each."
 _LACKS = {
     "inductor": "torch.compile's inductor (XLA compiles the step itself)",
     "collectives": "torch.distributed's process groups over NCCL or gloo (XLA shards through SPMD instead)",
-    "torchao": "torchao's float8 and int8 training tensors (CUDA and CPU kernels)",
+    "torchao": "torchao's training tensors (CUDA and CPU kernels)",
+    "foreach": "torch's multi-tensor kernels (AdamW fused or foreach)",
     "triton": "Triton kernels (CUDA's)",
     "fused_attention": "SDPA's fused CUDA backends and FlashAttention",
     "fused_optimizer": "a fused AdamW (CUDA's kernel)",
-    "fp8": "float8 matmuls through torchao",
+    "fp8": "float8 matmuls",
 }
 """Why an XLA device lacks a feature, for ``autotune strategies --explain``."""
 
@@ -125,6 +126,9 @@ class Xla(Device):
     name = "xla"
     title = "XLA"
     backend = "gloo"  # not used: a run on XLA is one process (SPMD shards within it)
+    # AdamW and clipping one tensor at a time: torch's foreach kernels refuse XLA tensors, and XLA
+    # fuses the traced step anyway; there is no fused CUDA AdamW to ask for.
+    foreach = False
     startup_floor_s = 8.0  # torch and torch-xla import (4.5 s on the 2-core dev machine), the client
     compile_floor_s = 5.0  # the first step's compilation: tiny on the CPU backend takes 2-4 s
 
@@ -223,6 +227,35 @@ class Xla(Device):
     def timer(self, device: torch.device) -> Timer:
         return SyncTimer(device)
 
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """AdamW's state made now, as its first step would (a step count on the host, two zero
+        moments per parameter), and synced: otherwise the first step traces a graph of its own
+        that creates them, and compiles twice (9 s each for tiny on the 2-core dev machine)."""
+        import torch
+        import torch_xla
+        from torch.optim.optimizer import _get_scalar_dtype
+
+        if not isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) or optimizer.state:
+            return
+        for group in optimizer.param_groups:
+            if group.get("capturable") or group.get("fused"):
+                return  # their step count lives on the device: left to AdamW
+            for p in group["params"]:
+                state = {"step": torch.tensor(0.0, dtype=_get_scalar_dtype())}
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group.get("amsgrad"):
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                optimizer.state[p] = state
+        torch_xla.sync()
+
+    def compilations(self) -> tuple[int, float] | None:
+        """torch-xla's CompileTime metric: its samples and their sum (nanoseconds in the metric)."""
+        import torch_xla.debug.metrics as met
+
+        data = met.metric_data("CompileTime")
+        return (int(data[0]), data[1] / 1e9) if data else (0, 0.0)
+
     def peak_memory_bytes(self, device: torch.device) -> int:
         """The runtime's peak bytes in use where it reports them (a TPU); the process's peak
         resident set on the CPU backend, whose allocator keeps no statistics."""
@@ -248,12 +281,8 @@ class Xla(Device):
         """The fp32 matmul precision (:data:`MATMUL_PRECISION`): XLA has no TF32 switch, it has passes."""
         import torch_xla.backends
 
-        torch_xla.backends.set_mat_mul_precision(MATMUL_PRECISION[on])
-
-    def optimizer_kwargs(self) -> dict[str, Any]:
-        """AdamW one tensor at a time: XLA traces the whole step into one graph and fuses it
-        anyway; there is no fused CUDA kernel to ask for."""
-        return {"foreach": False}
+        if torch_xla.backends.get_mat_mul_precision() != MATMUL_PRECISION[on]:  # it warns at each set
+            torch_xla.backends.set_mat_mul_precision(MATMUL_PRECISION[on])
 
 
 def _datasheet(name: str | None) -> tuple[str, dict[str, float], int, float] | None:

@@ -146,6 +146,7 @@ class Trainer:
         # The step engine, once every strategy is applied: the one that owns the step, or the default loop.
         self.engine: StepEngine = (self.ctx.engine or LoopEngine)(self.ctx)
         self.optimizer = self.engine.optimizer
+        devices.of(device).prepare_optimizer(self.optimizer)
         self.scaler = self.engine.scaler
         self.batches = self._make_batches(data_dir)
         # The global batch: dp groups of micro-batches (tp ranks and pp stages share theirs).
