@@ -251,6 +251,10 @@ class Device:
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
+    def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``model`` moved to ``device``, its tied parameters still tied (the head and the embedding)."""
+        return model.to(device)
+
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once the optimizer is built, before the first step (a lazily traced kind makes
         its state here, so that the first step traces the graph every step runs)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import re
 import time
@@ -227,6 +228,21 @@ class Xla(Device):
     def timer(self, device: torch.device) -> Timer:
         return SyncTimer(device)
 
+    def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``Module.to`` makes a new Parameter per module for an XLA tensor (torch cannot swap a CPU
+        tensor's data for an XLA one in place), so a parameter two modules share (a head tied to
+        the embedding) would come out as two, trained apart: each is tied again to the first."""
+        sites: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+        for module in model.modules():
+            for name, param in module._parameters.items():
+                if param is not None:
+                    sites.setdefault(id(param), []).append((module, name))
+        model.to(device)
+        for (first, first_name), *others in sites.values():
+            for module, name in others:
+                module._parameters[name] = first._parameters[first_name]
+        return model
+
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """AdamW's state made now, as its first step would (a step count on the host, two zero
         moments per parameter), and synced: otherwise the first step traces a graph of its own
@@ -281,8 +297,15 @@ class Xla(Device):
         """The fp32 matmul precision (:data:`MATMUL_PRECISION`): XLA has no TF32 switch, it has passes."""
         import torch_xla.backends
 
-        if torch_xla.backends.get_mat_mul_precision() != MATMUL_PRECISION[on]:  # it warns at each set
+        if torch_xla.backends.get_mat_mul_precision() == MATMUL_PRECISION[on]:
+            return
+        log = logging.getLogger(torch_xla.backends.__name__)
+        level = log.level
+        log.setLevel(logging.ERROR)  # it warns at every set, "not recommended": here it is a plan's setting
+        try:
             torch_xla.backends.set_mat_mul_precision(MATMUL_PRECISION[on])
+        finally:
+            log.setLevel(level)
 
 
 def _datasheet(name: str | None) -> tuple[str, dict[str, float], int, float] | None:

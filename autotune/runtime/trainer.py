@@ -130,7 +130,7 @@ class Trainer:
         # The mesh is checked before a tensor is made; the loader shards by the dp rank.
         dp, tp, pp = mesh_shape(world_size, configs, workload=workload, micro_batch_size=self.spec.micro_batch_size)
         dims = ParallelDims(dp=dp, tp=tp, pp=pp)
-        model = workload.build_model().to(self.device)
+        model = devices.of(device).place(workload.build_model(), self.device)
         self.ctx = TrainContext(
             workload=workload,
             device=self.device,
