@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import io
+import json
 import re
 import sys
 import textwrap
@@ -274,3 +276,56 @@ def test_no_device_name_outside_the_device_layer() -> None:
             found = [(line, token) for line, token in device_names_in(path.read_text()) if token not in keys]
             offenders += [f"{rel}:{line}: {token}" for line, token in found]
     assert not offenders, "device names outside autotune/devices/:\n" + "\n".join(offenders)
+
+
+# --------------------------------------------------------------------------- XLA without torch-xla
+
+XLA = devices.get("xla")
+
+
+def test_the_xla_datasheet_and_what_it_reads_off_a_profile() -> None:
+    rate = XLA.datasheet_flops
+    assert rate("TPU v4", "bf16") == 275e12 and rate("TPU v5 lite", "bf16") == 197e12
+    assert rate("TPU v5e", "int8") == 394e12 and rate("TPU v5p", "bf16") == 459e12 and rate("TPU v5", "int8") == 918e12
+    assert rate("TPU v6 lite", "bf16") == 918e12 and rate("TPU v6e", "int8") == 1836e12
+    assert rate("CPU (XLA)", "bf16") is None and rate("TPU v7", "bf16") is None  # not guessed
+    tpu = SimpleNamespace(present=True, kind="TPU v5 lite", count=8, torch_xla="2.9.0")
+    assert XLA.found_in(SimpleNamespace(tpu=tpu, gpus=[])) == devices.Found(count=8, name="TPU v5 lite")
+    assert XLA.found_in(SimpleNamespace(tpu=SimpleNamespace(present=False))) == devices.Found(count=0)
+    assert XLA.found_in(None) == devices.Found(count=0)
+    assert devices.in_profile(SimpleNamespace(tpu=tpu, gpus=[], cpu=None))[0] is XLA
+
+
+def test_xla_runs_what_a_lazily_traced_device_runs_and_says_why_not_the_rest() -> None:
+    assert XLA.features(None) == {"bf16", "spmd"} and XLA.accelerator and not XLA.foreach
+    on_xla = Facts(device="xla", accelerators=1, gpu_name="CPU (XLA)")
+    strategy = Strategy(name="x", summary="", exact=True, config=object, apply=None, phase="loop")
+
+    def why(**needs) -> list[str]:
+        return unmet_needs(dataclasses.replace(strategy, needs=Needs(**needs)), on_xla)
+
+    assert why(features=frozenset({"bf16"})) == []
+    assert why(features=frozenset({"inductor"})) == [
+        "needs torch.compile's inductor (XLA compiles the step itself), which CPU (XLA) does not run"
+    ]
+    assert "which CPU (XLA) does not run" in why(features=frozenset({"collectives"}))[0]
+    assert unmet_needs(dataclasses.replace(strategy, needs=Needs(features=frozenset({"spmd"}))), Facts()) == [
+        "needs XLA, none found"
+    ]
+    if importlib.util.find_spec("torch_xla") is None:
+        assert XLA.surely_absent() and not XLA.is_available() and XLA not in devices.available()
+        with pytest.raises(UserError, match=r"no XLA device is available: install \.\[xla\]"):
+            XLA.torch_device(None)
+
+
+def test_a_plan_naming_the_removed_tpu_strategy_says_what_to_write_instead(tmp_path: Path) -> None:
+    from autotune import plan as planmod
+
+    plan = json.loads((ROOT / "profiles" / "default" / "tiny.plan.json").read_text())
+    plan["strategies"] = [{"name": "tpu", "knobs": {"matmul_precision": "high"}}]
+    (tmp_path / "old.plan.json").write_text(json.dumps(plan))
+    with pytest.raises(
+        UserError,
+        match=r'strategies\[0\]\.name: strategy tpu was removed: a TPU is a device now .*launch\.device to "xla"$',
+    ):
+        planmod.load(tmp_path / "old.plan.json")
