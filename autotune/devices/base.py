@@ -2,7 +2,7 @@
 
 One kind is one module of this package (``cpu.py``, ``cuda.py``) holding one ``DEVICE``, an
 instance of a :class:`Device` subclass; ``autotune.devices`` finds them by discovery, so a new
-kind (a TPU through torch_xla, issue 30) is its module and its test. A Device's ``name`` is the
+kind (``xla.py``: TPUs through torch-xla, issue 30) is its module and its test. A Device's ``name`` is the
 ``torch.device`` type it drives, and the word plans, checkpoints and profiles store.
 
 The base class is the host: every method has the CPU's answer (perf_counter, no sync, resident

@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -109,6 +110,14 @@ def versions() -> tuple[str | None, str | None, str | None]:
             ),
         )
     return xla, torch_version, None
+
+
+@functools.cache
+def _say_versions() -> None:
+    """Once a process, on stderr: the torch-xla and torch here where they are not the tested pair."""
+    warning = versions()[2]
+    if warning:
+        print(f"autotune: warning: {warning}", file=sys.stderr, flush=True)
 
 
 class SyncTimer(Timer):
@@ -205,6 +214,7 @@ class Xla(Device):
             raise UserError("no XLA device is available: install .[xla] (make xla-env) and set PJRT_DEVICE=CPU or TPU")
         if local_rank:
             raise UserError("a run on XLA is one process: its devices are used through SPMD, not torchrun")
+        _say_versions()
         import torch_xla
 
         return torch_xla.device()

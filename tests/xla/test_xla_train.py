@@ -100,6 +100,8 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # 156 s on the 2-core dev machine: 6 child processes of ~25 s (start-up and a compile each)
 def test_profile_plan_and_run_on_the_xla_device(tmp_path: Path) -> None:
     """`autotune profile` names the XLA device; `autotune plan --device xla --trials 3` writes a
     plan whose trials ran on XLA, each with its compile time and tokens/s; `autotune run` of it
@@ -107,6 +109,10 @@ def test_profile_plan_and_run_on_the_xla_device(tmp_path: Path) -> None:
     profile = _cli("profile", "--quick", "--json", "--out", str(tmp_path / "hw.json"))
     tpu = json.loads(profile.stdout)["tpu"]
     assert tpu["present"] and tpu["kind"] == "CPU (XLA)" and tpu["count"] == 1 and tpu["torch_xla"] == "2.9.0"
+
+    explain = _cli("strategies", "--explain").stdout.replace("\n", " ")
+    assert "1 x CPU (XLA)" in explain and "compile: needs torch.compile's inductor" in explain
+    assert "ddp: needs torch.distributed's process groups over NCCL or gloo" in explain
 
     out = tmp_path / "tiny.plan.json"
     _cli(
