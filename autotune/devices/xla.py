@@ -335,9 +335,9 @@ def _device_kind() -> str:
     kind = str(attrs[0].get("device_kind") or attrs[0].get("name") or "") if attrs else ""
     if kind.startswith("TPU"):
         return kind
-    import torch_xla.tpu
+    from torch_xla._internal import tpu
 
-    return f"TPU v{torch_xla.tpu.version()}"
+    return f"TPU {tpu.get_tpu_type()}"  # the VM's accelerator type: "v5litepod-8" gives "TPU v5litepod"
 
 
 DEVICE = Xla()

@@ -249,7 +249,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     kind, found = devices.in_profile(profile)
     on_accelerator = kind.accelerator and settings.cpu_procs is None and asked in (None, kind)
     if asked is not None and asked.accelerator and not on_accelerator:
-        raise UserError(f"--device {asked.name}: no {asked.words} GPU found on this machine")
+        raise UserError(f"--device {asked.name}: no {asked.words} device found on this machine")
     cores = usable_cores()
     if not on_accelerator and settings.cpu_procs is not None and settings.cpu_procs > cores:
         raise UserError(
