@@ -255,6 +255,11 @@ class Device:
         """``model`` moved to ``device``, its tied parameters still tied (the head and the embedding)."""
         return model.to(device)
 
+    def checkpoint_function(self) -> Callable[..., Any] | None:
+        """The activation-checkpoint function for this kind, taking torch.utils.checkpoint's
+        arguments; None: torch's own."""
+        return None
+
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called once the optimizer is built, before the first step (a lazily traced kind makes
         its state here, so that the first step traces the graph every step runs)."""

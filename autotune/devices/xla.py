@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from autotune.devices.base import Device, Found, Timer, why
@@ -252,6 +253,16 @@ class Xla(Device):
             for module, name in others:
                 module._parameters[name] = first._parameters[first_name]
         return model
+
+    def checkpoint_function(self) -> Callable[..., Any] | None:
+        """torch-xla's checkpoint: torch's saves and restores the RNG state of ``torch.<device>``,
+        which XLA does not have (an AttributeError at the first checkpointed block); torch-xla's
+        uses XLA's RNG and puts an optimization barrier before the recomputation, so that XLA's
+        common-subexpression elimination does not fold it back into the forward's. It is the
+        reentrant kind only (use_reentrant=True)."""
+        from torch_xla.utils.checkpoint import checkpoint
+
+        return checkpoint
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """AdamW's state made now, as its first step would (a step count on the host, two zero
