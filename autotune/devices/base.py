@@ -10,8 +10,10 @@ set, no device RNG), so a kind overrides only what differs. Nothing here imports
 import: plans are checked, and ``autotune show`` runs, without torch (tests/test_layering.py).
 
 A lazily synced device (XLA: a step is traced, then compiled and run when it is synced) needs
-two things the eager ones do not: :meth:`Device.mark_step` after each optimizer step (the loop
-calls it; a no-op here) and a :meth:`Device.timer` that syncs, since its events are not kernels.
+what the eager ones do not: :meth:`Device.mark_step` after each optimizer step (the loop calls
+it; a no-op here), a :meth:`Device.timer` that syncs, since its events are not kernels, and
+:meth:`Device.place` (tied parameters kept tied), :meth:`Device.prepare_optimizer` (one graph
+for every step), :meth:`Device.compilations` and :meth:`Device.checkpoint_function`.
 """
 
 from __future__ import annotations
