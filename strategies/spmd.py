@@ -93,7 +93,7 @@ def shard(ctx: TrainContext, cfg: SpmdConfig, count: int) -> Any:
 
 def apply_spmd(ctx: TrainContext, cfg: SpmdConfig) -> None:
     kind = devices.of(ctx.device)
-    if "spmd" not in kind.features(None):
+    if "gspmd" not in kind.features(None):
         raise UserError(f"strategy spmd needs an XLA device (launch.device xla), this run trains on {kind.words}")
     count = kind.count()
     if count < 2:
@@ -114,7 +114,7 @@ STRATEGY = Strategy(
     exact=True,
     config=SpmdConfig,
     apply=apply_spmd,
-    needs=Needs(min_devices=2, features=frozenset({"spmd"})),
+    needs=Needs(min_devices=2, features=frozenset({"gspmd"})),
     takes_model=True,
     knobs=(Knob(name="shard_params", choices=(True, False)),),
 )

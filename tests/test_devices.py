@@ -297,7 +297,7 @@ def test_the_xla_datasheet_and_what_it_reads_off_a_profile() -> None:
 
 
 def test_xla_runs_what_a_lazily_traced_device_runs_and_says_why_not_the_rest() -> None:
-    assert XLA.features(None) == {"bf16", "spmd"} and XLA.accelerator and not XLA.foreach
+    assert XLA.features(None) == {"bf16", "gspmd"} and XLA.accelerator and not XLA.foreach
     on_xla = Facts(device="xla", accelerators=1, gpu_name="CPU (XLA)")
     strategy = Strategy(name="x", summary="", exact=True, config=object, apply=None, phase="loop")
 
@@ -309,7 +309,7 @@ def test_xla_runs_what_a_lazily_traced_device_runs_and_says_why_not_the_rest() -
         "needs torch.compile's inductor (XLA compiles the step itself), which CPU (XLA) does not run"
     ]
     assert "which CPU (XLA) does not run" in why(features=frozenset({"collectives"}))[0]
-    assert unmet_needs(dataclasses.replace(strategy, needs=Needs(features=frozenset({"spmd"}))), Facts()) == [
+    assert unmet_needs(dataclasses.replace(strategy, needs=Needs(features=frozenset({"gspmd"}))), Facts()) == [
         "needs XLA, none found"
     ]
     if importlib.util.find_spec("torch_xla") is None:

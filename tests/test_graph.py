@@ -281,7 +281,7 @@ def everything() -> StrategyGraph:
         (["tensor_parallel", "pipeline_parallel"], "tensor_parallel conflicts with pipeline_parallel"),
         (["int8", "fp8"], "int8 conflicts with fp8"),
         (["attention", "sparse_attention"], "sparse_attention conflicts with attention"),
-        (["spmd"], "strategy spmd cannot be used here: needs torch-xla's SPMD partitioner"),
+        (["spmd"], "strategy spmd cannot be used here: needs XLA's GSPMD partitioner"),
         (["precision", "warp_drive"], "unknown strategy 'warp_drive'"),
     ],
 )
@@ -331,7 +331,7 @@ def test_legal_sets_are_every_legal_subset_of_the_usable_ones() -> None:
         made_up("b"),
         made_up("c", conflicts={"d"}),
         made_up("d"),
-        made_up("e", needs=Needs(features=frozenset({"spmd"}))),
+        made_up("e", needs=Needs(features=frozenset({"gspmd"}))),
     )
     graph = StrategyGraph(CPU, strategies=strategies, order=("a", "b", "c", "d", "e"))
     brute = {subset for k in range(5) for subset in itertools.combinations(graph.usable(), k) if graph.is_legal(subset)}

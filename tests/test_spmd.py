@@ -26,7 +26,7 @@ def test_fsdpv2_shards_the_first_dimension_over_the_data_axis() -> None:
 
 def test_it_needs_two_xla_devices_and_refuses_any_other() -> None:
     strategy = catalog()["spmd"]
-    assert strategy.needs.min_devices == 2 and strategy.needs.features == {"spmd"} and strategy.exact
+    assert strategy.needs.min_devices == 2 and strategy.needs.features == {"gspmd"} and strategy.exact
     workload = load_workload("tiny", {})
     ctx = TrainContext(workload=workload, device=torch.device("cpu"), model=workload.build_model())
     with pytest.raises(UserError, match=r"strategy spmd needs an XLA device \(launch.device xla\), this run trains on"):

@@ -46,7 +46,7 @@ FEATURES: dict[str, str] = {
     "pipeline parallelism run on",
     "torchao": "torchao's float8 and int8 training tensors",
     "foreach": "torch's multi-tensor kernels (foreach, fused AdamW)",
-    "spmd": "torch-xla's SPMD partitioner (a mesh of XLA devices, sharding annotations)",
+    "gspmd": "XLA's GSPMD partitioner (torch-xla's SPMD: a mesh of XLA devices, sharding annotations)",
 }
 """What a strategy may need of a device (``Needs.features``), with what it means."""
 

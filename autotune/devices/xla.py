@@ -61,7 +61,7 @@ MATMUL_PRECISION = {True: "high", False: "highest"}
 full fp32, PyTorch's plain default). torch-xla's own default ("default", one bf16 pass) is
 never chosen: a plain fp32 baseline computes in fp32."""
 
-_FEATURES = frozenset({"bf16", "spmd"})
+_FEATURES = frozenset({"bf16", "gspmd"})
 """What an XLA device does: bf16 (a TPU's MXUs; the CPU backend emulates it) and torch-xla's
 SPMD partitioner. Not inductor, CUDA's kernels, torchao's training tensors nor torch.distributed's
 collectives between processes (NCCL or gloo): torch-xla brings its own of each."""
