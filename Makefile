@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 
 # One command, cached like .venv: torch 2.9.1 and torch-xla 2.9.0 (pyproject's [xla]), the
 # project editable, pytest. PyPI's torch 2.9.1 is the CUDA build (it runs without a GPU) with its
-# nvidia-* wheels: about 3 GB, a few minutes to download once.
+# nvidia-* wheels: about 4 GB of wheels, 7.2 GB installed, 2-3 minutes from scratch here.
 xla-env: $(XLA_VENV)/.installed
 
 $(XLA_VENV)/.installed: pyproject.toml
