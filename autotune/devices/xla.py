@@ -36,8 +36,6 @@ from autotune.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from autotune.hardware.profile import TpuInfo
-
 SUPPORTED = {"torch_xla": "2.9.0", "torch": "2.9"}
 """The pair this module is tested with: torch-xla 2.9.0 on torch 2.9.x (PyPI's 2.9.1)."""
 
@@ -170,32 +168,29 @@ class Xla(Device):
         row = _datasheet(name)
         return [(name, row[2])] * self.count() if row is not None else []
 
-    def detect(self, notes: list[str]) -> TpuInfo:
-        """The profile's record of the XLA devices here (its ``tpu`` key, a saved format): a
-        TPU's generation and count, or XLA's CPU backend; absent without torch-xla or a runtime."""
-        from autotune.hardware.profile import TpuInfo
-
+    def detect(self, notes: list[str]) -> tuple[Found, str | None]:
+        """The XLA devices here (a TPU's generation and count, or XLA's CPU backend; none without
+        torch-xla or a chosen runtime) and torch-xla's version, for ``autotune profile``."""
         version, _, warning = versions()
-        absent = TpuInfo(present=False, kind=None, count=0, torch_xla=version)
         if version is None:
-            return absent
+            return Found(count=0), None
         if warning:
             notes.append(warning)
         if not _env_chosen():
             notes.append("XLA: torch-xla is installed, but no runtime is chosen (set PJRT_DEVICE=CPU or TPU)")
-            return absent
+            return Found(count=0), version
         try:
             count = self.count() if self.is_available() else 0
             kind = self.device_name(None)
         except Exception as e:  # torch-xla present but no runtime behind it
             notes.append(f"XLA: unknown, torch-xla did not answer ({why(e)})")
-            return absent
+            return Found(count=0), version
         if not count:
             notes.append("XLA: torch-xla's runtime found no device")
-            return absent
+            return Found(count=0), version
         if kind == CPU_BACKEND:
             notes.append("XLA: the CPU backend (one device; SPMD over several needs TPUs)")
-        return TpuInfo(present=True, kind=kind, count=count, torch_xla=version)
+        return Found(count=count, name=kind), version
 
     def features(self, compute_capability: tuple[int, int] | None) -> frozenset[str]:
         # bf16 autocast is torch's on the "xla" device type (the base class's), which torch-xla registers.

@@ -129,7 +129,8 @@ def _detect_tpu(notes: list[str]) -> TpuInfo:
     """The XLA devices torch-xla reaches (the profile's ``tpu`` record): a TPU, or XLA's CPU backend."""
     from autotune.devices import xla
 
-    return xla.DEVICE.detect(notes)
+    found, version = xla.DEVICE.detect(notes)
+    return TpuInfo(present=found.count > 0, kind=found.name, count=found.count, torch_xla=version)
 
 
 def _dist_version(name: str) -> str | None:
