@@ -101,7 +101,7 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # 156 s on the 2-core dev machine: 6 child processes of ~25 s (start-up and a compile each)
+@pytest.mark.timeout(900)  # 156-193 s on the 2-core dev machine (395 s beside another suite): 6 XLA children
 def test_profile_plan_and_run_on_the_xla_device(tmp_path: Path) -> None:
     """`autotune profile` names the XLA device; `autotune plan --device xla --trials 3` writes a
     plan whose trials ran on XLA, each with its compile time and tokens/s; `autotune run` of it
