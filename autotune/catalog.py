@@ -30,8 +30,16 @@ def catalog() -> dict[str, Strategy]:
     return out
 
 
+REMOVED = {
+    "tpu": 'strategy tpu was removed: a TPU is a device now (issue 30); drop it and set launch.device to "xla"',
+}
+"""Strategies that plans may still name, and what to write instead: a one-line migration."""
+
+
 def get(name: str) -> Strategy:
     strategies = catalog()
+    if name in REMOVED and name not in strategies:
+        raise UserError(REMOVED[name])
     if name not in strategies:
         raise UserError(f"unknown strategy {name!r} (known: {', '.join(sorted(strategies))})")
     return strategies[name]

@@ -51,6 +51,8 @@ def device_here(requested: str) -> tuple[bool, int | None, str, int | None]:
     if not _here(kind):
         return True, None, f"a {kind.words} plan", None
     memories = kind.memories()
+    if not memories:  # devices that share the host's RAM (XLA's CPU backend)
+        return True, kind.count(), "RAM", psutil.virtual_memory().total
     name, memory = min(memories, key=lambda m: m[1])
     return True, len(memories), f"memory on each {name}", memory
 

@@ -254,6 +254,9 @@ class Figures:
     metrics: dict[str, float] | None = None
     """The strategies' step metrics, means over the timed steps (``moe_dropped``: the fraction
     of routed choices over an expert's capacity); None: no strategy reports one."""
+    compile_s: float | None = None
+    """Seconds the device's own compiler took before the timed steps (XLA: the step's graph);
+    None where the device does not compile its steps (``Device.compilations``)."""
 
 
 @dataclass(kw_only=True, slots=True)

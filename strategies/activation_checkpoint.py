@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from autotune import devices
 from autotune.contract.strategy import NOTHING_TO_SET, Knob, Needs, Strategy
 
 if TYPE_CHECKING:
@@ -40,8 +41,13 @@ def apply_activation_checkpoint(ctx: TrainContext, cfg: ActivationCheckpointConf
     ctx.check_needs(STRATEGY, cfg, "declare the model's blocks in Workload.structure")
     blocks = adapter_for(ctx.model).blocks()
     stride = 1 if cfg.mode == "full" else cfg.every
+    # The device's own checkpoint where it has one (XLA's: its RNG, an optimization barrier; it
+    # is the reentrant kind only), else torch's non-reentrant one.
+    function = devices.of(ctx.device).checkpoint_function()
+    impl = CheckpointImpl.NO_REENTRANT if function is None else CheckpointImpl.REENTRANT
+    own = {} if function is None else {"checkpoint_fn": function, "use_reentrant": True}
     for i in range(0, len(blocks), stride):
-        blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        blocks[i] = checkpoint_wrapper(blocks[i], checkpoint_impl=impl, **own)
     ctx.notes.append(
         f"activation checkpointing ({cfg.mode}): {len(range(0, len(blocks), stride))} of {len(blocks)} blocks"
     )

@@ -202,7 +202,9 @@ def attention_prior(facts: PriorFacts) -> Prior | None:
     if not facts.accelerator:
         return None
     excluded = facts.excluded.get("backend", {})
-    backend = next((b for b in ("cudnn", "flash") if b not in excluded), "flash")
+    backend = next((b for b in ("cudnn", "flash") if b not in excluded), None)
+    if backend is None:  # an accelerator without fused attention (XLA): SDPA as the model has it
+        return None
     races = () if "fa4" in excluded else ({"backend": "fa4"},)
     return Prior(knobs={"backend": backend}, races=races)
 

@@ -28,9 +28,10 @@ class CompileConfig:
     """Fail rather than fall back to eager at a graph break (for checking a model)."""
 
     def needs(self) -> Needs:
-        """CUDA graphs need a device that captures graphs; compiling block by block needs the list of blocks."""
+        """Inductor, on a device it generates kernels for (not XLA, which compiles the step itself);
+        CUDA graphs need a device that captures graphs; compiling block by block needs the list of blocks."""
         return Needs(
-            features=frozenset({"graphs"}) if self.mode == "reduce-overhead" else frozenset(),
+            features=frozenset({"inductor", "graphs"}) if self.mode == "reduce-overhead" else frozenset({"inductor"}),
             structure=frozenset({"blocks"}) if self.scope == "blocks" else frozenset(),
         )
 
@@ -126,6 +127,7 @@ STRATEGY = Strategy(
     exact=True,
     config=CompileConfig,
     apply=apply_compile,
+    needs=Needs(features=frozenset({"inductor"})),
     changes=frozenset({"blocks"}),
     check_with=check_compile_with,
     cost=compile_cost,

@@ -93,7 +93,7 @@ STRATEGY = Strategy(
     apply=apply_ddp,
     mesh_dim="dp",
     reads=WRAPPER_READS,
-    needs=Needs(min_devices=2),
+    needs=Needs(min_devices=2, features=frozenset({"collectives"})),
     conflicts=frozenset({"fsdp2", "zero"}),
     knobs=(
         Knob(name="bucket_cap_mb", low=5, high=200, log=True, integer=True),

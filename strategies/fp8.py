@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from autotune.contract.context import TrainContext
     from autotune.plan import Plan
 
-_NEEDS = Needs(features=frozenset({"fp8"}), modules=("torchao",), structure=frozenset({"blocks"}))
+_NEEDS = Needs(features=frozenset({"fp8", "torchao"}), modules=("torchao",), structure=frozenset({"blocks"}))
 
 ALIGNMENT = 16
 """Float8 matmuls need both dimensions of a weight to be multiples of this."""

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from autotune.contract.context import TrainContext
     from autotune.plan import Plan
 
-_NEEDS = Needs(min_devices=2, structure=frozenset({"blocks"}))
+_NEEDS = Needs(min_devices=2, features=frozenset({"collectives"}), structure=frozenset({"blocks"}))
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 """param_dtype -> the name of its torch dtype."""
 
@@ -46,7 +46,8 @@ class Fsdp2Config:
 
     def needs(self) -> Needs:
         """bf16 parameters need bf16 tensor cores on a GPU."""
-        return dataclasses.replace(_NEEDS, features=frozenset({"bf16"}) if self.param_dtype == "bf16" else frozenset())
+        bf16 = frozenset({"bf16"}) if self.param_dtype == "bf16" else frozenset()
+        return dataclasses.replace(_NEEDS, features=_NEEDS.features | bf16)
 
 
 def apply_fsdp2(ctx: TrainContext, cfg: Fsdp2Config) -> None:

@@ -28,7 +28,7 @@ from autotune.strategies.fp8 import convertible, count_linears, targets
 if TYPE_CHECKING:
     from autotune.contract.context import TrainContext
 
-_NEEDS = Needs(modules=("torchao",), structure=frozenset({"blocks"}))
+_NEEDS = Needs(features=frozenset({"torchao"}), modules=("torchao",), structure=frozenset({"blocks"}))
 
 
 @dataclass(kw_only=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from autotune.contract.strategy import NOTHING_TO_SET, Knob, Prior, PriorFacts, Strategy
+from autotune.contract.strategy import NOTHING_TO_SET, Knob, Needs, Prior, PriorFacts, Strategy
 
 if TYPE_CHECKING:
     from autotune.contract.context import TrainContext
@@ -28,15 +28,22 @@ class OptimizerConfig:
     implementation: Literal["fused", "foreach", "forloop"] = "fused"
     """How torch.optim.AdamW runs its update."""
 
+    def needs(self) -> Needs:
+        """fused and foreach need torch's multi-tensor kernels on the device (not XLA's)."""
+        return Needs(features=frozenset({"foreach"}) if self.implementation != "forloop" else frozenset())
+
 
 def apply_optimizer(ctx: TrainContext, cfg: OptimizerConfig) -> None:
+    ctx.check_needs(STRATEGY, cfg, "use implementation forloop on this device")
     ctx.optimizer_options.update(_KWARGS[cfg.implementation])
     ctx.notes.append(f"AdamW {cfg.implementation}")
 
 
 def optimizer_prior(facts: PriorFacts) -> Prior | None:
-    """On a GPU the fused AdamW (one kernel for every parameter)."""
-    return Prior(knobs={"implementation": "fused"}) if facts.accelerator else None
+    """On a GPU the fused AdamW (one kernel for every parameter); where it cannot run (XLA), none."""
+    if not facts.accelerator or "fused" in facts.excluded.get("implementation", {}):
+        return None
+    return Prior(knobs={"implementation": "fused"})
 
 
 STRATEGY = Strategy(

@@ -156,7 +156,7 @@ STRATEGY = Strategy(
     # The first and last stages hold the embedding and head: vocab padding replaces them first.
     changes=frozenset({"stages"}),
     reads=frozenset({"embedding", "head"}),
-    needs=Needs(min_devices=2, structure=frozenset({"blocks", "embed", "head"})),
+    needs=Needs(min_devices=2, features=frozenset({"collectives"}), structure=frozenset({"blocks", "embed", "head"})),
     check_workload=check_workload,
     # Data parallel next to the pipeline would wrap each stage (torchtitan's FSDP + PP), and
     # TP inside the stages needs 4+ processes to test: not done yet (see the docstring).

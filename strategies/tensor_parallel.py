@@ -127,7 +127,9 @@ STRATEGY = Strategy(
     # float8 before TP), and the final norms are what sequence parallel splits.
     changes=frozenset({"placement"}),
     reads=frozenset({"embedding", "head", "mlp", "linears", "norms"}),
-    needs=Needs(min_devices=2, structure=frozenset({"blocks", "attention", "mlp"})),
+    needs=Needs(
+        min_devices=2, features=frozenset({"collectives"}), structure=frozenset({"blocks", "attention", "mlp"})
+    ),
     check_workload=check_workload,
     # DDP all-reduces plain gradients; the blocks' DTensor gradients need fsdp2 for data
     # parallel next to TP (torchtitan refuses DDP with TP too).

@@ -202,7 +202,7 @@ STRATEGY = Strategy(
     exact=True,
     config=ZeroConfig,
     apply=apply_zero,
-    needs=Needs(min_devices=2, modules=("deepspeed",)),
+    needs=Needs(min_devices=2, features=frozenset({"collectives"}), modules=("deepspeed",)),
     conflicts=frozenset({"ddp", "fsdp2", "tensor_parallel", "pipeline_parallel", "optimizer"}),
     mesh_dim="dp",
     takes_model=True,

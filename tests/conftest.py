@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import re
 import subprocess
@@ -25,6 +26,10 @@ if WORKER and not _LOCKS.endswith("-" + WORKER):  # a worker inherits the contro
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads on import)
+
+# tests/xla/ runs in the XLA environment (torch 2.9 + torch-xla: `make test` runs it there, with
+# PJRT_DEVICE=CPU); an environment without torch-xla leaves it out instead of failing on import.
+collect_ignore = [] if importlib.util.find_spec("torch_xla") else ["xla"]
 
 # Without a GPU, Triton kernels run in Triton's interpreter (tests/test_kernels.py). It is chosen
 # when triton is first imported, which torch.compile may do in this process before those tests.

@@ -327,7 +327,7 @@ def test_how_each_strategy_exports_is_declared_by_it() -> None:
         **dict.fromkeys(("activation_checkpoint", "attention", "cpu_threads", "dataloader", "grad_accum",
                          "triton_kernels"), both_nothing),
         "vocab_padding": both_nothing,
-        **dict.fromkeys(("int8", "moe", "sparse_attention", "tensor_parallel", "pipeline_parallel", "tpu"), {}),
+        **dict.fromkeys(("int8", "moe", "sparse_attention", "tensor_parallel", "pipeline_parallel"), {}),
     }  # fmt: skip
     # The strategies there were when this was written; one added since declares its own (its test says how).
     assert set(expected) <= set(declared) and {name: declared[name] for name in expected} == expected

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import io
+import json
 import re
 import sys
 import textwrap
@@ -92,7 +94,7 @@ def test_a_do_nothing_device_is_its_module(null_device: devices.Device) -> None:
     anything = dataclasses.replace(fp16, needs=Needs(accelerator=True))
     assert unmet_needs(fp16, Facts()) == ["needs CUDA, none found"]
     assert unmet_needs(graphs, Facts()) == ["needs CUDA or Null, none found"]
-    assert unmet_needs(anything, Facts()) == ["needs CUDA or Null, none found"]
+    assert unmet_needs(anything, Facts()) == ["needs CUDA or Null or XLA, none found"]
     on_null = Facts(device="null", accelerators=1, gpu_name="Null 1")
     assert unmet_needs(graphs, on_null) == [] and unmet_needs(anything, on_null) == []
     assert unmet_needs(fp16, on_null) == ["needs fp16 autocast with a dynamic loss scaler, Null 1 has none"]
@@ -117,7 +119,8 @@ def test_the_cpu_device() -> None:
     device = CPU.torch_device(None)
     assert device == torch.device("cpu") and CPU.torch_device(3) == device
     assert (CPU.backend, CPU.is_available(), CPU.count(), CPU.surely_absent()) == ("gloo", True, 1, False)
-    assert CPU.features(None) == {"bf16", "fp8"} and CPU.datasheet_flops(CPU.device_name(device), "bf16") is None
+    assert CPU.features(None) == {"bf16", "fp8", "inductor", "collectives", "torchao", "foreach"}
+    assert CPU.datasheet_flops(CPU.device_name(device), "bf16") is None
     assert CPU.optimizer_kwargs() == {"foreach": True} and CPU.process_group_options(device) == {}
     CPU.make_current(device)
     CPU.synchronize(device)
@@ -193,7 +196,7 @@ def test_needs_are_capabilities_and_the_reasons_name_the_kind() -> None:
     def why(facts: Facts, **needs) -> list[str]:
         return unmet_needs(dataclasses.replace(strategy, needs=Needs(**needs)), facts)
 
-    assert why(Facts(), accelerator=True) == ["needs CUDA, none found"]
+    assert why(Facts(), accelerator=True) == ["needs CUDA or XLA, none found"]
     assert why(Facts(), features=frozenset({"triton", "graphs"})) == ["needs CUDA, none found"]  # said once
     assert why(Facts(), features=frozenset({"bf16", "fp8"})) == []  # any CPU runs them (fp8 in software)
     assert why(t4, features=frozenset({"bf16"})) == ["needs bf16 tensor cores, Tesla T4 has none"]
@@ -273,3 +276,56 @@ def test_no_device_name_outside_the_device_layer() -> None:
             found = [(line, token) for line, token in device_names_in(path.read_text()) if token not in keys]
             offenders += [f"{rel}:{line}: {token}" for line, token in found]
     assert not offenders, "device names outside autotune/devices/:\n" + "\n".join(offenders)
+
+
+# --------------------------------------------------------------------------- XLA without torch-xla
+
+XLA = devices.get("xla")
+
+
+def test_the_xla_datasheet_and_what_it_reads_off_a_profile() -> None:
+    rate = XLA.datasheet_flops
+    assert rate("TPU v4", "bf16") == 275e12 and rate("TPU v5 lite", "bf16") == 197e12
+    assert rate("TPU v5e", "int8") == 394e12 and rate("TPU v5p", "bf16") == 459e12 and rate("TPU v5", "int8") == 918e12
+    assert rate("TPU v6 lite", "bf16") == 918e12 and rate("TPU v6e", "int8") == 1836e12
+    assert rate("CPU (XLA)", "bf16") is None and rate("TPU v7", "bf16") is None  # not guessed
+    tpu = SimpleNamespace(present=True, kind="TPU v5 lite", count=8, torch_xla="2.9.0")
+    assert XLA.found_in(SimpleNamespace(tpu=tpu, gpus=[])) == devices.Found(count=8, name="TPU v5 lite")
+    assert XLA.found_in(SimpleNamespace(tpu=SimpleNamespace(present=False))) == devices.Found(count=0)
+    assert XLA.found_in(None) == devices.Found(count=0)
+    assert devices.in_profile(SimpleNamespace(tpu=tpu, gpus=[], cpu=None))[0] is XLA
+
+
+def test_xla_runs_what_a_lazily_traced_device_runs_and_says_why_not_the_rest() -> None:
+    assert XLA.features(None) == {"bf16", "gspmd"} and XLA.accelerator and not XLA.foreach
+    on_xla = Facts(device="xla", accelerators=1, gpu_name="CPU (XLA)")
+    strategy = Strategy(name="x", summary="", exact=True, config=object, apply=None, phase="loop")
+
+    def why(**needs) -> list[str]:
+        return unmet_needs(dataclasses.replace(strategy, needs=Needs(**needs)), on_xla)
+
+    assert why(features=frozenset({"bf16"})) == []
+    assert why(features=frozenset({"inductor"})) == [
+        "needs torch.compile's inductor (XLA compiles the step itself), which CPU (XLA) does not run"
+    ]
+    assert "which CPU (XLA) does not run" in why(features=frozenset({"collectives"}))[0]
+    assert unmet_needs(dataclasses.replace(strategy, needs=Needs(features=frozenset({"gspmd"}))), Facts()) == [
+        "needs XLA, none found"
+    ]
+    if importlib.util.find_spec("torch_xla") is None:
+        assert XLA.surely_absent() and not XLA.is_available() and XLA not in devices.available()
+        with pytest.raises(UserError, match=r"no XLA device is available: install \.\[xla\]"):
+            XLA.torch_device(None)
+
+
+def test_a_plan_naming_the_removed_tpu_strategy_says_what_to_write_instead(tmp_path: Path) -> None:
+    from autotune import plan as planmod
+
+    plan = json.loads((ROOT / "profiles" / "default" / "tiny.plan.json").read_text())
+    plan["strategies"] = [{"name": "tpu", "knobs": {"matmul_precision": "high"}}]
+    (tmp_path / "old.plan.json").write_text(json.dumps(plan))
+    with pytest.raises(
+        UserError,
+        match=r'strategies\[0\]\.name: strategy tpu was removed: a TPU is a device now .*launch\.device to "xla"$',
+    ):
+        planmod.load(tmp_path / "old.plan.json")

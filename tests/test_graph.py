@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 ROADMAP = (
     "precision", "int8", "fp8", "activation_checkpoint", "dataloader", "grad_accum", "compile", "attention",
     "optimizer", "vocab_padding", "ddp", "fsdp2", "zero", "tensor_parallel", "pipeline_parallel", "moe",
-    "sparse_attention", "triton_kernels", "tpu",
+    "sparse_attention", "triton_kernels",
 )  # fmt: skip
+"""The roadmap's optimizations. Its TPU support is a device, not one of them (autotune/devices/xla.py)."""
 APPROXIMATE_ONES = {"int8", "fp8", "moe", "sparse_attention"}
 MULTI_PROCESS = ("ddp", "fsdp2", "zero", "tensor_parallel", "pipeline_parallel")
 
@@ -98,7 +99,7 @@ def test_approximate_strategies_are_exactly_the_ones_that_change_what_is_learned
 def test_multi_process_strategies_need_two_processes_and_the_rest_say_where_they_will_be() -> None:
     for name in MULTI_PROCESS:
         assert catalog()[name].needs.min_devices == 2
-    assert catalog()["tpu"].apply is None and catalog()["tpu"].issue.startswith("roadmap item ")
+    assert all(s.implemented for s in catalog().values())  # the last stub (tpu) became a device
 
 
 def test_conflicts_are_symmetric_in_the_graph() -> None:
@@ -106,8 +107,7 @@ def test_conflicts_are_symmetric_in_the_graph() -> None:
     for name in graph.strategies:
         for other in graph.related(name, "conflicts"):
             assert name in graph.related(other, "conflicts")
-    assert graph.related("fsdp2", "conflicts") == ["tpu", "pipeline_parallel", "ddp", "zero"]
-    assert "tpu" in graph.related("compile", "conflicts")  # declared by tpu only
+    assert graph.related("fsdp2", "conflicts") == ["pipeline_parallel", "ddp", "zero"]
 
 
 def test_node_attributes() -> None:
@@ -116,9 +116,10 @@ def test_node_attributes() -> None:
     fp8 = graph.graph.nodes["fp8"]
     assert (fp8["exact"], fp8["implemented"], fp8["usable"]) == (False, True, False)
     assert fp8["reason"].startswith(APPROXIMATE)
-    tpu = graph.graph.nodes["tpu"]
-    assert (tpu["implemented"], tpu["usable"]) == (False, False)
-    assert tpu["reason"].startswith("not implemented yet: roadmap item TPU support")
+    stub = dataclasses.replace(made_up("stub"), apply=None, issue="issue 99")
+    stubbed = StrategyGraph(CPU, strategies=catalog_of(stub), order=("stub",)).graph.nodes["stub"]
+    assert (stubbed["implemented"], stubbed["usable"]) == (False, False)
+    assert stubbed["reason"].startswith("not implemented yet: issue 99")
     kernels = graph.graph.nodes["triton_kernels"]
     assert (kernels["implemented"], kernels["usable"]) == (True, False)
     assert kernels["reason"] == "needs CUDA, none found; needs the triton package, which does not import here"
@@ -252,9 +253,9 @@ def test_requiring_an_excluded_strategy_excludes_transitively() -> None:
     )
     graph = StrategyGraph(CPU, strategies=strategies, order=("a", "b", "c", "d"))
     assert graph.excluded() == {
-        "a": "requires b, which is excluded: requires c, which is excluded: needs CUDA, none found",
-        "b": "requires c, which is excluded: needs CUDA, none found",
-        "c": "needs CUDA, none found",
+        "a": "requires b, which is excluded: requires c, which is excluded: needs CUDA or XLA, none found",
+        "b": "requires c, which is excluded: needs CUDA or XLA, none found",
+        "c": "needs CUDA or XLA, none found",
     }
     assert graph.usable() == ["d"]
 
@@ -264,7 +265,7 @@ def test_requiring_an_excluded_strategy_excludes_transitively() -> None:
 
 @pytest.fixture(scope="module")
 def everything() -> StrategyGraph:
-    """Every declaration as if implemented, on two H200s, approximate allowed: only tpu is out."""
+    """Every declaration as if implemented, on two H200s, approximate allowed: only spmd (XLA's) is out."""
     return StrategyGraph(H200X2, strategies=implemented_catalog(), allow_approximate=True)
 
 
@@ -280,7 +281,7 @@ def everything() -> StrategyGraph:
         (["tensor_parallel", "pipeline_parallel"], "tensor_parallel conflicts with pipeline_parallel"),
         (["int8", "fp8"], "int8 conflicts with fp8"),
         (["attention", "sparse_attention"], "sparse_attention conflicts with attention"),
-        (["tpu"], "strategy tpu cannot be used here: needs a TPU through torch_xla, none found"),
+        (["spmd"], "strategy spmd cannot be used here: needs XLA's GSPMD partitioner"),
         (["precision", "warp_drive"], "unknown strategy 'warp_drive'"),
     ],
 )
@@ -314,7 +315,7 @@ def test_a_missing_requirement_is_rejected() -> None:
 
 
 def test_order_is_order_filtered_and_stable(everything: StrategyGraph) -> None:
-    names = ["dataloader", "ddp", "compile", "precision", "activation_checkpoint", "tpu", "grad_accum"]
+    names = ["dataloader", "ddp", "compile", "precision", "activation_checkpoint", "grad_accum"]
     expected = [n for n in ORDER if n in names]
     assert everything.order(names) == expected
     assert everything.order(reversed(names)) == expected
@@ -330,7 +331,7 @@ def test_legal_sets_are_every_legal_subset_of_the_usable_ones() -> None:
         made_up("b"),
         made_up("c", conflicts={"d"}),
         made_up("d"),
-        made_up("e", needs=Needs(tpu=True)),
+        made_up("e", needs=Needs(features=frozenset({"gspmd"}))),
     )
     graph = StrategyGraph(CPU, strategies=strategies, order=("a", "b", "c", "d", "e"))
     brute = {subset for k in range(5) for subset in itertools.combinations(graph.usable(), k) if graph.is_legal(subset)}
@@ -426,7 +427,7 @@ def test_cli_json_lists_every_roadmap_optimization(run_cli) -> None:
         assert row["usable"] == (row["reason"] is None)
     precision = {k["name"]: k for k in rows["precision"]["knobs"]}
     assert precision["dtype"]["choices"] == ["fp32", "bf16", "fp16"] and precision["tf32"]["choices"] == [True, False]
-    assert rows["ddp"]["conflicts"] == ["tpu", "tensor_parallel", "pipeline_parallel", "fsdp2", "zero"]
+    assert rows["ddp"]["conflicts"] == ["tensor_parallel", "pipeline_parallel", "fsdp2", "zero"]
     assert rows["zero"]["needs"]["modules"] == ["deepspeed"] and rows["zero"]["needs"]["min_devices"] == 2
     assert rows["grad_accum"]["knobs"] == [{"name": "steps", "low": 1, "high": 16, "log": True, "integer": True}]
 
@@ -483,7 +484,10 @@ def test_cli_graph_writes_dot(run_cli, tmp_path: Path) -> None:
     for name in ROADMAP:
         assert f'  "{name}" [' in dot
     assert '"ddp" -> "fsdp2" [label="conflicts"' in dot and '"fsdp2" -> "ddp"' not in dot
-    assert 'style="rounded,filled,dashed"' in dot  # not implemented yet
+    assert 'style="rounded,filled,dashed"' not in dot  # every strategy is implemented (the tpu stub was the last)
+    stub = dataclasses.replace(made_up("stub"), apply=None, issue="issue 99")
+    stubbed = StrategyGraph(CPU, strategies=catalog_of(stub), order=("stub",)).to_dot()
+    assert '"stub" [' in stubbed and 'style="rounded,filled,dashed"' in stubbed  # not implemented yet
 
 
 def test_cli_graph_svg_needs_graphviz_else_writes_dot_beside(run_cli, tmp_path: Path) -> None:

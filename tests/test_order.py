@@ -16,8 +16,7 @@ from autotune.contract.strategy import Facts, Strategy
 from autotune.graph import CatalogError, StrategyGraph, validate_catalog
 from autotune.workloads import GPT_STRUCTURE
 
-BEFORE_PHASES = (
-    "tpu",
+BEFORE_PHASES = (  # tpu, first then, is a device since (autotune/devices/xla.py)
     "precision",
     "vocab_padding",
     "moe",

@@ -67,7 +67,7 @@ def _render(p: HardwareProfile) -> list[RenderableType]:
         ),
         ("RAM", f"{cpu.ram_bytes / 2**30:.1f} GiB (as the OS reports it now)"),
         ("driver / CUDA", " / ".join((p.driver_version or "-", p.cuda_driver_version or "-"))),
-        ("TPU", f"{p.tpu.count} x {p.tpu.kind}" if p.tpu.present else "none"),
+        ("XLA", f"{p.tpu.count} x {p.tpu.kind} (torch-xla {p.tpu.torch_xla})" if p.tpu.present else "none"),
         ("software", _software_line(p)),
     ):
         machine.add_row(key, value)

@@ -139,8 +139,8 @@ def _print_table(graph: StrategyGraph, workload: str, left_out: dict[str, str]) 
 
 def _machine(facts: Facts) -> str:
     parts = [f"{facts.accelerators} x {facts.gpu_name}" if facts.accelerators else "no GPU"]
-    if facts.tpu_devices:
-        parts.append(f"{facts.tpu_devices} TPU devices")
+    if facts.tpu_devices and facts.gpu_name is None:  # XLA's devices beside the accelerator trained on
+        parts.append(f"{facts.tpu_devices} XLA devices")
     parts.append(f"{facts.processes} process{'es' if facts.processes != 1 else ''}")
     return ", ".join(parts)
 

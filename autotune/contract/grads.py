@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from autotune import devices
+
 
 def adamw_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW's parameter groups for ``model``, the one definition the executor's optimizer
@@ -51,8 +53,9 @@ def grad_norm(params: list[torch.Tensor], group: Any = None, skip: frozenset[int
     grads = by_mesh(p.grad for p in params if p.grad is not None and id(p) not in skip)
     plain = grads.pop(None, [])
     device = next((p.device for p in params), torch.device("cpu"))
-    norms = [torch.nn.utils.get_total_norm(plain, foreach=True)] if plain else []
-    norms += [torch.nn.utils.get_total_norm(g, foreach=True).full_tensor() for g in grads.values()]
+    foreach = devices.of(device).foreach
+    norms = [torch.nn.utils.get_total_norm(plain, foreach=foreach)] if plain else []
+    norms += [torch.nn.utils.get_total_norm(g, foreach=foreach).full_tensor() for g in grads.values()]
     if len(norms) == 1 and group is None:
         return norms[0]  # torch's clip_grad_norm_ exactly
     total = torch.stack([n.float() ** 2 for n in norms]).sum() if norms else torch.zeros((), device=device)
@@ -70,9 +73,10 @@ def clip_grad_norm_(
     from torch.distributed.tensor.experimental import implicit_replication
 
     norm = grad_norm(params, group, skip)
+    foreach = devices.of(next((p.device for p in params), torch.device("cpu"))).foreach
     # One foreach call per mesh (FSDP2 + TP keeps the blocks on the 2D mesh, the embedding on
     # the dp mesh).
     with implicit_replication():  # the plain scalar scales DTensor gradients too
         for group_params in by_mesh(p for p in params if p.grad is not None).values():
-            torch.nn.utils.clip_grads_with_norm_(group_params, max_norm, norm, foreach=True)
+            torch.nn.utils.clip_grads_with_norm_(group_params, max_norm, norm, foreach=foreach)
     return norm

@@ -173,8 +173,6 @@ class Needs:
     (FlashAttention-4: 9 and 10, Hopper and datacenter Blackwell); empty: any."""
     min_devices: int = 1
     """Fewest processes/devices the strategy makes sense with."""
-    tpu: bool = False
-    """Needs a TPU through torch_xla."""
     structure: frozenset[str] = frozenset()
     """Workload structure it relies on (see autotune.workloads)."""
     modules: tuple[str, ...] = ()
@@ -352,7 +350,7 @@ class Facts:
     gpu_name: str | None = None
     """Name of the first of them, for messages."""
     tpu_devices: int = 0
-    """TPU devices through torch_xla."""
+    """XLA devices through torch_xla (TPUs, or XLA's CPU backend)."""
     processes: int = 1
     """Processes the run may use (GPUs, or CPU processes when asked for)."""
     modules: frozenset[str] = frozenset()
@@ -447,8 +445,6 @@ def unmet_needs(strategy: Strategy, facts: Facts) -> list[str]:
         reason = kind.lacks(feature, found) if kind.accelerator else _none_found(feature)
         if reason not in why:  # "needs CUDA, none found" once, for all the features only CUDA has
             why.append(reason)
-    if needs.tpu and facts.tpu_devices == 0:
-        why.append("needs a TPU through torch_xla, none found")
     if facts.processes < needs.min_devices:
         why.append(f"needs {needs.min_devices}+ processes, this run has {facts.processes}")
     missing = sorted(needs.structure - facts.structure)

@@ -2,7 +2,7 @@
 
 One kind is one module of this package (``cpu.py``, ``cuda.py``) holding one ``DEVICE``, an
 instance of a :class:`Device` subclass; ``autotune.devices`` finds them by discovery, so a new
-kind (a TPU through torch_xla, issue 30) is its module and its test. A Device's ``name`` is the
+kind (``xla.py``: TPUs through torch-xla, issue 30) is its module and its test. A Device's ``name`` is the
 ``torch.device`` type it drives, and the word plans, checkpoints and profiles store.
 
 The base class is the host: every method has the CPU's answer (perf_counter, no sync, resident
@@ -10,8 +10,10 @@ set, no device RNG), so a kind overrides only what differs. Nothing here imports
 import: plans are checked, and ``autotune show`` runs, without torch (tests/test_layering.py).
 
 A lazily synced device (XLA: a step is traced, then compiled and run when it is synced) needs
-two things the eager ones do not: :meth:`Device.mark_step` after each optimizer step (the loop
-calls it; a no-op here) and a :meth:`Device.timer` that syncs, since its events are not kernels.
+what the eager ones do not: :meth:`Device.mark_step` after each optimizer step (the loop calls
+it; a no-op here), a :meth:`Device.timer` that syncs, since its events are not kernels, and
+:meth:`Device.place` (tied parameters kept tied), :meth:`Device.prepare_optimizer` (one graph
+for every step), :meth:`Device.compilations` and :meth:`Device.checkpoint_function`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,12 @@ FEATURES: dict[str, str] = {
     "triton": "Triton kernels",
     "fused_attention": "torch SDPA's fused backends (efficient, flash, cuDNN) and FlashAttention",
     "fused_optimizer": "a fused AdamW step (one kernel for all parameters)",
+    "inductor": "torch.compile's inductor backend (kernels it generates for the device)",
+    "collectives": "torch.distributed's process groups (NCCL or gloo), which DDP, FSDP2, DeepSpeed, tensor and "
+    "pipeline parallelism run on",
+    "torchao": "torchao's float8 and int8 training tensors",
+    "foreach": "torch's multi-tensor kernels (foreach, fused AdamW)",
+    "gspmd": "XLA's GSPMD partitioner (torch-xla's SPMD: a mesh of XLA devices, sharding annotations)",
 }
 """What a strategy may need of a device (``Needs.features``), with what it means."""
 
@@ -143,6 +151,8 @@ class Device:
     predict otherwise. Measured: tiny on the 2-core dev CPU 2.4 s; the presets on one H200
     8-15 s; a Qwen3-style HF model of 0.33B parameters on one H100, 23.7 s
     (bench/results/issue26-h100-200s)."""
+    foreach: ClassVar[bool] = True
+    """torch's multi-tensor (foreach) kernels run on this kind: AdamW, clipping and norms use them."""
     compile_floor_s: ClassVar[float] = 0.0
     """The least the expert prior's first compilation adds on this kind (a CPU search does not
     compile); its confirmation runs pay ``planning.clock.CACHED_WARMUP`` of it."""
@@ -243,6 +253,24 @@ class Device:
 
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
+    def place(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``model`` moved to ``device``, its tied parameters still tied (the head and the embedding)."""
+        return model.to(device)
+
+    def checkpoint_function(self) -> Callable[..., Any] | None:
+        """The activation-checkpoint function for this kind, taking torch.utils.checkpoint's
+        arguments; None: torch's own."""
+        return None
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called once the optimizer is built, before the first step (a lazily traced kind makes
+        its state here, so that the first step traces the graph every step runs)."""
+
+    def compilations(self) -> tuple[int, float] | None:
+        """(graphs compiled, seconds spent compiling them) in this process so far, where the kind
+        compiles its steps itself (XLA); None where it does not."""
+        return None
+
     def empty_cache(self) -> None:
         """Give cached, unused device memory back (to other processes)."""
 
@@ -280,4 +308,4 @@ class Device:
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """AdamW's implementation: fused where the kind has it, else foreach."""
-        return {"foreach": True}
+        return {"foreach": self.foreach}

@@ -6,6 +6,9 @@ from typing import Any
 
 from autotune.devices.base import Device, Found
 
+EAGER = frozenset({"inductor", "collectives", "torchao", "foreach"})
+"""What torch's eager devices (the CPU, CUDA) run that a lazily traced one (XLA) does not."""
+
 
 class Cpu(Device):
     name = "cpu"
@@ -27,7 +30,7 @@ class Cpu(Device):
     def features(self, compute_capability: tuple[int, int] | None) -> frozenset[str]:
         # Any CPU runs bf16 autocast (oneDNN emulates it where it has no bf16 units) and
         # float8 matmuls in software: the strategies run, the search leaves them out.
-        return frozenset({"bf16", "fp8"})
+        return frozenset({"bf16", "fp8"}) | EAGER
 
 
 DEVICE = Cpu()

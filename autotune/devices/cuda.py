@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from autotune.devices.base import Device, Found, Inventory, Stack, Timer, ask, why
+from autotune.devices.cpu import EAGER
 from autotune.errors import UserError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ BF16_CAPABILITY = (8, 0)
 """Lowest compute capability with bf16 tensor cores (Ampere)."""
 FP8_CAPABILITY = (8, 9)
 """Lowest compute capability with fp8 tensor cores (Ada, Hopper)."""
-ALWAYS = frozenset({"fp16", "tf32", "graphs", "pinned_memory", "triton", "fused_attention", "fused_optimizer"})
+ALWAYS = EAGER | {"fp16", "tf32", "graphs", "pinned_memory", "triton", "fused_attention", "fused_optimizer"}
 """What every CUDA GPU this project runs on can do, whatever its compute capability."""
 
 

@@ -1,6 +1,7 @@
 """What is here: the CPU and RAM (psutil), the accelerators' devices and the links between them
 (each kind's ``Device.detect_devices``: for NVIDIA GPUs torch's properties and NVML's clocks,
-power, PCIe, NVLink and NUMA), a TPU (torch_xla) and the software stack; then, unless
+power, PCIe, NVLink and NUMA), the XLA devices (a TPU, or XLA's CPU backend, through torch-xla:
+``devices/xla.py``) and the software stack; then, unless
 ``quick``, what it does (:mod:`autotune.hardware.measure`).
 
 Anything detection cannot find out is left unknown (``None``) with the reason in
@@ -22,7 +23,7 @@ from pathlib import Path
 import psutil
 
 from autotune import devices
-from autotune.devices import Device, Inventory, ask, why
+from autotune.devices import Device, Inventory, ask
 from autotune.hardware.measure import measure
 from autotune.hardware.profile import (
     SCHEMA_VERSION,
@@ -125,29 +126,11 @@ def _cpu_model() -> str:
 
 
 def _detect_tpu(notes: list[str]) -> TpuInfo:
-    version = _dist_version("torch_xla")
-    absent = TpuInfo(present=False, kind=None, count=0, torch_xla=version)
-    if importlib.util.find_spec("torch_xla") is None:
-        return absent
-    try:
-        import torch_xla.runtime as xr
+    """The XLA devices torch-xla reaches (the profile's ``tpu`` record): a TPU, or XLA's CPU backend."""
+    from autotune.devices import xla
 
-        device_type = xr.device_type()
-        if device_type != "TPU":
-            notes.append(f"TPU: none (torch_xla's runtime device is {device_type})")
-            return absent
-        count = xr.global_runtime_device_count()
-    except Exception as e:  # torch_xla present but no runtime behind it
-        notes.append(f"TPU: unknown, torch_xla did not answer ({why(e)})")
-        return absent
-    kind = ask(notes, "TPU version", _tpu_kind)
-    return TpuInfo(present=True, kind=kind or "TPU", count=count, torch_xla=version)
-
-
-def _tpu_kind() -> str:
-    import torch_xla.tpu
-
-    return f"TPU v{torch_xla.tpu.version()}"
+    found, version = xla.DEVICE.detect(notes)
+    return TpuInfo(present=found.count > 0, kind=found.name, count=found.count, torch_xla=version)
 
 
 def _dist_version(name: str) -> str | None:

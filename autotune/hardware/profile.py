@@ -133,14 +133,15 @@ class GpuLink:
 
 @dataclass(kw_only=True, slots=True)
 class TpuInfo:
-    """A TPU reached through torch_xla."""
+    """The XLA devices reached through torch_xla (``autotune/devices/xla.py``): TPUs, or XLA's
+    CPU backend. The key is ``tpu`` in the saved format, which predates the CPU backend."""
 
     present: bool
-    """A TPU runtime answered."""
+    """An XLA runtime answered with a device (a TPU, or the CPU backend where PJRT_DEVICE=CPU)."""
     kind: str | None
-    """Device kind, e.g. "TPU v5"; None without a TPU."""
+    """Device kind, e.g. "TPU v5 lite" (v5e) or "CPU (XLA)"; None without one."""
     count: int
-    """TPU devices the runtime sees."""
+    """XLA devices the runtime sees."""
     torch_xla: str | None
     """Installed torch_xla version; None when it is not installed."""
 

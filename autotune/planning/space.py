@@ -249,7 +249,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     kind, found = devices.in_profile(profile)
     on_accelerator = kind.accelerator and settings.cpu_procs is None and asked in (None, kind)
     if asked is not None and asked.accelerator and not on_accelerator:
-        raise UserError(f"--device {asked.name}: no {asked.words} GPU found on this machine")
+        raise UserError(f"--device {asked.name}: no {asked.words} device found on this machine")
     cores = usable_cores()
     if not on_accelerator and settings.cpu_procs is not None and settings.cpu_procs > cores:
         raise UserError(
@@ -275,7 +275,7 @@ def build_space(settings: PlanSettings, profile: Any, workload: Workload) -> tup
     strategies = [
         _narrowed(catalog.get(n), facts_here) for n in graph.usable() if n not in left_out and n not in derived
     ]
-    device_memory = float(profile.gpus[0].memory_bytes) if on_accelerator else None
+    device_memory = _device_memory(profile, kind) if on_accelerator else None
     rates: dict[str, float] = {}
     bandwidth = None
     if on_accelerator:
@@ -335,6 +335,15 @@ def _process_counts(most: int) -> list[int]:
 def searched_on(space: SearchSpace) -> str:
     """The kind of device a search's trials run on: its launch's, the CPU for "auto"."""
     return devices.CPU if space.launch.device == devices.AUTO else space.launch.device
+
+
+def _device_memory(profile: Any, kind: devices.Device) -> float | None:
+    """One accelerator's memory: its GPU record's, else its kind's own (a TPU's datasheet HBM);
+    None where unknown (XLA's CPU backend shares the host's RAM)."""
+    if profile.gpus:
+        return float(profile.gpus[0].memory_bytes)
+    memories = kind.memories()
+    return float(memories[0][1]) if memories else None
 
 
 def _cpu_only(profile: Any) -> Any:

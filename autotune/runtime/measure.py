@@ -50,7 +50,9 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
         losses = [trainer.train_step(step) for step in range(warmup)]
         _sync(device)
         warmed = time.monotonic()
-        _say(f"warmed up in {warmed - built:.1f} s; timing {steps} step(s)")
+        compiled = devices.of(device).compilations()
+        compiling = f" ({compiled[0]} graph(s) compiled in {compiled[1]:.1f} s)" if compiled else ""
+        _say(f"warmed up in {warmed - built:.1f} s{compiling}; timing {steps} step(s)")
         devices.of(device).reset_peak_memory(device)
         trainer.metrics()  # the warm-up's step metrics are left out
         times, timed = [], []
@@ -70,6 +72,9 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
                 reporter.report(times)
         _sync(device)
         step_times = [t.seconds() for t in times]
+        again = devices.of(device).compilations()
+        if compiled and again and again[0] > compiled[0]:
+            _say(f"{again[0] - compiled[0]} graph(s) compiled during the timed steps: a step's graph changed")
         # The losses' mean over the ranks (one all-reduce; all of them when alone).
         values = reduce_flush(torch.stack(losses + timed), False, trainer.world_size)[0].float().tolist()
         if not all(v == v and abs(v) != float("inf") for v in values):
@@ -93,6 +98,7 @@ def measure(plan: Plan, budget: TrialBudget, *, progress: Path | None = None) ->
                 losses=values,
                 step_times=step_times,
                 metrics=trainer.metrics() or None,
+                compile_s=compiled[1] if compiled else None,
             ),
             startup_s=built - _process_start(),
             warmup_s=warmed - built,

@@ -131,7 +131,7 @@ class Trainer:
         # PyTorch's own defaults, so the plain baseline is plain whatever ran before.
         devices.of(device).allow_tf32(False)
         dims = ParallelDims(dp=dp, tp=tp, pp=pp)
-        model = workload.build_model().to(self.device)
+        model = devices.of(device).place(workload.build_model(), self.device)
         self.ctx = TrainContext(
             workload=workload,
             device=self.device,
@@ -147,6 +147,7 @@ class Trainer:
         # The step engine, once every strategy is applied: the one that owns the step, or the default loop.
         self.engine: StepEngine = (self.ctx.engine or LoopEngine)(self.ctx)
         self.optimizer = self.engine.optimizer
+        devices.of(device).prepare_optimizer(self.optimizer)
         self.scaler = self.engine.scaler
         self.batches = self._make_batches(data_dir)
         # The global batch: dp groups of micro-batches (tp ranks and pp stages share theirs).
