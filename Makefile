@@ -49,14 +49,16 @@ $(VENV)/.deepspeed-ops: $(VENV)/.installed
 # Layout and lint first (ruff, configured in pyproject.toml): seconds, before minutes of tests.
 # Then the tests on TEST_WORKERS pytest-xdist workers: most tests are one single-threaded
 # process, so two workers keep CI's two cores busy; tests sharing a module's fixture stay on one
-# worker (tests/conftest.py), and each worker's planners have their own device locks.
+# worker (tests/conftest.py), and each worker's planners have their own device locks. The few
+# tests marked serial (a budget sized for an idle machine) run after them, alone.
 # The XLA tests (tests/xla/) run in their own environment on XLA's CPU backend, after the main
 # suite, which leaves them out (tests/conftest.py). No skip: without the environment, this fails.
 TEST_WORKERS ?= 2
 test: setup $(VENV)/.deepspeed-ops $(XLA_VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 -m "not serial"
+	$(PY) -m pytest -q -m serial
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q --durations=5 tests/xla
 
 clean:
