@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,11 @@ _LOCKS = os.environ.setdefault(
 )
 if WORKER and not _LOCKS.endswith("-" + WORKER):  # a worker inherits the controller's environment
     os.environ["AUTOTUNE_LOCK_DIR"] = f"{_LOCKS}-{WORKER}"
+    # Inductor's compile cache too (default /tmp/torchinductor_$USER): two workers' trials compiling
+    # the same kernel at once left a truncated .so that a later trial loaded ("file too short").
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor-tests-{WORKER}")
+    )
 # Keep CPU tests single-threaded per process: CI has 2 cores and tests start children.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 

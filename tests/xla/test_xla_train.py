@@ -92,6 +92,22 @@ def test_the_timed_steps_run_on_xla_compiled_once_with_no_cpu_fallback(runs: dic
     assert metrics["fallback"] == [] and metrics["aten"] == []  # no op fell back to the CPU
 
 
+WRITTEN_RTOL = 1e-3
+"""The same for the plan the planner writes, whatever it chose: bf16 autocast on both devices
+measured 2.0e-5 at most over 20 steps of tiny at micro-batch 4 (alone and with activation
+checkpointing), fp32 3.4e-7 (LOSS_RTOL)."""
+
+
+def _written_losses(plan: planmod.Plan, device: str) -> list[float]:
+    devices.get("xla").torch_device()  # XLA's device before any backward on the CPU (see runs)
+    train = dataclasses.replace(plan.train, steps=STEPS, eval_interval=0)
+    trainer = Trainer(dataclasses.replace(plan, train=train, launch=dataclasses.replace(plan.launch, device=device)))
+    try:
+        return [float(v) for v in torch.stack(_losses(trainer, range(STEPS))).cpu().tolist()]
+    finally:
+        trainer.close()
+
+
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "autotune", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
@@ -104,8 +120,9 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(900)  # 156-193 s on the 2-core dev machine (395 s beside another suite): 6 XLA children
 def test_profile_plan_and_run_on_the_xla_device(tmp_path: Path) -> None:
     """`autotune profile` names the XLA device; `autotune plan --device xla --trials 3` writes a
-    plan whose trials ran on XLA, each with its compile time and tokens/s; `autotune run` of it
-    trains 50 steps and the loss falls."""
+    plan whose trials ran on XLA, each with its compile time and tokens/s, and which gives the
+    same losses on the CPU device over 20 steps; `autotune run` of it trains 50 steps and the
+    loss falls."""
     profile = _cli("profile", "--quick", "--json", "--out", str(tmp_path / "hw.json"))
     tpu = json.loads(profile.stdout)["tpu"]
     assert tpu["present"] and tpu["kind"] == "CPU (XLA)" and tpu["count"] == 1 and tpu["torch_xla"] == "2.9.0"
@@ -133,6 +150,12 @@ def test_profile_plan_and_run_on_the_xla_device(tmp_path: Path) -> None:
         assert figures["tokens_per_s"] > 0 and figures["compile_s"] > 0, figures
         assert trial.user_attrs["plan"]["launch"]["device"] == "xla"
     assert plan.measured is not None and plan.measured.compile_s and plan.measured.tokens_per_s
+
+    # The plan it wrote, 20 steps on the CPU device and on XLA: the same losses.
+    cpu, xla = (_written_losses(plan, device) for device in ("cpu", "xla"))
+    worst = max(abs(a / b - 1) for a, b in zip(xla, cpu))
+    print(f"the written plan ({[s.name for s in plan.strategies]}): worst relative difference {worst:.2e}")
+    assert worst <= WRITTEN_RTOL, f"losses differ by {worst:.2e} (xla {xla}, cpu {cpu})"
 
     run = _cli("run", str(out), "--steps", "50", "--out", str(tmp_path / "run"), "--json", timeout=300)
     summary = json.loads(run.stdout)
