@@ -23,11 +23,12 @@ _LOCKS = os.environ.setdefault(
 )
 if WORKER and not _LOCKS.endswith("-" + WORKER):  # a worker inherits the controller's environment
     os.environ["AUTOTUNE_LOCK_DIR"] = f"{_LOCKS}-{WORKER}"
-    # Inductor's compile cache too (default /tmp/torchinductor_$USER): two workers' trials compiling
-    # the same kernel at once left a truncated .so that a later trial loaded ("file too short").
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor-tests-{WORKER}")
-    )
+    # And a temporary folder of its own: torch puts inductor's shared C++ artefacts under it
+    # (/tmp/torchinductor_$USER, whatever a trial's cache), and two workers' trials building one
+    # at once left a truncated .so that a later trial loaded ("file too short").
+    _tmp = Path(tempfile.gettempdir()) / f"autotune-tests-{WORKER}"
+    _tmp.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(_tmp)
 # Keep CPU tests single-threaded per process: CI has 2 cores and tests start children.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
