@@ -23,12 +23,16 @@ _LOCKS = os.environ.setdefault(
 )
 if WORKER and not _LOCKS.endswith("-" + WORKER):  # a worker inherits the controller's environment
     os.environ["AUTOTUNE_LOCK_DIR"] = f"{_LOCKS}-{WORKER}"
-    # And a temporary folder of its own: torch puts inductor's shared C++ artefacts under it
-    # (/tmp/torchinductor_$USER, whatever a trial's cache), and two workers' trials building one
-    # at once left a truncated .so that a later trial loaded ("file too short").
-    _tmp = Path(tempfile.gettempdir()) / f"autotune-tests-{WORKER}"
-    _tmp.mkdir(exist_ok=True)
-    os.environ["TMPDIR"] = tempfile.tempdir = str(_tmp)
+# Each worker has a temporary folder of its own: torch puts inductor's shared C++ artefacts under
+# it (/tmp/torchinductor_$USER, whatever a trial's cache), and two workers' trials building one at
+# once left a truncated .so that a later trial loaded ("file too short"). A run without workers
+# (make test's serial part, after them) takes the first worker's, where those artefacts are built:
+# a cold build inside a timed trial is what a budget sized for an idle machine cannot absorb.
+_tmp = (
+    Path(os.environ.setdefault("AUTOTUNE_TESTS_TMPROOT", tempfile.gettempdir())) / f"autotune-tests-{WORKER or 'gw0'}"
+)
+_tmp.mkdir(exist_ok=True)
+os.environ["TMPDIR"] = tempfile.tempdir = str(_tmp)
 # Keep CPU tests single-threaded per process: CI has 2 cores and tests start children.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
