@@ -51,15 +51,15 @@ $(VENV)/.deepspeed-ops: $(VENV)/.installed
 # process, so two workers keep CI's two cores busy; tests sharing a module's fixture stay on one
 # worker (tests/conftest.py), and each worker's planners have their own device locks. The few
 # tests marked serial (a budget sized for an idle machine) run after them, alone.
-# The XLA tests (tests/xla/) run in their own environment on XLA's CPU backend, after the main
-# suite, which leaves them out (tests/conftest.py). No skip: without the environment, this fails.
+# The XLA tests (tests/xla/) run in their own environment on XLA's CPU backend, as one test of
+# the main suite (tests/test_xla_environment.py), beside the others. No skip: without the
+# environment, this fails.
 TEST_WORKERS ?= 2
 test: setup $(VENV)/.deepspeed-ops $(XLA_VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 -m "not serial"
 	$(PY) -m pytest -q -m serial
-	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q --durations=5 tests/xla
 
 clean:
 	rm -rf $(VENV) $(XLA_VENV) runs plans

@@ -79,6 +79,7 @@ def python() -> str:
     return sys.executable
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the marks this adds
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n 2 --dist loadgroup`` (``make test``), the tests that share a fixture
     built once per module (a planned study, a cluster, a built model) run on one worker, so that
@@ -91,3 +92,20 @@ def pytest_collection_modifyitems(config, items):
             continue
         if any(d.scope in ("module", "package") for defs in info.name2fixturedefs.values() for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def pytest_collection_finish(session):
+    """On an xdist worker under ``--dist loadgroup``: every grouped test must carry its group in
+    its id, which is all the scheduler reads. pytest 9.2 with pytest-xdist 3.8 silently drops it
+    (pytest-xdist#1386): each worker would then build the module fixtures again, minutes each."""
+    if not getattr(session.config.option, "loadgroup", False):
+        return
+    lost = [item.nodeid for item in session.items if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        message = (
+            f"pytest-xdist's loadgroup lost the group of {len(lost)} tests (first: {lost[0]}); "
+            f"pytest {pytest.__version__} with this pytest-xdist does not group (pytest-xdist#1386): "
+            "install the [dev] extra's pytest"
+        )
+        sys.stderr.write(f"ERROR: {message}\n")  # a worker's exception reaches the controller as a closed channel
+        raise pytest.UsageError(message)

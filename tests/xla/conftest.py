@@ -1,7 +1,7 @@
 """The XLA tests: torch-xla's real runtime on XLA's CPU backend, in the XLA environment
 (``make xla-env``: torch 2.9 + torch-xla 2.9), with ``PJRT_DEVICE=CPU`` (``make test`` runs them
-so). Without torch-xla they fail, never skip: the main suite leaves this folder out instead
-(tests/conftest.py)."""
+so, as one test of the main suite: tests/test_xla_environment.py). Without torch-xla they fail,
+never skip: the main suite leaves this folder out of its own collection instead (tests/conftest.py)."""
 
 from __future__ import annotations
 
