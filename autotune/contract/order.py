@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from autotune.contract.strategy import Strategy
 
 Phase = Literal[
-    # The device the model lives on: every later phase places things on it (a TPU through torch_xla).
+    # Where the model lives, before every other phase places things on it. No strategy has it
+    # since a TPU became a device (devices/xla.py) rather than a strategy; kept for one that must.
     "device",
     # Autocast and TF32: everything traced or measured later must see them.
     "precision",
