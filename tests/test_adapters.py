@@ -1,6 +1,7 @@
 """The model adapter protocol: the built-in GPT's adapter and the generic one (any nn.Module)."""
 
 import subprocess
+import weakref
 
 import pytest
 import torch
@@ -298,3 +299,24 @@ def test_hf_llama_stage_adapter_and_flops():
     stage = adapter_for(last)
     assert stage.blocks() is last.hf.model.layers and isinstance(stage.blocks()[0], nn.Identity)
     assert last.flops_per_token() == adapter.flops_per_token()
+
+
+def test_gpt_frees_the_final_norms_output_before_the_loss():
+    """Under autocast the head keeps its bf16 input for the backward, and the norm keeps its own
+    input: the norm's fp32 output is a temporary, gone before the loss runs (a local holding it
+    cost phase8-small 64 MiB of peak memory in eager mode: bench/README.md, the house A/B)."""
+    model = tiny_gpt()
+    adapter_for(model).pad_vocab(64)
+    outputs, alive_at_loss = [], []
+    model.norm.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    own_loss = model.loss
+
+    def loss(logits, targets):
+        alive_at_loss.append(outputs[-1]() is not None)
+        return own_loss(logits, targets)
+
+    model.loss = loss
+    ids, targets = torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, targets).backward()
+    assert alive_at_loss == [False]
