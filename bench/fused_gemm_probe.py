@@ -37,16 +37,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INTERPRET_DOT = tl.constexpr(INTERPRET)
-CONFIGS = (
-    [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
-    if INTERPRET
-    else [
-        triton.Config({"BM": bm, "BN": bn, "BK": 64, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((128, 256, 8, 3), (128, 128, 8, 4), (128, 128, 4, 4), (256, 128, 8, 3), (64, 256, 4, 4))
+
+
+def _configs(*shapes):
+    """(BM, BN, BK, warps, stages) each: those that compile for Hopper without spilling registers
+    in the main loop (checked with tests/hopper_compile.py's compiler: 128 x 256 tiles spill
+    1-2 KiB a thread once the softmax gradient is made in registers)."""
+    if INTERPRET:
+        return [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}, num_warps=1, num_stages=1)]
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
     ]
+
+
+LSE_CONFIGS = _configs(
+    (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (128, 256, 64, 8, 3), (128, 128, 32, 8, 5)
 )
+GRAD_CONFIGS = _configs((128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 5), (128, 64, 64, 4, 4))
 SHAPES = ((16384, 1024, 151936), (16384, 2048, 128256), (98304, 512, 50304))
 """Issue 28's (tokens, width, vocabulary)."""
+FORWARD, D_HIDDEN = "forward (logits + logsumexp tiles)", "d hidden (softmax gradient on load)"
+D_WEIGHT = "d weight (softmax gradient on load, fp32 accumulate)"
+D_WEIGHT_T = "d weight, tile loaded as it lies and transposed"
 CHUNK = 4096
 """Tokens a chunk (a multiple of every BK above: the weight gradient's inner dimension)."""
 
@@ -70,7 +83,8 @@ def _tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     return first_m + (pid % (GROUP_M * num_n)) % size_m, (pid % (GROUP_M * num_n)) // size_m
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=LSE_CONFIGS, key=["M", "N", "K"], restore_value=["tile_max", "tile_sum"])
+# restored: a config with narrower tiles, benchmarked first, must not leave its statistics behind
 @triton.jit
 def logits_lse_kernel(
     h,
@@ -114,7 +128,7 @@ def _grad(x, lse, target, col, scale, V):
     return tl.where(col < V, g, 0.0)
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=GRAD_CONFIGS, key=["M", "N", "K"])
 @triton.jit
 def grad_hidden_kernel(
     logits,
@@ -155,7 +169,7 @@ def grad_hidden_kernel(
     )
 
 
-@triton.autotune(configs=CONFIGS, key=["M", "N", "K"])
+@triton.autotune(configs=GRAD_CONFIGS, key=["M", "N", "K"], restore_value=["acc_out"])
 @triton.jit
 def grad_weight_kernel(
     logits,
@@ -195,6 +209,50 @@ def grad_weight_kernel(
     tl.store(c, tl.load(c, mask=mask, other=0.0) + acc, mask=mask)
 
 
+@triton.autotune(configs=GRAD_CONFIGS, key=["M", "N", "K"], restore_value=["acc_out"])
+@triton.jit
+def grad_weight_t_kernel(
+    logits,
+    lse,
+    targets,
+    scale,
+    h,
+    acc_out,
+    M,
+    N,
+    K: tl.constexpr,
+    V,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """grad_weight_kernel with the logits' tile loaded as it lies (BK tokens x BM vocab, rows
+    contiguous) and its gradient transposed in registers for the dot."""
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BM, BN, GROUP_M)
+    rm, rn, rk = pid_m * BM + tl.arange(0, BM), pid_n * BN + tl.arange(0, BN), tl.arange(0, BK)
+    a = logits + rk[:, None].to(tl.int64) * M + rm[None, :]
+    b = h + rk[:, None].to(tl.int64) * N + rn[None, :]
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BK)):
+        tok = k * BK + rk
+        x = tl.load(a, mask=rm[None, :] < M, other=0.0)
+        g = _grad(
+            x,
+            tl.load(lse + tok)[:, None],
+            tl.load(targets + tok)[:, None],
+            rm[None, :],
+            tl.load(scale + tok)[:, None],
+            V,
+        )
+        acc = _dot(tl.trans(g.to(h.dtype.element_ty)), tl.load(b, mask=rn[None, :] < N, other=0.0), acc)
+        a += BK * M
+        b += BK * N
+    c = acc_out + rm[:, None].to(tl.int64) * N + rn[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c, tl.load(c, mask=mask, other=0.0) + acc, mask=mask)
+
+
 def grid(M: int, N: int):
     return lambda meta: (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
@@ -202,11 +260,11 @@ def grid(M: int, N: int):
 def tile_stats(tokens: int, rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward's per (row, vocab tile) max and sum, sized for the narrowest tile any config
     has; the tiles a wider config leaves unwritten add nothing (max -inf, sum 0)."""
-    tiles = triton.cdiv(rows, min(cfg.kwargs["BN"] for cfg in CONFIGS))
+    tiles = triton.cdiv(rows, min(cfg.kwargs["BN"] for cfg in LSE_CONFIGS))
     return torch.full((tokens, tiles), float("-inf"), device=device), torch.zeros(tokens, tiles, device=device)
 
 
-def fused(h, w, targets, vocab, ignore_index=-100):
+def fused(h, w, targets, vocab, ignore_index=-100, weight_kernel=None):
     """One chunk through the three fused kernels: (per-token loss, d hidden, fp32 d weight), the
     mean's scale taken over this chunk's counted tokens."""
     c, d = h.shape
@@ -223,7 +281,7 @@ def fused(h, w, targets, vocab, ignore_index=-100):
     d_hidden = torch.empty_like(h)
     grad_hidden_kernel[grid(c, d)](logits, lse, targets, scale, w, d_hidden, c, d, rows, vocab)
     d_weight = torch.zeros(rows, d, dtype=torch.float32, device=h.device)
-    grad_weight_kernel[grid(rows, d)](logits, lse, targets, scale, h, d_weight, rows, d, c, vocab)
+    (weight_kernel or grad_weight_kernel)[grid(rows, d)](logits, lse, targets, scale, h, d_weight, rows, d, c, vocab)
     return loss, d_hidden, d_weight
 
 
@@ -243,13 +301,15 @@ def check() -> None:
         targets = torch.randint(0, vocab, (c,))
         targets[::5] = -100
         got, want = fused(h, w, targets, vocab), reference(h, w, targets, vocab)
+        got = (*got, fused(h, w, targets, vocab, weight_kernel=grad_weight_t_kernel)[2])
+        want = (*want, want[2])
         errors = {}
-        for name, a, b in zip(("loss", "d hidden", "d weight"), got, want, strict=True):
+        for name, a, b in zip(("loss", "d hidden", "d weight", "d weight (as it lies)"), got, want, strict=True):
             errors[name] = ((a.float() - b).abs().max() / b.abs().max()).item()
             # bf16 logits and gradient tiles (8 mantissa bits): 2e-3 to 1e-2 of the largest entry
             # measured; a wrong target, scale or logsumexp is off by its whole size
             assert errors[name] < 3e-2, (name, errors[name])
-        assert not got[2][vocab:].any()  # padded rows: no gradient
+        assert not got[2][vocab:].any() and not got[3][vocab:].any()  # padded rows: no gradient
         print(f"check (tokens {c}, d {d}, rows {rows}, vocab {vocab}): largest error / largest entry", errors)
 
 
@@ -271,7 +331,7 @@ def probe(tokens: int, d: int, vocab: int) -> list[dict]:
     tmax, tsum = tile_stats(CHUNK, vocab, dev)
     out = torch.empty_like(logits)
 
-    def row_kernel():
+    def row_kernel(grad=True):
         _loss_and_grad_kernel[(CHUNK,)](
             logits,
             logits.stride(0),
@@ -281,24 +341,30 @@ def probe(tokens: int, d: int, vocab: int) -> list[dict]:
             V=vocab,
             WIDTH=vocab,
             IGNORE_INDEX=-100,
-            GRAD=True,
+            GRAD=grad,
             BLOCK_V=BLOCK_V,
             num_warps=NUM_WARPS,
         )
 
     parts = {
-        "forward (logits + logsumexp tiles)": (
+        FORWARD: (
             lambda: logits_lse_kernel[grid(CHUNK, vocab)](h, w, out, tmax, tsum, CHUNK, vocab, d, vocab, tmax.shape[1]),
             lambda: torch.mm(h, w.T, out=out),
         ),
-        "d hidden (softmax gradient on load)": (
+        D_HIDDEN: (
             lambda: grad_hidden_kernel[grid(CHUNK, d)](
                 logits, lse, targets, scale, w, d_hidden, CHUNK, d, vocab, vocab
             ),
             lambda: torch.mm(logits, w, out=d_hidden),
         ),
-        "d weight (softmax gradient on load, fp32 accumulate)": (
+        D_WEIGHT: (
             lambda: grad_weight_kernel[grid(vocab, d)](
+                logits, lse, targets, scale, h, d_weight, vocab, d, CHUNK, vocab
+            ),
+            lambda: torch.addmm(d_weight, logits.T, h, out_dtype=torch.float32, out=d_weight),
+        ),
+        D_WEIGHT_T: (
+            lambda: grad_weight_t_kernel[grid(vocab, d)](
                 logits, lse, targets, scale, h, d_weight, vocab, d, CHUNK, vocab
             ),
             lambda: torch.addmm(d_weight, logits.T, h, out_dtype=torch.float32, out=d_weight),
@@ -320,9 +386,11 @@ def probe(tokens: int, d: int, vocab: int) -> list[dict]:
         return top + (tsum * torch.exp(tmax - top)).sum(dim=1, keepdim=True).log()
 
     row_kernel_ms = do_bench(row_kernel)
-    rows, fused_ms, today_ms = [], do_bench(reduce_lse), row_kernel_ms
+    lse_only_ms = do_bench(lambda: row_kernel(grad=False))
+    rows, times = [], {}
     for part, (ours, cublas) in parts.items():
         t_ours, t_cublas = do_bench(ours), do_bench(cublas)
+        times[part] = (t_ours, t_cublas)
         flops = 2 * CHUNK * d * vocab
         rows.append(
             {
@@ -335,16 +403,23 @@ def probe(tokens: int, d: int, vocab: int) -> list[dict]:
                 "cublas_tflops": flops / t_cublas / 1e9,
             }
         )
-        fused_ms, today_ms = fused_ms + t_ours, today_ms + t_cublas
+    (fwd, fwd_cublas), (dh, dh_cublas) = times[FORWARD], times[D_HIDDEN]
+    dw, dw_cublas = min(times[D_WEIGHT][0], times[D_WEIGHT_T][0]), times[D_WEIGHT][1]
+    today = fwd_cublas + row_kernel_ms + dh_cublas + dw_cublas
+    fused_all = fwd + do_bench(reduce_lse) + dh + dw
+    mixed = fwd_cublas + lse_only_ms + dh + dw  # cuBLAS's forward, a logsumexp pass, the gradients fused
     chunks = tokens / CHUNK
     rows.append(
         {
             **common,
             "part": "whole loss (projected over the chunks)",
-            "today_ms": today_ms * chunks,
-            "fused_ms": fused_ms * chunks,
-            "today_over_fused": today_ms / fused_ms,
+            "today_ms": today * chunks,
+            "fused_ms": fused_all * chunks,
+            "mixed_ms": mixed * chunks,
+            "today_over_fused": today / fused_all,
+            "today_over_mixed": today / mixed,
             "row_kernel_ms": row_kernel_ms * chunks,
+            "lse_pass_ms": lse_only_ms * chunks,
         }
     )
     return rows
