@@ -30,7 +30,7 @@ from pathlib import Path
 SHAPES = ("98304x512x50304", "16384x1024x151936", "16384x2048x128256")
 """(tokens, width, vocabulary): phase8-small at micro-batch 96 (vocab padded to 64), a Qwen3-shaped
 model at 16 x 1024 tokens, a Llama-3.2-1B-shaped one at 16 x 1024."""
-IMPLS = ("compile", "autotune", "liger", "cce")
+IMPLS = ("compile", "autotune", "autotune-triton", "liger", "cce")
 
 
 def _loss_fn(impl: str):
@@ -50,6 +50,8 @@ def _loss_fn(impl: str):
         if "@" in impl:  # a variant of the launch: autotune@BLOCK_Vxnum_warpsxchunk_MiB
             block, warps, mib = map(int, impl.split("@")[1].split("x"))
             flce.BLOCK_V, flce.NUM_WARPS, flce.CHUNK_BYTES = block, warps, mib << 20
+        if impl.startswith("autotune-triton"):  # the softmax folded into Triton matmuls (kernels/head_matmuls.py)
+            return lambda h, w, t: flce.linear_cross_entropy(h, w, t, matmuls="triton")
         return flce.linear_cross_entropy
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from autotune.kernels import chunking
+from autotune.kernels import chunking, head_matmuls
 
 _INTERPRET = triton.knobs.runtime.interpret
 """Under ``TRITON_INTERPRET=1`` (the CPU tests) the kernel runs in numpy: a small tile keeps the
@@ -47,6 +47,9 @@ NUM_WARPS = 8
 """Warps of a program: 16 bf16 columns a thread a load at BLOCK_V 4096."""
 CHUNK_BYTES = chunking.CHUNK_BYTES
 """The logits of one chunk of tokens take at most about this much memory (the bench sweeps it)."""
+MATMULS = ("cublas", "triton")
+"""Who runs the head's matmuls: cuBLAS with the row kernel between them, or Triton with the
+softmax folded into them (``head_matmuls``; 16-bit inputs only, fp32 takes cuBLAS)."""
 
 
 @triton.jit
@@ -131,6 +134,23 @@ def _weight_grad_into(acc: torch.Tensor | None, grad: torch.Tensor, hidden: torc
     return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32)
 
 
+def _triton_chunk(h, w, targets, scale, ignore_index, vocab_size, losses, d_hidden, d_weight, start):
+    """One chunk through ``head_matmuls``: its losses written, and with d_hidden (the gradient
+    wanted) its rows of d_hidden and its share of the fp32 d_weight (returned, made if None)."""
+    logits, lse = head_matmuls.logits_and_lse(h, w, vocab_size)
+    counted = targets != ignore_index
+    in_vocab = counted & (targets >= 0) & (targets < vocab_size)
+    target_logit = logits.gather(1, torch.where(in_vocab, targets, 0)[:, None]).squeeze(1).float()
+    losses.copy_((lse - torch.where(in_vocab, target_logit, 0.0)).masked_fill_(~counted, 0.0))
+    if d_hidden is not None:
+        row_scale = counted.float() * scale  # the mean's 1 / count, 0 on ignored tokens
+        head_matmuls.grad_hidden(logits, lse, targets, row_scale, w, vocab_size, d_hidden[start : start + len(h)])
+        if d_weight is None:
+            d_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        head_matmuls.grad_weight_into(d_weight, logits, lse, targets, row_scale, h, vocab_size)
+    return d_weight
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss = mean over targets != ignore_index of cross_entropy(hidden @ weight[:vocab].T, targets)."""
 
@@ -143,6 +163,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index: int,
         vocab_size: int,
         chunk: int,
+        matmuls: str,
     ) -> torch.Tensor:
         """hidden (N, d) in the matmuls' dtype; weight (rows, d) in its own (an fp32 master
         weight under autocast: cast here, its fp32 gradient returned without a bf16 round trip)."""
@@ -156,12 +177,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         d_weight = None
         for start in range(0, n_tokens, chunk):
             stop = min(start + chunk, n_tokens)
-            h = hidden[start:stop]
+            h, t = hidden[start:stop], targets[start:stop]
+            if matmuls == "triton":
+                d_weight = _triton_chunk(
+                    h, w, t, scale, ignore_index, vocab_size, losses[start:stop], d_hidden, d_weight, start
+                )
+                continue
             logits = h @ w.T  # (chunk, width), the inputs' dtype
             _loss_and_grad_kernel[(stop - start,)](
                 logits,
                 logits.stride(0),
-                targets[start:stop],
+                t,
                 scale,
                 losses[start:stop],
                 V=vocab_size,
@@ -191,6 +217,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -203,6 +230,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     chunk: int | None = None,
+    matmuls: str = "cublas",
 ) -> torch.Tensor:
     """The mean cross-entropy of ``hidden @ weight.T`` against ``targets``, fused: the maths of
     ``reference.linear_cross_entropy`` without its whole logits.
@@ -212,8 +240,11 @@ def linear_cross_entropy(
     Columns at or past ``vocab_size`` (default: all) are left out of the softmax; targets must
     be below it or ``ignore_index``. The mean is over the other targets, 0 when there are none.
     ``chunk``: tokens per chunk (default :func:`chunk_tokens`). Under autocast the matmuls run in
-    the autocast dtype, as the head's ``nn.Linear`` would.
+    the autocast dtype, as the head's ``nn.Linear`` would. ``matmuls``: one of MATMULS; "triton"
+    runs only 16-bit matmuls that way, fp32 ones take cuBLAS.
     """
+    if matmuls not in MATMULS:
+        raise ValueError(f"matmuls must be one of {', '.join(MATMULS)}, got {matmuls!r}")
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
@@ -224,7 +255,9 @@ def linear_cross_entropy(
         chunk = chunk_tokens(hidden.shape[0], weight.shape[0], hidden.element_size())
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 token, got {chunk}")
+    if hidden.dtype == torch.float32:
+        matmuls = "cublas"
     with torch.autocast(device, enabled=False):
         return LinearCrossEntropyFunction.apply(
-            hidden, weight.contiguous(), targets.reshape(-1).contiguous(), ignore_index, vocab_size, chunk
+            hidden, weight.contiguous(), targets.reshape(-1).contiguous(), ignore_index, vocab_size, chunk, matmuls
         )

@@ -73,16 +73,22 @@ def _error(got, exact) -> float:
 
 
 @pytest.mark.parametrize("chunk", [None, 7], ids=["one-chunk", "chunks-of-7"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "dtype, matmuls",
+    [(torch.float32, "cublas"), (torch.bfloat16, "cublas"), (torch.bfloat16, "triton")],
+    ids=["fp32", "bf16", "bf16-triton-matmuls"],
+)
 @pytest.mark.parametrize("tokens, d, vocab, true_vocab", SHAPES)
-def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true_vocab, dtype, chunk):
+def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true_vocab, dtype, matmuls, chunk):
     hidden, weight, targets = _inputs(tokens, d, vocab, true_vocab)
     hidden, weight = hidden.to(dtype), weight.to(dtype)  # the values both sides see
     exact, theirs = (
         _loss_and_grads(reference.linear_cross_entropy, hidden, weight, targets, precision, vocab_size=true_vocab)
         for precision in (torch.float64, dtype)
     )
-    ours = _loss_and_grads(linear_cross_entropy, hidden, weight, targets, dtype, vocab_size=true_vocab, chunk=chunk)
+    ours = _loss_and_grads(
+        linear_cross_entropy, hidden, weight, targets, dtype, vocab_size=true_vocab, chunk=chunk, matmuls=matmuls
+    )
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == dtype
     for name, got, ref, ex in zip(("loss", "d hidden", "d weight"), ours, theirs, exact):
         floor = torch.finfo(torch.float32).eps * ex.abs().max().item()
