@@ -31,6 +31,8 @@ memory rather than from the ratio of vocabulary to width.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -151,6 +153,74 @@ def _triton_chunk(h, w, targets, scale, ignore_index, vocab_size, losses, d_hidd
     return d_weight
 
 
+def _chunks(hidden, w, targets, scale, ignore_index, vocab_size, chunk, matmuls, *, grad):
+    """The tokens' losses and, with ``grad``, the mean loss's gradients (d hidden in hidden's
+    dtype, d W in fp32), chunk by chunk through ``matmuls``."""
+    n_tokens, width = hidden.shape[0], w.shape[0]
+    losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.empty_like(hidden) if grad else None
+    d_weight = None
+    for start in range(0, n_tokens, chunk):
+        stop = min(start + chunk, n_tokens)
+        h, t = hidden[start:stop], targets[start:stop]
+        if matmuls == "triton":
+            d_weight = _triton_chunk(
+                h, w, t, scale, ignore_index, vocab_size, losses[start:stop], d_hidden, d_weight, start
+            )
+            continue
+        logits = h @ w.T  # (chunk, width), the inputs' dtype
+        _loss_and_grad_kernel[(stop - start,)](
+            logits,
+            logits.stride(0),
+            t,
+            scale,
+            losses[start:stop],
+            V=vocab_size,
+            WIDTH=width,
+            IGNORE_INDEX=ignore_index,
+            GRAD=grad,
+            BLOCK_V=BLOCK_V,
+            num_warps=NUM_WARPS,
+        )
+        if grad:  # logits now hold the gradient of the loss in them
+            torch.mm(logits, w, out=d_hidden[start:stop])
+            d_weight = _weight_grad_into(d_weight, logits, h)
+        del logits
+    if grad and d_weight is None:  # no tokens
+        d_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+    return losses, d_hidden, d_weight
+
+
+_RACED: dict[tuple, str] = {}
+"""matmuls="auto": the faster of MATMULS per (shapes, vocabulary, dtype, device, gradient, chunk),
+raced at its first call in this process."""
+RACE_REPEATS = 3
+
+
+def _race(run, key: tuple) -> str:
+    """The faster of cuBLAS and Triton for ``run`` (a whole forward, both gradients with it) on
+    this GPU: each once to compile and autotune, then the best of RACE_REPEATS timed runs each.
+    Where only one can run (the CPU, fp32 inputs: Triton's fp32 dot rounds to tf32) it is cuBLAS."""
+    if key not in _RACED:
+        if _INTERPRET or key[4].type != "cuda" or key[3] == torch.float32:
+            _RACED[key] = "cublas"
+        else:
+            best = {}
+            for matmuls in MATMULS:
+                run(matmuls)  # compile, autotune
+                times = []
+                for _ in range(RACE_REPEATS):
+                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    begin.record()
+                    run(matmuls)
+                    end.record()
+                    end.synchronize()
+                    times.append(begin.elapsed_time(end))
+                best[matmuls] = min(times)
+            _RACED[key] = min(best, key=best.get)
+    return _RACED[key]
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss = mean over targets != ignore_index of cross_entropy(hidden @ weight[:vocab].T, targets)."""
 
@@ -167,42 +237,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         """hidden (N, d) in the matmuls' dtype; weight (rows, d) in its own (an fp32 master
         weight under autocast: cast here, its fp32 gradient returned without a bf16 round trip)."""
-        n_tokens, width = hidden.shape[0], weight.shape[0]
         grad = any(ctx.needs_input_grad[:2])
         w = weight.to(hidden.dtype)
         counted = (targets != ignore_index).sum()
         scale = (1.0 / counted.clamp(min=1).float()).reshape(1)  # a tensor: no host sync
-        losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-        d_hidden = torch.empty_like(hidden) if grad else None
-        d_weight = None
-        for start in range(0, n_tokens, chunk):
-            stop = min(start + chunk, n_tokens)
-            h, t = hidden[start:stop], targets[start:stop]
-            if matmuls == "triton":
-                d_weight = _triton_chunk(
-                    h, w, t, scale, ignore_index, vocab_size, losses[start:stop], d_hidden, d_weight, start
-                )
-                continue
-            logits = h @ w.T  # (chunk, width), the inputs' dtype
-            _loss_and_grad_kernel[(stop - start,)](
-                logits,
-                logits.stride(0),
-                t,
-                scale,
-                losses[start:stop],
-                V=vocab_size,
-                WIDTH=width,
-                IGNORE_INDEX=ignore_index,
-                GRAD=grad,
-                BLOCK_V=BLOCK_V,
-                num_warps=NUM_WARPS,
-            )
-            if grad:  # logits now hold the gradient of the loss in them
-                torch.mm(logits, w, out=d_hidden[start:stop])
-                d_weight = _weight_grad_into(d_weight, logits, h)
-            del logits
-        if grad and d_weight is None:  # no tokens
-            d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        run = functools.partial(_chunks, hidden, w, targets, scale, ignore_index, vocab_size, chunk, grad=grad)
+        if matmuls == "auto":
+            matmuls = _race(run, (hidden.shape, weight.shape, vocab_size, hidden.dtype, hidden.device, grad, chunk))
+        losses, d_hidden, d_weight = run(matmuls)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
         return losses.sum() * scale[0]
@@ -230,7 +272,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     chunk: int | None = None,
-    matmuls: str = "cublas",
+    matmuls: str = "auto",
 ) -> torch.Tensor:
     """The mean cross-entropy of ``hidden @ weight.T`` against ``targets``, fused: the maths of
     ``reference.linear_cross_entropy`` without its whole logits.
@@ -240,11 +282,12 @@ def linear_cross_entropy(
     Columns at or past ``vocab_size`` (default: all) are left out of the softmax; targets must
     be below it or ``ignore_index``. The mean is over the other targets, 0 when there are none.
     ``chunk``: tokens per chunk (default :func:`chunk_tokens`). Under autocast the matmuls run in
-    the autocast dtype, as the head's ``nn.Linear`` would. ``matmuls``: one of MATMULS; "triton"
-    runs only 16-bit matmuls that way, fp32 ones take cuBLAS.
+    the autocast dtype, as the head's ``nn.Linear`` would. ``matmuls``: one of MATMULS, or "auto"
+    (the faster, raced at the first call of each shape on a GPU); "triton" runs only 16-bit
+    matmuls that way, fp32 ones take cuBLAS.
     """
-    if matmuls not in MATMULS:
-        raise ValueError(f"matmuls must be one of {', '.join(MATMULS)}, got {matmuls!r}")
+    if matmuls not in (*MATMULS, "auto"):
+        raise ValueError(f"matmuls must be one of {', '.join(MATMULS)} or auto, got {matmuls!r}")
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size

@@ -97,11 +97,17 @@ def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true
         assert not ours[2][true_vocab:].any()
 
 
+MATMULS = pytest.mark.parametrize(
+    "dtype, matmuls", [(torch.float32, "cublas"), (torch.bfloat16, "triton")], ids=["cublas", "triton-matmuls"]
+)
+
+
+@MATMULS
 @pytest.mark.parametrize("tokens", [3, 0], ids=["all-ignored", "no-tokens"])
-def test_no_counted_target_gives_zero_loss_and_gradients(tokens):
+def test_no_counted_target_gives_zero_loss_and_gradients(tokens, dtype, matmuls):
     hidden, weight, targets = _inputs(tokens, 16, 40, None)
     loss, d_hidden, d_weight = _loss_and_grads(
-        linear_cross_entropy, hidden, weight, torch.full_like(targets, -7), torch.float32, ignore_index=-7
+        linear_cross_entropy, hidden, weight, torch.full_like(targets, -7), dtype, ignore_index=-7, matmuls=matmuls
     )
     assert loss.item() == 0 and not d_hidden.any() and not d_weight.any()
 
@@ -144,11 +150,13 @@ def test_a_compiled_model_calls_it_outside_its_graph():
     torch.testing.assert_close(step(hidden), linear_cross_entropy(model(hidden), weight, targets))
 
 
-def test_without_gradients_only_the_loss_is_computed():
+@MATMULS
+def test_without_gradients_only_the_loss_is_computed(dtype, matmuls):
     """Evaluation (torch.no_grad): the same loss, no gradient pass, nothing saved."""
     hidden, weight, targets = (t.to(DEVICE) for t in _inputs(24, 48, 100, 90))
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.no_grad():
-        loss = linear_cross_entropy(hidden, weight, targets, vocab_size=90, chunk=5)
+        loss = linear_cross_entropy(hidden, weight, targets, vocab_size=90, chunk=5, matmuls=matmuls)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, reference.linear_cross_entropy(hidden, weight, targets, vocab_size=90))
 
