@@ -272,7 +272,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     chunk: int | None = None,
-    matmuls: str = "auto",
+    matmuls: str = "cublas",
 ) -> torch.Tensor:
     """The mean cross-entropy of ``hidden @ weight.T`` against ``targets``, fused: the maths of
     ``reference.linear_cross_entropy`` without its whole logits.
