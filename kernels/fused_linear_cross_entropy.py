@@ -199,10 +199,15 @@ RACE_REPEATS = 3
 
 def _race(run, key: tuple) -> str:
     """The faster of cuBLAS and Triton for ``run`` (a whole forward, both gradients with it) on
-    this GPU: each once to compile and autotune, then the best of RACE_REPEATS timed runs each.
-    Where only one can run (the CPU, fp32 inputs: Triton's fp32 dot rounds to tf32) it is cuBLAS."""
+    this accelerator: each once to compile and autotune, then the best of RACE_REPEATS timed
+    runs each. Where Triton's matmuls cannot run (the CPU, a device without Triton, fp32 inputs:
+    Triton's fp32 dot rounds to tf32) it is cuBLAS."""
+    from autotune import devices
+
     if key not in _RACED:
-        if _INTERPRET or key[4].type != "cuda" or key[3] == torch.float32:
+        device = key[4]
+        kind = devices.of(device)
+        if _INTERPRET or key[3] == torch.float32 or "triton" not in kind.features(None):
             _RACED[key] = "cublas"
         else:
             best = {}
@@ -210,12 +215,10 @@ def _race(run, key: tuple) -> str:
                 run(matmuls)  # compile, autotune
                 times = []
                 for _ in range(RACE_REPEATS):
-                    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    begin.record()
-                    run(matmuls)
-                    end.record()
-                    end.synchronize()
-                    times.append(begin.elapsed_time(end))
+                    with kind.timer(device) as timer:
+                        run(matmuls)
+                    kind.synchronize(device)
+                    times.append(timer.seconds())
                 best[matmuls] = min(times)
             _RACED[key] = min(best, key=best.get)
     return _RACED[key]

@@ -161,6 +161,21 @@ def test_without_gradients_only_the_loss_is_computed(dtype, matmuls):
     torch.testing.assert_close(loss, reference.linear_cross_entropy(hidden, weight, targets, vocab_size=90))
 
 
+def test_auto_takes_cublas_where_triton_matmuls_cannot_race():
+    """matmuls="auto" races the two paths on an accelerator with Triton; on the CPU (and for
+    fp32 inputs anywhere) it is the cuBLAS path, remembered per shape."""
+    from autotune.kernels import fused_linear_cross_entropy as flce
+
+    hidden, weight, targets = (t.to(DEVICE) for t in _inputs(24, 48, 100, 90))
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    loss = linear_cross_entropy(hidden, weight, targets, vocab_size=90, matmuls="auto")
+    torch.testing.assert_close(loss, linear_cross_entropy(hidden, weight, targets, vocab_size=90, matmuls="cublas"))
+    if DEVICE == "cpu":
+        assert set(flce._RACED.values()) == {"cublas"}
+    with pytest.raises(ValueError, match="matmuls must be one of cublas, triton or auto, got 'cutlass'"):
+        linear_cross_entropy(hidden, weight, targets, matmuls="cutlass")
+
+
 def test_a_vocab_size_past_the_weight_is_refused():
     hidden, weight, targets = _inputs(2, 16, 40, None)
     with pytest.raises(ValueError, match="vocab_size 41 is not in 1..40"):
