@@ -184,8 +184,9 @@ def test_a_vocab_size_past_the_weight_is_refused():
 
 @pytest.mark.slow
 def test_every_config_compiles_for_hopper_without_spilling(python):
-    """No GPU here: compile each Hopper config to a cubin (tests/hopper_compile.py) and check
-    that none spills registers or asks for more than an H100's 227 KiB of shared memory."""
+    """No GPU here: compile each Hopper config to a cubin (tests/hopper_compile.py), the row
+    kernel's and every autotuned config of head_matmuls', and check that none spills registers
+    (but as bounded below) or asks for more than an H100's 227 KiB of shared memory."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
         [python, str(Path(__file__).with_name("hopper_compile.py"))],
@@ -196,9 +197,14 @@ def test_every_config_compiles_for_hopper_without_spilling(python):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(kernels) == 2
+    assert [k["kernel"] for k in kernels[:2]] == ["loss_and_grad", "loss_only"]
+    assert {k["kernel"] for k in kernels[2:]} == {"logits_lse", "grad_hidden", "grad_weight"}  # every config
     for kernel in kernels:
-        assert kernel["stack"] == 0 and kernel["shared"] <= 227 * 1024, kernel
+        assert kernel["shared"] <= 227 * 1024, kernel
+        # The weight gradient's 128 x 128 tiles spill 120-200 bytes a thread (the gradient tile's
+        # transposition); a spill in a main loop would be KiBs. Every other kernel spills nothing.
+        assert kernel["stack"] <= (256 if kernel["kernel"] == "grad_weight" else 0), kernel
+    assert any(k["stack"] == 0 for k in kernels if k["kernel"] == "grad_weight")
 
 
 def test_the_strategys_fused_loss_trains_a_gpt_as_its_own_loss_does():
