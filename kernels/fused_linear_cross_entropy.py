@@ -27,6 +27,12 @@ Liger-Kernel's ``fused_linear_cross_entropy`` is built the same way (chunks of t
 gradient in the forward); here the weight's gradient accumulates in fp32 rather than in the
 weight's dtype, the row kernel reads each tile once per pass, and the chunks are sized from
 memory rather than from the ratio of vocabulary to width.
+
+``matmuls="triton"`` runs the same chunks through ``head_matmuls`` instead: the three matmuls
+in Triton with the softmax folded into them (the logsumexp in the forward's epilogue, the
+gradient made from each tile of logits as the gradient matmuls load it), so the logits make one
+trip per matmul and no row kernel runs. ``matmuls="auto"`` races the two at a shape's first
+call. cuBLAS stays the default until a GPU has measured the Triton path (bench/README.md).
 """
 
 from __future__ import annotations
