@@ -142,9 +142,9 @@ def _weight_grad_into(acc: torch.Tensor | None, grad: torch.Tensor, hidden: torc
     return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32)
 
 
-def _triton_chunk(h, w, targets, scale, ignore_index, vocab_size, losses, d_hidden, d_weight, start):
-    """One chunk through ``head_matmuls``: its losses written, and with d_hidden (the gradient
-    wanted) its rows of d_hidden and its share of the fp32 d_weight (returned, made if None)."""
+def _triton_chunk(h, w, targets, scale, ignore_index, vocab_size, losses, d_hidden, d_weight):
+    """One chunk through ``head_matmuls``: its losses written, and with d_hidden (its rows, where
+    the gradient is wanted) those rows and its share of the fp32 d_weight (returned, made if None)."""
     logits, lse = head_matmuls.logits_and_lse(h, w, vocab_size)
     counted = targets != ignore_index
     in_vocab = counted & (targets >= 0) & (targets < vocab_size)
@@ -152,7 +152,7 @@ def _triton_chunk(h, w, targets, scale, ignore_index, vocab_size, losses, d_hidd
     losses.copy_((lse - torch.where(in_vocab, target_logit, 0.0)).masked_fill_(~counted, 0.0))
     if d_hidden is not None:
         row_scale = counted.float() * scale  # the mean's 1 / count, 0 on ignored tokens
-        head_matmuls.grad_hidden(logits, lse, targets, row_scale, w, vocab_size, d_hidden[start : start + len(h)])
+        head_matmuls.grad_hidden(logits, lse, targets, row_scale, w, vocab_size, d_hidden)
         if d_weight is None:
             d_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         head_matmuls.grad_weight_into(d_weight, logits, lse, targets, row_scale, h, vocab_size)
@@ -170,9 +170,8 @@ def _chunks(hidden, w, targets, scale, ignore_index, vocab_size, chunk, matmuls,
         stop = min(start + chunk, n_tokens)
         h, t = hidden[start:stop], targets[start:stop]
         if matmuls == "triton":
-            d_weight = _triton_chunk(
-                h, w, t, scale, ignore_index, vocab_size, losses[start:stop], d_hidden, d_weight, start
-            )
+            rows = None if d_hidden is None else d_hidden[start:stop]
+            d_weight = _triton_chunk(h, w, t, scale, ignore_index, vocab_size, losses[start:stop], rows, d_weight)
             continue
         logits = h @ w.T  # (chunk, width), the inputs' dtype
         _loss_and_grad_kernel[(stop - start,)](
@@ -203,30 +202,27 @@ raced at its first call in this process."""
 RACE_REPEATS = 3
 
 
-def _race(run, key: tuple) -> str:
+def _race(run, key: tuple, device: torch.device) -> str:
     """The faster of cuBLAS and Triton for ``run`` (a whole forward, both gradients with it) on
     this accelerator: each once to compile and autotune, then the best of RACE_REPEATS timed
-    runs each. Where Triton's matmuls cannot run (the CPU, a device without Triton, fp32 inputs:
-    Triton's fp32 dot rounds to tf32) it is cuBLAS."""
+    runs each. On a device without Triton (the CPU) it is cuBLAS. (fp32 inputs never get here:
+    ``linear_cross_entropy`` sends them to cuBLAS.)"""
     from autotune import devices
 
     if key not in _RACED:
-        device = key[4]
         kind = devices.of(device)
-        if _INTERPRET or key[3] == torch.float32 or "triton" not in kind.features(None):
-            _RACED[key] = "cublas"
-        else:
-            best = {}
-            for matmuls in MATMULS:
-                run(matmuls)  # compile, autotune
-                times = []
-                for _ in range(RACE_REPEATS):
-                    with kind.timer(device) as timer:
-                        run(matmuls)
-                    kind.synchronize(device)
-                    times.append(timer.seconds())
-                best[matmuls] = min(times)
-            _RACED[key] = min(best, key=best.get)
+
+        def best_seconds(matmuls: str) -> float:
+            run(matmuls)  # compile, autotune
+            times = []
+            for _ in range(RACE_REPEATS):
+                with kind.timer(device) as timer:
+                    run(matmuls)
+                kind.synchronize(device)
+                times.append(timer.seconds())
+            return min(times)
+
+        _RACED[key] = min(MATMULS, key=best_seconds) if "triton" in kind.features(None) else "cublas"
     return _RACED[key]
 
 
@@ -252,7 +248,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         scale = (1.0 / counted.clamp(min=1).float()).reshape(1)  # a tensor: no host sync
         run = functools.partial(_chunks, hidden, w, targets, scale, ignore_index, vocab_size, chunk, grad=grad)
         if matmuls == "auto":
-            matmuls = _race(run, (hidden.shape, weight.shape, vocab_size, hidden.dtype, hidden.device, grad, chunk))
+            key = (hidden.shape, weight.shape, vocab_size, hidden.dtype, hidden.device, grad, chunk)
+            matmuls = _race(run, key, hidden.device)
         losses, d_hidden, d_weight = run(matmuls)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
