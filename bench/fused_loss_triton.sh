@@ -31,6 +31,8 @@ python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py >"$R/test_kernels
 echo "rc $?" >>"$R/test_kernels.log"
 say "fused_loss"
 python3 bench/fused_loss.py all --impls compile,autotune,autotune-triton,autotune-auto --out "$R/fused_loss.jsonl"
+say "chunk sweep (memory: the issue's 30% of compile's)"
+python3 bench/fused_loss.py all --shapes 16384x1024x151936,16384x2048x128256 --impls autotune@4096x8x256,autotune@4096x8x512,autotune-triton@4096x8x256,autotune-triton@4096x8x512 --out "$R/fused_loss_chunks.jsonl"
 say "fused_gemm_probe"
 python3 bench/fused_gemm_probe.py --out "$R/fused_gemm_probe.jsonl"
 say done
