@@ -1,8 +1,6 @@
 """The output head + cross-entropy, forward and backward, by implementation: inductor's unfused
-head and loss ("compile", what a compiled model runs), our kernel (kernels/fused_linear_cross_entropy.py:
-"autotune" with cuBLAS's matmuls and the row kernel, as the strategy runs it, "autotune-triton"
-with the softmax folded into Triton matmuls, "autotune-auto" the faster of the two raced at the
-first call), Liger-Kernel's and Cut Cross-Entropy's fused losses.
+head and loss ("compile", what a compiled model runs), our kernel ("autotune",
+kernels/fused_linear_cross_entropy.py), Liger-Kernel's and Cut Cross-Entropy's fused losses.
 Issue 28's shapes; each (shape, implementation) in a process of its own, so that peak memory and
 compiled code are its alone.
 
@@ -32,7 +30,7 @@ from pathlib import Path
 SHAPES = ("98304x512x50304", "16384x1024x151936", "16384x2048x128256")
 """(tokens, width, vocabulary): phase8-small at micro-batch 96 (vocab padded to 64), a Qwen3-shaped
 model at 16 x 1024 tokens, a Llama-3.2-1B-shaped one at 16 x 1024."""
-IMPLS = ("compile", "autotune", "autotune-triton", "autotune-auto", "liger", "cce")
+IMPLS = ("compile", "autotune", "liger", "cce")
 
 
 def _loss_fn(impl: str):
@@ -52,10 +50,7 @@ def _loss_fn(impl: str):
         if "@" in impl:  # a variant of the launch: autotune@BLOCK_Vxnum_warpsxchunk_MiB
             block, warps, mib = map(int, impl.split("@")[1].split("x"))
             flce.BLOCK_V, flce.NUM_WARPS, flce.CHUNK_BYTES = block, warps, mib << 20
-        for matmuls in (*flce.MATMULS, "auto"):  # triton: the softmax folded into Triton matmuls (head_matmuls.py)
-            if impl.startswith(f"autotune-{matmuls}"):
-                return lambda h, w, t: flce.linear_cross_entropy(h, w, t, matmuls=matmuls)
-        return flce.linear_cross_entropy  # as the strategy runs it
+        return flce.linear_cross_entropy
     if impl == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

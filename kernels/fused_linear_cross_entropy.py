@@ -27,23 +27,15 @@ Liger-Kernel's ``fused_linear_cross_entropy`` is built the same way (chunks of t
 gradient in the forward); here the weight's gradient accumulates in fp32 rather than in the
 weight's dtype, the row kernel reads each tile once per pass, and the chunks are sized from
 memory rather than from the ratio of vocabulary to width.
-
-``matmuls="triton"`` runs the same chunks through ``head_matmuls`` instead: the three matmuls
-in Triton with the softmax folded into them (the logsumexp in the forward's epilogue, the
-gradient made from each tile of logits as the gradient matmuls load it), so the logits make one
-trip per matmul and no row kernel runs. ``matmuls="auto"`` races the two at a shape's first
-call. cuBLAS stays the default until a GPU has measured the Triton path (bench/README.md).
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from autotune.kernels import chunking, head_matmuls
+from autotune.kernels import chunking
 
 _INTERPRET = triton.knobs.runtime.interpret
 """Under ``TRITON_INTERPRET=1`` (the CPU tests) the kernel runs in numpy: a small tile keeps the
@@ -55,9 +47,6 @@ NUM_WARPS = 8
 """Warps of a program: 16 bf16 columns a thread a load at BLOCK_V 4096."""
 CHUNK_BYTES = chunking.CHUNK_BYTES
 """The logits of one chunk of tokens take at most about this much memory (the bench sweeps it)."""
-MATMULS = ("cublas", "triton")
-"""Who runs the head's matmuls: cuBLAS with the row kernel between them, or Triton with the
-softmax folded into them (``head_matmuls``; 16-bit inputs only, fp32 takes cuBLAS)."""
 
 
 @triton.jit
@@ -142,90 +131,6 @@ def _weight_grad_into(acc: torch.Tensor | None, grad: torch.Tensor, hidden: torc
     return torch.addmm(acc, grad.T, hidden, out_dtype=torch.float32)
 
 
-def _triton_chunk(h, w, targets, scale, ignore_index, vocab_size, losses, d_hidden, d_weight):
-    """One chunk through ``head_matmuls``: its losses written, and with d_hidden (its rows, where
-    the gradient is wanted) those rows and its share of the fp32 d_weight (returned, made if None)."""
-    logits, lse = head_matmuls.logits_and_lse(h, w, vocab_size)
-    counted = targets != ignore_index
-    in_vocab = counted & (targets >= 0) & (targets < vocab_size)
-    target_logit = logits.gather(1, torch.where(in_vocab, targets, 0)[:, None]).squeeze(1).float()
-    losses.copy_((lse - torch.where(in_vocab, target_logit, 0.0)).masked_fill_(~counted, 0.0))
-    if d_hidden is not None:
-        row_scale = counted.float() * scale  # the mean's 1 / count, 0 on ignored tokens
-        head_matmuls.grad_hidden(logits, lse, targets, row_scale, w, vocab_size, d_hidden)
-        if d_weight is None:
-            d_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        head_matmuls.grad_weight_into(d_weight, logits, lse, targets, row_scale, h, vocab_size)
-    return d_weight
-
-
-def _chunks(hidden, w, targets, scale, ignore_index, vocab_size, chunk, matmuls, *, grad):
-    """The tokens' losses and, with ``grad``, the mean loss's gradients (d hidden in hidden's
-    dtype, d W in fp32), chunk by chunk through ``matmuls``."""
-    n_tokens, width = hidden.shape[0], w.shape[0]
-    losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.empty_like(hidden) if grad else None
-    d_weight = None
-    for start in range(0, n_tokens, chunk):
-        stop = min(start + chunk, n_tokens)
-        h, t = hidden[start:stop], targets[start:stop]
-        if matmuls == "triton":
-            rows = None if d_hidden is None else d_hidden[start:stop]
-            d_weight = _triton_chunk(h, w, t, scale, ignore_index, vocab_size, losses[start:stop], rows, d_weight)
-            continue
-        logits = h @ w.T  # (chunk, width), the inputs' dtype
-        _loss_and_grad_kernel[(stop - start,)](
-            logits,
-            logits.stride(0),
-            t,
-            scale,
-            losses[start:stop],
-            V=vocab_size,
-            WIDTH=width,
-            IGNORE_INDEX=ignore_index,
-            GRAD=grad,
-            BLOCK_V=BLOCK_V,
-            num_warps=NUM_WARPS,
-        )
-        if grad:  # logits now hold the gradient of the loss in them
-            torch.mm(logits, w, out=d_hidden[start:stop])
-            d_weight = _weight_grad_into(d_weight, logits, h)
-        del logits
-    if grad and d_weight is None:  # no tokens
-        d_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-    return losses, d_hidden, d_weight
-
-
-_RACED: dict[tuple, str] = {}
-"""matmuls="auto": the faster of MATMULS per (shapes, vocabulary, dtype, device, gradient, chunk),
-raced at its first call in this process."""
-RACE_REPEATS = 3
-
-
-def _race(run, key: tuple, device: torch.device) -> str:
-    """The faster of cuBLAS and Triton for ``run`` (a whole forward, both gradients with it) on
-    this accelerator: each once to compile and autotune, then the best of RACE_REPEATS timed
-    runs each. On a device without Triton (the CPU) it is cuBLAS. (fp32 inputs never get here:
-    ``linear_cross_entropy`` sends them to cuBLAS.)"""
-    from autotune import devices
-
-    if key not in _RACED:
-        kind = devices.of(device)
-
-        def best_seconds(matmuls: str) -> float:
-            run(matmuls)  # compile, autotune
-            times = []
-            for _ in range(RACE_REPEATS):
-                with kind.timer(device) as timer:
-                    run(matmuls)
-                kind.synchronize(device)
-                times.append(timer.seconds())
-            return min(times)
-
-        _RACED[key] = min(MATMULS, key=best_seconds) if "triton" in kind.features(None) else "cublas"
-    return _RACED[key]
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """loss = mean over targets != ignore_index of cross_entropy(hidden @ weight[:vocab].T, targets)."""
 
@@ -238,19 +143,40 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index: int,
         vocab_size: int,
         chunk: int,
-        matmuls: str,
     ) -> torch.Tensor:
         """hidden (N, d) in the matmuls' dtype; weight (rows, d) in its own (an fp32 master
         weight under autocast: cast here, its fp32 gradient returned without a bf16 round trip)."""
+        n_tokens, width = hidden.shape[0], weight.shape[0]
         grad = any(ctx.needs_input_grad[:2])
         w = weight.to(hidden.dtype)
         counted = (targets != ignore_index).sum()
         scale = (1.0 / counted.clamp(min=1).float()).reshape(1)  # a tensor: no host sync
-        run = functools.partial(_chunks, hidden, w, targets, scale, ignore_index, vocab_size, chunk, grad=grad)
-        if matmuls == "auto":
-            key = (hidden.shape, weight.shape, vocab_size, hidden.dtype, hidden.device, grad, chunk)
-            matmuls = _race(run, key, hidden.device)
-        losses, d_hidden, d_weight = run(matmuls)
+        losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+        d_hidden = torch.empty_like(hidden) if grad else None
+        d_weight = None
+        for start in range(0, n_tokens, chunk):
+            stop = min(start + chunk, n_tokens)
+            h = hidden[start:stop]
+            logits = h @ w.T  # (chunk, width), the inputs' dtype
+            _loss_and_grad_kernel[(stop - start,)](
+                logits,
+                logits.stride(0),
+                targets[start:stop],
+                scale,
+                losses[start:stop],
+                V=vocab_size,
+                WIDTH=width,
+                IGNORE_INDEX=ignore_index,
+                GRAD=grad,
+                BLOCK_V=BLOCK_V,
+                num_warps=NUM_WARPS,
+            )
+            if grad:  # logits now hold the gradient of the loss in them
+                torch.mm(logits, w, out=d_hidden[start:stop])
+                d_weight = _weight_grad_into(d_weight, logits, h)
+            del logits
+        if grad and d_weight is None:  # no tokens
+            d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
         return losses.sum() * scale[0]
@@ -261,7 +187,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return (
             d_hidden * grad_loss.to(d_hidden.dtype),
             d_weight.mul_(grad_loss).to(ctx.weight_dtype),
-            None,
             None,
             None,
             None,
@@ -278,7 +203,6 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     vocab_size: int | None = None,
     chunk: int | None = None,
-    matmuls: str = "cublas",
 ) -> torch.Tensor:
     """The mean cross-entropy of ``hidden @ weight.T`` against ``targets``, fused: the maths of
     ``reference.linear_cross_entropy`` without its whole logits.
@@ -288,12 +212,8 @@ def linear_cross_entropy(
     Columns at or past ``vocab_size`` (default: all) are left out of the softmax; targets must
     be below it or ``ignore_index``. The mean is over the other targets, 0 when there are none.
     ``chunk``: tokens per chunk (default :func:`chunk_tokens`). Under autocast the matmuls run in
-    the autocast dtype, as the head's ``nn.Linear`` would. ``matmuls``: one of MATMULS, or "auto"
-    (the faster, raced at the first call of each shape on a GPU); "triton" runs only 16-bit
-    matmuls that way, fp32 ones take cuBLAS.
+    the autocast dtype, as the head's ``nn.Linear`` would.
     """
-    if matmuls not in (*MATMULS, "auto"):
-        raise ValueError(f"matmuls must be one of {', '.join(MATMULS)} or auto, got {matmuls!r}")
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
@@ -304,9 +224,7 @@ def linear_cross_entropy(
         chunk = chunk_tokens(hidden.shape[0], weight.shape[0], hidden.element_size())
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1 token, got {chunk}")
-    if hidden.dtype == torch.float32:
-        matmuls = "cublas"
     with torch.autocast(device, enabled=False):
         return LinearCrossEntropyFunction.apply(
-            hidden, weight.contiguous(), targets.reshape(-1).contiguous(), ignore_index, vocab_size, chunk, matmuls
+            hidden, weight.contiguous(), targets.reshape(-1).contiguous(), ignore_index, vocab_size, chunk
         )

@@ -20,7 +20,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from autotune.kernels import fused_linear_cross_entropy as flce
-from autotune.kernels import head_matmuls as hm
 
 HOPPER = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -40,25 +39,14 @@ KERNELS = {
 }
 OPTIONS = {"num_warps": 8, "num_stages": 3}
 """As the launcher in kernels/fused_linear_cross_entropy.py calls it."""
-MATMULS = {
-    # head_matmuls' autotuned kernels at Qwen3's shape (d 1024, vocabulary 151,936, chunks of
-    # 3,277 tokens), every config each: (kernel, runtime argument types in order, K)
-    "logits_lse": (hm._logits_lse_kernel, "*bf16 *bf16 *bf16 *fp32 *fp32 i32 i32 i32 i32", 1024),
-    "grad_hidden": (hm._grad_hidden_kernel, "*bf16 *fp32 *i64 *fp32 *bf16 *bf16 i32 i32 i32", 151936),
-    "grad_weight": (hm._grad_weight_kernel, "*bf16 *fp32 *i64 *fp32 *bf16 *fp32 i32 i32 i32", 3277),
-}
 
 
-def compile_for_hopper(name: str, fn, types: str, constants: dict, options: dict = OPTIONS) -> dict:
-    """``fn`` compiled with ``constants``: ``types`` of its other arguments in order."""
-    runtime = [arg for arg in fn.arg_names if arg not in constants]
-    given = dict(zip(runtime, types.split(), strict=True))
-    signature = {arg: given.get(arg, "constexpr") for arg in fn.arg_names}
-    aligned = {
-        (i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if given.get(arg, "").startswith("*")
-    }
+def compile_for_hopper(name: str, fn, types: str, constants: dict) -> dict:
+    """``fn`` compiled with ``constants``: ``types`` of its runtime arguments in order."""
+    signature = {**dict(zip(fn.arg_names, types.split())), **{name: "constexpr" for name in constants}}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(types.split()) if t.startswith("*")}
     source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned)
-    kernel = triton.compile(source, target=HOPPER, options=options)
+    kernel = triton.compile(source, target=HOPPER, options=OPTIONS)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
@@ -70,8 +58,3 @@ def compile_for_hopper(name: str, fn, types: str, constants: dict, options: dict
 if __name__ == "__main__":
     for name, (fn, types, constants) in KERNELS.items():
         print(json.dumps(compile_for_hopper(name, fn, types, constants)), flush=True)
-    for name, (tuner, types, k) in MATMULS.items():
-        for cfg in tuner.configs:
-            options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            line = compile_for_hopper(name, tuner.fn, types, {"K": k, **cfg.kwargs}, options)
-            print(json.dumps({**line, "config": [*cfg.kwargs.values(), cfg.num_warps, cfg.num_stages]}), flush=True)

@@ -73,22 +73,16 @@ def _error(got, exact) -> float:
 
 
 @pytest.mark.parametrize("chunk", [None, 7], ids=["one-chunk", "chunks-of-7"])
-@pytest.mark.parametrize(
-    "dtype, matmuls",
-    [(torch.float32, "cublas"), (torch.bfloat16, "cublas"), (torch.bfloat16, "triton")],
-    ids=["fp32", "bf16", "bf16-triton-matmuls"],
-)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("tokens, d, vocab, true_vocab", SHAPES)
-def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true_vocab, dtype, matmuls, chunk):
+def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true_vocab, dtype, chunk):
     hidden, weight, targets = _inputs(tokens, d, vocab, true_vocab)
     hidden, weight = hidden.to(dtype), weight.to(dtype)  # the values both sides see
     exact, theirs = (
         _loss_and_grads(reference.linear_cross_entropy, hidden, weight, targets, precision, vocab_size=true_vocab)
         for precision in (torch.float64, dtype)
     )
-    ours = _loss_and_grads(
-        linear_cross_entropy, hidden, weight, targets, dtype, vocab_size=true_vocab, chunk=chunk, matmuls=matmuls
-    )
+    ours = _loss_and_grads(linear_cross_entropy, hidden, weight, targets, dtype, vocab_size=true_vocab, chunk=chunk)
     assert ours[0].dtype == torch.float32 and ours[1].dtype == ours[2].dtype == dtype
     for name, got, ref, ex in zip(("loss", "d hidden", "d weight"), ours, theirs, exact):
         floor = torch.finfo(torch.float32).eps * ex.abs().max().item()
@@ -97,17 +91,11 @@ def test_fused_linear_cross_entropy_matches_the_reference(tokens, d, vocab, true
         assert not ours[2][true_vocab:].any()
 
 
-MATMULS = pytest.mark.parametrize(
-    "dtype, matmuls", [(torch.float32, "cublas"), (torch.bfloat16, "triton")], ids=["cublas", "triton-matmuls"]
-)
-
-
-@MATMULS
 @pytest.mark.parametrize("tokens", [3, 0], ids=["all-ignored", "no-tokens"])
-def test_no_counted_target_gives_zero_loss_and_gradients(tokens, dtype, matmuls):
+def test_no_counted_target_gives_zero_loss_and_gradients(tokens):
     hidden, weight, targets = _inputs(tokens, 16, 40, None)
     loss, d_hidden, d_weight = _loss_and_grads(
-        linear_cross_entropy, hidden, weight, torch.full_like(targets, -7), dtype, ignore_index=-7, matmuls=matmuls
+        linear_cross_entropy, hidden, weight, torch.full_like(targets, -7), torch.float32, ignore_index=-7
     )
     assert loss.item() == 0 and not d_hidden.any() and not d_weight.any()
 
@@ -150,30 +138,13 @@ def test_a_compiled_model_calls_it_outside_its_graph():
     torch.testing.assert_close(step(hidden), linear_cross_entropy(model(hidden), weight, targets))
 
 
-@MATMULS
-def test_without_gradients_only_the_loss_is_computed(dtype, matmuls):
+def test_without_gradients_only_the_loss_is_computed():
     """Evaluation (torch.no_grad): the same loss, no gradient pass, nothing saved."""
     hidden, weight, targets = (t.to(DEVICE) for t in _inputs(24, 48, 100, 90))
-    hidden, weight = hidden.to(dtype), weight.to(dtype)
     with torch.no_grad():
-        loss = linear_cross_entropy(hidden, weight, targets, vocab_size=90, chunk=5, matmuls=matmuls)
+        loss = linear_cross_entropy(hidden, weight, targets, vocab_size=90, chunk=5)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, reference.linear_cross_entropy(hidden, weight, targets, vocab_size=90))
-
-
-def test_auto_takes_cublas_where_triton_matmuls_cannot_race():
-    """matmuls="auto" races the two paths on an accelerator with Triton; on the CPU (and for
-    fp32 inputs anywhere) it is the cuBLAS path, remembered per shape."""
-    from autotune.kernels import fused_linear_cross_entropy as flce
-
-    hidden, weight, targets = (t.to(DEVICE) for t in _inputs(24, 48, 100, 90))
-    hidden, weight = hidden.bfloat16(), weight.bfloat16()
-    loss = linear_cross_entropy(hidden, weight, targets, vocab_size=90, matmuls="auto")
-    torch.testing.assert_close(loss, linear_cross_entropy(hidden, weight, targets, vocab_size=90, matmuls="cublas"))
-    if DEVICE == "cpu":
-        assert set(flce._RACED.values()) == {"cublas"}
-    with pytest.raises(ValueError, match="matmuls must be one of cublas, triton or auto, got 'cutlass'"):
-        linear_cross_entropy(hidden, weight, targets, matmuls="cutlass")
 
 
 def test_a_vocab_size_past_the_weight_is_refused():
@@ -184,9 +155,8 @@ def test_a_vocab_size_past_the_weight_is_refused():
 
 @pytest.mark.slow
 def test_every_config_compiles_for_hopper_without_spilling(python):
-    """No GPU here: compile each Hopper config to a cubin (tests/hopper_compile.py), the row
-    kernel's and every autotuned config of head_matmuls', and check that none spills registers
-    (but as bounded below) or asks for more than an H100's 227 KiB of shared memory."""
+    """No GPU here: compile each Hopper config to a cubin (tests/hopper_compile.py) and check
+    that none spills registers or asks for more than an H100's 227 KiB of shared memory."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run(
         [python, str(Path(__file__).with_name("hopper_compile.py"))],
@@ -197,14 +167,9 @@ def test_every_config_compiles_for_hopper_without_spilling(python):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [k["kernel"] for k in kernels[:2]] == ["loss_and_grad", "loss_only"]
-    assert {k["kernel"] for k in kernels[2:]} == {"logits_lse", "grad_hidden", "grad_weight"}  # every config
+    assert len(kernels) == 2
     for kernel in kernels:
-        assert kernel["shared"] <= 227 * 1024, kernel
-        # The weight gradient's 128 x 128 tiles spill 120-200 bytes a thread (the gradient tile's
-        # transposition); a spill in a main loop would be KiBs. Every other kernel spills nothing.
-        assert kernel["stack"] <= (256 if kernel["kernel"] == "grad_weight" else 0), kernel
-    assert any(k["stack"] == 0 for k in kernels if k["kernel"] == "grad_weight")
+        assert kernel["stack"] == 0 and kernel["shared"] <= 227 * 1024, kernel
 
 
 def test_the_strategys_fused_loss_trains_a_gpt_as_its_own_loss_does():
