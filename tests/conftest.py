@@ -83,8 +83,7 @@ def python() -> str:
 def pytest_collection_modifyitems(config, items):
     """Under ``pytest -n 2 --dist loadgroup`` (``make test``), the tests that share a fixture
     built once per module (a planned study, a cluster, a built model) run on one worker, so that
-    it is built once; every other test goes to whichever worker is free. Modules that set
-    ``RUN_FIRST`` (minutes each, in one unit) are handed out first."""
+    it is built once; every other test goes to whichever worker is free."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
@@ -93,9 +92,6 @@ def pytest_collection_modifyitems(config, items):
             continue
         if any(d.scope in ("module", "package") for defs in info.name2fixturedefs.values() for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    # The longest single units first (longest-processing-time order): started last, the 2.5-minute
-    # XLA test ran alone while the other worker idled. Many short tests after them even the workers.
-    items.sort(key=lambda item: not getattr(getattr(item, "module", None), "RUN_FIRST", False))
 
 
 def pytest_collection_finish(session):

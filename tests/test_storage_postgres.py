@@ -20,9 +20,6 @@ import pytest
 from tests.conftest import ROOT
 from tests.postgres import cluster
 
-RUN_FIRST = True
-"""The two planners take about 2.5 minutes in one unit (the cluster is the module's): handed out
-first under xdist (tests/conftest.py)."""
 PLANNER = [
     "--workload",
     "tiny",

@@ -14,8 +14,6 @@ import pytest
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
-RUN_FIRST = True
-"""One unit of about 2.5 minutes: handed out first under xdist (tests/conftest.py)."""
 
 XLA_PYTHON = ROOT / ".venv-xla" / "bin" / "python"
 TIMEOUT_S = 900
