@@ -31,12 +31,31 @@ SHAPES = ("98304x512x50304", "16384x1024x151936", "16384x2048x128256")
 """(tokens, width, vocabulary): phase8-small at micro-batch 96 (vocab padded to 64), a Qwen3-shaped
 model at 16 x 1024 tokens, a Llama-3.2-1B-shaped one at 16 x 1024."""
 IMPLS = ("compile", "autotune", "liger", "cce")
+FLOOR = "matmuls"
+"""Not a loss: the head's three matmuls alone (cuBLAS, bf16, whole, the forward's output taken as
+the gradient), no softmax: the time below which no design that runs those matmuls through cuBLAS
+can go. ``--impls matmuls`` adds it; it has no error check."""
 
 
 def _loss_fn(impl: str):
     import torch
     import torch.nn.functional as F
 
+    if impl == FLOOR:
+
+        class Matmuls(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, h, w, t):
+                logits = h @ w.T
+                ctx.save_for_backward(h, w, logits)
+                return logits.new_zeros((), dtype=torch.float32)
+
+            @staticmethod
+            def backward(ctx, _):
+                h, w, logits = ctx.saved_tensors
+                return logits @ w, logits.T @ h, None
+
+        return Matmuls.apply
     if impl == "compile":
 
         @torch.compile
@@ -101,7 +120,9 @@ def one(shape: str, impl: str, iters: int, check: bool) -> dict:
         iters=iters,
         peak_extra_bytes=peak,
     )
-    if check:  # against fp32 maths on the same bf16 values, a slice of the tokens (fp32 logits are large)
+    if (
+        check and impl != FLOOR
+    ):  # against fp32 maths on the same bf16 values, a slice of the tokens (fp32 logits are large)
         m = min(n, 4096)
         h, w = hidden.detach()[:m].clone().requires_grad_(), weight.detach().clone().requires_grad_()
         loss = fn(h, w, targets[:m])

@@ -12,7 +12,10 @@
 # 2. Issue 28 (the planner's choice of loss where the vocabulary is large): `autotune plan
 #    --workload gpt-vocab152k` with the same time budget twice, with every strategy and with
 #    `--exclude triton_kernels`, each from a cold cache, then both plans as interleaved real trials
-#    (bench/trial_ab.py).
+#    (bench/trial_ab.py). WORKLOAD picks another model (phase8-small: the plan with kernels must not
+#    be slower than the one without).
+# 3. (PARTS=floor) Issue 28's fused loss against compile and against the head's three cuBLAS
+#    matmuls alone (bench/fused_loss.py's `matmuls`): how far above that floor each design runs.
 #
 # Wheels (optuna and its needs, torchao, liger-kernel, cut-cross-entropy) in /tmp/site on
 # PYTHONPATH; the package installed with `python3 -m pip install --no-deps --no-build-isolation -e .`.
@@ -49,13 +52,18 @@ ONLY='^bf16 \+ SDPA|vocab padding|AdamW foreach|every block|grad accum|pinned|^b
 done
 
 # Issue 28.
+[[ " ${PARTS:-single plans} " == *" floor "* ]] && {
+    timeout 500 python3 bench/fused_loss.py all --shapes "${SHAPES:-16384x1024x151936,16384x2048x128256,98304x512x50304}" \
+        --impls matmuls,compile,autotune --iters 10 --out "$R/floor.jsonl" > "$R/floor.log" 2>&1
+    say "fused_loss floor exit $?"
+}
 [[ " ${PARTS:-single plans} " == *" plans "* ]] || { touch "$R/DONE"; exit 0; }
 python3 -m autotune profile --out "$R/profile.json" >/dev/null || say "autotune profile failed"
 plan() {  # plan NAME ARGS...
     local name=$1; shift
     mkdir -p "$R/$name"
     AUTOTUNE_CACHE="$R/$name/cache" TORCHINDUCTOR_CACHE_DIR="$R/$name/cache/inductor" \
-        timeout $(( ${BUDGET:-240} + 60 )) python3 -m autotune plan --workload gpt-vocab152k --time-budget "${BUDGET:-240}" \
+        timeout $(( ${BUDGET:-240} + 60 )) python3 -m autotune plan --workload "${WORKLOAD:-gpt-vocab152k}" --time-budget "${BUDGET:-240}" \
         --profile "$R/profile.json" --storage "sqlite:///$R/$name/studies.db" --out "$R/$name/plan.json" "$@" \
         > "$R/$name.log" 2>&1
     say "plan $name exit $?"
