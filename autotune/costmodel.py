@@ -20,7 +20,7 @@ micro-batch b of sequences of s tokens (t = b * s tokens), all read from the mod
          out, SDPA's math backend, which SDPA in fp32 on grouped kv heads falls back to)
     + logits       t * V_padded * 12 eager: the forward keeps the fp32 log-softmax (the loss
                    upcasts bf16 logits), and where the backward starts its gradient and the
-                   logits' are live with it; ~3 compiled with the model
+                   logits' are live with it; 2 compiled with the model (the bf16 logits)
     + casts        autocast's bf16 copies of the weights, kept for the backward (eager)
 
 ``tests/test_costmodel.py`` checks the activation and logit terms against the bytes autograd
@@ -60,23 +60,19 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Coefficients:
-    """What the counts leave to measurement: fitted to peaks and step times measured on an H200."""
+    """What the counts leave to measurement: fitted to peaks and step times measured on an H200
+    (and the compiled counts to the H100 studies since)."""
 
-    compiled_mlp_output: float = 0.5
-    """Share of the MLP's activation output (the down projection's input) a compiled block
-    keeps beside what the partitioner must: inductor kept it in the H200 runs at widths 768
-    (GPT-2 124M, Llama 125M) and 2048 (gpt-1b) and recomputed it at 512 (phase8-small); half
-    puts those peaks within 7%."""
-    compiled_gated_mlp_output: float = 1.0
-    """... of a gated MLP (SwiGLU: silu(gate) * up), kept whole: at 0.5 the compiled trials of
-    the H100 studies of issue 26 were under-predicted, Mistral (d_ff 3584) by 10.4% twice and
-    Llama-3.2-1B by 9.5%; whole, their medians are 3.2%, 1.8% and 2.0%, Qwen3's stays 2.1%
-    (tests/test_costmodel.py holds each study's median)."""
     logits_compiled_fp32: float = 8.0
     """Bytes per token and vocab entry when the loss is compiled with the model, fp32: the
     logits and their gradient."""
-    logits_compiled_mixed: float = 3.0
-    """... bf16/fp16: the bf16 logits and a part of their gradient at a time (fit: 2.9)."""
+    logits_compiled_mixed: float = 2.0
+    """... bf16/fp16: the bf16 logits; inductor's fused loss makes their gradient a part at a
+    time. Fitted together with the compiled block's count (:func:`block_bytes`) once trials
+    with our fused loss, which holds no logits, told the two apart: at 3.0 with blocks that
+    kept neither the norms' outputs nor the whole MLP output, the unfused trials came out right
+    (the logits over-counted what the blocks under-counted) and the fused ones 18-22% under
+    (bench/results/vocab152k-plans-h100, phase8-small-kernels-h100)."""
     matmul_efficiency: float = 0.95
     """Fraction of the measured matmul rate (8192^3 products) a step's bf16 and tf32 matmuls
     reach on a wide model; narrower ones reach less (:attr:`matmul_half_width`)."""
@@ -191,7 +187,6 @@ def block_bytes(
     mixed: bool,
     compiled: bool,
     repeated_kv: bool = False,
-    coefficients: Coefficients = Coefficients(),
 ) -> float:
     """Bytes one block keeps for its backward per token. Eager, as autograd saves them: the
     norms' fp32 inputs (and normalised values, for norms written in Python), each matmul
@@ -199,17 +194,21 @@ def block_bytes(
     kernel's q, k, v, output and fp32 logsumexp (the rotated q, k beside a fused qkv output;
     per-head q/k norms' inputs and values), the MLP's hidden tensors. ``repeated_kv``: the
     kernel gets k and v repeated to every query head (``AttentionKernel.repeated_kv``).
-    Compiled, inductor's partitioner recomputes the pointwise work: it keeps the norms'
-    inputs, the kernel's tensors and the MLP's pre-activations."""
+    Compiled, inductor's partitioner recomputes the rest of the pointwise work: it keeps the
+    norms' fp32 inputs and their outputs in the matmuls' dtype (the linears' inputs), the
+    kernel's tensors and the MLP's hidden tensors (pre-activations and the activation's output).
+    Measured: this count with 2 bytes a logit (``Coefficients.logits_compiled_mixed``) puts the
+    compiled trials of every committed study within 4.4% (median 1.0%; 26 trials on an H200 and
+    H100s, two with the fused loss); the earlier count (no norm outputs, half the GELU MLP's
+    output) with 3 bytes a logit had a median of 5.4%, worst 17%, and the fused-loss trials
+    under by 18-22%."""
     h, ff, heads = shape.d_model, shape.d_ff, shape.n_heads
     q = shape.attn_dim
     kv = q if repeated_kv else shape.n_kv_heads * shape.head_dim
     out = q or h  # the output projection's input: d_model wide where the heads are not known
     a = 2 if mixed else 4  # bytes of an activation: bf16 under autocast; norms and residual stay fp32
     if compiled:
-        output = coefficients.compiled_gated_mlp_output if shape.mlp_matrices == 3 else coefficients.compiled_mlp_output
-        mlp = shape.mlp_matrices - 1 + output
-        kept = 4 * h * shape.norm_inputs + a * (q + 2 * kv + out) + 4 * heads + a * ff * mlp
+        kept = (4 + a) * h * shape.norm_inputs + a * (q + 2 * kv + out) + 4 * heads + a * ff * shape.mlp_matrices
         return kept + (a * (q + kv) if shape.qk_norm else 0)
     linears = a * h * (shape.attn_in_linears + shape.mlp_in_linears) if mixed else 4 * h * 2
     attention = a * (q + 2 * kv + out) + 4 * heads
@@ -280,7 +279,7 @@ def estimate(
     kernel = terms.attention or sdpa_default(c, autocast=mixed)
     V = terms.vocab
     h, L, s, tokens = c.d_model, c.n_layers, c.seq_len, terms.tokens
-    per_block = block_bytes(c, mixed=mixed, compiled=compiled, repeated_kv=kernel.repeated_kv, coefficients=k)
+    per_block = block_bytes(c, mixed=mixed, compiled=compiled, repeated_kv=kernel.repeated_kv)
     ckpt = terms.checkpointed
     # A checkpointed block keeps only its fp32 input.
     activations = tokens * ((L - ckpt) * per_block + ckpt * 4 * h)

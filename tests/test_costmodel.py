@@ -89,9 +89,9 @@ def measured():
 
 @pytest.mark.parametrize("name, overrides, micro_batch, knobs, peak, step_s, profile", measured())
 def test_peak_memory_and_step_time_of_h200_measurements(name, overrides, micro_batch, knobs, peak, step_s, profile):
-    # Measured: peak memory median |error| 0.7%, worst +11.8% (phase8-small trial 3: whole-model
-    # compile with every 4th block checkpointed); step time median 3.3%, worst 11.3%, over
-    # these 45 trials (bench/costmodel_check.py check prints them).
+    # Measured: peak memory median |error| 0.5%, worst +10.0% (phase8-small trial 5: fp16, eager,
+    # SDPA's math backend); step time median 3.3%, worst 11.3%, over these 45 trials
+    # (bench/costmodel_check.py check prints them).
     if name.startswith("hf:"):
         pytest.importorskip("transformers")
     configs = {n: catalog.get(n).parse(k) for n, k in knobs.items()}
@@ -501,14 +501,49 @@ def test_a_fused_loss_holds_a_chunk_of_logits_not_all_of_them():
     }
     tokens, V, h = 16 * 1024, 151936, 1024
     unfused = costmodel.estimate(workload, 16, base)
-    assert by_loss["compile"].breakdown == unfused.breakdown and unfused.breakdown["logits"] == tokens * V * 3.0
+    assert by_loss["compile"].breakdown == unfused.breakdown and unfused.breakdown["logits"] == tokens * V * 2.0
     from autotune.kernels.chunking import chunk_tokens
 
     chunk = chunk_tokens(tokens, V, 2)  # the kernel's own rule: 5 chunks of 3,277 tokens here
     assert chunk == 3277
     assert by_loss["autotune"].breakdown["logits"] == chunk * V * 2 + 4 * V * h + tokens * h * 2
+    # A third of the compiled head's 2 bytes a logit at most (the bench measured ours at 31% of
+    # compile's peak at this shape: bench/README.md, "Fused head + cross-entropy").
     for loss in ("autotune", "liger", "cce"):
-        assert by_loss[loss].breakdown["logits"] < 0.3 * unfused.breakdown["logits"], loss
+        assert by_loss[loss].breakdown["logits"] < 0.34 * unfused.breakdown["logits"], loss
+
+
+FUSED_LOSS_PLANS = (
+    ("vocab152k-plans-h100/kernels.plan.json", "vocab152k-plans-h100/profile.json"),
+    ("vocab152k-plans-h100/nokernels.plan.json", "vocab152k-plans-h100/profile.json"),
+    ("phase8-small-kernels-h100/kernels320.plan.json", "phase8-small-kernels-h100/profile.json"),
+    ("phase8-small-kernels-h100/nokernels/plan.json", "phase8-small-kernels-h100/profile.json"),
+)
+"""Compiled plans measured on an H100 with our fused loss (no logits held) and without it."""
+
+
+@pytest.mark.parametrize("plan_file, profile", FUSED_LOSS_PLANS)
+def test_compiled_plans_with_and_without_the_fused_loss_are_predicted_alike(plan_file, profile):
+    """The fused loss takes the logits out of the peak, which leaves the compiled blocks' count
+    alone to be measured: the bf16 blocks and the 2-byte logits fit both kinds of plan
+    (measured: +0.4% and +0.2% at gpt-vocab152k, -2.8% and -1.3% at phase8-small; at 3 bytes a
+    logit with the earlier block count, the fused plans were 18-22% under)."""
+    from autotune import plan as planmod
+
+    data = json.loads((RESULTS / plan_file).read_text())
+    plan = planmod.from_dict(data)
+    rates, bandwidth = _rates(profile)
+    estimate = costmodel.estimate(
+        load_workload(plan.workload.name, plan.workload.overrides),
+        plan.train.micro_batch_size,
+        plan.strategy_configs(),
+        matmul_flops=rates,
+        memory_bandwidth=bandwidth,
+    )
+    memory = estimate.peak_memory_bytes / data["measured"]["peak_memory_bytes"] - 1
+    time = estimate.step_time_s / data["measured"]["step_time_s"] - 1
+    assert abs(memory) < 0.05, (f"{memory:+.1%}", estimate.breakdown)
+    assert abs(time) < 0.25, (f"{time:+.1%}", estimate.time_breakdown)
 
 
 ISSUE26_STUDIES = (
