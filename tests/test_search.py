@@ -34,6 +34,7 @@ from autotune.planning.space import (
     accumulation,
     baseline_params,
     build_space,
+    categorical_choices,
     micro_batch_choices,
     parse_layout,
     plan_for,
@@ -485,6 +486,68 @@ def test_a_study_refuses_figures_measured_under_other_settings(tmp_path):
     assert "\n" not in message and "use another --study" in message
     assert "timed_steps 20 (now 6)" in message and f"torch {identity['torch']} (now 9.9)" in message
     assert "warmup_steps" not in message
+
+
+def _searched_elsewhere(url: str, name: str, choices: dict) -> optuna.Study:
+    """A study whose one trial was searched on a machine that offered fp16 too (a CUDA device):
+    the trial as Optuna records it, with the categorical distributions of that machine's space."""
+    from optuna.distributions import CategoricalDistribution
+
+    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
+    there = {"micro_batch_size": choices["micro_batch_size"], "precision": [True, False]}
+    there["precision.dtype"] = [*choices["precision.dtype"], "fp16"]
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"micro_batch_size": 4, "precision": True, "precision.dtype": "fp16"},
+            distributions={k: CategoricalDistribution(v) for k, v in there.items()},
+            value=1000.0,
+        )
+    )
+    return study
+
+
+def test_a_study_searched_among_other_choices_is_refused_before_its_search_breaks(tmp_path):
+    """A categorical knob's choices depend on the machine (fp16 needs CUDA; triton_kernels' loss
+    offers liger and cce where they are installed). Optuna cannot sample a categorical whose
+    choices changed, so a study searched elsewhere, or before an extra was installed, would stop
+    the search at its first trial with Optuna's ValueError; the study refuses it when opened."""
+    from autotune import hardware
+
+    space, _ = build_space(PlanSettings(workload="tiny"), hardware.detect(quick=True), load_workload("tiny"))
+    choices = categorical_choices(space)
+    assert choices["precision.dtype"] == ["fp32", "bf16"] and choices["precision"] == [True, False]
+    url = f"sqlite:///{tmp_path}/s.db"
+    study = _searched_elsewhere(url, "shared", choices)
+    with pytest.raises(ValueError, match="dynamic value space"):  # what the search would meet
+        study.optimize(lambda t: suggest_plan(t, space) and 1.0, n_trials=5)
+    with pytest.raises(UserError) as e:
+        open_study("shared", url, "tpe", 0, choices=choices)
+    assert str(e.value) == (
+        "study shared searched precision.dtype among [fp32, bf16, fp16] (here [fp32, bf16]): "
+        "an extra package or the device differs from its trials'; use another --study"
+    )
+    # The same choices: opened, and searched on.
+    open_study("here", url, "tpe", 0, choices=choices).optimize(lambda t: suggest_plan(t, space) and 1.0, n_trials=3)
+    assert len(open_study("here", url, "tpe", 0, choices=choices).trials) == 3
+
+
+def test_autotune_plan_on_a_study_searched_among_other_choices_is_one_line_and_writes_nothing(tmp_path):
+    from autotune import hardware
+
+    space, _ = build_space(PlanSettings(workload="tiny"), hardware.detect(quick=True), load_workload("tiny"))
+    url = f"sqlite:///{tmp_path}/s.db"
+    _searched_elsewhere(url, "shared", categorical_choices(space))
+    out = tmp_path / "p.plan.json"
+    cmd = [sys.executable, "-m", "autotune", "plan", "--workload", "tiny", "--study", "shared", "--storage", url]
+    run = subprocess.run(
+        [*cmd, "--trials", "2", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines() == [
+        "autotune: error: study shared searched precision.dtype among [fp32, bf16, fp16] (here [fp32, bf16]): "
+        "an extra package or the device differs from its trials'; use another --study"
+    ]
+    assert not out.exists() and len(optuna.load_study(study_name="shared", storage=url).trials) == 1
 
 
 @pytest.mark.parametrize(

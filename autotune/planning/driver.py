@@ -32,7 +32,7 @@ from autotune.planning.guard import guard_seconds, guarded_choice
 from autotune.planning.objective import AUTOTUNE_TIME_FACTOR, MIN_TRIAL_S, PLANNER_ID, Objective, optimize
 from autotune.planning.refine import measure_again, refine
 from autotune.planning.settings import NoTrialSucceeded, PlanSettings, load_profile
-from autotune.planning.space import SearchSpace, build_space, searched_on
+from autotune.planning.space import SearchSpace, build_space, categorical_choices, searched_on
 from autotune.planning.study import (
     open_study,
     stale,
@@ -98,7 +98,9 @@ def make_plan(
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     identity = study_identity(settings.budget, space.global_batch)
-    study = open_study(name, storage, settings.sampler, settings.seed, identity=identity)
+    study = open_study(
+        name, storage, settings.sampler, settings.seed, identity=identity, choices=categorical_choices(space)
+    )
     ensure_first_trials(study, space, expert_priors(space), warm)
     # 5. Search, choose, guard, confirm, write: measuring on this machine's device throughout.
     with trialmod.measuring(space.launch.device):  # this machine's device, for the whole command

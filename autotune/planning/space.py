@@ -66,13 +66,44 @@ class SearchSpace:
     follows (the grad_accum strategy is then derived, not searched). None: both are searched."""
 
 
-def _suggest_knob(trial: optuna.Trial, name: str, knob: Knob, excluded: dict[Any, str]) -> Any:
+def _suggest_knob(trial: optuna.Trial, name: str, knob: Knob, choices: list[Any] | None) -> Any:
     key = f"{name}.{knob.name}"
-    if knob.choices:
-        return trial.suggest_categorical(key, [c for c in knob.choices if c not in excluded])
+    if choices is not None:
+        return trial.suggest_categorical(key, choices)
     if knob.integer:
         return trial.suggest_int(key, int(knob.low), int(knob.high), log=knob.log)
     return trial.suggest_float(key, float(knob.low), float(knob.high), log=knob.log)
+
+
+def knob_choices(space: SearchSpace, strategy: Strategy) -> dict[str, list[Any]]:
+    """The choices each categorical knob of ``strategy`` is searched among here: its own, less
+    those that cannot run on this machine (``StrategyGraph.excluded_choices``: a package not
+    installed, another device) and those only refinement tries."""
+    excluded = space.graph.excluded_choices(strategy.name)
+    out = {}
+    for knob in strategy.knobs:
+        if knob.choices:
+            left_out = {**excluded.get(knob.name, {}), **dict.fromkeys(knob.refine_only, "refinement only")}
+            out[knob.name] = [c for c in knob.choices if c not in left_out]
+    return out
+
+
+def categorical_choices(space: SearchSpace) -> dict[str, list[Any]]:
+    """Every categorical parameter :func:`suggest_plan` may ask of a trial here, with its
+    choices: what a study's earlier trials must have been searched among to go on here
+    (``study.check_choices``)."""
+    out: dict[str, list[Any]] = {"micro_batch_size": list(space.micro_batches)}
+    if len(space.processes) > 1:
+        out["processes"] = list(space.processes)
+    for processes, layouts in space.layouts.items():
+        out[f"layout.{processes}"] = list(layouts)
+    for strategy in space.strategies:
+        if strategy.mesh_dim is None:
+            out[strategy.name] = [True, False]
+        for knob, choices in knob_choices(space, strategy).items():
+            if strategy.mesh_dim is None or knob != strategy.degree_knobs[0]:  # a degree is the layout's
+                out[f"{strategy.name}.{knob}"] = choices
+    return out
 
 
 def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
@@ -98,19 +129,13 @@ def suggest_plan(trial: optuna.Trial, space: SearchSpace) -> Plan:
                 continue
         elif not trial.suggest_categorical(f"{strategy.name}", [True, False]):
             continue
-        excluded = space.graph.excluded_choices(strategy.name)
-        for knob in strategy.knobs:
-            if knob.refine_only:
-                excluded[knob.name] = {
-                    **excluded.get(knob.name, {}),
-                    **dict.fromkeys(knob.refine_only, "refinement only"),
-                }
+        choices = knob_choices(space, strategy)
         knobs = {}
         for knob in strategy.knobs:
             if strategy.name in parallel and knob.name == strategy.degree_knobs[0]:
                 knobs[knob.name] = parallel[strategy.name]
             else:
-                knobs[knob.name] = _suggest_knob(trial, strategy.name, knob, excluded.get(knob.name, {}))
+                knobs[knob.name] = _suggest_knob(trial, strategy.name, knob, choices.get(knob.name))
         strategies.append(StrategySpec(name=strategy.name, knobs=knobs))
     return plan_for(space, micro_batch, strategies, processes)
 

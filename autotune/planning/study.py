@@ -122,11 +122,14 @@ def open_study(
     seed: int,
     *,
     identity: dict[str, str] | None = None,
+    choices: dict[str, list[Any]] | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
 ) -> optuna.Study:
     """Create or load the study. ``identity`` (:func:`study_identity`) is what its figures are
     measured under: recorded by the first planner, and a later one under other settings is
-    refused, since its figures would not compare with the study's."""
+    refused, since its figures would not compare with the study's. ``choices``
+    (``space.categorical_choices``): what this search offers; a study searched among other
+    choices is refused (:func:`check_choices`)."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
     study = optuna.create_study(
@@ -139,6 +142,8 @@ def open_study(
     )
     if identity is not None:
         check_identity(study, identity)
+    if choices is not None:
+        check_choices(study, choices)
     return study
 
 
@@ -175,6 +180,34 @@ def check_identity(study: optuna.Study, identity: dict[str, str]) -> None:
             f"study {study.study_name} was measured under {', '.join(differ)}: "
             "use another --study, or the same settings"
         )
+
+
+def check_choices(study: optuna.Study, choices: dict[str, list[Any]]) -> None:
+    """Refuse a study whose trials chose a categorical parameter among other choices than
+    ``choices`` (name -> choices offered here), naming each difference: an extra installed or
+    removed since (``triton_kernels.loss`` offers liger and cce where their packages are), or
+    another device. Optuna cannot sample such a parameter again (its categorical distributions
+    have no dynamic value space: the search would stop at its first trial), and the study's
+    figures were searched in another space."""
+    recorded: dict[str, tuple[Any, ...]] = {}
+    for t in study.get_trials(deepcopy=False):
+        for name, dist in t.distributions.items():
+            if name in choices and isinstance(dist, optuna.distributions.CategoricalDistribution):
+                recorded.setdefault(name, tuple(dist.choices))
+    differ = [
+        f"{name} among {_listed(old)} (here {_listed(choices[name])})"
+        for name, old in sorted(recorded.items())
+        if old != tuple(choices[name])
+    ]
+    if differ:
+        raise UserError(
+            f"study {study.study_name} searched {'; '.join(differ)}: an extra package or the device differs "
+            "from its trials'; use another --study"
+        )
+
+
+def _listed(choices: Any) -> str:
+    return "[" + ", ".join(map(str, choices)) + "]"
 
 
 def stale_runs(study: optuna.Study, run: str, since: datetime.datetime) -> set[str]:
