@@ -1,5 +1,6 @@
 """The search with real trials: faults cost one trial each; a killed planner resumes."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -529,6 +530,32 @@ def test_a_study_searched_among_other_choices_is_refused_before_its_search_break
     # The same choices: opened, and searched on.
     open_study("here", url, "tpe", 0, choices=choices).optimize(lambda t: suggest_plan(t, space) and 1.0, n_trials=3)
     assert len(open_study("here", url, "tpe", 0, choices=choices).trials) == 3
+
+
+def test_categorical_choices_are_those_suggest_plan_asks():
+    """``categorical_choices`` restates what :func:`suggest_plan` offers (processes and layouts
+    too): every categorical a trial records is in it, with the same choices."""
+    from autotune import hardware
+
+    settings = PlanSettings(workload="tiny", cpu_procs=2)
+    space, _ = build_space(settings, hardware.detect(quick=True), load_workload("tiny"))
+    choices = categorical_choices(space)
+    assert choices["processes"] == [1, 2] and choices["layout.2"]
+
+    def suggest(trial: optuna.Trial) -> float:
+        with contextlib.suppress(UserError):  # a micro-batch the processes cannot split: asked all the same
+            suggest_plan(trial, space)
+        return 1.0
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(suggest, n_trials=60)
+    recorded = {}
+    for t in study.trials:
+        for name, dist in t.distributions.items():
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                recorded[name] = list(dist.choices)
+    assert recorded.items() <= choices.items()
+    assert {"processes", "layout.2", "precision.dtype", "optimizer.implementation"} <= set(recorded)
 
 
 def test_autotune_plan_on_a_study_searched_among_other_choices_is_one_line_and_writes_nothing(tmp_path):
