@@ -70,7 +70,8 @@ def test_a_study_searched_among_other_choices_is_refused_before_its_search_break
         open_study("shared", url, "tpe", 0, choices=choices)
     assert str(e.value) == (
         "study shared searched precision.dtype among [fp32, bf16, fp16] (here [fp32, bf16]): "
-        "an extra package or the device differs from its trials'; use another --study"
+        "an extra package or the device differs from its trials'; use another --study "
+        "(--warm-start STORAGE#shared starts from its best)"
     )
     # The same choices: opened, and searched on.
     open_study("here", url, "tpe", 0, choices=choices).optimize(lambda t: suggest_plan(t, space) and 1.0, n_trials=3)
@@ -117,7 +118,8 @@ def test_autotune_plan_on_a_study_searched_among_other_choices_is_one_line_and_w
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines() == [
         "autotune: error: study shared searched precision.dtype among [fp32, bf16, fp16] (here [fp32, bf16]): "
-        "an extra package or the device differs from its trials'; use another --study"
+        "an extra package or the device differs from its trials'; use another --study "
+        "(--warm-start STORAGE#shared starts from its best)"
     ]
     assert not out.exists() and len(optuna.load_study(study_name="shared", storage=url).trials) == 1
 

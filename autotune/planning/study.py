@@ -202,7 +202,7 @@ def check_choices(study: optuna.Study, choices: dict[str, list[Any]]) -> None:
     if differ:
         raise UserError(
             f"study {study.study_name} searched {'; '.join(differ)}: an extra package or the device differs "
-            "from its trials'; use another --study"
+            f"from its trials'; use another --study (--warm-start STORAGE#{study.study_name} starts from its best)"
         )
 
 
