@@ -120,9 +120,8 @@ def one(shape: str, impl: str, iters: int, check: bool) -> dict:
         iters=iters,
         peak_extra_bytes=peak,
     )
-    if (
-        check and impl != FLOOR
-    ):  # against fp32 maths on the same bf16 values, a slice of the tokens (fp32 logits are large)
+    # Against fp32 maths on the same bf16 values, a slice of the tokens (fp32 logits are large).
+    if check and impl != FLOOR:
         m = min(n, 4096)
         h, w = hidden.detach()[:m].clone().requires_grad_(), weight.detach().clone().requires_grad_()
         loss = fn(h, w, targets[:m])

@@ -39,11 +39,12 @@ def main(db: str, trials: str, *micro_batches: str) -> int:
     url = f"sqlite:///{db}"
     space = fault_space(tuple(map(int, micro_batches)))
     try:
-        study = open_study("faults", url, "tpe", 0, identity=study_identity(BUDGET, None))
         # The tests kill and resume this planner; whether a slow step prunes a trial depends on the
         # machine's load (a retry pruned below the best of an idle moment failed a loaded CI run),
         # so no trial stops on its speed here. Twins and illegal trials are still pruned.
-        study.pruner = optuna.pruners.NopPruner()
+        study = open_study(
+            "faults", url, "tpe", 0, identity=study_identity(BUDGET, None), pruner=optuna.pruners.NopPruner()
+        )
         if not study.trials:
             ensure_first_trials(study, space, [])
             for mb in micro_batches:
